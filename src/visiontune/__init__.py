@@ -1,0 +1,41 @@
+"""visiontune: turn a folder of labelled images into a production-grade image classifier.
+
+Example:
+    >>> import visiontune
+    >>> run = visiontune.train("data/hymenoptera/train", epochs=3)   # doctest: +SKIP
+    >>> clf = visiontune.load(run.run_dir)                          # doctest: +SKIP
+    >>> clf.predict(["ant.jpg"])[0]["label"]                         # doctest: +SKIP
+    'ants'
+    >>> visiontune.evaluate(clf, "data/hymenoptera/val")["accuracy"] # doctest: +SKIP
+    0.95
+"""
+
+from __future__ import annotations
+
+import os
+
+__version__ = "0.1.0"
+
+
+def train(data=None, **options):
+    """Fine-tune a classifier; see :func:`visiontune.training.runner.train`."""
+    from .training.runner import train as _train
+
+    return _train(data, **options)
+
+
+def load(path: str | os.PathLike):
+    """Load a run dir or ``model/`` dir as a :class:`visiontune.evaluation.predictor.Classifier`."""
+    from .evaluation.predictor import Classifier
+
+    return Classifier.load(path)
+
+
+def evaluate(model, data, **options):
+    """Score a model on labelled data; see :func:`visiontune.evaluation.evaluate.evaluate`."""
+    from .evaluation.evaluate import evaluate as _evaluate
+
+    return _evaluate(model, data, **options)
+
+
+__all__ = ["__version__", "evaluate", "load", "train"]

@@ -1,0 +1,144 @@
+"""``visiontune.load(path)`` -> :class:`Classifier`: batched prediction with the saved preprocessing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.dataset import default_workers
+from ..data.image import ImageDecodeError, load_image
+from ..data.transforms import eval_transform
+from ..models.artifact import load_model
+
+ImageInput = str | os.PathLike | Image.Image | bytes
+
+
+class _InputDataset(Dataset):
+    """Decodes inputs in loader workers; a bad input yields its error instead of a tensor."""
+
+    def __init__(self, inputs: Sequence[ImageInput], transform):
+        self.inputs = inputs
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int):
+        try:
+            return index, self.transform(load_image(self.inputs[index])), ""
+        except (ImageDecodeError, OSError) as exc:
+            return index, None, str(exc) if isinstance(exc, ImageDecodeError) else f"unreadable: {exc}"
+
+
+def _collate(batch):
+    good = [(i, t) for i, t, e in batch if t is not None]
+    errors = [(i, e) for i, t, e in batch if t is None]
+    tensor = torch.stack([t for _, t in good]) if good else None
+    return [i for i, _ in good], tensor, errors
+
+
+class Classifier:
+    """A trained model with its class names and preprocessing, ready to predict.
+
+    Example:
+        >>> clf = visiontune.load("runs/train-1")  # doctest: +SKIP
+        >>> clf.predict(["ant.jpg"])[0]["label"]  # doctest: +SKIP
+        'ants'
+    """
+
+    def __init__(self, model: torch.nn.Module, meta: dict[str, Any]):
+        self.model = model.eval().to(memory_format=torch.channels_last)
+        self.meta = meta
+        self.class_names: list[str] = list(meta["class_names"])
+        self.preprocessing: dict[str, Any] = dict(meta["preprocessing"])
+        self.transform = eval_transform(self.preprocessing)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Classifier:
+        model, meta = load_model(path)
+        return cls(model, meta)
+
+    @torch.inference_mode()
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """Logits for a preprocessed NCHW float batch."""
+        return self.model(batch.contiguous(memory_format=torch.channels_last)).float()
+
+    def iter_batches(
+        self, inputs: Sequence[ImageInput], batch_size: int = 64, workers: int | None = None
+    ) -> Iterable[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
+        """Yield (input indices, probabilities, [(index, error)]) batch by batch, in input order."""
+        in_memory = any(not isinstance(x, (str, os.PathLike)) for x in inputs)
+        n_workers = 0 if in_memory or len(inputs) < 2 * batch_size else default_workers(workers)
+        loader = DataLoader(
+            _InputDataset(inputs, self.transform),
+            batch_size=batch_size,
+            num_workers=n_workers,
+            collate_fn=_collate,
+        )
+        for indices, tensor, errors in loader:
+            probs = torch.softmax(self.logits(tensor), dim=1) if tensor is not None else None
+            yield indices, probs, errors
+
+    def predict(
+        self,
+        inputs: ImageInput | Sequence[ImageInput],
+        top_k: int = 5,
+        batch_size: int = 64,
+        workers: int | None = None,
+        progress: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Classify images (paths, PIL images or encoded bytes); one dict per input, in order.
+
+        Each dict has ``path``, ``label``, ``probability``, ``top_k`` (list of
+        ``{"label", "probability"}``) and ``error`` ("" or why the input could not be read).
+        """
+        if isinstance(inputs, (str, os.PathLike, Image.Image, bytes)):
+            inputs = [inputs]
+        inputs = list(inputs)
+        results: list[dict[str, Any] | None] = [None] * len(inputs)
+        k = max(1, min(top_k, len(self.class_names)))
+        batches = self.iter_batches(inputs, batch_size, workers)
+        if progress:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, total=(len(inputs) + batch_size - 1) // batch_size, desc="predict", leave=False)
+        for indices, probs, errors in batches:
+            for index, error in errors:
+                results[index] = self._row(inputs[index], None, k, error)
+            for row, index in enumerate(indices):
+                results[index] = self._row(inputs[index], probs[row], k, "")
+        return results  # type: ignore[return-value]
+
+    def _row(self, source: ImageInput, probs: torch.Tensor | None, k: int, error: str) -> dict[str, Any]:
+        path = str(source) if isinstance(source, (str, os.PathLike)) else ""
+        if probs is None:
+            return {"path": path, "label": "", "probability": None, "top_k": [], "error": error}
+        values, idx = probs.topk(k)
+        top = [{"label": self.class_names[i], "probability": float(v)} for v, i in zip(values.tolist(), idx.tolist())]
+        return {"path": path, "label": top[0]["label"], "probability": top[0]["probability"], "top_k": top, "error": ""}
+
+
+def expand_inputs(items: Sequence[str]) -> list[str]:
+    """Files, folders (recursive, images only) and glob patterns -> sorted unique file list."""
+    import glob
+
+    from ..data.image import is_image_path
+
+    found: list[str] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found.extend(str(p) for p in sorted(path.rglob("*")) if p.is_file() and is_image_path(p)
+                         and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        elif path.exists():
+            found.append(str(path))
+        else:
+            matches = sorted(glob.glob(item, recursive=True))
+            found.extend(matches if matches else [item])  # a missing file becomes an error row
+    seen: set[str] = set()
+    return [p for p in found if not (p in seen or seen.add(p))]

@@ -1,0 +1,98 @@
+"""Run a Lightning fit for the gradient-trained strategies (finetune, progressive, scratch)."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Callable
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..data.dataset import ImageListDataset, default_workers, make_loader
+from ..data.transforms import eval_transform, train_transform
+from .callbacks import BestModelSaver, FreezeSchedule, MetricsRecorder
+from .context import TrainContext
+from .module import ClassifierModule
+
+LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
+
+
+def image_loaders(ctx: TrainContext) -> tuple[DataLoader, DataLoader]:
+    cfg, pre = ctx.cfg, ctx.preprocessing
+    workers = default_workers(cfg.workers)
+    train = ImageListDataset(ctx.splits.train, train_transform(pre, cfg.augment))
+    val = ImageListDataset(ctx.splits.val, eval_transform(pre))
+    return (
+        make_loader(train, cfg.batch_size, True, workers, cfg.seed),
+        make_loader(val, cfg.batch_size * 2, False, workers, cfg.seed),
+    )
+
+
+def make_trainer(ctx: TrainContext, callbacks: list) -> L.Trainer:
+    cfg = ctx.cfg
+    logger = (
+        TensorBoardLogger(ctx.run_dir, name="logs", version="")
+        if cfg.logger == "tensorboard"
+        else CSVLogger(ctx.run_dir, name="logs", version="")
+    )
+    callbacks = [c for c in callbacks if c is not None]
+    callbacks.append(ModelCheckpoint(dirpath=ctx.checkpoint_dir, save_top_k=0, save_last=True, enable_version_counter=False))
+    if cfg.early_stopping:
+        callbacks.append(EarlyStopping(monitor="val_accuracy", mode="max", patience=cfg.early_stopping))
+    progress = sys.stderr.isatty() if cfg.progress is None else cfg.progress
+    if progress:
+        callbacks.append(TQDMProgressBar(leave=False))
+    kwargs = {}
+    if cfg.limit_train_batches is not None:
+        kwargs["limit_train_batches"] = cfg.limit_train_batches
+    if cfg.limit_val_batches is not None:
+        kwargs["limit_val_batches"] = cfg.limit_val_batches
+    return L.Trainer(
+        max_epochs=cfg.epochs,
+        accelerator="auto",
+        devices=cfg.devices,
+        precision=LIGHTNING_PRECISION[ctx.precision],
+        logger=logger,
+        callbacks=callbacks,
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+        enable_progress_bar=progress,
+        log_every_n_steps=10,
+        default_root_dir=ctx.run_dir,
+        **kwargs,
+    )
+
+
+def fit_lightning(
+    ctx: TrainContext,
+    body_groups: list[list[str]],
+    body_lrs: list[float],
+    freeze: FreezeSchedule | None,
+    loaders: tuple[DataLoader, DataLoader] | None = None,
+    model: nn.Module | None = None,
+    head: str | None = None,
+    export: Callable[[nn.Module], nn.Module] = lambda m: m,
+) -> None:
+    """Train ``model`` (default: the context's) and save the best epoch as ``model/``."""
+    model = model if model is not None else ctx.model
+    module = ClassifierModule(model, head or ctx.arch.head, ctx.cfg, body_groups, body_lrs)
+    model.to(memory_format=torch.channels_last)
+    saver = BestModelSaver(lambda m, metrics: ctx.save_best(export(m), metrics))
+    recorder = MetricsRecorder(ctx.run_dir / "metrics.csv", ctx.cfg.epochs, echo=True)
+    trainer = make_trainer(ctx, [freeze, recorder, saver])
+    train_loader, val_loader = loaders or image_loaders(ctx)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*The number of training batches.*")
+        trainer.fit(
+            module,
+            train_loader,
+            val_loader,
+            ckpt_path=str(ctx.resume_ckpt) if ctx.resume_ckpt else None,
+            weights_only=True,
+        )

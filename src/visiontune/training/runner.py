@@ -1,0 +1,180 @@
+"""``visiontune.train``: data -> model -> strategy -> run dir, with resume."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from ..config import ConfigError, TrainConfig
+from ..data.scan import Splits, discover, write_skipped, write_split_csv
+from ..models.factory import build_model
+from .context import TrainContext
+from .strategies import RANDOM_INIT, STRATEGIES
+
+MIN_BF16_CPU_SIZE = 160  # measured: below this, bf16 autocast on CPU trains slower than fp32
+
+
+@dataclass
+class Run:
+    """The result of :func:`train`: where the run lies and how the best model scored."""
+
+    run_dir: Path
+    model_dir: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def load(self):
+        """The best model as a :class:`visiontune.Classifier`."""
+        from ..evaluation.predictor import Classifier
+
+        return Classifier.load(self.model_dir)
+
+
+def train(data: str | os.PathLike | None = None, **options: Any) -> Run:
+    """Fine-tune a pretrained classifier on a folder of labelled images.
+
+    Args:
+        data: ``DATA/<class>/*``, ``DATA/{train,val[,test]}/<class>/*`` or a ``path,label`` CSV.
+        **options: any :class:`visiontune.config.TrainConfig` field, e.g. ``epochs=5``,
+            ``model="resnet50"``, ``strategy="linear-probe"``; ``config="run.yaml"`` reads a file.
+
+    Returns:
+        A :class:`Run` with ``run_dir``, ``model_dir`` and the best model's metrics.
+
+    Example:
+        >>> import visiontune
+        >>> run = visiontune.train("data/hymenoptera/train", epochs=3)  # doctest: +SKIP
+        >>> run.metrics["val"]["accuracy"]  # doctest: +SKIP
+        0.96
+    """
+    values: dict[str, Any] = {}
+    config_file = options.pop("config", None)
+    if config_file:
+        from ..config import read_yaml
+
+        values.update(read_yaml(config_file))
+    if data is not None:
+        values["data"] = str(data)
+    values.update(options)
+    return run_training(TrainConfig.from_dict(values))
+
+
+def run_training(cfg: TrainConfig) -> Run:
+    resume_ckpt = None
+    if cfg.resume:
+        cfg, run_dir, resume_ckpt = prepare_resume(cfg)
+    else:
+        if not cfg.data:
+            raise ConfigError("no data given: visiontune train DATA (a folder or a path,label CSV)")
+        run_dir = make_run_dir(cfg.run_dir)
+    cfg.run_dir = str(run_dir)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+
+    splits = discover(cfg.data, cfg.val, cfg.val_fraction, cfg.seed)
+    report_data(splits, run_dir)
+    weights = "none" if cfg.strategy in RANDOM_INIT else cfg.weights
+    model, arch, pre = build_model(cfg.model, len(splits.class_names), weights)
+    if cfg.img_size:
+        pre["input_size"] = [3, cfg.img_size, cfg.img_size]
+    pre["resize_mode"] = cfg.resize_mode
+    precision = resolve_precision(cfg.precision, pre["input_size"][-1])
+    cfg.save(run_dir / "config.yaml")
+    print(f"model: {cfg.model} ({arch.source}:{arch.name}, weights={weights}), strategy {cfg.strategy}, "
+          f"input {pre['input_size'][1]}x{pre['input_size'][2]} {pre['resize_mode']}, precision {precision}")
+    ctx = TrainContext(cfg, run_dir, model, arch, pre, splits, precision, resume_ckpt)
+    STRATEGIES[cfg.strategy](ctx)
+    return finish(ctx)
+
+
+def finish(ctx: TrainContext) -> Run:
+    from ..evaluation.evaluate import evaluate_samples
+    from ..evaluation.plots import plot_curves
+    from ..evaluation.predictor import Classifier
+    from ..models.artifact import save_model
+
+    plot_curves(ctx.run_dir / "metrics.csv", ctx.run_dir / "curves.png")
+    clf = Classifier.load(ctx.model_dir)
+    metrics: dict[str, Any] = dict(clf.meta.get("metrics", {}))
+    for split in ("val", "test"):
+        samples = getattr(ctx.splits, split)
+        if samples:
+            result = evaluate_samples(clf, samples, batch_size=ctx.cfg.batch_size * 2, workers=ctx.cfg.workers)
+            metrics[split] = {k: result[k] for k in ("accuracy", "macro_f1", "num_samples") if k in result}
+            if "top5_accuracy" in result:
+                metrics[split]["top5_accuracy"] = result["top5_accuracy"]
+            print(f"{split}: accuracy {result['accuracy']:.4f}  macro_f1 {result['macro_f1']:.4f}  "
+                  f"({result['num_samples']} images)")
+    save_model(ctx.model_dir, clf.model, {**ctx.model_meta(metrics)})
+    return Run(ctx.run_dir, ctx.model_dir, metrics)
+
+
+def report_data(splits: Splits, run_dir: Path) -> None:
+    write_skipped(splits.skipped, run_dir / "skipped_files.txt")
+    (run_dir / "splits").mkdir(exist_ok=True)
+    for split in ("train", "val", "test"):
+        if getattr(splits, split):
+            write_split_csv(getattr(splits, split), splits.class_names, run_dir / "splits" / f"{split}.csv")
+    print(f"data: {len(splits.class_names)} classes, {len(splits.train)} train / {len(splits.val)} val"
+          + (f" / {len(splits.test)} test" if splits.test else "") + f" images ({splits.layout} layout)")
+    if splits.skipped:
+        print(f"skipped {len(splits.skipped)} unreadable file(s), listed in {run_dir / 'skipped_files.txt'}")
+
+
+def make_run_dir(requested: str | None, prefix: str = "train") -> Path:
+    """A new run dir: ``requested`` if empty/new, else the next free ``runs/<prefix>-N``."""
+    if requested:
+        path = Path(requested)
+        if path.exists() and any(path.iterdir()):
+            raise ConfigError(f"run dir {path} exists and is not empty; pick another --run-dir or use --resume {path}")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    root = Path("runs")
+    root.mkdir(exist_ok=True)
+    taken = [int(m.group(1)) for p in root.iterdir() if (m := re.fullmatch(rf"{prefix}-(\d+)", p.name))]
+    number = max(taken, default=0) + 1
+    while True:
+        path = root / f"{prefix}-{number}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:  # a concurrent run took it
+            number += 1
+
+
+def prepare_resume(cfg: TrainConfig) -> tuple[TrainConfig, Path, Path]:
+    run_dir = Path(cfg.resume)
+    saved = run_dir / "config.yaml"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    if not saved.is_file():
+        raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a visiontune run dir?")
+    if not ckpt.is_file():
+        raise ConfigError(f"--resume {run_dir}: no checkpoint yet ({ckpt}); start a new run instead")
+    resumed = TrainConfig.load(saved)
+    resumed.resume = str(run_dir)
+    print(f"resuming {run_dir} from {ckpt}")
+    return resumed, run_dir, ckpt
+
+
+def resolve_precision(requested: str, img_size: int) -> str:
+    """``auto``: bf16 on GPUs that have it (else fp16); on CPU bf16 where supported and it pays."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "16"
+    if cpu_supports_bf16() and img_size >= MIN_BF16_CPU_SIZE:
+        return "bf16"
+    return "32"
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
