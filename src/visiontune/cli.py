@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,9 @@ TRAIN_HELP = {
 }
 
 
+METAVARS = {"val": "DIR|CSV", "weights": "default|none|PATH", "run_dir": "PATH", "resume": "RUN_DIR"}
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", nargs="?", help="DATA/<class>/*, DATA/{train,val[,test]}/<class>/*, or a path,label CSV")
     parser.add_argument("--config", help="YAML file of options (flags given here override it)")
@@ -61,10 +65,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": TRAIN_HELP.get(f.name)}
         if f.name in CHOICES:
             kwargs["choices"] = CHOICES[f.name]
+            kwargs["metavar"] = "{" + ",".join(CHOICES[f.name]) + "}"
         elif f.name in types:
             kwargs["type"] = types[f.name]
+            kwargs["metavar"] = "X"
         elif f.type in ("int", "int | None"):
             kwargs["type"] = int
+            kwargs["metavar"] = "N"
+        else:
+            kwargs["metavar"] = METAVARS.get(f.name, "NAME")
         parser.add_argument(flag, **kwargs)
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
                         help="no progress bars (epoch lines are still printed)")
@@ -162,6 +171,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_loader_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per batch (64)")
+    p.add_argument("--workers", type=int, default=None, metavar="N", help="decoding processes (default: one per core)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visiontune", description="Transfer-learn an image classifier from a folder of labelled images.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -175,22 +189,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="class folders, a train/val/test layout (uses test, else val) or a CSV")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-save", action="store_true", help="do not write confusion_matrix.png / misclassified.csv")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=None)
+    add_loader_arguments(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify image files, folders or globs")
     p.add_argument("model", help="run dir or model/ dir")
     p.add_argument("inputs", nargs="+", help="files, folders (recursive) or glob patterns")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--out", help="write FILE.csv or FILE.json instead of CSV on stdout")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=5, metavar="K", help="labels/probabilities per image (5)")
+    p.add_argument("--out", metavar="FILE", help="write FILE.csv or FILE.json instead of CSV on stdout")
+    add_loader_arguments(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("demo", help="offline demo: fine-tune the embedded model on scikit-learn's digits")
-    p.add_argument("--run-dir", default=None)
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--run-dir", default=None, metavar="PATH", help="where to write (default: runs/demo-N)")
+    p.add_argument("--epochs", type=int, default=None, metavar="N", help="override the demo's 10 epochs")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -199,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data.scan import DataError
     from .models import ArtifactError, ModelError, WeightsError
 
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning internals, not actionable
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -41,7 +41,9 @@ def make_trainer(ctx: TrainContext, callbacks: list) -> L.Trainer:
         else CSVLogger(ctx.run_dir, name="logs", version="")
     )
     callbacks = [c for c in callbacks if c is not None]
-    callbacks.append(ModelCheckpoint(dirpath=ctx.checkpoint_dir, save_top_k=0, save_last=True, enable_version_counter=False))
+    # One rolling checkpoint of the latest epoch (for --resume); the best model is model/.
+    callbacks.append(ModelCheckpoint(dirpath=ctx.checkpoint_dir, filename="last", monitor=None, save_top_k=1,
+                                     enable_version_counter=False, save_on_train_epoch_end=True))
     if cfg.early_stopping:
         callbacks.append(EarlyStopping(monitor="val_accuracy", mode="max", patience=cfg.early_stopping))
     progress = sys.stderr.isatty() if cfg.progress is None else cfg.progress
@@ -89,6 +91,8 @@ def fit_lightning(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*The number of training batches.*")
+        if ctx.resume_ckpt:  # expected when resuming into the same run dir
+            warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
         trainer.fit(
             module,
             train_loader,

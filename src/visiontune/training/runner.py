@@ -164,6 +164,8 @@ def prepare_resume(cfg: TrainConfig) -> tuple[TrainConfig, Path, Path]:
 
 def resolve_precision(requested: str, img_size: int) -> str:
     """``auto``: bf16 on GPUs that have it (else fp16); on CPU bf16 where supported and it pays."""
+    if requested == "16" and not torch.cuda.is_available():
+        raise ConfigError("--precision 16 (fp16 mixed) needs a CUDA GPU; on CPU use --precision bf16 or 32")
     if requested != "auto":
         return requested
     if torch.cuda.is_available():
