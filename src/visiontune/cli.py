@@ -24,6 +24,7 @@ TRAIN_HELP = {
     "head": "linear-probe head: linear (gradient) | logistic | svm (scikit-learn on features)",
     "freeze_epochs": "epochs training only the head before the body is unfrozen (1)",
     "unfreeze_every": "progressive: epochs between unfreezing one more layer group (auto)",
+    "bn_stats": "BatchNorm running statistics of trainable layers: train (update) | frozen (keep pretrained)",
     "lr_mult": "head LR / body LR for discriminative learning rates (10)",
     "epochs": "training epochs (10)",
     "batch_size": "images per batch (32)",
@@ -44,12 +45,14 @@ TRAIN_HELP = {
     "logger": "csv | tensorboard (written under RUN/logs)",
     "run_dir": "where to write the run (default: runs/train-N, never overwriting)",
     "resume": "continue an interrupted run from its last epoch checkpoint",
+    "cache_dir": "feature cache folder (default: $VISIONTUNE_CACHE or ~/.cache/visiontune)",
+    "cached_views": "augmented views cached per image for frozen-backbone epochs (1: un-augmented)",
     "limit_train_batches": "train on this many batches (int) or share (float) per epoch; for smoke tests",
     "limit_val_batches": "validate on this many batches (int) or share (float); for smoke tests",
 }
 
 
-METAVARS = {"val": "DIR|CSV", "weights": "default|none|PATH", "run_dir": "PATH", "resume": "RUN_DIR"}
+METAVARS = {"val": "DIR|CSV", "cache_dir": "PATH", "weights": "default|none|PATH", "run_dir": "PATH", "resume": "RUN_DIR"}
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:

@@ -25,6 +25,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "logger": ("csv", "tensorboard"),
     "strategy": ("finetune", "linear-probe", "progressive", "scratch"),
     "head": ("linear", "logistic", "svm"),
+    "bn_stats": ("train", "frozen"),
 }
 
 
@@ -48,6 +49,7 @@ class TrainConfig:
     freeze_epochs: int = 1
     unfreeze_every: int | None = None
     lr_mult: float = 10.0
+    bn_stats: str = "train"
     epochs: int = 10
     batch_size: int = 32
     lr: float | None = None
@@ -67,6 +69,8 @@ class TrainConfig:
     logger: str = "csv"
     run_dir: str | None = None
     resume: str | None = None
+    cache_dir: str | None = None
+    cached_views: int = 1
     limit_train_batches: float | int | None = None
     limit_val_batches: float | int | None = None
     progress: bool | None = None  # None: bars only on an interactive terminal

@@ -90,8 +90,7 @@ def _build_timm(name: str, num_classes: int, weights: str, requested: str):
         load_into(model, _embedded_state_dict(), "the embedded EfficientNet-Lite0 weights", head)
     elif weights not in ("default", "none"):
         load_into(model, read_state_dict(weights), weights, head)
-    if weights != "none":
-        init_head(model.get_submodule(head))
+    init_head(model.get_submodule(head))
     arch = Architecture("timm", arch_name, num_classes, head, requested)
     return model, arch, timm_preprocessing(model)
 
@@ -147,8 +146,7 @@ def _build_torchvision(name: str, num_classes: int, weights: str, requested: str
     if weights not in ("default", "none"):
         load_into(model, read_state_dict(weights), weights, head=_last_linear(model)[0])
     head = replace_torchvision_head(model, num_classes)
-    if weights != "none":
-        init_head(model.get_submodule(head))
+    init_head(model.get_submodule(head))
     arch = Architecture("torchvision", name, num_classes, head, requested)
     return model, arch, torchvision_preprocessing(default_weights)
 

@@ -57,31 +57,42 @@ class FreezeSchedule(BaseFinetuning):
         self._last = n
 
 
+def start_metrics_file(path: Path, keep_through_epoch: int = 0) -> None:
+    """(Re)write the header, keeping only rows of epochs <= ``keep_through_epoch``."""
+    rows = read_metrics(path) if path.exists() else []
+    keep = [r for r in rows if int(r["epoch"]) <= keep_through_epoch]
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS)
+        writer.writeheader()
+        writer.writerows(keep)
+
+
+def append_metrics_row(path: Path, row: dict) -> None:
+    with open(path, "a", newline="") as fh:
+        csv.DictWriter(fh, fieldnames=METRIC_COLUMNS).writerow(row)
+
+
 class MetricsRecorder(Callback):
     """Writes one ``metrics.csv`` row and one console line per epoch (after validation).
 
-    On resume, rows of epochs that will run again are dropped, so each epoch appears once.
+    ``epoch_offset`` numbers Lightning's epochs after epochs already run elsewhere (the frozen
+    warm-up on cached features). On resume, rows of epochs that will run again are dropped, so
+    each epoch appears once.
     """
 
-    def __init__(self, path: Path, total_epochs: int, echo: bool = True):
+    def __init__(self, path: Path, total_epochs: int, epoch_offset: int = 0, echo: bool = True):
         self.path = Path(path)
         self.total_epochs = total_epochs
+        self.epoch_offset = epoch_offset
         self.echo = echo
         self._start = 0.0
-        self._train_seconds = 0.0
         self._images = 0
         self._train_end: float | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        # After a resume has restored the loop state: drop rows of epochs that will run again.
-        if trainer.global_rank != 0:
-            return
-        rows = read_metrics(self.path) if self.path.exists() else []
-        keep = [r for r in rows if int(r["epoch"]) <= trainer.current_epoch]
-        with open(self.path, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS)
-            writer.writeheader()
-            writer.writerows(keep)
+        # Runs after a resume has restored the loop state.
+        if trainer.global_rank == 0:
+            start_metrics_file(self.path, self.epoch_offset + trainer.current_epoch)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._start = time.perf_counter()
@@ -102,7 +113,7 @@ class MetricsRecorder(Callback):
         train_seconds = (self._train_end or now) - self._start
         m = trainer.callback_metrics
         row = {
-            "epoch": trainer.current_epoch + 1,
+            "epoch": self.epoch_offset + trainer.current_epoch + 1,
             "train_loss": _fmt(m.get("train_loss_epoch", m.get("train_loss"))),
             "train_accuracy": _fmt(m.get("train_accuracy")),
             "val_loss": _fmt(m.get("val_loss")),
@@ -111,8 +122,7 @@ class MetricsRecorder(Callback):
             "epoch_seconds": f"{now - self._start:.2f}",
             "train_images_per_second": f"{self._images * trainer.world_size / max(train_seconds, 1e-9):.1f}",
         }
-        with open(self.path, "a", newline="") as fh:
-            csv.DictWriter(fh, fieldnames=METRIC_COLUMNS).writerow(row)
+        append_metrics_row(self.path, row)
         if self.echo:
             print(format_row(row, self.total_epochs), flush=True)
 
@@ -137,11 +147,13 @@ def read_metrics(path: Path) -> list[dict]:
 class BestModelSaver(Callback):
     """Saves ``model/`` (safetensors + json) whenever validation accuracy improves."""
 
-    def __init__(self, save: Callable[[nn.Module, dict], None], monitor: str = "val_accuracy"):
+    def __init__(self, save: Callable[[nn.Module, dict], None], monitor: str = "val_accuracy",
+                 best: float | None = None, epoch_offset: int = 0):
         self.save = save
         self.monitor = monitor
-        self.best: float | None = None
+        self.best: float | None = best
         self.best_epoch: int | None = None
+        self.epoch_offset = epoch_offset
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
@@ -151,7 +163,7 @@ class BestModelSaver(Callback):
             return
         value = float(value)
         if self.best is None or value > self.best:
-            self.best, self.best_epoch = value, trainer.current_epoch + 1
+            self.best, self.best_epoch = value, self.epoch_offset + trainer.current_epoch + 1
             if trainer.global_rank == 0:
                 metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
                 self.save(pl_module.model, {"epoch": self.best_epoch, **metrics})

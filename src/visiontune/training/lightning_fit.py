@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Callable
-
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from torch import nn
 from torch.utils.data import DataLoader
 
 from ..data.dataset import ImageListDataset, default_workers, make_loader
@@ -33,7 +30,7 @@ def image_loaders(ctx: TrainContext) -> tuple[DataLoader, DataLoader]:
     )
 
 
-def make_trainer(ctx: TrainContext, callbacks: list) -> L.Trainer:
+def make_trainer(ctx: TrainContext, callbacks: list, max_epochs: int) -> L.Trainer:
     cfg = ctx.cfg
     logger = (
         TensorBoardLogger(ctx.run_dir, name="logs", version="")
@@ -55,7 +52,7 @@ def make_trainer(ctx: TrainContext, callbacks: list) -> L.Trainer:
     if cfg.limit_val_batches is not None:
         kwargs["limit_val_batches"] = cfg.limit_val_batches
     return L.Trainer(
-        max_epochs=cfg.epochs,
+        max_epochs=max_epochs,
         accelerator="auto",
         devices=cfg.devices,
         precision=LIGHTNING_PRECISION[ctx.precision],
@@ -75,19 +72,22 @@ def fit_lightning(
     body_groups: list[list[str]],
     body_lrs: list[float],
     freeze: FreezeSchedule | None,
-    loaders: tuple[DataLoader, DataLoader] | None = None,
-    model: nn.Module | None = None,
-    head: str | None = None,
-    export: Callable[[nn.Module], nn.Module] = lambda m: m,
+    epoch_offset: int = 0,
+    best: float | None = None,
 ) -> None:
-    """Train ``model`` (default: the context's) and save the best epoch as ``model/``."""
-    model = model if model is not None else ctx.model
-    module = ClassifierModule(model, head or ctx.arch.head, ctx.cfg, body_groups, body_lrs)
+    """Train the context's model for the epochs after ``epoch_offset``; save the best as ``model/``.
+
+    Args:
+        epoch_offset: epochs already run (the frozen warm-up on cached features).
+        best: the best validation accuracy so far; ``model/`` is only replaced when beaten.
+    """
+    model = ctx.model
+    module = ClassifierModule(model, ctx.arch.head, ctx.cfg, body_groups, body_lrs)
     model.to(memory_format=torch.channels_last)
-    saver = BestModelSaver(lambda m, metrics: ctx.save_best(export(m), metrics))
-    recorder = MetricsRecorder(ctx.run_dir / "metrics.csv", ctx.cfg.epochs, echo=True)
-    trainer = make_trainer(ctx, [freeze, recorder, saver])
-    train_loader, val_loader = loaders or image_loaders(ctx)
+    saver = BestModelSaver(lambda m, metrics: ctx.save_best(m, metrics), best=best, epoch_offset=epoch_offset)
+    recorder = MetricsRecorder(ctx.run_dir / "metrics.csv", ctx.cfg.epochs, epoch_offset)
+    trainer = make_trainer(ctx, [freeze, recorder, saver], ctx.cfg.epochs - epoch_offset)
+    train_loader, val_loader = image_loaders(ctx)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*The number of training batches.*")

@@ -47,6 +47,7 @@ class ClassifierModule(L.LightningModule):
         self.cfg = cfg
         self.body_groups = body_groups
         self.body_lrs = body_lrs
+        self.freeze_bn_stats = cfg.bn_stats == "frozen"
         num_classes = model.get_submodule(head).out_features
         self.loss_fn = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=cfg.label_smoothing)
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
@@ -66,9 +67,14 @@ class ClassifierModule(L.LightningModule):
             for module in self.model.modules():
                 if isinstance(module, nn.modules.batchnorm._NormBase):
                     params = list(module.parameters(recurse=False))
-                    if params and not any(p.requires_grad for p in params):
+                    if self.freeze_bn_stats or (params and not any(p.requires_grad for p in params)):
                         module.eval()
         return self
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning keeps whatever mode the module is in (feature extraction leaves it in eval):
+        # set train mode explicitly, which also re-applies the BatchNorm rule above.
+        self.train()
 
     def _step(self, batch, metric: MulticlassAccuracy, prefix: str) -> torch.Tensor:
         x, y = batch
