@@ -45,6 +45,8 @@ TRAIN_HELP = {
     "logger": "csv | tensorboard (written under RUN/logs)",
     "run_dir": "where to write the run (default: runs/train-N, never overwriting)",
     "resume": "continue an interrupted run from its last epoch checkpoint",
+    "auto_batch_size": "find the largest batch size that fits (Lightning tuner; capped at 1/4 of the data)",
+    "compile": "torch.compile the model for training (opt-in: compiling takes minutes)",
     "cache_dir": "feature cache folder (default: $VISIONTUNE_CACHE or ~/.cache/visiontune)",
     "cached_views": "augmented views cached per image for frozen-backbone epochs (1: un-augmented)",
     "limit_train_batches": "train on this many batches (int) or share (float) per epoch; for smoke tests",
@@ -62,7 +64,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
              "warmup_epochs": float, "label_smoothing": float, "limit_train_batches": _int_or_float,
              "limit_val_batches": _int_or_float}
     for f in TrainConfig.__dataclass_fields__.values():
-        if f.name in ("data", "extra", "progress"):
+        if f.name in ("data", "progress"):
+            continue
+        if f.type == "bool":
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action="store_true",
+                                default=argparse.SUPPRESS, help=TRAIN_HELP.get(f.name))
             continue
         flag = "--" + f.name.replace("_", "-")
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": TRAIN_HELP.get(f.name)}
@@ -103,10 +109,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from .training.lr_find import lr_find
+
+    _, run_dir = lr_find(train_config_from_args(args), num_training=args.steps)
+    print(f"run: {run_dir}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation.evaluate import evaluate
 
-    result = evaluate(args.model, args.data, batch_size=args.batch_size, workers=args.workers, save=not args.no_save)
+    from .evaluation.predictor import Classifier
+
+    clf = Classifier.load(args.model, precision=args.precision)
+    result = evaluate(clf, args.data, batch_size=args.batch_size, workers=args.workers, save=not args.no_save)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -130,7 +147,7 @@ def format_evaluation(result: dict[str, Any]) -> str:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .evaluation.predictor import Classifier, expand_inputs
 
-    clf = Classifier.load(args.model)
+    clf = Classifier.load(args.model, precision=args.precision)
     inputs = expand_inputs(args.inputs)
     if not inputs:
         raise ConfigError(f"no input files found in {args.inputs}")
@@ -177,6 +194,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def add_loader_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per batch (64)")
     p.add_argument("--workers", type=int, default=None, metavar="N", help="decoding processes (default: one per core)")
+    p.add_argument("--precision", default="auto", choices=("auto", "32", "bf16", "16"), metavar="{auto,32,bf16,16}",
+                   help="inference precision; auto: bf16 where the hardware makes it pay")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune a pretrained classifier on a folder of images")
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("lr-find", help="learning-rate range test: plot loss vs LR and suggest --lr")
+    add_train_arguments(p)
+    p.add_argument("--steps", type=int, default=100, metavar="N", help="optimizer steps in the sweep (100)")
+    p.set_defaults(func=cmd_lr_find)
 
     p = sub.add_parser("evaluate", help="score a trained model on labelled images")
     p.add_argument("model", help="run dir or model/ dir")

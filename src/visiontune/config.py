@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -69,12 +69,13 @@ class TrainConfig:
     logger: str = "csv"
     run_dir: str | None = None
     resume: str | None = None
+    auto_batch_size: bool = False
+    compile: bool = False
     cache_dir: str | None = None
     cached_views: int = 1
     limit_train_batches: float | int | None = None
     limit_val_batches: float | int | None = None
     progress: bool | None = None  # None: bars only on an interactive terminal
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> TrainConfig:
         """Check choice-valued and numeric fields; raise :class:`ConfigError` naming allowed values."""

@@ -11,8 +11,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.dataset import default_workers
+from ..hardware import autocast, device, resolve_precision
 from ..data.image import ImageDecodeError, load_image
-from ..data.transforms import eval_transform
+from ..data.transforms import draft_size, eval_transform
 from ..models.artifact import load_model
 
 ImageInput = str | os.PathLike | Image.Image | bytes
@@ -21,16 +22,17 @@ ImageInput = str | os.PathLike | Image.Image | bytes
 class _InputDataset(Dataset):
     """Decodes inputs in loader workers; a bad input yields its error instead of a tensor."""
 
-    def __init__(self, inputs: Sequence[ImageInput], transform):
+    def __init__(self, inputs: Sequence[ImageInput], transform, draft: int | None):
         self.inputs = inputs
         self.transform = transform
+        self.draft = draft
 
     def __len__(self) -> int:
         return len(self.inputs)
 
     def __getitem__(self, index: int):
         try:
-            return index, self.transform(load_image(self.inputs[index])), ""
+            return index, self.transform(load_image(self.inputs[index], self.draft)), ""
         except (ImageDecodeError, OSError) as exc:
             return index, None, str(exc) if isinstance(exc, ImageDecodeError) else f"unreadable: {exc}"
 
@@ -51,22 +53,27 @@ class Classifier:
         'ants'
     """
 
-    def __init__(self, model: torch.nn.Module, meta: dict[str, Any]):
-        self.model = model.eval().to(memory_format=torch.channels_last)
+    def __init__(self, model: torch.nn.Module, meta: dict[str, Any], precision: str = "auto"):
+        self.device = device()
+        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
         self.meta = meta
         self.class_names: list[str] = list(meta["class_names"])
         self.preprocessing: dict[str, Any] = dict(meta["preprocessing"])
         self.transform = eval_transform(self.preprocessing)
+        self.precision = resolve_precision(precision, self.preprocessing["input_size"][-1])
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Classifier:
+    def load(cls, path: str | os.PathLike, precision: str = "auto") -> Classifier:
+        """Load a run dir or ``model/`` dir; ``precision`` auto|32|bf16|16 for inference."""
         model, meta = load_model(path)
-        return cls(model, meta)
+        return cls(model, meta, precision)
 
     @torch.inference_mode()
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        """Logits for a preprocessed NCHW float batch."""
-        return self.model(batch.contiguous(memory_format=torch.channels_last)).float()
+        """Logits (float32, on CPU) for a preprocessed NCHW float batch."""
+        batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with autocast(self.precision, self.device):
+            return self.model(batch).float().cpu()
 
     def iter_batches(
         self, inputs: Sequence[ImageInput], batch_size: int = 64, workers: int | None = None
@@ -75,10 +82,12 @@ class Classifier:
         in_memory = any(not isinstance(x, (str, os.PathLike)) for x in inputs)
         n_workers = 0 if in_memory or len(inputs) < 2 * batch_size else default_workers(workers)
         loader = DataLoader(
-            _InputDataset(inputs, self.transform),
+            _InputDataset(inputs, self.transform, draft_size(self.preprocessing)),
             batch_size=batch_size,
             num_workers=n_workers,
             collate_fn=_collate,
+            pin_memory=self.device == "cuda",
+            persistent_workers=False,
         )
         for indices, tensor, errors in loader:
             probs = torch.softmax(self.logits(tensor), dim=1) if tensor is not None else None

@@ -123,6 +123,7 @@ def timm_preprocessing(model: nn.Module) -> dict[str, Any]:
         "interpolation": cfg.get("interpolation", "bilinear"),
         "crop_pct": float(cfg.get("crop_pct", 0.875)),
         "resize_mode": "crop",
+        "jpeg_draft": True,
     }
 
 
@@ -181,6 +182,7 @@ def torchvision_preprocessing(weights_enum) -> dict[str, Any]:
         "interpolation": t.interpolation.value,
         "crop_pct": round(crop / resize, 4),
         "resize_mode": "crop",
+        "jpeg_draft": True,
     }
 
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.cache import FeatureCache, default_cache_dir, file_digests, model_key
 from ..data.dataset import default_workers
 from ..data.image import ImageDecodeError, load_image
-from ..data.transforms import eval_transform, train_transform
+from ..data.transforms import draft_size, eval_transform, train_transform
 from .callbacks import append_metrics_row, format_row, start_metrics_file
 from .context import TrainContext
 from .module import resolve_lr, schedule_fn
@@ -33,8 +33,8 @@ EVAL_VIEW = -1
 class _ViewDataset(Dataset):
     """Images to encode: view -1 is the deterministic eval view, others seeded augmentations."""
 
-    def __init__(self, items: list[tuple[str, int, int]], eval_tf, train_tf, size: tuple[int, int]):
-        self.items, self.eval_tf, self.train_tf, self.size = items, eval_tf, train_tf, size
+    def __init__(self, items: list[tuple[str, int, int]], eval_tf, train_tf, size: tuple[int, int], draft: int | None):
+        self.items, self.eval_tf, self.train_tf, self.size, self.draft = items, eval_tf, train_tf, size, draft
 
     def __len__(self) -> int:
         return len(self.items)
@@ -42,7 +42,7 @@ class _ViewDataset(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         path, view, seed = self.items[index]
         try:
-            image = load_image(path)
+            image = load_image(path, self.draft)
         except (ImageDecodeError, OSError) as exc:
             log.warning("cannot read %s (%s); using a blank image", path, exc)
             return torch.zeros(3, *self.size)
@@ -56,7 +56,6 @@ def _view_ids(views: int) -> list[int]:
     return [EVAL_VIEW] if views <= 1 else list(range(views))
 
 
-@torch.inference_mode()
 def cached_features(ctx: TrainContext, samples, views: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Features ``[n, V, d]`` and labels ``[n]`` for ``samples``, computing only what the cache lacks."""
     cfg, pre = ctx.cfg, ctx.preprocessing
@@ -81,18 +80,20 @@ def _encode(ctx: TrainContext, missing: list[tuple[str, int, str]], augment: str
     cfg, pre = ctx.cfg, ctx.preprocessing
     items = [(path, view, zlib.crc32(key.encode()) + cfg.seed) for path, view, key in missing]
     size = (pre["input_size"][1], pre["input_size"][2])
-    dataset = _ViewDataset(items, eval_transform(pre), train_transform(pre, augment), size)
+    dataset = _ViewDataset(items, eval_transform(pre), train_transform(pre, augment), size, draft_size(pre))
     workers = default_workers(cfg.workers)
     loader = DataLoader(dataset, batch_size=cfg.batch_size * 2, num_workers=workers, pin_memory=torch.cuda.is_available())
     captured: list[torch.Tensor] = []
     head = ctx.model.get_submodule(ctx.arch.head)
     hook = head.register_forward_hook(lambda m, inp, out: captured.append(inp[0].float().flatten(1).cpu()))
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # Convert outside inference mode: parameters re-created inside it could never train again.
     model = ctx.model.eval().to(device, memory_format=torch.channels_last)
     try:
-        for batch in loader:
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=ctx.precision == "bf16"):
-                model(batch.to(device).contiguous(memory_format=torch.channels_last))
+        with torch.inference_mode():
+            for batch in loader:
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=ctx.precision == "bf16"):
+                    model(batch.to(device).contiguous(memory_format=torch.channels_last))
     finally:
         hook.remove()
         ctx.model.to("cpu")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
+
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
@@ -11,7 +13,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader
 
 from ..data.dataset import ImageListDataset, default_workers, make_loader
-from ..data.transforms import eval_transform, train_transform
+from ..data.transforms import draft_size, eval_transform, train_transform
 from .callbacks import BestModelSaver, FreezeSchedule, MetricsRecorder
 from .context import TrainContext
 from .module import ClassifierModule
@@ -19,15 +21,24 @@ from .module import ClassifierModule
 LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
 
 
-def image_loaders(ctx: TrainContext) -> tuple[DataLoader, DataLoader]:
-    cfg, pre = ctx.cfg, ctx.preprocessing
-    workers = default_workers(cfg.workers)
-    train = ImageListDataset(ctx.splits.train, train_transform(pre, cfg.augment))
-    val = ImageListDataset(ctx.splits.val, eval_transform(pre))
-    return (
-        make_loader(train, cfg.batch_size, True, workers, cfg.seed),
-        make_loader(val, cfg.batch_size * 2, False, workers, cfg.seed),
-    )
+class ImageDataModule(L.LightningDataModule):
+    """Train/val image loaders; ``batch_size`` is an attribute so Lightning's tuner can scale it."""
+
+    def __init__(self, ctx: TrainContext):
+        super().__init__()
+        cfg, pre = ctx.cfg, ctx.preprocessing
+        self.batch_size = cfg.batch_size
+        self.seed = cfg.seed
+        self.workers = default_workers(cfg.workers)
+        draft = draft_size(pre)
+        self.train_set = ImageListDataset(ctx.splits.train, train_transform(pre, cfg.augment), draft)
+        self.val_set = ImageListDataset(ctx.splits.val, eval_transform(pre), draft)
+
+    def train_dataloader(self) -> DataLoader:
+        return make_loader(self.train_set, self.batch_size, True, self.workers, self.seed)
+
+    def val_dataloader(self) -> DataLoader:
+        return make_loader(self.val_set, self.batch_size * 2, False, self.workers, self.seed)
 
 
 def make_trainer(ctx: TrainContext, callbacks: list, max_epochs: int) -> L.Trainer:
@@ -87,7 +98,9 @@ def fit_lightning(
     saver = BestModelSaver(lambda m, metrics: ctx.save_best(m, metrics), best=best, epoch_offset=epoch_offset)
     recorder = MetricsRecorder(ctx.run_dir / "metrics.csv", ctx.cfg.epochs, epoch_offset)
     trainer = make_trainer(ctx, [freeze, recorder, saver], ctx.cfg.epochs - epoch_offset)
-    train_loader, val_loader = image_loaders(ctx)
+    data = ImageDataModule(ctx)
+    if ctx.cfg.auto_batch_size and not ctx.resume_ckpt:
+        tune_batch_size(ctx, module, data)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*The number of training batches.*")
@@ -95,8 +108,27 @@ def fit_lightning(
             warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
         trainer.fit(
             module,
-            train_loader,
-            val_loader,
+            datamodule=data,
             ckpt_path=str(ctx.resume_ckpt) if ctx.resume_ckpt else None,
             weights_only=True,
         )
+
+
+def tune_batch_size(ctx: TrainContext, module: ClassifierModule, data: ImageDataModule) -> int:
+    """Largest batch size that fits (Lightning's tuner, doubling until out of memory).
+
+    Capped at a quarter of the training set, so a CPU, which rarely runs out of memory, still
+    takes several optimizer steps per epoch. The result is written back to the config.
+    """
+    from lightning.pytorch.tuner import Tuner
+
+    cap = max(ctx.cfg.batch_size, len(ctx.splits.train) // 4)
+    trials = max(0, int(math.log2(cap / ctx.cfg.batch_size)))
+    scratch = L.Trainer(accelerator="auto", devices=1, precision=LIGHTNING_PRECISION[ctx.precision], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=ctx.run_dir / "tuner")
+    if trials:
+        Tuner(scratch).scale_batch_size(module, datamodule=data, mode="power", max_trials=trials, steps_per_trial=2)
+    ctx.cfg.batch_size = data.batch_size
+    print(f"auto batch size: {data.batch_size}")
+    return data.batch_size

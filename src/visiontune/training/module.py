@@ -48,13 +48,15 @@ class ClassifierModule(L.LightningModule):
         self.body_groups = body_groups
         self.body_lrs = body_lrs
         self.freeze_bn_stats = cfg.bn_stats == "frozen"
+        # torch.compile'd view of the same module: parameters and state_dict stay model's own
+        self.forward_fn = torch.compile(model) if cfg.compile else model
         num_classes = model.get_submodule(head).out_features
         self.loss_fn = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=cfg.label_smoothing)
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        return self.forward_fn(x)
 
     def train(self, mode: bool = True):
         """Keep BatchNorm layers whose parameters are frozen in eval mode.

@@ -10,15 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 
 from ..config import ConfigError, TrainConfig
 from ..data.scan import Splits, discover, write_skipped, write_split_csv
+from ..hardware import resolve_precision
 from ..models.factory import build_model
 from .context import TrainContext
 from .strategies import RANDOM_INIT, STRATEGIES
 
-MIN_BF16_CPU_SIZE = 160  # measured: below this, bf16 autocast on CPU trains slower than fp32
 
 
 @dataclass
@@ -66,13 +65,20 @@ def train(data: str | os.PathLike | None = None, **options: Any) -> Run:
 
 
 def run_training(cfg: TrainConfig) -> Run:
+    ctx = setup_run(cfg)
+    STRATEGIES[cfg.strategy](ctx)
+    return finish(ctx)
+
+
+def setup_run(cfg: TrainConfig, prefix: str = "train") -> TrainContext:
+    """Run dir, seeded RNGs, checked data splits and the model: everything before training."""
     resume_ckpt = None
     if cfg.resume:
         cfg, run_dir, resume_ckpt = prepare_resume(cfg)
     else:
         if not cfg.data:
             raise ConfigError("no data given: visiontune train DATA (a folder or a path,label CSV)")
-        run_dir = make_run_dir(cfg.run_dir)
+        run_dir = make_run_dir(cfg.run_dir, prefix)
     cfg.run_dir = str(run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -88,9 +94,7 @@ def run_training(cfg: TrainConfig) -> Run:
     cfg.save(run_dir / "config.yaml")
     print(f"model: {cfg.model} ({arch.source}:{arch.name}, weights={weights}), strategy {cfg.strategy}, "
           f"input {pre['input_size'][1]}x{pre['input_size'][2]} {pre['resize_mode']}, precision {precision}")
-    ctx = TrainContext(cfg, run_dir, model, arch, pre, splits, precision, resume_ckpt)
-    STRATEGIES[cfg.strategy](ctx)
-    return finish(ctx)
+    return TrainContext(cfg, run_dir, model, arch, pre, splits, precision, resume_ckpt)
 
 
 def finish(ctx: TrainContext) -> Run:
@@ -160,23 +164,3 @@ def prepare_resume(cfg: TrainConfig) -> tuple[TrainConfig, Path, Path]:
     resumed.resume = str(run_dir)
     print(f"resuming {run_dir} from {ckpt}")
     return resumed, run_dir, ckpt
-
-
-def resolve_precision(requested: str, img_size: int) -> str:
-    """``auto``: bf16 on GPUs that have it (else fp16); on CPU bf16 where supported and it pays."""
-    if requested == "16" and not torch.cuda.is_available():
-        raise ConfigError("--precision 16 (fp16 mixed) needs a CUDA GPU; on CPU use --precision bf16 or 32")
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "16"
-    if cpu_supports_bf16() and img_size >= MIN_BF16_CPU_SIZE:
-        return "bf16"
-    return "32"
-
-
-def cpu_supports_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False

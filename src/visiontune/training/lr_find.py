@@ -1,0 +1,43 @@
+"""``visiontune lr-find``: Lightning's learning-rate range test on your data and model."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import lightning as L
+
+from ..config import TrainConfig
+from ..models.groups import body_groups
+from .lightning_fit import LIGHTNING_PRECISION, ImageDataModule
+from .module import ClassifierModule
+from .runner import setup_run
+
+
+def lr_find(cfg: TrainConfig, num_training: int = 100) -> tuple[float | None, Path]:
+    """Sweep the learning rate exponentially over ``num_training`` steps with every layer
+    trainable (one LR for all layers during the sweep); save ``lr_find.png`` and return
+    (suggested head LR, run dir).
+
+    Example:
+        >>> lr, run_dir = lr_find(TrainConfig(data="data/hymenoptera/train"))  # doctest: +SKIP
+    """
+    from lightning.pytorch.tuner import Tuner
+
+    ctx = setup_run(cfg, prefix="lr-find")
+    groups = [[n for g in body_groups(ctx.model, ctx.arch.head) for n in g]]
+    module = ClassifierModule(ctx.model, ctx.arch.head, cfg, groups, [1e-3 / cfg.lr_mult])
+    data = ImageDataModule(ctx)
+    trainer = L.Trainer(accelerator="auto", devices=1, precision=LIGHTNING_PRECISION[ctx.precision], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=ctx.run_dir)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        finder = Tuner(trainer).lr_find(module, datamodule=data, num_training=num_training, update_attr=False)
+    suggestion = finder.suggestion() if finder is not None else None
+    if finder is not None:
+        fig = finder.plot(suggest=True)
+        fig.savefig(ctx.run_dir / "lr_find.png", dpi=100)
+    print(f"suggested --lr {suggestion:.3g}" if suggestion else "no clear suggestion: see the plot")
+    print(f"plot: {ctx.run_dir / 'lr_find.png'}")
+    return suggestion, ctx.run_dir
