@@ -47,6 +47,7 @@ TRAIN_HELP = {
     "resume": "continue an interrupted run from its last epoch checkpoint",
     "auto_batch_size": "find the largest batch size that fits (Lightning tuner; capped at 1/4 of the data)",
     "compile": "torch.compile the model for training (opt-in: compiling takes minutes)",
+    "cache_images": "decode and pre-resize every image once, in memory, for all epochs",
     "cache_dir": "feature cache folder (default: $VISIONTUNE_CACHE or ~/.cache/visiontune)",
     "cached_views": "augmented views cached per image for frozen-backbone epochs (1: un-augmented)",
     "limit_train_batches": "train on this many batches (int) or share (float) per epoch; for smoke tests",

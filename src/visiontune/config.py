@@ -71,6 +71,7 @@ class TrainConfig:
     resume: str | None = None
     auto_batch_size: bool = False
     compile: bool = False
+    cache_images: bool = False
     cache_dir: str | None = None
     cached_views: int = 1
     limit_train_batches: float | int | None = None

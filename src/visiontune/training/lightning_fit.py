@@ -33,6 +33,11 @@ class ImageDataModule(L.LightningDataModule):
         draft = draft_size(pre)
         self.train_set = ImageListDataset(ctx.splits.train, train_transform(pre, cfg.augment), draft)
         self.val_set = ImageListDataset(ctx.splits.val, eval_transform(pre), draft)
+        if cfg.cache_images:
+            side = draft_size({**pre, "jpeg_draft": True})
+            held = self.train_set.preload(side) + self.val_set.preload(side)
+            print(f"cache-images: {len(self.train_set) + len(self.val_set)} images pre-resized to {side} px "
+                  f"in memory ({held / 2**20:.0f} MiB)")
 
     def train_dataloader(self) -> DataLoader:
         return make_loader(self.train_set, self.batch_size, True, self.workers, self.seed)

@@ -1,0 +1,219 @@
+"""visiontune benchmark suite: `make bench` or `python -m bench [--data-root ../shared/data]`.
+
+Every figure is a ratio measured side by side in one run on this machine, against the plain
+PyTorch recipe in bench/seed_recipe.py (frozen backbone recomputed each epoch, model.train(),
+Adam 1e-3, fp32 NCHW) and bench/plain_predict.py (eager fp32 loop). Results go to stdout and
+bench/RESULTS.md (with machine info).
+
+  (a) linear-probe, 10 epochs: wall time seed loop vs `visiontune train --strategy linear-probe`
+  (b) full fine-tune training throughput (images/s): seed loop unfrozen vs visiontune finetune
+  (c) predict throughput: plain eager fp32 loop vs `visiontune predict`
+  (d) input pipeline images/s vs model training images/s (finetune, 224, hymenoptera photos)
+  (e) scaling: time per epoch for 1k/5k/25k CIFAR-10 images (linear-probe cached, finetune)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+VT = [PY, "-m", "visiontune.cli"]
+
+
+def sh(cmd: list[str], env: dict | None = None) -> tuple[float, str]:
+    """Run a command; return (wall seconds, stdout). Fails loudly with its output."""
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return seconds, proc.stdout
+
+
+def last_json(text: str) -> dict:
+    return json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def unpack(data_root: Path, work: Path) -> dict[str, Path]:
+    out = {}
+    for name, archive, inner in (("hymenoptera", "hymenoptera-train.tar", "hymenoptera/train"),
+                                 ("cifar10", "cifar10-train.tar.gz", "cifar10/train")):
+        target = work / inner
+        if not target.exists():
+            with tarfile.open(data_root / archive) as tar:
+                tar.extractall(work, filter="data")
+        out[name] = target
+    return out
+
+
+def train_run(work: Path, name: str, data: Path | str, *args: str, cache: Path | None = None) -> tuple[float, Path]:
+    run_dir = work / "runs" / name
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    env = {"VISIONTUNE_CACHE": str(cache or work / f"cache-{name}")}
+    seconds, _ = sh(VT + ["train", str(data), "--run-dir", str(run_dir), "--no-progress", *args], env)
+    return seconds, run_dir
+
+
+def seed_run(split_dir: Path, *args: str) -> tuple[float, dict]:
+    seconds, out = sh([PY, str(ROOT / "bench" / "seed_recipe.py"), "--train-csv", str(split_dir / "train.csv"),
+                       "--val-csv", str(split_dir / "val.csv"), *args])
+    return seconds, last_json(out)
+
+
+def bench_a(work: Path, data: dict) -> dict:
+    """Linear probe, 10 epochs, 224 px, same split: wall time and accuracy."""
+    vt_seconds, run = train_run(work, "a-linear-probe", data["hymenoptera"], "--strategy", "linear-probe",
+                                "--epochs", "10", "--precision", "32")
+    warm_seconds, _ = train_run(work, "a-linear-probe-warm", data["hymenoptera"], "--strategy", "linear-probe",
+                                "--epochs", "10", "--precision", "32", cache=work / "cache-a-linear-probe")
+    seed_seconds, seed = seed_run(run / "splits", "--epochs", "10", "--mode", "linear-probe")
+    vt_acc = max(float(r["val_accuracy"]) for r in metrics(run))
+    return {"name": "(a) linear-probe 10 epochs, wall s", "baseline": seed_seconds, "visiontune": vt_seconds,
+            "ratio": seed_seconds / vt_seconds, "target": 5.0,
+            "note": f"warm feature cache: {warm_seconds:.1f}s ({seed_seconds / warm_seconds:.1f}x); best val acc "
+                    f"seed {seed['best_val_accuracy']:.4f} vs visiontune {vt_acc:.4f} (final: seed "
+                    f"{seed['final_val_accuracy']:.4f})", "ok": seed_seconds / vt_seconds >= 5.0
+            and vt_acc >= seed["best_val_accuracy"]}
+
+
+def bench_b(work: Path, data: dict, epochs: int = 3) -> dict:
+    """Full fine-tune training throughput at 224 px (training loop only, same data)."""
+    _, run = train_run(work, "b-finetune", data["hymenoptera"], "--epochs", str(epochs), "--freeze-epochs", "0")
+    rows = metrics(run)[1:]  # the first epoch includes worker start-up in both loops
+    vt_ips = sum(float(r["train_images_per_second"]) for r in rows) / len(rows)
+    _, seed = seed_run(run / "splits", "--epochs", str(epochs), "--mode", "finetune")
+    return {"name": "(b) fine-tune training, images/s", "baseline": seed["train_images_per_second"],
+            "visiontune": vt_ips, "ratio": vt_ips / seed["train_images_per_second"], "target": 1.3,
+            "note": "visiontune: channels_last + bf16 autocast (precision auto); seed: fp32 NCHW",
+            "ok": vt_ips / seed["train_images_per_second"] >= 1.3}
+
+
+def bench_c(work: Path, data: dict) -> dict:
+    """Prediction throughput over the same files: plain eager fp32 loop vs visiontune predict."""
+    run = work / "runs" / "b-finetune"
+    files = sorted(str(p) for p in data["hymenoptera"].rglob("*.jp*g"))
+    files = (files * 4)[:960]
+    plain_seconds, out = sh([PY, str(ROOT / "bench" / "plain_predict.py"), "--model-dir", str(run / "model"),
+                             "--out", str(work / "plain.csv"), *files])
+    plain = last_json(out)
+    vt_seconds, _ = sh(VT + ["predict", str(run), *files, "--out", str(work / "vt.csv"), "--top-k", "1"])
+    agree = _agreement(work / "plain.csv", work / "vt.csv")
+    return {"name": "(c) predict, images/s (960 photos)", "baseline": len(files) / plain_seconds,
+            "visiontune": len(files) / vt_seconds, "ratio": plain_seconds / vt_seconds, "target": 1.5,
+            "note": f"whole-command wall time incl. start-up; top-1 agreement with fp32 loop {agree:.4f}",
+            "ok": plain_seconds / vt_seconds >= 1.5}
+
+
+def _agreement(a: Path, b: Path) -> float:
+    def labels(p: Path) -> dict:
+        with open(p, newline="") as fh:
+            return {r["path"]: r["label"] for r in csv.DictReader(fh)}
+
+    x, y = labels(a), labels(b)
+    return sum(x[k] == y.get(k) for k in x) / len(x)
+
+
+def bench_d(work: Path, data: dict) -> dict:
+    """Input pipeline vs model throughput for finetune at 224 on full-size photos."""
+    _, out = sh([PY, str(ROOT / "bench" / "pipeline.py"), str(data["hymenoptera"])])
+    res = last_json(out)
+    ratio = res["pipeline_images_per_second"] / res["model_images_per_second"]
+    return {"name": "(d) input pipeline / model images/s", "baseline": res["model_images_per_second"],
+            "visiontune": res["pipeline_images_per_second"], "ratio": ratio, "target": 1.0,
+            "note": f"{res['workers']} workers, JPEG draft decode; full decode: "
+                    f"{res['full_decode_images_per_second']:.0f} img/s", "ok": ratio >= 1.0}
+
+
+def bench_e(work: Path, data: dict, sizes=(1000, 5000, 25000)) -> dict:
+    """Time per epoch vs dataset size on CIFAR-10 (64 px): must grow linearly."""
+    root = data["cifar10"]
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    per_class = {c: sorted((root / c).iterdir()) for c in classes}
+    lines = []
+    rates = []
+    for n in sizes:
+        csv_path = work / f"cifar-{n}.csv"
+        with open(csv_path, "w") as fh:
+            fh.write("path,label\n")
+            for c in classes:
+                for p in per_class[c][: n // len(classes)]:
+                    fh.write(f"{p},{c}\n")
+        lp_seconds, lp = train_run(work, f"e-lp-{n}", csv_path, "--strategy", "linear-probe", "--epochs", "3",
+                                   "--img-size", "64", "--batch-size", "128")
+        ft_seconds, ft = train_run(work, f"e-ft-{n}", csv_path, "--epochs", "1", "--freeze-epochs", "0",
+                                   "--img-size", "64", "--batch-size", "64")
+        lp_epoch = sum(float(r["epoch_seconds"]) for r in metrics(lp)) / 3
+        ft_epoch = float(metrics(ft)[0]["epoch_seconds"])
+        rates.append(ft_epoch / n)
+        lines.append(f"{n}: finetune epoch {ft_epoch:.1f}s ({n / ft_epoch:.0f} img/s); linear-probe cached "
+                     f"epoch {lp_epoch:.3f}s, whole run {lp_seconds:.1f}s (features once)")
+    spread = max(rates) / min(rates)
+    return {"name": "(e) scaling: finetune s/image 25k vs 1k", "baseline": rates[0] * 1000,
+            "visiontune": rates[-1] * 1000, "ratio": rates[-1] / rates[0], "target": "~1 (linear)",
+            "note": "; ".join(lines), "ok": spread < 1.5}
+
+
+SECTIONS = {"a": bench_a, "b": bench_b, "c": bench_c, "d": bench_d, "e": bench_e}
+
+
+def machine() -> str:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (f"{platform.node() or 'host'}: {cpu}, {os.cpu_count()} cores, GPU {gpu}, Python "
+            f"{platform.python_version()}, torch {torch.__version__}")
+
+
+def render(results: list[dict], seconds: float) -> str:
+    head = "| benchmark | baseline | visiontune | ratio | target | pass |\n| --- | ---: | ---: | ---: | ---: | :---: |\n"
+    body = "".join(
+        f"| {r['name']} | {r['baseline']:.1f} | {r['visiontune']:.1f} | {r['ratio']:.2f} | {r['target']} | "
+        f"{'yes' if r['ok'] else 'NO'} |\n" for r in results)
+    notes = "".join(f"- {r['name']}: {r['note']}\n" for r in results)
+    return head + body + "\n" + notes + f"\nTotal benchmark time: {seconds / 60:.1f} min\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "visiontune-bench")
+    ap.add_argument("--only", default="abcde", help="sections to run, e.g. 'ac'")
+    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    data = unpack(args.data_root, args.work)
+    start = time.perf_counter()
+    results = []
+    for key in args.only:
+        print(f"running ({key}) ...", flush=True)
+        results.append(SECTIONS[key](args.work, data))
+        print(render(results[-1:], time.perf_counter() - start), flush=True)
+    table = render(results, time.perf_counter() - start)
+    print(table)
+    command = "make bench  # = python -m bench" + (f" --only {args.only}" if args.only != "abcde" else "")
+    args.results.write_text(
+        f"# Benchmark results\n\nMachine: {machine()}\n\nCommand: `{command}`\n\n{table}")
+
+
+if __name__ == "__main__":
+    main()
