@@ -192,6 +192,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _StrictParser(argparse.ArgumentParser):
+    """No abbreviated flags; an unknown flag fails naming the closest valid one."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extra = super().parse_known_args(args, namespace)
+        flags = [a for a in extra if a.startswith("--")]
+        if flags:
+            import difflib
+
+            options = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+            close = difflib.get_close_matches(flags[0].split("=")[0], options, n=1, cutoff=0.75)
+            hint = f"; did you mean {close[0]}?" if close else f"; see {self.prog} --help"
+            self.error(f"unknown option {flags[0]}{hint}")
+        return parsed, extra
+
+    def error(self, message: str):
+        # one line with the remedy, not the whole usage block
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def add_loader_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per batch (64)")
     p.add_argument("--workers", type=int, default=None, metavar="N", help="decoding processes (default: one per core)")
@@ -200,8 +224,9 @@ def add_loader_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="visiontune", description="Transfer-learn an image classifier from a folder of labelled images.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="visiontune", allow_abbrev=False,
+                                     description="Transfer-learn an image classifier from a folder of labelled images.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_StrictParser)
 
     p = sub.add_parser("train", help="fine-tune a pretrained classifier on a folder of images")
     add_train_arguments(p)

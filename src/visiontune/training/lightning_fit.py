@@ -100,6 +100,7 @@ def fit_lightning(
     model = ctx.model
     module = ClassifierModule(model, ctx.arch.head, ctx.cfg, body_groups, body_lrs)
     model.to(memory_format=torch.channels_last)
+    module.train()  # Lightning keeps the current mode; feature extraction may have left eval
     saver = BestModelSaver(lambda m, metrics: ctx.save_best(m, metrics), best=best, epoch_offset=epoch_offset)
     recorder = MetricsRecorder(ctx.run_dir / "metrics.csv", ctx.cfg.epochs, epoch_offset)
     trainer = make_trainer(ctx, [freeze, recorder, saver], ctx.cfg.epochs - epoch_offset)

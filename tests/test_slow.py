@@ -1,0 +1,19 @@
+"""Long acceptance checks, not part of `make test` (run: make test-slow)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_demo_reaches_97_percent(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "visiontune.cli", "demo", "--run-dir", str(tmp_path / "demo")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=590)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    accuracy = float(re.search(r"test accuracy (\d\.\d+)", proc.stdout).group(1))
+    assert accuracy >= 0.97
