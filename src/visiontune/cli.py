@@ -37,6 +37,8 @@ TRAIN_HELP = {
     "step_size": "step schedule: epochs between x0.1 decays (3)",
     "label_smoothing": "label smoothing of the cross-entropy loss (0.1)",
     "augment": "none | light (flip) | standard (random resized crop + flip) | strong (+ TrivialAugment, erasing)",
+    "balance": "class imbalance: none | weights (class-weighted loss) | sampler (balanced sampling)",
+    "select_metric": "metric choosing the best epoch (and early stopping): accuracy | macro_f1 | balanced_accuracy",
     "early_stopping": "stop after this many epochs without val accuracy improvement",
     "seed": "random seed for the split, init and data order (0)",
     "precision": "auto (bf16 where the hardware makes it pay) | 32 | bf16 | 16",
@@ -65,7 +67,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
              "warmup_epochs": float, "label_smoothing": float, "limit_train_batches": _int_or_float,
              "limit_val_batches": _int_or_float}
     for f in TrainConfig.__dataclass_fields__.values():
-        if f.name in ("data", "progress"):
+        if f.name in ("data", "progress", "report"):
             continue
         if f.type == "bool":
             parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action="store_true",
@@ -85,6 +87,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             kwargs["metavar"] = METAVARS.get(f.name, "NAME")
         parser.add_argument(flag, **kwargs)
+    parser.add_argument("--no-report", dest="report", action="store_false", default=argparse.SUPPRESS,
+                        help="do not write RUN/report.html at the end")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
                         help="no progress bars (epoch lines are still printed)")
 
@@ -153,7 +157,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not inputs:
         raise ConfigError(f"no input files found in {args.inputs}")
     rows = clf.predict(inputs, top_k=args.top_k, batch_size=args.batch_size, workers=args.workers,
-                       progress=sys.stderr.isatty())
+                       progress=sys.stderr.isatty(), reject_below=args.reject_below)
     out = args.out
     if out and out.endswith(".json"):
         Path(out).write_text(json.dumps(rows, indent=1) + "\n")
@@ -250,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="files, folders (recursive) or glob patterns")
     p.add_argument("--top-k", type=int, default=5, metavar="K", help="labels/probabilities per image (5)")
     p.add_argument("--out", metavar="FILE", help="write FILE.csv or FILE.json instead of CSV on stdout")
+    p.add_argument("--reject-below", type=float, default=None, metavar="P",
+                   help="label 'unknown' when the (calibrated) top probability is below P")
     add_loader_arguments(p)
     p.set_defaults(func=cmd_predict)
 

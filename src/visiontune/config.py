@@ -26,6 +26,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "strategy": ("finetune", "linear-probe", "progressive", "scratch"),
     "head": ("linear", "logistic", "svm"),
     "bn_stats": ("train", "frozen"),
+    "balance": ("none", "weights", "sampler"),
+    "select_metric": ("accuracy", "macro_f1", "balanced_accuracy"),
 }
 
 
@@ -62,6 +64,9 @@ class TrainConfig:
     label_smoothing: float = 0.1
     augment: str = "standard"
     early_stopping: int | None = None
+    balance: str = "none"
+    select_metric: str = "accuracy"
+    report: bool = True
     seed: int = 0
     precision: str = "auto"
     workers: int | None = None

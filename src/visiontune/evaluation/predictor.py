@@ -17,6 +17,7 @@ from ..data.transforms import draft_size, eval_transform
 from ..models.artifact import load_model
 
 ImageInput = str | os.PathLike | Image.Image | bytes
+UNKNOWN = "unknown"  # label of predictions rejected by reject_below
 
 
 class _InputDataset(Dataset):
@@ -61,6 +62,9 @@ class Classifier:
         self.preprocessing: dict[str, Any] = dict(meta["preprocessing"])
         self.transform = eval_transform(self.preprocessing)
         self.precision = resolve_precision(precision, self.preprocessing["input_size"][-1])
+        # temperature scaling fitted on val (visiontune report / calibrate) makes probabilities honest
+        self.temperature = float(meta.get("calibration", {}).get("temperature", 1.0))
+        self.calibrated = "calibration" in meta
 
     @classmethod
     def load(cls, path: str | os.PathLike, precision: str = "auto") -> Classifier:
@@ -90,7 +94,7 @@ class Classifier:
             persistent_workers=False,
         )
         for indices, tensor, errors in loader:
-            probs = torch.softmax(self.logits(tensor), dim=1) if tensor is not None else None
+            probs = torch.softmax(self.logits(tensor) / self.temperature, dim=1) if tensor is not None else None
             yield indices, probs, errors
 
     def predict(
@@ -100,11 +104,14 @@ class Classifier:
         batch_size: int = 64,
         workers: int | None = None,
         progress: bool = False,
+        reject_below: float | None = None,
     ) -> list[dict[str, Any]]:
         """Classify images (paths, PIL images or encoded bytes); one dict per input, in order.
 
         Each dict has ``path``, ``label``, ``probability``, ``top_k`` (list of
-        ``{"label", "probability"}``) and ``error`` ("" or why the input could not be read).
+        ``{"label", "probability"}``), ``calibrated`` and ``error`` ("" or why the input could
+        not be read). With ``reject_below=P`` the label is ``unknown`` when the (calibrated) top
+        probability is below P; ``top_k`` still lists the classes.
         """
         if isinstance(inputs, (str, os.PathLike, Image.Image, bytes)):
             inputs = [inputs]
@@ -121,15 +128,19 @@ class Classifier:
                 results[index] = self._row(inputs[index], None, k, error)
             for row, index in enumerate(indices):
                 results[index] = self._row(inputs[index], probs[row], k, "")
+                if reject_below is not None and results[index]["probability"] < reject_below:
+                    results[index]["label"] = UNKNOWN
         return results  # type: ignore[return-value]
 
     def _row(self, source: ImageInput, probs: torch.Tensor | None, k: int, error: str) -> dict[str, Any]:
         path = str(source) if isinstance(source, (str, os.PathLike)) else ""
         if probs is None:
-            return {"path": path, "label": "", "probability": None, "top_k": [], "error": error}
+            return {"path": path, "label": "", "probability": None, "top_k": [], "calibrated": self.calibrated,
+                    "error": error}
         values, idx = probs.topk(k)
         top = [{"label": self.class_names[i], "probability": float(v)} for v, i in zip(values.tolist(), idx.tolist())]
-        return {"path": path, "label": top[0]["label"], "probability": top[0]["probability"], "top_k": top, "error": ""}
+        return {"path": path, "label": top[0]["label"], "probability": top[0]["probability"], "top_k": top,
+                "calibrated": self.calibrated, "error": ""}
 
 
 def expand_inputs(items: Sequence[str]) -> list[str]:

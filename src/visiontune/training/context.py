@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..config import TrainConfig
@@ -52,6 +53,24 @@ class TrainContext:
                 **self.extra_meta,
             },
         }
+
+    def class_counts(self) -> torch.Tensor:
+        labels = torch.tensor([label for _, label in self.splits.train], dtype=torch.long)
+        return torch.bincount(labels, minlength=len(self.splits.class_names)).float()
+
+    def class_weights(self) -> torch.Tensor | None:
+        """Loss weights n / (k * n_c) for ``balance=weights`` (each class weighs the same in total)."""
+        if self.cfg.balance != "weights":
+            return None
+        counts = self.class_counts()
+        return counts.sum() / (len(counts) * counts.clamp(min=1))
+
+    def sample_weights(self) -> torch.Tensor | None:
+        """Per-sample draw weights 1 / n_c for ``balance=sampler`` (balanced batches on average)."""
+        if self.cfg.balance != "sampler":
+            return None
+        counts = self.class_counts()
+        return torch.tensor([1.0 / counts[label].item() for _, label in self.splits.train], dtype=torch.double)
 
     def save_best(self, model: nn.Module, metrics: dict[str, Any]) -> None:
         save_model(self.model_dir, model, self.model_meta(metrics))

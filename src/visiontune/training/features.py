@@ -145,13 +145,15 @@ def train_head(
     steps_per_pass = max(1, -(-len(train_y) // cfg.batch_size))
     steps_per_epoch = steps_per_pass * passes_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule_fn(cfg, steps_per_epoch * epochs, steps_per_epoch))
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    loss_fn = nn.CrossEntropyLoss(weight=ctx.class_weights(), label_smoothing=cfg.label_smoothing)
+    draw = ctx.sample_weights()
     best_acc, best_state = None, None
     for epoch in range(epochs):
         start = time.perf_counter()
         for p in range(passes_per_epoch):
             view = train_x[:, (epoch * passes_per_epoch + p) % train_x.shape[1]]
-            order = torch.randperm(len(train_y), generator=generator)
+            order = (torch.multinomial(draw, len(train_y), replacement=True, generator=generator) if draw is not None
+                     else torch.randperm(len(train_y), generator=generator))
             total_loss, correct = 0.0, 0  # reported for the epoch's last pass
             for i in range(0, len(order), cfg.batch_size):
                 idx = order[i:i + cfg.batch_size]
@@ -166,8 +168,9 @@ def train_head(
         train_seconds = time.perf_counter() - start
         with torch.no_grad():
             val_logits = head_layer(val_x)
-            val_loss = float(loss_fn(val_logits, val_y))
+            val_loss = float(nn.functional.cross_entropy(val_logits, val_y))
             val_acc = float((val_logits.argmax(1) == val_y).float().mean())
+            score = selection_score(cfg.select_metric, val_logits, val_y)
         row = {
             "epoch": epoch + 1,
             "train_loss": f"{total_loss / len(train_y):.4f}",
@@ -180,14 +183,27 @@ def train_head(
         }
         append_metrics_row(ctx.run_dir / "metrics.csv", row)
         print(format_row(row, cfg.epochs), flush=True)
-        if best_acc is None or val_acc > best_acc:
-            best_acc = val_acc
+        if best_acc is None or score > best_acc:
+            best_acc = score
             best_state = {k: v.clone() for k, v in head_layer.state_dict().items()}
             if save_best:
-                ctx.save_best(ctx.model, {"epoch": epoch + 1, "val_accuracy": val_acc, "val_loss": val_loss})
+                ctx.save_best(ctx.model, {"epoch": epoch + 1, "val_accuracy": val_acc, "val_loss": val_loss,
+                                          f"val_{cfg.select_metric}": score})
     if save_best and best_state is not None:
         head_layer.load_state_dict(best_state)
     return best_acc
+
+
+def selection_score(metric: str, logits: torch.Tensor, target: torch.Tensor) -> float:
+    """The ``--select-metric`` value of validation logits."""
+    from torchmetrics.functional.classification import multiclass_f1_score, multiclass_recall
+
+    n = logits.shape[1]
+    if metric == "macro_f1":
+        return float(multiclass_f1_score(logits, target, num_classes=n, average="macro"))
+    if metric == "balanced_accuracy":
+        return float(multiclass_recall(logits, target, num_classes=n, average="macro"))
+    return float((logits.argmax(1) == target).float().mean())
 
 
 def _fit_sklearn_head(ctx: TrainContext, head_layer: nn.Linear, train_x, train_y, val_x, val_y, start: float) -> None:
@@ -200,10 +216,11 @@ def _fit_sklearn_head(ctx: TrainContext, head_layer: nn.Linear, train_x, train_y
     x = train_x.reshape(-1, train_x.shape[-1]).numpy()  # every cached view is a training sample
     y = train_y.repeat_interleave(views).numpy()
     scaler = StandardScaler().fit(x)
+    balance = "balanced" if cfg.balance != "none" else None  # sklearn re-weights; no sampler needed
     if cfg.head == "logistic":
-        clf = LogisticRegression(C=1.0, max_iter=2000, random_state=cfg.seed)
+        clf = LogisticRegression(C=1.0, max_iter=2000, random_state=cfg.seed, class_weight=balance)
     else:
-        clf = LinearSVC(C=0.1, max_iter=5000, random_state=cfg.seed)
+        clf = LinearSVC(C=0.1, max_iter=5000, random_state=cfg.seed, class_weight=balance)
     fit_start = time.perf_counter()
     clf.fit(scaler.transform(x), y)
     fit_seconds = time.perf_counter() - fit_start

@@ -33,6 +33,7 @@ class ImageDataModule(L.LightningDataModule):
         draft = draft_size(pre)
         self.train_set = ImageListDataset(ctx.splits.train, train_transform(pre, cfg.augment), draft)
         self.val_set = ImageListDataset(ctx.splits.val, eval_transform(pre), draft)
+        self.sample_weights = ctx.sample_weights()
         if cfg.cache_images:
             side = draft_size({**pre, "jpeg_draft": True})
             held = self.train_set.preload(side) + self.val_set.preload(side)
@@ -40,7 +41,7 @@ class ImageDataModule(L.LightningDataModule):
                   f"in memory ({held / 2**20:.0f} MiB)")
 
     def train_dataloader(self) -> DataLoader:
-        return make_loader(self.train_set, self.batch_size, True, self.workers, self.seed)
+        return make_loader(self.train_set, self.batch_size, True, self.workers, self.seed, self.sample_weights)
 
     def val_dataloader(self) -> DataLoader:
         return make_loader(self.val_set, self.batch_size * 2, False, self.workers, self.seed)
@@ -58,7 +59,7 @@ def make_trainer(ctx: TrainContext, callbacks: list, max_epochs: int) -> L.Train
     callbacks.append(ModelCheckpoint(dirpath=ctx.checkpoint_dir, filename="last", monitor=None, save_top_k=1,
                                      enable_version_counter=False, save_on_train_epoch_end=True))
     if cfg.early_stopping:
-        callbacks.append(EarlyStopping(monitor="val_accuracy", mode="max", patience=cfg.early_stopping))
+        callbacks.append(EarlyStopping(monitor=f"val_{cfg.select_metric}", mode="max", patience=cfg.early_stopping))
     progress = sys.stderr.isatty() if cfg.progress is None else cfg.progress
     if progress:
         callbacks.append(TQDMProgressBar(leave=False))
@@ -98,10 +99,11 @@ def fit_lightning(
         best: the best validation accuracy so far; ``model/`` is only replaced when beaten.
     """
     model = ctx.model
-    module = ClassifierModule(model, ctx.arch.head, ctx.cfg, body_groups, body_lrs)
+    module = ClassifierModule(model, ctx.arch.head, ctx.cfg, body_groups, body_lrs, ctx.class_weights())
     model.to(memory_format=torch.channels_last)
     module.train()  # Lightning keeps the current mode; feature extraction may have left eval
-    saver = BestModelSaver(lambda m, metrics: ctx.save_best(m, metrics), best=best, epoch_offset=epoch_offset)
+    saver = BestModelSaver(lambda m, metrics: ctx.save_best(m, metrics), f"val_{ctx.cfg.select_metric}", best,
+                           epoch_offset)
     recorder = MetricsRecorder(ctx.run_dir / "metrics.csv", ctx.cfg.epochs, epoch_offset)
     trainer = make_trainer(ctx, [freeze, recorder, saver], ctx.cfg.epochs - epoch_offset)
     data = ImageDataModule(ctx)

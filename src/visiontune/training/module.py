@@ -7,7 +7,7 @@ import math
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassRecall
 
 from ..config import TrainConfig
 from ..models.groups import head_parameter_names
@@ -54,6 +54,9 @@ class ClassifierModule(L.LightningModule):
         self.loss_fn = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=cfg.label_smoothing)
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        # model selection metrics (--select-metric); balanced accuracy = macro-averaged recall
+        self.val_macro_f1 = MulticlassF1Score(num_classes=num_classes, average="macro")
+        self.val_balanced_accuracy = MulticlassRecall(num_classes=num_classes, average="macro")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_fn(x)
@@ -85,6 +88,8 @@ class ClassifierModule(L.LightningModule):
         logits = self(x)
         loss = self.loss_fn(logits.float(), y)
         metric(logits, y)
+        if prefix == "val":
+            self._extra_val_metrics(logits, y)
         on_step = prefix == "train"
         self.log(f"{prefix}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         self.log(f"{prefix}_accuracy", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
@@ -95,6 +100,12 @@ class ClassifierModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, self.val_acc, "val")
+
+    def _extra_val_metrics(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        for name in ("macro_f1", "balanced_accuracy"):
+            metric = getattr(self, f"val_{name}")
+            metric(logits, y)
+            self.log(f"val_{name}", metric, on_step=False, on_epoch=True, batch_size=len(y))
 
     def param_groups(self) -> list[dict]:
         named = dict(self.model.named_parameters())

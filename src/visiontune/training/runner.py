@@ -119,6 +119,9 @@ def finish(ctx: TrainContext) -> Run:
     return Run(ctx.run_dir, ctx.model_dir, metrics)
 
 
+IMBALANCE_WARNING = 5.0  # max/min class ratio above which training warns
+
+
 def report_data(splits: Splits, run_dir: Path) -> None:
     write_skipped(splits.skipped, run_dir / "skipped_files.txt")
     (run_dir / "splits").mkdir(exist_ok=True)
@@ -127,6 +130,12 @@ def report_data(splits: Splits, run_dir: Path) -> None:
             write_split_csv(getattr(splits, split), splits.class_names, run_dir / "splits" / f"{split}.csv")
     print(f"data: {len(splits.class_names)} classes, {len(splits.train)} train / {len(splits.val)} val"
           + (f" / {len(splits.test)} test" if splits.test else "") + f" images ({splits.layout} layout)")
+    counts = [c for c in splits.counts("train").values() if c > 0]
+    if counts and max(counts) > IMBALANCE_WARNING * min(counts):
+        smallest = sorted(splits.counts("train").items(), key=lambda kv: kv[1])[:3]
+        print(f"warning: class imbalance {max(counts)}:{min(counts)} in train (smallest: "
+              + ", ".join(f"{n} {c}" for n, c in smallest)
+              + "); consider --balance weights or --balance sampler, and --select-metric macro_f1")
     if splits.skipped:
         print(f"skipped {len(splits.skipped)} unreadable file(s), listed in {run_dir / 'skipped_files.txt'}")
 
