@@ -1,0 +1,268 @@
+"""Find the labelled images of a dataset and split them.
+
+Accepted layouts (detected automatically):
+
+- ``DATA/<class>/**/*.jpg``                      -> stratified, seeded train/val split
+- ``DATA/{train,val[,test]}/<class>/**/*.jpg``   -> the given splits
+- ``DATA.csv`` with ``path,label`` rows          -> paths relative to the CSV
+
+Every candidate file is decoded once in a fast parallel scan; files that cannot be read are
+skipped and reported, never discovered mid-epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .image import ImageDecodeError, is_image_path, load_image
+
+Sample = tuple[str, int]
+SPLIT_ALIASES = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test",)}
+SCAN_DRAFT_SIZE = 64
+
+
+class DataError(ValueError):
+    """The dataset cannot be used as given; the message names the problem and the remedy."""
+
+
+@dataclass
+class Splits:
+    """Labelled file lists of one dataset, with the files that were skipped and why."""
+
+    class_names: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    layout: str = "folders"
+
+    def counts(self, split: str) -> dict[str, int]:
+        counter = Counter(label for _, label in getattr(self, split))
+        return {name: counter.get(i, 0) for i, name in enumerate(self.class_names)}
+
+
+def list_class_folder(root: Path) -> dict[str, list[str]]:
+    """Map class name -> image paths for ``root/<class>/**``; hidden entries are ignored."""
+    if not root.is_dir():
+        raise DataError(f"not a folder: {root}")
+    classes: dict[str, list[str]] = {}
+    for entry in sorted(root.iterdir()):
+        if entry.is_dir() and not entry.name.startswith("."):
+            classes[entry.name] = sorted(_walk_images(entry))
+    if not classes:
+        raise DataError(
+            f"no class folders in {root}; expected {root}/<class>/*.jpg or {root}/train/<class>/*.jpg"
+        )
+    return classes
+
+
+def _walk_images(folder: Path) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(os.path.join(dirpath, f) for f in filenames if not f.startswith(".") and is_image_path(f))
+    return found
+
+
+def read_csv_list(path: Path) -> dict[str, list[str]]:
+    """Read ``path,label`` rows (header optional); paths are relative to the CSV's folder."""
+    classes: dict[str, list[str]] = {}
+    with open(path, newline="") as fh:
+        for row_number, row in enumerate(csv.reader(fh), start=1):
+            if not row or row[0].startswith("#"):
+                continue
+            if len(row) < 2:
+                raise DataError(f"{path}:{row_number}: expected 'path,label', got {row!r}")
+            file, label = row[0].strip(), row[1].strip()
+            if row_number == 1 and (file.lower(), label.lower()) in {("path", "label"), ("file", "label"), ("filename", "label")}:
+                continue
+            full = file if os.path.isabs(file) else str(path.parent / file)
+            classes.setdefault(label, []).append(full)
+    if not classes:
+        raise DataError(f"{path} holds no 'path,label' rows")
+    return dict(sorted(classes.items()))
+
+
+def find_split_dirs(root: Path) -> dict[str, Path]:
+    """Return {'train': dir, 'val': dir, 'test': dir} for a split layout, or {} for class folders."""
+    found: dict[str, Path] = {}
+    if not root.is_dir():
+        return found
+    names = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
+    for split, aliases in SPLIT_ALIASES.items():
+        for alias in aliases:
+            if alias in names:
+                found[split] = names[alias]
+                break
+    return found if "train" in found else {}
+
+
+def scan_files(paths: list[str], workers: int | None = None) -> dict[str, str]:
+    """Decode every file once (reduced-size JPEG decode) and return {path: reason} for bad ones."""
+    workers = workers or min(8, (os.cpu_count() or 1) * 2)
+
+    def check(path: str) -> tuple[str, str | None]:
+        try:
+            load_image(path, draft_size=SCAN_DRAFT_SIZE)
+            return path, None
+        except ImageDecodeError as exc:
+            return path, str(exc)
+        except OSError as exc:
+            return path, f"unreadable: {exc.strerror or exc}"
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return {p: reason for p, reason in pool.map(check, paths) if reason is not None}
+
+
+def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Seeded per-class split: each class with >= 2 images gives at least one to val."""
+    by_class: dict[int, list[Sample]] = {}
+    for sample in samples:
+        by_class.setdefault(sample[1], []).append(sample)
+    train, val = [], []
+    rng = random.Random(seed)
+    for label in sorted(by_class):
+        items = sorted(by_class[label])
+        rng.shuffle(items)
+        n_val = min(len(items) - 1, max(1, round(len(items) * fraction))) if len(items) > 1 else 0
+        val.extend(items[:n_val])
+        train.extend(items[n_val:])
+    return sorted(train), sorted(val)
+
+
+def discover(
+    data: str | Path,
+    val: str | Path | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    class_names: list[str] | None = None,
+    scan: bool = True,
+) -> Splits:
+    """Find, check and split the images of a dataset.
+
+    Args:
+        data: folder (class folders or train/val[/test] layout) or CSV of ``path,label``.
+        val: explicit validation folder/CSV; overrides the split found in ``data``.
+        val_fraction: share of each class held out when no validation set is given.
+        seed: seed of the stratified split.
+        class_names: expected classes (e.g. a trained model's); the data must match them.
+        scan: decode every file first and skip unreadable ones.
+
+    Example:
+        >>> splits = discover("data/hymenoptera/train")  # doctest: +SKIP
+        >>> splits.class_names
+        ['ants', 'bees']
+    """
+    raw = _read_source(Path(data), Path(val) if val else None)
+    names = sorted(raw["train"])
+    _check_classes(raw, names, class_names)
+    names = class_names or names
+    skipped: dict[str, str] = {}
+    if scan:
+        every = [p for split in raw.values() for files in split.values() for p in files]
+        missing = [p for p in every if not os.path.isfile(p)]
+        skipped.update({p: "file not found" for p in missing})
+        skipped.update(scan_files([p for p in every if p not in skipped]))
+    lists = {split: _labelled(files, names, skipped) for split, files in raw.items()}
+    if class_names is None:  # evaluation sets may lack classes; training sets may not
+        _check_empty(lists["train"], names, "train")
+    if "val" in lists:
+        train, val_list = lists["train"], lists["val"]
+        layout = "split" if val is None else "explicit-val"
+    else:
+        train, val_list = stratified_split(lists["train"], val_fraction, seed)
+        layout = "folders" if Path(data).is_dir() else "csv"
+    return Splits(names, train, val_list, lists.get("test", []), sorted(skipped.items()), layout)
+
+
+def _read_source(data: Path, val: Path | None) -> dict[str, dict[str, list[str]]]:
+    if not data.exists():
+        raise DataError(f"data not found: {data}")
+    raw: dict[str, dict[str, list[str]]] = {}
+    if data.is_file():
+        raw["train"] = read_csv_list(data)
+    else:
+        split_dirs = find_split_dirs(data)
+        if split_dirs:
+            raw = {split: list_class_folder(path) for split, path in split_dirs.items()}
+        else:
+            raw["train"] = list_class_folder(data)
+    if val is not None:
+        if not val.exists():
+            raise DataError(f"validation data not found: {val}")
+        raw["val"] = read_csv_list(val) if val.is_file() else list_class_folder(val)
+    return raw
+
+
+def _check_classes(raw: dict, train_names: list[str], expected: list[str] | None) -> None:
+    if expected is not None:
+        for split, classes in raw.items():
+            unknown = sorted(set(classes) - set(expected))
+            if unknown:
+                raise DataError(
+                    f"{split} has classes the model does not know: {unknown}; "
+                    f"the model's classes are: {expected}"
+                )
+        return
+    for split in ("val", "test"):
+        if split in raw:
+            unknown = sorted(set(raw[split]) - set(train_names))
+            if unknown:
+                raise DataError(
+                    f"{split} has classes missing from train: {unknown}; train classes are "
+                    f"{train_names}. Add training images for them or remove them from {split}."
+                )
+
+
+def _labelled(files_by_class: dict[str, list[str]], names: list[str], skipped: dict[str, str]) -> list[Sample]:
+    index = {name: i for i, name in enumerate(names)}
+    return sorted((p, index[c]) for c, files in files_by_class.items() for p in files if p not in skipped)
+
+
+def _check_empty(samples: list[Sample], names: list[str], split: str) -> None:
+    present = {label for _, label in samples}
+    empty = [name for i, name in enumerate(names) if i not in present]
+    if empty:
+        raise DataError(
+            f"class(es) with no readable {split} images: {empty}. Add images or remove the folder(s)."
+        )
+
+
+def write_skipped(skipped: list[tuple[str, str]], path: Path) -> None:
+    with open(path, "w") as fh:
+        for file, reason in skipped:
+            fh.write(f"{file}\t{reason}\n")
+
+
+def write_split_csv(samples: list[Sample], names: list[str], path: Path) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label"])
+        writer.writerows((os.path.abspath(p), names[label]) for p, label in samples)
+
+
+def discover_eval(data: str | Path, class_names: list[str]) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """Labelled images to evaluate: every image of class folders / a CSV, or the ``test``
+    (else ``val``) split of a train/val/test layout. Classes must be among ``class_names``."""
+    data = Path(data)
+    if not data.exists():
+        raise DataError(f"data not found: {data}")
+    split_dirs = find_split_dirs(data)
+    if split_dirs:
+        chosen = split_dirs.get("test") or split_dirs.get("val")
+        if chosen is None:
+            raise DataError(f"{data} has only a train split; pass the folder of labelled images to evaluate on")
+        raw = list_class_folder(chosen)
+    else:
+        raw = read_csv_list(data) if data.is_file() else list_class_folder(data)
+    _check_classes({"evaluation data": raw}, class_names, class_names)
+    every = [p for files in raw.values() for p in files]
+    skipped = {p: "file not found" for p in every if not os.path.isfile(p)}
+    skipped.update(scan_files([p for p in every if p not in skipped]))
+    return _labelled(raw, class_names, skipped), sorted(skipped.items())
