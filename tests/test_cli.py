@@ -19,9 +19,9 @@ from conftest import make_folder
 FAST_FLAGS = ["--img-size", "32", "--batch-size", "8", "--workers", "0"]
 
 
-def vt(*args, check=True, **kw) -> subprocess.CompletedProcess:
+def vt(*args, check=True, timeout=280, **kw) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "visiontune.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=280, **kw)
+                          timeout=timeout, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -77,8 +77,9 @@ def test_predict_cli_csv_and_json_with_bad_file(trained_run, tmp_path):
     assert len(payload) == 3 and all(len(r["top_k"]) == 3 for r in payload)
 
 
+@pytest.mark.timeout(900)
 def test_demo_cli_runs(tmp_path):
-    proc = vt("demo", "--epochs", "1", "--run-dir", tmp_path / "demo", cwd=tmp_path)
+    proc = vt("demo", "--epochs", "1", "--run-dir", tmp_path / "demo", cwd=tmp_path, timeout=880)
     assert "test accuracy" in proc.stdout and proc.stdout.strip().splitlines()[-1].startswith("run: ")
 
 

@@ -47,6 +47,7 @@ TRAIN_HELP = {
     "logger": "csv | tensorboard (written under RUN/logs)",
     "run_dir": "where to write the run (default: runs/train-N, never overwriting)",
     "resume": "continue an interrupted run from its last epoch checkpoint",
+    "checkpoint_every_steps": "also checkpoint every N optimizer steps (resume mid-epoch)",
     "auto_batch_size": "find the largest batch size that fits (Lightning tuner; capped at 1/4 of the data)",
     "compile": "torch.compile the model for training (opt-in: compiling takes minutes)",
     "cache_images": "decode and pre-resize every image once, in memory, for all epochs",
@@ -269,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .data.scan import DataError
     from .models import ArtifactError, ModelError, WeightsError
+    from .training.lightning_fit import TrainingInterrupted
 
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning internals, not actionable
     args = build_parser().parse_args(argv)
@@ -277,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ModelError, WeightsError, ArtifactError) as exc:
         print(f"visiontune: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as exc:
+        print(f"visiontune: {exc}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("visiontune: interrupted", file=sys.stderr)
         return 130

@@ -74,6 +74,7 @@ class TrainConfig:
     logger: str = "csv"
     run_dir: str | None = None
     resume: str | None = None
+    checkpoint_every_steps: int | None = None
     auto_batch_size: bool = False
     compile: bool = False
     cache_images: bool = False

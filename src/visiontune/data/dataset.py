@@ -82,6 +82,21 @@ def default_workers(requested: int | None = None) -> int:
     return 0 if cores <= 1 else min(8, cores)
 
 
+def _worker_init(worker_id: int) -> None:
+    """Seed like Lightning does, and leave SIGINT/SIGTERM to the main process.
+
+    The main process checkpoints and shuts the workers down itself; a worker dying of the same
+    signal first would turn a clean stop into a crash.
+    """
+    import signal
+
+    from lightning.fabric.utilities.seed import pl_worker_init_function
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    pl_worker_init_function(worker_id)
+
+
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int, seed: int = 0,
                 sample_weights: torch.Tensor | None = None) -> DataLoader:
     """A seeded loader; ``sample_weights`` draws a class-balanced epoch with replacement."""
@@ -99,4 +114,5 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int, 
         pin_memory=torch.cuda.is_available(),
         generator=generator,
         drop_last=False,
+        worker_init_fn=_worker_init if workers > 0 else None,
     )

@@ -90,7 +90,8 @@ class MetricsRecorder(Callback):
         self._train_end: float | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        # Runs after a resume has restored the loop state.
+        # Runs after a resume has restored the loop state; a mid-epoch resume gets no epoch start.
+        self._start, self._images, self._train_end = time.perf_counter(), 0, None
         if trainer.global_rank == 0:
             start_metrics_file(self.path, self.epoch_offset + trainer.current_epoch)
 

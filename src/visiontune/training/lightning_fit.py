@@ -8,8 +8,10 @@ import warnings
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerStatus
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
 from ..data.dataset import ImageListDataset, default_workers, make_loader
@@ -17,6 +19,10 @@ from ..data.transforms import draft_size, eval_transform, train_transform
 from .callbacks import BestModelSaver, FreezeSchedule, MetricsRecorder
 from .context import TrainContext
 from .module import ClassifierModule
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped on a signal after saving a checkpoint; the message says how to resume."""
+
 
 LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
 
@@ -47,6 +53,40 @@ class ImageDataModule(L.LightningDataModule):
         return make_loader(self.val_set, self.batch_size * 2, False, self.workers, self.seed)
 
 
+class InterruptCheckpoint(Callback):
+    """Save a checkpoint when training stops on SIGTERM, Ctrl+C or an error.
+
+    (Lightning's own OnExceptionCheckpoint also makes every fresh ``fit`` look for a "last"
+    checkpoint to resume from; a new run must never silently resume.)
+    """
+
+    def __init__(self, path):
+        self.path = path
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        trainer.save_checkpoint(self.path)
+
+
+def checkpoint_callbacks(ctx: TrainContext) -> list:
+    """Checkpoints for --resume (the best model is model/, not these).
+
+    The two newest epoch-end checkpoints are kept, so resume can fall back when the newest is
+    unreadable; optionally every N steps too; and one on SIGTERM/SIGINT/crash. Lightning writes
+    each atomically (serialised in memory, then a file-system transaction: temp file + rename).
+    """
+    newest_two = {"monitor": "step", "mode": "max", "save_top_k": 2, "enable_version_counter": False}
+    callbacks = [
+        ModelCheckpoint(dirpath=ctx.checkpoint_dir, filename="epoch{epoch:03d}", save_on_train_epoch_end=True,
+                        auto_insert_metric_name=False, **newest_two),
+        InterruptCheckpoint(ctx.checkpoint_dir / "interrupted.ckpt"),
+    ]
+    if ctx.cfg.checkpoint_every_steps:
+        callbacks.append(ModelCheckpoint(dirpath=ctx.checkpoint_dir, filename="step{step:07d}",
+                                         every_n_train_steps=ctx.cfg.checkpoint_every_steps,
+                                         auto_insert_metric_name=False, **newest_two))
+    return callbacks
+
+
 def make_trainer(ctx: TrainContext, callbacks: list, max_epochs: int) -> L.Trainer:
     cfg = ctx.cfg
     logger = (
@@ -54,10 +94,7 @@ def make_trainer(ctx: TrainContext, callbacks: list, max_epochs: int) -> L.Train
         if cfg.logger == "tensorboard"
         else CSVLogger(ctx.run_dir, name="logs", version="")
     )
-    callbacks = [c for c in callbacks if c is not None]
-    # One rolling checkpoint of the latest epoch (for --resume); the best model is model/.
-    callbacks.append(ModelCheckpoint(dirpath=ctx.checkpoint_dir, filename="last", monitor=None, save_top_k=1,
-                                     enable_version_counter=False, save_on_train_epoch_end=True))
+    callbacks = [c for c in callbacks if c is not None] + checkpoint_callbacks(ctx)
     if cfg.early_stopping:
         callbacks.append(EarlyStopping(monitor=f"val_{cfg.select_metric}", mode="max", patience=cfg.early_stopping))
     progress = sys.stderr.isatty() if cfg.progress is None else cfg.progress
@@ -98,6 +135,9 @@ def fit_lightning(
         epoch_offset: epochs already run (the frozen warm-up on cached features).
         best: the best validation accuracy so far; ``model/`` is only replaced when beaten.
     """
+    # Re-seed: the frozen warm-up consumes random numbers only on a feature-cache miss, and the
+    # same seed must give the same run whether the cache was warm or cold.
+    L.seed_everything(ctx.cfg.seed, workers=True, verbose=False)
     model = ctx.model
     module = ClassifierModule(model, ctx.arch.head, ctx.cfg, body_groups, body_lrs, ctx.class_weights())
     model.to(memory_format=torch.channels_last)
@@ -114,12 +154,15 @@ def fit_lightning(
         warnings.filterwarnings("ignore", message=".*The number of training batches.*")
         if ctx.resume_ckpt:  # expected when resuming into the same run dir
             warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
-        trainer.fit(
-            module,
-            datamodule=data,
-            ckpt_path=str(ctx.resume_ckpt) if ctx.resume_ckpt else None,
-            weights_only=True,
-        )
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=str(ctx.resume_ckpt) if ctx.resume_ckpt else None,
+                        weights_only=True)
+        except (SIGTERMException, SystemExit) as exc:  # SIGTERM, or Lightning's exit after Ctrl+C
+            if trainer.state.status != TrainerStatus.INTERRUPTED:
+                raise
+            raise TrainingInterrupted(
+                f"training interrupted; checkpoint saved in {ctx.checkpoint_dir}. Continue with: "
+                f"visiontune train --resume {ctx.run_dir}") from exc
 
 
 def tune_batch_size(ctx: TrainContext, module: ClassifierModule, data: ImageDataModule) -> int:

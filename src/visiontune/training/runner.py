@@ -162,14 +162,30 @@ def make_run_dir(requested: str | None, prefix: str = "train") -> Path:
 
 
 def prepare_resume(cfg: TrainConfig) -> tuple[TrainConfig, Path, Path]:
+    """Config and newest readable checkpoint of an interrupted run."""
     run_dir = Path(cfg.resume)
     saved = run_dir / "config.yaml"
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
     if not saved.is_file():
         raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a visiontune run dir?")
-    if not ckpt.is_file():
-        raise ConfigError(f"--resume {run_dir}: no checkpoint yet ({ckpt}); start a new run instead")
+    ckpt = newest_valid_checkpoint(run_dir / "checkpoints")
+    if ckpt is None:
+        raise ConfigError(f"--resume {run_dir}: no readable checkpoint in {run_dir / 'checkpoints'}; "
+                          "start a new run instead")
     resumed = TrainConfig.load(saved)
     resumed.resume = str(run_dir)
-    print(f"resuming {run_dir} from {ckpt}")
+    print(f"resuming {run_dir} from {ckpt.name}")
     return resumed, run_dir, ckpt
+
+
+def newest_valid_checkpoint(folder: Path) -> Path | None:
+    """The most recent checkpoint that loads (weights only); a truncated newest one is skipped."""
+    import torch
+
+    candidates = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
+    for path in candidates:
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return path
+        except Exception as exc:  # truncated or corrupt: fall back to the previous one
+            print(f"skipping unreadable checkpoint {path.name}: {type(exc).__name__}")
+    return None
