@@ -43,7 +43,9 @@ TRAIN_HELP = {
     "seed": "random seed for the split, init and data order (0)",
     "precision": "auto (bf16 where the hardware makes it pay) | 32 | bf16 | 16",
     "workers": "data-loading processes (default: one per core, up to 8)",
-    "devices": "number of devices (1)",
+    "devices": "devices (GPUs, or CPU processes) per node; >1 trains with DDP (1)",
+    "num_nodes": "machines in a multi-node run (torchrun / SLURM; see README) (1)",
+    "strategy_dist": "distributed strategy: auto | ddp (gloo on CPU, nccl on GPU) | ddp_spawn",
     "logger": "csv | tensorboard (written under RUN/logs)",
     "run_dir": "where to write the run (default: runs/train-N, never overwriting)",
     "resume": "continue an interrupted run from its last epoch checkpoint",
@@ -110,8 +112,11 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 def cmd_train(args: argparse.Namespace) -> int:
     from .training.runner import run_training
 
+    from .hardware import is_rank_zero
+
     run = run_training(train_config_from_args(args))
-    print(f"run: {run.run_dir}")
+    if is_rank_zero():
+        print(f"run: {run.run_dir}")
     return 0
 
 

@@ -26,6 +26,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "strategy": ("finetune", "linear-probe", "progressive", "scratch"),
     "head": ("linear", "logistic", "svm"),
     "bn_stats": ("train", "frozen"),
+    "strategy_dist": ("auto", "ddp", "ddp_spawn"),
     "balance": ("none", "weights", "sampler"),
     "select_metric": ("accuracy", "macro_f1", "balanced_accuracy"),
 }
@@ -71,6 +72,8 @@ class TrainConfig:
     precision: str = "auto"
     workers: int | None = None
     devices: int = 1
+    num_nodes: int = 1
+    strategy_dist: str = "auto"
     logger: str = "csv"
     run_dir: str | None = None
     resume: str | None = None

@@ -12,6 +12,13 @@ from .config import ConfigError
 MIN_BF16_CPU_SIZE = 160
 
 
+def is_rank_zero() -> bool:
+    """True in single-process runs and in the rank-0 process of a distributed run."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 

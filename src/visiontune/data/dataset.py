@@ -98,11 +98,11 @@ def _worker_init(worker_id: int) -> None:
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int, seed: int = 0,
-                sample_weights: torch.Tensor | None = None) -> DataLoader:
-    """A seeded loader; ``sample_weights`` draws a class-balanced epoch with replacement."""
+                sample_weights: torch.Tensor | None = None, sampler=None) -> DataLoader:
+    """A seeded loader; ``sample_weights`` draws a class-balanced epoch with replacement;
+    ``sampler`` (indices or a Sampler) overrides both."""
     generator = torch.Generator().manual_seed(seed)
-    sampler = None
-    if sample_weights is not None:
+    if sample_weights is not None and sampler is None:
         sampler = WeightedRandomSampler(sample_weights, len(dataset), replacement=True, generator=generator)
     return DataLoader(
         dataset,

@@ -10,6 +10,8 @@ from typing import Callable
 from lightning.pytorch.callbacks import BaseFinetuning, Callback
 from torch import nn
 
+from ..hardware import is_rank_zero
+
 METRIC_COLUMNS = [
     "epoch",
     "train_loss",
@@ -58,7 +60,9 @@ class FreezeSchedule(BaseFinetuning):
 
 
 def start_metrics_file(path: Path, keep_through_epoch: int = 0) -> None:
-    """(Re)write the header, keeping only rows of epochs <= ``keep_through_epoch``."""
+    """(Re)write the header, keeping only rows of epochs <= ``keep_through_epoch`` (rank 0 only)."""
+    if not is_rank_zero():
+        return
     rows = read_metrics(path) if path.exists() else []
     keep = [r for r in rows if int(r["epoch"]) <= keep_through_epoch]
     with open(path, "w", newline="") as fh:
@@ -68,6 +72,8 @@ def start_metrics_file(path: Path, keep_through_epoch: int = 0) -> None:
 
 
 def append_metrics_row(path: Path, row: dict) -> None:
+    if not is_rank_zero():
+        return
     with open(path, "a", newline="") as fh:
         csv.DictWriter(fh, fieldnames=METRIC_COLUMNS).writerow(row)
 

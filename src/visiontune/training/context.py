@@ -11,6 +11,7 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..data.scan import Splits
+from ..hardware import is_rank_zero
 from ..models.artifact import save_model
 from ..models.factory import Architecture
 
@@ -73,4 +74,6 @@ class TrainContext:
         return torch.tensor([1.0 / counts[label].item() for _, label in self.splits.train], dtype=torch.double)
 
     def save_best(self, model: nn.Module, metrics: dict[str, Any]) -> None:
+        if not is_rank_zero():
+            return
         save_model(self.model_dir, model, self.model_meta(metrics))

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from ..data.dataset import ImageListDataset, default_workers, make_loader
 from ..data.transforms import draft_size, eval_transform, train_transform
@@ -46,11 +46,22 @@ class ImageDataModule(L.LightningDataModule):
             print(f"cache-images: {len(self.train_set) + len(self.val_set)} images pre-resized to {side} px "
                   f"in memory ({held / 2**20:.0f} MiB)")
 
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
     def train_dataloader(self) -> DataLoader:
+        rank, world = self._world()
+        if world > 1:  # every sample once per epoch across ranks (padded to equal shards)
+            sampler = DistributedSampler(self.train_set, world, rank, shuffle=True, seed=self.seed)
+            return make_loader(self.train_set, self.batch_size, False, self.workers, self.seed, sampler=sampler)
         return make_loader(self.train_set, self.batch_size, True, self.workers, self.seed, self.sample_weights)
 
     def val_dataloader(self) -> DataLoader:
-        return make_loader(self.val_set, self.batch_size * 2, False, self.workers, self.seed)
+        rank, world = self._world()
+        # unpadded shards: each val image counts exactly once in the synced metrics
+        sampler = list(range(rank, len(self.val_set), world)) if world > 1 else None
+        return make_loader(self.val_set, self.batch_size * 2, False, self.workers, self.seed, sampler=sampler)
 
 
 class InterruptCheckpoint(Callback):
@@ -109,6 +120,9 @@ def make_trainer(ctx: TrainContext, callbacks: list, max_epochs: int) -> L.Train
         max_epochs=max_epochs,
         accelerator="auto",
         devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy=cfg.strategy_dist,
+        use_distributed_sampler=False,  # ImageDataModule shards: train padded, val exactly once
         precision=LIGHTNING_PRECISION[ctx.precision],
         logger=logger,
         callbacks=callbacks,

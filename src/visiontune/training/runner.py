@@ -13,7 +13,7 @@ import lightning as L
 
 from ..config import ConfigError, TrainConfig
 from ..data.scan import Splits, discover, write_skipped, write_split_csv
-from ..hardware import resolve_precision
+from ..hardware import is_rank_zero, resolve_precision
 from ..models.factory import build_model
 from .context import TrainContext
 from .strategies import RANDOM_INIT, STRATEGIES
@@ -67,7 +67,30 @@ def train(data: str | os.PathLike | None = None, **options: Any) -> Run:
 def run_training(cfg: TrainConfig) -> Run:
     ctx = setup_run(cfg)
     STRATEGIES[cfg.strategy](ctx)
+    if not is_rank_zero():  # other DDP ranks only train; rank 0 evaluates and writes
+        return Run(ctx.run_dir, ctx.model_dir)
     return finish(ctx)
+
+
+def _distributed_run_dir(cfg: TrainConfig, prefix: str) -> Path:
+    """Every rank must write into one run dir.
+
+    Lightning's launcher re-runs this command for ranks > 0 with rank 0's environment, so rank 0
+    publishes its run dir in VISIONTUNE_RUN_DIR; under torchrun/SLURM all ranks start at once
+    and need an explicit --run-dir.
+    """
+    inherited = os.environ.get(RUN_DIR_ENV)
+    if not is_rank_zero():
+        if inherited:
+            return Path(inherited)
+        if not cfg.run_dir:
+            raise ConfigError("multi-process training started by torchrun/SLURM needs an explicit --run-dir")
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        return Path(cfg.run_dir)
+    run_dir = make_run_dir(cfg.run_dir, prefix)
+    if cfg.devices != 1 or cfg.num_nodes != 1:
+        os.environ[RUN_DIR_ENV] = str(run_dir)
+    return run_dir
 
 
 def setup_run(cfg: TrainConfig, prefix: str = "train") -> TrainContext:
@@ -78,20 +101,22 @@ def setup_run(cfg: TrainConfig, prefix: str = "train") -> TrainContext:
     else:
         if not cfg.data:
             raise ConfigError("no data given: visiontune train DATA (a folder or a path,label CSV)")
-        run_dir = make_run_dir(cfg.run_dir, prefix)
+        run_dir = _distributed_run_dir(cfg, prefix)
     cfg.run_dir = str(run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
     splits = discover(cfg.data, cfg.val, cfg.val_fraction, cfg.seed)
-    report_data(splits, run_dir)
+    if is_rank_zero():
+        report_data(splits, run_dir)
     weights = "none" if cfg.strategy in RANDOM_INIT else cfg.weights
     model, arch, pre = build_model(cfg.model, len(splits.class_names), weights)
     if cfg.img_size:
         pre["input_size"] = [3, cfg.img_size, cfg.img_size]
     pre["resize_mode"] = cfg.resize_mode
     precision = resolve_precision(cfg.precision, pre["input_size"][-1])
-    cfg.save(run_dir / "config.yaml")
+    if is_rank_zero():
+        cfg.save(run_dir / "config.yaml")
     print(f"model: {cfg.model} ({arch.source}:{arch.name}, weights={weights}), strategy {cfg.strategy}, "
           f"input {pre['input_size'][1]}x{pre['input_size'][2]} {pre['resize_mode']}, precision {precision}")
     return TrainContext(cfg, run_dir, model, arch, pre, splits, precision, resume_ckpt)
@@ -119,6 +144,7 @@ def finish(ctx: TrainContext) -> Run:
     return Run(ctx.run_dir, ctx.model_dir, metrics)
 
 
+RUN_DIR_ENV = "VISIONTUNE_RUN_DIR"
 IMBALANCE_WARNING = 5.0  # max/min class ratio above which training warns
 
 
