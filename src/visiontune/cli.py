@@ -158,10 +158,17 @@ def format_evaluation(result: dict[str, Any]) -> str:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .evaluation.predictor import Classifier, expand_inputs
 
-    clf = Classifier.load(args.model, precision=args.precision)
     inputs = expand_inputs(args.inputs)
     if not inputs:
         raise ConfigError(f"no input files found in {args.inputs}")
+    if args.out and not args.out.endswith(".json"):  # streamed, incremental, resumable
+        from .evaluation.bulk import predict_to_csv
+
+        n = predict_to_csv(args.model, inputs, Path(args.out), args.top_k, args.batch_size, args.workers,
+                           args.precision, args.reject_below, args.resume, args.devices)
+        print(f"predicted {n} image(s); wrote {args.out}", file=sys.stderr)
+        return 0
+    clf = Classifier.load(args.model, precision=args.precision)
     rows = clf.predict(inputs, top_k=args.top_k, batch_size=args.batch_size, workers=args.workers,
                        progress=sys.stderr.isatty(), reject_below=args.reject_below)
     out = args.out
@@ -180,18 +187,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def rows_to_csv(rows: list[dict[str, Any]], k: int) -> str:
+    from .evaluation.bulk import csv_cells, csv_header
+
     buf = io.StringIO()
-    writer = csv.writer(buf)
-    header = ["path", "label", "probability"]
-    for i in range(1, k + 1):
-        header += [f"top{i}_label", f"top{i}_probability"]
-    writer.writerow(header + ["error"])
-    for r in rows:
-        cells = [r["path"], r["label"], "" if r["probability"] is None else f"{r['probability']:.6f}"]
-        for i in range(k):
-            top = r["top_k"][i] if i < len(r["top_k"]) else None
-            cells += [top["label"], f"{top['probability']:.6f}"] if top else ["", ""]
-        writer.writerow(cells + [r["error"]])
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(csv_header(k))
+    writer.writerows(csv_cells(r, k) for r in rows)
     return buf.getvalue()
 
 
@@ -260,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="files, folders (recursive) or glob patterns")
     p.add_argument("--top-k", type=int, default=5, metavar="K", help="labels/probabilities per image (5)")
     p.add_argument("--out", metavar="FILE", help="write FILE.csv or FILE.json instead of CSV on stdout")
+    p.add_argument("--resume", action="store_true", help="with --out FILE.csv: skip inputs already written")
+    p.add_argument("--devices", type=int, default=1, metavar="N",
+                   help="with --out FILE.csv: shard inputs over N processes (output order unchanged)")
     p.add_argument("--reject-below", type=float, default=None, metavar="P",
                    help="label 'unknown' when the (calibrated) top probability is below P")
     add_loader_arguments(p)

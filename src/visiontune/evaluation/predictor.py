@@ -132,6 +132,22 @@ class Classifier:
                     results[index]["label"] = UNKNOWN
         return results  # type: ignore[return-value]
 
+    def predict_stream(self, inputs: Sequence[ImageInput], top_k: int = 5, batch_size: int = 64,
+                       workers: int | None = None, reject_below: float | None = None):
+        """Like :meth:`predict`, but yields rows in input order batch by batch (constant memory)."""
+        k = max(1, min(top_k, len(self.class_names)))
+        for start in range(0, len(inputs), batch_size * 64):  # bounded chunks: workers restart rarely
+            chunk = inputs[start:start + batch_size * 64]
+            rows: list[dict[str, Any] | None] = [None] * len(chunk)
+            for indices, probs, errors in self.iter_batches(chunk, batch_size, workers):
+                for index, error in errors:
+                    rows[index] = self._row(chunk[index], None, k, error)
+                for row, index in enumerate(indices):
+                    rows[index] = self._row(chunk[index], probs[row], k, "")
+                    if reject_below is not None and rows[index]["probability"] < reject_below:
+                        rows[index]["label"] = UNKNOWN
+            yield from rows
+
     def _row(self, source: ImageInput, probs: torch.Tensor | None, k: int, error: str) -> dict[str, Any]:
         path = str(source) if isinstance(source, (str, os.PathLike)) else ""
         if probs is None:
