@@ -116,21 +116,12 @@ class Classifier:
         if isinstance(inputs, (str, os.PathLike, Image.Image, bytes)):
             inputs = [inputs]
         inputs = list(inputs)
-        results: list[dict[str, Any] | None] = [None] * len(inputs)
-        k = max(1, min(top_k, len(self.class_names)))
-        batches = self.iter_batches(inputs, batch_size, workers)
+        rows = self.predict_stream(inputs, top_k, batch_size, workers, reject_below)
         if progress:
             from tqdm import tqdm
 
-            batches = tqdm(batches, total=(len(inputs) + batch_size - 1) // batch_size, desc="predict", leave=False)
-        for indices, probs, errors in batches:
-            for index, error in errors:
-                results[index] = self._row(inputs[index], None, k, error)
-            for row, index in enumerate(indices):
-                results[index] = self._row(inputs[index], probs[row], k, "")
-                if reject_below is not None and results[index]["probability"] < reject_below:
-                    results[index]["label"] = UNKNOWN
-        return results  # type: ignore[return-value]
+            rows = tqdm(rows, total=len(inputs), desc="predict", unit="img", leave=False)
+        return list(rows)
 
     def predict_stream(self, inputs: Sequence[ImageInput], top_k: int = 5, batch_size: int = 64,
                        workers: int | None = None, reject_below: float | None = None):
