@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 CLASSES = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
-FAST = {"img_size": 32, "batch_size": 8, "workers": 0, "progress": False}
+FAST = {"img_size": 32, "batch_size": 8, "workers": 0, "progress": False, "report": False}
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,8 @@ import pytest
 
 from conftest import make_folder
 
-FAST_FLAGS = ["--img-size", "32", "--batch-size", "8", "--workers", "0"]
+BASE_FLAGS = ["--img-size", "32", "--batch-size", "8", "--workers", "0"]
+FAST_FLAGS = BASE_FLAGS + ["--no-report"]
 
 
 def vt(*args, check=True, timeout=280, **kw) -> subprocess.CompletedProcess:
@@ -29,9 +30,12 @@ def vt(*args, check=True, timeout=280, **kw) -> subprocess.CompletedProcess:
 
 def test_train_cli_path_with_spaces(image_folder, tmp_path):
     run_dir = tmp_path / "out dir" / "run"
-    proc = vt("train", image_folder, "--epochs", "1", "--run-dir", run_dir, *FAST_FLAGS)
+    proc = vt("train", image_folder, "--epochs", "1", "--run-dir", run_dir, *BASE_FLAGS)
     assert proc.stdout.strip().splitlines()[-1] == f"run: {run_dir}"
     assert (run_dir / "model" / "model.json").is_file()
+    assert (run_dir / "report.html").is_file()  # written automatically at the end of train
+    meta = json.loads((run_dir / "model" / "model.json").read_text())
+    assert meta["calibration"]["temperature"] > 0  # fitted on val, used by predict
     assert "Traceback" not in proc.stderr
 
 

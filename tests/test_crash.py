@@ -44,7 +44,7 @@ def test_sigterm_saves_checkpoint_and_resume_completes(image_folder, tmp_path):
     epochs = 4
     cmd = [sys.executable, "-m", "visiontune.cli", "train", str(image_folder), "--epochs", str(epochs),
            "--freeze-epochs", "0", "--run-dir", str(run_dir), "--img-size", "32", "--batch-size", "2",
-           "--workers", "1"]
+           "--workers", "1", "--no-report"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:

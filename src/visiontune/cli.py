@@ -161,6 +161,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     inputs = expand_inputs(args.inputs)
     if not inputs:
         raise ConfigError(f"no input files found in {args.inputs}")
+    if args.explain:
+        from .evaluation.gradcam import explain
+
+        cam_dir = (Path(args.out).parent if args.out else Path(".")) / "gradcam"
+        written = explain(Classifier.load(args.model, precision="32"), inputs, cam_dir)
+        print(f"wrote {len(written)} Grad-CAM overlay(s) to {cam_dir}", file=sys.stderr)
     if args.out and not args.out.endswith(".json"):  # streamed, incremental, resumable
         from .evaluation.bulk import predict_to_csv
 
@@ -261,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="files, folders (recursive) or glob patterns")
     p.add_argument("--top-k", type=int, default=5, metavar="K", help="labels/probabilities per image (5)")
     p.add_argument("--out", metavar="FILE", help="write FILE.csv or FILE.json instead of CSV on stdout")
+    p.add_argument("--explain", action="store_true",
+                   help="also write a Grad-CAM overlay PNG per input (next to --out, in gradcam/)")
     p.add_argument("--resume", action="store_true", help="with --out FILE.csv: skip inputs already written")
     p.add_argument("--devices", type=int, default=1, metavar="N",
                    help="with --out FILE.csv: shard inputs over N processes (output order unchanged)")
@@ -268,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label 'unknown' when the (calibrated) top probability is below P")
     add_loader_arguments(p)
     p.set_defaults(func=cmd_predict)
+
+    from .report_cli import add_report_commands
+
+    add_report_commands(sub)
 
     p = sub.add_parser("demo", help="offline demo: fine-tune the embedded model on scikit-learn's digits")
     p.add_argument("--run-dir", default=None, metavar="PATH", help="where to write (default: runs/demo-N)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -141,7 +142,28 @@ def finish(ctx: TrainContext) -> Run:
             print(f"{split}: accuracy {result['accuracy']:.4f}  macro_f1 {result['macro_f1']:.4f}  "
                   f"({result['num_samples']} images)")
     save_model(ctx.model_dir, clf.model, {**ctx.model_meta(metrics)})
+    report_and_calibrate(ctx)
     return Run(ctx.run_dir, ctx.model_dir, metrics)
+
+
+def report_and_calibrate(ctx: TrainContext) -> None:
+    """Fit temperature scaling on val (stored in model.json) and write RUN/report.html."""
+    try:
+        if ctx.cfg.report:
+            from ..evaluation.report import write_report
+
+            print(f"report: {write_report(ctx.run_dir, workers=ctx.cfg.workers)}")  # also calibrates
+        else:
+            from ..evaluation.calibration import calibrate_run
+
+            calibrate_run(ctx.run_dir, workers=ctx.cfg.workers)
+        cal = json.loads((ctx.model_dir / "model.json").read_text()).get("calibration", {})
+        if cal:
+            print(f"calibration: temperature {cal['temperature']:.3f}, val ECE {cal['ece_before']:.3f} -> "
+                  f"{cal['ece_after']:.3f}")
+    except Exception as exc:  # a report problem must never lose a finished training run
+        print(f"warning: report/calibration skipped ({type(exc).__name__}: {exc}); "
+              f"run `visiontune report {ctx.run_dir}`")
 
 
 RUN_DIR_ENV = "VISIONTUNE_RUN_DIR"

@@ -1,0 +1,197 @@
+"""Calibration: temperature scaling fitted on the validation split, ECE and reliability diagrams.
+
+A network's softmax "probability" is usually over-confident. Temperature scaling divides the
+logits by one scalar T > 0 fitted on held-out data (minimum NLL); it never changes the argmax,
+so accuracy is untouched, only the probabilities become honest. The fitted T is stored in
+``model.json`` under ``"calibration"`` and :class:`~visiontune.evaluation.predictor.Classifier`
+applies ``softmax(logits / T)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ..data.scan import Sample
+
+ECE_BINS = 15
+
+
+def fit_temperature(logits: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray, max_iter: int = 200) -> float:
+    """The temperature T minimising the NLL of ``softmax(logits / T)`` on ``labels`` (LBFGS on log T).
+
+    Example:
+        >>> z = torch.tensor([[4.0, 0.0], [4.0, 0.0], [0.0, 4.0], [4.0, 0.0]])
+        >>> round(fit_temperature(z, torch.tensor([0, 1, 1, 0])), 1) > 1.0
+        True
+    """
+    z = torch.as_tensor(logits, dtype=torch.float64).detach()
+    y = torch.as_tensor(labels, dtype=torch.long)
+    if len(y) == 0:
+        return 1.0
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)  # T = exp(log_t) stays positive
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    t = float(log_t.detach().exp())
+    if not np.isfinite(t):
+        return 1.0
+    return float(min(max(t, 0.05), 100.0))
+
+
+def _confidences(probs, labels) -> tuple[np.ndarray, np.ndarray]:
+    p = np.asarray(torch.as_tensor(probs, dtype=torch.float64))
+    y = np.asarray(torch.as_tensor(labels)).astype(int)
+    return p.max(axis=1), (p.argmax(axis=1) == y).astype(np.float64)
+
+
+def calibration_bins(probs, labels, bins: int = ECE_BINS) -> list[dict[str, float]]:
+    """Equal-width confidence bins: ``count``, mean ``confidence`` and ``accuracy`` per bin."""
+    conf, correct = _confidences(probs, labels)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    out = []
+    for b in range(bins):
+        mask = index == b
+        n = int(mask.sum())
+        out.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": n,
+                    "confidence": float(conf[mask].mean()) if n else float("nan"),
+                    "accuracy": float(correct[mask].mean()) if n else float("nan")})
+    return out
+
+
+def expected_calibration_error(probs, labels, bins: int = ECE_BINS) -> float:
+    """ECE: sum over confidence bins of |accuracy - confidence| weighted by the bin's share."""
+    total = len(np.asarray(torch.as_tensor(labels)))
+    if total == 0:
+        return 0.0
+    return float(sum(b["count"] / total * abs(b["accuracy"] - b["confidence"])
+                     for b in calibration_bins(probs, labels, bins) if b["count"]))
+
+
+def reliability_diagram(probs, labels, out_png: str | os.PathLike, bins: int = ECE_BINS,
+                        probs_after=None, title: str = "") -> Path:
+    """Accuracy vs confidence per bin (the diagonal is perfect calibration); with ``probs_after``
+    a second panel shows the temperature-scaled probabilities."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("before", probs)] + ([("after temperature scaling", probs_after)] if probs_after is not None else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
+    for ax, (name, p) in zip(axes[0], panels):
+        stats = calibration_bins(p, labels, bins)
+        width = 1.0 / bins
+        centers = [b["lo"] + width / 2 for b in stats]
+        acc = [b["accuracy"] if b["count"] else 0.0 for b in stats]
+        ax.bar(centers, acc, width=width * 0.95, color="#4c72b0", edgecolor="#1f3b63", label="accuracy")
+        gap = [(c, b["confidence"] - b["accuracy"]) for c, b in zip(centers, stats) if b["count"]]
+        if gap:
+            ax.bar([c for c, _ in gap], [g for _, g in gap], bottom=[b["accuracy"] for b in stats if b["count"]],
+                   width=width * 0.95, color="#dd8452", alpha=0.55, label="gap")
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (top probability)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{name}: ECE {expected_calibration_error(p, labels, bins):.3f}")
+        ax.legend(loc="upper left", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out_png)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def collect_logits(clf, paths: Sequence[str], batch_size: int = 64, workers: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw (untempered) logits ``[n, C]`` of ``paths`` and a mask of the readable ones."""
+    from ..data.dataset import default_workers
+    from ..data.transforms import draft_size
+    from .predictor import _collate, _InputDataset
+
+    logits = torch.zeros(len(paths), len(clf.class_names))
+    ok = torch.zeros(len(paths), dtype=torch.bool)
+    n_workers = 0 if len(paths) < 2 * batch_size else default_workers(workers)
+    loader = DataLoader(_InputDataset(list(paths), clf.transform, draft_size(clf.preprocessing)),
+                        batch_size=batch_size, num_workers=n_workers, collate_fn=_collate)
+    for indices, tensor, _errors in loader:
+        if indices:
+            logits[indices] = clf.logits(tensor)
+            ok[indices] = True
+    return logits, ok
+
+
+def read_split_csv(path: Path, class_names: list[str]) -> list[Sample]:
+    """``splits/<split>.csv`` rows (path,label names) as samples; unknown labels are dropped."""
+    index = {name: i for i, name in enumerate(class_names)}
+    out: list[Sample] = []
+    with open(path, newline="") as fh:
+        for row in csv.reader(fh):
+            if len(row) >= 2 and row[0] != "path" and row[1] in index:
+                out.append((row[0], index[row[1]]))
+    return out
+
+
+def calibration_summary(logits: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> dict[str, Any]:
+    """Fit T on ``logits``/``labels``; return the ``model.json`` calibration entry."""
+    t = fit_temperature(logits, labels)
+    before = expected_calibration_error(torch.softmax(logits.double(), 1), labels, bins)
+    after = expected_calibration_error(torch.softmax(logits.double() / t, 1), labels, bins)
+    nll_before = float(torch.nn.functional.cross_entropy(logits.double(), labels))
+    nll_after = float(torch.nn.functional.cross_entropy(logits.double() / t, labels))
+    return {"temperature": round(t, 6), "ece_before": round(before, 6), "ece_after": round(after, 6),
+            "nll_before": round(nll_before, 6), "nll_after": round(nll_after, 6), "num_val": int(len(labels)),
+            "bins": bins, "method": "temperature scaling (LBFGS on validation NLL)"}
+
+
+def store_calibration(model_dir: str | os.PathLike, entry: dict[str, Any]) -> dict[str, Any]:
+    """Write ``entry`` as ``"calibration"`` into ``model.json`` (atomically; weights untouched)."""
+    from ..models.artifact import META_FILE, atomic_write_text, read_meta, resolve_model_dir
+
+    directory = resolve_model_dir(model_dir)
+    meta = read_meta(directory)
+    meta["calibration"] = entry
+    atomic_write_text(directory / META_FILE, json.dumps(meta, indent=2) + "\n")
+    return entry
+
+
+def calibrate_run(run_dir: str | os.PathLike, batch_size: int = 64, workers: int | None = None,
+                  logits: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict[str, Any]:
+    """Fit temperature scaling on the run's ``splits/val.csv`` and store it in ``model.json``.
+
+    Returns ``{"temperature", "ece_before", "ece_after", "nll_before", "nll_after", "num_val", ...}``.
+    Pass ``logits``/``labels`` (raw val logits) to skip the inference pass.
+    """
+    from ..models.artifact import ArtifactError
+    from .predictor import Classifier
+
+    run_dir = Path(run_dir)
+    if logits is None or labels is None:
+        val_csv = run_dir / "splits" / "val.csv"
+        if not val_csv.is_file():
+            raise ArtifactError(f"{val_csv} not found: calibration needs the run's validation split")
+        clf = Classifier.load(run_dir, precision="32")
+        samples = read_split_csv(val_csv, clf.class_names)
+        if not samples:
+            raise ArtifactError(f"{val_csv} holds no usable validation images")
+        logits, ok = collect_logits(clf, [p for p, _ in samples], batch_size, workers)
+        labels = torch.tensor([y for _, y in samples], dtype=torch.long)[ok]
+        logits = logits[ok]
+    return store_calibration(run_dir, calibration_summary(logits, labels))

@@ -1,0 +1,261 @@
+"""``visiontune report RUN [--data DIR]`` -> ``RUN/report.html``: one self-contained HTML file.
+
+Sections: dataset summary, augmented training / validation samples, training curves, final
+metrics, per-class table, confusion matrix, most-confused pairs, misclassified and top-loss
+galleries, Grad-CAM, calibration, accuracy/coverage trade-off, and the strategy comparison when
+``RUN/compare.csv`` exists. No external requests: CSS is inline, images are data URIs.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import random
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+from ..data.image import ImageDecodeError, load_image
+from ..data.scan import discover_eval
+from ..data.transforms import eval_transform, train_transform
+from . import report_sections as rs
+from .calibration import (calibrate_run, calibration_summary, collect_logits, expected_calibration_error,
+                          read_split_csv, reliability_diagram, store_calibration)
+from .evaluate import compute_metrics
+from .predictor import Classifier
+
+SECTIONS = {
+    "dataset": "Dataset summary",
+    "samples": "Training and validation samples",
+    "curves": "Training curves",
+    "metrics": "Final metrics",
+    "per-class": "Per-class precision, recall and F1",
+    "confusion": "Confusion matrix",
+    "confused-pairs": "Most-confused class pairs",
+    "errors": "Misclassified and top-loss images",
+    "gradcam": "Grad-CAM",
+    "calibration": "Calibration",
+    "coverage": "Accuracy vs coverage",
+    "compare": "Strategy comparison",
+}
+GALLERY_SIZE = 24
+GRADCAM_PER_KIND = 6
+SIZE_SAMPLE = 300
+
+
+def write_report(run_dir: str | os.PathLike, data: str | os.PathLike | None = None, batch_size: int = 32,
+                 workers: int | None = None, gradcam: bool = True, seed: int = 0) -> Path:
+    """Write ``RUN/report.html`` and return its path.
+
+    Args:
+        run_dir: a run dir from ``visiontune train``.
+        data: labelled folder/CSV to evaluate on instead of the run's validation split.
+        gradcam: include Grad-CAM overlays (needs the ``grad-cam`` package).
+
+    Example:
+        >>> write_report("runs/train-1")  # doctest: +SKIP
+        PosixPath('runs/train-1/report.html')
+    """
+    start = time.perf_counter()
+    run_dir = Path(run_dir)
+    clf = Classifier.load(run_dir, precision="32")
+    names = clf.class_names
+    cfg = _read_config(run_dir)
+    splits = {s: read_split_csv(run_dir / "splits" / f"{s}.csv", names)
+              for s in ("train", "val", "test") if (run_dir / "splits" / f"{s}.csv").is_file()}
+    if data is not None:
+        samples, eval_skipped = discover_eval(data, names)
+        source = f"data {data}"
+    else:
+        samples, eval_skipped = splits.get("val", []), []
+        source = "validation split"
+    paths = [p for p, _ in samples]
+    logits, ok = collect_logits(clf, paths, batch_size, workers)
+    target_all = torch.tensor([y for _, y in samples], dtype=torch.long)
+    logits, target = logits[ok], target_all[ok]
+    kept = [p for p, good in zip(paths, ok.tolist()) if good]
+
+    cal = clf.meta.get("calibration")
+    if cal is None:
+        if data is None and len(target):
+            cal = store_calibration(run_dir, calibration_summary(logits, target))
+        else:
+            cal = calibrate_run(run_dir, batch_size, workers)
+    temperature = float(cal.get("temperature", 1.0))
+    raw_probs = torch.softmax(logits.double(), 1)
+    probs = torch.softmax(logits.double() / temperature, 1)
+    result = compute_metrics(probs.float(), target, names) if len(target) else None
+
+    parts: list[tuple[str, str]] = []
+    counts = {s: {n: sum(1 for _, y in items if y == i) for i, n in enumerate(names)} for s, items in splits.items()}
+    all_files = [p for items in splits.values() for p, _ in items]
+    skipped = _read_skipped(run_dir) + [f"{p}\t{r}" for p, r in eval_skipped]
+    parts.append(("dataset", rs.dataset_section(counts, _image_sizes(all_files, seed), skipped, names)))
+    parts.append(("samples", _samples_section(clf, splits, cfg.get("augment", "standard"), seed)))
+    parts.append(("curves", _curves_section(run_dir)))
+    if result is None:
+        parts.append(("metrics", '<p class="warn">no readable labelled images to evaluate</p>'))
+    else:
+        training = {k: v for k, v in clf.meta.get("training", {}).items() if not isinstance(v, (dict, list))}
+        parts.append(("metrics", rs.metrics_section(clf.meta.get("metrics", {}), result, source, training)))
+        parts.append(("per-class", rs.per_class_section(result)))
+        parts.append(("confusion", rs.confusion_section(result["confusion_matrix"], names)))
+        parts.append(("confused-pairs", rs.confused_pairs_section(result["confusion_matrix"], names)))
+        parts.append(("errors", _errors_section(kept, target, probs, names)))
+        if gradcam:
+            parts.append(("gradcam", _gradcam_section(clf, kept, target, probs, names, seed)))
+        diagram = run_dir / ".reliability.png"
+        reliability_diagram(raw_probs, target, diagram, probs_after=probs, title=f"{source}, T = {temperature:.3f}")
+        uri = rs.file_uri(diagram)
+        diagram.unlink(missing_ok=True)
+        eval_ece = (expected_calibration_error(raw_probs, target), expected_calibration_error(probs, target))
+        parts.append(("calibration", rs.calibration_section(cal, uri, eval_ece)))
+        parts.append(("coverage", rs.coverage_section(probs.numpy(), target.numpy())))
+    if (run_dir / "compare.csv").is_file():
+        parts.append(("compare", rs.compare_section(run_dir / "compare.csv")))
+
+    title = f"visiontune report: {run_dir.name}"
+    arch = clf.meta.get("architecture", {})
+    nav = " ".join(f'<a href="#{sid}">{html.escape(SECTIONS[sid])}</a>' for sid, _ in parts)
+    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{rs.CSS}</style></head><body><header><h1>{html.escape(title)}</h1>"
+            f"<p>{html.escape(str(arch.get('requested') or arch.get('name', '')))} &middot; {len(names)} classes "
+            f"&middot; evaluated on the {html.escape(source)} &middot; generated "
+            f"{datetime.now().strftime('%Y-%m-%d %H:%M')} in {{seconds}} s</p><nav>{nav}</nav></header><main>"
+            + "\n".join(rs.section(sid, SECTIONS[sid], body) for sid, body in parts) + "</main></body></html>\n")
+    out = run_dir / "report.html"
+    tmp = run_dir / ".report.html.tmp"
+    tmp.write_text(page.replace("{seconds}", f"{time.perf_counter() - start:.0f}"), encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+def _read_config(run_dir: Path) -> dict[str, Any]:
+    try:
+        return yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def _read_skipped(run_dir: Path) -> list[str]:
+    path = run_dir / "skipped_files.txt"
+    return [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _image_sizes(paths: list[str], seed: int) -> list[tuple[int, int]]:
+    sample = random.Random(seed).sample(paths, min(SIZE_SAMPLE, len(paths)))
+    sizes = []
+    for p in sample:
+        try:
+            with Image.open(p) as img:  # header only: no pixel decoding
+                sizes.append(img.size)
+        except OSError:
+            continue
+    return sizes
+
+
+def _denorm(tensor: torch.Tensor, pre: dict[str, Any]) -> np.ndarray:
+    mean = torch.tensor(pre["mean"]).view(3, 1, 1)
+    std = torch.tensor(pre["std"]).view(3, 1, 1)
+    return (tensor * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def _samples_section(clf: Classifier, splits: dict, augment: str, seed: int, count: int = 16) -> str:
+    pre, names = clf.preprocessing, clf.class_names
+    body = ""
+    torch.manual_seed(seed)
+    for split, transform, what in (("train", train_transform(pre, augment), f"augmented training samples "
+                                    f"(augment={augment}: what the model saw)"),
+                                   ("val", eval_transform(pre), "validation samples (eval preprocessing)")):
+        items = splits.get(split, [])
+        chosen = random.Random(seed).sample(items, min(count, len(items)))
+        images, captions = [], []
+        for path, label in chosen:
+            try:
+                images.append(_denorm(transform(load_image(path)), pre))
+                captions.append(names[label][:18])
+            except (ImageDecodeError, OSError):
+                continue
+        body += f"<h3>{html.escape(what.capitalize())}</h3>"
+        body += rs.img_tag(rs.grid_uri(images, captions), what) if images else '<p class="muted">none</p>'
+    return body
+
+
+def _curves_section(run_dir: Path) -> str:
+    from .plots import plot_curves
+
+    curves = run_dir / "curves.png"
+    if not curves.is_file() and (run_dir / "metrics.csv").is_file():
+        tmp = run_dir / ".curves.png"
+        if plot_curves(run_dir / "metrics.csv", tmp):
+            uri = rs.file_uri(tmp)
+            tmp.unlink(missing_ok=True)
+            return rs.img_tag(uri, "training curves")
+    if curves.is_file():
+        return rs.img_tag(rs.file_uri(curves), "training curves")
+    return '<p class="muted">no metrics.csv in this run</p>'
+
+
+def _caption(path: str, true: int, pred: int, p: float, names: list[str]) -> str:
+    return f"{Path(path).name}: true {names[true]}, predicted {names[pred]} ({p:.2f})"
+
+
+def _thumb(path: str) -> str | None:
+    try:
+        return rs.image_uri(load_image(path, draft_size=256), max_side=200)
+    except (ImageDecodeError, OSError):
+        return None
+
+
+def _errors_section(paths: list[str], target: torch.Tensor, probs: torch.Tensor, names: list[str]) -> str:
+    pred = probs.argmax(1)
+    conf = probs.max(1).values
+    loss = -torch.log(probs[torch.arange(len(target)), target].clamp_min(1e-12))
+    wrong = [i for i in torch.argsort(conf, descending=True).tolist() if pred[i] != target[i]]
+
+    def items(indices):
+        out = []
+        for i in indices[:GALLERY_SIZE]:
+            uri = _thumb(paths[i])
+            if uri:
+                out.append((uri, _caption(paths[i], int(target[i]), int(pred[i]), float(conf[i]), names)
+                            + f", loss {float(loss[i]):.2f}", bool(pred[i] != target[i])))
+        return out
+
+    top_loss = torch.argsort(loss, descending=True).tolist()
+    return (f"<h3>Misclassified ({len(wrong)} of {len(target)}; most confident first)</h3>" + rs.gallery(items(wrong))
+            + "<h3>Top-loss images (highest cross-entropy of the true class)</h3>" + rs.gallery(items(top_loss)))
+
+
+def _gradcam_section(clf: Classifier, paths: list[str], target: torch.Tensor, probs: torch.Tensor,
+                     names: list[str], seed: int) -> str:
+    try:
+        from .gradcam import gradcam_overlays
+    except ImportError:
+        return '<p class="muted">Grad-CAM needs the grad-cam package: pip install grad-cam</p>'
+    pred = probs.argmax(1)
+    rng = random.Random(seed)
+    right = [i for i in range(len(target)) if pred[i] == target[i]]
+    wrong = [i for i in range(len(target)) if pred[i] != target[i]]
+    chosen = rng.sample(right, min(GRADCAM_PER_KIND, len(right))) + rng.sample(wrong, min(GRADCAM_PER_KIND, len(wrong)))
+    images, kept = [], []
+    for i in chosen:
+        try:
+            images.append(load_image(paths[i]))
+            kept.append(i)
+        except (ImageDecodeError, OSError):
+            continue
+    if not images:
+        return '<p class="muted">no images</p>'
+    overlays = gradcam_overlays(clf, images)
+    items = [(rs.image_uri(ov, max_side=224, fmt="PNG"),
+              _caption(paths[i], int(target[i]), int(pred[i]), float(probs[i, pred[i]]), names), bool(pred[i] != target[i]))
+             for i, ov in zip(kept, overlays)]
+    return ("<p>Heatmap of the evidence for the predicted class over the input as the model sees it "
+            "(resized and cropped). Correct predictions first, then errors (red captions).</p>" + rs.gallery(items))

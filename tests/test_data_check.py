@@ -1,0 +1,131 @@
+"""``visiontune data check``: planted duplicates, leaks, corrupt files and relabelled images are found."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import CLASSES, make_image
+from visiontune.data.check import check_data, confident_learning_issues, dhash, format_check
+
+PLANT_CLASSES = {**CLASSES, "yellow": (220, 210, 30)}
+
+
+def plant_folder(root: Path, train_per_class: int = 16, val_per_class: int = 4, seed: int = 1) -> dict:
+    """DATA/{train,val}/<class>/ with N=3 duplicate pairs, M=2 cross-split leaks, K=3 relabelled
+    images, 1 near-duplicate and 3 corrupt files; returns what was planted."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train_per_class), ("val", val_per_class)):
+        for name, colour in PLANT_CLASSES.items():
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                make_image(rng, colour).save(root / split / name / f"{name}_{i:02d}.png")
+    t = root / "train"
+    duplicates = []
+    for name, i in (("red", 0), ("green", 1), ("yellow", 2)):  # N = 3 pairs within train
+        copy = t / name / f"{name}_{i:02d}_copy.png"
+        shutil.copyfile(t / name / f"{name}_{i:02d}.png", copy)
+        duplicates.append({str(t / name / f"{name}_{i:02d}.png"), str(copy)})
+    leaks = []
+    for name, i in (("blue", 3), ("green", 4)):  # M = 2 train images also in val
+        leak = root / "val" / name / f"leak_{name}_{i:02d}.png"
+        shutil.copyfile(t / name / f"{name}_{i:02d}.png", leak)
+        leaks.append({str(t / name / f"{name}_{i:02d}.png"), str(leak)})
+    relabelled = []
+    for k, (true, folder) in enumerate((("red", "blue"), ("green", "yellow"), ("blue", "red"))):  # K = 3
+        path = t / folder / f"zz_relabelled_{k}.png"
+        make_image(rng, PLANT_CLASSES[true]).save(path)
+        relabelled.append(str(path))
+    near_src = t / "blue" / "blue_05.png"
+    near = t / "blue" / "blue_05_resized.png"
+    Image.open(near_src).resize((36, 36), Image.Resampling.BICUBIC).save(near)
+    corrupt = {"zero-size": t / "red" / "empty.png", "truncated": t / "green" / "truncated.png",
+               "non-image": t / "blue" / "notes.jpg"}
+    corrupt["zero-size"].write_bytes(b"")
+    corrupt["truncated"].write_bytes((t / "green" / "green_05.png").read_bytes()[:300])
+    corrupt["non-image"].write_text("this is not a picture\n")
+    (t / "red" / "README.txt").write_text("ignored: not an image extension\n")
+    return {"duplicates": duplicates, "leaks": leaks, "relabelled": relabelled, "near": {str(near_src), str(near)},
+            "corrupt": {kind: str(p) for kind, p in corrupt.items()}}
+
+
+def _run_cli(argv: list[str]) -> int:
+    from visiontune.report_cli import add_report_commands
+
+    parser = argparse.ArgumentParser(prog="visiontune")
+    add_report_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_data_check_finds_planted_problems(tmp_path, capsys):
+    planted = plant_folder(tmp_path / "planted data")
+    code = _run_cli(["data", "check", str(tmp_path / "planted data"), "--json", "--strict"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 1 and not report["ok"]  # unreadable files and leaks are errors under --strict
+
+    found_dups = [{f["path"] for f in g["files"]} for g in report["duplicates"]]
+    assert all(pair in found_dups for pair in planted["duplicates"]) and len(found_dups) == 3
+    found_leaks = [{f["path"] for f in g["files"]} for g in report["leaks"]]
+    assert all(pair in found_leaks for pair in planted["leaks"]) and len(found_leaks) == 2
+    kinds = {u["path"]: u["kind"] for u in report["unreadable"]}
+    assert kinds == {path: kind for kind, path in planted["corrupt"].items()}
+    assert any({p["a"], p["b"]} == planted["near"] for p in report["near_duplicates"])
+    assert [Path(p).name for p in report["ignored_files"]] == ["README.txt"]
+
+    k = len(planted["relabelled"])
+    top = [issue["path"] for issue in report["label_issues"][:2 * k]]
+    recall = sum(p in top for p in planted["relabelled"]) / k
+    print(f"label-issue recall in the top {2 * k}: {recall:.2f} "
+          f"({report['label_check']['method']}, {len(report['label_issues'])} suggested, "
+          f"out-of-fold accuracy {report['label_check']['out_of_fold_accuracy']})")
+    assert recall == 1.0
+    suggested = {i["path"]: i["suggested"] for i in report["label_issues"]}
+    assert suggested[planted["relabelled"][0]] == "red"
+    assert "likely label errors" in format_check(report)
+
+
+def test_data_check_clean_folder_passes_strict(tmp_path, capsys):
+    from conftest import make_folder
+
+    data = make_folder(tmp_path / "clean", per_class=12)
+    code = _run_cli(["data", "check", str(data), "--strict", "--no-label-check", "--min-per-class", "10"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "ok: no errors" in out
+    report = check_data(data, label_issues=False, min_per_class=20, min_size=64)
+    assert report["ok"] and len(report["few_images"]) == 3 and len(report["small_images"]) == 36
+    assert report["imbalance"]["ratio"] == 1.0
+
+
+def test_confident_learning_matches_cleanlab_ranking():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 300)
+    probs = np.full((300, 3), 0.05)
+    probs[np.arange(300), labels] = 0.9
+    flipped = np.array([5, 50, 120, 200])
+    true = (labels[flipped] + 1) % 3
+    probs[flipped] = 0.05
+    probs[flipped, true] = 0.9
+    probs += rng.uniform(0, 0.02, probs.shape)
+    probs /= probs.sum(1, keepdims=True)
+    ours = confident_learning_issues(labels, probs)
+    assert set(ours.tolist()) == set(flipped.tolist())
+    cleanlab = pytest.importorskip("cleanlab.filter")
+    theirs = cleanlab.find_label_issues(labels, probs, return_indices_ranked_by="self_confidence")
+    assert ours.tolist() == list(theirs)
+
+
+def test_dhash_is_stable_under_resizing():
+    rng = np.random.default_rng(3)
+    img = make_image(rng, (200, 40, 40), size=64)
+    other = make_image(rng, (200, 40, 40), size=64)
+    same = bin(dhash(img) ^ dhash(img.resize((50, 50)))).count("1")
+    different = bin(dhash(img) ^ dhash(other)).count("1")
+    assert same <= 4 < different
