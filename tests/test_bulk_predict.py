@@ -44,7 +44,7 @@ def test_resume_skips_rows_already_written(inputs, tmp_path):
     text = full.read_text()
     cut = text.index("\n", len(text) // 2) + 20  # mid-row: as if killed while writing
     part.write_text(text[:cut])
-    written = predict_to_csv(str(run.run_dir), files, part, batch_size=4, workers=0, resume=True)
+    written, bad = predict_to_csv(str(run.run_dir), files, part, batch_size=4, workers=0, resume=True)
     assert part.read_text() == text and 0 < written < len(files)
 
 

@@ -37,6 +37,7 @@ def test_strategy_end_to_end(image_folder, tmp_path, strategy, head):
     # reload parity: the saved model predicts what a fresh rebuild with the same weights computes
     clf = visiontune.load(run.run_dir)
     assert clf.class_names == ["blue", "green", "red"]
+    assert clf.calibrated and clf.temperature > 0
     files = [p for p, _ in __import__("visiontune").data.discover(image_folder, scan=False).val]
     rows = clf.predict(files)
     clf32 = visiontune.evaluation.Classifier.load(run.model_dir, precision="32")
@@ -46,7 +47,7 @@ def test_strategy_end_to_end(image_folder, tmp_path, strategy, head):
     model, _, _ = build_model("efficientnet_lite0", 3, weights="none")
     model.load_state_dict(clf.model.state_dict())
     with torch.no_grad():
-        probs = torch.softmax(model.eval()(batch), 1)
+        probs = torch.softmax(model.eval()(batch) / clf32.temperature, 1)  # calibrated on val after training
     got = torch.tensor([r["probability"] for r in rows32])
     torch.testing.assert_close(got, probs.max(1).values, atol=1e-4, rtol=1e-4)
 

@@ -170,9 +170,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.out and not args.out.endswith(".json"):  # streamed, incremental, resumable
         from .evaluation.bulk import predict_to_csv
 
-        n = predict_to_csv(args.model, inputs, Path(args.out), args.top_k, args.batch_size, args.workers,
-                           args.precision, args.reject_below, args.resume, args.devices)
-        print(f"predicted {n} image(s); wrote {args.out}", file=sys.stderr)
+        n, bad = predict_to_csv(args.model, inputs, Path(args.out), args.top_k, args.batch_size, args.workers,
+                                args.precision, args.reject_below, args.resume, args.devices)
+        print(f"predicted {n - bad} image(s)" + (f", {bad} unreadable" if bad else "") + f"; wrote {args.out}",
+              file=sys.stderr)
         return 0
     clf = Classifier.load(args.model, precision=args.precision)
     rows = clf.predict(inputs, top_k=args.top_k, batch_size=args.batch_size, workers=args.workers,

@@ -106,6 +106,12 @@ class TrainConfig:
             raise ConfigError(f"lr_mult must be > 0, got {self.lr_mult}")
         if self.freeze_epochs < 0:
             raise ConfigError(f"freeze_epochs must be >= 0, got {self.freeze_epochs}")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.img_size is not None and self.img_size < 16:
             raise ConfigError(f"img_size must be >= 16, got {self.img_size}")
         return self

@@ -20,6 +20,8 @@ IMAGE_EXTENSIONS = frozenset(
 
 # Never decode a truncated file silently: a half-grey image is a silent label-noise source.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# The limit is enforced explicitly in _refuse_bomb; Pillow's own warning would only be noise.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class ImageDecodeError(ValueError):
@@ -47,23 +49,32 @@ def load_image(source: str | Path | bytes | Image.Image, draft_size: int | None 
         'RGB'
     """
     try:
-        with warnings.catch_warnings():
-            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; refuse both.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = _open(source)
-            if getattr(img, "n_frames", 1) > 1:
-                img.seek(0)  # animated GIF/WebP/TIFF: first frame
-            if draft_size is not None and img.format == "JPEG":
-                img.draft("RGB", (draft_size, draft_size))
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        img = _open(source)
+        _refuse_bomb(img)
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)  # animated GIF/WebP/TIFF: first frame
+        if draft_size is not None and img.format == "JPEG":
+            img.draft("RGB", (draft_size, draft_size))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
+    except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"decompression bomb refused ({exc})") from None
     except ImageDecodeError:
         raise
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         raise ImageDecodeError(_describe(exc)) from None
+
+
+def _refuse_bomb(img: Image.Image) -> None:
+    """Pillow raises above twice MAX_IMAGE_PIXELS but only warns below; refuse both, from the
+    header, before any pixel is decoded (an explicit check: warning filters are not thread-safe,
+    and the integrity scan decodes in threads)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and img.width * img.height > limit:
+        raise ImageDecodeError(
+            f"decompression bomb refused ({img.width}x{img.height} = {img.width * img.height} pixels "
+            f"exceeds the limit of {limit})")
 
 
 def _open(source: str | Path | bytes | Image.Image) -> Image.Image:

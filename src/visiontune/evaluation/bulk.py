@@ -40,8 +40,8 @@ def rows_done(out: Path) -> int:
 
 def predict_to_csv(model_path: str, inputs: Sequence[str], out: Path, top_k: int = 5, batch_size: int = 64,
                    workers: int | None = None, precision: str = "auto", reject_below: float | None = None,
-                   resume: bool = False, devices: int = 1) -> int:
-    """Predict ``inputs`` into CSV ``out``; returns the number of rows written in this call.
+                   resume: bool = False, devices: int = 1) -> tuple[int, int]:
+    """Predict ``inputs`` into CSV ``out``; returns (rows written in this call, unreadable among them).
 
     Example:
         >>> predict_to_csv("runs/train-1", files, Path("preds.csv"), resume=True)  # doctest: +SKIP
@@ -63,7 +63,7 @@ def _predict_shard(model_path, inputs, out: Path, top_k, batch_size, workers, pr
         torch.set_num_threads(threads)
     clf = Classifier.load(model_path, precision=precision)
     k = max(1, min(top_k, len(clf.class_names)))
-    written = 0
+    written = bad = 0
     with open(out, "a" if append else "w", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         if not append:
@@ -71,9 +71,10 @@ def _predict_shard(model_path, inputs, out: Path, top_k, batch_size, workers, pr
         for row in clf.predict_stream(inputs, top_k, batch_size, workers, reject_below):
             writer.writerow(csv_cells(row, k))
             written += 1
+            bad += bool(row["error"])
             if written % batch_size == 0:
                 fh.flush()
-    return written
+    return written, bad
 
 
 def _predict_sharded(model_path, inputs, out: Path, top_k, batch_size, precision, reject_below, append: bool,
@@ -92,10 +93,11 @@ def _predict_sharded(model_path, inputs, out: Path, top_k, batch_size, precision
         jobs = [pool.apply_async(_predict_shard, (model_path, inputs[i * size:(i + 1) * size], parts[i], top_k,
                                                   batch_size, 0, precision, reject_below, False, threads))
                 for i in range(devices)]
-        written = sum(job.get() for job in jobs)
+        counts = [job.get() for job in jobs]
+    written, bad = sum(c[0] for c in counts), sum(c[1] for c in counts)
     with open(out, "ab" if append else "wb") as fh:
         for i, part in enumerate(parts):
             lines = part.read_bytes().splitlines(keepends=True)
             fh.writelines(lines if (i == 0 and not append) else lines[1:])
             part.unlink()
-    return written
+    return written, bad

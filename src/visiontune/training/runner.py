@@ -99,24 +99,24 @@ def setup_run(cfg: TrainConfig, prefix: str = "train") -> TrainContext:
     resume_ckpt = None
     if cfg.resume:
         cfg, run_dir, resume_ckpt = prepare_resume(cfg)
-    else:
-        if not cfg.data:
-            raise ConfigError("no data given: visiontune train DATA (a folder or a path,label CSV)")
-        run_dir = _distributed_run_dir(cfg, prefix)
-    cfg.run_dir = str(run_dir)
+    elif not cfg.data:
+        raise ConfigError("no data given: visiontune train DATA (a folder or a path,label CSV)")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
+    # everything that can fail on user input runs before a run dir exists
     splits = discover(cfg.data, cfg.val, cfg.val_fraction, cfg.seed)
-    if is_rank_zero():
-        report_data(splits, run_dir)
     weights = "none" if cfg.strategy in RANDOM_INIT else cfg.weights
     model, arch, pre = build_model(cfg.model, len(splits.class_names), weights)
     if cfg.img_size:
         pre["input_size"] = [3, cfg.img_size, cfg.img_size]
     pre["resize_mode"] = cfg.resize_mode
     precision = resolve_precision(cfg.precision, pre["input_size"][-1])
+    if not cfg.resume:
+        run_dir = _distributed_run_dir(cfg, prefix)
+    cfg.run_dir = str(run_dir)
     if is_rank_zero():
+        report_data(splits, run_dir)
         cfg.save(run_dir / "config.yaml")
     print(f"model: {cfg.model} ({arch.source}:{arch.name}, weights={weights}), strategy {cfg.strategy}, "
           f"input {pre['input_size'][1]}x{pre['input_size'][2]} {pre['resize_mode']}, precision {precision}")

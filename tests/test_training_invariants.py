@@ -1,0 +1,182 @@
+"""Training invariants beyond test_strategies.py: frozen layers stay bit-identical (weights and
+BatchNorm statistics), the saved model is the recorded best epoch, and a matrix of options each
+produce a consistent run whose reloaded model matches a fresh forward pass."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import visiontune
+from visiontune.config import TrainConfig
+from visiontune.models import build_model
+from visiontune.models.groups import body_groups
+from visiontune.training.callbacks import FreezeSchedule
+from visiontune.training.module import ClassifierModule
+from vt_support import (CLASS_NAMES, METRIC_COLUMNS, TINY, make_image_folder, reference_probabilities,
+                        rows_probabilities)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("invariants") / "my data")
+
+
+@pytest.fixture(scope="module")
+def pretrained():
+    model, arch, _ = build_model("efficientnet_lite0", num_classes=3)
+    return model.state_dict(), arch, body_groups(model, arch.head)
+
+
+def metric_rows(run_dir):
+    with open(run_dir / "metrics.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        assert reader.fieldnames == METRIC_COLUMNS
+        return list(reader)
+
+
+def check_run_consistency(run, data_root, max_epochs: int):
+    """Invariants every finished run must satisfy, whatever the options."""
+    rows = metric_rows(run.run_dir)
+    epochs = [int(r["epoch"]) for r in rows]
+    assert epochs == list(range(1, len(rows) + 1)) and 1 <= len(rows) <= max_epochs
+    assert sorted(p.name for p in run.model_dir.iterdir()) == ["model.json", "model.safetensors"]
+    clf = visiontune.load(run.run_dir)
+    assert clf.class_names == CLASS_NAMES
+    # the saved model is the one whose validation score was recorded: re-scoring reproduces it
+    recorded = clf.meta["metrics"]
+    assert recorded["val"]["accuracy"] == pytest.approx(recorded["val_accuracy"], abs=1e-6)
+    assert 1 <= recorded["epoch"] <= len(rows)
+    assert float(rows[recorded["epoch"] - 1]["val_accuracy"]) == pytest.approx(recorded["val_accuracy"], abs=1e-4)
+    # reload parity on a few files: Classifier == fresh network + saved weights + saved preprocessing
+    files = sorted(str(p) for p in data_root.rglob("*.png"))[::5]
+    out = clf.predict(files, top_k=len(CLASS_NAMES), batch_size=4)
+    probs, meta = reference_probabilities(run.model_dir, files)
+    torch.testing.assert_close(rows_probabilities(out, meta["class_names"]), probs, atol=1e-5, rtol=1e-4)
+    assert [r["label"] for r in out] == [meta["class_names"][i] for i in probs.argmax(1).tolist()]
+    return rows, clf
+
+
+# --- frozen layers -----------------------------------------------------------------------------
+
+
+def _buffers(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen-body", "trainable-body"])
+def test_freeze_schedule_puts_frozen_batchnorm_in_eval_mode(frozen):
+    """ClassifierModule.train() after FreezeSchedule froze the body (a frozen warm-up epoch)."""
+    model, arch, _ = build_model("efficientnet_lite0", num_classes=3)
+    groups = body_groups(model, arch.head)
+    module = ClassifierModule(model, arch.head, TrainConfig(data="x"), groups, [1e-3] * len(groups))
+    schedule = FreezeSchedule(lambda epoch: 0 if frozen else len(groups), verbose=False)
+    schedule.freeze_before_training(module)
+    schedule.finetune_function(module, 0, None)
+    module.train()  # what Lightning does at every epoch start
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    assert bns and all(m.training != frozen for m in bns)
+    assert model.get_submodule(arch.head).training
+
+    before = _buffers(model)
+    head_before = model.get_submodule(arch.head).weight.detach().clone()
+    stem_before = model.conv_stem.weight.detach().clone()
+    opt = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.1)
+    torch.manual_seed(0)
+    loss = module.loss_fn(module(torch.randn(4, 3, 32, 32) * 3 + 1), torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    opt.step()
+    after = _buffers(model)
+    assert not torch.equal(model.get_submodule(arch.head).weight, head_before)
+    if frozen:
+        assert all(torch.equal(after[k], v) for k, v in before.items())
+        assert torch.equal(model.conv_stem.weight, stem_before)
+    else:  # control: trainable BatchNorm layers do update their statistics
+        assert any(not torch.equal(after[k], v) for k, v in before.items() if "running_mean" in k)
+
+
+def test_progressive_leaves_frozen_groups_bit_identical(tmp_path, data, pretrained):
+    """Warm-up epoch, then one Lightning epoch in which only the top body group trains: every
+    parameter and BatchNorm statistic of the other groups keeps its pretrained value."""
+    from visiontune.training.runner import setup_run
+    from visiontune.training.strategies import STRATEGIES
+
+    reference, arch, groups = pretrained
+    cfg = TrainConfig(data=str(data), strategy="progressive", epochs=2, freeze_epochs=1, unfreeze_every=5,
+                      run_dir=str(tmp_path / "run"), **TINY).validate()
+    ctx = setup_run(cfg)
+    STRATEGIES["progressive"](ctx)
+    trained = ctx.model.state_dict()  # the weights after the last epoch, not the best-epoch copy
+    assert len(metric_rows(ctx.run_dir)) == 2
+
+    frozen_params = [n for g in groups[:-1] for n in g]
+    frozen_modules = {n.rpartition(".")[0] for n in frozen_params}
+    for name in frozen_params:
+        assert torch.equal(trained[name], reference[name]), name
+    stats = [k for k in reference
+             if k.rpartition(".")[0] in frozen_modules and k.rpartition(".")[2] in ("running_mean", "running_var")]
+    assert stats
+    for key in stats:
+        assert torch.equal(trained[key], reference[key]), key
+    assert any(not torch.equal(trained[n], reference[n]) for n in groups[-1])  # the top group trained
+
+
+def test_warmup_only_finetune_leaves_body_untouched(tmp_path, data, pretrained):
+    reference, arch, _ = pretrained
+    run = visiontune.train(data, epochs=1, freeze_epochs=1, run_dir=tmp_path / "run", **TINY)
+    check_run_consistency(run, data, 1)
+    saved = load_file(str(run.model_dir / "model.safetensors"))
+    head = arch.head + "."
+    assert all(torch.equal(saved[k], v) for k, v in reference.items() if not k.startswith(head))
+    assert any(not torch.equal(saved[k], v) for k, v in reference.items() if k.startswith(head))
+
+
+def test_bn_stats_frozen_keeps_pretrained_statistics_while_weights_train(tmp_path, data, pretrained):
+    from visiontune.training.runner import setup_run
+    from visiontune.training.strategies import STRATEGIES
+
+    reference, _, _ = pretrained
+    cfg = TrainConfig(data=str(data), epochs=1, freeze_epochs=0, bn_stats="frozen", run_dir=str(tmp_path / "run"),
+                      **TINY).validate()
+    ctx = setup_run(cfg)
+    STRATEGIES["finetune"](ctx)
+    trained = ctx.model.state_dict()
+    stats = [k for k in reference if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(trained[k], reference[k]) for k in stats)
+    convs = [k for k in reference if k.endswith("conv_stem.weight") or k.endswith("conv_pw.weight")]
+    assert any(not torch.equal(trained[k], reference[k]) for k in convs)
+
+
+# --- option matrix -----------------------------------------------------------------------------
+
+
+OPTION_CASES = {
+    "tensorboard-letterbox-strong": {"logger": "tensorboard", "resize_mode": "letterbox", "augment": "strong"},
+    "squash-light-sgd-step-warmup": {"resize_mode": "squash", "augment": "light", "optimizer": "sgd",
+                                     "schedule": "step", "step_size": 1, "warmup_epochs": 0.5},
+    "early-stopping": {"epochs": 4, "early_stopping": 1, "freeze_epochs": 0},
+    "probe-views-logistic": {"strategy": "linear-probe", "head": "logistic", "cached_views": 2},
+    "probe-views-linear": {"strategy": "linear-probe", "cached_views": 2},
+    "cache-images-balance-f1": {"cache_images": True, "balance": "weights", "select_metric": "macro_f1"},
+    "torchvision-scratch": {"model": "torchvision:resnet18", "strategy": "scratch", "epochs": 1},
+}
+
+
+@pytest.mark.parametrize("options", list(OPTION_CASES.values()), ids=list(OPTION_CASES))
+def test_option_matrix_runs_are_consistent(tmp_path, data, options):
+    settings = {"epochs": 2, **TINY, **options}
+    run = visiontune.train(data, run_dir=tmp_path / "run", **settings)
+    rows, _ = check_run_consistency(run, data, settings["epochs"])
+    if options.get("head") in ("logistic", "svm"):
+        assert len(rows) == 1
+    elif "early_stopping" not in options:
+        assert len(rows) == settings["epochs"]
+    saved = TrainConfig.load(run.run_dir / "config.yaml")
+    for key, value in options.items():
+        assert getattr(saved, key) == value
+    if options.get("logger") == "tensorboard":
+        assert list((run.run_dir / "logs").rglob("events.out.tfevents.*"))
