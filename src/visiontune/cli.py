@@ -279,8 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     from .report_cli import add_report_commands
+    from .serve.cli import add_serve_command
 
     add_report_commands(sub)
+    add_serve_command(sub)
 
     p = sub.add_parser("demo", help="offline demo: fine-tune the embedded model on scikit-learn's digits")
     p.add_argument("--run-dir", default=None, metavar="PATH", help="where to write (default: runs/demo-N)")

@@ -1,0 +1,225 @@
+"""The FastAPI app: ``/v1/predict``, ``/v1/model``, ``/healthz``, ``/readyz``, ``/docs`` and a web page."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from ..data.transforms import draft_size
+from .batcher import Batcher, QueueFull
+from .security import BodyLimitMiddleware, RequestError, check_api_key, decode_upload
+from .settings import ServeSettings
+
+STATIC = Path(__file__).parent / "static"
+UNKNOWN = "unknown"
+RAW_TYPES = ("application/octet-stream",)
+_PREDICT_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "file": {"type": "string", "format": "binary"},
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+    "image/*": {"schema": {"type": "string", "format": "binary"}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+
+
+def load_classifier(model_path: str | os.PathLike, precision: str = "auto") -> Any:
+    """Run dir, model dir or ``.onnx`` (when the ONNX runtime module is installed) -> classifier."""
+    try:
+        from ..export.onnx_runtime import load_any  # type: ignore[import-not-found]
+    except ImportError:
+        from ..evaluation.predictor import Classifier
+
+        return Classifier.load(model_path, precision)
+    return load_any(model_path, precision)
+
+
+class _State:
+    def __init__(self, settings: ServeSettings):
+        self.settings = settings
+        self.clf: Any = None
+        self.batcher: Batcher | None = None
+        self.ready = False
+        self.load_error = ""
+        self.pending = 0  # images admitted (decoding, queued or in the model): admission control
+        self.decoders = ThreadPoolExecutor(max_workers=max(1, settings.workers_threads),
+                                           thread_name_prefix="visiontune-decode")
+
+
+def _model_info(clf: Any) -> dict[str, Any]:
+    meta = dict(getattr(clf, "meta", {}) or {})
+    arch = meta.get("architecture")
+    name = arch.get("name", "") if isinstance(arch, dict) else str(arch or "")
+    pre = dict(clf.preprocessing)
+    return {"name": name, "classes": list(clf.class_names), "num_classes": len(clf.class_names),
+            "input_size": pre.get("input_size"), "preprocessing": pre, "metrics": meta.get("metrics", {}),
+            "calibrated": bool(getattr(clf, "calibrated", False)), "created": meta.get("created", "")}
+
+
+def _local_docs(app: FastAPI) -> str:
+    """Serve Swagger UI from the ``swagger-ui-bundle`` package when installed (else FastAPI's CDN)."""
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        return "cdn"
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="visiontune API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
+    return "local"
+
+
+def create_app(model: str | os.PathLike | Any, settings: ServeSettings | None = None) -> FastAPI:
+    """Build the app for ``model`` (a path, or an already loaded Classifier-like object).
+
+    The model loads and warms up in the background once the server starts; ``/readyz`` and
+    ``/v1/predict`` answer 503 until then.
+
+    Example:
+        >>> import uvicorn                                                   # doctest: +SKIP
+        >>> uvicorn.run(create_app("runs/train-1", ServeSettings()), port=8000)  # doctest: +SKIP
+    """
+    settings = settings or ServeSettings()
+    state = _State(settings)
+
+    async def load() -> None:
+        try:
+            loop = asyncio.get_running_loop()
+            clf = model if hasattr(model, "logits") else await loop.run_in_executor(
+                None, load_classifier, model, settings.precision)
+            batcher = Batcher(clf.logits, settings.max_batch, settings.max_wait_ms, settings.max_queue)
+            if settings.warmup:
+                size = [int(s) for s in clf.preprocessing["input_size"]]
+                await loop.run_in_executor(None, clf.logits, torch.zeros([min(2, settings.max_batch), *size]))
+            await batcher.start()
+            state.clf, state.batcher, state.ready = clf, batcher, True
+        except Exception as exc:  # reported by /readyz; the process stays up for diagnosis
+            state.load_error = f"{type(exc).__name__}: {exc}"
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loader = asyncio.create_task(load())
+        yield
+        await loader
+        state.ready = False
+        if state.batcher is not None:
+            await state.batcher.stop()  # in-flight and queued images finish first
+        state.decoders.shutdown(wait=True)
+
+    app = FastAPI(title="visiontune", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.vt = state
+    app.state.docs = _local_docs(app)
+    if app.state.docs == "cdn":
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        app.get("/docs", include_in_schema=False)(lambda: get_swagger_ui_html(openapi_url="/openapi.json",
+                                                                               title="visiontune API"))
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/healthz", summary="Liveness")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Readiness: 503 until the model is loaded and warmed up")
+    async def readyz() -> JSONResponse:
+        if state.ready:
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "failed" if state.load_error else "loading", "detail": state.load_error},
+                            status_code=503, headers={"Retry-After": "1"})
+
+    def _require_ready(request: Request) -> Any:
+        check_api_key(settings.api_key, request.headers)
+        if not state.ready:
+            raise RequestError(503, "not_ready", state.load_error or "model loading", {"Retry-After": "1"})
+        return state.clf
+
+    @app.get("/v1/model", summary="Model name, classes, input size and metrics")
+    async def model_info(request: Request) -> dict[str, Any]:
+        return _model_info(_require_ready(request))
+
+    @app.post("/v1/predict", summary="Classify one or more images", openapi_extra=_PREDICT_BODY)
+    async def predict(request: Request, top_k: int = Query(5, ge=1, le=1000)) -> dict[str, Any]:
+        clf = _require_ready(request)
+        if state.pending >= settings.max_queue:  # refuse before reading or decoding anything
+            raise RequestError(503, "overloaded", "server busy: request queue full", {"Retry-After": "1"})
+        blobs = await _read_images(request)
+        if len(blobs) > settings.max_queue:
+            raise RequestError(413, "too_many_images", f"at most {settings.max_queue} images per request")
+        if state.pending + len(blobs) > settings.max_queue:
+            raise RequestError(503, "overloaded", "server busy: request queue full", {"Retry-After": "1"})
+        loop = asyncio.get_running_loop()
+        draft = draft_size(clf.preprocessing)
+        state.pending += len(blobs)
+        try:
+            async with asyncio.timeout(settings.timeout_s):
+                tensors = await asyncio.gather(*(loop.run_in_executor(state.decoders, decode_upload, blob,
+                                                                      clf.transform, draft) for blob in blobs))
+                logits = await state.batcher.submit(list(tensors))
+        except TimeoutError:
+            raise RequestError(504, "timeout", f"no answer within {settings.timeout_s:g} s") from None
+        except QueueFull as exc:
+            raise RequestError(503, "overloaded", str(exc), {"Retry-After": str(exc.retry_after)}) from None
+        finally:
+            state.pending -= len(blobs)
+        return {"predictions": [_row(clf, row, top_k, settings.reject_below) for row in logits]}
+
+    return app
+
+
+def _row(clf: Any, logits: torch.Tensor, top_k: int, reject_below: float | None) -> dict[str, Any]:
+    """Same numbers as ``Classifier.predict``: softmax(logits / temperature), top-k."""
+    probs = torch.softmax(logits.float() / float(getattr(clf, "temperature", 1.0)), dim=0)
+    values, idx = probs.topk(max(1, min(top_k, len(clf.class_names))))
+    top = [{"label": clf.class_names[i], "probability": float(v)} for v, i in zip(values.tolist(), idx.tolist())]
+    label = top[0]["label"]
+    if reject_below is not None and top[0]["probability"] < reject_below:
+        label = UNKNOWN
+    return {"label": label, "probability": top[0]["probability"], "top_k": top,
+            "calibrated": bool(getattr(clf, "calibrated", False))}
+
+
+async def _read_images(request: Request) -> list[bytes]:
+    """Upload bytes from multipart ``file``/``files`` fields or a raw image body (never a path)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        try:
+            form = await request.form(max_files=256, max_fields=64)
+        except RequestError:
+            raise
+        except Exception as exc:
+            raise RequestError(400, "bad_multipart", f"could not parse the form: {exc}") from None
+        try:
+            uploads = [v for k, v in form.multi_items() if k in ("file", "files") and not isinstance(v, str)]
+            if not uploads:
+                raise RequestError(400, "no_file", "multipart body needs a 'file' or 'files' field with an image")
+            return [await upload.read() for upload in uploads]
+        finally:
+            await form.close()
+    if ctype.startswith("image/") or ctype in RAW_TYPES:
+        chunks = [chunk async for chunk in request.stream()]
+        return [b"".join(chunks)]
+    raise RequestError(415, "unsupported_media_type",
+                       "send multipart/form-data with 'file'/'files', or raw bytes as image/* or "
+                       "application/octet-stream")

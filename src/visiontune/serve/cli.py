@@ -1,0 +1,93 @@
+"""``visiontune serve MODEL``: argument parsing and the uvicorn launch.
+
+Registered in the main CLI with :func:`add_serve_command`; also runnable on its own as
+``python -m visiontune.serve.cli MODEL``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .settings import ServeSettings, is_loopback
+
+API_KEY_ENV = "VISIONTUNE_API_KEY"
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="run dir, model/ dir or .onnx file")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (127.0.0.1); others need --api-key")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (8000)")
+    p.add_argument("--max-batch", type=int, default=16, metavar="N", help="images per forward pass (16)")
+    p.add_argument("--max-wait-ms", type=float, default=10.0, metavar="MS",
+                   help="longest wait for a batch to fill (10)")
+    p.add_argument("--max-queue", type=int, default=64, metavar="N",
+                   help="images waiting at most; beyond it 503 + Retry-After (64)")
+    p.add_argument("--timeout-s", type=float, default=10.0, metavar="S", help="per-request timeout -> 504 (10)")
+    p.add_argument("--max-body-mb", type=float, default=10.0, metavar="MB", help="request body limit -> 413 (10)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help=f"require X-API-Key: KEY on /v1/* (default: ${API_KEY_ENV})")
+    p.add_argument("--workers-threads", type=int, default=None, metavar="N",
+                   help="image-decoding threads (default: CPU count)")
+    p.add_argument("--precision", default="auto", choices=("auto", "32", "bf16"), help="inference precision")
+    p.add_argument("--reject-below", type=float, default=None, metavar="P",
+                   help="label 'unknown' when the (calibrated) top probability is below P")
+
+
+def settings_from_args(args: argparse.Namespace) -> ServeSettings:
+    return ServeSettings(
+        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        timeout_s=args.timeout_s, max_body_mb=args.max_body_mb,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        workers_threads=args.workers_threads or max(1, os.cpu_count() or 1),
+        precision=args.precision, reject_below=args.reject_below)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve MODEL until SIGINT/SIGTERM (uvicorn finishes in-flight requests, the batcher drains).
+
+    Example:
+        $ visiontune serve runs/train-1 --port 8000
+    """
+    settings = settings_from_args(args)
+    if not is_loopback(args.host) and not settings.api_key:
+        print(f"visiontune: error: binding {args.host} (not loopback) needs --api-key or ${API_KEY_ENV}",
+              file=sys.stderr)
+        return 2
+    from pathlib import Path
+
+    if not Path(args.model).exists():
+        print(f"visiontune: error: no model at {args.model}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from .app import create_app
+
+    app = create_app(args.model, settings)
+    print(f"visiontune: serving {args.model} on http://{args.host}:{args.port}/ (docs: /docs)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30,
+                limit_concurrency=max(256, 4 * settings.max_queue))
+    return 0
+
+
+def add_serve_command(subparsers) -> argparse.ArgumentParser:
+    """Register ``serve`` on the main CLI's subparsers.
+
+    Example:
+        >>> add_serve_command(parser.add_subparsers())  # doctest: +SKIP
+    """
+    p = subparsers.add_parser("serve", help="HTTP API + web page for a trained model (dynamic batching)")
+    add_serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="visiontune serve")
+    add_serve_arguments(parser)
+    return cmd_serve(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

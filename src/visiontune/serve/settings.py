@@ -1,0 +1,41 @@
+"""Server settings shared by the app factory, the CLI and the benchmark."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+
+@dataclass
+class ServeSettings:
+    """Tunables of ``visiontune serve`` (the CLI flags of the same names).
+
+    Example:
+        >>> ServeSettings(max_batch=8).max_body_bytes
+        10485760
+    """
+
+    max_batch: int = 16
+    max_wait_ms: float = 10.0
+    max_queue: int = 64
+    timeout_s: float = 10.0
+    max_body_mb: float = 10.0
+    api_key: str | None = None
+    workers_threads: int = 2
+    precision: str = "auto"
+    reject_below: float | None = None
+    warmup: bool = True
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost / 127.0.0.0/8 / ::1 (the hosts that need no API key)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

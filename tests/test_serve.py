@@ -1,0 +1,284 @@
+"""HTTP API tests against the real app on a real uvicorn server (127.0.0.1, free port)."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+from visiontune.serve import ServeSettings, create_app  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(model, settings: ServeSettings | None = None, wait_ready: bool = True):
+    """Serve ``create_app(model, settings)`` in a thread; yield its base URL; shut down gracefully."""
+    app = create_app(model, settings or ServeSettings(warmup=False))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz" if wait_ready else f"{url}/healthz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    else:
+        raise RuntimeError("server did not become ready")
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def clf(trained_run):
+    import visiontune
+
+    return visiontune.load(trained_run[0].run_dir)
+
+
+@pytest.fixture(scope="module")
+def server(clf):
+    with running_server(clf) as url:
+        yield url
+
+
+def sample_files(data: Path, n: int = 3) -> list[Path]:
+    return sorted(data.rglob("*.png"))[:: 10][:n]
+
+
+def test_parity_multipart_and_raw(server, clf, trained_run):
+    files = sample_files(trained_run[1], 3)
+    expected = clf.predict([str(f) for f in files], top_k=3)
+    multipart = [("files", (f.name, f.read_bytes(), "image/png")) for f in files]
+    r = httpx.post(f"{server}/v1/predict?top_k=3", files=multipart, timeout=30)
+    assert r.status_code == 200, r.text
+    got = r.json()["predictions"]
+    assert len(got) == 3
+    for want, have in zip(expected, got):
+        assert have["label"] == want["label"] and have["calibrated"] == want["calibrated"]
+        assert [t["label"] for t in have["top_k"]] == [t["label"] for t in want["top_k"]]
+        np.testing.assert_allclose([t["probability"] for t in have["top_k"]],
+                                   [t["probability"] for t in want["top_k"]], atol=1e-5)
+    raw = httpx.post(f"{server}/v1/predict?top_k=1", content=files[0].read_bytes(),
+                     headers={"content-type": "image/png"}, timeout=30)
+    assert raw.status_code == 200
+    one = raw.json()["predictions"][0]
+    assert len(one["top_k"]) == 1 and one["label"] == expected[0]["label"]
+    assert abs(one["probability"] - expected[0]["probability"]) < 1e-5
+    single = httpx.post(f"{server}/v1/predict", files={"file": ("x.png", files[1].read_bytes())}, timeout=30)
+    assert single.status_code == 200 and len(single.json()["predictions"][0]["top_k"]) == 3  # 3 classes
+
+
+def test_info_endpoints(server, clf):
+    assert httpx.get(f"{server}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{server}/readyz").status_code == 200
+    info = httpx.get(f"{server}/v1/model").json()
+    assert info["classes"] == clf.class_names and info["input_size"] == list(clf.preprocessing["input_size"])
+    assert "metrics" in info and "model_dir" not in info
+    assert httpx.get(f"{server}/openapi.json").json()["paths"]["/v1/predict"]
+    docs = httpx.get(f"{server}/docs").text
+    assert "swagger" in docs.lower()
+    if importlib.util.find_spec("swagger_ui_bundle"):  # Swagger UI served locally, no CDN
+        assert "/docs-assets/swagger-ui-bundle.js" in docs and "cdn." not in docs
+        assert httpx.get(f"{server}/docs-assets/swagger-ui-bundle.js").status_code == 200
+    page = httpx.get(f"{server}/")
+    assert page.status_code == 200 and "/static/app.js" in page.text and "http" not in page.text.split("<body>")[1]
+    assert httpx.get(f"{server}/static/app.js").status_code == 200
+
+
+def _corpus(tmp: Path) -> dict[str, tuple[bytes, str, set[int]]]:
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    jpeg = png_bytes(rgb, "JPEG")
+    bomb = tmp / "bomb.png"
+    if not bomb.exists():
+        Image.new("L", (20000, 20000)).save(bomb, optimize=False, compress_level=9)
+    frames = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:])
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    bad = {
+        "text": (b"hello, I am not an image", "image/png", {415}),
+        "zero": (b"", "image/png", {400}),
+        "truncated": (jpeg[: len(jpeg) // 2], "image/jpeg", {400}),
+        "svg": (b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>', "image/svg+xml", {415}),
+        "html": (b"<html><body><img src=x onerror=alert(1)></body></html>", "image/png", {415}),
+        "bomb": (bomb.read_bytes(), "image/png", {413}),
+        "form-no-file": (b"", "multipart", {400}),
+        "wrong-type": (b"{}", "application/json", {415}),
+    }
+    good = {
+        "gif": (gif.getvalue(), "image/gif"),
+        "png16": (png_bytes(Image.fromarray((np.arange(40 * 40).reshape(40, 40) * 40).astype(np.uint16))), "image/png"),
+        "cmyk": (png_bytes(rgb.convert("CMYK"), "JPEG"), "image/jpeg"),
+        "rgba": (png_bytes(rgb.convert("RGBA")), "image/png"),
+        "exif": (png_bytes(rgb, "JPEG", exif=exif), "image/jpeg"),
+    }
+    return bad, good
+
+
+def test_hostile_corpus(server, tmp_path_factory):
+    bad, good = _corpus(tmp_path_factory.mktemp("corpus"))
+    for name, (body, ctype, codes) in bad.items():
+        start = time.perf_counter()
+        if ctype == "multipart":
+            r = httpx.post(f"{server}/v1/predict", files={"other": ("a.txt", b"x")}, timeout=30)
+        else:
+            r = httpx.post(f"{server}/v1/predict", content=body, headers={"content-type": ctype}, timeout=30)
+        assert r.status_code in codes, (name, r.status_code, r.text)
+        assert r.json()["error"], name
+        if name == "bomb":
+            assert time.perf_counter() - start < 0.5, "bomb must be refused fast"
+        # the same bytes as a multipart upload are refused the same way
+        if ctype != "multipart":
+            m = httpx.post(f"{server}/v1/predict", files={"file": (name, body)}, timeout=30)
+            assert m.status_code in codes | {415} and m.status_code < 500, (name, m.status_code)
+    for name, (body, ctype) in good.items():
+        r = httpx.post(f"{server}/v1/predict", content=body, headers={"content-type": ctype}, timeout=30)
+        assert r.status_code == 200, (name, r.text)
+    assert httpx.get(f"{server}/healthz").status_code == 200
+
+
+def test_bomb_between_one_and_two_times_the_limit(server, monkeypatch):
+    """Pillow only warns between MAX_IMAGE_PIXELS and twice that; the server still refuses."""
+    body = png_bytes(Image.new("RGB", (40, 40)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1600 px: 1.6x the limit
+    r = httpx.post(f"{server}/v1/predict", content=body, headers={"content-type": "image/png"}, timeout=30)
+    assert r.status_code == 413 and r.json()["error"] == "image_too_large"
+
+
+def test_body_limit_streaming(clf):
+    with running_server(clf, ServeSettings(warmup=False, max_body_mb=0.05)) as url:
+        big = b"\0" * 200_000
+        r = httpx.post(f"{url}/v1/predict", content=big, headers={"content-type": "image/png"}, timeout=30)
+        assert r.status_code == 413 and r.json()["error"] == "payload_too_large"
+
+        def chunks():  # no Content-Length: the limit is enforced while streaming
+            for _ in range(50):
+                yield b"\0" * 8192
+
+        r = httpx.post(f"{url}/v1/predict", content=chunks(), headers={"content-type": "image/png"}, timeout=30)
+        assert r.status_code == 413
+        r = httpx.post(f"{url}/v1/predict", files={"file": ("a.png", big)}, timeout=30)
+        assert r.status_code == 413
+
+
+class SlowModel:
+    """Delegates to the real classifier but sleeps in every forward pass."""
+
+    def __init__(self, clf, delay: float):
+        self.clf, self.delay = clf, delay
+
+    def __getattr__(self, name):
+        return getattr(self.clf, name)
+
+    def logits(self, batch):
+        time.sleep(self.delay)
+        return self.clf.logits(batch)
+
+
+def test_queue_full_503_and_timeout_504(clf, trained_run):
+    body = sample_files(trained_run[1], 1)[0].read_bytes()
+    settings = ServeSettings(warmup=False, max_queue=1, max_batch=1, max_wait_ms=0, timeout_s=5)
+    with running_server(SlowModel(clf, 0.5), settings) as url:
+        async def burst():
+            async with httpx.AsyncClient(timeout=30) as client:
+                import asyncio
+
+                return await asyncio.gather(*(client.post(f"{url}/v1/predict", content=body,
+                                                          headers={"content-type": "image/png"}) for _ in range(6)))
+
+        import asyncio
+
+        codes = [r.status_code for r in asyncio.run(burst())]
+        assert 200 in codes and 503 in codes and set(codes) <= {200, 503}, codes
+        busy = next(r for r in asyncio.run(burst()) if r.status_code == 503)
+        assert busy.headers["retry-after"] and busy.json()["error"] == "overloaded"
+        many = [("files", (f"{i}.png", body)) for i in range(2)]
+        assert httpx.post(f"{url}/v1/predict", files=many, timeout=30).status_code == 413  # > max_queue
+    with running_server(SlowModel(clf, 1.5), ServeSettings(warmup=False, timeout_s=0.3)) as url:
+        r = httpx.post(f"{url}/v1/predict", content=body, headers={"content-type": "image/png"}, timeout=30)
+        assert r.status_code == 504 and r.json()["error"] == "timeout"
+
+
+def test_shutdown_finishes_in_flight(clf, trained_run):
+    """Like SIGTERM under uvicorn: should_exit while a slow request is in flight -> it still gets 200."""
+    import concurrent.futures
+
+    body = sample_files(trained_run[1], 1)[0].read_bytes()
+    app = create_app(SlowModel(clf, 1.0), ServeSettings(warmup=False))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(httpx.post, f"{url}/v1/predict", content=body,
+                               headers={"content-type": "image/png"}, timeout=30) for _ in range(3)]
+        time.sleep(0.4)
+        server.should_exit = True
+        assert [f.result().status_code for f in futures] == [200, 200, 200]
+    thread.join(30)
+    assert not thread.is_alive() and app.state.vt.batcher.queue.qsize() == 0
+
+
+def test_api_key(clf, trained_run):
+    body = sample_files(trained_run[1], 1)[0].read_bytes()
+    with running_server(clf, ServeSettings(warmup=False, api_key="s3cret")) as url:
+        headers = {"content-type": "image/png"}
+        assert httpx.post(f"{url}/v1/predict", content=body, headers=headers).status_code == 401
+        assert httpx.get(f"{url}/v1/model", headers={"x-api-key": "nope"}).status_code == 401
+        ok = httpx.post(f"{url}/v1/predict", content=body, headers={**headers, "x-api-key": "s3cret"})
+        assert ok.status_code == 200
+        assert httpx.get(f"{url}/v1/model", headers={"authorization": "Bearer s3cret"}).status_code == 200
+        assert httpx.get(f"{url}/healthz").status_code == 200
+
+
+def test_readyz_503_until_loaded_and_cli_refuses_public_bind(trained_run, monkeypatch):
+    with running_server(str(trained_run[0].run_dir), ServeSettings(), wait_ready=False) as url:
+        first = httpx.get(f"{url}/readyz")
+        assert first.status_code in (200, 503)
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{url}/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(f"{url}/v1/model").status_code == 200
+    from visiontune.serve.cli import main
+
+    monkeypatch.delenv("VISIONTUNE_API_KEY", raising=False)
+    assert main([str(trained_run[0].run_dir), "--host", "0.0.0.0"]) == 2
