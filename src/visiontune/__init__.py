@@ -25,10 +25,16 @@ def train(data=None, **options):
 
 
 def load(path: str | os.PathLike):
-    """Load a run dir or ``model/`` dir as a :class:`visiontune.evaluation.predictor.Classifier`."""
-    from .evaluation.predictor import Classifier
+    """Load a run dir, ``model/`` dir, pruned model dir or exported ``.onnx`` as a classifier.
 
-    return Classifier.load(path)
+    Example:
+        >>> clf = visiontune.load("runs/train-1")  # doctest: +SKIP
+        >>> clf.predict(["ant.jpg"])[0]["label"]  # doctest: +SKIP
+        'ants'
+    """
+    from .export.onnx_runtime import load_any
+
+    return load_any(path)
 
 
 def evaluate(model, data, **options):

@@ -130,10 +130,9 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation.evaluate import evaluate
+    from .export.onnx_runtime import load_any
 
-    from .evaluation.predictor import Classifier
-
-    clf = Classifier.load(args.model, precision=args.precision)
+    clf = load_any(args.model, precision=args.precision)
     result = evaluate(clf, args.data, batch_size=args.batch_size, workers=args.workers, save=not args.no_save)
     if args.json:
         print(json.dumps(result))
@@ -175,7 +174,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"predicted {n - bad} image(s)" + (f", {bad} unreadable" if bad else "") + f"; wrote {args.out}",
               file=sys.stderr)
         return 0
-    clf = Classifier.load(args.model, precision=args.precision)
+    from .export.onnx_runtime import load_any
+
+    clf = load_any(args.model, precision=args.precision)
     rows = clf.predict(inputs, top_k=args.top_k, batch_size=args.batch_size, workers=args.workers,
                        progress=sys.stderr.isatty(), reject_below=args.reject_below)
     out = args.out
@@ -281,7 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .report_cli import add_report_commands
     from .serve.cli import add_serve_command
 
+    from .export.cli import add_export_commands
+
     add_report_commands(sub)
+    add_export_commands(sub)
     add_serve_command(sub)
 
     p = sub.add_parser("demo", help="offline demo: fine-tune the embedded model on scikit-learn's digits")
@@ -293,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .data.scan import DataError
+    from .export.common import ExportError
     from .models import ArtifactError, ModelError, WeightsError
     from .training.lightning_fit import TrainingInterrupted
 
@@ -300,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelError, WeightsError, ArtifactError) as exc:
+    except (ConfigError, DataError, ModelError, WeightsError, ArtifactError, ExportError) as exc:
         print(f"visiontune: error: {exc}", file=sys.stderr)
         return 2
     except TrainingInterrupted as exc:

@@ -57,11 +57,11 @@ def _predict_shard(model_path, inputs, out: Path, top_k, batch_size, workers, pr
                    append: bool, threads: int | None = None) -> int:
     import torch
 
-    from .predictor import Classifier
+    from ..export.onnx_runtime import load_any
 
     if threads:
         torch.set_num_threads(threads)
-    clf = Classifier.load(model_path, precision=precision)
+    clf = load_any(model_path, precision=precision)
     k = max(1, min(top_k, len(clf.class_names)))
     written = bad = 0
     with open(out, "a" if append else "w", newline="") as fh:

@@ -38,7 +38,11 @@ def evaluate(model: str | os.PathLike | Classifier, data: str | os.PathLike, bat
         >>> visiontune.evaluate("runs/train-1", "data/test")["accuracy"]  # doctest: +SKIP
         0.97
     """
-    clf = model if isinstance(model, Classifier) else Classifier.load(model)
+    if not isinstance(model, Classifier):
+        from ..export.onnx_runtime import load_any  # run dir, model dir, pruned dir or .onnx
+
+        model = load_any(model)
+    clf = model
     samples, skipped = discover_eval(data, clf.class_names)
     result = evaluate_samples(clf, samples, batch_size, workers, keep_predictions=save)
     result["skipped"] = [{"path": p, "reason": r} for p, r in skipped]

@@ -31,13 +31,9 @@ _PREDICT_BODY = {"requestBody": {"required": True, "content": {
 
 
 def load_classifier(model_path: str | os.PathLike, precision: str = "auto") -> Any:
-    """Run dir, model dir or ``.onnx`` (when the ONNX runtime module is installed) -> classifier."""
-    try:
-        from ..export.onnx_runtime import load_any  # type: ignore[import-not-found]
-    except ImportError:
-        from ..evaluation.predictor import Classifier
+    """Run dir, model dir, pruned model dir or exported ``.onnx`` -> classifier."""
+    from ..export.onnx_runtime import load_any
 
-        return Classifier.load(model_path, precision)
     return load_any(model_path, precision)
 
 

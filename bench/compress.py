@@ -1,0 +1,47 @@
+"""Acceptance benchmark for issue 5: export parity + int8 + pruning on trained runs.
+
+Usage:
+    python bench/compress.py RUN_DIR [RUN_DIR ...] [--prune 0.2] [--finetune-epochs 3]
+
+For each run: ONNX export with parity check (RUN/export/onnx/export_report.json), then
+``compress --quantize int8 --prune RATIO`` writing RUN/compress/compress_report.{json,md};
+a summary of all runs goes to bench/compress_results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from visiontune.export import ExportError, export_model
+from visiontune.export.compare import markdown_table
+from visiontune.export.compress import compress
+
+
+def bench_run(run: str, prune: float, epochs: int) -> str:
+    parity = export_model(run, "onnx", dynamic_batch=True, check=False)
+    try:
+        report = compress(run, quantize="int8", prune=prune, finetune_epochs=epochs, force=True)
+    except ExportError as exc:
+        return f"## {run}\n\nfailed: {exc}\n"
+    return (f"## {run}\n\nONNX fp32 parity on {parity['source']}: top-1 agreement {parity['top1_agreement']:.2%}, "
+            f"max |logit diff| {parity['max_abs_logit_diff']:.2e}\n\n{markdown_table(report['variants'])}\n\n"
+            + "\n".join(f"- {n}" for n in report["notes"]) + f"\n\nmachine: {report['machine']}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+")
+    parser.add_argument("--prune", type=float, default=0.2)
+    parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--out", default=str(Path(__file__).with_name("compress_results.md")))
+    args = parser.parse_args(argv)
+    sections = [bench_run(run, args.prune, args.finetune_epochs) for run in args.runs]
+    Path(args.out).write_text("# visiontune compress benchmark\n\n" + "\n".join(sections))
+    print("\n".join(sections))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

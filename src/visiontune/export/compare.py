@@ -1,0 +1,129 @@
+"""Side-by-side comparison of model variants: size, latency, throughput, accuracy, agreement.
+
+A *variant* is a name, the file(s) it lives in and a ``logits(batch: np.ndarray) -> np.ndarray``
+function; everything is measured on the same preprocessed validation tensor, so the numbers
+differ only by the model/runtime, never by decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .common import file_size_mb
+
+Logits = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class Variant:
+    name: str
+    path: str
+    logits: Logits
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def torch_runner(model: nn.Module) -> Logits:
+    """Eager fp32 PyTorch as :class:`Classifier` runs it on CPU (channels_last, inference mode)."""
+    model = model.eval().float().to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def run(batch: np.ndarray) -> np.ndarray:
+        return model(torch.from_numpy(batch).contiguous(memory_format=torch.channels_last)).float().numpy()
+
+    return run
+
+
+def onnx_runner(path: str | Path) -> Logits:
+    from .onnx_export import onnx_session, session_logits
+
+    session = onnx_session(path)
+    return lambda batch: session_logits(session, batch, chunk=len(batch))
+
+
+def batched_logits(run: Logits, images: np.ndarray, chunk: int = 32) -> np.ndarray:
+    return np.concatenate([run(images[i:i + chunk]) for i in range(0, len(images), chunk)])
+
+
+def time_per_call(run: Logits, batch: np.ndarray, budget_s: float = 3.0, min_runs: int = 3) -> float:
+    """Median seconds per call after one warm-up; stops after ``budget_s`` (at least ``min_runs``)."""
+    run(batch)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_runs or (time.perf_counter() - start < budget_s and len(times) < 50):
+        t0 = time.perf_counter()
+        run(batch)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def tile(images: np.ndarray, n: int) -> np.ndarray:
+    reps = -(-n // len(images))
+    return np.ascontiguousarray(np.concatenate([images] * reps)[:n])
+
+
+def measure(variants: list[Variant], images: np.ndarray, labels: np.ndarray, budget_s: float = 3.0,
+            log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Accuracy, agreement with the first variant (eager), size, latency and throughput of each."""
+    rows: list[dict[str, Any]] = []
+    reference = None
+    for v in variants:
+        logits = batched_logits(v.logits, images)
+        preds = logits.argmax(1)
+        reference = preds if reference is None else reference
+        latency = time_per_call(v.logits, tile(images, 1), budget_s)
+        per_batch = time_per_call(v.logits, tile(images, 32), budget_s)
+        row = {"variant": v.name, "file": v.path, "size_mb": round(file_size_mb(v.path), 3),
+               "latency_ms_b1": round(latency * 1e3, 2), "throughput_b32": round(32 / per_batch, 1),
+               "val_accuracy": float(np.mean(preds == labels)), "top1_agreement": float(np.mean(preds == reference)),
+               **v.extra}
+        log(f"  measured {v.name}: acc {row['val_accuracy']:.4f}, {row['throughput_b32']} img/s")
+        rows.append(row)
+    base = rows[0]["throughput_b32"] if rows else 1.0
+    for row in rows:
+        row["speedup_vs_eager_b32"] = round(row["throughput_b32"] / base, 2)
+    return rows
+
+
+COLUMNS = [("variant", "variant", "{}"), ("size_mb", "size MB", "{:.2f}"), ("latency_ms_b1", "latency ms (b1)", "{:.2f}"),
+           ("throughput_b32", "img/s (b32)", "{:.1f}"), ("speedup_vs_eager_b32", "x eager", "{:.2f}"),
+           ("val_accuracy", "val acc", "{:.4f}"), ("top1_agreement", "agree w/ eager", "{:.4f}"),
+           ("macs", "MACs", "{}")]
+
+
+def _cells(row: dict[str, Any]) -> list[str]:
+    return [fmt.format(row[key]) if row.get(key) is not None else "" for key, _, fmt in COLUMNS]
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Fixed-width console table."""
+    header = [title for _, title, _ in COLUMNS]
+    body = [_cells(r) for r in rows]
+    widths = [max(len(c) for c in col) for col in zip(header, *body)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(header)] + [line(c) for c in body])
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    header = [title for _, title, _ in COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(_cells(r)) + " |" for r in rows])
+
+
+def write_reports(out_dir: Path, report: dict[str, Any]) -> tuple[Path, Path]:
+    """``compress_report.json`` and ``compress_report.md`` in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / "compress_report.json", out_dir / "compress_report.md"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    notes = "\n".join(f"- {n}" for n in report.get("notes", []))
+    md_path.write_text(f"# visiontune compress report\n\nmodel: `{report['model']}`  \n"
+                       f"validation: {report['num_val']} images ({report['val_source']})  \n"
+                       f"machine: {report['machine']}\n\n{markdown_table(report['variants'])}\n\n{notes}\n")
+    return json_path, md_path

@@ -1,0 +1,162 @@
+"""``visiontune compress``: int8 quantization and/or structured pruning, with an accuracy guard
+and a comparison table of every variant (eager fp32, ONNX fp32, ONNX int8, pruned, pruned+int8).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .common import ExportError, export_meta, labelled_samples, preprocess, resolve_data_path, write_json
+from .compare import Variant, measure, onnx_runner, torch_runner, write_reports, format_table
+
+
+def _calib_paths(meta: dict[str, Any], calib: str | os.PathLike | None) -> list[str]:
+    """Calibration images: --calib DATA (every image in it), else the model's training split."""
+    from ..data.scan import discover_eval
+
+    if calib is not None:
+        return [p for p, _ in discover_eval(calib, list(meta["class_names"]))[0]]
+    return [p for p, _ in labelled_samples(meta, split="train")]
+
+
+def _export_variant(model, meta: dict[str, Any], folder: Path, **extra: Any) -> Path:
+    from .onnx_export import export_onnx
+
+    path = export_onnx(model, meta, folder / "model.onnx", dynamic_batch=True)
+    write_json(folder / "model.json", export_meta(meta, "onnx", path.name, dynamic_batch=True, **extra))
+    return path
+
+
+def _quantize_variant(src: Path, meta: dict[str, Any], folder: Path, mode: str, calib: list[str]) -> Path:
+    from .quantize import quantize_onnx
+
+    path = quantize_onnx(src, folder / "model.onnx", meta, mode, calib)
+    write_json(folder / "model.json", export_meta(meta, "onnx", path.name, dynamic_batch=True, quantization=mode))
+    return path
+
+
+def _prune_variant(model, meta: dict[str, Any], ratio: float, epochs: int, out: Path, log) -> tuple[Any, dict]:
+    from .prune import count_macs, finetune, prune_channels, save_pruned
+
+    macs0, params0 = count_macs(model, meta)
+    pruned = prune_channels(copy.deepcopy(model), meta, ratio)
+    macs1, params1 = count_macs(pruned, meta)
+    log(f"pruned {ratio:.0%} of channels: MACs {macs0 / 1e6:.1f}M -> {macs1 / 1e6:.1f}M, "
+        f"params {params0 / 1e6:.2f}M -> {params1 / 1e6:.2f}M; recovery fine-tune {epochs} epoch(s)")
+    pruned = finetune(pruned, meta, labelled_samples(meta, split="train"), epochs, log=log)
+    info = {"ratio": ratio, "finetune_epochs": epochs, "macs_before": macs0, "macs_after": macs1,
+            "params_before": params0, "params_after": params1}
+    save_pruned(out / "pruned", pruned, meta, info)
+    return pruned, info
+
+
+def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: float | None = None,
+             finetune_epochs: int = 2, calib: str | os.PathLike | None = None, data: str | os.PathLike | None = None,
+             out: str | os.PathLike | None = None, max_drop: float = 1.0, force: bool = False,
+             budget_s: float = 3.0, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Quantize and/or prune a trained model, measure every variant and guard the accuracy.
+
+    Args:
+        model_path: run dir or ``model/`` dir.
+        quantize: ``int8`` (static QDQ, per-channel) or ``int8-dynamic``; None to skip.
+        prune: share of channels to remove (e.g. 0.3); None to skip.
+        finetune_epochs: recovery epochs after pruning.
+        calib: images for int8 calibration (default: the model's training split).
+        data: labelled evaluation images (default: the model's validation split).
+        out: output folder (default ``RUN/compress``).
+        max_drop: largest accepted accuracy drop of the int8 variant, in points.
+        force: keep going (exit 0) even when the drop is larger.
+
+    Returns:
+        The report written to ``compress_report.json``.
+
+    Example:
+        >>> compress("runs/train-1", quantize="int8", prune=0.3)["variants"][2]["val_accuracy"]  # doctest: +SKIP
+        0.95
+    """
+    from ..models.artifact import load_model
+
+    if quantize is None and prune is None:
+        raise ExportError("nothing to do: give --quantize int8|int8-dynamic and/or --prune RATIO")
+    model, meta = load_model(model_path)
+    out = Path(out) if out else Path(meta["model_dir"]).parent / "compress"
+    samples = labelled_samples(meta, data)
+    if not samples:
+        raise ExportError("no validation images: the training data in model.json is gone; pass --data DIR")
+    images = preprocess([p for p, _ in samples], meta["preprocessing"]).numpy()
+    labels = np.array([label for _, label in samples])
+    if len(images) != len(labels):
+        raise ExportError("some validation images could not be read; fix or pass --data DIR")
+
+    variants = [Variant("eager fp32", str(Path(meta["model_dir"]) / "model.safetensors"), torch_runner(model))]
+    onnx_fp32 = _export_variant(model, meta, out / "onnx")
+    variants.append(Variant("ONNX fp32", str(onnx_fp32), onnx_runner(onnx_fp32)))
+    calib_paths = _calib_paths(meta, calib) if quantize else []
+    if quantize:
+        path = _quantize_variant(onnx_fp32, meta, out / "onnx-int8", quantize, calib_paths)
+        variants.append(Variant(f"ONNX {quantize}", str(path), onnx_runner(path)))
+    prune_info: dict[str, Any] = {}
+    if prune is not None:
+        pruned, prune_info = _prune_variant(model, meta, prune, finetune_epochs, out, log)
+        variants.append(Variant("pruned", str(out / "pruned" / "model.safetensors"), torch_runner(pruned),
+                                {"macs": prune_info["macs_after"]}))
+        pruned_meta = {**meta, "pruned": prune_info}
+        pruned_onnx = _export_variant(pruned, pruned_meta, out / "pruned-onnx")
+        if quantize:
+            path = _quantize_variant(pruned_onnx, pruned_meta, out / "pruned-int8", quantize, calib_paths)
+            variants.append(Variant(f"pruned+{quantize}", str(path), onnx_runner(path), {"macs": prune_info["macs_after"]}))
+        else:
+            variants.append(Variant("pruned ONNX fp32", str(pruned_onnx), onnx_runner(pruned_onnx),
+                                    {"macs": prune_info["macs_after"]}))
+    if prune_info:
+        variants[0].extra["macs"] = prune_info["macs_before"]
+
+    log(f"measuring {len(variants)} variants on {len(images)} validation images")
+    rows = measure(variants, images, labels, budget_s, log)
+    report = _report(model_path, meta, rows, data, quantize, max_drop, prune_info, len(images))
+    write_reports(out, report)
+    log(format_table(rows))
+    for note in report["notes"]:
+        log(note)
+    log(f"wrote {out / 'compress_report.json'} and {out / 'compress_report.md'}")
+    if report["refused"] and not force:
+        raise ExportError(report["refused"] + " (pass --force to accept it, or try --quantize int8-dynamic)")
+    return report
+
+
+def _report(model_path, meta, rows, data, quantize, max_drop, prune_info, n) -> dict[str, Any]:
+    base = rows[0]["val_accuracy"]
+    notes, refused = [], ""
+    for row in rows[1:]:
+        row["accuracy_change_pts"] = round((row["val_accuracy"] - base) * 100, 2)
+    quant_row = next((r for r in rows if r["variant"] == f"ONNX {quantize}"), None)
+    if quant_row is not None:
+        drop = -quant_row["accuracy_change_pts"]
+        notes.append(f"{quant_row['variant']}: accuracy change {quant_row['accuracy_change_pts']:+.2f} pt, "
+                     f"throughput {quant_row['speedup_vs_eager_b32']:.2f}x eager fp32 at batch 32")
+        if drop > max_drop:
+            refused = f"int8 accuracy drop {drop:.2f} pt exceeds --max-drop {max_drop:g} pt"
+            notes.append("REFUSED: " + refused)
+    if prune_info:
+        fewer = 1 - prune_info["macs_after"] / prune_info["macs_before"]
+        pruned_row = next(r for r in rows if r["variant"] == "pruned")
+        notes.append(f"pruned: {fewer:.1%} fewer MACs, {1 - prune_info['params_after'] / prune_info['params_before']:.1%}"
+                     f" fewer params, accuracy change {pruned_row['accuracy_change_pts']:+.2f} pt after "
+                     f"{prune_info['finetune_epochs']} recovery epoch(s)")
+    source = str(data) if data else f"validation split of {resolve_data_path(meta)}"
+    return {"model": str(model_path), "val_source": source, "num_val": n, "machine": _machine(),
+            "variants": rows, "pruning": prune_info, "max_drop": max_drop, "refused": refused, "notes": notes}
+
+
+def _machine() -> str:
+    import onnxruntime
+    import torch
+
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), onnxruntime {onnxruntime.__version__}")

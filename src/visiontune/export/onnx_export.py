@@ -1,0 +1,145 @@
+"""ONNX export with class names, preprocessing and temperature inside the file.
+
+The graph input ``input`` is float32 NCHW, already normalised (see ``common.INPUT_DOC``); the
+outputs are ``logits`` and ``probabilities``. ``metadata_props`` carry ``class_names``,
+``preprocessing`` (JSON), ``temperature``, ``input_format`` and ``visiontune_version`` so a
+client needs only onnxruntime + Pillow (``examples/onnx_client.py``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .common import INPUT_DOC, DeployWrapper, ExportError, input_shape, temperature_of
+
+DEFAULT_OPSET = 17
+META_KEYS = ("class_names", "preprocessing", "temperature", "input_format", "visiontune_version", "architecture")
+
+
+def onnx_metadata(meta: dict[str, Any]) -> dict[str, str]:
+    """The ``metadata_props`` written into every exported ONNX file (all values are strings)."""
+    from .. import __version__
+
+    return {
+        "class_names": json.dumps(list(meta["class_names"])),
+        "preprocessing": json.dumps(meta["preprocessing"]),
+        "temperature": repr(temperature_of(meta)),
+        "input_format": INPUT_DOC,
+        "visiontune_version": __version__,
+        "architecture": json.dumps(meta.get("architecture", {})),
+    }
+
+
+def _export_graph(wrapper: nn.Module, example: torch.Tensor, opset: int, dynamic_batch: bool) -> bytes:
+    """Serialised ONNX bytes; the TorchScript-based exporter first, dynamo as the fallback.
+
+    The TorchScript-based exporter (``dynamo=False``) produces a plain, fully-folded graph that
+    onnxruntime's quantizer handles best; dynamo is tried if it refuses the model.
+    """
+    axes = {"input": {0: "batch"}, "logits": {0: "batch"}, "probabilities": {0: "batch"}} if dynamic_batch else None
+    common = dict(input_names=["input"], output_names=["logits", "probabilities"], opset_version=opset)
+    errors = []
+    for dynamo in (False, True):
+        buf = io.BytesIO()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # exporter deprecation chatter is not actionable here
+                if dynamo:
+                    program = torch.onnx.export(wrapper, (example,), dynamo=True, dynamic_shapes=(
+                        {0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None, **common)
+                    program.optimize()
+                    return _program_bytes(program)
+                torch.onnx.export(wrapper, (example,), buf, dynamo=False, dynamic_axes=axes,
+                                  do_constant_folding=True, **common)
+                return buf.getvalue()
+        except Exception as exc:  # exporters raise many types; report both if both fail
+            errors.append(f"{'dynamo' if dynamo else 'torchscript'} exporter: {type(exc).__name__}: {exc}")
+    raise ExportError("ONNX export failed: " + " | ".join(e[:400] for e in errors))
+
+
+def _program_bytes(program) -> bytes:
+    """Serialise a dynamo ``ONNXProgram`` (it only saves to a path)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="visiontune-onnx-") as tmp:
+        program.save(str(Path(tmp) / "model.onnx"))
+        return (Path(tmp) / "model.onnx").read_bytes()
+
+
+def set_metadata(path: str | Path, props: dict[str, str]) -> None:
+    """Replace ``metadata_props`` of an ONNX file in place (also used after quantization)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    model.producer_name = "visiontune"
+    onnx.save(model, str(path))
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def export_onnx(model: nn.Module, meta: dict[str, Any], out: str | Path, opset: int = DEFAULT_OPSET,
+                dynamic_batch: bool = False) -> Path:
+    """Write ``model`` (wrapped with softmax + temperature) as ONNX with metadata to ``out``.
+
+    Args:
+        model: the trained network (eval mode, fp32, CPU).
+        meta: its model.json content (class names, preprocessing, calibration).
+        out: the ``.onnx`` path to write.
+        opset: ONNX opset version.
+        dynamic_batch: make the batch dimension dynamic (default: fixed batch of 1).
+
+    Example:
+        >>> model, meta = load_model("runs/train-1")  # doctest: +SKIP
+        >>> export_onnx(model, meta, "model.onnx", dynamic_batch=True)  # doctest: +SKIP
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = DeployWrapper(model.eval().float().cpu(), temperature_of(meta)).eval()
+    example = torch.zeros(1, *input_shape(meta))
+    data = _export_graph(wrapper, example, opset, dynamic_batch)
+    out.write_bytes(data)
+    set_metadata(out, onnx_metadata(meta))
+    return out
+
+
+def onnx_session(path: str | Path, threads: int | None = None):
+    """An onnxruntime CPU session with full graph optimisation; clear error for bad files."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # warnings about unused initialisers are noise for users
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"{path} is not a usable ONNX model ({first[:200]})") from None
+
+
+def session_logits(session, batch: np.ndarray, chunk: int = 32) -> np.ndarray:
+    """Run ``session`` on an NCHW float batch, in chunks the graph accepts (fixed batch: 1 by 1)."""
+    fixed = session.get_inputs()[0].shape[0]
+    step = fixed if isinstance(fixed, int) and fixed > 0 else chunk
+    name = session.get_inputs()[0].name
+    parts = [session.run(["logits"], {name: np.ascontiguousarray(batch[i:i + step], dtype=np.float32)})[0]
+             for i in range(0, len(batch), step)]
+    return np.concatenate(parts)

@@ -1,0 +1,65 @@
+"""TorchScript export: ``torch.jit.trace`` of the deploy wrapper, metadata in ``_extra_files``.
+
+The traced module has the same contract as the ONNX graph (normalised float32 NCHW in,
+``(logits, probabilities)`` out). ``visiontune.json`` inside the archive carries class names,
+preprocessing and temperature; ``torch.jit.load`` never unpickles arbitrary Python objects.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .common import DeployWrapper, ExportError, input_shape, temperature_of
+from .onnx_export import onnx_metadata
+
+EXTRA_FILE = "visiontune.json"
+
+
+def export_torchscript(model: nn.Module, meta: dict[str, Any], out: str | Path, **_: Any) -> Path:
+    """Trace ``model`` (wrapped with softmax + temperature) and save it to ``out`` (``.pt``).
+
+    Extra keyword arguments (``opset``, ``dynamic_batch``) are accepted and ignored: a traced
+    convolutional network already accepts any batch size.
+
+    Example:
+        >>> export_torchscript(model, meta, "model.pt")  # doctest: +SKIP
+        >>> torch.jit.load("model.pt")(x)[1].sum(1)  # probabilities  # doctest: +SKIP
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = DeployWrapper(model.eval().float().cpu(), temperature_of(meta)).eval()
+    example = torch.zeros(2, *input_shape(meta))
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # jit deprecation: still the portable format here
+            traced = torch.jit.trace(wrapper, example, check_trace=False)
+    except Exception as exc:
+        raise ExportError(f"TorchScript trace failed: {type(exc).__name__}: {exc}") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(traced, str(out), _extra_files={EXTRA_FILE: json.dumps(onnx_metadata(meta))})
+    return out
+
+
+def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, str]]:
+    """Load an exported TorchScript file and its visiontune metadata."""
+    extra = {EXTRA_FILE: ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except Exception as exc:
+        raise ExportError(f"{path} is not a usable TorchScript model ({type(exc).__name__})") from None
+    return module.eval(), json.loads(extra[EXTRA_FILE] or "{}")
+
+
+@torch.inference_mode()
+def torchscript_logits(path: str | Path, batch: torch.Tensor, chunk: int = 32):
+    module, _ = load_torchscript(path)
+    return torch.cat([module(batch[i:i + chunk])[0] for i in range(0, len(batch), chunk)]).numpy()

@@ -1,0 +1,206 @@
+"""Export (ONNX / TorchScript / timm-HF) parity, the ONNX backend, the standalone client,
+int8 quantization and pruning smoke tests, and clear errors for bad ONNX files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_folder
+from visiontune.evaluation.predictor import Classifier
+from visiontune.export import EXPORTERS, ExportError, export_model
+from visiontune.export.common import check_parity
+from visiontune.export.onnx_runtime import OnnxClassifier, load_any
+from visiontune.models import build_model, save_model
+from vt_support import cli
+
+CLIENT = Path(__file__).resolve().parents[1] / "examples" / "onnx_client.py"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A 3-class efficientnet_lite0 at 64 px (onnxruntime int8 depthwise kernels reject 1x1 maps at 32 px) saved like a training run (no training: fast).
+
+    The head gets a large init so the classes are well separated and top-1 is not a coin toss.
+    """
+    base = tmp_path_factory.mktemp("export tiny")
+    data = make_folder(base / "data", per_class=8, fmt="jpg")
+    model, arch, pre = build_model("efficientnet_lite0", 3)
+    torch.nn.init.normal_(model.get_submodule(arch.head).weight, std=0.5)
+    pre["input_size"] = [3, 64, 64]
+    meta = {"architecture": arch.to_dict(), "class_names": ["blue", "green", "red"], "preprocessing": pre,
+            "calibration": {"temperature": 1.5}, "training": {"data": str(data), "seed": 0}}
+    save_model(base / "run" / "model", model, meta)
+    return base / "run", data
+
+
+@pytest.fixture(scope="module")
+def onnx_file(tiny_model):
+    report = export_model(tiny_model[0], "onnx", dynamic_batch=True)
+    return Path(report["file"])
+
+
+@pytest.mark.parametrize("fmt", sorted(EXPORTERS))
+def test_export_parity_for_every_format(tiny_model, tmp_path, fmt):
+    report = export_model(tiny_model[0], fmt, out=tmp_path / fmt / EXPORTERS[fmt][1])
+    assert report["passed"] and report["top1_agreement"] == 1.0
+    assert report["max_abs_logit_diff"] <= 1e-3
+    assert "validation images" in report["source"]
+    folder = Path(report["file"]).parent
+    assert json.loads((folder / "export_report.json").read_text())["passed"]
+    assert json.loads((folder / "model.json").read_text())["export"]["format"] == fmt
+
+
+def test_hf_layout_loads_with_timm_alone(tiny_model, tmp_path):
+    import timm
+
+    export_model(tiny_model[0], "hf", out=tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architecture"] == "tf_efficientnet_lite0" and config["num_classes"] == 3
+    assert config["label_names"] == ["blue", "green", "red"]
+    assert config["pretrained_cfg"]["input_size"] == [3, 64, 64] and "crop_pct" in config["pretrained_cfg"]
+    model = timm.create_model("local-dir:" + str(tmp_path / "hf"), pretrained=True).eval()
+    reference = Classifier.load(tiny_model[0], precision="32")
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(model(x), reference.model.float()(x), atol=1e-4, rtol=0)
+
+
+def test_hf_refuses_torchvision_models(tmp_path):
+    from visiontune.export.hf_export import export_hf
+
+    with pytest.raises(ExportError, match="timm architecture"):
+        export_hf(torch.nn.Identity(), {"architecture": {"source": "torchvision", "name": "resnet18"}}, tmp_path)
+
+
+def test_onnx_metadata_and_predict_match_eager(tiny_model, onnx_file):
+    run, data = tiny_model
+    images = sorted(str(p) for p in data.rglob("*.jpg"))
+    eager = Classifier.load(run, precision="32").predict(images, top_k=3)
+    onnx = load_any(onnx_file)
+    assert isinstance(onnx, OnnxClassifier) and onnx.class_names == ["blue", "green", "red"]
+    assert onnx.temperature == pytest.approx(1.5)
+    rows = onnx.predict(images, top_k=3)
+    assert [r["label"] for r in rows] == [r["label"] for r in eager]
+    assert set(rows[0]) == set(eager[0])
+    for a, b in zip(rows, eager):
+        np.testing.assert_allclose([t["probability"] for t in a["top_k"]], [t["probability"] for t in b["top_k"]],
+                                   atol=1e-4)
+
+
+def test_evaluate_accepts_onnx_classifier(tiny_model, onnx_file):
+    from visiontune.evaluation.evaluate import evaluate
+
+    result = evaluate(load_any(onnx_file), tiny_model[1], save=False)
+    expected = evaluate(Classifier.load(tiny_model[0], precision="32"), tiny_model[1], save=False)
+    assert result["accuracy"] == expected["accuracy"] and result["num_samples"] == 24
+
+
+def test_standalone_client_matches_predict(tiny_model, onnx_file):
+    images = sorted(str(p) for p in tiny_model[1].rglob("*.jpg"))[::4]
+    out = subprocess.run([sys.executable, str(CLIENT), str(onnx_file), *images], capture_output=True, text=True,
+                         check=True).stdout
+    client = list(csv.DictReader(io.StringIO(out)))
+    eager = Classifier.load(tiny_model[0], precision="32").predict(images, top_k=1)
+    assert [r["label"] for r in client] == [r["label"] for r in eager]
+    np.testing.assert_allclose([float(r["probability"]) for r in client], [r["probability"] for r in eager], atol=1e-4)
+    assert "visiontune" not in CLIENT.read_text().split('"""')[2].replace("visiontune's", "")  # no import
+
+
+def test_quantize_smoke(tiny_model, tmp_path):
+    from visiontune.export.compress import compress
+
+    report = compress(tiny_model[0], quantize="int8", out=tmp_path, budget_s=0.01, force=True, log=lambda _: None)
+    names = [r["variant"] for r in report["variants"]]
+    assert names == ["eager fp32", "ONNX fp32", "ONNX int8"]
+    assert report["variants"][1]["top1_agreement"] == 1.0
+    assert (tmp_path / "compress_report.json").is_file() and "| variant |" in (tmp_path / "compress_report.md").read_text()
+    quantized = OnnxClassifier.load(tmp_path / "onnx-int8" / "model.onnx")
+    assert quantized.predict([str(next(tiny_model[1].rglob("*.jpg")))])[0]["label"] in quantized.class_names
+
+
+def test_quantize_guard_refuses_large_drop(tiny_model, tmp_path):
+    from visiontune.export.compress import compress
+
+    # a negative allowance makes any int8 model "too inaccurate": the guard must refuse it
+    with pytest.raises(ExportError, match="max-drop"):
+        compress(tiny_model[0], quantize="int8-dynamic", out=tmp_path, max_drop=-101, budget_s=0.01, log=lambda _: None)
+    assert json.loads((tmp_path / "compress_report.json").read_text())["refused"]
+
+
+def test_prune_smoke_saves_pickle_free_and_reloads(tiny_model, tmp_path):
+    from visiontune.export.compress import compress
+
+    report = compress(tiny_model[0], prune=0.3, finetune_epochs=1, out=tmp_path, budget_s=0.01, log=lambda _: None)
+    assert report["pruning"]["macs_after"] < 0.85 * report["pruning"]["macs_before"]
+    assert [r["variant"] for r in report["variants"]][-2:] == ["pruned", "pruned ONNX fp32"]
+    clf = load_any(tmp_path / "pruned")
+    assert json.loads((tmp_path / "pruned" / "model.json").read_text())["pruned"]["shapes"]
+    rows = clf.predict(sorted(str(p) for p in tiny_model[1].rglob("*.jpg"))[:3])
+    assert all(r["label"] in clf.class_names for r in rows)
+
+
+def test_corrupted_onnx_gives_clear_error(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"\x08\x07garbage, not a protobuf" * 10)
+    with pytest.raises(ExportError, match="not a usable ONNX model"):
+        load_any(bad)
+
+
+def test_mismatched_onnx_sidecar_gives_clear_error(tmp_path, onnx_file):
+    (tmp_path / "model.onnx").write_bytes(onnx_file.read_bytes())
+    meta = json.loads((onnx_file.parent / "model.json").read_text())
+    (tmp_path / "model.json").write_text(json.dumps({**meta, "class_names": ["a", "b", "c"]}))
+    with pytest.raises(ExportError, match="disagree on the class names"):
+        OnnxClassifier.load(tmp_path / "model.onnx")
+
+
+def test_parity_failure_is_loud():
+    with pytest.raises(ExportError, match="agreement"):
+        check_parity({"top1_agreement": 0.9, "max_abs_logit_diff": 0.0})
+    with pytest.raises(ExportError, match="logit diff"):
+        check_parity({"top1_agreement": 1.0, "max_abs_logit_diff": 0.1})
+
+
+def test_cli_export_then_predict_and_evaluate_onnx(tiny_model, tmp_path):
+    """End to end through the console: export, then predict/evaluate the .onnx exactly like the run."""
+    run, data = tiny_model
+    out = tmp_path / "out dir" / "m.onnx"
+    done = subprocess.run(cli("export", run, "--format", "onnx", "--dynamic-batch", "--out", out),
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert "top-1 agreement 100.00%" in done.stdout and out.is_file()
+    assert json.loads((out.parent / "export_report.json").read_text())["passed"]
+    images = sorted(str(p) for p in data.rglob("*.jpg"))[::3]
+    from_run = subprocess.run(cli("predict", run, *images, "--precision", "32"), capture_output=True, text=True,
+                              timeout=240, check=True).stdout
+    from_onnx = subprocess.run(cli("predict", out, *images), capture_output=True, text=True, timeout=240,
+                               check=True).stdout
+    rows_run, rows_onnx = (list(csv.DictReader(io.StringIO(t))) for t in (from_run, from_onnx))
+    assert list(rows_onnx[0]) == list(rows_run[0])  # identical columns
+    assert [r["label"] for r in rows_onnx] == [r["label"] for r in rows_run]
+    evaluated = subprocess.run(cli("evaluate", out, data, "--json", "--no-save"), capture_output=True, text=True,
+                               timeout=240, check=True).stdout
+    assert json.loads(evaluated)["num_samples"] == 24
+
+
+def test_cli_compress_writes_table_and_exit_codes(tiny_model, tmp_path):
+    run = tiny_model[0]
+    ok = subprocess.run(cli("compress", run, "--quantize", "int8-dynamic", "--out", tmp_path / "c",
+                            "--bench-seconds", "0.01", "--max-drop", "100"), capture_output=True, text=True,
+                        timeout=240)
+    assert ok.returncode == 0, ok.stderr
+    assert "ONNX int8-dynamic" in ok.stdout and (tmp_path / "c" / "compress_report.md").is_file()
+    refused = subprocess.run(cli("compress", run, "--quantize", "int8-dynamic", "--out", tmp_path / "r",
+                                 "--bench-seconds", "0.01", "--max-drop", "-101"), capture_output=True, text=True,
+                             timeout=240)
+    assert refused.returncode == 2 and "max-drop" in refused.stderr and "Traceback" not in refused.stderr
+    nothing = subprocess.run(cli("compress", run), capture_output=True, text=True, timeout=120)
+    assert nothing.returncode == 2 and "--quantize" in nothing.stderr
