@@ -27,15 +27,30 @@ CLIENT = Path(__file__).resolve().parents[1] / "examples" / "onnx_client.py"
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    """A 3-class efficientnet_lite0 at 64 px (onnxruntime int8 depthwise kernels reject 1x1 maps at 32 px) saved like a training run (no training: fast).
+    """A 3-class efficientnet_lite0 at 64 px saved like a training run (onnxruntime int8
+    depthwise kernels reject 1x1 maps at 32 px).
 
-    The head gets a large init so the classes are well separated and top-1 is not a coin toss.
+    Instead of training, the head is fitted in closed form (logistic regression on the frozen
+    features, a second): real class margins, so int8 agreement is meaningful, not a coin toss.
     """
+    from sklearn.linear_model import LogisticRegression
+
+    from visiontune.data.image import load_image
+    from visiontune.data.transforms import eval_transform
+
     base = tmp_path_factory.mktemp("export tiny")
     data = make_folder(base / "data", per_class=8, fmt="jpg")
     model, arch, pre = build_model("efficientnet_lite0", 3)
-    torch.nn.init.normal_(model.get_submodule(arch.head).weight, std=0.5)
     pre["input_size"] = [3, 64, 64]
+    paths = sorted(data.rglob("*.jpg"))
+    x = torch.stack([eval_transform(pre)(load_image(p)) for p in paths])
+    labels = [["blue", "green", "red"].index(p.parent.name) for p in paths]
+    with torch.no_grad():
+        features = model.eval().forward_head(model.forward_features(x), pre_logits=True).numpy()
+    fit = LogisticRegression(C=10.0, max_iter=2000).fit(features, labels)
+    head = model.get_submodule(arch.head)
+    head.weight.data = torch.tensor(fit.coef_, dtype=torch.float32)
+    head.bias.data = torch.tensor(fit.intercept_, dtype=torch.float32)
     meta = {"architecture": arch.to_dict(), "class_names": ["blue", "green", "red"], "preprocessing": pre,
             "calibration": {"temperature": 1.5}, "training": {"data": str(data), "seed": 0}}
     save_model(base / "run" / "model", model, meta)
@@ -121,6 +136,7 @@ def test_quantize_smoke(tiny_model, tmp_path):
     names = [r["variant"] for r in report["variants"]]
     assert names == ["eager fp32", "ONNX fp32", "ONNX int8"]
     assert report["variants"][1]["top1_agreement"] == 1.0
+    assert report["variants"][2]["top1_agreement"] >= 0.9  # int8 keeps the decisions (static pads)
     assert (tmp_path / "compress_report.json").is_file() and "| variant |" in (tmp_path / "compress_report.md").read_text()
     quantized = OnnxClassifier.load(tmp_path / "onnx-int8" / "model.onnx")
     assert quantized.predict([str(next(tiny_model[1].rglob("*.jpg")))])[0]["label"] in quantized.class_names
@@ -204,3 +220,23 @@ def test_cli_compress_writes_table_and_exit_codes(tiny_model, tmp_path):
     assert refused.returncode == 2 and "max-drop" in refused.stderr and "Traceback" not in refused.stderr
     nothing = subprocess.run(cli("compress", run), capture_output=True, text=True, timeout=120)
     assert nothing.returncode == 2 and "--quantize" in nothing.stderr
+
+
+def test_static_same_padding_is_exact_and_leaves_no_shape_arithmetic(tiny_model, onnx_file):
+    """TF-"SAME" layers get constant pads (int8 broke on the run-time pad arithmetic otherwise)."""
+    import onnx
+    from timm.layers import AvgPool2dSame, Conv2dSame
+    from timm.layers.pool2d_same import MaxPool2dSame
+
+    from visiontune.export.static_pad import static_same_padding
+
+    ops = {node.op_type for node in onnx.load(str(onnx_file)).graph.node}
+    assert not ops & {"Shape", "Ceil"}, ops  # no pad arithmetic on the run-time input size
+    net = torch.nn.Sequential(Conv2dSame(3, 4, 3, stride=2), MaxPool2dSame(3, stride=2),
+                              Conv2dSame(4, 4, 4, stride=1), AvgPool2dSame(2, stride=2)).eval()
+    for size in (17, 32):
+        x = torch.randn(2, 3, size, size)
+        fixed = static_same_padding(net, x[:1])
+        assert not any(isinstance(m, (Conv2dSame, MaxPool2dSame, AvgPool2dSame)) for m in fixed.modules())
+        torch.testing.assert_close(fixed(x), net(x), atol=0, rtol=0)
+    assert isinstance(net[0], Conv2dSame)  # the original is untouched

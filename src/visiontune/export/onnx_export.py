@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .common import INPUT_DOC, DeployWrapper, ExportError, input_shape, temperature_of
+from .static_pad import static_same_padding
 
 DEFAULT_OPSET = 17
 META_KEYS = ("class_names", "preprocessing", "temperature", "input_format", "visiontune_version", "architecture")
@@ -111,8 +112,10 @@ def export_onnx(model: nn.Module, meta: dict[str, Any], out: str | Path, opset: 
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = DeployWrapper(model.eval().float().cpu(), temperature_of(meta)).eval()
     example = torch.zeros(1, *input_shape(meta))
+    # the graph's spatial size is fixed, so TF-"SAME" pads become constants (int8 needs this)
+    fixed = static_same_padding(model.eval().float().cpu(), example)
+    wrapper = DeployWrapper(fixed, temperature_of(meta)).eval()
     data = _export_graph(wrapper, example, opset, dynamic_batch)
     out.write_bytes(data)
     set_metadata(out, onnx_metadata(meta))

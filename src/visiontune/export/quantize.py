@@ -35,7 +35,7 @@ class ImageCalibrationReader:
 
 
 def calibration_batches(meta: dict[str, Any], paths: Sequence[str], fixed_batch: int | None,
-                        limit: int = 128, chunk: int = 16) -> list[np.ndarray]:
+                        limit: int = 512, chunk: int = 16) -> list[np.ndarray]:
     """Preprocessed calibration batches (generated images when no real ones are given)."""
     if paths:
         step = max(1, len(paths) // limit)  # spread the sample over every class
@@ -78,7 +78,9 @@ def quantize_onnx(src: str | Path, dst: str | Path, meta: dict[str, Any], mode: 
             reader = ImageCalibrationReader(graph_input.name, calibration_batches(meta, calib_paths, fixed))
             quantize_static(str(prepared), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
+                                           # min/max are reduced every few batches: bounded memory
+                                           "CalibMaxIntermediateOutputs": 4})
     set_metadata(dst, {**props, "quantization": mode})  # the quantizer drops metadata_props
     _smoke_run(dst, meta)
     return dst
