@@ -23,9 +23,9 @@ def test_shards_cover_every_sample_once(image_folder, tmp_path):
     seen_train, seen_val = [], []
     for rank in range(2):
         data.trainer = SimpleNamespace(global_rank=rank, world_size=2)
-        seen_train += list(data.train_dataloader().sampler)
+        seen_train += [index for index, epoch in data.train_dataloader().sampler]
         seen_val += list(data.val_dataloader().sampler)
-    # every sample each epoch; DistributedSampler pads an odd count with one repeat so ranks stay in step
+    # every sample each epoch; the sampler pads an odd count with one repeat so ranks stay in step
     assert set(seen_train) == set(range(len(data.train_set)))
     assert len(seen_train) - len(data.train_set) == len(data.train_set) % 2
     assert sorted(seen_val) == list(range(len(data.val_set)))

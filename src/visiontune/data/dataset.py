@@ -13,6 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from .image import ImageDecodeError, load_image
+from .sampling import SampleKey, sample_seed, seeded
 from .scan import Sample
 
 log = logging.getLogger(__name__)
@@ -24,12 +25,16 @@ class ImageListDataset(Dataset):
 
     The integrity scan runs before training, so a failure here means a file changed on disk
     since; the sample is replaced by the next readable one and the failure is logged.
+
+    Indexed by an int, or by an ``(index, epoch)`` key from :class:`~visiontune.data.sampling.EpochSampler`:
+    then the random augmentation is seeded from ``(seed, epoch, index)``, reproducible on resume.
     """
 
-    def __init__(self, samples: list[Sample], transform: Callable, draft_size: int | None = None):
+    def __init__(self, samples: list[Sample], transform: Callable, draft_size: int | None = None, seed: int = 0):
         self.samples = list(samples)
         self.transform = transform
         self.draft_size = draft_size
+        self.seed = seed
         self._images: list[np.ndarray | None] | None = None
 
     def __len__(self) -> int:
@@ -63,7 +68,14 @@ class ImageListDataset(Dataset):
             return Image.fromarray(self._images[index])
         return load_image(path, self.draft_size)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | SampleKey) -> tuple[torch.Tensor, int]:
+        if isinstance(key, tuple):
+            index, epoch = key
+            with seeded(sample_seed(self.seed, epoch, index)):
+                return self._get(index)
+        return self._get(key)
+
+    def _get(self, index: int) -> tuple[torch.Tensor, int]:
         for attempt in range(MAX_SUBSTITUTE_TRIES):
             position = (index + attempt) % len(self.samples)
             path, label = self.samples[position]

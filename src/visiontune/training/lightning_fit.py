@@ -12,10 +12,12 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from ..data.dataset import ImageListDataset, default_workers, make_loader
+from ..data.sampling import EpochSampler
 from ..data.transforms import draft_size, eval_transform, train_transform
+from .checkpoint_io import AtomicCheckpointIO
 from .callbacks import BestModelSaver, FreezeSchedule, MetricsRecorder
 from .context import TrainContext
 from .module import ClassifierModule
@@ -37,7 +39,7 @@ class ImageDataModule(L.LightningDataModule):
         self.seed = cfg.seed
         self.workers = default_workers(cfg.workers)
         draft = draft_size(pre)
-        self.train_set = ImageListDataset(ctx.splits.train, train_transform(pre, cfg.augment), draft)
+        self.train_set = ImageListDataset(ctx.splits.train, train_transform(pre, cfg.augment), draft, cfg.seed)
         self.val_set = ImageListDataset(ctx.splits.val, eval_transform(pre), draft)
         self.sample_weights = ctx.sample_weights()
         if cfg.cache_images:
@@ -52,10 +54,13 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._world()
-        if world > 1:  # every sample once per epoch across ranks (padded to equal shards)
-            sampler = DistributedSampler(self.train_set, world, rank, shuffle=True, seed=self.seed)
-            return make_loader(self.train_set, self.batch_size, False, self.workers, self.seed, sampler=sampler)
-        return make_loader(self.train_set, self.batch_size, True, self.workers, self.seed, self.sample_weights)
+        # order and augmentation from (seed, epoch, index) only: a resumed run repeats them exactly;
+        # every sample once per epoch across ranks (padded to equal shards)
+        trainer = getattr(self, "trainer", None)
+        # the epoch Lightning itself passes to set_epoch (restored from the checkpoint on resume)
+        epoch_fn = (lambda: trainer.fit_loop.epoch_progress.current.processed) if isinstance(trainer, L.Trainer) else None
+        sampler = EpochSampler(len(self.train_set), self.seed, rank, world, self.sample_weights, epoch_fn=epoch_fn)
+        return make_loader(self.train_set, self.batch_size, False, self.workers, self.seed, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._world()
@@ -82,8 +87,8 @@ def checkpoint_callbacks(ctx: TrainContext) -> list:
     """Checkpoints for --resume (the best model is model/, not these).
 
     The two newest epoch-end checkpoints are kept, so resume can fall back when the newest is
-    unreadable; optionally every N steps too; and one on SIGTERM/SIGINT/crash. Lightning writes
-    each atomically (serialised in memory, then a file-system transaction: temp file + rename).
+    unreadable; optionally every N steps too; and one on SIGTERM/SIGINT/crash. Each is written
+    atomically by :class:`AtomicCheckpointIO` (temp file, fsync, rename).
     """
     newest_two = {"monitor": "step", "mode": "max", "save_top_k": 2, "enable_version_counter": False}
     callbacks = [
@@ -131,6 +136,7 @@ def make_trainer(ctx: TrainContext, callbacks: list, max_epochs: int) -> L.Train
         enable_progress_bar=progress,
         log_every_n_steps=10,
         default_root_dir=ctx.run_dir,
+        plugins=[AtomicCheckpointIO()],
         **kwargs,
     )
 

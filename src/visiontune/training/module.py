@@ -11,6 +11,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, M
 
 from ..config import TrainConfig
 from ..models.groups import head_parameter_names
+from .checkpoint_io import restore_rng, rng_state
 
 MIN_LR_FACTOR = 0.01  # cosine ends at 1% of the peak, so the last epoch still learns
 DEFAULT_LR = {"adamw": 1e-3, "adam": 1e-3, "sgd": 1e-2}
@@ -81,6 +82,13 @@ class ClassifierModule(L.LightningModule):
         # set train mode explicitly, which also re-applies the BatchNorm rule above.
         self.train()
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning does not store RNG state; without it dropout/drop-path differ after --resume
+        checkpoint["visiontune_rng"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        restore_rng(checkpoint.get("visiontune_rng"))
+
     def _step(self, batch, metric: MulticlassAccuracy, prefix: str) -> torch.Tensor:
         x, y = batch
         if x.device.type in ("cpu", "cuda") and x.dim() == 4:
@@ -126,10 +134,30 @@ class ClassifierModule(L.LightningModule):
             opt = torch.optim.Adam(groups, lr=resolve_lr(cfg), weight_decay=cfg.weight_decay)
         else:
             opt = torch.optim.AdamW(groups, lr=resolve_lr(cfg), weight_decay=cfg.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = max(1, stepping_batches(self.trainer))
         steps_per_epoch = max(1, total // max(1, cfg.epochs))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=schedule_fn(cfg, total, steps_per_epoch))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def stepping_batches(trainer: L.Trainer) -> int:
+    """Optimizer steps of this fit, from the datamodule's sizes.
+
+    Lightning's ``estimated_stepping_batches`` builds the train loader's first iterator to count
+    batches, before a resumed run has restored its epoch: that iterator would replay epoch 0's
+    order. Counting from the dataset avoids iterating anything.
+    """
+    data = trainer.datamodule
+    if data is None or not hasattr(data, "train_set"):
+        return int(trainer.estimated_stepping_batches)
+    per_rank = math.ceil(len(data.train_set) / max(1, trainer.world_size))
+    batches = math.ceil(per_rank / data.batch_size)
+    limit = trainer.limit_train_batches
+    if isinstance(limit, int):
+        batches = min(batches, limit)
+    elif limit is not None and limit < 1.0:
+        batches = max(1, int(batches * limit))
+    return math.ceil(batches / trainer.accumulate_grad_batches) * max(1, trainer.max_epochs)
 
 
 def schedule_fn(cfg: TrainConfig, total_steps: int, steps_per_epoch: int):

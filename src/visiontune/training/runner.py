@@ -229,6 +229,10 @@ def newest_valid_checkpoint(folder: Path) -> Path | None:
     """The most recent checkpoint that loads (weights only); a truncated newest one is skipped."""
     import torch
 
+    from .checkpoint_io import remove_stale_temp_files
+
+    for stale in remove_stale_temp_files(folder) if folder.is_dir() else []:
+        print(f"removed half-written {stale.name} (the run was killed while saving it)")
     candidates = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
     for path in candidates:
         try:
