@@ -111,7 +111,8 @@ def main() -> int:
     p.add_argument("--model", default="/tmp/hym-serve")
     p.add_argument("--images", default=str(ROOT / "data/hymenoptera/train"))
     p.add_argument("--duration", type=float, default=30.0, help="seconds per load level (30)")
-    p.add_argument("--levels", default="1,8,32")
+    p.add_argument("--levels", default="1,8,32", help="client counts; empty to skip")
+    p.add_argument("--no-overload", action="store_true", help="skip the overload section")
     p.add_argument("--soak", type=float, default=0.0, help="soak seconds at 4 clients (0: skip)")
     p.add_argument("--out", default=str(ROOT / "bench/SERVE_RESULTS.md"))
     args = p.parse_args()
@@ -121,32 +122,39 @@ def main() -> int:
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared), Python {platform.python_version()}; "
              f"model {args.model}; {len(images)} distinct JPEGs from {args.images}, raw-bytes POSTs on loopback.\n"]
 
-    server = Server(args.model)  # defaults: --max-batch 16 --max-wait-ms 10 --max-queue 64
-    try:
-        lines += ["## Load levels (default settings)\n", "| clients | req/s | p50 ms | p99 ms | statuses | errors | 5xx |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
-        base = None
-        for n in (int(x) for x in args.levels.split(",")):
-            res = asyncio.run(drive(server.url, images, n, args.duration))
-            base = base or res["rps"]
-            print(res, flush=True)
-            lines.append(f"| {n} | {res['rps']:.1f} ({res['rps'] / base:.2f}x) | {res['p50']:.0f} | {res['p99']:.0f} | "
-                         f"{res['codes']} | {res['errors']} | {res['5xx']} |")
-    finally:
-        lines.append(f"\nSIGTERM exit code: {server.stop()} (uvicorn re-raises SIGTERM after a graceful shutdown)\n")
+    if args.levels:
+        server = Server(args.model)  # defaults: --max-batch 16 --max-wait-ms 10 --max-queue 64
+        try:
+            lines += ["## Load levels (default settings)\n", "| clients | req/s | p50 ms | p99 ms | statuses | errors | 5xx |",
+                      "| --- | --- | --- | --- | --- | --- | --- |"]
+            base = None
+            for n in (int(x) for x in args.levels.split(",")):
+                res = asyncio.run(drive(server.url, images, n, args.duration))
+                base = base or res["rps"]
+                print(res, flush=True)
+                lines.append(f"| {n} | {res['rps']:.1f} ({res['rps'] / base:.2f}x) | {res['p50']:.0f} | {res['p99']:.0f} | "
+                             f"{res['codes']} | {res['errors']} | {res['5xx']} |")
+        finally:
+            lines.append(f"\nSIGTERM exit code: {server.stop()} (uvicorn re-raises SIGTERM after a graceful shutdown)\n")
 
-    server = Server(args.model, "--max-queue", "8", "--timeout-s", "5")
-    try:
-        over = asyncio.run(drive(server.url, images, 64, min(args.duration, 15)))
-        after = asyncio.run(drive(server.url, images, 1, 5))
-        print(over, after, flush=True)
+    if not args.no_overload:
         lines += ["## Overload: 64 clients, --max-queue 8 (clients back off Retry-After/10 on 503)\n",
-                  f"- statuses {over['codes']}, errors {over['errors']}, 5xx other than 503: {over['5xx']}",
-                  f"- 503 latency p50 {over['busy_p50']:.1f} ms, p99 {over['busy_p99']:.1f} ms; "
-                  f"200 latency p50 {over['p50']:.0f} ms, p99 {over['p99']:.0f} ms; {over['rps']:.1f} req/s served",
-                  f"- recovery, 1 client for 5 s right after: statuses {after['codes']}, p50 {after['p50']:.0f} ms\n"]
-    finally:
-        server.stop()
+                  "Side by side in this run: inference/decoding threads at the event loop's priority (`--nice 0`) "
+                  "and below it (default `--nice 10`).\n",
+                  "| --nice | statuses | 503 p50 ms | 503 p99 ms | 200 p50 ms | 200 p99 ms | served req/s | 5xx other "
+                  "than 503 | recovery (1 client, 5 s) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for nice in ("0", "10"):
+            server = Server(args.model, "--max-queue", "8", "--timeout-s", "5", "--nice", nice)
+            try:
+                over = asyncio.run(drive(server.url, images, 64, min(args.duration, 15)))
+                after = asyncio.run(drive(server.url, images, 1, 5))
+                print(nice, over, after, flush=True)
+                lines.append(f"| {nice} | {over['codes']} | {over['busy_p50']:.1f} | {over['busy_p99']:.1f} | "
+                             f"{over['p50']:.0f} | {over['p99']:.0f} | {over['rps']:.1f} | {over['5xx']} | "
+                             f"{after['codes']}, p50 {after['p50']:.0f} ms |")
+            finally:
+                server.stop()
+        lines.append("")
 
     if args.soak:
         server = Server(args.model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import socket
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -282,3 +283,24 @@ def test_readyz_503_until_loaded_and_cli_refuses_public_bind(trained_run, monkey
 
     monkeypatch.delenv("VISIONTUNE_API_KEY", raising=False)
     assert main([str(trained_run[0].run_dir), "--host", "0.0.0.0"]) == 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are a Linux feature")
+def test_inference_threads_run_below_the_event_loop_priority():
+    """Saturated CPU: the event loop (503s, health checks) must be scheduled before model work."""
+    import os
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from visiontune.serve.batcher import Batcher
+
+    def nice_of_this_thread(_=None):
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    base = nice_of_this_thread()
+    batcher = Batcher(nice_of_this_thread, niceness=5)
+    assert batcher._executor.submit(nice_of_this_thread).result() == min(19, base + 5)
+    batcher._executor.shutdown()
+    with ThreadPoolExecutor(1) as plain:
+        assert plain.submit(nice_of_this_thread).result() == base  # default threads untouched
+    assert nice_of_this_thread() == base

@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from ..data.transforms import draft_size
-from .batcher import Batcher, QueueFull
+from .batcher import Batcher, QueueFull, lower_thread_priority
 from .security import BodyLimitMiddleware, RequestError, check_api_key, decode_upload
 from .settings import ServeSettings
 
@@ -46,7 +46,8 @@ class _State:
         self.load_error = ""
         self.pending = 0  # images admitted (decoding, queued or in the model): admission control
         self.decoders = ThreadPoolExecutor(max_workers=max(1, settings.workers_threads),
-                                           thread_name_prefix="visiontune-decode")
+                                           thread_name_prefix="visiontune-decode",
+                                           initializer=lower_thread_priority, initargs=(settings.niceness,))
 
 
 def _model_info(clf: Any) -> dict[str, Any]:
@@ -96,10 +97,11 @@ def create_app(model: str | os.PathLike | Any, settings: ServeSettings | None = 
             loop = asyncio.get_running_loop()
             clf = model if hasattr(model, "logits") else await loop.run_in_executor(
                 None, load_classifier, model, settings.precision)
-            batcher = Batcher(clf.logits, settings.max_batch, settings.max_wait_ms, settings.max_queue)
+            batcher = Batcher(clf.logits, settings.max_batch, settings.max_wait_ms, settings.max_queue,
+                              settings.niceness)
             if settings.warmup:
                 size = [int(s) for s in clf.preprocessing["input_size"]]
-                await loop.run_in_executor(None, clf.logits, torch.zeros([min(2, settings.max_batch), *size]))
+                await batcher.warmup(torch.zeros([min(2, settings.max_batch), *size]))
             await batcher.start()
             state.clf, state.batcher, state.ready = clf, batcher, True
         except Exception as exc:  # reported by /readyz; the process stays up for diagnosis

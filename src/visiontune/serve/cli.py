@@ -30,6 +30,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"require X-API-Key: KEY on /v1/* (default: ${API_KEY_ENV})")
     p.add_argument("--workers-threads", type=int, default=None, metavar="N",
                    help="image-decoding threads (default: CPU count)")
+    p.add_argument("--nice", type=int, default=10, metavar="N",
+                   help="run inference and decoding N steps below the HTTP event loop's CPU priority, so "
+                        "503s and health checks stay fast when the CPU is saturated (10; 0: off; Linux)")
     p.add_argument("--precision", default="auto", choices=("auto", "32", "bf16"), help="inference precision")
     p.add_argument("--reject-below", type=float, default=None, metavar="P",
                    help="label 'unknown' when the (calibrated) top probability is below P")
@@ -41,7 +44,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         timeout_s=args.timeout_s, max_body_mb=args.max_body_mb,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         workers_threads=args.workers_threads or max(1, os.cpu_count() or 1),
-        precision=args.precision, reject_below=args.reject_below)
+        precision=args.precision, reject_below=args.reject_below, niceness=args.nice)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ class ServeSettings:
     precision: str = "auto"
     reject_below: float | None = None
     warmup: bool = True
+    niceness: int = 10  # inference/decoding threads run this much below the event loop (Linux)
 
     @property
     def max_body_bytes(self) -> int:
