@@ -124,3 +124,13 @@ def test_epoch_sampler_is_a_function_of_seed_and_epoch():
     assert set(seen) == set(range(7)) and len(seen) == 8  # padded to equal shards
     weighted = EpochSampler(6, seed=0, weights=torch.tensor([0.0, 0, 0, 0, 0, 1]))
     assert {i for i, _ in weighted} == {5}
+
+
+def test_same_seed_same_metrics_for_any_worker_count(image_folder, tmp_path):
+    """Augmentation is seeded per sample, so loader processes do not change the run."""
+    import visiontune
+    from conftest import FAST
+
+    opts = {**FAST, "epochs": 2, "freeze_epochs": 0, "seed": 5, "precision": "32", "augment": "standard"}
+    runs = [visiontune.train(image_folder, run_dir=str(tmp_path / f"w{w}"), **{**opts, "workers": w}) for w in (0, 2)]
+    assert metric_columns(runs[0].run_dir) == metric_columns(runs[1].run_dir)
