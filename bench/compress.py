@@ -1,7 +1,7 @@
 """Acceptance benchmark for issue 5: export parity + int8 + pruning on trained runs.
 
 Usage:
-    python bench/compress.py RUN_DIR [RUN_DIR ...] [--prune 0.2] [--finetune-epochs 3]
+    python bench/compress.py RUN_DIR [RUN_DIR ...] [--prune 0.3] [--finetune-epochs 3]
 
 For each run: ONNX export with parity check (RUN/export/onnx/export_report.json), then
 ``compress --quantize int8 --prune RATIO`` writing RUN/compress/compress_report.{json,md};
@@ -33,8 +33,8 @@ def bench_run(run: str, prune: float, epochs: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+")
-    parser.add_argument("--prune", type=float, default=0.2)
-    parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--prune", type=float, default=0.3)
+    parser.add_argument("--finetune-epochs", type=int, default=3, help="per pruning round (2 rounds)")
     parser.add_argument("--out", default=str(Path(__file__).with_name("compress_results.md")))
     args = parser.parse_args(argv)
     sections = [bench_run(run, args.prune, args.finetune_epochs) for run in args.runs]

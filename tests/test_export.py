@@ -154,7 +154,8 @@ def test_quantize_guard_refuses_large_drop(tiny_model, tmp_path):
 def test_prune_smoke_saves_pickle_free_and_reloads(tiny_model, tmp_path):
     from visiontune.export.compress import compress
 
-    report = compress(tiny_model[0], prune=0.3, finetune_epochs=1, out=tmp_path, budget_s=0.01, log=lambda _: None)
+    report = compress(tiny_model[0], prune=0.3, finetune_epochs=1, prune_steps=2, out=tmp_path, budget_s=0.01,
+                      log=lambda _: None)
     assert report["pruning"]["macs_after"] < 0.85 * report["pruning"]["macs_before"]
     assert [r["variant"] for r in report["variants"]][-2:] == ["pruned", "pruned ONNX fp32"]
     clf = load_any(tmp_path / "pruned")
@@ -240,3 +241,16 @@ def test_static_same_padding_is_exact_and_leaves_no_shape_arithmetic(tiny_model,
         assert not any(isinstance(m, (Conv2dSame, MaxPool2dSame, AvgPool2dSame)) for m in fixed.modules())
         torch.testing.assert_close(fixed(x), net(x), atol=0, rtol=0)
     assert isinstance(net[0], Conv2dSame)  # the original is untouched
+
+
+def test_residual_streams_are_left_whole(tiny_model):
+    """Channels shared by residual additions are not pruned (measured: they cost the most accuracy)."""
+    from visiontune.export.prune import residual_layers
+    from visiontune.models import load_model
+
+    model, meta = load_model(tiny_model[0])
+    head = model.get_submodule(meta["architecture"]["head"])
+    tied = residual_layers(model.float().eval(), torch.zeros(1, 3, 64, 64), [head])
+    names = {name for name, module in model.named_modules() if any(module is t for t in tied)}
+    assert names and all(name.endswith("conv_pwl") for name in names)  # EfficientNet's projection convs
+    assert "blocks.5.0.conv_pwl" in names and "blocks.6.0.conv_pwl" not in names  # last stage has no skip

@@ -24,6 +24,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .compress import compress
 
     compress(args.model, quantize=args.quantize, prune=args.prune, finetune_epochs=args.finetune_epochs,
+             prune_steps=args.prune_steps,
              calib=args.calib, data=args.data, out=args.out, max_drop=args.max_drop, force=args.force,
              budget_s=args.bench_seconds)
     return 0
@@ -56,7 +57,10 @@ def add_export_commands(subparsers: Any) -> None:
     p.add_argument("--quantize", choices=MODES, default=None, metavar="{" + ",".join(MODES) + "}",
                    help="int8: static QDQ, per-channel (calibrated) | int8-dynamic: weights only")
     p.add_argument("--prune", type=float, default=None, metavar="RATIO", help="share of channels to remove, e.g. 0.3")
-    p.add_argument("--finetune-epochs", type=int, default=2, metavar="N", help="recovery epochs after pruning (2)")
+    p.add_argument("--finetune-epochs", type=int, default=3, metavar="N",
+                   help="recovery epochs after each pruning round, distilled from the unpruned model (3)")
+    p.add_argument("--prune-steps", type=int, default=2, metavar="N",
+                   help="pruning rounds, each removing an equal share then recovering (2)")
     p.add_argument("--calib", default=None, metavar="DATA", help="calibration images (default: the training split)")
     p.add_argument("--data", default=None, metavar="DIR|CSV", help="labelled val images (default: the val split)")
     p.add_argument("--out", default=None, metavar="PATH", help="output folder (default RUN/compress)")

@@ -41,23 +41,24 @@ def _quantize_variant(src: Path, meta: dict[str, Any], folder: Path, mode: str, 
     return path
 
 
-def _prune_variant(model, meta: dict[str, Any], ratio: float, epochs: int, out: Path, log) -> tuple[Any, dict]:
-    from .prune import count_macs, finetune, prune_channels, save_pruned
+def _prune_variant(model, meta: dict[str, Any], ratio: float, epochs: int, steps: int, out: Path,
+                   log) -> tuple[Any, dict]:
+    from .prune import count_macs, prune_and_recover, save_pruned
 
     macs0, params0 = count_macs(model, meta)
-    pruned = prune_channels(copy.deepcopy(model), meta, ratio)
+    train = labelled_samples(meta, split="train")
+    pruned = prune_and_recover(copy.deepcopy(model), meta, ratio, train, epochs, steps, log)
     macs1, params1 = count_macs(pruned, meta)
-    log(f"pruned {ratio:.0%} of channels: MACs {macs0 / 1e6:.1f}M -> {macs1 / 1e6:.1f}M, "
-        f"params {params0 / 1e6:.2f}M -> {params1 / 1e6:.2f}M; recovery fine-tune {epochs} epoch(s)")
-    pruned = finetune(pruned, meta, labelled_samples(meta, split="train"), epochs, log=log)
-    info = {"ratio": ratio, "finetune_epochs": epochs, "macs_before": macs0, "macs_after": macs1,
+    log(f"pruned: MACs {macs0 / 1e6:.1f}M -> {macs1 / 1e6:.1f}M, params {params0 / 1e6:.2f}M -> {params1 / 1e6:.2f}M")
+    info = {"ratio": ratio, "steps": steps, "finetune_epochs": epochs, "macs_before": macs0, "macs_after": macs1,
             "params_before": params0, "params_after": params1}
     save_pruned(out / "pruned", pruned, meta, info)
     return pruned, info
 
 
 def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: float | None = None,
-             finetune_epochs: int = 2, calib: str | os.PathLike | None = None, data: str | os.PathLike | None = None,
+             finetune_epochs: int = 3, prune_steps: int = 2, calib: str | os.PathLike | None = None,
+             data: str | os.PathLike | None = None,
              out: str | os.PathLike | None = None, max_drop: float = 1.0, force: bool = False,
              budget_s: float = 3.0, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Quantize and/or prune a trained model, measure every variant and guard the accuracy.
@@ -66,7 +67,8 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
         model_path: run dir or ``model/`` dir.
         quantize: ``int8`` (static QDQ, per-channel) or ``int8-dynamic``; None to skip.
         prune: share of channels to remove (e.g. 0.3); None to skip.
-        finetune_epochs: recovery epochs after pruning.
+        finetune_epochs: recovery epochs after each pruning round (distilled from the unpruned model).
+        prune_steps: pruning rounds (each removes an equal share, then recovers).
         calib: images for int8 calibration (default: the model's training split).
         data: labelled evaluation images (default: the model's validation split).
         out: output folder (default ``RUN/compress``).
@@ -103,7 +105,7 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
         variants.append(Variant(f"ONNX {quantize}", str(path), onnx_runner(path)))
     prune_info: dict[str, Any] = {}
     if prune is not None:
-        pruned, prune_info = _prune_variant(model, meta, prune, finetune_epochs, out, log)
+        pruned, prune_info = _prune_variant(model, meta, prune, finetune_epochs, prune_steps, out, log)
         variants.append(Variant("pruned", str(out / "pruned" / "model.safetensors"), torch_runner(pruned),
                                 {"macs": prune_info["macs_after"]}))
         pruned_meta = {**meta, "pruned": prune_info}
@@ -148,7 +150,7 @@ def _report(model_path, meta, rows, data, quantize, max_drop, prune_info, n) -> 
         pruned_row = next(r for r in rows if r["variant"] == "pruned")
         notes.append(f"pruned: {fewer:.1%} fewer MACs, {1 - prune_info['params_after'] / prune_info['params_before']:.1%}"
                      f" fewer params, accuracy change {pruned_row['accuracy_change_pts']:+.2f} pt after "
-                     f"{prune_info['finetune_epochs']} recovery epoch(s)")
+                     f"{prune_info['steps']} round(s) x {prune_info['finetune_epochs']} recovery epoch(s)")
     source = str(data) if data else f"validation split of {resolve_data_path(meta)}"
     return {"model": str(model_path), "val_source": source, "num_val": n, "machine": _machine(),
             "variants": rows, "pruning": prune_info, "max_drop": max_drop, "refused": refused, "notes": notes}

@@ -100,51 +100,118 @@ def count_macs(model: nn.Module, meta: dict[str, Any]) -> tuple[int, int]:
     return int(macs), int(params)
 
 
-def prune_channels(model: nn.Module, meta: dict[str, Any], ratio: float) -> nn.Module:
-    """Remove ``ratio`` of the channels of every prunable layer (L2 magnitude), in place.
+def residual_layers(model: nn.Module, example: torch.Tensor, ignored: list[nn.Module]) -> list[nn.Module]:
+    """Convs whose output channels are tied together by residual additions.
 
-    torch-pruning's dependency graph keeps coupled layers consistent (residual adds, BN,
-    depthwise convs whose in/out channels are tied via groups); the classifier's outputs are
-    never pruned so the class count is unchanged.
-
-    Example:
-        >>> prune_channels(model, meta, 0.3)  # doctest: +SKIP
+    Removing a channel of a residual stream removes it from every block that writes to that
+    stream at once; measured on EfficientNet-Lite0 (CIFAR-10, 64 px) this costs far more
+    accuracy per MAC saved than pruning the expansion channels inside blocks. A dependency
+    group with more than one dense (non-depthwise) conv producing its channels is such a stream.
     """
     import torch_pruning as tp
 
-    if not 0.0 < ratio < 1.0:
-        raise ExportError(f"--prune RATIO must be in (0, 1), got {ratio}")
-    head = model.get_submodule(meta["architecture"]["head"])
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    tied: list[nn.Module] = []
+    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
+        producers = {id(dep.target.module): dep.target.module for dep, _ in group
+                     if isinstance(dep.target.module, nn.Conv2d) and dep.target.module.groups == 1
+                     and graph.is_out_channel_pruning_fn(dep.handler)}
+        if len(producers) > 1:
+            tied.extend(producers.values())
+    return tied
+
+
+def _taylor_gradients(model: nn.Module, loader) -> None:
+    """Loss gradients on a few hundred training images: what Taylor importance scores channels by."""
     model.eval()
-    pruner = tp.pruner.MetaPruner(model, torch.zeros(1, *input_shape(meta)),
-                                  importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio,
-                                  ignored_layers=[head], round_to=8)  # multiples of 8 keep SIMD kernels efficient
-    pruner.step()
-    return model
+    model.zero_grad(set_to_none=True)
+    for images, labels in loader:
+        nn.functional.cross_entropy(model(images), labels).backward()
 
 
-def finetune(model: nn.Module, meta: dict[str, Any], samples: list[tuple[str, int]], epochs: int,
-             batch_size: int = 32, lr: float = 1e-3, workers: int = 0, log=print) -> nn.Module:
-    """Short recovery fine-tune of all layers (AdamW, cosine LR, light augmentation)."""
+def prune_and_recover(model: nn.Module, meta: dict[str, Any], ratio: float, samples: list[tuple[str, int]],
+                      epochs: int, steps: int = 2, log=print) -> nn.Module:
+    """Remove ``ratio`` of the prunable channels in ``steps`` rounds, recovering after each.
+
+    torch-pruning's dependency graph keeps coupled layers consistent (BN, depthwise convs whose
+    channels are tied via groups); residual streams and the classifier's outputs are left whole
+    (:func:`residual_layers`). Channels are ranked by first-order Taylor importance on training
+    images, and each round is followed by ``epochs`` of fine-tuning distilled from the unpruned
+    model. Iterating (prune a little, recover, prune again) keeps far more accuracy than one cut.
+
+    Example:
+        >>> prune_and_recover(model, meta, 0.3, train_samples, epochs=3)  # doctest: +SKIP
+    """
+    import torch_pruning as tp
     from torch.utils.data import DataLoader
 
     from ..data.dataset import ImageListDataset
+    from ..data.transforms import draft_size, eval_transform
+
+    if not 0.0 < ratio < 1.0:
+        raise ExportError(f"--prune RATIO must be in (0, 1), got {ratio}")
+    if steps < 1:
+        raise ExportError(f"--prune-steps must be at least 1, got {steps}")
+    if not samples:
+        raise ExportError("pruning needs the training images (Taylor importance, recovery); the training "
+                          "data in model.json is gone")
+    example = torch.zeros(1, *input_shape(meta))
+    teacher = copy.deepcopy(model).eval()
+    ignored = [model.get_submodule(meta["architecture"]["head"])]
+    ignored += residual_layers(model.eval(), example, ignored)
+    pre = meta["preprocessing"]
+    scoring = DataLoader(ImageListDataset(samples[::max(1, len(samples) // 256)], eval_transform(pre), draft_size(pre)),
+                         batch_size=32)
+    pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupTaylorImportance(),
+                                  pruning_ratio=ratio, iterative_steps=steps, ignored_layers=ignored)
+    macs0, _ = count_macs(model, meta)
+    for step in range(steps):
+        _taylor_gradients(model, scoring)
+        pruner.step()
+        model.zero_grad(set_to_none=True)
+        macs, _ = count_macs(model, meta)
+        log(f"prune round {step + 1}/{steps}: MACs {macs0 / 1e6:.1f}M -> {macs / 1e6:.1f}M; recovering {epochs} epoch(s)")
+        finetune(model, meta, samples, epochs, teacher=teacher, log=log)
+    return model.eval()
+
+
+def finetune(model: nn.Module, meta: dict[str, Any], samples: list[tuple[str, int]], epochs: int,
+             batch_size: int = 32, lr: float = 1e-3, teacher: nn.Module | None = None,
+             temperature: float = 2.0, log=print) -> nn.Module:
+    """Short recovery fine-tune of all layers (AdamW, one-cycle LR, light augmentation).
+
+    With a ``teacher`` (the unpruned model) the loss is half cross-entropy, half distillation
+    (KL divergence of temperature-softened outputs): the teacher's soft labels carry far more
+    signal per image than the hard ones, which matters on small datasets.
+    """
+    from torch.utils.data import DataLoader
+
+    from ..data.dataset import ImageListDataset, default_workers
     from ..data.transforms import draft_size, train_transform
 
     if epochs <= 0 or not samples:
         return model
     pre = meta["preprocessing"]
+    workers = default_workers(None)
     loader = DataLoader(ImageListDataset(samples, train_transform(pre, "light"), draft_size(pre)),
-                        batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=len(samples) > batch_size)
+                        batch_size=batch_size, shuffle=True, num_workers=workers, persistent_workers=workers > 0,
+                        drop_last=len(samples) > batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * len(loader)))
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=max(1, epochs * len(loader)),
+                                                   pct_start=0.1)
+    soft = nn.functional
     for epoch in range(epochs):
         model.train()
         total, seen = 0.0, 0
         for images, labels in loader:
+            logits = model(images)
+            loss = soft.cross_entropy(logits, labels)
+            if teacher is not None:
+                with torch.no_grad():
+                    target = soft.softmax(teacher(images) / temperature, dim=1)
+                distill = soft.kl_div(soft.log_softmax(logits / temperature, dim=1), target, reduction="batchmean")
+                loss = 0.5 * loss + 0.5 * distill * temperature**2
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(images), labels)
             loss.backward()
             optimizer.step()
             schedule.step()
