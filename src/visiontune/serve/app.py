@@ -16,7 +16,7 @@ from fastapi.staticfiles import StaticFiles
 
 from ..data.transforms import draft_size
 from .batcher import Batcher, QueueFull, lower_thread_priority
-from .security import BodyLimitMiddleware, RequestError, check_api_key, decode_upload
+from .security import AdmissionMiddleware, BodyLimitMiddleware, RequestError, check_api_key, decode_upload
 from .settings import ServeSettings
 
 STATIC = Path(__file__).parent / "static"
@@ -126,6 +126,8 @@ def create_app(model: str | os.PathLike | Any, settings: ServeSettings | None = 
         app.get("/docs", include_in_schema=False)(lambda: get_swagger_ui_html(openapi_url="/openapi.json",
                                                                                title="visiontune API"))
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # outermost: refuse cheaply while the queue is full (added last = runs first)
+    app.add_middleware(AdmissionMiddleware, is_full=lambda: state.ready and state.pending >= settings.max_queue)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(RequestError)

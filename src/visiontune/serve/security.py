@@ -33,12 +33,37 @@ class BodyTooLarge(RequestError):
         super().__init__(413, "payload_too_large", f"request body above the {limit} byte limit")
 
 
-def _json_response_messages(status: int, payload: dict[str, Any], extra: list[tuple[bytes, bytes]] = ()):
+def _json_response_messages(status: int, payload: dict[str, Any], extra: list[tuple[bytes, bytes]] = (),
+                            close: bool = True):
     body = json.dumps(payload).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close"), *extra]
+               *([(b"connection", b"close")] if close else []), *extra]
     return ({"type": "http.response.start", "status": status, "headers": headers},
             {"type": "http.response.body", "body": body})
+
+
+class AdmissionMiddleware:
+    """ASGI middleware: 503 + Retry-After for ``path`` while ``is_full()``, before any routing.
+
+    Under overload most requests are refusals; answering them here, without FastAPI's routing,
+    validation and exception handling, keeps each refusal cheap for the event loop, so refusals
+    stay fast exactly when they are most numerous. The endpoint re-checks (it also counts the
+    images of a request).
+
+    Example:
+        >>> app = AdmissionMiddleware(inner_app, lambda: state.pending >= 64)  # doctest: +SKIP
+    """
+
+    def __init__(self, app: Callable, is_full: Callable[[], bool], path: str = "/v1/predict"):
+        self.app, self.is_full, self.path = app, is_full, path
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope.get("path") == self.path and self.is_full():
+            error = RequestError(503, "overloaded", "server busy: request queue full")
+            for message in _json_response_messages(503, error.body(), [(b"retry-after", b"1")], close=False):
+                await send(message)
+            return
+        await self.app(scope, receive, send)
 
 
 class BodyLimitMiddleware:
