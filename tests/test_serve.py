@@ -304,3 +304,24 @@ def test_inference_threads_run_below_the_event_loop_priority():
     with ThreadPoolExecutor(1) as plain:
         assert plain.submit(nice_of_this_thread).result() == base  # default threads untouched
     assert nice_of_this_thread() == base
+
+
+def test_admission_middleware_refuses_before_routing():
+    import asyncio
+
+    from visiontune.serve.security import AdmissionMiddleware
+
+    called, sent = [], []
+
+    async def inner(scope, receive, send):
+        called.append(scope["path"])
+
+    async def send(message):
+        sent.append(message)
+
+    full = AdmissionMiddleware(inner, is_full=lambda: True)
+    asyncio.run(full({"type": "http", "path": "/v1/predict"}, None, send))
+    assert not called and sent[0]["status"] == 503
+    assert (b"retry-after", b"1") in sent[0]["headers"] and b"overloaded" in sent[1]["body"]
+    asyncio.run(full({"type": "http", "path": "/healthz"}, None, send))  # other paths are never refused
+    assert called == ["/healthz"]
