@@ -25,6 +25,11 @@ def bench_run(run: str, prune: float, epochs: int) -> str:
         report = compress(run, quantize="int8", prune=prune, finetune_epochs=epochs, force=True)
     except ExportError as exc:
         return f"## {run}\n\nfailed: {exc}\n"
+    # the same int8 with the first conv and the classifier kept in float (--int8-float-ends)
+    ends = compress(run, quantize="int8", force=True, float_ends=True, out=Path(run) / "compress-int8-float-ends")
+    row = ends["variants"][2]
+    report["notes"].append(f"ONNX int8 with --int8-float-ends: val acc {row['val_accuracy']:.4f} "
+                           f"({row['accuracy_change_pts']:+.2f} pt), {row['speedup_vs_eager_b32']:.2f}x eager fp32 at b32")
     return (f"## {run}\n\nONNX fp32 parity on {parity['source']}: top-1 agreement {parity['top1_agreement']:.2%}, "
             f"max |logit diff| {parity['max_abs_logit_diff']:.2e}\n\n{markdown_table(report['variants'])}\n\n"
             + "\n".join(f"- {n}" for n in report["notes"]) + f"\n\nmachine: {report['machine']}\n")

@@ -138,6 +138,10 @@ def test_quantize_smoke(tiny_model, tmp_path):
     assert report["variants"][1]["top1_agreement"] == 1.0
     assert report["variants"][2]["top1_agreement"] >= 0.9  # int8 keeps the decisions (static pads)
     assert (tmp_path / "compress_report.json").is_file() and "| variant |" in (tmp_path / "compress_report.md").read_text()
+    from visiontune.export.onnx_export import read_metadata
+
+    props = read_metadata(tmp_path / "onnx-int8" / "model.onnx")
+    assert props["quantization"] == "int8" and props["int8_scheme"] in ("all", "ends-float")  # chosen, recorded
     quantized = OnnxClassifier.load(tmp_path / "onnx-int8" / "model.onnx")
     assert quantized.predict([str(next(tiny_model[1].rglob("*.jpg")))])[0]["label"] in quantized.class_names
 
@@ -210,11 +214,20 @@ def test_cli_export_then_predict_and_evaluate_onnx(tiny_model, tmp_path):
 
 def test_cli_compress_writes_table_and_exit_codes(tiny_model, tmp_path):
     run = tiny_model[0]
-    ok = subprocess.run(cli("compress", run, "--quantize", "int8-dynamic", "--out", tmp_path / "c",
+    ok = subprocess.run(cli("compress", run, "--quantize", "int8", "--int8-float-ends", "--out", tmp_path / "c",
                             "--bench-seconds", "0.01", "--max-drop", "100"), capture_output=True, text=True,
                         timeout=240)
     assert ok.returncode == 0, ok.stderr
-    assert "ONNX int8-dynamic" in ok.stdout and (tmp_path / "c" / "compress_report.md").is_file()
+    assert "ONNX int8" in ok.stdout and (tmp_path / "c" / "compress_report.md").is_file()
+    import onnx
+
+    from visiontune.export.onnx_export import read_metadata
+
+    quantized = tmp_path / "c" / "onnx-int8" / "model.onnx"
+    assert read_metadata(quantized)["int8_scheme"] == "ends-float"
+    nodes = onnx.load(str(quantized)).graph.node
+    first_conv = next(n for n in nodes if n.op_type == "Conv")
+    assert not any(n.op_type == "DequantizeLinear" and n.output[0] in first_conv.input[1:] for n in nodes)
     refused = subprocess.run(cli("compress", run, "--quantize", "int8-dynamic", "--out", tmp_path / "r",
                                  "--bench-seconds", "0.01", "--max-drop", "-101"), capture_output=True, text=True,
                              timeout=240)
@@ -254,3 +267,10 @@ def test_residual_streams_are_left_whole(tiny_model):
     names = {name for name, module in model.named_modules() if any(module is t for t in tied)}
     assert names and all(name.endswith("conv_pwl") for name in names)  # EfficientNet's projection convs
     assert "blocks.5.0.conv_pwl" in names and "blocks.6.0.conv_pwl" not in names  # last stage has no skip
+
+
+def test_calibration_sample_is_sized_by_pixels():
+    from visiontune.export.quantize import calibration_limit
+
+    size = lambda px: calibration_limit({"preprocessing": {"input_size": [3, px, px]}})  # noqa: E731
+    assert size(224) == 128 and size(64) == 512 and size(448) == 64  # memory ~ images x pixels

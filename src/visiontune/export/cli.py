@@ -24,7 +24,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .compress import compress
 
     compress(args.model, quantize=args.quantize, prune=args.prune, finetune_epochs=args.finetune_epochs,
-             prune_steps=args.prune_steps,
+             prune_steps=args.prune_steps, float_ends=args.int8_float_ends,
              calib=args.calib, data=args.data, out=args.out, max_drop=args.max_drop, force=args.force,
              budget_s=args.bench_seconds)
     return 0
@@ -56,6 +56,8 @@ def add_export_commands(subparsers: Any) -> None:
     p.add_argument("model", help="run dir or model/ dir")
     p.add_argument("--quantize", choices=MODES, default=None, metavar="{" + ",".join(MODES) + "}",
                    help="int8: static QDQ, per-channel (calibrated) | int8-dynamic: weights only")
+    p.add_argument("--int8-float-ends", action="store_true",
+                   help="static int8: keep the first conv and the classifier in float (when int8 flips decisions)")
     p.add_argument("--prune", type=float, default=None, metavar="RATIO", help="share of channels to remove, e.g. 0.3")
     p.add_argument("--finetune-epochs", type=int, default=3, metavar="N",
                    help="recovery epochs after each pruning round, distilled from the unpruned model (3)")

@@ -33,10 +33,11 @@ def _export_variant(model, meta: dict[str, Any], folder: Path, **extra: Any) -> 
     return path
 
 
-def _quantize_variant(src: Path, meta: dict[str, Any], folder: Path, mode: str, calib: list[str]) -> Path:
+def _quantize_variant(src: Path, meta: dict[str, Any], folder: Path, mode: str, calib: list[str],
+                      float_ends: bool = False) -> Path:
     from .quantize import quantize_onnx
 
-    path = quantize_onnx(src, folder / "model.onnx", meta, mode, calib)
+    path = quantize_onnx(src, folder / "model.onnx", meta, mode, calib, float_ends)
     write_json(folder / "model.json", export_meta(meta, "onnx", path.name, dynamic_batch=True, quantization=mode))
     return path
 
@@ -60,7 +61,8 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
              finetune_epochs: int = 3, prune_steps: int = 2, calib: str | os.PathLike | None = None,
              data: str | os.PathLike | None = None,
              out: str | os.PathLike | None = None, max_drop: float = 1.0, force: bool = False,
-             budget_s: float = 3.0, log: Callable[[str], None] = print) -> dict[str, Any]:
+             budget_s: float = 3.0, float_ends: bool = False,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Quantize and/or prune a trained model, measure every variant and guard the accuracy.
 
     Args:
@@ -74,6 +76,7 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
         out: output folder (default ``RUN/compress``).
         max_drop: largest accepted accuracy drop of the int8 variant, in points.
         force: keep going (exit 0) even when the drop is larger.
+        float_ends: static int8 keeps the first conv and the classifier in float.
 
     Returns:
         The report written to ``compress_report.json``.
@@ -101,7 +104,7 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
     variants.append(Variant("ONNX fp32", str(onnx_fp32), onnx_runner(onnx_fp32)))
     calib_paths = _calib_paths(meta, calib) if quantize else []
     if quantize:
-        path = _quantize_variant(onnx_fp32, meta, out / "onnx-int8", quantize, calib_paths)
+        path = _quantize_variant(onnx_fp32, meta, out / "onnx-int8", quantize, calib_paths, float_ends)
         variants.append(Variant(f"ONNX {quantize}", str(path), onnx_runner(path)))
     prune_info: dict[str, Any] = {}
     if prune is not None:
@@ -111,7 +114,8 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
         pruned_meta = {**meta, "pruned": prune_info}
         pruned_onnx = _export_variant(pruned, pruned_meta, out / "pruned-onnx")
         if quantize:
-            path = _quantize_variant(pruned_onnx, pruned_meta, out / "pruned-int8", quantize, calib_paths)
+            path = _quantize_variant(pruned_onnx, pruned_meta, out / "pruned-int8", quantize, calib_paths,
+                                     float_ends)
             variants.append(Variant(f"pruned+{quantize}", str(path), onnx_runner(path), {"macs": prune_info["macs_after"]}))
         else:
             variants.append(Variant("pruned ONNX fp32", str(pruned_onnx), onnx_runner(pruned_onnx),
@@ -128,7 +132,8 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
         log(note)
     log(f"wrote {out / 'compress_report.json'} and {out / 'compress_report.md'}")
     if report["refused"] and not force:
-        raise ExportError(report["refused"] + " (pass --force to accept it, or try --quantize int8-dynamic)")
+        raise ExportError(report["refused"] + " (pass --force to accept it, or try --int8-float-ends or "
+                          "--quantize int8-dynamic)")
     return report
 
 

@@ -155,6 +155,7 @@ def prune_and_recover(model: nn.Module, meta: dict[str, Any], ratio: float, samp
     if not samples:
         raise ExportError("pruning needs the training images (Taylor importance, recovery); the training "
                           "data in model.json is gone")
+    torch.manual_seed(0)  # recovery shuffles and augments: the same call gives the same model
     example = torch.zeros(1, *input_shape(meta))
     teacher = copy.deepcopy(model).eval()
     ignored = [model.get_submodule(meta["architecture"]["head"])]
