@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 from .image import ImageDecodeError, load_image
 from .sampling import SampleKey, sample_seed, seeded
@@ -109,17 +109,16 @@ def _worker_init(worker_id: int) -> None:
     pl_worker_init_function(worker_id)
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int, seed: int = 0,
-                sample_weights: torch.Tensor | None = None, sampler=None) -> DataLoader:
-    """A seeded loader; ``sample_weights`` draws a class-balanced epoch with replacement;
-    ``sampler`` (indices or a Sampler) overrides both."""
+def make_loader(dataset: Dataset, batch_size: int, workers: int, seed: int = 0, sampler=None) -> DataLoader:
+    """A seeded loader in ``sampler`` order (indices or a Sampler; dataset order when None).
+
+    Shuffling and class balancing live in :class:`~visiontune.data.sampling.EpochSampler`, so a
+    resumed run repeats them exactly.
+    """
     generator = torch.Generator().manual_seed(seed)
-    if sample_weights is not None and sampler is None:
-        sampler = WeightedRandomSampler(sample_weights, len(dataset), replacement=True, generator=generator)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle and sampler is None,
         sampler=sampler,
         num_workers=workers,
         persistent_workers=workers > 0,

@@ -60,13 +60,13 @@ class ImageDataModule(L.LightningDataModule):
         # the epoch Lightning itself passes to set_epoch (restored from the checkpoint on resume)
         epoch_fn = (lambda: trainer.fit_loop.epoch_progress.current.processed) if isinstance(trainer, L.Trainer) else None
         sampler = EpochSampler(len(self.train_set), self.seed, rank, world, self.sample_weights, epoch_fn=epoch_fn)
-        return make_loader(self.train_set, self.batch_size, False, self.workers, self.seed, sampler=sampler)
+        return make_loader(self.train_set, self.batch_size, self.workers, self.seed, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._world()
         # unpadded shards: each val image counts exactly once in the synced metrics
         sampler = list(range(rank, len(self.val_set), world)) if world > 1 else None
-        return make_loader(self.val_set, self.batch_size * 2, False, self.workers, self.seed, sampler=sampler)
+        return make_loader(self.val_set, self.batch_size * 2, self.workers, self.seed, sampler=sampler)
 
 
 class InterruptCheckpoint(Callback):
