@@ -183,6 +183,13 @@ def test_mismatched_onnx_sidecar_gives_clear_error(tmp_path, onnx_file):
         OnnxClassifier.load(tmp_path / "model.onnx")
 
 
+def test_broken_onnx_sidecar_falls_back_to_the_file_metadata(tmp_path, onnx_file):
+    (tmp_path / "model.onnx").write_bytes(onnx_file.read_bytes())
+    (tmp_path / "model.json").write_text("{ not json")
+    clf = OnnxClassifier.load(tmp_path / "model.onnx")  # the ONNX file is authoritative
+    assert clf.class_names == ["blue", "green", "red"] and clf.temperature == pytest.approx(1.5)
+
+
 def test_parity_failure_is_loud():
     with pytest.raises(ExportError, match="agreement"):
         check_parity({"top1_agreement": 0.9, "max_abs_logit_diff": 0.0})

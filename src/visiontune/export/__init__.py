@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .common import MAX_LOGIT_DIFF, MIN_AGREEMENT, ExportError, check_parity, compare_logits, eager_logits, \
-    export_meta, parity_batch, write_json
+    export_meta, parity_batch, parity_problems, write_json
 
 # format -> (writer(model, meta, out, opset=, dynamic_batch=) -> file, default file name)
 EXPORTERS: dict[str, tuple[Callable[..., Path], str]] = {}
@@ -77,8 +77,7 @@ def export_model(model_path: str | os.PathLike, fmt: str = "onnx", out: str | os
     report = {"format": fmt, "file": str(written), "source": source,
               **compare_logits(eager_logits(model, batch), PARITY_RUNNERS[fmt](written, meta, batch)),
               "thresholds": {"min_top1_agreement": MIN_AGREEMENT, "max_abs_logit_diff": MAX_LOGIT_DIFF}}
-    report["passed"] = (report["top1_agreement"] >= MIN_AGREEMENT
-                        and report["max_abs_logit_diff"] <= MAX_LOGIT_DIFF)
+    report["passed"] = not parity_problems(report)
     write_json(folder / "export_report.json", report)
     if check:
         check_parity(report)

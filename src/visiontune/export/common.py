@@ -162,14 +162,21 @@ def compare_logits(reference: np.ndarray, other: np.ndarray) -> dict[str, float]
             "num_images": int(len(reference))}
 
 
-def check_parity(report: dict[str, Any], min_agreement: float = MIN_AGREEMENT,
-                 max_diff: float | None = MAX_LOGIT_DIFF) -> None:
-    """Raise :class:`ExportError` when an export disagrees with eager beyond the thresholds."""
+def parity_problems(report: dict[str, Any], min_agreement: float = MIN_AGREEMENT,
+                    max_diff: float | None = MAX_LOGIT_DIFF) -> list[str]:
+    """What makes an export disagree with eager beyond the thresholds (empty: it passes)."""
     problems = []
     if report["top1_agreement"] < min_agreement:
         problems.append(f"top-1 agreement {report['top1_agreement']:.2%} < {min_agreement:.1%}")
     if max_diff is not None and report["max_abs_logit_diff"] > max_diff:
         problems.append(f"max |logit diff| {report['max_abs_logit_diff']:.2e} > {max_diff:.0e}")
+    return problems
+
+
+def check_parity(report: dict[str, Any], min_agreement: float = MIN_AGREEMENT,
+                 max_diff: float | None = MAX_LOGIT_DIFF) -> None:
+    """Raise :class:`ExportError` when an export disagrees with eager beyond the thresholds."""
+    problems = parity_problems(report, min_agreement, max_diff)
     if problems:
         raise ExportError(f"export parity check failed vs eager PyTorch on {report.get('source', 'images')}: "
                           + "; ".join(problems))

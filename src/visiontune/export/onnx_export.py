@@ -22,7 +22,6 @@ from .common import INPUT_DOC, DeployWrapper, ExportError, input_shape, temperat
 from .static_pad import static_same_padding
 
 DEFAULT_OPSET = 17
-META_KEYS = ("class_names", "preprocessing", "temperature", "input_format", "visiontune_version", "architecture")
 
 
 def onnx_metadata(meta: dict[str, Any]) -> dict[str, str]:

@@ -12,14 +12,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..data.transforms import eval_transform
 from ..evaluation.predictor import Classifier
 from ..models.artifact import META_FILE, WEIGHTS_FILE
 from .common import ExportError
-from .onnx_export import onnx_session
+from .onnx_export import onnx_session, session_logits
 
 ONNX_SUFFIX = ".onnx"
 
@@ -49,9 +48,6 @@ class OnnxClassifier(Classifier):
         self.transform = eval_transform(self.preprocessing)
         self.temperature = float(meta.get("calibration", {}).get("temperature", 1.0))
         self.calibrated = "calibration" in meta
-        self._input = session.get_inputs()[0]
-        fixed = self._input.shape[0]
-        self._batch = fixed if isinstance(fixed, int) and fixed > 0 else None
 
     @classmethod
     def load(cls, path: str | os.PathLike, precision: str = "auto", threads: int | None = None) -> OnnxClassifier:
@@ -65,11 +61,9 @@ class OnnxClassifier(Classifier):
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """Logits (float32, CPU) for a preprocessed NCHW float batch."""
-        array = batch.detach().cpu().numpy().astype(np.float32, copy=False)
-        step = self._batch or len(array)  # a fixed-batch graph is fed in slices it accepts
-        parts = [self.session.run(["logits"], {self._input.name: np.ascontiguousarray(array[i:i + step])})[0]
-                 for i in range(0, len(array), step)]
-        return torch.from_numpy(np.concatenate(parts)).float()
+        array = batch.detach().cpu().numpy()
+        # one call for the whole batch; a fixed-batch graph is fed in slices it accepts
+        return torch.from_numpy(session_logits(self.session, array, chunk=max(1, len(array)))).float()
 
 
 def _onnx_file(path: Path) -> Path:
@@ -92,12 +86,14 @@ def _read_meta(path: Path, session) -> dict[str, Any]:
         raise ExportError(f"{path}: unreadable visiontune metadata ({exc})") from None
     side = path.parent / META_FILE
     meta: dict[str, Any] = {"class_names": names, "preprocessing": pre}
+    sidecar: dict[str, Any] = {}
     if side.is_file():
         try:
-            meta = {**json.loads(side.read_text()), **meta}
+            sidecar = json.loads(side.read_text())
         except json.JSONDecodeError:
             pass  # the ONNX file itself is authoritative; a broken sidecar only loses extras
-        if json.loads(side.read_text()).get("class_names", names) != names:
+        meta = {**sidecar, **meta}
+        if sidecar.get("class_names", names) != names:
             raise ExportError(f"{side} and {path} disagree on the class names; re-export the model")
     temperature = float(props.get("temperature", 1.0))
     if temperature != 1.0:
