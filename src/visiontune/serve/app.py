@@ -161,9 +161,7 @@ def create_app(model: str | os.PathLike | Any, settings: ServeSettings | None = 
 
     @app.post("/v1/predict", summary="Classify one or more images", openapi_extra=_PREDICT_BODY)
     async def predict(request: Request, top_k: int = Query(5, ge=1, le=1000)) -> dict[str, Any]:
-        clf = _require_ready(request)
-        if state.pending >= settings.max_queue:  # refuse before reading or decoding anything
-            raise RequestError(503, "overloaded", "server busy: request queue full", {"Retry-After": "1"})
+        clf = _require_ready(request)  # a full queue was refused earlier, unread (AdmissionMiddleware)
         blobs = await _read_images(request)
         if len(blobs) > settings.max_queue:
             raise RequestError(413, "too_many_images", f"at most {settings.max_queue} images per request")
