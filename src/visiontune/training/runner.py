@@ -215,6 +215,10 @@ def prepare_resume(cfg: TrainConfig) -> tuple[TrainConfig, Path, Path]:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a visiontune run dir?")
+    from .checkpoint_io import remove_stale_temp_files
+
+    for stale in remove_stale_temp_files(run_dir / "checkpoints"):  # none when the folder is missing
+        print(f"removed half-written {stale.name} (the run was killed while saving it)")
     ckpt = newest_valid_checkpoint(run_dir / "checkpoints")
     if ckpt is None:
         raise ConfigError(f"--resume {run_dir}: no readable checkpoint in {run_dir / 'checkpoints'}; "
@@ -229,10 +233,6 @@ def newest_valid_checkpoint(folder: Path) -> Path | None:
     """The most recent checkpoint that loads (weights only); a truncated newest one is skipped."""
     import torch
 
-    from .checkpoint_io import remove_stale_temp_files
-
-    for stale in remove_stale_temp_files(folder) if folder.is_dir() else []:
-        print(f"removed half-written {stale.name} (the run was killed while saving it)")
     candidates = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
     for path in candidates:
         try:
