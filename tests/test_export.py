@@ -239,6 +239,10 @@ def test_cli_compress_writes_table_and_exit_codes(tiny_model, tmp_path):
                                  "--bench-seconds", "0.01", "--max-drop", "-101"), capture_output=True, text=True,
                              timeout=240)
     assert refused.returncode == 2 and "max-drop" in refused.stderr and "Traceback" not in refused.stderr
+    bad = subprocess.run(cli("compress", run, "--prune", "1.5", "--out", tmp_path / "b"), capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "(0, 1)" in bad.stderr
+    assert not (tmp_path / "b").exists()  # refused before any export work
     nothing = subprocess.run(cli("compress", run), capture_output=True, text=True, timeout=120)
     assert nothing.returncode == 2 and "--quantize" in nothing.stderr
 

@@ -89,6 +89,10 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
 
     if quantize is None and prune is None:
         raise ExportError("nothing to do: give --quantize int8|int8-dynamic and/or --prune RATIO")
+    if prune is not None:
+        from .prune import check_prune_args
+
+        check_prune_args(prune, prune_steps)
     model, meta = load_model(model_path)
     out = Path(out) if out else Path(meta["model_dir"]).parent / "compress"
     samples = labelled_samples(meta, data)

@@ -129,6 +129,14 @@ def _taylor_gradients(model: nn.Module, loader) -> None:
         nn.functional.cross_entropy(model(images), labels).backward()
 
 
+def check_prune_args(ratio: float, steps: int) -> None:
+    """Refuse impossible pruning settings (before any export or measurement starts)."""
+    if not 0.0 < ratio < 1.0:
+        raise ExportError(f"--prune RATIO must be in (0, 1), got {ratio}")
+    if steps < 1:
+        raise ExportError(f"--prune-steps must be at least 1, got {steps}")
+
+
 def prune_and_recover(model: nn.Module, meta: dict[str, Any], ratio: float, samples: list[tuple[str, int]],
                       epochs: int, steps: int = 2, log=print) -> nn.Module:
     """Remove ``ratio`` of the prunable channels in ``steps`` rounds, recovering after each.
@@ -148,10 +156,7 @@ def prune_and_recover(model: nn.Module, meta: dict[str, Any], ratio: float, samp
     from ..data.dataset import ImageListDataset
     from ..data.transforms import draft_size, eval_transform
 
-    if not 0.0 < ratio < 1.0:
-        raise ExportError(f"--prune RATIO must be in (0, 1), got {ratio}")
-    if steps < 1:
-        raise ExportError(f"--prune-steps must be at least 1, got {steps}")
+    check_prune_args(ratio, steps)
     if not samples:
         raise ExportError("pruning needs the training images (Taylor importance, recovery); the training "
                           "data in model.json is gone")
