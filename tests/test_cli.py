@@ -36,6 +36,8 @@ def test_train_cli_path_with_spaces(image_folder, tmp_path):
     assert (run_dir / "report.html").is_file()  # written automatically at the end of train
     meta = json.loads((run_dir / "model" / "model.json").read_text())
     assert meta["calibration"]["temperature"] > 0  # fitted on val, used by predict
+    # what export/compress need to rebuild the same val split if the run's splits/ is gone
+    assert meta["training"]["val_fraction"] == 0.2 and meta["training"]["val"] is None
     assert "Traceback" not in proc.stderr
 
 

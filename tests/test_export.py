@@ -285,3 +285,26 @@ def test_calibration_sample_is_sized_by_pixels():
 
     size = lambda px: calibration_limit({"preprocessing": {"input_size": [3, px, px]}})  # noqa: E731
     assert size(224) == 128 and size(64) == 512 and size(448) == 64  # memory ~ images x pixels
+
+
+def test_labelled_samples_follow_the_runs_own_split(tiny_model, tmp_path):
+    """A run trained with --val-fraction 0.5 is measured on its own 50% val split, not a re-split at 0.2."""
+    from visiontune.data.scan import discover
+    from visiontune.export.common import labelled_samples
+
+    data = tiny_model[1]
+    splits = discover(data, val_fraction=0.5, seed=3)
+    run = tmp_path / "run"
+    (run / "splits").mkdir(parents=True)
+    for name in ("train", "val"):
+        rows = [f"{p},{['blue', 'green', 'red'][y]}" for p, y in getattr(splits, name)]
+        (run / "splits" / f"{name}.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    meta = {"class_names": ["blue", "green", "red"], "model_dir": str(run / "model"),
+            "training": {"data": str(data), "seed": 3, "val_fraction": 0.5}}
+    assert labelled_samples(meta) == list(splits.val)
+    assert labelled_samples(meta, split="train") == list(splits.train)
+    assert not {p for p, _ in labelled_samples(meta)} & {p for p, _ in labelled_samples(meta, split="train")}
+    # a model folder moved away from its run re-splits with the recorded fraction and seed
+    moved = {**meta, "model_dir": str(tmp_path / "elsewhere" / "model")}
+    assert labelled_samples(moved) == list(splits.val)
+    assert len(labelled_samples(moved)) == 12  # half of 8 images x 3 classes

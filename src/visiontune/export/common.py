@@ -94,18 +94,26 @@ def labelled_samples(meta: dict[str, Any], data: str | os.PathLike | None = None
                      split: str = "val") -> list[tuple[str, int]]:
     """Labelled images for parity/accuracy: ``data`` (evaluation layout) or the model's own split.
 
-    Without ``data`` the training data from model.json is re-split exactly as training did
-    (same seed), so ``val`` is the held-out set the model never trained on.
+    Without ``data`` the run's own ``splits/<split>.csv`` is read, so ``val`` is exactly the
+    held-out set the model never trained on (whatever ``--val``/``--val-fraction`` training used).
+    A model folder moved away from its run re-splits the recorded training data with the
+    recorded seed and fraction instead.
     """
     from ..data.scan import discover, discover_eval
+    from ..evaluation.calibration import read_split_csv
 
     if data is not None:
         return discover_eval(data, list(meta["class_names"]))[0]
+    if "model_dir" in meta:
+        split_csv = Path(meta["model_dir"]).parent / "splits" / f"{split}.csv"
+        if split_csv.is_file():
+            return read_split_csv(split_csv, list(meta["class_names"]))
     source = resolve_data_path(meta)
     if source is None:
         return []
-    splits = discover(source, seed=int((meta.get("training") or {}).get("seed", 0)),
-                      class_names=list(meta["class_names"]))
+    training = meta.get("training") or {}
+    splits = discover(source, training.get("val"), float(training.get("val_fraction", 0.2)),
+                      seed=int(training.get("seed", 0)), class_names=list(meta["class_names"]))
     return list(getattr(splits, split)) or list(splits.val)
 
 

@@ -47,6 +47,8 @@ class TrainContext:
                 "head": self.cfg.head,
                 "epochs": self.cfg.epochs,
                 "data": self.cfg.data,
+                "val": self.cfg.val,
+                "val_fraction": self.cfg.val_fraction,
                 "num_train": len(self.splits.train),
                 "num_val": len(self.splits.val),
                 "seed": self.cfg.seed,
