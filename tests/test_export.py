@@ -155,6 +155,23 @@ def test_quantize_guard_refuses_large_drop(tiny_model, tmp_path):
     assert json.loads((tmp_path / "compress_report.json").read_text())["refused"]
 
 
+def test_int8_beyond_max_drop_retries_with_float_ends(tiny_model, tmp_path):
+    """Accuracy-aware fallback: a static int8 model over --max-drop is re-quantized with the
+    first conv and the classifier in float; both attempts are reported, the better one is kept."""
+    from visiontune.export.compress import compress
+    from visiontune.export.onnx_export import read_metadata
+
+    report = compress(tiny_model[0], quantize="int8", out=tmp_path, max_drop=-101, force=True, budget_s=0.01,
+                      log=lambda _: None)
+    attempts = report["int8_attempts"]
+    assert sorted(a["scheme"] for a in attempts) == ["all", "ends-float"]
+    assert attempts[-1]["accuracy_change_pts"] >= attempts[0]["accuracy_change_pts"]  # the last one is kept
+    assert read_metadata(tmp_path / "onnx-int8" / "model.onnx")["int8_scheme"] == attempts[-1]["scheme"]
+    assert not (tmp_path / "onnx-int8-ends-float").exists()
+    assert report["variants"][2]["accuracy_change_pts"] == attempts[-1]["accuracy_change_pts"]
+    assert "int8 schemes tried" in report["notes"][0] and report["refused"]
+
+
 def test_prune_smoke_saves_pickle_free_and_reloads(tiny_model, tmp_path):
     from visiontune.export.compress import compress
 
@@ -163,7 +180,9 @@ def test_prune_smoke_saves_pickle_free_and_reloads(tiny_model, tmp_path):
     assert report["pruning"]["macs_after"] < 0.85 * report["pruning"]["macs_before"]
     assert [r["variant"] for r in report["variants"]][-2:] == ["pruned", "pruned ONNX fp32"]
     clf = load_any(tmp_path / "pruned")
-    assert json.loads((tmp_path / "pruned" / "model.json").read_text())["pruned"]["shapes"]
+    shapes = json.loads((tmp_path / "pruned" / "model.json").read_text())["pruned"]["shapes"]
+    # the classifier's input features keep their width (its trained weights stay whole)
+    assert shapes["classifier"]["in_features"] == 1280 and shapes["conv_head"]["out_channels"] == 1280
     rows = clf.predict(sorted(str(p) for p in tiny_model[1].rglob("*.jpg"))[:3])
     assert all(r["label"] in clf.class_names for r in rows)
 
@@ -308,3 +327,28 @@ def test_labelled_samples_follow_the_runs_own_split(tiny_model, tmp_path):
     moved = {**meta, "model_dir": str(tmp_path / "elsewhere" / "model")}
     assert labelled_samples(moved) == list(splits.val)
     assert len(labelled_samples(moved)) == 12  # half of 8 images x 3 classes
+
+
+def test_batchnorm_recalibration_fits_the_data():
+    """After pruning, BN statistics are re-estimated (cumulative average) on training images."""
+    from visiontune.export.recovery import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    conv, norm = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+    model = torch.nn.Sequential(conv, norm)
+    batches = [(torch.randn(8, 3, 10, 10) * 3 + 2, torch.zeros(8, dtype=torch.long)) for _ in range(4)]
+    recalibrate_batchnorm(model, batches)
+    with torch.no_grad():
+        outputs = conv(torch.cat([b for b, _ in batches]))
+    torch.testing.assert_close(norm.running_mean, outputs.mean((0, 2, 3)), rtol=1e-4, atol=1e-4)
+    assert norm.momentum == 0.1 and not model.training
+
+
+def test_distill_loss_is_half_label_half_teacher():
+    from visiontune.export.recovery import distill_loss
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(4, 2), torch.tensor([0, 1, 0, 1])
+    ce = torch.nn.functional.cross_entropy(logits, labels)
+    torch.testing.assert_close(distill_loss(logits, labels, logits), 0.5 * ce)  # agreeing with the teacher costs nothing
+    assert distill_loss(logits, labels, -logits) > 0.5 * ce

@@ -24,7 +24,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .compress import compress
 
     compress(args.model, quantize=args.quantize, prune=args.prune, finetune_epochs=args.finetune_epochs,
-             prune_steps=args.prune_steps, float_ends=args.int8_float_ends,
+             prune_steps=args.prune_steps, recovery_lr=args.recovery_lr, float_ends=args.int8_float_ends,
              calib=args.calib, data=args.data, out=args.out, max_drop=args.max_drop, force=args.force,
              budget_s=args.bench_seconds)
     return 0
@@ -63,6 +63,8 @@ def add_export_commands(subparsers: Any) -> None:
                    help="recovery epochs after each pruning round, distilled from the unpruned model (3)")
     p.add_argument("--prune-steps", type=int, default=2, metavar="N",
                    help="pruning rounds, each removing an equal share then recovering (2)")
+    p.add_argument("--recovery-lr", type=float, default=None, metavar="X",
+                   help="learning rate of the recovery fine-tune (1e-3; 1e-4 suits a few hundred images)")
     p.add_argument("--calib", default=None, metavar="DATA", help="calibration images (default: the training split)")
     p.add_argument("--data", default=None, metavar="DIR|CSV", help="labelled val images (default: the val split)")
     p.add_argument("--out", default=None, metavar="PATH", help="output folder (default RUN/compress)")

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .common import ExportError, export_meta, labelled_samples, preprocess, resolve_data_path, write_json
+from .recovery import RECOVERY_LR
 from .compare import Variant, measure, onnx_runner, torch_runner, write_reports, format_table
 
 
@@ -42,23 +43,65 @@ def _quantize_variant(src: Path, meta: dict[str, Any], folder: Path, mode: str, 
     return path
 
 
-def _prune_variant(model, meta: dict[str, Any], ratio: float, epochs: int, steps: int, out: Path,
+def _accuracy(run, images: np.ndarray, labels: np.ndarray) -> float:
+    from .compare import batched_logits
+
+    return float((batched_logits(run, images).argmax(1) == labels).mean())
+
+
+def _guarded_int8(variants: list[Variant], src: Path, meta: dict[str, Any], folder: Path, mode: str,
+                  calib: list[str], float_ends: bool, images: np.ndarray, labels: np.ndarray, max_drop: float,
+                  log) -> tuple[Path, list[dict[str, Any]]]:
+    """Static int8, and when it loses more than ``max_drop`` on val, the same with the first conv
+    and the classifier kept in float (accuracy-aware fallback, as Intel Neural Compressor tunes).
+
+    Returns the kept model and every attempt (scheme, val accuracy, change in points), all of
+    which go into the report: the fallback is chosen on the same val split the guard reads.
+    """
+    import shutil
+
+    base = _accuracy(variants[0].logits, images, labels)
+
+    def attempt(target: Path, ends: bool) -> tuple[Path, dict[str, Any]]:
+        path = _quantize_variant(src, meta, target, mode, calib, ends)
+        acc = _accuracy(onnx_runner(path), images, labels)
+        return path, {"scheme": "ends-float" if ends else "all", "val_accuracy": round(acc, 6),
+                      "accuracy_change_pts": round((acc - base) * 100, 2)}
+
+    path, first = attempt(folder, float_ends)
+    if mode != "int8" or float_ends or -first["accuracy_change_pts"] <= max_drop:
+        return path, [first]
+    log(f"int8 with every layer quantized: {first['accuracy_change_pts']:+.2f} pt, beyond --max-drop {max_drop:g}; "
+        "retrying with the first conv and the classifier in float")
+    alt_folder = folder.with_name(folder.name + "-ends-float")
+    _, second = attempt(alt_folder, True)
+    if second["accuracy_change_pts"] > first["accuracy_change_pts"]:
+        shutil.rmtree(folder)
+        alt_folder.rename(folder)
+        return folder / path.name, [first, second]
+    shutil.rmtree(alt_folder)
+    return path, [second, first]  # the last entry is the kept one
+
+
+def _prune_variant(model, meta: dict[str, Any], ratio: float, epochs: int, steps: int, lr: float, out: Path,
                    log) -> tuple[Any, dict]:
     from .prune import count_macs, prune_and_recover, save_pruned
 
     macs0, params0 = count_macs(model, meta)
     train = labelled_samples(meta, split="train")
-    pruned = prune_and_recover(copy.deepcopy(model), meta, ratio, train, epochs, steps, log)
+    pruned = prune_and_recover(copy.deepcopy(model), meta, ratio, train, epochs, steps, log, lr=lr)
     macs1, params1 = count_macs(pruned, meta)
     log(f"pruned: MACs {macs0 / 1e6:.1f}M -> {macs1 / 1e6:.1f}M, params {params0 / 1e6:.2f}M -> {params1 / 1e6:.2f}M")
-    info = {"ratio": ratio, "steps": steps, "finetune_epochs": epochs, "macs_before": macs0, "macs_after": macs1,
+    info = {"ratio": ratio, "steps": steps, "finetune_epochs": epochs, "recovery_lr": lr, "macs_before": macs0,
+            "macs_after": macs1,
             "params_before": params0, "params_after": params1}
     save_pruned(out / "pruned", pruned, meta, info)
     return pruned, info
 
 
 def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: float | None = None,
-             finetune_epochs: int = 3, prune_steps: int = 2, calib: str | os.PathLike | None = None,
+             finetune_epochs: int = 3, prune_steps: int = 2, recovery_lr: float | None = None,
+             calib: str | os.PathLike | None = None,
              data: str | os.PathLike | None = None,
              out: str | os.PathLike | None = None, max_drop: float = 1.0, force: bool = False,
              budget_s: float = 3.0, float_ends: bool = False,
@@ -71,6 +114,7 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
         prune: share of channels to remove (e.g. 0.3); None to skip.
         finetune_epochs: recovery epochs after each pruning round (distilled from the unpruned model).
         prune_steps: pruning rounds (each removes an equal share, then recovers).
+        recovery_lr: learning rate of the recovery fine-tune (None: ``RECOVERY_LR``, 1e-3).
         calib: images for int8 calibration (default: the model's training split).
         data: labelled evaluation images (default: the model's validation split).
         out: output folder (default ``RUN/compress``).
@@ -107,12 +151,16 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
     onnx_fp32 = _export_variant(model, meta, out / "onnx")
     variants.append(Variant("ONNX fp32", str(onnx_fp32), onnx_runner(onnx_fp32)))
     calib_paths = _calib_paths(meta, calib) if quantize else []
+    int8_attempts: list[dict[str, Any]] = []
     if quantize:
-        path = _quantize_variant(onnx_fp32, meta, out / "onnx-int8", quantize, calib_paths, float_ends)
+        path, int8_attempts = _guarded_int8(variants, onnx_fp32, meta, out / "onnx-int8", quantize, calib_paths,
+                                            float_ends, images, labels, max_drop, log)
+        float_ends = int8_attempts[-1]["scheme"] == "ends-float"  # the pruned model gets the same scheme
         variants.append(Variant(f"ONNX {quantize}", str(path), onnx_runner(path)))
     prune_info: dict[str, Any] = {}
     if prune is not None:
-        pruned, prune_info = _prune_variant(model, meta, prune, finetune_epochs, prune_steps, out, log)
+        pruned, prune_info = _prune_variant(model, meta, prune, finetune_epochs, prune_steps,
+                                            RECOVERY_LR if recovery_lr is None else recovery_lr, out, log)
         variants.append(Variant("pruned", str(out / "pruned" / "model.safetensors"), torch_runner(pruned),
                                 {"macs": prune_info["macs_after"]}))
         pruned_meta = {**meta, "pruned": prune_info}
@@ -130,14 +178,20 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
     log(f"measuring {len(variants)} variants on {len(images)} validation images")
     rows = measure(variants, images, labels, budget_s, log)
     report = _report(model_path, meta, rows, data, quantize, max_drop, prune_info, len(images))
+    report["int8_attempts"] = int8_attempts
+    if len(int8_attempts) > 1:
+        tried = "; ".join(f"{a['scheme']} {a['accuracy_change_pts']:+.2f} pt" for a in int8_attempts)
+        report["notes"].insert(0, f"int8 schemes tried on val: {tried}; kept {int8_attempts[-1]['scheme']}")
     write_reports(out, report)
     log(format_table(rows))
     for note in report["notes"]:
         log(note)
     log(f"wrote {out / 'compress_report.json'} and {out / 'compress_report.md'}")
     if report["refused"] and not force:
-        raise ExportError(report["refused"] + " (pass --force to accept it, or try --int8-float-ends or "
-                          "--quantize int8-dynamic)")
+        tried_ends = any(a["scheme"] == "ends-float" for a in int8_attempts)
+        raise ExportError(report["refused"] + " (pass --force to accept it, or try "
+                          + ("" if tried_ends else "--int8-float-ends or ") + "--quantize int8-dynamic, or "
+                          "calibrate on more images with --calib DATA)")
     return report
 
 
@@ -159,7 +213,8 @@ def _report(model_path, meta, rows, data, quantize, max_drop, prune_info, n) -> 
         pruned_row = next(r for r in rows if r["variant"] == "pruned")
         notes.append(f"pruned: {fewer:.1%} fewer MACs, {1 - prune_info['params_after'] / prune_info['params_before']:.1%}"
                      f" fewer params, accuracy change {pruned_row['accuracy_change_pts']:+.2f} pt after "
-                     f"{prune_info['steps']} round(s) x {prune_info['finetune_epochs']} recovery epoch(s)")
+                     f"{prune_info['steps']} round(s) x {prune_info['finetune_epochs']} recovery epoch(s) "
+                     f"at LR {prune_info['recovery_lr']:g}")
     source = str(data) if data else f"validation split of {resolve_data_path(meta)}"
     return {"model": str(model_path), "val_source": source, "num_val": n, "machine": _machine(),
             "variants": rows, "pruning": prune_info, "max_drop": max_drop, "refused": refused, "notes": notes}

@@ -103,7 +103,8 @@ def _quantize_static(prepared: Path, dst: Path, meta: dict[str, Any], calib_path
 
     Keeping the ends in float is the usual remedy when int8 flips a few decisions (measured:
     hymenoptera at 224 px lost one validation image of 49 with every layer in int8, none with the
-    ends in float; CIFAR-10 at 64 px was better fully quantized), so it is an option, not the default.
+    ends in float; CIFAR-10 at 64 px was better fully quantized), so it is not the first choice:
+    ``compress`` retries with it only when the fully quantized model fails the accuracy guard.
     """
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
