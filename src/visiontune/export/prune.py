@@ -125,8 +125,9 @@ def residual_layers(model: nn.Module, example: torch.Tensor, ignored: list[nn.Mo
 def head_input_layers(model: nn.Module, example: torch.Tensor, head: nn.Module) -> list[nn.Module]:
     """Convs that produce the classifier's input features.
 
-    Left whole so the pruned network's pre-logit features keep the teacher's width: recovery
-    then distils those features directly (:func:`finetune`), with no projection to learn.
+    Left whole: cutting them would delete columns of the classifier, the one layer trained
+    only on the user's classes, for a small share of the MACs (320 -> 1280 at 7x7 on
+    EfficientNet-Lite0: 5% of them).
     """
     import torch_pruning as tp
 
