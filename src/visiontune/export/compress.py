@@ -13,8 +13,8 @@ from typing import Any, Callable
 import numpy as np
 
 from .common import ExportError, export_meta, labelled_samples, preprocess, resolve_data_path, write_json
+from .compare import Logits, Variant, measure, onnx_runner, torch_runner, write_reports, format_table
 from .recovery import RECOVERY_LR
-from .compare import Variant, measure, onnx_runner, torch_runner, write_reports, format_table
 
 
 def _calib_paths(meta: dict[str, Any], calib: str | os.PathLike | None) -> list[str]:
@@ -49,7 +49,7 @@ def _accuracy(run, images: np.ndarray, labels: np.ndarray) -> float:
     return float((batched_logits(run, images).argmax(1) == labels).mean())
 
 
-def _guarded_int8(variants: list[Variant], src: Path, meta: dict[str, Any], folder: Path, mode: str,
+def _guarded_int8(eager: Logits, src: Path, meta: dict[str, Any], folder: Path, mode: str,
                   calib: list[str], float_ends: bool, images: np.ndarray, labels: np.ndarray, max_drop: float,
                   log) -> tuple[Path, list[dict[str, Any]]]:
     """Static int8, and when it loses more than ``max_drop`` on val, the same with the first conv
@@ -60,7 +60,7 @@ def _guarded_int8(variants: list[Variant], src: Path, meta: dict[str, Any], fold
     """
     import shutil
 
-    base = _accuracy(variants[0].logits, images, labels)
+    base = _accuracy(eager, images, labels)
 
     def attempt(target: Path, ends: bool) -> tuple[Path, dict[str, Any]]:
         path = _quantize_variant(src, meta, target, mode, calib, ends)
@@ -92,9 +92,8 @@ def _prune_variant(model, meta: dict[str, Any], ratio: float, epochs: int, steps
     pruned = prune_and_recover(copy.deepcopy(model), meta, ratio, train, epochs, steps, log, lr=lr)
     macs1, params1 = count_macs(pruned, meta)
     log(f"pruned: MACs {macs0 / 1e6:.1f}M -> {macs1 / 1e6:.1f}M, params {params0 / 1e6:.2f}M -> {params1 / 1e6:.2f}M")
-    info = {"ratio": ratio, "steps": steps, "finetune_epochs": epochs, "recovery_lr": lr, "macs_before": macs0,
-            "macs_after": macs1,
-            "params_before": params0, "params_after": params1}
+    info = {"ratio": ratio, "steps": steps, "finetune_epochs": epochs, "recovery_lr": lr,
+            "macs_before": macs0, "macs_after": macs1, "params_before": params0, "params_after": params1}
     save_pruned(out / "pruned", pruned, meta, info)
     return pruned, info
 
@@ -153,8 +152,8 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
     calib_paths = _calib_paths(meta, calib) if quantize else []
     int8_attempts: list[dict[str, Any]] = []
     if quantize:
-        path, int8_attempts = _guarded_int8(variants, onnx_fp32, meta, out / "onnx-int8", quantize, calib_paths,
-                                            float_ends, images, labels, max_drop, log)
+        path, int8_attempts = _guarded_int8(variants[0].logits, onnx_fp32, meta, out / "onnx-int8", quantize,
+                                            calib_paths, float_ends, images, labels, max_drop, log)
         float_ends = int8_attempts[-1]["scheme"] == "ends-float"  # the pruned model gets the same scheme
         variants.append(Variant(f"ONNX {quantize}", str(path), onnx_runner(path)))
     prune_info: dict[str, Any] = {}

@@ -82,8 +82,8 @@ def finetune(model: nn.Module, meta: dict[str, Any], samples: list[tuple[str, in
                 loss = nn.functional.cross_entropy(logits, labels)
             else:
                 with torch.no_grad():
-                    loss = teacher(images)
-                loss = distill_loss(logits, labels, loss, temperature)
+                    teacher_logits = teacher(images)
+                loss = distill_loss(logits, labels, teacher_logits, temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
