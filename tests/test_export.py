@@ -262,6 +262,10 @@ def test_cli_compress_writes_table_and_exit_codes(tiny_model, tmp_path):
                          text=True, timeout=120)
     assert bad.returncode == 2 and "(0, 1)" in bad.stderr
     assert not (tmp_path / "b").exists()  # refused before any export work
+    bad_lr = subprocess.run(cli("compress", run, "--prune", "0.3", "--recovery-lr", "-1", "--out", tmp_path / "d"),
+                            capture_output=True, text=True, timeout=120)
+    assert bad_lr.returncode == 2 and "--recovery-lr must be > 0" in bad_lr.stderr and "Traceback" not in bad_lr.stderr
+    assert not (tmp_path / "d").exists()
     nothing = subprocess.run(cli("compress", run), capture_output=True, text=True, timeout=120)
     assert nothing.returncode == 2 and "--quantize" in nothing.stderr
 

@@ -172,12 +172,14 @@ def _fisher_gradients(model: nn.Module, loader, limit: int = 128) -> None:
         p.grad = acc / max(seen, 1)
 
 
-def check_prune_args(ratio: float, steps: int) -> None:
+def check_prune_args(ratio: float, steps: int, lr: float | None = None) -> None:
     """Refuse impossible pruning settings (before any export or measurement starts)."""
     if not 0.0 < ratio < 1.0:
         raise ExportError(f"--prune RATIO must be in (0, 1), got {ratio}")
     if steps < 1:
         raise ExportError(f"--prune-steps must be at least 1, got {steps}")
+    if lr is not None and not lr > 0:
+        raise ExportError(f"--recovery-lr must be > 0 (e.g. 1e-3, or 1e-4 for a few hundred images), got {lr}")
 
 
 def prune_and_recover(model: nn.Module, meta: dict[str, Any], ratio: float, samples: list[tuple[str, int]],
