@@ -1,7 +1,8 @@
 """Acceptance benchmark for issue 5: export parity + int8 + pruning on trained runs.
 
 Usage:
-    python bench/compress.py RUN_DIR [RUN_DIR ...] [--prune 0.3] [--finetune-epochs 3] [--recovery-lr X ...]
+    python bench/compress.py RUN_DIR [RUN_DIR ...] [--prune 0.3] [--prune-steps 2]
+        [--finetune-epochs N ...] [--recovery-lr X ...]
 
 For each run: ONNX export with parity check (RUN/export/onnx/export_report.json), then
 ``compress --quantize int8 --prune RATIO`` writing RUN/compress/compress_report.{json,md};
@@ -19,11 +20,11 @@ from visiontune.export.compare import markdown_table
 from visiontune.export.compress import compress
 
 
-def bench_run(run: str, prune: float, epochs: int, recovery_lr: float | None) -> str:
+def bench_run(run: str, prune: float, steps: int, epochs: int, recovery_lr: float | None) -> str:
     parity = export_model(run, "onnx", dynamic_batch=True, check=False)
     try:
-        report = compress(run, quantize="int8", prune=prune, finetune_epochs=epochs, recovery_lr=recovery_lr,
-                          force=True)
+        report = compress(run, quantize="int8", prune=prune, prune_steps=steps, finetune_epochs=epochs,
+                          recovery_lr=recovery_lr, force=True)
     except ExportError as exc:
         return f"## {run}\n\nfailed: {exc}\n"
     # the same int8 with the first conv and the classifier kept in float (--int8-float-ends)
@@ -40,13 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--prune", type=float, default=0.3)
-    parser.add_argument("--finetune-epochs", type=int, default=3, help="per pruning round (2 rounds)")
+    parser.add_argument("--prune-steps", type=int, default=2, help="pruning rounds")
+    parser.add_argument("--finetune-epochs", type=int, nargs="*", default=[],
+                        help="recovery epochs per round, per run in the order of RUN_DIRs (default 3)")
     parser.add_argument("--recovery-lr", type=float, nargs="*", default=[],
                         help="recovery LR per run, in the order of RUN_DIRs (default: compress's own)")
     parser.add_argument("--out", default=str(Path(__file__).with_name("compress_results.md")))
     args = parser.parse_args(argv)
     lrs = args.recovery_lr + [None] * (len(args.runs) - len(args.recovery_lr))
-    sections = [bench_run(run, args.prune, args.finetune_epochs, lr) for run, lr in zip(args.runs, lrs)]
+    epochs = args.finetune_epochs + [3] * (len(args.runs) - len(args.finetune_epochs))
+    sections = [bench_run(run, args.prune, args.prune_steps, n, lr) for run, n, lr in zip(args.runs, epochs, lrs)]
     Path(args.out).write_text("# visiontune compress benchmark\n\n" + "\n".join(sections))
     print("\n".join(sections))
     return 0

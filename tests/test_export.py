@@ -332,27 +332,3 @@ def test_labelled_samples_follow_the_runs_own_split(tiny_model, tmp_path):
     assert labelled_samples(moved) == list(splits.val)
     assert len(labelled_samples(moved)) == 12  # half of 8 images x 3 classes
 
-
-def test_batchnorm_recalibration_fits_the_data():
-    """After pruning, BN statistics are re-estimated (cumulative average) on training images."""
-    from visiontune.export.recovery import recalibrate_batchnorm
-
-    torch.manual_seed(0)
-    conv, norm = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
-    model = torch.nn.Sequential(conv, norm)
-    batches = [(torch.randn(8, 3, 10, 10) * 3 + 2, torch.zeros(8, dtype=torch.long)) for _ in range(4)]
-    recalibrate_batchnorm(model, batches)
-    with torch.no_grad():
-        outputs = conv(torch.cat([b for b, _ in batches]))
-    torch.testing.assert_close(norm.running_mean, outputs.mean((0, 2, 3)), rtol=1e-4, atol=1e-4)
-    assert norm.momentum == 0.1 and not model.training
-
-
-def test_distill_loss_is_half_label_half_teacher():
-    from visiontune.export.recovery import distill_loss
-
-    torch.manual_seed(0)
-    logits, labels = torch.randn(4, 2), torch.tensor([0, 1, 0, 1])
-    ce = torch.nn.functional.cross_entropy(logits, labels)
-    torch.testing.assert_close(distill_loss(logits, labels, logits), 0.5 * ce)  # agreeing with the teacher costs nothing
-    assert distill_loss(logits, labels, -logits) > 0.5 * ce

@@ -60,7 +60,8 @@ def add_export_commands(subparsers: Any) -> None:
                    help="static int8: keep the first conv and the classifier in float (when int8 flips decisions)")
     p.add_argument("--prune", type=float, default=None, metavar="RATIO", help="share of channels to remove, e.g. 0.3")
     p.add_argument("--finetune-epochs", type=int, default=3, metavar="N",
-                   help="recovery epochs after each pruning round, distilled from the unpruned model (3)")
+                   help="recovery epochs after each pruning round, distilled from the unpruned model "
+                        "(3; 0: least-squares reconstruction alone, best for a few hundred images)")
     p.add_argument("--prune-steps", type=int, default=2, metavar="N",
                    help="pruning rounds, each removing an equal share then recovering (2)")
     p.add_argument("--recovery-lr", type=float, default=None, metavar="X",

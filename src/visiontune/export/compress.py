@@ -111,7 +111,8 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
         model_path: run dir or ``model/`` dir.
         quantize: ``int8`` (static QDQ, per-channel) or ``int8-dynamic``; None to skip.
         prune: share of channels to remove (e.g. 0.3); None to skip.
-        finetune_epochs: recovery epochs after each pruning round (distilled from the unpruned model).
+        finetune_epochs: recovery epochs after each pruning round (distilled from the unpruned model);
+            0 keeps the least-squares reconstruction alone, best for a few hundred images.
         prune_steps: pruning rounds (each removes an equal share, then recovers).
         recovery_lr: learning rate of the recovery fine-tune (None: ``RECOVERY_LR``, 1e-3).
         calib: images for int8 calibration (default: the model's training split).
@@ -212,8 +213,8 @@ def _report(model_path, meta, rows, data, quantize, max_drop, prune_info, n) -> 
         pruned_row = next(r for r in rows if r["variant"] == "pruned")
         notes.append(f"pruned: {fewer:.1%} fewer MACs, {1 - prune_info['params_after'] / prune_info['params_before']:.1%}"
                      f" fewer params, accuracy change {pruned_row['accuracy_change_pts']:+.2f} pt after "
-                     f"{prune_info['steps']} round(s) x {prune_info['finetune_epochs']} recovery epoch(s) "
-                     f"at LR {prune_info['recovery_lr']:g}")
+                     f"{prune_info['steps']} round(s) of least-squares reconstruction + "
+                     f"{prune_info['finetune_epochs']} recovery epoch(s) at LR {prune_info['recovery_lr']:g}")
     source = str(data) if data else f"validation split of {resolve_data_path(meta)}"
     return {"model": str(model_path), "val_source": source, "num_val": n, "machine": _machine(),
             "variants": rows, "pruning": prune_info, "max_drop": max_drop, "refused": refused, "notes": notes}

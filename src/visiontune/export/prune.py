@@ -190,9 +190,11 @@ def prune_and_recover(model: nn.Module, meta: dict[str, Any], ratio: float, samp
     torch-pruning's dependency graph keeps coupled layers consistent (BN, depthwise convs whose
     channels are tied via groups); residual streams, the classifier and the layers producing its
     input are left whole (:func:`residual_layers`, :func:`head_input_layers`). Channels are ranked
-    by ``importance`` (one of :data:`IMPORTANCES`) on training images; after each cut the BN
-    statistics are re-estimated and the network is fine-tuned for ``epochs``, distilled from the
-    unpruned model (:func:`~visiontune.export.recovery.finetune`, which takes ``**recovery``).
+    by ``importance`` (one of :data:`IMPORTANCES`) on training images. After each cut the BN
+    statistics are re-estimated, the layers fed by cut channels are refit to the unpruned model's
+    outputs by least squares (:func:`~visiontune.export.recovery.reconstruct`), and the network
+    is fine-tuned for ``epochs``, distilled from the unpruned model
+    (:func:`~visiontune.export.recovery.finetune`, which takes ``**recovery``).
 
     Example:
         >>> prune_and_recover(model, meta, 0.3, train_samples, epochs=3)  # doctest: +SKIP
@@ -202,7 +204,7 @@ def prune_and_recover(model: nn.Module, meta: dict[str, Any], ratio: float, samp
 
     from ..data.dataset import ImageListDataset
     from ..data.transforms import draft_size, eval_transform
-    from .recovery import finetune, recalibrate_batchnorm
+    from .recovery import finetune, recalibrate_batchnorm, reconstruct
 
     check_prune_args(ratio, steps)
     if importance not in IMPORTANCES:
@@ -228,6 +230,7 @@ def prune_and_recover(model: nn.Module, meta: dict[str, Any], ratio: float, samp
         pruner.step()
         model.zero_grad(set_to_none=True)
         recalibrate_batchnorm(model, scoring)
+        reconstruct(model, teacher, scoring)
         macs, _ = count_macs(model, meta)
         log(f"prune round {step + 1}/{steps}: MACs {macs0 / 1e6:.1f}M -> {macs / 1e6:.1f}M; recovering {epochs} epoch(s)")
         finetune(model, meta, samples, epochs, teacher=teacher, log=log, **recovery)
