@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -31,14 +32,14 @@ def test_distill_loss_is_half_label_half_teacher():
     assert distill_loss(logits, labels, -logits) > 0.5 * ce
 
 
-def _block(hidden: int) -> nn.Sequential:
+def _block(hidden: int, bias: bool = False) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(3, hidden, 1), nn.BatchNorm2d(hidden), nn.ReLU(),
-                         nn.Conv2d(hidden, 4, 1, bias=False), nn.BatchNorm2d(4))
+                         nn.Conv2d(hidden, 4, 1, bias=bias), nn.BatchNorm2d(4))
 
 
 def _cut(teacher: nn.Sequential, keep: list[int]) -> nn.Sequential:
     """The teacher with only ``keep`` hidden channels (what structured pruning leaves)."""
-    student = _block(len(keep))
+    student = _block(len(keep), bias=teacher[3].bias is not None)
     state = teacher.state_dict()
     for key, tensor in state.items():
         if key.startswith(("0.", "1.")) and tensor.ndim:
@@ -48,12 +49,13 @@ def _cut(teacher: nn.Sequential, keep: list[int]) -> nn.Sequential:
     return student.eval()
 
 
+@pytest.mark.parametrize("bias", [False, True])
 @torch.no_grad()
-def test_reconstruction_recovers_a_removed_duplicate_channel_exactly():
+def test_reconstruction_recovers_a_removed_duplicate_channel_exactly(bias):
     """A removed channel that copies a kept one is absorbed by the next 1x1 conv without error;
     the BN after the refit conv is the teacher's again."""
     torch.manual_seed(0)
-    teacher = _block(6)
+    teacher = _block(6, bias)
     teacher[0].weight[5], teacher[0].bias[5] = teacher[0].weight[0], teacher[0].bias[0]  # channel 5 == channel 0
     teacher[4].running_mean.uniform_(-1, 1)
     teacher.eval()
@@ -93,3 +95,18 @@ def test_reconstruction_lowers_the_error_and_ridge_pulls_to_the_cut_weights():
     # untouched: layers whose inputs were not cut
     torch.testing.assert_close(fitted[0].weight, student[0].weight)
 
+
+
+class _NormRegisteredFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.conv, self.other = nn.BatchNorm2d(4), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.norm(self.conv(self.other(x)))
+
+
+def test_the_norm_after_a_conv_is_found_by_running_the_model_not_by_module_order():
+    from visiontune.export.recovery import _norms_after_convs
+
+    assert _norms_after_convs(_NormRegisteredFirst(), torch.randn(2, 3, 4, 4)) == {"conv": "norm"}

@@ -42,16 +42,34 @@ class _Stop(Exception):
     """Ends a forward pass once the layer of interest has run."""
 
 
-def _following_norm(model: nn.Module, conv_name: str) -> str | None:
-    """Name of the BatchNorm right after ``conv_name`` in module order (None if a conv comes first)."""
-    found = False
-    for name, module in model.named_modules():
-        if found and isinstance(module, nn.Conv2d):
-            return None
-        if found and isinstance(module, nn.BatchNorm2d):
-            return name
-        found = found or name == conv_name
-    return None
+@torch.no_grad()
+def _norms_after_convs(model: nn.Module, images: torch.Tensor) -> dict[str, str]:
+    """{conv name: name of the BatchNorm that takes that conv's output as its input}.
+
+    Found by running the model once, not from module order, which need not be execution order.
+    """
+    outputs: dict[int, tuple[str, torch.Tensor]] = {}  # tensors kept alive so their ids stay unique
+    found: dict[str, str] = {}
+
+    def remember(name: str):
+        return lambda module, inputs, output: outputs.__setitem__(id(output), (name, output))
+
+    def match(name: str):
+        def hook(module, inputs):
+            source = outputs.get(id(inputs[0]))
+            if source is not None:
+                found[source[0]] = name
+        return hook
+
+    hooks = [module.register_forward_hook(remember(name)) if isinstance(module, nn.Conv2d)
+             else module.register_forward_pre_hook(match(name))
+             for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.BatchNorm2d))]
+    try:
+        model.eval()(images[:2])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return found
 
 
 def _layer_io(student: nn.Module, conv: nn.Conv2d, teacher: nn.Module, twin: nn.Conv2d,
@@ -78,6 +96,19 @@ def _layer_io(student: nn.Module, conv: nn.Conv2d, teacher: nn.Module, twin: nn.
 
 
 @torch.no_grad()
+def _ridge_refit(conv: nn.Conv2d, gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> None:
+    """Set ``conv`` (1x1) to argmin |XW - Y|^2 + s |W - W_cut|^2 from X'X and X'Y (bias last)."""
+    prior = conv.weight.detach().double().flatten(1).T
+    if conv.bias is not None:
+        prior = torch.cat([prior, conv.bias.detach().double()[None]], 0)
+    strength = ridge * gram.diagonal().mean()
+    fitted = torch.linalg.solve(gram + strength * torch.eye(len(gram), dtype=gram.dtype), cross + strength * prior)
+    conv.weight.copy_(fitted[:conv.in_channels].T.reshape(conv.weight.shape))
+    if conv.bias is not None:
+        conv.bias.copy_(fitted[-1])
+
+
+@torch.no_grad()
 def reconstruct(student: nn.Module, teacher: nn.Module, loader, ridge: float = 1e-3) -> list[str]:
     """Refit every 1x1 conv whose inputs were cut so that it reproduces the teacher's output.
 
@@ -95,7 +126,11 @@ def reconstruct(student: nn.Module, teacher: nn.Module, loader, ridge: float = 1
     student.eval()
     teacher.eval()
     twins = dict(teacher.named_modules())
-    refit = []
+    first = next(iter(loader), None)
+    if first is None:
+        return []
+    norms = _norms_after_convs(student, first[0])
+    refit: list[str] = []
     for name, conv in list(student.named_modules()):
         twin = twins.get(name)
         if not (isinstance(conv, nn.Conv2d) and isinstance(twin, nn.Conv2d) and conv.kernel_size == (1, 1)
@@ -109,18 +144,8 @@ def reconstruct(student: nn.Module, teacher: nn.Module, loader, ridge: float = 1
                 x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
             gram = x.T @ x if gram is None else gram + x.T @ x
             cross = x.T @ y if cross is None else cross + x.T @ y
-        if gram is None:
-            return refit
-        prior = conv.weight.detach().double().flatten(1).T
-        if conv.bias is not None:
-            prior = torch.cat([prior, conv.bias.detach().double()[None]], 0)
-        strength = ridge * gram.diagonal().mean()
-        fitted = torch.linalg.solve(gram + strength * torch.eye(len(gram), dtype=gram.dtype),
-                                    cross + strength * prior)
-        conv.weight.copy_(fitted[:conv.in_channels].T.reshape(conv.weight.shape))
-        if conv.bias is not None:
-            conv.bias.copy_(fitted[-1])
-        norm = _following_norm(student, name)
+        _ridge_refit(conv, gram, cross, ridge)
+        norm = norms.get(name)
         if norm is not None and isinstance(twins.get(norm), nn.BatchNorm2d):
             own, theirs = student.get_submodule(norm), twins[norm]
             if own.num_features == theirs.num_features:
