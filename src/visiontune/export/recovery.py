@@ -12,8 +12,9 @@ from torch import nn
 # CIFAR-10 subset (1,600 images, 64 px): 1e-3 -> +1.0 pt, 1e-4 -> -16.3 pt;
 # hymenoptera (123 images, 224 px): 1e-4 -> -3.3 pt, 3e-4 -> -5.7 pt. Bigger datasets need the
 # larger step to relearn what the cut removed, tiny ones lose their pretrained features with it.
-# With reconstruction, CIFAR at 1e-3 stays level (+0.25 pt) and needs the fine-tune (-15.3 pt
-# without it), while hymenoptera is best reconstructed alone (-1.6 pt; 1e-4 fine-tune: -4.1 pt).
+# With reconstruction, CIFAR at 1e-3 stays level (-0.75 to +0.25 pt) and needs the fine-tune
+# (-15.3 pt without it), while hymenoptera is best reconstructed alone (-1.6 pt; with a 1e-4
+# fine-tune: -4.1 pt).
 RECOVERY_LR = 1e-3
 
 
