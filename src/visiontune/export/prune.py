@@ -218,8 +218,10 @@ def prune_and_recover(model: nn.Module, meta: dict[str, Any], ratio: float, samp
     head = model.get_submodule(meta["architecture"]["head"])
     ignored = [head, *residual_layers(model.eval(), example, [head]), *head_input_layers(model, example, head)]
     pre = meta["preprocessing"]
-    scoring = DataLoader(ImageListDataset(samples[::max(1, len(samples) // 256)], eval_transform(pre), draft_size(pre)),
-                         batch_size=32)
+    # decoded once and kept (at most 256 images): importance, BN re-estimation and the
+    # reconstruction of every refit layer each pass over them again, every round
+    scoring = list(DataLoader(ImageListDataset(samples[::max(1, len(samples) // 256)], eval_transform(pre),
+                                               draft_size(pre)), batch_size=32))
     scorer_name, gradients = IMPORTANCES[importance]
     pruner = tp.pruner.MetaPruner(model, example, importance=getattr(tp.importance, scorer_name)(),
                                   pruning_ratio=ratio, iterative_steps=steps, ignored_layers=ignored)
