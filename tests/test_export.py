@@ -266,6 +266,10 @@ def test_cli_compress_writes_table_and_exit_codes(tiny_model, tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert bad_lr.returncode == 2 and "--recovery-lr must be > 0" in bad_lr.stderr and "Traceback" not in bad_lr.stderr
     assert not (tmp_path / "d").exists()
+    bad_epochs = subprocess.run(cli("compress", run, "--prune", "0.3", "--finetune-epochs", "-1", "--out", tmp_path / "e"),
+                                capture_output=True, text=True, timeout=120)
+    assert bad_epochs.returncode == 2 and "--finetune-epochs must be >= 0" in bad_epochs.stderr
+    assert not (tmp_path / "e").exists()
     nothing = subprocess.run(cli("compress", run), capture_output=True, text=True, timeout=120)
     assert nothing.returncode == 2 and "--quantize" in nothing.stderr
 

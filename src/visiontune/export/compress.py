@@ -136,7 +136,7 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
     if prune is not None:
         from .prune import check_prune_args
 
-        check_prune_args(prune, prune_steps, recovery_lr)
+        check_prune_args(prune, prune_steps, recovery_lr, finetune_epochs)
     model, meta = load_model(model_path)
     out = Path(out) if out else Path(meta["model_dir"]).parent / "compress"
     samples = labelled_samples(meta, data)

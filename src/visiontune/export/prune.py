@@ -172,12 +172,14 @@ def _fisher_gradients(model: nn.Module, loader, limit: int = 128) -> None:
         p.grad = acc / max(seen, 1)
 
 
-def check_prune_args(ratio: float, steps: int, lr: float | None = None) -> None:
+def check_prune_args(ratio: float, steps: int, lr: float | None = None, epochs: int = 0) -> None:
     """Refuse impossible pruning settings (before any export or measurement starts)."""
     if not 0.0 < ratio < 1.0:
         raise ExportError(f"--prune RATIO must be in (0, 1), got {ratio}")
     if steps < 1:
         raise ExportError(f"--prune-steps must be at least 1, got {steps}")
+    if epochs < 0:
+        raise ExportError(f"--finetune-epochs must be >= 0 (0: least-squares reconstruction alone), got {epochs}")
     if lr is not None and not lr > 0:
         raise ExportError(f"--recovery-lr must be > 0 (e.g. 1e-3, or 1e-4 for a few hundred images), got {lr}")
 
@@ -206,7 +208,7 @@ def prune_and_recover(model: nn.Module, meta: dict[str, Any], ratio: float, samp
     from ..data.transforms import draft_size, eval_transform
     from .recovery import finetune, recalibrate_batchnorm, reconstruct
 
-    check_prune_args(ratio, steps)
+    check_prune_args(ratio, steps, epochs=epochs)
     if importance not in IMPORTANCES:
         raise ExportError(f"unknown pruning importance {importance!r}; choose one of: {', '.join(IMPORTANCES)}")
     if not samples:
