@@ -15,9 +15,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from visiontune.export import ExportError, export_model
+from visiontune.core.errors import ExportError
 from visiontune.export.compare import markdown_table
 from visiontune.export.compress import compress
+from visiontune.export.exporter import export_model
 
 
 def bench_run(run: str, prune: float, steps: int, epochs: int, recovery_lr: float | None) -> str:
@@ -31,7 +32,8 @@ def bench_run(run: str, prune: float, steps: int, epochs: int, recovery_lr: floa
     ends = compress(run, quantize="int8", force=True, float_ends=True, out=Path(run) / "compress-int8-float-ends")
     row = ends["variants"][2]
     report["notes"].append(f"ONNX int8 with --int8-float-ends: val acc {row['val_accuracy']:.4f} "
-                           f"({row['accuracy_change_pts']:+.2f} pt), {row['speedup_vs_eager_b32']:.2f}x eager fp32 at b32")
+                           f"({row['accuracy_change_pts']:+.2f} pt), "
+                           f"{row['speedup_vs_eager_b32']:.2f}x eager fp32 at b32")
     return (f"## {run}\n\nONNX fp32 parity on {parity['source']}: top-1 agreement {parity['top1_agreement']:.2%}, "
             f"max |logit diff| {parity['max_abs_logit_diff']:.2e}\n\n{markdown_table(report['variants'])}\n\n"
             + "\n".join(f"- {n}" for n in report["notes"]) + f"\n\nmachine: {report['machine']}\n")

@@ -10,17 +10,21 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
+from visiontune.core.hardware import resolve_precision
+from visiontune.data.dataset import ImageListDataset, default_workers, make_loader
+from visiontune.data.scan import discover
+from visiontune.data.transforms import train_transform
+from visiontune.models.factory import build_model
+
 
 def pipeline_rate(samples, pre, draft: bool, batches: int = 12) -> tuple[float, int]:
-    from visiontune.data.dataset import ImageListDataset, default_workers, make_loader
-    from visiontune.data.transforms import draft_size, train_transform
-
     workers = default_workers(None)
-    dataset = ImageListDataset(samples, train_transform(pre, "standard"), draft_size({**pre, "jpeg_draft": draft}))
-    loader = make_loader(dataset, 32, True, workers)
+    dataset = ImageListDataset(samples, train_transform(pre, "standard"), replace(pre, jpeg_draft=draft).draft_size())
+    loader = make_loader(dataset, 32, workers)
     it = iter(loader)
     next(it)  # worker start-up is not throughput
     start, n = time.perf_counter(), 0
@@ -35,12 +39,9 @@ def pipeline_rate(samples, pre, draft: bool, batches: int = 12) -> tuple[float, 
 
 
 def model_rate(pre, steps: int = 6) -> float:
-    from visiontune.hardware import resolve_precision
-    from visiontune.models import build_model
-
     model, _, _ = build_model("efficientnet_lite0", 2)
     model.train().to(memory_format=torch.channels_last)
-    precision = resolve_precision("auto", pre["input_size"][-1])
+    precision = resolve_precision("auto", pre.height)
     opt = torch.optim.AdamW(model.parameters(), 1e-4)
     x = torch.randn(32, 3, 224, 224).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 2, (32,))
@@ -60,14 +61,12 @@ def model_rate(pre, steps: int = 6) -> float:
 
 
 def main() -> None:
-    from visiontune.data.scan import discover
-    from visiontune.models import build_model
-
     splits = discover(sys.argv[1], scan=False)
     _, _, pre = build_model("efficientnet_lite0", 2)
     draft_rate, workers = pipeline_rate(splits.train, pre, True)
     full_rate, _ = pipeline_rate(splits.train, pre, False)
-    print(json.dumps({"pipeline_images_per_second": round(draft_rate, 1), "full_decode_images_per_second": round(full_rate, 1),
+    print(json.dumps({"pipeline_images_per_second": round(draft_rate, 1),
+                      "full_decode_images_per_second": round(full_rate, 1),
                       "model_images_per_second": round(model_rate(pre), 1), "workers": workers}))
 
 

@@ -58,7 +58,8 @@ def main() -> None:
     seconds = time.perf_counter() - start
     if args.out:
         args.out.write_text("path,label\n" + "".join(f"{p},{label}\n" for p, label in rows))
-    print(json.dumps({"images": len(rows), "seconds": round(seconds, 2), "images_per_second": round(len(rows) / seconds, 1)}))
+    print(json.dumps({"images": len(rows), "seconds": round(seconds, 2),
+                      "images_per_second": round(len(rows) / seconds, 1)}))
 
 
 if __name__ == "__main__":

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 import timm
-from timm.data import resolve_data_config
 import torch
 from PIL import Image
+from timm.data import resolve_data_config
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T

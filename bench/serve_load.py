@@ -41,12 +41,12 @@ def rss_mb(pid: int) -> float:
 
 
 class Server:
-    """``python -m visiontune.serve.cli MODEL`` on a free loopback port, stopped with SIGTERM."""
+    """``visiontune serve MODEL`` on a free loopback port, stopped with SIGTERM."""
 
     def __init__(self, model: str, *flags: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "visiontune.serve.cli", model, "--port", str(self.port), *flags]
+        cmd = [sys.executable, "-m", "visiontune.cli", "serve", model, "--port", str(self.port), *flags]
         self.proc = subprocess.Popen(cmd, cwd=ROOT)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -118,24 +118,27 @@ def main() -> int:
     args = p.parse_args()
     paths = sorted(q for q in Path(args.images).rglob("*") if q.suffix.lower() in (".jpg", ".jpeg", ".png"))[:64]
     images = [q.read_bytes() for q in paths]
-    lines = [f"# Serving benchmark (`python bench/serve_load.py`)\n",
+    lines = ["# Serving benchmark (`python bench/serve_load.py`)\n",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared), Python {platform.python_version()}; "
              f"model {args.model}; {len(images)} distinct JPEGs from {args.images}, raw-bytes POSTs on loopback.\n"]
 
     if args.levels:
         server = Server(args.model)  # defaults: --max-batch 16 --max-wait-ms 10 --max-queue 64
         try:
-            lines += ["## Load levels (default settings)\n", "| clients | req/s | p50 ms | p99 ms | statuses | errors | 5xx |",
+            lines += ["## Load levels (default settings)\n",
+                      "| clients | req/s | p50 ms | p99 ms | statuses | errors | 5xx |",
                       "| --- | --- | --- | --- | --- | --- | --- |"]
             base = None
             for n in (int(x) for x in args.levels.split(",")):
                 res = asyncio.run(drive(server.url, images, n, args.duration))
                 base = base or res["rps"]
                 print(res, flush=True)
-                lines.append(f"| {n} | {res['rps']:.1f} ({res['rps'] / base:.2f}x) | {res['p50']:.0f} | {res['p99']:.0f} | "
+                lines.append(f"| {n} | {res['rps']:.1f} ({res['rps'] / base:.2f}x) | {res['p50']:.0f} | "
+                             f"{res['p99']:.0f} | "
                              f"{res['codes']} | {res['errors']} | {res['5xx']} |")
         finally:
-            lines.append(f"\nSIGTERM exit code: {server.stop()} (uvicorn re-raises SIGTERM after a graceful shutdown)\n")
+            lines.append(f"\nSIGTERM exit code: {server.stop()} "
+                         "(uvicorn re-raises SIGTERM after a graceful shutdown)\n")
 
     if not args.no_overload:
         lines += ["## Overload: 64 clients, --max-queue 8 (clients back off Retry-After/10 on 503)\n",

@@ -4,10 +4,10 @@ Usage:
     python onnx_client.py model.onnx photo.jpg [more.jpg ...] [--top-k 3]
 
 Everything the client needs (class names, preprocessing, temperature) is read from the ONNX
-file's ``metadata_props``. The preprocessing reproduces visiontune's exactly: JPEG draft
-decode, EXIF transpose, RGB conversion (alpha composited on white), resize of the shorter side
-to int(size / crop_pct) with the stored interpolation (antialiased, as Pillow always is),
-centre crop, scale to 0..1 and normalise with mean/std. Output: ``path,label,probability``.
+file's ``metadata_props``. The preprocessing is visiontune's own: ``visiontune_preprocess.py``
+beside this file is a byte-identical copy of ``visiontune/data/preprocess.py`` (the package's
+tests check it), so the pixels fed to the graph are exactly the ones visiontune would feed.
+Output: ``path,label,probability`` (and ``topN_label,topN_probability`` with ``--top-k N``).
 """
 
 from __future__ import annotations
@@ -15,73 +15,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from PIL import Image, ImageOps
 
-RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
-            "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
-
-
-def draft_size(pre: dict) -> int | None:
-    """Same rule as visiontune: decode big JPEGs at reduced scale, never below the resize target."""
-    if not pre.get("jpeg_draft"):
-        return None
-    _, height, width = pre["input_size"]
-    if pre.get("resize_mode", "crop") == "crop":
-        return int(max(height, width) / float(pre.get("crop_pct", 0.875) or 1.0))
-    return max(height, width)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import visiontune_preprocess as vp  # noqa: E402  (vendored: no visiontune install needed)
 
 
-def load_rgb(path: str, draft: int | None) -> Image.Image:
-    img = Image.open(path)
-    if getattr(img, "n_frames", 1) > 1:
-        img.seek(0)
-    if draft is not None and img.format == "JPEG":
-        img.draft("RGB", (draft, draft))
-    img.load()
-    img = ImageOps.exif_transpose(img)
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img.convert("RGBA"))
-    return img.convert("RGB")
+def read_model(session) -> tuple[list[str], vp.Preprocessing]:
+    """Class names and the validated preprocessing spec from the graph's metadata."""
+    props = session.get_modelmeta().custom_metadata_map
+    return json.loads(props["class_names"]), vp.Preprocessing.from_dict(json.loads(props["preprocessing"]))
 
 
-def resize_crop(img: Image.Image, pre: dict) -> Image.Image:
-    """Shorter side to int(size / crop_pct) (torchvision Resize rounding), then centre crop."""
-    _, height, width = (int(v) for v in pre["input_size"])
-    resample = RESAMPLE[pre.get("interpolation", "bilinear")]
-    mode = pre.get("resize_mode", "crop")
-    if mode == "squash":
-        return img.resize((width, height), resample)
-    if mode == "letterbox":
-        scale = min(width / img.width, height / img.height)
-        new_w, new_h = max(1, round(img.width * scale)), max(1, round(img.height * scale))
-        canvas = Image.new("RGB", (width, height), tuple(int(round(255 * m)) for m in pre["mean"]))
-        canvas.paste(img.resize((new_w, new_h), resample), ((width - new_w) // 2, (height - new_h) // 2))
-        return canvas
-    crop_pct = float(pre.get("crop_pct", 0.875) or 1.0)
-    if height == width:
-        short = int(height / crop_pct)
-        w, h = img.size
-        # torchvision: the shorter side becomes `short`, the longer one int(short * long / short_side)
-        new_w, new_h = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
-    else:
-        new_h, new_w = int(height / crop_pct), int(width / crop_pct)
-    img = img.resize((new_w, new_h), resample)
-    # torchvision CenterCrop offsets: int(round((in - out) / 2.0))
-    top, left = int(round((new_h - height) / 2.0)), int(round((new_w - width) / 2.0))
-    return img.crop((left, top, left + width, top + height))
-
-
-def preprocess(path: str, pre: dict) -> np.ndarray:
-    img = resize_crop(load_rgb(path, draft_size(pre)), pre)
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    arr = (arr - np.array(pre["mean"], np.float32)) / np.array(pre["std"], np.float32)
-    return arr.transpose(2, 0, 1)[None]  # HWC -> NCHW
+def preprocess(path: str, spec: vp.Preprocessing) -> np.ndarray:
+    """One image as the graph's input: a float32 NCHW batch of 1."""
+    return vp.load(path, spec)[None]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,13 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=1)
     args = parser.parse_args(argv)
     session = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"])
-    props = session.get_modelmeta().custom_metadata_map
-    names, pre = json.loads(props["class_names"]), json.loads(props["preprocessing"])
+    names, spec = read_model(session)
     input_name = session.get_inputs()[0].name
     print("path,label,probability" + "".join(f",top{i}_label,top{i}_probability" for i in range(2, args.top_k + 1)))
     for path in args.images:
         # probabilities already include softmax and the calibration temperature (in the graph)
-        probs = session.run(["probabilities"], {input_name: preprocess(path, pre)})[0][0]
+        probs = session.run(["probabilities"], {input_name: preprocess(path, spec)})[0][0]
         order = np.argsort(-probs)[:max(1, args.top_k)]
         print(path + "".join(f",{names[i]},{probs[i]:.6f}" for i in order))
     return 0

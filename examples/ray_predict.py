@@ -9,7 +9,8 @@ Without ``--address`` Ray starts in local mode on this machine (``--num-cpus`` c
 cluster pass ``--address auto`` (or run the script under ``ray job submit``) and the same code
 scales out: ``map_batches`` runs one actor per CPU (``--actors`` to change), each holding one
 single-threaded onnxruntime session and decoding + preprocessing its batches exactly like
-visiontune (the helpers come from ``onnx_client.py`` beside this file, shipped to the workers).
+visiontune (``visiontune_preprocess.py`` beside this file, a byte-identical copy of the package's
+own preprocessing, is shipped to the workers).
 The model and the images must be readable at the same paths on every node (shared storage).
 
 Output: ``OUT/predictions.csv`` with ``path,label,probability,error``, one row per input in input
@@ -31,7 +32,7 @@ import onnxruntime as ort
 import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import onnx_client  # noqa: E402  (the preprocessing, shared with the standalone client)
+import visiontune_preprocess as vp  # noqa: E402  (vendored: the package's preprocessing, no install needed)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 FIELDS = ["path", "label", "probability", "error"]
@@ -46,7 +47,7 @@ class OnnxPredictor:
         self.session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
         props = self.session.get_modelmeta().custom_metadata_map
         self.names = json.loads(props["class_names"])
-        self.pre = json.loads(props["preprocessing"])
+        self.spec = vp.Preprocessing.from_dict(json.loads(props["preprocessing"]))
         self.input = self.session.get_inputs()[0]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -54,7 +55,7 @@ class OnnxPredictor:
         arrays, rows, errors = [], [], [""] * len(batch["path"])
         for row, path in enumerate(batch["path"]):
             try:
-                arrays.append(onnx_client.preprocess(str(path), self.pre))
+                arrays.append(vp.load(str(path), self.spec)[None])
                 rows.append(row)
             except Exception as exc:  # any undecodable input becomes an error row, never a failed job
                 errors[row] = f"{type(exc).__name__}: {exc}"
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no images found in {args.inputs}")
     # only paths and result rows pass through the object store: a small one suffices locally
     local = {"num_cpus": args.num_cpus, "object_store_memory": 200 * 2**20} if args.address is None else {}
-    ray.init(address=args.address, include_dashboard=False, runtime_env={"py_modules": [onnx_client]}, **local)
+    ray.init(address=args.address, include_dashboard=False, runtime_env={"py_modules": [vp]}, **local)
     actors = args.actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
     dataset = ray.data.from_items([{"index": i, "path": p} for i, p in enumerate(paths)])
     results = dataset.map_batches(OnnxPredictor, fn_constructor_args=(str(args.model.resolve()),),

@@ -1,16 +1,28 @@
-"""Shared fixtures: a generated 3-class image folder (in a path with a space) and one trained run."""
+"""Shared helpers and fixtures: generated image folders (in paths with spaces), corrupt files,
+one session-scoped trained run, a reference forward pass, and CLI runners.
+
+Tests import the helpers from here (``from conftest import make_folder``).
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 CLASSES = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+CLASS_NAMES = sorted(CLASSES)
 FAST = {"img_size": 32, "batch_size": 8, "workers": 0, "progress": False, "report": False}
+FAST_FLAGS = ["--img-size", "32", "--batch-size", "8", "--workers", "0", "--no-progress"]
+FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".gif": "GIF", ".webp": "WEBP",
+           ".tif": "TIFF", ".tiff": "TIFF", ".ppm": "PPM"}
 
 
 @pytest.fixture(autouse=True)
@@ -19,31 +31,71 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("VISIONTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "feature-cache"))
 
 
+# ----------------------------------------------------------------------------- images and folders
 def make_image(rng: np.random.Generator, colour, size: int = 40) -> Image.Image:
+    """Pixel noise tinted with ``colour`` and a solid square of the class colour at a random place."""
     arr = rng.integers(0, 90, (size, size, 3)).astype(np.int16)
     arr += np.array(colour, dtype=np.int16) // 2
     x0, y0 = rng.integers(0, size // 2, 2)
-    arr[y0:y0 + size // 2, x0:x0 + size // 2] = colour  # a solid square of the class colour
+    arr[y0:y0 + size // 2, x0:x0 + size // 2] = colour
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
-def make_folder(root: Path, per_class: int = 12, seed: int = 0, fmt: str = "png") -> Path:
+def save_image(img: Image.Image, path: Path, **params) -> Path:
+    """Save in the format implied by the suffix, converting modes the format cannot store."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = FORMATS[path.suffix.lower()]
+    if fmt == "JPEG" and img.mode not in ("RGB", "L", "CMYK"):
+        img = img.convert("RGB")
+    if fmt in ("BMP", "PPM") and img.mode not in ("RGB", "L"):
+        img = img.convert("RGB")
+    img.save(path, fmt, **params)
+    return path
+
+
+def make_folder(root: Path, per_class: int = 12, seed: int = 0, size: int = 40, classes: dict | None = None,
+                ext: str = ".png") -> Path:
+    """``root/<class>/<class>_<i><ext>`` for each colour class; returns ``root``."""
     rng = np.random.default_rng(seed)
-    for name, colour in CLASSES.items():
-        (root / name).mkdir(parents=True, exist_ok=True)
+    for name, colour in (classes or CLASSES).items():
         for i in range(per_class):
-            make_image(rng, colour).save(root / name / f"{name}_{i:02d}.{fmt}")
-    return root
+            save_image(make_image(rng, colour, size), Path(root) / name / f"{name}_{i:02d}{ext}")
+    return Path(root)
+
+
+def write_corrupt_files(folder: Path) -> dict[str, Path]:
+    """A zero-byte file, a text file named .jpg and a JPEG cut in half."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    empty = folder / "empty.jpg"
+    empty.write_bytes(b"")
+    text = folder / "notes.jpg"
+    text.write_text("this is not an image\n")
+    whole = folder / "whole.jpg"
+    make_image(np.random.default_rng(1), (200, 30, 30), 64).save(whole, "JPEG", quality=95)
+    data = whole.read_bytes()
+    whole.unlink()
+    truncated = folder / "truncated.jpg"
+    truncated.write_bytes(data[: len(data) // 2])
+    return {"empty": empty, "text": text, "truncated": truncated}
 
 
 @pytest.fixture()
 def image_folder(tmp_path) -> Path:
+    """A fresh 3-class folder (12 images each) under a path with a space."""
     return make_folder(tmp_path / "my data")
 
 
 @pytest.fixture(scope="session")
+def shared_folder(tmp_path_factory) -> Path:
+    """A 3-class folder for tests that only read it (never modify it)."""
+    return make_folder(tmp_path_factory.mktemp("shared") / "my data")
+
+
+@pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
-    """One short finetune run reused by evaluate/predict tests."""
+    """One short finetune run (calibrated) reused by evaluate/predict/export/serve tests."""
     import visiontune
 
     base = tmp_path_factory.mktemp("trained run")
@@ -51,3 +103,104 @@ def trained_run(tmp_path_factory):
     data = make_folder(base / "data", per_class=10)
     run = visiontune.train(data, epochs=2, run_dir=str(base / "run"), **FAST)
     return run, data
+
+
+# ----------------------------------------------------------------------------- reference forward pass
+def reference_probabilities(model_dir: Path, files: list[str]) -> tuple[torch.Tensor, dict]:
+    """Probabilities from a freshly built network given the saved weights, without Classifier.
+
+    Rebuilds the architecture named in model.json, loads model.safetensors strictly, applies the
+    saved preprocessing and (if the model was calibrated) its temperature.
+    """
+    from safetensors.torch import load_file
+
+    from visiontune.data.image import load_image
+    from visiontune.data.preprocess import Preprocessing, preprocess
+    from visiontune.models.factory import build_model
+
+    meta = json.loads((Path(model_dir) / "model.json").read_text())
+    arch = meta["architecture"]
+    name = arch["name"] if arch["source"] == "timm" else f"torchvision:{arch['name']}"
+    model, _, _ = build_model(name, arch["num_classes"], weights="none")
+    model.load_state_dict(load_file(str(Path(model_dir) / "model.safetensors")), strict=True)
+    model.eval()
+    spec = Preprocessing.from_dict(meta["preprocessing"])
+    batch = torch.stack([torch.from_numpy(preprocess(load_image(f), spec)) for f in files])
+    temperature = float((meta.get("calibration") or {}).get("temperature", 1.0))
+    with torch.no_grad():
+        return torch.softmax(model(batch) / temperature, dim=1), meta
+
+
+def rows_probabilities(rows: list[dict], class_names: list[str]) -> torch.Tensor:
+    """Per-class probabilities from prediction rows (top_k must cover every class)."""
+    return torch.tensor([[next(t["probability"] for t in r["top_k"] if t["label"] == name)
+                          for name in class_names] for r in rows])
+
+
+# ----------------------------------------------------------------------------- the CLI
+def vt(*args, check: bool = True, timeout: int = 280, **kw) -> subprocess.CompletedProcess:
+    """Run ``visiontune ARGS`` through the real console entry point in a subprocess."""
+    proc = subprocess.run([sys.executable, "-m", "visiontune.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def vt_main(capsys, *args) -> tuple[int, str, str]:
+    """Run ``visiontune ARGS`` in this process (``visiontune.cli.main``): (exit code, stdout, stderr).
+
+    The same parser and handlers as the console script, without a new interpreter's start-up.
+    """
+    from visiontune.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:  # argparse errors and --help
+        code = exc.code if isinstance(exc.code, int) else 2
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A 3-class efficientnet_lite0 at 64 px saved like a training run, with calibration (T=1.5)
+    and JPEG data; onnxruntime's int8 depthwise kernels reject the 1x1 maps of 32 px.
+
+    Instead of training, the head is fitted in closed form (logistic regression on the frozen
+    features, a second): real class margins, so int8 agreement is meaningful, not a coin toss.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    from visiontune.data.image import load_image
+    from visiontune.data.preprocess import preprocess
+    from visiontune.models.artifact import save_model
+    from visiontune.models.card import ModelCard
+    from visiontune.models.factory import build_model
+
+    base = tmp_path_factory.mktemp("export tiny")
+    data = make_folder(base / "data", per_class=8, ext=".jpg")
+    model, arch, pre = build_model("efficientnet_lite0", 3)
+    pre = pre.with_size(64)
+    paths = sorted(data.rglob("*.jpg"))
+    x = torch.stack([torch.from_numpy(preprocess(load_image(p), pre)) for p in paths])
+    labels = [CLASS_NAMES.index(p.parent.name) for p in paths]
+    with torch.no_grad():
+        features = model.eval().forward_head(model.forward_features(x), pre_logits=True).numpy()
+    fit = LogisticRegression(C=10.0, max_iter=2000).fit(features, labels)
+    head = model.get_submodule(arch.classifier)
+    head.weight.data = torch.tensor(fit.coef_, dtype=torch.float32)
+    head.bias.data = torch.tensor(fit.intercept_, dtype=torch.float32)
+    card = ModelCard(CLASS_NAMES, pre, arch, calibration={"temperature": 1.5},
+                     training={"data": str(data), "seed": 0})
+    save_model(base / "run" / "model", model, card)
+    return base / "run", data
+
+
+@pytest.fixture(scope="session")
+def onnx_file(tiny_model):
+    """``tiny_model`` exported to ONNX with a dynamic batch."""
+    from visiontune.export.exporter import export_model
+
+    return Path(export_model(tiny_model[0], "onnx", dynamic_batch=True)["file"])

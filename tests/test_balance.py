@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import FAST
 
 import visiontune
-
-from conftest import FAST
+from visiontune.training.config import TrainConfig
+from visiontune.training.setup import setup_run
 
 
 @pytest.fixture()
@@ -30,23 +31,13 @@ def test_balance_modes_train(imbalanced, tmp_path, capsys, balance, strategy):
 
 
 def test_context_weights_and_sampler(imbalanced, tmp_path):
-    from visiontune.config import TrainConfig
-    from visiontune.training.runner import setup_run
-
-    ctx = setup_run(TrainConfig(data=str(imbalanced), balance="weights", run_dir=str(tmp_path / "r"), **FAST))
+    ctx = setup_run(TrainConfig.from_dict({"data": str(imbalanced), "balance": "weights",
+                                           "run_dir": str(tmp_path / "r"), **FAST}))
     counts = ctx.class_counts()
     weights = ctx.class_weights()
     assert ctx.sample_weights() is None
     assert pytest.approx(float((weights * counts).std()), abs=1e-5) == 0.0  # each class weighs the same in total
-    ctx.cfg.balance = "sampler"
+    ctx.cfg = ctx.cfg.replace(balance="sampler")
     draw = ctx.sample_weights()
     per_class = {label: float(draw[i]) * float(counts[label]) for i, (_, label) in enumerate(ctx.splits.train)}
     assert all(abs(v - 1.0) < 1e-6 for v in per_class.values())
-
-
-def test_reject_below(trained_run):
-    run, data = trained_run
-    clf = visiontune.load(run.run_dir)
-    files = sorted(str(p) for p in (data / "red").iterdir())[:3]
-    assert all(r["label"] == "unknown" and r["top_k"] for r in clf.predict(files, reject_below=1.01))
-    assert all(r["label"] != "unknown" for r in clf.predict(files, reject_below=0.0))

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
+from conftest import CLASSES, make_folder, make_image, vt_main
 from PIL import Image
 
-from conftest import CLASSES, make_image
-from visiontune.data.check import check_data, confident_learning_issues, dhash, format_check
+from visiontune.evaluation.data_check import check_data, dhash, format_check
 
 PLANT_CLASSES = {**CLASSES, "yellow": (220, 210, 30)}
+
+
+def plant_image(rng: np.random.Generator, colour) -> Image.Image:
+    """An unambiguous member of its class: the class colour with mild noise, plus one small patch
+    of a random colour (so no two images are near-duplicates of each other)."""
+    arr = np.clip(np.array(colour, dtype=np.float64) + rng.normal(0, 12, (40, 40, 3)), 0, 255)
+    x0, y0 = rng.integers(0, 30, 2)
+    arr[y0:y0 + 10, x0:x0 + 10] = rng.integers(0, 256, 3)
+    return Image.fromarray(arr.astype(np.uint8))
 
 
 def plant_folder(root: Path, train_per_class: int = 16, val_per_class: int = 4, seed: int = 1) -> dict:
@@ -25,7 +32,7 @@ def plant_folder(root: Path, train_per_class: int = 16, val_per_class: int = 4, 
         for name, colour in PLANT_CLASSES.items():
             (root / split / name).mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                make_image(rng, colour).save(root / split / name / f"{name}_{i:02d}.png")
+                plant_image(rng, colour).save(root / split / name / f"{name}_{i:02d}.png")
     t = root / "train"
     duplicates = []
     for name, i in (("red", 0), ("green", 1), ("yellow", 2)):  # N = 3 pairs within train
@@ -40,7 +47,7 @@ def plant_folder(root: Path, train_per_class: int = 16, val_per_class: int = 4, 
     relabelled = []
     for k, (true, folder) in enumerate((("red", "blue"), ("green", "yellow"), ("blue", "red"))):  # K = 3
         path = t / folder / f"zz_relabelled_{k}.png"
-        make_image(rng, PLANT_CLASSES[true]).save(path)
+        plant_image(rng, PLANT_CLASSES[true]).save(path)
         relabelled.append(str(path))
     near_src = t / "blue" / "blue_05.png"
     near = t / "blue" / "blue_05_resized.png"
@@ -55,19 +62,10 @@ def plant_folder(root: Path, train_per_class: int = 16, val_per_class: int = 4, 
             "corrupt": {kind: str(p) for kind, p in corrupt.items()}}
 
 
-def _run_cli(argv: list[str]) -> int:
-    from visiontune.report_cli import add_report_commands
-
-    parser = argparse.ArgumentParser(prog="visiontune")
-    add_report_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
 def test_data_check_finds_planted_problems(tmp_path, capsys):
     planted = plant_folder(tmp_path / "planted data")
-    code = _run_cli(["data", "check", str(tmp_path / "planted data"), "--json", "--strict"])
-    report = json.loads(capsys.readouterr().out)
+    code, out, _ = vt_main(capsys, "data", "check", tmp_path / "planted data", "--json", "--strict")
+    report = json.loads(out)
     assert code == 1 and not report["ok"]  # unreadable files and leaks are errors under --strict
 
     found_dups = [{f["path"] for f in g["files"]} for g in report["duplicates"]]
@@ -92,34 +90,13 @@ def test_data_check_finds_planted_problems(tmp_path, capsys):
 
 
 def test_data_check_clean_folder_passes_strict(tmp_path, capsys):
-    from conftest import make_folder
-
     data = make_folder(tmp_path / "clean", per_class=12)
-    code = _run_cli(["data", "check", str(data), "--strict", "--no-label-check", "--min-per-class", "10"])
-    out = capsys.readouterr().out
+    code, out, _ = vt_main(capsys, "data", "check", data, "--strict", "--no-label-check", "--min-per-class", "10")
     assert code == 0, out
     assert "ok: no errors" in out
     report = check_data(data, label_issues=False, min_per_class=20, min_size=64)
     assert report["ok"] and len(report["few_images"]) == 3 and len(report["small_images"]) == 36
     assert report["imbalance"]["ratio"] == 1.0
-
-
-def test_confident_learning_matches_cleanlab_ranking():
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 3, 300)
-    probs = np.full((300, 3), 0.05)
-    probs[np.arange(300), labels] = 0.9
-    flipped = np.array([5, 50, 120, 200])
-    true = (labels[flipped] + 1) % 3
-    probs[flipped] = 0.05
-    probs[flipped, true] = 0.9
-    probs += rng.uniform(0, 0.02, probs.shape)
-    probs /= probs.sum(1, keepdims=True)
-    ours = confident_learning_issues(labels, probs)
-    assert set(ours.tolist()) == set(flipped.tolist())
-    cleanlab = pytest.importorskip("cleanlab.filter")
-    theirs = cleanlab.find_label_issues(labels, probs, return_indices_ranked_by="self_confidence")
-    assert ours.tolist() == list(theirs)
 
 
 def test_dhash_is_stable_under_resizing():

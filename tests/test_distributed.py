@@ -9,16 +9,16 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-
-from visiontune.config import TrainConfig
-from visiontune.training.lightning_fit import ImageDataModule
-from visiontune.training.runner import setup_run
-
 from conftest import FAST
+
+from visiontune.training.config import TrainConfig
+from visiontune.training.lightning_fit import ImageDataModule
+from visiontune.training.setup import setup_run
 
 
 def test_shards_cover_every_sample_once(image_folder, tmp_path):
-    ctx = setup_run(TrainConfig(data=str(image_folder), val_fraction=0.25, run_dir=str(tmp_path / "r"), **FAST))
+    ctx = setup_run(TrainConfig.from_dict({"data": str(image_folder), "val_fraction": 0.25,
+                                           "run_dir": str(tmp_path / "r"), **FAST}))
     data = ImageDataModule(ctx)
     seen_train, seen_val = [], []
     for rank in range(2):

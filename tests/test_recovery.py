@@ -28,7 +28,8 @@ def test_distill_loss_is_half_label_half_teacher():
     torch.manual_seed(0)
     logits, labels = torch.randn(4, 2), torch.tensor([0, 1, 0, 1])
     ce = torch.nn.functional.cross_entropy(logits, labels)
-    torch.testing.assert_close(distill_loss(logits, labels, logits), 0.5 * ce)  # agreeing with the teacher costs nothing
+    # agreeing with the teacher costs nothing
+    torch.testing.assert_close(distill_loss(logits, labels, logits), 0.5 * ce)
     assert distill_loss(logits, labels, -logits) > 0.5 * ce
 
 

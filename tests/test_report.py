@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
@@ -13,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import vt_main
 from PIL import Image
 
-from conftest import FAST
 from visiontune.evaluation.calibration import expected_calibration_error, fit_temperature
 from visiontune.evaluation.report import SECTIONS, write_report
 
@@ -101,14 +100,10 @@ def test_report_renders_in_headless_chromium(report_run, tmp_path):
 
 
 def test_report_cli_on_other_data(report_run, capsys):
-    from visiontune.report_cli import add_report_commands
-
     run_dir, data, _ = report_run
-    parser = argparse.ArgumentParser(prog="visiontune")
-    add_report_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["report", str(run_dir), "--data", str(data), "--no-gradcam"])
-    assert args.func(args) == 0
-    assert f"report: {run_dir / 'report.html'}" in capsys.readouterr().out
+    code, out, _ = vt_main(capsys, "report", run_dir, "--data", data, "--no-gradcam")
+    assert code == 0
+    assert f"report: {run_dir / 'report.html'}" in out
     parsed = _parse((run_dir / "report.html").read_text())
     assert "Grad-CAM" not in parsed.h2 and "Calibration" in parsed.h2
     assert "evaluated on the data" in (run_dir / "report.html").read_text()
@@ -137,8 +132,8 @@ def test_gradcam_explain_writes_overlays(trained_run, tmp_path):
     paths = sorted(str(p) for p in data.rglob("*.png"))[:3] + [str(tmp_path / "missing.png")]
     written = explain(clf, paths, tmp_path / "cam")
     assert len(written) == 3 and all(p.name.endswith(".gradcam.png") for p in written)
-    size = clf.preprocessing["input_size"]
-    assert Image.open(written[0]).size == (size[2], size[1])
+    pre = clf.preprocessing
+    assert Image.open(written[0]).size == (pre.width, pre.height)
     assert len(np.unique(np.asarray(Image.open(written[0])).reshape(-1, 3), axis=0)) > 10
 
 
@@ -146,26 +141,14 @@ def test_gradcam_explain_writes_overlays(trained_run, tmp_path):
                                         ("efficientnet_lite0", "bn2")])
 def test_gradcam_target_layer_for_timm_and_torchvision(name, layer, tmp_path):
     from visiontune.evaluation.gradcam import explain, find_target_layer
-    from visiontune.evaluation.predictor import Classifier
-    from visiontune.models import build_model
+    from visiontune.inference.classifier import Classifier
+    from visiontune.inference.runners import TorchRunner
+    from visiontune.models.card import ModelCard
+    from visiontune.models.factory import build_model
 
     model, arch, pre = build_model(name, 3, weights="default" if name == "efficientnet_lite0" else "none")
-    assert find_target_layer(model, pre["input_size"])[0] == layer
+    assert find_target_layer(model, pre.input_size)[0] == layer
     if name.startswith("torchvision"):
-        pre["input_size"] = [3, 64, 64]
-        clf = Classifier(model, {"class_names": ["a", "b", "c"], "preprocessing": pre}, precision="32")
+        clf = Classifier(TorchRunner(model, "32"), ModelCard(["a", "b", "c"], pre.with_size(64), arch))
         Image.new("RGB", (80, 60), (200, 30, 30)).save(tmp_path / "x.png")
         assert len(explain(clf, [str(tmp_path / "x.png")], tmp_path)) == 1
-
-
-@pytest.mark.slow
-def test_compare_writes_table_and_report_shows_it(image_folder, tmp_path):
-    from visiontune.evaluation.compare import compare
-
-    rows = compare(image_folder, strategies=["linear-probe", "finetune"], epochs=1, run_dir=str(tmp_path / "cmp"),
-                   **FAST)
-    assert [r["strategy"] for r in rows] == ["linear-probe", "finetune"]
-    assert all(0 <= r["accuracy"] <= 1 and r["model_size_mb"] > 1 for r in rows)
-    assert (tmp_path / "cmp" / "compare.csv").read_text().count("\n") == 3
-    html = write_report(rows[0]["run_dir"], gradcam=False).read_text()
-    assert "Strategy comparison" in html

@@ -1,12 +1,198 @@
-"""Dataset discovery: layouts, seeded stratified split, class checks, bad and ignored files."""
+"""Dataset discovery: layouts, seeded stratified split with exact per-class sizes, aliases, CSV
+quirks, explicit val, class checks, bad and ignored files at every level, evaluation sets."""
 
 from __future__ import annotations
 
+import csv
+from collections import Counter
+from pathlib import Path
+
 import pytest
+from conftest import CLASS_NAMES, CLASSES, make_folder, write_corrupt_files
+from PIL import Image
 
-from visiontune.data.scan import DataError, discover
+from visiontune.core.errors import DataError
+from visiontune.data.scan import discover, discover_eval, read_split_csv, write_split_csv
 
-from conftest import CLASSES, make_folder
+
+def paths(samples) -> set[str]:
+    return {p for p, _ in samples}
+
+
+def per_class(splits, samples) -> Counter:
+    return Counter(splits.class_names[label] for _, label in samples)
+
+
+@pytest.fixture()
+def folder(tmp_path) -> Path:
+    return make_folder(tmp_path / "my data")
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.25, 0.5])
+def test_split_sizes_are_exact_per_class_and_labels_follow_folders(folder, fraction):
+    splits = discover(folder, val_fraction=fraction, seed=3)
+    every = {str(p) for p in folder.rglob("*.png")}
+    assert paths(splits.train) | paths(splits.val) == every
+    assert not paths(splits.train) & paths(splits.val)
+    n_val = round(12 * fraction)
+    assert per_class(splits, splits.val) == {n: n_val for n in CLASSES}
+    assert per_class(splits, splits.train) == {n: 12 - n_val for n in CLASSES}
+    for path, label in splits.train + splits.val:
+        assert Path(path).parent.name == splits.class_names[label]
+    assert splits.train == sorted(splits.train) and splits.val == sorted(splits.val)
+
+
+def test_two_image_classes_still_give_one_to_val(tmp_path):
+    root = make_folder(tmp_path / "tiny", per_class=2)
+    splits = discover(root, val_fraction=0.1)
+    assert per_class(splits, splits.val) == {n: 1 for n in CLASSES}
+    assert per_class(splits, splits.train) == {n: 1 for n in CLASSES}
+
+
+def test_split_folder_aliases(tmp_path):
+    make_folder(tmp_path / "d" / "training", per_class=3, seed=1)
+    make_folder(tmp_path / "d" / "validation", per_class=2, seed=2)
+    splits = discover(tmp_path / "d")
+    assert splits.layout == "split" and (len(splits.train), len(splits.val), len(splits.test)) == (9, 6, 0)
+
+
+def test_csv_labels_need_not_match_folders_and_missing_rows_are_skipped(tmp_path):
+    root = make_folder(tmp_path / "csv data" / "images", per_class=5)
+    csv_path = tmp_path / "csv data" / "labels.csv"
+    with open(csv_path, "w", newline="") as fh:
+        writer = csv.writer(fh)  # no header row
+        for p in sorted(root.rglob("*.png")):
+            writer.writerow([str(p.relative_to(csv_path.parent)), f"class {p.parent.name}"])
+        writer.writerow(["images/red/ghost.png", "class red"])
+    splits = discover(csv_path, val_fraction=0.2)
+    assert splits.layout == "csv"
+    assert splits.class_names == [f"class {n}" for n in CLASS_NAMES]
+    assert paths(splits.train) | paths(splits.val) == {str(p) for p in root.rglob("*.png")}
+    assert [p for p, _ in splits.skipped] == [str(csv_path.parent / "images/red/ghost.png")]
+    for path, label in splits.train + splits.val:
+        assert splits.class_names[label] == f"class {Path(path).parent.name}"
+
+
+def test_csv_with_absolute_paths_and_bad_row(tmp_path):
+    root = make_folder(tmp_path / "imgs", per_class=2)
+    good = tmp_path / "abs.csv"
+    good.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in sorted(root.rglob("*.png"))))
+    assert len(discover(good).train) + len(discover(good).val) == 6
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,label\nonly-one-column\n")
+    with pytest.raises(DataError, match="path,label"):
+        discover(bad)
+
+
+def test_explicit_val_keeps_all_training_images(tmp_path):
+    train_root = make_folder(tmp_path / "train data", per_class=6, seed=1)
+    val_root = make_folder(tmp_path / "val data", per_class=2, seed=2)
+    splits = discover(train_root, val=val_root)
+    assert splits.layout == "explicit-val"
+    assert paths(splits.train) == {str(p) for p in train_root.rglob("*.png")}
+    assert paths(splits.val) == {str(p) for p in val_root.rglob("*.png")}
+
+
+def test_explicit_val_may_lack_a_class_but_not_add_one(tmp_path):
+    train_root = make_folder(tmp_path / "train", per_class=4)
+    only_red = make_folder(tmp_path / "val red", per_class=2, classes={"red": CLASSES["red"]})
+    splits = discover(train_root, val=only_red)
+    assert splits.class_names == CLASS_NAMES and per_class(splits, splits.val) == {"red": 2}
+    extra = make_folder(tmp_path / "val extra", per_class=1, classes={"yellow": (230, 230, 0)})
+    with pytest.raises(DataError, match="yellow"):
+        discover(train_root, val=extra)
+    with pytest.raises(DataError, match="not found"):
+        discover(train_root, val=tmp_path / "no val here")
+
+
+def test_test_split_class_missing_from_train_is_named(tmp_path):
+    make_folder(tmp_path / "d" / "train", per_class=2)
+    make_folder(tmp_path / "d" / "test", per_class=1, classes={"teal": (0, 128, 128)})
+    with pytest.raises(DataError, match="teal"):
+        discover(tmp_path / "d")
+
+
+def test_class_with_only_unreadable_files_is_named(folder):
+    write_corrupt_files(folder / "broken")
+    with pytest.raises(DataError, match="broken"):
+        discover(folder)
+
+
+def test_missing_data_and_folder_without_classes(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        discover(tmp_path / "nowhere")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("RGB", (8, 8)).save(flat / "a.png")
+    with pytest.raises(DataError, match="class folders"):
+        discover(flat)
+
+
+def test_junk_at_root_and_in_class_folders_is_silent(folder):
+    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (folder / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    for checkpoints in (folder / ".ipynb_checkpoints", folder / "green" / ".ipynb_checkpoints"):
+        checkpoints.mkdir()
+        Image.new("RGB", (40, 40)).save(checkpoints / "green_00-checkpoint.png")  # a readable image
+    (folder / "red" / "._red_00.png").write_bytes(b"\x00\x05\x16\x07")  # macOS AppleDouble file
+    (folder / "blue" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (folder / "blue" / "README.txt").write_text("not an image extension")
+    splits = discover(folder)
+    assert splits.class_names == CLASS_NAMES
+    assert splits.skipped == []
+    found = paths(splits.train) | paths(splits.val)
+    assert found == {str(p) for c in CLASSES for p in (folder / c).glob("*.png") if not p.name.startswith(".")}
+
+
+def test_unreadable_files_in_a_split_layout(tmp_path):
+    root = tmp_path / "d"
+    make_folder(root / "train", per_class=3)
+    make_folder(root / "val", per_class=1)
+    bad_val = write_corrupt_files(root / "val" / "blue")
+    bad_train = write_corrupt_files(root / "train" / "red" / "nested")
+    splits = discover(root)
+    assert {p for p, _ in splits.skipped} == {str(p) for p in [*bad_val.values(), *bad_train.values()]}
+    assert len(splits.train) == 9 and len(splits.val) == 3
+    assert all(reason for _, reason in splits.skipped)
+
+
+def test_nested_subfolders_belong_to_their_top_class(folder):
+    nested = folder / "red" / "batch 2" / "more"
+    nested.mkdir(parents=True)
+    Image.new("RGB", (40, 40), (250, 0, 0)).save(nested / "deep.png")
+    splits = discover(folder)
+    labels = dict(splits.train + splits.val)
+    assert splits.class_names[labels[str(nested / "deep.png")]] == "red"
+
+
+# --- evaluation sets ---------------------------------------------------------------------------
+
+
+def test_discover_eval_prefers_test_then_val(tmp_path):
+    root = tmp_path / "d"
+    make_folder(root / "train", per_class=2)
+    make_folder(root / "val", per_class=1, seed=1)
+    make_folder(root / "test", per_class=3, seed=2)
+    samples, skipped = discover_eval(root, CLASS_NAMES)
+    assert paths(samples) == {str(p) for p in (root / "test").rglob("*.png")} and skipped == []
+    import shutil
+
+    shutil.rmtree(root / "test")
+    samples, _ = discover_eval(root, CLASS_NAMES)
+    assert paths(samples) == {str(p) for p in (root / "val").rglob("*.png")}
+
+
+def test_discover_eval_uses_model_class_order_and_reports_bad_files(tmp_path):
+    root = make_folder(tmp_path / "eval", per_class=2, classes={"green": CLASSES["green"]})
+    bad = write_corrupt_files(root / "green")
+    order = ["red", "green", "blue"]  # a model's own class order, not alphabetical
+    samples, skipped = discover_eval(root, order)
+    assert {label for _, label in samples} == {1}
+    assert {p for p, _ in skipped} == {str(p) for p in bad.values()}
+    with pytest.raises(DataError, match="green"):
+        discover_eval(root, ["red", "blue"])
+    with pytest.raises(DataError):
+        discover_eval(tmp_path / "missing", order)
 
 
 def test_class_folders_stratified_seeded_split(image_folder):
@@ -74,3 +260,13 @@ def test_junk_ignored_and_bad_files_listed(image_folder):
     used = {p.split("/")[-1] for p, _ in s.train + s.val}
     assert not used & (skipped | {".DS_Store", "Thumbs.db", "x-checkpoint.png"})
     assert len(used) == 36
+
+
+def test_split_csv_round_trip_keeps_known_labels(tmp_path, image_folder):
+    splits = discover(image_folder)
+    path = tmp_path / "val.csv"
+    write_split_csv(splits.val, splits.class_names, path)
+    back = read_split_csv(path, splits.class_names)
+    assert [label for _, label in back] == [label for _, label in splits.val]
+    assert all(Path(p).is_absolute() for p, _ in back)
+    assert read_split_csv(path, ["red"]) == [(p, 0) for p, label in back if splits.class_names[label] == "red"]

@@ -19,6 +19,8 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
+from conftest import vt_main  # noqa: E402
+
 from visiontune.serve import ServeSettings, create_app  # noqa: E402
 
 
@@ -104,7 +106,7 @@ def test_info_endpoints(server, clf):
     assert httpx.get(f"{server}/healthz").json() == {"status": "ok"}
     assert httpx.get(f"{server}/readyz").status_code == 200
     info = httpx.get(f"{server}/v1/model").json()
-    assert info["classes"] == clf.class_names and info["input_size"] == list(clf.preprocessing["input_size"])
+    assert info["classes"] == clf.class_names and info["input_size"] == list(clf.preprocessing.input_size)
     assert "metrics" in info and "model_dir" not in info
     assert httpx.get(f"{server}/openapi.json").json()["paths"]["/v1/predict"]
     docs = httpx.get(f"{server}/docs").text
@@ -271,7 +273,7 @@ def test_api_key(clf, trained_run):
         assert httpx.get(f"{url}/healthz").status_code == 200
 
 
-def test_readyz_503_until_loaded_and_cli_refuses_public_bind(trained_run, monkeypatch):
+def test_readyz_503_until_loaded_and_cli_refuses_public_bind(trained_run, monkeypatch, capsys):
     with running_server(str(trained_run[0].run_dir), ServeSettings(), wait_ready=False) as url:
         first = httpx.get(f"{url}/readyz")
         assert first.status_code in (200, 503)
@@ -279,10 +281,9 @@ def test_readyz_503_until_loaded_and_cli_refuses_public_bind(trained_run, monkey
         while httpx.get(f"{url}/readyz").status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert httpx.get(f"{url}/v1/model").status_code == 200
-    from visiontune.serve.cli import main
-
     monkeypatch.delenv("VISIONTUNE_API_KEY", raising=False)
-    assert main([str(trained_run[0].run_dir), "--host", "0.0.0.0"]) == 2
+    code, _, err = vt_main(capsys, "serve", trained_run[0].run_dir, "--host", "0.0.0.0")
+    assert code == 2 and "--api-key" in err
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are a Linux feature")

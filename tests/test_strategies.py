@@ -7,17 +7,19 @@ import csv
 import pytest
 import torch
 import yaml
-
-import visiontune
-from visiontune.config import TrainConfig
-from visiontune.models import build_model
-from visiontune.training.callbacks import METRIC_COLUMNS
-from visiontune.training.module import ClassifierModule
-from visiontune.training.strategies import STRATEGIES
-
 from conftest import FAST
 
-CASES = [(name, "linear") for name in STRATEGIES] + [("linear-probe", "logistic"), ("linear-probe", "svm")]
+import visiontune
+from visiontune.data.image import load_image
+from visiontune.data.scan import discover
+from visiontune.inference.classifier import Classifier
+from visiontune.models.factory import build_model
+from visiontune.training.metrics import METRIC_COLUMNS
+from visiontune.training.module import ClassifierModule
+from visiontune.training.optim import OptimizerSettings, ScheduleSettings
+from visiontune.training.registry import PROBE_HEADS, STRATEGIES
+
+CASES = [(name, "linear") for name in STRATEGIES] + [("linear-probe", h) for h in PROBE_HEADS if h != "linear"]
 
 
 @pytest.mark.parametrize("strategy,head", CASES)
@@ -38,12 +40,12 @@ def test_strategy_end_to_end(image_folder, tmp_path, strategy, head):
     clf = visiontune.load(run.run_dir)
     assert clf.class_names == ["blue", "green", "red"]
     assert clf.calibrated and clf.temperature > 0
-    files = [p for p, _ in __import__("visiontune").data.discover(image_folder, scan=False).val]
+    files = [p for p, _ in discover(image_folder, scan=False).val]
     rows = clf.predict(files)
-    clf32 = visiontune.evaluation.Classifier.load(run.model_dir, precision="32")
+    clf32 = Classifier.load(run.model_dir, precision="32")
     rows32 = clf32.predict(files)
     assert [r["label"] for r in rows] == [r["label"] for r in rows32]
-    batch = torch.stack([clf.transform(visiontune.data.load_image(f)) for f in files])
+    batch = torch.stack([clf.transform(load_image(f)) for f in files])
     model, _, _ = build_model("efficientnet_lite0", 3, weights="none")
     model.load_state_dict(clf.model.state_dict())
     with torch.no_grad():
@@ -59,11 +61,10 @@ def test_finetune_learns_easy_colours(image_folder, tmp_path):
 
 def test_frozen_batchnorm_stays_in_eval_mode():
     model, arch, _ = build_model("efficientnet_lite0", 3)
-    cfg = TrainConfig(data="x")
-    body = [n for n, _ in model.named_parameters() if not n.startswith(arch.head)]
-    module = ClassifierModule(model, arch.head, cfg, [body], [1e-4])
+    body = [n for n, _ in model.named_parameters() if not n.startswith(arch.classifier)]
+    module = ClassifierModule(model, arch.classifier, [body], [1e-4], OptimizerSettings(), ScheduleSettings())
     for name, p in model.named_parameters():
-        p.requires_grad = name.startswith(arch.head)
+        p.requires_grad = name.startswith(arch.classifier)
     module.train()
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bns and not any(bn.training for bn in bns)

@@ -14,32 +14,32 @@ from __future__ import annotations
 
 import os
 
-__version__ = "0.1.0"
+from .core.version import __version__
 
 
 def train(data=None, **options):
-    """Fine-tune a classifier; see :func:`visiontune.training.runner.train`."""
-    from .training.runner import train as _train
+    """Fine-tune a classifier; see :func:`visiontune.pipeline.train.train`."""
+    from .pipeline.train import train as _train  # lazy: `import visiontune` stays light
 
     return _train(data, **options)
 
 
-def load(path: str | os.PathLike):
+def load(path: str | os.PathLike, precision: str = "auto"):
     """Load a run dir, ``model/`` dir, pruned model dir or exported ``.onnx`` as a classifier.
 
     Example:
-        >>> clf = visiontune.load("runs/train-1")  # doctest: +SKIP
-        >>> clf.predict(["ant.jpg"])[0]["label"]  # doctest: +SKIP
-        'ants'
+        clf = visiontune.load("runs/train-1")
+        clf.predict(["ant.jpg"])[0]["label"]
+        # -> 'ants'
     """
-    from .export.onnx_runtime import load_any
+    from .inference.classifier import Classifier  # lazy: as above
 
-    return load_any(path)
+    return Classifier.load(path, precision)
 
 
 def evaluate(model, data, **options):
     """Score a model on labelled data; see :func:`visiontune.evaluation.evaluate.evaluate`."""
-    from .evaluation.evaluate import evaluate as _evaluate
+    from .evaluation.evaluate import evaluate as _evaluate  # lazy: as above
 
     return _evaluate(model, data, **options)
 

@@ -62,8 +62,8 @@ class FeatureCache:
     """Maps ``(file digest, view)`` to a feature vector for one model key.
 
     Example:
-        >>> cache = FeatureCache(default_cache_dir(), "abc123")  # doctest: +SKIP
-        >>> found = cache.get(["<digest>:0"])  # doctest: +SKIP
+        cache = FeatureCache(default_cache_dir(), "abc123")
+        found = cache.get(["<digest>:0"])
     """
 
     def __init__(self, root: str | Path, key: str):

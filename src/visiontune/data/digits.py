@@ -16,9 +16,9 @@ def materialise_digits(root: str | Path, size: int = 32, test_fraction: float = 
     The test split is held out from training entirely; training carves its own val split.
 
     Example:
-        >>> root = materialise_digits("/tmp/digits")  # doctest: +SKIP
+        root = materialise_digits("/tmp/digits")
     """
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # lazy: only the demo needs scikit-learn's datasets
 
     root = Path(root)
     digits = load_digits()

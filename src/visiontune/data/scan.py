@@ -20,15 +20,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .image import ImageDecodeError, is_image_path, load_image
+from ..core.errors import DataError, ImageDecodeError
+from .image import is_image_path, load_image
 
 Sample = tuple[str, int]
 SPLIT_ALIASES = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test",)}
 SCAN_DRAFT_SIZE = 64
-
-
-class DataError(ValueError):
-    """The dataset cannot be used as given; the message names the problem and the remedy."""
+HEADERS = {("path", "label"), ("file", "label"), ("filename", "label")}  # a CSV's optional header row
 
 
 @dataclass
@@ -80,7 +78,7 @@ def read_csv_list(path: Path) -> dict[str, list[str]]:
             if len(row) < 2:
                 raise DataError(f"{path}:{row_number}: expected 'path,label', got {row!r}")
             file, label = row[0].strip(), row[1].strip()
-            if row_number == 1 and (file.lower(), label.lower()) in {("path", "label"), ("file", "label"), ("filename", "label")}:
+            if row_number == 1 and (file.lower(), label.lower()) in HEADERS:
                 continue
             full = file if os.path.isabs(file) else str(path.parent / file)
             classes.setdefault(label, []).append(full)
@@ -103,21 +101,24 @@ def find_split_dirs(root: Path) -> dict[str, Path]:
     return found if "train" in found else {}
 
 
-def scan_files(paths: list[str], workers: int | None = None) -> dict[str, str]:
-    """Decode every file once (reduced-size JPEG decode) and return {path: reason} for bad ones."""
+def scan_files(paths: list[str], workers: int | None = None) -> dict[str, ImageDecodeError]:
+    """Decode every file once (reduced-size JPEG decode); return ``{path: error}`` for bad ones.
+
+    A missing file is an error of kind ``missing``; see :class:`ImageDecodeError` for the others.
+    """
     workers = workers or min(8, (os.cpu_count() or 1) * 2)
 
-    def check(path: str) -> tuple[str, str | None]:
+    def check(path: str) -> tuple[str, ImageDecodeError | None]:
+        if not os.path.isfile(path):
+            return path, ImageDecodeError("file not found", kind="missing")
         try:
             load_image(path, draft_size=SCAN_DRAFT_SIZE)
             return path, None
         except ImageDecodeError as exc:
-            return path, str(exc)
-        except OSError as exc:
-            return path, f"unreadable: {exc.strerror or exc}"
+            return path, exc
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return {p: reason for p, reason in pool.map(check, paths) if reason is not None}
+        return {p: error for p, error in pool.map(check, paths) if error is not None}
 
 
 def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -155,20 +156,18 @@ def discover(
         scan: decode every file first and skip unreadable ones.
 
     Example:
-        >>> splits = discover("data/hymenoptera/train")  # doctest: +SKIP
-        >>> splits.class_names
-        ['ants', 'bees']
+        splits = discover("data/hymenoptera/train")
+        splits.class_names
+        # -> ['ants', 'bees']
     """
-    raw = _read_source(Path(data), Path(val) if val else None)
+    raw = read_source(Path(data), Path(val) if val else None)
     names = sorted(raw["train"])
     _check_classes(raw, names, class_names)
     names = class_names or names
     skipped: dict[str, str] = {}
     if scan:
         every = [p for split in raw.values() for files in split.values() for p in files]
-        missing = [p for p in every if not os.path.isfile(p)]
-        skipped.update({p: "file not found" for p in missing})
-        skipped.update(scan_files([p for p in every if p not in skipped]))
+        skipped.update({p: str(error) for p, error in scan_files(every).items()})
     lists = {split: _labelled(files, names, skipped) for split, files in raw.items()}
     if class_names is None:  # evaluation sets may lack classes; training sets may not
         _check_empty(lists["train"], names, "train")
@@ -181,7 +180,7 @@ def discover(
     return Splits(names, train, val_list, lists.get("test", []), sorted(skipped.items()), layout)
 
 
-def _read_source(data: Path, val: Path | None) -> dict[str, dict[str, list[str]]]:
+def read_source(data: Path, val: Path | None) -> dict[str, dict[str, list[str]]]:
     if not data.exists():
         raise DataError(f"data not found: {data}")
     raw: dict[str, dict[str, list[str]]] = {}
@@ -241,10 +240,22 @@ def write_skipped(skipped: list[tuple[str, str]], path: Path) -> None:
 
 
 def write_split_csv(samples: list[Sample], names: list[str], path: Path) -> None:
+    """``path,label`` rows with absolute paths: the exact split a run used (``RUN/splits/``)."""
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "label"])
         writer.writerows((os.path.abspath(p), names[label]) for p, label in samples)
+
+
+def read_split_csv(path: Path, class_names: list[str]) -> list[Sample]:
+    """Rows written by :func:`write_split_csv` as samples; labels not in ``class_names`` are dropped."""
+    index = {name: i for i, name in enumerate(class_names)}
+    out: list[Sample] = []
+    with open(path, newline="") as fh:
+        for row in csv.reader(fh):
+            if len(row) >= 2 and row[0] != "path" and row[1] in index:
+                out.append((row[0], index[row[1]]))
+    return out
 
 
 def discover_eval(data: str | Path, class_names: list[str]) -> tuple[list[Sample], list[tuple[str, str]]]:
@@ -263,6 +274,5 @@ def discover_eval(data: str | Path, class_names: list[str]) -> tuple[list[Sample
         raw = read_csv_list(data) if data.is_file() else list_class_folder(data)
     _check_classes({"evaluation data": raw}, class_names, class_names)
     every = [p for files in raw.values() for p in files]
-    skipped = {p: "file not found" for p in every if not os.path.isfile(p)}
-    skipped.update(scan_files([p for p in every if p not in skipped]))
+    skipped = {p: str(error) for p, error in scan_files(every).items()}
     return _labelled(raw, class_names, skipped), sorted(skipped.items())

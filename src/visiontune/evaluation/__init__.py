@@ -1,6 +1,1 @@
-"""Evaluation and prediction with saved models."""
-
-from .evaluate import evaluate
-from .predictor import Classifier
-
-__all__ = ["Classifier", "evaluate"]
+"""Evaluation: metrics, calibration, the HTML report, Grad-CAM, plots and the data check."""

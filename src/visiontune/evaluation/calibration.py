@@ -3,23 +3,24 @@
 A network's softmax "probability" is usually over-confident. Temperature scaling divides the
 logits by one scalar T > 0 fitted on held-out data (minimum NLL); it never changes the argmax,
 so accuracy is untouched, only the probabilities become honest. The fitted T is stored in
-``model.json`` under ``"calibration"`` and :class:`~visiontune.evaluation.predictor.Classifier`
+``model.json`` under ``"calibration"`` and :class:`~visiontune.inference.classifier.Classifier`
 applies ``softmax(logits / T)``.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from ..data.scan import Sample
+from ..core.errors import ArtifactError
+from ..core.layout import RunLayout
+from ..data.scan import read_split_csv
+from ..inference.classifier import Classifier
+from ..models.artifact import read_card, resolve_model_dir, write_card
 
 ECE_BINS = 15
 
@@ -86,7 +87,7 @@ def reliability_diagram(probs, labels, out_png: str | os.PathLike, bins: int = E
                         probs_after=None, title: str = "") -> Path:
     """Accuracy vs confidence per bin (the diagonal is perfect calibration); with ``probs_after``
     a second panel shows the temperature-scaled probabilities."""
-    import matplotlib
+    import matplotlib  # lazy: calibration runs inside every training; only the diagram needs matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -119,36 +120,6 @@ def reliability_diagram(probs, labels, out_png: str | os.PathLike, bins: int = E
     return out
 
 
-def collect_logits(clf, paths: Sequence[str], batch_size: int = 64, workers: int | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw (untempered) logits ``[n, C]`` of ``paths`` and a mask of the readable ones."""
-    from ..data.dataset import default_workers
-    from ..data.transforms import draft_size
-    from .predictor import _collate, _InputDataset
-
-    logits = torch.zeros(len(paths), len(clf.class_names))
-    ok = torch.zeros(len(paths), dtype=torch.bool)
-    n_workers = 0 if len(paths) < 2 * batch_size else default_workers(workers)
-    loader = DataLoader(_InputDataset(list(paths), clf.transform, draft_size(clf.preprocessing)),
-                        batch_size=batch_size, num_workers=n_workers, collate_fn=_collate)
-    for indices, tensor, _errors in loader:
-        if indices:
-            logits[indices] = clf.logits(tensor)
-            ok[indices] = True
-    return logits, ok
-
-
-def read_split_csv(path: Path, class_names: list[str]) -> list[Sample]:
-    """``splits/<split>.csv`` rows (path,label names) as samples; unknown labels are dropped."""
-    index = {name: i for i, name in enumerate(class_names)}
-    out: list[Sample] = []
-    with open(path, newline="") as fh:
-        for row in csv.reader(fh):
-            if len(row) >= 2 and row[0] != "path" and row[1] in index:
-                out.append((row[0], index[row[1]]))
-    return out
-
-
 def calibration_summary(logits: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> dict[str, Any]:
     """Fit T on ``logits``/``labels``; return the ``model.json`` calibration entry."""
     t = fit_temperature(logits, labels)
@@ -163,12 +134,8 @@ def calibration_summary(logits: torch.Tensor, labels: torch.Tensor, bins: int = 
 
 def store_calibration(model_dir: str | os.PathLike, entry: dict[str, Any]) -> dict[str, Any]:
     """Write ``entry`` as ``"calibration"`` into ``model.json`` (atomically; weights untouched)."""
-    from ..models.artifact import META_FILE, atomic_write_text, read_meta, resolve_model_dir
-
     directory = resolve_model_dir(model_dir)
-    meta = read_meta(directory)
-    meta["calibration"] = entry
-    atomic_write_text(directory / META_FILE, json.dumps(meta, indent=2) + "\n")
+    write_card(directory, read_card(directory).replace(calibration=entry))
     return entry
 
 
@@ -179,19 +146,16 @@ def calibrate_run(run_dir: str | os.PathLike, batch_size: int = 64, workers: int
     Returns ``{"temperature", "ece_before", "ece_after", "nll_before", "nll_after", "num_val", ...}``.
     Pass ``logits``/``labels`` (raw val logits) to skip the inference pass.
     """
-    from ..models.artifact import ArtifactError
-    from .predictor import Classifier
-
-    run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
     if logits is None or labels is None:
-        val_csv = run_dir / "splits" / "val.csv"
+        val_csv = layout.split_csv("val")
         if not val_csv.is_file():
             raise ArtifactError(f"{val_csv} not found: calibration needs the run's validation split")
-        clf = Classifier.load(run_dir, precision="32")
+        clf = Classifier.load(layout.root, precision="32")
         samples = read_split_csv(val_csv, clf.class_names)
         if not samples:
             raise ArtifactError(f"{val_csv} holds no usable validation images")
-        logits, ok = collect_logits(clf, [p for p, _ in samples], batch_size, workers)
+        logits, ok, _ = clf.logits_of([p for p, _ in samples], batch_size, workers)
         labels = torch.tensor([y for _, y in samples], dtype=torch.long)[ok]
         logits = logits[ok]
-    return store_calibration(run_dir, calibration_summary(logits, labels))
+    return store_calibration(layout.root, calibration_summary(logits, labels))

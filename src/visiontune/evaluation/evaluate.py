@@ -16,8 +16,11 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
+from ..core.errors import DataError
 from ..data.scan import Sample, discover_eval
-from .predictor import Classifier
+from ..inference.classifier import Classifier
+from ..inference.rows import probabilities
+from .plots import plot_confusion_matrix
 
 
 def evaluate(model: str | os.PathLike | Classifier, data: str | os.PathLike, batch_size: int = 64,
@@ -35,21 +38,15 @@ def evaluate(model: str | os.PathLike | Classifier, data: str | os.PathLike, bat
         ``num_samples`` (and ``skipped``: unreadable files).
 
     Example:
-        >>> visiontune.evaluate("runs/train-1", "data/test")["accuracy"]  # doctest: +SKIP
-        0.97
+        visiontune.evaluate("runs/train-1", "data/test")["accuracy"]
+        # -> 0.97
     """
-    if not isinstance(model, Classifier):
-        from ..export.onnx_runtime import load_any  # run dir, model dir, pruned dir or .onnx
-
-        model = load_any(model)
-    clf = model
+    clf = model if isinstance(model, Classifier) else Classifier.load(model)  # run, model, pruned or .onnx
     samples, skipped = discover_eval(data, clf.class_names)
     result = evaluate_samples(clf, samples, batch_size, workers, keep_predictions=save)
     result["skipped"] = [{"path": p, "reason": r} for p, r in skipped]
     if save:
-        out = Path(clf.meta["model_dir"])
-        from .plots import plot_confusion_matrix
-
+        out = Path(clf.card.model_dir)
         plot_confusion_matrix(result["confusion_matrix"], clf.class_names, out / "confusion_matrix.png")
         write_misclassified(result.pop("predictions"), clf.class_names, out / "misclassified.csv")
     return result
@@ -57,13 +54,10 @@ def evaluate(model: str | os.PathLike | Classifier, data: str | os.PathLike, bat
 
 def evaluate_samples(clf: Classifier, samples: list[Sample], batch_size: int = 64, workers: int | None = None,
                      keep_predictions: bool = False) -> dict[str, Any]:
+    """Metrics of ``clf`` on labelled ``samples`` (unreadable ones are left out)."""
     paths = [p for p, _ in samples]
-    probs = torch.zeros(len(samples), len(clf.class_names))
-    ok = torch.zeros(len(samples), dtype=torch.bool)
-    for indices, batch_probs, _errors in clf.iter_batches(paths, batch_size, workers):
-        if indices:
-            probs[indices] = batch_probs
-            ok[indices] = True
+    logits, ok, _ = clf.logits_of(paths, batch_size, workers)
+    probs = probabilities(logits, clf.temperature)
     target = torch.tensor([label for _, label in samples], dtype=torch.long)
     result = compute_metrics(probs[ok], target[ok], clf.class_names)
     if keep_predictions:
@@ -72,9 +66,10 @@ def evaluate_samples(clf: Classifier, samples: list[Sample], batch_size: int = 6
 
 
 def compute_metrics(probs: torch.Tensor, target: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
+    """Accuracy, top-5, macro and per-class precision/recall/F1 and the confusion matrix (torchmetrics)."""
     n = len(class_names)
     if len(target) == 0:
-        raise ValueError("no readable labelled images to evaluate")
+        raise DataError("no readable labelled images to evaluate; check the data path and the skipped files")
     kw = {"num_classes": n, "validate_args": False}
     precision = multiclass_precision(probs, target, average="none", **kw)
     recall = multiclass_recall(probs, target, average="none", **kw)
@@ -91,7 +86,8 @@ def compute_metrics(probs: torch.Tensor, target: torch.Tensor, class_names: list
         "macro_recall": float(recall[present].mean()),
         "macro_f1": float(f1[present].mean()),
         "per_class": {
-            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
+            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                   "support": int(support[i])}
             for i, name in enumerate(class_names)
         },
         "confusion_matrix": multiclass_confusion_matrix(probs, target, **kw).tolist(),
@@ -102,6 +98,7 @@ def compute_metrics(probs: torch.Tensor, target: torch.Tensor, class_names: list
 
 
 def write_misclassified(predictions, class_names: list[str], path: Path) -> int:
+    """``misclassified.csv``: every wrong prediction with its probabilities."""
     rows = 0
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -109,6 +106,7 @@ def write_misclassified(predictions, class_names: list[str], path: Path) -> int:
         for file, true, probs in predictions:
             pred = int(probs.argmax())
             if pred != true:
-                writer.writerow([file, class_names[true], class_names[pred], f"{float(probs[pred]):.4f}", f"{float(probs[true]):.4f}"])
+                writer.writerow([file, class_names[true], class_names[pred], f"{float(probs[pred]):.4f}",
+                                 f"{float(probs[true]):.4f}"])
                 rows += 1
     return rows

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
-from ..data.image import ImageDecodeError, load_image
+from ..core.errors import ImageDecodeError, ModelError
+from ..data.image import load_image
+from ..data.transforms import denormalize
 
 POOLING = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
 
@@ -37,7 +39,7 @@ def find_target_layer(model: nn.Module, input_size: Sequence[int] = (3, 224, 224
     for size in sizes:
         order: list[tuple[str, nn.Module]] = []
 
-        def hook(module, _inp, out):
+        def hook(module, _inp, out, order=order):
             if module is model or isinstance(module, POOLING) or "pool" in type(module).__name__.lower():
                 return
             if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[-1] * out.shape[-2] > 1:
@@ -60,14 +62,9 @@ def find_target_layer(model: nn.Module, input_size: Sequence[int] = (3, 224, 224
             return order[-1]
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     if not convs:
-        raise ValueError(f"{type(model).__name__} has no convolutional layer for Grad-CAM")
+        raise ModelError(f"{type(model).__name__} has no convolutional layer for Grad-CAM; "
+                         "explanations need a CNN feature map")
     return convs[-1]
-
-
-def _denormalise(tensor: torch.Tensor, pre: dict) -> np.ndarray:
-    mean = torch.tensor(pre["mean"]).view(3, 1, 1)
-    std = torch.tensor(pre["std"]).view(3, 1, 1)
-    return (tensor.detach().float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy().astype(np.float32)
 
 
 def gradcam_overlays(classifier, images: Sequence[Image.Image], targets: Sequence[int] | None = None,
@@ -76,13 +73,16 @@ def gradcam_overlays(classifier, images: Sequence[Image.Image], targets: Sequenc
 
     ``targets``: class index per image (default: the predicted class).
     """
+    # lazy: grad-cam (and OpenCV under it) load only when an explanation is asked for
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.image import show_cam_on_image
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     model = classifier.model
+    if model is None:
+        raise ModelError("Grad-CAM needs the PyTorch model (a run dir or model/ dir), not an exported graph")
     pre = classifier.preprocessing
-    _, layer = find_target_layer(model, pre["input_size"])
+    _, layer = find_target_layer(model, pre.input_size)
     for p in model.parameters():  # gradients flow to the feature map, weights are never updated
         p.requires_grad_(True)
     out: list[np.ndarray] = []
@@ -90,10 +90,11 @@ def gradcam_overlays(classifier, images: Sequence[Image.Image], targets: Sequenc
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
             batch = torch.stack([classifier.transform(img) for img in chunk]).to(classifier.device)
-            chosen = None if targets is None else [ClassifierOutputTarget(int(t)) for t in targets[start:start + batch_size]]
+            chosen = (None if targets is None
+                      else [ClassifierOutputTarget(int(t)) for t in targets[start:start + batch_size]])
             heat = cam(input_tensor=batch, targets=chosen)
             for tensor, mask in zip(batch, heat):
-                rgb = _denormalise(tensor, pre)
+                rgb = denormalize(tensor, pre)
                 out.append(show_cam_on_image(rgb, np.nan_to_num(mask), use_rgb=True, image_weight=1 - alpha))
     model.zero_grad(set_to_none=True)
     return out
@@ -106,9 +107,9 @@ def explain(classifier, paths: Sequence[str | os.PathLike], out_dir: str | os.Pa
     Unreadable inputs are skipped (``predict`` already reports them in its error column).
 
     Example:
-        >>> clf = visiontune.load("runs/train-1")  # doctest: +SKIP
-        >>> explain(clf, ["ant.jpg"], "explain/")  # doctest: +SKIP
-        [PosixPath('explain/ant.gradcam.png')]
+        clf = visiontune.load("runs/train-1")
+        explain(clf, ["ant.jpg"], "explain/")
+        # -> [PosixPath('explain/ant.gradcam.png')]
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -117,7 +118,7 @@ def explain(classifier, paths: Sequence[str | os.PathLike], out_dir: str | os.Pa
     for path in paths:
         try:
             img = load_image(path)
-        except (ImageDecodeError, OSError):
+        except ImageDecodeError:
             continue
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem) or "image"
         name, n = stem, 1

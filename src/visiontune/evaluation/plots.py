@@ -9,11 +9,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..training.metrics import read_metrics  # noqa: E402
+
 
 def plot_curves(metrics_csv: Path, out: Path) -> Path | None:
     """Loss and accuracy per epoch, train vs val."""
-    from ..training.callbacks import read_metrics
-
     if not Path(metrics_csv).exists():
         return None
     rows = read_metrics(metrics_csv)

@@ -16,19 +16,28 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from PIL import Image
 
-from ..data.image import ImageDecodeError, load_image
-from ..data.scan import discover_eval
-from ..data.transforms import eval_transform, train_transform
+from ..core.errors import ImageDecodeError
+from ..core.layout import SPLITS, RunLayout
+from ..data.image import load_image
+from ..data.scan import discover_eval, read_split_csv
+from ..data.transforms import denormalize, eval_transform, train_transform
+from ..inference.classifier import Classifier
+from ..inference.rows import probabilities
 from . import report_sections as rs
-from .calibration import (calibrate_run, calibration_summary, collect_logits, expected_calibration_error,
-                          read_split_csv, reliability_diagram, store_calibration)
+from .calibration import (
+    calibrate_run,
+    calibration_summary,
+    expected_calibration_error,
+    reliability_diagram,
+    store_calibration,
+)
 from .evaluate import compute_metrics
-from .predictor import Classifier
+from .gradcam import gradcam_overlays
+from .plots import plot_curves
 
 SECTIONS = {
     "dataset": "Dataset summary",
@@ -59,16 +68,16 @@ def write_report(run_dir: str | os.PathLike, data: str | os.PathLike | None = No
         gradcam: include Grad-CAM overlays (needs the ``grad-cam`` package).
 
     Example:
-        >>> write_report("runs/train-1")  # doctest: +SKIP
-        PosixPath('runs/train-1/report.html')
+        write_report("runs/train-1")
+        # -> PosixPath('runs/train-1/report.html')
     """
     start = time.perf_counter()
-    run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
+    run_dir = layout.root
     clf = Classifier.load(run_dir, precision="32")
     names = clf.class_names
-    cfg = _read_config(run_dir)
-    splits = {s: read_split_csv(run_dir / "splits" / f"{s}.csv", names)
-              for s in ("train", "val", "test") if (run_dir / "splits" / f"{s}.csv").is_file()}
+    cfg = _read_config(layout)
+    splits = {s: read_split_csv(layout.split_csv(s), names) for s in SPLITS if layout.split_csv(s).is_file()}
     if data is not None:
         samples, eval_skipped = discover_eval(data, names)
         source = f"data {data}"
@@ -76,34 +85,34 @@ def write_report(run_dir: str | os.PathLike, data: str | os.PathLike | None = No
         samples, eval_skipped = splits.get("val", []), []
         source = "validation split"
     paths = [p for p, _ in samples]
-    logits, ok = collect_logits(clf, paths, batch_size, workers)
+    logits, ok, _ = clf.logits_of(paths, batch_size, workers)
     target_all = torch.tensor([y for _, y in samples], dtype=torch.long)
     logits, target = logits[ok], target_all[ok]
     kept = [p for p, good in zip(paths, ok.tolist()) if good]
 
-    cal = clf.meta.get("calibration")
+    cal = clf.card.calibration
     if cal is None:
         if data is None and len(target):
             cal = store_calibration(run_dir, calibration_summary(logits, target))
         else:
             cal = calibrate_run(run_dir, batch_size, workers)
     temperature = float(cal.get("temperature", 1.0))
-    raw_probs = torch.softmax(logits.double(), 1)
-    probs = torch.softmax(logits.double() / temperature, 1)
+    raw_probs = probabilities(logits.double(), 1.0)
+    probs = probabilities(logits.double(), temperature)
     result = compute_metrics(probs.float(), target, names) if len(target) else None
 
     parts: list[tuple[str, str]] = []
     counts = {s: {n: sum(1 for _, y in items if y == i) for i, n in enumerate(names)} for s, items in splits.items()}
     all_files = [p for items in splits.values() for p, _ in items]
-    skipped = _read_skipped(run_dir) + [f"{p}\t{r}" for p, r in eval_skipped]
+    skipped = _read_skipped(layout) + [f"{p}\t{r}" for p, r in eval_skipped]
     parts.append(("dataset", rs.dataset_section(counts, _image_sizes(all_files, seed), skipped, names)))
     parts.append(("samples", _samples_section(clf, splits, cfg.get("augment", "standard"), seed)))
-    parts.append(("curves", _curves_section(run_dir)))
+    parts.append(("curves", _curves_section(layout)))
     if result is None:
         parts.append(("metrics", '<p class="warn">no readable labelled images to evaluate</p>'))
     else:
-        training = {k: v for k, v in clf.meta.get("training", {}).items() if not isinstance(v, (dict, list))}
-        parts.append(("metrics", rs.metrics_section(clf.meta.get("metrics", {}), result, source, training)))
+        training = {k: v for k, v in clf.card.training.items() if not isinstance(v, (dict, list))}
+        parts.append(("metrics", rs.metrics_section(clf.card.metrics, result, source, training)))
         parts.append(("per-class", rs.per_class_section(result)))
         parts.append(("confusion", rs.confusion_section(result["confusion_matrix"], names)))
         parts.append(("confused-pairs", rs.confused_pairs_section(result["confusion_matrix"], names)))
@@ -117,34 +126,34 @@ def write_report(run_dir: str | os.PathLike, data: str | os.PathLike | None = No
         eval_ece = (expected_calibration_error(raw_probs, target), expected_calibration_error(probs, target))
         parts.append(("calibration", rs.calibration_section(cal, uri, eval_ece)))
         parts.append(("coverage", rs.coverage_section(probs.numpy(), target.numpy())))
-    if (run_dir / "compare.csv").is_file():
-        parts.append(("compare", rs.compare_section(run_dir / "compare.csv")))
+    if layout.compare_csv.is_file():
+        parts.append(("compare", rs.compare_section(layout.compare_csv)))
 
     title = f"visiontune report: {run_dir.name}"
-    arch = clf.meta.get("architecture", {})
+    arch = clf.card.architecture
     nav = " ".join(f'<a href="#{sid}">{html.escape(SECTIONS[sid])}</a>' for sid, _ in parts)
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{rs.CSS}</style></head><body><header><h1>{html.escape(title)}</h1>"
-            f"<p>{html.escape(str(arch.get('requested') or arch.get('name', '')))} &middot; {len(names)} classes "
+            f"<p>{html.escape(str(arch.requested or arch.name) if arch else '')} &middot; {len(names)} classes "
             f"&middot; evaluated on the {html.escape(source)} &middot; generated "
             f"{datetime.now().strftime('%Y-%m-%d %H:%M')} in {{seconds}} s</p><nav>{nav}</nav></header><main>"
             + "\n".join(rs.section(sid, SECTIONS[sid], body) for sid, body in parts) + "</main></body></html>\n")
-    out = run_dir / "report.html"
+    out = layout.report
     tmp = run_dir / ".report.html.tmp"
     tmp.write_text(page.replace("{seconds}", f"{time.perf_counter() - start:.0f}"), encoding="utf-8")
     os.replace(tmp, out)
     return out
 
 
-def _read_config(run_dir: Path) -> dict[str, Any]:
+def _read_config(layout: RunLayout) -> dict[str, Any]:
     try:
-        return yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        return yaml.safe_load(layout.config.read_text()) or {}
     except (OSError, yaml.YAMLError):
         return {}
 
 
-def _read_skipped(run_dir: Path) -> list[str]:
-    path = run_dir / "skipped_files.txt"
+def _read_skipped(layout: RunLayout) -> list[str]:
+    path = layout.skipped
     return [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
@@ -160,12 +169,6 @@ def _image_sizes(paths: list[str], seed: int) -> list[tuple[int, int]]:
     return sizes
 
 
-def _denorm(tensor: torch.Tensor, pre: dict[str, Any]) -> np.ndarray:
-    mean = torch.tensor(pre["mean"]).view(3, 1, 1)
-    std = torch.tensor(pre["std"]).view(3, 1, 1)
-    return (tensor * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
-
-
 def _samples_section(clf: Classifier, splits: dict, augment: str, seed: int, count: int = 16) -> str:
     pre, names = clf.preprocessing, clf.class_names
     body = ""
@@ -178,22 +181,20 @@ def _samples_section(clf: Classifier, splits: dict, augment: str, seed: int, cou
         images, captions = [], []
         for path, label in chosen:
             try:
-                images.append(_denorm(transform(load_image(path)), pre))
+                images.append(denormalize(transform(load_image(path)), pre))
                 captions.append(names[label][:18])
-            except (ImageDecodeError, OSError):
+            except ImageDecodeError:
                 continue
         body += f"<h3>{html.escape(what.capitalize())}</h3>"
         body += rs.img_tag(rs.grid_uri(images, captions), what) if images else '<p class="muted">none</p>'
     return body
 
 
-def _curves_section(run_dir: Path) -> str:
-    from .plots import plot_curves
-
-    curves = run_dir / "curves.png"
-    if not curves.is_file() and (run_dir / "metrics.csv").is_file():
-        tmp = run_dir / ".curves.png"
-        if plot_curves(run_dir / "metrics.csv", tmp):
+def _curves_section(layout: RunLayout) -> str:
+    curves = layout.curves
+    if not curves.is_file() and layout.metrics_csv.is_file():
+        tmp = layout.root / ".curves.png"
+        if plot_curves(layout.metrics_csv, tmp):
             uri = rs.file_uri(tmp)
             tmp.unlink(missing_ok=True)
             return rs.img_tag(uri, "training curves")
@@ -209,7 +210,7 @@ def _caption(path: str, true: int, pred: int, p: float, names: list[str]) -> str
 def _thumb(path: str) -> str | None:
     try:
         return rs.image_uri(load_image(path, draft_size=256), max_side=200)
-    except (ImageDecodeError, OSError):
+    except ImageDecodeError:
         return None
 
 
@@ -235,10 +236,6 @@ def _errors_section(paths: list[str], target: torch.Tensor, probs: torch.Tensor,
 
 def _gradcam_section(clf: Classifier, paths: list[str], target: torch.Tensor, probs: torch.Tensor,
                      names: list[str], seed: int) -> str:
-    try:
-        from .gradcam import gradcam_overlays
-    except ImportError:
-        return '<p class="muted">Grad-CAM needs the grad-cam package: pip install grad-cam</p>'
     pred = probs.argmax(1)
     rng = random.Random(seed)
     right = [i for i in range(len(target)) if pred[i] == target[i]]
@@ -249,13 +246,14 @@ def _gradcam_section(clf: Classifier, paths: list[str], target: torch.Tensor, pr
         try:
             images.append(load_image(paths[i]))
             kept.append(i)
-        except (ImageDecodeError, OSError):
+        except ImageDecodeError:
             continue
     if not images:
         return '<p class="muted">no images</p>'
     overlays = gradcam_overlays(clf, images)
     items = [(rs.image_uri(ov, max_side=224, fmt="PNG"),
-              _caption(paths[i], int(target[i]), int(pred[i]), float(probs[i, pred[i]]), names), bool(pred[i] != target[i]))
+              _caption(paths[i], int(target[i]), int(pred[i]), float(probs[i, pred[i]]), names),
+              bool(pred[i] != target[i]))
              for i, ov in zip(kept, overlays)]
     return ("<p>Heatmap of the evidence for the predicted class over the input as the model sees it "
             "(resized and cropped). Correct predictions first, then errors (red captions).</p>" + rs.gallery(items))

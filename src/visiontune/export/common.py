@@ -12,16 +12,23 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
-from ..data.image import ImageDecodeError, load_image
-from ..data.transforms import draft_size, eval_transform
+from ..core.errors import ExportError, ImageDecodeError
+from ..core.layout import RunLayout
+from ..core.version import __version__
+from ..data.image import load_image
+from ..data.preprocess import Preprocessing
+from ..data.scan import discover, discover_eval, read_split_csv
+from ..data.transforms import eval_transform
+from ..models.card import ModelCard
 
 # Thresholds from issue 5: an export that disagrees more than this is refused.
 MIN_AGREEMENT = 0.995
@@ -30,16 +37,12 @@ INPUT_DOC = ("float32 NCHW [batch, 3, H, W] at the model's input size, RGB, scal
              "normalised with the stored mean/std (resize shorter side to int(size/crop_pct), centre crop)")
 
 
-class ExportError(ValueError):
-    """An export, exported file or compression result cannot be used; the message says why."""
-
-
 class DeployWrapper(nn.Module):
     """Network + temperature-scaled softmax: ``x -> (logits, probabilities)``.
 
     Example:
-        >>> wrapped = DeployWrapper(model, temperature=1.0)  # doctest: +SKIP
-        >>> logits, probs = wrapped(torch.zeros(1, 3, 224, 224))  # doctest: +SKIP
+        wrapped = DeployWrapper(model, temperature=1.0)
+        logits, probs = wrapped(torch.zeros(1, 3, 224, 224))
     """
 
     def __init__(self, model: nn.Module, temperature: float = 1.0):
@@ -53,24 +56,15 @@ class DeployWrapper(nn.Module):
         return logits, torch.softmax(logits / self.temperature, dim=1)
 
 
-def temperature_of(meta: dict[str, Any]) -> float:
-    """Calibration temperature from model.json (1.0 when the model was never calibrated)."""
-    return float((meta.get("calibration") or {}).get("temperature", 1.0))
+def input_shape(card: ModelCard) -> tuple[int, int, int]:
+    return card.preprocessing.input_size
 
 
-def input_shape(meta: dict[str, Any]) -> tuple[int, int, int]:
-    channels, height, width = (int(v) for v in meta["preprocessing"]["input_size"])
-    return channels, height, width
-
-
-def export_meta(meta: dict[str, Any], fmt: str, file_name: str, **extra: Any) -> dict[str, Any]:
-    """model.json content for an exported file: the source meta plus an ``export`` section."""
-    from .. import __version__
-
-    out = {k: v for k, v in meta.items() if k != "model_dir"}
-    out["export"] = {"format": fmt, "file": file_name, "input": INPUT_DOC, "outputs": ["logits", "probabilities"],
-                     "temperature": temperature_of(meta), "visiontune_version": __version__, **extra}
-    return out
+def export_card(card: ModelCard, fmt: str, file_name: str, **extra: Any) -> ModelCard:
+    """The card of an exported file: the source card plus an ``export`` section."""
+    return card.replace(export={"format": fmt, "file": file_name, "input": INPUT_DOC,
+                                "outputs": ["logits", "probabilities"], "temperature": card.temperature,
+                                "visiontune_version": __version__, **extra})
 
 
 def write_json(path: Path, data: dict[str, Any]) -> Path:
@@ -79,18 +73,18 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
-def resolve_data_path(meta: dict[str, Any]) -> Path | None:
-    """The training data recorded in model.json, if it still exists (relative paths: cwd, then run dir)."""
-    data = (meta.get("training") or {}).get("data")
-    if not data:
+def resolve_data_path(card: ModelCard) -> Path | None:
+    """The training data recorded in the card, if it still exists (relative paths: cwd, then run dir)."""
+    data = card.training.get("data")
+    if not data or not isinstance(data, str):
         return None
     candidates = [Path(data)]
-    if "model_dir" in meta and not Path(data).is_absolute():
-        candidates.append(Path(meta["model_dir"]).parent / data)
+    if card.model_dir is not None and not Path(data).is_absolute():
+        candidates.append(RunLayout.of_model_dir(card.model_dir).root / data)
     return next((p for p in candidates if p.exists()), None)
 
 
-def labelled_samples(meta: dict[str, Any], data: str | os.PathLike | None = None,
+def labelled_samples(card: ModelCard, data: str | os.PathLike | None = None,
                      split: str = "val") -> list[tuple[str, int]]:
     """Labelled images for parity/accuracy: ``data`` (evaluation layout) or the model's own split.
 
@@ -99,21 +93,18 @@ def labelled_samples(meta: dict[str, Any], data: str | os.PathLike | None = None
     A model folder moved away from its run re-splits the recorded training data with the
     recorded seed and fraction instead.
     """
-    from ..data.scan import discover, discover_eval
-    from ..evaluation.calibration import read_split_csv
-
     if data is not None:
-        return discover_eval(data, list(meta["class_names"]))[0]
-    if "model_dir" in meta:
-        split_csv = Path(meta["model_dir"]).parent / "splits" / f"{split}.csv"
+        return discover_eval(data, card.class_names)[0]
+    if card.model_dir is not None:
+        split_csv = RunLayout.of_model_dir(card.model_dir).split_csv(split)
         if split_csv.is_file():
-            return read_split_csv(split_csv, list(meta["class_names"]))
-    source = resolve_data_path(meta)
+            return read_split_csv(split_csv, card.class_names)
+    source = resolve_data_path(card)
     if source is None:
         return []
-    training = meta.get("training") or {}
+    training = card.training
     splits = discover(source, training.get("val"), float(training.get("val_fraction", 0.2)),
-                      seed=int(training.get("seed", 0)), class_names=list(meta["class_names"]))
+                      seed=int(training.get("seed", 0)), class_names=card.class_names)
     return list(getattr(splits, split)) or list(splits.val)
 
 
@@ -129,31 +120,31 @@ def generated_images(n: int, size: int, seed: int = 0) -> list[Image.Image]:
     return images
 
 
-def preprocess(inputs: Sequence[str | Image.Image], pre: dict[str, Any]) -> torch.Tensor:
+def preprocess(inputs: Sequence[str | Image.Image], pre: Preprocessing) -> torch.Tensor:
     """Decode and transform images exactly as prediction does; unreadable ones are dropped."""
-    transform, draft = eval_transform(pre), draft_size(pre)
+    transform, draft = eval_transform(pre), pre.draft_size()
     tensors = []
     for item in inputs:
         try:
             tensors.append(transform(load_image(item, draft)))
-        except (ImageDecodeError, OSError):
+        except ImageDecodeError:
             continue
     if not tensors:
         raise ExportError("no readable images to check the export with")
     return torch.stack(tensors)
 
 
-def parity_batch(meta: dict[str, Any], data: str | os.PathLike | None = None,
+def parity_batch(card: ModelCard, data: str | os.PathLike | None = None,
                  limit: int = 64) -> tuple[torch.Tensor, str]:
     """A preprocessed batch of validation images (or generated ones) and where it came from."""
-    samples = labelled_samples(meta, data)
+    samples = labelled_samples(card, data)
     if samples:
         step = max(1, len(samples) // limit)  # spread over classes rather than the first folder only
         paths = [p for p, _ in samples[::step][:limit]]
-        return preprocess(paths, meta["preprocessing"]), f"{len(paths)} validation images"
-    _, height, width = input_shape(meta)
-    images = generated_images(min(limit, 32), max(height, width) * 2)
-    return preprocess(images, meta["preprocessing"]), f"{len(images)} generated images"
+        return preprocess(paths, card.preprocessing), f"{len(paths)} validation images"
+    pre = card.preprocessing
+    images = generated_images(min(limit, 32), max(pre.height, pre.width) * 2)
+    return preprocess(images, pre), f"{len(images)} generated images"
 
 
 @torch.inference_mode()

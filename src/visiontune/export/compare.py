@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..core.tables import fixed_width, markdown
+from ..inference.runners import onnx_session, session_logits
 from .common import file_size_mb
 
 Logits = Callable[[np.ndarray], np.ndarray]
@@ -42,8 +45,6 @@ def torch_runner(model: nn.Module) -> Logits:
 
 
 def onnx_runner(path: str | Path) -> Logits:
-    from .onnx_export import onnx_session, session_logits
-
     session = onnx_session(path)
     return lambda batch: session_logits(session, batch, chunk=len(batch))
 
@@ -92,7 +93,8 @@ def measure(variants: list[Variant], images: np.ndarray, labels: np.ndarray, bud
     return rows
 
 
-COLUMNS = [("variant", "variant", "{}"), ("size_mb", "size MB", "{:.2f}"), ("latency_ms_b1", "latency ms (b1)", "{:.2f}"),
+COLUMNS = [("variant", "variant", "{}"), ("size_mb", "size MB", "{:.2f}"),
+           ("latency_ms_b1", "latency ms (b1)", "{:.2f}"),
            ("throughput_b32", "img/s (b32)", "{:.1f}"), ("speedup_vs_eager_b32", "x eager", "{:.2f}"),
            ("val_accuracy", "val acc", "{:.4f}"), ("top1_agreement", "agree w/ eager", "{:.4f}"),
            ("macs", "MACs", "{}")]
@@ -104,17 +106,11 @@ def _cells(row: dict[str, Any]) -> list[str]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Fixed-width console table."""
-    header = [title for _, title, _ in COLUMNS]
-    body = [_cells(r) for r in rows]
-    widths = [max(len(c) for c in col) for col in zip(header, *body)]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([line(header)] + [line(c) for c in body])
+    return fixed_width([title for _, title, _ in COLUMNS], [_cells(r) for r in rows])
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    header = [title for _, title, _ in COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(_cells(r)) + " |" for r in rows])
+    return markdown([title for _, title, _ in COLUMNS], [_cells(r) for r in rows])
 
 
 def write_reports(out_dir: Path, report: dict[str, Any]) -> tuple[Path, Path]:

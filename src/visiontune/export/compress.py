@@ -7,49 +7,53 @@ from __future__ import annotations
 import copy
 import os
 import platform
+import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
+import torch
 
-from .common import ExportError, export_meta, labelled_samples, preprocess, resolve_data_path, write_json
-from .compare import Logits, Variant, measure, onnx_runner, torch_runner, write_reports, format_table
+from ..core.errors import ExportError
+from ..core.layout import RunLayout
+from ..data.scan import discover_eval
+from ..models.artifact import META_FILE, load_model
+from ..models.card import ModelCard
+from .common import export_card, labelled_samples, preprocess, resolve_data_path, write_json
+from .compare import Logits, Variant, batched_logits, format_table, measure, onnx_runner, torch_runner, write_reports
+from .onnx_export import export_onnx
+from .prune import check_prune_args, count_macs, prune_and_recover, save_pruned
+from .quantize import quantize_onnx
 from .recovery import RECOVERY_LR
 
 
-def _calib_paths(meta: dict[str, Any], calib: str | os.PathLike | None) -> list[str]:
+def _calib_paths(card: ModelCard, calib: str | os.PathLike | None) -> list[str]:
     """Calibration images: --calib DATA (every image in it), else the model's training split."""
-    from ..data.scan import discover_eval
-
     if calib is not None:
-        return [p for p, _ in discover_eval(calib, list(meta["class_names"]))[0]]
-    return [p for p, _ in labelled_samples(meta, split="train")]
+        return [p for p, _ in discover_eval(calib, card.class_names)[0]]
+    return [p for p, _ in labelled_samples(card, split="train")]
 
 
-def _export_variant(model, meta: dict[str, Any], folder: Path, **extra: Any) -> Path:
-    from .onnx_export import export_onnx
-
-    path = export_onnx(model, meta, folder / "model.onnx", dynamic_batch=True)
-    write_json(folder / "model.json", export_meta(meta, "onnx", path.name, dynamic_batch=True, **extra))
+def _export_variant(model, card: ModelCard, folder: Path, **extra: Any) -> Path:
+    path = export_onnx(model, card, folder / "model.onnx", dynamic_batch=True)
+    write_json(folder / META_FILE, export_card(card, "onnx", path.name, dynamic_batch=True, **extra).to_dict())
     return path
 
 
-def _quantize_variant(src: Path, meta: dict[str, Any], folder: Path, mode: str, calib: list[str],
+def _quantize_variant(src: Path, card: ModelCard, folder: Path, mode: str, calib: list[str],
                       float_ends: bool = False) -> Path:
-    from .quantize import quantize_onnx
-
-    path = quantize_onnx(src, folder / "model.onnx", meta, mode, calib, float_ends)
-    write_json(folder / "model.json", export_meta(meta, "onnx", path.name, dynamic_batch=True, quantization=mode))
+    path = quantize_onnx(src, folder / "model.onnx", card, mode, calib, float_ends)
+    write_json(folder / META_FILE, export_card(card, "onnx", path.name, dynamic_batch=True,
+                                               quantization=mode).to_dict())
     return path
 
 
 def _accuracy(run, images: np.ndarray, labels: np.ndarray) -> float:
-    from .compare import batched_logits
-
     return float((batched_logits(run, images).argmax(1) == labels).mean())
 
 
-def _guarded_int8(eager: Logits, src: Path, meta: dict[str, Any], folder: Path, mode: str,
+def _guarded_int8(eager: Logits, src: Path, card: ModelCard, folder: Path, mode: str,
                   calib: list[str], float_ends: bool, images: np.ndarray, labels: np.ndarray, max_drop: float,
                   log) -> tuple[Path, list[dict[str, Any]]]:
     """Static int8, and when it loses more than ``max_drop`` on val, the same with the first conv
@@ -58,12 +62,10 @@ def _guarded_int8(eager: Logits, src: Path, meta: dict[str, Any], folder: Path, 
     Returns the kept model and every attempt (scheme, val accuracy, change in points), all of
     which go into the report: the fallback is chosen on the same val split the guard reads.
     """
-    import shutil
-
     base = _accuracy(eager, images, labels)
 
     def attempt(target: Path, ends: bool) -> tuple[Path, dict[str, Any]]:
-        path = _quantize_variant(src, meta, target, mode, calib, ends)
+        path = _quantize_variant(src, card, target, mode, calib, ends)
         acc = _accuracy(onnx_runner(path), images, labels)
         return path, {"scheme": "ends-float" if ends else "all", "val_accuracy": round(acc, 6),
                       "accuracy_change_pts": round((acc - base) * 100, 2)}
@@ -83,18 +85,16 @@ def _guarded_int8(eager: Logits, src: Path, meta: dict[str, Any], folder: Path, 
     return path, [second, first]  # the last entry is the kept one
 
 
-def _prune_variant(model, meta: dict[str, Any], ratio: float, epochs: int, steps: int, lr: float, out: Path,
+def _prune_variant(model, card: ModelCard, ratio: float, epochs: int, steps: int, lr: float, out: Path,
                    log) -> tuple[Any, dict]:
-    from .prune import count_macs, prune_and_recover, save_pruned
-
-    macs0, params0 = count_macs(model, meta)
-    train = labelled_samples(meta, split="train")
-    pruned = prune_and_recover(copy.deepcopy(model), meta, ratio, train, epochs, steps, log, lr=lr)
-    macs1, params1 = count_macs(pruned, meta)
+    macs0, params0 = count_macs(model, card)
+    train = labelled_samples(card, split="train")
+    pruned = prune_and_recover(copy.deepcopy(model), card, ratio, train, epochs, steps, log, lr=lr)
+    macs1, params1 = count_macs(pruned, card)
     log(f"pruned: MACs {macs0 / 1e6:.1f}M -> {macs1 / 1e6:.1f}M, params {params0 / 1e6:.2f}M -> {params1 / 1e6:.2f}M")
     info = {"ratio": ratio, "steps": steps, "finetune_epochs": epochs, "recovery_lr": lr,
             "macs_before": macs0, "macs_after": macs1, "params_before": params0, "params_after": params1}
-    save_pruned(out / "pruned", pruned, meta, info)
+    save_pruned(out / "pruned", pruned, card, info)
     return pruned, info
 
 
@@ -126,49 +126,46 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
         The report written to ``compress_report.json``.
 
     Example:
-        >>> compress("runs/train-1", quantize="int8", prune=0.3)["variants"][2]["val_accuracy"]  # doctest: +SKIP
-        0.95
+        compress("runs/train-1", quantize="int8", prune=0.3)["variants"][2]["val_accuracy"]
+        # -> 0.95
     """
-    from ..models.artifact import load_model
-
     if quantize is None and prune is None:
         raise ExportError("nothing to do: give --quantize int8|int8-dynamic and/or --prune RATIO")
     if prune is not None:
-        from .prune import check_prune_args
-
         check_prune_args(prune, prune_steps, recovery_lr, finetune_epochs)
-    model, meta = load_model(model_path)
-    out = Path(out) if out else Path(meta["model_dir"]).parent / "compress"
-    samples = labelled_samples(meta, data)
+    model, card = load_model(model_path)
+    out = Path(out) if out else RunLayout.of_model_dir(card.model_dir).root / "compress"
+    samples = labelled_samples(card, data)
     if not samples:
         raise ExportError("no validation images: the training data in model.json is gone; pass --data DIR")
-    images = preprocess([p for p, _ in samples], meta["preprocessing"]).numpy()
+    images = preprocess([p for p, _ in samples], card.preprocessing).numpy()
     labels = np.array([label for _, label in samples])
     if len(images) != len(labels):
         raise ExportError("some validation images could not be read; fix or pass --data DIR")
 
-    variants = [Variant("eager fp32", str(Path(meta["model_dir"]) / "model.safetensors"), torch_runner(model))]
-    onnx_fp32 = _export_variant(model, meta, out / "onnx")
+    variants = [Variant("eager fp32", str(card.model_dir / "model.safetensors"), torch_runner(model))]
+    onnx_fp32 = _export_variant(model, card, out / "onnx")
     variants.append(Variant("ONNX fp32", str(onnx_fp32), onnx_runner(onnx_fp32)))
-    calib_paths = _calib_paths(meta, calib) if quantize else []
+    calib_paths = _calib_paths(card, calib) if quantize else []
     int8_attempts: list[dict[str, Any]] = []
     if quantize:
-        path, int8_attempts = _guarded_int8(variants[0].logits, onnx_fp32, meta, out / "onnx-int8", quantize,
+        path, int8_attempts = _guarded_int8(variants[0].logits, onnx_fp32, card, out / "onnx-int8", quantize,
                                             calib_paths, float_ends, images, labels, max_drop, log)
         float_ends = int8_attempts[-1]["scheme"] == "ends-float"  # the pruned model gets the same scheme
         variants.append(Variant(f"ONNX {quantize}", str(path), onnx_runner(path)))
     prune_info: dict[str, Any] = {}
     if prune is not None:
-        pruned, prune_info = _prune_variant(model, meta, prune, finetune_epochs, prune_steps,
+        pruned, prune_info = _prune_variant(model, card, prune, finetune_epochs, prune_steps,
                                             RECOVERY_LR if recovery_lr is None else recovery_lr, out, log)
         variants.append(Variant("pruned", str(out / "pruned" / "model.safetensors"), torch_runner(pruned),
                                 {"macs": prune_info["macs_after"]}))
-        pruned_meta = {**meta, "pruned": prune_info}
-        pruned_onnx = _export_variant(pruned, pruned_meta, out / "pruned-onnx")
+        pruned_card = card.replace(pruned=prune_info)
+        pruned_onnx = _export_variant(pruned, pruned_card, out / "pruned-onnx")
         if quantize:
-            path = _quantize_variant(pruned_onnx, pruned_meta, out / "pruned-int8", quantize, calib_paths,
+            path = _quantize_variant(pruned_onnx, pruned_card, out / "pruned-int8", quantize, calib_paths,
                                      float_ends)
-            variants.append(Variant(f"pruned+{quantize}", str(path), onnx_runner(path), {"macs": prune_info["macs_after"]}))
+            variants.append(Variant(f"pruned+{quantize}", str(path), onnx_runner(path),
+                                    {"macs": prune_info["macs_after"]}))
         else:
             variants.append(Variant("pruned ONNX fp32", str(pruned_onnx), onnx_runner(pruned_onnx),
                                     {"macs": prune_info["macs_after"]}))
@@ -177,7 +174,7 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
 
     log(f"measuring {len(variants)} variants on {len(images)} validation images")
     rows = measure(variants, images, labels, budget_s, log)
-    report = _report(model_path, meta, rows, data, quantize, max_drop, prune_info, len(images))
+    report = _report(model_path, card, rows, data, quantize, max_drop, prune_info, len(images))
     report["int8_attempts"] = int8_attempts
     if len(int8_attempts) > 1:
         tried = "; ".join(f"{a['scheme']} {a['accuracy_change_pts']:+.2f} pt" for a in int8_attempts)
@@ -195,7 +192,7 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
     return report
 
 
-def _report(model_path, meta, rows, data, quantize, max_drop, prune_info, n) -> dict[str, Any]:
+def _report(model_path, card: ModelCard, rows, data, quantize, max_drop, prune_info, n) -> dict[str, Any]:
     base = rows[0]["val_accuracy"]
     notes, refused = [], ""
     for row in rows[1:]:
@@ -211,18 +208,18 @@ def _report(model_path, meta, rows, data, quantize, max_drop, prune_info, n) -> 
     if prune_info:
         fewer = 1 - prune_info["macs_after"] / prune_info["macs_before"]
         pruned_row = next(r for r in rows if r["variant"] == "pruned")
-        notes.append(f"pruned: {fewer:.1%} fewer MACs, {1 - prune_info['params_after'] / prune_info['params_before']:.1%}"
+        fewer_params = 1 - prune_info["params_after"] / prune_info["params_before"]
+        notes.append(f"pruned: {fewer:.1%} fewer MACs, {fewer_params:.1%}"
                      f" fewer params, accuracy change {pruned_row['accuracy_change_pts']:+.2f} pt after "
                      f"{prune_info['steps']} round(s) of least-squares reconstruction + "
                      f"{prune_info['finetune_epochs']} recovery epoch(s) at LR {prune_info['recovery_lr']:g}")
-    source = str(data) if data else f"validation split of {resolve_data_path(meta)}"
+    source = str(data) if data else f"validation split of {resolve_data_path(card)}"
     return {"model": str(model_path), "val_source": source, "num_val": n, "machine": _machine(),
             "variants": rows, "pruning": prune_info, "max_drop": max_drop, "refused": refused, "notes": notes}
 
 
 def _machine() -> str:
-    import onnxruntime
-    import torch
+    import onnxruntime  # lazy: only for the report line
 
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), onnxruntime {onnxruntime.__version__}")

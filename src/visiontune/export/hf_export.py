@@ -18,51 +18,56 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .common import ExportError
+from ..core.errors import ExportError
+from ..models.card import ModelCard
+from .exporter import Format
 
 
-def export_hf(model: nn.Module, meta: dict[str, Any], out: str | Path, **_: Any) -> Path:
+def export_hf(model: nn.Module, card: ModelCard, out: str | Path, **_: Any) -> Path:
     """Write ``out/config.json`` and ``out/model.safetensors`` in timm's hub layout.
 
     Only timm-sourced architectures have this layout; torchvision models raise ExportError.
     ``out`` is a folder; a path ending in ``.json``/``.safetensors`` means its parent.
 
     Example:
-        >>> export_hf(model, meta, "hf-model/")  # doctest: +SKIP
-        >>> timm.create_model("local-dir:hf-model")  # doctest: +SKIP
+        export_hf(model, card, "hf-model/")
+        timm.create_model("local-dir:hf-model")
     """
-    from timm.models._hub import save_config_for_hf
+    from timm.models._hub import save_config_for_hf  # lazy: only this format needs timm's hub writer
 
-    arch = meta.get("architecture", {})
-    if arch.get("source") != "timm":
-        raise ExportError(f"--format hf needs a timm architecture; this model is {arch.get('source')}:"
-                          f"{arch.get('name')} (use --format onnx or torchscript)")
+    arch = card.architecture
+    if arch is None or arch.source != "timm":
+        raise ExportError(f"--format hf needs a timm architecture; this model is "
+                          f"{arch.source + ':' + arch.name if arch else 'of unknown origin'} "
+                          "(use --format onnx or torchscript)")
     out = Path(out)
     if out.suffix in (".json", ".safetensors"):
         out = out.parent
     out.mkdir(parents=True, exist_ok=True)
-    pre = meta["preprocessing"]
-    data_config = {"input_size": tuple(pre["input_size"]), "mean": tuple(pre["mean"]), "std": tuple(pre["std"]),
-                   "interpolation": pre.get("interpolation", "bilinear"), "crop_pct": float(pre.get("crop_pct", 0.875)),
-                   "crop_mode": "center"}
+    pre = card.preprocessing
+    data_config = {"input_size": pre.input_size, "mean": pre.mean, "std": pre.std, "interpolation": pre.interpolation,
+                   "crop_pct": pre.crop_pct, "crop_mode": "center"}
     state = {k: v.detach().cpu().float().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
              for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     # timm's own writer keeps the file identical to what push_to_hf_hub would produce
-    save_config_for_hf(model, str(out / "config.json"), model_config={"label_names": list(meta["class_names"])},
+    save_config_for_hf(model, str(out / "config.json"), model_config={"label_names": list(card.class_names)},
                        data_config=data_config)
     return out / "model.safetensors"
 
 
 @torch.inference_mode()
-def hf_logits(path: str | Path, meta: dict[str, Any], batch: torch.Tensor, chunk: int = 32):
+def hf_logits(path: str | Path, card: ModelCard, batch: torch.Tensor, chunk: int = 32):
     """Logits from the exported folder loaded with timm alone (the parity reference for hf)."""
-    import timm
+    import timm  # lazy: timm loads only for this parity check
 
     path = Path(path)
     folder = path.parent if path.is_file() else path
-    n = int(meta["architecture"]["num_classes"])
-    model = timm.create_model(meta["architecture"]["name"], pretrained=True, num_classes=n,
+    n = card.num_classes
+    model = timm.create_model(card.architecture.name, pretrained=True, num_classes=n,
                               pretrained_cfg_overlay=dict(file=str(folder / "model.safetensors"), num_classes=n))
     model.eval()
     return torch.cat([model(batch[i:i + chunk]) for i in range(0, len(batch), chunk)]).numpy()
+
+
+FORMAT = Format(export_hf, hf_logits, "model.safetensors")

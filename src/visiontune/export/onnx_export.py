@@ -10,31 +10,33 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from .common import INPUT_DOC, DeployWrapper, ExportError, input_shape, temperature_of
+from ..core.errors import ExportError
+from ..core.version import __version__
+from ..inference.runners import onnx_session, session_logits
+from ..models.card import ModelCard
+from .common import INPUT_DOC, DeployWrapper, input_shape
+from .exporter import Format
 from .static_pad import static_same_padding
 
 DEFAULT_OPSET = 17
 
 
-def onnx_metadata(meta: dict[str, Any]) -> dict[str, str]:
+def onnx_metadata(card: ModelCard) -> dict[str, str]:
     """The ``metadata_props`` written into every exported ONNX file (all values are strings)."""
-    from .. import __version__
-
     return {
-        "class_names": json.dumps(list(meta["class_names"])),
-        "preprocessing": json.dumps(meta["preprocessing"]),
-        "temperature": repr(temperature_of(meta)),
+        "class_names": json.dumps(list(card.class_names)),
+        "preprocessing": json.dumps(card.preprocessing.to_dict()),
+        "temperature": repr(card.temperature),
         "input_format": INPUT_DOC,
         "visiontune_version": __version__,
-        "architecture": json.dumps(meta.get("architecture", {})),
+        "architecture": json.dumps(card.architecture.to_dict() if card.architecture else {}),
     }
 
 
@@ -67,8 +69,6 @@ def _export_graph(wrapper: nn.Module, example: torch.Tensor, opset: int, dynamic
 
 def _program_bytes(program) -> bytes:
     """Serialise a dynamo ``ONNXProgram`` (it only saves to a path)."""
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="visiontune-onnx-") as tmp:
         program.save(str(Path(tmp) / "model.onnx"))
         return (Path(tmp) / "model.onnx").read_bytes()
@@ -76,7 +76,7 @@ def _program_bytes(program) -> bytes:
 
 def set_metadata(path: str | Path, props: dict[str, str]) -> None:
     """Replace ``metadata_props`` of an ONNX file in place (also used after quantization)."""
-    import onnx
+    import onnx  # lazy: only exports need the onnx package
 
     model = onnx.load(str(path))
     del model.metadata_props[:]
@@ -88,60 +88,38 @@ def set_metadata(path: str | Path, props: dict[str, str]) -> None:
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
-    import onnx
+    import onnx  # lazy: as above
 
     model = onnx.load(str(path), load_external_data=False)
     return {p.key: p.value for p in model.metadata_props}
 
 
-def export_onnx(model: nn.Module, meta: dict[str, Any], out: str | Path, opset: int = DEFAULT_OPSET,
+def export_onnx(model: nn.Module, card: ModelCard, out: str | Path, opset: int = DEFAULT_OPSET,
                 dynamic_batch: bool = False) -> Path:
     """Write ``model`` (wrapped with softmax + temperature) as ONNX with metadata to ``out``.
 
     Args:
         model: the trained network (eval mode, fp32, CPU).
-        meta: its model.json content (class names, preprocessing, calibration).
+        card: its model card (class names, preprocessing, calibration).
         out: the ``.onnx`` path to write.
         opset: ONNX opset version.
         dynamic_batch: make the batch dimension dynamic (default: fixed batch of 1).
 
     Example:
-        >>> model, meta = load_model("runs/train-1")  # doctest: +SKIP
-        >>> export_onnx(model, meta, "model.onnx", dynamic_batch=True)  # doctest: +SKIP
+        model, card = load_model("runs/train-1")
+        export_onnx(model, card, "model.onnx", dynamic_batch=True)
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    example = torch.zeros(1, *input_shape(meta))
+    example = torch.zeros(1, *input_shape(card))
     # the graph's spatial size is fixed, so TF-"SAME" pads become constants (int8 needs this)
     fixed = static_same_padding(model.eval().float().cpu(), example)
-    wrapper = DeployWrapper(fixed, temperature_of(meta)).eval()
+    wrapper = DeployWrapper(fixed, card.temperature).eval()
     data = _export_graph(wrapper, example, opset, dynamic_batch)
     out.write_bytes(data)
-    set_metadata(out, onnx_metadata(meta))
+    set_metadata(out, onnx_metadata(card))
     return out
 
 
-def onnx_session(path: str | Path, threads: int | None = None):
-    """An onnxruntime CPU session with full graph optimisation; clear error for bad files."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # warnings about unused initialisers are noise for users
-    if threads:
-        options.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"{path} is not a usable ONNX model ({first[:200]})") from None
-
-
-def session_logits(session, batch: np.ndarray, chunk: int = 32) -> np.ndarray:
-    """Run ``session`` on an NCHW float batch, in chunks the graph accepts (fixed batch: 1 by 1)."""
-    fixed = session.get_inputs()[0].shape[0]
-    step = fixed if isinstance(fixed, int) and fixed > 0 else chunk
-    name = session.get_inputs()[0].name
-    parts = [session.run(["logits"], {name: np.ascontiguousarray(batch[i:i + step], dtype=np.float32)})[0]
-             for i in range(0, len(batch), step)]
-    return np.concatenate(parts)
+FORMAT = Format(export_onnx, lambda path, card, batch: session_logits(onnx_session(path), batch.numpy()),
+                "model.onnx")

@@ -1,11 +1,10 @@
-"""Structured channel pruning with ``torch-pruning`` and a short recovery fine-tune.
+"""Structured channel pruning with ``torch-pruning``, and pickle-free pruned models.
 
-Saving a pruned network, pickle-free: the weights stay a plain ``model.safetensors`` and
-``model.json`` gains ``"pruned": {"shapes": {module: {in_channels, out_channels, groups, ...}}}``.
-:func:`load_pruned` rebuilds the *original* architecture from model.json (no download), shrinks
-each listed layer to its recorded channel counts (empty tensors of the saved shapes) and then
-loads the weights strictly. No code or pickled module is ever stored, and a wrong shape fails
-the strict load instead of running silently.
+Saving a pruned network, pickle-free: the weights stay a plain ``model.safetensors`` and the
+card gains ``"pruned": {"shapes": {module: {in_channels, out_channels, groups, ...}}}``;
+:func:`visiontune.models.artifact.load_model` rebuilds the *original* architecture from the
+card, shrinks each listed layer to its recorded channel counts
+(:mod:`visiontune.models.shapes`) and loads the weights strictly.
 """
 
 from __future__ import annotations
@@ -17,87 +16,37 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
+from torch.utils.data import DataLoader
 
-from ..models.artifact import WEIGHTS_FILE, read_meta, resolve_model_dir, save_model
-from ..models.factory import rebuild
-from .common import ExportError, input_shape
-
-# attributes that define a layer's channel counts, per layer type
-SHAPE_ATTRS: dict[type, tuple[str, ...]] = {
-    nn.Conv2d: ("in_channels", "out_channels", "groups"),
-    nn.BatchNorm2d: ("num_features",),
-    nn.Linear: ("in_features", "out_features"),
-    nn.LayerNorm: ("normalized_shape",),
-}
-ARTIFACT_KEYS = ("format", "format_version", "created", "versions", "model_dir")
-
-
-def _kind(module: nn.Module) -> type | None:
-    return next((t for t in SHAPE_ATTRS if isinstance(module, t)), None)
+from ..core.errors import ExportError
+from ..data.dataset import ImageListDataset
+from ..data.preprocess import Preprocessing
+from ..data.transforms import eval_transform
+from ..models.artifact import save_model
+from ..models.card import ModelCard
+from ..models.shapes import layer_shapes
+from .common import input_shape
+from .recovery import finetune, recalibrate_batchnorm, reconstruct
+from .registry import PRUNE_IMPORTANCES
 
 
-def layer_shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Channel-defining attributes of every conv / norm / linear layer (JSON-safe)."""
-    shapes = {}
-    for name, module in model.named_modules():
-        kind = _kind(module)
-        if kind is not None:
-            shapes[name] = {a: list(v) if isinstance(v := getattr(module, a), tuple) else v for a in SHAPE_ATTRS[kind]}
-    return shapes
+def decoded_batches(samples: list[tuple[str, int]], pre: Preprocessing, batch_size: int = 32
+                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) batches in the eval preprocessing, decoded once and kept in memory."""
+    return list(DataLoader(ImageListDataset(samples, eval_transform(pre), pre.draft_size()), batch_size=batch_size))
 
 
-def apply_shapes(model: nn.Module, shapes: dict[str, dict[str, Any]], state: dict[str, torch.Tensor]) -> nn.Module:
-    """Shrink ``model``'s layers to ``shapes`` and its tensors to the shapes in ``state``."""
-    for name, attrs in shapes.items():
-        module = model.get_submodule(name)
-        for attr, value in attrs.items():
-            setattr(module, attr, tuple(value) if isinstance(value, list) else value)
-    for key, tensor in state.items():
-        owner_name, _, leaf = key.rpartition(".")
-        owner = model.get_submodule(owner_name) if owner_name else model
-        current = getattr(owner, leaf, None)
-        if isinstance(current, torch.Tensor) and current.shape != tensor.shape:
-            empty = torch.empty(tensor.shape, dtype=current.dtype)
-            setattr(owner, leaf, nn.Parameter(empty, current.requires_grad) if isinstance(current, nn.Parameter)
-                    else empty)
-    return model
-
-
-def is_pruned(path: str | os.PathLike) -> bool:
-    try:
-        return "pruned" in read_meta(resolve_model_dir(path))
-    except ValueError:
-        return False
-
-
-def load_pruned(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a pruned model saved by :func:`save_pruned` (pickle-free)."""
-    model_dir = resolve_model_dir(path)
-    meta = read_meta(model_dir)
-    if "pruned" not in meta:
-        raise ExportError(f"{model_dir} is not a pruned model")
-    state = load_file(str(model_dir / WEIGHTS_FILE), device="cpu")
-    model = apply_shapes(rebuild(meta["architecture"]), meta["pruned"]["shapes"], state)
-    model.load_state_dict(state, strict=True)
-    meta["model_dir"] = str(model_dir)
-    return model.eval(), meta
-
-
-def save_pruned(directory: str | os.PathLike, model: nn.Module, meta: dict[str, Any],
-                info: dict[str, Any]) -> Path:
+def save_pruned(directory: str | os.PathLike, model: nn.Module, card: ModelCard, info: dict[str, Any]) -> Path:
     """Write a pruned model as model.safetensors + model.json with its layer shapes."""
-    clean = {k: v for k, v in meta.items() if k not in ARTIFACT_KEYS}
-    clean["pruned"] = {**info, "shapes": layer_shapes(model)}
-    return save_model(directory, model, clean)
+    return save_model(directory, model, card.replace(pruned={**info, "shapes": layer_shapes(model)}, export=None))
 
 
-def count_macs(model: nn.Module, meta: dict[str, Any]) -> tuple[int, int]:
+def count_macs(model: nn.Module, card: ModelCard) -> tuple[int, int]:
     """(MACs, parameters) of one forward pass at the model's input size."""
-    import torch_pruning as tp
+    import torch_pruning as tp  # lazy: only compress --prune needs torch-pruning
 
-    macs, params = tp.utils.count_ops_and_params(copy.deepcopy(model).eval(), torch.zeros(1, *input_shape(meta)))
+    macs, params = tp.utils.count_ops_and_params(copy.deepcopy(model).eval(), torch.zeros(1, *input_shape(card)))
     return int(macs), int(params)
 
 
@@ -109,7 +58,7 @@ def residual_layers(model: nn.Module, example: torch.Tensor, ignored: list[nn.Mo
     accuracy per MAC saved than pruning the expansion channels inside blocks. A dependency
     group with more than one dense (non-depthwise) conv producing its channels is such a stream.
     """
-    import torch_pruning as tp
+    import torch_pruning as tp  # lazy: as above
 
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
     tied: list[nn.Module] = []
@@ -129,7 +78,7 @@ def head_input_layers(model: nn.Module, example: torch.Tensor, head: nn.Module) 
     only on the user's classes, for a small share of the MACs (320 -> 1280 at 7x7 on
     EfficientNet-Lite0: 5% of them).
     """
-    import torch_pruning as tp
+    import torch_pruning as tp  # lazy: as above
 
     if not isinstance(head, nn.Linear):
         return []
@@ -184,7 +133,7 @@ def check_prune_args(ratio: float, steps: int, lr: float | None = None, epochs: 
         raise ExportError(f"--recovery-lr must be > 0 (e.g. 1e-3, or 1e-4 for a few hundred images), got {lr}")
 
 
-def prune_and_recover(model: nn.Module, meta: dict[str, Any], ratio: float, samples: list[tuple[str, int]],
+def prune_and_recover(model: nn.Module, card: ModelCard, ratio: float, samples: list[tuple[str, int]],
                       epochs: int, steps: int = 2, log=print, importance: str = "hessian",
                       **recovery: Any) -> nn.Module:
     """Remove ``ratio`` of the prunable channels in ``steps`` rounds, recovering after each.
@@ -192,42 +141,37 @@ def prune_and_recover(model: nn.Module, meta: dict[str, Any], ratio: float, samp
     torch-pruning's dependency graph keeps coupled layers consistent (BN, depthwise convs whose
     channels are tied via groups); residual streams, the classifier and the layers producing its
     input are left whole (:func:`residual_layers`, :func:`head_input_layers`). Channels are ranked
-    by ``importance`` (one of :data:`IMPORTANCES`) on training images. After each cut the BN
+    by ``importance`` (a name in :data:`~visiontune.export.registry.PRUNE_IMPORTANCES`) on training
+    images. After each cut the BN
     statistics are re-estimated, the layers fed by cut channels are refit to the unpruned model's
     outputs by least squares (:func:`~visiontune.export.recovery.reconstruct`), and the network
     is fine-tuned for ``epochs``, distilled from the unpruned model
     (:func:`~visiontune.export.recovery.finetune`, which takes ``**recovery``).
 
     Example:
-        >>> prune_and_recover(model, meta, 0.3, train_samples, epochs=3)  # doctest: +SKIP
+        prune_and_recover(model, card, 0.3, train_samples, epochs=3)
     """
-    import torch_pruning as tp
-    from torch.utils.data import DataLoader
-
-    from ..data.dataset import ImageListDataset
-    from ..data.transforms import draft_size, eval_transform
-    from .recovery import finetune, recalibrate_batchnorm, reconstruct
+    import torch_pruning as tp  # lazy: as above
 
     check_prune_args(ratio, steps, epochs=epochs)
-    if importance not in IMPORTANCES:
-        raise ExportError(f"unknown pruning importance {importance!r}; choose one of: {', '.join(IMPORTANCES)}")
+    if importance not in PRUNE_IMPORTANCES:
+        raise ExportError(f"unknown pruning importance {importance!r}; choose one of: "
+                          f"{', '.join(PRUNE_IMPORTANCES)}")
     if not samples:
         raise ExportError("pruning needs the training images (channel importance, recovery); the training "
                           "data in model.json is gone")
     torch.manual_seed(0)  # recovery shuffles and augments: the same call gives the same model
-    example = torch.zeros(1, *input_shape(meta))
+    example = torch.zeros(1, *input_shape(card))
     teacher = copy.deepcopy(model).eval()
-    head = model.get_submodule(meta["architecture"]["head"])
+    head = model.get_submodule(card.architecture.classifier)
     ignored = [head, *residual_layers(model.eval(), example, [head]), *head_input_layers(model, example, head)]
-    pre = meta["preprocessing"]
     # decoded once and kept (at most 256 images): importance, BN re-estimation and the
     # reconstruction of every refit layer each pass over them again, every round
-    scoring = list(DataLoader(ImageListDataset(samples[::max(1, len(samples) // 256)], eval_transform(pre),
-                                               draft_size(pre)), batch_size=32))
-    scorer_name, gradients = IMPORTANCES[importance]
+    scoring = decoded_batches(samples[::max(1, len(samples) // 256)], card.preprocessing)
+    scorer_name, gradients = PRUNE_IMPORTANCES.get(importance)
     pruner = tp.pruner.MetaPruner(model, example, importance=getattr(tp.importance, scorer_name)(),
                                   pruning_ratio=ratio, iterative_steps=steps, ignored_layers=ignored)
-    macs0, _ = count_macs(model, meta)
+    macs0, _ = count_macs(model, card)
     for step in range(steps):
         if gradients is not None:
             gradients(model, scoring)
@@ -235,15 +179,14 @@ def prune_and_recover(model: nn.Module, meta: dict[str, Any], ratio: float, samp
         model.zero_grad(set_to_none=True)
         recalibrate_batchnorm(model, scoring)
         reconstruct(model, teacher, scoring)
-        macs, _ = count_macs(model, meta)
-        log(f"prune round {step + 1}/{steps}: MACs {macs0 / 1e6:.1f}M -> {macs / 1e6:.1f}M; recovering {epochs} epoch(s)")
-        finetune(model, meta, samples, epochs, teacher=teacher, log=log, **recovery)
+        macs, _ = count_macs(model, card)
+        log(f"prune round {step + 1}/{steps}: MACs {macs0 / 1e6:.1f}M -> {macs / 1e6:.1f}M; "
+            f"recovering {epochs} epoch(s)")
+        finetune(model, card, samples, epochs, teacher=teacher, log=log, **recovery)
     return model.eval()
 
 
-# channel importance by name: (torch_pruning.importance class, what it needs left in .grad)
-IMPORTANCES = {
-    "hessian": ("GroupHessianImportance", _fisher_gradients),
-    "taylor": ("GroupTaylorImportance", _taylor_gradients),
-    "magnitude": ("GroupMagnitudeImportance", None),
-}
+# channel importances (PRUNE_IMPORTANCES): (torch_pruning.importance class, what it needs left in .grad)
+HESSIAN = ("GroupHessianImportance", _fisher_gradients)
+TAYLOR = ("GroupTaylorImportance", _taylor_gradients)
+MAGNITUDE = ("GroupMagnitudeImportance", None)

@@ -3,10 +3,14 @@ fed by cut channels, and a short fine-tune distilled from the unpruned model (th
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
+
+from ..data.dataset import ImageListDataset, default_workers
+from ..data.transforms import train_transform
+from ..models.card import ModelCard
+from ..training.optim import OptimizerSettings, make_optimizer
 
 # Recovery learning rate. Measured before reconstruction existed (0.3 cut, 2 rounds x 3 epochs):
 # CIFAR-10 subset (1,600 images, 64 px): 1e-3 -> +1.0 pt, 1e-4 -> -16.3 pt;
@@ -169,7 +173,7 @@ def distill_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: tor
     return 0.5 * soft.cross_entropy(logits, labels) + 0.5 * kl * temperature**2
 
 
-def finetune(model: nn.Module, meta: dict[str, Any], samples: list[tuple[str, int]], epochs: int,
+def finetune(model: nn.Module, card: ModelCard, samples: list[tuple[str, int]], epochs: int,
              batch_size: int = 32, lr: float = RECOVERY_LR, teacher: nn.Module | None = None,
              temperature: float = 2.0, augment: str = "standard", log=print) -> nn.Module:
     """Short recovery fine-tune of all layers (AdamW, one-cycle LR, random resized crops).
@@ -177,19 +181,14 @@ def finetune(model: nn.Module, meta: dict[str, Any], samples: list[tuple[str, in
     With a ``teacher`` (the unpruned model) the loss is :func:`distill_loss`; both networks see
     the same augmented batch. The best ``lr`` depends on the data (see :data:`RECOVERY_LR`).
     """
-    from torch.utils.data import DataLoader
-
-    from ..data.dataset import ImageListDataset, default_workers
-    from ..data.transforms import draft_size, train_transform
-
     if epochs <= 0 or not samples:
         return model
-    pre = meta["preprocessing"]
+    pre = card.preprocessing
     workers = default_workers(None)
-    loader = DataLoader(ImageListDataset(samples, train_transform(pre, augment), draft_size(pre)),
+    loader = DataLoader(ImageListDataset(samples, train_transform(pre, augment), pre.draft_size()),
                         batch_size=batch_size, shuffle=True, num_workers=workers, persistent_workers=workers > 0,
                         drop_last=len(samples) > batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    optimizer = make_optimizer(model.parameters(), OptimizerSettings("adamw", lr, weight_decay=0.01))
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=max(1, epochs * len(loader)),
                                                    pct_start=0.1)
     for epoch in range(epochs):

@@ -14,11 +14,10 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from timm.layers import AvgPool2dSame, Conv2dSame
 from timm.layers.padding import get_same_padding
 from timm.layers.pool2d_same import MaxPool2dSame
+from torch import nn
 
 SAME_LAYERS = (Conv2dSame, MaxPool2dSame, AvgPool2dSame)
 
@@ -65,7 +64,7 @@ def static_same_padding(model: nn.Module, example: torch.Tensor) -> nn.Module:
     without such layers are returned unchanged (not copied).
 
     Example:
-        >>> fixed = static_same_padding(model, torch.zeros(1, 3, 224, 224))  # doctest: +SKIP
+        fixed = static_same_padding(model, torch.zeros(1, 3, 224, 224))
     """
     if not any(isinstance(m, SAME_LAYERS) for m in model.modules()):
         return model
@@ -77,7 +76,8 @@ def static_same_padding(model: nn.Module, example: torch.Tensor) -> nn.Module:
             sizes.setdefault(name, tuple(args[0].shape[-2:]))
         return hook
 
-    hooks = [m.register_forward_pre_hook(record(name)) for name, m in model.named_modules() if isinstance(m, SAME_LAYERS)]
+    hooks = [m.register_forward_pre_hook(record(name)) for name, m in model.named_modules()
+             if isinstance(m, SAME_LAYERS)]
     with torch.no_grad():
         model(example)
     for hook in hooks:

@@ -15,26 +15,29 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import DeployWrapper, ExportError, input_shape, temperature_of
+from ..core.errors import ExportError
+from ..models.card import ModelCard
+from .common import DeployWrapper, input_shape
+from .exporter import Format
 from .onnx_export import onnx_metadata
 
 EXTRA_FILE = "visiontune.json"
 
 
-def export_torchscript(model: nn.Module, meta: dict[str, Any], out: str | Path, **_: Any) -> Path:
+def export_torchscript(model: nn.Module, card: ModelCard, out: str | Path, **_: Any) -> Path:
     """Trace ``model`` (wrapped with softmax + temperature) and save it to ``out`` (``.pt``).
 
     Extra keyword arguments (``opset``, ``dynamic_batch``) are accepted and ignored: a traced
     convolutional network already accepts any batch size.
 
     Example:
-        >>> export_torchscript(model, meta, "model.pt")  # doctest: +SKIP
-        >>> torch.jit.load("model.pt")(x)[1].sum(1)  # probabilities  # doctest: +SKIP
+        export_torchscript(model, card, "model.pt")
+        torch.jit.load("model.pt")(x)[1].sum(1)  # probabilities
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = DeployWrapper(model.eval().float().cpu(), temperature_of(meta)).eval()
-    example = torch.zeros(2, *input_shape(meta))
+    wrapper = DeployWrapper(model.eval().float().cpu(), card.temperature).eval()
+    example = torch.zeros(2, *input_shape(card))
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # jit deprecation: still the portable format here
@@ -43,7 +46,7 @@ def export_torchscript(model: nn.Module, meta: dict[str, Any], out: str | Path, 
         raise ExportError(f"TorchScript trace failed: {type(exc).__name__}: {exc}") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.save(traced, str(out), _extra_files={EXTRA_FILE: json.dumps(onnx_metadata(meta))})
+        torch.jit.save(traced, str(out), _extra_files={EXTRA_FILE: json.dumps(onnx_metadata(card))})
     return out
 
 
@@ -63,3 +66,6 @@ def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str
 def torchscript_logits(path: str | Path, batch: torch.Tensor, chunk: int = 32):
     module, _ = load_torchscript(path)
     return torch.cat([module(batch[i:i + chunk])[0] for i in range(0, len(batch), chunk)]).numpy()
+
+
+FORMAT = Format(export_torchscript, lambda path, card, batch: torchscript_logits(path, batch), "model.pt")

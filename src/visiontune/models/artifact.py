@@ -1,7 +1,9 @@
 """Self-describing, pickle-free model artifacts: ``model.safetensors`` + ``model.json``.
 
-``model.json`` holds everything needed to use the weights: architecture, class names,
-preprocessing, metrics and package versions. Loading reads only these two files.
+``model.json`` is the :class:`~visiontune.models.card.ModelCard`. Loading reads only these two
+files: the card is validated, the classifier's size is checked against the weights' header
+before the network is built, the architecture is rebuilt from the card (shrunk to its recorded
+layer shapes when it was pruned), and the weights load strictly.
 """
 
 from __future__ import annotations
@@ -10,25 +12,25 @@ import json
 import os
 import platform
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..core.errors import ArtifactError
+from ..core.layout import MODEL_DIR
+from .card import FORMAT, ModelCard
 from .factory import rebuild
+from .shapes import apply_shapes
 
-FORMAT = "visiontune-model"
-FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
-
-
-class ArtifactError(ValueError):
-    """The path is not a usable visiontune model; the message says what is expected."""
+MAX_CARD_BYTES = 16 * 2**20
 
 
 def package_versions() -> dict[str, str]:
@@ -42,70 +44,117 @@ def package_versions() -> dict[str, str]:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file in the same folder and a rename."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
-def save_model(directory: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
-    """Write ``model.safetensors`` and ``model.json`` atomically into ``directory``."""
+def write_card(directory: str | os.PathLike, card: ModelCard) -> Path:
+    """(Re)write ``model.json`` atomically; the weights are untouched."""
+    path = Path(directory) / META_FILE
+    atomic_write_text(path, json.dumps(card.to_dict(), indent=2) + "\n")
+    return path
+
+
+def save_model(directory: str | os.PathLike, model: nn.Module, card: ModelCard) -> Path:
+    """Write ``model.safetensors`` and ``model.json`` atomically into ``directory``.
+
+    ``created`` and ``versions`` are stamped here.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
              for k, v in model.state_dict().items()}
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".model.", suffix=".safetensors")
     os.close(fd)
-    save_file(state, tmp, metadata={"format": FORMAT})
-    os.replace(tmp, directory / WEIGHTS_FILE)
-    full = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **meta,
-        "versions": package_versions(),
-    }
-    atomic_write_text(directory / META_FILE, json.dumps(full, indent=2) + "\n")
+    try:
+        save_file(state, tmp, metadata={"format": FORMAT})
+        os.replace(tmp, directory / WEIGHTS_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    stamped = card.replace(created=datetime.now(UTC).isoformat(timespec="seconds"),
+                           versions=package_versions())
+    write_card(directory, stamped)
     return directory
 
 
-def resolve_model_dir(path: str | Path) -> Path:
+def resolve_model_dir(path: str | os.PathLike) -> Path:
     """Accept a run dir, a ``model/`` dir or a ``model.json`` path; return the model dir."""
     path = Path(path)
     if path.is_file() and path.name in (META_FILE, WEIGHTS_FILE):
         path = path.parent
-    for candidate in (path, path / "model"):
+    for candidate in (path, path / MODEL_DIR):
         if (candidate / META_FILE).is_file() and (candidate / WEIGHTS_FILE).is_file():
             return candidate
     raise ArtifactError(
-        f"no visiontune model at {path}: expected {META_FILE} + {WEIGHTS_FILE} in it or in {path}/model "
+        f"no visiontune model at {path}: expected {META_FILE} + {WEIGHTS_FILE} in it or in {path}/{MODEL_DIR} "
         "(a run dir from `visiontune train`)."
     )
 
 
-def read_meta(model_dir: Path) -> dict[str, Any]:
+def read_json(path: Path) -> Any:
+    """Parse a small JSON file that visiontune may not have written (size-bounded)."""
     try:
-        meta = json.loads((model_dir / META_FILE).read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{model_dir / META_FILE} is not valid JSON: {exc}") from None
-    if meta.get("format") != FORMAT:
-        raise ArtifactError(f"{model_dir / META_FILE} is not a visiontune model description")
-    for key in ("architecture", "class_names", "preprocessing"):
-        if key not in meta:
-            raise ArtifactError(f"{model_dir / META_FILE} lacks {key!r}")
-    return meta
+        if path.stat().st_size > MAX_CARD_BYTES:
+            raise ArtifactError(f"{path} is larger than {MAX_CARD_BYTES // 2**20} MiB; not a model description")
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
 
 
-def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the network from ``model.json`` and load ``model.safetensors`` (strict)."""
-    model_dir = resolve_model_dir(path)
-    meta = read_meta(model_dir)
-    model = rebuild(meta["architecture"])
+def read_card(model_dir: str | os.PathLike) -> ModelCard:
+    """The validated card of a model dir (``model_dir`` set)."""
+    model_dir = Path(model_dir)
+    card = ModelCard.from_dict(read_json(model_dir / META_FILE), str(model_dir / META_FILE))
+    card.model_dir = model_dir
+    return card
+
+
+def _check_classifier_rows(weights: Path, card: ModelCard) -> None:
+    """The classifier in the weights must have as many rows as the card has classes (read from
+    the safetensors header alone, before anything the card sizes is allocated)."""
+    key = f"{card.architecture.classifier}.weight"
     try:
-        state = load_file(str(model_dir / WEIGHTS_FILE), device="cpu")
+        with safe_open(str(weights), framework="pt") as fh:
+            rows = fh.get_slice(key).get_shape()[0] if key in fh.keys() else None
     except Exception as exc:
-        raise ArtifactError(f"{model_dir / WEIGHTS_FILE} is not a valid safetensors file: {exc}") from None
-    model.load_state_dict(state, strict=True)
-    model.eval()
-    meta["model_dir"] = str(model_dir)
-    return model, meta
+        raise ArtifactError(f"{weights} is not a valid safetensors file: {exc}") from None
+    if rows is None:
+        raise ArtifactError(f"{weights} has no {key!r} for the classifier named in {META_FILE}")
+    if rows != card.num_classes:
+        raise ArtifactError(f"{weights} has a {rows}-class classifier but {META_FILE} names "
+                            f"{card.num_classes} classes; the two files do not belong together")
+
+
+def load_model(path: str | os.PathLike) -> tuple[nn.Module, ModelCard]:
+    """Rebuild the network from ``model.json`` and load ``model.safetensors`` (strict).
+
+    Example:
+        model, card = load_model("runs/train-1")
+        card.class_names
+        # -> ['ants', 'bees']
+    """
+    model_dir = resolve_model_dir(path)
+    card = read_card(model_dir)
+    weights = model_dir / WEIGHTS_FILE
+    _check_classifier_rows(weights, card)
+    model = rebuild(card.architecture)
+    try:
+        state = load_file(str(weights), device="cpu")
+    except Exception as exc:
+        raise ArtifactError(f"{weights} is not a valid safetensors file: {exc}") from None
+    if card.pruned is not None:
+        apply_shapes(model, card.pruned.get("shapes"), state)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ArtifactError(f"{weights} does not fit the architecture in {META_FILE} ({first[:300]})") from None
+    return model.eval(), card

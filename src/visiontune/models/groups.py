@@ -30,7 +30,7 @@ def body_groups(model: nn.Module, head: str) -> list[list[str]]:
 
 
 def _timm_groups(model: nn.Module) -> list[list[str]]:
-    from timm.models import group_parameters
+    from timm.models import group_parameters  # lazy: only training needs layer groups
 
     grouped = group_parameters(model, model.group_matcher(coarse=True))
     return [list(names) for _, names in sorted(grouped.items(), key=lambda kv: kv[0])]

@@ -11,16 +11,18 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, Query, Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from ..data.transforms import draft_size
+from ..inference.classifier import Classifier
+from ..inference.rows import probabilities, row_from_probabilities
 from .batcher import Batcher, QueueFull, lower_thread_priority
 from .security import AdmissionMiddleware, BodyLimitMiddleware, RequestError, check_api_key, decode_upload
 from .settings import ServeSettings
 
 STATIC = Path(__file__).parent / "static"
-UNKNOWN = "unknown"
+RESPONSE_KEYS = ("label", "probability", "top_k", "calibrated")  # of a prediction row
 RAW_TYPES = ("application/octet-stream",)
 _PREDICT_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "properties": {
@@ -28,13 +30,6 @@ _PREDICT_BODY = {"requestBody": {"required": True, "content": {
         "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
     "image/*": {"schema": {"type": "string", "format": "binary"}},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
-
-
-def load_classifier(model_path: str | os.PathLike, precision: str = "auto") -> Any:
-    """Run dir, model dir, pruned model dir or exported ``.onnx`` -> classifier."""
-    from ..export.onnx_runtime import load_any
-
-    return load_any(model_path, precision)
 
 
 class _State:
@@ -51,23 +46,19 @@ class _State:
 
 
 def _model_info(clf: Any) -> dict[str, Any]:
-    meta = dict(getattr(clf, "meta", {}) or {})
-    arch = meta.get("architecture")
-    name = arch.get("name", "") if isinstance(arch, dict) else str(arch or "")
-    pre = dict(clf.preprocessing)
-    return {"name": name, "classes": list(clf.class_names), "num_classes": len(clf.class_names),
-            "input_size": pre.get("input_size"), "preprocessing": pre, "metrics": meta.get("metrics", {}),
-            "calibrated": bool(getattr(clf, "calibrated", False)), "created": meta.get("created", "")}
+    card = clf.card
+    pre = card.preprocessing.to_dict()
+    return {"name": card.architecture.name if card.architecture else "", "classes": list(clf.class_names),
+            "num_classes": len(clf.class_names), "input_size": pre["input_size"], "preprocessing": pre,
+            "metrics": card.metrics, "calibrated": card.calibrated, "created": card.created}
 
 
 def _local_docs(app: FastAPI) -> str:
     """Serve Swagger UI from the ``swagger-ui-bundle`` package when installed (else FastAPI's CDN)."""
     try:
-        from swagger_ui_bundle import swagger_ui_path
+        from swagger_ui_bundle import swagger_ui_path  # optional: a missing package means the CDN
     except ImportError:
         return "cdn"
-    from fastapi.openapi.docs import get_swagger_ui_html
-
     app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
 
     @app.get("/docs", include_in_schema=False)
@@ -86,8 +77,8 @@ def create_app(model: str | os.PathLike | Any, settings: ServeSettings | None = 
     ``/v1/predict`` answer 503 until then.
 
     Example:
-        >>> import uvicorn                                                   # doctest: +SKIP
-        >>> uvicorn.run(create_app("runs/train-1", ServeSettings()), port=8000)  # doctest: +SKIP
+        import uvicorn
+        uvicorn.run(create_app("runs/train-1", ServeSettings()), port=8000)
     """
     settings = settings or ServeSettings()
     state = _State(settings)
@@ -96,11 +87,11 @@ def create_app(model: str | os.PathLike | Any, settings: ServeSettings | None = 
         try:
             loop = asyncio.get_running_loop()
             clf = model if hasattr(model, "logits") else await loop.run_in_executor(
-                None, load_classifier, model, settings.precision)
+                None, Classifier.load, model, settings.precision)
             batcher = Batcher(clf.logits, settings.max_batch, settings.max_wait_ms, settings.max_queue,
                               settings.niceness)
             if settings.warmup:
-                size = [int(s) for s in clf.preprocessing["input_size"]]
+                size = list(clf.preprocessing.input_size)
                 await batcher.warmup(torch.zeros([min(2, settings.max_batch), *size]))
             await batcher.start()
             state.clf, state.batcher, state.ready = clf, batcher, True
@@ -121,8 +112,6 @@ def create_app(model: str | os.PathLike | Any, settings: ServeSettings | None = 
     app.state.vt = state
     app.state.docs = _local_docs(app)
     if app.state.docs == "cdn":
-        from fastapi.openapi.docs import get_swagger_ui_html
-
         app.get("/docs", include_in_schema=False)(lambda: get_swagger_ui_html(openapi_url="/openapi.json",
                                                                                title="visiontune API"))
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
@@ -168,7 +157,7 @@ def create_app(model: str | os.PathLike | Any, settings: ServeSettings | None = 
         if state.pending + len(blobs) > settings.max_queue:
             raise RequestError(503, "overloaded", "server busy: request queue full", {"Retry-After": "1"})
         loop = asyncio.get_running_loop()
-        draft = draft_size(clf.preprocessing)
+        draft = clf.preprocessing.draft_size()
         state.pending += len(blobs)
         try:
             async with asyncio.timeout(settings.timeout_s):
@@ -187,15 +176,10 @@ def create_app(model: str | os.PathLike | Any, settings: ServeSettings | None = 
 
 
 def _row(clf: Any, logits: torch.Tensor, top_k: int, reject_below: float | None) -> dict[str, Any]:
-    """Same numbers as ``Classifier.predict``: softmax(logits / temperature), top-k."""
-    probs = torch.softmax(logits.float() / float(getattr(clf, "temperature", 1.0)), dim=0)
-    values, idx = probs.topk(max(1, min(top_k, len(clf.class_names))))
-    top = [{"label": clf.class_names[i], "probability": float(v)} for v, i in zip(values.tolist(), idx.tolist())]
-    label = top[0]["label"]
-    if reject_below is not None and top[0]["probability"] < reject_below:
-        label = UNKNOWN
-    return {"label": label, "probability": top[0]["probability"], "top_k": top,
-            "calibrated": bool(getattr(clf, "calibrated", False))}
+    """The prediction row ``Classifier.predict`` gives for the same logits (without path/error)."""
+    row = row_from_probabilities(probabilities(logits, clf.temperature), clf.class_names, top_k, reject_below,
+                                 clf.calibrated)
+    return {k: row[k] for k in RESPONSE_KEYS}
 
 
 async def _read_images(request: Request) -> list[bytes]:

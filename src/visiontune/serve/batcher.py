@@ -12,9 +12,9 @@ import asyncio
 import os
 import sys
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -28,7 +28,7 @@ def lower_thread_priority(niceness: int) -> None:
     region; elsewhere this does nothing.
 
     Example:
-        >>> ThreadPoolExecutor(1, initializer=lower_thread_priority, initargs=(10,))  # doctest: +SKIP
+        ThreadPoolExecutor(1, initializer=lower_thread_priority, initargs=(10,))
     """
     if niceness <= 0 or not sys.platform.startswith("linux"):
         return
@@ -57,9 +57,9 @@ class Batcher:
     """Group single-image tensors into batches for ``infer`` (NCHW float -> logits).
 
     Example:
-        >>> batcher = Batcher(clf.logits, max_batch=16, max_wait_ms=10, max_queue=64)  # doctest: +SKIP
-        >>> await batcher.start()                                                      # doctest: +SKIP
-        >>> logits = await batcher.submit([tensor])                                    # doctest: +SKIP
+        batcher = Batcher(clf.logits, max_batch=16, max_wait_ms=10, max_queue=64)
+        await batcher.start()
+        logits = await batcher.submit([tensor])
     """
 
     def __init__(self, infer: Callable[[torch.Tensor], torch.Tensor], max_batch: int = 16,
@@ -124,7 +124,7 @@ class Batcher:
                     break
                 try:
                     item = await asyncio.wait_for(self.queue.get(), remaining)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             if item is None:  # stop sentinel: put it back for the main loop, after this batch
                 self.queue.put_nowait(None)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+API_KEY_ENV = "VISIONTUNE_API_KEY"
+
 
 @dataclass
 class ServeSettings:

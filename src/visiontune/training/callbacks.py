@@ -1,27 +1,15 @@
-"""Callbacks: layer freezing schedules, per-epoch metrics rows, and the best-model artifact."""
+"""Lightning callbacks: the layer-freezing policy, per-epoch metrics rows, the best-model artifact."""
 
 from __future__ import annotations
 
-import csv
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from lightning.pytorch.callbacks import BaseFinetuning, Callback
 from torch import nn
 
-from ..hardware import is_rank_zero
-
-METRIC_COLUMNS = [
-    "epoch",
-    "train_loss",
-    "train_accuracy",
-    "val_loss",
-    "val_accuracy",
-    "lr",
-    "epoch_seconds",
-    "train_images_per_second",
-]
+from .metrics import EpochRow, MetricsLog
 
 
 class FreezeSchedule(BaseFinetuning):
@@ -59,38 +47,16 @@ class FreezeSchedule(BaseFinetuning):
         self._last = n
 
 
-def start_metrics_file(path: Path, keep_through_epoch: int = 0) -> None:
-    """(Re)write the header, keeping only rows of epochs <= ``keep_through_epoch`` (rank 0 only)."""
-    if not is_rank_zero():
-        return
-    rows = read_metrics(path) if path.exists() else []
-    keep = [r for r in rows if int(r["epoch"]) <= keep_through_epoch]
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS)
-        writer.writeheader()
-        writer.writerows(keep)
-
-
-def append_metrics_row(path: Path, row: dict) -> None:
-    if not is_rank_zero():
-        return
-    with open(path, "a", newline="") as fh:
-        csv.DictWriter(fh, fieldnames=METRIC_COLUMNS).writerow(row)
-
-
 class MetricsRecorder(Callback):
-    """Writes one ``metrics.csv`` row and one console line per epoch (after validation).
+    """One :class:`~visiontune.training.metrics.EpochRow` per epoch (after validation).
 
     ``epoch_offset`` numbers Lightning's epochs after epochs already run elsewhere (the frozen
-    warm-up on cached features). On resume, rows of epochs that will run again are dropped, so
-    each epoch appears once.
+    warm-up on cached features). On resume, rows of epochs that will run again are dropped.
     """
 
     def __init__(self, path: Path, total_epochs: int, epoch_offset: int = 0, echo: bool = True):
-        self.path = Path(path)
-        self.total_epochs = total_epochs
+        self.metrics_log = MetricsLog(path, total_epochs, echo)
         self.epoch_offset = epoch_offset
-        self.echo = echo
         self._start = 0.0
         self._images = 0
         self._train_end: float | None = None
@@ -99,7 +65,7 @@ class MetricsRecorder(Callback):
         # Runs after a resume has restored the loop state; a mid-epoch resume gets no epoch start.
         self._start, self._images, self._train_end = time.perf_counter(), 0, None
         if trainer.global_rank == 0:
-            start_metrics_file(self.path, self.epoch_offset + trainer.current_epoch)
+            self.metrics_log.start(self.epoch_offset + trainer.current_epoch)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._start = time.perf_counter()
@@ -119,40 +85,20 @@ class MetricsRecorder(Callback):
         now = time.perf_counter()
         train_seconds = (self._train_end or now) - self._start
         m = trainer.callback_metrics
-        row = {
-            "epoch": self.epoch_offset + trainer.current_epoch + 1,
-            "train_loss": _fmt(m.get("train_loss_epoch", m.get("train_loss"))),
-            "train_accuracy": _fmt(m.get("train_accuracy")),
-            "val_loss": _fmt(m.get("val_loss")),
-            "val_accuracy": _fmt(m.get("val_accuracy")),
-            "lr": f"{trainer.optimizers[0].param_groups[0]['lr']:.3g}",
-            "epoch_seconds": f"{now - self._start:.2f}",
-            "train_images_per_second": f"{self._images * trainer.world_size / max(train_seconds, 1e-9):.1f}",
-        }
-        append_metrics_row(self.path, row)
-        if self.echo:
-            print(format_row(row, self.total_epochs), flush=True)
 
+        def value(key: str) -> float | None:
+            return None if m.get(key) is None else float(m[key])
 
-def format_row(row: dict, total_epochs: int) -> str:
-    return (
-        f"epoch {row['epoch']}/{total_epochs}  train_loss {row['train_loss']}  "
-        f"train_acc {row['train_accuracy']}  val_loss {row['val_loss']}  val_acc {row['val_accuracy']}  "
-        f"lr {row['lr']}  {row['epoch_seconds']}s  {row['train_images_per_second']} img/s"
-    )
-
-
-def _fmt(value) -> str:
-    return "" if value is None else f"{float(value):.4f}"
-
-
-def read_metrics(path: Path) -> list[dict]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+        self.metrics_log.append(EpochRow(
+            epoch=self.epoch_offset + trainer.current_epoch + 1,
+            train_loss=value("train_loss_epoch") if "train_loss_epoch" in m else value("train_loss"),
+            train_accuracy=value("train_accuracy"), val_loss=value("val_loss"), val_accuracy=value("val_accuracy"),
+            lr=trainer.optimizers[0].param_groups[0]["lr"], epoch_seconds=now - self._start,
+            images_per_second=self._images * trainer.world_size / max(train_seconds, 1e-9)))
 
 
 class BestModelSaver(Callback):
-    """Saves ``model/`` (safetensors + json) whenever validation accuracy improves."""
+    """Saves ``model/`` (safetensors + json) whenever the monitored validation metric improves."""
 
     def __init__(self, save: Callable[[nn.Module, dict], None], monitor: str = "val_accuracy",
                  best: float | None = None, epoch_offset: int = 0):
@@ -181,4 +127,3 @@ class BestModelSaver(Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.best = state_dict.get("best")
         self.best_epoch = state_dict.get("best_epoch")
-

@@ -63,6 +63,18 @@ def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
     return stale
 
 
+def newest_valid_checkpoint(folder: Path) -> Path | None:
+    """The most recent checkpoint that loads (weights only); a truncated newest one is skipped."""
+    candidates = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
+    for path in candidates:
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return path
+        except Exception as exc:  # truncated or corrupt: fall back to the previous one
+            print(f"skipping unreadable checkpoint {path.name}: {type(exc).__name__}")
+    return None
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint IO that never leaves a torn ``*.ckpt`` (see module docstring)."""
 

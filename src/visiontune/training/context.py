@@ -1,4 +1,8 @@
-"""Everything a strategy needs to train one run, in one object."""
+"""Everything a strategy needs to train one run, resolved once, in one object.
+
+The user's :class:`~visiontune.training.config.TrainConfig` is never modified: what setup
+resolves (run dir, precision, input size, the batch size the tuner found) lives here.
+"""
 
 from __future__ import annotations
 
@@ -9,53 +13,71 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import TrainConfig
+from ..core.hardware import is_rank_zero
+from ..core.layout import RunLayout
+from ..data.preprocess import Preprocessing
 from ..data.scan import Splits
-from ..hardware import is_rank_zero
+from ..inference.features import FeatureExtractor
 from ..models.artifact import save_model
+from ..models.card import ModelCard
 from ..models.factory import Architecture
+from .config import TrainConfig
+from .optim import OptimizerSettings, ScheduleSettings
 
 
 @dataclass
 class TrainContext:
     cfg: TrainConfig
-    run_dir: Path
+    layout: RunLayout
     model: nn.Module
     arch: Architecture
-    preprocessing: dict[str, Any]
+    preprocessing: Preprocessing
     splits: Splits
     precision: str
     resume_ckpt: Path | None = None
-    extra_meta: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 32
+    extra_training: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.layout.root
 
     @property
     def model_dir(self) -> Path:
-        return self.run_dir / "model"
+        return self.layout.model_dir
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
+        return self.layout.checkpoints
 
-    def model_meta(self, metrics: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "architecture": self.arch.to_dict(),
-            "class_names": list(self.splits.class_names),
-            "preprocessing": dict(self.preprocessing),
-            "metrics": metrics,
-            "training": {
-                "strategy": self.cfg.strategy,
-                "head": self.cfg.head,
-                "epochs": self.cfg.epochs,
-                "data": self.cfg.data,
-                "val": self.cfg.val,
-                "val_fraction": self.cfg.val_fraction,
-                "num_train": len(self.splits.train),
-                "num_val": len(self.splits.val),
-                "seed": self.cfg.seed,
-                "precision": self.precision,
-                **self.extra_meta,
-            },
-        }
+    @property
+    def classifier(self) -> nn.Module:
+        return self.model.get_submodule(self.arch.classifier)
+
+    def optimizer_settings(self) -> OptimizerSettings:
+        o = self.cfg.optim
+        return OptimizerSettings(o.optimizer, o.lr, o.weight_decay, o.momentum)
+
+    def schedule_settings(self) -> ScheduleSettings:
+        o = self.cfg.optim
+        return ScheduleSettings(o.schedule, o.warmup_epochs, o.step_size, o.epochs)
+
+    def feature_extractor(self) -> FeatureExtractor:
+        """Frozen-body features of this run's model (the on-disk cache is shared across runs)."""
+        return FeatureExtractor(self.model, self.arch.classifier, self.arch.name, self.preprocessing, self.precision,
+                                self.cfg.runtime.cache_dir, batch_size=self.batch_size * 2,
+                                workers=self.cfg.data.workers, seed=self.cfg.runtime.seed)
+
+    def card(self, metrics: dict[str, Any]) -> ModelCard:
+        """The model card of this run's model with ``metrics``."""
+        c = self.cfg
+        return ModelCard(
+            class_names=list(self.splits.class_names), preprocessing=self.preprocessing, architecture=self.arch,
+            metrics=metrics,
+            training={"strategy": c.strategy.name, "head": c.strategy.head, "epochs": c.optim.epochs,
+                      "data": c.data.path, "val": c.data.val, "val_fraction": c.data.val_fraction,
+                      "num_train": len(self.splits.train), "num_val": len(self.splits.val), "seed": c.runtime.seed,
+                      "precision": self.precision, **self.extra_training})
 
     def class_counts(self) -> torch.Tensor:
         labels = torch.tensor([label for _, label in self.splits.train], dtype=torch.long)
@@ -63,19 +85,18 @@ class TrainContext:
 
     def class_weights(self) -> torch.Tensor | None:
         """Loss weights n / (k * n_c) for ``balance=weights`` (each class weighs the same in total)."""
-        if self.cfg.balance != "weights":
+        if self.cfg.data.balance != "weights":
             return None
         counts = self.class_counts()
         return counts.sum() / (len(counts) * counts.clamp(min=1))
 
     def sample_weights(self) -> torch.Tensor | None:
         """Per-sample draw weights 1 / n_c for ``balance=sampler`` (balanced batches on average)."""
-        if self.cfg.balance != "sampler":
+        if self.cfg.data.balance != "sampler":
             return None
         counts = self.class_counts()
         return torch.tensor([1.0 / counts[label].item() for _, label in self.splits.train], dtype=torch.double)
 
     def save_best(self, model: nn.Module, metrics: dict[str, Any]) -> None:
-        if not is_rank_zero():
-            return
-        save_model(self.model_dir, model, self.model_meta(metrics))
+        if is_rank_zero():
+            save_model(self.model_dir, model, self.card(metrics))

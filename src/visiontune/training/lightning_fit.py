@@ -5,26 +5,24 @@ from __future__ import annotations
 import math
 import sys
 import warnings
+from dataclasses import replace
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
+from ..core.errors import TrainingInterrupted
 from ..data.dataset import ImageListDataset, default_workers, make_loader
 from ..data.sampling import EpochSampler
-from ..data.transforms import draft_size, eval_transform, train_transform
-from .checkpoint_io import AtomicCheckpointIO
+from ..data.transforms import eval_transform, train_transform
 from .callbacks import BestModelSaver, FreezeSchedule, MetricsRecorder
+from .checkpoint_io import AtomicCheckpointIO
 from .context import TrainContext
 from .module import ClassifierModule
-
-class TrainingInterrupted(RuntimeError):
-    """Training stopped on a signal after saving a checkpoint; the message says how to resume."""
-
+from .registry import LOGGERS
 
 LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
 
@@ -35,15 +33,15 @@ class ImageDataModule(L.LightningDataModule):
     def __init__(self, ctx: TrainContext):
         super().__init__()
         cfg, pre = ctx.cfg, ctx.preprocessing
-        self.batch_size = cfg.batch_size
-        self.seed = cfg.seed
-        self.workers = default_workers(cfg.workers)
-        draft = draft_size(pre)
-        self.train_set = ImageListDataset(ctx.splits.train, train_transform(pre, cfg.augment), draft, cfg.seed)
+        self.batch_size = ctx.batch_size
+        self.seed = cfg.runtime.seed
+        self.workers = default_workers(cfg.data.workers)
+        draft = pre.draft_size()
+        self.train_set = ImageListDataset(ctx.splits.train, train_transform(pre, cfg.data.augment), draft, self.seed)
         self.val_set = ImageListDataset(ctx.splits.val, eval_transform(pre), draft)
         self.sample_weights = ctx.sample_weights()
-        if cfg.cache_images:
-            side = draft_size({**pre, "jpeg_draft": True})
+        if cfg.data.cache_images:
+            side = replace(pre, jpeg_draft=True).draft_size()  # what the resize step needs
             held = self.train_set.preload(side) + self.val_set.preload(side)
             print(f"cache-images: {len(self.train_set) + len(self.val_set)} images pre-resized to {side} px "
                   f"in memory ({held / 2**20:.0f} MiB)")
@@ -58,7 +56,8 @@ class ImageDataModule(L.LightningDataModule):
         # every sample once per epoch across ranks (padded to equal shards)
         trainer = getattr(self, "trainer", None)
         # the epoch Lightning itself passes to set_epoch (restored from the checkpoint on resume)
-        epoch_fn = (lambda: trainer.fit_loop.epoch_progress.current.processed) if isinstance(trainer, L.Trainer) else None
+        epoch_fn = ((lambda: trainer.fit_loop.epoch_progress.current.processed) if isinstance(trainer, L.Trainer)
+                    else None)
         sampler = EpochSampler(len(self.train_set), self.seed, rank, world, self.sample_weights, epoch_fn=epoch_fn)
         return make_loader(self.train_set, self.batch_size, self.workers, self.seed, sampler=sampler)
 
@@ -96,37 +95,34 @@ def checkpoint_callbacks(ctx: TrainContext) -> list:
                         auto_insert_metric_name=False, **newest_two),
         InterruptCheckpoint(ctx.checkpoint_dir / "interrupted.ckpt"),
     ]
-    if ctx.cfg.checkpoint_every_steps:
+    if ctx.cfg.runtime.checkpoint_every_steps:
         callbacks.append(ModelCheckpoint(dirpath=ctx.checkpoint_dir, filename="step{step:07d}",
-                                         every_n_train_steps=ctx.cfg.checkpoint_every_steps,
+                                         every_n_train_steps=ctx.cfg.runtime.checkpoint_every_steps,
                                          auto_insert_metric_name=False, **newest_two))
     return callbacks
 
 
 def make_trainer(ctx: TrainContext, callbacks: list, max_epochs: int) -> L.Trainer:
-    cfg = ctx.cfg
-    logger = (
-        TensorBoardLogger(ctx.run_dir, name="logs", version="")
-        if cfg.logger == "tensorboard"
-        else CSVLogger(ctx.run_dir, name="logs", version="")
-    )
+    rt, optim = ctx.cfg.runtime, ctx.cfg.optim
+    logger = LOGGERS.get(rt.logger)(ctx.run_dir, name=ctx.layout.logs.name, version="")
     callbacks = [c for c in callbacks if c is not None] + checkpoint_callbacks(ctx)
-    if cfg.early_stopping:
-        callbacks.append(EarlyStopping(monitor=f"val_{cfg.select_metric}", mode="max", patience=cfg.early_stopping))
-    progress = sys.stderr.isatty() if cfg.progress is None else cfg.progress
+    if optim.early_stopping:
+        callbacks.append(EarlyStopping(monitor=f"val_{optim.select_metric}", mode="max",
+                                       patience=optim.early_stopping))
+    progress = sys.stderr.isatty() if rt.progress is None else rt.progress
     if progress:
         callbacks.append(TQDMProgressBar(leave=False))
     kwargs = {}
-    if cfg.limit_train_batches is not None:
-        kwargs["limit_train_batches"] = cfg.limit_train_batches
-    if cfg.limit_val_batches is not None:
-        kwargs["limit_val_batches"] = cfg.limit_val_batches
+    if rt.limit_train_batches is not None:
+        kwargs["limit_train_batches"] = rt.limit_train_batches
+    if rt.limit_val_batches is not None:
+        kwargs["limit_val_batches"] = rt.limit_val_batches
     return L.Trainer(
         max_epochs=max_epochs,
         accelerator="auto",
-        devices=cfg.devices,
-        num_nodes=cfg.num_nodes,
-        strategy=cfg.strategy_dist,
+        devices=rt.devices,
+        num_nodes=rt.num_nodes,
+        strategy=rt.distributed,
         use_distributed_sampler=False,  # ImageDataModule shards: train padded, val exactly once
         precision=LIGHTNING_PRECISION[ctx.precision],
         logger=logger,
@@ -157,17 +153,18 @@ def fit_lightning(
     """
     # Re-seed: the frozen warm-up consumes random numbers only on a feature-cache miss, and the
     # same seed must give the same run whether the cache was warm or cold.
-    L.seed_everything(ctx.cfg.seed, workers=True, verbose=False)
+    L.seed_everything(ctx.cfg.runtime.seed, workers=True, verbose=False)
     model = ctx.model
-    module = ClassifierModule(model, ctx.arch.head, ctx.cfg, body_groups, body_lrs, ctx.class_weights())
+    module = make_module(ctx, body_groups, body_lrs)
     model.to(memory_format=torch.channels_last)
     module.train()  # Lightning keeps the current mode; feature extraction may have left eval
-    saver = BestModelSaver(lambda m, metrics: ctx.save_best(m, metrics), f"val_{ctx.cfg.select_metric}", best,
+    epochs = ctx.cfg.optim.epochs
+    saver = BestModelSaver(lambda m, metrics: ctx.save_best(m, metrics), f"val_{ctx.cfg.optim.select_metric}", best,
                            epoch_offset)
-    recorder = MetricsRecorder(ctx.run_dir / "metrics.csv", ctx.cfg.epochs, epoch_offset)
-    trainer = make_trainer(ctx, [freeze, recorder, saver], ctx.cfg.epochs - epoch_offset)
+    recorder = MetricsRecorder(ctx.layout.metrics_csv, epochs, epoch_offset)
+    trainer = make_trainer(ctx, [freeze, recorder, saver], epochs - epoch_offset)
     data = ImageDataModule(ctx)
-    if ctx.cfg.auto_batch_size and not ctx.resume_ckpt:
+    if ctx.cfg.optim.auto_batch_size and not ctx.resume_ckpt:
         tune_batch_size(ctx, module, data)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -185,21 +182,32 @@ def fit_lightning(
                 f"visiontune train --resume {ctx.run_dir}") from exc
 
 
+def make_module(ctx: TrainContext, body_groups: list[list[str]], body_lrs: list[float]) -> ClassifierModule:
+    """The LightningModule for ``ctx``, given the few hyperparameters it uses."""
+    cfg = ctx.cfg
+    return ClassifierModule(ctx.model, ctx.arch.classifier, body_groups, body_lrs, ctx.optimizer_settings(),
+                            ctx.schedule_settings(), cfg.optim.label_smoothing, ctx.class_weights(),
+                            freeze_bn_stats=cfg.strategy.bn_stats == "frozen", compile=cfg.runtime.compile)
+
+
 def tune_batch_size(ctx: TrainContext, module: ClassifierModule, data: ImageDataModule) -> int:
     """Largest batch size that fits (Lightning's tuner, doubling until out of memory).
 
     Capped at a quarter of the training set, so a CPU, which rarely runs out of memory, still
-    takes several optimizer steps per epoch. The result is written back to the config.
+    takes several optimizer steps per epoch. The result is kept in the context (and written to
+    ``config.yaml`` so that ``--resume`` continues with it).
     """
-    from lightning.pytorch.tuner import Tuner
+    from lightning.pytorch.tuner import Tuner  # lazy: only --auto-batch-size uses the tuner
 
-    cap = max(ctx.cfg.batch_size, len(ctx.splits.train) // 4)
-    trials = max(0, int(math.log2(cap / ctx.cfg.batch_size)))
+    start = ctx.cfg.optim.batch_size
+    cap = max(start, len(ctx.splits.train) // 4)
+    trials = max(0, int(math.log2(cap / start)))
     scratch = L.Trainer(accelerator="auto", devices=1, precision=LIGHTNING_PRECISION[ctx.precision], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=ctx.run_dir / "tuner")
     if trials:
         Tuner(scratch).scale_batch_size(module, datamodule=data, mode="power", max_trials=trials, steps_per_trial=2)
-    ctx.cfg.batch_size = data.batch_size
+    ctx.batch_size = data.batch_size
+    ctx.cfg.replace(run_dir=str(ctx.run_dir), batch_size=data.batch_size).save(ctx.layout.config)
     print(f"auto batch size: {data.batch_size}")
     return data.batch_size

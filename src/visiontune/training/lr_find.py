@@ -7,26 +7,28 @@ from pathlib import Path
 
 import lightning as L
 
-from ..config import TrainConfig
 from ..models.groups import body_groups
-from .lightning_fit import LIGHTNING_PRECISION, ImageDataModule
-from .module import ClassifierModule
-from .runner import setup_run
+from .config import TrainConfig
+from .lightning_fit import LIGHTNING_PRECISION, ImageDataModule, make_module
+from .setup import setup_run
+
+# The sweep's starting body LR relative to the head's (the sweep moves every group together).
+SWEEP_BODY_LR = 1e-3
 
 
 def lr_find(cfg: TrainConfig, num_training: int = 100) -> tuple[float | None, Path]:
     """Sweep the learning rate exponentially over ``num_training`` steps with every layer
     trainable (one LR for all layers during the sweep); save ``lr_find.png`` and return
-    (suggested head LR, run dir).
+    (suggested head LR, run dir). The run dir is a new ``runs/lr-find-N`` (or ``--run-dir``).
 
     Example:
-        >>> lr, run_dir = lr_find(TrainConfig(data="data/hymenoptera/train"))  # doctest: +SKIP
+        lr, run_dir = lr_find(TrainConfig.from_dict({"data": "data/hymenoptera/train"}))
     """
-    from lightning.pytorch.tuner import Tuner
+    from lightning.pytorch.tuner import Tuner  # lazy: only lr-find uses the tuner
 
     ctx = setup_run(cfg, prefix="lr-find")
-    groups = [[n for g in body_groups(ctx.model, ctx.arch.head) for n in g]]
-    module = ClassifierModule(ctx.model, ctx.arch.head, cfg, groups, [1e-3 / cfg.lr_mult])
+    groups = [[n for g in body_groups(ctx.model, ctx.arch.classifier) for n in g]]
+    module = make_module(ctx, groups, [SWEEP_BODY_LR / cfg.strategy.lr_mult])
     data = ImageDataModule(ctx)
     trainer = L.Trainer(accelerator="auto", devices=1, precision=LIGHTNING_PRECISION[ctx.precision], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

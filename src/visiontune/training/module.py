@@ -1,4 +1,7 @@
-"""The LightningModule: loss, metrics, discriminative learning rates and schedules."""
+"""The LightningModule: loss, metrics, discriminative learning rates and the schedule.
+
+It takes the few hyperparameters it uses, not the run's whole config.
+"""
 
 from __future__ import annotations
 
@@ -9,50 +12,42 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassRecall
 
-from ..config import TrainConfig
 from ..models.groups import head_parameter_names
 from .checkpoint_io import restore_rng, rng_state
-
-MIN_LR_FACTOR = 0.01  # cosine ends at 1% of the peak, so the last epoch still learns
-DEFAULT_LR = {"adamw": 1e-3, "adam": 1e-3, "sgd": 1e-2}
-
-
-def resolve_lr(cfg: TrainConfig) -> float:
-    return float(cfg.lr) if cfg.lr is not None else DEFAULT_LR[cfg.optimizer]
+from .optim import OptimizerSettings, ScheduleSettings, make_optimizer, make_scheduler
 
 
 class ClassifierModule(L.LightningModule):
-    """Trains ``model`` (backbone + head) with per-group learning rates.
+    """Trains ``model`` (backbone + classifier) with per-group learning rates.
 
     Args:
-        model: the network; its classifier is the submodule named ``head``.
-        head: dotted name of the classifier module.
-        cfg: the run's configuration.
+        model: the network; its classification layer is the submodule named ``classifier``.
+        classifier: dotted name of the classification layer (it trains at the peak LR).
         body_groups: parameter names of the body from stem to top; each group gets its own LR.
-        body_lrs: one LR per body group (the head gets ``resolve_lr(cfg)``).
+        body_lrs: one LR per body group.
+        optimizer: optimizer name, peak LR, weight decay, momentum.
+        schedule: LR schedule over the run.
+        label_smoothing: of the cross-entropy loss.
         class_weights: optional per-class loss weights.
+        freeze_bn_stats: keep every BatchNorm's running statistics (``--bn-stats frozen``).
+        compile: train a ``torch.compile`` view of the model.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        head: str,
-        cfg: TrainConfig,
-        body_groups: list[list[str]],
-        body_lrs: list[float],
-        class_weights: torch.Tensor | None = None,
-    ):
+    def __init__(self, model: nn.Module, classifier: str, body_groups: list[list[str]], body_lrs: list[float],
+                 optimizer: OptimizerSettings, schedule: ScheduleSettings, label_smoothing: float = 0.0,
+                 class_weights: torch.Tensor | None = None, freeze_bn_stats: bool = False, compile: bool = False):
         super().__init__()
         self.model = model
-        self.head = head
-        self.cfg = cfg
+        self.classifier = classifier
         self.body_groups = body_groups
         self.body_lrs = body_lrs
-        self.freeze_bn_stats = cfg.bn_stats == "frozen"
+        self.optimizer_settings = optimizer
+        self.schedule_settings = schedule
+        self.freeze_bn_stats = freeze_bn_stats
         # torch.compile'd view of the same module: parameters and state_dict stay model's own
-        self.forward_fn = torch.compile(model) if cfg.compile else model
-        num_classes = model.get_submodule(head).out_features
-        self.loss_fn = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=cfg.label_smoothing)
+        self.forward_fn = torch.compile(model) if compile else model
+        num_classes = model.get_submodule(classifier).out_features
+        self.loss_fn = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         # model selection metrics (--select-metric); balanced accuracy = macro-averaged recall
@@ -99,7 +94,8 @@ class ClassifierModule(L.LightningModule):
         if prefix == "val":
             self._extra_val_metrics(logits, y)
         on_step = prefix == "train"
-        self.log(f"{prefix}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
+        self.log(f"{prefix}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y),
+                 sync_dist=True)
         self.log(f"{prefix}_accuracy", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss
 
@@ -117,8 +113,8 @@ class ClassifierModule(L.LightningModule):
 
     def param_groups(self) -> list[dict]:
         named = dict(self.model.named_parameters())
-        head_names = head_parameter_names(self.model, self.head)
-        groups = [{"params": [named[n] for n in head_names], "lr": resolve_lr(self.cfg), "name": "head"}]
+        head_names = head_parameter_names(self.model, self.classifier)
+        groups = [{"params": [named[n] for n in head_names], "lr": self.optimizer_settings.peak_lr, "name": "head"}]
         for i, (names, lr) in enumerate(zip(self.body_groups, self.body_lrs)):
             groups.append({"params": [named[n] for n in names], "lr": lr, "name": f"body{i}"})
         return groups
@@ -126,17 +122,10 @@ class ClassifierModule(L.LightningModule):
     def configure_optimizers(self):
         # Every group is in the optimizer from the start; frozen parameters simply get no
         # gradient. The schedule therefore covers all groups and resume sees the same groups.
-        cfg = self.cfg
-        groups = self.param_groups()
-        if cfg.optimizer == "sgd":
-            opt = torch.optim.SGD(groups, lr=resolve_lr(cfg), momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
-        elif cfg.optimizer == "adam":
-            opt = torch.optim.Adam(groups, lr=resolve_lr(cfg), weight_decay=cfg.weight_decay)
-        else:
-            opt = torch.optim.AdamW(groups, lr=resolve_lr(cfg), weight_decay=cfg.weight_decay)
+        opt = make_optimizer(self.param_groups(), self.optimizer_settings)
         total = max(1, stepping_batches(self.trainer))
-        steps_per_epoch = max(1, total // max(1, cfg.epochs))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=schedule_fn(cfg, total, steps_per_epoch))
+        steps_per_epoch = max(1, total // max(1, self.schedule_settings.epochs))
+        sched = make_scheduler(opt, self.schedule_settings, total, steps_per_epoch)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -158,20 +147,3 @@ def stepping_batches(trainer: L.Trainer) -> int:
     elif limit is not None and limit < 1.0:
         batches = max(1, int(batches * limit))
     return math.ceil(batches / trainer.accumulate_grad_batches) * max(1, trainer.max_epochs)
-
-
-def schedule_fn(cfg: TrainConfig, total_steps: int, steps_per_epoch: int):
-    """LR multiplier per optimizer step: linear warm-up, then cosine, step (x0.1) or constant."""
-    warmup = int(cfg.warmup_epochs * steps_per_epoch)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if cfg.schedule == "cosine":
-            progress = (step - warmup) / max(1, total_steps - warmup)
-            return MIN_LR_FACTOR + (1 - MIN_LR_FACTOR) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        if cfg.schedule == "step":
-            return 0.1 ** ((step // steps_per_epoch) // max(1, cfg.step_size))
-        return 1.0
-
-    return factor

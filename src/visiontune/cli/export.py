@@ -1,0 +1,69 @@
+"""``visiontune export`` and ``visiontune compress``."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..export.registry import EXPORT_FORMATS, QUANTIZE_MODES
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="export a trained model to ONNX / TorchScript / timm-HF, parity-checked")
+    p.add_argument("model", help="run dir or model/ dir")
+    p.add_argument("--format", default="onnx", choices=EXPORT_FORMATS.names(),
+                   metavar="{" + ",".join(EXPORT_FORMATS) + "}", help=EXPORT_FORMATS.describe())
+    p.add_argument("--out", default=None, metavar="PATH",
+                   help="output file (folder for hf); default RUN/export/FORMAT/")
+    p.add_argument("--dynamic-batch", action="store_true", help="ONNX: dynamic batch dimension (default: batch 1)")
+    p.add_argument("--opset", type=int, default=17, metavar="N", help="ONNX opset version (17)")
+    p.add_argument("--data", default=None, metavar="DIR|CSV",
+                   help="labelled images for the parity check (default: the model's validation split)")
+    p.add_argument("--parity-images", type=int, default=64, metavar="N", help="images in the parity check (64)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("compress", help="int8-quantize and/or channel-prune a model; compare every variant")
+    p.add_argument("model", help="run dir or model/ dir")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES.names(), default=None,
+                   metavar="{" + ",".join(QUANTIZE_MODES) + "}", help=QUANTIZE_MODES.describe())
+    p.add_argument("--int8-float-ends", action="store_true",
+                   help="static int8: keep the first conv and the classifier in float (when int8 flips decisions)")
+    p.add_argument("--prune", type=float, default=None, metavar="RATIO", help="share of channels to remove, e.g. 0.3")
+    p.add_argument("--finetune-epochs", type=int, default=3, metavar="N",
+                   help="recovery epochs after each pruning round, distilled from the unpruned model "
+                        "(3; 0: least-squares reconstruction alone, best for a few hundred images)")
+    p.add_argument("--prune-steps", type=int, default=2, metavar="N",
+                   help="pruning rounds, each removing an equal share then recovering (2)")
+    p.add_argument("--recovery-lr", type=float, default=None, metavar="X",
+                   help="learning rate of the recovery fine-tune (1e-3; 1e-4 suits a few hundred images)")
+    p.add_argument("--calib", default=None, metavar="DATA", help="calibration images (default: the training split)")
+    p.add_argument("--data", default=None, metavar="DIR|CSV", help="labelled val images (default: the val split)")
+    p.add_argument("--out", default=None, metavar="PATH", help="output folder (default RUN/compress)")
+    p.add_argument("--max-drop", type=float, default=1.0, metavar="PTS",
+                   help="refuse an int8 model losing more accuracy than this, in points (1.0)")
+    p.add_argument("--force", action="store_true", help="accept a larger drop (exit 0, report still says so)")
+    p.add_argument("--bench-seconds", type=float, default=3.0, metavar="S", help="timing budget per measurement (3)")
+    p.set_defaults(func=cmd_compress)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    # lazy: the parser builds without torch
+    from ..export.common import check_parity
+    from ..export.exporter import export_model
+
+    report = export_model(args.model, args.format, out=args.out, opset=args.opset, dynamic_batch=args.dynamic_batch,
+                          data=args.data, parity_images=args.parity_images, check=False)
+    print(f"exported {report['format']}: {report['file']}")
+    print(f"parity vs eager fp32 on {report['source']}: top-1 agreement {report['top1_agreement']:.2%}, "
+          f"max |logit diff| {report['max_abs_logit_diff']:.2e}")
+    check_parity(report)  # after printing, so the failing numbers are visible
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from ..export.compress import compress  # lazy: as above
+
+    compress(args.model, quantize=args.quantize, prune=args.prune, finetune_epochs=args.finetune_epochs,
+             prune_steps=args.prune_steps, recovery_lr=args.recovery_lr, float_ends=args.int8_float_ends,
+             calib=args.calib, data=args.data, out=args.out, max_drop=args.max_drop, force=args.force,
+             budget_s=args.bench_seconds)
+    return 0

@@ -1,0 +1,67 @@
+"""``visiontune serve MODEL``: flags into :class:`ServeSettings`, then uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from ..core.errors import ConfigError
+from ..serve.settings import API_KEY_ENV, ServeSettings, is_loopback
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="HTTP API + web page for a trained model (dynamic batching)")
+    p.add_argument("model", help="run dir, model/ dir or .onnx file")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (127.0.0.1); others need --api-key")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (8000)")
+    p.add_argument("--max-batch", type=int, default=16, metavar="N", help="images per forward pass (16)")
+    p.add_argument("--max-wait-ms", type=float, default=10.0, metavar="MS",
+                   help="longest wait for a batch to fill (10)")
+    p.add_argument("--max-queue", type=int, default=64, metavar="N",
+                   help="images waiting at most; beyond it 503 + Retry-After (64)")
+    p.add_argument("--timeout-s", type=float, default=10.0, metavar="S", help="per-request timeout -> 504 (10)")
+    p.add_argument("--max-body-mb", type=float, default=10.0, metavar="MB", help="request body limit -> 413 (10)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help=f"require X-API-Key: KEY on /v1/* (default: ${API_KEY_ENV})")
+    p.add_argument("--workers-threads", type=int, default=None, metavar="N",
+                   help="image-decoding threads (default: CPU count)")
+    p.add_argument("--nice", type=int, default=10, metavar="N",
+                   help="run inference and decoding N steps below the HTTP event loop's CPU priority, so "
+                        "503s and health checks stay fast when the CPU is saturated (10; 0: off; Linux)")
+    p.add_argument("--precision", default="auto", choices=("auto", "32", "bf16"), help="inference precision")
+    p.add_argument("--reject-below", type=float, default=None, metavar="P",
+                   help="label 'unknown' when the (calibrated) top probability is below P")
+    p.set_defaults(func=cmd_serve)
+
+
+def settings_from_args(args: argparse.Namespace) -> ServeSettings:
+    return ServeSettings(
+        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        timeout_s=args.timeout_s, max_body_mb=args.max_body_mb,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        workers_threads=args.workers_threads or max(1, os.cpu_count() or 1),
+        precision=args.precision, reject_below=args.reject_below, niceness=args.nice)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve MODEL until SIGINT/SIGTERM (uvicorn finishes in-flight requests, the batcher drains).
+
+    Example:
+        $ visiontune serve runs/train-1 --port 8000
+    """
+    settings = settings_from_args(args)
+    if not is_loopback(args.host) and not settings.api_key:
+        raise ConfigError(f"binding {args.host} (not loopback) needs --api-key or ${API_KEY_ENV}")
+    if not Path(args.model).exists():
+        raise ConfigError(f"no model at {args.model}")
+    import uvicorn  # lazy: the parser builds without uvicorn, FastAPI and torch
+
+    from ..serve.app import create_app
+
+    app = create_app(args.model, settings)
+    print(f"visiontune: serving {args.model} on http://{args.host}:{args.port}/ (docs: /docs)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30,
+                limit_concurrency=max(256, 4 * settings.max_queue))
+    return 0

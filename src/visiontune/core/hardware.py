@@ -1,0 +1,72 @@
+"""Hardware choices made once: device, numeric precision, thread counts, process rank."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from .errors import ConfigError
+from .registry import PRECISIONS
+
+# Measured on this project's 2-core AVX512-BF16 CPU (bench/): bf16 autocast speeds up
+# EfficientNet-Lite0 training ~1.5x and inference ~1.9x at 224 px, but slows training below
+# ~160 px, where fp32 channels_last is faster. On CPUs without native bf16 (AVX2 only) it is
+# ~16x slower than fp32, so ``auto`` never picks it there.
+MIN_BF16_CPU_SIZE = 160
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
+
+
+def is_rank_zero() -> bool:
+    """True in single-process runs and in the rank-0 process of a distributed run.
+
+    Lightning's own rank when it is loaded (it also knows the rank of ``ddp_spawn`` workers),
+    else the variables the launchers set (torchrun, SLURM), so asking never imports Lightning.
+    """
+    rank_zero = sys.modules.get("lightning.fabric.utilities.rank_zero")
+    if rank_zero is not None:
+        return getattr(rank_zero.rank_zero_only, "rank", 0) == 0
+    return all(os.environ.get(var, "0") in ("", "0") for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (the affinity mask, not the machine's total)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(requested: str, img_size: int) -> str:
+    """``auto``: bf16 on GPUs that have it (else fp16); on CPU bf16 where supported and it pays.
+
+    Example:
+        >>> resolve_precision("32", 224)
+        '32'
+    """
+    PRECISIONS.check(requested)
+    if requested == "16" and not torch.cuda.is_available():
+        raise ConfigError("--precision 16 (fp16 mixed) needs a CUDA GPU; on CPU use --precision bf16 or 32")
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "16"
+    if cpu_supports_bf16() and img_size >= MIN_BF16_CPU_SIZE:
+        return "bf16"
+    return "32"
+
+
+def autocast(precision: str, device_type: str | None = None):
+    """Autocast context for inference at ``precision`` (a no-op for 32)."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    return torch.autocast(device_type or device(), dtype=dtype or torch.float32, enabled=dtype is not None)

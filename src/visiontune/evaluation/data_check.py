@@ -1,0 +1,290 @@
+"""``visiontune data check DATA [--val DIR]``: find data problems before they cost a training run.
+
+Checks: unreadable / truncated / non-image / zero-size files, images below a size threshold,
+exact duplicates (content hash) within a split and across splits (leakage), near-duplicates
+(64-bit dHash, Hamming distance), class imbalance, classes with too few images, and likely label
+errors: out-of-fold probabilities of a logistic regression on cached backbone features, ranked
+by confident learning (``cleanlab`` when installed, else the built-in equivalent below).
+
+Errors (``--strict`` exits 1): unreadable files, cross-split leaks, identical files with
+different labels, classes without a readable image. Everything else is a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..core.errors import ImageDecodeError
+from ..core.hardware import resolve_precision
+from ..data.cache import file_digests
+from ..data.image import is_image_path, load_image
+from ..data.scan import read_source, scan_files
+from ..inference.features import FeatureExtractor
+from ..models.factory import build_model
+
+
+def check_data(data: str | os.PathLike, val: str | os.PathLike | None = None, min_size: int = 32,
+               min_per_class: int = 10, near_threshold: int = 4, imbalance_warning: float = 5.0,
+               label_issues: bool = True, model: str = "efficientnet_lite0", img_size: int | None = None,
+               cache_dir: str | None = None, folds: int = 5, seed: int = 0, batch_size: int = 32,
+               workers: int | None = None) -> dict[str, Any]:
+    """Check a dataset; return a JSON-serialisable dict (see the module docstring for the checks).
+
+    Example:
+        report = check_data("data/hymenoptera/train")
+        report["errors"], len(report["label_issues"])
+        # -> ([], 3)
+    """
+    raw = read_source(Path(data), Path(val) if val else None)
+    names = sorted(raw["train"])
+    files = [(p, split, label) for split, classes in raw.items() for label, paths in classes.items() for p in paths]
+    split_of = {p: s for p, s, _ in files}
+    label_of = {p: c for p, _, c in files}
+    every = [p for p, _, _ in files]
+    bad = scan_files(every)
+    unreadable = [{"path": p, "split": split_of[p], "label": label_of[p], "kind": error.kind, "reason": str(error)}
+                  for p, error in sorted(bad.items())]
+    readable = [p for p in every if p not in bad]
+
+    sizes = _sizes(readable)
+    small = [{"path": p, "width": w, "height": h} for p, (w, h) in sizes.items() if min(w, h) < min_size]
+    digests = dict(zip(readable, file_digests(readable)))
+    groups: dict[str, list[str]] = defaultdict(list)
+    for p in readable:
+        groups[digests[p]].append(p)
+    duplicates, leaks = [], []
+    for digest, paths in sorted(groups.items(), key=lambda kv: kv[1][0]):
+        if len(paths) < 2:
+            continue
+        entry = {"digest": digest, "files": [{"path": p, "split": split_of[p], "label": label_of[p]} for p in paths],
+                 "conflicting_labels": len({label_of[p] for p in paths}) > 1}
+        (leaks if len({split_of[p] for p in paths}) > 1 else duplicates).append(entry)
+    near = _near_duplicates(readable, digests, near_threshold)
+
+    counts = {c: {s: sum(1 for p in readable if label_of[p] == c and split_of[p] == s) for s in raw} for c in names}
+    train_counts = {c: counts[c]["train"] for c in names}
+    present = [n for n in train_counts.values() if n > 0]
+    imbalance = {"ratio": round(max(present) / min(present), 2) if present else None,
+                 "smallest": sorted(train_counts.items(), key=lambda kv: kv[1])[:3],
+                 "largest": sorted(train_counts.items(), key=lambda kv: -kv[1])[:3]}
+    few = [{"class": c, "count": n} for c, n in sorted(train_counts.items(), key=lambda kv: kv[1]) if n < min_per_class]
+    empty = [c for c in names if sum(counts[c].values()) == 0]
+
+    report: dict[str, Any] = {
+        "data": str(data), "val": str(val) if val else None, "classes": counts, "num_files": len(every),
+        "num_readable": len(readable), "unreadable": unreadable, "ignored_files": _ignored(Path(data), val),
+        "small_images": small, "min_size": min_size, "duplicates": duplicates, "leaks": leaks,
+        "near_duplicates": near, "near_threshold": near_threshold, "imbalance": imbalance, "few_images": few,
+        "min_per_class": min_per_class, "label_issues": [], "label_check": {"skipped": "disabled"},
+    }
+    if label_issues:
+        samples = [(p, names.index(label_of[p])) for p in readable]
+        report["label_issues"], report["label_check"] = find_label_errors(
+            samples, names, split_of, model, img_size, cache_dir, folds, seed, batch_size, workers)
+
+    conflicting = sum(1 for g in duplicates + leaks if g["conflicting_labels"])
+    errors = [text for found, text in (
+        (unreadable, f"{len(unreadable)} unreadable file(s)"),
+        (leaks, f"{len(leaks)} file(s) present in more than one split (train/val leakage)"),
+        (conflicting, f"{conflicting} identical file group(s) with different labels"),
+        (empty, f"class(es) without a readable image: {', '.join(empty)}")) if found]
+    warnings = [text for found, text in (
+        (duplicates, f"{len(duplicates)} group(s) of identical files within a split"),
+        (near, f"{len(near)} near-duplicate pair(s) (dHash distance <= {near_threshold})"),
+        (small, f"{len(small)} image(s) smaller than {min_size} px")) if found]
+    if imbalance["ratio"] and imbalance["ratio"] > imbalance_warning:
+        warnings.append(f"class imbalance {imbalance['ratio']}:1 (smallest: "
+                        + ", ".join(f"{c} {n}" for c, n in imbalance["smallest"]) + ")")
+    if few:
+        warnings.append(f"{len(few)} class(es) with fewer than {min_per_class} images: "
+                        + ", ".join(f"{f['class']} ({f['count']})" for f in few[:10]))
+    if report["label_issues"]:
+        warnings.append(f"{len(report['label_issues'])} likely label error(s)")
+    report.update({"errors": errors, "warnings": warnings, "ok": not errors})
+    return report
+
+
+def _ignored(data: Path, val) -> list[str]:
+    """Non-image, non-hidden files inside class folders (training never sees them)."""
+    out = []
+    for root in [data] + ([Path(val)] if val else []):
+        if root.is_dir():
+            for dirpath, dirnames, filenames in os.walk(root):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                out += [os.path.join(dirpath, f) for f in filenames if not f.startswith(".") and not is_image_path(f)
+                        and Path(dirpath) != root]
+    return sorted(out)
+
+
+def _sizes(paths: list[str]) -> dict[str, tuple[int, int]]:
+    def size(p):
+        try:
+            with Image.open(p) as img:
+                return p, img.size
+        except OSError:
+            return p, None
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return {p: s for p, s in pool.map(size, paths) if s is not None}
+
+
+def dhash(image: Image.Image, size: int = 8) -> int:
+    """64-bit difference hash: sign of horizontal gradients of a 9x8 grayscale thumbnail."""
+    small = np.asarray(image.convert("L").resize((size + 1, size), Image.Resampling.LANCZOS), dtype=np.int16)
+    bits = (small[:, 1:] > small[:, :-1]).flatten()
+    return int(np.packbits(bits).view(">u8")[0])
+
+
+def _near_duplicates(paths: list[str], digests: dict[str, str], threshold: int) -> list[dict[str, Any]]:
+    """Pairs of different files whose dHashes differ in <= ``threshold`` bits (exact copies excluded)."""
+    def hash_one(p):
+        try:
+            return dhash(load_image(p, draft_size=64))
+        except ImageDecodeError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        hashes = list(pool.map(hash_one, paths))
+    keep = [i for i, h in enumerate(hashes) if h is not None]
+    if len(keep) < 2:
+        return []
+    values = np.array([hashes[i] for i in keep], dtype=np.uint64)
+    pairs = []
+    for start in range(0, len(values), 512):
+        block = np.bitwise_count(values[start:start + 512, None] ^ values[None, :])
+        for a, b in zip(*np.nonzero(block <= threshold)):
+            i, j = start + int(a), int(b)
+            pa, pb = paths[keep[i]], paths[keep[j]]
+            if i < j and digests[pa] != digests[pb]:
+                pairs.append({"a": pa, "b": pb, "distance": int(block[a, b])})
+    return sorted(pairs, key=lambda d: (d["distance"], d["a"]))
+
+
+def confident_learning_issues(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Indices of likely label errors ranked by self-confidence (lowest first), without cleanlab.
+
+    Confident learning (Northcutt et al., 2021): class j's threshold t_j is the mean predicted
+    probability of j over the samples labelled j; sample i is *confidently* of class j when
+    p_ij >= t_j (the most probable such j when several). It is flagged when that class differs from
+    its given label; flagged samples are ranked by p_i,given (self-confidence), least confident first.
+    """
+    labels = np.asarray(labels)
+    probs = np.asarray(probs, dtype=np.float64)
+    k = probs.shape[1]
+    thresholds = np.array([probs[labels == j, j].mean() if (labels == j).any() else 1.0 for j in range(k)])
+    above = probs >= thresholds[None, :] - 1e-12
+    masked = np.where(above, probs, -1.0)
+    confident = masked.argmax(1)
+    has = above.any(1)
+    flagged = np.nonzero(has & (confident != labels))[0]
+    self_conf = probs[np.arange(len(labels)), labels]
+    return flagged[np.argsort(self_conf[flagged], kind="stable")]
+
+
+def out_of_fold_probs(features: np.ndarray, labels: np.ndarray, folds: int = 5,
+                      seed: int = 0) -> tuple[np.ndarray, int]:
+    """Cross-validated predicted probabilities of a standardised logistic regression."""
+    # lazy: scikit-learn loads only when the label check runs
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    n_splits = int(max(2, min(folds, np.bincount(labels)[np.bincount(labels) > 0].min())))
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=2000))
+    cv = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    return cross_val_predict(clf, features, labels, cv=cv, method="predict_proba"), n_splits
+
+
+def find_label_errors(samples, names, split_of, model, img_size, cache_dir, folds, seed, batch_size, workers):
+    """(ranked label issues, method summary) from out-of-fold probabilities on backbone features."""
+    counts = np.bincount([y for _, y in samples], minlength=len(names))
+    usable = [(p, y) for p, y in samples if counts[y] >= 2]
+    if len({y for _, y in usable}) < 2:
+        return [], {"skipped": "needs at least 2 classes with >= 2 readable images"}
+    features = backbone_features(usable, len(names), model, img_size, cache_dir, seed, batch_size, workers)
+    present = sorted({y for _, y in usable})  # re-index: classes with < 2 images take no part
+    remap = {c: i for i, c in enumerate(present)}
+    labels = np.array([remap[y] for _, y in usable])
+    probs, n_splits = out_of_fold_probs(features, labels, folds, seed)
+    try:
+        from cleanlab.filter import find_label_issues  # lazy: as above
+
+        ranked = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence")
+        method = "cleanlab.find_label_issues (self_confidence)"
+    except ImportError:
+        ranked = confident_learning_issues(labels, probs)
+        method = "built-in confident learning (self_confidence)"
+    issues = []
+    for i in ranked:
+        i = int(i)
+        guess = int(probs[i].argmax())
+        issues.append({"path": usable[i][0], "split": split_of[usable[i][0]], "label": names[present[labels[i]]],
+                       "suggested": names[present[guess]], "self_confidence": round(float(probs[i, labels[i]]), 4),
+                       "suggested_probability": round(float(probs[i, guess]), 4)})
+    summary = {"method": method, "model": model, "folds": n_splits, "num_images": len(usable),
+               "out_of_fold_accuracy": round(float((probs.argmax(1) == labels).mean()), 4)}
+    return issues, summary
+
+
+def backbone_features(samples, num_classes, model_name, img_size, cache_dir, seed, batch_size, workers) -> np.ndarray:
+    """Pooled backbone features (the classifier layer's input), through the feature cache."""
+    torch.manual_seed(seed)  # the same head init as a training run with this seed: same cache key
+    model, arch, pre = build_model(model_name, num_classes)
+    if img_size:
+        pre = pre.with_size(img_size)
+    extractor = FeatureExtractor(model, arch.classifier, arch.name, pre, resolve_precision("auto", pre.height),
+                                 cache_dir, batch_size=batch_size * 2, workers=workers, seed=seed)
+    with contextlib.redirect_stdout(sys.stderr):  # keep stdout clean for --json
+        feats, _, kept = extractor.features(samples)
+    if len(kept) != len(samples):  # a file changed since the scan: no features, no verdict
+        raise ImageDecodeError(f"{len(samples) - len(kept)} image(s) became unreadable during the check; run it again")
+    return feats[:, 0].float().numpy()
+
+
+def format_check(report: dict[str, Any], limit: int = 10) -> str:
+    """Human-readable summary of :func:`check_data`'s result."""
+    lines = [f"data check: {report['data']}" + (f" (val: {report['val']})" if report["val"] else ""),
+             f"files: {report['num_files']}, readable: {report['num_readable']}"]
+    width = max([len(c) for c in report["classes"]] + [5]) + 2
+    splits = list(next(iter(report["classes"].values()), {}))
+    lines.append(f"{'class':<{width}}" + "".join(f"{s:>8}" for s in splits))
+    for c, per in report["classes"].items():
+        lines.append(f"{c:<{width}}" + "".join(f"{per[s]:8d}" for s in splits))
+
+    def block(title, items, fmt):
+        if items:
+            lines.append(f"{title} ({len(items)}):")
+            lines.extend("  " + fmt(x) for x in items[:limit])
+            if len(items) > limit:
+                lines.append(f"  ... {len(items) - limit} more (--json lists all)")
+
+    block("unreadable files", report["unreadable"], lambda x: f"{x['path']}: {x['reason']}")
+    block("cross-split leaks", report["leaks"], lambda g: " == ".join(f"{f['split']}:{f['path']}" for f in g["files"]))
+    block("exact duplicates", report["duplicates"], lambda g: " == ".join(f["path"] for f in g["files"]))
+    block("near-duplicates", report["near_duplicates"], lambda x: f"{x['a']} ~ {x['b']} (distance {x['distance']})")
+    block("small images", report["small_images"], lambda x: f"{x['path']}: {x['width']}x{x['height']}")
+    block("ignored non-image files", report["ignored_files"], str)
+    block("likely label errors", report["label_issues"],
+          lambda x: f"{x['path']}: labelled {x['label']}, looks like {x['suggested']} "
+                    f"(p={x['suggested_probability']:.2f}, self-confidence {x['self_confidence']:.2f})")
+    if "method" in report["label_check"]:
+        lc = report["label_check"]
+        lines.append(f"label check: {lc['method']} on {lc['model']} features, {lc['folds']}-fold out-of-fold "
+                     f"accuracy {lc['out_of_fold_accuracy']:.3f}")
+    for e in report["errors"]:
+        lines.append(f"error: {e}")
+    for w in report["warnings"]:
+        lines.append(f"warning: {w}")
+    lines.append("ok: no errors" if report["ok"] else f"{len(report['errors'])} error(s)")
+    return "\n".join(lines)

@@ -1,0 +1,145 @@
+"""``visiontune.load(path)`` -> :class:`Classifier`: batched prediction with the saved preprocessing.
+
+One class for every kind of model folder: a run dir or ``model/`` dir (PyTorch, also pruned
+models rebuilt from their card) runs on :class:`~visiontune.inference.runners.TorchRunner`, an
+exported ``.onnx`` on :class:`~visiontune.inference.runners.OnnxRunner`; decoding, batching and
+rows are the same for both.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ..data.dataset import InputDataset, input_loader
+from ..data.image import is_image_path
+from ..data.transforms import eval_transform
+from ..models.artifact import load_model
+from ..models.card import ModelCard
+from .rows import error_row, prediction_rows
+from .runners import OnnxRunner, TorchRunner, is_onnx
+
+ImageInput = str | os.PathLike | Image.Image | bytes
+CHUNK_BATCHES = 64  # inputs handed to one loader at a time: workers restart rarely, memory stays bounded
+
+
+class Classifier:
+    """A trained model with its card (class names, preprocessing, calibration), ready to predict.
+
+    Example:
+        clf = visiontune.load("runs/train-1")
+        clf.predict(["ant.jpg"])[0]["label"]
+        # -> 'ants'
+    """
+
+    def __init__(self, runner: Callable[[torch.Tensor], torch.Tensor], card: ModelCard):
+        self.runner = runner
+        self.card = card
+        self.class_names: list[str] = list(card.class_names)
+        self.preprocessing = card.preprocessing
+        self.transform = eval_transform(card.preprocessing)
+        self.temperature, self.calibrated = card.temperature, card.calibrated
+        self.device: str = getattr(runner, "device", "cpu")
+        self.precision: str = getattr(runner, "precision", "32")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, precision: str = "auto") -> Classifier:
+        """A run dir, ``model/`` dir, pruned model dir or exported ``.onnx``; ``precision``
+        auto|32|bf16|16 applies to PyTorch models."""
+        if is_onnx(path):
+            runner, card = OnnxRunner.load(path)
+            return cls(runner, card)
+        model, card = load_model(path)
+        return cls(TorchRunner(model, precision, card.preprocessing.height), card)
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        """The PyTorch module (None for an ONNX graph)."""
+        return getattr(self.runner, "model", None)
+
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """Logits (float32, on CPU) for a preprocessed NCHW float batch."""
+        return self.runner(batch)
+
+    def iter_batches(self, inputs: Sequence[ImageInput], batch_size: int = 64, workers: int | None = None
+                     ) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
+        """Yield (input indices, raw logits, [(index, error)]) batch by batch, in input order."""
+        dataset = InputDataset(inputs, self.transform, self.preprocessing.draft_size())
+        for indices, tensor, errors in input_loader(dataset, batch_size, workers):
+            yield indices, (self.logits(tensor) if tensor is not None else None), errors
+
+    def logits_of(self, inputs: Sequence[ImageInput], batch_size: int = 64, workers: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, dict[int, str]]:
+        """Raw logits ``[n, C]`` of every input, the mask of the readable ones, and the errors."""
+        logits = torch.zeros(len(inputs), len(self.class_names))
+        ok = torch.zeros(len(inputs), dtype=torch.bool)
+        failed: dict[int, str] = {}
+        for indices, batch_logits, errors in self.iter_batches(inputs, batch_size, workers):
+            if indices:
+                logits[indices] = batch_logits
+                ok[indices] = True
+            failed.update(errors)
+        return logits, ok, failed
+
+    def predict(self, inputs: ImageInput | Sequence[ImageInput], top_k: int = 5, batch_size: int = 64,
+                workers: int | None = None, progress: bool = False,
+                reject_below: float | None = None) -> list[dict[str, Any]]:
+        """Classify images (paths, PIL images or encoded bytes); one row per input, in order.
+
+        Rows are described in :mod:`visiontune.inference.rows`.
+        """
+        if isinstance(inputs, (str, os.PathLike, Image.Image, bytes)):
+            inputs = [inputs]
+        inputs = list(inputs)
+        rows: Iterable[dict[str, Any]] = self.predict_stream(inputs, top_k, batch_size, workers, reject_below)
+        if progress:
+            from tqdm import tqdm  # lazy: only interactive runs draw a bar
+
+            rows = tqdm(rows, total=len(inputs), desc="predict", unit="img", leave=False)
+        return list(rows)
+
+    def predict_stream(self, inputs: Sequence[ImageInput], top_k: int = 5, batch_size: int = 64,
+                       workers: int | None = None, reject_below: float | None = None) -> Iterator[dict[str, Any]]:
+        """Like :meth:`predict`, but yields rows in input order batch by batch (constant memory)."""
+        step = batch_size * CHUNK_BATCHES
+        for start in range(0, len(inputs), step):
+            chunk = inputs[start:start + step]
+            paths = [str(x) if isinstance(x, (str, os.PathLike)) else "" for x in chunk]
+            rows: list[dict[str, Any] | None] = [None] * len(chunk)
+            for indices, logits, errors in self.iter_batches(chunk, batch_size, workers):
+                for index, error in errors:
+                    rows[index] = error_row(paths[index], error, self.calibrated)
+                if indices:
+                    made = prediction_rows(logits, self.class_names, self.temperature, top_k, reject_below,
+                                           self.calibrated, [paths[i] for i in indices])
+                    for index, row in zip(indices, made):
+                        rows[index] = row
+            yield from rows  # type: ignore[misc]
+
+
+def load(path: str | os.PathLike, precision: str = "auto") -> Classifier:
+    """:meth:`Classifier.load`; the function behind ``visiontune.load``."""
+    return Classifier.load(path, precision)
+
+
+def expand_inputs(items: Sequence[str]) -> list[str]:
+    """Files, folders (recursive, images only) and glob patterns -> sorted unique file list."""
+    found: list[str] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found.extend(str(p) for p in sorted(path.rglob("*")) if p.is_file() and is_image_path(p)
+                         and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        elif path.exists():
+            found.append(str(path))
+        else:
+            matches = sorted(glob.glob(item, recursive=True))
+            found.extend(matches if matches else [item])  # a missing file becomes an error row
+    seen: set[str] = set()
+    return [p for p in found if not (p in seen or seen.add(p))]

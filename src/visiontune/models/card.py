@@ -1,0 +1,130 @@
+"""The model card: ``model.json``, typed and validated.
+
+Everything needed to use the weights travels in it: architecture, class names, preprocessing,
+metrics, training summary, calibration, and (for pruned or exported models) their sections.
+A card read from disk is untrusted until :meth:`ModelCard.from_dict` has checked every field
+against sane bounds, so nothing is allocated from an absurd value.
+
+Example:
+    >>> card = ModelCard.from_dict({"format": "visiontune-model", "class_names": ["ant", "bee"],
+    ...     "architecture": {"source": "timm", "name": "resnet18", "num_classes": 2, "classifier": "fc"},
+    ...     "preprocessing": {"input_size": [3, 64, 64], "mean": [0.5] * 3, "std": [0.5] * 3}})
+    >>> card.num_classes, card.preprocessing.height, card.temperature
+    (2, 64, 1.0)
+"""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import ArtifactError
+from ..data.preprocess import Preprocessing
+from .factory import Architecture
+
+FORMAT = "visiontune-model"
+FORMAT_VERSION = 1
+MAX_CLASS_NAME = 200
+TEMPERATURE_RANGE = (0.01, 100.0)
+# keys a card may carry; written in this order
+KEYS = ("format", "format_version", "created", "architecture", "class_names", "preprocessing", "metrics",
+        "training", "calibration", "pruned", "export", "versions")
+
+
+def check_class_names(names: Any, where: str = "class_names") -> list[str]:
+    """Class names as a list of distinct, printable, bounded strings (they end up in file names,
+    CSV cells, HTML and shells' arguments); raise :class:`ArtifactError` otherwise."""
+    if not isinstance(names, list) or not names:
+        raise ArtifactError(f"{where} must be a non-empty list of names")
+    for name in names:
+        if not isinstance(name, str) or not name.strip() or len(name) > MAX_CLASS_NAME:
+            raise ArtifactError(f"{where}: {name!r} is not a class name (1-{MAX_CLASS_NAME} characters)")
+        if any(unicodedata.category(ch)[0] == "C" for ch in name):
+            raise ArtifactError(f"{where}: {name!r} contains control characters")
+    if len(set(names)) != len(names):
+        raise ArtifactError(f"{where} lists a class twice")
+    return list(names)
+
+
+@dataclass
+class ModelCard:
+    """``model.json`` as an object; unknown keys are refused, known ones validated."""
+
+    class_names: list[str]
+    preprocessing: Preprocessing
+    architecture: Architecture | None = None  # None only for exported graphs of unknown origin
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None
+    pruned: dict[str, Any] | None = None
+    export: dict[str, Any] | None = None
+    created: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    model_dir: Path | None = None  # where it was loaded from (never written)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def temperature(self) -> float:
+        """Calibration temperature (1.0 when the model was never calibrated)."""
+        return float((self.calibration or {}).get("temperature", 1.0))
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calibration is not None
+
+    def replace(self, **changes: Any) -> ModelCard:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object written to ``model.json``."""
+        out: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "created": self.created,
+                               "architecture": self.architecture.to_dict() if self.architecture else None,
+                               "class_names": list(self.class_names), "preprocessing": self.preprocessing.to_dict(),
+                               "metrics": self.metrics, "training": self.training, "calibration": self.calibration,
+                               "pruned": self.pruned, "export": self.export, "versions": self.versions}
+        return {k: out[k] for k in KEYS if out[k] is not None and (out[k] != "" or k != "created")}
+
+    @classmethod
+    def from_dict(cls, values: Any, source: str = "model.json", require_architecture: bool = True) -> ModelCard:
+        """Validate ``values`` (a parsed model.json); :class:`ArtifactError` names the bad field."""
+        if not isinstance(values, dict):
+            raise ArtifactError(f"{source} must hold a JSON object")
+        if values.get("format") != FORMAT:
+            raise ArtifactError(f"{source} is not a visiontune model description")
+        unknown = sorted(set(values) - set(KEYS) - {"model_dir"})
+        if unknown:
+            raise ArtifactError(f"{source} has unknown key(s) {unknown}")
+        for key in (("architecture",) if require_architecture else ()) + ("class_names", "preprocessing"):
+            if values.get(key) is None:
+                raise ArtifactError(f"{source} lacks {key!r}")
+        try:
+            arch = Architecture.from_dict(values["architecture"]) if values.get("architecture") else None
+            names = check_class_names(values["class_names"])
+            pre = Preprocessing.from_dict(values["preprocessing"])
+        except ArtifactError as exc:
+            raise ArtifactError(f"{source}: {exc}") from None
+        except ValueError as exc:
+            raise ArtifactError(f"{source}: {exc}") from None
+        if arch is not None and arch.num_classes != len(names):
+            raise ArtifactError(f"{source}: architecture.num_classes is {arch.num_classes} but class_names "
+                                f"lists {len(names)}")
+        sections = {k: values.get(k) for k in ("metrics", "training", "versions")}
+        for key, value in {**sections, **{k: values.get(k) for k in ("calibration", "pruned", "export")}}.items():
+            if value is not None and not isinstance(value, dict):
+                raise ArtifactError(f"{source}: {key} must be a JSON object")
+        calibration = values.get("calibration")
+        if calibration is not None:
+            t = calibration.get("temperature")
+            lo, hi = TEMPERATURE_RANGE
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not lo <= t <= hi:
+                raise ArtifactError(f"{source}: calibration.temperature must be a number in [{lo}, {hi}], got {t!r}")
+        created = values.get("created", "")
+        return cls(names, pre, arch, sections["metrics"] or {}, sections["training"] or {}, calibration,
+                   values.get("pruned"), values.get("export"), created if isinstance(created, str) else "",
+                   sections["versions"] or {})

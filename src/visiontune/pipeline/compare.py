@@ -1,0 +1,101 @@
+"""``visiontune compare DATA --strategies a,b [--models x,y]``: one table, same split and seed.
+
+Each (model, strategy) pair is trained with :func:`visiontune.train` into ``OUT/<model>-<strategy>``
+sharing one feature cache, so frozen-backbone features are computed once. The table (strategy,
+model, accuracy, macro-F1, train seconds, model size) is written to ``OUT/compare.csv`` and copied
+into every run dir, where ``visiontune report`` shows it.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import ConfigError
+from ..core.layout import RunLayout
+from ..core.tables import fixed_width
+from ..training.config import TrainConfig
+from ..training.registry import STRATEGIES
+from ..training.setup import make_run_dir
+from .train import train
+
+# options compare sets for each entry, and what to use instead
+OWN_OPTIONS = {"strategy": "list strategies in --strategies", "model": "list models in --models",
+               "resume": "resume an entry with visiontune train --resume OUT/<entry>",
+               "report": "compare writes no reports; run visiontune report OUT/<entry>",
+               "run_dir": "the output folder is compare(run_dir=...)"}
+
+COLUMNS = ["strategy", "model", "accuracy", "macro_f1", "train_seconds", "model_size_mb", "run_dir"]
+
+
+def compare(data: str | os.PathLike, strategies: Sequence[str] = ("finetune", "linear-probe", "progressive"),
+            models: Sequence[str] = ("efficientnet_lite0",), run_dir: str | None = None, **train_options: Any
+            ) -> list[dict[str, Any]]:
+    """Train every (strategy, model) on the same split and seed; return and save the table.
+
+    ``train_options`` are options of ``visiontune train`` (``epochs=3``, ``seed=0``...), except those
+    compare sets itself for every entry (:data:`OWN_OPTIONS`).
+
+    Example:
+        rows = compare("data/hymenoptera/train", ["finetune", "linear-probe"], epochs=3)
+        [r["accuracy"] for r in rows]
+        # -> [0.96, 0.94]
+    """
+    if not strategies:
+        raise ConfigError(f"give at least one strategy: {', '.join(STRATEGIES)}")
+    for strategy in strategies:
+        STRATEGIES.check(strategy)
+    if not models:
+        raise ConfigError("give at least one model")
+    if train_options.get("report") is False:
+        train_options.pop("report")  # what compare does anyway
+    own = sorted(set(train_options) & set(OWN_OPTIONS))
+    if own:
+        raise ConfigError(f"compare sets {', '.join(own)} itself for every entry; "
+                          + "; ".join(OWN_OPTIONS[k] for k in own))
+    TrainConfig.from_dict({"data": str(data), **train_options})  # fail fast on bad options
+    out = make_run_dir(run_dir, "compare")
+    train_options.setdefault("cache_dir", str(out / "feature-cache") if not os.environ.get("VISIONTUNE_CACHE")
+                             else None)
+    if train_options["cache_dir"] is None:
+        train_options.pop("cache_dir")
+    rows: list[dict[str, Any]] = []
+    for model in models:
+        for strategy in strategies:
+            name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{model}-{strategy}")
+            print(f"== compare: {strategy} on {model} -> {out / name}", flush=True)
+            start = time.perf_counter()
+            run = train(data, strategy=strategy, model=model, run_dir=str(out / name), report=False, **train_options)
+            seconds = time.perf_counter() - start
+            val = run.metrics.get("val", {})
+            rows.append({"strategy": strategy, "model": model, "accuracy": round(float(val.get("accuracy", 0.0)), 4),
+                         "macro_f1": round(float(val.get("macro_f1", 0.0)), 4), "train_seconds": round(seconds, 1),
+                         "model_size_mb": round((run.model_dir / "model.safetensors").stat().st_size / 2**20, 2),
+                         "run_dir": str(run.run_dir)})
+            write_csv(rows, RunLayout(out).compare_csv)
+    for row in rows:
+        shutil.copyfile(RunLayout(out).compare_csv, RunLayout(row["run_dir"]).compare_csv)
+    print(f"compare: {RunLayout(out).compare_csv}")
+    return rows
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The comparison as a console table."""
+    header = ["strategy", "model", "accuracy", "macro_f1", "train_s", "size_mb"]
+    cells = [[r["strategy"], r["model"], f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}", f"{r['train_seconds']:.1f}",
+              f"{r['model_size_mb']:.2f}"] for r in rows]
+    return fixed_width(header, cells, left=2)

@@ -1,0 +1,103 @@
+"""``visiontune.train``: data -> model -> strategy -> run dir, then evaluation, calibration and report."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..core.hardware import is_rank_zero
+from ..evaluation.calibration import calibrate_run
+from ..evaluation.evaluate import evaluate_samples
+from ..evaluation.plots import plot_curves
+from ..evaluation.report import write_report
+from ..inference.classifier import Classifier
+from ..models.artifact import read_card, write_card
+from ..training.config import TrainConfig, read_yaml
+from ..training.context import TrainContext
+from ..training.setup import fit, setup_run
+
+
+@dataclass
+class Run:
+    """The result of :func:`train`: where the run lies and how the best model scored."""
+
+    run_dir: Path
+    model_dir: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def load(self) -> Classifier:
+        """The best model as a :class:`~visiontune.inference.classifier.Classifier`."""
+        return Classifier.load(self.model_dir)
+
+
+def train(data: str | os.PathLike | None = None, **options: Any) -> Run:
+    """Fine-tune a pretrained classifier on a folder of labelled images.
+
+    Args:
+        data: ``DATA/<class>/*``, ``DATA/{train,val[,test]}/<class>/*`` or a ``path,label`` CSV.
+        **options: any option of ``visiontune train`` by its key, e.g. ``epochs=5``,
+            ``model="resnet50"``, ``strategy="linear-probe"``; ``config="run.yaml"`` reads a file.
+
+    Returns:
+        A :class:`Run` with ``run_dir``, ``model_dir`` and the best model's metrics.
+
+    Example:
+        >>> import visiontune
+        >>> run = visiontune.train("data/hymenoptera/train", epochs=3)  # doctest: +SKIP
+        >>> run.metrics["val"]["accuracy"]  # doctest: +SKIP
+        0.96
+    """
+    values: dict[str, Any] = {}
+    config_file = options.pop("config", None)
+    if config_file:
+        values.update(read_yaml(config_file))
+    if data is not None:
+        values["data"] = str(data)
+    values.update(options)
+    return run_training(TrainConfig.from_dict(values))
+
+
+def run_training(cfg: TrainConfig) -> Run:
+    """The whole ``train`` command: set up, fit, then evaluate, calibrate and report (rank 0)."""
+    ctx = setup_run(cfg)
+    fit(ctx)
+    if not is_rank_zero():  # other DDP ranks only train; rank 0 evaluates and writes
+        return Run(ctx.run_dir, ctx.model_dir)
+    return finish(ctx)
+
+
+def finish(ctx: TrainContext) -> Run:
+    """Curves, the best model's val/test metrics into its card, calibration and the report."""
+    plot_curves(ctx.layout.metrics_csv, ctx.layout.curves)
+    clf = Classifier.load(ctx.model_dir)
+    metrics: dict[str, Any] = dict(clf.card.metrics)
+    for split in ("val", "test"):
+        samples = getattr(ctx.splits, split)
+        if samples:
+            result = evaluate_samples(clf, samples, batch_size=ctx.batch_size * 2, workers=ctx.cfg.data.workers)
+            metrics[split] = {k: result[k] for k in ("accuracy", "macro_f1", "num_samples", "top5_accuracy")
+                              if k in result}
+            print(f"{split}: accuracy {result['accuracy']:.4f}  macro_f1 {result['macro_f1']:.4f}  "
+                  f"({result['num_samples']} images)")
+    write_card(ctx.model_dir, read_card(ctx.model_dir).replace(metrics=metrics))
+    report_and_calibrate(ctx)
+    return Run(ctx.run_dir, ctx.model_dir, metrics)
+
+
+def report_and_calibrate(ctx: TrainContext) -> None:
+    """Fit temperature scaling on val (stored in model.json) and write RUN/report.html."""
+    workers = ctx.cfg.data.workers
+    try:
+        if ctx.cfg.runtime.report:
+            print(f"report: {write_report(ctx.run_dir, workers=workers)}")  # also calibrates
+        else:
+            calibrate_run(ctx.run_dir, workers=workers)
+        cal = read_card(ctx.model_dir).calibration
+        if cal:
+            print(f"calibration: temperature {cal['temperature']:.3f}, val ECE {cal['ece_before']:.3f} -> "
+                  f"{cal['ece_after']:.3f}")
+    except Exception as exc:  # a report problem must never lose a finished training run
+        print(f"warning: report/calibration skipped ({type(exc).__name__}: {exc}); "
+              f"run `visiontune report {ctx.run_dir}`")

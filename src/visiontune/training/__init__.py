@@ -1,0 +1,1 @@
+"""Training: options, run setup, strategies, the Lightning loop, cached-feature heads, checkpoints."""

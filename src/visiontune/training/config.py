@@ -1,0 +1,277 @@
+"""``TrainConfig``: every option of ``visiontune train``, in five sections, with flat keys.
+
+Sections group the options by the component that uses them (data, model, strategy,
+optimisation, runtime); each option keeps one flat, unique key, which is its CLI flag
+(``--val-fraction``), its YAML key (``val_fraction``) and its keyword in ``visiontune.train``.
+The help text, type and allowed values of each option live on its field here, so the CLI, the
+YAML reader and the Python API cannot disagree. The resolved config is written to
+``config.yaml`` in every run dir, and ``--config FILE.yaml`` reads one back; unknown keys fail
+with a close-match suggestion.
+
+Example:
+    >>> cfg = TrainConfig.from_dict({"data": "photos", "epochs": 3, "strategy": "linear-probe"})
+    >>> cfg.data.path, cfg.optim.epochs, cfg.strategy.name
+    ('photos', 3, 'linear-probe')
+    >>> cfg.to_dict()["epochs"]
+    3
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..core.errors import ConfigError
+from ..core.registry import PRECISIONS, Registry, suggest
+from ..data.registry import AUGMENTS, RESIZE
+from .registry import (
+    BALANCE,
+    BN_STATS,
+    DISTRIBUTED,
+    LOGGERS,
+    OPTIMIZERS,
+    PROBE_HEADS,
+    SCHEDULES,
+    SELECT_METRICS,
+    STRATEGIES,
+)
+
+# keys of earlier releases, still read from old config.yaml files
+ALIASES = {"strategy_dist": "distributed"}
+
+
+def option(default: Any, help: str, *, key: str | None = None, choices: Registry | None = None,
+           metavar: str | None = None) -> Any:
+    """A config field with its CLI/YAML metadata (``key``: flat name when not the field's own)."""
+    meta = {"help": help, "key": key, "choices": choices, "metavar": metavar}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataOptions:
+    """Where the images are and how they are split, augmented, balanced and loaded."""
+
+    path: str = option("", "DATA/<class>/*, DATA/{train,val[,test]}/<class>/*, or a path,label CSV", key="data")
+    val: str | None = option(None, "explicit validation folder or CSV (default: DATA/val, else a stratified split "
+                                   "of DATA)", metavar="DIR|CSV")
+    val_fraction: float = option(0.2, "share of each class held out for validation when DATA has no val split (0.2)")
+    augment: str = option("standard", "training augmentation", choices=AUGMENTS)
+    balance: str = option("none", "class imbalance", choices=BALANCE)
+    cache_images: bool = option(False, "decode and pre-resize every image once, in memory, for all epochs")
+    workers: int | None = option(None, "data-loading processes (default: one per core, up to 8)")
+
+
+@dataclass
+class ModelOptions:
+    """The backbone, its weights and its input."""
+
+    name: str = option("efficientnet_lite0", "timm name, torchvision:NAME, or the embedded offline default "
+                                             "efficientnet_lite0", key="model")
+    weights: str = option("default", "default (pretrained: embedded or hub download) | none | PATH to a local "
+                                     ".safetensors/.pth", metavar="default|none|PATH")
+    img_size: int | None = option(None, "input size in pixels (default: the backbone's pretrained config)")
+    resize_mode: str = option("crop", "how images are fitted to the input", choices=RESIZE)
+
+
+@dataclass
+class StrategyOptions:
+    """How the pretrained network is adapted: what trains when, and at which relative LR."""
+
+    name: str = option("finetune", "transfer-learning strategy", key="strategy", choices=STRATEGIES)
+    head: str = option("linear", "linear-probe: the kind of head fitted on the features", choices=PROBE_HEADS)
+    freeze_epochs: int = option(1, "epochs training only the head before the body is unfrozen (1)")
+    unfreeze_every: int | None = option(None, "progressive: epochs between unfreezing one more layer group (auto)")
+    lr_mult: float = option(10.0, "head LR / body LR for discriminative learning rates (10)")
+    bn_stats: str = option("train", "BatchNorm running statistics of trainable layers", choices=BN_STATS)
+    cached_views: int = option(1, "augmented views cached per image for frozen-backbone epochs (1: un-augmented)")
+
+
+@dataclass
+class OptimOptions:
+    """The optimisation: epochs, batches, optimizer, schedule, loss and model selection."""
+
+    epochs: int = option(10, "training epochs (10)")
+    batch_size: int = option(32, "images per batch (32)")
+    lr: float | None = option(None, "head learning rate (default: 1e-3 for adam/adamw, 1e-2 for sgd)")
+    optimizer: str = option("adamw", "optimizer", choices=OPTIMIZERS)
+    weight_decay: float = option(0.01, "weight decay (0.01)")
+    momentum: float = option(0.9, "SGD momentum (0.9)")
+    schedule: str = option("cosine", "LR schedule, per step, after warm-up", choices=SCHEDULES)
+    warmup_epochs: float = option(0.0, "linear LR warm-up, in epochs (0)")
+    step_size: int = option(3, "step schedule: epochs between x0.1 decays (3)")
+    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy loss (0.1)")
+    select_metric: str = option("accuracy", "metric choosing the best epoch (and early stopping)",
+                                choices=SELECT_METRICS)
+    early_stopping: int | None = option(None, "stop after this many epochs without improvement of --select-metric")
+    auto_batch_size: bool = option(False, "find the largest batch size that fits (Lightning tuner; capped at 1/4 "
+                                          "of the data)")
+
+
+@dataclass
+class RuntimeOptions:
+    """Where and how the run executes: seed, precision, devices, outputs, checkpoints."""
+
+    seed: int = option(0, "random seed for the split, init and data order (0)")
+    precision: str = option("auto", "numeric precision", choices=PRECISIONS)
+    devices: int = option(1, "devices (GPUs, or CPU processes) per node; >1 trains with DDP (1)")
+    num_nodes: int = option(1, "machines in a multi-node run (torchrun / SLURM; see README) (1)")
+    distributed: str = option("auto", "distributed strategy", choices=DISTRIBUTED)
+    logger: str = option("csv", "training logger, written under RUN/logs", choices=LOGGERS)
+    run_dir: str | None = option(None, "where to write the run (default: runs/train-N, never overwriting)",
+                                 metavar="PATH")
+    resume: str | None = option(None, "continue an interrupted run from its last checkpoint", metavar="RUN_DIR")
+    checkpoint_every_steps: int | None = option(None, "also checkpoint every N optimizer steps (resume mid-epoch)")
+    compile: bool = option(False, "torch.compile the model for training (opt-in: compiling takes minutes)")
+    cache_dir: str | None = option(None, "feature cache folder (default: $VISIONTUNE_CACHE or ~/.cache/visiontune)",
+                                   metavar="PATH")
+    limit_train_batches: float | int | None = option(None, "train on this many batches (int) or share (float) per "
+                                                           "epoch; for smoke tests")
+    limit_val_batches: float | int | None = option(None, "validate on this many batches (int) or share (float); "
+                                                         "for smoke tests")
+    progress: bool | None = option(None, "progress bars (default: only on an interactive terminal)")
+    report: bool = option(True, "write RUN/report.html at the end")
+
+
+SECTIONS = {"data": DataOptions, "model": ModelOptions, "strategy": StrategyOptions, "optim": OptimOptions,
+            "runtime": RuntimeOptions}
+
+
+@dataclass(frozen=True)
+class OptionInfo:
+    """One option as the CLI and YAML see it."""
+
+    key: str
+    section: str
+    attr: str
+    default: Any
+    type: str
+    help: str
+    choices: Registry | None
+    metavar: str | None
+
+
+def options() -> dict[str, OptionInfo]:
+    """Every option by flat key, in section order."""
+    out: dict[str, OptionInfo] = {}
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            key = f.metadata.get("key") or f.name
+            out[key] = OptionInfo(key, section, f.name, f.default, str(f.type), f.metadata["help"],
+                                  f.metadata.get("choices"), f.metadata.get("metavar"))
+    return out
+
+
+OPTIONS = options()
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``visiontune train``, by section; see :data:`OPTIONS` for the flat keys."""
+
+    data: DataOptions = field(default_factory=DataOptions)
+    model: ModelOptions = field(default_factory=ModelOptions)
+    strategy: StrategyOptions = field(default_factory=StrategyOptions)
+    optim: OptimOptions = field(default_factory=OptimOptions)
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+
+    def get(self, key: str) -> Any:
+        """The value of flat key ``key`` (``cfg.get("epochs")``)."""
+        info = OPTIONS[key]
+        return getattr(getattr(self, info.section), info.attr)
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        for key in OPTIONS:
+            yield key, self.get(key)
+
+    def replace(self, **flat: Any) -> TrainConfig:
+        """A validated copy with some flat keys changed (the original is left as it is)."""
+        return TrainConfig.from_dict({**self.to_dict(), **flat})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat ``{key: value}`` in section order: what ``config.yaml`` holds."""
+        return dict(self.items())
+
+    def validate(self) -> TrainConfig:
+        """Check choice-valued and numeric options; raise :class:`ConfigError` naming allowed values."""
+        for key, info in OPTIONS.items():
+            if info.choices is not None:
+                info.choices.check(self.get(key))
+        checks = [
+            ("val_fraction", lambda v: 0.0 < v < 1.0, "must be in (0, 1)"),
+            ("epochs", lambda v: v >= 1, "must be >= 1"),
+            ("batch_size", lambda v: v >= 1, "must be >= 1"),
+            ("lr_mult", lambda v: v > 0, "must be > 0"),
+            ("freeze_epochs", lambda v: v >= 0, "must be >= 0"),
+            ("lr", lambda v: v is None or v > 0, "must be > 0"),
+            ("weight_decay", lambda v: v >= 0, "must be >= 0"),
+            ("label_smoothing", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+            ("img_size", lambda v: v is None or v >= 16, "must be >= 16"),
+            ("cached_views", lambda v: v >= 1, "must be >= 1"),
+            ("devices", lambda v: v >= 1, "must be >= 1"),
+            ("num_nodes", lambda v: v >= 1, "must be >= 1"),
+        ]
+        for key, ok, text in checks:
+            if not ok(self.get(key)):
+                raise ConfigError(f"{key} {text}, got {self.get(key)}")
+        return self
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from flat keys (dashes allowed), failing on unknown keys with the closest suggested."""
+        values = normalise_keys(values)
+        check_keys(values)
+        sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+        for key, value in values.items():
+            info = OPTIONS[key]
+            sections[info.section][info.attr] = value
+        try:
+            cfg = cls(**{name: SECTIONS[name](**kw) for name, kw in sections.items()})
+        except TypeError as exc:  # a value of an impossible type
+            raise ConfigError(str(exc)) from None
+        return cfg.validate()
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        return cls.from_dict(read_yaml(path))
+
+
+def normalise_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """Dashes to underscores, and keys of earlier releases to their current names."""
+    out = {}
+    for key, value in values.items():
+        key = str(key).replace("-", "_")
+        out[ALIASES.get(key, key)] = value
+    return out
+
+
+def check_keys(values: dict[str, Any], known: Any = None) -> None:
+    known = list(known if known is not None else OPTIONS)
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"unknown option {key!r}" + suggest(key, known, fallback=True))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping of options (dashed keys allowed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a mapping of option: value, got {type(values).__name__}")
+    return normalise_keys(values)
+
+
+__all__ = ["OPTIONS", "ConfigError", "TrainConfig"]

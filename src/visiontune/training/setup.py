@@ -1,0 +1,146 @@
+"""Before training: run dir, seeded RNGs, checked data splits and the model, or a resumed run.
+
+Everything that can fail on the user's input runs before a run dir exists, so a failed start
+leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import replace
+from pathlib import Path
+
+from ..core.errors import ConfigError
+from ..core.hardware import is_rank_zero, resolve_precision
+from ..core.layout import RunLayout
+from ..data.scan import Splits, discover, write_skipped, write_split_csv
+from ..models.factory import build_model
+from .checkpoint_io import newest_valid_checkpoint, remove_stale_temp_files
+from .config import TrainConfig
+from .context import TrainContext
+from .registry import RANDOM_INIT, STRATEGIES
+
+RUN_DIR_ENV = "VISIONTUNE_RUN_DIR"
+IMBALANCE_WARNING = 5.0  # max/min class ratio above which training warns
+
+
+def setup_run(cfg: TrainConfig, prefix: str = "train") -> TrainContext:
+    """Run dir, seeded RNGs, checked data splits and the model: everything before training.
+
+    Example:
+        ctx = setup_run(TrainConfig.from_dict({"data": "photos", "epochs": 1}))
+    """
+    import lightning as L  # lazy: Lightning loads only when a run starts (not for --help or errors)
+
+    resume_ckpt = None
+    run_dir: Path | None = None
+    if cfg.runtime.resume:
+        cfg, run_dir, resume_ckpt = prepare_resume(cfg)
+    elif not cfg.data.path:
+        raise ConfigError("no data given: visiontune train DATA (a folder or a path,label CSV)")
+    L.seed_everything(cfg.runtime.seed, workers=True, verbose=False)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+
+    # everything that can fail on user input runs before a run dir exists
+    splits = discover(cfg.data.path, cfg.data.val, cfg.data.val_fraction, cfg.runtime.seed)
+    weights = "none" if cfg.strategy.name in RANDOM_INIT else cfg.model.weights
+    model, arch, pre = build_model(cfg.model.name, len(splits.class_names), weights)
+    if cfg.model.img_size:
+        pre = pre.with_size(cfg.model.img_size)
+    pre = replace(pre, resize_mode=cfg.model.resize_mode)
+    precision = resolve_precision(cfg.runtime.precision, pre.height)
+    if run_dir is None:
+        run_dir = _distributed_run_dir(cfg, prefix)
+    layout = RunLayout(run_dir)
+    if is_rank_zero():
+        report_data(splits, layout)
+        resolved = cfg.replace(run_dir=str(run_dir))  # the user's cfg is left as given
+        resolved.save(layout.config)
+    print(f"model: {cfg.model.name} ({arch.source}:{arch.name}, weights={weights}), strategy {cfg.strategy.name}, "
+          f"input {pre.height}x{pre.width} {pre.resize_mode}, precision {precision}")
+    return TrainContext(cfg, layout, model, arch, pre, splits, precision, resume_ckpt, cfg.optim.batch_size)
+
+
+def fit(ctx: TrainContext) -> None:
+    """Train ``ctx``'s model with its strategy; the best epoch ends up in ``RUN/model``."""
+    STRATEGIES.get(ctx.cfg.strategy.name)(ctx)
+
+
+def _distributed_run_dir(cfg: TrainConfig, prefix: str) -> Path:
+    """Every rank must write into one run dir.
+
+    Lightning's launcher re-runs this command for ranks > 0 with rank 0's environment, so rank 0
+    publishes its run dir in VISIONTUNE_RUN_DIR; under torchrun/SLURM all ranks start at once
+    and need an explicit --run-dir.
+    """
+    inherited = os.environ.get(RUN_DIR_ENV)
+    rt = cfg.runtime
+    if not is_rank_zero():
+        if inherited:
+            return Path(inherited)
+        if not rt.run_dir:
+            raise ConfigError("multi-process training started by torchrun/SLURM needs an explicit --run-dir")
+        Path(rt.run_dir).mkdir(parents=True, exist_ok=True)
+        return Path(rt.run_dir)
+    run_dir = make_run_dir(rt.run_dir, prefix)
+    if rt.devices != 1 or rt.num_nodes != 1:
+        os.environ[RUN_DIR_ENV] = str(run_dir)
+    return run_dir
+
+
+def report_data(splits: Splits, layout: RunLayout) -> None:
+    """Write the splits and the skipped files into the run; print the data summary."""
+    write_skipped(splits.skipped, layout.skipped)
+    layout.splits.mkdir(exist_ok=True)
+    for split in ("train", "val", "test"):
+        if getattr(splits, split):
+            write_split_csv(getattr(splits, split), splits.class_names, layout.split_csv(split))
+    print(f"data: {len(splits.class_names)} classes, {len(splits.train)} train / {len(splits.val)} val"
+          + (f" / {len(splits.test)} test" if splits.test else "") + f" images ({splits.layout} layout)")
+    counts = [c for c in splits.counts("train").values() if c > 0]
+    if counts and max(counts) > IMBALANCE_WARNING * min(counts):
+        smallest = sorted(splits.counts("train").items(), key=lambda kv: kv[1])[:3]
+        print(f"warning: class imbalance {max(counts)}:{min(counts)} in train (smallest: "
+              + ", ".join(f"{n} {c}" for n, c in smallest)
+              + "); consider --balance weights or --balance sampler, and --select-metric macro_f1")
+    if splits.skipped:
+        print(f"skipped {len(splits.skipped)} unreadable file(s), listed in {layout.skipped}")
+
+
+def make_run_dir(requested: str | None, prefix: str = "train") -> Path:
+    """A new run dir: ``requested`` if empty/new, else the next free ``runs/<prefix>-N``."""
+    if requested:
+        path = Path(requested)
+        if path.exists() and any(path.iterdir()):
+            raise ConfigError(f"run dir {path} exists and is not empty; pick another --run-dir or use --resume {path}")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    root = Path("runs")
+    root.mkdir(exist_ok=True)
+    taken = [int(m.group(1)) for p in root.iterdir() if (m := re.fullmatch(rf"{prefix}-(\d+)", p.name))]
+    number = max(taken, default=0) + 1
+    while True:
+        path = root / f"{prefix}-{number}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:  # a concurrent run took it
+            number += 1
+
+
+def prepare_resume(cfg: TrainConfig) -> tuple[TrainConfig, Path, Path]:
+    """The saved config and the newest readable checkpoint of an interrupted run."""
+    layout = RunLayout(cfg.runtime.resume)
+    if not layout.config.is_file():
+        raise ConfigError(f"--resume {layout.root}: no config.yaml there; is it a visiontune run dir?")
+    for stale in remove_stale_temp_files(layout.checkpoints):  # none when the folder is missing
+        print(f"removed half-written {stale.name} (the run was killed while saving it)")
+    ckpt = newest_valid_checkpoint(layout.checkpoints)
+    if ckpt is None:
+        raise ConfigError(f"--resume {layout.root}: no readable checkpoint in {layout.checkpoints}; "
+                          "start a new run instead")
+    resumed = TrainConfig.load(layout.config).replace(resume=str(layout.root))
+    print(f"resuming {layout.root} from {ckpt.name}")
+    return resumed, layout.root, ckpt

@@ -1,0 +1,220 @@
+"""Crash safety and resume: kill -9 (across the frozen warm-up, and five times at random points,
+some mid checkpoint write) and SIGTERM, then --resume lands on exactly the run an uninterrupted
+one gives; atomic checkpoint files; truncated checkpoints; seeds and worker counts."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CLASS_NAMES, FAST, FAST_FLAGS, make_folder, vt_main
+
+import visiontune
+from visiontune.data.sampling import EpochSampler
+from visiontune.training.checkpoint_io import (
+    SLOW_WRITE_ENV,
+    atomic_write,
+    newest_valid_checkpoint,
+    remove_stale_temp_files,
+)
+
+EPOCHS = 4
+# deterministic settings: fp32, fixed seed; two loader workers on purpose (augmentation is seeded
+# per sample, so worker processes restarting on resume must not change anything)
+FLAGS = ["--epochs", str(EPOCHS), "--freeze-epochs", "0", "--img-size", "32", "--batch-size", "4",
+         "--workers", "2", "--precision", "32", "--seed", "3", "--no-report", "--augment", "standard"]
+TIMING = ("epoch_seconds", "train_images_per_second")
+
+
+def train_cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "visiontune.cli", "train", *map(str, args)]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    last = run_dir / "checkpoints" / f"epoch{EPOCHS - 1:03d}.ckpt"  # Lightning counts epochs from 0
+    return torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def metric_columns(run_dir: Path) -> list[tuple[str, ...]]:
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    return [(r["epoch"], r["train_loss"], r["val_loss"], r["val_accuracy"]) for r in rows]
+
+
+def metric_epochs(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as fh:
+        return [int(r["epoch"]) for r in csv.DictReader(fh) if r.get("epoch")]
+
+
+def all_checkpoints_readable(folder: Path) -> None:
+    for path in folder.glob("*.ckpt"):
+        torch.load(path, map_location="cpu", weights_only=True)  # raises on a torn file
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _rows(run_dir):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in csv.DictReader(open(run_dir / "metrics.csv"))]
+
+
+def test_resume_after_kill_9_across_the_frozen_warmup(tmp_path, capsys):
+    """Default finetune (epoch 1 = frozen warm-up on cached features, then Lightning epochs):
+    kill -9 after the first Lightning epoch, resume, and every epoch appears exactly once."""
+    data = make_folder(tmp_path / "my data", per_class=8)
+    run_dir = tmp_path / "run dir"
+    epochs = 4
+    proc = subprocess.Popen(train_cmd(data, "--epochs", epochs, "--run-dir", run_dir, *FAST_FLAGS),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 200
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if len(metric_epochs(run_dir)) >= 2 and list((run_dir / "checkpoints").glob("*.ckpt")):
+                break
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    done = metric_epochs(run_dir)
+    assert 2 <= len(done) < epochs and done == list(range(1, len(done) + 1))
+
+    code, out, err = vt_main(capsys, "train", "--resume", run_dir)
+    assert code == 0 and out.strip().splitlines()[-1] == f"run: {run_dir}"
+    assert "Traceback" not in err
+    assert metric_epochs(run_dir) == list(range(1, epochs + 1))
+    clf = visiontune.load(run_dir)
+    assert clf.class_names == CLASS_NAMES
+    assert 1 <= clf.card.metrics["epoch"] <= epochs
+    # bit-exact: the same numbers as a run that was never interrupted
+    reference = visiontune.train(data, epochs=epochs, run_dir=tmp_path / "reference", **FAST)
+    assert metric_columns(run_dir) == metric_columns(reference.run_dir)
+
+
+def test_same_seed_same_metrics_for_any_worker_count_other_seed_differs(image_folder, tmp_path):
+    """Augmentation is seeded per sample, so loader processes do not change the run; the second run
+    finds the warm-up's features in the cache the first one filled, and must not differ either."""
+    opts = {**FAST, "epochs": 2, "freeze_epochs": 1, "precision": "32", "augment": "standard"}
+    a = visiontune.train(image_folder, run_dir=str(tmp_path / "a"), **{**opts, "seed": 1, "workers": 0})
+    b = visiontune.train(image_folder, run_dir=str(tmp_path / "b"), **{**opts, "seed": 1, "workers": 2})
+    c = visiontune.train(image_folder, run_dir=str(tmp_path / "c"), **{**opts, "seed": 2, "workers": 0})
+    assert _rows(a.run_dir) == _rows(b.run_dir)
+    assert _rows(a.run_dir) != _rows(c.run_dir)
+
+
+def test_resume_falls_back_when_newest_checkpoint_is_truncated(image_folder, tmp_path):
+    run = visiontune.train(image_folder, run_dir=str(tmp_path / "r"), epochs=3, freeze_epochs=0, **FAST)
+    ckpts = sorted((run.run_dir / "checkpoints").glob("epoch*.ckpt"))
+    assert [p.name for p in ckpts] == ["epoch001.ckpt", "epoch002.ckpt"]  # the two newest are kept
+    newest = ckpts[-1]
+    newest.write_bytes(newest.read_bytes()[:1000])
+    assert newest_valid_checkpoint(run.run_dir / "checkpoints") == ckpts[0]
+
+
+def test_sigterm_saves_checkpoint_and_resume_completes(image_folder, tmp_path, capsys):
+    from visiontune.cli import main
+
+    run_dir = tmp_path / "run"
+    epochs = 3
+    proc = subprocess.Popen(train_cmd(image_folder, "--epochs", epochs, "--freeze-epochs", "0", "--run-dir", run_dir,
+                                      "--img-size", "32", "--batch-size", "4", "--workers", "1", "--no-report"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(metric_epochs(run_dir)) >= 1, proc, timeout=240)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]  # stopped by the signal, not finished
+    assert "visiontune train --resume" in err and "Traceback" not in err
+    assert (run_dir / "checkpoints" / "interrupted.ckpt").is_file()
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    assert metric_epochs(run_dir) == list(range(1, epochs + 1))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_kill_9_five_times_then_resume_matches_uninterrupted(image_folder, tmp_path):
+    reference = tmp_path / "reference run"
+    subprocess.run(train_cmd(image_folder, "--run-dir", reference, *FLAGS), check=True, capture_output=True,
+                   timeout=300)
+    run_dir, ckpts = tmp_path / "killed run", tmp_path / "killed run" / "checkpoints"
+    env = {**os.environ, SLOW_WRITE_ENV: "1.0"}  # each checkpoint write takes 1 s: room to kill mid-write
+    rng = random.Random(7)
+    kills = {"mid-write": 0, "random": 0}
+    for trial in range(5):
+        resume = any(ckpts.glob("*.ckpt"))
+        args = ["--resume", run_dir] if resume else [image_folder, "--run-dir", run_dir, *FLAGS]
+        if not resume and run_dir.exists():  # killed before its first checkpoint: start over
+            shutil.rmtree(run_dir)
+        started = time.time()
+        proc = subprocess.Popen(train_cmd(*args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+
+        def saved_since_start(n: int, started: float = started) -> bool:
+            return sum(p.stat().st_mtime > started for p in ckpts.glob("epoch*.ckpt")) >= n
+
+        if trial % 2 == 0:  # during the 1st or 2nd checkpoint write of this process, at a random moment of it
+            nth = rng.choice([1, 2])
+            wait_for(lambda nth=nth: saved_since_start(nth - 1), proc)
+            hit = wait_for(lambda: any(ckpts.glob(".*.ckpt.tmp-*")), proc)
+            time.sleep(rng.uniform(0.05, 0.8))
+            kills["mid-write"] += hit and proc.poll() is None
+        else:  # anywhere after one more epoch was saved: training, validation, the next write
+            wait_for(lambda: saved_since_start(1), proc)
+            time.sleep(rng.uniform(0.0, 3.0))
+            kills["random"] += proc.poll() is None
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        all_checkpoints_readable(ckpts)  # a kill never leaves a torn *.ckpt
+    assert kills["mid-write"] >= 2, kills  # the slowed writes really were interrupted
+    done = subprocess.run(train_cmd("--resume", run_dir), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not list(ckpts.glob(".*.tmp-*")), "stale temp files are cleaned up on resume"
+    weights, expected = final_weights(run_dir), final_weights(reference)
+    assert weights.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(weights[name], expected[name]), name
+    assert metric_columns(run_dir) == metric_columns(reference)
+
+
+def test_atomic_write_leaves_old_or_new_file(tmp_path, monkeypatch):
+    target = tmp_path / "epoch001.ckpt"
+    atomic_write(target, b"old" * 1000)
+    monkeypatch.setenv(SLOW_WRITE_ENV, "0.01")
+    atomic_write(target, b"new" * 1000)
+    assert target.read_bytes() == b"new" * 1000
+    assert list(tmp_path.iterdir()) == [target]
+    (tmp_path / f".epoch002.ckpt.tmp-{os.getpid()}").write_bytes(b"torn")
+    assert [p.name for p in remove_stale_temp_files(tmp_path)] == [f".epoch002.ckpt.tmp-{os.getpid()}"]
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_epoch_sampler_is_a_function_of_seed_and_epoch():
+    a, b = EpochSampler(10, seed=1), EpochSampler(10, seed=1)
+    a.set_epoch(3)
+    b.set_epoch(3)
+    assert list(a) == list(b) and sorted(i for i, _ in a) == list(range(10))
+    b.set_epoch(4)
+    assert [i for i, _ in a] != [i for i, _ in b]
+    ranks = [EpochSampler(7, seed=1, rank=r, world=2) for r in range(2)]
+    seen = [i for s in ranks for i, _ in s]
+    assert set(seen) == set(range(7)) and len(seen) == 8  # padded to equal shards
+    weighted = EpochSampler(6, seed=0, weights=torch.tensor([0.0, 0, 0, 0, 0, 1]))
+    assert {i for i, _ in weighted} == {5}
