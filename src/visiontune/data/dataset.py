@@ -7,6 +7,8 @@ Bad images, everywhere:
 - Training (:class:`ImageListDataset`): a file that turns bad *after* the scan (changed on disk
   during the run) is replaced by the next readable sample and logged. An epoch must keep its
   length and its batches their shape, and a resumed run must see the same number of batches.
+  Images decoded into memory (:mod:`visiontune.data.memory`) are read once: one unreadable then
+  is left out of the run from the start, which keeps the epoch length constant just as well.
 - Inference (:class:`InputDataset`: predict, evaluate, calibration, feature extraction): the
   input yields its error instead of a tensor. Predict writes an error row, evaluation and
   calibration leave it out and count it, feature extraction leaves it out of the training set
@@ -19,10 +21,8 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -49,38 +49,9 @@ class ImageListDataset(Dataset):
         self.transform = transform
         self.draft_size = draft_size
         self.seed = seed
-        self._images: list[np.ndarray | None] | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
-
-    def preload(self, shorter_side: int, threads: int = 8) -> int:
-        """Decode every image once, downscaled to ``shorter_side`` (the resize step's target),
-        and keep the pixels in memory; returns the bytes held.
-
-        Filled before the loader's workers fork, the arrays are shared with them copy-on-write,
-        so later epochs skip file reads and JPEG decoding entirely.
-        """
-
-        def decode(path: str) -> np.ndarray | None:
-            try:
-                img = load_image(path, self.draft_size)
-            except ImageDecodeError:
-                return None  # __getitem__ retries the file and substitutes if still bad
-            scale = shorter_side / min(img.size)
-            if scale < 1:
-                img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
-                                 Image.Resampling.BICUBIC)
-            return np.asarray(img)
-
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            self._images = list(pool.map(decode, [p for p, _ in self.samples]))
-        return sum(a.nbytes for a in self._images if a is not None)
-
-    def _image(self, index: int, path: str) -> Image.Image:
-        if self._images is not None and self._images[index] is not None:
-            return Image.fromarray(self._images[index])
-        return load_image(path, self.draft_size)
 
     def __getitem__(self, key: int | SampleKey) -> tuple[torch.Tensor, int]:
         if isinstance(key, tuple):
@@ -94,7 +65,7 @@ class ImageListDataset(Dataset):
             position = (index + attempt) % len(self.samples)
             path, label = self.samples[position]
             try:
-                return self.transform(self._image(position, path)), label
+                return self.transform(load_image(path, self.draft_size)), label
             except ImageDecodeError as exc:
                 log.warning("skipping %s mid-run: %s", path, exc)
         raise RuntimeError(f"{MAX_SUBSTITUTE_TRIES} consecutive unreadable files near index {index}")
@@ -162,7 +133,8 @@ def _worker_init(worker_id: int) -> None:
     pl_worker_init_function(worker_id)
 
 
-def make_loader(dataset: Dataset, batch_size: int, workers: int, seed: int = 0, sampler=None) -> DataLoader:
+def make_loader(dataset: Dataset, batch_size: int, workers: int, seed: int = 0, sampler=None,
+                collate_fn=None) -> DataLoader:
     """A seeded training/validation loader in ``sampler`` order (dataset order when None).
 
     Shuffling and class balancing live in :class:`~visiontune.data.sampling.EpochSampler`, so a
@@ -179,4 +151,5 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, seed: int = 0, 
         generator=generator,
         drop_last=False,
         worker_init_fn=_worker_init if workers > 0 else None,
+        collate_fn=collate_fn,
     )

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..core.errors import DataError, ImageDecodeError
 from .image import is_image_path, load_image
+from .preprocess import open_image
 
 Sample = tuple[str, int]
 SPLIT_ALIASES = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test",)}
@@ -119,6 +120,18 @@ def scan_files(paths: list[str], workers: int | None = None) -> dict[str, ImageD
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return {p: error for p, error in pool.map(check, paths) if error is not None}
+
+
+def median_side(paths: list[str], sample: int = 200) -> int:
+    """The median shorter side of the images (from the headers of up to ``sample`` of them)."""
+    sides = []
+    for path in paths[::max(1, len(paths) // sample)]:
+        try:
+            with open_image(path) as img:
+                sides.append(min(img.size))
+        except Exception:  # unreadable files were skipped by the scan
+            continue
+    return int(sorted(sides)[len(sides) // 2]) if sides else 0
 
 
 def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
