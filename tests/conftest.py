@@ -128,7 +128,10 @@ def reference_probabilities(model_dir: Path, files: list[str]) -> tuple[torch.Te
     batch = torch.stack([torch.from_numpy(preprocess(load_image(f), spec)) for f in files])
     temperature = float((meta.get("calibration") or {}).get("temperature", 1.0))
     with torch.no_grad():
-        return torch.softmax(model(batch) / temperature, dim=1), meta
+        logits = model(batch)
+        if (meta.get("inference") or {}).get("tta") == "flip":  # the mean with the mirror image
+            logits = (logits + model(batch.flip(-1))) / 2
+        return torch.softmax(logits / temperature, dim=1), meta
 
 
 def rows_probabilities(rows: list[dict], class_names: list[str]) -> torch.Tensor:

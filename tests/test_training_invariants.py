@@ -160,7 +160,11 @@ OPTION_CASES = {
     "early-stopping": {"epochs": 4, "early_stopping": 1, "freeze_epochs": 0},
     "probe-views-logistic": {"strategy": "linear-probe", "head": "logistic", "cached_views": 2},
     "probe-views-linear": {"strategy": "linear-probe", "cached_views": 2},
-    "cache-images-balance-f1": {"cache_images": True, "balance": "weights", "select_metric": "macro_f1"},
+    "probe-auto": {"strategy": "linear-probe", "head": "auto"},
+    "from-disk-balance-f1": {"cache_images": False, "balance": "weights", "select_metric": "macro_f1"},
+    "in-memory-crop-flip-ema-mixup": {"cache_images": True, "augment": "crop-flip", "ema": True, "mixup": 0.2,
+                                      "cutmix": 1.0, "freeze_epochs": 0},
+    "in-memory-standard-tta": {"cache_images": True, "augment": "standard", "tta": True},
     "torchvision-scratch": {"model": "torchvision:resnet18", "strategy": "scratch", "epochs": 1},
 }
 
@@ -170,7 +174,7 @@ def test_option_matrix_runs_are_consistent(tmp_path, data, options):
     settings = {"epochs": 2, **TINY, **options}
     run = visiontune.train(data, run_dir=tmp_path / "run", **settings)
     rows, _ = check_run_consistency(run, data, settings["epochs"])
-    if options.get("head") in ("logistic", "svm"):
+    if options.get("head") in ("logistic", "svm", "auto"):
         assert len(rows) == 1
     elif "early_stopping" not in options:
         assert len(rows) == settings["epochs"]

@@ -24,8 +24,9 @@ def train(data=None, **options):
     return _train(data, **options)
 
 
-def load(path: str | os.PathLike, precision: str = "auto"):
-    """Load a run dir, ``model/`` dir, pruned model dir or exported ``.onnx`` as a classifier.
+def load(path: str | os.PathLike, precision: str = "auto", tta: bool | None = None):
+    """Load a run dir, ``model/`` dir, pruned model dir or exported ``.onnx`` as a classifier
+    (``tta``: override the flip test-time augmentation the model was trained with).
 
     Example:
         clf = visiontune.load("runs/train-1")
@@ -34,7 +35,7 @@ def load(path: str | os.PathLike, precision: str = "auto"):
     """
     from .inference.classifier import Classifier  # lazy: as above
 
-    return Classifier.load(path, precision)
+    return Classifier.load(path, precision, tta)
 
 
 def evaluate(model, data, **options):

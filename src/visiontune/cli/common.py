@@ -65,6 +65,9 @@ def _add_option(group, info: OptionInfo) -> None:
     if info.type == "bool":
         group.add_argument(flag(info.key), action="store_true", **kwargs)
         return
+    if info.type == "bool | None":  # three states: on, off, or left to visiontune (the default)
+        group.add_argument(flag(info.key), action=argparse.BooleanOptionalAction, **kwargs)
+        return
     if info.choices is not None:
         kwargs["choices"] = info.choices.names()
         kwargs["metavar"] = "{" + ",".join(info.choices.names()) + "}"

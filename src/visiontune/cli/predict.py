@@ -22,6 +22,10 @@ def register(sub) -> None:
     p.add_argument("data", help="class folders, a train/val/test layout (uses test, else val) or a CSV")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-save", action="store_true", help="do not write confusion_matrix.png / misclassified.csv")
+    tta = p.add_mutually_exclusive_group()
+    tta.add_argument("--tta", dest="tta", action="store_true", default=None,
+                     help="average each image's logits with its mirror image's (default: as the model was trained)")
+    tta.add_argument("--no-tta", dest="tta", action="store_false", help="score single views")
     add_loader_arguments(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -46,8 +50,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..evaluation.evaluate import evaluate  # lazy: the parser builds without torch
     from ..inference.classifier import Classifier
 
-    result = evaluate(Classifier.load(args.model, precision=args.precision), args.data, batch_size=args.batch_size,
-                      workers=args.workers, save=not args.no_save)
+    clf = Classifier.load(args.model, precision=args.precision, tta=args.tta)
+    result = evaluate(clf, args.data, batch_size=args.batch_size, workers=args.workers, save=not args.no_save)
     print(json.dumps(result) if args.json else format_evaluation(result))
     return 0
 

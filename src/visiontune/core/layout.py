@@ -8,6 +8,8 @@ A run dir from ``visiontune train``::
     RUN/splits/{train,val,test}.csv   the exact split used (path,label)
     RUN/metrics.csv            one row per epoch
     RUN/curves.png, RUN/report.html, RUN/skipped_files.txt, RUN/logs/, RUN/compare.csv
+    RUN/plan.json              what a --time budget chose, and the projected time of each phase
+    RUN/timings.json           how long each phase of the command took
 
 Example:
     >>> run = RunLayout("runs/train-1")
@@ -32,9 +34,9 @@ class RunLayout:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         names = ("config.yaml", MODEL_DIR, "checkpoints", "splits", "metrics.csv", "curves.png", "report.html",
-                 "skipped_files.txt", "logs", "compare.csv")
+                 "skipped_files.txt", "logs", "compare.csv", "plan.json", "timings.json")
         (self.config, self.model_dir, self.checkpoints, self.splits, self.metrics_csv, self.curves, self.report,
-         self.skipped, self.logs, self.compare_csv) = (self.root / name for name in names)
+         self.skipped, self.logs, self.compare_csv, self.plan, self.timings) = (self.root / name for name in names)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RunLayout) and other.root == self.root

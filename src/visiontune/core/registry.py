@@ -45,9 +45,9 @@ class Registry:
         self._entries: dict[str, tuple[Any, str]] = dict(entries or {})
 
     @classmethod
-    def choices(cls, kind: str, **help_by_name: str) -> Registry:
+    def choices(cls, kind: str, help_by_name: dict[str, str] | None = None, **more: str) -> Registry:
         """A registry of plain names (each name is its own value), with a help text each."""
-        return cls(kind, {name: (name, text) for name, text in help_by_name.items()})
+        return cls(kind, {name: (name, text) for name, text in {**(help_by_name or {}), **more}.items()})
 
     def register(self, name: str, target: Any = None, help: str = ""):
         """Add ``name``; usable as a decorator when ``target`` is omitted."""

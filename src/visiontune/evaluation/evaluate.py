@@ -57,11 +57,17 @@ def evaluate_samples(clf: Classifier, samples: list[Sample], batch_size: int = 6
     """Metrics of ``clf`` on labelled ``samples`` (unreadable ones are left out)."""
     paths = [p for p, _ in samples]
     logits, ok, _ = clf.logits_of(paths, batch_size, workers)
-    probs = probabilities(logits, clf.temperature)
+    return metrics_of_logits(logits, ok, samples, clf.class_names, clf.temperature, keep_predictions)
+
+
+def metrics_of_logits(logits: torch.Tensor, ok: torch.Tensor, samples: list[Sample], class_names: list[str],
+                      temperature: float = 1.0, keep_predictions: bool = False) -> dict[str, Any]:
+    """:func:`compute_metrics` of raw logits of ``samples`` (``ok``: the readable ones)."""
+    probs = probabilities(logits, temperature)
     target = torch.tensor([label for _, label in samples], dtype=torch.long)
-    result = compute_metrics(probs[ok], target[ok], clf.class_names)
+    result = compute_metrics(probs[ok], target[ok], class_names)
     if keep_predictions:
-        result["predictions"] = [(p, int(t), pr) for p, t, pr, good in zip(paths, target, probs, ok) if good]
+        result["predictions"] = [(p, int(t), pr) for (p, _), t, pr, good in zip(samples, target, probs, ok) if good]
     return result
 
 

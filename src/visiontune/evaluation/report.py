@@ -9,6 +9,7 @@ galleries, Grad-CAM, calibration, accuracy/coverage trade-off, and the strategy 
 from __future__ import annotations
 
 import html
+import json
 import os
 import random
 import time
@@ -52,6 +53,7 @@ SECTIONS = {
     "calibration": "Calibration",
     "coverage": "Accuracy vs coverage",
     "compare": "Strategy comparison",
+    "time": "Time: planned and actual",
 }
 GALLERY_SIZE = 24
 GRADCAM_PER_KIND = 6
@@ -59,13 +61,16 @@ SIZE_SAMPLE = 300
 
 
 def write_report(run_dir: str | os.PathLike, data: str | os.PathLike | None = None, batch_size: int = 32,
-                 workers: int | None = None, gradcam: bool = True, seed: int = 0) -> Path:
+                 workers: int | None = None, gradcam: bool = True, seed: int = 0,
+                 val_logits: tuple[torch.Tensor, torch.Tensor] | None = None) -> Path:
     """Write ``RUN/report.html`` and return its path.
 
     Args:
         run_dir: a run dir from ``visiontune train``.
         data: labelled folder/CSV to evaluate on instead of the run's validation split.
         gradcam: include Grad-CAM overlays (needs the ``grad-cam`` package).
+        val_logits: the model's raw logits on the run's validation split and the mask of the
+            readable images, when the caller already has them (``train`` does): no second pass.
 
     Example:
         write_report("runs/train-1")
@@ -74,7 +79,7 @@ def write_report(run_dir: str | os.PathLike, data: str | os.PathLike | None = No
     start = time.perf_counter()
     layout = RunLayout(run_dir)
     run_dir = layout.root
-    clf = Classifier.load(run_dir, precision="32")
+    clf = Classifier.load(run_dir)
     names = clf.class_names
     cfg = _read_config(layout)
     splits = {s: read_split_csv(layout.split_csv(s), names) for s in SPLITS if layout.split_csv(s).is_file()}
@@ -85,7 +90,8 @@ def write_report(run_dir: str | os.PathLike, data: str | os.PathLike | None = No
         samples, eval_skipped = splits.get("val", []), []
         source = "validation split"
     paths = [p for p, _ in samples]
-    logits, ok, _ = clf.logits_of(paths, batch_size, workers)
+    logits, ok = val_logits if (val_logits is not None and data is None) else clf.logits_of(paths, batch_size,
+                                                                                             workers)[:2]
     target_all = torch.tensor([y for _, y in samples], dtype=torch.long)
     logits, target = logits[ok], target_all[ok]
     kept = [p for p, good in zip(paths, ok.tolist()) if good]
@@ -128,6 +134,8 @@ def write_report(run_dir: str | os.PathLike, data: str | os.PathLike | None = No
         parts.append(("coverage", rs.coverage_section(probs.numpy(), target.numpy())))
     if layout.compare_csv.is_file():
         parts.append(("compare", rs.compare_section(layout.compare_csv)))
+    if layout.plan.is_file() or layout.timings.is_file():
+        parts.append(("time", rs.time_section(_read_json(layout.plan), _read_json(layout.timings))))
 
     title = f"visiontune report: {run_dir.name}"
     arch = clf.card.architecture
@@ -149,6 +157,14 @@ def _read_config(layout: RunLayout) -> dict[str, Any]:
     try:
         return yaml.safe_load(layout.config.read_text()) or {}
     except (OSError, yaml.YAMLError):
+        return {}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        values = json.loads(path.read_text())
+        return values if isinstance(values, dict) else {}
+    except (OSError, ValueError):
         return {}
 
 

@@ -228,6 +228,27 @@ def coverage_section(probs: np.ndarray, target: np.ndarray) -> str:
             + table(["reject below P", "coverage", "accuracy"], rows))
 
 
+def time_section(plan: dict[str, Any], timings: dict[str, float]) -> str:
+    """The --time plan (what was measured and chosen) beside the phases' actual durations."""
+    body = ""
+    if plan:
+        body += (f"<p>Budget {plan.get('budget', 0) / 60:.1f} min: {html.escape(str(plan.get('strategy')))} at "
+                 f"{plan.get('img_size')} px for {plan.get('epochs')} epoch(s). "
+                 f"{html.escape(str(plan.get('reason', '')))}</p>")
+    projected = plan.get("projected", {}) if plan else {}
+    phases = [p for p in ("start", "features", "train", "finish") if p in projected or p in timings]
+    rows = [[p, f"{projected[p]:.0f}" if p in projected else "", f"{timings[p]:.0f}" if p in timings else ""]
+            for p in phases]
+    rows.append(["total", f"{sum(projected.values()):.0f}" if projected else "",
+                 f"{timings['total']:.0f}" if "total" in timings else "(written after the report)"])
+    body += table(["phase", "planned s", "actual s"], rows)
+    if plan.get("throughputs"):
+        body += "<h3>Measured on this machine</h3>" + table(
+            ["input px", "train img/s", "inference img/s"],
+            [[int(t["size"]), f"{t['train']:.0f}", f"{t['infer']:.0f}"] for t in plan["throughputs"]])
+    return body
+
+
 def compare_section(path: Path) -> str:
     rows = read_csv_rows(path)
     if not rows:

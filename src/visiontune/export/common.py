@@ -28,6 +28,7 @@ from ..data.image import load_image
 from ..data.preprocess import Preprocessing
 from ..data.scan import discover, discover_eval, read_split_csv
 from ..data.transforms import eval_transform
+from ..inference.runners import forward_logits
 from ..models.card import ModelCard
 
 # Thresholds from issue 5: an export that disagrees more than this is refused.
@@ -45,14 +46,15 @@ class DeployWrapper(nn.Module):
         logits, probs = wrapped(torch.zeros(1, 3, 224, 224))
     """
 
-    def __init__(self, model: nn.Module, temperature: float = 1.0):
+    def __init__(self, model: nn.Module, temperature: float = 1.0, tta: bool = False):
         super().__init__()
         self.model = model
+        self.tta = tta
         # a buffer (not a Python float) so the value is visible as a constant in the graph
         self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(x)
+        logits = forward_logits(self.model, x, self.tta)
         return logits, torch.softmax(logits / self.temperature, dim=1)
 
 
@@ -148,10 +150,10 @@ def parity_batch(card: ModelCard, data: str | os.PathLike | None = None,
 
 
 @torch.inference_mode()
-def eager_logits(model: nn.Module, batch: torch.Tensor, chunk: int = 32) -> np.ndarray:
+def eager_logits(model: nn.Module, batch: torch.Tensor, chunk: int = 32, tta: bool = False) -> np.ndarray:
     """fp32 PyTorch logits, the reference every export is compared with."""
     model = model.eval().float()
-    return torch.cat([model(batch[i:i + chunk]) for i in range(0, len(batch), chunk)]).numpy()
+    return torch.cat([forward_logits(model, batch[i:i + chunk], tta) for i in range(0, len(batch), chunk)]).numpy()
 
 
 def compare_logits(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:

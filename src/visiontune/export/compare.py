@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..core.tables import fixed_width, markdown
-from ..inference.runners import onnx_session, session_logits
+from ..inference.runners import TorchRunner, onnx_session, session_logits
 from .common import file_size_mb
 
 Logits = Callable[[np.ndarray], np.ndarray]
@@ -33,15 +33,10 @@ class Variant:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def torch_runner(model: nn.Module) -> Logits:
+def torch_runner(model: nn.Module, tta: bool = False) -> Logits:
     """Eager fp32 PyTorch as :class:`Classifier` runs it on CPU (channels_last, inference mode)."""
-    model = model.eval().float().to(memory_format=torch.channels_last)
-
-    @torch.inference_mode()
-    def run(batch: np.ndarray) -> np.ndarray:
-        return model(torch.from_numpy(batch).contiguous(memory_format=torch.channels_last)).float().numpy()
-
-    return run
+    runner = TorchRunner(model.float(), precision="32", tta=tta)
+    return lambda batch: runner(torch.from_numpy(batch)).numpy()
 
 
 def onnx_runner(path: str | Path) -> Logits:

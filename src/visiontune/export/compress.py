@@ -143,7 +143,7 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
     if len(images) != len(labels):
         raise ExportError("some validation images could not be read; fix or pass --data DIR")
 
-    variants = [Variant("eager fp32", str(card.model_dir / "model.safetensors"), torch_runner(model))]
+    variants = [Variant("eager fp32", str(card.model_dir / "model.safetensors"), torch_runner(model, card.tta))]
     onnx_fp32 = _export_variant(model, card, out / "onnx")
     variants.append(Variant("ONNX fp32", str(onnx_fp32), onnx_runner(onnx_fp32)))
     calib_paths = _calib_paths(card, calib) if quantize else []
@@ -157,7 +157,7 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
     if prune is not None:
         pruned, prune_info = _prune_variant(model, card, prune, finetune_epochs, prune_steps,
                                             RECOVERY_LR if recovery_lr is None else recovery_lr, out, log)
-        variants.append(Variant("pruned", str(out / "pruned" / "model.safetensors"), torch_runner(pruned),
+        variants.append(Variant("pruned", str(out / "pruned" / "model.safetensors"), torch_runner(pruned, card.tta),
                                 {"macs": prune_info["macs_after"]}))
         pruned_card = card.replace(pruned=prune_info)
         pruned_onnx = _export_variant(pruned, pruned_card, out / "pruned-onnx")

@@ -114,7 +114,7 @@ def export_onnx(model: nn.Module, card: ModelCard, out: str | Path, opset: int =
     example = torch.zeros(1, *input_shape(card))
     # the graph's spatial size is fixed, so TF-"SAME" pads become constants (int8 needs this)
     fixed = static_same_padding(model.eval().float().cpu(), example)
-    wrapper = DeployWrapper(fixed, card.temperature).eval()
+    wrapper = DeployWrapper(fixed, card.temperature, card.tta).eval()
     data = _export_graph(wrapper, example, opset, dynamic_batch)
     out.write_bytes(data)
     set_metadata(out, onnx_metadata(card))

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..core.errors import ConfigError
 from ..data.dataset import InputDataset, input_loader
 from ..data.image import is_image_path
 from ..data.transforms import eval_transform
@@ -49,14 +50,18 @@ class Classifier:
         self.precision: str = getattr(runner, "precision", "32")
 
     @classmethod
-    def load(cls, path: str | os.PathLike, precision: str = "auto") -> Classifier:
+    def load(cls, path: str | os.PathLike, precision: str = "auto", tta: bool | None = None) -> Classifier:
         """A run dir, ``model/`` dir, pruned model dir or exported ``.onnx``; ``precision``
-        auto|32|bf16|16 applies to PyTorch models."""
+        auto|32|bf16|16 applies to PyTorch models; ``tta`` overrides the card's flip test-time
+        augmentation (None: as the model was trained)."""
         if is_onnx(path):
             runner, card = OnnxRunner.load(path)
+            if tta is not None and tta != card.tta:
+                raise ConfigError(f"{path}: an exported graph has its test-time augmentation built in "
+                                  f"({'on' if card.tta else 'off'}); load the run or model folder to change it")
             return cls(runner, card)
         model, card = load_model(path)
-        return cls(TorchRunner(model, precision, card.preprocessing.height), card)
+        return cls(TorchRunner(model, precision, card.preprocessing.height, card.tta if tta is None else tta), card)
 
     @property
     def model(self) -> torch.nn.Module | None:
@@ -123,9 +128,9 @@ class Classifier:
             yield from rows  # type: ignore[misc]
 
 
-def load(path: str | os.PathLike, precision: str = "auto") -> Classifier:
+def load(path: str | os.PathLike, precision: str = "auto", tta: bool | None = None) -> Classifier:
     """:meth:`Classifier.load`; the function behind ``visiontune.load``."""
-    return Classifier.load(path, precision)
+    return Classifier.load(path, precision, tta)
 
 
 def expand_inputs(items: Sequence[str]) -> list[str]:

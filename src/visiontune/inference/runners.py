@@ -25,19 +25,32 @@ from ..models.card import FORMAT, ModelCard
 ONNX_SUFFIX = ".onnx"
 
 
-class TorchRunner:
-    """A PyTorch module in eval mode on the best device, at ``precision``."""
+def forward_logits(model: nn.Module, batch: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """The model's logits; with ``tta`` the mean of the image's and its mirror image's logits.
 
-    def __init__(self, model: nn.Module, precision: str = "auto", img_size: int = 224):
+    The one definition of a prediction's forward pass: the runner, the export wrapper and the
+    export parity reference all call it.
+    """
+    logits = model(batch)
+    if tta:
+        logits = (logits + model(batch.flip(-1))) / 2
+    return logits
+
+
+class TorchRunner:
+    """A PyTorch module in eval mode on the best device, at ``precision`` (``tta``: flip averaging)."""
+
+    def __init__(self, model: nn.Module, precision: str = "auto", img_size: int = 224, tta: bool = False):
         self.device = device()
         self.model = model.eval().to(self.device, memory_format=torch.channels_last)
         self.precision = resolve_precision(precision, img_size)
+        self.tta = tta
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with autocast(self.precision, self.device):
-            return self.model(batch).float().cpu()
+            return forward_logits(self.model, batch, self.tta).float().cpu()
 
 
 def onnx_session(path: str | os.PathLike, threads: int | None = None):

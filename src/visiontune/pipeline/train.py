@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.hardware import is_rank_zero
-from ..evaluation.calibration import calibrate_run
-from ..evaluation.evaluate import evaluate_samples
+import torch
+
+from ..core.hardware import is_rank_zero, process_started
+from ..evaluation.calibration import calibrate_run, calibration_summary, store_calibration
+from ..evaluation.evaluate import metrics_of_logits
 from ..evaluation.plots import plot_curves
 from ..evaluation.report import write_report
 from ..inference.classifier import Classifier
 from ..models.artifact import read_card, write_card
+from ..training.budget import format_duration
 from ..training.config import TrainConfig, read_yaml
 from ..training.context import TrainContext
 from ..training.setup import fit, setup_run
@@ -62,7 +67,10 @@ def train(data: str | os.PathLike | None = None, **options: Any) -> Run:
 def run_training(cfg: TrainConfig) -> Run:
     """The whole ``train`` command: set up, fit, then evaluate, calibrate and report (rank 0)."""
     ctx = setup_run(cfg)
+    ctx.timings["start"] = time.time() - process_started()
+    began = time.time()
     fit(ctx)
+    ctx.timings["train"] = time.time() - began - ctx.timings.get("features", 0.0)
     if not is_rank_zero():  # other DDP ranks only train; rank 0 evaluates and writes
         return Run(ctx.run_dir, ctx.model_dir)
     return finish(ctx)
@@ -70,30 +78,52 @@ def run_training(cfg: TrainConfig) -> Run:
 
 def finish(ctx: TrainContext) -> Run:
     """Curves, the best model's val/test metrics into its card, calibration and the report."""
+    began = time.time()
     plot_curves(ctx.layout.metrics_csv, ctx.layout.curves)
     clf = Classifier.load(ctx.model_dir)
     metrics: dict[str, Any] = dict(clf.card.metrics)
+    val_logits = None
     for split in ("val", "test"):
         samples = getattr(ctx.splits, split)
-        if samples:
-            result = evaluate_samples(clf, samples, batch_size=ctx.batch_size * 2, workers=ctx.cfg.data.workers)
+        if samples:  # one pass: the val logits also serve calibration and the report
+            logits, ok, _ = clf.logits_of([p for p, _ in samples], ctx.batch_size * 2, ctx.cfg.data.workers)
+            val_logits = (logits, ok) if split == "val" else val_logits
+            result = metrics_of_logits(logits, ok, samples, clf.class_names, clf.temperature)
             metrics[split] = {k: result[k] for k in ("accuracy", "macro_f1", "num_samples", "top5_accuracy")
                               if k in result}
             print(f"{split}: accuracy {result['accuracy']:.4f}  macro_f1 {result['macro_f1']:.4f}  "
                   f"({result['num_samples']} images)")
     write_card(ctx.model_dir, read_card(ctx.model_dir).replace(metrics=metrics))
-    report_and_calibrate(ctx)
+    write_json(ctx.layout.timings, {k: round(v, 1) for k, v in ctx.timings.items()})  # the report shows them
+    report_and_calibrate(ctx, val_logits)
+    ctx.timings["finish"] = time.time() - began
+    ctx.timings["total"] = time.time() - process_started()
+    write_json(ctx.layout.timings, {k: round(v, 1) for k, v in ctx.timings.items()})
+    if ctx.plan is not None:
+        print(f"time budget {format_duration(ctx.plan.budget)}: the command took "
+              f"{format_duration(ctx.timings['total'])} (planned {format_duration(ctx.plan.total)})")
     return Run(ctx.run_dir, ctx.model_dir, metrics)
 
 
-def report_and_calibrate(ctx: TrainContext) -> None:
-    """Fit temperature scaling on val (stored in model.json) and write RUN/report.html."""
+def report_and_calibrate(ctx: TrainContext, val_logits: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Fit temperature scaling (stored in model.json) and write RUN/report.html.
+
+    The temperature is fitted on the out-of-fold logits of the training images when a probe was
+    cross-validated (every training image is evidence), else on the validation split.
+    """
     workers = ctx.cfg.data.workers
     try:
-        if ctx.cfg.runtime.report:
-            print(f"report: {write_report(ctx.run_dir, workers=workers)}")  # also calibrates
+        if ctx.calibration_logits is not None:
+            store_calibration(ctx.model_dir, calibration_summary(*ctx.calibration_logits,
+                                                                 source="out-of-fold (training images)"))
+        elif val_logits is not None:
+            logits, ok = val_logits
+            labels = torch.tensor([y for _, y in ctx.splits.val], dtype=torch.long)
+            calibrate_run(ctx.run_dir, logits=logits[ok], labels=labels[ok])
         else:
             calibrate_run(ctx.run_dir, workers=workers)
+        if ctx.cfg.runtime.report:
+            print(f"report: {write_report(ctx.run_dir, workers=workers, val_logits=val_logits)}")
         cal = read_card(ctx.model_dir).calibration
         if cal:
             print(f"calibration: temperature {cal['temperature']:.3f}, val ECE {cal['ece_before']:.3f} -> "
@@ -101,3 +131,7 @@ def report_and_calibrate(ctx: TrainContext) -> None:
     except Exception as exc:  # a report problem must never lose a finished training run
         print(f"warning: report/calibration skipped ({type(exc).__name__}: {exc}); "
               f"run `visiontune report {ctx.run_dir}`")
+
+
+def write_json(path: Path, values: dict[str, Any]) -> None:
+    path.write_text(json.dumps(values, indent=2) + "\n")

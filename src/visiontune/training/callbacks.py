@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from lightning.pytorch.callbacks import BaseFinetuning, Callback
+from lightning.pytorch.callbacks import BaseFinetuning, Callback, EMAWeightAveraging
 from torch import nn
 
 from .metrics import EpochRow, MetricsLog
@@ -127,3 +127,32 @@ class BestModelSaver(Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.best = state_dict.get("best")
         self.best_epoch = state_dict.get("best_epoch")
+
+
+class EMA(EMAWeightAveraging):
+    """Lightning's exponential moving average of the weights, kept in place until the best-model
+    saver has run: validation scores the averaged weights, so ``model/`` must get those.
+
+    ``decay`` follows the run's length (a tenth of its steps as the averaging horizon, at most
+    1,000 steps), so a short run on a small dataset does not average in its initial weights.
+    """
+
+    def __init__(self, total_steps: int):
+        decay = min(0.999, max(0.5, 1 - 10 / max(1, total_steps)))
+        super().__init__(decay=decay, use_buffers=True)
+        self.decay = decay
+        self._swapped = False
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if self._average_model is not None and not self._swapped:
+            self._swap_models(pl_module)
+            self._swapped = True
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        pass  # stay averaged until the saver (an earlier callback) has seen this epoch
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._swapped:
+            self._swap_models(pl_module)
+            self._swapped = False
+        super().on_train_epoch_end(trainer, pl_module)

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -39,6 +40,9 @@ from .registry import (
     SELECT_METRICS,
     STRATEGIES,
 )
+
+# a duration for --time: 1h30m, 20m, 2h, 90s (hours, minutes, seconds; each optional)
+DURATION_PATTERN = r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m(?:in)?)?\s*(?:(\d+(?:\.\d+)?)s)?\s*$"
 
 # keys of earlier releases, still read from old config.yaml files
 ALIASES = {"strategy_dist": "distributed"}
@@ -63,7 +67,8 @@ class DataOptions:
     val_fraction: float = option(0.2, "share of each class held out for validation when DATA has no val split (0.2)")
     augment: str = option("standard", "training augmentation", choices=AUGMENTS)
     balance: str = option("none", "class imbalance", choices=BALANCE)
-    cache_images: bool = option(False, "decode and pre-resize every image once, in memory, for all epochs")
+    cache_images: bool | None = option(None, "decode every image once into memory and augment it there, with no "
+                                             "loader workers (default: when it fits in a quarter of the free memory)")
     workers: int | None = option(None, "data-loading processes (default: one per core, up to 8)")
 
 
@@ -77,6 +82,9 @@ class ModelOptions:
                                      ".safetensors/.pth", metavar="default|none|PATH")
     img_size: int | None = option(None, "input size in pixels (default: the backbone's pretrained config)")
     resize_mode: str = option("crop", "how images are fitted to the input", choices=RESIZE)
+    tta: bool | None = option(None, "test-time augmentation: every prediction averages the image and its mirror "
+                                    "image (stored in the model card; exports include it). Default: off, or as "
+                                    "--time plans it")
 
 
 @dataclass
@@ -108,6 +116,10 @@ class OptimOptions:
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy loss (0.1)")
     select_metric: str = option("accuracy", "metric choosing the best epoch (and early stopping)",
                                 choices=SELECT_METRICS)
+    mixup: float = option(0.0, "mixup alpha (timm Mixup; 0: off)")
+    cutmix: float = option(0.0, "cutmix alpha (timm Mixup; 0: off)")
+    ema: bool | None = option(None, "validate and keep an exponential moving average of the weights (decay set by "
+                                    "the run length). Default: off, or as --time plans it")
     early_stopping: int | None = option(None, "stop after this many epochs without improvement of --select-metric")
     auto_batch_size: bool = option(False, "find the largest batch size that fits (Lightning tuner; capped at 1/4 "
                                           "of the data)")
@@ -136,6 +148,9 @@ class RuntimeOptions:
                                                          "for smoke tests")
     progress: bool | None = option(None, "progress bars (default: only on an interactive terminal)")
     report: bool = option(True, "write RUN/report.html at the end")
+    time: str | None = option(None, "time budget for the whole command, e.g. 20m, 1h30m: visiontune measures this "
+                                    "machine, plans strategy, input size and epochs to fit (keeping the options "
+                                    "you give) and stops at the deadline", metavar="DURATION")
 
 
 SECTIONS = {"data": DataOptions, "model": ModelOptions, "strategy": StrategyOptions, "optim": OptimOptions,
@@ -179,6 +194,8 @@ class TrainConfig:
     strategy: StrategyOptions = field(default_factory=StrategyOptions)
     optim: OptimOptions = field(default_factory=OptimOptions)
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    # the keys the user set (flags, YAML, keywords): a time budget plans only the others
+    given: frozenset[str] = field(default_factory=frozenset, compare=False, repr=False)
 
     def get(self, key: str) -> Any:
         """The value of flat key ``key`` (``cfg.get("epochs")``)."""
@@ -191,7 +208,9 @@ class TrainConfig:
 
     def replace(self, **flat: Any) -> TrainConfig:
         """A validated copy with some flat keys changed (the original is left as it is)."""
-        return TrainConfig.from_dict({**self.to_dict(), **flat})
+        out = TrainConfig.from_dict({**self.to_dict(), **flat})
+        out.given = self.given
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """Flat ``{key: value}`` in section order: what ``config.yaml`` holds."""
@@ -213,8 +232,13 @@ class TrainConfig:
             ("label_smoothing", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
             ("img_size", lambda v: v is None or v >= 16, "must be >= 16"),
             ("cached_views", lambda v: v >= 1, "must be >= 1"),
+            ("mixup", lambda v: v >= 0, "must be >= 0"),
+            ("cutmix", lambda v: v >= 0, "must be >= 0"),
             ("devices", lambda v: v >= 1, "must be >= 1"),
             ("num_nodes", lambda v: v >= 1, "must be >= 1"),
+            ("time", lambda v: v is None or (bool(re.match(DURATION_PATTERN, str(v))) and any(
+                re.match(DURATION_PATTERN, str(v)).groups())),
+             "must be a duration like 20m, 1h30m, 2h or 90s"),
         ]
         for key, ok, text in checks:
             if not ok(self.get(key)):
@@ -234,7 +258,7 @@ class TrainConfig:
             info = OPTIONS[key]
             sections[info.section][info.attr] = value
         try:
-            cfg = cls(**{name: SECTIONS[name](**kw) for name, kw in sections.items()})
+            cfg = cls(**{name: SECTIONS[name](**kw) for name, kw in sections.items()}, given=frozenset(values))
         except TypeError as exc:  # a value of an impossible type
             raise ConfigError(str(exc)) from None
         return cfg.validate()

@@ -21,6 +21,7 @@ from ..inference.features import FeatureExtractor
 from ..models.artifact import save_model
 from ..models.card import ModelCard
 from ..models.factory import Architecture
+from .budget import Plan
 from .config import TrainConfig
 from .optim import OptimizerSettings, ScheduleSettings
 
@@ -36,6 +37,13 @@ class TrainContext:
     precision: str
     resume_ckpt: Path | None = None
     batch_size: int = 32
+    cache_images: bool = False
+    deadline: float | None = None  # epoch seconds by which the whole command must end (--time)
+    plan: Plan | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase, for timings.json
+    # out-of-fold logits and labels of the training images, when a probe was cross-validated: more
+    # evidence for the temperature than the validation split
+    calibration_logits: tuple[torch.Tensor, torch.Tensor] | None = None
     extra_training: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -73,7 +81,7 @@ class TrainContext:
         c = self.cfg
         return ModelCard(
             class_names=list(self.splits.class_names), preprocessing=self.preprocessing, architecture=self.arch,
-            metrics=metrics,
+            inference={"tta": "flip"} if c.model.tta else {}, metrics=metrics,
             training={"strategy": c.strategy.name, "head": c.strategy.head, "epochs": c.optim.epochs,
                       "data": c.data.path, "val": c.data.val, "val_fraction": c.data.val_fraction,
                       "num_train": len(self.splits.train), "num_val": len(self.splits.val), "seed": c.runtime.seed,
@@ -90,12 +98,13 @@ class TrainContext:
         counts = self.class_counts()
         return counts.sum() / (len(counts) * counts.clamp(min=1))
 
-    def sample_weights(self) -> torch.Tensor | None:
-        """Per-sample draw weights 1 / n_c for ``balance=sampler`` (balanced batches on average)."""
+    def sample_weights(self, samples: list | None = None) -> torch.Tensor | None:
+        """Per-sample draw weights 1 / n_c of ``samples`` (the training split) for ``balance=sampler``."""
         if self.cfg.data.balance != "sampler":
             return None
         counts = self.class_counts()
-        return torch.tensor([1.0 / counts[label].item() for _, label in self.splits.train], dtype=torch.double)
+        samples = self.splits.train if samples is None else samples
+        return torch.tensor([1.0 / counts[label].item() for _, label in samples], dtype=torch.double)
 
     def save_best(self, model: nn.Module, metrics: dict[str, Any]) -> None:
         if is_rank_zero():

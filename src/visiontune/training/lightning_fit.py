@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from dataclasses import replace
 
 import lightning as L
 import torch
@@ -16,9 +15,11 @@ from torch.utils.data import DataLoader
 
 from ..core.errors import TrainingInterrupted
 from ..data.dataset import ImageListDataset, default_workers, make_loader
+from ..data.memory import MemoryEvalSet, MemoryImages, MemoryTrainSet, store_side
 from ..data.sampling import EpochSampler
-from ..data.transforms import eval_transform, train_transform
-from .callbacks import BestModelSaver, FreezeSchedule, MetricsRecorder
+from ..data.transforms import eval_transform, tensor_train_transform, train_transform
+from .budget import FINISH_FIXED_S, Deadline, Forecast
+from .callbacks import EMA, BestModelSaver, FreezeSchedule, MetricsRecorder
 from .checkpoint_io import AtomicCheckpointIO
 from .context import TrainContext
 from .module import ClassifierModule
@@ -36,15 +37,24 @@ class ImageDataModule(L.LightningDataModule):
         self.batch_size = ctx.batch_size
         self.seed = cfg.runtime.seed
         self.workers = default_workers(cfg.data.workers)
-        draft = pre.draft_size()
-        self.train_set = ImageListDataset(ctx.splits.train, train_transform(pre, cfg.data.augment), draft, self.seed)
-        self.val_set = ImageListDataset(ctx.splits.val, eval_transform(pre), draft)
-        self.sample_weights = ctx.sample_weights()
-        if cfg.data.cache_images:
-            side = replace(pre, jpeg_draft=True).draft_size()  # what the resize step needs
-            held = self.train_set.preload(side) + self.val_set.preload(side)
-            print(f"cache-images: {len(self.train_set) + len(self.val_set)} images pre-resized to {side} px "
-                  f"in memory ({held / 2**20:.0f} MiB)")
+        augment = cfg.data.augment
+        if ctx.cache_images:  # decoded once; augmented in this process, no workers (see data/memory.py)
+            self.workers = 0
+            if augment in ("none", "light"):
+                self.train_set = MemoryEvalSet(ctx.splits.train, pre, flip=augment == "light", seed=self.seed)
+            else:
+                images = MemoryImages([p for p, _ in ctx.splits.train], store_side(pre, augment), pre.draft_size())
+                self.train_set = MemoryTrainSet(ctx.splits.train, images, pre, augment,
+                                                tensor_train_transform(pre, augment), self.seed)
+            self.val_set = MemoryEvalSet(ctx.splits.val, pre)
+            print(f"cache-images: {len(self.train_set)} training and {len(self.val_set)} validation images in "
+                  f"memory ({(self.train_set.nbytes + self.val_set.nbytes) / 2**20:.0f} MiB), augmented in this "
+                  "process")
+        else:
+            draft = pre.draft_size()
+            self.train_set = ImageListDataset(ctx.splits.train, train_transform(pre, augment), draft, self.seed)
+            self.val_set = ImageListDataset(ctx.splits.val, eval_transform(pre), draft)
+        self.sample_weights = ctx.sample_weights(self.train_set.samples)
 
     def _world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -59,7 +69,8 @@ class ImageDataModule(L.LightningDataModule):
         epoch_fn = ((lambda: trainer.fit_loop.epoch_progress.current.processed) if isinstance(trainer, L.Trainer)
                     else None)
         sampler = EpochSampler(len(self.train_set), self.seed, rank, world, self.sample_weights, epoch_fn=epoch_fn)
-        return make_loader(self.train_set, self.batch_size, self.workers, self.seed, sampler=sampler)
+        return make_loader(self.train_set, self.batch_size, self.workers, self.seed, sampler=sampler,
+                           collate_fn=getattr(self.train_set, "collate", None))
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._world()
@@ -162,7 +173,9 @@ def fit_lightning(
     saver = BestModelSaver(lambda m, metrics: ctx.save_best(m, metrics), f"val_{ctx.cfg.optim.select_metric}", best,
                            epoch_offset)
     recorder = MetricsRecorder(ctx.layout.metrics_csv, epochs, epoch_offset)
-    trainer = make_trainer(ctx, [freeze, recorder, saver], epochs - epoch_offset)
+    ema = EMA(stepping_steps(ctx, epochs - epoch_offset)) if ctx.cfg.optim.ema else None
+    trainer = make_trainer(ctx, [freeze, recorder, saver, ema, *time_callbacks(ctx, epoch_offset)],
+                           epochs - epoch_offset)
     data = ImageDataModule(ctx)
     if ctx.cfg.optim.auto_batch_size and not ctx.resume_ckpt:
         tune_batch_size(ctx, module, data)
@@ -182,12 +195,29 @@ def fit_lightning(
                 f"visiontune train --resume {ctx.run_dir}") from exc
 
 
+def stepping_steps(ctx: TrainContext, epochs: int) -> int:
+    """Optimizer steps in ``epochs`` (before any --limit-train-batches)."""
+    return math.ceil(len(ctx.splits.train) / ctx.batch_size) * epochs
+
+
+def time_callbacks(ctx: TrainContext, epoch_offset: int) -> list[Callback]:
+    """The deadline of a time budget, or the forecast of a run without one."""
+    finish = len(ctx.splits.val) * 3 / 500 + FINISH_FIXED_S  # refined by the plan when there is one
+    if ctx.plan is not None:
+        finish = ctx.plan.projected.get("finish", finish) + ctx.plan.val_pass_s
+    if ctx.deadline is not None:
+        return [Deadline(ctx.deadline, finish, has_model=lambda: (ctx.model_dir / "model.json").is_file(),
+                         epoch_offset=epoch_offset)]
+    return [Forecast(ctx.cfg.optim.epochs, epoch_offset, len(ctx.splits.val), finish, hint=True)]
+
+
 def make_module(ctx: TrainContext, body_groups: list[list[str]], body_lrs: list[float]) -> ClassifierModule:
     """The LightningModule for ``ctx``, given the few hyperparameters it uses."""
     cfg = ctx.cfg
     return ClassifierModule(ctx.model, ctx.arch.classifier, body_groups, body_lrs, ctx.optimizer_settings(),
                             ctx.schedule_settings(), cfg.optim.label_smoothing, ctx.class_weights(),
-                            freeze_bn_stats=cfg.strategy.bn_stats == "frozen", compile=cfg.runtime.compile)
+                            freeze_bn_stats=cfg.strategy.bn_stats == "frozen", compile=cfg.runtime.compile,
+                            mixup=(cfg.optim.mixup, cfg.optim.cutmix), tta=bool(cfg.model.tta))
 
 
 def tune_batch_size(ctx: TrainContext, module: ClassifierModule, data: ImageDataModule) -> int:

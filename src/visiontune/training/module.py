@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassRecall
 
+from ..inference.runners import forward_logits
 from ..models.groups import head_parameter_names
 from .checkpoint_io import restore_rng, rng_state
 from .optim import OptimizerSettings, ScheduleSettings, make_optimizer, make_scheduler
@@ -31,11 +32,14 @@ class ClassifierModule(L.LightningModule):
         class_weights: optional per-class loss weights.
         freeze_bn_stats: keep every BatchNorm's running statistics (``--bn-stats frozen``).
         compile: train a ``torch.compile`` view of the model.
+        mixup: mixup and cutmix alphas (timm's ``Mixup``; both 0: off).
+        tta: validate with the flip test-time augmentation every prediction of the model will use.
     """
 
     def __init__(self, model: nn.Module, classifier: str, body_groups: list[list[str]], body_lrs: list[float],
                  optimizer: OptimizerSettings, schedule: ScheduleSettings, label_smoothing: float = 0.0,
-                 class_weights: torch.Tensor | None = None, freeze_bn_stats: bool = False, compile: bool = False):
+                 class_weights: torch.Tensor | None = None, freeze_bn_stats: bool = False, compile: bool = False,
+                 mixup: tuple[float, float] = (0.0, 0.0), tta: bool = False):
         super().__init__()
         self.model = model
         self.classifier = classifier
@@ -48,6 +52,13 @@ class ClassifierModule(L.LightningModule):
         self.forward_fn = torch.compile(model) if compile else model
         num_classes = model.get_submodule(classifier).out_features
         self.loss_fn = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
+        self.tta = tta
+        self.mixup_fn = None
+        if any(mixup):  # soft targets: the label smoothing moves into the mixed labels
+            from timm.data import Mixup  # lazy: only runs that mix images need it
+
+            self.mixup_fn = Mixup(mixup_alpha=mixup[0], cutmix_alpha=mixup[1], label_smoothing=label_smoothing,
+                                  num_classes=num_classes)
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         # model selection metrics (--select-metric); balanced accuracy = macro-averaged recall
@@ -88,8 +99,13 @@ class ClassifierModule(L.LightningModule):
         x, y = batch
         if x.device.type in ("cpu", "cuda") and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        logits = self(x)
-        loss = self.loss_fn(logits.float(), y)
+        if prefix == "train" and self.mixup_fn is not None and len(y) % 2 == 0:  # timm mixes pairs
+            x, soft = self.mixup_fn(x, y)
+            logits = self(x)
+            loss = torch.sum(-soft * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        else:
+            logits = forward_logits(self, x, tta=self.tta and prefix == "val")
+            loss = self.loss_fn(logits.float(), y)
         metric(logits, y)
         if prefix == "val":
             self._extra_val_metrics(logits, y)

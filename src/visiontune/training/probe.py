@@ -13,9 +13,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..models.factory import source_classifier
 from .context import TrainContext
 from .metrics import EpochRow, MetricsLog, selection_score
 from .optim import make_optimizer, make_scheduler
+from .probe_selection import fit_linear, select_probe
 from .registry import PROBE_HEADS
 
 
@@ -28,6 +30,7 @@ def linear_probe(ctx: TrainContext) -> None:
     extractor = ctx.feature_extractor()
     train_x, train_y, _ = extractor.features(ctx.splits.train, cfg.strategy.cached_views, cfg.data.augment)
     val_x, val_y, _ = extractor.features(ctx.splits.val)
+    ctx.timings["features"] = time.perf_counter() - start
     MetricsLog(ctx.layout.metrics_csv, cfg.optim.epochs).start()
     PROBE_HEADS.get(cfg.strategy.head)(ctx, ctx.classifier, train_x, train_y, val_x[:, 0], val_y, start)
 
@@ -69,6 +72,9 @@ def train_head(
     log = MetricsLog(ctx.layout.metrics_csv, cfg.optim.epochs)
     best_score, best_state = None, None
     for epoch in range(epochs):
+        if epoch and ctx.deadline is not None and time.time() >= ctx.deadline - _finish_reserve(ctx):
+            print(f"time budget: stopping the head's training after {epoch} epoch(s); the best is kept")
+            break
         start = time.perf_counter()
         for p in range(passes_per_epoch):
             view = train_x[:, (epoch * passes_per_epoch + p) % train_x.shape[1]]
@@ -103,6 +109,36 @@ def train_head(
     if save_best and best_state is not None:
         head_layer.load_state_dict(best_state)
     return best_score
+
+
+def _finish_reserve(ctx: TrainContext) -> float:
+    return ctx.plan.projected.get("finish", 0.0) if ctx.plan is not None else 0.0
+
+
+def fit_auto_head(ctx: TrainContext, head: nn.Linear, train_x, train_y, val_x, val_y, start: float) -> None:
+    """``--head auto``: the probe repeated stratified k-fold cross-validation prefers
+    (:mod:`~visiontune.training.probe_selection`); its out-of-fold logits calibrate the model."""
+    x, y = train_x[:, 0].double().numpy(), train_y.numpy()
+    source = source_classifier(ctx.cfg.model.name, ctx.cfg.model.weights, head.in_features)
+    source = (source[0].double().numpy(), source[1].double().numpy()) if source is not None else None
+    balanced = ctx.cfg.data.balance != "none"
+    selection = select_probe(x, y, source, ctx.cfg.runtime.seed, balanced)
+    for name, mean, std in selection.table:
+        print(f"  {name}: {mean:.4f} +- {std:.4f}" + ("  <- chosen" if name == selection.best.name else ""))
+    print(f"head auto: {selection.best.name}, {selection.repeats}x{selection.folds}-fold cross-validated "
+          f"accuracy {selection.mean:.4f} +- {selection.std:.4f} on {len(y)} training images", flush=True)
+    weight, bias = fit_linear(selection.best, x, y, source, head.out_features, ctx.cfg.runtime.seed, balanced)
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(weight))
+        head.bias.copy_(torch.from_numpy(bias))
+    ctx.extra_training["probe_selection"] = selection.summary()
+    ctx.calibration_logits = (torch.from_numpy(selection.oof_logits), train_y.clone())
+    m = _linear_metrics(head, train_x[:, 0], train_y, val_x, val_y)
+    MetricsLog(ctx.layout.metrics_csv, 1).append(EpochRow(
+        1, m["train_loss"], m["train_accuracy"], m["val_loss"], m["val_accuracy"], None,
+        time.perf_counter() - start, len(y) / max(time.perf_counter() - start, 1e-9)))
+    ctx.save_best(ctx.model, {"epoch": 1, "val_accuracy": m["val_accuracy"], "val_loss": m["val_loss"],
+                              "cv_accuracy": selection.mean, "cv_std": selection.std})
 
 
 def fit_logistic_head(ctx: TrainContext, head: nn.Linear, train_x, train_y, val_x, val_y, start: float) -> None:

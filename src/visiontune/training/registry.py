@@ -21,7 +21,8 @@ RANDOM_INIT = {"scratch"}  # strategies that start from random weights whatever 
 PROBE_HEADS = Registry("head", {
     "linear": (_TRAINING + "probe:fit_gradient_head", "gradient descent on cached features"),
     "logistic": (_TRAINING + "probe:fit_logistic_head", "scikit-learn logistic regression"),
-    "svm": (_TRAINING + "probe:fit_svm_head", "scikit-learn linear SVM")})
+    "svm": (_TRAINING + "probe:fit_svm_head", "scikit-learn linear SVM"),
+    "auto": (_TRAINING + "probe:fit_auto_head", "the probe repeated k-fold cross-validation prefers (small data)")})
 
 OPTIMIZERS = Registry("optimizer", {"adamw": ("torch.optim:AdamW", "AdamW (default LR 1e-3)"),
                                     "adam": ("torch.optim:Adam", "Adam (default LR 1e-3)"),

@@ -9,20 +9,37 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from dataclasses import replace
 from pathlib import Path
 
 from ..core.errors import ConfigError
-from ..core.hardware import is_rank_zero, resolve_precision
+from ..core.hardware import available_memory, is_rank_zero, process_started, resolve_precision
 from ..core.layout import RunLayout
-from ..data.scan import Splits, discover, write_skipped, write_split_csv
+from ..data.memory import should_cache, store_side
+from ..data.preprocess import Preprocessing
+from ..data.scan import Splits, discover, median_side, write_skipped, write_split_csv
 from ..models.factory import build_model
+from .budget import (
+    FORECAST_MIN_IMAGE_EPOCHS,
+    Plan,
+    candidate_sizes,
+    decode_seconds,
+    forecast,
+    format_duration,
+    parse_duration,
+    plan_run,
+    probe,
+)
 from .checkpoint_io import newest_valid_checkpoint, remove_stale_temp_files
 from .config import TrainConfig
 from .context import TrainContext
 from .registry import RANDOM_INIT, STRATEGIES
 
 RUN_DIR_ENV = "VISIONTUNE_RUN_DIR"
+# what --time decides, unless the user gave it
+PLANNED = ("strategy", "img_size", "epochs", "freeze_epochs", "augment", "resize_mode", "head", "lr_mult",
+           "warmup_epochs", "bn_stats", "ema", "tta", "mixup")
 IMBALANCE_WARNING = 5.0  # max/min class ratio above which training warns
 
 
@@ -47,10 +64,24 @@ def setup_run(cfg: TrainConfig, prefix: str = "train") -> TrainContext:
     splits = discover(cfg.data.path, cfg.data.val, cfg.data.val_fraction, cfg.runtime.seed)
     weights = "none" if cfg.strategy.name in RANDOM_INIT else cfg.model.weights
     model, arch, pre = build_model(cfg.model.name, len(splits.class_names), weights)
+    default_side = pre.height  # the backbone's own input size
     if cfg.model.img_size:
         pre = pre.with_size(cfg.model.img_size)
     pre = replace(pre, resize_mode=cfg.model.resize_mode)
+    plan, deadline = None, None
+    if cfg.runtime.time and not cfg.runtime.resume:
+        cfg, pre, plan = plan_budget(cfg, model, pre, splits, default_side)
+        deadline = process_started() + parse_duration(cfg.runtime.time)
+    elif not cfg.runtime.resume and len(splits.train) * cfg.optim.epochs >= FORECAST_MIN_IMAGE_EPOCHS:
+        finetune = cfg.strategy.name != "linear-probe"
+        (measured,) = probe(model, [pre.height], cfg.runtime.precision, cfg.optim.batch_size, seconds=1.0)
+        _, line = forecast(measured, len(splits.train), len(splits.val), len(splits.test), cfg.optim.epochs,
+                           min(cfg.strategy.freeze_epochs, cfg.optim.epochs) if finetune else 0, finetune,
+                           time.time() - process_started())
+        print(line, flush=True)
     precision = resolve_precision(cfg.runtime.precision, pre.height)
+    cache, needed = should_cache(cfg.data.cache_images, [p for p, _ in splits.train],
+                                 store_side(pre, cfg.data.augment), available_memory())
     if run_dir is None:
         run_dir = _distributed_run_dir(cfg, prefix)
     layout = RunLayout(run_dir)
@@ -58,9 +89,33 @@ def setup_run(cfg: TrainConfig, prefix: str = "train") -> TrainContext:
         report_data(splits, layout)
         resolved = cfg.replace(run_dir=str(run_dir))  # the user's cfg is left as given
         resolved.save(layout.config)
+        if plan is not None:
+            plan.save(layout.plan)
     print(f"model: {cfg.model.name} ({arch.source}:{arch.name}, weights={weights}), strategy {cfg.strategy.name}, "
-          f"input {pre.height}x{pre.width} {pre.resize_mode}, precision {precision}")
-    return TrainContext(cfg, layout, model, arch, pre, splits, precision, resume_ckpt, cfg.optim.batch_size)
+          f"input {pre.height}x{pre.width} {pre.resize_mode}, precision {precision}"
+          + (f", images in memory (~{needed / 2**20:.0f} MiB)" if cache else ""))
+    return TrainContext(cfg, layout, model, arch, pre, splits, precision, resume_ckpt, cfg.optim.batch_size, cache,
+                        deadline, plan)
+
+
+def plan_budget(cfg: TrainConfig, model, pre: Preprocessing, splits: Splits, default_side: int
+                ) -> tuple[TrainConfig, Preprocessing, Plan]:
+    """Measure this machine and plan the run for ``cfg.runtime.time``; return the planned config
+    (the user's own options kept) and preprocessing."""
+    budget = parse_duration(cfg.runtime.time)
+    native = median_side([p for p, _ in splits.train])
+    fixed = {k: cfg.get(k) for k in PLANNED if k in cfg.given}
+    sizes = [fixed["img_size"]] if "img_size" in fixed else candidate_sizes(native, default_side)
+    print(f"time budget {format_duration(budget)}: measuring this machine at {', '.join(map(str, sizes))} px "
+          f"(images' median side {native} px)", flush=True)
+    throughputs = probe(model, sizes, cfg.runtime.precision, cfg.optim.batch_size)
+    decode_s = decode_seconds([p for p, _ in splits.train], pre)
+    plan = plan_run(budget, len(splits.train), len(splits.val), native, default_side, throughputs,
+                    elapsed=time.time() - process_started(), n_test=len(splits.test), fixed=fixed, decode_s=decode_s)
+    print(plan.describe(), flush=True)
+    planned = cfg.replace(**{k: v for k, v in plan.overrides().items() if k not in fixed})
+    pre = replace(pre.with_size(plan.img_size), resize_mode=planned.model.resize_mode)
+    return planned, pre, plan
 
 
 def fit(ctx: TrainContext) -> None:

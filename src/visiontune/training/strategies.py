@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import time
+
 from ..models.groups import body_groups
 from .callbacks import FreezeSchedule
 from .context import TrainContext
@@ -35,9 +37,11 @@ def frozen_warmup(ctx: TrainContext) -> tuple[int, float | None]:
     if epochs == 0 or ctx.resume_ckpt:
         return (epochs if ctx.resume_ckpt else 0), None
     print(f"epochs 1-{epochs}: training the head on cached features of the frozen body")
+    began = time.time()
     extractor = ctx.feature_extractor()
     train_x, train_y, _ = extractor.features(ctx.splits.train, cfg.strategy.cached_views, cfg.data.augment)
     val_x, val_y, _ = extractor.features(ctx.splits.val)
+    ctx.timings["features"] = time.time() - began
     MetricsLog(ctx.layout.metrics_csv, cfg.optim.epochs).start()
     best = train_head(ctx, ctx.classifier, train_x, train_y, val_x[:, 0], val_y, epochs, save_best=True,
                       passes_per_epoch=WARMUP_PASSES_PER_EPOCH)

@@ -1,0 +1,377 @@
+"""Time budgets: measure this machine, plan the run that fits, forecast, stop at the deadline.
+
+``--time 1h`` makes the whole command (scan, features, training, evaluation, calibration,
+report) end within the hour. Before training, :func:`probe` measures how many images per second
+this machine trains and infers at candidate input sizes (a few seconds), and :func:`plan_run`
+picks the strategy, input size and number of epochs that fit, keeping every option the user
+gave. The LR schedule spans the planned epochs; :class:`Deadline` still stops at the budget
+whatever the probe said, keeping the best epoch. Without ``--time``, :class:`Forecast` prints
+the projected duration of the configured run once the first batches are timed.
+
+Example:
+    >>> parse_duration("1h30m"), parse_duration("20m"), parse_duration("45s")
+    (5400.0, 1200.0, 45.0)
+    >>> table = [Throughput(32, 700, 4700), Throughput(64, 300, 1600), Throughput(96, 150, 520)]
+    >>> plan = plan_run(15 * 60, n_train=40_000, n_val=8_000, native_side=32, default_side=224,
+    ...                 throughputs=table, elapsed=20.0)
+    >>> plan.strategy, plan.img_size, plan.epochs
+    ('finetune', 96, 3)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from ..core.errors import ConfigError, ImageDecodeError
+from ..core.hardware import autocast, resolve_precision
+from ..data.image import load_image
+from ..data.preprocess import Preprocessing, resize
+from .config import DURATION_PATTERN
+
+# What the planner trades off (measured on CIFAR-10 and hymenoptera, see bench/RESULTS.md):
+MIN_FINETUNE_EPOCHS = 3      # epochs (incl. the head's warm-up) below which a probe on cached features wins
+MAX_EPOCHS = 30              # beyond this a larger budget buys nothing at the largest useful input
+SMALL_DATA = 2000            # up to this many training images, probes are chosen by cross-validation
+MAX_UPSCALE = 4              # inputs beyond 4x the images' own size add cost, not detail
+SAFETY = 0.06                # share of the budget kept for what no probe sees (imports, disk)
+FINISH_FIXED_S = 12.0        # report: galleries, Grad-CAM, plots (measured 6-10 s)
+SIZE_STEPS = (32, 48, 64, 96, 128, 160, 192, 224, 256, 288)
+# the fine-tuning recipe of a planned run (measured on CIFAR-10 at 64-128 px, see bench/RESULTS.md):
+# BatchNorm keeps its ImageNet statistics (the head warmed up on features computed with them, and
+# batch statistics of 32 upscaled images moved the features away: 62% vs 79% after two epochs),
+# the body at a third of the head's LR after a short warm-up (AdamW's first steps are large).
+FINETUNE_RECIPE = {"lr_mult": 3.0, "warmup_epochs": 0.3, "bn_stats": "frozen"}
+DURATION = re.compile(DURATION_PATTERN)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``1h30m``, ``20m``, ``2h``, ``90s`` (a unit is required)."""
+    match = DURATION.match(str(text))
+    if not match or not any(match.groups()) or not str(text).strip():
+        raise ConfigError(f"--time {text!r} is not a duration; write it like 20m, 1h30m, 2h or 90s")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if total <= 0:
+        raise ConfigError(f"--time {text!r} must be longer than zero, e.g. 20m or 1h30m")
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """``1h05m``, ``12m30s``, ``45s``."""
+    seconds = max(0, int(round(seconds)))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+@dataclass
+class Throughput:
+    """Images per second this machine trains (forward, backward, step) and infers at ``size``."""
+
+    size: int
+    train: float
+    infer: float
+
+
+@dataclass
+class Plan:
+    """What a time budget buys: the options to override and the projected time of each phase."""
+
+    budget: float
+    strategy: str
+    img_size: int
+    epochs: int
+    freeze_epochs: int
+    augment: str
+    resize_mode: str
+    projected: dict[str, float]
+    head: str = "linear"
+    recipe: dict[str, Any] = field(default_factory=dict)  # the other options the plan sets (lr_mult, ema, ...)
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    throughputs: list[dict[str, float]] = field(default_factory=list)
+    reason: str = ""
+    val_pass_s: float = 0.0  # one validation pass: a deadline stop mid-epoch still validates that epoch
+
+    @property
+    def total(self) -> float:
+        return sum(self.projected.values())
+
+    def overrides(self) -> dict[str, Any]:
+        """The option keys the plan sets (the user's own flags were kept by :func:`plan_run`)."""
+        return {"strategy": self.strategy, "img_size": self.img_size, "epochs": self.epochs,
+                "freeze_epochs": self.freeze_epochs, "augment": self.augment, "resize_mode": self.resize_mode,
+                "head": self.head, **self.recipe}
+
+    def describe(self) -> str:
+        phases = ", ".join(f"{k} {format_duration(v)}" for k, v in self.projected.items() if v > 0)
+        sizes = "; ".join(f"{int(t['size'])} px: train {t['train']:.0f} img/s, infer {t['infer']:.0f} img/s"
+                          for t in self.throughputs)
+        what = (f"linear probe ({self.head} head)" if self.strategy == "linear-probe"
+                else f"{self.strategy} for {self.epochs} epoch(s), augment {self.augment}")
+        recipe = ", ".join(f"{k} {v}" for k, v in self.recipe.items())
+        return (f"time budget {format_duration(self.budget)}: {what} at {self.img_size} px"
+                + (f" ({recipe})" if recipe else "") + f"; projected {format_duration(self.total)} "
+                f"({phases})\n  measured here: {sizes}\n  why: {self.reason}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total": self.total}
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def candidate_sizes(native_side: int, default_side: int) -> list[int]:
+    """Input sizes worth measuring: from the images' own size (at least 32) up to the backbone's
+    default, and no more than :data:`MAX_UPSCALE` times the images' size."""
+    low = max(32, min(native_side, default_side))
+    high = min(default_side, max(low, native_side * MAX_UPSCALE))
+    sizes = [s for s in SIZE_STEPS if low <= s <= high]
+    if default_side <= high and default_side not in sizes:
+        sizes.append(default_side)
+    return sorted(set(sizes or [low]))
+
+
+def _step_images_per_second(run, batch: int, seconds: float) -> float:
+    run()  # warm-up: first calls allocate and pick kernels
+    start, steps = time.perf_counter(), 0
+    while steps < 2 or time.perf_counter() - start < seconds:
+        run()
+        steps += 1
+    return batch * steps / (time.perf_counter() - start)
+
+
+def probe(model: nn.Module, sizes: list[int], precision: str, batch_size: int, seconds: float = 1.5
+          ) -> list[Throughput]:
+    """Measure training and inference images/s of ``model`` at each size (on a copy: nothing in
+    the model changes). About ``3 * seconds`` per size."""
+    net = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.0)
+    out: list[Throughput] = []
+    for size in sizes:
+        prec = resolve_precision(precision, size)
+        train = _step_images_per_second(_TrainStep(net, opt, prec, batch_size, size), batch_size, seconds)
+        infer = _step_images_per_second(_InferStep(net, prec, 2 * batch_size, size), 2 * batch_size, seconds / 2)
+        out.append(Throughput(size, train, infer))
+    return out
+
+
+class _TrainStep:
+    """One forward, backward and optimizer step on a random batch (zero LR: weights stay)."""
+
+    def __init__(self, net: nn.Module, opt, precision: str, batch: int, size: int):
+        self.net, self.opt, self.precision = net, opt, precision
+        self.x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+
+    def __call__(self) -> None:
+        self.net.train()
+        with autocast(self.precision, "cpu"):
+            loss = self.net(self.x).float().logsumexp(1).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+
+class _InferStep:
+    def __init__(self, net: nn.Module, precision: str, batch: int, size: int):
+        self.net, self.precision = net, precision
+        self.x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def __call__(self) -> None:
+        self.net.eval()
+        with autocast(self.precision, "cpu"):
+            self.net(self.x)
+
+
+def decode_seconds(paths: list[str], spec: Preprocessing, sample: int = 24) -> float:
+    """Seconds this machine takes to read, decode and resize one of ``paths`` (median of a sample)."""
+    step = max(1, len(paths) // sample)
+    times = []
+    for path in paths[::step][:sample]:
+        start = time.perf_counter()
+        try:
+            resize(load_image(path, spec.draft_size()), spec)
+        except ImageDecodeError:
+            continue
+        times.append(time.perf_counter() - start)
+    return float(sorted(times)[len(times) // 2]) if times else 0.0
+
+
+def phase_costs(size: Throughput, n_train: int, n_val: int, n_test: int, epochs: int, warmup_epochs: int,
+                finetune: bool, decode_s: float = 0.0, tta: bool = False) -> dict[str, float]:
+    """Projected seconds of each phase at one input size.
+
+    ``decode_s``: seconds to read and decode one image (measured); ``tta``: every evaluation
+    pass runs two views. Fine-tuning decodes the images into memory once (``load``).
+    """
+    views = 2 if tta else 1
+    load = (n_train + n_val) * decode_s if finetune and epochs > warmup_epochs else 0.0
+    features = (n_train + n_val) * (1 / size.infer + decode_s) if (warmup_epochs or not finetune) else 0.0
+    epoch = n_train / size.train + views * n_val / size.infer
+    train = (epochs - warmup_epochs) * epoch if finetune else 0.0
+    finish = (2 * n_val + n_test) * (views / size.infer + decode_s) + FINISH_FIXED_S
+    return {"load": load, "features": features, "train": train, "finish": finish}
+
+
+def plan_run(budget: float, n_train: int, n_val: int, native_side: int, default_side: int,
+             throughputs: list[Throughput], elapsed: float = 0.0, n_test: int = 0,
+             fixed: dict[str, Any] | None = None, decode_s: float = 0.0) -> Plan:
+    """The run that fits ``budget`` seconds (``elapsed`` of them already spent).
+
+    ``fixed`` holds the options the user gave (``strategy``, ``img_size``, ``epochs``,
+    ``freeze_epochs``, ``augment``, ``resize_mode``, ``head`` and the recipe's keys); the plan
+    keeps them and fills in the rest:
+
+    - up to :data:`SMALL_DATA` training images: a probe on features cached at the backbone's
+      input size, chosen by repeated k-fold cross-validation (``head auto``);
+    - else fine-tuning at the largest measured size (at most :data:`MAX_UPSCALE` times the
+      images' own) where at least :data:`MIN_FINETUNE_EPOCHS` epochs fit, for as many epochs as
+      fit (at most :data:`MAX_EPOCHS`), with :data:`FINETUNE_RECIPE` and, for images much smaller
+      than the backbone's input, the small-image recipe (squash to the input, pad-and-crop + flip);
+    - else a linear probe on features cached at the largest size whose extraction fits.
+    """
+    fixed = dict(fixed or {})
+    available = budget * (1 - SAFETY) - elapsed
+    sizes = sorted(throughputs, key=lambda t: t.size)
+    if "img_size" in fixed:
+        near = min(sizes, key=lambda t: abs(t.size - fixed["img_size"]))
+        sizes = [Throughput(fixed["img_size"], near.train, near.infer)]
+    small = native_side < default_side * 0.5  # images much smaller than the backbone's input
+    augment = fixed.get("augment", "crop-flip" if small else "standard")
+    resize_mode = fixed.get("resize_mode", "squash" if small else "crop")
+    recipe = {k: v for k, v in FINETUNE_RECIPE.items() if k not in fixed}
+    tta = bool(fixed.get("tta", False))
+    warmup = fixed.get("freeze_epochs", 1)
+    measured = [asdict(x) for x in throughputs]
+    strategy = fixed.get("strategy")
+
+    def costs(t: Throughput, epochs: int, finetune: bool) -> dict[str, float]:
+        return {"start": elapsed, **phase_costs(t, n_train, n_val, n_test, epochs, min(warmup, epochs) if finetune
+                                                 else 0, finetune, decode_s, tta)}
+
+    if n_train <= SMALL_DATA and strategy in (None, "linear-probe") and "epochs" not in fixed:
+        t = max((x for x in sizes if x.size <= default_side), key=lambda x: x.size, default=sizes[-1])
+        projected = {**costs(t, 1, False), "selection": 10.0}
+        reason = (f"{n_train} training images: probes on cached features, chosen by repeated k-fold "
+                  "cross-validation, beat a fine-tune chosen on a small validation split")
+        return Plan(budget, "linear-probe", t.size, 1, 0, "none", fixed.get("resize_mode", "crop"), projected,
+                    head=fixed.get("head", "auto"), throughputs=measured, reason=reason)
+
+    candidates, best = [], None
+    for t in sizes:
+        base = costs(t, warmup, True)
+        per_epoch = n_train / t.train + (2 if tta else 1) * n_val / t.infer
+        room = available - base["start"] - base["features"] - base["finish"] - (n_train + n_val) * decode_s
+        fit = max(0, int(room // per_epoch)) + warmup
+        candidates.append({"size": t.size, "epochs_that_fit": fit, "seconds_per_epoch": round(per_epoch, 1)})
+        if fit >= MIN_FINETUNE_EPOCHS or "epochs" in fixed:
+            best = (t, fit)  # sizes ascend: the last that fits is the largest
+    if best is not None and strategy in (None, "finetune", "progressive", "scratch"):
+        t, fit = best
+        epochs = fixed.get("epochs", max(min(fit, MAX_EPOCHS), warmup + 1))
+        reason = (f"{fit} epochs fit at {t.size} px, the largest input where at least {MIN_FINETUNE_EPOCHS} do "
+                  f"({candidates[sizes.index(t)]['seconds_per_epoch']} s per epoch)")
+        return Plan(budget, strategy or "finetune", t.size, epochs, min(warmup, epochs), augment, resize_mode,
+                    costs(t, epochs, True), recipe=recipe, candidates=candidates, throughputs=measured,
+                    reason=reason, val_pass_s=(2 if tta else 1) * n_val / t.infer)
+    # a probe on cached features: the largest size whose one forward pass over the data fits
+    fits = [t for t in sizes if sum(costs(t, 1, False).values()) <= budget * (1 - SAFETY)]
+    t = fits[-1] if fits else sizes[0]
+    epochs = fixed.get("epochs", 10)
+    reason = (f"fewer than {MIN_FINETUNE_EPOCHS} fine-tuning epochs fit at any measured size; a linear probe "
+              f"on features cached at {t.size} px fits" if strategy is None else f"--strategy {strategy}")
+    return Plan(budget, strategy or "linear-probe", t.size, epochs, 0, "none", resize_mode, costs(t, epochs, False),
+                head=fixed.get("head", "linear"), candidates=candidates, throughputs=measured, reason=reason)
+
+
+# a run shorter than this (training images x epochs) is not worth a probe before it starts
+FORECAST_MIN_IMAGE_EPOCHS = 50_000
+
+
+def forecast(throughput: Throughput, n_train: int, n_val: int, n_test: int, epochs: int, warmup_epochs: int,
+             finetune: bool, elapsed: float) -> tuple[float, str]:
+    """(projected seconds, a line saying so) for a run configured without ``--time``."""
+    costs = {"start": elapsed, **phase_costs(throughput, n_train, n_val, n_test, epochs, warmup_epochs, finetune)}
+    total = sum(costs.values())
+    epoch = n_train / throughput.train + n_val / throughput.infer
+    line = (f"projected: {format_duration(total)} for the whole run ("
+            + (f"{epochs - warmup_epochs} epoch(s) of {format_duration(epoch)}" if finetune else "features")
+            + f", measured here at {throughput.size} px: train {throughput.train:.0f} img/s, "
+            f"inference {throughput.infer:.0f} img/s)")
+    if total > 3600:
+        line += "; that is over an hour: --time 1h (or any budget) plans a run that fits"
+    return total, line
+
+
+class Deadline(Callback):
+    """Stop training at ``deadline`` (epoch seconds) minus the time the finish needs.
+
+    Checked after every batch, once a model has been saved (``has_model``): the best epoch so far
+    is kept, so a stop loses at most the epoch in progress, and a run never ends without a model.
+    """
+
+    def __init__(self, deadline: float, reserve: float, has_model=lambda: True, epoch_offset: int = 0):
+        self.stop_at = deadline - reserve
+        self.has_model = has_model
+        self.epoch_offset = epoch_offset
+        self.stopped = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.stopped and time.time() >= self.stop_at and self.has_model():
+            self.stopped = True
+            trainer.should_stop = True
+            epoch = trainer.current_epoch + self.epoch_offset + 1
+            print(f"time budget: stopping in epoch {epoch} to leave time for the evaluation and the report (the "
+                  "best epoch so far is kept)", flush=True)
+
+
+class Forecast(Callback):
+    """Print the projected duration of the run once ``after_s`` seconds of training are timed."""
+
+    def __init__(self, total_epochs: int, epoch_offset: int, n_val: int, finish_s: float, hint: bool,
+                 after_s: float = 20.0, min_batches: int = 5):
+        self.total_epochs, self.epoch_offset, self.n_val = total_epochs, epoch_offset, n_val
+        self.finish_s, self.hint, self.after_s, self.min_batches = finish_s, hint, after_s, min_batches
+        self.done = False
+        self.start: float | None = None
+        self.batches = 0
+        self.projection: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.start is None and batch_idx >= 1:  # the first batch pays for kernel selection
+            self.start = time.perf_counter()
+            self.batches = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.done or self.start is None:
+            return
+        self.batches += 1
+        spent = time.perf_counter() - self.start
+        if self.batches < self.min_batches or spent < self.after_s:
+            return
+        self.done = True
+        per_batch = spent / self.batches
+        batches = trainer.num_training_batches if math.isfinite(trainer.num_training_batches) else self.batches
+        images_per_second = len(batch[1]) / per_batch
+        per_epoch = batches * per_batch + self.n_val / (3 * images_per_second)  # inference ~3x a train step
+        epochs_left = trainer.max_epochs - trainer.current_epoch
+        remaining = epochs_left * per_epoch - (batch_idx + 1) * per_batch + self.finish_s
+        self.projection = remaining
+        line = (f"projected: {format_duration(remaining)} more for {epochs_left} epoch(s) of "
+                f"{format_duration(per_epoch)} and the final evaluation")
+        if self.hint and remaining > 3600:
+            line += "; that is over an hour: --time 1h (or any budget) plans a run that fits"
+        print(line, flush=True)

@@ -1,0 +1,143 @@
+"""Time budgets: durations, candidate sizes, the planner on synthetic throughput tables (fits the
+budget, keeps the user's options), the deadline keeping the best model, and the forecast."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import FAST, FAST_FLAGS, vt_main
+
+import visiontune
+from visiontune.core.errors import ConfigError
+from visiontune.training.budget import (
+    MIN_FINETUNE_EPOCHS,
+    Throughput,
+    candidate_sizes,
+    format_duration,
+    parse_duration,
+    plan_run,
+)
+
+# a CIFAR-like machine table: training gets ~4x dearer per doubling of the side
+TABLE = [Throughput(32, 700, 4700), Throughput(48, 440, 2700), Throughput(64, 310, 1600),
+         Throughput(96, 150, 520), Throughput(128, 75, 385)]
+CIFAR = {"n_train": 32_000, "n_val": 8_000, "native_side": 32, "default_side": 224}
+
+
+@pytest.mark.parametrize("text,seconds", [("20m", 1200), ("1h30m", 5400), ("2h", 7200), ("90s", 90),
+                                          ("1.5h", 5400), ("10min", 600)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "5", "abc", "0m", "1h-3m"])
+def test_bad_durations_name_the_format(text):
+    with pytest.raises(ConfigError, match="20m"):
+        parse_duration(text)
+
+
+def test_format_duration():
+    assert [format_duration(s) for s in (45, 750, 3900)] == ["45s", "12m30s", "1h05m"]
+
+
+def test_candidate_sizes_span_native_to_default():
+    assert candidate_sizes(32, 224) == [32, 48, 64, 96, 128]  # at most 4x the images' own size
+    assert candidate_sizes(500, 224) == [224]
+    assert candidate_sizes(150, 224) == [160, 192, 224]
+
+
+@pytest.mark.parametrize("minutes", [2, 5, 15, 30, 60, 240])
+def test_plans_fit_their_budget(minutes):
+    plan = plan_run(minutes * 60, **CIFAR, throughputs=TABLE, elapsed=15.0, n_test=0)
+    assert plan.total <= minutes * 60
+    assert plan.projected["start"] == 15.0
+    if plan.strategy == "finetune":
+        assert plan.epochs >= MIN_FINETUNE_EPOCHS
+        assert plan.augment == "crop-flip" and plan.resize_mode == "squash"  # small images' recipe
+
+
+def test_more_time_buys_more_epochs_or_larger_inputs():
+    plans = [plan_run(m * 60, **CIFAR, throughputs=TABLE) for m in (2, 15, 60, 240)]
+    assert plans[0].strategy == "linear-probe"  # no fine-tuning fits in 2 minutes here
+    steps = [(p.img_size, p.epochs) for p in plans[1:]]
+    assert all(a <= b for a, b in zip(steps, steps[1:])) and steps[0] != steps[-1]
+
+
+def test_plan_keeps_the_users_options():
+    plan = plan_run(30 * 60, **CIFAR, throughputs=TABLE, fixed={"epochs": 3, "img_size": 64, "augment": "light"})
+    assert (plan.epochs, plan.img_size, plan.augment, plan.strategy) == (3, 64, "light", "finetune")
+    probe = plan_run(30 * 60, **CIFAR, throughputs=TABLE, fixed={"strategy": "linear-probe"})
+    assert probe.strategy == "linear-probe" and "features" in probe.projected
+
+
+def test_plan_sets_the_finetune_recipe_but_not_over_the_users_flags():
+    plan = plan_run(60 * 60, **CIFAR, throughputs=TABLE)
+    assert plan.strategy == "finetune" and plan.overrides()["bn_stats"] == "frozen"
+    assert plan.img_size == 128  # the largest input where enough epochs fit
+    mine = plan_run(60 * 60, **CIFAR, throughputs=TABLE, fixed={"lr_mult": 10.0, "bn_stats": "train"})
+    assert "lr_mult" not in mine.overrides() and "bn_stats" not in mine.overrides()
+
+
+def test_measured_decoding_and_tta_are_paid_for():
+    plain = plan_run(30 * 60, **CIFAR, throughputs=TABLE)
+    slow_disk = plan_run(30 * 60, **CIFAR, throughputs=TABLE, decode_s=0.005)
+    tta = plan_run(30 * 60, **CIFAR, throughputs=TABLE, fixed={"tta": True})
+    for plan in (plain, slow_disk, tta):
+        assert plan.total <= 30 * 60
+    assert slow_disk.projected["load"] > 0 and (slow_disk.img_size, slow_disk.epochs) < (plain.img_size, plain.epochs)
+    assert tta.projected["finish"] > plain.projected["finish"]
+
+
+def test_deadline_stops_and_keeps_the_best_model(shared_folder, tmp_path, capsys):
+    """A 1-second budget is spent before training starts: the warm-up epoch still saves a model,
+    the first Lightning batch hits the deadline, and the run ends with that model and its card."""
+    run = visiontune.train(shared_folder, time="1s", epochs=4, freeze_epochs=1, strategy="finetune",
+                           run_dir=tmp_path / "run", **FAST)
+    out = capsys.readouterr().out
+    assert "time budget: stopping in epoch 2" in out  # the first epoch after the head's warm-up
+    rows = (run.run_dir / "metrics.csv").read_text().strip().splitlines()[1:]
+    assert len(rows) <= 2  # the warm-up epoch, and the interrupted one when Lightning validated it
+    best = max(range(len(rows)), key=lambda i: float(rows[i].split(",")[4]))  # val_acc column
+    assert run.metrics["epoch"] == best + 1  # the best epoch is the model kept
+    plan = json.loads((run.run_dir / "plan.json").read_text())
+    assert (plan["epochs"], plan["strategy"], plan["img_size"]) == (4, "finetune", 32)  # the user's options
+    timings = json.loads((run.run_dir / "timings.json").read_text())
+    assert {"start", "features", "train", "finish", "total"} <= set(timings)
+
+
+def test_forecast_is_printed_for_a_large_run(shared_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("visiontune.training.setup.FORECAST_MIN_IMAGE_EPOCHS", 0)  # "large" here
+    visiontune.train(shared_folder, epochs=2, run_dir=tmp_path / "run", **FAST)
+    assert "projected:" in capsys.readouterr().out
+
+
+def test_time_flag_through_the_cli(shared_folder, tmp_path, capsys):
+    code, out, err = vt_main(capsys, "train", shared_folder, "--time", "1s", "--epochs", "2", "--run-dir",
+                             tmp_path / "run", *FAST_FLAGS)
+    assert code == 0, err
+    assert "time budget 1s" in out and (tmp_path / "run" / "plan.json").is_file()
+    code, _, err = vt_main(capsys, "train", shared_folder, "--time", "soon")
+    assert code == 2 and "20m" in err
+
+
+def test_lever_flags_through_the_cli(shared_folder, tmp_path, capsys):
+    """--ema, --tta, --mixup/--cutmix, --cache-images: the run records them; evaluate --no-tta
+    scores single views of the same model (both are valid scores of the same images)."""
+    run = tmp_path / "levers run"
+    code, out, err = vt_main(capsys, "train", shared_folder, "--epochs", "2", "--freeze-epochs", "1", "--ema", "--tta",
+                             "--mixup", "0.2", "--cutmix", "0.2", "--cache-images", "--augment", "crop-flip",
+                             "--run-dir", run, *FAST_FLAGS)
+    assert code == 0, err
+    assert "images in memory" in out
+    card = json.loads((run / "model" / "model.json").read_text())
+    assert card["inference"] == {"tta": "flip"}
+    config = (run / "config.yaml").read_text()
+    assert "ema: true" in config and "mixup: 0.2" in config and "cutmix: 0.2" in config
+    scores = {}
+    for flag in ("--tta", "--no-tta"):
+        code, out, err = vt_main(capsys, "evaluate", run, shared_folder, "--json", "--no-save", flag)
+        assert code == 0, err
+        scores[flag] = json.loads(out)
+    assert scores["--tta"]["num_samples"] == scores["--no-tta"]["num_samples"] > 0
+
