@@ -18,6 +18,11 @@ written plainly so it can serve as a fair baseline for visiontune:
 Data are two CSVs with header ``path,label`` (paths absolute or relative to the
 CSV). One line is printed per epoch and a final JSON summary line at the end.
 
+``--checkpoints 900,1800,3600 --test-csv test.csv`` runs for wall-clock time instead of epochs:
+at each mark (seconds since the imports finished) the model is
+evaluated on the test CSV, and the run ends at the last mark. This is the seed recipe "run for the
+same wall time" as a time-budgeted visiontune run (bench/budget.py).
+
 Example:
     python bench/seed_recipe.py --train-csv train.csv --val-csv val.csv --epochs 10
 """
@@ -41,6 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 DEFAULT_MODEL = "tf_efficientnet_lite0"
+STARTED = time.time()  # the checkpoints count from here: after imports (a few seconds in the seed's favour)
 
 
 def read_csv(path: Path, limit: int | None) -> list[tuple[Path, str]]:
@@ -106,11 +112,14 @@ def set_trainable(model: nn.Module, mode: str) -> list[nn.Parameter]:
 
 
 def train_one_epoch(
-    model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer: torch.optim.Optimizer
+    model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+    on_batch=None,
 ) -> tuple[float, float]:
     model.train()  # tutorial behaviour: also puts the frozen body's BatchNorm in train mode
     total_loss, correct, seen = 0.0, 0, 0
     for images, targets in loader:
+        if on_batch is not None and on_batch(model):  # a wall-clock mark says stop
+            break
         optimizer.zero_grad()
         logits = model(images)
         loss = criterion(logits, targets)
@@ -119,7 +128,23 @@ def train_one_epoch(
         total_loss += loss.item() * targets.size(0)
         correct += (logits.argmax(1) == targets).sum().item()
         seen += targets.size(0)
-    return total_loss / seen, correct / seen
+    return total_loss / max(1, seen), correct / max(1, seen)
+
+
+class Checkpoints:
+    """Evaluate on the test set at each wall-clock mark; say stop after the last one."""
+
+    def __init__(self, marks: list[float], loader: DataLoader):
+        self.marks, self.loader, self.results = sorted(marks), loader, []
+
+    def __call__(self, model: nn.Module) -> bool:
+        while self.marks and time.time() - STARTED >= self.marks[0]:
+            mark = self.marks.pop(0)
+            accuracy = evaluate(model, self.loader)
+            model.train()
+            self.results.append({"mark_s": mark, "wall_s": round(time.time() - STARTED, 1), "test_accuracy": accuracy})
+            print(f"checkpoint {mark:.0f}s: test_acc {accuracy:.4f}", flush=True)
+        return not self.marks
 
 
 @torch.no_grad()
@@ -153,6 +178,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None, help="use only the first N rows of each CSV")
     ap.add_argument("--json-out", type=Path, default=None)
+    ap.add_argument("--test-csv", type=Path, default=None, help="evaluated at each --checkpoints mark")
+    ap.add_argument("--checkpoints", default=None,
+                    help="comma-separated wall-clock seconds (from process start): evaluate on --test-csv at each "
+                         "and stop at the last, whatever --epochs says")
     return ap.parse_args(argv)
 
 
@@ -171,12 +200,21 @@ def main(argv: list[str] | None = None) -> dict:
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.Adam(set_trainable(model, args.mode), lr=args.lr)
 
+    marks = None
+    if args.checkpoints:
+        if args.test_csv is None:
+            raise SystemExit("--checkpoints needs --test-csv")
+        test_loader = DataLoader(ImageCsvDataset(read_csv(args.test_csv, None), class_to_idx, val_tf), **loader_kw)
+        marks = Checkpoints([float(x) for x in args.checkpoints.split(",")], test_loader)
+        args.epochs = 10**6  # the marks end the run
     val_accs: list[float] = []
     throughputs: list[float] = []
     train_seconds = 0.0
     for epoch in range(1, args.epochs + 1):
         t0 = time.perf_counter()
-        train_loss, train_acc = train_one_epoch(model, train_loader, criterion, optimizer)
+        train_loss, train_acc = train_one_epoch(model, train_loader, criterion, optimizer, marks)
+        if marks is not None and not marks.marks:
+            break
         t_train = time.perf_counter() - t0
         val_accs.append(evaluate(model, val_loader))
         epoch_seconds = time.perf_counter() - t0
@@ -187,10 +225,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {
         "recipe": "seed", "mode": args.mode, "model": args.model, "epochs": args.epochs,
-        "best_val_accuracy": max(val_accs), "final_val_accuracy": val_accs[-1],
+        "best_val_accuracy": max(val_accs, default=None), "final_val_accuracy": val_accs[-1] if val_accs else None,
         "train_seconds": round(train_seconds, 2),
-        "train_images_per_second": round(sum(throughputs) / len(throughputs), 2),
+        "train_images_per_second": round(sum(throughputs) / max(1, len(throughputs)), 2),
     }
+    if marks is not None:
+        result.update(epochs=len(val_accs), checkpoints=marks.results)
     line = json.dumps(result)
     print(line, flush=True)
     if args.json_out:

@@ -1,0 +1,268 @@
+"""Time budgets at dataset scale: `python -m bench.budget` (issue 14's acceptance, one command).
+
+CIFAR-10 (../shared/data): a fixed, stratified 10,000-image test split is carved from the
+50,000 training images (1,000 per class, seed 0; never trained on); the other 40,000 are the
+training data. For each budget (15, 30, 60 min) the whole `visiontune train --time` command is
+timed, its model is evaluated on the test split, and the plan it chose is printed. Beside it,
+the seed recipe (bench/seed_recipe.py: frozen backbone at 32 px + new FC, Adam 1e-3,
+`model.train()`) runs once for the longest budget and is evaluated on the same test split at
+each budget's mark, i.e. after the same wall time.
+
+Hymenoptera (245 images): `visiontune train --time 3m` on all of them (wall time), and the
+recipe's accuracy estimated by repeated stratified 5-fold cross-validation: the whole command
+runs on 4/5 of the images and predicts the other 1/5. The out-of-fold probabilities give the
+expected calibration error before and after the temperature the run fitted, and the most
+confident wrong answer. The same estimate for the default recipe (no --time).
+
+Levers: on/off side by side at the same budget (CIFAR-10, 15 min): EMA of weights, mixup,
+flip test-time augmentation.
+
+Results go to stdout and to the "## Time budgets" section of bench/RESULTS.md.
+
+  python -m bench.budget                       # everything (about 5 h on a 2-core CPU)
+  python -m bench.budget --only cifar --budgets 15
+  python -m bench.budget --only hymenoptera --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.__main__ import PY, ROOT, VT, cpu_flags, machine, unpack
+
+SECTION = "## Time budgets"
+
+
+def carve(root: Path, work: Path, per_class: int = 1000, seed: int = 0) -> tuple[Path, Path]:
+    """(train.csv, test.csv): ``per_class`` test images per class drawn with ``seed``, the rest train."""
+    rng = random.Random(seed)
+    train, test = [], []
+    for cls in sorted(p.name for p in root.iterdir() if p.is_dir()):
+        files = sorted(str(p) for p in (root / cls).iterdir() if p.is_file())
+        rng.shuffle(files)
+        test += [(f, cls) for f in files[:per_class]]
+        train += [(f, cls) for f in files[per_class:]]
+    out = []
+    for name, rows in (("train", train), ("test", test)):
+        path = work / f"cifar-{name}.csv"
+        with open(path, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["path", "label"])
+            writer.writerows(rows)
+        out.append(path)
+    return out[0], out[1]
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """Run ``cmd`` with its output in ``log``; wall seconds. Fails loudly."""
+    start = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
+    return seconds
+
+
+def train(work: Path, name: str, data: Path, *flags: str) -> tuple[float, Path]:
+    run_dir = work / "runs" / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    seconds = run(VT + ["train", str(data), "--run-dir", str(run_dir), "--no-progress", *flags],
+                  work / f"{name}.log")
+    return seconds, run_dir
+
+
+def test_accuracy(run_dir: Path, test_csv: Path, *flags: str) -> float:
+    out = subprocess.run(VT + ["evaluate", str(run_dir), str(test_csv), "--json", "--no-save", *flags],
+                         capture_output=True, text=True, check=True).stdout
+    return float(json.loads(out)["accuracy"])
+
+
+def plan_summary(run_dir: Path) -> str:
+    path = run_dir / "plan.json"
+    if not path.is_file():
+        return "no plan"
+    plan = json.loads(path.read_text())
+    what = (f"linear probe ({plan['head']})" if plan["strategy"] == "linear-probe"
+            else f"{plan['strategy']} {plan['epochs']} ep ({plan['freeze_epochs']} on cached features), "
+                 f"{plan['augment']}")
+    return f"{what} at {plan['img_size']} px, projected {plan['total'] / 60:.1f} min"
+
+
+def bench_cifar(work: Path, data: dict, budgets: list[int]) -> list[str]:
+    train_csv, test_csv = carve(data["cifar10"], work)
+    lines = ["| budget | visiontune test acc | wall (whole command) | plan | seed recipe test acc, same wall time |",
+             "| ---: | ---: | ---: | --- | ---: |"]
+    marks = ",".join(str(b * 60) for b in budgets)
+    seed_log = work / "seed-cifar.log"
+    run([PY, str(ROOT / "bench" / "seed_recipe.py"), "--train-csv", str(train_csv), "--val-csv", str(test_csv),
+         "--test-csv", str(test_csv), "--img-size", "32", "--checkpoints", marks, "--json-out",
+         str(work / "seed-cifar.json")], seed_log)
+    seed = {int(c["mark_s"]): c["test_accuracy"] for c in json.loads((work / "seed-cifar.json").read_text())
+            ["checkpoints"]}
+    for minutes in budgets:
+        seconds, run_dir = train(work, f"cifar-{minutes}m", train_csv, "--time", f"{minutes}m")
+        acc = test_accuracy(run_dir, test_csv)
+        lines.append(f"| {minutes} min | {acc:.4f} | {seconds / 60:.1f} min | {plan_summary(run_dir)} | "
+                     f"{seed[minutes * 60]:.4f} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
+def bench_levers(work: Path, data: dict, minutes: int = 15) -> list[str]:
+    """Each lever on and off at the same budget (the planner's choice for the rest)."""
+    train_csv, test_csv = carve(data["cifar10"], work)
+    lines = [f"Levers, CIFAR-10 `--time {minutes}m` (test accuracy; the rest as planned):", ""]
+    base_seconds, base = train(work, f"lever-base-{minutes}m", train_csv, "--time", f"{minutes}m")
+    plan = json.loads((base / "plan.json").read_text())
+    card = json.loads((base / "model" / "model.json").read_text())
+    tta_on = card.get("inference", {}).get("tta") == "flip"
+    acc = test_accuracy(base, test_csv)
+    other_tta = test_accuracy(base, test_csv, "--no-tta" if tta_on else "--tta")
+    lines.append(f"- planned ({plan_summary(base)}, ema {plan.get('ema')}, mixup {plan.get('mixup')}, "
+                 f"tta {'flip' if tta_on else 'off'}): {acc:.4f} in {base_seconds / 60:.1f} min")
+    lines.append(f"- same model, flip TTA {'off' if tta_on else 'on'}: {other_tta:.4f}")
+    for name, flags in (("ema", ["--no-ema"] if plan.get("ema") else ["--ema"]),
+                        ("mixup", ["--mixup", "0"] if plan.get("mixup") else ["--mixup", "0.2"])):
+        seconds, run_dir = train(work, f"lever-{name}-{minutes}m", train_csv, "--time", f"{minutes}m", *flags)
+        lines.append(f"- {' '.join(flags)}: {test_accuracy(run_dir, test_csv):.4f} in {seconds / 60:.1f} min")
+        print(lines[-1], flush=True)
+    return lines
+
+
+def _folds(rows: list[tuple[str, str]], k: int, seed: int) -> list[list[int]]:
+    """Stratified k folds of row indices."""
+    rng = random.Random(seed)
+    folds: list[list[int]] = [[] for _ in range(k)]
+    by_class: dict[str, list[int]] = {}
+    for i, (_, label) in enumerate(rows):
+        by_class.setdefault(label, []).append(i)
+    offset = 0
+    for label in sorted(by_class):
+        idx = by_class[label]
+        rng.shuffle(idx)
+        for j, i in enumerate(idx):
+            folds[(j + offset) % k].append(i)
+        offset += len(idx)
+    return folds
+
+
+def _write(path: Path, rows: list[tuple[str, str]]) -> Path:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label"])
+        writer.writerows(rows)
+    return path
+
+
+def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    conf, pred = probs.max(1), probs.argmax(1)
+    edges = np.linspace(0, 1, bins + 1)
+    total = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (conf > lo) & (conf <= hi)
+        if sel.any():
+            total += sel.mean() * abs((pred[sel] == labels[sel]).mean() - conf[sel].mean())
+    return float(total)
+
+
+def cross_validate(work: Path, rows: list[tuple[str, str]], name: str, flags: list[str], repeats: int,
+                   k: int = 5) -> dict:
+    """The whole `visiontune train` command on k-1 folds, predictions on the held-out fold."""
+    import visiontune
+
+    accs, probs, uncal, labels, walls = [], [], [], [], []
+    for r in range(repeats):
+        for f, held in enumerate(_folds(rows, k, seed=r)):
+            held_set = set(held)
+            fold_dir = work / "folds" / f"{name}-r{r}f{f}"
+            fold_dir.mkdir(parents=True, exist_ok=True)
+            train_csv = _write(fold_dir / "train.csv", [rows[i] for i in range(len(rows)) if i not in held_set])
+            seconds, run_dir = train(work, f"cv-{name}-r{r}f{f}", train_csv, *flags)
+            walls.append(seconds)
+            model = visiontune.load(run_dir)
+            logits, ok, _ = model.logits_of([rows[i][0] for i in held])
+            assert bool(ok.all()), "every hymenoptera image is readable"
+            y = np.asarray([model.class_names.index(rows[i][1]) for i in held])
+            p = torch.softmax(logits / model.card.temperature, 1).numpy()
+            q = torch.softmax(logits, 1).numpy()  # before the temperature
+            accs.append(float((p.argmax(1) == y).mean()))
+            probs.append(p), uncal.append(q), labels.append(y)
+    p, q, y = np.concatenate(probs), np.concatenate(uncal), np.concatenate(labels)
+    wrong = p.argmax(1) != y
+    return {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "folds": len(accs),
+            "ece_calibrated": ece(p, y), "ece_uncalibrated": ece(q, y),
+            "max_wrong_p": float(p.max(1)[wrong].max()) if wrong.any() else 0.0, "errors": int(wrong.sum()),
+            "n": len(y), "mean_wall_s": float(np.mean(walls))}
+
+
+def bench_hymenoptera(work: Path, data: dict, repeats: int, default_repeats: int) -> list[str]:
+    root = data["hymenoptera"]
+    rows = [(str(p), p.parent.name) for p in sorted(root.glob("*/*")) if p.is_file()]
+    seconds, run_dir = train(work, "hym-3m", root, "--time", "3m")
+    lines = [f"Hymenoptera ({len(rows)} images): `visiontune train --time 3m` took {seconds / 60:.2f} min "
+             f"({plan_summary(run_dir)}).", ""]
+    for name, flags, reps in (("time-3m", ["--time", "3m"], repeats), ("default", [], default_repeats)):
+        if reps == 0:
+            continue
+        res = cross_validate(work, rows, name, flags, reps)
+        lines.append(f"- `{' '.join(flags) or 'defaults'}`: repeated stratified 5-fold ({res['folds']} folds) "
+                     f"accuracy {res['mean']:.4f} +- {res['std']:.4f}; out-of-fold ECE {res['ece_uncalibrated']:.4f} "
+                     f"uncalibrated -> {res['ece_calibrated']:.4f} with the run's temperature; {res['errors']} "
+                     f"wrong of {res['n']}, most confident wrong p = {res['max_wrong_p']:.4f}; "
+                     f"{res['mean_wall_s']:.0f} s per run")
+        print(lines[-1], flush=True)
+    return lines
+
+
+def write_results(results: Path, text: str) -> None:
+    old = results.read_text() if results.exists() else ""
+    if SECTION in old:
+        start = old.index(SECTION)
+        end = old.find("\n## ", start + len(SECTION))
+        old = old[:start] + old[end + 1:] if end != -1 else old[:start]
+    results.write_text(old.rstrip("\n") + "\n\n" + text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "visiontune-bench-budget")
+    ap.add_argument("--only", default="cifar,hymenoptera,levers")
+    ap.add_argument("--budgets", default="15,30,60", help="minutes, comma-separated")
+    ap.add_argument("--repeats", type=int, default=3, help="repeats of the 5-fold CV of --time 3m (hymenoptera)")
+    ap.add_argument("--default-repeats", type=int, default=1, help="the same for the default recipe (0: skip)")
+    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    args = ap.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    data = unpack(args.data_root, args.work)
+    start = time.perf_counter()
+    parts = args.only.split(",")
+    out = [SECTION, "", f"Machine: {machine()}", "",
+           f"Command: `python -m bench.budget --only {args.only} --budgets {args.budgets}`", ""]
+    if "cifar" in parts:
+        out += bench_cifar(args.work, data, [int(b) for b in args.budgets.split(",")]) + [""]
+    if "hymenoptera" in parts:
+        out += bench_hymenoptera(args.work, data, args.repeats, args.default_repeats) + [""]
+    if "levers" in parts:
+        out += bench_levers(args.work, data) + [""]
+    out.append(f"Total: {(time.perf_counter() - start) / 60:.0f} min (CPU flags: {cpu_flags()})")
+    text = "\n".join(out) + "\n"
+    print(text)
+    write_results(args.results, text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
