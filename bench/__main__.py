@@ -254,6 +254,21 @@ def cpu_flags() -> str:
     return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512"
 
 
+def earlier_rows(old: str, ran: set[str]) -> str:
+    """Rows and notes of the cases this run skipped (``--only``), kept from the previous results."""
+    skipped = [k for k in SECTIONS if k not in ran]
+    keep = [line for line in old.splitlines()
+            if line.startswith(tuple(f"| ({k})" for k in skipped) + tuple(f"- ({k})" for k in skipped))]
+    machine_line = next((line for line in old.splitlines() if line.startswith("Machine: ")), "Machine: ?")
+    if not keep:
+        return ""
+    return ("\nNot rerun by this command, from the previous results (" + machine_line + "):\n\n"
+            "| benchmark | baseline | visiontune | ratio | target | pass |\n"
+            "| --- | ---: | ---: | ---: | ---: | :---: |\n"
+            + "\n".join(line for line in keep if line.startswith("|")) + "\n\n"
+            + "\n".join(line for line in keep if line.startswith("-")) + "\n")
+
+
 def render(results: list[dict], seconds: float) -> str:
     head = ("| benchmark | baseline | visiontune | ratio | target | pass |\n"
             "| --- | ---: | ---: | ---: | ---: | :---: |\n")
@@ -285,6 +300,7 @@ def main() -> None:
     ours = f"# Benchmark results\n\nMachine: {machine()}\n\nCommand: `{command}`\n\n{table}"
     # the sections other benchmarks write below ours (serving, compression, budget) are kept
     old = args.results.read_text() if args.results.exists() else ""
+    ours += earlier_rows(old[:old.index("\n## ")] if "\n## " in old else old, set(args.only))
     rest = old[old.index("\n## "):] if "\n## " in old else ""
     args.results.write_text(ours + rest)
 

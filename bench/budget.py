@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -65,11 +66,12 @@ def carve(root: Path, work: Path, per_class: int = 1000, seed: int = 0) -> tuple
     return out[0], out[1]
 
 
-def run(cmd: list[str], log: Path) -> float:
+def run(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> float:
     """Run ``cmd`` with its output in ``log``; wall seconds. Fails loudly."""
     start = time.perf_counter()
     with open(log, "w") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, **(env or {})})
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
@@ -78,9 +80,11 @@ def run(cmd: list[str], log: Path) -> float:
 
 def train(work: Path, name: str, data: Path, *flags: str) -> tuple[float, Path]:
     run_dir = work / "runs" / name
-    shutil.rmtree(run_dir, ignore_errors=True)
+    cache = work / "caches" / name  # a cold feature cache: every run pays for its own features
+    for path in (run_dir, cache):
+        shutil.rmtree(path, ignore_errors=True)
     seconds = run(VT + ["train", str(data), "--run-dir", str(run_dir), "--no-progress", *flags],
-                  work / f"{name}.log")
+                  work / f"{name}.log", {"VISIONTUNE_CACHE": str(cache)})
     return seconds, run_dir
 
 
@@ -101,23 +105,27 @@ def plan_summary(run_dir: Path) -> str:
     return f"{what} at {plan['img_size']} px, projected {plan['total'] / 60:.1f} min"
 
 
-def bench_cifar(work: Path, data: dict, budgets: list[int]) -> list[str]:
+def bench_cifar(work: Path, data: dict, budgets: list[int], seed_minutes: int) -> list[str]:
+    """visiontune --time at each budget first (the long pole), then the seed recipe up to ``seed_minutes``."""
     train_csv, test_csv = carve(data["cifar10"], work)
-    lines = ["| budget | visiontune test acc | wall (whole command) | plan | seed recipe test acc, same wall time |",
-             "| ---: | ---: | ---: | --- | ---: |"]
-    marks = ",".join(str(b * 60) for b in budgets)
-    seed_log = work / "seed-cifar.log"
-    run([PY, str(ROOT / "bench" / "seed_recipe.py"), "--train-csv", str(train_csv), "--val-csv", str(test_csv),
-         "--test-csv", str(test_csv), "--img-size", "32", "--checkpoints", marks, "--json-out",
-         str(work / "seed-cifar.json")], seed_log)
-    seed = {int(c["mark_s"]): c["test_accuracy"] for c in json.loads((work / "seed-cifar.json").read_text())
-            ["checkpoints"]}
+    rows = []
     for minutes in budgets:
         seconds, run_dir = train(work, f"cifar-{minutes}m", train_csv, "--time", f"{minutes}m")
-        acc = test_accuracy(run_dir, test_csv)
-        lines.append(f"| {minutes} min | {acc:.4f} | {seconds / 60:.1f} min | {plan_summary(run_dir)} | "
-                     f"{seed[minutes * 60]:.4f} |")
-        print(lines[-1], flush=True)
+        rows.append((minutes, test_accuracy(run_dir, test_csv), seconds, plan_summary(run_dir)))
+        print(f"{minutes} min: test {rows[-1][1]:.4f} in {seconds / 60:.1f} min ({rows[-1][3]})", flush=True)
+    marks = [b * 60 for b in budgets if b <= seed_minutes]
+    seed: dict[int, float] = {}
+    if marks:
+        run([PY, str(ROOT / "bench" / "seed_recipe.py"), "--train-csv", str(train_csv), "--val-csv",
+             str(test_csv), "--test-csv", str(test_csv), "--img-size", "32", "--checkpoints",
+             ",".join(map(str, marks)), "--json-out", str(work / "seed-cifar.json")], work / "seed-cifar.log")
+        seed = {int(c["mark_s"]): c["test_accuracy"]
+                for c in json.loads((work / "seed-cifar.json").read_text())["checkpoints"]}
+    lines = ["| budget | visiontune test acc | wall (whole command) | plan | seed recipe test acc, same wall time |",
+             "| ---: | ---: | ---: | --- | ---: |"]
+    for minutes, acc, seconds, plan in rows:
+        other = f"{seed[minutes * 60]:.4f}" if minutes * 60 in seed else f"not run (--seed-minutes {seed_minutes})"
+        lines.append(f"| {minutes} min | {acc:.4f} | {seconds / 60:.1f} min | {plan} | {other} |")
     return lines
 
 
@@ -131,11 +139,12 @@ def bench_levers(work: Path, data: dict, minutes: int = 15) -> list[str]:
     tta_on = card.get("inference", {}).get("tta") == "flip"
     acc = test_accuracy(base, test_csv)
     other_tta = test_accuracy(base, test_csv, "--no-tta" if tta_on else "--tta")
-    lines.append(f"- planned ({plan_summary(base)}, ema {plan.get('ema')}, mixup {plan.get('mixup')}, "
+    recipe = plan.get("recipe", {})
+    lines.append(f"- planned ({plan_summary(base)}, ema {recipe.get('ema')}, mixup {recipe.get('mixup')}, "
                  f"tta {'flip' if tta_on else 'off'}): {acc:.4f} in {base_seconds / 60:.1f} min")
     lines.append(f"- same model, flip TTA {'off' if tta_on else 'on'}: {other_tta:.4f}")
-    for name, flags in (("ema", ["--no-ema"] if plan.get("ema") else ["--ema"]),
-                        ("mixup", ["--mixup", "0"] if plan.get("mixup") else ["--mixup", "0.2"])):
+    for name, flags in (("ema", ["--no-ema"] if recipe.get("ema") else ["--ema"]),
+                        ("mixup", ["--mixup", "0"] if recipe.get("mixup") else ["--mixup", "0.2"])):
         seconds, run_dir = train(work, f"lever-{name}-{minutes}m", train_csv, "--time", f"{minutes}m", *flags)
         lines.append(f"- {' '.join(flags)}: {test_accuracy(run_dir, test_csv):.4f} in {seconds / 60:.1f} min")
         print(lines[-1], flush=True)
@@ -227,11 +236,12 @@ def bench_hymenoptera(work: Path, data: dict, repeats: int, default_repeats: int
     return lines
 
 
-def write_results(results: Path, text: str) -> None:
+def write_results(results: Path, heading: str, text: str) -> None:
+    """Replace the section under ``heading`` (or append it) in RESULTS.md."""
     old = results.read_text() if results.exists() else ""
-    if SECTION in old:
-        start = old.index(SECTION)
-        end = old.find("\n## ", start + len(SECTION))
+    if f"{heading}\n" in old:
+        start = old.index(f"{heading}\n")
+        end = old.find("\n## ", start + len(heading))
         old = old[:start] + old[end + 1:] if end != -1 else old[:start]
     results.write_text(old.rstrip("\n") + "\n\n" + text)
 
@@ -242,26 +252,32 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "visiontune-bench-budget")
     ap.add_argument("--only", default="cifar,hymenoptera,levers")
     ap.add_argument("--budgets", default="15,30,60", help="minutes, comma-separated")
+    ap.add_argument("--seed-minutes", type=int, default=60,
+                    help="run the seed recipe (once, evaluated at each mark) for the budgets up to this")
     ap.add_argument("--repeats", type=int, default=3, help="repeats of the 5-fold CV of --time 3m (hymenoptera)")
     ap.add_argument("--default-repeats", type=int, default=1, help="the same for the default recipe (0: skip)")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     data = unpack(args.data_root, args.work)
-    start = time.perf_counter()
     parts = args.only.split(",")
-    out = [SECTION, "", f"Machine: {machine()}", "",
-           f"Command: `python -m bench.budget --only {args.only} --budgets {args.budgets}`", ""]
-    if "cifar" in parts:
-        out += bench_cifar(args.work, data, [int(b) for b in args.budgets.split(",")]) + [""]
-    if "hymenoptera" in parts:
-        out += bench_hymenoptera(args.work, data, args.repeats, args.default_repeats) + [""]
-    if "levers" in parts:
-        out += bench_levers(args.work, data) + [""]
-    out.append(f"Total: {(time.perf_counter() - start) / 60:.0f} min (CPU flags: {cpu_flags()})")
-    text = "\n".join(out) + "\n"
-    print(text)
-    write_results(args.results, text)
+    command = (f"python -m bench.budget --only {{part}} --budgets {args.budgets} "
+               f"--seed-minutes {args.seed_minutes} --repeats {args.repeats} --default-repeats {args.default_repeats}")
+    benches = {"cifar": lambda: bench_cifar(args.work, data, [int(b) for b in args.budgets.split(",")],
+                                            args.seed_minutes),
+               "hymenoptera": lambda: bench_hymenoptera(args.work, data, args.repeats, args.default_repeats),
+               "levers": lambda: bench_levers(args.work, data)}
+    unknown = set(parts) - set(benches)
+    if unknown:
+        ap.error(f"--only takes {', '.join(benches)}, not {', '.join(sorted(unknown))}")
+    for part in parts:  # each part has its own section, so parts can be rerun one at a time
+        start = time.perf_counter()
+        lines = benches[part]()
+        text = "\n".join([f"{SECTION}: {part}", "", f"Machine: {machine()}", "",
+                          f"Command: `{command.format(part=part)}`", "", *lines, "",
+                          f"Took {(time.perf_counter() - start) / 60:.0f} min (CPU flags: {cpu_flags()})"]) + "\n"
+        print(text, flush=True)
+        write_results(args.results, f"{SECTION}: {part}", text)
 
 
 if __name__ == "__main__":
