@@ -14,8 +14,9 @@ runs on 4/5 of the images and predicts the other 1/5. The out-of-fold probabilit
 expected calibration error before and after the temperature the run fitted, and the most
 confident wrong answer. The same estimate for the default recipe (no --time).
 
-Levers: on/off side by side at the same budget (CIFAR-10, 15 min): EMA of weights, mixup,
-flip test-time augmentation.
+Levers: on/off side by side at the same budget (CIFAR-10, a 10,000-image training subset,
+5 min each by default): EMA of weights, mixup, flip test-time augmentation; on hymenoptera, flip
+TTA on/off on the same out-of-fold models.
 
 Results go to stdout and to the "## Time budgets" section of bench/RESULTS.md.
 
@@ -129,24 +130,35 @@ def bench_cifar(work: Path, data: dict, budgets: list[int], seed_minutes: int) -
     return lines
 
 
-def bench_levers(work: Path, data: dict, minutes: int = 15) -> list[str]:
-    """Each lever on and off at the same budget (the planner's choice for the rest)."""
+def bench_levers(work: Path, data: dict, minutes: int, n_train: int) -> list[str]:
+    """Each lever on and off at the same budget (the planner's choice for the rest), on a stratified
+    ``n_train``-image subset of the training split (so that a short budget still fine-tunes)."""
     train_csv, test_csv = carve(data["cifar10"], work)
-    lines = [f"Levers, CIFAR-10 `--time {minutes}m` (test accuracy; the rest as planned):", ""]
-    base_seconds, base = train(work, f"lever-base-{minutes}m", train_csv, "--time", f"{minutes}m")
+    rows = list(csv.reader(open(train_csv)))[1:]
+    per_class: dict[str, list[list[str]]] = {}
+    for row in rows:
+        per_class.setdefault(row[1], []).append(row)
+    subset = _write(work / f"cifar-train{n_train}.csv",
+                    [tuple(r) for label in sorted(per_class) for r in per_class[label][: n_train // len(per_class)]])
+    lines = [f"Levers, CIFAR-10 {n_train} training images, `--time {minutes}m` each, test accuracy on the "
+             "10,000 held-out images (the rest as planned):", ""]
+    base_seconds, base = train(work, f"lever-base-{minutes}m", subset, "--time", f"{minutes}m")
     plan = json.loads((base / "plan.json").read_text())
+    recipe = plan.get("recipe", {})
     card = json.loads((base / "model" / "model.json").read_text())
     tta_on = card.get("inference", {}).get("tta") == "flip"
     acc = test_accuracy(base, test_csv)
     other_tta = test_accuracy(base, test_csv, "--no-tta" if tta_on else "--tta")
-    recipe = plan.get("recipe", {})
     lines.append(f"- planned ({plan_summary(base)}, ema {recipe.get('ema')}, mixup {recipe.get('mixup')}, "
                  f"tta {'flip' if tta_on else 'off'}): {acc:.4f} in {base_seconds / 60:.1f} min")
-    lines.append(f"- same model, flip TTA {'off' if tta_on else 'on'}: {other_tta:.4f}")
+    lines.append(f"- the same model, flip TTA {'off' if tta_on else 'on'} (`evaluate --{'no-' if tta_on else ''}tta`): "
+                 f"{other_tta:.4f}")
+    print("\n".join(lines[-2:]), flush=True)
     for name, flags in (("ema", ["--no-ema"] if recipe.get("ema") else ["--ema"]),
                         ("mixup", ["--mixup", "0"] if recipe.get("mixup") else ["--mixup", "0.2"])):
-        seconds, run_dir = train(work, f"lever-{name}-{minutes}m", train_csv, "--time", f"{minutes}m", *flags)
-        lines.append(f"- {' '.join(flags)}: {test_accuracy(run_dir, test_csv):.4f} in {seconds / 60:.1f} min")
+        seconds, run_dir = train(work, f"lever-{name}-{minutes}m", subset, "--time", f"{minutes}m", *flags)
+        lines.append(f"- `{' '.join(flags)}`: {test_accuracy(run_dir, test_csv):.4f} in {seconds / 60:.1f} min "
+                     f"({plan_summary(run_dir)})")
         print(lines[-1], flush=True)
     return lines
 
@@ -192,7 +204,7 @@ def cross_validate(work: Path, rows: list[tuple[str, str]], name: str, flags: li
     """The whole `visiontune train` command on k-1 folds, predictions on the held-out fold."""
     import visiontune
 
-    accs, probs, uncal, labels, walls = [], [], [], [], []
+    accs, probs, uncal, labels, walls, other_accs, tta_on = [], [], [], [], [], [], False
     for r in range(repeats):
         for f, held in enumerate(_folds(rows, k, seed=r)):
             held_set = set(held)
@@ -209,12 +221,17 @@ def cross_validate(work: Path, rows: list[tuple[str, str]], name: str, flags: li
             q = torch.softmax(logits, 1).numpy()  # before the temperature
             accs.append(float((p.argmax(1) == y).mean()))
             probs.append(p), uncal.append(q), labels.append(y)
+            flipped = visiontune.load(run_dir, tta=not model.card.tta)  # the other TTA setting, same model
+            other_logits, _, _ = flipped.logits_of([rows[i][0] for i in held])
+            other_accs.append(float((other_logits.argmax(1).numpy() == y).mean()))
+            tta_on = not model.card.tta
     p, q, y = np.concatenate(probs), np.concatenate(uncal), np.concatenate(labels)
     wrong = p.argmax(1) != y
     return {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "folds": len(accs),
             "ece_calibrated": ece(p, y), "ece_uncalibrated": ece(q, y),
             "max_wrong_p": float(p.max(1)[wrong].max()) if wrong.any() else 0.0, "errors": int(wrong.sum()),
-            "n": len(y), "mean_wall_s": float(np.mean(walls))}
+            "n": len(y), "mean_wall_s": float(np.mean(walls)), "other_tta_mean": float(np.mean(other_accs)),
+            "other_tta": "on" if tta_on else "off"}
 
 
 def bench_hymenoptera(work: Path, data: dict, repeats: int, default_repeats: int) -> list[str]:
@@ -231,7 +248,8 @@ def bench_hymenoptera(work: Path, data: dict, repeats: int, default_repeats: int
                      f"accuracy {res['mean']:.4f} +- {res['std']:.4f}; out-of-fold ECE {res['ece_uncalibrated']:.4f} "
                      f"uncalibrated -> {res['ece_calibrated']:.4f} with the run's temperature; {res['errors']} "
                      f"wrong of {res['n']}, most confident wrong p = {res['max_wrong_p']:.4f}; "
-                     f"{res['mean_wall_s']:.0f} s per run")
+                     f"{res['mean_wall_s']:.0f} s per run; the same models with flip TTA {res['other_tta']}: "
+                     f"{res['other_tta_mean']:.4f}")
         print(lines[-1], flush=True)
     return lines
 
@@ -256,17 +274,20 @@ def main(argv: list[str] | None = None) -> None:
                     help="run the seed recipe (once, evaluated at each mark) for the budgets up to this")
     ap.add_argument("--repeats", type=int, default=3, help="repeats of the 5-fold CV of --time 3m (hymenoptera)")
     ap.add_argument("--default-repeats", type=int, default=1, help="the same for the default recipe (0: skip)")
+    ap.add_argument("--levers-minutes", type=int, default=5, help="the budget of each levers run")
+    ap.add_argument("--levers-train", type=int, default=10_000, help="training images of the levers runs")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     data = unpack(args.data_root, args.work)
     parts = args.only.split(",")
     command = (f"python -m bench.budget --only {{part}} --budgets {args.budgets} "
-               f"--seed-minutes {args.seed_minutes} --repeats {args.repeats} --default-repeats {args.default_repeats}")
+               f"--seed-minutes {args.seed_minutes} --repeats {args.repeats} --default-repeats {args.default_repeats} "
+               f"--levers-minutes {args.levers_minutes} --levers-train {args.levers_train}")
     benches = {"cifar": lambda: bench_cifar(args.work, data, [int(b) for b in args.budgets.split(",")],
                                             args.seed_minutes),
                "hymenoptera": lambda: bench_hymenoptera(args.work, data, args.repeats, args.default_repeats),
-               "levers": lambda: bench_levers(args.work, data)}
+               "levers": lambda: bench_levers(args.work, data, args.levers_minutes, args.levers_train)}
     unknown = set(parts) - set(benches)
     if unknown:
         ap.error(f"--only takes {', '.join(benches)}, not {', '.join(sorted(unknown))}")

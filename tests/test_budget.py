@@ -89,6 +89,55 @@ def test_measured_decoding_and_tta_are_paid_for():
     assert tta.projected["finish"] > plain.projected["finish"]
 
 
+def test_given_epochs_pick_the_largest_size_where_they_fit():
+    plan = plan_run(60 * 60, **CIFAR, throughputs=TABLE, fixed={"epochs": 12})
+    assert plan.epochs == 12 and plan.total <= 60 * 60
+    assert plan.img_size < plan_run(60 * 60, **CIFAR, throughputs=TABLE, fixed={"epochs": 3}).img_size
+
+
+def test_a_long_warm_up_does_not_count_as_fine_tuning_epochs():
+    """--freeze-epochs 3 epochs are cheap (cached features) but are not fine-tuning: in 2 minutes
+    no size has room for the 2 fine-tuning epochs after them, so none 'fits'; in 3 minutes one does."""
+    assert plan_run(2 * 60, **CIFAR, throughputs=TABLE, fixed={"freeze_epochs": 3}).strategy == "linear-probe"
+    plan = plan_run(3 * 60, **CIFAR, throughputs=TABLE, fixed={"freeze_epochs": 3})
+    assert plan.strategy == "finetune" and plan.epochs - plan.freeze_epochs >= MIN_FINETUNE_EPOCHS - 1
+
+
+def test_the_users_strategy_is_kept_when_nothing_fits():
+    plan = plan_run(60, **CIFAR, throughputs=TABLE, fixed={"strategy": "finetune"})
+    assert (plan.strategy, plan.img_size) == ("finetune", 32)  # the smallest size, until the deadline
+    assert plan.augment == "crop-flip" and plan.projected["train"] > 0 and "--strategy finetune" in plan.reason
+
+
+def test_scratch_gets_no_pretrained_recipe():
+    plan = plan_run(60 * 60, **CIFAR, throughputs=TABLE, fixed={"strategy": "scratch"})
+    assert plan.strategy == "scratch" and plan.freeze_epochs == 0 and plan.projected["features"] == 0
+    assert "bn_stats" not in plan.overrides() and "lr_mult" not in plan.overrides()
+
+
+def test_small_data_keeps_a_given_gradient_head_trainable():
+    small = {**CIFAR, "n_train": 200, "n_val": 50}
+    assert plan_run(5 * 60, **small, throughputs=TABLE).head == "auto"
+    plan = plan_run(5 * 60, **small, throughputs=TABLE, fixed={"head": "linear"})
+    assert plan.head == "linear" and plan.epochs > 1  # the gradient head trains for epochs
+
+
+def test_later_runs_in_a_process_start_their_own_clock(monkeypatch):
+    from visiontune.training import setup
+
+    monkeypatch.setattr(setup, "_STARTED_BEFORE", False)
+    monkeypatch.setattr(setup, "process_started", lambda: 1000.0)
+    monkeypatch.setattr(setup.time, "time", lambda: 1010.0)
+    assert setup.budget_start() == 1000.0  # a fresh command: its interpreter start-up counts
+    assert setup.budget_start() == 1010.0  # compare's next entry, a notebook: from now
+
+
+def test_time_with_several_processes_is_refused(shared_folder, tmp_path, capsys):
+    code, _, err = vt_main(capsys, "train", shared_folder, "--time", "5m", "--devices", "2", "--run-dir",
+                           tmp_path / "run")
+    assert code == 2 and "--devices 1" in err and not (tmp_path / "run").exists()
+
+
 def test_deadline_stops_and_keeps_the_best_model(shared_folder, tmp_path, capsys):
     """A 1-second budget is spent before training starts: the warm-up epoch still saves a model,
     the first Lightning batch hits the deadline, and the run ends with that model and its card."""

@@ -334,3 +334,16 @@ def test_old_cards_with_head_instead_of_classifier_still_load(saved_resnet):
     _edit_card(saved_resnet, rename)
     _, card = load_model(saved_resnet)
     assert card.architecture.classifier == "fc"
+
+
+def test_source_classifier_pairs_weight_and_bias_by_name(tmp_path):
+    """safetensors lists keys sorted (bias before weight): the pretrained head is still found."""
+    from visiontune.models.factory import source_classifier
+
+    head_w, head_b = torch.randn(5, 8), torch.randn(5)
+    path = tmp_path / "weights.safetensors"
+    save_file({"body.weight": torch.randn(8, 3, 1, 1), "fc.weight": head_w, "fc.bias": head_b,
+               "other.bias": torch.randn(8)}, str(path))
+    w, b = source_classifier("resnet18", str(path), 8)
+    assert torch.equal(w, head_w) and torch.equal(b, head_b)
+    assert source_classifier("resnet18", str(path), 16) is None  # no [C, 16] matrix in the file

@@ -7,7 +7,7 @@ import csv
 import pytest
 import torch
 import yaml
-from conftest import FAST
+from conftest import FAST, make_folder
 
 import visiontune
 from visiontune.data.image import load_image
@@ -78,3 +78,15 @@ def test_frozen_batchnorm_stays_in_eval_mode():
     assert all(bn.training for bn in bns)
     module.training_step((torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])), 0)
     assert not torch.allclose(bns[3].running_mean, before)
+
+
+def test_auto_head_with_a_single_image_class_falls_back_to_logistic(tmp_path, capsys):
+    """Stratified folds need two images per class; one lonely image must not crash --head auto."""
+    make_folder(tmp_path / "data" / "train", per_class=6)
+    make_folder(tmp_path / "data" / "val", per_class=2, seed=1)
+    lonely = sorted((tmp_path / "data" / "train").iterdir())[0]
+    for path in sorted(lonely.iterdir())[1:]:
+        path.unlink()
+    run = visiontune.train(tmp_path / "data", strategy="linear-probe", head="auto", run_dir=tmp_path / "run", **FAST)
+    assert "too few to cross-validate: using the logistic head" in capsys.readouterr().out
+    assert (run.model_dir / "model.safetensors").is_file()

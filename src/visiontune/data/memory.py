@@ -196,7 +196,9 @@ class BatchAugment:
 
     def __call__(self, batch: list) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels, boxes, flips = zip(*batch)
-        pads = [max(1, math.ceil(min(img.shape[-2:]) / 7)) if self.pad else 0 for img in images]
+        # each axis padded by more than the 1/8 shift of a box spanning it: reflections, never black
+        pads = [(math.ceil(img.shape[-1] / 7), math.ceil(img.shape[-2] / 7)) if self.pad else (0, 0)
+                for img in images]
         if len({(tuple(img.shape), p) for img, p in zip(images, pads)}) == 1:  # one call for the whole batch
             out = self._cut(torch.stack(images), list(boxes), pads[0])
         else:
@@ -205,11 +207,13 @@ class BatchAugment:
         out = torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
         return (out * self.scale - self.mean) / self.std, torch.tensor(labels)
 
-    def _cut(self, images: torch.Tensor, boxes: list, pad: int) -> torch.Tensor:
+    def _cut(self, images: torch.Tensor, boxes: list, pad: tuple[int, int]) -> torch.Tensor:
         x = images.float()
-        if pad:
-            x = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
-        rois = torch.tensor([[i, x0 + pad, y0 + pad, x1 + pad, y1 + pad] for i, (x0, y0, x1, y1) in enumerate(boxes)],
+        px, py = pad
+        if px or py:
+            small = min(x.shape[-2:]) < 2 or px >= x.shape[-1] or py >= x.shape[-2]  # reflection needs room
+            x = torch.nn.functional.pad(x, (px, px, py, py), mode="replicate" if small else "reflect")
+        rois = torch.tensor([[i, x0 + px, y0 + py, x1 + px, y1 + py] for i, (x0, y0, x1, y1) in enumerate(boxes)],
                             dtype=torch.float32)
         return roi_align(x, rois, self.size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 

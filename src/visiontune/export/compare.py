@@ -7,6 +7,7 @@ differ only by the model/runtime, never by decoding.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Callable
@@ -35,7 +36,7 @@ class Variant:
 
 def torch_runner(model: nn.Module, tta: bool = False) -> Logits:
     """Eager fp32 PyTorch as :class:`Classifier` runs it on CPU (channels_last, inference mode)."""
-    runner = TorchRunner(model.float(), precision="32", tta=tta)
+    runner = TorchRunner(copy.deepcopy(model).float(), precision="32", tta=tta)  # the caller's model stays put
     return lambda batch: runner(torch.from_numpy(batch)).numpy()
 
 

@@ -145,10 +145,12 @@ def source_classifier(name: str, weights: str, in_features: int) -> tuple[torch.
         state = read_state_dict(weights)
     else:
         return None  # a hub download was made for a fresh head; no second one for the old
-    tensors = list(state.values())
-    for i in range(len(tensors) - 2, -1, -1):  # the last [C, d] matrix followed by its [C] bias
-        w, b = tensors[i], tensors[i + 1]
-        if w.dim() == 2 and w.shape[1] == in_features and b.dim() == 1 and b.shape[0] == w.shape[0]:
+    # the last [C, d] matrix with its [C] bias, paired by name: safetensors files list keys sorted
+    # (``fc.bias`` before ``fc.weight``), so file order cannot pair them
+    for key in reversed(list(state)):
+        w, b = state[key], state.get(key[: -len("weight")] + "bias") if key.endswith("weight") else None
+        if (b is not None and w.dim() == 2 and w.shape[1] == in_features and b.dim() == 1
+                and b.shape[0] == w.shape[0]):
             return w.float(), b.float()
     return None
 

@@ -34,7 +34,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from ..core.errors import ConfigError, ImageDecodeError
-from ..core.hardware import autocast, resolve_precision
+from ..core.hardware import autocast, device, resolve_precision
 from ..data.image import load_image
 from ..data.preprocess import Preprocessing, resize
 from .config import DURATION_PATTERN
@@ -144,12 +144,19 @@ def candidate_sizes(native_side: int, default_side: int) -> list[int]:
     return sorted(set(sizes or [low]))
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():  # GPU work is asynchronous: time what it did, not what was queued
+        torch.cuda.synchronize()
+
+
 def _step_images_per_second(run, batch: int, seconds: float) -> float:
     run()  # warm-up: first calls allocate and pick kernels
+    _sync()
     start, steps = time.perf_counter(), 0
     while steps < 2 or time.perf_counter() - start < seconds:
         run()
         steps += 1
+        _sync()
     return batch * steps / (time.perf_counter() - start)
 
 
@@ -157,7 +164,7 @@ def probe(model: nn.Module, sizes: list[int], precision: str, batch_size: int, s
           ) -> list[Throughput]:
     """Measure training and inference images/s of ``model`` at each size (on a copy: nothing in
     the model changes). About ``3 * seconds`` per size."""
-    net = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    net = copy.deepcopy(model).to(device(), memory_format=torch.channels_last)  # where training will run
     opt = torch.optim.AdamW(net.parameters(), lr=0.0)
     out: list[Throughput] = []
     for size in sizes:
@@ -173,11 +180,11 @@ class _TrainStep:
 
     def __init__(self, net: nn.Module, opt, precision: str, batch: int, size: int):
         self.net, self.opt, self.precision = net, opt, precision
-        self.x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+        self.x = torch.randn(batch, 3, size, size, device=device()).contiguous(memory_format=torch.channels_last)
 
     def __call__(self) -> None:
         self.net.train()
-        with autocast(self.precision, "cpu"):
+        with autocast(self.precision, device()):
             loss = self.net(self.x).float().logsumexp(1).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -187,12 +194,12 @@ class _TrainStep:
 class _InferStep:
     def __init__(self, net: nn.Module, precision: str, batch: int, size: int):
         self.net, self.precision = net, precision
-        self.x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+        self.x = torch.randn(batch, 3, size, size, device=device()).contiguous(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def __call__(self) -> None:
         self.net.eval()
-        with autocast(self.precision, "cpu"):
+        with autocast(self.precision, device()):
             self.net(self.x)
 
 
@@ -252,11 +259,12 @@ def plan_run(budget: float, n_train: int, n_val: int, native_side: int, default_
     small = native_side < default_side * 0.5  # images much smaller than the backbone's input
     augment = fixed.get("augment", "crop-flip" if small else "standard")
     resize_mode = fixed.get("resize_mode", "squash" if small else "crop")
-    recipe = {k: v for k, v in FINETUNE_RECIPE.items() if k not in fixed}
-    tta = bool(fixed.get("tta", False))
-    warmup = fixed.get("freeze_epochs", 1)
-    measured = [asdict(x) for x in throughputs]
     strategy = fixed.get("strategy")
+    scratch = strategy == "scratch"  # random init: no ImageNet statistics to keep, no features to warm up on
+    recipe = {} if scratch else {k: v for k, v in FINETUNE_RECIPE.items() if k not in fixed}
+    tta = bool(fixed.get("tta", False))
+    warmup = 0 if scratch else fixed.get("freeze_epochs", 1)
+    measured = [asdict(x) for x in throughputs]
 
     def costs(t: Throughput, epochs: int, finetune: bool) -> dict[str, float]:
         return {"start": elapsed, **phase_costs(t, n_train, n_val, n_test, epochs, min(warmup, epochs) if finetune
@@ -264,26 +272,36 @@ def plan_run(budget: float, n_train: int, n_val: int, native_side: int, default_
 
     if n_train <= SMALL_DATA and strategy in (None, "linear-probe") and "epochs" not in fixed:
         t = max((x for x in sizes if x.size <= default_side), key=lambda x: x.size, default=sizes[-1])
-        projected = {**costs(t, 1, False), "selection": 10.0}
+        head = fixed.get("head", "auto")
+        epochs = 10 if head == "linear" else 1  # only the gradient head trains for epochs (on cached features)
+        projected = {**costs(t, epochs, False), "selection": 10.0}
         reason = (f"{n_train} training images: probes on cached features, chosen by repeated k-fold "
                   "cross-validation, beat a fine-tune chosen on a small validation split")
-        return Plan(budget, "linear-probe", t.size, 1, 0, "none", fixed.get("resize_mode", "crop"), projected,
-                    head=fixed.get("head", "auto"), throughputs=measured, reason=reason)
+        return Plan(budget, "linear-probe", t.size, epochs, 0, "none", fixed.get("resize_mode", "crop"), projected,
+                    head=head, throughputs=measured, reason=reason)
 
     candidates, best = [], None
+    # with --epochs given, the largest size where those epochs fit; else where the minimum does
+    needed = fixed["epochs"] - min(warmup, fixed["epochs"]) if "epochs" in fixed else MIN_FINETUNE_EPOCHS - 1
     for t in sizes:
-        base = costs(t, warmup, True)
+        base = costs(t, warmup, True)  # ``available`` has already paid for the start
         per_epoch = n_train / t.train + (2 if tta else 1) * n_val / t.infer
-        room = available - base["start"] - base["features"] - base["finish"] - (n_train + n_val) * decode_s
-        fit = max(0, int(room // per_epoch)) + warmup
+        room = available - base["features"] - base["finish"] - (n_train + n_val) * decode_s
+        trained = max(0, int(room // per_epoch))  # fine-tuning epochs after the warm-up
+        fit = trained + warmup
         candidates.append({"size": t.size, "epochs_that_fit": fit, "seconds_per_epoch": round(per_epoch, 1)})
-        if fit >= MIN_FINETUNE_EPOCHS or "epochs" in fixed:
+        if trained >= needed:
             best = (t, fit)  # sizes ascend: the last that fits is the largest
+    reason = ""
+    if best is None and strategy is not None and strategy != "linear-probe":
+        best = (sizes[0], fixed.get("epochs", warmup + 1))  # the user's strategy at the smallest size
+        reason = (f"--strategy {strategy}: not even {needed} fine-tuning epoch(s) fit at any measured size; the "
+                  "smallest runs until the deadline")
     if best is not None and strategy in (None, "finetune", "progressive", "scratch"):
         t, fit = best
         epochs = fixed.get("epochs", max(min(fit, MAX_EPOCHS), warmup + 1))
-        reason = (f"{fit} epochs fit at {t.size} px, the largest input where at least {MIN_FINETUNE_EPOCHS} do "
-                  f"({candidates[sizes.index(t)]['seconds_per_epoch']} s per epoch)")
+        reason = reason or (f"{fit} epochs fit at {t.size} px, the largest input where at least "
+                            f"{needed + warmup} do ({candidates[sizes.index(t)]['seconds_per_epoch']} s per epoch)")
         return Plan(budget, strategy or "finetune", t.size, epochs, min(warmup, epochs), augment, resize_mode,
                     costs(t, epochs, True), recipe=recipe, candidates=candidates, throughputs=measured,
                     reason=reason, val_pass_s=(2 if tta else 1) * n_val / t.infer)

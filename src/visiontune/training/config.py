@@ -83,8 +83,7 @@ class ModelOptions:
     img_size: int | None = option(None, "input size in pixels (default: the backbone's pretrained config)")
     resize_mode: str = option("crop", "how images are fitted to the input", choices=RESIZE)
     tta: bool | None = option(None, "test-time augmentation: every prediction averages the image and its mirror "
-                                    "image (stored in the model card; exports include it). Default: off, or as "
-                                    "--time plans it")
+                                    "image (stored in the model card; exports include it). Default: off")
 
 
 @dataclass
@@ -119,7 +118,7 @@ class OptimOptions:
     mixup: float = option(0.0, "mixup alpha (timm Mixup; 0: off)")
     cutmix: float = option(0.0, "cutmix alpha (timm Mixup; 0: off)")
     ema: bool | None = option(None, "validate and keep an exponential moving average of the weights (decay set by "
-                                    "the run length). Default: off, or as --time plans it")
+                                    "the run length). Default: off")
     early_stopping: int | None = option(None, "stop after this many epochs without improvement of --select-metric")
     auto_batch_size: bool = option(False, "find the largest batch size that fits (Lightning tuner; capped at 1/4 "
                                           "of the data)")

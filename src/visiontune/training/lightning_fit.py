@@ -182,6 +182,8 @@ def fit_lightning(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*The number of training batches.*")
+        # frozen layers and --bn-stats frozen keep BatchNorm in eval mode on purpose
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
         if ctx.resume_ckpt:  # expected when resuming into the same run dir
             warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
         try:

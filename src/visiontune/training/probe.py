@@ -119,6 +119,12 @@ def fit_auto_head(ctx: TrainContext, head: nn.Linear, train_x, train_y, val_x, v
     """``--head auto``: the probe repeated stratified k-fold cross-validation prefers
     (:mod:`~visiontune.training.probe_selection`); its out-of-fold logits calibrate the model."""
     x, y = train_x[:, 0].double().numpy(), train_y.numpy()
+    counts = np.bincount(y, minlength=head.out_features)
+    if counts.min() < 2:  # stratified folds need two images of every class
+        print(f"head auto: class {ctx.splits.class_names[int(counts.argmin())]!r} has {int(counts.min())} training "
+              "image(s), too few to cross-validate: using the logistic head", flush=True)
+        fit_logistic_head(ctx, head, train_x, train_y, val_x, val_y, start)
+        return
     source = source_classifier(ctx.cfg.model.name, ctx.cfg.model.weights, head.in_features)
     source = (source[0].double().numpy(), source[1].double().numpy()) if source is not None else None
     balanced = ctx.cfg.data.balance != "none"

@@ -51,6 +51,13 @@ def setup_run(cfg: TrainConfig, prefix: str = "train") -> TrainContext:
     """
     import lightning as L  # lazy: Lightning loads only when a run starts (not for --help or errors)
 
+    started = budget_start()
+    if cfg.runtime.time and (cfg.runtime.devices > 1 or cfg.runtime.num_nodes > 1):
+        # every rank would plan and stop on its own measurements: ranks that disagree block each other
+        raise ConfigError("--time plans a single-process run; drop --time or use --devices 1 --num-nodes 1")
+    if cfg.runtime.time and cfg.runtime.resume:
+        print("time budget: --resume continues the run's own planned epochs; --time applies to new runs only",
+              flush=True)
     resume_ckpt = None
     run_dir: Path | None = None
     if cfg.runtime.resume:
@@ -70,14 +77,14 @@ def setup_run(cfg: TrainConfig, prefix: str = "train") -> TrainContext:
     pre = replace(pre, resize_mode=cfg.model.resize_mode)
     plan, deadline = None, None
     if cfg.runtime.time and not cfg.runtime.resume:
-        cfg, pre, plan = plan_budget(cfg, model, pre, splits, default_side)
-        deadline = process_started() + parse_duration(cfg.runtime.time)
+        cfg, pre, plan = plan_budget(cfg, model, pre, splits, default_side, started)
+        deadline = started + parse_duration(cfg.runtime.time)
     elif not cfg.runtime.resume and len(splits.train) * cfg.optim.epochs >= FORECAST_MIN_IMAGE_EPOCHS:
         finetune = cfg.strategy.name != "linear-probe"
         (measured,) = probe(model, [pre.height], cfg.runtime.precision, cfg.optim.batch_size, seconds=1.0)
         _, line = forecast(measured, len(splits.train), len(splits.val), len(splits.test), cfg.optim.epochs,
                            min(cfg.strategy.freeze_epochs, cfg.optim.epochs) if finetune else 0, finetune,
-                           time.time() - process_started())
+                           time.time() - started)
         print(line, flush=True)
     precision = resolve_precision(cfg.runtime.precision, pre.height)
     cache, needed = should_cache(cfg.data.cache_images, [p for p, _ in splits.train],
@@ -98,8 +105,21 @@ def setup_run(cfg: TrainConfig, prefix: str = "train") -> TrainContext:
                         deadline, plan)
 
 
-def plan_budget(cfg: TrainConfig, model, pre: Preprocessing, splits: Splits, default_side: int
-                ) -> tuple[TrainConfig, Preprocessing, Plan]:
+def budget_start() -> float:
+    """When this command's time started: the process start for a fresh ``visiontune`` command (its
+    interpreter start-up counts), else now (later entries of ``compare``, a notebook session)."""
+    global _STARTED_BEFORE
+    started, now = process_started(), time.time()
+    first, _STARTED_BEFORE = not _STARTED_BEFORE, True
+    return started if first and now - started < FRESH_PROCESS_S else now
+
+
+_STARTED_BEFORE = False
+FRESH_PROCESS_S = 120.0  # a process older than this was not started for this command
+
+
+def plan_budget(cfg: TrainConfig, model, pre: Preprocessing, splits: Splits, default_side: int,
+                started: float) -> tuple[TrainConfig, Preprocessing, Plan]:
     """Measure this machine and plan the run for ``cfg.runtime.time``; return the planned config
     (the user's own options kept) and preprocessing."""
     budget = parse_duration(cfg.runtime.time)
@@ -111,7 +131,7 @@ def plan_budget(cfg: TrainConfig, model, pre: Preprocessing, splits: Splits, def
     throughputs = probe(model, sizes, cfg.runtime.precision, cfg.optim.batch_size)
     decode_s = decode_seconds([p for p, _ in splits.train], pre)
     plan = plan_run(budget, len(splits.train), len(splits.val), native, default_side, throughputs,
-                    elapsed=time.time() - process_started(), n_test=len(splits.test), fixed=fixed, decode_s=decode_s)
+                    elapsed=time.time() - started, n_test=len(splits.test), fixed=fixed, decode_s=decode_s)
     print(plan.describe(), flush=True)
     planned = cfg.replace(**{k: v for k, v in plan.overrides().items() if k not in fixed})
     pre = replace(pre.with_size(plan.img_size), resize_mode=planned.model.resize_mode)
