@@ -123,6 +123,30 @@ def test_fit_temperature_recovers_known_temperature():
     assert expected_calibration_error(perfect, torch.tensor([0] * 9 + [1])) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_calibration_never_sharpens_without_errors_and_keeps_few_errors_doubtful():
+    """No error: T >= 1 (a set answered all right cannot show by how much to sharpen). A few
+    errors: T may sharpen an under-confident model, but no wrong answer rises above p = 0.99."""
+    from visiontune.evaluation.calibration import MAX_WRONG_CONFIDENCE, calibration_summary
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(200) % 2
+    margins = 0.5 + torch.rand(200, generator=gen)  # right answers, timid logits: under-confident
+    logits = torch.stack([-margins / 2, margins / 2], 1)
+    logits[labels == 0] = logits[labels == 0].flip(1)
+    all_right = calibration_summary(logits, labels)
+    assert all_right["errors"] == 0 and all_right["temperature"] >= 1.0
+    few = logits.clone()
+    few[:3] = few[:3].flip(1) * 2  # three confident mistakes
+    entry = calibration_summary(few, labels)
+    t = entry["temperature"]
+    assert entry["errors"] == 3 and t < 1.0  # sharpened: the right answers were timid
+    wrong = few.argmax(1) != labels
+    assert float(torch.softmax(few[wrong].double() / t, 1).max()) <= MAX_WRONG_CONFIDENCE + 1e-6
+    assert entry["ece_after"] < entry["ece_before"]
+    low, high = entry["temperature_range"]  # rounded to 4 decimals
+    assert low - 1e-4 <= t <= high + 1e-4
+
+
 def test_gradcam_explain_writes_overlays(trained_run, tmp_path):
     import visiontune
     from visiontune.evaluation.gradcam import explain

@@ -28,6 +28,7 @@ ECE_BINS = 15
 # (sharpening) would only be fitted to the absence of errors (a 49-image val set answered 100%
 # right gave T = 0.05 and p = 1.000000 on later mistakes)
 MIN_ERRORS_TO_SHARPEN = 5
+MAX_WRONG_CONFIDENCE = 0.99  # with fewer errors, T sharpens only while every observed error stays below this
 BOOTSTRAP_RESAMPLES = 100
 T_RANGE = (0.05, 100.0)
 
@@ -147,16 +148,43 @@ def reliability_diagram(probs, labels, out_png: str | os.PathLike, bins: int = E
 
 
 
+def sharpest_keeping_errors_doubtful(wrong_logits: torch.Tensor, cap: float = MAX_WRONG_CONFIDENCE) -> float:
+    """The smallest T at which none of these (wrongly answered) images gets a top probability
+    above ``cap``: a few errors show that a model is under-confident, not by how much.
+
+    Example:
+        >>> t = sharpest_keeping_errors_doubtful(torch.tensor([[2.0, 0.0]]))
+        >>> round(float(torch.softmax(torch.tensor([2.0, 0.0]) / t, 0).max()), 4)
+        0.99
+    """
+    def top(t: float) -> float:
+        return float(torch.softmax(wrong_logits.double() / t, 1).max())
+
+    lo, hi = math.log(T_RANGE[0]), math.log(T_RANGE[1])
+    if top(math.exp(lo)) <= cap:
+        return T_RANGE[0]
+    for _ in range(60):  # bisection on log T: the top probability falls as T grows
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if top(math.exp(mid)) <= cap else (mid, hi)
+    return math.exp(hi)
+
+
 def calibration_summary(logits: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS,
                         source: str = "validation") -> dict[str, Any]:
     """Fit T on ``logits``/``labels``; return the ``model.json`` calibration entry.
 
-    T is never below 1 when fewer than :data:`MIN_ERRORS_TO_SHARPEN` answers are wrong, and its
+    With no wrong answer T is never below 1; with fewer than :data:`MIN_ERRORS_TO_SHARPEN` it
+    sharpens only as far as keeps every wrong answer at p <= :data:`MAX_WRONG_CONFIDENCE`. Its
     uncertainty is reported as the 5-95% range of T over bootstrap resamples of the images.
     """
     logits, labels = logits.double(), torch.as_tensor(labels, dtype=torch.long)
-    errors = int((logits.argmax(1) != labels).sum())
-    floor = 1.0 if errors < MIN_ERRORS_TO_SHARPEN else 0.0
+    wrong = logits.argmax(1) != labels
+    errors = int(wrong.sum())
+    floor = 0.0
+    if errors == 0:
+        floor = 1.0  # no mistake to learn from: never sharpen
+    elif errors < MIN_ERRORS_TO_SHARPEN:
+        floor = sharpest_keeping_errors_doubtful(logits[wrong])
     t = max(fit_temperature(logits, labels), floor)
     low, high = (max(v, floor) for v in bootstrap_temperatures(logits, labels)) if len(labels) else (t, t)
     before = expected_calibration_error(torch.softmax(logits, 1), labels, bins)
@@ -167,8 +195,8 @@ def calibration_summary(logits: torch.Tensor, labels: torch.Tensor, bins: int = 
             "ece_before": round(before, 6), "ece_after": round(after, 6),
             "nll_before": round(nll_before, 6), "nll_after": round(nll_after, 6), "num_val": int(len(labels)),
             "errors": errors, "source": source, "bins": bins,
-            "method": "temperature scaling (LBFGS on NLL; T >= 1 with fewer than "
-                      f"{MIN_ERRORS_TO_SHARPEN} errors; 5-95% bootstrap range)"}
+            "method": "temperature scaling (LBFGS on NLL; T >= 1 without errors, and no error above p = "
+                      f"{MAX_WRONG_CONFIDENCE} with fewer than {MIN_ERRORS_TO_SHARPEN}; 5-95% bootstrap range)"}
 
 
 def store_calibration(model_dir: str | os.PathLike, entry: dict[str, Any]) -> dict[str, Any]:

@@ -126,7 +126,8 @@ def report_and_calibrate(ctx: TrainContext, val_logits: tuple[torch.Tensor, torc
             print(f"report: {write_report(ctx.run_dir, workers=workers, val_logits=val_logits)}")
         cal = read_card(ctx.model_dir).calibration
         if cal:
-            print(f"calibration: temperature {cal['temperature']:.3f}, val ECE {cal['ece_before']:.3f} -> "
+            where = "out-of-fold" if str(cal.get("source", "")).startswith("out-of-fold") else "val"
+            print(f"calibration: temperature {cal['temperature']:.3f}, {where} ECE {cal['ece_before']:.3f} -> "
                   f"{cal['ece_after']:.3f}")
     except Exception as exc:  # a report problem must never lose a finished training run
         print(f"warning: report/calibration skipped ({type(exc).__name__}: {exc}); "
