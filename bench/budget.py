@@ -156,7 +156,9 @@ def bench_levers(work: Path, data: dict, minutes: int, n_train: int) -> list[str
     print("\n".join(lines[-2:]), flush=True)
     for name, flags in (("ema", ["--no-ema"] if recipe.get("ema") else ["--ema"]),
                         ("mixup", ["--mixup", "0"] if recipe.get("mixup") else ["--mixup", "0.2"])):
-        seconds, run_dir = train(work, f"lever-{name}-{minutes}m", subset, "--time", f"{minutes}m", *flags)
+        # the base run's plan pinned: a probe that measures a little faster must not buy this run an extra epoch
+        pinned = ["--epochs", str(plan["epochs"]), "--img-size", str(plan["img_size"])]
+        seconds, run_dir = train(work, f"lever-{name}-{minutes}m", subset, "--time", f"{minutes}m", *pinned, *flags)
         lines.append(f"- `{' '.join(flags)}`: {test_accuracy(run_dir, test_csv):.4f} in {seconds / 60:.1f} min "
                      f"({plan_summary(run_dir)})")
         print(lines[-1], flush=True)
