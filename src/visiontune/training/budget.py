@@ -217,6 +217,11 @@ def decode_seconds(paths: list[str], spec: Preprocessing, sample: int = 24) -> f
     return float(sorted(times)[len(times) // 2]) if times else 0.0
 
 
+def epoch_seconds(size: Throughput, n_train: int, n_val: int, tta: bool = False) -> float:
+    """One fine-tuning epoch at ``size``: a training pass and a validation pass (two views with TTA)."""
+    return n_train / size.train + (2 if tta else 1) * n_val / size.infer
+
+
 def phase_costs(size: Throughput, n_train: int, n_val: int, n_test: int, epochs: int, warmup_epochs: int,
                 finetune: bool, decode_s: float = 0.0, tta: bool = False) -> dict[str, float]:
     """Projected seconds of each phase at one input size.
@@ -227,8 +232,7 @@ def phase_costs(size: Throughput, n_train: int, n_val: int, n_test: int, epochs:
     views = 2 if tta else 1
     load = (n_train + n_val) * decode_s if finetune and epochs > warmup_epochs else 0.0
     features = (n_train + n_val) * (1 / size.infer + decode_s) if (warmup_epochs or not finetune) else 0.0
-    epoch = n_train / size.train + views * n_val / size.infer
-    train = (epochs - warmup_epochs) * epoch if finetune else 0.0
+    train = (epochs - warmup_epochs) * epoch_seconds(size, n_train, n_val, tta) if finetune else 0.0
     finish = (2 * n_val + n_test) * (views / size.infer + decode_s) + FINISH_FIXED_S
     return {"load": load, "features": features, "train": train, "finish": finish}
 
@@ -285,7 +289,7 @@ def plan_run(budget: float, n_train: int, n_val: int, native_side: int, default_
     needed = fixed["epochs"] - min(warmup, fixed["epochs"]) if "epochs" in fixed else MIN_FINETUNE_EPOCHS - 1
     for t in sizes:
         base = costs(t, warmup, True)  # ``available`` has already paid for the start
-        per_epoch = n_train / t.train + (2 if tta else 1) * n_val / t.infer
+        per_epoch = epoch_seconds(t, n_train, n_val, tta)
         room = available - base["features"] - base["finish"] - (n_train + n_val) * decode_s
         trained = max(0, int(room // per_epoch))  # fine-tuning epochs after the warm-up
         fit = trained + warmup
@@ -324,7 +328,7 @@ def forecast(throughput: Throughput, n_train: int, n_val: int, n_test: int, epoc
     """(projected seconds, a line saying so) for a run configured without ``--time``."""
     costs = {"start": elapsed, **phase_costs(throughput, n_train, n_val, n_test, epochs, warmup_epochs, finetune)}
     total = sum(costs.values())
-    epoch = n_train / throughput.train + n_val / throughput.infer
+    epoch = epoch_seconds(throughput, n_train, n_val)
     line = (f"projected: {format_duration(total)} for the whole run ("
             + (f"{epochs - warmup_epochs} epoch(s) of {format_duration(epoch)}" if finetune else "features")
             + f", measured here at {throughput.size} px: train {throughput.train:.0f} img/s, "
