@@ -41,6 +41,7 @@ from .image import load_image
 from .preprocess import Preprocessing, open_image, resize
 from .sampling import SampleKey, sample_seed, seeded
 from .scan import Sample
+from .transforms import NormalizeTensor
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +191,7 @@ class BatchAugment:
     def __init__(self, spec: Preprocessing, augment: str):
         self.size = (spec.height, spec.width)
         self.pad = augment == "crop-flip"
-        self.scale = torch.tensor(1.0 / 255.0, dtype=torch.float32)
-        self.mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.normalize = NormalizeTensor(spec)  # broadcasts over the batch
 
     def __call__(self, batch: list) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels, boxes, flips = zip(*batch)
@@ -205,7 +204,7 @@ class BatchAugment:
             out = torch.cat([self._cut(img[None], [box], p) for img, box, p in zip(images, boxes, pads)])
         flip = torch.tensor(flips)
         out = torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
-        return (out * self.scale - self.mean) / self.std, torch.tensor(labels)
+        return self.normalize(out), torch.tensor(labels)
 
     def _cut(self, images: torch.Tensor, boxes: list, pad: tuple[int, int]) -> torch.Tensor:
         x = images.float()
@@ -249,8 +248,7 @@ class MemoryEvalSet(Dataset):
         self.pixels = torch.stack([decoded[i] for i in keep]) if keep else torch.zeros(0, 3, spec.height, spec.width,
                                                                                       dtype=torch.uint8)
         self.nbytes = self.pixels.numel()
-        self.mean = torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(spec.std, dtype=torch.float32).view(3, 1, 1)
+        self.normalize = NormalizeTensor(spec)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -262,6 +260,4 @@ class MemoryEvalSet(Dataset):
             with seeded(sample_seed(self.seed, key[1], index)):
                 if torch.rand(1).item() < 0.5:
                     pixels = pixels.flip(-1)
-        # the arithmetic of preprocess.normalize (float32 x * 1/255, then (x - mean) / std): the same bits
-        x = pixels.float() * torch.tensor(1.0 / 255.0, dtype=torch.float32)
-        return (x - self.mean) / self.std, self.samples[index][1]
+        return self.normalize(pixels), self.samples[index][1]  # preprocess.normalize's arithmetic: the same bits
