@@ -106,15 +106,17 @@ def plan_summary(run_dir: Path) -> str:
     return f"{what} at {plan['img_size']} px, projected {plan['total'] / 60:.1f} min"
 
 
-def bench_cifar(work: Path, data: dict, budgets: list[int], seed_minutes: int) -> list[str]:
-    """visiontune --time at each budget first (the long pole), then the seed recipe up to ``seed_minutes``."""
+def bench_cifar(work: Path, data: dict, budgets: list[int], seed_minutes: int,
+                seed_marks: list[int] | None = None) -> list[str]:
+    """visiontune --time at each budget first (the long pole), then the seed recipe once, evaluated at
+    each of ``seed_marks`` (minutes; default: the budgets) up to ``seed_minutes``."""
     train_csv, test_csv = carve(data["cifar10"], work)
     rows = []
     for minutes in budgets:
         seconds, run_dir = train(work, f"cifar-{minutes}m", train_csv, "--time", f"{minutes}m")
         rows.append((minutes, test_accuracy(run_dir, test_csv), seconds, plan_summary(run_dir)))
         print(f"{minutes} min: test {rows[-1][1]:.4f} in {seconds / 60:.1f} min ({rows[-1][3]})", flush=True)
-    marks = [b * 60 for b in budgets if b <= seed_minutes]
+    marks = [m * 60 for m in sorted(set(seed_marks or budgets)) if m <= seed_minutes]
     seed: dict[int, float] = {}
     if marks:
         run([PY, str(ROOT / "bench" / "seed_recipe.py"), "--train-csv", str(train_csv), "--val-csv",
@@ -127,6 +129,9 @@ def bench_cifar(work: Path, data: dict, budgets: list[int], seed_minutes: int) -
     for minutes, acc, seconds, plan in rows:
         other = f"{seed[minutes * 60]:.4f}" if minutes * 60 in seed else f"not run (--seed-minutes {seed_minutes})"
         lines.append(f"| {minutes} min | {acc:.4f} | {seconds / 60:.1f} min | {plan} | {other} |")
+    if seed:
+        lines += ["", "Seed recipe, one run evaluated on the held-out split at each mark: "
+                  + ", ".join(f"{s // 60} min {a:.4f}" for s, a in sorted(seed.items()))]
     return lines
 
 
@@ -278,7 +283,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", default="cifar,hymenoptera,levers")
     ap.add_argument("--budgets", default="15,30,60", help="minutes, comma-separated")
     ap.add_argument("--seed-minutes", type=int, default=60,
-                    help="run the seed recipe (once, evaluated at each mark) for the budgets up to this")
+                    help="run the seed recipe (once, evaluated at each mark) for the marks up to this")
+    ap.add_argument("--seed-marks", default="",
+                    help="minutes at which the seed run is evaluated, comma-separated (default: --budgets)")
     ap.add_argument("--repeats", type=int, default=3, help="repeats of the 5-fold CV of --time 3m (hymenoptera)")
     ap.add_argument("--default-repeats", type=int, default=1, help="the same for the default recipe (0: skip)")
     ap.add_argument("--levers-minutes", type=int, default=5, help="the budget of each levers run")
@@ -289,10 +296,13 @@ def main(argv: list[str] | None = None) -> None:
     data = unpack(args.data_root, args.work)
     parts = args.only.split(",")
     command = (f"python -m bench.budget --only {{part}} --budgets {args.budgets} "
-               f"--seed-minutes {args.seed_minutes} --repeats {args.repeats} --default-repeats {args.default_repeats} "
+               f"--seed-minutes {args.seed_minutes} "
+               + (f"--seed-marks {args.seed_marks} " if args.seed_marks else "") +
+               f"--repeats {args.repeats} --default-repeats {args.default_repeats} "
                f"--levers-minutes {args.levers_minutes} --levers-train {args.levers_train}")
     benches = {"cifar": lambda: bench_cifar(args.work, data, [int(b) for b in args.budgets.split(",")],
-                                            args.seed_minutes),
+                                            args.seed_minutes,
+                                            [int(m) for m in args.seed_marks.split(",") if m]),
                "hymenoptera": lambda: bench_hymenoptera(args.work, data, args.repeats, args.default_repeats),
                "levers": lambda: bench_levers(args.work, data, args.levers_minutes, args.levers_train)}
     unknown = set(parts) - set(benches)
@@ -301,11 +311,14 @@ def main(argv: list[str] | None = None) -> None:
     for part in parts:  # each part has its own section, so parts can be rerun one at a time
         start = time.perf_counter()
         lines = benches[part]()
-        text = "\n".join([f"{SECTION}: {part}", "", f"Machine: {machine()}", "",
+        # a cifar run over other budgets than the default gets its own section, beside the default's
+        other_budgets = part == "cifar" and args.budgets != "15,30,60"
+        title = f"{SECTION}: {part}" + (f" {args.budgets} min" if other_budgets else "")
+        text = "\n".join([title, "", f"Machine: {machine()}", "",
                           f"Command: `{command.format(part=part)}`", "", *lines, "",
                           f"Took {(time.perf_counter() - start) / 60:.0f} min (CPU flags: {cpu_flags()})"]) + "\n"
         print(text, flush=True)
-        write_results(args.results, f"{SECTION}: {part}", text)
+        write_results(args.results, title, text)
 
 
 if __name__ == "__main__":
