@@ -219,7 +219,8 @@ def make_module(ctx: TrainContext, body_groups: list[list[str]], body_lrs: list[
     return ClassifierModule(ctx.model, ctx.arch.classifier, body_groups, body_lrs, ctx.optimizer_settings(),
                             ctx.schedule_settings(), cfg.optim.label_smoothing, ctx.class_weights(),
                             freeze_bn_stats=cfg.strategy.bn_stats == "frozen", compile=cfg.runtime.compile,
-                            mixup=(cfg.optim.mixup, cfg.optim.cutmix), tta=bool(cfg.model.tta))
+                            mixup=(cfg.optim.mixup, cfg.optim.cutmix), tta=bool(cfg.model.tta),
+                            multi_label=ctx.multi_label)
 
 
 def tune_batch_size(ctx: TrainContext, module: ClassifierModule, data: ImageDataModule) -> int:

@@ -92,11 +92,25 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
 
 
 def selection_score(metric: str, logits: torch.Tensor, target: torch.Tensor) -> float:
-    """The ``--select-metric`` value of validation logits (for trainers outside Lightning)."""
+    """The ``--select-metric`` value of validation logits (for trainers outside Lightning);
+    multi-hot ``target`` [N, C] for multi-label data (macro mAP, macro F1 at p = 0.5, accuracy)."""
     # lazy: the cached-feature heads load torchmetrics only when this metric asks for it
-    from torchmetrics.functional.classification import multiclass_f1_score, multiclass_recall
+    from torchmetrics.functional.classification import (
+        multiclass_f1_score,
+        multiclass_recall,
+        multilabel_accuracy,
+        multilabel_average_precision,
+        multilabel_f1_score,
+    )
 
     n = logits.shape[1]
+    if target.dim() == 2:
+        y = target.int()
+        if metric == "map":
+            return float(multilabel_average_precision(logits.float(), y, num_labels=n, average="macro"))
+        if metric == "macro_f1":
+            return float(multilabel_f1_score(logits.float(), y, num_labels=n, average="macro"))
+        return float(multilabel_accuracy(logits.float(), y, num_labels=n, average="micro"))
     if metric == "macro_f1":
         return float(multiclass_f1_score(logits, target, num_classes=n, average="macro"))
     if metric == "balanced_accuracy":
