@@ -34,7 +34,7 @@ Sample = tuple[str, Label]  # (path, class index) or (path, multi-hot [C]); see 
 
 SPLIT_ALIASES = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test",)}
 SCAN_DRAFT_SIZE = 64
-HEADERS = {("path", "label"), ("file", "label"), ("filename", "label")}  # a CSV's optional header row
+HEADERS = {(p, c) for p in ("path", "file", "filename", "image") for c in ("label", "labels")}  # optional header
 
 
 @dataclass
@@ -203,6 +203,8 @@ def discover(
             return splits
     elif task == "multi":
         raise DataError(f"multi-label data comes as a CSV of 'path,labels' or one-hot rows; {data} is a folder")
+    elif data.is_file():  # --task single: a cell is one label, spaces and all; one-hot or empty cells are refused
+        resolve_task("single", *read_label_table(data, delim=""), data)
     raw = read_source(data, val)
     names = sorted(raw["train"])
     _check_classes(raw, names, class_names)

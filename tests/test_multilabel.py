@@ -1,0 +1,255 @@
+"""Multi-label classification: both CSV formats, task detection, the split, thresholds, metrics
+against scikit-learn, every strategy, and the CLI end to end (train -> predict -> evaluate)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import CLASSES, FAST, make_folder, save_image, vt
+from PIL import Image
+
+import visiontune
+from visiontune.core.errors import ArtifactError, ConfigError, DataError
+from visiontune.data.labels import label_names, stack_targets
+from visiontune.data.multilabel import iterative_split
+from visiontune.data.scan import discover, discover_eval, read_split_csv, write_split_csv
+from visiontune.evaluation.multilabel import best_f1_threshold, multilabel_metrics, tune_thresholds
+from visiontune.inference.classifier import Classifier
+from visiontune.models.card import ModelCard
+from visiontune.training.registry import PROBE_HEADS, STRATEGIES
+
+SHAPE = 14  # side of each coloured square in a 40 px image
+
+
+def make_multilabel(root: Path, n: int = 36, seed: int = 0, fmt: str = "labels", delim: str = " ") -> Path:
+    """Images with 0-3 coloured squares of different kinds at random places; label set = the colours.
+
+    ``fmt``: ``labels`` (``path,labels``) or ``onehot``. Returns the CSV's path.
+    """
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        arr = rng.integers(0, 60, (40, 40, 3)).astype(np.uint8)
+        present = [c for c in CLASSES if rng.random() < 0.45] if i >= 3 else [list(CLASSES)[i]]
+        for name in present:
+            x0, y0 = rng.integers(0, 40 - SHAPE, 2)
+            arr[y0:y0 + SHAPE, x0:x0 + SHAPE] = CLASSES[name]
+        save_image(Image.fromarray(arr), root / "img" / f"im {i:03d}.png")
+        rows.append((f"img/im {i:03d}.png", present))
+    path = root / "labels.csv"
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        if fmt == "onehot":
+            writer.writerow(["path", *CLASSES])
+            writer.writerows([p, *(int(c in labels) for c in CLASSES)] for p, labels in rows)
+        else:
+            writer.writerow(["path", "labels"])
+            writer.writerows([p, delim.join(labels)] for p, labels in rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ml_data(tmp_path_factory) -> Path:
+    return make_multilabel(tmp_path_factory.mktemp("multi label") / "my data", n=48)
+
+
+@pytest.fixture(scope="session")
+def ml_run(ml_data, tmp_path_factory):
+    """One short multi-label finetune run, shared by the inference tests."""
+    return visiontune.train(ml_data, epochs=2, freeze_epochs=1, run_dir=str(tmp_path_factory.mktemp("ml") / "run"),
+                            **FAST)
+
+
+# ----------------------------------------------------------------------------- data
+@pytest.mark.parametrize("fmt,delim", [("labels", " "), ("labels", "|"), ("onehot", " ")])
+def test_each_input_format_gives_the_same_label_sets(tmp_path, fmt, delim):
+    csv_path = make_multilabel(tmp_path / "d", n=24, fmt=fmt, delim=delim)
+    splits = discover(csv_path, task="auto", label_delim=delim, scan=False)
+    assert splits.task == "multi" and splits.class_names == sorted(CLASSES)
+    reference = discover(make_multilabel(tmp_path / "ref", n=24), scan=False)
+    got = {Path(p).name: label_names(y, splits.class_names) for p, y in splits.train + splits.val}
+    want = {Path(p).name: label_names(y, reference.class_names) for p, y in reference.train + reference.val}
+    assert got == want
+    assert any(not labels for labels in got.values()), "images with no label are valid samples"
+    assert "multi-label" in splits.task_note
+
+
+def test_single_label_csv_is_still_single_label(tmp_path, shared_folder):
+    csv_path = tmp_path / "single.csv"
+    rows = [(str(p), p.parent.name) for p in sorted(shared_folder.rglob("*.png"))]
+    with open(csv_path, "w", newline="") as fh:
+        csv.writer(fh).writerows([("path", "label"), *rows])
+    splits = discover(csv_path)
+    assert splits.task == "single" and isinstance(splits.train[0][1], int)
+    assert splits.task_note.startswith("task: single-label")
+
+
+def test_task_single_refuses_multi_label_rows_and_multi_refuses_folders(tmp_path, shared_folder):
+    csv_path = make_multilabel(tmp_path / "d", n=12)
+    with pytest.raises(DataError, match="--task multi"):
+        discover(csv_path, task="single", scan=False)
+    with pytest.raises(DataError, match="CSV"):
+        discover(shared_folder, task="multi", scan=False)
+
+
+def test_duplicate_rows_of_one_image_merge_into_one_sample(tmp_path):
+    save_image(Image.new("RGB", (8, 8)), tmp_path / "a.png")
+    save_image(Image.new("RGB", (8, 8)), tmp_path / "b.png")
+    (tmp_path / "l.csv").write_text("path,labels\na.png,cat\na.png,dog\nb.png,\n")
+    splits = discover(tmp_path / "l.csv", val_fraction=0.5)
+    samples = {Path(p).name: label_names(y, splits.class_names) for p, y in splits.train + splits.val}
+    assert samples == {"a.png": ["cat", "dog"], "b.png": []}
+
+
+def test_split_keeps_every_label_in_train_and_val():
+    rng = np.random.default_rng(0)
+    common = (rng.random((200, 6)) < 0.4).astype(np.float32)
+    rare = np.zeros((200, 3), dtype=np.float32)
+    rare[[5, 77], 0] = 1  # two images: one must go to each side
+    rare[[1, 50, 120], 1] = 1
+    rare[[9, 10, 11, 12], 2] = 1
+    targets = torch.from_numpy(np.concatenate([common, rare], 1))
+    train, val = iterative_split(targets, 0.2, seed=3)
+    assert sorted(train + val) == list(range(200)) and not set(train) & set(val)
+    assert abs(len(val) - 40) <= 2
+    for label in range(targets.shape[1]):
+        assert targets[train, label].sum() > 0 and targets[val, label].sum() > 0, label
+    assert iterative_split(targets, 0.2, seed=3) == (train, val)  # seeded
+
+
+def test_split_csv_round_trips_label_sets(tmp_path):
+    names = ["cat", "dog", "car"]
+    samples = [("/x/a.png", torch.tensor([1.0, 0.0, 1.0])), ("/x/b.png", torch.zeros(3))]
+    write_split_csv(samples, names, tmp_path / "val.csv")
+    back = read_split_csv(tmp_path / "val.csv", names)
+    assert [p for p, _ in back] == ["/x/a.png", "/x/b.png"]
+    assert torch.equal(stack_targets([y for _, y in back]), stack_targets([y for _, y in samples]))
+
+
+def test_unknown_labels_in_evaluation_data_are_named(tmp_path):
+    save_image(Image.new("RGB", (8, 8)), tmp_path / "a.png")
+    (tmp_path / "e.csv").write_text("path,labels\na.png,cat zebra\n")
+    with pytest.raises(DataError, match="zebra"):
+        discover_eval(tmp_path / "e.csv", ["cat", "dog"], task="multi")
+
+
+# ----------------------------------------------------------------------------- thresholds and metrics
+def test_best_f1_threshold_separates_where_f1_is_highest():
+    probs = torch.tensor([0.9, 0.8, 0.35, 0.3, 0.1])
+    target = torch.tensor([1, 1, 1, 0, 0])
+    threshold, f1 = best_f1_threshold(probs, target)
+    assert 0.3 < threshold < 0.35 and f1 == pytest.approx(1.0)
+    # a label too rare on val falls back to the threshold shared by all decisions
+    many = torch.tensor([[0.9, 0.6], [0.8, 0.2], [0.7, 0.1], [0.2, 0.3], [0.6, 0.05], [0.65, 0.4]])
+    y = torch.tensor([[1, 1], [1, 0], [1, 0], [0, 0], [1, 0], [1, 0]])
+    thresholds = tune_thresholds(many, y, min_support=2)
+    assert thresholds[1] == best_f1_threshold(many.flatten(), y.flatten())[0]
+    assert thresholds[0] == best_f1_threshold(many[:, 0], y[:, 0])[0]
+
+
+def test_metrics_equal_sklearn_on_a_fixed_example():
+    from sklearn.metrics import accuracy_score, average_precision_score, f1_score, hamming_loss
+
+    probs = torch.tensor([[0.9, 0.1, 0.6], [0.2, 0.8, 0.4], [0.7, 0.6, 0.1], [0.3, 0.2, 0.9], [0.1, 0.3, 0.2]])
+    target = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 0, 0], [0, 0, 1], [0, 1, 0]])
+    thresholds = [0.5, 0.5, 0.3]
+    m = multilabel_metrics(probs, target, ["a", "b", "c"], thresholds)
+    y, p = target.numpy(), probs.numpy()
+    pred = (p >= np.array(thresholds)).astype(int)
+    assert m["macro_map"] == pytest.approx(average_precision_score(y, p, average="macro"), abs=1e-6)
+    assert m["micro_map"] == pytest.approx(average_precision_score(y, p, average="micro"), abs=1e-6)
+    assert m["micro_f1"] == pytest.approx(f1_score(y, pred, average="micro"), abs=1e-6)
+    assert m["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"), abs=1e-6)
+    assert m["example_f1"] == pytest.approx(f1_score(y, pred, average="samples", zero_division=0), abs=1e-6)
+    assert m["subset_accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert m["hamming_loss"] == pytest.approx(hamming_loss(y, pred))
+    assert m["per_label"]["c"]["support"] == 2 and m["per_label"]["c"]["threshold"] == 0.3
+
+
+def test_card_validates_task_and_thresholds():
+    base = {"format": "visiontune-model", "class_names": ["a", "b"],
+            "architecture": {"source": "timm", "name": "resnet18", "num_classes": 2, "classifier": "fc"},
+            "preprocessing": {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}}
+    card = ModelCard.from_dict({**base, "inference": {"task": "multi", "thresholds": [0.3, 0.7]}})
+    assert card.multi_label and card.thresholds == [0.3, 0.7]
+    assert ModelCard.from_dict(card.to_dict()).thresholds == [0.3, 0.7]
+    assert ModelCard.from_dict({**base, "inference": {"task": "multi"}}).thresholds == [0.5, 0.5]
+    for bad in ({"task": "multi", "thresholds": [0.3]}, {"task": "multi", "thresholds": [0.3, 1.5]},
+                {"task": "multi", "thresholds": [0.3, "x"]}, {"thresholds": [0.3, 0.7]}, {"task": "many"}):
+        with pytest.raises(ArtifactError):
+            ModelCard.from_dict({**base, "inference": bad})
+
+
+# ----------------------------------------------------------------------------- training and inference
+def test_run_tunes_thresholds_and_predicts_label_sets(ml_run, ml_data):
+    card = json.loads((ml_run.model_dir / "model.json").read_text())
+    assert card["inference"]["task"] == "multi" and len(card["inference"]["thresholds"]) == len(CLASSES)
+    assert {"macro_map", "micro_f1"} <= set(ml_run.metrics["val"])
+    clf = Classifier.load(ml_run.run_dir)
+    assert clf.thresholds == card["inference"]["thresholds"]  # round trip through model.json
+    files = sorted(str(p) for p in (ml_data.parent / "img").glob("*.png"))[:6]
+    rows = clf.predict(files, top_k=2)
+    logits, _, _ = clf.logits_of(files)
+    probs = torch.sigmoid(logits)
+    for row, p in zip(rows, probs):
+        assert row["labels"] == [n for n, v, t in zip(clf.class_names, p.tolist(), clf.thresholds) if v >= t]
+        assert [row["scores"][n] for n in clf.class_names] == pytest.approx(p.tolist(), abs=1e-6)
+        assert len(row["top_k"]) == 2
+    everything = clf.predict(files, threshold=0.0)
+    assert all(r["labels"] == clf.class_names for r in everything)
+    with pytest.raises(ConfigError, match="--threshold"):
+        clf.predict(files, reject_below=0.5)
+
+
+def test_single_label_model_refuses_threshold(trained_run):
+    run, data = trained_run
+    with pytest.raises(ConfigError, match="--reject-below"):
+        visiontune.load(run.run_dir).predict([next(data.rglob("*.png"))], threshold=0.5)
+
+
+@pytest.mark.parametrize("strategy,head", [(s, "linear") for s in STRATEGIES if s != "finetune"]
+                         + [("linear-probe", h) for h in PROBE_HEADS if h != "linear"])
+def test_every_strategy_trains_multi_label(ml_data, tmp_path, strategy, head):
+    run = visiontune.train(ml_data, strategy=strategy, head=head, epochs=2, freeze_epochs=1,
+                           run_dir=str(tmp_path / "run"), **FAST)
+    clf = Classifier.load(run.run_dir)
+    assert clf.multi_label and len(clf.thresholds) == len(CLASSES)
+    assert 0.0 <= run.metrics["val"]["macro_map"] <= 1.0
+    assert set(clf.predict([next((ml_data.parent / "img").glob("*.png"))])[0]["scores"]) == set(CLASSES)
+
+
+def test_unsupported_options_are_refused_by_name(ml_data, tmp_path):
+    with pytest.raises(ConfigError, match="balance weights"):
+        visiontune.train(ml_data, balance="sampler", run_dir=str(tmp_path / "a"), **FAST)
+    with pytest.raises(ConfigError, match="mixup"):
+        visiontune.train(ml_data, mixup=0.2, run_dir=str(tmp_path / "b"), **FAST)
+    with pytest.raises(ConfigError, match="multi-label"):
+        visiontune.train(make_folder(tmp_path / "f", per_class=3), select_metric="map", run_dir=str(tmp_path / "c"),
+                         **FAST)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cli_train_predict_evaluate_multi_label(tmp_path):
+    data = make_multilabel(tmp_path / "my data", n=36, fmt="onehot")
+    run = tmp_path / "run dir"
+    out = vt("train", str(data), "--run-dir", str(run), "--epochs", "1", "--strategy", "linear-probe",
+             "--balance", "weights", "--img-size", "32", "--batch-size", "8", "--workers", "0", "--no-progress")
+    assert "task: multi-label (auto: one-hot CSV)" in out.stdout
+    preds = tmp_path / "preds.csv"
+    vt("predict", str(run), str(data.parent / "img"), "--out", str(preds), "--top-k", "1", "--label-delim", ";")
+    rows = list(csv.DictReader(open(preds)))
+    assert len(rows) == 36 and list(rows[0])[:2] == ["path", "labels"]
+    assert {f"p_{c}" for c in CLASSES} <= set(rows[0])
+    clf = Classifier.load(run)
+    for row in rows:
+        called = [c for c in clf.class_names if float(row[f"p_{c}"]) >= clf.thresholds[clf.class_names.index(c)]]
+        assert row["labels"] == ";".join(called)
+    result = json.loads(vt("evaluate", str(run), str(data), "--json").stdout)
+    assert result["task"] == "multi" and result["num_samples"] == 36
+    assert set(result["per_label"]) == set(CLASSES) and 0.0 <= result["macro_map"] <= 1.0
+    assert (run / "model" / "misclassified.csv").read_text().startswith("path,true,predicted,missed,extra")
