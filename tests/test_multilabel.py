@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES, FAST, make_folder, save_image, vt
+from conftest import CLASSES, FAST, make_folder, make_multilabel, save_image, vt
 from PIL import Image
 
 import visiontune
@@ -22,47 +22,6 @@ from visiontune.evaluation.multilabel import best_f1_threshold, multilabel_metri
 from visiontune.inference.classifier import Classifier
 from visiontune.models.card import ModelCard
 from visiontune.training.registry import PROBE_HEADS, STRATEGIES
-
-SHAPE = 14  # side of each coloured square in a 40 px image
-
-
-def make_multilabel(root: Path, n: int = 36, seed: int = 0, fmt: str = "labels", delim: str = " ") -> Path:
-    """Images with 0-3 coloured squares of different kinds at random places; label set = the colours.
-
-    ``fmt``: ``labels`` (``path,labels``) or ``onehot``. Returns the CSV's path.
-    """
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
-        arr = rng.integers(0, 60, (40, 40, 3)).astype(np.uint8)
-        present = [c for c in CLASSES if rng.random() < 0.45] if i >= 3 else [list(CLASSES)[i]]
-        for name in present:
-            x0, y0 = rng.integers(0, 40 - SHAPE, 2)
-            arr[y0:y0 + SHAPE, x0:x0 + SHAPE] = CLASSES[name]
-        save_image(Image.fromarray(arr), root / "img" / f"im {i:03d}.png")
-        rows.append((f"img/im {i:03d}.png", present))
-    path = root / "labels.csv"
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        if fmt == "onehot":
-            writer.writerow(["path", *CLASSES])
-            writer.writerows([p, *(int(c in labels) for c in CLASSES)] for p, labels in rows)
-        else:
-            writer.writerow(["path", "labels"])
-            writer.writerows([p, delim.join(labels)] for p, labels in rows)
-    return path
-
-
-@pytest.fixture(scope="session")
-def ml_data(tmp_path_factory) -> Path:
-    return make_multilabel(tmp_path_factory.mktemp("multi label") / "my data", n=48)
-
-
-@pytest.fixture(scope="session")
-def ml_run(ml_data, tmp_path_factory):
-    """One short multi-label finetune run, shared by the inference tests."""
-    return visiontune.train(ml_data, epochs=2, freeze_epochs=1, run_dir=str(tmp_path_factory.mktemp("ml") / "run"),
-                            **FAST)
 
 
 # ----------------------------------------------------------------------------- data
@@ -253,3 +212,41 @@ def test_cli_train_predict_evaluate_multi_label(tmp_path):
     assert result["task"] == "multi" and result["num_samples"] == 36
     assert set(result["per_label"]) == set(CLASSES) and 0.0 <= result["macro_map"] <= 1.0
     assert (run / "model" / "misclassified.csv").read_text().startswith("path,true,predicted,missed,extra")
+
+
+# ----------------------------------------------------------------------------- export and serve
+def test_onnx_export_keeps_label_decisions_and_the_client_agrees(ml_run, ml_data, tmp_path):
+    import subprocess
+    import sys
+
+    from visiontune.export.exporter import export_model
+
+    report = export_model(ml_run.run_dir, "onnx", out=tmp_path / "onnx")
+    assert report["label_agreement"] >= 0.995 and report["passed"]
+    onnx_file = Path(report["file"])
+    files = sorted(str(p) for p in (ml_data.parent / "img").glob("*.png"))[:8]
+    eager = visiontune.load(ml_run.run_dir).predict(files)
+    exported = visiontune.load(onnx_file)
+    assert exported.multi_label and exported.thresholds == pytest.approx(Classifier.load(ml_run.run_dir).thresholds)
+    assert [r["labels"] for r in exported.predict(files)] == [r["labels"] for r in eager]
+    client = Path(__file__).resolve().parents[1] / "examples" / "onnx_client.py"
+    out = subprocess.run([sys.executable, str(client), str(onnx_file), *files, "--label-delim", ";"],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0].startswith("path,labels")
+    assert [line.split(",")[1] for line in out[1:]] == [";".join(r["labels"]) for r in eager]
+
+
+def test_serve_answers_with_label_sets(ml_run, ml_data):
+    import httpx
+    from test_serve import running_server
+
+    clf = visiontune.load(ml_run.run_dir)
+    image = sorted((ml_data.parent / "img").glob("*.png"))[1]
+    want = clf.predict([str(image)])[0]
+    with running_server(clf) as url:
+        got = httpx.post(f"{url}/v1/predict", files={"file": ("x.png", image.read_bytes())}, timeout=30).json()
+        info = httpx.get(f"{url}/v1/model", timeout=30).json()
+    row = got["predictions"][0]
+    assert row["labels"] == want["labels"] and set(row["scores"]) == set(CLASSES)
+    assert row["scores"] == pytest.approx(want["scores"], abs=1e-5)
+    assert info["task"] == "multi" and set(info["thresholds"]) == set(CLASSES)

@@ -39,22 +39,26 @@ INPUT_DOC = ("float32 NCHW [batch, 3, H, W] at the model's input size, RGB, scal
 
 
 class DeployWrapper(nn.Module):
-    """Network + temperature-scaled softmax: ``x -> (logits, probabilities)``.
+    """Network + temperature-scaled softmax (a sigmoid per label for a multi-label model):
+    ``x -> (logits, probabilities)``.
 
     Example:
         wrapped = DeployWrapper(model, temperature=1.0)
         logits, probs = wrapped(torch.zeros(1, 3, 224, 224))
     """
 
-    def __init__(self, model: nn.Module, temperature: float = 1.0, tta: bool = False):
+    def __init__(self, model: nn.Module, temperature: float = 1.0, tta: bool = False, multi_label: bool = False):
         super().__init__()
         self.model = model
         self.tta = tta
+        self.multi_label = multi_label
         # a buffer (not a Python float) so the value is visible as a constant in the graph
         self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = forward_logits(self.model, x, self.tta)
+        if self.multi_label:
+            return logits, torch.sigmoid(logits / self.temperature)
         return logits, torch.softmax(logits / self.temperature, dim=1)
 
 
@@ -66,6 +70,7 @@ def export_card(card: ModelCard, fmt: str, file_name: str, **extra: Any) -> Mode
     """The card of an exported file: the source card plus an ``export`` section."""
     return card.replace(export={"format": fmt, "file": file_name, "input": INPUT_DOC,
                                 "outputs": ["logits", "probabilities"], "temperature": card.temperature,
+                                "probabilities": "sigmoid per label" if card.multi_label else "softmax",
                                 "visiontune_version": __version__, **extra})
 
 
@@ -96,7 +101,7 @@ def labelled_samples(card: ModelCard, data: str | os.PathLike | None = None,
     recorded seed and fraction instead.
     """
     if data is not None:
-        return discover_eval(data, card.class_names)[0]
+        return discover_eval(data, card.class_names, card.task)[0]
     if card.model_dir is not None:
         split_csv = RunLayout.of_model_dir(card.model_dir).split_csv(split)
         if split_csv.is_file():
@@ -106,7 +111,7 @@ def labelled_samples(card: ModelCard, data: str | os.PathLike | None = None,
         return []
     training = card.training
     splits = discover(source, training.get("val"), float(training.get("val_fraction", 0.2)),
-                      seed=int(training.get("seed", 0)), class_names=card.class_names)
+                      seed=int(training.get("seed", 0)), class_names=card.class_names, task=card.task)
     return list(getattr(splits, split)) or list(splits.val)
 
 
@@ -156,19 +161,25 @@ def eager_logits(model: nn.Module, batch: torch.Tensor, chunk: int = 32, tta: bo
     return torch.cat([forward_logits(model, batch[i:i + chunk], tta) for i in range(0, len(batch), chunk)]).numpy()
 
 
-def compare_logits(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
-    """Top-1 agreement and max |logit difference| between two [N, C] arrays."""
-    agreement = float(np.mean(reference.argmax(1) == other.argmax(1)))
-    return {"top1_agreement": agreement, "max_abs_logit_diff": float(np.max(np.abs(reference - other))),
-            "num_images": int(len(reference))}
+def compare_logits(reference: np.ndarray, other: np.ndarray, card: ModelCard | None = None) -> dict[str, float]:
+    """Top-1 agreement and max |logit difference| between two [N, C] arrays; for a multi-label
+    ``card``, the agreement of every per-label decision at its threshold (``label_agreement``)."""
+    diff = {"max_abs_logit_diff": float(np.max(np.abs(reference - other))), "num_images": int(len(reference))}
+    if card is not None and card.multi_label:
+        cut = np.asarray(card.thresholds, dtype=np.float64) * (1 - 1e-12)  # p >= t, as prediction decides
+        decide = lambda logits: 1 / (1 + np.exp(-logits.astype(np.float64) / card.temperature)) >= cut  # noqa: E731
+        return {"label_agreement": float(np.mean(decide(reference) == decide(other))), **diff}
+    return {"top1_agreement": float(np.mean(reference.argmax(1) == other.argmax(1))), **diff}
 
 
 def parity_problems(report: dict[str, Any], min_agreement: float = MIN_AGREEMENT,
                     max_diff: float | None = MAX_LOGIT_DIFF) -> list[str]:
     """What makes an export disagree with eager beyond the thresholds (empty: it passes)."""
     problems = []
-    if report["top1_agreement"] < min_agreement:
-        problems.append(f"top-1 agreement {report['top1_agreement']:.2%} < {min_agreement:.1%}")
+    kind = "top1_agreement" if "top1_agreement" in report else "label_agreement"
+    if report[kind] < min_agreement:
+        what = "top-1 agreement" if kind == "top1_agreement" else "per-label decision agreement"
+        problems.append(f"{what} {report[kind]:.2%} < {min_agreement:.1%}")
     if max_diff is not None and report["max_abs_logit_diff"] > max_diff:
         problems.append(f"max |logit diff| {report['max_abs_logit_diff']:.2e} > {max_diff:.0e}")
     return problems

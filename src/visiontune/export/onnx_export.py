@@ -37,6 +37,9 @@ def onnx_metadata(card: ModelCard) -> dict[str, str]:
         "input_format": INPUT_DOC,
         "visiontune_version": __version__,
         "architecture": json.dumps(card.architecture.to_dict() if card.architecture else {}),
+        # how "probabilities" are made and decided: softmax, or a sigmoid per label and its threshold
+        "task": card.task,
+        **({"thresholds": json.dumps(card.thresholds)} if card.multi_label else {}),
     }
 
 
@@ -114,7 +117,7 @@ def export_onnx(model: nn.Module, card: ModelCard, out: str | Path, opset: int =
     example = torch.zeros(1, *input_shape(card))
     # the graph's spatial size is fixed, so TF-"SAME" pads become constants (int8 needs this)
     fixed = static_same_padding(model.eval().float().cpu(), example)
-    wrapper = DeployWrapper(fixed, card.temperature, card.tta).eval()
+    wrapper = DeployWrapper(fixed, card.temperature, card.tta, card.multi_label).eval()
     data = _export_graph(wrapper, example, opset, dynamic_batch)
     out.write_bytes(data)
     set_metadata(out, onnx_metadata(card))

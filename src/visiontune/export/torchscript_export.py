@@ -36,7 +36,7 @@ def export_torchscript(model: nn.Module, card: ModelCard, out: str | Path, **_: 
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = DeployWrapper(model.eval().float().cpu(), card.temperature, card.tta).eval()
+    wrapper = DeployWrapper(model.eval().float().cpu(), card.temperature, card.tta, card.multi_label).eval()
     example = torch.zeros(2, *input_shape(card))
     try:
         with torch.no_grad(), warnings.catch_warnings():
