@@ -250,3 +250,21 @@ def test_serve_answers_with_label_sets(ml_run, ml_data):
     assert row["labels"] == want["labels"] and set(row["scores"]) == set(CLASSES)
     assert row["scores"] == pytest.approx(want["scores"], abs=1e-5)
     assert info["task"] == "multi" and set(info["thresholds"]) == set(CLASSES)
+
+
+def test_data_check_counts_labels_pairs_and_searches_label_errors(tmp_path, capsys):
+    from conftest import vt_main
+
+    data = make_multilabel(tmp_path / "my data", n=30)
+    rows = list(csv.reader(open(data)))[1:]
+    code, out, _ = vt_main(capsys, "data", "check", str(data), "--json", "--workers", "0")
+    report = json.loads(out)
+    assert code == 0 and report["task"] == "multi"
+    for name in CLASSES:
+        assert report["classes"][name]["train"] == sum(name in r[1].split() for r in rows)
+    pairs = {tuple(p["labels"]): p["images"] for p in report["cooccurrence"]}
+    assert pairs[("blue", "red")] == sum({"blue", "red"} <= set(r[1].split()) for r in rows)
+    assert sum(report["labels_per_image"].values()) == 30
+    assert report["label_check"]["method"].startswith("cleanlab.multilabel_classification")
+    paths = {str(data.parent / r[0]) for r in rows}
+    assert all(issue["path"] in paths and set(issue["suggested"]) <= set(CLASSES) for issue in report["label_issues"])
