@@ -154,7 +154,8 @@ def test_run_tunes_thresholds_and_predicts_label_sets(ml_run, ml_data):
     files = sorted(str(p) for p in (ml_data.parent / "img").glob("*.png"))[:6]
     rows = clf.predict(files, top_k=2)
     logits, _, _ = clf.logits_of(files)
-    probs = torch.sigmoid(logits)
+    assert card["calibration"]["decisions"] == card["calibration"]["num_val"] * len(CLASSES)
+    probs = torch.sigmoid(logits / clf.temperature)  # calibrated over every val label decision
     for row, p in zip(rows, probs):
         assert row["labels"] == [n for n, v, t in zip(clf.class_names, p.tolist(), clf.thresholds) if v >= t]
         assert [row["scores"][n] for n in clf.class_names] == pytest.approx(p.tolist(), abs=1e-6)
@@ -268,3 +269,28 @@ def test_data_check_counts_labels_pairs_and_searches_label_errors(tmp_path, caps
     assert report["label_check"]["method"].startswith("cleanlab.multilabel_classification")
     paths = {str(data.parent / r[0]) for r in rows}
     assert all(issue["path"] in paths and set(issue["suggested"]) <= set(CLASSES) for issue in report["label_issues"])
+
+
+def test_calibration_over_label_decisions_softens_an_overconfident_model():
+    from visiontune.evaluation.calibration import label_decisions, multilabel_calibration
+
+    gen = torch.Generator().manual_seed(0)
+    target = (torch.rand(400, 4, generator=gen) < 0.3).float()
+    honest = torch.where(target > 0, 1.0, -1.0) + torch.randn(400, 4, generator=gen)  # noisy evidence
+    cal = multilabel_calibration(honest * 6, target)  # six times too sharp
+    assert cal["temperature"] > 1.0 and cal["ece_after"] < cal["ece_before"]
+    assert cal["decisions"] == 1600 and cal["num_val"] == 400
+    z, y = label_decisions(honest, target)
+    assert torch.allclose(torch.softmax(z, 1)[:, 1].float(), torch.sigmoid(honest).reshape(-1), atol=1e-6)
+    assert torch.equal(y, target.reshape(-1).long())
+
+
+def test_report_has_the_multi_label_sections(ml_run):
+    from visiontune.evaluation.report import write_report
+
+    page = write_report(ml_run.run_dir, gradcam=True).read_text()
+    for sid in ("per-label", "label-pairs", "label-errors", "gradcam", "calibration", "curves", "dataset"):
+        assert f'<section id="{sid}">' in page, sid
+    assert "every label decision" in page and 'id="confusion"' not in page
+    for name in CLASSES:
+        assert f"<td class=\"l\">{name}</td>" in page

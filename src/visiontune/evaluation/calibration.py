@@ -19,6 +19,7 @@ import torch
 
 from ..core.errors import ArtifactError
 from ..core.layout import RunLayout
+from ..data.labels import stack_targets
 from ..data.scan import read_split_csv
 from ..inference.classifier import Classifier
 from ..models.artifact import read_card, resolve_model_dir, write_card
@@ -206,6 +207,22 @@ def calibration_summary(logits: torch.Tensor, labels: torch.Tensor, bins: int = 
                       f"exceeds p = {MAX_WRONG_CONFIDENCE}; 5-95% bootstrap range)"}
 
 
+def label_decisions(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every label decision of multi-label ``logits``/``target`` ``[N, C]`` as a two-class problem:
+    logits ``[0, z]`` (``softmax([0, z] / T)[1] = sigmoid(z / T)``) and labels, ``[N*C, 2]`` and ``[N*C]``.
+    The temperature fit, its prior and error cap, ECE and the reliability diagram then apply
+    unchanged, over all label decisions."""
+    z = logits.double().reshape(-1, 1)
+    return torch.cat([torch.zeros_like(z), z], 1), target.reshape(-1).long()
+
+
+def multilabel_calibration(logits: torch.Tensor, target: torch.Tensor) -> dict[str, Any]:
+    """The ``model.json`` calibration entry of a multi-label model: one temperature for every
+    label's sigmoid, fitted on all label decisions of the validation images."""
+    entry = calibration_summary(*label_decisions(logits, target), source="validation (every label decision)")
+    return {**entry, "num_val": int(len(target)), "decisions": int(target.numel())}
+
+
 def store_calibration(model_dir: str | os.PathLike, entry: dict[str, Any]) -> dict[str, Any]:
     """Write ``entry`` as ``"calibration"`` into ``model.json`` (atomically; weights untouched)."""
     directory = resolve_model_dir(model_dir)
@@ -230,6 +247,7 @@ def calibrate_run(run_dir: str | os.PathLike, batch_size: int = 64, workers: int
         if not samples:
             raise ArtifactError(f"{val_csv} holds no usable validation images")
         logits, ok, _ = clf.logits_of([p for p, _ in samples], batch_size, workers)
-        labels = torch.tensor([y for _, y in samples], dtype=torch.long)[ok]
+        labels = stack_targets([y for _, y in samples], clf.card.num_classes if clf.multi_label else None)[ok]
         logits = logits[ok]
-    return store_calibration(layout.root, calibration_summary(logits, labels))
+    fit = multilabel_calibration if labels.dim() == 2 else calibration_summary
+    return store_calibration(layout.root, fit(logits, labels))

@@ -76,7 +76,7 @@ def metrics_of_logits(logits: torch.Tensor, ok: torch.Tensor, samples: list[Samp
     ``thresholds`` (a multi-label model's) :func:`multilabel_metrics`."""
     multi = thresholds is not None
     probs = probabilities(logits, temperature, multi_label=multi)
-    target = stack_targets([label for _, label in samples], len(class_names))
+    target = stack_targets([label for _, label in samples], len(class_names) if multi else None)
     if multi:
         result = multilabel_metrics(probs[ok], target[ok], class_names, thresholds)
     else:

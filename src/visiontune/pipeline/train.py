@@ -13,7 +13,7 @@ import torch
 
 from ..core.hardware import is_rank_zero, process_started
 from ..data.labels import stack_targets
-from ..evaluation.calibration import calibrate_run, calibration_summary, store_calibration
+from ..evaluation.calibration import calibrate_run, calibration_summary, multilabel_calibration, store_calibration
 from ..evaluation.evaluate import metrics_of_logits
 from ..evaluation.multilabel import MIN_THRESHOLD_SUPPORT, tune_thresholds
 from ..evaluation.plots import plot_curves
@@ -92,7 +92,7 @@ def finish(ctx: TrainContext) -> Run:
             if split == "val":
                 val_logits = (logits, ok)
                 if clf.multi_label:
-                    clf.thresholds = store_thresholds(ctx, logits[ok], stack_targets([y for _, y in samples])[ok])
+                    calibrate_multilabel(ctx, clf, logits[ok], stack_targets([y for _, y in samples])[ok])
             result = metrics_of_logits(logits, ok, samples, clf.class_names, clf.temperature,
                                        thresholds=clf.thresholds)
             metrics[split] = {k: result[k] for k in (*HEADLINE_METRICS, "num_samples") if k in result}
@@ -100,9 +100,8 @@ def finish(ctx: TrainContext) -> Run:
                   + f"  ({result['num_samples']} images)")
     write_card(ctx.model_dir, read_card(ctx.model_dir).replace(metrics=metrics))
     write_json(ctx.layout.timings, {k: round(v, 1) for k, v in ctx.timings.items()})  # the report shows them
-    if clf.multi_label:  # said, not hidden: these two are single-label only so far
-        print("calibration and report.html: not built for multi-label models yet; "
-              f"`visiontune evaluate {ctx.run_dir} DATA.csv --json` gives the per-label metrics")
+    if clf.multi_label:  # calibrated above, before its thresholds were tuned
+        write_run_report(ctx, val_logits)
     else:
         report_and_calibrate(ctx, val_logits)
     ctx.timings["finish"] = time.time() - began
@@ -117,16 +116,32 @@ def finish(ctx: TrainContext) -> Run:
 HEADLINE_METRICS = ("accuracy", "macro_f1", "top5_accuracy", "macro_map", "micro_map", "micro_f1")
 
 
-def store_thresholds(ctx: TrainContext, val_logits: torch.Tensor, val_target: torch.Tensor) -> list[float]:
-    """Tune a multi-label model's per-label thresholds on val (max F1) and store them in model.json."""
-    thresholds = tune_thresholds(torch.sigmoid(val_logits.float()), val_target)
+def calibrate_multilabel(ctx: TrainContext, clf: Classifier, val_logits: torch.Tensor,
+                         val_target: torch.Tensor) -> None:
+    """A multi-label model's temperature (every label decision on val), then its per-label thresholds
+    tuned for max F1 on the calibrated val probabilities; both stored in model.json and in ``clf``."""
+    cal = store_calibration(ctx.model_dir, multilabel_calibration(val_logits, val_target))
+    clf.temperature, clf.calibrated = float(cal["temperature"]), True
+    thresholds = tune_thresholds(torch.sigmoid(val_logits.float() / clf.temperature), val_target)
     card = read_card(ctx.model_dir)
     write_card(ctx.model_dir, card.replace(inference={**card.inference, "thresholds": thresholds}))
+    clf.thresholds = thresholds
     own = sum(1 for c in range(val_target.shape[1]) if int(val_target[:, c].sum()) >= MIN_THRESHOLD_SUPPORT)
+    print(f"calibration: temperature {clf.temperature:.3f} over {val_target.numel()} val label decisions, ECE "
+          f"{cal['ece_before']:.3f} -> {cal['ece_after']:.3f}")
     print(f"thresholds: tuned on val for max F1, {own} of {len(thresholds)} label(s) with their own (the others, "
           f"with < {MIN_THRESHOLD_SUPPORT} val images, share one); stored in model.json, predict --threshold "
           "overrides them")
-    return thresholds
+
+
+def write_run_report(ctx: TrainContext, val_logits: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """RUN/report.html, when asked for; a report problem never loses the finished run."""
+    if not ctx.cfg.runtime.report:
+        return
+    try:
+        print(f"report: {write_report(ctx.run_dir, workers=ctx.cfg.data.workers, val_logits=val_logits)}")
+    except Exception as exc:
+        print(f"warning: report skipped ({type(exc).__name__}: {exc}); run `visiontune report {ctx.run_dir}`")
 
 
 def report_and_calibrate(ctx: TrainContext, val_logits: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
