@@ -48,6 +48,17 @@ def test_single_label_csv_is_still_single_label(tmp_path, shared_folder):
     assert splits.task_note.startswith("task: single-label")
 
 
+def test_auto_keeps_class_names_with_spaces_single_label(tmp_path):
+    for name in ("a", "b", "c", "d"):
+        save_image(Image.new("RGB", (8, 8)), tmp_path / f"{name}.png")
+    (tmp_path / "breeds.csv").write_text("a.png,golden retriever\nb.png,pug\nc.png,golden retriever\nd.png,pug\n")
+    splits = discover(tmp_path / "breeds.csv", scan=False)
+    assert splits.task == "single" and splits.class_names == ["golden retriever", "pug"]
+    assert "--task multi" in splits.task_note
+    (tmp_path / "tags.csv").write_text("a.png,cat dog\nb.png,cat\nc.png,dog\nd.png,dog\n")  # parts found alone
+    assert discover(tmp_path / "tags.csv", scan=False).task == "multi"
+
+
 def test_task_single_refuses_multi_label_rows_and_multi_refuses_folders(tmp_path, shared_folder):
     csv_path = make_multilabel(tmp_path / "d", n=12)
     with pytest.raises(DataError, match="--task multi"):

@@ -105,6 +105,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     inputs = expand_inputs(args.inputs)
     if not inputs:
         raise ConfigError(f"no input files found in {args.inputs}")
+    if args.threshold is not None or args.reject_below is not None:  # before --explain or any output file
+        Classifier.load(args.model, precision="32").decision_thresholds(args.reject_below, args.threshold)
     if args.explain:
         cam_dir = (Path(args.out).parent if args.out else Path(".")) / "gradcam"
         written = explain(Classifier.load(args.model, precision="32"), inputs, cam_dir)

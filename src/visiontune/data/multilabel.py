@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +29,19 @@ ONE_HOT_VALUES = {"0": 0.0, "1": 1.0, "0.0": 0.0, "1.0": 1.0}
 LabelRows = list[tuple[str, list[str]]]  # (path, the label names of the image)
 
 
-def read_label_table(path: Path, delim: str = DEFAULT_DELIM) -> tuple[LabelRows, bool]:
-    """Rows ``(path, [label, ...])`` of a labels CSV, and whether it was one-hot.
+@dataclass
+class LabelTable:
+    """A labels CSV as read: one row per image (an image listed twice gets the union of its
+    labels), the kind of CSV (``one-hot``; ``labels``: a ``labels``/``tags`` column; ``plain``:
+    ``path,label`` or no header) and the CSV line of each image, for messages."""
+
+    rows: LabelRows
+    kind: str
+    lines: dict[str, int] = field(default_factory=dict)
+
+
+def read_label_table(path: Path, delim: str = DEFAULT_DELIM) -> LabelTable:
+    """The :class:`LabelTable` of a labels CSV; cells are split at ``delim`` (``""``: never).
 
     Paths are relative to the CSV's folder. Comment lines (``#``) and blank lines are skipped.
     """
@@ -40,11 +52,15 @@ def read_label_table(path: Path, delim: str = DEFAULT_DELIM) -> tuple[LabelRows,
     header = [c.strip() for c in lines[0][1]]
     has_header = header[0].lower() in PATH_HEADERS
     one_hot = has_header and len(header) >= 3 and header[1].lower() not in LABELS_HEADERS
+    kind = ("one-hot" if one_hot else "labels" if has_header and header[1:2] and header[1].lower() in ("labels", "tags")
+            else "plain")
     body = lines[1:] if has_header else lines
     merged: dict[str, set[str]] = {}  # one image listed twice gets the union of its labels, once
+    first: dict[str, int] = {}
     for number, row in body:
         file = row[0].strip()
         full = file if os.path.isabs(file) else str(path.parent / file)
+        first.setdefault(full, number)
         if one_hot:
             merged.setdefault(full, set()).update(_one_hot_labels(path, number, row, header))
         else:
@@ -55,7 +71,7 @@ def read_label_table(path: Path, delim: str = DEFAULT_DELIM) -> tuple[LabelRows,
             merged.setdefault(full, set()).update(x for x in labels if x)
     if not merged:
         raise DataError(f"{path} holds a header but no image rows")
-    return [(file, sorted(labels)) for file, labels in merged.items()], one_hot
+    return LabelTable([(file, sorted(labels)) for file, labels in merged.items()], kind, first)
 
 
 def _one_hot_labels(path: Path, number: int, row: list[str], header: list[str]) -> list[str]:
@@ -71,29 +87,64 @@ def _one_hot_labels(path: Path, number: int, row: list[str], header: list[str]) 
     return labels
 
 
-def resolve_task(requested: str, rows: LabelRows, one_hot: bool, source: Path) -> str:
-    """``single`` or ``multi`` for ``--task requested`` (auto|single|multi) on these rows."""
-    multi_rows = [(p, labels) for p, labels in rows if len(labels) != 1]
-    detected = "multi" if one_hot or multi_rows else "single"
-    if requested == "auto":
-        return detected
-    if requested == "single" and detected == "multi":
-        if one_hot:
-            raise DataError(f"{source} is a one-hot (multi-label) CSV; use --task multi or --task auto")
-        file, labels = multi_rows[0]
-        raise DataError(f"{source}: {os.path.basename(file)} has {len(labels)} labels; --task single needs "
-                        "exactly one per row (use --task multi, or --label-delim if label names contain "
-                        "the delimiter)")
-    return requested
+def detect_task(tables: list[LabelTable], delim: str) -> tuple[str, str]:
+    """(``single`` or ``multi``, why) for ``--task auto``.
+
+    Multi-label: a one-hot CSV, a ``labels``/``tags`` column, an image with no label, or cells of
+    several labels that each also label an image alone (``cat dog`` beside ``cat`` and ``dog``).
+    A cell such as ``golden retriever`` whose parts never stand alone stays one class name.
+    """
+    rows = [row for t in tables for row in t.rows]
+    if any(t.kind == "one-hot" for t in tables):
+        return "multi", "one-hot CSV"
+    if any(t.kind == "labels" for t in tables):
+        return "multi", f"a 'labels' column, labels separated by {delim!r}"
+    if any(not labels for _, labels in rows):
+        return "multi", "images with no label"
+    several = [labels for _, labels in rows if len(labels) > 1]
+    alone = {labels[0] for _, labels in rows if len(labels) == 1}
+    if several and all(x in alone for labels in several for x in labels):
+        return "multi", f"cells of several labels separated by {delim!r}, each also found alone"
+    if several:
+        return "single", (f"cells with {delim!r} read as one class name, e.g. {delim.join(several[0])!r}; "
+                          "pass --task multi to split them")
+    return "single", "one label per row"
 
 
-def describe_task(task: str, requested: str, one_hot: bool, delim: str) -> str:
+def check_single(table: LabelTable, source: Path) -> None:
+    """``--task single``: refuse a one-hot CSV and rows without a label, naming the line."""
+    if table.kind == "one-hot":
+        raise DataError(f"{source} is a one-hot (multi-label) CSV; use --task multi or --task auto")
+    for file, labels in table.rows:
+        if not labels:
+            raise DataError(f"{source}:{table.lines.get(file, '?')}: {os.path.basename(file)} has no label; "
+                            "--task single needs one per row (use --task multi for images with no label)")
+
+
+def choose_task(data: Path, val: Path | None, requested: str, delim: str
+                ) -> tuple[str, str, list[LabelTable]]:
+    """(task, why, the label tables of ``data`` and ``val``) for ``--task requested``; folders are
+    single-label, and a multi-label training CSV needs a CSV for ``val`` too."""
+    if not data.is_file():
+        if requested == "multi":
+            raise DataError(f"multi-label data comes as a CSV of 'path,labels' or one-hot rows; {data} is a folder")
+        return "single", "", []
+    csvs = [data] + ([val] if val is not None and val.is_file() else [])
+    if requested == "single":
+        for source in csvs:  # a cell is one label, spaces and all
+            check_single(read_label_table(source, delim=""), source)
+        return "single", "", []
+    tables = [read_label_table(source, delim) for source in csvs]
+    task, why = ("multi", "") if requested == "multi" else detect_task(tables, delim)
+    if task == "multi" and val is not None and not val.is_file():
+        raise DataError(f"multi-label validation data must be a CSV too; {val} is a folder")
+    return task, why, tables
+
+
+def describe_task(task: str, requested: str, why: str) -> str:
     """The line that tells the user which task was chosen and why."""
-    if task == "single":
-        return "task: single-label" + (" (auto: one label per row)" if requested == "auto" else "")
-    why = ("one-hot CSV" if one_hot else f"rows with 0 or 2+ labels separated by {delim!r}; if label names "
-           "contain that character, pass --task single or another --label-delim")
-    return "task: multi-label" + (f" (auto: {why})" if requested == "auto" else "")
+    name = "multi-label" if task == "multi" else "single-label"
+    return f"task: {name}" + (f" (auto: {why})" if requested == "auto" else "")
 
 
 def iterative_split(targets: torch.Tensor, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -119,18 +170,25 @@ def iterative_split(targets: torch.Tensor, fraction: float, seed: int) -> tuple[
 
 
 def _reach_both(y: np.ndarray, train: set[int], val: set[int]) -> None:
-    """Move single images so each label with >= 2 images is in train and in val."""
-    for label in np.argsort(y.sum(0)):  # rarest first: their moves matter most
-        having = np.flatnonzero(y[:, label])
-        if len(having) < 2:
-            continue
-        in_val = [i for i in having if i in val]
-        in_train = [i for i in having if i in train]
-        if not in_val:  # move the train image with the fewest other labels (least disturbance)
-            pick = min(in_train, key=lambda i: (y[i].sum(), i))
-            train.discard(pick)
-            val.add(pick)
-        elif not in_train:
-            pick = min(in_val, key=lambda i: (y[i].sum(), i))
-            val.discard(pick)
-            train.add(pick)
+    """Move single images so each label with >= 2 images is in train and in val, where a move can
+    do it without taking another label's last image from the side it leaves or emptying a split."""
+    total = y.sum(0)
+    for _ in range(3):  # a move can enable another; three rounds settle every case seen
+        moved = False
+        for label in np.argsort(total, kind="stable"):  # rarest first: their moves matter most
+            if total[label] < 2:
+                continue
+            for source, target in ((train, val), (val, train)):
+                if any(y[i, label] for i in target) or len(source) < 2:
+                    continue
+                side = y[sorted(source)].sum(0)
+                # safe: every other label of the image keeps an image on the side it leaves
+                candidates = [i for i in source if y[i, label]
+                              and all(side[c] >= 2 or total[c] < 2 for c in np.flatnonzero(y[i]) if c != label)]
+                if candidates:
+                    pick = min(candidates, key=lambda i: (y[i].sum(), i))
+                    source.discard(pick)
+                    target.add(pick)
+                    moved = True
+        if not moved:
+            return

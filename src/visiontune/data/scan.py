@@ -27,7 +27,7 @@ import torch
 from ..core.errors import DataError, ImageDecodeError
 from .image import is_image_path, load_image
 from .labels import Label, label_counts, multi_hot, stack_targets
-from .multilabel import DEFAULT_DELIM, LabelRows, describe_task, iterative_split, read_label_table, resolve_task
+from .multilabel import DEFAULT_DELIM, LabelRows, choose_task, describe_task, iterative_split, read_label_table
 from .preprocess import open_image
 
 Sample = tuple[str, Label]  # (path, class index) or (path, multi-hot [C]); see data/labels.py
@@ -190,21 +190,14 @@ def discover(
         # -> (['ants', 'bees'], 'single')
     """
     data, val = Path(data), Path(val) if val else None
-    if task != "single" and data.is_file():
-        rows, one_hot = read_label_table(data, label_delim)
-        val_rows, val_one_hot = (read_label_table(val, label_delim) if val is not None and val.is_file()
-                                 else (None, False))
-        chosen = resolve_task(task, rows + (val_rows or []), one_hot or val_one_hot, data)
-        if chosen == "multi":
-            if val is not None and val_rows is None:
-                raise DataError(f"multi-label validation data must be a CSV too; {val} is a folder")
-            splits = _discover_multi(data, rows, val_rows, val_fraction, seed, class_names, scan)
-            splits.task_note = describe_task("multi", task, one_hot or val_one_hot, label_delim)
-            return splits
-    elif task == "multi":
-        raise DataError(f"multi-label data comes as a CSV of 'path,labels' or one-hot rows; {data} is a folder")
-    elif data.is_file():  # --task single: a cell is one label, spaces and all; one-hot or empty cells are refused
-        resolve_task("single", *read_label_table(data, delim=""), data)
+    if not data.exists():
+        raise DataError(f"data not found: {data}")
+    chosen, why, tables = choose_task(data, val, task, label_delim)
+    if chosen == "multi":
+        val_rows = tables[1].rows if len(tables) > 1 else None
+        splits = _discover_multi(data, tables[0].rows, val_rows, val_fraction, seed, class_names, scan)
+        splits.task_note = describe_task("multi", task, why)
+        return splits
     raw = read_source(data, val)
     names = sorted(raw["train"])
     _check_classes(raw, names, class_names)
@@ -223,7 +216,7 @@ def discover(
         train, val_list = stratified_split(lists["train"], val_fraction, seed)
         layout = "folders" if data.is_dir() else "csv"
     splits = Splits(names, train, val_list, lists.get("test", []), sorted(skipped.items()), layout)
-    splits.task_note = describe_task("single", task, False, label_delim) if data.is_file() else ""
+    splits.task_note = describe_task("single", task, why) if data.is_file() else ""
     return splits
 
 
@@ -240,6 +233,12 @@ def _discover_multi(data: Path, rows: LabelRows, val_rows: LabelRows | None, val
         every = [p for p, _ in rows + (val_rows or [])]
         skipped.update({p: str(error) for p, error in scan_files(every).items()})
     train = _multi_samples(rows, names, skipped)
+    if class_names is None:  # a label none of whose training images can be read cannot be learnt
+        present = label_counts([y for _, y in train], len(names))
+        empty = [n for n, c in zip(names, present.tolist()) if c == 0]
+        if not train or empty:
+            raise DataError(f"label(s) with no readable train image: {empty or names}. Add images or drop the "
+                            "label from the CSV.")
     if val_rows is not None:
         val, layout = _multi_samples(val_rows, names, skipped), "explicit-val"
     else:
@@ -338,7 +337,7 @@ def read_split_csv(path: Path, class_names: list[str]) -> list[Sample]:
     index = {name: i for i, name in enumerate(class_names)}
     with open(path, newline="") as fh:
         rows = list(csv.reader(fh))
-    if rows and len(rows[0]) > 2:  # one-hot: multi-label
+    if rows and rows[0] != ["path", "label"]:  # one-hot: multi-label (write_split_csv's two headers)
         columns = [(c, index[name]) for c, name in enumerate(rows[0][1:], start=1) if name in index]
         return [(row[0], multi_hot([i for c, i in columns if row[c] == "1"], len(class_names)))
                 for row in rows[1:] if len(row) == len(rows[0])]
@@ -357,7 +356,7 @@ def discover_eval(data: str | Path, class_names: list[str], task: str = "single"
         if not data.is_file():
             raise DataError(f"a multi-label model is evaluated on a CSV of 'path,labels' or one-hot rows; "
                             f"{data} is a folder")
-        rows, _ = read_label_table(data, label_delim)
+        rows = read_label_table(data, label_delim).rows
         _check_labels(rows, class_names, "evaluation data", True)
         skipped = {p: str(error) for p, error in scan_files([p for p, _ in rows]).items()}
         return _multi_samples(rows, class_names, skipped), sorted(skipped.items())

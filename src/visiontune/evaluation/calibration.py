@@ -70,19 +70,22 @@ def fit_temperature(logits: torch.Tensor | np.ndarray, labels: torch.Tensor | np
 
 
 def bootstrap_temperatures(logits: torch.Tensor, labels: torch.Tensor, resamples: int = BOOTSTRAP_RESAMPLES,
-                           seed: int = 0) -> tuple[float, float]:
+                           seed: int = 0, group: int = 1) -> tuple[float, float]:
     """The 5% and 95% quantiles of the fitted T over bootstrap resamples of the images.
 
     Every resample's NLL is evaluated on one grid of T at once (a weighted sum of per-image
-    losses), so a hundred refits cost about one pass over the logits per grid point.
+    losses), so a hundred refits cost about one pass over the logits per grid point. ``group``
+    consecutive rows are one image (a multi-label image's label decisions): images are resampled.
     """
     z = logits.double()
     grid = torch.logspace(math.log10(T_RANGE[0]), math.log10(T_RANGE[1]), 241, dtype=torch.float64)
-    losses = torch.stack([torch.nn.functional.cross_entropy(z / t, labels, reduction="none") for t in grid])
+    images = len(labels) // group
+    losses = torch.stack([torch.nn.functional.cross_entropy(z / t, labels, reduction="none").view(images, group)
+                          .sum(1) for t in grid])
     gen = torch.Generator().manual_seed(seed)
-    draws = torch.randint(len(labels), (resamples, len(labels)), generator=gen)
-    weights = torch.zeros(resamples, len(labels), dtype=torch.float64).scatter_add_(
-        1, draws, torch.ones(resamples, len(labels), dtype=torch.float64))
+    draws = torch.randint(images, (resamples, images), generator=gen)
+    weights = torch.zeros(resamples, images, dtype=torch.float64).scatter_add_(
+        1, draws, torch.ones(resamples, images, dtype=torch.float64))
     penalty = grid.log().pow(2) / (2 * PRIOR_SIGMA**2)  # the same prior as fit_temperature
     best = grid[(weights @ losses.T + penalty).argmin(1)]
     return float(torch.quantile(best, 0.05)), float(torch.quantile(best, 0.95))
@@ -179,7 +182,7 @@ def sharpest_keeping_errors_doubtful(wrong_logits: torch.Tensor, cap: float = MA
 
 
 def calibration_summary(logits: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS,
-                        source: str = "validation") -> dict[str, Any]:
+                        source: str = "validation", group: int = 1) -> dict[str, Any]:
     """Fit T on ``logits``/``labels``; return the ``model.json`` calibration entry.
 
     With no wrong answer T is never below 1; otherwise it sharpens (T < 1) only as far as keeps
@@ -194,7 +197,8 @@ def calibration_summary(logits: torch.Tensor, labels: torch.Tensor, bins: int = 
     else:  # sharpen at most until the most confident observed mistake reaches the cap (never soften for it)
         floor = min(1.0, sharpest_keeping_errors_doubtful(logits[wrong]))
     t = max(fit_temperature(logits, labels), floor)
-    low, high = (max(v, floor) for v in bootstrap_temperatures(logits, labels)) if len(labels) else (t, t)
+    low, high = ((max(v, floor) for v in bootstrap_temperatures(logits, labels, group=group)) if len(labels)
+                 else (t, t))
     before = expected_calibration_error(torch.softmax(logits, 1), labels, bins)
     after = expected_calibration_error(torch.softmax(logits / t, 1), labels, bins)
     nll_before = float(torch.nn.functional.cross_entropy(logits, labels))
@@ -219,7 +223,8 @@ def label_decisions(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.T
 def multilabel_calibration(logits: torch.Tensor, target: torch.Tensor) -> dict[str, Any]:
     """The ``model.json`` calibration entry of a multi-label model: one temperature for every
     label's sigmoid, fitted on all label decisions of the validation images."""
-    entry = calibration_summary(*label_decisions(logits, target), source="validation (every label decision)")
+    entry = calibration_summary(*label_decisions(logits, target), source="validation (every label decision)",
+                                group=max(1, target.shape[1]))
     return {**entry, "num_val": int(len(target)), "decisions": int(target.numel())}
 
 

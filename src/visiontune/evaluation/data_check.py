@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..core.errors import DataError, ImageDecodeError
+from ..core.errors import ImageDecodeError
 from ..core.hardware import resolve_precision
 from ..data.cache import file_digests
 from ..data.image import is_image_path, load_image
-from ..data.multilabel import read_label_table, resolve_task
+from ..data.multilabel import choose_task
 from ..data.scan import read_source, scan_files
 from ..inference.features import FeatureExtractor
 from ..models.factory import build_model
@@ -131,20 +131,12 @@ def check_data(data: str | os.PathLike, val: str | os.PathLike | None = None, mi
 def _read_labels(data: Path, val: Path | None, task: str, delim: str
                  ) -> tuple[bool, list[tuple[str, str, Any]], list[str], list[str]]:
     """(multi-label?, [(path, split, label or tuple of labels)], class names, split names)."""
-    if task != "single" and data.is_file():
-        split_rows = {"train": read_label_table(data, delim)}
-        if val is not None and val.is_file():
-            split_rows["val"] = read_label_table(val, delim)
-        one_hot = any(o for _, o in split_rows.values())
-        every = [row for rows, _ in split_rows.values() for row in rows]
-        if resolve_task(task, every, one_hot, data) == "multi":
-            if val is not None and not val.is_file():
-                raise DataError(f"multi-label validation data must be a CSV too; {val} is a folder")
-            files = [(p, split, tuple(labels)) for split, (rows, _) in split_rows.items() for p, labels in rows]
-            names = sorted({x for _, split, labels in files if split == "train" for x in labels})
-            return True, files, names, list(split_rows)
-    elif task == "multi":
-        raise DataError(f"multi-label data comes as a CSV of 'path,labels' or one-hot rows; {data} is a folder")
+    task, _, tables = choose_task(data, val, task, delim)
+    if task == "multi":
+        files = [(p, split, tuple(labels)) for split, table in zip(("train", "val"), tables)
+                 for p, labels in table.rows]
+        names = sorted({x for _, split, labels in files if split == "train" for x in labels})
+        return True, files, names, ["train", "val"][:len(tables)]
     raw = read_source(data, val)
     files = [(p, split, label) for split, classes in raw.items() for label, paths in classes.items() for p in paths]
     return False, files, sorted(raw["train"]), list(raw)

@@ -3,7 +3,7 @@
 Example:
     >>> probs = torch.tensor([[0.9, 0.2], [0.6, 0.7], [0.1, 0.8]])
     >>> target = torch.tensor([[1, 0], [0, 1], [0, 1]])
-    >>> tune_thresholds(probs, target, min_support=1)
+    >>> [round(t, 4) for t in tune_thresholds(probs, target, min_support=1)]
     [0.75, 0.45]
     >>> m = multilabel_metrics(probs, target, ["cat", "dog"], [0.75, 0.45]); m["subset_accuracy"]
     1.0
@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torchmetrics.functional.classification import (
     multilabel_average_precision,
@@ -48,7 +49,11 @@ def best_f1_threshold(probs: torch.Tensor, target: torch.Tensor) -> tuple[float,
     last = (p[:-1] != p[1:]).nonzero().flatten().tolist() + [len(p) - 1]  # cut only between distinct scores
     k = max(last, key=lambda i: (float(f1[i]), -i))
     below = float(p[k + 1]) if k + 1 < len(p) else 0.0
-    return round((float(p[k]) + below) / 2, 6), float(f1[k])
+    # decided in float32 like every prediction: the midpoint, or the next float above the score below
+    mid = np.float32((float(p[k]) + below) / 2)
+    if mid <= np.float32(below):
+        mid = np.nextafter(np.float32(below), np.float32(1.0))
+    return float(min(mid, np.float32(p[k]))), float(f1[k])
 
 
 def tune_thresholds(probs: torch.Tensor, target: torch.Tensor,

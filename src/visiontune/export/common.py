@@ -111,7 +111,8 @@ def labelled_samples(card: ModelCard, data: str | os.PathLike | None = None,
         return []
     training = card.training
     splits = discover(source, training.get("val"), float(training.get("val_fraction", 0.2)),
-                      seed=int(training.get("seed", 0)), class_names=card.class_names, task=card.task)
+                      seed=int(training.get("seed", 0)), class_names=card.class_names, task=card.task,
+                      label_delim=str(training.get("label_delim", " ")))
     return list(getattr(splits, split)) or list(splits.val)
 
 

@@ -134,6 +134,9 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
     if prune is not None:
         check_prune_args(prune, prune_steps, recovery_lr, finetune_epochs)
     model, card = load_model(model_path)
+    if card.multi_label:  # its accuracy guard, pruning scores and recovery loss are single-label
+        raise ExportError("compress does not support multi-label models yet; `visiontune export MODEL --format "
+                          "onnx` exports one at full precision with a per-label parity check")
     out = Path(out) if out else RunLayout.of_model_dir(card.model_dir).root / "compress"
     samples = labelled_samples(card, data)
     if not samples:

@@ -51,8 +51,11 @@ def export_hf(model: nn.Module, card: ModelCard, out: str | Path, **_: Any) -> P
              for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     # timm's own writer keeps the file identical to what push_to_hf_hub would produce
-    save_config_for_hf(model, str(out / "config.json"), model_config={"label_names": list(card.class_names)},
-                       data_config=data_config)
+    model_config: dict = {"label_names": list(card.class_names)}
+    if card.multi_label:  # transformers' name for sigmoid outputs, with what decides each label
+        model_config.update(problem_type="multi_label_classification", thresholds=card.thresholds,
+                            temperature=card.temperature)
+    save_config_for_hf(model, str(out / "config.json"), model_config=model_config, data_config=data_config)
     return out / "model.safetensors"
 
 

@@ -120,15 +120,18 @@ def calibrate_multilabel(ctx: TrainContext, clf: Classifier, val_logits: torch.T
                          val_target: torch.Tensor) -> None:
     """A multi-label model's temperature (every label decision on val), then its per-label thresholds
     tuned for max F1 on the calibrated val probabilities; both stored in model.json and in ``clf``."""
-    cal = store_calibration(ctx.model_dir, multilabel_calibration(val_logits, val_target))
-    clf.temperature, clf.calibrated = float(cal["temperature"]), True
+    try:
+        cal = store_calibration(ctx.model_dir, multilabel_calibration(val_logits, val_target))
+        clf.temperature, clf.calibrated = float(cal["temperature"]), True
+        print(f"calibration: temperature {clf.temperature:.3f} over {val_target.numel()} val label decisions, ECE "
+              f"{cal['ece_before']:.3f} -> {cal['ece_after']:.3f}")
+    except Exception as exc:  # a calibration problem must never lose a finished run: T stays 1
+        print(f"warning: calibration skipped ({type(exc).__name__}: {exc}); probabilities are uncalibrated")
     thresholds = tune_thresholds(torch.sigmoid(val_logits.float() / clf.temperature), val_target)
     card = read_card(ctx.model_dir)
     write_card(ctx.model_dir, card.replace(inference={**card.inference, "thresholds": thresholds}))
     clf.thresholds = thresholds
     own = sum(1 for c in range(val_target.shape[1]) if int(val_target[:, c].sum()) >= MIN_THRESHOLD_SUPPORT)
-    print(f"calibration: temperature {clf.temperature:.3f} over {val_target.numel()} val label decisions, ECE "
-          f"{cal['ece_before']:.3f} -> {cal['ece_after']:.3f}")
     print(f"thresholds: tuned on val for max F1, {own} of {len(thresholds)} label(s) with their own (the others, "
           f"with < {MIN_THRESHOLD_SUPPORT} val images, share one); stored in model.json, predict --threshold "
           "overrides them")

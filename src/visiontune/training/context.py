@@ -85,7 +85,8 @@ class TrainContext:
             inference={**({"tta": "flip"} if c.model.tta else {}),
                        **({"task": "multi"} if self.multi_label else {})}, metrics=metrics,
             training={"strategy": c.strategy.name, "head": c.strategy.head, "epochs": c.optim.epochs,
-                      "data": c.data.path, "val": c.data.val, "val_fraction": c.data.val_fraction,
+                      "data": c.data.path, "task": self.splits.task, "label_delim": c.data.label_delim,
+                      "val": c.data.val, "val_fraction": c.data.val_fraction,
                       "num_train": len(self.splits.train), "num_val": len(self.splits.val), "seed": c.runtime.seed,
                       "precision": self.precision, **self.extra_training})
 

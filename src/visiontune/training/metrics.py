@@ -105,12 +105,12 @@ def selection_score(metric: str, logits: torch.Tensor, target: torch.Tensor) -> 
 
     n = logits.shape[1]
     if target.dim() == 2:
-        y = target.int()
+        y, logits = target.int(), torch.sigmoid(logits.float())  # probabilities: see ClassifierModule._step
         if metric == "map":
-            return float(multilabel_average_precision(logits.float(), y, num_labels=n, average="macro"))
+            return float(multilabel_average_precision(logits, y, num_labels=n, average="macro"))
         if metric == "macro_f1":
-            return float(multilabel_f1_score(logits.float(), y, num_labels=n, average="macro"))
-        return float(multilabel_accuracy(logits.float(), y, num_labels=n, average="micro"))
+            return float(multilabel_f1_score(logits, y, num_labels=n, average="macro"))
+        return float(multilabel_accuracy(logits, y, num_labels=n, average="micro"))
     if metric == "macro_f1":
         return float(multiclass_f1_score(logits, target, num_classes=n, average="macro"))
     if metric == "balanced_accuracy":

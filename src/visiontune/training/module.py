@@ -125,10 +125,12 @@ class ClassifierModule(L.LightningModule):
         else:
             logits = forward_logits(self, x, tta=self.tta and prefix == "val")
             loss = self.loss_fn(logits.float(), y)
-        y_metric = y.int() if self.multi_label else y  # torchmetrics' multi-label targets are integers
-        metric(logits, y_metric)
+        # torchmetrics' multi-label metrics take probabilities (raw logits all inside [0, 1] would be
+        # read as probabilities) and integer targets
+        scores, y_metric = (torch.sigmoid(logits.float()), y.int()) if self.multi_label else (logits, y)
+        metric(scores, y_metric)
         if prefix == "val":
-            self._extra_val_metrics(logits, y_metric)
+            self._extra_val_metrics(scores, y_metric)
         on_step = prefix == "train"
         self.log(f"{prefix}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y),
                  sync_dist=True)
