@@ -305,3 +305,17 @@ def test_report_has_the_multi_label_sections(ml_run):
     assert "every label decision" in page and 'id="confusion"' not in page
     for name in CLASSES:
         assert f"<td class=\"l\">{name}</td>" in page
+
+
+def test_int8_compress_is_guarded_on_map_and_prune_is_refused(ml_run, tmp_path):
+    from visiontune.core.errors import ExportError
+    from visiontune.export.compress import compress
+
+    report = compress(ml_run.run_dir, quantize="int8", out=tmp_path / "c", budget_s=0.2, force=True, log=lambda m: None)
+    eager, onnx, int8 = report["variants"][:3]
+    assert "val_map" in eager and "val_accuracy" not in eager
+    assert onnx["label_agreement"] >= 0.995 and "map_change_pts" in int8
+    assert report["int8_attempts"][-1]["map_change_pts"] == int8["map_change_pts"]
+    assert visiontune.load(Path(int8["file"])).multi_label
+    with pytest.raises(ExportError, match="--prune"):
+        compress(ml_run.run_dir, prune=0.3, out=tmp_path / "p")

@@ -39,7 +39,8 @@ def register(sub) -> None:
     p.add_argument("--data", default=None, metavar="DIR|CSV", help="labelled val images (default: the val split)")
     p.add_argument("--out", default=None, metavar="PATH", help="output folder (default RUN/compress)")
     p.add_argument("--max-drop", type=float, default=1.0, metavar="PTS",
-                   help="refuse an int8 model losing more accuracy than this, in points (1.0)")
+                   help="refuse an int8 model losing more val accuracy (multi-label: macro mAP) than this, in "
+                        "points (1.0)")
     p.add_argument("--force", action="store_true", help="accept a larger drop (exit 0, report still says so)")
     p.add_argument("--bench-seconds", type=float, default=3.0, metavar="S", help="timing budget per measurement (3)")
     p.set_defaults(func=cmd_compress)

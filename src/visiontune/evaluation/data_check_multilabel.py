@@ -17,6 +17,7 @@ import numpy as np
 from ..data.labels import multi_hot
 
 TOP_PAIRS = 20  # co-occurring label pairs listed
+MIN_FOLD_IMAGES = 2  # held-out images per fold, at the least, for the label search
 
 
 def cooccurrence(label_sets: list[tuple[str, ...]], names: list[str], top: int = TOP_PAIRS) -> list[dict[str, Any]]:
@@ -47,7 +48,7 @@ def out_of_fold_multilabel(features: np.ndarray, y: np.ndarray, folds: int = 5,
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    n_splits = int(max(2, min(folds, len(y))))
+    n_splits = int(max(2, min(folds, len(y) // MIN_FOLD_IMAGES)))
     probs = np.zeros(y.shape, dtype=np.float64)
     cv = MultilabelStratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     for train, held in cv.split(features, y):
@@ -61,6 +62,8 @@ def find_multilabel_errors(samples, names, split_of, features: np.ndarray, folds
     """(ranked label issues, method summary) for multi-hot ``samples`` with their ``features``."""
     from cleanlab.multilabel_classification.filter import find_label_issues  # lazy: as above
 
+    if len(samples) < 2 * MIN_FOLD_IMAGES:
+        return [], {"skipped": f"needs at least {2 * MIN_FOLD_IMAGES} readable images"}
     y = np.stack([label.numpy() for _, label in samples]).astype(int)
     probs, n_splits = out_of_fold_multilabel(features, y, folds, seed)
     given = [list(np.flatnonzero(row)) for row in y]

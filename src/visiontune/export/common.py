@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,7 @@ def labelled_samples(card: ModelCard, data: str | os.PathLike | None = None,
     recorded seed and fraction instead.
     """
     if data is not None:
-        return discover_eval(data, card.class_names, card.task)[0]
+        return discover_eval(data, card.class_names, card.task, str(card.training.get("label_delim", " ")))[0]
     if card.model_dir is not None:
         split_csv = RunLayout.of_model_dir(card.model_dir).split_csv(split)
         if split_csv.is_file():
@@ -171,6 +172,46 @@ def compare_logits(reference: np.ndarray, other: np.ndarray, card: ModelCard | N
         decide = lambda logits: 1 / (1 + np.exp(-logits.astype(np.float64) / card.temperature)) >= cut  # noqa: E731
         return {"label_agreement": float(np.mean(decide(reference) == decide(other))), **diff}
     return {"top1_agreement": float(np.mean(reference.argmax(1) == other.argmax(1))), **diff}
+
+
+@dataclass(frozen=True)
+class ValScore:
+    """What compress measures and guards: val accuracy, or a multi-label model's val macro mAP,
+    and the agreement of a variant's decisions with eager's (top-1, or every per-label decision)."""
+
+    card: ModelCard
+
+    @property
+    def multi(self) -> bool:
+        return self.card.multi_label
+
+    @property
+    def key(self) -> str:
+        return "val_map" if self.multi else "val_accuracy"
+
+    @property
+    def change(self) -> str:
+        return "map_change_pts" if self.multi else "accuracy_change_pts"
+
+    @property
+    def agreement(self) -> str:
+        return "label_agreement" if self.multi else "top1_agreement"
+
+    @property
+    def name(self) -> str:
+        return "macro mAP" if self.multi else "accuracy"
+
+    def score(self, logits: np.ndarray, labels: np.ndarray) -> float:
+        if not self.multi:
+            return float(np.mean(logits.argmax(1) == labels))
+        from torchmetrics.functional.classification import multilabel_average_precision  # lazy: multi only
+
+        probs = torch.sigmoid(torch.from_numpy(np.asarray(logits, dtype=np.float32)) / self.card.temperature)
+        return float(multilabel_average_precision(probs, torch.from_numpy(np.asarray(labels)).int(),
+                                                  num_labels=probs.shape[1], average="macro"))
+
+    def agree(self, logits: np.ndarray, reference: np.ndarray) -> float:
+        return compare_logits(reference, logits, self.card)[self.agreement]
 
 
 def parity_problems(report: dict[str, Any], min_agreement: float = MIN_AGREEMENT,
