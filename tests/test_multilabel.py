@@ -319,3 +319,27 @@ def test_int8_compress_is_guarded_on_map_and_prune_is_refused(ml_run, tmp_path):
     assert visiontune.load(Path(int8["file"])).multi_label
     with pytest.raises(ExportError, match="--prune"):
         compress(ml_run.run_dir, prune=0.3, out=tmp_path / "p")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_ray_bulk_predict_writes_the_same_label_sets_as_predict(ml_run, ml_data, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from visiontune.export.exporter import export_model
+
+    onnx_file = Path(export_model(ml_run.run_dir, "onnx", out=tmp_path / "onnx", dynamic_batch=True)["file"])
+    files = sorted(str(p) for p in (ml_data.parent / "img").glob("*.png"))[:10]
+    listing = tmp_path / "inputs.txt"
+    listing.write_text("\n".join(files) + "\n")
+    script = Path(__file__).resolve().parents[1] / "examples" / "ray_predict.py"
+    done = subprocess.run([sys.executable, str(script), str(onnx_file), str(listing), "--out", str(tmp_path / "out"),
+                           "--num-cpus", "2", "--batch-size", "4"], capture_output=True, text=True, timeout=380,
+                          env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
+    expected = visiontune.load(onnx_file).predict(files)
+    assert [r["labels"] for r in rows] == [" ".join(e["labels"]) for e in expected]
+    assert {f"p_{c}" for c in CLASSES} <= set(rows[0])
