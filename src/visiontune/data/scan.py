@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import DataError, ImageDecodeError
+from ..core.safe_io import atomic_writer
 from .image import is_image_path, load_image
 from .labels import Label, label_counts, multi_hot, stack_targets
 from .multilabel import DEFAULT_DELIM, LabelRows, choose_task, describe_task, iterative_split, read_label_table
@@ -315,7 +316,7 @@ def _check_empty(samples: list[Sample], names: list[str], split: str) -> None:
 
 
 def write_skipped(skipped: list[tuple[str, str]], path: Path) -> None:
-    with open(path, "w") as fh:
+    with atomic_writer(path, "w") as fh:
         for file, reason in skipped:
             fh.write(f"{file}\t{reason}\n")
 
@@ -324,7 +325,7 @@ def write_split_csv(samples: list[Sample], names: list[str], path: Path) -> None
     """The exact split a run used (``RUN/splits/``), with absolute paths: ``path,label`` rows, or
     one-hot ``path,<class>,...`` rows for multi-label samples (no delimiter can clash with a name)."""
     multi = bool(samples) and isinstance(samples[0][1], torch.Tensor)
-    with open(path, "w", newline="") as fh:
+    with atomic_writer(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", *names] if multi else ["path", "label"])
         for p, label in samples:

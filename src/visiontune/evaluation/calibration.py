@@ -19,6 +19,7 @@ import torch
 
 from ..core.errors import ArtifactError
 from ..core.layout import RunLayout
+from ..core.safe_io import save_figure
 from ..data.labels import stack_targets
 from ..data.scan import read_split_csv
 from ..inference.classifier import Classifier
@@ -152,8 +153,7 @@ def reliability_diagram(probs, labels, out_png: str | os.PathLike, bins: int = E
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out = Path(out_png)
-    fig.savefig(out, dpi=100)
+    out = save_figure(fig, out_png, dpi=100)
     plt.close(fig)
     return out
 

@@ -17,6 +17,7 @@ from torchmetrics.functional.classification import (
 )
 
 from ..core.errors import DataError
+from ..core.safe_io import atomic_writer, refuse_link
 from ..data.labels import stack_targets
 from ..data.scan import Sample, discover_eval
 from ..inference.classifier import Classifier
@@ -47,6 +48,9 @@ def evaluate(model: str | os.PathLike | Classifier, data: str | os.PathLike, bat
         # -> 0.97
     """
     clf = model if isinstance(model, Classifier) else Classifier.load(model)  # run, model, pruned or .onnx
+    if save:  # refused before any work, so that nothing is lost: a model folder may come from anyone
+        for name in ("misclassified.csv", "confusion_matrix.png"):
+            refuse_link(Path(clf.card.model_dir) / name)
     samples, skipped = discover_eval(data, clf.class_names, clf.card.task, label_delim)
     result = evaluate_samples(clf, samples, batch_size, workers, keep_predictions=save)
     result["skipped"] = [{"path": p, "reason": r} for p, r in skipped]
@@ -122,7 +126,7 @@ def compute_metrics(probs: torch.Tensor, target: torch.Tensor, class_names: list
 def write_misclassified(predictions, class_names: list[str], path: Path) -> int:
     """``misclassified.csv``: every wrong prediction with its probabilities."""
     rows = 0
-    with open(path, "w", newline="") as fh:
+    with atomic_writer(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "true", "predicted", "probability", "true_probability"])
         for file, true, probs in predictions:

@@ -28,6 +28,7 @@ from torchmetrics.functional.classification import (
 )
 
 from ..core.errors import DataError
+from ..core.safe_io import atomic_writer
 
 MIN_THRESHOLD_SUPPORT = 5  # val positives a label needs for a threshold of its own; fewer: the global one
 
@@ -118,7 +119,7 @@ def write_label_errors(predictions, class_names: list[str], thresholds: Sequence
     """``misclassified.csv`` of a multi-label model: every image whose label set is wrong, with
     the labels it missed and the ones it added."""
     rows = 0
-    with open(path, "w", newline="") as fh:
+    with atomic_writer(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "true", "predicted", "missed", "extra"])
         for file, true, probs in predictions:

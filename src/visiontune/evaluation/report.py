@@ -24,6 +24,7 @@ from PIL import Image
 
 from ..core.errors import ImageDecodeError
 from ..core.layout import SPLITS, RunLayout
+from ..core.safe_io import atomic_write_text
 from ..data.image import load_image
 from ..data.labels import label_counts, label_names, stack_targets
 from ..data.scan import discover_eval, read_split_csv
@@ -129,11 +130,7 @@ def write_report(run_dir: str | os.PathLike, data: str | os.PathLike | None = No
             f"&middot; evaluated on the {html.escape(source)} &middot; generated "
             f"{datetime.now().strftime('%Y-%m-%d %H:%M')} in {{seconds}} s</p><nav>{nav}</nav></header><main>"
             + "\n".join(rs.section(sid, SECTIONS[sid], body) for sid, body in parts) + "</main></body></html>\n")
-    out = layout.report
-    tmp = run_dir / ".report.html.tmp"
-    tmp.write_text(page.replace("{seconds}", f"{time.perf_counter() - start:.0f}"), encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return atomic_write_text(layout.report, page.replace("{seconds}", f"{time.perf_counter() - start:.0f}"))
 
 
 def _single_label_sections(clf: Classifier, run_dir: Path, kept: list[str], logits: torch.Tensor,

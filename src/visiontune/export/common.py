@@ -24,6 +24,7 @@ from torch import nn
 
 from ..core.errors import ExportError, ImageDecodeError
 from ..core.layout import RunLayout
+from ..core.safe_io import atomic_write_text
 from ..core.version import __version__
 from ..data.image import load_image
 from ..data.preprocess import Preprocessing
@@ -77,8 +78,7 @@ def export_card(card: ModelCard, fmt: str, file_name: str, **extra: Any) -> Mode
 
 def write_json(path: Path, data: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    return path
+    return atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def resolve_data_path(card: ModelCard) -> Path | None:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.safe_io import atomic_write_text
 from ..core.tables import fixed_width, markdown
 from ..inference.runners import TorchRunner, onnx_session, session_logits
 from .common import ValScore, file_size_mb
@@ -129,9 +130,9 @@ def write_reports(out_dir: Path, report: dict[str, Any]) -> tuple[Path, Path]:
     """``compress_report.json`` and ``compress_report.md`` in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / "compress_report.json", out_dir / "compress_report.md"
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
     notes = "\n".join(f"- {n}" for n in report.get("notes", []))
-    md_path.write_text(f"# visiontune compress report\n\nmodel: `{report['model']}`  \n"
+    atomic_write_text(md_path, f"# visiontune compress report\n\nmodel: `{report['model']}`  \n"
                        f"validation: {report['num_val']} images ({report['val_source']})  \n"
                        f"machine: {report['machine']}\n\n{markdown_table(report['variants'])}\n\n{notes}\n")
     return json_path, md_path

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..core.hardware import is_rank_zero, process_started
+from ..core.safe_io import atomic_write_text
 from ..data.labels import stack_targets
 from ..evaluation.calibration import calibrate_run, calibration_summary, multilabel_calibration, store_calibration
 from ..evaluation.evaluate import metrics_of_logits
@@ -177,4 +178,4 @@ def report_and_calibrate(ctx: TrainContext, val_logits: tuple[torch.Tensor, torc
 
 
 def write_json(path: Path, values: dict[str, Any]) -> None:
-    path.write_text(json.dumps(values, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(values, indent=2) + "\n")

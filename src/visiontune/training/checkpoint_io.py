@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from ..core.safe_io import refuse_link
+
 # test hook: seconds to spread each checkpoint write over (so a test can kill -9 mid-write)
 SLOW_WRITE_ENV = "VISIONTUNE_TEST_SLOW_CHECKPOINT_S"
 TEMP_MARK = ".tmp-"
@@ -39,11 +41,14 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via temp file + fsync + rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    refuse_link(path)
     tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
+    tmp.unlink(missing_ok=True)  # a leftover (or a planted link): removed, never written through
     slow = float(os.environ.get(SLOW_WRITE_ENV, "0") or 0)
     chunks = 10 if slow > 0 else 1
     step = max(1, -(-len(data) // chunks))
-    with open(tmp, "wb") as fh:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "wb") as fh:
         for start in range(0, len(data), step):
             fh.write(data[start:start + step])
             if slow > 0:

@@ -28,6 +28,7 @@ import yaml
 
 from ..core.errors import ConfigError
 from ..core.registry import PRECISIONS, Registry, suggest
+from ..core.safe_io import atomic_write_text
 from ..data.registry import AUGMENTS, RESIZE
 from .registry import (
     BALANCE,
@@ -249,7 +250,7 @@ class TrainConfig:
         return self
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..core.hardware import is_rank_zero
+from ..core.safe_io import atomic_writer, open_append
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds",
                   "train_images_per_second"]
@@ -71,7 +72,7 @@ class MetricsLog:
             return
         rows = read_metrics(self.path) if self.path.exists() else []
         keep = [r for r in rows if int(r["epoch"]) <= keep_through_epoch]
-        with open(self.path, "w", newline="") as fh:
+        with atomic_writer(self.path, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS)
             writer.writeheader()
             writer.writerows(keep)
@@ -80,7 +81,7 @@ class MetricsLog:
         if not is_rank_zero():
             return
         cells = row.cells()
-        with open(self.path, "a", newline="") as fh:
+        with open_append(self.path) as fh:
             csv.DictWriter(fh, fieldnames=METRIC_COLUMNS).writerow(cells)
         if self.echo:
             print(format_row(cells, self.total_epochs), flush=True)

@@ -1,0 +1,104 @@
+"""No output is ever written through a symbolic link planted in a folder visiontune did not make:
+each test builds the attack (a link named like an output, pointing at a victim file outside)
+and asserts the victim is untouched and the user gets a clear error."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from visiontune.core.errors import ArtifactError, VisiontuneError
+from visiontune.core.safe_io import atomic_write_text, open_append, save_figure
+from visiontune.training.checkpoint_io import TEMP_MARK, atomic_write
+
+VICTIM_TEXT = "#!/bin/sh\necho precious\n"
+
+
+@pytest.fixture()
+def victim(tmp_path) -> Path:
+    path = tmp_path / "outside" / "victim.sh"
+    path.parent.mkdir()
+    path.write_text(VICTIM_TEXT)
+    return path
+
+
+def plant(link: Path, target: Path) -> Path:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.unlink(missing_ok=True)
+    link.symlink_to(target)
+    return link
+
+
+def test_atomic_writes_refuse_a_linked_file_or_folder(tmp_path, victim):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    with pytest.raises(ArtifactError, match="symbolic link"):
+        atomic_write_text(plant(folder / "out.txt", victim), "overwritten")
+    plant(tmp_path / "linked", victim.parent)
+    with pytest.raises(ArtifactError, match="symbolic link"):
+        atomic_write_text(tmp_path / "linked" / "victim.sh", "overwritten")
+    with pytest.raises(ArtifactError, match="symbolic link"):
+        open_append(folder / "out.txt")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure()
+    with pytest.raises(ArtifactError):
+        save_figure(fig, folder / "out.txt")
+    plt.close(fig)
+    assert victim.read_text() == VICTIM_TEXT
+    assert sorted(p.name for p in folder.iterdir()) == ["out.txt"]  # no temp file left behind
+    atomic_write_text(folder / "fine.txt", "ok")  # a plain file is written as before
+    assert (folder / "fine.txt").read_text() == "ok"
+
+
+def test_checkpoint_temp_file_planted_as_a_link_is_never_followed(tmp_path, victim):
+    target = tmp_path / "checkpoints" / "epoch001.ckpt"
+    plant(target.with_name(f".{target.name}{TEMP_MARK}{os.getpid()}"), victim)
+    atomic_write(target, b"checkpoint bytes")
+    assert target.read_bytes() == b"checkpoint bytes" and victim.read_text() == VICTIM_TEXT
+
+
+def copy_run(trained_run, tmp_path) -> Path:
+    run = tmp_path / "someone's run"
+    shutil.copytree(trained_run[0].run_dir, run, symlinks=True)
+    return run
+
+
+def test_evaluate_refuses_outputs_linked_out_of_a_shipped_model(trained_run, tmp_path, victim):
+    import visiontune
+
+    run = copy_run(trained_run, tmp_path)
+    for name in ("misclassified.csv", "confusion_matrix.png"):
+        plant(run / "model" / name, victim)
+    with pytest.raises(ArtifactError, match="symbolic link"):
+        visiontune.evaluate(run, trained_run[1])
+    assert victim.read_text() == VICTIM_TEXT
+    result = visiontune.evaluate(run, trained_run[1], save=False)  # --no-save still scores it
+    assert result["num_samples"] > 0 and victim.read_text() == VICTIM_TEXT
+
+
+def test_cli_evaluate_says_so_without_a_traceback(trained_run, tmp_path, victim, capsys):
+    from conftest import vt_main
+
+    run = copy_run(trained_run, tmp_path)
+    plant(run / "model" / "misclassified.csv", victim)
+    code, out, err = vt_main(capsys, "evaluate", run, trained_run[1])
+    assert code != 0 and "symbolic link" in err and "Traceback" not in err
+    assert victim.read_text() == VICTIM_TEXT
+
+
+def test_report_and_export_refuse_linked_outputs(trained_run, tmp_path, victim):
+    from visiontune.evaluation.report import write_report
+    from visiontune.export.exporter import export_model
+
+    run = copy_run(trained_run, tmp_path)
+    plant(run / "report.html", victim)
+    with pytest.raises(VisiontuneError):
+        write_report(run, gradcam=False)
+    plant(run / "export" / "model.onnx", victim)
+    with pytest.raises(VisiontuneError):
+        export_model(run, "onnx")
+    assert victim.read_text() == VICTIM_TEXT
