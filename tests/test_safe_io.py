@@ -98,7 +98,7 @@ def test_report_and_export_refuse_linked_outputs(trained_run, tmp_path, victim):
     plant(run / "report.html", victim)
     with pytest.raises(VisiontuneError):
         write_report(run, gradcam=False)
-    plant(run / "export" / "model.onnx", victim)
+    plant(run / "export" / "onnx" / "model.onnx", victim)
     with pytest.raises(VisiontuneError):
         export_model(run, "onnx")
     assert victim.read_text() == VICTIM_TEXT
