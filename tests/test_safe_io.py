@@ -102,3 +102,24 @@ def test_report_and_export_refuse_linked_outputs(trained_run, tmp_path, victim):
     with pytest.raises(VisiontuneError):
         export_model(run, "onnx")
     assert victim.read_text() == VICTIM_TEXT
+
+
+def test_crafted_checkpoint_state_cannot_make_resume_delete_files(tmp_path, victim):
+    from visiontune.training.checkpoint_io import FolderModelCheckpoint
+
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    own = folder / "epoch001.ckpt"
+    own.write_bytes(b"x")
+    outside = str(folder / ".." / ".." / "outside" / "victim.sh")
+    plant(folder / "linked.ckpt", victim)
+    callback = FolderModelCheckpoint(dirpath=folder, monitor="step", mode="max", save_top_k=2)
+    callback.load_state_dict({"dirpath": str(folder), "best_model_score": 3.0, "best_model_path": outside,
+                              "best_k_models": {outside: 3.0, str(folder / "linked.ckpt"): 2.5, str(own): 2.0},
+                              "kth_best_model_path": outside, "kth_value": 3.0, "last_model_path": outside})
+    assert list(callback.best_k_models) == [str(own)]
+    assert callback.kth_best_model_path == str(own) and callback.best_model_path == ""
+    assert callback.last_model_path == ""
+    callback._remove_checkpoint = None  # what rotation would delete is only ever its own files
+    assert all(Path(p).resolve().parent == folder.resolve() for p in callback.best_k_models)
+    assert victim.read_text() == VICTIM_TEXT

@@ -9,6 +9,7 @@ removed by :func:`remove_stale_temp_files` when the run resumes.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import random
 import time
@@ -17,9 +18,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ..core.safe_io import refuse_link
+
+log = logging.getLogger(__name__)
 
 # test hook: seconds to spread each checkpoint write over (so a test can kill -9 mid-write)
 SLOW_WRITE_ENV = "VISIONTUNE_TEST_SLOW_CHECKPOINT_S"
@@ -110,3 +114,39 @@ def restore_rng(state: dict[str, Any] | None) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class FolderModelCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` that restores, from a checkpoint, only the paths of files
+    directly inside its own folder.
+
+    The callback's saved state lists earlier checkpoints, which it deletes when it rotates them; a
+    crafted checkpoint listing ``checkpoints/../../victim`` made ``--resume`` delete that file.
+    Paths that resolve elsewhere, or that are not ``.ckpt`` files, are dropped and logged.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        folder = Path(self.dirpath).resolve() if self.dirpath else None
+
+        def inside(path: Any) -> bool:
+            if not isinstance(path, str) or not path or folder is None:
+                return False
+            candidate = Path(path)
+            return (candidate.suffix == ".ckpt" and not candidate.is_symlink()
+                    and candidate.resolve().parent == folder)
+
+        clean = dict(state_dict)
+        best = state_dict.get("best_k_models") or {}
+        clean["best_k_models"] = {k: v for k, v in best.items() if inside(k)} if isinstance(best, dict) else {}
+        for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            if key in clean and not inside(clean[key]):
+                clean[key] = ""
+        dropped = (len(best) - len(clean["best_k_models"]) if isinstance(best, dict) else 1) + sum(
+            1 for k in ("best_model_path", "kth_best_model_path", "last_model_path")
+            if state_dict.get(k) and not clean.get(k))
+        if dropped:
+            log.warning("checkpoint state: ignored %d path(s) outside %s", dropped, self.dirpath)
+        if clean["kth_best_model_path"] == "" and clean["best_k_models"]:  # keep the rotation consistent
+            worst = min(clean["best_k_models"], key=lambda k: float(clean["best_k_models"][k]))
+            clean["kth_best_model_path"], clean["kth_value"] = worst, clean["best_k_models"][worst]
+        super().load_state_dict(clean)

@@ -8,7 +8,7 @@ import warnings
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, EarlyStopping, TQDMProgressBar
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
@@ -20,7 +20,7 @@ from ..data.sampling import EpochSampler
 from ..data.transforms import eval_transform, tensor_train_transform, train_transform
 from .budget import FINISH_FIXED_S, Deadline, Forecast
 from .callbacks import EMA, BestModelSaver, FreezeSchedule, MetricsRecorder
-from .checkpoint_io import AtomicCheckpointIO
+from .checkpoint_io import AtomicCheckpointIO, FolderModelCheckpoint
 from .context import TrainContext
 from .module import ClassifierModule
 from .registry import LOGGERS
@@ -102,12 +102,12 @@ def checkpoint_callbacks(ctx: TrainContext) -> list:
     """
     newest_two = {"monitor": "step", "mode": "max", "save_top_k": 2, "enable_version_counter": False}
     callbacks = [
-        ModelCheckpoint(dirpath=ctx.checkpoint_dir, filename="epoch{epoch:03d}", save_on_train_epoch_end=True,
+        FolderModelCheckpoint(dirpath=ctx.checkpoint_dir, filename="epoch{epoch:03d}", save_on_train_epoch_end=True,
                         auto_insert_metric_name=False, **newest_two),
         InterruptCheckpoint(ctx.checkpoint_dir / "interrupted.ckpt"),
     ]
     if ctx.cfg.runtime.checkpoint_every_steps:
-        callbacks.append(ModelCheckpoint(dirpath=ctx.checkpoint_dir, filename="step{step:07d}",
+        callbacks.append(FolderModelCheckpoint(dirpath=ctx.checkpoint_dir, filename="step{step:07d}",
                                          every_n_train_steps=ctx.cfg.runtime.checkpoint_every_steps,
                                          auto_insert_metric_name=False, **newest_two))
     return callbacks
