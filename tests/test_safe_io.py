@@ -122,3 +122,23 @@ def test_crafted_checkpoint_state_cannot_make_resume_delete_files(tmp_path, vict
     assert callback.last_model_path == ""
     assert all(Path(p).resolve().parent == folder.resolve() for p in callback.best_k_models)
     assert victim.read_text() == VICTIM_TEXT
+
+
+def test_serve_refuses_uploads_above_max_pixels_from_the_header():
+    import io
+
+    from PIL import Image
+
+    from visiontune.serve.security import RequestError, decode_upload
+
+    def png(side: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("L", (side, side)).save(buf, "PNG")  # a few KB however many pixels
+        return buf.getvalue()
+
+    big = png(3000)
+    assert len(big) < 100_000
+    with pytest.raises(RequestError) as info:
+        decode_upload(big, lambda img: img.size, None, max_pixels=4_000_000)
+    assert info.value.status == 413 and "--max-pixels" in str(info.value)
+    assert decode_upload(png(1000), lambda img: img.size, None, max_pixels=4_000_000) == (1000, 1000)

@@ -165,7 +165,8 @@ def create_app(model: str | os.PathLike | Any, settings: ServeSettings | None = 
         try:
             async with asyncio.timeout(settings.timeout_s):
                 tensors = await asyncio.gather(*(loop.run_in_executor(state.decoders, decode_upload, blob,
-                                                                      clf.transform, draft) for blob in blobs))
+                                                                      clf.transform, draft, settings.max_pixels)
+                                                 for blob in blobs))
                 logits = await state.batcher.submit(list(tensors))
         except TimeoutError:
             raise RequestError(504, "timeout", f"no answer within {settings.timeout_s:g} s") from None
