@@ -8,6 +8,7 @@ removed by :func:`remove_stale_temp_files` when the run resumes.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 # test hook: seconds to spread each checkpoint write over (so a test can kill -9 mid-write)
 SLOW_WRITE_ENV = "VISIONTUNE_TEST_SLOW_CHECKPOINT_S"
 TEMP_MARK = ".tmp-"
+DIGEST_SUFFIX = ".sha256"
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -64,24 +66,60 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def write_digest(path: Path, data: bytes) -> None:
+    """``<checkpoint>.sha256`` beside a checkpoint: resume verifies every byte against it (a
+    checkpoint's zip records carry no checksum torch.load checks: overwritten bytes load as NaN)."""
+    atomic_write(path.with_name(path.name + DIGEST_SUFFIX), hashlib.sha256(data).hexdigest().encode())
+
+
+def verified(path: Path) -> bool | None:
+    """True when the checkpoint matches its digest, False when it does not, None without one."""
+    digest = path.with_name(path.name + DIGEST_SUFFIX)
+    if not digest.is_file() or digest.is_symlink():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return digest.read_text().strip() == h.hexdigest()
+
+
 def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
     """Delete half-written checkpoint temp files (left by a kill) in ``folder``."""
-    stale = [p for p in Path(folder).glob(f".*.ckpt{TEMP_MARK}*") if p.is_file()]
+    stale = [p for p in Path(folder).glob(f".*.ckpt*{TEMP_MARK}*") if p.is_file()]
+    stale += [p for p in Path(folder).glob(f"*.ckpt{DIGEST_SUFFIX}")  # digests of rotated-away checkpoints
+              if not p.with_name(p.name[:-len(DIGEST_SUFFIX)]).exists()]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
 
 
 def newest_valid_checkpoint(folder: Path) -> Path | None:
-    """The most recent checkpoint that loads (weights only); a truncated newest one is skipped."""
-    candidates = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
+    """The checkpoint furthest into training (its own stored step and epoch, not the file times,
+    which a copy resets) among those that verify against their digest and load (weights only);
+    corrupt or truncated ones are skipped, each said."""
+    found: list[tuple[tuple[int, int, float], Path]] = []
+    candidates = [p for p in folder.glob("*.ckpt") if p.is_file() and not p.is_symlink()] if folder.is_dir() else []
     for path in candidates:
-        try:
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            return path
+        check = verified(path)
+        if check is False:
+            print(f"skipping checkpoint {path.name}: its bytes do not match {path.name}{DIGEST_SUFFIX}")
+            continue
+        try:  # with a verified digest the tensors can stay on disk; without one, read them all
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=bool(check))
+            if not check and not all(torch.isfinite(t).all() for t in _tensors(state.get("state_dict", {}))):
+                raise ValueError("non-finite weights")
+            progress = (int(state.get("global_step", 0)), int(state.get("epoch", 0)), path.stat().st_mtime)
         except Exception as exc:  # truncated or corrupt: fall back to the previous one
             print(f"skipping unreadable checkpoint {path.name}: {type(exc).__name__}")
-    return None
+            continue
+        found.append((progress, path))
+    return max(found, key=lambda item: item[0])[1] if found else None
+
+
+def _tensors(state: Any) -> list[torch.Tensor]:
+    return [v for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()] if isinstance(
+        state, dict) else []
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -91,6 +129,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         atomic_write(path, buffer.getvalue())
+        write_digest(Path(path), buffer.getvalue())
 
 
 def rng_state() -> dict[str, Any]:

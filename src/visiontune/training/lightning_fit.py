@@ -88,9 +88,16 @@ class InterruptCheckpoint(Callback):
 
     def __init__(self, path):
         self.path = path
+        self.restored = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Lightning restores a resumed run's checkpoint before this hook: a crash while restoring
+        # must not save a step-0 checkpoint that the next --resume would take for the newest
+        self.restored = True
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        trainer.save_checkpoint(self.path)
+        if self.restored:
+            trainer.save_checkpoint(self.path)
 
 
 def checkpoint_callbacks(ctx: TrainContext) -> list:
