@@ -197,3 +197,32 @@ def test_no_interrupt_checkpoint_before_the_restore_completed(tmp_path):
     callback.on_train_start(Trainer(), None)
     callback.on_exception(Trainer(), None, KeyboardInterrupt())
     assert saved == [tmp_path / "interrupted.ckpt"]
+
+
+def test_a_full_disk_keeps_the_previous_file_and_says_so_once(tmp_path, monkeypatch):
+    import errno
+
+    from visiontune.training.lightning_fit import InterruptCheckpoint
+
+    text_file, ckpt = tmp_path / "metrics.json", tmp_path / "epoch001.ckpt"
+    atomic_write_text(text_file, "previous")
+    atomic_write(ckpt, b"previous")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    for write in (lambda: atomic_write_text(text_file, "new"), lambda: atomic_write(ckpt, b"new")):
+        with pytest.raises(ArtifactError, match="No space left") as info:
+            write()
+        assert info.value.kind == "no_space"
+    assert text_file.read_text() == "previous" and ckpt.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch001.ckpt", "metrics.json"]  # no temp files
+
+    class Trainer:
+        def save_checkpoint(self, path):
+            raise AssertionError("a second save on a full disk")
+
+    callback = InterruptCheckpoint(tmp_path / "interrupted.ckpt")
+    callback.on_train_start(Trainer(), None)
+    callback.on_exception(Trainer(), None, info.value)  # nothing raised, nothing written

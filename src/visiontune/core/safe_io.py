@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile  # noqa: F401  (also used by the doctest)
 from collections.abc import Iterator
@@ -52,9 +53,24 @@ def atomic_writer(path: str | os.PathLike, mode: str = "w", **open_kw: Any) -> I
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise_space_error(path, exc)
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+SPACE_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def raise_space_error(path: Path, exc: OSError) -> None:
+    """A full disk or a file-size limit as one clear error (the previous file is kept)."""
+    if exc.errno in SPACE_ERRORS:
+        raise ArtifactError(f"cannot write {path}: {exc.strerror}; the previous file is kept. Free some disk "
+                            "space (or raise the file-size limit) and run the command again",
+                            kind="no_space") from None
 
 
 @contextlib.contextmanager

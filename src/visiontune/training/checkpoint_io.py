@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from ..core.safe_io import refuse_link
+from ..core.safe_io import raise_space_error, refuse_link
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +54,20 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     chunks = 10 if slow > 0 else 1
     step = max(1, -(-len(data) // chunks))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    with os.fdopen(fd, "wb") as fh:
-        for start in range(0, len(data), step):
-            fh.write(data[start:start + step])
-            if slow > 0:
-                fh.flush()
-                time.sleep(slow / chunks)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            for start in range(0, len(data), step):
+                fh.write(data[start:start + step])
+                if slow > 0:
+                    fh.flush()
+                    time.sleep(slow / chunks)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:  # disk full: no temp file left, the previous checkpoint kept, one clear error
+        tmp.unlink(missing_ok=True)
+        raise_space_error(path, exc)
+        raise
     _fsync_dir(path.parent)
 
 

@@ -13,7 +13,7 @@ from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
-from ..core.errors import TrainingInterrupted
+from ..core.errors import ArtifactError, TrainingInterrupted
 from ..data.dataset import ImageListDataset, default_workers, make_loader
 from ..data.memory import MemoryEvalSet, MemoryImages, MemoryTrainSet, store_side
 from ..data.sampling import EpochSampler
@@ -96,8 +96,12 @@ class InterruptCheckpoint(Callback):
         self.restored = True
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if self.restored:
+        if not self.restored or getattr(exception, "kind", "") == "no_space":  # a full disk: one error, not two
+            return
+        try:
             trainer.save_checkpoint(self.path)
+        except ArtifactError as exc:  # the error that stopped training is the one to report
+            print(f"warning: no interrupt checkpoint ({exc})", file=sys.stderr)
 
 
 def checkpoint_callbacks(ctx: TrainContext) -> list:
