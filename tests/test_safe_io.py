@@ -226,3 +226,13 @@ def test_a_full_disk_keeps_the_previous_file_and_says_so_once(tmp_path, monkeypa
     callback = InterruptCheckpoint(tmp_path / "interrupted.ckpt")
     callback.on_train_start(Trainer(), None)
     callback.on_exception(Trainer(), None, info.value)  # nothing raised, nothing written
+
+
+def test_a_card_naming_millions_of_classes_is_refused_before_any_allocation():
+    from visiontune.models.card import ModelCard
+    from visiontune.models.factory import MAX_CLASSES
+
+    with pytest.raises(ArtifactError, match="classes"):
+        ModelCard.from_dict({"format": "visiontune-model", "class_names": [f"c{i}" for i in range(MAX_CLASSES + 1)],
+                             "preprocessing": {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}},
+                            require_architecture=False)

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..core.errors import ArtifactError
 from ..data.preprocess import Preprocessing
-from .factory import Architecture
+from .factory import MAX_CLASSES, Architecture
 
 FORMAT = "visiontune-model"
 FORMAT_VERSION = 1
@@ -42,6 +42,8 @@ def check_class_names(names: Any, where: str = "class_names") -> list[str]:
     CSV cells, HTML and shells' arguments); raise :class:`ArtifactError` otherwise."""
     if not isinstance(names, list) or not names:
         raise ArtifactError(f"{where} must be a non-empty list of names")
+    if len(names) > MAX_CLASSES:  # before anything is sized by it (a logits buffer of N x classes)
+        raise ArtifactError(f"{where} lists {len(names)} classes; at most {MAX_CLASSES} are supported")
     for name in names:
         if not isinstance(name, str) or not name.strip() or len(name) > MAX_CLASS_NAME:
             raise ArtifactError(f"{where}: {name!r} is not a class name (1-{MAX_CLASS_NAME} characters)")
