@@ -233,7 +233,7 @@ def test_onnx_export_keeps_label_decisions_and_the_client_agrees(ml_run, ml_data
 
     from visiontune.export.exporter import export_model
 
-    report = export_model(ml_run.run_dir, "onnx", out=tmp_path / "onnx")
+    report = export_model(ml_run.run_dir, "onnx", out=tmp_path / "onnx" / "model.onnx")
     assert report["label_agreement"] >= 0.995 and report["passed"]
     onnx_file = Path(report["file"])
     files = sorted(str(p) for p in (ml_data.parent / "img").glob("*.png"))[:8]
@@ -330,7 +330,8 @@ def test_ray_bulk_predict_writes_the_same_label_sets_as_predict(ml_run, ml_data,
 
     from visiontune.export.exporter import export_model
 
-    onnx_file = Path(export_model(ml_run.run_dir, "onnx", out=tmp_path / "onnx", dynamic_batch=True)["file"])
+    onnx_file = Path(export_model(ml_run.run_dir, "onnx", out=tmp_path / "onnx" / "model.onnx",
+                                   dynamic_batch=True)["file"])
     files = sorted(str(p) for p in (ml_data.parent / "img").glob("*.png"))[:10]
     listing = tmp_path / "inputs.txt"
     listing.write_text("\n".join(files) + "\n")
