@@ -7,7 +7,10 @@ Everything the client needs (class names, preprocessing, temperature) is read fr
 file's ``metadata_props``. The preprocessing is visiontune's own: ``visiontune_preprocess.py``
 beside this file is a byte-identical copy of ``visiontune/data/preprocess.py`` (the package's
 tests check it), so the pixels fed to the graph are exactly the ones visiontune would feed.
-Output: ``path,label,probability`` (and ``topN_label,topN_probability`` with ``--top-k N``).
+Output: ``path,label,probability`` (and ``topN_label,topN_probability`` with ``--top-k N``);
+for a multi-label model (metadata ``task`` = ``multi``) ``path,labels`` with the labels whose
+probability reaches their threshold (metadata ``thresholds``), joined by ``--label-delim``, then
+the top-k ranking.
 """
 
 from __future__ import annotations
@@ -40,16 +43,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model")
     parser.add_argument("images", nargs="+")
     parser.add_argument("--top-k", type=int, default=1)
+    parser.add_argument("--label-delim", default=" ", help="multi-label models: separator of the labels")
     args = parser.parse_args(argv)
     session = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"])
     names, spec = read_model(session)
+    props = session.get_modelmeta().custom_metadata_map
+    multi = props.get("task") == "multi"
+    thresholds = np.array(json.loads(props["thresholds"])) if multi else None
     input_name = session.get_inputs()[0].name
-    print("path,label,probability" + "".join(f",top{i}_label,top{i}_probability" for i in range(2, args.top_k + 1)))
+    first = "path,labels" + "".join(f",top{i}_label,top{i}_probability" for i in range(1, args.top_k + 1)) if multi \
+        else "path,label,probability" + "".join(f",top{i}_label,top{i}_probability" for i in range(2, args.top_k + 1))
+    print(first)
     for path in args.images:
-        # probabilities already include softmax and the calibration temperature (in the graph)
+        # probabilities already include softmax (multi-label: a sigmoid per label) and the temperature
         probs = session.run(["probabilities"], {input_name: preprocess(path, spec)})[0][0]
         order = np.argsort(-probs)[:max(1, args.top_k)]
-        print(path + "".join(f",{names[i]},{probs[i]:.6f}" for i in order))
+        if multi:
+            labels = args.label_delim.join(n for n, p, t in zip(names, probs, thresholds) if p >= t)
+            print(f"{path},{labels}" + "".join(f",{names[i]},{probs[i]:.6f}" for i in order))
+        else:
+            print(path + "".join(f",{names[i]},{probs[i]:.6f}" for i in order))
     return 0
 
 

@@ -13,7 +13,9 @@ visiontune (``visiontune_preprocess.py`` beside this file, a byte-identical copy
 own preprocessing, is shipped to the workers).
 The model and the images must be readable at the same paths on every node (shared storage).
 
-Output: ``OUT/predictions.csv`` with ``path,label,probability,error``, one row per input in input
+Output: ``OUT/predictions.csv`` with ``path,label,probability,error`` (a multi-label model's:
+``path,labels,p_<class>...,error``, the labels whose probability reaches their threshold joined by a
+space, as ``visiontune predict`` writes them), one row per input in input
 order (the few small result rows are collected on the driver and sorted, so there is one file
 rather than Ray's per-block shards). Paths are absolute. An unreadable image gets an ``error``
 and an empty label instead of failing the job.
@@ -48,6 +50,8 @@ class OnnxPredictor:
         props = self.session.get_modelmeta().custom_metadata_map
         self.names = json.loads(props["class_names"])
         self.spec = vp.Preprocessing.from_dict(json.loads(props["preprocessing"]))
+        # a multi-label graph's "probabilities" are per-label sigmoids, each decided at its threshold
+        self.thresholds = np.array(json.loads(props["thresholds"])) if props.get("task") == "multi" else None
         self.input = self.session.get_inputs()[0]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -68,9 +72,22 @@ class OnnxPredictor:
             # "probabilities" already applies softmax and the calibration temperature (in the graph)
             probs = np.concatenate([self.session.run(["probabilities"], {self.input.name: x[i:i + step]})[0]
                                     for i in range(0, len(x), step)])
+            if self.thresholds is not None:
+                return self._multi_label(batch, rows, probs, errors)
             labels[rows] = [self.names[i] for i in probs.argmax(1)]
             probability[rows] = probs.max(1)
+        elif self.thresholds is not None:
+            return self._multi_label(batch, rows, np.zeros((0, len(self.names))), errors)
         return {"index": batch["index"], "path": batch["path"], "label": labels, "probability": probability,
+                "error": np.array(errors, dtype=object)}
+
+    def _multi_label(self, batch, rows: list[int], probs: np.ndarray, errors: list[str]) -> dict[str, np.ndarray]:
+        labels = np.full(len(errors), "", dtype=object)
+        labels[rows] = [" ".join(n for n, p, t in zip(self.names, row, self.thresholds) if p >= t) for row in probs]
+        scores = {f"p_{n}": np.full(len(errors), np.nan) for n in self.names}
+        for c, name in enumerate(self.names):
+            scores[f"p_{name}"][rows] = probs[:, c]
+        return {"index": batch["index"], "path": batch["path"], "labels": labels, **scores,
                 "error": np.array(errors, dtype=object)}
 
 
@@ -106,12 +123,18 @@ def main(argv: list[str] | None = None) -> int:
                                   num_cpus=1)
     rows = sorted(results.iter_rows(), key=lambda r: r["index"])
     args.out.mkdir(parents=True, exist_ok=True)
+    multi = bool(rows) and "labels" in rows[0]
+    scores = [k for k in rows[0] if k.startswith("p_")] if multi else []
     with open(args.out / "predictions.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(FIELDS)
+        writer.writerow(["path", "labels", *scores, "error"] if multi else FIELDS)
         for r in rows:
-            writer.writerow([r["path"], r["label"], "" if np.isnan(r["probability"]) else f"{r['probability']:.6f}",
-                             r["error"]])
+            if multi:
+                writer.writerow([r["path"], r["labels"], *("" if np.isnan(r[k]) else f"{r[k]:.6f}" for k in scores),
+                                 r["error"]])
+            else:
+                writer.writerow([r["path"], r["label"], "" if np.isnan(r["probability"]) else
+                                 f"{r['probability']:.6f}", r["error"]])
     print(f"{len(rows)} predictions -> {args.out / 'predictions.csv'}")
     return 0
 

@@ -6,6 +6,7 @@ Tests import the helpers from here (``from conftest import make_folder``).
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -103,6 +104,52 @@ def trained_run(tmp_path_factory):
     data = make_folder(base / "data", per_class=10)
     run = visiontune.train(data, epochs=2, run_dir=str(base / "run"), **FAST)
     return run, data
+
+
+# ----------------------------------------------------------------------------- multi-label data
+SHAPE = 14  # side of each coloured square in a 40 px image
+
+
+def make_multilabel(root: Path, n: int = 36, seed: int = 0, fmt: str = "labels", delim: str = " ") -> Path:
+    """Images with 0-3 coloured squares of different kinds at random places; label set = the colours.
+
+    ``fmt``: ``labels`` (``path,labels``) or ``onehot``. Returns the CSV's path.
+    """
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        arr = rng.integers(0, 60, (40, 40, 3)).astype(np.uint8)
+        present = [c for c in CLASSES if rng.random() < 0.45] if i >= 3 else [list(CLASSES)[i]]
+        for name in present:
+            x0, y0 = rng.integers(0, 40 - SHAPE, 2)
+            arr[y0:y0 + SHAPE, x0:x0 + SHAPE] = CLASSES[name]
+        save_image(Image.fromarray(arr), root / "img" / f"im {i:03d}.png")
+        rows.append((f"img/im {i:03d}.png", present))
+    path = root / "labels.csv"
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        if fmt == "onehot":
+            writer.writerow(["path", *CLASSES])
+            writer.writerows([p, *(int(c in labels) for c in CLASSES)] for p, labels in rows)
+        else:
+            writer.writerow(["path", "labels"])
+            writer.writerows([p, delim.join(labels)] for p, labels in rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ml_data(tmp_path_factory) -> Path:
+    return make_multilabel(tmp_path_factory.mktemp("multi label") / "my data", n=48)
+
+
+@pytest.fixture(scope="session")
+def ml_run(ml_data, tmp_path_factory):
+    """One short multi-label finetune run, shared by the inference tests."""
+    import visiontune
+
+    base = tmp_path_factory.mktemp("ml")
+    os.environ.setdefault("VISIONTUNE_CACHE", str(base / "cache"))  # before the per-test cache fixture exists
+    return visiontune.train(ml_data, epochs=2, freeze_epochs=1, run_dir=str(base / "run"), **FAST)
 
 
 # ----------------------------------------------------------------------------- reference forward pass

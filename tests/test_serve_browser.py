@@ -41,3 +41,22 @@ def test_page_upload_shows_label(trained_run):
             assert not outside, f"page fetched non-local assets: {outside}"
         finally:
             browser.close()
+
+
+def test_page_shows_a_multi_label_models_label_set(ml_run, ml_data):
+    import visiontune
+
+    image = sorted((ml_data.parent / "img").glob("*.png"))[0]
+    expected = visiontune.load(ml_run.run_dir).predict([str(image)])[0]["labels"]
+    with running_server(str(ml_run.run_dir)) as url, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.set_input_files("#file", str(image))
+            page.wait_for_function("document.getElementById('label').textContent.length > 0", timeout=30_000)
+            assert page.text_content("#label") == (", ".join(expected) if expected else "(no label)")
+            assert page.locator("#bars li").count() == 3  # every label's score
+            assert page.locator("#bars li.chosen").count() == len(expected)
+        finally:
+            browser.close()

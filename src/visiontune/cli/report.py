@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..training.registry import TASKS
+
 
 def register(sub, parser_class) -> None:
     p = sub.add_parser("report", help="write RUN/report.html: data, errors, Grad-CAM, calibration (self-contained)")
@@ -19,7 +21,11 @@ def register(sub, parser_class) -> None:
     p = sub.add_parser("data", help="dataset tools: data check")
     data_sub = p.add_subparsers(dest="data_command", required=True, parser_class=parser_class)
     c = data_sub.add_parser("check", help="find corrupt files, duplicates, leakage, imbalance and likely label errors")
-    c.add_argument("data", help="DATA/<class>/*, DATA/{train,val[,test]}/<class>/*, or a path,label CSV")
+    c.add_argument("data", help="DATA/<class>/*, DATA/{train,val[,test]}/<class>/*, or a CSV of path,label / "
+                                "path,labels / one-hot rows")
+    c.add_argument("--task", choices=TASKS.names(), default="auto", help="single- or multi-label: " + TASKS.describe())
+    c.add_argument("--label-delim", default=" ", metavar="SEP",
+                   help="separator of the labels in one cell of a path,labels CSV (a space)")
     c.add_argument("--val", metavar="DIR|CSV", default=None, help="separate validation folder/CSV (leakage check)")
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.add_argument("--strict", action="store_true", help="exit 1 when errors are found (unreadable files, leaks)")
@@ -51,6 +57,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
     report = check_data(args.data, val=args.val, min_size=args.min_size, min_per_class=args.min_per_class,
                         near_threshold=args.near_threshold, label_issues=args.label_check, model=args.model,
-                        img_size=args.img_size, cache_dir=args.cache_dir, seed=args.seed, workers=args.workers)
+                        img_size=args.img_size, cache_dir=args.cache_dir, seed=args.seed, workers=args.workers,
+                        task=args.task, label_delim=args.label_delim)
     print(json.dumps(report) if args.json else format_check(report))
     return 1 if args.strict and not report["ok"] else 0

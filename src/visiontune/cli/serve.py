@@ -23,6 +23,8 @@ def register(sub) -> None:
                    help="images waiting at most; beyond it 503 + Retry-After (64)")
     p.add_argument("--timeout-s", type=float, default=10.0, metavar="S", help="per-request timeout -> 504 (10)")
     p.add_argument("--max-body-mb", type=float, default=10.0, metavar="MB", help="request body limit -> 413 (10)")
+    p.add_argument("--max-pixels", type=float, default=40.0, metavar="MP",
+                   help="largest upload in megapixels, read from the image header before decoding -> 413 (40)")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help=f"require X-API-Key: KEY on /v1/* (default: ${API_KEY_ENV})")
     p.add_argument("--workers-threads", type=int, default=None, metavar="N",
@@ -39,7 +41,7 @@ def register(sub) -> None:
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     return ServeSettings(
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-        timeout_s=args.timeout_s, max_body_mb=args.max_body_mb,
+        timeout_s=args.timeout_s, max_body_mb=args.max_body_mb, max_pixels=int(args.max_pixels * 1e6),
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         workers_threads=args.workers_threads or max(1, os.cpu_count() or 1),
         precision=args.precision, reject_below=args.reject_below, niceness=args.nice)

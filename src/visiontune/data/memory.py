@@ -38,6 +38,7 @@ from torchvision.ops import roi_align
 
 from ..core.errors import ImageDecodeError
 from .image import load_image
+from .labels import stack_targets
 from .preprocess import Preprocessing, open_image, resize
 from .sampling import SampleKey, sample_seed, seeded
 from .scan import Sample
@@ -204,7 +205,7 @@ class BatchAugment:
             out = torch.cat([self._cut(img[None], [box], p) for img, box, p in zip(images, boxes, pads)])
         flip = torch.tensor(flips)
         out = torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
-        return self.normalize(out), torch.tensor(labels)
+        return self.normalize(out), stack_targets(labels)
 
     def _cut(self, images: torch.Tensor, boxes: list, pad: tuple[int, int]) -> torch.Tensor:
         x = images.float()

@@ -5,6 +5,9 @@ Accepted layouts (detected automatically):
 - ``DATA/<class>/**/*.jpg``                      -> stratified, seeded train/val split
 - ``DATA/{train,val[,test]}/<class>/**/*.jpg``   -> the given splits
 - ``DATA.csv`` with ``path,label`` rows          -> paths relative to the CSV
+- ``DATA.csv`` with ``path,labels`` rows (labels separated by ``label_delim``, none allowed)
+  or one-hot ``path,<class1>,<class2>,...`` rows of 0/1  -> multi-label data, iteratively
+  stratified train/val split (Sechidis et al. 2011) so that rare labels reach val
 
 Every candidate file is decoded once in a fast parallel scan; files that cannot be read are
 skipped and reported, never discovered mid-epoch.
@@ -15,19 +18,24 @@ from __future__ import annotations
 import csv
 import os
 import random
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from ..core.errors import DataError, ImageDecodeError
+from ..core.safe_io import atomic_writer
 from .image import is_image_path, load_image
+from .labels import Label, label_counts, multi_hot, stack_targets
+from .multilabel import DEFAULT_DELIM, LabelRows, choose_task, describe_task, iterative_split, read_label_table
 from .preprocess import open_image
 
-Sample = tuple[str, int]
+Sample = tuple[str, Label]  # (path, class index) or (path, multi-hot [C]); see data/labels.py
+
 SPLIT_ALIASES = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test",)}
 SCAN_DRAFT_SIZE = 64
-HEADERS = {("path", "label"), ("file", "label"), ("filename", "label")}  # a CSV's optional header row
+HEADERS = {(p, c) for p in ("path", "file", "filename", "image") for c in ("label", "labels")}  # optional header
 
 
 @dataclass
@@ -40,10 +48,13 @@ class Splits:
     test: list[Sample] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     layout: str = "folders"
+    task: str = "single"  # or "multi": labels are multi-hot vectors (data/labels.py)
+    task_note: str = ""  # which task was chosen and why (for CSVs, where it is a choice)
 
     def counts(self, split: str) -> dict[str, int]:
-        counter = Counter(label for _, label in getattr(self, split))
-        return {name: counter.get(i, 0) for i, name in enumerate(self.class_names)}
+        """Images per class (a multi-label image counts for each of its classes)."""
+        counts = label_counts([y for _, y in getattr(self, split)], len(self.class_names))
+        return {name: int(counts[i]) for i, name in enumerate(self.class_names)}
 
 
 def list_class_folder(root: Path) -> dict[str, list[str]]:
@@ -157,23 +168,38 @@ def discover(
     seed: int = 0,
     class_names: list[str] | None = None,
     scan: bool = True,
+    task: str = "auto",
+    label_delim: str = DEFAULT_DELIM,
 ) -> Splits:
     """Find, check and split the images of a dataset.
 
     Args:
-        data: folder (class folders or train/val[/test] layout) or CSV of ``path,label``.
+        data: folder (class folders or train/val[/test] layout) or CSV of ``path,label``,
+            ``path,labels`` or one-hot rows.
         val: explicit validation folder/CSV; overrides the split found in ``data``.
         val_fraction: share of each class held out when no validation set is given.
         seed: seed of the stratified split.
         class_names: expected classes (e.g. a trained model's); the data must match them.
         scan: decode every file first and skip unreadable ones.
+        task: ``auto`` (multi-label for a one-hot CSV or rows with other than one label),
+            ``single`` or ``multi``.
+        label_delim: separator of the labels in one cell of a ``path,labels`` CSV.
 
     Example:
         splits = discover("data/hymenoptera/train")
-        splits.class_names
-        # -> ['ants', 'bees']
+        splits.class_names, splits.task
+        # -> (['ants', 'bees'], 'single')
     """
-    raw = read_source(Path(data), Path(val) if val else None)
+    data, val = Path(data), Path(val) if val else None
+    if not data.exists():
+        raise DataError(f"data not found: {data}")
+    chosen, why, tables = choose_task(data, val, task, label_delim)
+    if chosen == "multi":
+        val_rows = tables[1].rows if len(tables) > 1 else None
+        splits = _discover_multi(data, tables[0].rows, val_rows, val_fraction, seed, class_names, scan)
+        splits.task_note = describe_task("multi", task, why)
+        return splits
+    raw = read_source(data, val)
     names = sorted(raw["train"])
     _check_classes(raw, names, class_names)
     names = class_names or names
@@ -189,8 +215,51 @@ def discover(
         layout = "split" if val is None else "explicit-val"
     else:
         train, val_list = stratified_split(lists["train"], val_fraction, seed)
-        layout = "folders" if Path(data).is_dir() else "csv"
-    return Splits(names, train, val_list, lists.get("test", []), sorted(skipped.items()), layout)
+        layout = "folders" if data.is_dir() else "csv"
+    splits = Splits(names, train, val_list, lists.get("test", []), sorted(skipped.items()), layout)
+    splits.task_note = describe_task("single", task, why) if data.is_file() else ""
+    return splits
+
+
+def _discover_multi(data: Path, rows: LabelRows, val_rows: LabelRows | None, val_fraction: float, seed: int,
+                    class_names: list[str] | None, scan: bool) -> Splits:
+    """The multi-label branch of :func:`discover`: classes are the sorted union of the train labels."""
+    names = class_names or sorted({label for _, labels in rows for label in labels})
+    if not names:
+        raise DataError(f"{data}: no image has any label; a multi-label set needs at least one labelled image")
+    for split, split_rows in (("train", rows), ("val", val_rows or [])):
+        _check_labels(split_rows, names, split, class_names is not None)
+    skipped: dict[str, str] = {}
+    if scan:
+        every = [p for p, _ in rows + (val_rows or [])]
+        skipped.update({p: str(error) for p, error in scan_files(every).items()})
+    train = _multi_samples(rows, names, skipped)
+    if class_names is None:  # a label none of whose training images can be read cannot be learnt
+        present = label_counts([y for _, y in train], len(names))
+        empty = [n for n, c in zip(names, present.tolist()) if c == 0]
+        if not train or empty:
+            raise DataError(f"label(s) with no readable train image: {empty or names}. Add images or drop the "
+                            "label from the CSV.")
+    if val_rows is not None:
+        val, layout = _multi_samples(val_rows, names, skipped), "explicit-val"
+    else:
+        train_idx, val_idx = iterative_split(stack_targets([y for _, y in train], len(names)), val_fraction, seed)
+        train, val, layout = [train[i] for i in train_idx], [train[i] for i in val_idx], "csv"
+    return Splits(names, train, val, [], sorted(skipped.items()), layout, task="multi")
+
+
+def _check_labels(rows: LabelRows, names: list[str], split: str, model_classes: bool) -> None:
+    unknown = sorted({label for _, labels in rows for label in labels} - set(names))
+    if unknown:
+        whose = "the model's classes are" if model_classes else "train labels are"
+        raise DataError(f"{split} has labels {'the model does not know' if model_classes else 'missing from train'}: "
+                        f"{unknown[:10]}; {whose} {names[:20]}")
+
+
+def _multi_samples(rows: LabelRows, names: list[str], skipped: dict[str, str]) -> list[Sample]:
+    index = {name: i for i, name in enumerate(names)}
+    return sorted(((p, multi_hot([index[x] for x in labels], len(names))) for p, labels in rows if p not in skipped),
+                  key=lambda sample: sample[0])
 
 
 def read_source(data: Path, val: Path | None) -> dict[str, dict[str, list[str]]]:
@@ -247,36 +316,51 @@ def _check_empty(samples: list[Sample], names: list[str], split: str) -> None:
 
 
 def write_skipped(skipped: list[tuple[str, str]], path: Path) -> None:
-    with open(path, "w") as fh:
+    with atomic_writer(path, "w") as fh:
         for file, reason in skipped:
             fh.write(f"{file}\t{reason}\n")
 
 
 def write_split_csv(samples: list[Sample], names: list[str], path: Path) -> None:
-    """``path,label`` rows with absolute paths: the exact split a run used (``RUN/splits/``)."""
-    with open(path, "w", newline="") as fh:
+    """The exact split a run used (``RUN/splits/``), with absolute paths: ``path,label`` rows, or
+    one-hot ``path,<class>,...`` rows for multi-label samples (no delimiter can clash with a name)."""
+    multi = bool(samples) and isinstance(samples[0][1], torch.Tensor)
+    with atomic_writer(path, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["path", "label"])
-        writer.writerows((os.path.abspath(p), names[label]) for p, label in samples)
+        writer.writerow(["path", *names] if multi else ["path", "label"])
+        for p, label in samples:
+            cells = [str(int(v)) for v in label.tolist()] if multi else [names[label]]
+            writer.writerow([os.path.abspath(p), *cells])
 
 
 def read_split_csv(path: Path, class_names: list[str]) -> list[Sample]:
     """Rows written by :func:`write_split_csv` as samples; labels not in ``class_names`` are dropped."""
     index = {name: i for i, name in enumerate(class_names)}
-    out: list[Sample] = []
     with open(path, newline="") as fh:
-        for row in csv.reader(fh):
-            if len(row) >= 2 and row[0] != "path" and row[1] in index:
-                out.append((row[0], index[row[1]]))
-    return out
+        rows = list(csv.reader(fh))
+    if rows and rows[0] != ["path", "label"]:  # one-hot: multi-label (write_split_csv's two headers)
+        columns = [(c, index[name]) for c, name in enumerate(rows[0][1:], start=1) if name in index]
+        return [(row[0], multi_hot([i for c, i in columns if row[c] == "1"], len(class_names)))
+                for row in rows[1:] if len(row) == len(rows[0])]
+    return [(row[0], index[row[1]]) for row in rows if len(row) >= 2 and row[0] != "path" and row[1] in index]
 
 
-def discover_eval(data: str | Path, class_names: list[str]) -> tuple[list[Sample], list[tuple[str, str]]]:
+def discover_eval(data: str | Path, class_names: list[str], task: str = "single",
+                  label_delim: str = DEFAULT_DELIM) -> tuple[list[Sample], list[tuple[str, str]]]:
     """Labelled images to evaluate: every image of class folders / a CSV, or the ``test``
-    (else ``val``) split of a train/val/test layout. Classes must be among ``class_names``."""
+    (else ``val``) split of a train/val/test layout. Classes must be among ``class_names``.
+    A multi-label model (``task="multi"``) is evaluated on a multi-label CSV."""
     data = Path(data)
     if not data.exists():
         raise DataError(f"data not found: {data}")
+    if task == "multi":
+        if not data.is_file():
+            raise DataError(f"a multi-label model is evaluated on a CSV of 'path,labels' or one-hot rows; "
+                            f"{data} is a folder")
+        rows = read_label_table(data, label_delim).rows
+        _check_labels(rows, class_names, "evaluation data", True)
+        skipped = {p: str(error) for p, error in scan_files([p for p, _ in rows]).items()}
+        return _multi_samples(rows, class_names, skipped), sorted(skipped.items())
     split_dirs = find_split_dirs(data)
     if split_dirs:
         chosen = split_dirs.get("test") or split_dirs.get("val")

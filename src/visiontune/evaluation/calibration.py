@@ -19,6 +19,8 @@ import torch
 
 from ..core.errors import ArtifactError
 from ..core.layout import RunLayout
+from ..core.safe_io import save_figure
+from ..data.labels import stack_targets
 from ..data.scan import read_split_csv
 from ..inference.classifier import Classifier
 from ..models.artifact import read_card, resolve_model_dir, write_card
@@ -69,19 +71,22 @@ def fit_temperature(logits: torch.Tensor | np.ndarray, labels: torch.Tensor | np
 
 
 def bootstrap_temperatures(logits: torch.Tensor, labels: torch.Tensor, resamples: int = BOOTSTRAP_RESAMPLES,
-                           seed: int = 0) -> tuple[float, float]:
+                           seed: int = 0, group: int = 1) -> tuple[float, float]:
     """The 5% and 95% quantiles of the fitted T over bootstrap resamples of the images.
 
     Every resample's NLL is evaluated on one grid of T at once (a weighted sum of per-image
-    losses), so a hundred refits cost about one pass over the logits per grid point.
+    losses), so a hundred refits cost about one pass over the logits per grid point. ``group``
+    consecutive rows are one image (a multi-label image's label decisions): images are resampled.
     """
     z = logits.double()
     grid = torch.logspace(math.log10(T_RANGE[0]), math.log10(T_RANGE[1]), 241, dtype=torch.float64)
-    losses = torch.stack([torch.nn.functional.cross_entropy(z / t, labels, reduction="none") for t in grid])
+    images = len(labels) // group
+    losses = torch.stack([torch.nn.functional.cross_entropy(z / t, labels, reduction="none").view(images, group)
+                          .sum(1) for t in grid])
     gen = torch.Generator().manual_seed(seed)
-    draws = torch.randint(len(labels), (resamples, len(labels)), generator=gen)
-    weights = torch.zeros(resamples, len(labels), dtype=torch.float64).scatter_add_(
-        1, draws, torch.ones(resamples, len(labels), dtype=torch.float64))
+    draws = torch.randint(images, (resamples, images), generator=gen)
+    weights = torch.zeros(resamples, images, dtype=torch.float64).scatter_add_(
+        1, draws, torch.ones(resamples, images, dtype=torch.float64))
     penalty = grid.log().pow(2) / (2 * PRIOR_SIGMA**2)  # the same prior as fit_temperature
     best = grid[(weights @ losses.T + penalty).argmin(1)]
     return float(torch.quantile(best, 0.05)), float(torch.quantile(best, 0.95))
@@ -148,8 +153,7 @@ def reliability_diagram(probs, labels, out_png: str | os.PathLike, bins: int = E
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out = Path(out_png)
-    fig.savefig(out, dpi=100)
+    out = save_figure(fig, out_png, dpi=100)
     plt.close(fig)
     return out
 
@@ -178,7 +182,7 @@ def sharpest_keeping_errors_doubtful(wrong_logits: torch.Tensor, cap: float = MA
 
 
 def calibration_summary(logits: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS,
-                        source: str = "validation") -> dict[str, Any]:
+                        source: str = "validation", group: int = 1) -> dict[str, Any]:
     """Fit T on ``logits``/``labels``; return the ``model.json`` calibration entry.
 
     With no wrong answer T is never below 1; otherwise it sharpens (T < 1) only as far as keeps
@@ -193,7 +197,8 @@ def calibration_summary(logits: torch.Tensor, labels: torch.Tensor, bins: int = 
     else:  # sharpen at most until the most confident observed mistake reaches the cap (never soften for it)
         floor = min(1.0, sharpest_keeping_errors_doubtful(logits[wrong]))
     t = max(fit_temperature(logits, labels), floor)
-    low, high = (max(v, floor) for v in bootstrap_temperatures(logits, labels)) if len(labels) else (t, t)
+    low, high = ((max(v, floor) for v in bootstrap_temperatures(logits, labels, group=group)) if len(labels)
+                 else (t, t))
     before = expected_calibration_error(torch.softmax(logits, 1), labels, bins)
     after = expected_calibration_error(torch.softmax(logits / t, 1), labels, bins)
     nll_before = float(torch.nn.functional.cross_entropy(logits, labels))
@@ -204,6 +209,23 @@ def calibration_summary(logits: torch.Tensor, labels: torch.Tensor, bins: int = 
             "errors": errors, "source": source, "bins": bins,
             "method": "temperature scaling (LBFGS on NLL; T >= 1 without errors; T < 1 only while no error "
                       f"exceeds p = {MAX_WRONG_CONFIDENCE}; 5-95% bootstrap range)"}
+
+
+def label_decisions(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every label decision of multi-label ``logits``/``target`` ``[N, C]`` as a two-class problem:
+    logits ``[0, z]`` (``softmax([0, z] / T)[1] = sigmoid(z / T)``) and labels, ``[N*C, 2]`` and ``[N*C]``.
+    The temperature fit, its prior and error cap, ECE and the reliability diagram then apply
+    unchanged, over all label decisions."""
+    z = logits.double().reshape(-1, 1)
+    return torch.cat([torch.zeros_like(z), z], 1), target.reshape(-1).long()
+
+
+def multilabel_calibration(logits: torch.Tensor, target: torch.Tensor) -> dict[str, Any]:
+    """The ``model.json`` calibration entry of a multi-label model: one temperature for every
+    label's sigmoid, fitted on all label decisions of the validation images."""
+    entry = calibration_summary(*label_decisions(logits, target), source="validation (every label decision)",
+                                group=max(1, target.shape[1]))
+    return {**entry, "num_val": int(len(target)), "decisions": int(target.numel())}
 
 
 def store_calibration(model_dir: str | os.PathLike, entry: dict[str, Any]) -> dict[str, Any]:
@@ -230,6 +252,7 @@ def calibrate_run(run_dir: str | os.PathLike, batch_size: int = 64, workers: int
         if not samples:
             raise ArtifactError(f"{val_csv} holds no usable validation images")
         logits, ok, _ = clf.logits_of([p for p, _ in samples], batch_size, workers)
-        labels = torch.tensor([y for _, y in samples], dtype=torch.long)[ok]
+        labels = stack_targets([y for _, y in samples], clf.card.num_classes if clf.multi_label else None)[ok]
         logits = logits[ok]
-    return store_calibration(layout.root, calibration_summary(logits, labels))
+    fit = multilabel_calibration if labels.dim() == 2 else calibration_summary
+    return store_calibration(layout.root, fit(logits, labels))

@@ -28,26 +28,29 @@ from ..core.errors import ImageDecodeError
 from ..core.hardware import resolve_precision
 from ..data.cache import file_digests
 from ..data.image import is_image_path, load_image
+from ..data.multilabel import choose_task
 from ..data.scan import read_source, scan_files
 from ..inference.features import FeatureExtractor
 from ..models.factory import build_model
+from .data_check_multilabel import cardinality, cooccurrence, find_multilabel_errors, multilabel_samples
 
 
 def check_data(data: str | os.PathLike, val: str | os.PathLike | None = None, min_size: int = 32,
                min_per_class: int = 10, near_threshold: int = 4, imbalance_warning: float = 5.0,
                label_issues: bool = True, model: str = "efficientnet_lite0", img_size: int | None = None,
                cache_dir: str | None = None, folds: int = 5, seed: int = 0, batch_size: int = 32,
-               workers: int | None = None) -> dict[str, Any]:
+               workers: int | None = None, task: str = "auto", label_delim: str = " ") -> dict[str, Any]:
     """Check a dataset; return a JSON-serialisable dict (see the module docstring for the checks).
+
+    A multi-label CSV (``task`` auto|single|multi, as ``train`` decides it) is checked the same
+    way, plus label cardinality and co-occurrence, with multi-label confident learning.
 
     Example:
         report = check_data("data/hymenoptera/train")
         report["errors"], len(report["label_issues"])
         # -> ([], 3)
     """
-    raw = read_source(Path(data), Path(val) if val else None)
-    names = sorted(raw["train"])
-    files = [(p, split, label) for split, classes in raw.items() for label, paths in classes.items() for p in paths]
+    multi, files, names, split_names = _read_labels(Path(data), Path(val) if val else None, task, label_delim)
     split_of = {p: s for p, s, _ in files}
     label_of = {p: c for p, _, c in files}
     every = [p for p, _, _ in files]
@@ -71,7 +74,8 @@ def check_data(data: str | os.PathLike, val: str | os.PathLike | None = None, mi
         (leaks if len({split_of[p] for p in paths}) > 1 else duplicates).append(entry)
     near = _near_duplicates(readable, digests, near_threshold)
 
-    counts = {c: {s: sum(1 for p in readable if label_of[p] == c and split_of[p] == s) for s in raw} for c in names}
+    counts = {c: {s: sum(1 for p in readable if _has(label_of[p], c) and split_of[p] == s) for s in split_names}
+              for c in names}
     train_counts = {c: counts[c]["train"] for c in names}
     present = [n for n in train_counts.values() if n > 0]
     imbalance = {"ratio": round(max(present) / min(present), 2) if present else None,
@@ -87,7 +91,17 @@ def check_data(data: str | os.PathLike, val: str | os.PathLike | None = None, mi
         "near_duplicates": near, "near_threshold": near_threshold, "imbalance": imbalance, "few_images": few,
         "min_per_class": min_per_class, "label_issues": [], "label_check": {"skipped": "disabled"},
     }
-    if label_issues:
+    if multi:
+        train_sets = [label_of[p] for p in readable if split_of[p] == "train"]
+        report.update({"task": "multi", "labels_per_image": cardinality(train_sets),
+                       "cooccurrence": cooccurrence(train_sets, names)})
+    if label_issues and multi:
+        samples = multilabel_samples(readable, label_of, names)
+        features = backbone_features(samples, len(names), model, img_size, cache_dir, seed, batch_size, workers)
+        report["label_issues"], report["label_check"] = find_multilabel_errors(samples, names, split_of, features,
+                                                                               folds, seed)
+        report["label_check"]["model"] = model
+    elif label_issues:
         samples = [(p, names.index(label_of[p])) for p in readable]
         report["label_issues"], report["label_check"] = find_label_errors(
             samples, names, split_of, model, img_size, cache_dir, folds, seed, batch_size, workers)
@@ -112,6 +126,24 @@ def check_data(data: str | os.PathLike, val: str | os.PathLike | None = None, mi
         warnings.append(f"{len(report['label_issues'])} likely label error(s)")
     report.update({"errors": errors, "warnings": warnings, "ok": not errors})
     return report
+
+
+def _read_labels(data: Path, val: Path | None, task: str, delim: str
+                 ) -> tuple[bool, list[tuple[str, str, Any]], list[str], list[str]]:
+    """(multi-label?, [(path, split, label or tuple of labels)], class names, split names)."""
+    task, _, tables = choose_task(data, val, task, delim)
+    if task == "multi":
+        files = [(p, split, tuple(labels)) for split, table in zip(("train", "val"), tables)
+                 for p, labels in table.rows]
+        names = sorted({x for _, split, labels in files if split == "train" for x in labels})
+        return True, files, names, ["train", "val"][:len(tables)]
+    raw = read_source(data, val)
+    files = [(p, split, label) for split, classes in raw.items() for label, paths in classes.items() for p in paths]
+    return False, files, sorted(raw["train"]), list(raw)
+
+
+def _has(label: str | tuple[str, ...], name: str) -> bool:
+    return name in label if isinstance(label, tuple) else label == name
 
 
 def _ignored(data: Path, val) -> list[str]:
@@ -254,6 +286,7 @@ def backbone_features(samples, num_classes, model_name, img_size, cache_dir, see
 
 def format_check(report: dict[str, Any], limit: int = 10) -> str:
     """Human-readable summary of :func:`check_data`'s result."""
+    multi_report = report.get("task") == "multi"
     lines = [f"data check: {report['data']}" + (f" (val: {report['val']})" if report["val"] else ""),
              f"files: {report['num_files']}, readable: {report['num_readable']}"]
     width = max([len(c) for c in report["classes"]] + [5]) + 2
@@ -275,13 +308,21 @@ def format_check(report: dict[str, Any], limit: int = 10) -> str:
     block("near-duplicates", report["near_duplicates"], lambda x: f"{x['a']} ~ {x['b']} (distance {x['distance']})")
     block("small images", report["small_images"], lambda x: f"{x['path']}: {x['width']}x{x['height']}")
     block("ignored non-image files", report["ignored_files"], str)
-    block("likely label errors", report["label_issues"],
-          lambda x: f"{x['path']}: labelled {x['label']}, looks like {x['suggested']} "
-                    f"(p={x['suggested_probability']:.2f}, self-confidence {x['self_confidence']:.2f})")
+    if report.get("task") == "multi":
+        per_image = report["labels_per_image"].items()
+        lines.append("labels per image (train): " + ", ".join(f"{k}: {n}" for k, n in per_image))
+        block("most frequent label pairs", report["cooccurrence"],
+              lambda x: f"{' + '.join(x['labels'])}: {x['images']}")
+        block("likely label errors", report["label_issues"],
+              lambda x: f"{x['path']}: labelled [{' '.join(x['labels'])}], looks like [{' '.join(x['suggested'])}]")
+    else:
+        block("likely label errors", report["label_issues"],
+              lambda x: f"{x['path']}: labelled {x['label']}, looks like {x['suggested']} "
+                        f"(p={x['suggested_probability']:.2f}, self-confidence {x['self_confidence']:.2f})")
     if "method" in report["label_check"]:
         lc = report["label_check"]
         lines.append(f"label check: {lc['method']} on {lc['model']} features, {lc['folds']}-fold out-of-fold "
-                     f"accuracy {lc['out_of_fold_accuracy']:.3f}")
+                     f"accuracy {lc['out_of_fold_accuracy']:.3f}" + (" (label decisions)" if multi_report else ""))
     for e in report["errors"]:
         lines.append(f"error: {e}")
     for w in report["warnings"]:

@@ -17,35 +17,47 @@ from torchmetrics.functional.classification import (
 )
 
 from ..core.errors import DataError
+from ..core.safe_io import atomic_writer, refuse_link
+from ..data.labels import stack_targets
 from ..data.scan import Sample, discover_eval
 from ..inference.classifier import Classifier
 from ..inference.rows import probabilities
+from .multilabel import multilabel_metrics, write_label_errors
 from .plots import plot_confusion_matrix
 
 
 def evaluate(model: str | os.PathLike | Classifier, data: str | os.PathLike, batch_size: int = 64,
-             workers: int | None = None, save: bool = True) -> dict[str, Any]:
+             workers: int | None = None, save: bool = True, label_delim: str = " ") -> dict[str, Any]:
     """Score a trained model on labelled data.
 
     Args:
         model: a run dir, a ``model/`` dir, or a loaded :class:`Classifier`.
-        data: class folders, a split layout (its ``test`` split, else ``val``) or a CSV.
+        data: class folders, a split layout (its ``test`` split, else ``val``) or a CSV
+            (multi-label models: a ``path,labels`` or one-hot CSV).
         save: write ``confusion_matrix.png`` and ``misclassified.csv`` next to the model.
+        label_delim: separator of the labels in one cell of a multi-label ``path,labels`` CSV.
 
     Returns:
         ``accuracy``, ``top5_accuracy`` (>= 5 classes), ``macro_precision``, ``macro_recall``,
         ``macro_f1``, ``per_class``, ``confusion_matrix`` (rows = true), ``class_names``,
-        ``num_samples`` (and ``skipped``: unreadable files).
+        ``num_samples`` (and ``skipped``: unreadable files). A multi-label model's result is
+        :func:`~visiontune.evaluation.multilabel.multilabel_metrics` (``task`` = ``multi``).
 
     Example:
         visiontune.evaluate("runs/train-1", "data/test")["accuracy"]
         # -> 0.97
     """
     clf = model if isinstance(model, Classifier) else Classifier.load(model)  # run, model, pruned or .onnx
-    samples, skipped = discover_eval(data, clf.class_names)
+    if save:  # refused before any work, so that nothing is lost: a model folder may come from anyone
+        for name in ("misclassified.csv", "confusion_matrix.png"):
+            refuse_link(Path(clf.card.model_dir) / name)
+    samples, skipped = discover_eval(data, clf.class_names, clf.card.task, label_delim)
     result = evaluate_samples(clf, samples, batch_size, workers, keep_predictions=save)
     result["skipped"] = [{"path": p, "reason": r} for p, r in skipped]
-    if save:
+    if save and clf.multi_label:
+        write_label_errors(result.pop("predictions"), clf.class_names, clf.thresholds or [],
+                           Path(clf.card.model_dir) / "misclassified.csv")
+    elif save:
         out = Path(clf.card.model_dir)
         plot_confusion_matrix(result["confusion_matrix"], clf.class_names, out / "confusion_matrix.png")
         write_misclassified(result.pop("predictions"), clf.class_names, out / "misclassified.csv")
@@ -57,17 +69,25 @@ def evaluate_samples(clf: Classifier, samples: list[Sample], batch_size: int = 6
     """Metrics of ``clf`` on labelled ``samples`` (unreadable ones are left out)."""
     paths = [p for p, _ in samples]
     logits, ok, _ = clf.logits_of(paths, batch_size, workers)
-    return metrics_of_logits(logits, ok, samples, clf.class_names, clf.temperature, keep_predictions)
+    return metrics_of_logits(logits, ok, samples, clf.class_names, clf.temperature, keep_predictions,
+                             clf.thresholds)
 
 
 def metrics_of_logits(logits: torch.Tensor, ok: torch.Tensor, samples: list[Sample], class_names: list[str],
-                      temperature: float = 1.0, keep_predictions: bool = False) -> dict[str, Any]:
-    """:func:`compute_metrics` of raw logits of ``samples`` (``ok``: the readable ones)."""
-    probs = probabilities(logits, temperature)
-    target = torch.tensor([label for _, label in samples], dtype=torch.long)
-    result = compute_metrics(probs[ok], target[ok], class_names)
+                      temperature: float = 1.0, keep_predictions: bool = False,
+                      thresholds: list[float] | None = None) -> dict[str, Any]:
+    """:func:`compute_metrics` of raw logits of ``samples`` (``ok``: the readable ones); with
+    ``thresholds`` (a multi-label model's) :func:`multilabel_metrics`."""
+    multi = thresholds is not None
+    probs = probabilities(logits, temperature, multi_label=multi)
+    target = stack_targets([label for _, label in samples], len(class_names) if multi else None)
+    if multi:
+        result = multilabel_metrics(probs[ok], target[ok], class_names, thresholds)
+    else:
+        result = compute_metrics(probs[ok], target[ok], class_names)
     if keep_predictions:
-        result["predictions"] = [(p, int(t), pr) for (p, _), t, pr, good in zip(samples, target, probs, ok) if good]
+        result["predictions"] = [(p, t if multi else int(t), pr)
+                                 for (p, _), t, pr, good in zip(samples, target, probs, ok) if good]
     return result
 
 
@@ -106,7 +126,7 @@ def compute_metrics(probs: torch.Tensor, target: torch.Tensor, class_names: list
 def write_misclassified(predictions, class_names: list[str], path: Path) -> int:
     """``misclassified.csv``: every wrong prediction with its probabilities."""
     rows = 0
-    with open(path, "w", newline="") as fh:
+    with atomic_writer(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "true", "predicted", "probability", "true_probability"])
         for file, true, probs in predictions:

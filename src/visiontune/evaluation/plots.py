@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..core.safe_io import save_figure  # noqa: E402
 from ..training.metrics import read_metrics  # noqa: E402
 
 
@@ -30,7 +31,7 @@ def plot_curves(metrics_csv: Path, out: Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    save_figure(fig, out, dpi=100)
     plt.close(fig)
     return out
 
@@ -50,6 +51,6 @@ def plot_confusion_matrix(matrix: list[list[int]], class_names: list[str], out: 
             for j, value in enumerate(row):
                 ax.text(j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    save_figure(fig, out, dpi=100)
     plt.close(fig)
     return out

@@ -3,7 +3,8 @@
 Sections: dataset summary, augmented training / validation samples, training curves, final
 metrics, per-class table, confusion matrix, most-confused pairs, misclassified and top-loss
 galleries, Grad-CAM, calibration, accuracy/coverage trade-off, and the strategy comparison when
-``RUN/compare.csv`` exists. No external requests: CSS is inline, images are data URIs.
+``RUN/compare.csv`` exists. A multi-label model gets its own sections instead
+(:mod:`~visiontune.evaluation.report_multilabel`). No external requests: CSS is inline, images are data URIs.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from PIL import Image
 
 from ..core.errors import ImageDecodeError
 from ..core.layout import SPLITS, RunLayout
+from ..core.safe_io import atomic_write_text
 from ..data.image import load_image
+from ..data.labels import label_counts, label_names, stack_targets
 from ..data.scan import discover_eval, read_split_csv
 from ..data.transforms import denormalize, eval_transform, train_transform
 from ..inference.classifier import Classifier
@@ -39,6 +42,7 @@ from .calibration import (
 from .evaluate import compute_metrics
 from .gradcam import gradcam_overlays
 from .plots import plot_curves
+from .report_multilabel import multilabel_sections
 
 SECTIONS = {
     "dataset": "Dataset summary",
@@ -48,6 +52,9 @@ SECTIONS = {
     "per-class": "Per-class precision, recall and F1",
     "confusion": "Confusion matrix",
     "confused-pairs": "Most-confused class pairs",
+    "per-label": "Per-label average precision, thresholds, precision, recall and F1",
+    "label-pairs": "Most confused and co-missed label pairs",
+    "label-errors": "False positives and false negatives per label",
     "errors": "Misclassified and top-loss images",
     "gradcam": "Grad-CAM",
     "calibration": "Calibration",
@@ -84,7 +91,7 @@ def write_report(run_dir: str | os.PathLike, data: str | os.PathLike | None = No
     cfg = _read_config(layout)
     splits = {s: read_split_csv(layout.split_csv(s), names) for s in SPLITS if layout.split_csv(s).is_file()}
     if data is not None:
-        samples, eval_skipped = discover_eval(data, names)
+        samples, eval_skipped = discover_eval(data, names, clf.card.task)
         source = f"data {data}"
     else:
         samples, eval_skipped = splits.get("val", []), []
@@ -92,13 +99,48 @@ def write_report(run_dir: str | os.PathLike, data: str | os.PathLike | None = No
     paths = [p for p, _ in samples]
     logits, ok = val_logits if (val_logits is not None and data is None) else clf.logits_of(paths, batch_size,
                                                                                              workers)[:2]
-    target_all = torch.tensor([y for _, y in samples], dtype=torch.long)
-    logits, target = logits[ok], target_all[ok]
     kept = [p for p, good in zip(paths, ok.tolist()) if good]
+    target = stack_targets([y for _, y in samples], len(names) if clf.multi_label else None)[ok]
+    logits = logits[ok]
+    all_files = [p for items in splits.values() for p, _ in items]
+    skipped = _read_skipped(layout) + [f"{p}\t{r}" for p, r in eval_skipped]
+    counts = {s: {n: int(c) for n, c in zip(names, label_counts([y for _, y in items], len(names)))}
+              for s, items in splits.items()}
+    parts: list[tuple[str, str]] = [
+        ("dataset", rs.dataset_section(counts, _image_sizes(all_files, seed), skipped, names)),
+        ("samples", _samples_section(clf, splits, cfg.get("augment", "standard"), seed)),
+        ("curves", _curves_section(layout))]
+    if clf.multi_label:
+        parts += multilabel_sections(clf, run_dir, kept, logits, target, source, gradcam, seed, batch_size, workers,
+                                     data is None)
+    else:
+        parts += _single_label_sections(clf, run_dir, kept, logits, target, source, gradcam, seed, batch_size,
+                                        workers, data is None)
+    if layout.compare_csv.is_file():
+        parts.append(("compare", rs.compare_section(layout.compare_csv)))
+    if layout.plan.is_file() or layout.timings.is_file():
+        parts.append(("time", rs.time_section(_read_json(layout.plan), _read_json(layout.timings))))
 
+    title = f"visiontune report: {run_dir.name}"
+    arch = clf.card.architecture
+    nav = " ".join(f'<a href="#{sid}">{html.escape(SECTIONS[sid])}</a>' for sid, _ in parts)
+    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{rs.CSS}</style></head><body><header><h1>{html.escape(title)}</h1>"
+            f"<p>{html.escape(str(arch.requested or arch.name) if arch else '')} &middot; {len(names)} classes "
+            f"&middot; evaluated on the {html.escape(source)} &middot; generated "
+            f"{datetime.now().strftime('%Y-%m-%d %H:%M')} in {{seconds}} s</p><nav>{nav}</nav></header><main>"
+            + "\n".join(rs.section(sid, SECTIONS[sid], body) for sid, body in parts) + "</main></body></html>\n")
+    return atomic_write_text(layout.report, page.replace("{seconds}", f"{time.perf_counter() - start:.0f}"))
+
+
+def _single_label_sections(clf: Classifier, run_dir: Path, kept: list[str], logits: torch.Tensor,
+                           target: torch.Tensor, source: str, gradcam: bool, seed: int, batch_size: int,
+                           workers: int | None, own_val: bool) -> list[tuple[str, str]]:
+    """Metrics, per-class, confusion, errors, Grad-CAM, calibration and coverage of a single-label model."""
+    names = clf.class_names
     cal = clf.card.calibration
     if cal is None:
-        if data is None and len(target):
+        if own_val and len(target):
             cal = store_calibration(run_dir, calibration_summary(logits, target))
         else:
             cal = calibrate_run(run_dir, batch_size, workers)
@@ -108,12 +150,6 @@ def write_report(run_dir: str | os.PathLike, data: str | os.PathLike | None = No
     result = compute_metrics(probs.float(), target, names) if len(target) else None
 
     parts: list[tuple[str, str]] = []
-    counts = {s: {n: sum(1 for _, y in items if y == i) for i, n in enumerate(names)} for s, items in splits.items()}
-    all_files = [p for items in splits.values() for p, _ in items]
-    skipped = _read_skipped(layout) + [f"{p}\t{r}" for p, r in eval_skipped]
-    parts.append(("dataset", rs.dataset_section(counts, _image_sizes(all_files, seed), skipped, names)))
-    parts.append(("samples", _samples_section(clf, splits, cfg.get("augment", "standard"), seed)))
-    parts.append(("curves", _curves_section(layout)))
     if result is None:
         parts.append(("metrics", '<p class="warn">no readable labelled images to evaluate</p>'))
     else:
@@ -132,25 +168,7 @@ def write_report(run_dir: str | os.PathLike, data: str | os.PathLike | None = No
         eval_ece = (expected_calibration_error(raw_probs, target), expected_calibration_error(probs, target))
         parts.append(("calibration", rs.calibration_section(cal, uri, eval_ece)))
         parts.append(("coverage", rs.coverage_section(probs.numpy(), target.numpy())))
-    if layout.compare_csv.is_file():
-        parts.append(("compare", rs.compare_section(layout.compare_csv)))
-    if layout.plan.is_file() or layout.timings.is_file():
-        parts.append(("time", rs.time_section(_read_json(layout.plan), _read_json(layout.timings))))
-
-    title = f"visiontune report: {run_dir.name}"
-    arch = clf.card.architecture
-    nav = " ".join(f'<a href="#{sid}">{html.escape(SECTIONS[sid])}</a>' for sid, _ in parts)
-    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{rs.CSS}</style></head><body><header><h1>{html.escape(title)}</h1>"
-            f"<p>{html.escape(str(arch.requested or arch.name) if arch else '')} &middot; {len(names)} classes "
-            f"&middot; evaluated on the {html.escape(source)} &middot; generated "
-            f"{datetime.now().strftime('%Y-%m-%d %H:%M')} in {{seconds}} s</p><nav>{nav}</nav></header><main>"
-            + "\n".join(rs.section(sid, SECTIONS[sid], body) for sid, body in parts) + "</main></body></html>\n")
-    out = layout.report
-    tmp = run_dir / ".report.html.tmp"
-    tmp.write_text(page.replace("{seconds}", f"{time.perf_counter() - start:.0f}"), encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return parts
 
 
 def _read_config(layout: RunLayout) -> dict[str, Any]:
@@ -198,7 +216,7 @@ def _samples_section(clf: Classifier, splits: dict, augment: str, seed: int, cou
         for path, label in chosen:
             try:
                 images.append(denormalize(transform(load_image(path)), pre))
-                captions.append(names[label][:18])
+                captions.append((" ".join(label_names(label, names)) or "(no label)")[:18])
             except ImageDecodeError:
                 continue
         body += f"<h3>{html.escape(what.capitalize())}</h3>"
@@ -223,13 +241,6 @@ def _caption(path: str, true: int, pred: int, p: float, names: list[str]) -> str
     return f"{Path(path).name}: true {names[true]}, predicted {names[pred]} ({p:.2f})"
 
 
-def _thumb(path: str) -> str | None:
-    try:
-        return rs.image_uri(load_image(path, draft_size=256), max_side=200)
-    except ImageDecodeError:
-        return None
-
-
 def _errors_section(paths: list[str], target: torch.Tensor, probs: torch.Tensor, names: list[str]) -> str:
     pred = probs.argmax(1)
     conf = probs.max(1).values
@@ -239,7 +250,7 @@ def _errors_section(paths: list[str], target: torch.Tensor, probs: torch.Tensor,
     def items(indices):
         out = []
         for i in indices[:GALLERY_SIZE]:
-            uri = _thumb(paths[i])
+            uri = rs.thumb_uri(paths[i])
             if uri:
                 out.append((uri, _caption(paths[i], int(target[i]), int(pred[i]), float(conf[i]), names)
                             + f", loss {float(loss[i]):.2f}", bool(pred[i] != target[i])))

@@ -20,6 +20,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from ..core.errors import ImageDecodeError  # noqa: E402
+from ..data.image import load_image  # noqa: E402
+
 CSS = """
 body{font:14px/1.45 -apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0;color:#1d2330;background:#f4f6f9}
 main{max-width:1180px;margin:auto;padding:16px 24px 48px}
@@ -61,6 +64,14 @@ def image_uri(img: Image.Image | np.ndarray, max_side: int = 224, fmt: str = "JP
 
 def file_uri(path: Path) -> str:
     return data_uri(Path(path).read_bytes(), "image/png")
+
+
+def thumb_uri(path: str, max_side: int = 200) -> str | None:
+    """A gallery thumbnail of an image file (None when it cannot be read any more)."""
+    try:
+        return image_uri(load_image(path, draft_size=256), max_side=max_side)
+    except ImageDecodeError:
+        return None
 
 
 def img_tag(uri: str, alt: str, cls: str = "plot") -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from torch import nn
 
 from ..core.errors import ExportError, ImageDecodeError
 from ..core.layout import RunLayout
+from ..core.safe_io import atomic_write_text
 from ..core.version import __version__
 from ..data.image import load_image
 from ..data.preprocess import Preprocessing
@@ -39,22 +41,26 @@ INPUT_DOC = ("float32 NCHW [batch, 3, H, W] at the model's input size, RGB, scal
 
 
 class DeployWrapper(nn.Module):
-    """Network + temperature-scaled softmax: ``x -> (logits, probabilities)``.
+    """Network + temperature-scaled softmax (a sigmoid per label for a multi-label model):
+    ``x -> (logits, probabilities)``.
 
     Example:
         wrapped = DeployWrapper(model, temperature=1.0)
         logits, probs = wrapped(torch.zeros(1, 3, 224, 224))
     """
 
-    def __init__(self, model: nn.Module, temperature: float = 1.0, tta: bool = False):
+    def __init__(self, model: nn.Module, temperature: float = 1.0, tta: bool = False, multi_label: bool = False):
         super().__init__()
         self.model = model
         self.tta = tta
+        self.multi_label = multi_label
         # a buffer (not a Python float) so the value is visible as a constant in the graph
         self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = forward_logits(self.model, x, self.tta)
+        if self.multi_label:
+            return logits, torch.sigmoid(logits / self.temperature)
         return logits, torch.softmax(logits / self.temperature, dim=1)
 
 
@@ -66,13 +72,13 @@ def export_card(card: ModelCard, fmt: str, file_name: str, **extra: Any) -> Mode
     """The card of an exported file: the source card plus an ``export`` section."""
     return card.replace(export={"format": fmt, "file": file_name, "input": INPUT_DOC,
                                 "outputs": ["logits", "probabilities"], "temperature": card.temperature,
+                                "probabilities": "sigmoid per label" if card.multi_label else "softmax",
                                 "visiontune_version": __version__, **extra})
 
 
 def write_json(path: Path, data: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    return path
+    return atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def resolve_data_path(card: ModelCard) -> Path | None:
@@ -96,7 +102,7 @@ def labelled_samples(card: ModelCard, data: str | os.PathLike | None = None,
     recorded seed and fraction instead.
     """
     if data is not None:
-        return discover_eval(data, card.class_names)[0]
+        return discover_eval(data, card.class_names, card.task, str(card.training.get("label_delim", " ")))[0]
     if card.model_dir is not None:
         split_csv = RunLayout.of_model_dir(card.model_dir).split_csv(split)
         if split_csv.is_file():
@@ -106,7 +112,8 @@ def labelled_samples(card: ModelCard, data: str | os.PathLike | None = None,
         return []
     training = card.training
     splits = discover(source, training.get("val"), float(training.get("val_fraction", 0.2)),
-                      seed=int(training.get("seed", 0)), class_names=card.class_names)
+                      seed=int(training.get("seed", 0)), class_names=card.class_names, task=card.task,
+                      label_delim=str(training.get("label_delim", " ")))
     return list(getattr(splits, split)) or list(splits.val)
 
 
@@ -156,19 +163,65 @@ def eager_logits(model: nn.Module, batch: torch.Tensor, chunk: int = 32, tta: bo
     return torch.cat([forward_logits(model, batch[i:i + chunk], tta) for i in range(0, len(batch), chunk)]).numpy()
 
 
-def compare_logits(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
-    """Top-1 agreement and max |logit difference| between two [N, C] arrays."""
-    agreement = float(np.mean(reference.argmax(1) == other.argmax(1)))
-    return {"top1_agreement": agreement, "max_abs_logit_diff": float(np.max(np.abs(reference - other))),
-            "num_images": int(len(reference))}
+def compare_logits(reference: np.ndarray, other: np.ndarray, card: ModelCard | None = None) -> dict[str, float]:
+    """Top-1 agreement and max |logit difference| between two [N, C] arrays; for a multi-label
+    ``card``, the agreement of every per-label decision at its threshold (``label_agreement``)."""
+    diff = {"max_abs_logit_diff": float(np.max(np.abs(reference - other))), "num_images": int(len(reference))}
+    if card is not None and card.multi_label:
+        cut = np.asarray(card.thresholds, dtype=np.float64) * (1 - 1e-12)  # p >= t, as prediction decides
+        decide = lambda logits: 1 / (1 + np.exp(-logits.astype(np.float64) / card.temperature)) >= cut  # noqa: E731
+        return {"label_agreement": float(np.mean(decide(reference) == decide(other))), **diff}
+    return {"top1_agreement": float(np.mean(reference.argmax(1) == other.argmax(1))), **diff}
+
+
+@dataclass(frozen=True)
+class ValScore:
+    """What compress measures and guards: val accuracy, or a multi-label model's val macro mAP,
+    and the agreement of a variant's decisions with eager's (top-1, or every per-label decision)."""
+
+    card: ModelCard
+
+    @property
+    def multi(self) -> bool:
+        return self.card.multi_label
+
+    @property
+    def key(self) -> str:
+        return "val_map" if self.multi else "val_accuracy"
+
+    @property
+    def change(self) -> str:
+        return "map_change_pts" if self.multi else "accuracy_change_pts"
+
+    @property
+    def agreement(self) -> str:
+        return "label_agreement" if self.multi else "top1_agreement"
+
+    @property
+    def name(self) -> str:
+        return "macro mAP" if self.multi else "accuracy"
+
+    def score(self, logits: np.ndarray, labels: np.ndarray) -> float:
+        if not self.multi:
+            return float(np.mean(logits.argmax(1) == labels))
+        from torchmetrics.functional.classification import multilabel_average_precision  # lazy: multi only
+
+        probs = torch.sigmoid(torch.from_numpy(np.asarray(logits, dtype=np.float32)) / self.card.temperature)
+        return float(multilabel_average_precision(probs, torch.from_numpy(np.asarray(labels)).int(),
+                                                  num_labels=probs.shape[1], average="macro"))
+
+    def agree(self, logits: np.ndarray, reference: np.ndarray) -> float:
+        return compare_logits(reference, logits, self.card)[self.agreement]
 
 
 def parity_problems(report: dict[str, Any], min_agreement: float = MIN_AGREEMENT,
                     max_diff: float | None = MAX_LOGIT_DIFF) -> list[str]:
     """What makes an export disagree with eager beyond the thresholds (empty: it passes)."""
     problems = []
-    if report["top1_agreement"] < min_agreement:
-        problems.append(f"top-1 agreement {report['top1_agreement']:.2%} < {min_agreement:.1%}")
+    kind = "top1_agreement" if "top1_agreement" in report else "label_agreement"
+    if report[kind] < min_agreement:
+        what = "top-1 agreement" if kind == "top1_agreement" else "per-label decision agreement"
+        problems.append(f"{what} {report[kind]:.2%} < {min_agreement:.1%}")
     if max_diff is not None and report["max_abs_logit_diff"] > max_diff:
         problems.append(f"max |logit diff| {report['max_abs_logit_diff']:.2e} > {max_diff:.0e}")
     return problems

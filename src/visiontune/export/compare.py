@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.safe_io import atomic_write_text
 from ..core.tables import fixed_width, markdown
 from ..inference.runners import TorchRunner, onnx_session, session_logits
-from .common import file_size_mb
+from .common import ValScore, file_size_mb
 
 Logits = Callable[[np.ndarray], np.ndarray]
 
@@ -67,21 +68,27 @@ def tile(images: np.ndarray, n: int) -> np.ndarray:
 
 
 def measure(variants: list[Variant], images: np.ndarray, labels: np.ndarray, budget_s: float = 3.0,
-            log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Accuracy, agreement with the first variant (eager), size, latency and throughput of each."""
+            log: Callable[[str], None] = print, scorer: ValScore | None = None) -> list[dict[str, Any]]:
+    """Val score (accuracy, or a multi-label model's macro mAP: ``scorer``), agreement with the first
+    variant (eager), size, latency and throughput of each."""
     rows: list[dict[str, Any]] = []
     reference = None
     for v in variants:
         logits = batched_logits(v.logits, images)
-        preds = logits.argmax(1)
-        reference = preds if reference is None else reference
+        reference = logits if reference is None else reference
         latency = time_per_call(v.logits, tile(images, 1), budget_s)
         per_batch = time_per_call(v.logits, tile(images, 32), budget_s)
         row = {"variant": v.name, "file": v.path, "size_mb": round(file_size_mb(v.path), 3),
-               "latency_ms_b1": round(latency * 1e3, 2), "throughput_b32": round(32 / per_batch, 1),
-               "val_accuracy": float(np.mean(preds == labels)), "top1_agreement": float(np.mean(preds == reference)),
-               **v.extra}
-        log(f"  measured {v.name}: acc {row['val_accuracy']:.4f}, {row['throughput_b32']} img/s")
+               "latency_ms_b1": round(latency * 1e3, 2), "throughput_b32": round(32 / per_batch, 1), **v.extra}
+        if scorer is None:
+            preds = logits.argmax(1)
+            row.update(val_accuracy=float(np.mean(preds == labels)),
+                       top1_agreement=float(np.mean(preds == reference.argmax(1))))
+        else:
+            row.update({scorer.key: scorer.score(logits, labels), scorer.agreement: scorer.agree(logits, reference)})
+        score = row.get("val_accuracy", row.get("val_map"))
+        log(f"  measured {v.name}: {'acc' if 'val_accuracy' in row else 'mAP'} {score:.4f}, "
+            f"{row['throughput_b32']} img/s")
         rows.append(row)
     base = rows[0]["throughput_b32"] if rows else 1.0
     for row in rows:
@@ -93,29 +100,39 @@ COLUMNS = [("variant", "variant", "{}"), ("size_mb", "size MB", "{:.2f}"),
            ("latency_ms_b1", "latency ms (b1)", "{:.2f}"),
            ("throughput_b32", "img/s (b32)", "{:.1f}"), ("speedup_vs_eager_b32", "x eager", "{:.2f}"),
            ("val_accuracy", "val acc", "{:.4f}"), ("top1_agreement", "agree w/ eager", "{:.4f}"),
+           ("val_map", "val mAP", "{:.4f}"), ("label_agreement", "label decisions agree", "{:.4f}"),
            ("macs", "MACs", "{}")]
 
 
-def _cells(row: dict[str, Any]) -> list[str]:
-    return [fmt.format(row[key]) if row.get(key) is not None else "" for key, _, fmt in COLUMNS]
+TASK_COLUMNS = {"val_accuracy", "top1_agreement", "val_map", "label_agreement"}  # shown for the model's task
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    return [c for c in COLUMNS if c[0] not in TASK_COLUMNS or any(c[0] in r for r in rows)]
+
+
+def _cells(row: dict[str, Any], columns: list[tuple[str, str, str]]) -> list[str]:
+    return [fmt.format(row[key]) if row.get(key) is not None else "" for key, _, fmt in columns]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Fixed-width console table."""
-    return fixed_width([title for _, title, _ in COLUMNS], [_cells(r) for r in rows])
+    columns = _columns(rows)
+    return fixed_width([title for _, title, _ in columns], [_cells(r, columns) for r in rows])
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    return markdown([title for _, title, _ in COLUMNS], [_cells(r) for r in rows])
+    columns = _columns(rows)
+    return markdown([title for _, title, _ in columns], [_cells(r, columns) for r in rows])
 
 
 def write_reports(out_dir: Path, report: dict[str, Any]) -> tuple[Path, Path]:
     """``compress_report.json`` and ``compress_report.md`` in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / "compress_report.json", out_dir / "compress_report.md"
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
     notes = "\n".join(f"- {n}" for n in report.get("notes", []))
-    md_path.write_text(f"# visiontune compress report\n\nmodel: `{report['model']}`  \n"
+    atomic_write_text(md_path, f"# visiontune compress report\n\nmodel: `{report['model']}`  \n"
                        f"validation: {report['num_val']} images ({report['val_source']})  \n"
                        f"machine: {report['machine']}\n\n{markdown_table(report['variants'])}\n\n{notes}\n")
     return json_path, md_path

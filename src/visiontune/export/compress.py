@@ -17,10 +17,11 @@ import torch
 
 from ..core.errors import ExportError
 from ..core.layout import RunLayout
+from ..data.labels import stack_targets
 from ..data.scan import discover_eval
 from ..models.artifact import META_FILE, load_model
 from ..models.card import ModelCard
-from .common import export_card, labelled_samples, preprocess, resolve_data_path, write_json
+from .common import ValScore, export_card, labelled_samples, preprocess, resolve_data_path, write_json
 from .compare import Logits, Variant, batched_logits, format_table, measure, onnx_runner, torch_runner, write_reports
 from .onnx_export import export_onnx
 from .prune import check_prune_args, count_macs, prune_and_recover, save_pruned
@@ -31,7 +32,8 @@ from .recovery import RECOVERY_LR
 def _calib_paths(card: ModelCard, calib: str | os.PathLike | None) -> list[str]:
     """Calibration images: --calib DATA (every image in it), else the model's training split."""
     if calib is not None:
-        return [p for p, _ in discover_eval(calib, card.class_names)[0]]
+        return [p for p, _ in discover_eval(calib, card.class_names, card.task,
+                                            str(card.training.get("label_delim", " ")))[0]]
     return [p for p, _ in labelled_samples(card, split="train")]
 
 
@@ -49,35 +51,34 @@ def _quantize_variant(src: Path, card: ModelCard, folder: Path, mode: str, calib
     return path
 
 
-def _accuracy(run, images: np.ndarray, labels: np.ndarray) -> float:
-    return float((batched_logits(run, images).argmax(1) == labels).mean())
-
-
 def _guarded_int8(eager: Logits, src: Path, card: ModelCard, folder: Path, mode: str,
                   calib: list[str], float_ends: bool, images: np.ndarray, labels: np.ndarray, max_drop: float,
                   log) -> tuple[Path, list[dict[str, Any]]]:
     """Static int8, and when it loses more than ``max_drop`` on val, the same with the first conv
     and the classifier kept in float (accuracy-aware fallback, as Intel Neural Compressor tunes).
 
-    Returns the kept model and every attempt (scheme, val accuracy, change in points), all of
+    The guarded score is val accuracy, or a multi-label model's val macro mAP (:class:`ValScore`).
+    Returns the kept model and every attempt (scheme, val score, change in points), all of
     which go into the report: the fallback is chosen on the same val split the guard reads.
     """
-    base = _accuracy(eager, images, labels)
+    scorer = ValScore(card)
+    base = scorer.score(batched_logits(eager, images), labels)
 
     def attempt(target: Path, ends: bool) -> tuple[Path, dict[str, Any]]:
         path = _quantize_variant(src, card, target, mode, calib, ends)
-        acc = _accuracy(onnx_runner(path), images, labels)
-        return path, {"scheme": "ends-float" if ends else "all", "val_accuracy": round(acc, 6),
-                      "accuracy_change_pts": round((acc - base) * 100, 2)}
+        score = scorer.score(batched_logits(onnx_runner(path), images), labels)
+        return path, {"scheme": "ends-float" if ends else "all", scorer.key: round(score, 6),
+                      scorer.change: round((score - base) * 100, 2)}
 
+    change = scorer.change
     path, first = attempt(folder, float_ends)
-    if mode != "int8" or float_ends or -first["accuracy_change_pts"] <= max_drop:
+    if mode != "int8" or float_ends or -first[change] <= max_drop:
         return path, [first]
-    log(f"int8 with every layer quantized: {first['accuracy_change_pts']:+.2f} pt, beyond --max-drop {max_drop:g}; "
+    log(f"int8 with every layer quantized: {first[change]:+.2f} pt, beyond --max-drop {max_drop:g}; "
         "retrying with the first conv and the classifier in float")
     alt_folder = folder.with_name(folder.name + "-ends-float")
     _, second = attempt(alt_folder, True)
-    if second["accuracy_change_pts"] > first["accuracy_change_pts"]:
+    if second[change] > first[change]:
         shutil.rmtree(folder)
         alt_folder.rename(folder)
         return folder / path.name, [first, second]
@@ -134,12 +135,15 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
     if prune is not None:
         check_prune_args(prune, prune_steps, recovery_lr, finetune_epochs)
     model, card = load_model(model_path)
+    if card.multi_label and prune is not None:  # its channel scores and recovery loss are single-label
+        raise ExportError("--prune does not support multi-label models yet; --quantize int8 does (guarded on "
+                          "val macro mAP)")
     out = Path(out) if out else RunLayout.of_model_dir(card.model_dir).root / "compress"
     samples = labelled_samples(card, data)
     if not samples:
         raise ExportError("no validation images: the training data in model.json is gone; pass --data DIR")
     images = preprocess([p for p, _ in samples], card.preprocessing).numpy()
-    labels = np.array([label for _, label in samples])
+    labels = stack_targets([label for _, label in samples], card.num_classes if card.multi_label else None).numpy()
     if len(images) != len(labels):
         raise ExportError("some validation images could not be read; fix or pass --data DIR")
 
@@ -173,11 +177,11 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
         variants[0].extra["macs"] = prune_info["macs_before"]
 
     log(f"measuring {len(variants)} variants on {len(images)} validation images")
-    rows = measure(variants, images, labels, budget_s, log)
+    rows = measure(variants, images, labels, budget_s, log, ValScore(card))
     report = _report(model_path, card, rows, data, quantize, max_drop, prune_info, len(images))
     report["int8_attempts"] = int8_attempts
     if len(int8_attempts) > 1:
-        tried = "; ".join(f"{a['scheme']} {a['accuracy_change_pts']:+.2f} pt" for a in int8_attempts)
+        tried = "; ".join(f"{a['scheme']} {a[ValScore(card).change]:+.2f} pt" for a in int8_attempts)
         report["notes"].insert(0, f"int8 schemes tried on val: {tried}; kept {int8_attempts[-1]['scheme']}")
     write_reports(out, report)
     log(format_table(rows))
@@ -193,17 +197,18 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
 
 
 def _report(model_path, card: ModelCard, rows, data, quantize, max_drop, prune_info, n) -> dict[str, Any]:
-    base = rows[0]["val_accuracy"]
+    scorer = ValScore(card)
+    base = rows[0][scorer.key]
     notes, refused = [], ""
     for row in rows[1:]:
-        row["accuracy_change_pts"] = round((row["val_accuracy"] - base) * 100, 2)
+        row[scorer.change] = round((row[scorer.key] - base) * 100, 2)
     quant_row = next((r for r in rows if r["variant"] == f"ONNX {quantize}"), None)
     if quant_row is not None:
-        drop = -quant_row["accuracy_change_pts"]
-        notes.append(f"{quant_row['variant']}: accuracy change {quant_row['accuracy_change_pts']:+.2f} pt, "
+        drop = -quant_row[scorer.change]
+        notes.append(f"{quant_row['variant']}: {scorer.name} change {quant_row[scorer.change]:+.2f} pt, "
                      f"throughput {quant_row['speedup_vs_eager_b32']:.2f}x eager fp32 at batch 32")
         if drop > max_drop:
-            refused = f"int8 accuracy drop {drop:.2f} pt exceeds --max-drop {max_drop:g} pt"
+            refused = f"int8 {scorer.name} drop {drop:.2f} pt exceeds --max-drop {max_drop:g} pt"
             notes.append("REFUSED: " + refused)
     if prune_info:
         fewer = 1 - prune_info["macs_after"] / prune_info["macs_before"]

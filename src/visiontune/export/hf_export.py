@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..core.errors import ExportError
+from ..core.safe_io import atomic_path
 from ..models.card import ModelCard
 from .exporter import Format
 
@@ -49,10 +50,15 @@ def export_hf(model: nn.Module, card: ModelCard, out: str | Path, **_: Any) -> P
                    "crop_pct": pre.crop_pct, "crop_mode": "center"}
     state = {k: v.detach().cpu().float().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
              for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with atomic_path(out / "model.safetensors") as tmp:  # never through a link planted in the folder
+        save_file(state, str(tmp), metadata={"format": "pt"})
     # timm's own writer keeps the file identical to what push_to_hf_hub would produce
-    save_config_for_hf(model, str(out / "config.json"), model_config={"label_names": list(card.class_names)},
-                       data_config=data_config)
+    model_config: dict = {"label_names": list(card.class_names)}
+    if card.multi_label:  # transformers' name for sigmoid outputs, with what decides each label
+        model_config.update(problem_type="multi_label_classification", thresholds=card.thresholds,
+                            temperature=card.temperature)
+    with atomic_path(out / "config.json") as tmp:  # timm's writer, into a fresh temp file of ours
+        save_config_for_hf(model, str(tmp), model_config=model_config, data_config=data_config)
     return out / "model.safetensors"
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..core.errors import ExportError
+from ..core.safe_io import atomic_write_bytes
 from ..core.version import __version__
 from ..inference.runners import onnx_session, session_logits
 from ..models.card import ModelCard
@@ -37,6 +38,9 @@ def onnx_metadata(card: ModelCard) -> dict[str, str]:
         "input_format": INPUT_DOC,
         "visiontune_version": __version__,
         "architecture": json.dumps(card.architecture.to_dict() if card.architecture else {}),
+        # how "probabilities" are made and decided: softmax, or a sigmoid per label and its threshold
+        "task": card.task,
+        **({"thresholds": json.dumps(card.thresholds)} if card.multi_label else {}),
     }
 
 
@@ -84,7 +88,7 @@ def set_metadata(path: str | Path, props: dict[str, str]) -> None:
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     model.producer_name = "visiontune"
-    onnx.save(model, str(path))
+    atomic_write_bytes(path, model.SerializeToString())
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -114,9 +118,9 @@ def export_onnx(model: nn.Module, card: ModelCard, out: str | Path, opset: int =
     example = torch.zeros(1, *input_shape(card))
     # the graph's spatial size is fixed, so TF-"SAME" pads become constants (int8 needs this)
     fixed = static_same_padding(model.eval().float().cpu(), example)
-    wrapper = DeployWrapper(fixed, card.temperature, card.tta).eval()
+    wrapper = DeployWrapper(fixed, card.temperature, card.tta, card.multi_label).eval()
     data = _export_graph(wrapper, example, opset, dynamic_batch)
-    out.write_bytes(data)
+    atomic_write_bytes(out, data)
     set_metadata(out, onnx_metadata(card))
     return out
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..core.errors import ExportError
+from ..core.safe_io import atomic_path
 from ..models.card import ModelCard
 from .common import DeployWrapper, input_shape
 from .exporter import Format
@@ -36,7 +37,7 @@ def export_torchscript(model: nn.Module, card: ModelCard, out: str | Path, **_: 
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = DeployWrapper(model.eval().float().cpu(), card.temperature, card.tta).eval()
+    wrapper = DeployWrapper(model.eval().float().cpu(), card.temperature, card.tta, card.multi_label).eval()
     example = torch.zeros(2, *input_shape(card))
     try:
         with torch.no_grad(), warnings.catch_warnings():
@@ -46,7 +47,8 @@ def export_torchscript(model: nn.Module, card: ModelCard, out: str | Path, **_: 
         raise ExportError(f"TorchScript trace failed: {type(exc).__name__}: {exc}") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.save(traced, str(out), _extra_files={EXTRA_FILE: json.dumps(onnx_metadata(card))})
+        with atomic_path(out) as tmp:  # never through a link planted in the output folder
+            torch.jit.save(traced, str(tmp), _extra_files={EXTRA_FILE: json.dumps(onnx_metadata(card))})
     return out
 
 

@@ -31,32 +31,39 @@ def rows_done(out: Path) -> int:
 
 def predict_to_csv(model_path: str, inputs: Sequence[str], out: Path, top_k: int = 5, batch_size: int = 64,
                    workers: int | None = None, precision: str = "auto", reject_below: float | None = None,
-                   resume: bool = False, processes: int = 1) -> tuple[int, int]:
+                   resume: bool = False, processes: int = 1, threshold: float | None = None,
+                   label_delim: str = " ") -> tuple[int, int]:
     """Predict ``inputs`` into CSV ``out``; returns (rows written in this call, unreadable among them).
+
+    ``threshold`` and ``label_delim`` apply to multi-label models (one threshold for every label,
+    the separator of the ``labels`` cell).
 
     Example:
         predict_to_csv("runs/train-1", files, Path("preds.csv"), resume=True)
     """
     done = rows_done(out) if resume else 0
     todo = list(inputs[done:])
+    decision = (reject_below, threshold, label_delim)
     if processes <= 1 or len(todo) < processes * batch_size:
-        return _predict_shard(model_path, todo, out, top_k, batch_size, workers, precision, reject_below, done > 0)
-    return _predict_sharded(model_path, todo, out, top_k, batch_size, precision, reject_below, done > 0, processes)
+        return _predict_shard(model_path, todo, out, top_k, batch_size, workers, precision, decision, done > 0)
+    return _predict_sharded(model_path, todo, out, top_k, batch_size, precision, decision, done > 0, processes)
 
 
-def _predict_shard(model_path, inputs, out: Path, top_k, batch_size, workers, precision, reject_below,
+def _predict_shard(model_path, inputs, out: Path, top_k, batch_size, workers, precision, decision: tuple,
                    append: bool, threads: int | None = None) -> tuple[int, int]:
     if threads:
         torch.set_num_threads(threads)
     clf = Classifier.load(model_path, precision=precision)
+    reject_below, threshold, delim = decision
     k = max(1, min(top_k, len(clf.class_names)))
+    names = clf.class_names if clf.multi_label else None
     written = bad = 0
     with open(out, "a" if append else "w", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         if not append:
-            writer.writerow(csv_header(k))
-        for row in clf.predict_stream(inputs, top_k, batch_size, workers, reject_below):
-            writer.writerow(csv_cells(row, k))
+            writer.writerow(csv_header(k, names))
+        for row in clf.predict_stream(inputs, top_k, batch_size, workers, reject_below, threshold):
+            writer.writerow(csv_cells(row, k, names, delim))
             written += 1
             bad += bool(row["error"])
             if written % batch_size == 0:
@@ -64,7 +71,7 @@ def _predict_shard(model_path, inputs, out: Path, top_k, batch_size, workers, pr
     return written, bad
 
 
-def _predict_sharded(model_path, inputs, out: Path, top_k, batch_size, precision, reject_below, append: bool,
+def _predict_sharded(model_path, inputs, out: Path, top_k, batch_size, precision, decision: tuple, append: bool,
                      processes: int) -> tuple[int, int]:
     """Contiguous shards in ``processes`` processes, then parts appended to ``out`` in order."""
     # shard boundaries on batch boundaries: every batch holds the same images as in one process,
@@ -76,7 +83,7 @@ def _predict_sharded(model_path, inputs, out: Path, top_k, batch_size, precision
     ctx = mp.get_context("spawn")
     with ctx.Pool(processes) as pool:
         jobs = [pool.apply_async(_predict_shard, (model_path, inputs[i * size:(i + 1) * size], parts[i], top_k,
-                                                  batch_size, 0, precision, reject_below, False, threads))
+                                                  batch_size, 0, precision, decision, False, threads))
                 for i in range(processes)]
         counts = [job.get() for job in jobs]
     written, bad = sum(c[0] for c in counts), sum(c[1] for c in counts)

@@ -46,6 +46,8 @@ class Classifier:
         self.preprocessing = card.preprocessing
         self.transform = eval_transform(card.preprocessing)
         self.temperature, self.calibrated = card.temperature, card.calibrated
+        self.multi_label: bool = card.multi_label
+        self.thresholds: list[float] | None = card.thresholds if card.multi_label else None
         self.device: str = getattr(runner, "device", "cpu")
         self.precision: str = getattr(runner, "precision", "32")
 
@@ -94,15 +96,17 @@ class Classifier:
 
     def predict(self, inputs: ImageInput | Sequence[ImageInput], top_k: int = 5, batch_size: int = 64,
                 workers: int | None = None, progress: bool = False,
-                reject_below: float | None = None) -> list[dict[str, Any]]:
+                reject_below: float | None = None, threshold: float | None = None) -> list[dict[str, Any]]:
         """Classify images (paths, PIL images or encoded bytes); one row per input, in order.
 
-        Rows are described in :mod:`visiontune.inference.rows`.
+        Rows are described in :mod:`visiontune.inference.rows`. ``reject_below`` applies to
+        single-label models; ``threshold`` replaces a multi-label model's per-label thresholds.
         """
         if isinstance(inputs, (str, os.PathLike, Image.Image, bytes)):
             inputs = [inputs]
         inputs = list(inputs)
-        rows: Iterable[dict[str, Any]] = self.predict_stream(inputs, top_k, batch_size, workers, reject_below)
+        rows: Iterable[dict[str, Any]] = self.predict_stream(inputs, top_k, batch_size, workers, reject_below,
+                                                             threshold)
         if progress:
             from tqdm import tqdm  # lazy: only interactive runs draw a bar
 
@@ -110,8 +114,10 @@ class Classifier:
         return list(rows)
 
     def predict_stream(self, inputs: Sequence[ImageInput], top_k: int = 5, batch_size: int = 64,
-                       workers: int | None = None, reject_below: float | None = None) -> Iterator[dict[str, Any]]:
+                       workers: int | None = None, reject_below: float | None = None,
+                       threshold: float | None = None) -> Iterator[dict[str, Any]]:
         """Like :meth:`predict`, but yields rows in input order batch by batch (constant memory)."""
+        thresholds = self.decision_thresholds(reject_below, threshold)
         step = batch_size * CHUNK_BATCHES
         for start in range(0, len(inputs), step):
             chunk = inputs[start:start + step]
@@ -119,13 +125,29 @@ class Classifier:
             rows: list[dict[str, Any] | None] = [None] * len(chunk)
             for indices, logits, errors in self.iter_batches(chunk, batch_size, workers):
                 for index, error in errors:
-                    rows[index] = error_row(paths[index], error, self.calibrated)
+                    rows[index] = error_row(paths[index], error, self.calibrated, self.multi_label)
                 if indices:
                     made = prediction_rows(logits, self.class_names, self.temperature, top_k, reject_below,
-                                           self.calibrated, [paths[i] for i in indices])
+                                           self.calibrated, [paths[i] for i in indices], thresholds)
                     for index, row in zip(indices, made):
                         rows[index] = row
             yield from rows  # type: ignore[misc]
+
+
+    def decision_thresholds(self, reject_below: float | None = None, threshold: float | None = None
+                            ) -> list[float] | None:
+        """A multi-label model's per-label thresholds (``threshold`` overrides them all); None for
+        a single-label model. Each option is refused, naming the other, by the wrong kind of model."""
+        if not self.multi_label:
+            if threshold is not None:
+                raise ConfigError("--threshold is for multi-label models; a single-label model takes --reject-below")
+            return None
+        if reject_below is not None:
+            raise ConfigError("--reject-below is for single-label models; a multi-label model takes --threshold "
+                              "(one decision threshold for every label)")
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise ConfigError(f"--threshold must be in [0, 1], got {threshold}")
+        return [float(threshold)] * len(self.class_names) if threshold is not None else list(self.thresholds or [])
 
 
 def load(path: str | os.PathLike, precision: str = "auto", tta: bool | None = None) -> Classifier:

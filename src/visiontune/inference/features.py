@@ -25,6 +25,7 @@ from torch import nn
 from ..core.hardware import device as best_device
 from ..data.cache import FeatureCache, default_cache_dir, file_digests, model_key
 from ..data.dataset import InputDataset, input_loader
+from ..data.labels import stack_targets
 from ..data.preprocess import Preprocessing
 from ..data.scan import Sample
 from ..data.transforms import eval_transform, train_transform
@@ -103,7 +104,8 @@ class FeatureExtractor:
               f"({cache.dir})", flush=True)
         kept = [i for i, row in enumerate(keys) if all(k in found for k in row)]
         feats = torch.stack([torch.stack([found[k] for k in keys[i]]) for i in kept]) if kept else torch.zeros(0)
-        labels = torch.tensor([samples[i][1] for i in kept], dtype=torch.long)
+        labels = stack_targets([samples[i][1] for i in kept], len(samples[0][1]) if samples and isinstance(
+            samples[0][1], torch.Tensor) else None)  # [n] class indices, or [n, C] multi-hot
         return feats, labels, kept
 
     def _encode(self, missing: list[tuple[str, int, str]], augment: str

@@ -133,6 +133,9 @@ def onnx_card(path: Path, session) -> ModelCard:
         names, pre = json.loads(props["class_names"]), json.loads(props["preprocessing"])
         arch = json.loads(props["architecture"]) if props.get("architecture") else None
         temperature = float(props.get("temperature", 1.0))
+        inference = {"task": props["task"]} if props.get("task", "single") != "single" else {}
+        if "thresholds" in props:
+            inference["thresholds"] = json.loads(props["thresholds"])
     except (json.JSONDecodeError, ValueError) as exc:
         raise ExportError(f"{path}: unreadable visiontune metadata ({exc})") from None
     values: dict[str, Any] = {}
@@ -147,6 +150,8 @@ def onnx_card(path: Path, session) -> ModelCard:
             raise ExportError(f"{side} and {path} disagree on the class names; re-export the model")
     values = {**values, "format": FORMAT, "class_names": names, "preprocessing": pre,
               "architecture": arch or values.get("architecture")}
+    # the graph's own task and thresholds decide, whatever the sidecar says; the sidecar may add tta
+    values["inference"] = {**{k: v for k, v in (values.get("inference") or {}).items() if k == "tta"}, **inference}
     if temperature != 1.0:
         values["calibration"] = {**(values.get("calibration") or {}), "temperature": temperature}
     try:

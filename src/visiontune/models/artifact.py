@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import nn
 
 from ..core.errors import ArtifactError
 from ..core.layout import MODEL_DIR
+from ..core.safe_io import atomic_path, atomic_write_text
 from .card import FORMAT, ModelCard
 from .factory import rebuild
 from .shapes import apply_shapes
@@ -43,18 +43,6 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_card(directory: str | os.PathLike, card: ModelCard) -> Path:
     """(Re)write ``model.json`` atomically; the weights are untouched."""
     path = Path(directory) / META_FILE
@@ -71,14 +59,8 @@ def save_model(directory: str | os.PathLike, model: nn.Module, card: ModelCard) 
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
              for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".model.", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"format": FORMAT})
-        os.replace(tmp, directory / WEIGHTS_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:  # a model folder may come from anyone: no link followed
+        save_file(state, str(tmp), metadata={"format": FORMAT})
     stamped = card.replace(created=datetime.now(UTC).isoformat(timespec="seconds"),
                            versions=package_versions())
     write_card(directory, stamped)

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..core.errors import ArtifactError
 from ..data.preprocess import Preprocessing
-from .factory import Architecture
+from .factory import MAX_CLASSES, Architecture
 
 FORMAT = "visiontune-model"
 FORMAT_VERSION = 1
@@ -33,6 +33,8 @@ TEMPERATURE_RANGE = (0.01, 100.0)
 KEYS = ("format", "format_version", "created", "architecture", "class_names", "preprocessing", "inference",
         "metrics", "training", "calibration", "pruned", "export", "versions")
 TTA_MODES = ("flip",)  # inference.tta: average the logits of the image and of these views
+TASKS = ("single", "multi")  # inference.task: softmax over classes, or a sigmoid per label
+DEFAULT_THRESHOLD = 0.5  # a multi-label model's decision threshold where none was tuned
 
 
 def check_class_names(names: Any, where: str = "class_names") -> list[str]:
@@ -40,6 +42,8 @@ def check_class_names(names: Any, where: str = "class_names") -> list[str]:
     CSV cells, HTML and shells' arguments); raise :class:`ArtifactError` otherwise."""
     if not isinstance(names, list) or not names:
         raise ArtifactError(f"{where} must be a non-empty list of names")
+    if len(names) > MAX_CLASSES:  # before anything is sized by it (a logits buffer of N x classes)
+        raise ArtifactError(f"{where} lists {len(names)} classes; at most {MAX_CLASSES} are supported")
     for name in names:
         if not isinstance(name, str) or not name.strip() or len(name) > MAX_CLASS_NAME:
             raise ArtifactError(f"{where}: {name!r} is not a class name (1-{MAX_CLASS_NAME} characters)")
@@ -57,7 +61,8 @@ class ModelCard:
     class_names: list[str]
     preprocessing: Preprocessing
     architecture: Architecture | None = None  # None only for exported graphs of unknown origin
-    inference: dict[str, Any] = field(default_factory=dict)  # {"tta": "flip"}: how every prediction is made
+    # how every prediction is made: {"tta": "flip", "task": "multi", "thresholds": [one per class]}
+    inference: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] | None = None
@@ -75,6 +80,20 @@ class ModelCard:
     def temperature(self) -> float:
         """Calibration temperature (1.0 when the model was never calibrated)."""
         return float((self.calibration or {}).get("temperature", 1.0))
+
+    @property
+    def task(self) -> str:
+        """``single`` (one class per image, softmax) or ``multi`` (any number of labels, sigmoid)."""
+        return self.inference.get("task", "single")
+
+    @property
+    def multi_label(self) -> bool:
+        return self.task == "multi"
+
+    @property
+    def thresholds(self) -> list[float]:
+        """Per-label decision thresholds of a multi-label model (tuned on val, else 0.5 each)."""
+        return [float(t) for t in self.inference.get("thresholds") or [DEFAULT_THRESHOLD] * self.num_classes]
 
     @property
     def calibrated(self) -> bool:
@@ -132,10 +151,28 @@ class ModelCard:
             lo, hi = TEMPERATURE_RANGE
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not lo <= t <= hi:
                 raise ArtifactError(f"{source}: calibration.temperature must be a number in [{lo}, {hi}], got {t!r}")
-        inference = sections["inference"] or {}
-        if set(inference) - {"tta"} or inference.get("tta") not in (None, *TTA_MODES):
-            raise ArtifactError(f"{source}: inference must be {{}} or {{\"tta\": \"flip\"}}, got {inference!r}")
+        inference = _check_inference(sections["inference"] or {}, len(names), source)
         created = values.get("created", "")
         return cls(names, pre, arch, inference, sections["metrics"] or {}, sections["training"] or {}, calibration,
                    values.get("pruned"), values.get("export"), created if isinstance(created, str) else "",
                    sections["versions"] or {})
+
+
+def _check_inference(inference: dict[str, Any], num_classes: int, source: str) -> dict[str, Any]:
+    """The ``inference`` section: optional ``tta`` mode, ``task`` and per-label ``thresholds``."""
+    unknown = sorted(set(inference) - {"tta", "task", "thresholds"})
+    if unknown:
+        raise ArtifactError(f"{source}: inference has unknown key(s) {unknown}; it takes tta, task, thresholds")
+    if inference.get("tta") not in (None, *TTA_MODES):
+        raise ArtifactError(f"{source}: inference.tta must be one of {list(TTA_MODES)}, got {inference['tta']!r}")
+    if inference.get("task", "single") not in TASKS:
+        raise ArtifactError(f"{source}: inference.task must be one of {list(TASKS)}, got {inference['task']!r}")
+    thresholds = inference.get("thresholds")
+    if thresholds is not None:
+        if inference.get("task") != "multi":
+            raise ArtifactError(f"{source}: inference.thresholds belong to a multi-label model (task 'multi')")
+        if (not isinstance(thresholds, list) or len(thresholds) != num_classes
+                or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0.0 <= t <= 1.0
+                           for t in thresholds)):
+            raise ArtifactError(f"{source}: inference.thresholds must list {num_classes} numbers in [0, 1]")
+    return dict(inference)

@@ -2,8 +2,8 @@
 
 Each (model, strategy) pair is trained with :func:`visiontune.train` into ``OUT/<model>-<strategy>``
 sharing one feature cache, so frozen-backbone features are computed once. The table (strategy,
-model, accuracy, macro-F1, train seconds, model size) is written to ``OUT/compare.csv`` and copied
-into every run dir, where ``visiontune report`` shows it.
+model, accuracy, macro-F1, macro mAP for multi-label data, train seconds, model size) is written to
+``OUT/compare.csv`` and copied into every run dir, where ``visiontune report`` shows it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ OWN_OPTIONS = {"strategy": "list strategies in --strategies", "model": "list mod
                "report": "compare writes no reports; run visiontune report OUT/<entry>",
                "run_dir": "the output folder is compare(run_dir=...)"}
 
-COLUMNS = ["strategy", "model", "accuracy", "macro_f1", "train_seconds", "model_size_mb", "run_dir"]
+COLUMNS = ["strategy", "model", "accuracy", "macro_f1", "macro_map", "train_seconds", "model_size_mb", "run_dir"]
+SCORES = ("accuracy", "macro_f1", "macro_map")  # val metrics compared (multi-label: macro_f1 and macro_map)
 
 
 def compare(data: str | os.PathLike, strategies: Sequence[str] = ("finetune", "linear-probe", "progressive"),
@@ -74,8 +75,9 @@ def compare(data: str | os.PathLike, strategies: Sequence[str] = ("finetune", "l
             run = train(data, strategy=strategy, model=model, run_dir=str(out / name), report=False, **train_options)
             seconds = time.perf_counter() - start
             val = run.metrics.get("val", {})
-            rows.append({"strategy": strategy, "model": model, "accuracy": round(float(val.get("accuracy", 0.0)), 4),
-                         "macro_f1": round(float(val.get("macro_f1", 0.0)), 4), "train_seconds": round(seconds, 1),
+            rows.append({"strategy": strategy, "model": model,
+                         **{k: round(float(val[k]), 4) if k in val else "" for k in SCORES},
+                         "train_seconds": round(seconds, 1),
                          "model_size_mb": round((run.model_dir / "model.safetensors").stat().st_size / 2**20, 2),
                          "run_dir": str(run.run_dir)})
             write_csv(rows, RunLayout(out).compare_csv)
@@ -95,7 +97,8 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The comparison as a console table."""
-    header = ["strategy", "model", "accuracy", "macro_f1", "train_s", "size_mb"]
-    cells = [[r["strategy"], r["model"], f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}", f"{r['train_seconds']:.1f}",
-              f"{r['model_size_mb']:.2f}"] for r in rows]
+    scores = [k for k in SCORES if any(r[k] != "" for r in rows)]  # the columns this task has
+    header = ["strategy", "model", *scores, "train_s", "size_mb"]
+    cells = [[r["strategy"], r["model"], *(f"{r[k]:.4f}" if r[k] != "" else "" for k in scores),
+              f"{r['train_seconds']:.1f}", f"{r['model_size_mb']:.2f}"] for r in rows]
     return fixed_width(header, cells, left=2)

@@ -12,8 +12,11 @@ from typing import Any
 import torch
 
 from ..core.hardware import is_rank_zero, process_started
-from ..evaluation.calibration import calibrate_run, calibration_summary, store_calibration
+from ..core.safe_io import atomic_write_text
+from ..data.labels import stack_targets
+from ..evaluation.calibration import calibrate_run, calibration_summary, multilabel_calibration, store_calibration
 from ..evaluation.evaluate import metrics_of_logits
+from ..evaluation.multilabel import MIN_THRESHOLD_SUPPORT, tune_thresholds
 from ..evaluation.plots import plot_curves
 from ..evaluation.report import write_report
 from ..inference.classifier import Classifier
@@ -85,17 +88,23 @@ def finish(ctx: TrainContext) -> Run:
     val_logits = None
     for split in ("val", "test"):
         samples = getattr(ctx.splits, split)
-        if samples:  # one pass: the val logits also serve calibration and the report
+        if samples:  # one pass: the val logits also serve calibration, thresholds and the report
             logits, ok, _ = clf.logits_of([p for p, _ in samples], ctx.batch_size * 2, ctx.cfg.data.workers)
-            val_logits = (logits, ok) if split == "val" else val_logits
-            result = metrics_of_logits(logits, ok, samples, clf.class_names, clf.temperature)
-            metrics[split] = {k: result[k] for k in ("accuracy", "macro_f1", "num_samples", "top5_accuracy")
-                              if k in result}
-            print(f"{split}: accuracy {result['accuracy']:.4f}  macro_f1 {result['macro_f1']:.4f}  "
-                  f"({result['num_samples']} images)")
+            if split == "val":
+                val_logits = (logits, ok)
+                if clf.multi_label:
+                    calibrate_multilabel(ctx, clf, logits[ok], stack_targets([y for _, y in samples])[ok])
+            result = metrics_of_logits(logits, ok, samples, clf.class_names, clf.temperature,
+                                       thresholds=clf.thresholds)
+            metrics[split] = {k: result[k] for k in (*HEADLINE_METRICS, "num_samples") if k in result}
+            print(f"{split}: " + "  ".join(f"{k} {result[k]:.4f}" for k in HEADLINE_METRICS if k in result)
+                  + f"  ({result['num_samples']} images)")
     write_card(ctx.model_dir, read_card(ctx.model_dir).replace(metrics=metrics))
     write_json(ctx.layout.timings, {k: round(v, 1) for k, v in ctx.timings.items()})  # the report shows them
-    report_and_calibrate(ctx, val_logits)
+    if clf.multi_label:  # calibrated above, before its thresholds were tuned
+        write_run_report(ctx, val_logits)
+    else:
+        report_and_calibrate(ctx, val_logits)
     ctx.timings["finish"] = time.time() - began
     ctx.timings["total"] = time.time() - process_started()
     write_json(ctx.layout.timings, {k: round(v, 1) for k, v in ctx.timings.items()})
@@ -103,6 +112,40 @@ def finish(ctx: TrainContext) -> Run:
         print(f"time budget {format_duration(ctx.plan.budget)}: the command took "
               f"{format_duration(ctx.timings['total'])} (planned {format_duration(ctx.plan.total)})")
     return Run(ctx.run_dir, ctx.model_dir, metrics)
+
+
+HEADLINE_METRICS = ("accuracy", "macro_f1", "top5_accuracy", "macro_map", "micro_map", "micro_f1")
+
+
+def calibrate_multilabel(ctx: TrainContext, clf: Classifier, val_logits: torch.Tensor,
+                         val_target: torch.Tensor) -> None:
+    """A multi-label model's temperature (every label decision on val), then its per-label thresholds
+    tuned for max F1 on the calibrated val probabilities; both stored in model.json and in ``clf``."""
+    try:
+        cal = store_calibration(ctx.model_dir, multilabel_calibration(val_logits, val_target))
+        clf.temperature, clf.calibrated = float(cal["temperature"]), True
+        print(f"calibration: temperature {clf.temperature:.3f} over {val_target.numel()} val label decisions, ECE "
+              f"{cal['ece_before']:.3f} -> {cal['ece_after']:.3f}")
+    except Exception as exc:  # a calibration problem must never lose a finished run: T stays 1
+        print(f"warning: calibration skipped ({type(exc).__name__}: {exc}); probabilities are uncalibrated")
+    thresholds = tune_thresholds(torch.sigmoid(val_logits.float() / clf.temperature), val_target)
+    card = read_card(ctx.model_dir)
+    write_card(ctx.model_dir, card.replace(inference={**card.inference, "thresholds": thresholds}))
+    clf.thresholds = thresholds
+    own = sum(1 for c in range(val_target.shape[1]) if int(val_target[:, c].sum()) >= MIN_THRESHOLD_SUPPORT)
+    print(f"thresholds: tuned on val for max F1, {own} of {len(thresholds)} label(s) with their own (the others, "
+          f"with < {MIN_THRESHOLD_SUPPORT} val images, share one); stored in model.json, predict --threshold "
+          "overrides them")
+
+
+def write_run_report(ctx: TrainContext, val_logits: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """RUN/report.html, when asked for; a report problem never loses the finished run."""
+    if not ctx.cfg.runtime.report:
+        return
+    try:
+        print(f"report: {write_report(ctx.run_dir, workers=ctx.cfg.data.workers, val_logits=val_logits)}")
+    except Exception as exc:
+        print(f"warning: report skipped ({type(exc).__name__}: {exc}); run `visiontune report {ctx.run_dir}`")
 
 
 def report_and_calibrate(ctx: TrainContext, val_logits: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
@@ -135,4 +178,4 @@ def report_and_calibrate(ctx: TrainContext, val_logits: tuple[torch.Tensor, torc
 
 
 def write_json(path: Path, values: dict[str, Any]) -> None:
-    path.write_text(json.dumps(values, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(values, indent=2) + "\n")

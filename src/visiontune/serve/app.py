@@ -16,13 +16,14 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from ..inference.classifier import Classifier
-from ..inference.rows import probabilities, row_from_probabilities
+from ..inference.rows import prediction_rows, probabilities, row_from_probabilities
 from .batcher import Batcher, QueueFull, lower_thread_priority
 from .security import AdmissionMiddleware, BodyLimitMiddleware, RequestError, check_api_key, decode_upload
 from .settings import ServeSettings
 
 STATIC = Path(__file__).parent / "static"
 RESPONSE_KEYS = ("label", "probability", "top_k", "calibrated")  # of a prediction row
+MULTI_LABEL_KEYS = ("labels", "scores", "top_k", "calibrated")  # of a multi-label model's row
 RAW_TYPES = ("application/octet-stream",)
 _PREDICT_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "properties": {
@@ -50,7 +51,8 @@ def _model_info(clf: Any) -> dict[str, Any]:
     pre = card.preprocessing.to_dict()
     return {"name": card.architecture.name if card.architecture else "", "classes": list(clf.class_names),
             "num_classes": len(clf.class_names), "input_size": pre["input_size"], "preprocessing": pre,
-            "metrics": card.metrics, "calibrated": card.calibrated, "created": card.created}
+            "metrics": card.metrics, "calibrated": card.calibrated, "created": card.created, "task": card.task,
+            **({"thresholds": dict(zip(clf.class_names, card.thresholds))} if card.multi_label else {})}
 
 
 def _local_docs(app: FastAPI) -> str:
@@ -88,6 +90,7 @@ def create_app(model: str | os.PathLike | Any, settings: ServeSettings | None = 
             loop = asyncio.get_running_loop()
             clf = model if hasattr(model, "logits") else await loop.run_in_executor(
                 None, Classifier.load, model, settings.precision)
+            clf.decision_thresholds(settings.reject_below)  # --reject-below on a multi-label model: said here
             batcher = Batcher(clf.logits, settings.max_batch, settings.max_wait_ms, settings.max_queue,
                               settings.niceness)
             if settings.warmup:
@@ -162,7 +165,8 @@ def create_app(model: str | os.PathLike | Any, settings: ServeSettings | None = 
         try:
             async with asyncio.timeout(settings.timeout_s):
                 tensors = await asyncio.gather(*(loop.run_in_executor(state.decoders, decode_upload, blob,
-                                                                      clf.transform, draft) for blob in blobs))
+                                                                      clf.transform, draft, settings.max_pixels)
+                                                 for blob in blobs))
                 logits = await state.batcher.submit(list(tensors))
         except TimeoutError:
             raise RequestError(504, "timeout", f"no answer within {settings.timeout_s:g} s") from None
@@ -177,6 +181,10 @@ def create_app(model: str | os.PathLike | Any, settings: ServeSettings | None = 
 
 def _row(clf: Any, logits: torch.Tensor, top_k: int, reject_below: float | None) -> dict[str, Any]:
     """The prediction row ``Classifier.predict`` gives for the same logits (without path/error)."""
+    if clf.multi_label:  # the label set at the model's per-label thresholds, and every label's score
+        row = prediction_rows(logits[None], clf.class_names, clf.temperature, top_k, None, clf.calibrated,
+                              thresholds=clf.thresholds)[0]
+        return {k: row[k] for k in MULTI_LABEL_KEYS}
     row = row_from_probabilities(probabilities(logits, clf.temperature), clf.class_names, top_k, reject_below,
                                  clf.calibrated)
     return {k: row[k] for k in RESPONSE_KEYS}

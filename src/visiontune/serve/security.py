@@ -140,7 +140,7 @@ def check_api_key(expected: str | None, headers) -> None:
                            {"WWW-Authenticate": "Bearer"})
 
 
-def decode_upload(data: bytes, transform: Callable, draft: int | None) -> torch.Tensor:
+def decode_upload(data: bytes, transform: Callable, draft: int | None, max_pixels: int | None = None) -> torch.Tensor:
     """Validate and preprocess one uploaded image (run in a worker thread).
 
     The pixel count is checked from the header before any pixel is decoded, so a
@@ -150,11 +150,15 @@ def decode_upload(data: bytes, transform: Callable, draft: int | None) -> torch.
     if not data:
         raise RequestError(400, "empty_image", "empty input (0 bytes)")
     try:
-        open_image(data).close()  # header only: refuses more than Image.MAX_IMAGE_PIXELS
+        with open_image(data) as header:  # header only: refuses more than Image.MAX_IMAGE_PIXELS
+            width, height = header.size
     except (DecompressionBomb, Image.DecompressionBombError) as exc:
         raise RequestError(413, "image_too_large", str(exc)) from None
     except Exception:
         raise RequestError(415, "unsupported_media_type", "not an image (unrecognised format)") from None
+    if max_pixels is not None and width * height > max_pixels:
+        raise RequestError(413, "image_too_large", f"{width}x{height} = {width * height / 1e6:.1f} MP is above this "
+                           f"server's limit of {max_pixels / 1e6:.1f} MP (--max-pixels); send a smaller image")
     try:
         return transform(load_image(data, draft))
     except ImageDecodeError as exc:

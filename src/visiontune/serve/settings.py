@@ -22,6 +22,9 @@ class ServeSettings:
     max_queue: int = 64
     timeout_s: float = 10.0
     max_body_mb: float = 10.0
+    # pixels an upload may have, read from its header before decoding: a 280 KB PNG of 9400x9400
+    # costs seconds of CPU and gigabytes to decode (Pillow's own limit is ~179 MP)
+    max_pixels: int = 40_000_000
     api_key: str | None = None
     workers_threads: int = 2
     precision: str = "auto"

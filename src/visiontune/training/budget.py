@@ -35,6 +35,7 @@ from torch import nn
 
 from ..core.errors import ConfigError, ImageDecodeError
 from ..core.hardware import autocast, device, resolve_precision
+from ..core.safe_io import atomic_write_text
 from ..data.image import load_image
 from ..data.preprocess import Preprocessing, resize
 from .config import DURATION_PATTERN
@@ -130,7 +131,7 @@ class Plan:
         return {**asdict(self), "total": self.total}
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 def candidate_sizes(native_side: int, default_side: int) -> list[int]:

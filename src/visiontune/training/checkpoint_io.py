@@ -8,7 +8,9 @@ removed by :func:`remove_stale_temp_files` when the run resumes.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import logging
 import os
 import random
 import time
@@ -17,11 +19,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from ..core.safe_io import raise_space_error, refuse_link
+
+log = logging.getLogger(__name__)
 
 # test hook: seconds to spread each checkpoint write over (so a test can kill -9 mid-write)
 SLOW_WRITE_ENV = "VISIONTUNE_TEST_SLOW_CHECKPOINT_S"
 TEMP_MARK = ".tmp-"
+DIGEST_SUFFIX = ".sha256"
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -39,40 +47,84 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via temp file + fsync + rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    refuse_link(path)
     tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
+    tmp.unlink(missing_ok=True)  # a leftover (or a planted link): removed, never written through
     slow = float(os.environ.get(SLOW_WRITE_ENV, "0") or 0)
     chunks = 10 if slow > 0 else 1
     step = max(1, -(-len(data) // chunks))
-    with open(tmp, "wb") as fh:
-        for start in range(0, len(data), step):
-            fh.write(data[start:start + step])
-            if slow > 0:
-                fh.flush()
-                time.sleep(slow / chunks)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            for start in range(0, len(data), step):
+                fh.write(data[start:start + step])
+                if slow > 0:
+                    fh.flush()
+                    time.sleep(slow / chunks)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:  # disk full: no temp file left, the previous checkpoint kept, one clear error
+        tmp.unlink(missing_ok=True)
+        raise_space_error(path, exc)
+        raise
     _fsync_dir(path.parent)
+
+
+def write_digest(path: Path, data: bytes) -> None:
+    """``<checkpoint>.sha256`` beside a checkpoint: resume verifies every byte against it (a
+    checkpoint's zip records carry no checksum torch.load checks: overwritten bytes load as NaN)."""
+    atomic_write(path.with_name(path.name + DIGEST_SUFFIX), hashlib.sha256(data).hexdigest().encode())
+
+
+def verified(path: Path) -> bool | None:
+    """True when the checkpoint matches its digest, False when it does not, None without one."""
+    digest = path.with_name(path.name + DIGEST_SUFFIX)
+    if not digest.is_file() or digest.is_symlink():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return digest.read_text().strip() == h.hexdigest()
 
 
 def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
     """Delete half-written checkpoint temp files (left by a kill) in ``folder``."""
-    stale = [p for p in Path(folder).glob(f".*.ckpt{TEMP_MARK}*") if p.is_file()]
+    stale = [p for p in Path(folder).glob(f".*.ckpt*{TEMP_MARK}*") if p.is_file()]
+    stale += [p for p in Path(folder).glob(f"*.ckpt{DIGEST_SUFFIX}")  # digests of rotated-away checkpoints
+              if not p.with_name(p.name[:-len(DIGEST_SUFFIX)]).exists()]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
 
 
 def newest_valid_checkpoint(folder: Path) -> Path | None:
-    """The most recent checkpoint that loads (weights only); a truncated newest one is skipped."""
-    candidates = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
+    """The checkpoint furthest into training (its own stored step and epoch, not the file times,
+    which a copy resets) among those that verify against their digest and load (weights only);
+    corrupt or truncated ones are skipped, each said."""
+    found: list[tuple[tuple[int, int, float], Path]] = []
+    candidates = [p for p in folder.glob("*.ckpt") if p.is_file() and not p.is_symlink()] if folder.is_dir() else []
     for path in candidates:
-        try:
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            return path
+        check = verified(path)
+        if check is False:
+            print(f"skipping checkpoint {path.name}: its bytes do not match {path.name}{DIGEST_SUFFIX}")
+            continue
+        try:  # with a verified digest the tensors can stay on disk; without one, read them all
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=bool(check))
+            if not check and not all(torch.isfinite(t).all() for t in _tensors(state.get("state_dict", {}))):
+                raise ValueError("non-finite weights")
+            progress = (int(state.get("global_step", 0)), int(state.get("epoch", 0)), path.stat().st_mtime)
         except Exception as exc:  # truncated or corrupt: fall back to the previous one
             print(f"skipping unreadable checkpoint {path.name}: {type(exc).__name__}")
-    return None
+            continue
+        found.append((progress, path))
+    return max(found, key=lambda item: item[0])[1] if found else None
+
+
+def _tensors(state: Any) -> list[torch.Tensor]:
+    return [v for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()] if isinstance(
+        state, dict) else []
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -82,6 +134,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         atomic_write(path, buffer.getvalue())
+        write_digest(Path(path), buffer.getvalue())
 
 
 def rng_state() -> dict[str, Any]:
@@ -105,3 +158,39 @@ def restore_rng(state: dict[str, Any] | None) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class FolderModelCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` that restores, from a checkpoint, only the paths of files
+    directly inside its own folder.
+
+    The callback's saved state lists earlier checkpoints, which it deletes when it rotates them; a
+    crafted checkpoint listing ``checkpoints/../../victim`` made ``--resume`` delete that file.
+    Paths that resolve elsewhere, or that are not ``.ckpt`` files, are dropped and logged.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        folder = Path(self.dirpath).resolve() if self.dirpath else None
+
+        def inside(path: Any) -> bool:
+            if not isinstance(path, str) or not path or folder is None:
+                return False
+            candidate = Path(path)
+            return (candidate.suffix == ".ckpt" and not candidate.is_symlink()
+                    and candidate.resolve().parent == folder)
+
+        clean = dict(state_dict)
+        best = state_dict.get("best_k_models") or {}
+        clean["best_k_models"] = {k: v for k, v in best.items() if inside(k)} if isinstance(best, dict) else {}
+        for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            if key in clean and not inside(clean[key]):
+                clean[key] = ""
+        dropped = (len(best) - len(clean["best_k_models"]) if isinstance(best, dict) else 1) + sum(
+            1 for k in ("best_model_path", "kth_best_model_path", "last_model_path")
+            if state_dict.get(k) and not clean.get(k))
+        if dropped:
+            log.warning("checkpoint state: ignored %d path(s) outside %s", dropped, self.dirpath)
+        if clean["kth_best_model_path"] == "" and clean["best_k_models"]:  # keep the rotation consistent
+            worst = min(clean["best_k_models"], key=lambda k: float(clean["best_k_models"][k]))
+            clean["kth_best_model_path"], clean["kth_value"] = worst, clean["best_k_models"][worst]
+        super().load_state_dict(clean)

@@ -28,6 +28,7 @@ import yaml
 
 from ..core.errors import ConfigError
 from ..core.registry import PRECISIONS, Registry, suggest
+from ..core.safe_io import atomic_write_text
 from ..data.registry import AUGMENTS, RESIZE
 from .registry import (
     BALANCE,
@@ -39,6 +40,7 @@ from .registry import (
     SCHEDULES,
     SELECT_METRICS,
     STRATEGIES,
+    TASKS,
 )
 
 # a duration for --time: 1h30m, 20m, 2h, 90s (hours, minutes, seconds; each optional)
@@ -61,7 +63,10 @@ def option(default: Any, help: str, *, key: str | None = None, choices: Registry
 class DataOptions:
     """Where the images are and how they are split, augmented, balanced and loaded."""
 
-    path: str = option("", "DATA/<class>/*, DATA/{train,val[,test]}/<class>/*, or a path,label CSV", key="data")
+    path: str = option("", "DATA/<class>/*, DATA/{train,val[,test]}/<class>/*, or a CSV of path,label / "
+                           "path,labels / one-hot rows", key="data")
+    task: str = option("auto", "single- or multi-label", choices=TASKS)
+    label_delim: str = option(" ", "separator of the labels in one cell of a path,labels CSV (default: a space)")
     val: str | None = option(None, "explicit validation folder or CSV (default: DATA/val, else a stratified split "
                                    "of DATA)", metavar="DIR|CSV")
     val_fraction: float = option(0.2, "share of each class held out for validation when DATA has no val split (0.2)")
@@ -112,7 +117,7 @@ class OptimOptions:
     schedule: str = option("cosine", "LR schedule, per step, after warm-up", choices=SCHEDULES)
     warmup_epochs: float = option(0.0, "linear LR warm-up, in epochs (0)")
     step_size: int = option(3, "step schedule: epochs between x0.1 decays (3)")
-    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy loss (0.1)")
+    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy loss (0.1; single-label)")
     select_metric: str = option("accuracy", "metric choosing the best epoch (and early stopping)",
                                 choices=SELECT_METRICS)
     mixup: float = option(0.0, "mixup alpha (timm Mixup; 0: off)")
@@ -245,7 +250,7 @@ class TrainConfig:
         return self
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..core.hardware import is_rank_zero
 from ..core.layout import RunLayout
+from ..data.labels import label_counts
 from ..data.preprocess import Preprocessing
 from ..data.scan import Splits
 from ..inference.features import FeatureExtractor
@@ -81,21 +82,30 @@ class TrainContext:
         c = self.cfg
         return ModelCard(
             class_names=list(self.splits.class_names), preprocessing=self.preprocessing, architecture=self.arch,
-            inference={"tta": "flip"} if c.model.tta else {}, metrics=metrics,
+            inference={**({"tta": "flip"} if c.model.tta else {}),
+                       **({"task": "multi"} if self.multi_label else {})}, metrics=metrics,
             training={"strategy": c.strategy.name, "head": c.strategy.head, "epochs": c.optim.epochs,
-                      "data": c.data.path, "val": c.data.val, "val_fraction": c.data.val_fraction,
+                      "data": c.data.path, "task": self.splits.task, "label_delim": c.data.label_delim,
+                      "val": c.data.val, "val_fraction": c.data.val_fraction,
                       "num_train": len(self.splits.train), "num_val": len(self.splits.val), "seed": c.runtime.seed,
                       "precision": self.precision, **self.extra_training})
 
+    @property
+    def multi_label(self) -> bool:
+        return self.splits.task == "multi"
+
     def class_counts(self) -> torch.Tensor:
-        labels = torch.tensor([label for _, label in self.splits.train], dtype=torch.long)
-        return torch.bincount(labels, minlength=len(self.splits.class_names)).float()
+        """Training images per class (a multi-label image counts for each of its classes)."""
+        return label_counts([label for _, label in self.splits.train], len(self.splits.class_names))
 
     def class_weights(self) -> torch.Tensor | None:
-        """Loss weights n / (k * n_c) for ``balance=weights`` (each class weighs the same in total)."""
+        """Loss weights for ``balance=weights``: n / (k * n_c) per class (each class weighs the same
+        in total), or for multi-label data each label's ``pos_weight`` = negatives / positives."""
         if self.cfg.data.balance != "weights":
             return None
         counts = self.class_counts()
+        if self.multi_label:
+            return (len(self.splits.train) - counts).clamp(min=0) / counts.clamp(min=1)
         return counts.sum() / (len(counts) * counts.clamp(min=1))
 
     def sample_weights(self, samples: list | None = None) -> torch.Tensor | None:

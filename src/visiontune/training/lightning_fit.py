@@ -8,19 +8,19 @@ import warnings
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, EarlyStopping, TQDMProgressBar
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
-from ..core.errors import TrainingInterrupted
+from ..core.errors import ArtifactError, TrainingInterrupted
 from ..data.dataset import ImageListDataset, default_workers, make_loader
 from ..data.memory import MemoryEvalSet, MemoryImages, MemoryTrainSet, store_side
 from ..data.sampling import EpochSampler
 from ..data.transforms import eval_transform, tensor_train_transform, train_transform
 from .budget import FINISH_FIXED_S, Deadline, Forecast
 from .callbacks import EMA, BestModelSaver, FreezeSchedule, MetricsRecorder
-from .checkpoint_io import AtomicCheckpointIO
+from .checkpoint_io import AtomicCheckpointIO, FolderModelCheckpoint
 from .context import TrainContext
 from .module import ClassifierModule
 from .registry import LOGGERS
@@ -88,9 +88,20 @@ class InterruptCheckpoint(Callback):
 
     def __init__(self, path):
         self.path = path
+        self.restored = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Lightning restores a resumed run's checkpoint before this hook: a crash while restoring
+        # must not save a step-0 checkpoint that the next --resume would take for the newest
+        self.restored = True
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        trainer.save_checkpoint(self.path)
+        if not self.restored or getattr(exception, "kind", "") == "no_space":  # a full disk: one error, not two
+            return
+        try:
+            trainer.save_checkpoint(self.path)
+        except ArtifactError as exc:  # the error that stopped training is the one to report
+            print(f"warning: no interrupt checkpoint ({exc})", file=sys.stderr)
 
 
 def checkpoint_callbacks(ctx: TrainContext) -> list:
@@ -102,12 +113,12 @@ def checkpoint_callbacks(ctx: TrainContext) -> list:
     """
     newest_two = {"monitor": "step", "mode": "max", "save_top_k": 2, "enable_version_counter": False}
     callbacks = [
-        ModelCheckpoint(dirpath=ctx.checkpoint_dir, filename="epoch{epoch:03d}", save_on_train_epoch_end=True,
+        FolderModelCheckpoint(dirpath=ctx.checkpoint_dir, filename="epoch{epoch:03d}", save_on_train_epoch_end=True,
                         auto_insert_metric_name=False, **newest_two),
         InterruptCheckpoint(ctx.checkpoint_dir / "interrupted.ckpt"),
     ]
     if ctx.cfg.runtime.checkpoint_every_steps:
-        callbacks.append(ModelCheckpoint(dirpath=ctx.checkpoint_dir, filename="step{step:07d}",
+        callbacks.append(FolderModelCheckpoint(dirpath=ctx.checkpoint_dir, filename="step{step:07d}",
                                          every_n_train_steps=ctx.cfg.runtime.checkpoint_every_steps,
                                          auto_insert_metric_name=False, **newest_two))
     return callbacks
@@ -219,7 +230,8 @@ def make_module(ctx: TrainContext, body_groups: list[list[str]], body_lrs: list[
     return ClassifierModule(ctx.model, ctx.arch.classifier, body_groups, body_lrs, ctx.optimizer_settings(),
                             ctx.schedule_settings(), cfg.optim.label_smoothing, ctx.class_weights(),
                             freeze_bn_stats=cfg.strategy.bn_stats == "frozen", compile=cfg.runtime.compile,
-                            mixup=(cfg.optim.mixup, cfg.optim.cutmix), tta=bool(cfg.model.tta))
+                            mixup=(cfg.optim.mixup, cfg.optim.cutmix), tta=bool(cfg.model.tta),
+                            multi_label=ctx.multi_label)
 
 
 def tune_batch_size(ctx: TrainContext, module: ClassifierModule, data: ImageDataModule) -> int:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 
+from ..core.safe_io import save_figure
 from ..models.groups import body_groups
 from .config import TrainConfig
 from .lightning_fit import LIGHTNING_PRECISION, ImageDataModule, make_module
@@ -39,7 +40,7 @@ def lr_find(cfg: TrainConfig, num_training: int = 100) -> tuple[float | None, Pa
     suggestion = finder.suggestion() if finder is not None else None
     if finder is not None:
         fig = finder.plot(suggest=True)
-        fig.savefig(ctx.run_dir / "lr_find.png", dpi=100)
+        save_figure(fig, ctx.run_dir / "lr_find.png", dpi=100)
     print(f"suggested --lr {suggestion:.3g}" if suggestion else "no clear suggestion: see the plot")
     print(f"plot: {ctx.run_dir / 'lr_find.png'}")
     return suggestion, ctx.run_dir

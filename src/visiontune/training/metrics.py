@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..core.hardware import is_rank_zero
+from ..core.safe_io import atomic_writer, open_append
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds",
                   "train_images_per_second"]
@@ -71,7 +72,7 @@ class MetricsLog:
             return
         rows = read_metrics(self.path) if self.path.exists() else []
         keep = [r for r in rows if int(r["epoch"]) <= keep_through_epoch]
-        with open(self.path, "w", newline="") as fh:
+        with atomic_writer(self.path, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS)
             writer.writeheader()
             writer.writerows(keep)
@@ -80,7 +81,7 @@ class MetricsLog:
         if not is_rank_zero():
             return
         cells = row.cells()
-        with open(self.path, "a", newline="") as fh:
+        with open_append(self.path) as fh:
             csv.DictWriter(fh, fieldnames=METRIC_COLUMNS).writerow(cells)
         if self.echo:
             print(format_row(cells, self.total_epochs), flush=True)
@@ -92,11 +93,25 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
 
 
 def selection_score(metric: str, logits: torch.Tensor, target: torch.Tensor) -> float:
-    """The ``--select-metric`` value of validation logits (for trainers outside Lightning)."""
+    """The ``--select-metric`` value of validation logits (for trainers outside Lightning);
+    multi-hot ``target`` [N, C] for multi-label data (macro mAP, macro F1 at p = 0.5, accuracy)."""
     # lazy: the cached-feature heads load torchmetrics only when this metric asks for it
-    from torchmetrics.functional.classification import multiclass_f1_score, multiclass_recall
+    from torchmetrics.functional.classification import (
+        multiclass_f1_score,
+        multiclass_recall,
+        multilabel_accuracy,
+        multilabel_average_precision,
+        multilabel_f1_score,
+    )
 
     n = logits.shape[1]
+    if target.dim() == 2:
+        y, logits = target.int(), torch.sigmoid(logits.float())  # probabilities: see ClassifierModule._step
+        if metric == "map":
+            return float(multilabel_average_precision(logits, y, num_labels=n, average="macro"))
+        if metric == "macro_f1":
+            return float(multilabel_f1_score(logits, y, num_labels=n, average="macro"))
+        return float(multilabel_accuracy(logits, y, num_labels=n, average="micro"))
     if metric == "macro_f1":
         return float(multiclass_f1_score(logits, target, num_classes=n, average="macro"))
     if metric == "balanced_accuracy":

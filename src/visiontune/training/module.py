@@ -10,11 +10,20 @@ import math
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassRecall
+from torchmetrics import Metric
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassF1Score,
+    MulticlassRecall,
+    MultilabelAccuracy,
+    MultilabelAveragePrecision,
+    MultilabelF1Score,
+)
 
 from ..inference.runners import forward_logits
 from ..models.groups import head_parameter_names
 from .checkpoint_io import restore_rng, rng_state
+from .objective import loss_function
 from .optim import OptimizerSettings, ScheduleSettings, make_optimizer, make_scheduler
 
 
@@ -28,18 +37,19 @@ class ClassifierModule(L.LightningModule):
         body_lrs: one LR per body group.
         optimizer: optimizer name, peak LR, weight decay, momentum.
         schedule: LR schedule over the run.
-        label_smoothing: of the cross-entropy loss.
-        class_weights: optional per-class loss weights.
+        label_smoothing: of the cross-entropy loss (single-label).
+        class_weights: optional per-class loss weights (multi-label: per-label ``pos_weight``).
         freeze_bn_stats: keep every BatchNorm's running statistics (``--bn-stats frozen``).
         compile: train a ``torch.compile`` view of the model.
         mixup: mixup and cutmix alphas (timm's ``Mixup``; both 0: off).
         tta: validate with the flip test-time augmentation every prediction of the model will use.
+        multi_label: sigmoid outputs, binary cross-entropy and multi-label metrics (targets ``[B, C]``).
     """
 
     def __init__(self, model: nn.Module, classifier: str, body_groups: list[list[str]], body_lrs: list[float],
                  optimizer: OptimizerSettings, schedule: ScheduleSettings, label_smoothing: float = 0.0,
                  class_weights: torch.Tensor | None = None, freeze_bn_stats: bool = False, compile: bool = False,
-                 mixup: tuple[float, float] = (0.0, 0.0), tta: bool = False):
+                 mixup: tuple[float, float] = (0.0, 0.0), tta: bool = False, multi_label: bool = False):
         super().__init__()
         self.model = model
         self.classifier = classifier
@@ -51,7 +61,8 @@ class ClassifierModule(L.LightningModule):
         # torch.compile'd view of the same module: parameters and state_dict stay model's own
         self.forward_fn = torch.compile(model) if compile else model
         num_classes = model.get_submodule(classifier).out_features
-        self.loss_fn = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
+        self.loss_fn = loss_function(multi_label, class_weights, label_smoothing)
+        self.multi_label = multi_label
         self.tta = tta
         self.mixup_fn = None
         if any(mixup):  # soft targets: the label smoothing moves into the mixed labels
@@ -59,11 +70,19 @@ class ClassifierModule(L.LightningModule):
 
             self.mixup_fn = Mixup(mixup_alpha=mixup[0], cutmix_alpha=mixup[1], label_smoothing=label_smoothing,
                                   num_classes=num_classes)
-        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
-        # model selection metrics (--select-metric); balanced accuracy = macro-averaged recall
-        self.val_macro_f1 = MulticlassF1Score(num_classes=num_classes, average="macro")
-        self.val_balanced_accuracy = MulticlassRecall(num_classes=num_classes, average="macro")
+        if multi_label:  # accuracy: label decisions right at p = 0.5; selection by macro mAP by default
+            self.train_acc = MultilabelAccuracy(num_labels=num_classes, average="micro")
+            self.val_acc = MultilabelAccuracy(num_labels=num_classes, average="micro")
+            self.val_macro_f1 = MultilabelF1Score(num_labels=num_classes, average="macro")
+            self.val_map = MultilabelAveragePrecision(num_labels=num_classes, average="macro")
+            self.extra_metrics = ("macro_f1", "map")
+        else:
+            self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+            self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+            # model selection metrics (--select-metric); balanced accuracy = macro-averaged recall
+            self.val_macro_f1 = MulticlassF1Score(num_classes=num_classes, average="macro")
+            self.val_balanced_accuracy = MulticlassRecall(num_classes=num_classes, average="macro")
+            self.extra_metrics = ("macro_f1", "balanced_accuracy")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_fn(x)
@@ -95,7 +114,7 @@ class ClassifierModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         restore_rng(checkpoint.get("visiontune_rng"))
 
-    def _step(self, batch, metric: MulticlassAccuracy, prefix: str) -> torch.Tensor:
+    def _step(self, batch, metric: Metric, prefix: str) -> torch.Tensor:
         x, y = batch
         if x.device.type in ("cpu", "cuda") and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -106,9 +125,12 @@ class ClassifierModule(L.LightningModule):
         else:
             logits = forward_logits(self, x, tta=self.tta and prefix == "val")
             loss = self.loss_fn(logits.float(), y)
-        metric(logits, y)
+        # torchmetrics' multi-label metrics take probabilities (raw logits all inside [0, 1] would be
+        # read as probabilities) and integer targets
+        scores, y_metric = (torch.sigmoid(logits.float()), y.int()) if self.multi_label else (logits, y)
+        metric(scores, y_metric)
         if prefix == "val":
-            self._extra_val_metrics(logits, y)
+            self._extra_val_metrics(scores, y_metric)
         on_step = prefix == "train"
         self.log(f"{prefix}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y),
                  sync_dist=True)
@@ -122,7 +144,7 @@ class ClassifierModule(L.LightningModule):
         self._step(batch, self.val_acc, "val")
 
     def _extra_val_metrics(self, logits: torch.Tensor, y: torch.Tensor) -> None:
-        for name in ("macro_f1", "balanced_accuracy"):
+        for name in self.extra_metrics:
             metric = getattr(self, f"val_{name}")
             metric(logits, y)
             self.log(f"val_{name}", metric, on_step=False, on_epoch=True, batch_size=len(y))

@@ -16,6 +16,7 @@ from torch import nn
 from ..models.factory import source_classifier
 from .context import TrainContext
 from .metrics import EpochRow, MetricsLog, selection_score
+from .objective import accuracy_of, loss_function, plain_loss
 from .optim import make_optimizer, make_scheduler
 from .probe_selection import fit_linear, select_probe
 from .registry import PROBE_HEADS
@@ -67,7 +68,7 @@ def train_head(
     steps_per_pass = max(1, -(-len(train_y) // batch_size))
     steps_per_epoch = steps_per_pass * passes_per_epoch
     sched = make_scheduler(opt, ctx.schedule_settings(), steps_per_epoch * epochs, steps_per_epoch)
-    loss_fn = nn.CrossEntropyLoss(weight=ctx.class_weights(), label_smoothing=cfg.optim.label_smoothing)
+    loss_fn = loss_function(ctx.multi_label, ctx.class_weights(), cfg.optim.label_smoothing)
     draw = ctx.sample_weights()
     log = MetricsLog(ctx.layout.metrics_csv, cfg.optim.epochs)
     best_score, best_state = None, None
@@ -80,7 +81,7 @@ def train_head(
             view = train_x[:, (epoch * passes_per_epoch + p) % train_x.shape[1]]
             order = (torch.multinomial(draw, len(train_y), replacement=True, generator=generator) if draw is not None
                      else torch.randperm(len(train_y), generator=generator))
-            total_loss, correct = 0.0, 0  # reported for the epoch's last pass
+            total_loss, correct = 0.0, 0.0  # reported for the epoch's last pass
             for i in range(0, len(order), batch_size):
                 idx = order[i:i + batch_size]
                 logits = head_layer(view[idx])
@@ -90,12 +91,11 @@ def train_head(
                 opt.step()
                 sched.step()
                 total_loss += loss.item() * len(idx)
-                correct += int((logits.argmax(1) == train_y[idx]).sum())
+                correct += accuracy_of(logits.detach(), train_y[idx]) * len(idx)
         train_seconds = time.perf_counter() - start
         with torch.no_grad():
             val_logits = head_layer(val_x)
-            val_loss = float(nn.functional.cross_entropy(val_logits, val_y))
-            val_acc = float((val_logits.argmax(1) == val_y).float().mean())
+            val_loss, val_acc = plain_loss(val_logits, val_y), accuracy_of(val_logits, val_y)
             score = selection_score(cfg.optim.select_metric, val_logits, val_y)
         log.append(EpochRow(epoch + 1, total_loss / len(train_y), correct / len(train_y), val_loss, val_acc,
                             opt.param_groups[0]["lr"], time.perf_counter() - start,
@@ -118,6 +118,10 @@ def _finish_reserve(ctx: TrainContext) -> float:
 def fit_auto_head(ctx: TrainContext, head: nn.Linear, train_x, train_y, val_x, val_y, start: float) -> None:
     """``--head auto``: the probe repeated stratified k-fold cross-validation prefers
     (:mod:`~visiontune.training.probe_selection`); its out-of-fold logits calibrate the model."""
+    if ctx.multi_label:  # the cross-validated selection compares single-label probes
+        print("head auto: multi-label data, using the one-vs-rest logistic head", flush=True)
+        fit_logistic_head(ctx, head, train_x, train_y, val_x, val_y, start)
+        return
     x, y = train_x[:, 0].double().numpy(), train_y.numpy()
     counts = np.bincount(y, minlength=head.out_features)
     if counts.min() < 2:  # stratified folds need two images of every class
@@ -148,7 +152,8 @@ def fit_auto_head(ctx: TrainContext, head: nn.Linear, train_x, train_y, val_x, v
 
 
 def fit_logistic_head(ctx: TrainContext, head: nn.Linear, train_x, train_y, val_x, val_y, start: float) -> None:
-    """``--head logistic``: scikit-learn's logistic regression on standardised features."""
+    """``--head logistic``: scikit-learn's logistic regression on standardised features (one-vs-rest,
+    one per label, for multi-label data)."""
     from sklearn.linear_model import LogisticRegression  # lazy: scikit-learn loads only for these heads
 
     balance = "balanced" if ctx.cfg.data.balance != "none" else None  # sklearn re-weights; no sampler needed
@@ -171,12 +176,18 @@ def _fit_sklearn_head(ctx: TrainContext, clf, head_layer: nn.Linear, train_x, tr
 
     views = train_x.shape[1]
     x = train_x.reshape(-1, train_x.shape[-1]).numpy()  # every cached view is a training sample
-    y = train_y.repeat_interleave(views).numpy()
+    y = train_y.repeat_interleave(views, dim=0).numpy()
     scaler = StandardScaler().fit(x)
     fit_start = time.perf_counter()
-    clf.fit(scaler.transform(x), y)
+    if ctx.multi_label:
+        from sklearn.multiclass import OneVsRestClassifier  # lazy: as above
+
+        clf = OneVsRestClassifier(clf).fit(scaler.transform(x), y.astype(int))
+        weight, bias = fold_scaler_per_label(clf.estimators_, scaler, x.shape[1])
+    else:
+        clf.fit(scaler.transform(x), y)
+        weight, bias = fold_scaler(clf.coef_, clf.intercept_, scaler, head_layer.out_features, clf.classes_)
     fit_seconds = time.perf_counter() - fit_start
-    weight, bias = fold_scaler(clf.coef_, clf.intercept_, scaler, head_layer.out_features, clf.classes_)
     with torch.no_grad():
         head_layer.weight.copy_(torch.from_numpy(weight))
         head_layer.bias.copy_(torch.from_numpy(bias))
@@ -208,11 +219,28 @@ def fold_scaler(coef, intercept, scaler, num_classes: int, classes) -> tuple[np.
     return weight, bias
 
 
+def fold_scaler_per_label(estimators: list, scaler, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """One-vs-rest binary models (one per label) folded with the scaler into one affine map whose
+    outputs are each label's logit. A label that was always (never) present in training gets
+    scikit-learn's constant predictor: a fixed logit of +(-)``CONSTANT_LOGIT``."""
+    weight = np.zeros((len(estimators), dim), dtype=np.float32)
+    bias = np.zeros(len(estimators), dtype=np.float32)
+    for row, est in enumerate(estimators):
+        if hasattr(est, "coef_"):
+            w = np.asarray(est.coef_, dtype=np.float64).reshape(-1) / scaler.scale_
+            weight[row], bias[row] = w, float(np.asarray(est.intercept_).reshape(-1)[0]) - w @ scaler.mean_
+        else:
+            bias[row] = CONSTANT_LOGIT if float(np.asarray(est.y_).reshape(-1)[0]) > 0.5 else -CONSTANT_LOGIT
+    return weight, bias
+
+
+CONSTANT_LOGIT = 10.0  # sigmoid(10) = 0.99995: certain, yet finite for the loss and calibration
+
+
 @torch.no_grad()
 def _linear_metrics(head_layer: nn.Linear, train_x, train_y, val_x, val_y) -> dict[str, float]:
     out = {}
     for prefix, x, y in (("train", train_x, train_y), ("val", val_x, val_y)):
         logits = head_layer(x)
-        out[f"{prefix}_loss"] = float(nn.functional.cross_entropy(logits, y))
-        out[f"{prefix}_accuracy"] = float((logits.argmax(1) == y).float().mean())
+        out[f"{prefix}_loss"], out[f"{prefix}_accuracy"] = plain_loss(logits, y), accuracy_of(logits, y)
     return out

@@ -43,4 +43,7 @@ BN_STATS = Registry.choices("bn_stats", train="update the running statistics of 
 BALANCE = Registry.choices("balance", none="no re-weighting", weights="class-weighted loss",
                            sampler="class-balanced sampling")
 SELECT_METRICS = Registry.choices("select_metric", accuracy="top-1 accuracy", macro_f1="macro-averaged F1",
-                                  balanced_accuracy="macro-averaged recall")
+                                  balanced_accuracy="macro-averaged recall",
+                                  map="macro mean average precision (multi-label, and its default)")
+TASKS = Registry.choices("task", auto="multi-label for a one-hot CSV or rows with 0 or 2+ labels, else single",
+                         single="one class per image", multi="any number of classes per image (sigmoid outputs)")

@@ -68,7 +68,11 @@ def setup_run(cfg: TrainConfig, prefix: str = "train") -> TrainContext:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
     # everything that can fail on user input runs before a run dir exists
-    splits = discover(cfg.data.path, cfg.data.val, cfg.data.val_fraction, cfg.runtime.seed)
+    splits = discover(cfg.data.path, cfg.data.val, cfg.data.val_fraction, cfg.runtime.seed,
+                      task=cfg.data.task, label_delim=cfg.data.label_delim)
+    if splits.task_note:
+        print(splits.task_note, flush=True)
+    cfg = adapt_to_task(cfg, splits.task)
     weights = "none" if cfg.strategy.name in RANDOM_INIT else cfg.model.weights
     model, arch, pre = build_model(cfg.model.name, len(splits.class_names), weights)
     default_side = pre.height  # the backbone's own input size
@@ -103,6 +107,26 @@ def setup_run(cfg: TrainConfig, prefix: str = "train") -> TrainContext:
           + (f", images in memory (~{needed / 2**20:.0f} MiB)" if cache else ""))
     return TrainContext(cfg, layout, model, arch, pre, splits, precision, resume_ckpt, cfg.optim.batch_size, cache,
                         deadline, plan)
+
+
+def adapt_to_task(cfg: TrainConfig, task: str) -> TrainConfig:
+    """Refuse what the task does not support, naming it; multi-label selects by macro mAP unless told."""
+    if task == "single":
+        if cfg.optim.select_metric == "map":
+            raise ConfigError("--select-metric map is for multi-label data; single-label runs take accuracy, "
+                              "macro_f1 or balanced_accuracy")
+        return cfg
+    refused = {"balance sampler": cfg.data.balance == "sampler",
+               "--mixup/--cutmix": bool(cfg.optim.mixup or cfg.optim.cutmix),
+               "--select-metric balanced_accuracy": cfg.optim.select_metric == "balanced_accuracy"}
+    for what, used in refused.items():
+        if used:
+            remedy = {"balance sampler": "use --balance weights (a per-label pos_weight in the loss)"}.get(
+                what, "drop it")
+            raise ConfigError(f"{what} is not supported for multi-label data yet; {remedy}")
+    if "select_metric" not in cfg.given:
+        cfg = cfg.replace(select_metric="map")
+    return cfg
 
 
 def budget_start() -> float:
@@ -174,6 +198,12 @@ def report_data(splits: Splits, layout: RunLayout) -> None:
             write_split_csv(getattr(splits, split), splits.class_names, layout.split_csv(split))
     print(f"data: {len(splits.class_names)} classes, {len(splits.train)} train / {len(splits.val)} val"
           + (f" / {len(splits.test)} test" if splits.test else "") + f" images ({splits.layout} layout)")
+    if splits.task == "multi":
+        counts = splits.counts("train")
+        per_image = sum(counts.values()) / max(1, len(splits.train))
+        rare = sorted(counts.items(), key=lambda kv: kv[1])[:3]
+        print(f"labels: {per_image:.2f} per training image on average; rarest: "
+              + ", ".join(f"{n} {c}" for c, n in rare))
     counts = [c for c in splits.counts("train").values() if c > 0]
     if counts and max(counts) > IMBALANCE_WARNING * min(counts):
         smallest = sorted(splits.counts("train").items(), key=lambda kv: kv[1])[:3]

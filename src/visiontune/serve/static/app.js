@@ -19,12 +19,20 @@ async function showModel() {
 }
 
 function render(pred) {
-  $("label").textContent = pred.label;
+  // a multi-label model answers with a label set and every label's score; a single-label one with one label
+  const multi = Array.isArray(pred.labels);
+  $("label").textContent = multi ? (pred.labels.length ? pred.labels.join(", ") : "(no label)") : pred.label;
   const bars = $("bars");
   bars.replaceChildren();
-  for (const t of pred.top_k) {
+  const ranked = multi
+    ? Object.entries(pred.scores).map(([label, probability]) => ({ label, probability }))
+        .sort((a, b) => b.probability - a.probability)
+    : pred.top_k;
+  for (const t of ranked) {
     const li = document.createElement("li");
-    const name = document.createElement("span"); name.textContent = t.label;
+    if (multi && pred.labels.includes(t.label)) li.className = "chosen";
+    const name = document.createElement("span");
+    name.textContent = multi && pred.labels.includes(t.label) ? `✓ ${t.label}` : t.label;
     const bar = document.createElement("div"); bar.className = "bar";
     const fill = document.createElement("div"); fill.style.width = `${(t.probability * 100).toFixed(1)}%`;
     bar.append(fill);
