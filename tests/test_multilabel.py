@@ -302,7 +302,7 @@ def test_report_has_the_multi_label_sections(ml_run):
     page = write_report(ml_run.run_dir, gradcam=True).read_text()
     for sid in ("per-label", "label-pairs", "label-errors", "gradcam", "calibration", "curves", "dataset"):
         assert f'<section id="{sid}">' in page, sid
-    assert "every label decision" in page and 'id="confusion"' not in page
+    assert "Every (image, label) decision counts once" in page and 'id="confusion"' not in page
     for name in CLASSES:
         assert f"<td class=\"l\">{name}</td>" in page
 
