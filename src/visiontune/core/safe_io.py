@@ -14,7 +14,7 @@ Example:
     ...     atomic_write_text(folder / "out.txt", "x")
     ... except ArtifactError as exc:
     ...     print(exc.kind, "symbolic link" in str(exc), (folder / "victim.txt").exists())
-    artifact True False
+    unsafe_path True False
 """
 
 from __future__ import annotations

@@ -52,9 +52,6 @@ SECTIONS = {
     "per-class": "Per-class precision, recall and F1",
     "confusion": "Confusion matrix",
     "confused-pairs": "Most-confused class pairs",
-    "per-label": "Per-label average precision, thresholds, precision, recall and F1",
-    "label-pairs": "Most confused and co-missed label pairs",
-    "label-errors": "False positives and false negatives per label",
     "errors": "Misclassified and top-loss images",
     "gradcam": "Grad-CAM",
     "calibration": "Calibration",
@@ -62,6 +59,13 @@ SECTIONS = {
     "compare": "Strategy comparison",
     "time": "Time: planned and actual",
 }
+# a multi-label model's report has these in place of per-class, confusion, errors and coverage
+MULTI_LABEL_SECTIONS = {
+    "per-label": "Per-label average precision, thresholds, precision, recall and F1",
+    "label-pairs": "Most confused and co-missed label pairs",
+    "label-errors": "False positives and false negatives per label",
+}
+TITLES = {**SECTIONS, **MULTI_LABEL_SECTIONS}
 GALLERY_SIZE = 24
 GRADCAM_PER_KIND = 6
 SIZE_SAMPLE = 300
@@ -123,13 +127,13 @@ def write_report(run_dir: str | os.PathLike, data: str | os.PathLike | None = No
 
     title = f"visiontune report: {run_dir.name}"
     arch = clf.card.architecture
-    nav = " ".join(f'<a href="#{sid}">{html.escape(SECTIONS[sid])}</a>' for sid, _ in parts)
+    nav = " ".join(f'<a href="#{sid}">{html.escape(TITLES[sid])}</a>' for sid, _ in parts)
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{rs.CSS}</style></head><body><header><h1>{html.escape(title)}</h1>"
             f"<p>{html.escape(str(arch.requested or arch.name) if arch else '')} &middot; {len(names)} classes "
             f"&middot; evaluated on the {html.escape(source)} &middot; generated "
             f"{datetime.now().strftime('%Y-%m-%d %H:%M')} in {{seconds}} s</p><nav>{nav}</nav></header><main>"
-            + "\n".join(rs.section(sid, SECTIONS[sid], body) for sid, body in parts) + "</main></body></html>\n")
+            + "\n".join(rs.section(sid, TITLES[sid], body) for sid, body in parts) + "</main></body></html>\n")
     return atomic_write_text(layout.report, page.replace("{seconds}", f"{time.perf_counter() - start:.0f}"))
 
 
