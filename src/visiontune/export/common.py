@@ -30,6 +30,8 @@ from ..data.image import load_image
 from ..data.preprocess import Preprocessing
 from ..data.scan import discover, discover_eval, read_split_csv
 from ..data.transforms import eval_transform
+from ..evaluation.multilabel import decisions
+from ..inference.rows import probabilities
 from ..inference.runners import forward_logits
 from ..models.card import ModelCard
 
@@ -167,10 +169,12 @@ def compare_logits(reference: np.ndarray, other: np.ndarray, card: ModelCard | N
     """Top-1 agreement and max |logit difference| between two [N, C] arrays; for a multi-label
     ``card``, the agreement of every per-label decision at its threshold (``label_agreement``)."""
     diff = {"max_abs_logit_diff": float(np.max(np.abs(reference - other))), "num_images": int(len(reference))}
-    if card is not None and card.multi_label:
-        cut = np.asarray(card.thresholds, dtype=np.float64) * (1 - 1e-12)  # p >= t, as prediction decides
-        decide = lambda logits: 1 / (1 + np.exp(-logits.astype(np.float64) / card.temperature)) >= cut  # noqa: E731
-        return {"label_agreement": float(np.mean(decide(reference) == decide(other))), **diff}
+    if card is not None and card.multi_label:  # decided exactly as prediction decides them
+        def decide(logits: np.ndarray) -> torch.Tensor:
+            probs = probabilities(torch.from_numpy(np.asarray(logits)), card.temperature, multi_label=True)
+            return decisions(probs, card.thresholds)
+
+        return {"label_agreement": float((decide(reference) == decide(other)).float().mean()), **diff}
     return {"top1_agreement": float(np.mean(reference.argmax(1) == other.argmax(1))), **diff}
 
 
@@ -206,7 +210,7 @@ class ValScore:
             return float(np.mean(logits.argmax(1) == labels))
         from torchmetrics.functional.classification import multilabel_average_precision  # lazy: multi only
 
-        probs = torch.sigmoid(torch.from_numpy(np.asarray(logits, dtype=np.float32)) / self.card.temperature)
+        probs = probabilities(torch.from_numpy(np.asarray(logits)), self.card.temperature, multi_label=True)
         return float(multilabel_average_precision(probs, torch.from_numpy(np.asarray(labels)).int(),
                                                   num_labels=probs.shape[1], average="macro"))
 

@@ -19,6 +19,7 @@ import torch
 
 from ..core.hardware import is_rank_zero
 from ..core.safe_io import atomic_writer, open_append
+from .objective import accuracy_of
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds",
                   "train_images_per_second"]
@@ -116,4 +117,4 @@ def selection_score(metric: str, logits: torch.Tensor, target: torch.Tensor) -> 
         return float(multiclass_f1_score(logits, target, num_classes=n, average="macro"))
     if metric == "balanced_accuracy":
         return float(multiclass_recall(logits, target, num_classes=n, average="macro"))
-    return float((logits.argmax(1) == target).float().mean())
+    return accuracy_of(logits, target)
