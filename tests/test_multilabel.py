@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES, FAST, make_folder, make_multilabel, save_image, vt
+from conftest import CLASSES, FAST, make_folder, make_multilabel, save_image
 from PIL import Image
 
 import visiontune
@@ -21,6 +21,7 @@ from visiontune.data.scan import discover, discover_eval, read_split_csv, write_
 from visiontune.evaluation.multilabel import best_f1_threshold, multilabel_metrics, tune_thresholds
 from visiontune.inference.classifier import Classifier
 from visiontune.models.card import ModelCard
+from visiontune.training.config import TrainConfig
 from visiontune.training.registry import PROBE_HEADS, STRATEGIES
 
 
@@ -194,36 +195,49 @@ def test_every_strategy_trains_multi_label(ml_data, tmp_path, strategy, head):
     assert set(clf.predict([next((ml_data.parent / "img").glob("*.png"))])[0]["scores"]) == set(CLASSES)
 
 
+@pytest.mark.parametrize("options", [{"loss": "asl"}, {"mixup": 0.4, "cutmix": 1.0}, {"balance": "sampler"},
+                                     {"loss": "asl", "balance": "weights"}])
+def test_asl_mixup_and_the_sampler_train_multi_label(ml_data, tmp_path, options):
+    run = visiontune.train(ml_data, run_dir=str(tmp_path / "run"), **{**FAST, "batch_size": 4, **options})
+    assert TrainConfig.load(run.run_dir / "config.yaml").get("loss") == options.get("loss", "auto")
+    assert 0.0 <= run.metrics["val"]["macro_map"] <= 1.0 and Classifier.load(run.run_dir).multi_label
+
+
+def test_multi_label_mixup_mixes_multi_hot_targets_by_one_lambda():
+    from visiontune.training.module import ClassifierModule
+    from visiontune.training.optim import OptimizerSettings, ScheduleSettings
+
+    module = ClassifierModule(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)), "1", [], [],
+                              OptimizerSettings(), ScheduleSettings(), mixup=(0.4, 0.0), multi_label=True)
+    y = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    _, soft = module.mixup_fn(torch.rand(4, 3, 2, 2), y)
+    lam = 1 - float(soft[0, 1])  # row 0 = lam * y[0] + (1 - lam) * y[3], and only y[3] has label 1
+    assert torch.allclose(soft, lam * y + (1 - lam) * y.flip(0))
+
+
+def test_balanced_sampler_draws_by_the_rarest_label():
+    from visiontune.training.context import TrainContext
+
+    samples = [("a", torch.tensor([1.0, 0.0, 0.0])), ("b", torch.tensor([1.0, 1.0, 0.0])),
+               ("c", torch.tensor([0.0, 0.0, 0.0])), ("d", torch.tensor([1.0, 0.0, 1.0]))]
+    ctx = TrainContext.__new__(TrainContext)
+    ctx.cfg = TrainConfig.from_dict({"data": "x", "balance": "sampler"})
+    ctx.splits = type("S", (), {"train": samples, "class_names": ["p", "q", "r"], "task": "multi"})()
+    weights = ctx.sample_weights()  # counts: p 3, q 1, r 1; one image with no label
+    assert weights.tolist() == [1 / 3, 1.0, 1.0, 1.0]
+
+
 def test_unsupported_options_are_refused_by_name(ml_data, tmp_path):
-    with pytest.raises(ConfigError, match="balance weights"):
-        visiontune.train(ml_data, balance="sampler", run_dir=str(tmp_path / "a"), **FAST)
-    with pytest.raises(ConfigError, match="mixup"):
-        visiontune.train(ml_data, mixup=0.2, run_dir=str(tmp_path / "b"), **FAST)
+    with pytest.raises(ConfigError, match="balanced_accuracy is for single-label"):
+        visiontune.train(ml_data, select_metric="balanced_accuracy", run_dir=str(tmp_path / "a"), **FAST)
+    with pytest.raises(ConfigError, match="--loss ce is for single-label"):
+        visiontune.train(ml_data, loss="ce", run_dir=str(tmp_path / "b"), **FAST)
+    single = make_folder(tmp_path / "f", per_class=3)
     with pytest.raises(ConfigError, match="multi-label"):
-        visiontune.train(make_folder(tmp_path / "f", per_class=3), select_metric="map", run_dir=str(tmp_path / "c"),
-                         **FAST)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
-
-
-def test_cli_train_predict_evaluate_multi_label(tmp_path):
-    data = make_multilabel(tmp_path / "my data", n=36, fmt="onehot")
-    run = tmp_path / "run dir"
-    out = vt("train", str(data), "--run-dir", str(run), "--epochs", "1", "--strategy", "linear-probe",
-             "--balance", "weights", "--img-size", "32", "--batch-size", "8", "--workers", "0", "--no-progress")
-    assert "task: multi-label (auto: one-hot CSV)" in out.stdout
-    preds = tmp_path / "preds.csv"
-    vt("predict", str(run), str(data.parent / "img"), "--out", str(preds), "--top-k", "1", "--label-delim", ";")
-    rows = list(csv.DictReader(open(preds)))
-    assert len(rows) == 36 and list(rows[0])[:2] == ["path", "labels"]
-    assert {f"p_{c}" for c in CLASSES} <= set(rows[0])
-    clf = Classifier.load(run)
-    for row in rows:
-        called = [c for c in clf.class_names if float(row[f"p_{c}"]) >= clf.thresholds[clf.class_names.index(c)]]
-        assert row["labels"] == ";".join(called)
-    result = json.loads(vt("evaluate", str(run), str(data), "--json").stdout)
-    assert result["task"] == "multi" and result["num_samples"] == 36
-    assert set(result["per_label"]) == set(CLASSES) and 0.0 <= result["macro_map"] <= 1.0
-    assert (run / "model" / "misclassified.csv").read_text().startswith("path,true,predicted,missed,extra")
+        visiontune.train(single, select_metric="map", run_dir=str(tmp_path / "c"), **FAST)
+    with pytest.raises(ConfigError, match="--loss asl is for multi-label.*--loss auto or ce"):
+        visiontune.train(single, loss="asl", run_dir=str(tmp_path / "d"), **FAST)
+    assert not any((tmp_path / name).exists() for name in "abcd")
 
 
 # ----------------------------------------------------------------------------- export and serve

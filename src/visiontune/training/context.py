@@ -109,12 +109,18 @@ class TrainContext:
         return counts.sum() / (len(counts) * counts.clamp(min=1))
 
     def sample_weights(self, samples: list | None = None) -> torch.Tensor | None:
-        """Per-sample draw weights 1 / n_c of ``samples`` (the training split) for ``balance=sampler``."""
+        """Per-sample draw weights for ``balance=sampler``: 1 / n_c of the image's class, or for
+        multi-label data 1 / n_c of its rarest label (images with no label: 1 / their count)."""
         if self.cfg.data.balance != "sampler":
             return None
         counts = self.class_counts()
         samples = self.splits.train if samples is None else samples
-        return torch.tensor([1.0 / counts[label].item() for _, label in samples], dtype=torch.double)
+        if not self.multi_label:
+            return torch.tensor([1.0 / counts[label].item() for _, label in samples], dtype=torch.double)
+        targets = torch.stack([label for _, label in samples]).double() > 0.5
+        empty = int((~targets.any(1)).sum())
+        rarity = torch.where(targets, 1.0 / counts.double().clamp(min=1), torch.zeros((), dtype=torch.double))
+        return torch.where(targets.any(1), rarity.amax(1), torch.tensor(1.0 / max(empty, 1), dtype=torch.double))
 
     def save_best(self, model: nn.Module, metrics: dict[str, Any]) -> None:
         if is_rank_zero():

@@ -44,12 +44,14 @@ class ClassifierModule(L.LightningModule):
         mixup: mixup and cutmix alphas (timm's ``Mixup``; both 0: off).
         tta: validate with the flip test-time augmentation every prediction of the model will use.
         multi_label: sigmoid outputs, binary cross-entropy and multi-label metrics (targets ``[B, C]``).
+        loss: ``--loss`` (``auto``, or ``asl`` for multi-label data), already checked against the task.
     """
 
     def __init__(self, model: nn.Module, classifier: str, body_groups: list[list[str]], body_lrs: list[float],
                  optimizer: OptimizerSettings, schedule: ScheduleSettings, label_smoothing: float = 0.0,
                  class_weights: torch.Tensor | None = None, freeze_bn_stats: bool = False, compile: bool = False,
-                 mixup: tuple[float, float] = (0.0, 0.0), tta: bool = False, multi_label: bool = False):
+                 mixup: tuple[float, float] = (0.0, 0.0), tta: bool = False, multi_label: bool = False,
+                 loss: str = "auto"):
         super().__init__()
         self.model = model
         self.classifier = classifier
@@ -61,15 +63,16 @@ class ClassifierModule(L.LightningModule):
         # torch.compile'd view of the same module: parameters and state_dict stay model's own
         self.forward_fn = torch.compile(model) if compile else model
         num_classes = model.get_submodule(classifier).out_features
-        self.loss_fn = loss_function(multi_label, class_weights, label_smoothing)
+        self.loss_fn = loss_function(multi_label, class_weights, label_smoothing, loss)
         self.multi_label = multi_label
         self.tta = tta
         self.mixup_fn = None
         if any(mixup):  # soft targets: the label smoothing moves into the mixed labels
             from timm.data import Mixup  # lazy: only runs that mix images need it
 
-            self.mixup_fn = Mixup(mixup_alpha=mixup[0], cutmix_alpha=mixup[1], label_smoothing=label_smoothing,
-                                  num_classes=num_classes)
+            # multi-label: the two images' multi-hot targets mixed by the same lambda (no smoothing)
+            self.mixup_fn = Mixup(mixup_alpha=mixup[0], cutmix_alpha=mixup[1], num_classes=num_classes,
+                                  label_smoothing=0.0 if multi_label else label_smoothing, multi_label=multi_label)
         if multi_label:  # accuracy: label decisions right at p = 0.5; selection by macro mAP by default
             self.train_acc = MultilabelAccuracy(num_labels=num_classes, average="micro")
             self.val_acc = MultilabelAccuracy(num_labels=num_classes, average="micro")
@@ -121,7 +124,8 @@ class ClassifierModule(L.LightningModule):
         if prefix == "train" and self.mixup_fn is not None and len(y) % 2 == 0:  # timm mixes pairs
             x, soft = self.mixup_fn(x, y)
             logits = self(x)
-            loss = torch.sum(-soft * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+            loss = (self.loss_fn(logits.float(), soft) if self.multi_label
+                    else torch.sum(-soft * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean())
         else:
             logits = forward_logits(self, x, tta=self.tta and prefix == "val")
             loss = self.loss_fn(logits.float(), y)

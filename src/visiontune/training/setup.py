@@ -34,7 +34,7 @@ from .budget import (
 from .checkpoint_io import newest_valid_checkpoint, remove_stale_temp_files
 from .config import TrainConfig
 from .context import TrainContext
-from .registry import RANDOM_INIT, STRATEGIES
+from .registry import LOSS_TASK, RANDOM_INIT, STRATEGIES
 
 RUN_DIR_ENV = "VISIONTUNE_RUN_DIR"
 # what --time decides, unless the user gave it
@@ -111,19 +111,18 @@ def setup_run(cfg: TrainConfig, prefix: str = "train") -> TrainContext:
 
 def adapt_to_task(cfg: TrainConfig, task: str) -> TrainConfig:
     """Refuse what the task does not support, naming it; multi-label selects by macro mAP unless told."""
+    if LOSS_TASK.get(cfg.optim.loss, task) != task:
+        fits = [name for name, t in LOSS_TASK.items() if t == task]
+        raise ConfigError(f"--loss {cfg.optim.loss} is for {LOSS_TASK[cfg.optim.loss]}-label data and this data is "
+                          f"{task}-label; use --loss auto or {' or '.join(fits)} (or --task to override detection)")
     if task == "single":
         if cfg.optim.select_metric == "map":
             raise ConfigError("--select-metric map is for multi-label data; single-label runs take accuracy, "
                               "macro_f1 or balanced_accuracy")
         return cfg
-    refused = {"balance sampler": cfg.data.balance == "sampler",
-               "--mixup/--cutmix": bool(cfg.optim.mixup or cfg.optim.cutmix),
-               "--select-metric balanced_accuracy": cfg.optim.select_metric == "balanced_accuracy"}
-    for what, used in refused.items():
-        if used:
-            remedy = {"balance sampler": "use --balance weights (a per-label pos_weight in the loss)"}.get(
-                what, "drop it")
-            raise ConfigError(f"{what} is not supported for multi-label data yet; {remedy}")
+    if cfg.optim.select_metric == "balanced_accuracy":
+        raise ConfigError("--select-metric balanced_accuracy is for single-label data; multi-label runs take map "
+                          "(the default), macro_f1 or accuracy")
     if "select_metric" not in cfg.given:
         cfg = cfg.replace(select_metric="map")
     return cfg
