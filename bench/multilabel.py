@@ -17,7 +17,6 @@ Results go to stdout and to the "## Multi-label" section of bench/RESULTS.md.
 
   python -m bench.multilabel                  # about 45 min on a 2-core CPU
   python -m bench.multilabel --budget 5m --train 4000 --test 1000   # a quick look
-  python -m bench.multilabel --budget 10m --losses auto,asl --no-baseline   # the ASL trial, ~25 min
 """
 
 from __future__ import annotations
@@ -82,17 +81,15 @@ def multi_hot(labels: list[list[str]], names: list[str]) -> torch.Tensor:
     return y
 
 
-def bench_visiontune(work: Path, train_csv: Path, test_csv: Path, budget: str, loss: str = "auto") -> dict:
-    name = f"mosaic-{budget}" + ("" if loss == "auto" else f"-{loss}")
-    run_dir = work / "runs" / name
+def bench_visiontune(work: Path, train_csv: Path, test_csv: Path, budget: str) -> dict:
+    run_dir = work / "runs" / f"mosaic-{budget}"
     if run_dir.exists():
         import shutil
 
         shutil.rmtree(run_dir)
-    seconds = run(VT + ["train", str(train_csv), "--run-dir", str(run_dir), "--no-progress", "--time", budget,
-                        "--loss", loss],
-                  work / f"{name}.log", {"VISIONTUNE_CACHE": str(work / "caches" / name)})
-    log = work / f"{name}-evaluate.json"
+    seconds = run(VT + ["train", str(train_csv), "--run-dir", str(run_dir), "--no-progress", "--time", budget],
+                  work / f"mosaic-{budget}.log", {"VISIONTUNE_CACHE": str(work / "caches" / f"mosaic-{budget}")})
+    log = work / f"mosaic-{budget}-evaluate.json"
     run(VT + ["evaluate", str(run_dir), str(test_csv), "--json", "--no-save"], log)
     result = json.loads(log.read_text())
     # the same probabilities decided at a flat 0.5: what the tuned thresholds buy
@@ -169,10 +166,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budget", default="30m", help="visiontune train --time")
     ap.add_argument("--train", type=int, default=20_000, help="training mosaics")
     ap.add_argument("--test", type=int, default=4_000, help="held-out mosaics")
-    ap.add_argument("--losses", default="auto", metavar="A,B",
-                    help="visiontune train --loss values, one run each (auto,asl: the ASL trial)")
-    ap.add_argument("--no-baseline", dest="baseline", action="store_false",
-                    help="skip the one-vs-rest baseline (about 17 min)")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
     ap.add_argument("--baseline-only", action="store_true", help=argparse.SUPPRESS)  # the timed subprocess
     ap.add_argument("--train-csv", type=Path, help=argparse.SUPPRESS)
@@ -189,34 +182,26 @@ def main(argv: list[str] | None = None) -> None:
     labels = [len(ls) for ls in read_rows(train_csv)[1]]
     print(f"mosaics: {args.train} train / {args.test} held-out, labels per mosaic "
           + ", ".join(f"{k}: {labels.count(k)}" for k in range(1, 5)), flush=True)
-    losses = args.losses.split(",")
-    rows = []
-    for loss in losses:
-        vt = bench_visiontune(args.work, train_csv, test_csv, args.budget, loss)
-        print(f"visiontune --loss {loss}: {vt}", flush=True)
-        what = f"`--time {args.budget}`" + ("" if loss == "auto" else f" `--loss {loss}`")
-        rows += [f"| visiontune {what} | {vt['macro_map']:.4f} | {vt['micro_f1']:.4f} | "
-                 f"{vt['macro_f1']:.4f} | {vt['seconds'] / 60:.1f} min | {vt['plan']}, thresholds tuned on val |",
-                 f"| same model, flat 0.5 thresholds | | {vt['micro_f1_flat']:.4f} | {vt['macro_f1_flat']:.4f} | | |"]
-    if args.baseline:
-        base = bench_baseline(args.work, train_csv, test_csv)
-        print(f"baseline: {base}", flush=True)
-        rows.append(f"| OvR logistic regression, frozen features | {base['macro_map']:.4f} | {base['micro_f1']:.4f} | "
-                    f"{base['macro_f1']:.4f} | {base['seconds'] / 60:.1f} min | {base['input']} input, threshold 0.5 |")
-    flags = "" if losses == ["auto"] else f" --losses {args.losses}"
-    flags += "" if args.baseline else " --no-baseline"
+    vt = bench_visiontune(args.work, train_csv, test_csv, args.budget)
+    print(f"visiontune: {vt}", flush=True)
+    base = bench_baseline(args.work, train_csv, test_csv)
+    print(f"baseline: {base}", flush=True)
     lines = [f"Machine: {machine()}", "",
              f"Command: `python -m bench.multilabel --budget {args.budget} --train {args.train} "
-             f"--test {args.test}{flags}`", "",
+             f"--test {args.test}`", "",
              f"{args.train} training / {args.test} held-out 2x2 mosaics of CIFAR-10 train images (64 px, 1-4 labels; "
              "disjoint tile pools)", "",
              "| | held-out macro mAP | micro-F1 | macro-F1 | wall (whole command) | what |",
-             "| --- | ---: | ---: | ---: | ---: | --- |", *rows, "",
+             "| --- | ---: | ---: | ---: | ---: | --- |",
+             f"| visiontune `--time {args.budget}` | {vt['macro_map']:.4f} | {vt['micro_f1']:.4f} | "
+             f"{vt['macro_f1']:.4f} | {vt['seconds'] / 60:.1f} min | {vt['plan']}, thresholds tuned on val |",
+             f"| same model, flat 0.5 thresholds | | {vt['micro_f1_flat']:.4f} | {vt['macro_f1_flat']:.4f} | | |",
+             f"| OvR logistic regression, frozen features | {base['macro_map']:.4f} | {base['micro_f1']:.4f} | "
+             f"{base['macro_f1']:.4f} | {base['seconds'] / 60:.1f} min | {base['input']} input, threshold 0.5 |", "",
              f"Took {(time.perf_counter() - started) / 60:.0f} min (CPU flags: {cpu_flags()})"]
-    section = SECTION if losses == ["auto"] else f"{SECTION}: loss {args.losses} at {args.budget}"
-    text = "\n".join([section, "", *lines]) + "\n"
+    text = "\n".join([SECTION, "", *lines]) + "\n"
     print(text, flush=True)
-    write_results(args.results, section, text)
+    write_results(args.results, SECTION, text)
 
 
 if __name__ == "__main__":

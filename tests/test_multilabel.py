@@ -195,11 +195,10 @@ def test_every_strategy_trains_multi_label(ml_data, tmp_path, strategy, head):
     assert set(clf.predict([next((ml_data.parent / "img").glob("*.png"))])[0]["scores"]) == set(CLASSES)
 
 
-@pytest.mark.parametrize("options", [{"loss": "asl"}, {"mixup": 0.4, "cutmix": 1.0}, {"balance": "sampler"},
-                                     {"loss": "asl", "balance": "weights"}])
-def test_asl_mixup_and_the_sampler_train_multi_label(ml_data, tmp_path, options):
+@pytest.mark.parametrize("options", [{"mixup": 0.4, "cutmix": 1.0}, {"balance": "sampler"}])
+def test_mixup_and_the_sampler_train_multi_label(ml_data, tmp_path, options):
     run = visiontune.train(ml_data, run_dir=str(tmp_path / "run"), **{**FAST, "batch_size": 4, **options})
-    assert TrainConfig.load(run.run_dir / "config.yaml").get("loss") == options.get("loss", "auto")
+    assert all(TrainConfig.load(run.run_dir / "config.yaml").get(k) == v for k, v in options.items())
     assert 0.0 <= run.metrics["val"]["macro_map"] <= 1.0 and Classifier.load(run.run_dir).multi_label
 
 
@@ -230,14 +229,10 @@ def test_balanced_sampler_draws_by_the_rarest_label():
 def test_unsupported_options_are_refused_by_name(ml_data, tmp_path):
     with pytest.raises(ConfigError, match="balanced_accuracy is for single-label"):
         visiontune.train(ml_data, select_metric="balanced_accuracy", run_dir=str(tmp_path / "a"), **FAST)
-    with pytest.raises(ConfigError, match="--loss ce is for single-label"):
-        visiontune.train(ml_data, loss="ce", run_dir=str(tmp_path / "b"), **FAST)
     single = make_folder(tmp_path / "f", per_class=3)
     with pytest.raises(ConfigError, match="multi-label"):
         visiontune.train(single, select_metric="map", run_dir=str(tmp_path / "c"), **FAST)
-    with pytest.raises(ConfigError, match="--loss asl is for multi-label.*--loss auto or ce"):
-        visiontune.train(single, loss="asl", run_dir=str(tmp_path / "d"), **FAST)
-    assert not any((tmp_path / name).exists() for name in "abcd")
+    assert not any((tmp_path / name).exists() for name in "ac")
 
 
 # ----------------------------------------------------------------------------- export and serve
@@ -321,8 +316,7 @@ def test_report_has_the_multi_label_sections(ml_run):
         assert f"<td class=\"l\">{name}</td>" in page
 
 
-def test_int8_compress_is_guarded_on_map_and_prune_is_refused(ml_run, tmp_path):
-    from visiontune.core.errors import ExportError
+def test_int8_compress_is_guarded_on_map_and_pruning_keeps_a_multi_label_model(ml_run, ml_data, tmp_path):
     from visiontune.export.compress import compress
 
     report = compress(ml_run.run_dir, quantize="int8", out=tmp_path / "c", budget_s=0.2, force=True, log=lambda m: None)
@@ -331,8 +325,13 @@ def test_int8_compress_is_guarded_on_map_and_prune_is_refused(ml_run, tmp_path):
     assert onnx["label_agreement"] >= 0.995 and "map_change_pts" in int8
     assert report["int8_attempts"][-1]["map_change_pts"] == int8["map_change_pts"]
     assert visiontune.load(Path(int8["file"])).multi_label
-    with pytest.raises(ExportError, match="--prune"):
-        compress(ml_run.run_dir, prune=0.3, out=tmp_path / "p")
+    pruned = compress(ml_run.run_dir, prune=0.3, finetune_epochs=1, out=tmp_path / "p", budget_s=0.2, force=True,
+                      log=lambda m: None)
+    row = next(v for v in pruned["variants"] if v["variant"] == "pruned")
+    assert row["macs"] < pruned["pruning"]["macs_before"] and 0.0 <= row["val_map"] <= 1.0
+    clf = visiontune.load(tmp_path / "p" / "pruned")
+    assert clf.multi_label and clf.thresholds == visiontune.load(ml_run.run_dir).thresholds
+    assert set(clf.predict([next((ml_data.parent / "img").glob("*.png"))])[0]["scores"]) == set(CLASSES)
 
 
 @pytest.mark.slow

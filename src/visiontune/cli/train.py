@@ -11,7 +11,7 @@ from .common import add_train_options, config_from_args
 # lr-find sweeps the LR of one short fit: no epochs, schedule, selection, checkpoints or report
 LR_FIND_KEYS = ("data", "val", "val_fraction", "augment", "balance", "cache_images", "workers",
                 "model", "weights", "img_size", "resize_mode", "lr_mult", "bn_stats",
-                "batch_size", "optimizer", "weight_decay", "momentum", "loss", "label_smoothing",
+                "batch_size", "optimizer", "weight_decay", "momentum", "label_smoothing",
                 "seed", "precision", "run_dir", "compile")
 # compare trains each (model, strategy) in turn, in this process, into its own output folder
 COMPARE_EXCLUDED = ("strategy", "model", "resume", "report", "devices", "num_nodes", "distributed")

@@ -135,9 +135,6 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
     if prune is not None:
         check_prune_args(prune, prune_steps, recovery_lr, finetune_epochs)
     model, card = load_model(model_path)
-    if card.multi_label and prune is not None:  # its channel scores and recovery loss are single-label
-        raise ExportError("--prune does not support multi-label models yet; --quantize int8 does (guarded on "
-                          "val macro mAP)")
     out = Path(out) if out else RunLayout.of_model_dir(card.model_dir).root / "compress"
     samples = labelled_samples(card, data)
     if not samples:
@@ -215,10 +212,12 @@ def _report(model_path, card: ModelCard, rows, data, quantize, max_drop, prune_i
         pruned_row = next(r for r in rows if r["variant"] == "pruned")
         fewer_params = 1 - prune_info["params_after"] / prune_info["params_before"]
         notes.append(f"pruned: {fewer:.1%} fewer MACs, {fewer_params:.1%}"
-                     f" fewer params, accuracy change {pruned_row['accuracy_change_pts']:+.2f} pt after "
+                     f" fewer params, {scorer.name} change {pruned_row[scorer.change]:+.2f} pt after "
                      f"{prune_info['steps']} round(s) of least-squares reconstruction + "
                      f"{prune_info['finetune_epochs']} recovery epoch(s) at LR {prune_info['recovery_lr']:g}")
-    source = str(data) if data else f"validation split of {resolve_data_path(card)}"
+    recorded = resolve_data_path(card)
+    source = str(data) if data else ("the run's validation split" if recorded is None
+                                     else f"validation split of {recorded}")
     return {"model": str(model_path), "val_source": source, "num_val": n, "machine": _machine(),
             "variants": rows, "pruning": prune_info, "max_drop": max_drop, "refused": refused, "notes": notes}
 

@@ -27,7 +27,7 @@ from ..models.artifact import save_model
 from ..models.card import ModelCard
 from ..models.shapes import layer_shapes
 from .common import input_shape
-from .recovery import finetune, recalibrate_batchnorm, reconstruct
+from .recovery import finetune, recalibrate_batchnorm, reconstruct, task_loss
 from .registry import PRUNE_IMPORTANCES
 
 
@@ -93,7 +93,7 @@ def _taylor_gradients(model: nn.Module, loader) -> None:
     model.eval()
     model.zero_grad(set_to_none=True)
     for images, labels in loader:
-        nn.functional.cross_entropy(model(images), labels).backward()
+        task_loss(model(images), labels).backward()
 
 
 def _fisher_gradients(model: nn.Module, loader, limit: int = 128) -> None:
@@ -112,7 +112,7 @@ def _fisher_gradients(model: nn.Module, loader, limit: int = 128) -> None:
     seen = 0
     for image, label in pairs:
         model.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(image[None]), label[None]).backward()
+        task_loss(model(image[None]), label[None]).backward()
         for acc, p in zip(fisher, params):
             if p.grad is not None:
                 acc += p.grad.pow(2)

@@ -35,7 +35,6 @@ from .registry import (
     BN_STATS,
     DISTRIBUTED,
     LOGGERS,
-    LOSSES,
     OPTIMIZERS,
     PROBE_HEADS,
     SCHEDULES,
@@ -118,8 +117,6 @@ class OptimOptions:
     schedule: str = option("cosine", "LR schedule, per step, after warm-up", choices=SCHEDULES)
     warmup_epochs: float = option(0.0, "linear LR warm-up, in epochs (0)")
     step_size: int = option(3, "step schedule: epochs between x0.1 decays (3)")
-    loss: str = option("auto", "training loss (auto: cross-entropy, or binary cross-entropy for multi-label "
-                               "data)", choices=LOSSES)
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy loss (0.1; single-label)")
     select_metric: str = option("accuracy", "metric choosing the best epoch (and early stopping)",
                                 choices=SELECT_METRICS)

@@ -231,7 +231,7 @@ def make_module(ctx: TrainContext, body_groups: list[list[str]], body_lrs: list[
                             ctx.schedule_settings(), cfg.optim.label_smoothing, ctx.class_weights(),
                             freeze_bn_stats=cfg.strategy.bn_stats == "frozen", compile=cfg.runtime.compile,
                             mixup=(cfg.optim.mixup, cfg.optim.cutmix), tta=bool(cfg.model.tta),
-                            multi_label=ctx.multi_label, loss=cfg.optim.loss)
+                            multi_label=ctx.multi_label)
 
 
 def tune_batch_size(ctx: TrainContext, module: ClassifierModule, data: ImageDataModule) -> int:

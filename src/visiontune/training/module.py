@@ -44,14 +44,12 @@ class ClassifierModule(L.LightningModule):
         mixup: mixup and cutmix alphas (timm's ``Mixup``; both 0: off).
         tta: validate with the flip test-time augmentation every prediction of the model will use.
         multi_label: sigmoid outputs, binary cross-entropy and multi-label metrics (targets ``[B, C]``).
-        loss: ``--loss`` (``auto``, or ``asl`` for multi-label data), already checked against the task.
     """
 
     def __init__(self, model: nn.Module, classifier: str, body_groups: list[list[str]], body_lrs: list[float],
                  optimizer: OptimizerSettings, schedule: ScheduleSettings, label_smoothing: float = 0.0,
                  class_weights: torch.Tensor | None = None, freeze_bn_stats: bool = False, compile: bool = False,
-                 mixup: tuple[float, float] = (0.0, 0.0), tta: bool = False, multi_label: bool = False,
-                 loss: str = "auto"):
+                 mixup: tuple[float, float] = (0.0, 0.0), tta: bool = False, multi_label: bool = False):
         super().__init__()
         self.model = model
         self.classifier = classifier
@@ -63,7 +61,7 @@ class ClassifierModule(L.LightningModule):
         # torch.compile'd view of the same module: parameters and state_dict stay model's own
         self.forward_fn = torch.compile(model) if compile else model
         num_classes = model.get_submodule(classifier).out_features
-        self.loss_fn = loss_function(multi_label, class_weights, label_smoothing, loss)
+        self.loss_fn = loss_function(multi_label, class_weights, label_smoothing)
         self.multi_label = multi_label
         self.tta = tta
         self.mixup_fn = None

@@ -2,9 +2,9 @@
 
 - single-label: cross-entropy (class weights, label smoothing); accuracy = top-1.
 - multi-label: binary cross-entropy on each label's logit (``pos_weight`` from ``--balance
-  weights``), or with ``--loss asl`` timm's asymmetric loss (Ridnik et al. 2021: focusing and a
-  probability margin on the negatives, which outnumber the positives); accuracy = share of label
-  decisions right at p = 0.5 (1 - Hamming loss).
+  weights``); accuracy = share of label decisions right at p = 0.5 (1 - Hamming loss). (The
+  asymmetric loss of Ridnik et al. 2021 was tried on the mosaic benchmark and did not pay:
+  bench/RESULTS.md, "Multi-label: loss".)
 
 Example:
     >>> y = torch.tensor([[1.0, 0.0]]); logits = torch.tensor([[2.0, 1.0]])
@@ -21,17 +21,8 @@ from torch import nn
 
 
 def loss_function(multi_label: bool, class_weights: torch.Tensor | None = None,
-                  label_smoothing: float = 0.0, kind: str = "auto") -> nn.Module:
-    """The training loss; ``class_weights`` are per-class weights, or per-label ``pos_weight``.
-
-    ``kind`` is ``--loss`` (the ``LOSSES`` registry), already checked against the task.
-    """
-    if multi_label and kind == "asl":
-        from timm.loss import AsymmetricLossMultiLabel  # lazy: only ASL runs need timm's loss module
-
-        # the paper's gammas and margin; mean reduction keeps the LR scale of the BCE default
-        return AsymmetricLossMultiLabel(gamma_neg=4, gamma_pos=0, clip=0.05, reduction="mean",
-                                        pos_weight=class_weights)
+                  label_smoothing: float = 0.0) -> nn.Module:
+    """The training loss; ``class_weights`` are per-class weights, or per-label ``pos_weight``."""
     if multi_label:
         return nn.BCEWithLogitsLoss(pos_weight=class_weights)
     return nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)

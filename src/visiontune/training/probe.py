@@ -68,7 +68,7 @@ def train_head(
     steps_per_pass = max(1, -(-len(train_y) // batch_size))
     steps_per_epoch = steps_per_pass * passes_per_epoch
     sched = make_scheduler(opt, ctx.schedule_settings(), steps_per_epoch * epochs, steps_per_epoch)
-    loss_fn = loss_function(ctx.multi_label, ctx.class_weights(), cfg.optim.label_smoothing, cfg.optim.loss)
+    loss_fn = loss_function(ctx.multi_label, ctx.class_weights(), cfg.optim.label_smoothing)
     draw = ctx.sample_weights()
     log = MetricsLog(ctx.layout.metrics_csv, cfg.optim.epochs)
     best_score, best_state = None, None

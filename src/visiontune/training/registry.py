@@ -45,9 +45,5 @@ BALANCE = Registry.choices("balance", none="no re-weighting", weights="class-wei
 SELECT_METRICS = Registry.choices("select_metric", accuracy="top-1 accuracy", macro_f1="macro-averaged F1",
                                   balanced_accuracy="macro-averaged recall",
                                   map="macro mean average precision (multi-label, and its default)")
-LOSSES = Registry.choices("loss", auto="cross-entropy for single-label data, binary cross-entropy for multi-label",
-                          ce="cross-entropy (single-label)", bce="binary cross-entropy per label (multi-label)",
-                          asl="asymmetric loss, Ridnik et al. 2021 (multi-label)")
-LOSS_TASK = {"ce": "single", "bce": "multi", "asl": "multi"}  # the task each explicit loss is for
 TASKS = Registry.choices("task", auto="multi-label for a one-hot CSV or rows with 0 or 2+ labels, else single",
                          single="one class per image", multi="any number of classes per image (sigmoid outputs)")
