@@ -242,8 +242,8 @@ def tiny_model(tmp_path_factory):
     head = model.get_submodule(arch.classifier)
     head.weight.data = torch.tensor(fit.coef_, dtype=torch.float32)
     head.bias.data = torch.tensor(fit.intercept_, dtype=torch.float32)
-    card = ModelCard(CLASS_NAMES, pre, arch, calibration={"temperature": 1.5},
-                     training={"data": str(data), "seed": 0})
+    card = ModelCard(CLASS_NAMES, pre, arch, calibration={"temperature": 1.5},  # as training records its run:
+                     training={"data": str(data), "seed": 0, "run_dir": os.path.realpath(base / "run")})
     save_model(base / "run" / "model", model, card)
     return base / "run", data
 

@@ -106,3 +106,16 @@ def test_dhash_is_stable_under_resizing():
     same = bin(dhash(img) ^ dhash(img.resize((50, 50)))).count("1")
     different = bin(dhash(img) ^ dhash(other)).count("1")
     assert same <= 4 < different
+
+
+def test_data_check_names_outside_files_and_a_single_class(tmp_path):
+    import os
+
+    root = make_folder(tmp_path / "data", per_class=4)
+    outside = next(make_folder(tmp_path / "elsewhere", per_class=1, seed=5).rglob("*.png"))
+    os.symlink(outside, root / "red" / "linked.png")
+    report = check_data(root, label_issues=False)
+    assert report["outside_root"] == [str(root / "red" / "linked.png")]
+    assert any("outside the data folder" in w for w in report["warnings"]) and report["ok"]
+    single = check_data(make_folder(tmp_path / "one", per_class=4, classes={"cat": (200, 0, 0)}), label_issues=False)
+    assert not single["ok"] and any("at least 2" in e for e in single["errors"])

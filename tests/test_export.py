@@ -266,8 +266,15 @@ def test_labelled_samples_follow_the_runs_own_split(tiny_model, tmp_path):
     assert labelled_samples(card) == list(splits.val)
     assert labelled_samples(card, split="train") == list(splits.train)
     assert not {p for p, _ in labelled_samples(card)} & {p for p, _ in labelled_samples(card, split="train")}
-    # a model folder moved away from its run re-splits with the recorded fraction and seed
-    moved = card.replace(model_dir=tmp_path / "elsewhere" / "model")
-    assert labelled_samples(moved) == list(splits.val)
-    assert len(labelled_samples(moved)) == 12  # half of 8 images x 3 classes
+    # a model folder in the run folder training recorded re-splits the recorded data with the
+    # recorded fraction and seed; moved elsewhere (or from someone else) it names no data: --data
+    import os
+
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "model").mkdir(parents=True)
+    recorded = {"data": str(data), "seed": 3, "val_fraction": 0.5, "run_dir": os.path.realpath(elsewhere)}
+    own = card.replace(model_dir=elsewhere / "model", training=recorded)
+    assert labelled_samples(own) == list(splits.val) and len(labelled_samples(own)) == 12  # half of 8 x 3
+    moved = own.replace(model_dir=tmp_path / "moved" / "model")
+    assert labelled_samples(moved) == []
 

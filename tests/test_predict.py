@@ -174,3 +174,44 @@ def test_predict_cli_out_resume(inputs, tmp_path, capsys):
     first = out.read_text()
     code, _, err = vt_main(capsys, "predict", run.run_dir, *files, "--out", out, "--resume")
     assert code == 0 and "predicted 0 image(s)" in err and out.read_text() == first
+
+
+def test_resume_counts_csv_rows_and_checks_their_paths(trained_run, tmp_path):
+    """A file name with a newline is one CSV row, not two; changed inputs are refused, not skipped."""
+    import shutil
+
+    from visiontune.core.errors import DataError
+
+    run, data = trained_run
+    source = sorted(data.rglob("*.png"))[:6]
+    odd = tmp_path / "line\nbreak.png"
+    shutil.copy(source[0], odd)
+    files = [str(odd)] + [str(p) for p in source[1:]]
+    full, part = tmp_path / "full.csv", tmp_path / "part.csv"
+    predict_to_csv(str(run.run_dir), files, full, batch_size=2, workers=0)
+    rows = list(csv.reader(open(full, newline="")))
+    assert [r[0] for r in rows[1:]] == files  # the newline stays inside its quoted cell
+    with open(part, "w", newline="") as fh:  # two complete rows, the first with the newline
+        csv.writer(fh, lineterminator="\n").writerows(rows[:3])
+    written, _ = predict_to_csv(str(run.run_dir), files, part, batch_size=2, workers=0, resume=True)
+    assert written == len(files) - 2 and part.read_text() == full.read_text()
+    with pytest.raises(DataError, match="inputs changed"):
+        predict_to_csv(str(run.run_dir), list(reversed(files)), part, batch_size=2, workers=0, resume=True)
+    with pytest.raises(DataError, match="other columns"):
+        predict_to_csv(str(run.run_dir), files, part, top_k=1, batch_size=2, workers=0, resume=True)
+    assert part.read_text() == full.read_text()  # refused resumes change nothing
+
+
+def test_csv_safe_escapes_formula_cells(trained_run, tmp_path, capsys, monkeypatch):
+    """A file named like a formula: --csv-safe writes it as text for spreadsheets; without it, as given."""
+    import shutil
+
+    run, data = trained_run
+    shutil.copy(next(data.rglob("*.png")), tmp_path / "=cmd()+1.png")
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = vt_main(capsys, "predict", run.run_dir, "=cmd()+1.png", "--csv-safe")
+    assert code == 0 and next(csv.reader(out.splitlines()[1:]))[0] == "'=cmd()+1.png"
+    code, _, _ = vt_main(capsys, "predict", run.run_dir, "=cmd()+1.png", "--out", "p.csv", "--csv-safe")
+    assert code == 0 and list(csv.reader(open("p.csv")))[1][0] == "'=cmd()+1.png"
+    code, _, _ = vt_main(capsys, "predict", run.run_dir, "=cmd()+1.png", "--out", "q.csv")
+    assert code == 0 and list(csv.reader(open("q.csv")))[1][0] == "=cmd()+1.png"

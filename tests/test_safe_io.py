@@ -78,6 +78,22 @@ def test_evaluate_refuses_outputs_linked_out_of_a_shipped_model(trained_run, tmp
     assert victim.read_text() == VICTIM_TEXT
     result = visiontune.evaluate(run, trained_run[1], save=False)  # --no-save still scores it
     assert result["num_samples"] > 0 and victim.read_text() == VICTIM_TEXT
+    mine = tmp_path / "my outputs"  # --out: the outputs go where the user says
+    visiontune.evaluate(run, trained_run[1], out=mine)
+    assert (mine / "misclassified.csv").is_file() and (mine / "confusion_matrix.png").is_file()
+    assert victim.read_text() == VICTIM_TEXT
+
+
+def test_recorded_training_data_is_used_only_for_the_users_own_run(trained_run, tmp_path):
+    """A shipped model.json naming some folder as its training data does not make export walk it."""
+    from visiontune.export.common import resolve_data_path
+    from visiontune.models.artifact import read_card
+
+    own = resolve_data_path(read_card(trained_run[0].model_dir))
+    assert own is not None and own.resolve() == Path(trained_run[1]).resolve()
+    run = copy_run(trained_run, tmp_path)  # the same files, in a folder training never wrote
+    assert read_card(run / "model").training["data"] == str(trained_run[1])
+    assert resolve_data_path(read_card(run / "model")) is None
 
 
 def test_cli_evaluate_says_so_without_a_traceback(trained_run, tmp_path, victim, capsys):

@@ -270,3 +270,30 @@ def test_split_csv_round_trip_keeps_known_labels(tmp_path, image_folder):
     assert [label for _, label in back] == [label for _, label in splits.val]
     assert all(Path(p).is_absolute() for p, _ in back)
     assert read_split_csv(path, ["red"]) == [(p, 0) for p, label in back if splits.class_names[label] == "red"]
+
+
+def test_one_class_is_refused_with_the_remedy(tmp_path):
+    root = make_folder(tmp_path / "one", per_class=4, classes={"cat": (200, 0, 0)})
+    with pytest.raises(DataError, match="at least 2.*another class"):
+        discover(root)
+
+
+def test_files_outside_the_data_folder_are_named(tmp_path):
+    """A symlink out of the data root and a CSV's '..' / absolute paths: used as listed, but named."""
+    import os
+
+    root = make_folder(tmp_path / "data", per_class=4)
+    elsewhere = make_folder(tmp_path / "elsewhere", per_class=1, seed=5)
+    outside = next(elsewhere.rglob("*.png"))
+    name = outside.parent.name
+    os.symlink(outside, root / name / "linked.png")
+    splits = discover(root)
+    assert splits.outside_root == [str(root / name / "linked.png")]
+    assert "1 file(s) resolve outside the data folder" in splits.outside_warning()
+    listing = tmp_path / "data" / "list.csv"
+    inside = sorted(root.rglob("*_0*.png"))
+    listing.write_text("path,label\n" + "".join(f"{p.relative_to(root)},{p.parent.name}\n" for p in inside)
+                       + f"../elsewhere/{name}/{outside.name},{name}\n{outside},{name}\n")
+    splits = discover(listing)
+    assert len(splits.outside_root) == 2 and all("elsewhere" in p for p in splits.outside_root)
+    assert discover(make_folder(tmp_path / "clean", per_class=4)).outside_root == []

@@ -22,6 +22,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from conftest import vt_main  # noqa: E402
 
 from visiontune.serve import ServeSettings, create_app  # noqa: E402
+from visiontune.serve.server import server_config  # noqa: E402
 
 
 def free_port() -> int:
@@ -35,7 +36,8 @@ def running_server(model, settings: ServeSettings | None = None, wait_ready: boo
     """Serve ``create_app(model, settings)`` in a thread; yield its base URL; shut down gracefully."""
     app = create_app(model, settings or ServeSettings(warmup=False))
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="on"))
+    server = uvicorn.Server(server_config(app, settings or ServeSettings(), "127.0.0.1", port, log_level="error",
+                                          lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
@@ -326,3 +328,108 @@ def test_admission_middleware_refuses_before_routing():
     assert (b"retry-after", b"1") in sent[0]["headers"] and b"overloaded" in sent[1]["body"]
     asyncio.run(full({"type": "http", "path": "/healthz"}, None, send))  # other paths are never refused
     assert called == ["/healthz"]
+
+
+# ----------------------------------------------------------------------------- hostile clients (issue 16)
+def _open(url: str, head: bytes) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    sock.sendall(head)
+    return sock
+
+
+def _closed_by_server(sock: socket.socket, within: float) -> bytes | None:
+    """What the server sent before closing ``sock`` (None: still open after ``within`` s)."""
+    sock.settimeout(0.2)
+    got, deadline = b"", time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            return got
+        if not chunk:
+            return got
+        got += chunk
+    return None
+
+
+def test_slow_clients_cannot_starve_health_endpoints(clf, trained_run):
+    """260 stalled connections (half in their headers, half in their bodies) with --timeout-s 2:
+    health, readiness, /v1/model and /v1/predict still answer at once, and every stalled
+    connection is closed by its deadline."""
+    body = sample_files(trained_run[1], 1)[0].read_bytes()
+    key = {"x-api-key": "k"}
+    with running_server(clf, ServeSettings(warmup=False, timeout_s=2, api_key="k")) as url:
+        slow_heads = [_open(url, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n") for _ in range(130)]
+        slow_bodies = [_open(url, b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: k\r\n"
+                                  b"Content-Type: image/png\r\nContent-Length: 100000\r\n\r\n" + body[:10])
+                       for _ in range(130)]
+        time.sleep(0.5)  # every stalled request is in the server's hands
+        for method, path, kwargs in (("GET", "/healthz", {}), ("GET", "/readyz", {}), ("GET", "/v1/model", key),
+                                     ("POST", "/v1/predict", {**key, "content-type": "image/png"})):
+            started = time.monotonic()
+            answer = httpx.request(method, url + path, headers=kwargs, timeout=10,
+                                   content=body if method == "POST" else None)
+            assert answer.status_code == 200 and time.monotonic() - started < 1.0, path
+        heads = [_closed_by_server(s, 10) for s in slow_heads]
+        bodies = [_closed_by_server(s, 10) for s in slow_bodies]
+        assert all(h is not None and h.startswith(b"HTTP/1.1 408") for h in heads)
+        assert all(b is not None and b.startswith(b"HTTP/1.1 408") and b"request_timeout" in b for b in bodies)
+        for s in slow_heads + slow_bodies:
+            s.close()
+
+
+def test_an_oversized_upload_reads_the_413_not_a_reset(clf):
+    """urllib sends all 50 MB before reading; the server answers at once, then drains (lingering close)."""
+    import urllib.error
+    import urllib.request
+
+    with running_server(clf, ServeSettings(warmup=False, max_body_mb=10)) as url:
+        request = urllib.request.Request(f"{url}/v1/predict", data=b"\0" * (50 * 2**20),
+                                         headers={"Content-Type": "image/png"}, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=30)
+        assert caught.value.code == 413 and b"payload_too_large" in caught.value.read()
+        assert httpx.get(f"{url}/healthz").status_code == 200
+
+
+def test_keyless_server_answers_only_loopback_host_names(clf):
+    with running_server(clf) as url:
+        port = url.rsplit(":", 1)[1]
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost", f"[::1]:{port}"):
+            assert httpx.get(f"{url}/v1/model", headers={"host": host}).status_code == 200, host
+        for host in (f"evil.example:{port}", "attacker.test", f"10.0.0.5:{port}"):  # DNS rebinding
+            refused = httpx.get(f"{url}/v1/model", headers={"host": host})
+            assert refused.status_code == 400 and refused.json()["error"] == "bad_host", host
+    with running_server(clf, ServeSettings(warmup=False, api_key="k")) as url:  # a key decides instead
+        assert httpx.get(f"{url}/v1/model", headers={"host": "api.example", "x-api-key": "k"}).status_code == 200
+
+
+def test_readyz_keeps_the_load_error_from_clients_without_the_key(tmp_path):
+    broken = tmp_path / "model"
+    broken.mkdir()
+    (broken / "model.json").write_text("{not json")
+    with running_server(str(broken), ServeSettings(warmup=False, api_key="k"), wait_ready=False) as url:
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/readyz").json()["status"] == "loading" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        anonymous = httpx.get(f"{url}/readyz")
+        assert anonymous.status_code == 503 and anonymous.json() == {"status": "failed", "detail": ""}
+        assert "model.json" in httpx.get(f"{url}/readyz", headers={"x-api-key": "k"}).json()["detail"]
+
+
+def test_api_key_file_and_the_ps_warning(tmp_path, capsys, monkeypatch):
+    import argparse
+
+    from visiontune.cli.serve import api_key_from_args
+
+    monkeypatch.delenv("VISIONTUNE_API_KEY", raising=False)
+    key_file = tmp_path / "key with space"
+    key_file.write_text("s3cret\n")
+    assert api_key_from_args(argparse.Namespace(api_key=None, api_key_file=str(key_file))) == "s3cret"
+    assert api_key_from_args(argparse.Namespace(api_key="inline", api_key_file=None)) == "inline"
+    assert "visible to every user" in capsys.readouterr().err
+    code, _, err = vt_main(capsys, "serve", tmp_path, "--api-key-file", tmp_path / "missing")
+    assert code == 2 and "--api-key-file" in err and "Traceback" not in err

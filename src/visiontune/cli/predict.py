@@ -24,6 +24,8 @@ def register(sub) -> None:
     p.add_argument("--label-delim", default=" ", metavar="SEP",
                    help="multi-label CSVs: separator of the labels in one cell (a space)")
     p.add_argument("--no-save", action="store_true", help="do not write confusion_matrix.png / misclassified.csv")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="folder for confusion_matrix.png / misclassified.csv (default: next to the model)")
     tta = p.add_mutually_exclusive_group()
     tta.add_argument("--tta", dest="tta", action="store_true", default=None,
                      help="average each image's logits with its mirror image's (default: as the model was trained)")
@@ -39,6 +41,9 @@ def register(sub) -> None:
     p.add_argument("--explain", action="store_true",
                    help="also write a Grad-CAM overlay PNG per input (next to --out, in gradcam/)")
     p.add_argument("--resume", action="store_true", help="with --out FILE.csv: skip inputs already written")
+    p.add_argument("--csv-safe", action="store_true",
+                   help="prefix CSV cells starting with = + - @ with ' so spreadsheets show them as text, not "
+                        "formulas (file or class names from strangers)")
     p.add_argument("--processes", type=int, default=1, metavar="N",
                    help="with --out FILE.csv: shard inputs over N processes (output order unchanged)")
     p.add_argument("--devices", dest="processes", type=int, help=argparse.SUPPRESS)  # the name before 0.2
@@ -59,7 +64,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     clf = Classifier.load(args.model, precision=args.precision, tta=args.tta)
     result = evaluate(clf, args.data, batch_size=args.batch_size, workers=args.workers, save=not args.no_save,
-                      label_delim=args.label_delim)
+                      label_delim=args.label_delim, out=args.out)
     print(json.dumps(result) if args.json else format_evaluation(result))
     return 0
 
@@ -114,7 +119,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.out and not args.out.endswith(".json"):  # streamed, incremental, resumable
         n, bad = predict_to_csv(args.model, inputs, Path(args.out), args.top_k, args.batch_size, args.workers,
                                 args.precision, args.reject_below, args.resume, args.processes, args.threshold,
-                                args.label_delim)
+                                args.label_delim, args.csv_safe)
         print(f"predicted {n - bad} image(s)" + (f", {bad} unreadable" if bad else "") + f"; wrote {args.out}",
               file=sys.stderr)
         return 0
@@ -130,7 +135,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(csv_header(k, names))
-        writer.writerows(csv_cells(r, k, names, args.label_delim) for r in rows)
+        writer.writerows(csv_cells(r, k, names, args.label_delim, args.csv_safe) for r in rows)
         if out:
             Path(out).write_text(buf.getvalue())
         else:

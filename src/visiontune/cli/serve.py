@@ -26,7 +26,10 @@ def register(sub) -> None:
     p.add_argument("--max-pixels", type=float, default=40.0, metavar="MP",
                    help="largest upload in megapixels, read from the image header before decoding -> 413 (40)")
     p.add_argument("--api-key", default=None, metavar="KEY",
-                   help=f"require X-API-Key: KEY on /v1/* (default: ${API_KEY_ENV})")
+                   help=f"require X-API-Key: KEY on /v1/* (visible to other users in `ps`: prefer ${API_KEY_ENV} "
+                        "or --api-key-file)")
+    p.add_argument("--api-key-file", default=None, metavar="PATH",
+                   help="read the API key from the first line of PATH")
     p.add_argument("--workers-threads", type=int, default=None, metavar="N",
                    help="image-decoding threads (default: CPU count)")
     p.add_argument("--nice", type=int, default=10, metavar="N",
@@ -38,11 +41,32 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def api_key_from_args(args: argparse.Namespace) -> str | None:
+    """--api-key, else --api-key-file's first line, else $VISIONTUNE_API_KEY (None: no key)."""
+    if args.api_key and args.api_key_file:
+        raise ConfigError("give --api-key or --api-key-file, not both")
+    if args.api_key:
+        print(f"visiontune: warning: --api-key is visible to every user of this machine in `ps`; prefer "
+              f"${API_KEY_ENV} or --api-key-file", file=sys.stderr)
+        return args.api_key
+    if args.api_key_file:
+        try:
+            key = Path(args.api_key_file).read_text(encoding="utf-8").splitlines()[0].strip()
+        except (OSError, UnicodeDecodeError, IndexError) as exc:
+            why = {IndexError: "empty file", UnicodeDecodeError: "not UTF-8 text"}.get(type(exc)) or exc.strerror
+            raise ConfigError(f"cannot read an API key from --api-key-file {args.api_key_file}: {why}; "
+                              "write the key on its first line") from None
+        if not key:
+            raise ConfigError(f"--api-key-file {args.api_key_file} has an empty first line; write the key there")
+        return key
+    return os.environ.get(API_KEY_ENV) or None
+
+
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     return ServeSettings(
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         timeout_s=args.timeout_s, max_body_mb=args.max_body_mb, max_pixels=int(args.max_pixels * 1e6),
-        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        api_key=api_key_from_args(args),
         workers_threads=args.workers_threads or max(1, os.cpu_count() or 1),
         precision=args.precision, reject_below=args.reject_below, niceness=args.nice)
 
@@ -61,9 +85,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn  # lazy: the parser builds without uvicorn, FastAPI and torch
 
     from ..serve.app import create_app
+    from ..serve.server import raise_fd_limit, server_config
 
     app = create_app(args.model, settings)
     print(f"visiontune: serving {args.model} on http://{args.host}:{args.port}/ (docs: /docs)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30,
-                limit_concurrency=max(256, 4 * settings.max_queue))
+    raise_fd_limit()  # before the connection limit is read from it
+    uvicorn.Server(server_config(app, settings, args.host, args.port)).run()
     return 0

@@ -29,6 +29,19 @@ from typing import IO, Any
 
 from .errors import ArtifactError
 
+# a cell starting with one of these runs as a formula when the CSV is opened in a spreadsheet
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(cell: str) -> str:
+    """``cell`` with a leading ``'`` when a spreadsheet would read it as a formula (CSV injection).
+
+    Example:
+        >>> spreadsheet_safe("=HYPERLINK(\"http://x\")"), spreadsheet_safe("cat.jpg")
+        ('\'=HYPERLINK("http://x")', 'cat.jpg')
+    """
+    return "'" + cell if cell.startswith(FORMULA_START) else cell
+
 
 def refuse_link(path: str | os.PathLike) -> Path:
     """``path``, unless it or its folder is a symbolic link (then :class:`ArtifactError` naming the remedy)."""

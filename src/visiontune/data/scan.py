@@ -50,6 +50,15 @@ class Splits:
     layout: str = "folders"
     task: str = "single"  # or "multi": labels are multi-hot vectors (data/labels.py)
     task_note: str = ""  # which task was chosen and why (for CSVs, where it is a choice)
+    outside_root: list[str] = field(default_factory=list)  # files resolving outside the data's folder
+
+    def outside_warning(self, limit: int = 3) -> str:
+        """A warning naming files that resolve outside the data folder ('' when none do)."""
+        if not self.outside_root:
+            return ""
+        return (f"warning: {len(self.outside_root)} file(s) resolve outside the data folder (symlinks, or absolute "
+                f"or '..' paths in a CSV), e.g. {', '.join(self.outside_root[:limit])}; they are used as listed. "
+                "Check that you meant to include them")
 
     def counts(self, split: str) -> dict[str, int]:
         """Images per class (a multi-label image counts for each of its classes)."""
@@ -198,9 +207,16 @@ def discover(
         val_rows = tables[1].rows if len(tables) > 1 else None
         splits = _discover_multi(data, tables[0].rows, val_rows, val_fraction, seed, class_names, scan)
         splits.task_note = describe_task("multi", task, why)
+        outside = outside_root([p for p, _ in tables[0].rows], data.parent)
+        if val_rows is not None and val is not None:
+            outside += outside_root([p for p, _ in val_rows], val.parent)
+        splits.outside_root = sorted(set(outside))
         return splits
     raw = read_source(data, val)
     names = sorted(raw["train"])
+    if class_names is None and len(names) < 2:  # one class trains to a meaningless "val accuracy 1.0"
+        raise DataError(f"{data} has one class ({names[0]!r}); a classifier needs at least 2. Add a folder (or CSV "
+                        "label) of images for another class, e.g. 'other'")
     _check_classes(raw, names, class_names)
     names = class_names or names
     skipped: dict[str, str] = {}
@@ -218,6 +234,11 @@ def discover(
         layout = "folders" if data.is_dir() else "csv"
     splits = Splits(names, train, val_list, lists.get("test", []), sorted(skipped.items()), layout)
     splits.task_note = describe_task("single", task, why) if data.is_file() else ""
+    roots = [(files, data.parent if data.is_file() else data) for split, files in raw.items() if split != "val"]
+    if "val" in raw:
+        roots.append((raw["val"], val.parent if val is not None and val.is_file() else (val or data)))
+    splits.outside_root = sorted({p for by_class, root in roots
+                                  for p in outside_root([f for fs in by_class.values() for f in fs], root)})
     return splits
 
 
@@ -260,6 +281,13 @@ def _multi_samples(rows: LabelRows, names: list[str], skipped: dict[str, str]) -
     index = {name: i for i, name in enumerate(names)}
     return sorted(((p, multi_hot([index[x] for x in labels], len(names))) for p, labels in rows if p not in skipped),
                   key=lambda sample: sample[0])
+
+
+def outside_root(paths: list[str], root: Path) -> list[str]:
+    """The ``paths`` whose real location (symlinks resolved) is not inside ``root``'s."""
+    base = os.path.realpath(root)
+    prefix = base.rstrip(os.sep) + os.sep
+    return [p for p in paths if not os.path.realpath(p).startswith(prefix)]
 
 
 def read_source(data: Path, val: Path | None) -> dict[str, dict[str, list[str]]]:

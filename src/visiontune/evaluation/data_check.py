@@ -29,7 +29,7 @@ from ..core.hardware import resolve_precision
 from ..data.cache import file_digests
 from ..data.image import is_image_path, load_image
 from ..data.multilabel import choose_task
-from ..data.scan import read_source, scan_files
+from ..data.scan import outside_root, read_source, scan_files
 from ..inference.features import FeatureExtractor
 from ..models.factory import build_model
 from .data_check_multilabel import cardinality, cooccurrence, find_multilabel_errors, multilabel_samples
@@ -106,16 +106,25 @@ def check_data(data: str | os.PathLike, val: str | os.PathLike | None = None, mi
         report["label_issues"], report["label_check"] = find_label_errors(
             samples, names, split_of, model, img_size, cache_dir, folds, seed, batch_size, workers)
 
+    def folder(source) -> Path:
+        return Path(source).parent if Path(source).is_file() else Path(source)
+
+    report["outside_root"] = sorted(
+        outside_root([p for p in every if split_of[p] != "val" or val is None], folder(data))
+        + (outside_root([p for p in every if split_of[p] == "val"], folder(val)) if val else []))
     conflicting = sum(1 for g in duplicates + leaks if g["conflicting_labels"])
     errors = [text for found, text in (
         (unreadable, f"{len(unreadable)} unreadable file(s)"),
         (leaks, f"{len(leaks)} file(s) present in more than one split (train/val leakage)"),
         (conflicting, f"{conflicting} identical file group(s) with different labels"),
-        (empty, f"class(es) without a readable image: {', '.join(empty)}")) if found]
+        (empty, f"class(es) without a readable image: {', '.join(empty)}"),
+        (not multi and len(names) < 2, f"{len(names)} class(es): a classifier needs at least 2")) if found]
     warnings = [text for found, text in (
         (duplicates, f"{len(duplicates)} group(s) of identical files within a split"),
         (near, f"{len(near)} near-duplicate pair(s) (dHash distance <= {near_threshold})"),
-        (small, f"{len(small)} image(s) smaller than {min_size} px")) if found]
+        (small, f"{len(small)} image(s) smaller than {min_size} px"),
+        (report["outside_root"], f"{len(report['outside_root'])} file(s) resolve outside the data folder (symlinks, or "
+                                 "absolute or '..' paths in a CSV)")) if found]
     if imbalance["ratio"] and imbalance["ratio"] > imbalance_warning:
         warnings.append(f"class imbalance {imbalance['ratio']}:1 (smallest: "
                         + ", ".join(f"{c} {n}" for c, n in imbalance["smallest"]) + ")")

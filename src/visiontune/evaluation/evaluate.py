@@ -17,7 +17,7 @@ from torchmetrics.functional.classification import (
 )
 
 from ..core.errors import DataError
-from ..core.safe_io import atomic_writer, refuse_link
+from ..core.safe_io import atomic_writer, refuse_link, spreadsheet_safe
 from ..data.labels import stack_targets
 from ..data.scan import Sample, discover_eval
 from ..inference.classifier import Classifier
@@ -27,15 +27,18 @@ from .plots import plot_confusion_matrix
 
 
 def evaluate(model: str | os.PathLike | Classifier, data: str | os.PathLike, batch_size: int = 64,
-             workers: int | None = None, save: bool = True, label_delim: str = " ") -> dict[str, Any]:
+             workers: int | None = None, save: bool = True, label_delim: str = " ",
+             out: str | os.PathLike | None = None) -> dict[str, Any]:
     """Score a trained model on labelled data.
 
     Args:
         model: a run dir, a ``model/`` dir, or a loaded :class:`Classifier`.
         data: class folders, a split layout (its ``test`` split, else ``val``) or a CSV
             (multi-label models: a ``path,labels`` or one-hot CSV).
-        save: write ``confusion_matrix.png`` and ``misclassified.csv`` next to the model.
+        save: write ``confusion_matrix.png`` and ``misclassified.csv`` (cells that a spreadsheet
+            would run as formulas start with ``'``) into ``out``.
         label_delim: separator of the labels in one cell of a multi-label ``path,labels`` CSV.
+        out: folder for those files (created); default: next to the model.
 
     Returns:
         ``accuracy``, ``top5_accuracy`` (>= 5 classes), ``macro_precision``, ``macro_recall``,
@@ -48,19 +51,20 @@ def evaluate(model: str | os.PathLike | Classifier, data: str | os.PathLike, bat
         # -> 0.97
     """
     clf = model if isinstance(model, Classifier) else Classifier.load(model)  # run, model, pruned or .onnx
+    folder = Path(out) if out is not None else Path(clf.card.model_dir)
     if save:  # refused before any work, so that nothing is lost: a model folder may come from anyone
         for name in ("misclassified.csv", "confusion_matrix.png"):
-            refuse_link(Path(clf.card.model_dir) / name)
+            refuse_link(folder / name)
+        folder.mkdir(parents=True, exist_ok=True)
     samples, skipped = discover_eval(data, clf.class_names, clf.card.task, label_delim)
     result = evaluate_samples(clf, samples, batch_size, workers, keep_predictions=save)
     result["skipped"] = [{"path": p, "reason": r} for p, r in skipped]
     if save and clf.multi_label:
         write_label_errors(result.pop("predictions"), clf.class_names, clf.thresholds or [],
-                           Path(clf.card.model_dir) / "misclassified.csv")
+                           folder / "misclassified.csv")
     elif save:
-        out = Path(clf.card.model_dir)
-        plot_confusion_matrix(result["confusion_matrix"], clf.class_names, out / "confusion_matrix.png")
-        write_misclassified(result.pop("predictions"), clf.class_names, out / "misclassified.csv")
+        plot_confusion_matrix(result["confusion_matrix"], clf.class_names, folder / "confusion_matrix.png")
+        write_misclassified(result.pop("predictions"), clf.class_names, folder / "misclassified.csv")
     return result
 
 
@@ -132,7 +136,8 @@ def write_misclassified(predictions, class_names: list[str], path: Path) -> int:
         for file, true, probs in predictions:
             pred = int(probs.argmax())
             if pred != true:
-                writer.writerow([file, class_names[true], class_names[pred], f"{float(probs[pred]):.4f}",
+                writer.writerow([spreadsheet_safe(str(file)), spreadsheet_safe(class_names[true]),
+                                 spreadsheet_safe(class_names[pred]), f"{float(probs[pred]):.4f}",
                                  f"{float(probs[true]):.4f}"])
                 rows += 1
     return rows

@@ -28,7 +28,7 @@ from torchmetrics.functional.classification import (
 )
 
 from ..core.errors import DataError
-from ..core.safe_io import atomic_writer
+from ..core.safe_io import atomic_writer, spreadsheet_safe
 
 MIN_THRESHOLD_SUPPORT = 5  # val positives a label needs for a threshold of its own; fewer: the global one
 
@@ -126,7 +126,8 @@ def write_label_errors(predictions, class_names: list[str], thresholds: Sequence
             truth = {class_names[i] for i in torch.nonzero(true > 0.5).flatten().tolist()}
             called = {class_names[i] for i in torch.nonzero(decisions(probs[None], thresholds)[0]).flatten().tolist()}
             if truth != called:
-                writer.writerow([file, " ".join(sorted(truth)), " ".join(sorted(called)),
-                                 " ".join(sorted(truth - called)), " ".join(sorted(called - truth))])
+                writer.writerow([spreadsheet_safe(str(cell)) for cell in (
+                    file, " ".join(sorted(truth)), " ".join(sorted(called)), " ".join(sorted(truth - called)),
+                    " ".join(sorted(called - truth)))])
                 rows += 1
     return rows

@@ -84,14 +84,29 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
 
 
 def resolve_data_path(card: ModelCard) -> Path | None:
-    """The training data recorded in the card, if it still exists (relative paths: cwd, then run dir)."""
+    """The training data the card records, only when it is this user's own run's, else None.
+
+    A model folder from someone else names whatever path its author chose (``.``, ``~``...), and
+    walking it would read and decode that tree. So the path is used only when the model folder
+    still sits in the run folder that training recorded (``training.run_dir``, a real path no
+    stranger can match), and it is a folder or CSV that exists and belongs to the current user
+    (relative paths: cwd, then the run folder).
+    """
     data = card.training.get("data")
-    if not data or not isinstance(data, str):
+    if not data or not isinstance(data, str) or card.model_dir is None:
         return None
-    candidates = [Path(data)]
-    if card.model_dir is not None and not Path(data).is_absolute():
-        candidates.append(RunLayout.of_model_dir(card.model_dir).root / data)
-    return next((p for p in candidates if p.exists()), None)
+    run = RunLayout.of_model_dir(card.model_dir).root
+    if card.training.get("run_dir") != os.path.realpath(run):
+        return None
+    candidates = [Path(data)] if Path(data).is_absolute() else [Path(data), run / data]
+    for path in candidates:
+        try:
+            owned = path.stat().st_uid == os.getuid() if hasattr(os, "getuid") else True
+        except OSError:
+            continue
+        if owned and (path.is_dir() or (path.is_file() and path.suffix.lower() == ".csv")):
+            return path
+    return None
 
 
 def labelled_samples(card: ModelCard, data: str | os.PathLike | None = None,
@@ -100,8 +115,9 @@ def labelled_samples(card: ModelCard, data: str | os.PathLike | None = None,
 
     Without ``data`` the run's own ``splits/<split>.csv`` is read, so ``val`` is exactly the
     held-out set the model never trained on (whatever ``--val``/``--val-fraction`` training used).
-    A model folder moved away from its run re-splits the recorded training data with the
-    recorded seed and fraction instead.
+    A model folder without split CSVs, still in the run folder training wrote, re-splits the
+    recorded training data with the recorded seed and fraction instead (:func:`resolve_data_path`);
+    any other gives ``[]`` (callers ask for ``--data``).
     """
     if data is not None:
         return discover_eval(data, card.class_names, card.task, str(card.training.get("label_delim", " ")))[0]

@@ -8,42 +8,78 @@ skips the rows an interrupted run already wrote (output order = input order).
 from __future__ import annotations
 
 import csv
+import io
 import multiprocessing as mp
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from ..core.errors import DataError
 from ..core.hardware import cpu_count
+from ..core.safe_io import spreadsheet_safe
 from .classifier import Classifier
 from .rows import csv_cells, csv_header
 
 
-def rows_done(out: Path) -> int:
-    """Complete data rows already in ``out`` (a cut-off last line does not count)."""
+def rows_done(out: Path, inputs: Sequence[str], header: list[str], spreadsheet: bool = False) -> int:
+    """Rows an interrupted run already wrote to ``out`` for the first of ``inputs``.
+
+    Rows are read with the csv module (a quoted file name may hold a newline), the columns must
+    be the ones this call writes and each row's path must be the input at its position; a row the
+    interruption cut off is dropped from the file.
+    """
     if not out.exists():
         return 0
-    text = out.read_text()
-    complete = text[: text.rfind("\n") + 1]
-    out.write_text(complete)  # drop a half-written last row
-    return max(0, complete.count("\n") - 1)
+    with open(out, newline="", encoding="utf-8") as fh:
+        text = fh.read()
+    complete = text[: text.rfind("\n") + 1]  # every row ends with a newline: a cut row lacks it
+    try:
+        rows = list(csv.reader(io.StringIO(complete)))
+    except csv.Error:  # cut inside a quoted cell
+        rows = []
+    if not rows:
+        return 0
+    if rows[0] != header:
+        raise DataError(f"--resume: {out} has other columns than this prediction writes (another model, --top-k "
+                        "or task?); give a new --out or drop --resume")
+    done = 0
+    for row in rows[1:]:
+        if len(row) != len(header):
+            break  # a row split by an interruption inside a quoted cell
+        expected = str(inputs[done]) if done < len(inputs) else None
+        if expected is None or row[0] != (spreadsheet_safe(expected) if spreadsheet else expected):
+            raise DataError(f"--resume: row {done + 1} of {out} is for {row[0]!r} but input {done + 1} is "
+                            f"{expected!r}: the inputs changed since that run; give a new --out or drop --resume")
+        done += 1
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows[:done + 1])
+    if buf.getvalue() != text:  # a cut-off row (even one the csv module read whole): rewritten without it
+        with open(out, "w", newline="", encoding="utf-8") as fh:
+            fh.write(buf.getvalue())
+    return done
 
 
 def predict_to_csv(model_path: str, inputs: Sequence[str], out: Path, top_k: int = 5, batch_size: int = 64,
                    workers: int | None = None, precision: str = "auto", reject_below: float | None = None,
                    resume: bool = False, processes: int = 1, threshold: float | None = None,
-                   label_delim: str = " ") -> tuple[int, int]:
+                   label_delim: str = " ", csv_safe: bool = False) -> tuple[int, int]:
     """Predict ``inputs`` into CSV ``out``; returns (rows written in this call, unreadable among them).
 
     ``threshold`` and ``label_delim`` apply to multi-label models (one threshold for every label,
-    the separator of the ``labels`` cell).
+    the separator of the ``labels`` cell); ``csv_safe`` prefixes cells that a spreadsheet would
+    run as formulas with ``'``.
 
     Example:
         predict_to_csv("runs/train-1", files, Path("preds.csv"), resume=True)
     """
-    done = rows_done(out) if resume else 0
+    done = 0
+    if resume:
+        clf = Classifier.load(model_path, precision="32")  # its columns: the classes and the task
+        k = max(1, min(top_k, len(clf.class_names)))
+        done = rows_done(out, inputs, csv_header(k, clf.class_names if clf.multi_label else None), csv_safe)
     todo = list(inputs[done:])
-    decision = (reject_below, threshold, label_delim)
+    decision = (reject_below, threshold, label_delim, csv_safe)
     if processes <= 1 or len(todo) < processes * batch_size:
         return _predict_shard(model_path, todo, out, top_k, batch_size, workers, precision, decision, done > 0)
     return _predict_sharded(model_path, todo, out, top_k, batch_size, precision, decision, done > 0, processes)
@@ -54,16 +90,16 @@ def _predict_shard(model_path, inputs, out: Path, top_k, batch_size, workers, pr
     if threads:
         torch.set_num_threads(threads)
     clf = Classifier.load(model_path, precision=precision)
-    reject_below, threshold, delim = decision
+    reject_below, threshold, delim, spreadsheet = decision
     k = max(1, min(top_k, len(clf.class_names)))
     names = clf.class_names if clf.multi_label else None
     written = bad = 0
-    with open(out, "a" if append else "w", newline="") as fh:
+    with open(out, "a" if append else "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         if not append:
             writer.writerow(csv_header(k, names))
         for row in clf.predict_stream(inputs, top_k, batch_size, workers, reject_below, threshold):
-            writer.writerow(csv_cells(row, k, names, delim))
+            writer.writerow(csv_cells(row, k, names, delim, spreadsheet))
             written += 1
             bad += bool(row["error"])
             if written % batch_size == 0:

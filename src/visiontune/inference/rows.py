@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from ..core.safe_io import spreadsheet_safe
+
 UNKNOWN = "unknown"  # label of predictions rejected by reject_below
 
 
@@ -96,8 +98,15 @@ def csv_header(k: int, class_names: Sequence[str] | None = None) -> list[str]:
     return header + ["error"]
 
 
-def csv_cells(row: dict[str, Any], k: int, class_names: Sequence[str] | None = None, delim: str = " ") -> list[str]:
-    """A row as CSV cells under :func:`csv_header` (multi-label: labels joined by ``delim``)."""
+def csv_cells(row: dict[str, Any], k: int, class_names: Sequence[str] | None = None, delim: str = " ",
+              spreadsheet: bool = False) -> list[str]:
+    """A row as CSV cells under :func:`csv_header` (multi-label: labels joined by ``delim``;
+    ``spreadsheet``: cells that would run as formulas get a leading ``'``, ``--csv-safe``)."""
+    cells = _cells(row, k, class_names, delim)
+    return [spreadsheet_safe(c) for c in cells] if spreadsheet else cells
+
+
+def _cells(row: dict[str, Any], k: int, class_names: Sequence[str] | None, delim: str) -> list[str]:
     if class_names is None:
         cells = [row["path"], row["label"], "" if row["probability"] is None else f"{row['probability']:.6f}"]
     else:

@@ -18,7 +18,15 @@ from fastapi.staticfiles import StaticFiles
 from ..inference.classifier import Classifier
 from ..inference.rows import prediction_rows, probabilities, row_from_probabilities
 from .batcher import Batcher, QueueFull, lower_thread_priority
-from .security import AdmissionMiddleware, BodyLimitMiddleware, RequestError, check_api_key, decode_upload
+from .security import (
+    AdmissionMiddleware,
+    BodyLimitMiddleware,
+    LoopbackHostMiddleware,
+    RequestError,
+    check_api_key,
+    decode_upload,
+    has_valid_key,
+)
 from .settings import ServeSettings
 
 STATIC = Path(__file__).parent / "static"
@@ -41,6 +49,7 @@ class _State:
         self.ready = False
         self.load_error = ""
         self.pending = 0  # images admitted (decoding, queued or in the model): admission control
+        self.reserved = 0  # bytes of request bodies being received (declared, else --max-body-mb each)
         self.decoders = ThreadPoolExecutor(max_workers=max(1, settings.workers_threads),
                                            thread_name_prefix="visiontune-decode",
                                            initializer=lower_thread_priority, initargs=(settings.niceness,))
@@ -120,6 +129,8 @@ def create_app(model: str | os.PathLike | Any, settings: ServeSettings | None = 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     # outermost: refuse cheaply while the queue is full (added last = runs first)
     app.add_middleware(AdmissionMiddleware, is_full=lambda: state.ready and state.pending >= settings.max_queue)
+    if not settings.api_key:  # key-less servers listen on loopback only: refuse rebound host names
+        app.add_middleware(LoopbackHostMiddleware)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(RequestError)
@@ -135,10 +146,12 @@ def create_app(model: str | os.PathLike | Any, settings: ServeSettings | None = 
         return {"status": "ok"}
 
     @app.get("/readyz", summary="Readiness: 503 until the model is loaded and warmed up")
-    async def readyz() -> JSONResponse:
+    async def readyz(request: Request) -> JSONResponse:
         if state.ready:
             return JSONResponse({"status": "ready"})
-        return JSONResponse({"status": "failed" if state.load_error else "loading", "detail": state.load_error},
+        # the load error names paths and library internals: only for clients holding the key
+        detail = state.load_error if has_valid_key(settings.api_key, request.headers) else ""
+        return JSONResponse({"status": "failed" if state.load_error else "loading", "detail": detail},
                             status_code=503, headers={"Retry-After": "1"})
 
     def _require_ready(request: Request) -> Any:
@@ -154,7 +167,21 @@ def create_app(model: str | os.PathLike | Any, settings: ServeSettings | None = 
     @app.post("/v1/predict", summary="Classify one or more images", openapi_extra=_PREDICT_BODY)
     async def predict(request: Request, top_k: int = Query(5, ge=1, le=1000)) -> dict[str, Any]:
         clf = _require_ready(request)  # a full queue was refused earlier, unread (AdmissionMiddleware)
-        blobs = await _read_images(request)
+        # uploads being received hold memory: bounded in bytes (a stalled client holds only what it
+        # declared), at what a full queue of the largest bodies would hold
+        declared = _declared_length(request) or settings.max_body_bytes
+        if state.reserved + declared > settings.max_queue * settings.max_body_bytes:
+            raise RequestError(503, "overloaded", "server busy: too many uploads in progress",
+                               {"Retry-After": "1", "Connection": "close"})
+        state.reserved += declared
+        try:  # a body trickling in holds a connection: it arrives within the request timeout or not at all
+            async with asyncio.timeout(settings.timeout_s):
+                blobs = await _read_images(request)
+        except TimeoutError:
+            raise RequestError(408, "request_timeout", f"request body not received within {settings.timeout_s:g} s",
+                               {"Connection": "close"}) from None
+        finally:
+            state.reserved -= declared
         if len(blobs) > settings.max_queue:
             raise RequestError(413, "too_many_images", f"at most {settings.max_queue} images per request")
         if state.pending + len(blobs) > settings.max_queue:
@@ -188,6 +215,13 @@ def _row(clf: Any, logits: torch.Tensor, top_k: int, reject_below: float | None)
     row = row_from_probabilities(probabilities(logits, clf.temperature), clf.class_names, top_k, reject_below,
                                  clf.calibrated)
     return {k: row[k] for k in RESPONSE_KEYS}
+
+
+def _declared_length(request: Request) -> int | None:
+    try:  # BodyLimitMiddleware has refused anything above the limit or unparsable
+        return int(request.headers["content-length"])
+    except (KeyError, ValueError):
+        return None
 
 
 async def _read_images(request: Request) -> list[bytes]:

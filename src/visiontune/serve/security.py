@@ -16,6 +16,7 @@ from PIL import Image
 from ..core.errors import ImageDecodeError, VisiontuneError
 from ..data.image import load_image
 from ..data.preprocess import DecompressionBomb, open_image
+from .settings import is_loopback
 
 # HTTP status of each ImageDecodeError kind (anything else: 400)
 DECODE_STATUS = {"decompression-bomb": (413, "image_too_large"), "non-image": (415, "unsupported_media_type")}
@@ -68,6 +69,50 @@ class AdmissionMiddleware:
                 await send(message)
             return
         await self.app(scope, receive, send)
+
+
+def host_name(header: str) -> str:
+    """The host part of a ``Host`` header: ``localhost:8000`` -> ``localhost``, ``[::1]:80`` -> ``::1``
+    (lower case, without a trailing dot)."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return (header.rsplit(":", 1)[0] if header.count(":") == 1 else header).rstrip(".")
+
+
+class LoopbackHostMiddleware:
+    """ASGI middleware: 400 for a ``Host`` header that names no loopback host.
+
+    A server without an API key only listens on loopback, yet a web page the user visits can
+    point a DNS name at 127.0.0.1 (DNS rebinding) and read the answers: its requests carry the
+    attacker's host name, which this refuses. Servers with an API key skip the check.
+
+    Example:
+        app = LoopbackHostMiddleware(inner_app)
+    """
+
+    def __init__(self, app: Callable):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            host = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"host"), None)
+            if host is not None and not is_loopback(host_name(host)):
+                error = RequestError(400, "bad_host", f"Host {host!r} is not a loopback name; this server has no API "
+                                     "key and answers only localhost, 127.0.0.1 and ::1 (--api-key to serve others)")
+                for message in _json_response_messages(400, error.body()):
+                    await send(message)
+                return
+        await self.app(scope, receive, send)
+
+
+def has_valid_key(expected: str | None, headers) -> bool:
+    """True when no key is required or the request carries the right one."""
+    try:
+        check_api_key(expected, headers)
+    except RequestError:
+        return False
+    return True
 
 
 class BodyLimitMiddleware:

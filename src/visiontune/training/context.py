@@ -6,6 +6,7 @@ resolves (run dir, precision, input size, the batch size the tuner found) lives 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,9 @@ class TrainContext:
                       "data": c.data.path, "task": self.splits.task, "label_delim": c.data.label_delim,
                       "val": c.data.val, "val_fraction": c.data.val_fraction,
                       "num_train": len(self.splits.train), "num_val": len(self.splits.val), "seed": c.runtime.seed,
-                      "precision": self.precision, **self.extra_training})
+                      "precision": self.precision,
+                      # where this run was written: the recorded data is re-read only inside this run folder
+                      "run_dir": os.path.realpath(self.layout.root), **self.extra_training})
 
     @property
     def multi_label(self) -> bool:

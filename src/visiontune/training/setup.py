@@ -34,7 +34,7 @@ from .budget import (
 from .checkpoint_io import newest_valid_checkpoint, remove_stale_temp_files
 from .config import TrainConfig
 from .context import TrainContext
-from .registry import LOSS_TASK, RANDOM_INIT, STRATEGIES
+from .registry import RANDOM_INIT, STRATEGIES
 
 RUN_DIR_ENV = "VISIONTUNE_RUN_DIR"
 # what --time decides, unless the user gave it
@@ -70,8 +70,9 @@ def setup_run(cfg: TrainConfig, prefix: str = "train") -> TrainContext:
     # everything that can fail on user input runs before a run dir exists
     splits = discover(cfg.data.path, cfg.data.val, cfg.data.val_fraction, cfg.runtime.seed,
                       task=cfg.data.task, label_delim=cfg.data.label_delim)
-    if splits.task_note:
-        print(splits.task_note, flush=True)
+    for note in (splits.task_note, splits.outside_warning()):
+        if note:
+            print(note, flush=True)
     cfg = adapt_to_task(cfg, splits.task)
     weights = "none" if cfg.strategy.name in RANDOM_INIT else cfg.model.weights
     model, arch, pre = build_model(cfg.model.name, len(splits.class_names), weights)
@@ -111,10 +112,6 @@ def setup_run(cfg: TrainConfig, prefix: str = "train") -> TrainContext:
 
 def adapt_to_task(cfg: TrainConfig, task: str) -> TrainConfig:
     """Refuse what the task does not support, naming it; multi-label selects by macro mAP unless told."""
-    if LOSS_TASK.get(cfg.optim.loss, task) != task:
-        fits = [name for name, t in LOSS_TASK.items() if t == task]
-        raise ConfigError(f"--loss {cfg.optim.loss} is for {LOSS_TASK[cfg.optim.loss]}-label data and this data is "
-                          f"{task}-label; use --loss auto or {' or '.join(fits)} (or --task to override detection)")
     if task == "single":
         if cfg.optim.select_metric == "map":
             raise ConfigError("--select-metric map is for multi-label data; single-label runs take accuracy, "
