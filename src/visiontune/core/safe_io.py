@@ -37,8 +37,8 @@ def spreadsheet_safe(cell: str) -> str:
     """``cell`` with a leading ``'`` when a spreadsheet would read it as a formula (CSV injection).
 
     Example:
-        >>> spreadsheet_safe("=HYPERLINK(\"http://x\")"), spreadsheet_safe("cat.jpg")
-        ('\'=HYPERLINK("http://x")', 'cat.jpg')
+        >>> spreadsheet_safe("=1+2"), spreadsheet_safe("@SUM(A1)"), spreadsheet_safe("cat.jpg")
+        ("'=1+2", "'@SUM(A1)", 'cat.jpg')
     """
     return "'" + cell if cell.startswith(FORMULA_START) else cell
 
