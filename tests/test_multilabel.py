@@ -357,3 +357,52 @@ def test_ray_bulk_predict_writes_the_same_label_sets_as_predict(ml_run, ml_data,
     expected = visiontune.load(onnx_file).predict(files)
     assert [r["labels"] for r in rows] == [" ".join(e["labels"]) for e in expected]
     assert {f"p_{c}" for c in CLASSES} <= set(rows[0])
+
+
+# ----------------------------------------------------------------------------- resume and DDP
+def _train_cmd(*args) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "visiontune.cli", "train", *map(str, args), "--img-size", "32", "--batch-size", "4",
+            "--workers", "0", "--no-report", "--no-progress"]
+
+
+@pytest.mark.timeout(600)
+def test_sigterm_then_resume_completes_a_multi_label_run(ml_data, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from visiontune.cli import main
+
+    run_dir = tmp_path / "ml run"
+    proc = subprocess.Popen(_train_cmd(ml_data, "--epochs", 3, "--freeze-epochs", 0, "--run-dir", run_dir),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list((run_dir / "checkpoints").glob("epoch*.ckpt")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "visiontune train --resume" in err, err[-2000:]
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    epochs = [int(r["epoch"]) for r in csv.DictReader(open(run_dir / "metrics.csv"))]
+    assert epochs == [1, 2, 3]
+    clf = Classifier.load(run_dir)
+    assert clf.multi_label and len(clf.thresholds) == len(CLASSES)
+
+
+@pytest.mark.timeout(900)
+def test_two_process_ddp_trains_multi_label(ml_data, tmp_path):
+    """Two gloo processes: the run completes once, and the card's val macro mAP is what a
+    single-process evaluation of the saved model on the run's own val split gives."""
+    import subprocess
+
+    run_dir = tmp_path / "ddp run"
+    proc = subprocess.run(_train_cmd(ml_data, "--devices", 2, "--epochs", 2, "--freeze-epochs", 0, "--run-dir",
+                                     run_dir), capture_output=True, text=True, timeout=880)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("run: ") == 1
+    card = json.loads((run_dir / "model" / "model.json").read_text())
+    assert card["inference"]["task"] == "multi"
+    result = visiontune.evaluate(run_dir, run_dir / "splits" / "val.csv", save=False)
+    assert result["macro_map"] == pytest.approx(card["metrics"]["val"]["macro_map"], abs=1e-4)
