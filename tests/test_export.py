@@ -154,9 +154,25 @@ def test_broken_onnx_sidecar_falls_back_to_the_file_metadata(tmp_path, onnx_file
 
 def test_parity_failure_is_loud():
     with pytest.raises(ExportError, match="agreement"):
-        check_parity({"top1_agreement": 0.9, "max_abs_logit_diff": 0.0})
+        check_parity({"top1_agreement": 0.9, "max_abs_logit_diff": 0.0, "max_rel_logit_diff": 0.0})
     with pytest.raises(ExportError, match="logit diff"):
-        check_parity({"top1_agreement": 1.0, "max_abs_logit_diff": 0.1})
+        check_parity({"top1_agreement": 1.0, "max_abs_logit_diff": 0.1, "max_rel_logit_diff": 0.01})
+
+
+def test_parity_is_relative_to_the_logits_scale_and_catches_a_real_mismatch():
+    """Huge logits (random-init Inception: ~7e7) differ in float32 by far more than 1e-3 in absolute
+    terms and still pass; an export that computes something else fails whatever the scale."""
+    from visiontune.export.common import compare_logits, parity_problems
+
+    rng = np.random.default_rng(0)
+    for scale in (1.0, 7e7):
+        reference = (rng.standard_normal((8, 3)) * scale).astype(np.float32)
+        rounding = reference * (1 + rng.uniform(-3e-6, 3e-6, reference.shape)).astype(np.float32)
+        assert parity_problems(compare_logits(reference, rounding)) == [], scale
+        other = reference.copy()
+        other[:, 0] += 0.05 * np.abs(reference).max()  # a wrong bias on one class, 5% of the scale
+        problems = parity_problems(compare_logits(reference, other))
+        assert any("logit diff" in p for p in problems), scale
 
 
 def test_cli_export_then_predict_and_evaluate_onnx(tiny_model, tmp_path, capsys):

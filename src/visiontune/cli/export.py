@@ -57,7 +57,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     agreement = (f"top-1 agreement {report['top1_agreement']:.2%}" if "top1_agreement" in report
                  else f"per-label decision agreement {report['label_agreement']:.2%}")
     print(f"parity vs eager fp32 on {report['source']}: {agreement}, max |logit diff| "
-          f"{report['max_abs_logit_diff']:.2e}")
+          f"{report['max_abs_logit_diff']:.2e} ({report['max_rel_logit_diff']:.1e} of the logits' scale)")
     check_parity(report)  # after printing, so the failing numbers are visible
     return 0
 

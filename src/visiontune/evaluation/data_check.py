@@ -31,7 +31,7 @@ from ..data.image import is_image_path, load_image
 from ..data.multilabel import choose_task
 from ..data.scan import outside_root, read_source, scan_files
 from ..inference.features import FeatureExtractor
-from ..models.factory import build_model
+from ..models.factory import build_model, fit_input_size
 from .data_check_multilabel import cardinality, cooccurrence, find_multilabel_errors, multilabel_samples
 
 
@@ -284,6 +284,7 @@ def backbone_features(samples, num_classes, model_name, img_size, cache_dir, see
     model, arch, pre = build_model(model_name, num_classes)
     if img_size:
         pre = pre.with_size(img_size)
+        fit_input_size(model, pre.height, pre.width)
     extractor = FeatureExtractor(model, arch.classifier, arch.name, pre, resolve_precision("auto", pre.height),
                                  cache_dir, batch_size=batch_size * 2, workers=workers, seed=seed)
     with contextlib.redirect_stdout(sys.stderr):  # keep stdout clean for --json

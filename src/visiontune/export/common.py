@@ -37,7 +37,10 @@ from ..models.card import ModelCard
 
 # Thresholds from issue 5: an export that disagrees more than this is refused.
 MIN_AGREEMENT = 0.995
-MAX_LOGIT_DIFF = 1e-3
+# the largest |logit difference| as a share of the largest |logit| (at least 1): the same test on
+# every model. Random-init Inception v3 has logits of 7e7 whose float32 exports differ by 2e2
+# (3e-6 of the scale, rounding), while a real mismatch differs by a sizeable share of the scale.
+MAX_LOGIT_DIFF = 2e-4
 INPUT_DOC = ("float32 NCHW [batch, 3, H, W] at the model's input size, RGB, scaled to 0..1 then "
              "normalised with the stored mean/std (resize shorter side to int(size/crop_pct), centre crop)")
 
@@ -182,9 +185,12 @@ def eager_logits(model: nn.Module, batch: torch.Tensor, chunk: int = 32, tta: bo
 
 
 def compare_logits(reference: np.ndarray, other: np.ndarray, card: ModelCard | None = None) -> dict[str, float]:
-    """Top-1 agreement and max |logit difference| between two [N, C] arrays; for a multi-label
-    ``card``, the agreement of every per-label decision at its threshold (``label_agreement``)."""
-    diff = {"max_abs_logit_diff": float(np.max(np.abs(reference - other))), "num_images": int(len(reference))}
+    """Top-1 agreement and max |logit difference| between two [N, C] arrays, absolute and relative
+    to the reference's largest |logit| (at least 1); for a multi-label ``card``, the agreement of
+    every per-label decision at its threshold (``label_agreement``)."""
+    largest = float(np.max(np.abs(reference - other)))
+    scale = max(float(np.max(np.abs(reference))), 1.0)
+    diff = {"max_abs_logit_diff": largest, "max_rel_logit_diff": largest / scale, "num_images": int(len(reference))}
     if card is not None and card.multi_label:  # decided exactly as prediction decides them
         def decide(logits: np.ndarray) -> torch.Tensor:
             probs = probabilities(torch.from_numpy(np.asarray(logits)), card.temperature, multi_label=True)
@@ -242,8 +248,9 @@ def parity_problems(report: dict[str, Any], min_agreement: float = MIN_AGREEMENT
     if report[kind] < min_agreement:
         what = "top-1 agreement" if kind == "top1_agreement" else "per-label decision agreement"
         problems.append(f"{what} {report[kind]:.2%} < {min_agreement:.1%}")
-    if max_diff is not None and report["max_abs_logit_diff"] > max_diff:
-        problems.append(f"max |logit diff| {report['max_abs_logit_diff']:.2e} > {max_diff:.0e}")
+    if max_diff is not None and report["max_rel_logit_diff"] > max_diff:
+        problems.append(f"max |logit diff| {report['max_abs_logit_diff']:.2e} is {report['max_rel_logit_diff']:.1e} "
+                        f"of the logits' scale > {max_diff:.0e}")
     return problems
 
 

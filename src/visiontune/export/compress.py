@@ -24,7 +24,7 @@ from ..models.card import ModelCard
 from .common import ValScore, export_card, labelled_samples, preprocess, resolve_data_path, write_json
 from .compare import Logits, Variant, batched_logits, format_table, measure, onnx_runner, torch_runner, write_reports
 from .onnx_export import export_onnx
-from .prune import check_prune_args, count_macs, prune_and_recover, save_pruned
+from .prune import check_prunable, check_prune_args, count_macs, prune_and_recover, save_pruned
 from .quantize import quantize_onnx
 from .recovery import RECOVERY_LR
 
@@ -135,6 +135,8 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
     if prune is not None:
         check_prune_args(prune, prune_steps, recovery_lr, finetune_epochs)
     model, card = load_model(model_path)
+    if prune is not None:
+        check_prunable(model, card)
     out = Path(out) if out else RunLayout.of_model_dir(card.model_dir).root / "compress"
     samples = labelled_samples(card, data)
     if not samples:

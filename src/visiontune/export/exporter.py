@@ -82,7 +82,7 @@ def export_model(model_path: str | os.PathLike, fmt: str = "onnx", out: str | os
     report = {"format": fmt, "file": str(written), "source": source,
               **compare_logits(eager_logits(model, batch, tta=card.tta and fmt != "hf"),
                                exporter.logits(written, card, batch), card),
-              "thresholds": {"min_top1_agreement": MIN_AGREEMENT, "max_abs_logit_diff": MAX_LOGIT_DIFF}}
+              "thresholds": {"min_top1_agreement": MIN_AGREEMENT, "max_rel_logit_diff": MAX_LOGIT_DIFF}}
     report["passed"] = not parity_problems(report)
     write_json(folder / "export_report.json", report)
     if check:

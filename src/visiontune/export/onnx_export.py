@@ -8,10 +8,14 @@ client needs only onnxruntime + Pillow (``examples/onnx_client.py``).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
+import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -44,31 +48,61 @@ def onnx_metadata(card: ModelCard) -> dict[str, str]:
     }
 
 
+DYNAMO_MIN_OPSET = 18  # the dynamo exporter's own opset: asking for less runs a version converter
+# that fails on some graphs (AlexNet's ReduceMean) after printing a traceback
+
+
 def _export_graph(wrapper: nn.Module, example: torch.Tensor, opset: int, dynamic_batch: bool) -> bytes:
     """Serialised ONNX bytes; the TorchScript-based exporter first, dynamo as the fallback.
 
     The TorchScript-based exporter (``dynamo=False``) produces a plain, fully-folded graph that
-    onnxruntime's quantizer handles best; dynamo is tried if it refuses the model.
+    onnxruntime's quantizer handles best; dynamo is tried if it refuses the model (e.g. AlexNet
+    at a small input size, where an adaptive pooling's output is not a factor of its input).
+    Neither may print to the user: the first dumps its whole IR graph to stdout on failure (C++).
     """
     axes = {"input": {0: "batch"}, "logits": {0: "batch"}, "probabilities": {0: "batch"}} if dynamic_batch else None
-    common = dict(input_names=["input"], output_names=["logits", "probabilities"], opset_version=opset)
+    names = dict(input_names=["input"], output_names=["logits", "probabilities"])
     errors = []
     for dynamo in (False, True):
         buf = io.BytesIO()
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _quiet_output():
                 warnings.simplefilter("ignore")  # exporter deprecation chatter is not actionable here
                 if dynamo:
-                    program = torch.onnx.export(wrapper, (example,), dynamo=True, dynamic_shapes=(
-                        {0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None, **common)
+                    program = torch.onnx.export(wrapper, (example,), dynamo=True, verbose=False,
+                                                opset_version=max(opset, DYNAMO_MIN_OPSET), dynamic_shapes=(
+                                                    {0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None,
+                                                **names)
                     program.optimize()
                     return _program_bytes(program)
                 torch.onnx.export(wrapper, (example,), buf, dynamo=False, dynamic_axes=axes,
-                                  do_constant_folding=True, **common)
+                                  do_constant_folding=True, opset_version=opset, **names)
                 return buf.getvalue()
         except Exception as exc:  # exporters raise many types; report both if both fail
             errors.append(f"{'dynamo' if dynamo else 'torchscript'} exporter: {type(exc).__name__}: {exc}")
     raise ExportError("ONNX export failed: " + " | ".join(e[:400] for e in errors))
+
+
+@contextlib.contextmanager
+def _quiet_output() -> Iterator[None]:
+    """Send file descriptors 1 and 2 (C++ and Python writes alike) to a discarded temporary file."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    finally:
+        for fd in saved:
+            os.close(fd)
 
 
 def _program_bytes(program) -> bytes:

@@ -121,6 +121,27 @@ def _fisher_gradients(model: nn.Module, loader, limit: int = 128) -> None:
         p.grad = acc / max(seen, 1)
 
 
+def attention_layers(model: nn.Module) -> list[str]:
+    """Names of the multi-head attention layers (ViT, DeiT, Swin; anything with ``num_heads``)."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.MultiheadAttention)
+            or (isinstance(getattr(m, "num_heads", None), int) and any(isinstance(c, nn.Linear) for c in m.children()))]
+
+
+def check_prunable(model: nn.Module, card: ModelCard) -> None:
+    """Refuse, before any work, a model whose channels cannot be cut safely.
+
+    Channel pruning of an attention layer must remove whole heads and rewrite its ``num_heads``
+    and head size; cutting single channels, as for convolutions, breaks the reshape into heads
+    (``shape '[30, 197, 3, 3, 64]' is invalid``), so transformers are refused by name.
+    """
+    attention = attention_layers(model)
+    if attention:
+        raise ExportError(f"--prune removes convolution channels; {card.architecture.name} has {len(attention)} "
+                          f"attention layer(s) (e.g. {attention[0]}) whose heads channel pruning would cut through. "
+                          "Pruning transformers is not supported; --quantize int8 is")
+
+
 def check_prune_args(ratio: float, steps: int, lr: float | None = None, epochs: int = 0) -> None:
     """Refuse impossible pruning settings (before any export or measurement starts)."""
     if not 0.0 < ratio < 1.0:

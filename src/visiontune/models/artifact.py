@@ -127,7 +127,7 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, ModelCard]:
     card = read_card(model_dir)
     weights = model_dir / WEIGHTS_FILE
     _check_classifier_rows(weights, card)
-    model = rebuild(card.architecture)
+    model = rebuild(card.architecture, (card.preprocessing.height, card.preprocessing.width))
     try:
         state = load_file(str(weights), device="cpu")
     except Exception as exc:

@@ -123,6 +123,23 @@ def _build_timm(name: str, num_classes: int, weights: str, requested: str):
     return model, arch, timm_preprocessing(model)
 
 
+def fit_input_size(model: nn.Module, height: int, width: int) -> None:
+    """Let a backbone whose input size is fixed at creation take ``height x width``.
+
+    timm's ViTs, DeiT, BEiT, EVA and Swin build their position embeddings (or attention windows)
+    for one input size; their ``set_input_size`` resamples them to another, so a ViT trains at
+    the 64 px a user or the time-budget planner chooses. CNNs take any size and have no setter.
+    """
+    setter = getattr(model, "set_input_size", None)
+    if setter is None:
+        return
+    try:
+        setter(img_size=(height, width))
+    except Exception as exc:  # e.g. a size that is not a multiple of the patch size
+        raise ModelError(f"{type(model).__name__} cannot take {height}x{width} input ({type(exc).__name__}: {exc}); "
+                         "use an --img-size that is a multiple of its patch size (e.g. 224, 128, 64)") from None
+
+
 def init_head(head: nn.Module) -> None:
     """Small-scale init of a new head on pretrained features.
 
@@ -224,7 +241,10 @@ def torchvision_preprocessing(weights_enum) -> Preprocessing:
                          t.interpolation.value, round(crop / resize, 4), "crop", True)
 
 
-def rebuild(arch: Architecture) -> nn.Module:
-    """Re-create a saved architecture (random init, no download) ready for its saved weights."""
+def rebuild(arch: Architecture, input_size: tuple[int, int] | None = None) -> nn.Module:
+    """Re-create a saved architecture (random init, no download) ready for its saved weights,
+    at the ``(height, width)`` it was trained at (see :func:`fit_input_size`)."""
     model, _, _ = build_model(arch.model_name, arch.num_classes, weights="none")
+    if input_size is not None:
+        fit_input_size(model, *input_size)
     return model

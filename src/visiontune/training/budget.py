@@ -38,6 +38,7 @@ from ..core.hardware import autocast, device, resolve_precision
 from ..core.safe_io import atomic_write_text
 from ..data.image import load_image
 from ..data.preprocess import Preprocessing, resize
+from ..models.factory import fit_input_size
 from .config import DURATION_PATTERN
 
 # What the planner trades off (measured on CIFAR-10 and hymenoptera, see bench/RESULTS.md):
@@ -169,6 +170,7 @@ def probe(model: nn.Module, sizes: list[int], precision: str, batch_size: int, s
     opt = torch.optim.AdamW(net.parameters(), lr=0.0)
     out: list[Throughput] = []
     for size in sizes:
+        fit_input_size(net, size, size)  # ViTs are built for one input size
         prec = resolve_precision(precision, size)
         train = _step_images_per_second(_TrainStep(net, opt, prec, batch_size, size), batch_size, seconds)
         infer = _step_images_per_second(_InferStep(net, prec, 2 * batch_size, size), 2 * batch_size, seconds / 2)

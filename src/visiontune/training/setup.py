@@ -19,7 +19,7 @@ from ..core.layout import RunLayout
 from ..data.memory import should_cache, store_side
 from ..data.preprocess import Preprocessing
 from ..data.scan import Splits, discover, median_side, write_skipped, write_split_csv
-from ..models.factory import build_model
+from ..models.factory import build_model, fit_input_size
 from .budget import (
     FORECAST_MIN_IMAGE_EPOCHS,
     Plan,
@@ -91,6 +91,7 @@ def setup_run(cfg: TrainConfig, prefix: str = "train") -> TrainContext:
                            min(cfg.strategy.freeze_epochs, cfg.optim.epochs) if finetune else 0, finetune,
                            time.time() - started)
         print(line, flush=True)
+    fit_input_size(model, pre.height, pre.width)  # ViTs: position embeddings for the chosen size
     precision = resolve_precision(cfg.runtime.precision, pre.height)
     cache, needed = should_cache(cfg.data.cache_images, [p for p, _ in splits.train],
                                  store_side(pre, cfg.data.augment), available_memory())
