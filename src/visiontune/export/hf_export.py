@@ -19,8 +19,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..core.errors import ExportError
-from ..core.safe_io import atomic_path
+from ..core.safe_io import atomic_path, atomic_write_text
 from ..models.card import ModelCard
+from ..models.readme import README_FILE, model_readme
 from .exporter import Format
 
 
@@ -59,6 +60,7 @@ def export_hf(model: nn.Module, card: ModelCard, out: str | Path, **_: Any) -> P
                             temperature=card.temperature)
     with atomic_path(out / "config.json") as tmp:  # timm's writer, into a fresh temp file of ours
         save_config_for_hf(model, str(tmp), model_config=model_config, data_config=data_config)
+    atomic_write_text(out / README_FILE, model_readme(card, file_format="hf"))  # the Hub's model card
     return out / "model.safetensors"
 
 

@@ -26,6 +26,7 @@ from ..core.layout import MODEL_DIR
 from ..core.safe_io import atomic_path, atomic_write_text
 from .card import FORMAT, ModelCard
 from .factory import rebuild
+from .readme import README_FILE, model_readme
 from .shapes import apply_shapes
 
 WEIGHTS_FILE = "model.safetensors"
@@ -44,9 +45,11 @@ def package_versions() -> dict[str, str]:
 
 
 def write_card(directory: str | os.PathLike, card: ModelCard) -> Path:
-    """(Re)write ``model.json`` atomically; the weights are untouched."""
+    """(Re)write ``model.json`` atomically, and the ``README.md`` model card generated from it;
+    the weights are untouched."""
     path = Path(directory) / META_FILE
     atomic_write_text(path, json.dumps(card.to_dict(), indent=2) + "\n")
+    atomic_write_text(Path(directory) / README_FILE, model_readme(card))
     return path
 
 

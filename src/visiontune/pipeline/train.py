@@ -97,6 +97,9 @@ def finish(ctx: TrainContext) -> Run:
             result = metrics_of_logits(logits, ok, samples, clf.class_names, clf.temperature,
                                        thresholds=clf.thresholds)
             metrics[split] = {k: result[k] for k in (*HEADLINE_METRICS, "num_samples") if k in result}
+            per_class = result.get("per_class") or result.get("per_label") or {}  # for the README model card
+            metrics[split]["per_class"] = {name: {k: m[k] for k in ("precision", "recall", "f1", "support")}
+                                           for name, m in per_class.items()}
             print(f"{split}: " + "  ".join(f"{k} {result[k]:.4f}" for k in HEADLINE_METRICS if k in result)
                   + f"  ({result['num_samples']} images)")
     write_card(ctx.model_dir, read_card(ctx.model_dir).replace(metrics=metrics))

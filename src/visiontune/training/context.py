@@ -89,6 +89,7 @@ class TrainContext:
                       "data": c.data.path, "task": self.splits.task, "label_delim": c.data.label_delim,
                       "val": c.data.val, "val_fraction": c.data.val_fraction,
                       "num_train": len(self.splits.train), "num_val": len(self.splits.val), "seed": c.runtime.seed,
+                      "class_counts": self.splits.counts("train"),
                       "precision": self.precision,
                       # where this run was written: the recorded data is re-read only inside this run folder
                       "run_dir": os.path.realpath(self.layout.root), **self.extra_training})
