@@ -96,7 +96,7 @@ def test_artifact_round_trip_identical_logits(tmp_path):
     model, arch, pre = build_model("efficientnet_lite0", 3)
     model.eval()
     save_model(tmp_path / "m", model, card_for(arch, pre, ["a", "b", "c"]))
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["README.md", "model.json", "model.safetensors"]
     loaded, card = load_model(tmp_path / "m")
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -239,7 +239,7 @@ def test_artifact_found_from_run_dir_and_model_json(tmp_path):
         assert not loaded.training
         assert torch.equal(logits_of(loaded, x), expected)
         assert card.class_names == ["x", "y"] and card.model_dir == model_dir
-    assert sorted(p.name for p in model_dir.iterdir()) == ["model.json", "model.safetensors"]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["README.md", "model.json", "model.safetensors"]
 
 
 def test_saving_again_replaces_atomically(tmp_path):
@@ -249,7 +249,8 @@ def test_saving_again_replaces_atomically(tmp_path):
     with torch.no_grad():
         model.fc.bias.fill_(3.0)
     save_model(tmp_path, model, card)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.safetensors"]  # no temp files left
+    # no temp files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "model.json", "model.safetensors"]
     loaded, _ = load_model(tmp_path)
     assert torch.equal(loaded.fc.bias, torch.full((2,), 3.0))
 

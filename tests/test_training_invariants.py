@@ -48,7 +48,7 @@ def check_run_consistency(run, data_root, max_epochs: int):
     rows = metric_rows(run.run_dir)
     epochs = [int(r["epoch"]) for r in rows]
     assert epochs == list(range(1, len(rows) + 1)) and 1 <= len(rows) <= max_epochs
-    assert sorted(p.name for p in run.model_dir.iterdir()) == ["model.json", "model.safetensors"]
+    assert sorted(p.name for p in run.model_dir.iterdir()) == ["README.md", "model.json", "model.safetensors"]
     clf = visiontune.load(run.run_dir)
     assert clf.class_names == CLASS_NAMES
     # the saved model is the one whose validation score was recorded: re-scoring reproduces it
