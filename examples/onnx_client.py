@@ -33,8 +33,11 @@ def read_model(session) -> tuple[list[str], vp.Preprocessing]:
     return json.loads(props["class_names"]), vp.Preprocessing.from_dict(json.loads(props["preprocessing"]))
 
 
-def preprocess(path: str, spec: vp.Preprocessing) -> np.ndarray:
-    """One image as the graph's input: a float32 NCHW batch of 1."""
+def preprocess(path: str, spec: vp.Preprocessing, uint8: bool = False) -> np.ndarray:
+    """One image as the graph's input: a float32 NCHW batch of 1, or for a graph exported with
+    ``--input uint8`` the resized uint8 NHWC pixels (the graph normalises them itself)."""
+    if uint8:
+        return np.asarray(vp.resize(vp.decode(path, spec.draft_size()), spec), dtype=np.uint8)[None]
     return vp.load(path, spec)[None]
 
 
@@ -51,12 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     multi = props.get("task") == "multi"
     thresholds = np.array(json.loads(props["thresholds"])) if multi else None
     input_name = session.get_inputs()[0].name
+    uint8 = session.get_inputs()[0].type == "tensor(uint8)"
     first = "path,labels" + "".join(f",top{i}_label,top{i}_probability" for i in range(1, args.top_k + 1)) if multi \
         else "path,label,probability" + "".join(f",top{i}_label,top{i}_probability" for i in range(2, args.top_k + 1))
     print(first)
     for path in args.images:
         # probabilities already include softmax (multi-label: a sigmoid per label) and the temperature
-        probs = session.run(["probabilities"], {input_name: preprocess(path, spec)})[0][0]
+        probs = session.run(["probabilities"], {input_name: preprocess(path, spec, uint8)})[0][0]
         order = np.argsort(-probs)[:max(1, args.top_k)]
         if multi:
             labels = args.label_delim.join(n for n, p, t in zip(names, probs, thresholds) if p >= t)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
+import json
 import os
 import subprocess
 import sys
@@ -100,3 +101,31 @@ def test_ray_predict_matches_onnx_backend(tiny_model, onnx_file, tmp_path):
     assert not any(r["error"] for r in rows)
     np.testing.assert_allclose([float(r["probability"]) for r in rows], [e["probability"] for e in expected],
                                atol=1e-4)
+
+
+def test_uint8_input_graph_normalises_inside_and_every_client_agrees(tiny_model, tmp_path, capsys):
+    """export --input uint8: parity-checked like the float graph; visiontune itself, the standalone
+    client (which sends only resized pixels) and eager PyTorch give the same answers."""
+    import onnxruntime as ort
+    from conftest import vt_main
+
+    out = tmp_path / "uint8" / "model.onnx"
+    code, stdout, err = vt_main(capsys, "export", tiny_model[0], "--input", "uint8", "--dynamic-batch", "--out", out)
+    assert code == 0, err
+    report = json.loads((out.parent / "export_report.json").read_text())
+    assert report["passed"] and report["top1_agreement"] == 1.0 and report["max_rel_logit_diff"] < 1e-5
+    graph_input = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_inputs()[0]
+    assert graph_input.type == "tensor(uint8)" and graph_input.shape[1:] == [64, 64, 3]
+    assert "uint8 NHWC" in json.loads((out.parent / "model.json").read_text())["export"]["input"]
+    images = sorted(str(p) for p in tiny_model[1].rglob("*.jpg"))[::4]
+    eager = Classifier.load(tiny_model[0], precision="32").predict(images, top_k=1)
+    loaded = Classifier.load(out).predict(images, top_k=1)  # predict/evaluate/serve take the file as it is
+    client = list(csv.DictReader(io.StringIO(subprocess.run([sys.executable, str(CLIENT), str(out), *images],
+                                                            capture_output=True, text=True, check=True).stdout)))
+    for rows in (loaded, client):
+        assert [r["label"] for r in rows] == [r["label"] for r in eager]
+        np.testing.assert_allclose([float(r["probability"]) for r in rows], [r["probability"] for r in eager],
+                                   atol=1e-4)
+    code, _, err = vt_main(capsys, "export", tiny_model[0], "--format", "torchscript", "--input", "uint8",
+                           "--out", tmp_path / "ts" / "model.pt")
+    assert code == 2 and "--format onnx" in err and "Traceback" not in err

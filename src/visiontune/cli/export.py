@@ -16,6 +16,9 @@ def register(sub) -> None:
                    help="output file (folder for hf); default RUN/export/FORMAT/")
     p.add_argument("--dynamic-batch", action="store_true", help="ONNX: dynamic batch dimension (default: batch 1)")
     p.add_argument("--opset", type=int, default=17, metavar="N", help="ONNX opset version (17)")
+    p.add_argument("--input", dest="input_dtype", default="float32", choices=("float32", "uint8"),
+                   help="ONNX input: float32 normalised NCHW (default), or uint8 NHWC RGB pixels at the input size, "
+                        "scaled and normalised inside the graph (thin clients cannot get it wrong)")
     p.add_argument("--data", default=None, metavar="DIR|CSV",
                    help="labelled images for the parity check (default: the model's validation split)")
     p.add_argument("--parity-images", type=int, default=64, metavar="N", help="images in the parity check (64)")
@@ -52,7 +55,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..export.exporter import export_model
 
     report = export_model(args.model, args.format, out=args.out, opset=args.opset, dynamic_batch=args.dynamic_batch,
-                          data=args.data, parity_images=args.parity_images, check=False)
+                          data=args.data, parity_images=args.parity_images, check=False,
+                          input_dtype=args.input_dtype)
     print(f"exported {report['format']}: {report['file']}")
     agreement = (f"top-1 agreement {report['top1_agreement']:.2%}" if "top1_agreement" in report
                  else f"per-label decision agreement {report['label_agreement']:.2%}")

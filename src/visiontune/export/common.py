@@ -43,6 +43,9 @@ MIN_AGREEMENT = 0.995
 MAX_LOGIT_DIFF = 2e-4
 INPUT_DOC = ("float32 NCHW [batch, 3, H, W] at the model's input size, RGB, scaled to 0..1 then "
              "normalised with the stored mean/std (resize shorter side to int(size/crop_pct), centre crop)")
+INPUT_DOC_UINT8 = ("uint8 NHWC [batch, H, W, 3] RGB at the model's input size (resize shorter side to "
+                   "int(size/crop_pct), centre crop); the graph scales and normalises it")
+INPUT_DTYPES = ("float32", "uint8")
 
 
 class DeployWrapper(nn.Module):
@@ -54,15 +57,24 @@ class DeployWrapper(nn.Module):
         logits, probs = wrapped(torch.zeros(1, 3, 224, 224))
     """
 
-    def __init__(self, model: nn.Module, temperature: float = 1.0, tta: bool = False, multi_label: bool = False):
+    def __init__(self, model: nn.Module, temperature: float = 1.0, tta: bool = False, multi_label: bool = False,
+                 normalise: Preprocessing | None = None):
         super().__init__()
         self.model = model
         self.tta = tta
         self.multi_label = multi_label
         # a buffer (not a Python float) so the value is visible as a constant in the graph
         self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float32))
+        # ``normalise``: the input is uint8 NHWC and the graph does what data.preprocess.normalize does
+        self.uint8_input = normalise is not None
+        if normalise is not None:
+            self.register_buffer("mean", torch.tensor(normalise.mean, dtype=torch.float32).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor(normalise.std, dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.uint8_input:  # the same float32 steps as normalize(): x * (1/255), then (x - mean) / std
+            x = x.permute(0, 3, 1, 2).float() * torch.tensor(1.0 / 255.0, dtype=torch.float32)
+            x = (x - self.mean) / self.std
         logits = forward_logits(self.model, x, self.tta)
         if self.multi_label:
             return logits, torch.sigmoid(logits / self.temperature)

@@ -20,6 +20,7 @@ from ..core.layout import RunLayout
 from ..models.artifact import META_FILE, load_model
 from ..models.card import ModelCard
 from .common import (
+    INPUT_DOC_UINT8,
     MAX_LOGIT_DIFF,
     MIN_AGREEMENT,
     check_parity,
@@ -50,7 +51,7 @@ def default_out(model_dir: str | os.PathLike, fmt: str) -> Path:
 
 def export_model(model_path: str | os.PathLike, fmt: str = "onnx", out: str | os.PathLike | None = None,
                  opset: int = 17, dynamic_batch: bool = False, data: str | os.PathLike | None = None,
-                 parity_images: int = 64, check: bool = True) -> dict[str, Any]:
+                 parity_images: int = 64, check: bool = True, input_dtype: str = "float32") -> dict[str, Any]:
     """Export a trained model, verify it against eager PyTorch and write ``export_report.json``.
 
     Args:
@@ -61,6 +62,8 @@ def export_model(model_path: str | os.PathLike, fmt: str = "onnx", out: str | os
         data: labelled images for the parity check (default: the model's validation split,
             else generated images).
         check: raise :class:`ExportError` when parity is below the thresholds.
+        input_dtype: ONNX only: ``float32`` (normalised NCHW) or ``uint8`` (resized NHWC pixels,
+            normalised inside the graph); parity-checked the same way.
 
     Returns:
         The report: ``file``, ``format``, ``top1_agreement``, ``max_abs_logit_diff``, ``passed``...
@@ -71,12 +74,17 @@ def export_model(model_path: str | os.PathLike, fmt: str = "onnx", out: str | os
     """
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of: {', '.join(EXPORT_FORMATS)}")
+    if input_dtype != "float32" and fmt != "onnx":
+        raise ExportError(f"--input {input_dtype} is for --format onnx; {fmt} takes float32 input")
     exporter: Format = EXPORT_FORMATS.get(fmt)
     model, card = load_model(model_path)
     target = Path(out) if out else default_out(card.model_dir, fmt)
-    written = exporter.write(model, card, target, opset=opset, dynamic_batch=dynamic_batch)
+    options = {"input_dtype": input_dtype} if fmt == "onnx" else {}
+    written = exporter.write(model, card, target, opset=opset, dynamic_batch=dynamic_batch, **options)
     folder = written.parent
-    extra = {"opset": opset, "dynamic_batch": dynamic_batch} if fmt == "onnx" else {}
+    extra = {"opset": opset, "dynamic_batch": dynamic_batch, **options} if fmt == "onnx" else {}
+    if input_dtype == "uint8":
+        extra["input"] = INPUT_DOC_UINT8
     write_json(folder / META_FILE, export_card(card, fmt, written.name, **extra).to_dict())
     batch, source = parity_batch(card, data, parity_images)
     report = {"format": fmt, "file": str(written), "source": source,

@@ -1,6 +1,7 @@
 """ONNX export with class names, preprocessing and temperature inside the file.
 
-The graph input ``input`` is float32 NCHW, already normalised (see ``common.INPUT_DOC``); the
+The graph input ``input`` is float32 NCHW, already normalised (see ``common.INPUT_DOC``), or with
+``input_dtype="uint8"`` the resized uint8 NHWC pixels, normalised inside the graph; the
 outputs are ``logits`` and ``probabilities``. ``metadata_props`` carry ``class_names``,
 ``preprocessing`` (JSON), ``temperature``, ``input_format`` and ``visiontune_version`` so a
 client needs only onnxruntime + Pillow (``examples/onnx_client.py``).
@@ -26,20 +27,20 @@ from ..core.safe_io import atomic_write_bytes
 from ..core.version import __version__
 from ..inference.runners import onnx_session, session_logits
 from ..models.card import ModelCard
-from .common import INPUT_DOC, DeployWrapper, input_shape
+from .common import INPUT_DOC, INPUT_DOC_UINT8, INPUT_DTYPES, DeployWrapper, input_shape
 from .exporter import Format
 from .static_pad import static_same_padding
 
 DEFAULT_OPSET = 17
 
 
-def onnx_metadata(card: ModelCard) -> dict[str, str]:
+def onnx_metadata(card: ModelCard, input_dtype: str = "float32") -> dict[str, str]:
     """The ``metadata_props`` written into every exported ONNX file (all values are strings)."""
     return {
         "class_names": json.dumps(list(card.class_names)),
         "preprocessing": json.dumps(card.preprocessing.to_dict()),
         "temperature": repr(card.temperature),
-        "input_format": INPUT_DOC,
+        "input_format": INPUT_DOC_UINT8 if input_dtype == "uint8" else INPUT_DOC,
         "visiontune_version": __version__,
         "architecture": json.dumps(card.architecture.to_dict() if card.architecture else {}),
         # how "probabilities" are made and decided: softmax, or a sigmoid per label and its threshold
@@ -133,7 +134,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 def export_onnx(model: nn.Module, card: ModelCard, out: str | Path, opset: int = DEFAULT_OPSET,
-                dynamic_batch: bool = False) -> Path:
+                dynamic_batch: bool = False, input_dtype: str = "float32") -> Path:
     """Write ``model`` (wrapped with softmax + temperature) as ONNX with metadata to ``out``.
 
     Args:
@@ -142,6 +143,8 @@ def export_onnx(model: nn.Module, card: ModelCard, out: str | Path, opset: int =
         out: the ``.onnx`` path to write.
         opset: ONNX opset version.
         dynamic_batch: make the batch dimension dynamic (default: fixed batch of 1).
+        input_dtype: ``float32`` (normalised NCHW) or ``uint8`` (resized NHWC RGB pixels; the graph
+            scales and normalises them, so thin clients cannot get the normalisation wrong).
 
     Example:
         model, card = load_model("runs/train-1")
@@ -152,12 +155,18 @@ def export_onnx(model: nn.Module, card: ModelCard, out: str | Path, opset: int =
     example = torch.zeros(1, *input_shape(card))
     # the graph's spatial size is fixed, so TF-"SAME" pads become constants (int8 needs this)
     fixed = static_same_padding(model.eval().float().cpu(), example)
-    wrapper = DeployWrapper(fixed, card.temperature, card.tta, card.multi_label).eval()
+    if input_dtype not in INPUT_DTYPES:
+        raise ExportError(f"--input {input_dtype!r}: choose one of {', '.join(INPUT_DTYPES)}")
+    uint8 = input_dtype == "uint8"
+    wrapper = DeployWrapper(fixed, card.temperature, card.tta, card.multi_label,
+                            normalise=card.preprocessing if uint8 else None).eval()
+    if uint8:
+        example = torch.zeros(1, card.preprocessing.height, card.preprocessing.width, 3, dtype=torch.uint8)
     data = _export_graph(wrapper, example, opset, dynamic_batch)
     atomic_write_bytes(out, data)
-    set_metadata(out, onnx_metadata(card))
+    set_metadata(out, onnx_metadata(card, input_dtype))
     return out
 
 
-FORMAT = Format(export_onnx, lambda path, card, batch: session_logits(onnx_session(path), batch.numpy()),
-                "model.onnx")
+FORMAT = Format(export_onnx, lambda path, card, batch: session_logits(onnx_session(path), batch.numpy(),
+                                                                     pre=card.preprocessing), "model.onnx")

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..core.errors import ArtifactError, ExportError
 from ..core.hardware import autocast, device, resolve_precision
+from ..data.preprocess import Preprocessing
 from ..models.artifact import META_FILE, WEIGHTS_FILE, read_json
 from ..models.card import FORMAT, ModelCard
 
@@ -69,14 +70,31 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None):
         raise ExportError(f"{path} is not a usable ONNX model ({first[:200]})") from None
 
 
-def session_logits(session, batch: np.ndarray, chunk: int = 32) -> np.ndarray:
-    """Run ``session`` on an NCHW float batch, in chunks the graph accepts (fixed batch: 1 by 1)."""
+def session_logits(session, batch: np.ndarray, chunk: int = 32, pre: Preprocessing | None = None) -> np.ndarray:
+    """Run ``session`` on an NCHW float batch, in chunks the graph accepts (fixed batch: 1 by 1).
+
+    A graph exported with ``--input uint8`` takes the resized pixels instead: the normalised
+    batch is turned back into them with ``pre``'s mean/std (exact: it was made from such pixels).
+    """
     fixed = session.get_inputs()[0].shape[0]
     step = fixed if isinstance(fixed, int) and fixed > 0 else chunk
     name = session.get_inputs()[0].name
-    parts = [session.run(["logits"], {name: np.ascontiguousarray(batch[i:i + step], dtype=np.float32)})[0]
-             for i in range(0, len(batch), step)]
+    if session.get_inputs()[0].type == "tensor(uint8)":
+        if pre is None:
+            raise ExportError("this ONNX graph takes uint8 pixels; its preprocessing is needed to feed it")
+        batch = uint8_pixels(batch, pre)
+    else:
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+    parts = [session.run(["logits"], {name: batch[i:i + step]})[0] for i in range(0, len(batch), step)]
     return np.concatenate(parts)
+
+
+def uint8_pixels(batch: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    """Normalised float NCHW -> the uint8 NHWC pixels it was computed from."""
+    mean = np.asarray(pre.mean, np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(pre.std, np.float32).reshape(1, 3, 1, 1)
+    pixels = np.rint((np.asarray(batch, np.float32) * std + mean) * 255.0).clip(0, 255).astype(np.uint8)
+    return np.ascontiguousarray(pixels.transpose(0, 2, 3, 1))
 
 
 class OnnxRunner:
@@ -86,14 +104,15 @@ class OnnxRunner:
     precision = "32"
     model = None  # no torch module (Grad-CAM needs a PyTorch model)
 
-    def __init__(self, session, path: str | os.PathLike = ""):
+    def __init__(self, session, path: str | os.PathLike = "", pre: Preprocessing | None = None):
         self.session = session
         self.path = str(path)
+        self.pre = pre  # for a graph that takes uint8 pixels
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         array = batch.detach().cpu().numpy()
         # one call for the whole batch; a fixed-batch graph is fed in slices it accepts
-        return torch.from_numpy(session_logits(self.session, array, chunk=max(1, len(array)))).float()
+        return torch.from_numpy(session_logits(self.session, array, chunk=max(1, len(array)), pre=self.pre)).float()
 
     @classmethod
     def load(cls, path: str | os.PathLike, threads: int | None = None) -> tuple[OnnxRunner, ModelCard]:
@@ -103,7 +122,7 @@ class OnnxRunner:
         card = onnx_card(path, session)
         _check_outputs(path, session, card)
         card.model_dir = path.parent
-        return cls(session, path), card
+        return cls(session, path, card.preprocessing), card
 
 
 def onnx_file(path: Path) -> Path:
@@ -168,6 +187,8 @@ def _check_outputs(path: Path, session, card: ModelCard) -> None:
     if isinstance(width, int) and width != card.num_classes:
         raise ExportError(f"{path} outputs {width} classes but its metadata names {card.num_classes}")
     shape = session.get_inputs()[0].shape
-    expected = list(card.preprocessing.input_size)
+    channels, height, width = card.preprocessing.input_size
+    uint8 = session.get_inputs()[0].type == "tensor(uint8)"  # export --input uint8: NHWC pixels
+    expected = [height, width, channels] if uint8 else [channels, height, width]
     if len(shape) != 4 or [d for d in shape[1:] if isinstance(d, int)] != expected:
         raise ExportError(f"{path} input shape {shape} does not match the preprocessing input size {expected}")
