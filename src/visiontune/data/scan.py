@@ -207,9 +207,9 @@ def discover(
         val_rows = tables[1].rows if len(tables) > 1 else None
         splits = _discover_multi(data, tables[0].rows, val_rows, val_fraction, seed, class_names, scan)
         splits.task_note = describe_task("multi", task, why)
-        outside = outside_root([p for p, _ in tables[0].rows], data.parent)
+        outside = outside_root([p for p, _ in tables[0].rows], data_root(data))
         if val_rows is not None and val is not None:
-            outside += outside_root([p for p, _ in val_rows], val.parent)
+            outside += outside_root([p for p, _ in val_rows], data_root(val))
         splits.outside_root = sorted(set(outside))
         return splits
     raw = read_source(data, val)
@@ -234,9 +234,7 @@ def discover(
         layout = "folders" if data.is_dir() else "csv"
     splits = Splits(names, train, val_list, lists.get("test", []), sorted(skipped.items()), layout)
     splits.task_note = describe_task("single", task, why) if data.is_file() else ""
-    roots = [(files, data.parent if data.is_file() else data) for split, files in raw.items() if split != "val"]
-    if "val" in raw:
-        roots.append((raw["val"], val.parent if val is not None and val.is_file() else (val or data)))
+    roots = [(files, data_root(val if split == "val" and val is not None else data)) for split, files in raw.items()]
     splits.outside_root = sorted({p for by_class, root in roots
                                   for p in outside_root([f for fs in by_class.values() for f in fs], root)})
     return splits
@@ -281,6 +279,12 @@ def _multi_samples(rows: LabelRows, names: list[str], skipped: dict[str, str]) -
     index = {name: i for i, name in enumerate(names)}
     return sorted(((p, multi_hot([index[x] for x in labels], len(names))) for p, labels in rows if p not in skipped),
                   key=lambda sample: sample[0])
+
+
+def data_root(source: str | Path) -> Path:
+    """The folder a data source's relative paths and files belong to: a CSV's folder, or the folder."""
+    source = Path(source)
+    return source.parent if source.is_file() else source
 
 
 def outside_root(paths: list[str], root: Path) -> list[str]:

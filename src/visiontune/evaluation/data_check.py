@@ -29,7 +29,7 @@ from ..core.hardware import resolve_precision
 from ..data.cache import file_digests
 from ..data.image import is_image_path, load_image
 from ..data.multilabel import choose_task
-from ..data.scan import outside_root, read_source, scan_files
+from ..data.scan import data_root, outside_root, read_source, scan_files
 from ..inference.features import FeatureExtractor
 from ..models.factory import build_model, fit_input_size
 from .data_check_multilabel import cardinality, cooccurrence, find_multilabel_errors, multilabel_samples
@@ -106,12 +106,9 @@ def check_data(data: str | os.PathLike, val: str | os.PathLike | None = None, mi
         report["label_issues"], report["label_check"] = find_label_errors(
             samples, names, split_of, model, img_size, cache_dir, folds, seed, batch_size, workers)
 
-    def folder(source) -> Path:
-        return Path(source).parent if Path(source).is_file() else Path(source)
-
     report["outside_root"] = sorted(
-        outside_root([p for p in every if split_of[p] != "val" or val is None], folder(data))
-        + (outside_root([p for p in every if split_of[p] == "val"], folder(val)) if val else []))
+        outside_root([p for p in every if split_of[p] != "val" or val is None], data_root(data))
+        + (outside_root([p for p in every if split_of[p] == "val"], data_root(val)) if val else []))
     conflicting = sum(1 for g in duplicates + leaks if g["conflicting_labels"])
     errors = [text for found, text in (
         (unreadable, f"{len(unreadable)} unreadable file(s)"),

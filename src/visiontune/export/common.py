@@ -48,6 +48,11 @@ INPUT_DOC_UINT8 = ("uint8 NHWC [batch, H, W, 3] RGB at the model's input size (r
 INPUT_DTYPES = ("float32", "uint8")
 
 
+def input_doc(input_dtype: str = "float32") -> str:
+    """What an exported graph's input is, for its metadata and its ``model.json``."""
+    return INPUT_DOC_UINT8 if input_dtype == "uint8" else INPUT_DOC
+
+
 class DeployWrapper(nn.Module):
     """Network + temperature-scaled softmax (a sigmoid per label for a multi-label model):
     ``x -> (logits, probabilities)``.
@@ -87,7 +92,7 @@ def input_shape(card: ModelCard) -> tuple[int, int, int]:
 
 def export_card(card: ModelCard, fmt: str, file_name: str, **extra: Any) -> ModelCard:
     """The card of an exported file: the source card plus an ``export`` section."""
-    return card.replace(export={"format": fmt, "file": file_name, "input": INPUT_DOC,
+    return card.replace(export={"format": fmt, "file": file_name, "input": input_doc(extra.get("input_dtype")),
                                 "outputs": ["logits", "probabilities"], "temperature": card.temperature,
                                 "probabilities": "sigmoid per label" if card.multi_label else "softmax",
                                 "visiontune_version": __version__, **extra})

@@ -20,7 +20,6 @@ from ..core.layout import RunLayout
 from ..models.artifact import META_FILE, load_model
 from ..models.card import ModelCard
 from .common import (
-    INPUT_DOC_UINT8,
     MAX_LOGIT_DIFF,
     MIN_AGREEMENT,
     check_parity,
@@ -83,8 +82,6 @@ def export_model(model_path: str | os.PathLike, fmt: str = "onnx", out: str | os
     written = exporter.write(model, card, target, opset=opset, dynamic_batch=dynamic_batch, **options)
     folder = written.parent
     extra = {"opset": opset, "dynamic_batch": dynamic_batch, **options} if fmt == "onnx" else {}
-    if input_dtype == "uint8":
-        extra["input"] = INPUT_DOC_UINT8
     write_json(folder / META_FILE, export_card(card, fmt, written.name, **extra).to_dict())
     batch, source = parity_batch(card, data, parity_images)
     report = {"format": fmt, "file": str(written), "source": source,

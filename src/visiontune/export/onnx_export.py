@@ -27,7 +27,7 @@ from ..core.safe_io import atomic_write_bytes
 from ..core.version import __version__
 from ..inference.runners import onnx_session, session_logits
 from ..models.card import ModelCard
-from .common import INPUT_DOC, INPUT_DOC_UINT8, INPUT_DTYPES, DeployWrapper, input_shape
+from .common import INPUT_DTYPES, DeployWrapper, input_doc, input_shape
 from .exporter import Format
 from .static_pad import static_same_padding
 
@@ -40,7 +40,7 @@ def onnx_metadata(card: ModelCard, input_dtype: str = "float32") -> dict[str, st
         "class_names": json.dumps(list(card.class_names)),
         "preprocessing": json.dumps(card.preprocessing.to_dict()),
         "temperature": repr(card.temperature),
-        "input_format": INPUT_DOC_UINT8 if input_dtype == "uint8" else INPUT_DOC,
+        "input_format": input_doc(input_dtype),
         "visiontune_version": __version__,
         "architecture": json.dumps(card.architecture.to_dict() if card.architecture else {}),
         # how "probabilities" are made and decided: softmax, or a sigmoid per label and its threshold

@@ -18,8 +18,11 @@ import torch
 from ..core.errors import DataError
 from ..core.hardware import cpu_count
 from ..core.safe_io import spreadsheet_safe
+from ..models.artifact import read_card, resolve_model_dir
+from ..models.card import ModelCard
 from .classifier import Classifier
 from .rows import csv_cells, csv_header
+from .runners import OnnxRunner, is_onnx
 
 
 def rows_done(out: Path, inputs: Sequence[str], header: list[str], spreadsheet: bool = False) -> int:
@@ -75,14 +78,21 @@ def predict_to_csv(model_path: str, inputs: Sequence[str], out: Path, top_k: int
     """
     done = 0
     if resume:
-        clf = Classifier.load(model_path, precision="32")  # its columns: the classes and the task
-        k = max(1, min(top_k, len(clf.class_names)))
-        done = rows_done(out, inputs, csv_header(k, clf.class_names if clf.multi_label else None), csv_safe)
+        card = _card(model_path)  # its columns: the classes and the task (the weights load once, below)
+        k = max(1, min(top_k, card.num_classes))
+        done = rows_done(out, inputs, csv_header(k, card.class_names if card.multi_label else None), csv_safe)
     todo = list(inputs[done:])
     decision = (reject_below, threshold, label_delim, csv_safe)
     if processes <= 1 or len(todo) < processes * batch_size:
         return _predict_shard(model_path, todo, out, top_k, batch_size, workers, precision, decision, done > 0)
     return _predict_sharded(model_path, todo, out, top_k, batch_size, precision, decision, done > 0, processes)
+
+
+def _card(model_path: str) -> ModelCard:
+    """The model's card without its weights (an ONNX graph's from its metadata)."""
+    if is_onnx(model_path):
+        return OnnxRunner.load(model_path)[1]
+    return read_card(resolve_model_dir(model_path))
 
 
 def _predict_shard(model_path, inputs, out: Path, top_k, batch_size, workers, precision, decision: tuple,
