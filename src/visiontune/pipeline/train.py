@@ -85,7 +85,7 @@ def finish(ctx: TrainContext) -> Run:
     plot_curves(ctx.layout.metrics_csv, ctx.layout.curves)
     clf = Classifier.load(ctx.model_dir)
     metrics: dict[str, Any] = dict(clf.card.metrics)
-    val_logits = None
+    val_logits, val_result = None, None
     for split in ("val", "test"):
         samples = getattr(ctx.splits, split)
         if samples:  # one pass: the val logits also serve calibration, thresholds and the report
@@ -96,6 +96,7 @@ def finish(ctx: TrainContext) -> Run:
                     calibrate_multilabel(ctx, clf, logits[ok], stack_targets([y for _, y in samples])[ok])
             result = metrics_of_logits(logits, ok, samples, clf.class_names, clf.temperature,
                                        thresholds=clf.thresholds)
+            val_result = result if split == "val" else val_result
             metrics[split] = {k: result[k] for k in (*HEADLINE_METRICS, "num_samples") if k in result}
             per_class = result.get("per_class") or result.get("per_label") or {}  # for the README model card
             metrics[split]["per_class"] = {name: {k: m[k] for k in ("precision", "recall", "f1", "support")}
@@ -111,6 +112,8 @@ def finish(ctx: TrainContext) -> Run:
     ctx.timings["finish"] = time.time() - began
     ctx.timings["total"] = time.time() - process_started()
     write_json(ctx.layout.timings, {k: round(v, 1) for k, v in ctx.timings.items()})
+    if ctx.cfg.runtime.logger == "mlflow":
+        track(ctx, metrics, val_result)
     if ctx.plan is not None:
         print(f"time budget {format_duration(ctx.plan.budget)}: the command took "
               f"{format_duration(ctx.timings['total'])} (planned {format_duration(ctx.plan.total)})")
@@ -139,6 +142,17 @@ def calibrate_multilabel(ctx: TrainContext, clf: Classifier, val_logits: torch.T
     print(f"thresholds: tuned on val for max F1, {own} of {len(thresholds)} label(s) with their own (the others, "
           f"with < {MIN_THRESHOLD_SUPPORT} val images, share one); stored in model.json, predict --threshold "
           "overrides them")
+
+
+def track(ctx: TrainContext, metrics: dict[str, Any], val_result: dict[str, Any] | None) -> None:
+    """The finished run into its MLflow run; a tracking problem never loses the finished run."""
+    from .tracking import log_run  # lazy: MLflow loads only for --logger mlflow
+
+    try:
+        print(f"mlflow: run {ctx.logger.run_id} logged; model {log_run(ctx, metrics, val_result)}")
+    except Exception as exc:
+        print(f"warning: MLflow logging incomplete ({type(exc).__name__}: {str(exc)[:300]}); the run dir "
+              f"{ctx.run_dir} has everything")
 
 
 def write_run_report(ctx: TrainContext, val_logits: tuple[torch.Tensor, torch.Tensor] | None) -> None:

@@ -47,6 +47,7 @@ class TrainContext:
     # evidence for the temperature than the validation split
     calibration_logits: tuple[torch.Tensor, torch.Tensor] | None = None
     extra_training: dict[str, Any] = field(default_factory=dict)
+    logger: Any = None  # the run's Lightning logger (--logger), shared by every trainer of the run
 
     @property
     def run_dir(self) -> Path:

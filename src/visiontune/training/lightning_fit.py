@@ -23,7 +23,6 @@ from .callbacks import EMA, BestModelSaver, FreezeSchedule, MetricsRecorder
 from .checkpoint_io import AtomicCheckpointIO, FolderModelCheckpoint
 from .context import TrainContext
 from .module import ClassifierModule
-from .registry import LOGGERS
 
 LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
 
@@ -126,7 +125,6 @@ def checkpoint_callbacks(ctx: TrainContext) -> list:
 
 def make_trainer(ctx: TrainContext, callbacks: list, max_epochs: int) -> L.Trainer:
     rt, optim = ctx.cfg.runtime, ctx.cfg.optim
-    logger = LOGGERS.get(rt.logger)(ctx.run_dir, name=ctx.layout.logs.name, version="")
     callbacks = [c for c in callbacks if c is not None] + checkpoint_callbacks(ctx)
     if optim.early_stopping:
         callbacks.append(EarlyStopping(monitor=f"val_{optim.select_metric}", mode="max",
@@ -147,7 +145,7 @@ def make_trainer(ctx: TrainContext, callbacks: list, max_epochs: int) -> L.Train
         strategy=rt.distributed,
         use_distributed_sampler=False,  # ImageDataModule shards: train padded, val exactly once
         precision=LIGHTNING_PRECISION[ctx.precision],
-        logger=logger,
+        logger=ctx.logger,
         callbacks=callbacks,
         num_sanity_val_steps=0,
         enable_model_summary=False,

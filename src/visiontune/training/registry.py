@@ -29,8 +29,11 @@ OPTIMIZERS = Registry("optimizer", {"adamw": ("torch.optim:AdamW", "AdamW (defau
                                     "sgd": ("torch.optim:SGD", "SGD with Nesterov momentum (default LR 1e-2)")})
 DEFAULT_LR = {"adamw": 1e-3, "adam": 1e-3, "sgd": 1e-2}
 
-LOGGERS = Registry("logger", {"csv": ("lightning.pytorch.loggers:CSVLogger", "RUN/logs/metrics.csv"),
-                              "tensorboard": ("lightning.pytorch.loggers:TensorBoardLogger", "RUN/logs/ event files")})
+LOGGERS = Registry("logger", {
+    "csv": (_TRAINING + "tracking:csv_logger", "RUN/logs/metrics.csv"),
+    "tensorboard": (_TRAINING + "tracking:tensorboard_logger", "RUN/logs/ event files"),
+    "mlflow": (_TRAINING + "tracking:mlflow_logger", "an MLflow run at $MLFLOW_TRACKING_URI (default "
+               "sqlite:///mlflow.db): params, metrics, artifacts and the model as an MLflow pyfunc")})
 
 # choices whose implementation is a branch in the code that reads them
 SCHEDULES = Registry.choices("schedule", cosine="cosine decay to 1% of the peak", step="x0.1 every --step-size epochs",

@@ -34,7 +34,7 @@ from .budget import (
 from .checkpoint_io import newest_valid_checkpoint, remove_stale_temp_files
 from .config import TrainConfig
 from .context import TrainContext
-from .registry import RANDOM_INIT, STRATEGIES
+from .registry import LOGGERS, RANDOM_INIT, STRATEGIES
 
 RUN_DIR_ENV = "VISIONTUNE_RUN_DIR"
 # what --time decides, unless the user gave it
@@ -107,8 +107,11 @@ def setup_run(cfg: TrainConfig, prefix: str = "train") -> TrainContext:
     print(f"model: {cfg.model.name} ({arch.source}:{arch.name}, weights={weights}), strategy {cfg.strategy.name}, "
           f"input {pre.height}x{pre.width} {pre.resize_mode}, precision {precision}"
           + (f", images in memory (~{needed / 2**20:.0f} MiB)" if cache else ""))
-    return TrainContext(cfg, layout, model, arch, pre, splits, precision, resume_ckpt, cfg.optim.batch_size, cache,
-                        deadline, plan)
+    ctx = TrainContext(cfg, layout, model, arch, pre, splits, precision, resume_ckpt, cfg.optim.batch_size, cache,
+                       deadline, plan)
+    ctx.logger = LOGGERS.get(cfg.runtime.logger)(run_dir, layout.logs, Path(run_dir).name,
+                                                 cfg.replace(run_dir=str(run_dir)).to_dict())
+    return ctx
 
 
 def adapt_to_task(cfg: TrainConfig, task: str) -> TrainConfig:
