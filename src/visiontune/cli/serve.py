@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -38,6 +39,8 @@ def register(sub) -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "32", "bf16"), help="inference precision")
     p.add_argument("--reject-below", type=float, default=None, metavar="P",
                    help="label 'unknown' when the (calibrated) top probability is below P")
+    p.add_argument("--model-name", default="visiontune", metavar="NAME",
+                   help="the model's name in the Open Inference Protocol's /v2/models/NAME routes (visiontune)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -68,7 +71,16 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         timeout_s=args.timeout_s, max_body_mb=args.max_body_mb, max_pixels=int(args.max_pixels * 1e6),
         api_key=api_key_from_args(args),
         workers_threads=args.workers_threads or max(1, os.cpu_count() or 1),
-        precision=args.precision, reject_below=args.reject_below, niceness=args.nice)
+        precision=args.precision, reject_below=args.reject_below, niceness=args.nice,
+        model_name=model_name_from_args(args))
+
+
+def model_name_from_args(args: argparse.Namespace) -> str:
+    """--model-name, checked: it becomes a URL path segment."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", args.model_name):
+        raise ConfigError(f"--model-name {args.model_name!r}: use 1-64 letters, digits, '_', '.' or '-', "
+                          "starting with a letter or digit")
+    return args.model_name
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -1,13 +1,15 @@
-"""The FastAPI app: ``/v1/predict``, ``/v1/model``, ``/healthz``, ``/readyz``, ``/docs`` and a web page."""
+"""The FastAPI app: ``/v1/predict``, ``/v1/model``, ``/healthz``, ``/readyz``, ``/docs``, a web page, and
+the Open Inference Protocol's ``/v2`` routes (:mod:`visiontune.serve.oip`)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from fastapi import FastAPI, Query, Request
@@ -17,6 +19,7 @@ from fastapi.staticfiles import StaticFiles
 
 from ..inference.classifier import Classifier
 from ..inference.rows import prediction_rows, probabilities, row_from_probabilities
+from . import oip
 from .batcher import Batcher, QueueFull, lower_thread_priority
 from .security import (
     AdmissionMiddleware,
@@ -30,6 +33,7 @@ from .security import (
 from .settings import ServeSettings
 
 STATIC = Path(__file__).parent / "static"
+T = TypeVar("T")
 RESPONSE_KEYS = ("label", "probability", "top_k", "calibrated")  # of a prediction row
 MULTI_LABEL_KEYS = ("labels", "scores", "top_k", "calibrated")  # of a multi-label model's row
 RAW_TYPES = ("application/octet-stream",)
@@ -41,7 +45,14 @@ _PREDICT_BODY = {"requestBody": {"required": True, "content": {
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
 
 
-class _State:
+class ServeState:
+    """What the routes share: the settings, the loaded model and its batcher, the admission counters.
+
+    :meth:`receive` and :meth:`logits` are the one way from a request to logits for every protocol
+    (``/v1/predict`` and the Open Inference Protocol's ``infer``): the same byte budget, image
+    limit, queue, decoding limits and timeouts.
+    """
+
     def __init__(self, settings: ServeSettings):
         self.settings = settings
         self.clf: Any = None
@@ -53,6 +64,66 @@ class _State:
         self.decoders = ThreadPoolExecutor(max_workers=max(1, settings.workers_threads),
                                            thread_name_prefix="visiontune-decode",
                                            initializer=lower_thread_priority, initargs=(settings.niceness,))
+
+    def require_ready(self, request: Request) -> Any:
+        """The loaded classifier; 401 without the API key, 503 (Retry-After) until the model is loaded."""
+        check_api_key(self.settings.api_key, request.headers)
+        if not self.ready:
+            raise RequestError(503, "not_ready", self.load_error or "model loading", {"Retry-After": "1"})
+        return self.clf
+
+    async def receive(self, request: Request, read: Callable[[Request], Awaitable[T]]) -> T:
+        """``read(request)``: the body, within the upload byte budget (else 503) and the request timeout
+        (else 408)."""
+        settings = self.settings
+        # uploads being received hold memory: bounded in bytes (a stalled client holds only what it
+        # declared), at what a full queue of the largest bodies would hold
+        declared = _declared_length(request) or settings.max_body_bytes
+        if self.reserved + declared > settings.max_queue * settings.max_body_bytes:
+            raise RequestError(503, "overloaded", "server busy: too many uploads in progress",
+                               {"Retry-After": "1", "Connection": "close"})
+        self.reserved += declared
+        try:  # a body trickling in holds a connection: it arrives within the request timeout or not at all
+            async with asyncio.timeout(settings.timeout_s):
+                return await read(request)
+        except TimeoutError:
+            raise RequestError(408, "request_timeout", f"request body not received within {settings.timeout_s:g} s",
+                               {"Connection": "close"}) from None
+        finally:
+            self.reserved -= declared
+
+    async def logits(self, inputs: Sequence[bytes | torch.Tensor]) -> list[torch.Tensor]:
+        """The logits row of each input, in order: encoded images are checked and preprocessed by
+        :func:`decode_upload` on the decoding threads, CHW tensors are taken as preprocessed.
+
+        Raises :class:`RequestError`: 413 for more than ``max_queue`` inputs, 503 while the queue is
+        full, 504 past the request timeout, and :func:`decode_upload`'s errors for a bad image.
+        """
+        settings, clf = self.settings, self.clf
+        if len(inputs) > settings.max_queue:
+            raise RequestError(413, "too_many_images", f"at most {settings.max_queue} images per request")
+        if self.pending + len(inputs) > settings.max_queue:
+            raise RequestError(503, "overloaded", "server busy: request queue full", {"Retry-After": "1"})
+        loop = asyncio.get_running_loop()
+        draft = clf.preprocessing.draft_size()
+
+        async def prepare(item: bytes | torch.Tensor) -> torch.Tensor:
+            if isinstance(item, torch.Tensor):
+                return item
+            return await loop.run_in_executor(self.decoders, decode_upload, item, clf.transform, draft,
+                                              settings.max_pixels)
+
+        self.pending += len(inputs)
+        try:
+            async with asyncio.timeout(settings.timeout_s):
+                tensors = await asyncio.gather(*(prepare(item) for item in inputs))
+                return await self.batcher.submit(list(tensors))
+        except TimeoutError:
+            raise RequestError(504, "timeout", f"no answer within {settings.timeout_s:g} s") from None
+        except QueueFull as exc:
+            raise RequestError(503, "overloaded", str(exc), {"Retry-After": str(exc.retry_after)}) from None
+        finally:
+            self.pending -= len(inputs)
 
 
 def _model_info(clf: Any) -> dict[str, Any]:
@@ -92,7 +163,7 @@ def create_app(model: str | os.PathLike | Any, settings: ServeSettings | None = 
         uvicorn.run(create_app("runs/train-1", ServeSettings()), port=8000)
     """
     settings = settings or ServeSettings()
-    state = _State(settings)
+    state = ServeState(settings)
 
     async def load() -> None:
         try:
@@ -128,7 +199,9 @@ def create_app(model: str | os.PathLike | Any, settings: ServeSettings | None = 
                                                                                title="visiontune API"))
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     # outermost: refuse cheaply while the queue is full (added last = runs first)
-    app.add_middleware(AdmissionMiddleware, is_full=lambda: state.ready and state.pending >= settings.max_queue)
+    for path in ("/v1/predict", oip.infer_path(settings.model_name)):
+        app.add_middleware(AdmissionMiddleware, is_full=lambda: state.ready and state.pending >= settings.max_queue,
+                           path=path)
     if not settings.api_key:  # key-less servers listen on loopback only: refuse rebound host names
         app.add_middleware(LoopbackHostMiddleware)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -154,55 +227,17 @@ def create_app(model: str | os.PathLike | Any, settings: ServeSettings | None = 
         return JSONResponse({"status": "failed" if state.load_error else "loading", "detail": detail},
                             status_code=503, headers={"Retry-After": "1"})
 
-    def _require_ready(request: Request) -> Any:
-        check_api_key(settings.api_key, request.headers)
-        if not state.ready:
-            raise RequestError(503, "not_ready", state.load_error or "model loading", {"Retry-After": "1"})
-        return state.clf
-
     @app.get("/v1/model", summary="Model name, classes, input size and metrics")
     async def model_info(request: Request) -> dict[str, Any]:
-        return _model_info(_require_ready(request))
+        return _model_info(state.require_ready(request))
 
     @app.post("/v1/predict", summary="Classify one or more images", openapi_extra=_PREDICT_BODY)
     async def predict(request: Request, top_k: int = Query(5, ge=1, le=1000)) -> dict[str, Any]:
-        clf = _require_ready(request)  # a full queue was refused earlier, unread (AdmissionMiddleware)
-        # uploads being received hold memory: bounded in bytes (a stalled client holds only what it
-        # declared), at what a full queue of the largest bodies would hold
-        declared = _declared_length(request) or settings.max_body_bytes
-        if state.reserved + declared > settings.max_queue * settings.max_body_bytes:
-            raise RequestError(503, "overloaded", "server busy: too many uploads in progress",
-                               {"Retry-After": "1", "Connection": "close"})
-        state.reserved += declared
-        try:  # a body trickling in holds a connection: it arrives within the request timeout or not at all
-            async with asyncio.timeout(settings.timeout_s):
-                blobs = await _read_images(request)
-        except TimeoutError:
-            raise RequestError(408, "request_timeout", f"request body not received within {settings.timeout_s:g} s",
-                               {"Connection": "close"}) from None
-        finally:
-            state.reserved -= declared
-        if len(blobs) > settings.max_queue:
-            raise RequestError(413, "too_many_images", f"at most {settings.max_queue} images per request")
-        if state.pending + len(blobs) > settings.max_queue:
-            raise RequestError(503, "overloaded", "server busy: request queue full", {"Retry-After": "1"})
-        loop = asyncio.get_running_loop()
-        draft = clf.preprocessing.draft_size()
-        state.pending += len(blobs)
-        try:
-            async with asyncio.timeout(settings.timeout_s):
-                tensors = await asyncio.gather(*(loop.run_in_executor(state.decoders, decode_upload, blob,
-                                                                      clf.transform, draft, settings.max_pixels)
-                                                 for blob in blobs))
-                logits = await state.batcher.submit(list(tensors))
-        except TimeoutError:
-            raise RequestError(504, "timeout", f"no answer within {settings.timeout_s:g} s") from None
-        except QueueFull as exc:
-            raise RequestError(503, "overloaded", str(exc), {"Retry-After": str(exc.retry_after)}) from None
-        finally:
-            state.pending -= len(blobs)
+        clf = state.require_ready(request)  # a full queue was refused earlier, unread (AdmissionMiddleware)
+        logits = await state.logits(await state.receive(request, _read_images))
         return {"predictions": [_row(clf, row, top_k, settings.reject_below) for row in logits]}
 
+    app.include_router(oip.router(state))
     return app
 
 

@@ -31,6 +31,9 @@ class ServeSettings:
     reject_below: float | None = None
     warmup: bool = True
     niceness: int = 10  # inference/decoding threads run this much below the event loop (Linux)
+    # the model's name in the Open Inference Protocol's URLs (/v2/models/NAME/infer): fixed, so that
+    # client code keeps working when the server is given a newly trained model
+    model_name: str = "visiontune"
 
     @property
     def max_body_bytes(self) -> int:
