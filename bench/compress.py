@@ -5,7 +5,8 @@ Usage:
         [--finetune-epochs N ...] [--recovery-lr X ...]
 
 For each run: ONNX export with parity check (RUN/export/onnx/export_report.json), then
-``compress --quantize int8 --prune RATIO`` writing RUN/compress/compress_report.{json,md};
+``compress --quantize int8 --prune RATIO`` writing RUN/compress/compress_report.{json,md}, then
+``compress --quantize int8 --backend openvino`` (its OpenVINO fp32 and int8 rows join the table);
 a summary of all runs goes to bench/compress_results.md.
 """
 
@@ -34,6 +35,10 @@ def bench_run(run: str, prune: float, steps: int, epochs: int, recovery_lr: floa
     report["notes"].append(f"ONNX int8 with --int8-float-ends: val acc {row['val_accuracy']:.4f} "
                            f"({row['accuracy_change_pts']:+.2f} pt), "
                            f"{row['speedup_vs_eager_b32']:.2f}x eager fp32 at b32")
+    # OpenVINO fp32 and NNCF int8 (compress --backend openvino), measured next in this command
+    vino = compress(run, quantize="int8", backend="openvino", force=True, out=Path(run) / "compress-openvino")
+    report["variants"] += [r for r in vino["variants"] if r["variant"].startswith("OpenVINO")]
+    report["notes"] += [f"OpenVINO: {n}" for n in vino["notes"]]
     return (f"## {run}\n\nONNX fp32 parity on {parity['source']}: top-1 agreement {parity['top1_agreement']:.2%}, "
             f"max |logit diff| {parity['max_abs_logit_diff']:.2e}\n\n{markdown_table(report['variants'])}\n\n"
             + "\n".join(f"- {n}" for n in report["notes"]) + f"\n\nmachine: {report['machine']}\n")

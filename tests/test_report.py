@@ -87,13 +87,15 @@ def test_report_renders_in_headless_chromium(report_run, tmp_path):
     url = path.resolve().as_uri()
     shot = tmp_path / "shot.png"
     common = [str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    # its own session: a crashing Chromium's signals to its process group never reach pytest
     subprocess.run(common + [f"--screenshot={shot}", "--window-size=1200,3000", url],
-                   check=True, capture_output=True, timeout=120)
+                   check=True, capture_output=True, timeout=120, start_new_session=True)
     img = np.asarray(Image.open(shot).convert("RGB"))
     assert img.shape[:2] == (3000, 1200)
     colours = len(np.unique(img.reshape(-1, 3), axis=0))
     assert colours > 2000, f"screenshot looks blank: {colours} colours"  # photos and plots, not a blank page
-    dom = subprocess.run(common + ["--dump-dom", url], check=True, capture_output=True, text=True, timeout=120).stdout
+    dom = subprocess.run(common + ["--dump-dom", url], check=True, capture_output=True, text=True, timeout=120,
+                         start_new_session=True).stdout
     parsed = _parse(dom)
     assert parsed.h2 == list(SECTIONS.values())
     assert parsed.imgs and all(src.startswith("data:image/") for src in parsed.imgs)

@@ -8,17 +8,19 @@ from ..export.registry import EXPORT_FORMATS, QUANTIZE_MODES
 
 
 def register(sub) -> None:
-    p = sub.add_parser("export", help="export a trained model to ONNX / TorchScript / timm-HF, parity-checked")
+    p = sub.add_parser("export", help="export a trained model to ONNX / OpenVINO / TorchScript / timm-HF, "
+                                      "parity-checked")
     p.add_argument("model", help="run dir or model/ dir")
     p.add_argument("--format", default="onnx", choices=EXPORT_FORMATS.names(),
                    metavar="{" + ",".join(EXPORT_FORMATS) + "}", help=EXPORT_FORMATS.describe())
     p.add_argument("--out", default=None, metavar="PATH",
                    help="output file (folder for hf); default RUN/export/FORMAT/")
-    p.add_argument("--dynamic-batch", action="store_true", help="ONNX: dynamic batch dimension (default: batch 1)")
+    p.add_argument("--dynamic-batch", action="store_true",
+                   help="ONNX/OpenVINO: dynamic batch dimension (default: batch 1)")
     p.add_argument("--opset", type=int, default=17, metavar="N", help="ONNX opset version (17)")
     p.add_argument("--input", dest="input_dtype", default="float32", choices=("float32", "uint8"),
-                   help="ONNX input: float32 normalised NCHW (default), or uint8 NHWC RGB pixels at the input size, "
-                        "scaled and normalised inside the graph (thin clients cannot get it wrong)")
+                   help="ONNX/OpenVINO input: float32 normalised NCHW (default), or uint8 NHWC RGB pixels at the "
+                        "input size, scaled and normalised inside the graph (thin clients cannot get it wrong)")
     p.add_argument("--data", default=None, metavar="DIR|CSV",
                    help="labelled images for the parity check (default: the model's validation split)")
     p.add_argument("--parity-images", type=int, default=64, metavar="N", help="images in the parity check (64)")
@@ -28,6 +30,9 @@ def register(sub) -> None:
     p.add_argument("model", help="run dir or model/ dir")
     p.add_argument("--quantize", choices=QUANTIZE_MODES.names(), default=None,
                    metavar="{" + ",".join(QUANTIZE_MODES) + "}", help=QUANTIZE_MODES.describe())
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "openvino"),
+                   help="int8 runtime: onnxruntime (ORT static QDQ, default) or openvino (NNCF post-training "
+                        "quantization; the table adds OpenVINO fp32 beside ONNX Runtime's)")
     p.add_argument("--int8-float-ends", action="store_true",
                    help="static int8: keep the first conv and the classifier in float (when int8 flips decisions)")
     p.add_argument("--prune", type=float, default=None, metavar="RATIO", help="share of channels to remove, e.g. 0.3")
@@ -42,7 +47,8 @@ def register(sub) -> None:
     p.add_argument("--data", default=None, metavar="DIR|CSV", help="labelled val images (default: the val split)")
     p.add_argument("--out", default=None, metavar="PATH", help="output folder (default RUN/compress)")
     p.add_argument("--max-drop", type=float, default=1.0, metavar="PTS",
-                   help="refuse an int8 model losing more val accuracy (multi-label: macro mAP) than this, in "
+                   help="refuse an int8 model that changes more than this share of top-1 decisions on all "
+                        "training + val images (it bounds the accuracy lost; multi-label: val macro mAP drop), in "
                         "points (1.0)")
     p.add_argument("--force", action="store_true", help="accept a larger drop (exit 0, report still says so)")
     p.add_argument("--bench-seconds", type=float, default=3.0, metavar="S", help="timing budget per measurement (3)")
@@ -72,5 +78,5 @@ def cmd_compress(args: argparse.Namespace) -> int:
     compress(args.model, quantize=args.quantize, prune=args.prune, finetune_epochs=args.finetune_epochs,
              prune_steps=args.prune_steps, recovery_lr=args.recovery_lr, float_ends=args.int8_float_ends,
              calib=args.calib, data=args.data, out=args.out, max_drop=args.max_drop, force=args.force,
-             budget_s=args.bench_seconds)
+             budget_s=args.bench_seconds, backend=args.backend)
     return 0

@@ -280,6 +280,21 @@ def check_parity(report: dict[str, Any], min_agreement: float = MIN_AGREEMENT,
                           + "; ".join(problems))
 
 
+def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95% for ``z`` = 1.96); (0, 1) for no trials.
+
+    Example:
+        >>> [round(x, 4) for x in wilson_interval(244, 245)]
+        [0.9772, 0.9993]
+    """
+    if total <= 0:
+        return 0.0, 1.0
+    p = successes / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * np.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
 def file_size_mb(path: str | os.PathLike) -> float:
     path = Path(path)
     total = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..core.safe_io import atomic_write_text
 from ..core.tables import fixed_width, markdown
-from ..inference.runners import TorchRunner, onnx_session, session_logits
+from ..inference.runners import TorchRunner, compiled_logits, onnx_session, openvino_compile, session_logits
 from .common import ValScore, file_size_mb
 
 Logits = Callable[[np.ndarray], np.ndarray]
@@ -44,6 +44,11 @@ def torch_runner(model: nn.Module, tta: bool = False) -> Logits:
 def onnx_runner(path: str | Path) -> Logits:
     session = onnx_session(path)
     return lambda batch: session_logits(session, batch, chunk=len(batch))
+
+
+def openvino_runner(path: str | Path) -> Logits:
+    compiled, _ = openvino_compile(path)
+    return lambda batch: compiled_logits(compiled, batch, chunk=len(batch))
 
 
 def batched_logits(run: Logits, images: np.ndarray, chunk: int = 32) -> np.ndarray:

@@ -32,6 +32,8 @@ from .common import (
 )
 from .registry import EXPORT_FORMATS
 
+GRAPH_FORMATS = ("onnx", "openvino")  # exported graphs: opset, dynamic batch, --input uint8
+
 
 @dataclass(frozen=True)
 class Format:
@@ -55,13 +57,14 @@ def export_model(model_path: str | os.PathLike, fmt: str = "onnx", out: str | os
 
     Args:
         model_path: run dir or ``model/`` dir.
-        fmt: a name in :data:`~visiontune.export.registry.EXPORT_FORMATS` (``onnx``, ``torchscript``, ``hf``).
+        fmt: a name in :data:`~visiontune.export.registry.EXPORT_FORMATS` (``onnx``, ``openvino``,
+            ``torchscript``, ``hf``).
         out: output file (folder for ``hf``); default ``RUN/export/FORMAT/``.
-        opset: ONNX opset; dynamic_batch: dynamic batch dimension (ONNX).
+        opset: ONNX opset; dynamic_batch: dynamic batch dimension (ONNX, OpenVINO).
         data: labelled images for the parity check (default: the model's validation split,
             else generated images).
         check: raise :class:`ExportError` when parity is below the thresholds.
-        input_dtype: ONNX only: ``float32`` (normalised NCHW) or ``uint8`` (resized NHWC pixels,
+        input_dtype: ONNX and OpenVINO: ``float32`` (normalised NCHW) or ``uint8`` (resized NHWC pixels,
             normalised inside the graph); parity-checked the same way.
 
     Returns:
@@ -73,15 +76,17 @@ def export_model(model_path: str | os.PathLike, fmt: str = "onnx", out: str | os
     """
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of: {', '.join(EXPORT_FORMATS)}")
-    if input_dtype != "float32" and fmt != "onnx":
-        raise ExportError(f"--input {input_dtype} is for --format onnx; {fmt} takes float32 input")
+    graph = fmt in GRAPH_FORMATS
+    if input_dtype != "float32" and not graph:
+        raise ExportError(f"--input {input_dtype} is for --format {' or '.join(GRAPH_FORMATS)}; {fmt} takes float32 "
+                          "input")
     exporter: Format = EXPORT_FORMATS.get(fmt)
     model, card = load_model(model_path)
     target = Path(out) if out else default_out(card.model_dir, fmt)
-    options = {"input_dtype": input_dtype} if fmt == "onnx" else {}
+    options = {"input_dtype": input_dtype} if graph else {}
     written = exporter.write(model, card, target, opset=opset, dynamic_batch=dynamic_batch, **options)
     folder = written.parent
-    extra = {"opset": opset, "dynamic_batch": dynamic_batch, **options} if fmt == "onnx" else {}
+    extra = {"opset": opset, "dynamic_batch": dynamic_batch, **options} if graph else {}
     write_json(folder / META_FILE, export_card(card, fmt, written.name, **extra).to_dict())
     batch, source = parity_batch(card, data, parity_images)
     report = {"format": fmt, "file": str(written), "source": source,

@@ -67,7 +67,7 @@ def _export_graph(wrapper: nn.Module, example: torch.Tensor, opset: int, dynamic
     for dynamo in (False, True):
         buf = io.BytesIO()
         try:
-            with warnings.catch_warnings(), _quiet_output():
+            with warnings.catch_warnings(), quiet_output():
                 warnings.simplefilter("ignore")  # exporter deprecation chatter is not actionable here
                 if dynamo:
                     program = torch.onnx.export(wrapper, (example,), dynamo=True, verbose=False,
@@ -85,7 +85,7 @@ def _export_graph(wrapper: nn.Module, example: torch.Tensor, opset: int, dynamic
 
 
 @contextlib.contextmanager
-def _quiet_output() -> Iterator[None]:
+def quiet_output() -> Iterator[None]:
     """Send file descriptors 1 and 2 (C++ and Python writes alike) to a discarded temporary file."""
     sys.stdout.flush()
     sys.stderr.flush()

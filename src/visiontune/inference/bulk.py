@@ -22,7 +22,7 @@ from ..models.artifact import read_card, resolve_model_dir
 from ..models.card import ModelCard
 from .classifier import Classifier
 from .rows import csv_cells, csv_header
-from .runners import OnnxRunner, is_onnx
+from .runners import OnnxRunner, OpenVinoRunner, is_onnx, is_openvino
 
 
 def rows_done(out: Path, inputs: Sequence[str], header: list[str], spreadsheet: bool = False) -> int:
@@ -66,12 +66,13 @@ def rows_done(out: Path, inputs: Sequence[str], header: list[str], spreadsheet: 
 def predict_to_csv(model_path: str, inputs: Sequence[str], out: Path, top_k: int = 5, batch_size: int = 64,
                    workers: int | None = None, precision: str = "auto", reject_below: float | None = None,
                    resume: bool = False, processes: int = 1, threshold: float | None = None,
-                   label_delim: str = " ", csv_safe: bool = False) -> tuple[int, int]:
+                   label_delim: str = " ", csv_safe: bool = False, backend: str = "eager") -> tuple[int, int]:
     """Predict ``inputs`` into CSV ``out``; returns (rows written in this call, unreadable among them).
 
     ``threshold`` and ``label_delim`` apply to multi-label models (one threshold for every label,
     the separator of the ``labels`` cell); ``csv_safe`` prefixes cells that a spreadsheet would
-    run as formulas with ``'``.
+    run as formulas with ``'``. ``backend`` is :meth:`Classifier.load`'s for one process; a model
+    folder sharded over ``processes`` runs eagerly (a runtime session would use every core).
 
     Example:
         predict_to_csv("runs/train-1", files, Path("preds.csv"), resume=True)
@@ -84,22 +85,25 @@ def predict_to_csv(model_path: str, inputs: Sequence[str], out: Path, top_k: int
     todo = list(inputs[done:])
     decision = (reject_below, threshold, label_delim, csv_safe)
     if processes <= 1 or len(todo) < processes * batch_size:
-        return _predict_shard(model_path, todo, out, top_k, batch_size, workers, precision, decision, done > 0)
+        return _predict_shard(model_path, todo, out, top_k, batch_size, workers, precision, decision, done > 0,
+                              backend=backend)
     return _predict_sharded(model_path, todo, out, top_k, batch_size, precision, decision, done > 0, processes)
 
 
 def _card(model_path: str) -> ModelCard:
-    """The model's card without its weights (an ONNX graph's from its metadata)."""
+    """The model's card without its weights (an exported graph's from its metadata)."""
     if is_onnx(model_path):
         return OnnxRunner.load(model_path)[1]
+    if is_openvino(model_path):
+        return OpenVinoRunner.load(model_path)[1]
     return read_card(resolve_model_dir(model_path))
 
 
 def _predict_shard(model_path, inputs, out: Path, top_k, batch_size, workers, precision, decision: tuple,
-                   append: bool, threads: int | None = None) -> tuple[int, int]:
+                   append: bool, threads: int | None = None, backend: str = "eager") -> tuple[int, int]:
     if threads:
         torch.set_num_threads(threads)
-    clf = Classifier.load(model_path, precision=precision)
+    clf = Classifier.load(model_path, precision=precision, backend=backend)
     reject_below, threshold, delim, spreadsheet = decision
     k = max(1, min(top_k, len(clf.class_names)))
     names = clf.class_names if clf.multi_label else None

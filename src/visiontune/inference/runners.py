@@ -8,8 +8,13 @@ by :class:`~visiontune.inference.classifier.Classifier`.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,12 +147,16 @@ def is_onnx(path: str | os.PathLike) -> bool:
 
 
 def onnx_card(path: Path, session) -> ModelCard:
-    """The card of an exported graph: its own ``metadata_props`` (authoritative), plus the
+    """The card of an exported ONNX graph: its own ``metadata_props``, see :func:`card_from_metadata`."""
+    return card_from_metadata(path, session.get_modelmeta().custom_metadata_map, "onnx")
+
+
+def card_from_metadata(path: Path, props: dict[str, str], fmt: str) -> ModelCard:
+    """The card of an exported graph: the metadata inside the file (authoritative), plus the
     ``model.json`` written beside it when present and consistent."""
-    props = session.get_modelmeta().custom_metadata_map
     if "class_names" not in props or "preprocessing" not in props:
         raise ExportError(f"{path} has no visiontune metadata (class_names, preprocessing); "
-                          "export it with `visiontune export MODEL --format onnx`")
+                          f"export it with `visiontune export MODEL --format {fmt}`")
     try:
         names, pre = json.loads(props["class_names"]), json.loads(props["preprocessing"])
         arch = json.loads(props["architecture"]) if props.get("architecture") else None
@@ -164,7 +173,7 @@ def onnx_card(path: Path, session) -> ModelCard:
             sidecar = read_json(side)
             values = sidecar if isinstance(sidecar, dict) else {}
         except ArtifactError:
-            pass  # the ONNX file itself is authoritative; a broken sidecar only loses extras
+            pass  # the graph file itself is authoritative; a broken sidecar only loses extras
         if values.get("class_names", names) != names:
             raise ExportError(f"{side} and {path} disagree on the class names; re-export the model")
     values = {**values, "format": FORMAT, "class_names": names, "preprocessing": pre,
@@ -180,15 +189,136 @@ def onnx_card(path: Path, session) -> ModelCard:
 
 
 def _check_outputs(path: Path, session, card: ModelCard) -> None:
-    outputs = {o.name: o for o in session.get_outputs()}
+    outputs = {o.name: o.shape for o in session.get_outputs()}
+    first = session.get_inputs()[0]
+    check_graph_io(path, card, outputs, list(first.shape), first.type == "tensor(uint8)")
+
+
+def check_graph_io(path: Path, card: ModelCard, outputs: dict[str, Any], shape: list[Any], uint8: bool) -> None:
+    """The graph has a ``logits`` output as wide as the card's classes and the input the card's
+    preprocessing makes (NCHW float, or NHWC pixels for ``export --input uint8``)."""
     if "logits" not in outputs:
         raise ExportError(f"{path} has no 'logits' output; it was not exported by visiontune")
-    width = outputs["logits"].shape[-1]
+    width = list(outputs["logits"])[-1] if len(outputs["logits"]) else None
     if isinstance(width, int) and width != card.num_classes:
         raise ExportError(f"{path} outputs {width} classes but its metadata names {card.num_classes}")
-    shape = session.get_inputs()[0].shape
     channels, height, width = card.preprocessing.input_size
-    uint8 = session.get_inputs()[0].type == "tensor(uint8)"  # export --input uint8: NHWC pixels
     expected = [height, width, channels] if uint8 else [channels, height, width]
     if len(shape) != 4 or [d for d in shape[1:] if isinstance(d, int)] != expected:
         raise ExportError(f"{path} input shape {shape} does not match the preprocessing input size {expected}")
+
+
+# ----------------------------------------------------------------------------- OpenVINO
+OPENVINO_FILE = "model.xml"
+RT_INFO = "visiontune"  # the rt_info section of an OpenVINO model that holds the ONNX metadata_props
+
+
+def openvino_file(path: Path) -> Path:
+    if path.is_dir() and (path / OPENVINO_FILE).is_file():
+        return path / OPENVINO_FILE
+    if not path.is_file():
+        raise ExportError(f"no OpenVINO model at {path}")
+    return path
+
+
+def is_openvino(path: str | os.PathLike) -> bool:
+    """True for an OpenVINO ``.xml`` or a folder with ``model.xml`` and no PyTorch weights."""
+    path = Path(path)
+    if path.suffix.lower() == ".xml":
+        return True
+    return path.is_dir() and (path / OPENVINO_FILE).is_file() and not (path / WEIGHTS_FILE).is_file()
+
+
+class _StackT(ctypes.Structure):
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def preserve_signal_stack() -> Iterator[None]:
+    """Keep the calling thread's alternate signal stack as it was across an OpenVINO compile.
+
+    OpenVINO's CPU plugin installs its own alternate signal stack on the thread that compiles a
+    model and puts back the one it found when that model is freed. Freed out of order (two models,
+    the first freed first), the thread is left pointing at freed memory, and the next signal it
+    handles (SIGCHLD when a child process exits) kills the process with SIGSEGV. Restoring the
+    previous stack right after compiling keeps the thread's stack ours. Linux only (no-op elsewhere).
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        saved = _StackT()
+        ok = sys.platform.startswith("linux") and libc.sigaltstack(None, ctypes.byref(saved)) == 0
+    except (OSError, AttributeError):
+        ok = False
+    try:
+        yield
+    finally:
+        if ok:
+            libc.sigaltstack(ctypes.byref(saved), None)
+
+
+def openvino_compile(path: str | os.PathLike, threads: int | None = None) -> tuple[Any, dict[str, str]]:
+    """A compiled OpenVINO CPU model (latency hint: one synchronous call uses every core) and its
+    visiontune metadata; clear error for bad files."""
+    try:
+        import openvino as ov  # lazy: only OpenVINO models need it
+    except ImportError:
+        raise ExportError("OpenVINO models need OpenVINO: pip install 'visiontune[openvino]'") from None
+    try:
+        core = ov.Core()
+        model = core.read_model(str(path))
+        props = {}
+        if model.has_rt_info([RT_INFO]):
+            props = {str(k): v.astype(str) for k, v in model.get_rt_info()[RT_INFO].items()}
+        # f32: on CPUs with bf16 OpenVINO would otherwise run in bf16, far from the exported fp32 numbers
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
+                  **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+        with preserve_signal_stack():
+            return core.compile_model(model, "CPU", config), props
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"{path} is not a usable OpenVINO model ({first[:200]})") from None
+
+
+def compiled_logits(compiled, batch: np.ndarray, chunk: int = 32, pre: Preprocessing | None = None) -> np.ndarray:
+    """Run a compiled OpenVINO model like :func:`session_logits` (uint8 graphs get their pixels)."""
+    port = compiled.input(0)
+    if port.get_element_type().get_type_name() == "u8":
+        if pre is None:
+            raise ExportError("this OpenVINO model takes uint8 pixels; its preprocessing is needed to feed it")
+        batch = uint8_pixels(batch, pre)
+    else:
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+    fixed = port.get_partial_shape()[0]
+    step = fixed.get_length() if fixed.is_static else chunk
+    logits = compiled.output("logits")
+    return np.concatenate([compiled(batch[i:i + step])[logits] for i in range(0, len(batch), step)])
+
+
+class OpenVinoRunner(OnnxRunner):
+    """An exported OpenVINO model (``model.xml`` + ``model.bin``) run by OpenVINO on the CPU."""
+
+    def __init__(self, compiled, path: str | os.PathLike = "", pre: Preprocessing | None = None):
+        self.compiled = compiled
+        self.path = str(path)
+        self.pre = pre
+        self._lock = threading.Lock()  # a compiled model's call reuses one infer request: one call at a time
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        array = batch.detach().cpu().numpy()
+        with self._lock:
+            logits = compiled_logits(self.compiled, array, chunk=max(1, len(array)), pre=self.pre)
+        return torch.from_numpy(logits).float()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, threads: int | None = None) -> tuple[OpenVinoRunner, ModelCard]:
+        """Open ``MODEL.xml`` (or a folder holding ``model.xml``) and read its card."""
+        path = openvino_file(Path(path))
+        compiled, props = openvino_compile(path, threads)
+        card = card_from_metadata(path, props, "openvino")
+        outputs = {name: list(port.get_partial_shape().get_min_shape()) for port in compiled.outputs
+                   for name in port.get_names()}
+        shape = compiled.input(0).get_partial_shape()
+        dims = [d.get_length() if d.is_static else None for d in shape]
+        check_graph_io(path, card, outputs, dims, compiled.input(0).get_element_type().get_type_name() == "u8")
+        card.model_dir = path.parent
+        return cls(compiled, path, card.preprocessing), card
