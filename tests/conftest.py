@@ -30,6 +30,10 @@ FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".gif"
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Never touch the user's feature cache from tests."""
     monkeypatch.setenv("VISIONTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "feature-cache"))
+    # predict/evaluate/serve default to --backend auto, which exports and times every new model once
+    # (seconds each): the many throwaway models here run eager; tests/test_runtime.py covers auto,
+    # the CLI default included
+    monkeypatch.setenv("VISIONTUNE_BACKEND", "eager")
 
 
 # ----------------------------------------------------------------------------- images and folders

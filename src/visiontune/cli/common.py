@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -128,6 +129,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         values = {k: v for k, v in values.items() if k not in unused}
     values.update({k: v for k, v in vars(args).items() if k in keys and v is not None})
     return TrainConfig.from_dict(values)
+
+
+BACKEND_CHOICES = ("auto", "eager", "onnxruntime", "openvino")  # inference.accelerated.BACKENDS (light import)
+
+
+def add_backend_argument(p: argparse.ArgumentParser) -> None:
+    """``--backend`` for the commands that run a PyTorch model folder on the CPU (predict, evaluate, serve)."""
+    p.add_argument("--backend", default=os.environ.get("VISIONTUNE_BACKEND", "auto"), choices=BACKEND_CHOICES,
+                   help="CPU runtime of a model folder: auto (default, or $VISIONTUNE_BACKEND): the fastest of eager "
+                        "PyTorch, ONNX Runtime and OpenVINO measured on this CPU once per model, each graph verified "
+                        "against eager fp32 (cached in the user cache); eager: PyTorch; onnxruntime/openvino: that "
+                        "runtime when verified")
 
 
 def add_loader_arguments(p: argparse.ArgumentParser, batch_size: int = 64) -> None:

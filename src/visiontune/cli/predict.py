@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import ConfigError
-from .common import add_loader_arguments
+from .common import add_backend_argument, add_loader_arguments
 
-MODEL_HELP = "run dir, model/ dir, pruned model dir or exported .onnx"
+MODEL_HELP = "run dir, model/ dir, pruned model dir, exported .onnx or OpenVINO model (folder or .xml)"
 
 
 def register(sub) -> None:
@@ -31,6 +31,7 @@ def register(sub) -> None:
                      help="average each image's logits with its mirror image's (default: as the model was trained)")
     tta.add_argument("--no-tta", dest="tta", action="store_false", help="score single views")
     add_loader_arguments(p)
+    add_backend_argument(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify image files, folders or globs")
@@ -55,14 +56,15 @@ def register(sub) -> None:
     p.add_argument("--label-delim", default=" ", metavar="SEP",
                    help="multi-label models: separator of the labels in the CSV's labels column (a space)")
     add_loader_arguments(p)
+    add_backend_argument(p)
     p.set_defaults(func=cmd_predict)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..evaluation.evaluate import evaluate  # lazy: the parser builds without torch
-    from ..inference.classifier import Classifier
+    from ..export.runtime import load_classifier
 
-    clf = Classifier.load(args.model, precision=args.precision, tta=args.tta)
+    clf = load_classifier(args.model, args.precision, args.tta, args.backend, log=_stderr)
     result = evaluate(clf, args.data, batch_size=args.batch_size, workers=args.workers, save=not args.no_save,
                       label_delim=args.label_delim, out=args.out)
     print(json.dumps(result) if args.json else format_evaluation(result))
@@ -103,6 +105,7 @@ def format_multilabel_evaluation(result: dict[str, Any]) -> str:
 def cmd_predict(args: argparse.Namespace) -> int:
     # lazy: the parser builds without torch
     from ..evaluation.gradcam import explain
+    from ..export.runtime import prepare_for
     from ..inference.bulk import predict_to_csv
     from ..inference.classifier import Classifier, expand_inputs
     from ..inference.rows import csv_cells, csv_header
@@ -116,14 +119,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
         cam_dir = (Path(args.out).parent if args.out else Path(".")) / "gradcam"
         written = explain(Classifier.load(args.model, precision="32"), inputs, cam_dir)
         print(f"wrote {len(written)} Grad-CAM overlay(s) to {cam_dir}", file=sys.stderr)
+    prepare_for(args.model, args.precision, args.backend, log=_stderr)  # measured once per model and CPU
     if args.out and not args.out.endswith(".json"):  # streamed, incremental, resumable
         n, bad = predict_to_csv(args.model, inputs, Path(args.out), args.top_k, args.batch_size, args.workers,
                                 args.precision, args.reject_below, args.resume, args.processes, args.threshold,
-                                args.label_delim, args.csv_safe)
+                                args.label_delim, args.csv_safe, backend=args.backend)
         print(f"predicted {n - bad} image(s)" + (f", {bad} unreadable" if bad else "") + f"; wrote {args.out}",
               file=sys.stderr)
         return 0
-    clf = Classifier.load(args.model, precision=args.precision)
+    clf = Classifier.load(args.model, precision=args.precision, backend=args.backend)
     rows = clf.predict(inputs, top_k=args.top_k, batch_size=args.batch_size, workers=args.workers,
                        progress=sys.stderr.isatty(), reject_below=args.reject_below, threshold=args.threshold)
     out = args.out
@@ -144,3 +148,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print(f"predicted {len(rows) - bad} image(s)" + (f", {bad} unreadable" if bad else "")
           + (f"; wrote {out}" if out else ""), file=sys.stderr)
     return 0
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)

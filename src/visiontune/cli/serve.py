@@ -10,11 +10,12 @@ from pathlib import Path
 
 from ..core.errors import ConfigError
 from ..serve.settings import API_KEY_ENV, ServeSettings, is_loopback
+from .common import add_backend_argument
 
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="HTTP API + web page for a trained model (dynamic batching)")
-    p.add_argument("model", help="run dir, model/ dir or .onnx file")
+    p.add_argument("model", help="run dir, model/ dir, .onnx file or OpenVINO model (folder or .xml)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (127.0.0.1); others need --api-key")
     p.add_argument("--port", type=int, default=8000, help="TCP port (8000)")
     p.add_argument("--max-batch", type=int, default=16, metavar="N", help="images per forward pass (16)")
@@ -39,6 +40,7 @@ def register(sub) -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "32", "bf16"), help="inference precision")
     p.add_argument("--reject-below", type=float, default=None, metavar="P",
                    help="label 'unknown' when the (calibrated) top probability is below P")
+    add_backend_argument(p)
     p.add_argument("--model-name", default="visiontune", metavar="NAME",
                    help="the model's name in the Open Inference Protocol's /v2/models/NAME routes (visiontune)")
     p.set_defaults(func=cmd_serve)
@@ -72,7 +74,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         api_key=api_key_from_args(args),
         workers_threads=args.workers_threads or max(1, os.cpu_count() or 1),
         precision=args.precision, reject_below=args.reject_below, niceness=args.nice,
-        model_name=model_name_from_args(args))
+        model_name=model_name_from_args(args), backend=args.backend)
 
 
 def model_name_from_args(args: argparse.Namespace) -> str:

@@ -18,13 +18,15 @@ import torch
 from PIL import Image
 
 from ..core.errors import ConfigError
+from ..core.hardware import device
 from ..data.dataset import InputDataset, input_loader
 from ..data.image import is_image_path
 from ..data.transforms import eval_transform
-from ..models.artifact import load_model
+from ..models.artifact import load_model, read_card, resolve_model_dir
 from ..models.card import ModelCard
+from .accelerated import BACKENDS, cached_runner
 from .rows import error_row, prediction_rows
-from .runners import OnnxRunner, TorchRunner, is_onnx
+from .runners import OnnxRunner, OpenVinoRunner, TorchRunner, is_onnx, is_openvino
 
 ImageInput = str | os.PathLike | Image.Image | bytes
 CHUNK_BATCHES = 64  # inputs handed to one loader at a time: workers restart rarely, memory stays bounded
@@ -52,16 +54,28 @@ class Classifier:
         self.precision: str = getattr(runner, "precision", "32")
 
     @classmethod
-    def load(cls, path: str | os.PathLike, precision: str = "auto", tta: bool | None = None) -> Classifier:
-        """A run dir, ``model/`` dir, pruned model dir or exported ``.onnx``; ``precision``
+    def load(cls, path: str | os.PathLike, precision: str = "auto", tta: bool | None = None,
+             backend: str = "eager") -> Classifier:
+        """A run dir, ``model/`` dir, pruned model dir, exported ``.onnx`` or OpenVINO model; ``precision``
         auto|32|bf16|16 applies to PyTorch models; ``tta`` overrides the card's flip test-time
-        augmentation (None: as the model was trained)."""
-        if is_onnx(path):
-            runner, card = OnnxRunner.load(path)
+        augmentation (None: as the model was trained). ``backend`` ``auto`` runs a PyTorch model on
+        the CPU through the runtime measured fastest and verified here (see
+        :mod:`~visiontune.inference.accelerated`; ``prepare_runtime`` measures it), ``onnxruntime`` or
+        ``openvino`` through that one when verified; eager PyTorch otherwise."""
+        if is_onnx(path) or is_openvino(path):
+            runner, card = (OnnxRunner if is_onnx(path) else OpenVinoRunner).load(path)
             if tta is not None and tta != card.tta:
                 raise ConfigError(f"{path}: an exported graph has its test-time augmentation built in "
                                   f"({'on' if card.tta else 'off'}); load the run or model folder to change it")
             return cls(runner, card)
+        if backend not in BACKENDS:
+            raise ConfigError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+        if backend != "eager" and device() == "cpu" and precision in ("auto", "32"):
+            card = read_card(resolve_model_dir(path))
+            if tta is None or tta == card.tta:  # the graphs have the card's flip averaging built in
+                runner = cached_runner(card.model_dir, card, backend, precision)
+                if runner is not None:
+                    return cls(runner, card)
         model, card = load_model(path)
         return cls(TorchRunner(model, precision, card.preprocessing.height, card.tta if tta is None else tta), card)
 
@@ -150,9 +164,10 @@ class Classifier:
         return [float(threshold)] * len(self.class_names) if threshold is not None else list(self.thresholds or [])
 
 
-def load(path: str | os.PathLike, precision: str = "auto", tta: bool | None = None) -> Classifier:
+def load(path: str | os.PathLike, precision: str = "auto", tta: bool | None = None,
+         backend: str = "eager") -> Classifier:
     """:meth:`Classifier.load`; the function behind ``visiontune.load``."""
-    return Classifier.load(path, precision, tta)
+    return Classifier.load(path, precision, tta, backend)
 
 
 def expand_inputs(items: Sequence[str]) -> list[str]:

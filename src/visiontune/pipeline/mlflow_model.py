@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
@@ -55,7 +56,9 @@ class VisiontuneModel(mlflow.pyfunc.PythonModel):
         self.allow_paths = bool((context.model_config or {}).get("allow_paths", False))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        top_k = int((params or {}).get("top_k") or DEFAULT_TOP_K)
+        top_k = (params or {}).get("top_k", DEFAULT_TOP_K)
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+            raise ValueError(f"params top_k must be a whole number >= 1, got {top_k!r}")
         inputs = _inputs(model_input)
         refused = set() if self.allow_paths else {i for i, x in enumerate(inputs) if isinstance(x, str)}
         rows = self.clf.predict([b"" if i in refused else x for i, x in enumerate(inputs)], top_k=top_k)
@@ -70,7 +73,8 @@ def _inputs(model_input: Any) -> list[bytes | str]:
     if isinstance(model_input, pd.DataFrame):
         images = model_input["image"] if "image" in model_input else [None] * len(model_input)
         paths = model_input["path"] if "path" in model_input else [None] * len(model_input)
-        return [bytes(image) if isinstance(image, (bytes, bytearray)) else str(path) if _given(path) else b""
+        return [bytes(image) if isinstance(image, (bytes, bytearray, memoryview)) else str(path) if _given(path)
+                else b""
                 for image, path in zip(images, paths)]
     if isinstance(model_input, (bytes, str)):
         return [model_input]

@@ -17,7 +17,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from ..inference.classifier import Classifier
+from ..export.runtime import load_classifier
 from ..inference.rows import prediction_rows, probabilities, row_from_probabilities
 from . import oip
 from .batcher import Batcher, QueueFull, lower_thread_priority
@@ -169,7 +169,8 @@ def create_app(model: str | os.PathLike | Any, settings: ServeSettings | None = 
         try:
             loop = asyncio.get_running_loop()
             clf = model if hasattr(model, "logits") else await loop.run_in_executor(
-                None, Classifier.load, model, settings.precision)
+                # on a decoding thread: its lower priority (--nice) passes to the runtime's own threads
+                state.decoders, lambda: load_classifier(model, settings.precision, None, settings.backend))
             clf.decision_thresholds(settings.reject_below)  # --reject-below on a multi-label model: said here
             batcher = Batcher(clf.logits, settings.max_batch, settings.max_wait_ms, settings.max_queue,
                               settings.niceness)

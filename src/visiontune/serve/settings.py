@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 API_KEY_ENV = "VISIONTUNE_API_KEY"
 
@@ -34,6 +35,8 @@ class ServeSettings:
     # the model's name in the Open Inference Protocol's URLs (/v2/models/NAME/infer): fixed, so that
     # client code keeps working when the server is given a newly trained model
     model_name: str = "visiontune"
+    # CPU runtime of a model folder (export.runtime.load_classifier): the fastest verified one by default
+    backend: str = field(default_factory=lambda: os.environ.get("VISIONTUNE_BACKEND", "auto"))
 
     @property
     def max_body_bytes(self) -> int:
