@@ -258,3 +258,21 @@ def onnx_file(tiny_model):
     from visiontune.export.exporter import export_model
 
     return Path(export_model(tiny_model[0], "onnx", dynamic_batch=True)["file"])
+
+
+# ----------------------------------------------------------------------------- serving
+@pytest.fixture(scope="module")
+def clf(trained_run):
+    """``trained_run`` loaded once per module (the serve tests share it)."""
+    import visiontune
+
+    return visiontune.load(trained_run[0].run_dir)
+
+
+@pytest.fixture(scope="module")
+def server(clf):
+    """A live uvicorn server of ``clf`` (/v1 and the Open Inference Protocol); yields its base URL."""
+    from test_serve import running_server  # the server helper lives with the HTTP tests
+
+    with running_server(clf) as url:
+        yield url

@@ -64,19 +64,6 @@ def png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def clf(trained_run):
-    import visiontune
-
-    return visiontune.load(trained_run[0].run_dir)
-
-
-@pytest.fixture(scope="module")
-def server(clf):
-    with running_server(clf) as url:
-        yield url
-
-
 def sample_files(data: Path, n: int = 3) -> list[Path]:
     return sorted(data.rglob("*.png"))[:: 10][:n]
 

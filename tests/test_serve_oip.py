@@ -28,19 +28,6 @@ CLOSE = {"rtol": 1e-4, "atol": 1e-6}  # the same images batched differently: flo
 
 
 @pytest.fixture(scope="module")
-def clf(trained_run):
-    import visiontune
-
-    return visiontune.load(trained_run[0].run_dir)
-
-
-@pytest.fixture(scope="module")
-def server(clf):
-    with running_server(clf) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
 def client(server):
     triton = httpclient.InferenceServerClient(server.removeprefix("http://"))
     yield triton
