@@ -119,11 +119,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         cam_dir = (Path(args.out).parent if args.out else Path(".")) / "gradcam"
         written = explain(Classifier.load(args.model, precision="32"), inputs, cam_dir)
         print(f"wrote {len(written)} Grad-CAM overlay(s) to {cam_dir}", file=sys.stderr)
-    prepare_for(args.model, args.precision, args.backend, log=_stderr)  # measured once per model and CPU
+    sharded = args.processes > 1 and args.out and not args.out.endswith(".json")  # shards run eager PyTorch
+    prepare_for(args.model, args.precision, "eager" if sharded else args.backend, log=_stderr)
     if args.out and not args.out.endswith(".json"):  # streamed, incremental, resumable
         n, bad = predict_to_csv(args.model, inputs, Path(args.out), args.top_k, args.batch_size, args.workers,
                                 args.precision, args.reject_below, args.resume, args.processes, args.threshold,
-                                args.label_delim, args.csv_safe, backend=args.backend)
+                                args.label_delim, args.csv_safe, backend="eager" if sharded else args.backend)
         print(f"predicted {n - bad} image(s)" + (f", {bad} unreadable" if bad else "") + f"; wrote {args.out}",
               file=sys.stderr)
         return 0

@@ -74,7 +74,9 @@ def runtime_dir(model_dir: str | os.PathLike, precision: str = "auto") -> Path:
 
 def read_choice(folder: Path) -> dict[str, Any] | None:
     """The record in ``folder``, checked: a known backend whose graph file exists, else None."""
-    try:
+    try:  # our own cache, but a shared $VISIONTUNE_CACHE could hold another user's graphs: only ours
+        if folder.is_symlink() or (hasattr(os, "getuid") and folder.is_dir() and folder.stat().st_uid != os.getuid()):
+            return None
         path = folder / CHOICE_FILE
         choice = json.loads(path.read_text()) if path.is_file() and path.stat().st_size < 65536 else None
     except (OSError, ValueError):
