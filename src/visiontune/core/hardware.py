@@ -72,6 +72,19 @@ def available_memory() -> int:
         return 0
 
 
+def cpu_info() -> tuple[str, list[str]] | None:
+    """The CPU's model name and feature flags from ``/proc/cpuinfo`` (x86 ``flags``, Arm
+    ``Features``); None where it cannot be read (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    name = next((x.split(":", 1)[1].strip() for x in lines if x.startswith(("model name", "Model"))), "?")
+    flags = next((x.split(":", 1)[1].split() for x in lines if x.startswith(("flags", "Features"))), [])
+    return name, flags
+
+
 def cpu_supports_bf16() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

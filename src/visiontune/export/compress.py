@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..core.errors import ExportError
+from ..core.hardware import cpu_info
 from ..core.layout import RunLayout
 from ..data.labels import stack_targets
 from ..data.scan import discover_eval
@@ -343,12 +344,10 @@ COMPRESS_BACKENDS = ("onnxruntime", "openvino")
 
 def _int8_hardware() -> str:
     """Why int8 may not be faster: the CPU's int8 dot-product instructions (VNNI), or their absence."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
-    except OSError:
+    info = cpu_info()
+    if info is None:
         return "CPU flags unknown"
-    vnni = [f for f in ("avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    vnni = [f for f in ("avx512_vnni", "avx_vnni", "amx_int8") if f in info[1]]
     return f"CPU has {', '.join(vnni)}" if vnni else "this CPU has no VNNI int8 dot-product instructions"
 
 

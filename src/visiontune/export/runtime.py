@@ -21,26 +21,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..core.errors import ConfigError
-from ..core.hardware import device
 from ..core.safe_io import atomic_write_text
-from ..inference.accelerated import BACKENDS, CHOICE_FILE, GRAPH_FILES, cpu_kind, read_choice, runtime_dir
+from ..inference.accelerated import BACKENDS, CHOICE_FILE, GRAPH_FILES, accelerates, cpu_kind, read_choice, runtime_dir
 from ..inference.classifier import Classifier
-from ..inference.runners import (
-    TorchRunner,
-    compiled_logits,
-    is_onnx,
-    is_openvino,
-    onnx_session,
-    openvino_compile,
-    session_logits,
-)
+from ..inference.runners import TorchRunner, is_graph
 from ..models.artifact import load_model, resolve_model_dir
 from .common import compare_logits, eager_logits, parity_batch, parity_problems
-from .compare import tile, time_per_call
+from .compare import Logits, onnx_runner, openvino_runner, tile, time_per_call
 from .onnx_export import export_onnx
 
 TIMING_BATCH = 32
@@ -60,7 +50,7 @@ def prepare_runtime(model_path: str | os.PathLike, precision: str = "auto",
         # -> 'openvino'
     """
     model_dir = resolve_model_dir(model_path)
-    if device() != "cpu" or precision not in ("auto", "32"):
+    if not accelerates(precision):
         return {"backend": "eager", "verified": [],
                 "reason": "a GPU, or an explicit reduced precision, runs eager PyTorch"}
     folder = runtime_dir(model_dir, precision)
@@ -117,17 +107,15 @@ def _measure(model_dir: Path, precision: str, stage: Path) -> dict[str, Any]:
     reference = eager_logits(model, batch, tta=card.tta)
     timed = tile(batch.numpy(), TIMING_BATCH)
     eager = TorchRunner(model, precision, card.preprocessing.height, card.tta)
-    runs: dict[str, Callable[[np.ndarray], np.ndarray]] = {"eager": lambda b: eager(torch.from_numpy(b)).numpy()}
+    runs: dict[str, Logits] = {"eager": lambda b: eager(torch.from_numpy(b)).numpy()}
     parity: dict[str, Any] = {}
     problems: dict[str, str] = {}
     onnx_path = export_onnx(model.float(), card, stage / GRAPH_FILES["onnxruntime"], dynamic_batch=True)
-    session = onnx_session(onnx_path)
-    runs["onnxruntime"] = lambda b: session_logits(session, b, chunk=len(b))
+    runs["onnxruntime"] = onnx_runner(onnx_path)
     try:
         from .openvino_export import onnx_to_openvino  # OpenVINO is optional: ORT alone then
 
-        compiled, _ = openvino_compile(onnx_to_openvino(onnx_path, stage / GRAPH_FILES["openvino"]))
-        runs["openvino"] = lambda b: compiled_logits(compiled, b, chunk=len(b))
+        runs["openvino"] = openvino_runner(onnx_to_openvino(onnx_path, stage / GRAPH_FILES["openvino"]))
     except Exception as exc:
         problems["openvino"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     verified = []
@@ -181,8 +169,3 @@ def prepare_for(path: str | os.PathLike, precision: str = "auto", backend: str =
         why = (choice.get("problems") or {}).get(backend) or choice.get("reason", "not measured")
         log(f"runtime: {backend} is not verified for this model ({why}); running eager PyTorch")
     return choice
-
-
-def is_graph(path: str | os.PathLike) -> bool:
-    """True for an exported graph (``.onnx``, OpenVINO), which runs on its own runtime as it is."""
-    return is_onnx(path) or is_openvino(path)

@@ -25,6 +25,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from ..core.hardware import cpu_info, device
 from ..core.version import __version__
 from ..data.cache import default_cache_dir
 from ..models.artifact import META_FILE, WEIGHTS_FILE
@@ -47,17 +48,20 @@ def _versions() -> str:
     return ",".join(found)
 
 
+def accelerates(precision: str) -> bool:
+    """Whether a graph runtime may replace eager PyTorch: on a CPU, at fp32 (``32``) or ``auto``
+    (an explicit reduced precision, or a GPU, runs eager)."""
+    return device() == "cpu" and precision in ("auto", "32")
+
+
 def cpu_kind() -> str:
     """The CPU's model name and SIMD flags: what decides which runtime is fastest."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            lines = fh.read().splitlines()
-    except OSError:
+    info = cpu_info()
+    if info is None:
         import platform
 
         return platform.processor() or platform.machine()
-    name = next((x.split(":", 1)[1].strip() for x in lines if x.startswith(("model name", "Model"))), "?")
-    flags = next((x.split(":", 1)[1].split() for x in lines if x.startswith(("flags", "Features"))), [])
+    name, flags = info
     return f"{name} [{' '.join(f for f in SIMD_FLAGS if f in flags)}] x{os.cpu_count()}"
 
 

@@ -22,7 +22,7 @@ from ..models.artifact import read_card, resolve_model_dir
 from ..models.card import ModelCard
 from .classifier import Classifier
 from .rows import csv_cells, csv_header
-from .runners import OnnxRunner, OpenVinoRunner, is_onnx, is_openvino
+from .runners import is_graph, load_graph
 
 
 def rows_done(out: Path, inputs: Sequence[str], header: list[str], spreadsheet: bool = False) -> int:
@@ -92,10 +92,8 @@ def predict_to_csv(model_path: str, inputs: Sequence[str], out: Path, top_k: int
 
 def _card(model_path: str) -> ModelCard:
     """The model's card without its weights (an exported graph's from its metadata)."""
-    if is_onnx(model_path):
-        return OnnxRunner.load(model_path)[1]
-    if is_openvino(model_path):
-        return OpenVinoRunner.load(model_path)[1]
+    if is_graph(model_path):
+        return load_graph(model_path)[1]
     return read_card(resolve_model_dir(model_path))
 
 

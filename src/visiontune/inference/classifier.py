@@ -18,15 +18,14 @@ import torch
 from PIL import Image
 
 from ..core.errors import ConfigError
-from ..core.hardware import device
 from ..data.dataset import InputDataset, input_loader
 from ..data.image import is_image_path
 from ..data.transforms import eval_transform
 from ..models.artifact import load_model, read_card, resolve_model_dir
 from ..models.card import ModelCard
-from .accelerated import BACKENDS, cached_runner
+from .accelerated import BACKENDS, accelerates, cached_runner
 from .rows import error_row, prediction_rows
-from .runners import OnnxRunner, OpenVinoRunner, TorchRunner, is_onnx, is_openvino
+from .runners import TorchRunner, is_graph, load_graph
 
 ImageInput = str | os.PathLike | Image.Image | bytes
 CHUNK_BATCHES = 64  # inputs handed to one loader at a time: workers restart rarely, memory stays bounded
@@ -62,15 +61,15 @@ class Classifier:
         the CPU through the runtime measured fastest and verified here (see
         :mod:`~visiontune.inference.accelerated`; ``prepare_runtime`` measures it), ``onnxruntime`` or
         ``openvino`` through that one when verified; eager PyTorch otherwise."""
-        if is_onnx(path) or is_openvino(path):
-            runner, card = (OnnxRunner if is_onnx(path) else OpenVinoRunner).load(path)
+        if is_graph(path):
+            runner, card = load_graph(path)
             if tta is not None and tta != card.tta:
                 raise ConfigError(f"{path}: an exported graph has its test-time augmentation built in "
                                   f"({'on' if card.tta else 'off'}); load the run or model folder to change it")
             return cls(runner, card)
         if backend not in BACKENDS:
             raise ConfigError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
-        if backend != "eager" and device() == "cpu" and precision in ("auto", "32"):
+        if backend != "eager" and accelerates(precision):
             card = read_card(resolve_model_dir(path))
             if tta is None or tta == card.tta:  # the graphs have the card's flip averaging built in
                 runner = cached_runner(card.model_dir, card, backend, precision)

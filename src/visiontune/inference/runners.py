@@ -294,6 +294,16 @@ def compiled_logits(compiled, batch: np.ndarray, chunk: int = 32, pre: Preproces
     return np.concatenate([compiled(batch[i:i + step])[logits] for i in range(0, len(batch), step)])
 
 
+def is_graph(path: str | os.PathLike) -> bool:
+    """True for an exported graph (``.onnx`` or OpenVINO), which runs on its own runtime as it is."""
+    return is_onnx(path) or is_openvino(path)
+
+
+def load_graph(path: str | os.PathLike) -> tuple[OnnxRunner, ModelCard]:
+    """The runner and card of an exported graph, on the runtime its format needs."""
+    return (OnnxRunner if is_onnx(path) else OpenVinoRunner).load(path)
+
+
 class OpenVinoRunner(OnnxRunner):
     """An exported OpenVINO model (``model.xml`` + ``model.bin``) run by OpenVINO on the CPU."""
 
