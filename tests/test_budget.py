@@ -4,12 +4,14 @@ budget, keeps the user's options), the deadline keeping the best model, and the 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from conftest import FAST, FAST_FLAGS, vt_main
 
 import visiontune
 from visiontune.core.errors import ConfigError
+from visiontune.training import setup
 from visiontune.training.budget import (
     MIN_FINETUNE_EPOCHS,
     Throughput,
@@ -18,6 +20,7 @@ from visiontune.training.budget import (
     parse_duration,
     plan_run,
 )
+from visiontune.training.config import TrainConfig
 
 # a CIFAR-like machine table: training gets ~4x dearer per doubling of the side
 TABLE = [Throughput(32, 700, 4700), Throughput(48, 440, 2700), Throughput(64, 310, 1600),
@@ -26,15 +29,45 @@ CIFAR = {"n_train": 32_000, "n_val": 8_000, "native_side": 32, "default_side": 2
 
 
 @pytest.mark.parametrize("text,seconds", [("20m", 1200), ("1h30m", 5400), ("2h", 7200), ("90s", 90),
-                                          ("1.5h", 5400), ("10min", 600)])
+                                          ("1.5h", 5400), ("10min", 600), (" 2m 30s ", 150), ("30s", 30),
+                                          ("720h", 30 * 86400)])
 def test_durations(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "5", "abc", "0m", "1h-3m"])
+@pytest.mark.parametrize("text", ["", "5", "abc", "0m", "1h-3m", "29s", "0.0001s", "721h", "9" * 400 + "h",
+                                  "1e9s", "\u0663m"])  # an Arabic-Indic 3: digits are ASCII
 def test_bad_durations_name_the_format(text):
     with pytest.raises(ConfigError, match="20m"):
         parse_duration(text)
+
+
+def test_durations_are_bounded_and_say_why():
+    """Audit 9: 400 nines overflowed to a traceback, and 0.0001s was accepted (and ran 43 s)."""
+    with pytest.raises(ConfigError, match="30s minimum: a shorter budget cannot plan a run"):
+        parse_duration("0.0001s")
+    with pytest.raises(ConfigError, match="30-day maximum") as caught:
+        parse_duration("9" * 400 + "h")  # infinite as a float
+    assert "401 characters" in str(caught.value) and "9" * 30 not in str(caught.value)  # not echoed whole
+
+
+def test_spaces_cannot_make_the_pattern_backtrack():
+    """Free spaces between the optional parts could be split among them in O(n^4) ways before a
+    mismatch (400 spaces took 20 s; this would not finish): spaces now only precede a number."""
+    with pytest.raises(ConfigError, match="not a duration"):
+        parse_duration(" " * 5000 + "x")
+    assert parse_duration("1h " + " " * 5000 + "30m") == 5400
+
+
+@pytest.mark.parametrize("text", ["0.0001s", "9" * 400 + "h", "soon"])
+def test_the_config_checks_time_with_the_same_rule(text, shared_folder, tmp_path, capsys):
+    with pytest.raises(ConfigError) as by_parser:
+        parse_duration(text)
+    with pytest.raises(ConfigError) as by_config:
+        TrainConfig.from_dict({"data": "photos", "time": text})
+    assert str(by_config.value) == str(by_parser.value)
+    code, _, err = vt_main(capsys, "train", shared_folder, "--time", text, "--run-dir", tmp_path / "run")
+    assert code == 2 and "20m" in err and "Traceback" not in err and not (tmp_path / "run").exists()
 
 
 def test_format_duration():
@@ -138,10 +171,16 @@ def test_time_with_several_processes_is_refused(shared_folder, tmp_path, capsys)
     assert code == 2 and "--devices 1" in err and not (tmp_path / "run").exists()
 
 
-def test_deadline_stops_and_keeps_the_best_model(shared_folder, tmp_path, capsys):
-    """A 1-second budget is spent before training starts: the warm-up epoch still saves a model,
-    the first Lightning batch hits the deadline, and the run ends with that model and its card."""
-    run = visiontune.train(shared_folder, time="1s", epochs=4, freeze_epochs=1, strategy="finetune",
+def spent_budget(monkeypatch) -> None:
+    """Start the command's clock 30 s ago: the shortest budget (30s) is spent before training starts."""
+    monkeypatch.setattr(setup, "budget_start", lambda: time.time() - 30)
+
+
+def test_deadline_stops_and_keeps_the_best_model(shared_folder, tmp_path, capsys, monkeypatch):
+    """A budget spent before training starts: the warm-up epoch still saves a model, the first
+    Lightning batch hits the deadline, and the run ends with that model and its card."""
+    spent_budget(monkeypatch)
+    run = visiontune.train(shared_folder, time="30s", epochs=4, freeze_epochs=1, strategy="finetune",
                            run_dir=tmp_path / "run", **FAST)
     out = capsys.readouterr().out
     assert "time budget: stopping in epoch 2" in out  # the first epoch after the head's warm-up
@@ -161,11 +200,12 @@ def test_forecast_is_printed_for_a_large_run(shared_folder, tmp_path, capsys, mo
     assert "projected:" in capsys.readouterr().out
 
 
-def test_time_flag_through_the_cli(shared_folder, tmp_path, capsys):
-    code, out, err = vt_main(capsys, "train", shared_folder, "--time", "1s", "--epochs", "2", "--run-dir",
+def test_time_flag_through_the_cli(shared_folder, tmp_path, capsys, monkeypatch):
+    spent_budget(monkeypatch)
+    code, out, err = vt_main(capsys, "train", shared_folder, "--time", "30s", "--epochs", "2", "--run-dir",
                              tmp_path / "run", *FAST_FLAGS)
     assert code == 0, err
-    assert "time budget 1s" in out and (tmp_path / "run" / "plan.json").is_file()
+    assert "time budget 30s" in out and (tmp_path / "run" / "plan.json").is_file()
     code, _, err = vt_main(capsys, "train", shared_folder, "--time", "soon")
     assert code == 2 and "20m" in err
 

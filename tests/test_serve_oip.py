@@ -135,11 +135,13 @@ def test_multi_label_labels_are_json_sets(clf, images):
     assert [json.loads(text(s)) for s in result.as_numpy("labels")] == labels
 
 
-def _infer(url: str, request: dict, tail: bytes = b"", model: str = MODEL, **headers) -> httpx.Response:
+def _infer(url: str, request: dict, tail: bytes = b"", model: str = MODEL, version: str | None = None,
+           **headers) -> httpx.Response:
     body = json.dumps(request).encode()
     if tail:
         headers["inference-header-content-length"] = str(len(body))
-    return httpx.post(f"{url}/v2/models/{model}/infer", content=body + tail, headers=headers, timeout=30)
+    path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/infer"
+    return httpx.post(url + path, content=body + tail, headers=headers, timeout=30)
 
 
 def test_bad_requests_get_protocol_errors(server, clf, images):
@@ -177,6 +179,96 @@ def test_bad_requests_get_protocol_errors(server, clf, images):
     assert "unknown model 'resnet'" in cases["wrong model"][1].json()["error"]
     assert "normalised" in cases["NaN pixels"][1].json()["error"]
     assert _infer(server, {"inputs": [one]}).status_code == 200  # the server is fine afterwards
+
+
+# audit 8: values of any JSON type where a string, a number or an object belongs; only a string can
+# be looked up among the input names (a list or an object is unhashable: it raised TypeError, a 500)
+ONE = {"name": "image", "datatype": "BYTES", "shape": [1], "data": ["aGk="]}
+MISTYPED = {
+    "input name an object": {"inputs": [{"name": {"x": 1}}]},
+    "input name a list": {"inputs": [{"name": ["image"]}]},
+    "output name a list": {"inputs": [ONE], "outputs": [{"name": ["image"]}]},
+    "output name an object": {"inputs": [ONE], "outputs": [{"name": {"labels": 1}}]},
+    "datatype a list": {"inputs": [{**ONE, "datatype": ["BYTES"]}]},
+    "shape an object": {"inputs": [{**ONE, "shape": {"n": 1}}]},
+    "shape of lists": {"inputs": [{**ONE, "shape": [[1]]}]},
+    "data an object": {"inputs": [{**ONE, "data": {"aGk=": 1}}]},
+    "parameters a list": {"inputs": [{**ONE, "parameters": ["shared_memory_region"]}]},
+    "binary_data_size a list": {"inputs": [{**ONE, "parameters": {"binary_data_size": [3]}}]},
+    "binary_data_output an object": {"inputs": [ONE], "parameters": {"binary_data_output": {"x": 1}}},
+    "binary_data a list": {"inputs": [ONE], "outputs": [{"name": "labels", "parameters": {"binary_data": [True]}}]},
+    "inputs an object": {"inputs": {"image": ONE}},
+    "input a list": {"inputs": [["image"]]},
+    "outputs a string": {"inputs": [ONE], "outputs": "labels"},
+    "id an object": {"inputs": [ONE], "id": {"x": 1}},
+    "id a list": {"inputs": [ONE], "id": ["r1"]},
+}
+
+
+@pytest.mark.parametrize("version", [None, "1"])
+@pytest.mark.parametrize("case", sorted(MISTYPED))
+def test_values_of_the_wrong_type_get_400(server, case, version):
+    answer = _infer(server, MISTYPED[case], version=version)
+    assert answer.status_code == 400, (case, answer.status_code, answer.text)
+    assert isinstance(answer.json()["error"], str) and answer.json()["error"]
+
+
+def test_error_messages_echo_client_values_in_bounded_size(server):
+    answer = _infer(server, {"inputs": [{"name": "x" * 100_000}]})
+    assert answer.status_code == 400 and "unknown input 'xxx" in answer.json()["error"]
+    assert len(answer.text) < 500
+
+
+def test_a_full_queue_refuses_every_infer_path_before_reading_it(clf):
+    """Audit 8: /v2/models/NAME/versions/1/infer was only refused after its body was read and parsed.
+
+    The queue is made full by setting the app's admission counter (no timing): a body the endpoint
+    would answer with 400 gets the middleware's 503, on every path that queues images.
+    """
+    from fastapi.testclient import TestClient
+
+    from visiontune.serve import create_app
+
+    app = create_app(clf, ServeSettings(warmup=False, max_queue=2))
+    state = app.state.vt
+    paths = ["/v1/predict", f"/v2/models/{MODEL}/infer", f"/v2/models/{MODEL}/versions/1/infer"]
+    with TestClient(app, base_url="http://localhost") as client:
+        assert any(client.get("/readyz").status_code == 200 for _ in range(100))  # loaded: each call yields
+        state.pending = 2
+        for path in paths:
+            busy = client.post(path, content=b"{not json", headers={"content-type": "application/json"})
+            assert busy.status_code == 503, (path, busy.text)
+            assert busy.headers["retry-after"] == "1" and busy.json()["error"] == "overloaded"
+        state.pending = 0  # the same bodies, now routed: the endpoints' own answers
+        for path in paths:
+            assert client.post(path, content=b"{not json", headers={"content-type": "application/json"}
+                               ).status_code in (400, 415), path
+
+
+def test_one_admission_middleware_covers_a_set_of_paths():
+    import asyncio
+
+    from visiontune.serve.oip import infer_paths
+    from visiontune.serve.security import AdmissionMiddleware
+
+    called, sent = [], []
+
+    async def inner(scope, receive, send):
+        called.append(scope["path"])
+
+    async def send(message):
+        sent.append(message)
+
+    paths = {"/v1/predict", *infer_paths(MODEL)}
+    assert f"/v2/models/{MODEL}/versions/1/infer" in paths
+    full = AdmissionMiddleware(inner, is_full=lambda: True, paths=paths)
+    for path in sorted(paths):
+        asyncio.run(full({"type": "http", "path": path}, None, send))
+    assert not called and [m["status"] for m in sent if "status" in m] == [503] * 3
+    asyncio.run(full({"type": "http", "path": f"/v2/models/{MODEL}/ready"}, None, send))
+    one = AdmissionMiddleware(inner, is_full=lambda: True, paths="/v1/predict")  # a path, not its characters
+    asyncio.run(one({"type": "http", "path": "/"}, None, send))
+    assert called == [f"/v2/models/{MODEL}/ready", "/"]
 
 
 def test_api_key_limits_timeout_and_readiness(clf, images, tmp_path):

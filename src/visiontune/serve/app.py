@@ -199,10 +199,10 @@ def create_app(model: str | os.PathLike | Any, settings: ServeSettings | None = 
         app.get("/docs", include_in_schema=False)(lambda: get_swagger_ui_html(openapi_url="/openapi.json",
                                                                                title="visiontune API"))
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    # outermost: refuse cheaply while the queue is full (added last = runs first)
-    for path in ("/v1/predict", oip.infer_path(settings.model_name)):
-        app.add_middleware(AdmissionMiddleware, is_full=lambda: state.ready and state.pending >= settings.max_queue,
-                           path=path)
+    # before the body limit: refuse cheaply while the queue is full (added later = runs earlier), on every
+    # path that queues images: /v1/predict and the protocol's infer, with and without its version
+    app.add_middleware(AdmissionMiddleware, is_full=lambda: state.ready and state.pending >= settings.max_queue,
+                       paths={"/v1/predict", *oip.infer_paths(settings.model_name)})
     if not settings.api_key:  # key-less servers listen on loopback only: refuse rebound host names
         app.add_middleware(LoopbackHostMiddleware)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -26,7 +26,9 @@ Binary tensor data extension: an ``Inference-Header-Content-Length`` header says
 the body are JSON; an input with ``parameters.binary_data_size`` has its data in the bytes after
 it (FP32 little-endian; each BYTES element a 4-byte little-endian length, then the bytes).
 Outputs come back that way when requested (``parameters.binary_data_output`` for all, an output's
-``parameters.binary_data`` for one). Errors are ``{"error": message}``, never a 5xx for bad input.
+``parameters.binary_data`` for one). Errors are ``{"error": message}``, never a 5xx for bad input:
+every value of the request is any JSON value until its type is checked (a list where a name
+belongs cannot be looked up in a dict), and error messages show client values bounded in size.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import reprlib
 import struct
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
@@ -62,9 +65,27 @@ HEADER_LENGTH = "inference-header-content-length"
 PIXEL_MARGIN = 0.5
 
 
-def infer_path(name: str) -> str:
-    """The URL path of the model's infer endpoint (admission control refuses it cheaply when full)."""
-    return f"/v2/models/{name}/infer"
+def infer_paths(name: str) -> tuple[str, str]:
+    """The URL paths of the model's infer endpoint, without and with its version: admission control
+    refuses both cheaply while the queue is full."""
+    return f"/v2/models/{name}/infer", f"/v2/models/{name}/versions/{VERSION}/infer"
+
+
+class _ClientRepr(reprlib.Repr):
+    """``repr`` of a client's value for an error message: a few levels, items and characters,
+    whatever was sent (a 10 MB string or a list nested 900 deep is echoed as a short excerpt)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother, self.maxlong = 3, 60, 60, 40
+        self.maxlist = self.maxdict = self.maxtuple = 6
+
+    def repr_int(self, x: int, level: int) -> str:
+        # repr() of an int above 4300 digits raises ValueError (CPython's conversion limit)
+        return f"<a {x.bit_length()}-bit integer>" if x.bit_length() > 128 else super().repr_int(x, level)
+
+
+_shown = _ClientRepr().repr
 
 
 class _ProtocolRoute(APIRoute):
@@ -186,8 +207,8 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
     if header_length is not None:
         try:
             size = int(header_length)
-        except ValueError:
-            raise _bad(f"Inference-Header-Content-Length {header_length!r} is not a number") from None
+        except ValueError:  # also past CPython's 4300-digit limit of int()
+            raise _bad(f"Inference-Header-Content-Length {_shown(header_length)} is not a number") from None
         if not 0 < size <= len(body):
             raise _bad(f"Inference-Header-Content-Length {size} does not fit the {len(body)} byte body")
     try:  # NaN and Infinity are not JSON: Python's parser would accept them
@@ -203,7 +224,7 @@ def _parameters(where: dict[str, Any], what: str) -> dict[str, Any]:
     params = where.get("parameters", {})
     if not isinstance(params, dict):
         raise _bad(f"{what}: 'parameters' must be an object")
-    if any(key.startswith("shared_memory") for key in params):
+    if any(isinstance(key, str) and key.startswith("shared_memory") for key in params):
         raise _bad(f"{what}: the shared memory extension is not supported; send the data in the request")
     return params
 
@@ -221,14 +242,14 @@ def read_inputs(header: dict[str, Any], tail: bytes, pre: Preprocessing, max_ima
                    f"(FP32, preprocessed [n, {', '.join(map(str, pre.input_size))}])")
     spec = inputs[0]
     name, datatype, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
-    if name not in INPUT_TYPES:
-        raise _bad(f"unknown input {name!r}: this model takes {IMAGE!r} or {PIXELS!r}")
+    if not isinstance(name, str) or name not in INPUT_TYPES:  # a list or an object is not hashable
+        raise _bad(f"unknown input {_shown(name)}: this model takes {IMAGE!r} or {PIXELS!r}")
     if datatype != INPUT_TYPES[name]:
-        raise _bad(f"input {name!r} must be {INPUT_TYPES[name]}, got {datatype!r}")
+        raise _bad(f"input {name!r} must be {INPUT_TYPES[name]}, got {_shown(datatype)}")
     expected = [-1] if name == IMAGE else [-1, *pre.input_size]
     if not (isinstance(shape, list) and len(shape) == len(expected) and all(type(d) is int for d in shape)
             and shape[1:] == expected[1:]):
-        raise _bad(f"input {name!r} must have shape {expected} (n images), got {shape!r}")
+        raise _bad(f"input {name!r} must have shape {expected} (n images), got {_shown(shape)}")
     count = shape[0]
     if count < 1:
         raise _bad(f"input {name!r} holds no image")
@@ -244,7 +265,8 @@ def read_inputs(header: dict[str, Any], tail: bytes, pre: Preprocessing, max_ima
             return _base64_images(spec["data"], count)
         return _pixel_rows(_json_floats(spec["data"]), shape, pre)
     if type(size) is not int or size != len(tail):
-        raise _bad(f"input {name!r}: binary_data_size {size!r} does not match the {len(tail)} bytes after the JSON")
+        raise _bad(f"input {name!r}: binary_data_size {_shown(size)} does not match the {len(tail)} bytes after "
+                   "the JSON")
     if name == IMAGE:
         return _byte_elements(tail, count)
     if len(tail) % 4:
@@ -292,7 +314,8 @@ def _pixel_rows(values: np.ndarray, shape: list[int], pre: Preprocessing) -> lis
     """Checked FP32 NCHW values -> one CHW tensor per image."""
     if values.size != int(np.prod(shape)):
         raise _bad(f"input {PIXELS!r}: shape {shape} needs {int(np.prod(shape))} values, got {values.size}")
-    batch = values.astype(np.float32).reshape(shape)  # a copy: the request's buffer is read-only
+    with np.errstate(over="ignore"):  # a float64 beyond FP32's range becomes inf: refused below, not logged
+        batch = values.astype(np.float32).reshape(shape)  # a copy: the request's buffer is read-only
     mean = np.asarray(pre.mean, np.float32).reshape(1, -1, 1, 1)
     std = np.asarray(pre.std, np.float32).reshape(1, -1, 1, 1)
     low, high = (-PIXEL_MARGIN - mean) / std, (1 + PIXEL_MARGIN - mean) / std
@@ -308,15 +331,15 @@ def requested_outputs(header: dict[str, Any]) -> list[tuple[str, bool]]:
     if not isinstance(default, bool):
         raise _bad("parameter 'binary_data_output' must be true or false")
     outputs = header.get("outputs")
-    if outputs in (None, []):  # none named: all of them
+    if outputs is None or outputs == []:  # none named: all of them
         outputs = [{"name": name} for name in OUTPUTS]
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise _bad("'outputs' must be a list of objects with a 'name'")
     chosen: list[tuple[str, bool]] = []
     for output in outputs:
         name = output.get("name")
-        if name not in OUTPUTS:
-            raise _bad(f"unknown output {name!r}: this model gives {', '.join(map(repr, OUTPUTS))}")
+        if not isinstance(name, str) or name not in OUTPUTS:  # only a string can name one
+            raise _bad(f"unknown output {_shown(name)}: this model gives {', '.join(map(repr, OUTPUTS))}")
         if name in (seen for seen, _ in chosen):
             raise _bad(f"output {name!r} is requested twice")
         params = _parameters(output, f"output {name!r}")

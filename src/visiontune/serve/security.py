@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -48,22 +48,25 @@ def _json_response_messages(status: int, payload: dict[str, Any], extra: list[tu
 
 
 class AdmissionMiddleware:
-    """ASGI middleware: 503 + Retry-After for ``path`` while ``is_full()``, before any routing.
+    """ASGI middleware: 503 + Retry-After for each of ``paths`` while ``is_full()``, before any routing.
 
     Under overload most requests are refusals; answering them here, without FastAPI's routing,
     validation and exception handling, keeps each refusal cheap for the event loop, so refusals
     stay fast exactly when they are most numerous. The endpoint re-checks (it also counts the
-    images of a request).
+    images of a request). One instance covers every path that queues images: a path left out
+    (a protocol's versioned twin) would be refused only after its body was read and parsed.
 
     Example:
-        app = AdmissionMiddleware(inner_app, lambda: state.pending >= 64)
+        app = AdmissionMiddleware(inner_app, lambda: state.pending >= 64, {"/v1/predict", "/v2/models/m/infer"})
     """
 
-    def __init__(self, app: Callable, is_full: Callable[[], bool], path: str = "/v1/predict"):
-        self.app, self.is_full, self.path = app, is_full, path
+    def __init__(self, app: Callable, is_full: Callable[[], bool], paths: Iterable[str] = ("/v1/predict",)):
+        # one path given alone is a path, not a set of one-character paths
+        self.app, self.is_full = app, is_full
+        self.paths = frozenset((paths,) if isinstance(paths, str) else paths)
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope.get("path") == self.path and self.is_full():
+        if scope["type"] == "http" and scope.get("path") in self.paths and self.is_full():
             error = RequestError(503, "overloaded", "server busy: request queue full")
             for message in _json_response_messages(503, error.body(), [(b"retry-after", b"1")], close=False):
                 await send(message)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,13 +32,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from ..core.errors import ConfigError, ImageDecodeError
+from ..core.errors import ImageDecodeError
 from ..core.hardware import autocast, device, resolve_precision
 from ..core.safe_io import atomic_write_text
 from ..data.image import load_image
 from ..data.preprocess import Preprocessing, resize
 from ..models.factory import fit_input_size
-from .config import DURATION_PATTERN
+from .config import duration_seconds
 
 # What the planner trades off (measured on CIFAR-10 and hymenoptera, see bench/RESULTS.md):
 MIN_FINETUNE_EPOCHS = 3      # epochs (incl. the head's warm-up) below which a probe on cached features wins
@@ -54,19 +53,15 @@ SIZE_STEPS = (32, 48, 64, 96, 128, 160, 192, 224, 256, 288)
 # batch statistics of 32 upscaled images moved the features away: 62% vs 79% after two epochs),
 # the body at a third of the head's LR after a short warm-up (AdamW's first steps are large).
 FINETUNE_RECIPE = {"lr_mult": 3.0, "warmup_epochs": 0.3, "bn_stats": "frozen"}
-DURATION = re.compile(DURATION_PATTERN)
 
 
 def parse_duration(text: str) -> float:
-    """Seconds in ``1h30m``, ``20m``, ``2h``, ``90s`` (a unit is required)."""
-    match = DURATION.match(str(text))
-    if not match or not any(match.groups()) or not str(text).strip():
-        raise ConfigError(f"--time {text!r} is not a duration; write it like 20m, 1h30m, 2h or 90s")
-    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
-    total = hours * 3600 + minutes * 60 + seconds
-    if total <= 0:
-        raise ConfigError(f"--time {text!r} must be longer than zero, e.g. 20m or 1h30m")
-    return total
+    """Seconds in ``1h30m``, ``20m``, ``2h``, ``90s`` (a unit is required), from 30 s to 30 days.
+
+    The config's check of ``time`` is this same rule (:func:`~visiontune.training.config.duration_seconds`):
+    a value the config accepted always parses here. Raises :class:`ConfigError` naming the form.
+    """
+    return duration_seconds(text)
 
 
 def format_duration(seconds: float) -> str:

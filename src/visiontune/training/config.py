@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
@@ -43,11 +44,45 @@ from .registry import (
     TASKS,
 )
 
-# a duration for --time: 1h30m, 20m, 2h, 90s (hours, minutes, seconds; each optional)
-DURATION_PATTERN = r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m(?:in)?)?\s*(?:(\d+(?:\.\d+)?)s)?\s*$"
+# a duration for --time: 1h30m, 20m, 2h, 90s (hours, minutes, seconds; each optional), matched
+# whole against the stripped text. Spaces only ever precede a number: with a free ``\s*`` between
+# optional groups, a run of spaces could be split among them in O(n^4) ways before a mismatch
+# (400 spaces and an "x" took 20 s). ASCII digits only: ``\d`` would take every script's digits.
+DURATION_PATTERN = r"(?:([0-9]+(?:\.[0-9]+)?)h)?(?:\s*([0-9]+(?:\.[0-9]+)?)m(?:in)?)?(?:\s*([0-9]+(?:\.[0-9]+)?)s)?"
+DURATION = re.compile(DURATION_PATTERN)
+# a budget under 30 s cannot plan a run (measuring this machine alone takes seconds); one above
+# 30 days is a typo, and a number of unbounded length is infinite as a float
+MIN_DURATION_S, MAX_DURATION_S = 30.0, 30 * 86400.0
+DURATION_FORM = "write it like 20m, 1h30m, 2h or 90s (from 30s to 720h, i.e. 30 days)"
 
 # keys of earlier releases, still read from old config.yaml files
 ALIASES = {"strategy_dist": "distributed"}
+
+
+def duration_seconds(text: Any) -> float:
+    """Seconds in a ``--time`` value (``1h30m``, ``20m``, ``2h``, ``90s``; a unit is required),
+    within 30 s to 30 days: the one check of a duration, for the config and the planner alike.
+
+    Raises :class:`ConfigError` naming the accepted form.
+
+    Example:
+        >>> duration_seconds("1h30m"), duration_seconds(" 2m 30s ")
+        (5400.0, 150.0)
+    """
+    text = str(text)
+    shown = repr(text) if len(text) <= 40 else f"{text[:20]!r}... ({len(text)} characters)"
+    match = DURATION.fullmatch(text.strip())
+    if not match or not any(match.groups()):
+        raise ConfigError(f"--time {shown} is not a duration; {DURATION_FORM}")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    total = hours * 3600 + minutes * 60 + seconds  # a 400-digit number is inf here, never an error
+    if not math.isfinite(total) or total > MAX_DURATION_S:
+        raise ConfigError(f"--time {shown} is longer than the 30-day maximum; {DURATION_FORM}")
+    if total < MIN_DURATION_S:
+        raise ConfigError(f"--time {shown} is shorter than the 30s minimum: a shorter budget cannot plan a run "
+                          "(measuring this machine alone takes seconds); give at least 30s, written like 20m, "
+                          "1h30m, 2h or 90s")
+    return total
 
 
 def option(default: Any, help: str, *, key: str | None = None, choices: Registry | None = None,
@@ -152,7 +187,7 @@ class RuntimeOptions:
                                                          "for smoke tests")
     progress: bool | None = option(None, "progress bars (default: only on an interactive terminal)")
     report: bool = option(True, "write RUN/report.html at the end")
-    time: str | None = option(None, "time budget for the whole command, e.g. 20m, 1h30m: visiontune measures this "
+    time: str | None = option(None, "time budget for the whole command, e.g. 20m, 1h30m (30s to 30 days): visiontune measures this "
                                     "machine, plans strategy, input size and epochs to fit (keeping the options "
                                     "you give) and stops at the deadline", metavar="DURATION")
 
@@ -240,13 +275,12 @@ class TrainConfig:
             ("cutmix", lambda v: v >= 0, "must be >= 0"),
             ("devices", lambda v: v >= 1, "must be >= 1"),
             ("num_nodes", lambda v: v >= 1, "must be >= 1"),
-            ("time", lambda v: v is None or (bool(re.match(DURATION_PATTERN, str(v))) and any(
-                re.match(DURATION_PATTERN, str(v)).groups())),
-             "must be a duration like 20m, 1h30m, 2h or 90s"),
         ]
         for key, ok, text in checks:
             if not ok(self.get(key)):
                 raise ConfigError(f"{key} {text}, got {self.get(key)}")
+        if self.get("time") is not None:  # what the planner parses it with: one rule, bounds included
+            duration_seconds(self.get("time"))
         return self
 
     def save(self, path: str | Path) -> None:
