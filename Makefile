@@ -27,8 +27,9 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -m "not slow" -q
 
+# the slow end-to-end checks, and the parser fuzzing with many more (random) examples
 test-slow: $(STAMP)
-	$(PY) -m pytest -m slow -q
+	VISIONTUNE_FUZZ=long $(PY) -m pytest -m "slow or fuzz" -q
 
 bench: $(STAMP)
 	$(PY) -m bench

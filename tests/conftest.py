@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 from PIL import Image
 
 CLASSES = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
@@ -24,6 +25,16 @@ FAST = {"img_size": 32, "batch_size": 8, "workers": 0, "progress": False, "repor
 FAST_FLAGS = ["--img-size", "32", "--batch-size", "8", "--workers", "0", "--no-progress"]
 FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".gif": "GIF", ".webp": "WEBP",
            ".tif": "TIFF", ".tiff": "TIFF", ".ppm": "PPM"}
+
+
+# Property-based fuzzing of the parsers of untrusted input (tests marked ``fuzz``): a fast,
+# derandomised profile in `make test` (the same examples every run), a long random one in
+# `make test-slow` (VISIONTUNE_FUZZ=long). No example database is written into the checkout.
+settings.register_profile("fast", max_examples=40, deadline=None, derandomize=True, database=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile("long", max_examples=1500, deadline=None, database=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.load_profile(os.environ.get("VISIONTUNE_FUZZ", "fast"))
 
 
 @pytest.fixture(autouse=True)
