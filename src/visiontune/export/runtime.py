@@ -14,8 +14,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
+import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,10 +26,24 @@ import torch
 
 from ..core.errors import ConfigError
 from ..core.safe_io import atomic_write_text
-from ..inference.accelerated import BACKENDS, CHOICE_FILE, GRAPH_FILES, accelerates, cpu_kind, read_choice, runtime_dir
+from ..inference.accelerated import (
+    BACKENDS,
+    CHOICE_FILE,
+    GRAPH_FILES,
+    CacheUnavailable,
+    accelerates,
+    cpu_kind,
+    entry_name,
+    open_entry,
+    open_root,
+    read_choice,
+    runtime_key,
+    runtimes_root,
+)
 from ..inference.classifier import Classifier
 from ..inference.runners import TorchRunner, is_graph
-from ..models.artifact import load_model, resolve_model_dir
+from ..models.artifact import WEIGHTS_FILE, check_weights, load_model, read_card, resolve_model_dir
+from ..models.card import ModelCard
 from .common import compare_logits, eager_logits, parity_batch, parity_problems
 from .compare import Logits, onnx_runner, openvino_runner, tile, time_per_call
 from .onnx_export import export_onnx
@@ -37,13 +52,19 @@ TIMING_BATCH = 32
 TIMING_BUDGET_S = 0.5  # per candidate (at least 3 calls): medians are stable to a few percent
 
 
+LOCK_TIMEOUT_S = 600.0  # a measurement takes seconds to a minute or two; a lock held longer is stuck
+
+
 def prepare_runtime(model_path: str | os.PathLike, precision: str = "auto",
-                    log: Callable[[str], None] = print) -> dict[str, Any]:
+                    log: Callable[[str], None] = print, lock_timeout: float = LOCK_TIMEOUT_S) -> dict[str, Any]:
     """The recorded runtime choice of a PyTorch model folder, measuring it first if needed.
 
     Returns ``{"backend": "eager"|"onnxruntime"|"openvino", "verified": [...], "images_per_s_b32":
     {...}, "parity": {...}, "problems": {...}}``; on a GPU or at an explicit reduced precision,
-    ``{"backend": "eager", ...}`` without measuring.
+    ``{"backend": "eager", ...}`` without measuring. The model folder is validated before anything
+    is hashed or cached (a broken one raises :class:`~visiontune.core.errors.ArtifactError` and
+    leaves no entry); a cache that is not this user's own, or a lock held by another measurement
+    for ``lock_timeout`` seconds, means eager, said once.
 
     Example:
         prepare_runtime("runs/train-1")["backend"]
@@ -53,56 +74,95 @@ def prepare_runtime(model_path: str | os.PathLike, precision: str = "auto",
     if not accelerates(precision):
         return {"backend": "eager", "verified": [],
                 "reason": "a GPU, or an explicit reduced precision, runs eager PyTorch"}
-    folder = runtime_dir(model_dir, precision)
+    check_weights(model_dir / WEIGHTS_FILE, read_card(model_dir))  # before hashing gigabytes of a crafted file
+    key = runtime_key(model_dir, precision)
     try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(folder.with_name(folder.name + ".lock")):  # one measurement at a time per model
-            return _prepare(model_dir, precision, folder, log)
+        with open_root(create=True) as root_fd:
+            with _locked(root_fd, entry_name(key) + ".lock", lock_timeout, log):  # one measurement per model
+                return _prepare(model_dir, precision, key, root_fd, log)
+    except CacheUnavailable as exc:
+        log(f"runtime: {exc}; running eager PyTorch")
+        return {"backend": "eager", "verified": [], "reason": str(exc)}
     except OSError as exc:  # an unwritable cache never stops a command: eager, said once
-        log(f"runtime: the cache {folder.parent} is not writable ({exc.strerror or exc}); running eager "
+        log(f"runtime: the cache {runtimes_root()} is not writable ({exc.strerror or exc}); running eager "
             "PyTorch (set VISIONTUNE_CACHE to a writable folder)")
         return {"backend": "eager", "verified": [], "reason": f"cache not writable: {exc}"}
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock file: parallel commands (serve workers, jobs) measure a model once, not at
-    the same time on the same cores, which would spoil each other's timings."""
+def _locked(root_fd: int, name: str, timeout: float, log: Callable[[str], None]) -> Iterator[None]:
+    """An exclusive lock file in the cache root: parallel commands (serve workers, jobs) measure a
+    model once, not at the same time on the same cores, which would spoil each other's timings.
+
+    Opened without following a link (a planted ``<key>.lock`` link never creates a file elsewhere),
+    private to the user; waits at most ``timeout`` seconds, saying so, then gives up
+    (:class:`CacheUnavailable`)."""
     import fcntl  # POSIX; elsewhere measurements are simply not serialised
 
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(name, flags, 0o600, dir_fd=root_fd)
+    except OSError as exc:
+        raise CacheUnavailable(f"cannot open the lock {runtimes_root() / name} ({exc.strerror}); remove it") from None
+    try:
+        deadline = time.monotonic() + timeout
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise CacheUnavailable(f"another process has held {runtimes_root() / name} for {timeout:g} s; "
+                                           "if no visiontune is running, remove that file") from None
+                if not waiting:
+                    log(f"runtime: waiting for another visiontune measuring this model (lock {runtimes_root() / name})")
+                    waiting = True
+                time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
         try:
             yield
         finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
-def _prepare(model_dir: Path, precision: str, folder: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    choice = read_choice(folder)
+def _prepare(model_dir: Path, precision: str, key: str, root_fd: int, log: Callable[[str], None]) -> dict[str, Any]:
+    name = entry_name(key)
+    with open_entry(root_fd, name) as entry_fd:
+        choice = read_choice(entry_fd, key)
     if choice is not None:  # measured before (or by the process that held the lock)
         log(_describe(choice) + (" (measured before)" if choice.get("images_per_s_b32") else ""))
         return choice
-    log("runtime: measuring eager PyTorch, ONNX Runtime and OpenVINO on this CPU once for this model "
-        f"(cached in {folder})")
-    for old in folder.parent.glob(folder.name + ".tmp-*"):  # left by a killed measurement
-        shutil.rmtree(old, ignore_errors=True)
-    stage = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    model, card = load_model(model_dir)  # a model that does not load fails here, before any entry exists
+    root = runtimes_root()
+    log(f"runtime: measuring eager PyTorch, ONNX Runtime and OpenVINO on this CPU once for this model "
+        f"(cached in {root / name})")
+    for old in os.listdir(root_fd):  # left by a killed measurement
+        if old.startswith(name + ".tmp-"):
+            shutil.rmtree(old, ignore_errors=True, dir_fd=root_fd)
+    stage_name = f"{name}.tmp-{secrets.token_hex(4)}"
+    os.mkdir(stage_name, 0o700, dir_fd=root_fd)
+    stage = root / stage_name
     try:
-        choice = _measure(model_dir, precision, stage)
+        choice = _measure(model, card, precision, stage)
     except Exception as exc:  # any failure: eager, recorded with its reason, never a lost command
         choice = {"backend": "eager", "verified": [], "reason": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    choice["key"] = key
     choice["cpu"] = cpu_kind()
     atomic_write_text(stage / CHOICE_FILE, json.dumps(choice, indent=1) + "\n")
-    if folder.is_dir():
-        shutil.rmtree(folder, ignore_errors=True)  # a damaged record of ours (a valid one returned above)
-    stage.rename(folder)
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):  # a damaged or stale record of ours, or a link
+        if stat.S_ISDIR(os.stat(name, dir_fd=root_fd, follow_symlinks=False).st_mode):
+            shutil.rmtree(name, dir_fd=root_fd)
+        else:
+            os.unlink(name, dir_fd=root_fd)
+    os.rename(stage_name, name, src_dir_fd=root_fd, dst_dir_fd=root_fd)
     log(_describe(choice))
-    return read_choice(folder) or choice
+    with open_entry(root_fd, name) as entry_fd:
+        return read_choice(entry_fd, key) or choice
 
 
-def _measure(model_dir: Path, precision: str, stage: Path) -> dict[str, Any]:
-    model, card = load_model(model_dir)
+def _measure(model: torch.nn.Module, card: ModelCard, precision: str, stage: Path) -> dict[str, Any]:
     batch, source = parity_batch(card, None, TIMING_BATCH)
     reference = eager_logits(model, batch, tta=card.tta)
     timed = tile(batch.numpy(), TIMING_BATCH)

@@ -10,26 +10,36 @@ measures the candidates once per model and machine; this module only reads its r
     CACHE/runtimes/<key>/model.xml/.bin  its OpenVINO conversion
 
 ``key`` hashes the weights, ``model.json``, visiontune's and the runtimes' versions and the CPU's
-SIMD flags, so new weights, a new runtime or another CPU kind measure again. The cache lives in
-the user's cache folder (``$VISIONTUNE_CACHE`` or ``~/.cache/visiontune``), never in the model
-folder, which may be read-only or not the user's. A record that is missing, unreadable or names
-a file that is not there means eager PyTorch.
+SIMD flags, so new weights, a new runtime or another CPU kind measure again; the full key is
+stored in the record and checked, so an entry renamed to another model's key is not used. The
+cache lives in the user's cache folder (``$VISIONTUNE_CACHE`` or ``~/.cache/visiontune``), never in
+the model folder, which may be read-only or not the user's. Its root must be this user's own,
+private folder (checked at every use, through one descriptor: :func:`open_root`), entries are
+opened without following links, and graphs are read by
+:mod:`~visiontune.inference.graph_files`. A record that is missing, unreadable, written for
+another key or names a file that is not there means eager PyTorch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
+import stat
+from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from ..core.errors import ArtifactError, ExportError
 from ..core.hardware import cpu_info, device
 from ..core.version import __version__
 from ..data.cache import default_cache_dir
 from ..models.artifact import META_FILE, WEIGHTS_FILE
 from ..models.card import ModelCard
+from .graph_files import read_in
 from .runners import OnnxRunner, OpenVinoRunner
 
 CHOICE_FILE = "choice.json"
@@ -65,47 +75,145 @@ def cpu_kind() -> str:
     return f"{name} [{' '.join(f for f in SIMD_FLAGS if f in flags)}] x{os.cpu_count()}"
 
 
-def runtime_dir(model_dir: str | os.PathLike, precision: str = "auto") -> Path:
-    """Where the runtimes of the model in ``model_dir`` are cached on this machine."""
+class CacheUnavailable(ArtifactError):
+    """The runtime cache cannot be trusted or used right now; the command runs eager PyTorch."""
+
+    kind = "cache"
+
+
+ROOT_NAME = "runtimes"
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def runtimes_root() -> Path:
+    """The folder of the runtime cache: ``$VISIONTUNE_CACHE/runtimes`` (``~/.cache/visiontune/runtimes``)."""
+    return default_cache_dir() / ROOT_NAME
+
+
+@contextlib.contextmanager
+def open_root(create: bool = False) -> Iterator[int]:
+    """A descriptor of the cache root, checked at every use: a real folder (not a link), owned by
+    this user and private to them (a folder of ours with a wider mode is narrowed to 0700).
+
+    Everything in the cache is then opened relative to this descriptor, so a folder swapped in
+    after the check is never read. Raises :class:`CacheUnavailable` (and ``OSError`` when it
+    cannot be created), naming the remedy.
+    """
+    root = runtimes_root()
+    if create:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(root, 0o700)
+    try:
+        fd = os.open(root, _DIR_FLAGS)
+    except FileNotFoundError:
+        raise CacheUnavailable(f"no runtime cache at {root}") from None
+    except OSError as exc:
+        raise CacheUnavailable(f"the runtime cache {root} is not a folder of this user's ({exc.strerror}); set "
+                               "VISIONTUNE_CACHE to a folder only you can write") from None
+    try:
+        info = os.fstat(fd)
+        if hasattr(os, "getuid") and info.st_uid != os.getuid():
+            raise CacheUnavailable(f"the runtime cache {root} belongs to another user (uid {info.st_uid}); its graphs "
+                                   "could be anyone's. Set VISIONTUNE_CACHE to a folder only you can write")
+        if info.st_mode & 0o077:  # ours, but others could plant entries: narrow it (older releases made it 0755)
+            os.fchmod(fd, 0o700)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def open_entry(root_fd: int, name: str) -> Iterator[int | None]:
+    """A descriptor of the entry ``name`` in the cache root (None when there is none, or when it is a
+    link or not this user's folder: such an entry is not ours)."""
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=root_fd)
+    except OSError:
+        yield None
+        return
+    try:
+        ours = not hasattr(os, "getuid") or os.fstat(fd).st_uid == os.getuid()
+        yield fd if ours else None
+    finally:
+        os.close(fd)
+
+
+@functools.lru_cache(maxsize=16)
+def _files_digest(identity: tuple) -> str:
+    """sha256 of the weights and ``model.json`` named in ``identity`` (their paths and stat), computed
+    once per process for the same files: ``prepare_runtime`` and the loader both need the key."""
     digest = hashlib.sha256()
-    for name in (WEIGHTS_FILE, META_FILE):
-        with open(Path(model_dir) / name, "rb") as fh:
+    for path, *_ in identity:
+        with open(path, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
+    return digest.hexdigest()
+
+
+def runtime_key(model_dir: str | os.PathLike, precision: str = "auto") -> str:
+    """The full key of a model's cache entry: its weights, ``model.json``, visiontune's and the
+    runtimes' versions, the CPU kind and the precision (sha256, hex)."""
+    identity = []
+    for name in (WEIGHTS_FILE, META_FILE):
+        path = os.path.realpath(Path(model_dir) / name)
+        info = os.stat(path)
+        identity.append((path, info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns))
+    digest = hashlib.sha256(_files_digest(tuple(identity)).encode())
     digest.update(f"{__version__}|{_versions()}|{cpu_kind()}|{precision}".encode())
-    return default_cache_dir() / "runtimes" / digest.hexdigest()[:32]
+    return digest.hexdigest()
 
 
-def read_choice(folder: Path) -> dict[str, Any] | None:
-    """The record in ``folder``, checked: a known backend whose graph file exists, else None."""
-    try:  # our own cache, but a shared $VISIONTUNE_CACHE could hold another user's graphs: only ours
-        if folder.is_symlink() or (hasattr(os, "getuid") and folder.is_dir() and folder.stat().st_uid != os.getuid()):
-            return None
-        path = folder / CHOICE_FILE
-        choice = json.loads(path.read_text()) if path.is_file() and path.stat().st_size < 65536 else None
-    except (OSError, ValueError):
+def entry_name(key: str) -> str:
+    """The cache entry's folder name for ``key``."""
+    return key[:32]
+
+
+def runtime_dir(model_dir: str | os.PathLike, precision: str = "auto") -> Path:
+    """Where the runtimes of the model in ``model_dir`` are cached on this machine."""
+    return runtimes_root() / entry_name(runtime_key(model_dir, precision))
+
+
+def read_choice(entry_fd: int | None, key: str) -> dict[str, Any] | None:
+    """The record in the entry, checked: written for ``key``, a known backend whose graph file is
+    a regular file in the entry; else None."""
+    if entry_fd is None:
         return None
-    if not isinstance(choice, dict) or choice.get("backend") not in ("eager", *GRAPH_FILES):
+    try:
+        choice = json.loads(read_in(entry_fd, CHOICE_FILE, 65536))
+    except (ExportError, ValueError):
         return None
-    if choice["backend"] != "eager" and not (folder / GRAPH_FILES[choice["backend"]]).is_file():
+    if not isinstance(choice, dict) or choice.get("key") != key or choice.get("backend") not in ("eager", *GRAPH_FILES):
+        return None  # another model's entry renamed to this key, a damaged or an older record
+    if choice["backend"] != "eager" and not _regular(entry_fd, GRAPH_FILES[choice["backend"]]):
         return None
     return choice
 
 
+def _regular(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
 def cached_runner(model_dir: str | os.PathLike, card: ModelCard, backend: str = "auto", precision: str = "auto"):
     """The runner of the recorded choice (``auto``) or of the named runtime when it was verified;
-    None means eager PyTorch (nothing recorded, eager was fastest, or the runtime failed parity)."""
-    folder = runtime_dir(model_dir, precision)
-    choice = read_choice(folder)
-    if choice is None:
-        return None
-    name = choice["backend"] if backend == "auto" else backend
-    if name == "eager" or name not in choice.get("verified", []) or not (folder / GRAPH_FILES[name]).is_file():
-        return None
-    runner_type = OnnxRunner if name == "onnxruntime" else OpenVinoRunner
+    None means eager PyTorch (nothing recorded, eager was fastest, the runtime failed parity, or
+    the cache is not this user's own)."""
+    key = runtime_key(model_dir, precision)
     try:
-        runner, _ = runner_type.load(folder / GRAPH_FILES[name])
-    except Exception:  # a damaged cache entry (or a runtime gone missing) means eager, not a failed command
+        with open_root() as root_fd, open_entry(root_fd, entry_name(key)) as entry_fd:
+            choice = read_choice(entry_fd, key)
+            if choice is None:
+                return None
+            name = choice["backend"] if backend == "auto" else backend
+            if name == "eager" or name not in choice.get("verified", []) or not _regular(entry_fd, GRAPH_FILES[name]):
+                return None
+            runner_type = OnnxRunner if name == "onnxruntime" else OpenVinoRunner
+            path = runtimes_root() / entry_name(key) / GRAPH_FILES[name]
+            runner, _ = runner_type.load(path, dir_fd=entry_fd)
+    except Exception:  # an unusable or damaged cache (or a runtime gone missing) means eager, not a failed command
         return None
     runner.pre = card.preprocessing
     return runner

@@ -25,8 +25,9 @@ from torch import nn
 from ..core.errors import ArtifactError, ExportError
 from ..core.hardware import autocast, device, resolve_precision
 from ..data.preprocess import Preprocessing
-from ..models.artifact import META_FILE, WEIGHTS_FILE, read_json
+from ..models.artifact import MAX_CARD_BYTES, META_FILE, WEIGHTS_FILE
 from ..models.card import FORMAT, ModelCard
+from .graph_files import onnx_model_bytes, read_beside, read_openvino
 
 ONNX_SUFFIX = ".onnx"
 
@@ -59,17 +60,23 @@ class TorchRunner:
             return forward_logits(self.model, batch, self.tta).float().cpu()
 
 
-def onnx_session(path: str | os.PathLike, threads: int | None = None):
-    """An onnxruntime CPU session with full graph optimisation; clear error for bad files."""
+def onnx_session(path: str | os.PathLike, threads: int | None = None, dir_fd: int | None = None):
+    """An onnxruntime CPU session with full graph optimisation; clear error for bad files.
+
+    ONNX Runtime gets the model's bytes, read and checked by
+    :func:`~visiontune.inference.graph_files.onnx_model_bytes` (no link followed, external data
+    inlined, allocations bounded), never a path it would open itself.
+    """
     import onnxruntime as ort  # lazy: only ONNX models need it
 
+    model = onnx_model_bytes(path, dir_fd)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # warnings about unused initialisers are noise for users
     if threads:
         options.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"{path} is not a usable ONNX model ({first[:200]})") from None
@@ -120,10 +127,12 @@ class OnnxRunner:
         return torch.from_numpy(session_logits(self.session, array, chunk=max(1, len(array)), pre=self.pre)).float()
 
     @classmethod
-    def load(cls, path: str | os.PathLike, threads: int | None = None) -> tuple[OnnxRunner, ModelCard]:
-        """Open ``MODEL.onnx`` (or a folder holding ``model.onnx``) and read its card."""
-        path = onnx_file(Path(path))
-        session = onnx_session(path, threads)
+    def load(cls, path: str | os.PathLike, threads: int | None = None, dir_fd: int | None = None
+             ) -> tuple[OnnxRunner, ModelCard]:
+        """Open ``MODEL.onnx`` (or a folder holding ``model.onnx``) and read its card; ``dir_fd``:
+        the file's folder, already open (the runtime cache reads its entries through one)."""
+        path = onnx_file(Path(path)) if dir_fd is None else Path(path)
+        session = onnx_session(path, threads, dir_fd)
         card = onnx_card(path, session)
         _check_outputs(path, session, card)
         card.model_dir = path.parent
@@ -169,11 +178,11 @@ def card_from_metadata(path: Path, props: dict[str, str], fmt: str) -> ModelCard
     values: dict[str, Any] = {}
     side = path.parent / META_FILE
     if side.is_file():
-        try:
-            sidecar = read_json(side)
+        try:  # read like the graph: never through a link
+            sidecar = json.loads(read_beside(path.parent, META_FILE, MAX_CARD_BYTES))
             values = sidecar if isinstance(sidecar, dict) else {}
-        except ArtifactError:
-            pass  # the graph file itself is authoritative; a broken sidecar only loses extras
+        except (ExportError, ValueError, RecursionError):
+            pass  # the graph file itself is authoritative; a broken (or linked) sidecar only loses extras
         if values.get("class_names", names) != names:
             raise ExportError(f"{side} and {path} disagree on the class names; re-export the model")
     values = {**values, "format": FORMAT, "class_names": names, "preprocessing": pre,
@@ -256,16 +265,18 @@ def preserve_signal_stack() -> Iterator[None]:
             libc.sigaltstack(ctypes.byref(saved), None)
 
 
-def openvino_compile(path: str | os.PathLike, threads: int | None = None) -> tuple[Any, dict[str, str]]:
+def openvino_compile(path: str | os.PathLike, threads: int | None = None, dir_fd: int | None = None
+                     ) -> tuple[Any, dict[str, str]]:
     """A compiled OpenVINO CPU model (latency hint: one synchronous call uses every core) and its
-    visiontune metadata; clear error for bad files."""
+    visiontune metadata; clear error for bad files. The ``.xml`` and ``.bin`` are read and the graph
+    checked by :func:`~visiontune.inference.graph_files.read_openvino` before OpenVINO compiles it."""
     try:
         import openvino as ov  # lazy: only OpenVINO models need it
     except ImportError:
         raise ExportError("OpenVINO models need OpenVINO: pip install 'visiontune[openvino]'") from None
     try:
         core = ov.Core()
-        model = core.read_model(str(path))
+        model = read_openvino(core, path, dir_fd)
         props = {}
         if model.has_rt_info([RT_INFO]):
             props = {str(k): v.astype(str) for k, v in model.get_rt_info()[RT_INFO].items()}
@@ -274,6 +285,8 @@ def openvino_compile(path: str | os.PathLike, threads: int | None = None) -> tup
                   **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
         with preserve_signal_stack():
             return core.compile_model(model, "CPU", config), props
+    except ExportError:
+        raise
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"{path} is not a usable OpenVINO model ({first[:200]})") from None
@@ -320,10 +333,12 @@ class OpenVinoRunner(OnnxRunner):
         return torch.from_numpy(logits).float()
 
     @classmethod
-    def load(cls, path: str | os.PathLike, threads: int | None = None) -> tuple[OpenVinoRunner, ModelCard]:
-        """Open ``MODEL.xml`` (or a folder holding ``model.xml``) and read its card."""
-        path = openvino_file(Path(path))
-        compiled, props = openvino_compile(path, threads)
+    def load(cls, path: str | os.PathLike, threads: int | None = None, dir_fd: int | None = None
+             ) -> tuple[OpenVinoRunner, ModelCard]:
+        """Open ``MODEL.xml`` (or a folder holding ``model.xml``) and read its card (``dir_fd``: as
+        :meth:`OnnxRunner.load`)."""
+        path = openvino_file(Path(path)) if dir_fd is None else Path(path)
+        compiled, props = openvino_compile(path, threads, dir_fd)
         card = card_from_metadata(path, props, "openvino")
         outputs = {name: list(port.get_partial_shape().get_min_shape()) for port in compiled.outputs
                    for name in port.get_names()}

@@ -9,6 +9,7 @@ layer shapes when it was pruned), and the weights load strictly.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 from datetime import UTC, datetime
@@ -102,20 +103,38 @@ def read_card(model_dir: str | os.PathLike) -> ModelCard:
     return card
 
 
-def _check_classifier_rows(weights: Path, card: ModelCard) -> None:
-    """The classifier in the weights must have as many rows as the card has classes (read from
-    the safetensors header alone, before anything the card sizes is allocated)."""
+def check_weights(weights: Path, card: ModelCard) -> None:
+    """The weights file fits the card's architecture, judged from its safetensors header alone
+    (before a byte of tensor data is read, hashed or allocated).
+
+    The classifier has as many rows as the card has classes; every tensor is one the architecture
+    has; and they hold no more weights than the architecture's own (a pruned model's hold fewer),
+    counted on a skeleton built on PyTorch's meta device (no memory).
+    """
     key = f"{card.architecture.classifier}.weight"
     try:
-        with safe_open(str(weights), framework="pt") as fh:
-            rows = fh.get_slice(key).get_shape()[0] if key in fh.keys() else None
+        with safe_open(str(weights), framework="pt") as fh:  # also refuses a file its header does not cover
+            shapes = {name: fh.get_slice(name).get_shape() for name in fh.keys()}
     except Exception as exc:
         raise ArtifactError(f"{weights} is not a valid safetensors file: {exc}") from None
-    if rows is None:
+    if key not in shapes:
         raise ArtifactError(f"{weights} has no {key!r} for the classifier named in {META_FILE}")
+    rows = shapes[key][0] if shapes[key] else None
     if rows != card.num_classes:
         raise ArtifactError(f"{weights} has a {rows}-class classifier but {META_FILE} names "
                             f"{card.num_classes} classes; the two files do not belong together")
+    with torch.device("meta"):
+        expected = rebuild(card.architecture, (card.preprocessing.height, card.preprocessing.width)).state_dict()
+    extra = sorted(set(shapes) - set(expected))
+    if extra:
+        raise ArtifactError(f"{weights} holds tensors the architecture in {META_FILE} does not have "
+                            f"({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}); the two files do not "
+                            "belong together")
+    declared = sum(math.prod(shape) for shape in shapes.values())
+    allowed = sum(t.numel() for t in expected.values())
+    if declared > allowed:
+        raise ArtifactError(f"{weights} declares {declared:,} weights, more than the {allowed:,} of the "
+                            f"architecture in {META_FILE}; the two files do not belong together")
 
 
 def load_model(path: str | os.PathLike) -> tuple[nn.Module, ModelCard]:
@@ -129,7 +148,7 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, ModelCard]:
     model_dir = resolve_model_dir(path)
     card = read_card(model_dir)
     weights = model_dir / WEIGHTS_FILE
-    _check_classifier_rows(weights, card)
+    check_weights(weights, card)  # the header, before the network is allocated
     model = rebuild(card.architecture, (card.preprocessing.height, card.preprocessing.width))
     try:
         state = load_file(str(weights), device="cpu")
