@@ -41,6 +41,7 @@ from ..inference.accelerated import (
     runtimes_root,
 )
 from ..inference.classifier import Classifier
+from ..inference.graph_files import entry_mode
 from ..inference.runners import TorchRunner, is_graph
 from ..models.artifact import WEIGHTS_FILE, check_weights, load_model, read_card, resolve_model_dir
 from ..models.card import ModelCard
@@ -151,11 +152,11 @@ def _prepare(model_dir: Path, precision: str, key: str, root_fd: int, log: Calla
     choice["key"] = key
     choice["cpu"] = cpu_kind()
     atomic_write_text(stage / CHOICE_FILE, json.dumps(choice, indent=1) + "\n")
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError):  # a damaged or stale record of ours, or a link
-        if stat.S_ISDIR(os.stat(name, dir_fd=root_fd, follow_symlinks=False).st_mode):
-            shutil.rmtree(name, dir_fd=root_fd)
-        else:
-            os.unlink(name, dir_fd=root_fd)
+    mode = entry_mode(root_fd, name)  # a damaged or stale record of ours, or a planted link
+    if mode is not None and stat.S_ISDIR(mode):
+        shutil.rmtree(name, dir_fd=root_fd)
+    elif mode is not None:
+        os.unlink(name, dir_fd=root_fd)
     os.rename(stage_name, name, src_dir_fd=root_fd, dst_dir_fd=root_fd)
     log(_describe(choice))
     with open_entry(root_fd, name) as entry_fd:

@@ -39,7 +39,7 @@ from ..core.version import __version__
 from ..data.cache import default_cache_dir
 from ..models.artifact import META_FILE, WEIGHTS_FILE
 from ..models.card import ModelCard
-from .graph_files import read_in
+from .graph_files import entry_mode, read_in
 from .runners import OnnxRunner, OpenVinoRunner
 
 CHOICE_FILE = "choice.json"
@@ -191,10 +191,7 @@ def read_choice(entry_fd: int | None, key: str) -> dict[str, Any] | None:
 
 
 def _regular(dir_fd: int, name: str) -> bool:
-    try:
-        return stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
-    except OSError:
-        return False
+    return stat.S_ISREG(entry_mode(dir_fd, name) or 0)
 
 
 def cached_runner(model_dir: str | os.PathLike, card: ModelCard, backend: str = "auto", precision: str = "auto"):

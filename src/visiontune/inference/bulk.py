@@ -18,6 +18,7 @@ import torch
 from ..core.errors import DataError
 from ..core.hardware import cpu_count
 from ..core.safe_io import spreadsheet_safe
+from ..data.csvfile import csv_rows, read_text
 from ..models.artifact import read_card, resolve_model_dir
 from ..models.card import ModelCard
 from .classifier import Classifier
@@ -28,19 +29,19 @@ from .runners import is_graph, load_graph
 def rows_done(out: Path, inputs: Sequence[str], header: list[str], spreadsheet: bool = False) -> int:
     """Rows an interrupted run already wrote to ``out`` for the first of ``inputs``.
 
-    Rows are read with the csv module (a quoted file name may hold a newline), the columns must
-    be the ones this call writes and each row's path must be the input at its position; a row the
-    interruption cut off is dropped from the file.
+    Rows are read with the data layer's CSV reader (a quoted file name may hold a newline; a
+    byte that is not UTF-8, a NUL or a huge cell is a :class:`DataError` naming the line), the
+    columns must be the ones this call writes and each row's path must be the input at its
+    position; a row the interruption cut off is dropped from the file.
     """
     if not out.exists():
         return 0
-    with open(out, newline="", encoding="utf-8") as fh:
-        text = fh.read()
+    text = read_text(out)  # bytes that are not UTF-8 kept: the cut-off row may end inside a character
     complete = text[: text.rfind("\n") + 1]  # every row ends with a newline: a cut row lacks it
     try:
-        rows = list(csv.reader(io.StringIO(complete)))
-    except csv.Error:  # cut inside a quoted cell
-        rows = []
+        rows = [row for _, row in csv_rows(io.StringIO(complete), str(out), comments=False)]  # a path may start with #
+    except DataError as exc:
+        raise DataError(f"--resume: {exc}; or give a new --out, or drop --resume") from None
     if not rows:
         return 0
     if rows[0] != header:

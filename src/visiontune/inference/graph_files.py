@@ -93,11 +93,16 @@ def read_in(dir_fd: int, name: str, limit: int = MAX_GRAPH_BYTES, where: str | o
     return data
 
 
-def _is_link(dir_fd: int, name: str) -> bool:
+def entry_mode(dir_fd: int, name: str) -> int | None:
+    """The ``st_mode`` of ``name`` itself in the folder ``dir_fd`` (a link is not followed); None when absent."""
     try:
-        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
     except OSError:
-        return False
+        return None
+
+
+def _is_link(dir_fd: int, name: str) -> bool:
+    return stat.S_ISLNK(entry_mode(dir_fd, name) or 0)
 
 
 def read_beside(folder: str | os.PathLike, name: str, limit: int = MAX_GRAPH_BYTES) -> bytes:
@@ -297,19 +302,11 @@ def read_openvino(core: Any, path: str | os.PathLike, dir_fd: int | None = None)
             dir_fd = stack.enter_context(opened_folder(path.parent))
         xml = read_in(dir_fd, path.name, where=path.parent)
         weights_name = path.with_suffix(".bin").name
-        weights = read_in(dir_fd, weights_name, where=path.parent) if _exists(dir_fd, weights_name) else b""
+        weights = read_in(dir_fd, weights_name, where=path.parent) if entry_mode(dir_fd, weights_name) else b""
     tensor = ov.Tensor(np.frombuffer(weights, np.uint8).copy()) if weights else ov.Tensor(np.zeros(0, np.uint8))
     model = core.read_model(xml, tensor)
     check_openvino_model(model, len(xml) + len(weights), path)
     return model
-
-
-def _exists(dir_fd: int, name: str) -> bool:
-    try:
-        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        return True
-    except OSError:
-        return False
 
 
 def check_openvino_model(model: Any, file_bytes: int, where: str | os.PathLike) -> None:
