@@ -294,7 +294,7 @@ def _edit_card(model_dir, change):
     (lambda v: v["architecture"].update(num_classes=3_000_000), "num_classes"),
     (lambda v: v["architecture"].update(num_classes=3) or v.update(class_names=["a", "b", "c"]), "2-class classifier"),
     (lambda v: v.update(class_names=["ant", "bee", "wasp"]), "class_names lists 3"),
-    (lambda v: v.update(class_names=["ant", "be\x1be"]), "control characters"),
+    (lambda v: v.update(class_names=["ant", "be\x1be"]), "control or invisible character"),
     (lambda v: v.update(class_names=["ant", "ant"]), "twice"),
     (lambda v: v.update(class_names=["ant", "x" * 500]), "class name"),
     (lambda v: v["preprocessing"].update(crop_pct=0.001), "crop_pct"),

@@ -5,7 +5,9 @@
   tensor ``[C]`` (1.0 where the class is present). Loaders stack such labels into ``[B, C]``.
 
 Everything that turns labels into tensors, counts or names goes through this module, so the
-rest of the code never asks which task it is for a label.
+rest of the code never asks which task it is for a label. The bounds on classes and the rules
+for a class name live here too: data discovery checks them before anything is trained, and a
+model card (``model.json``) checks the same ones when it is read.
 
 Example:
     >>> y = multi_hot([0, 2], 3); y.tolist(), label_names(y, ["cat", "dog", "car"])
@@ -16,12 +18,29 @@ Example:
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
+from ..core.errors import DataError, VisiontuneError
+
 Label = int | torch.Tensor
 TASKS = ("single", "multi")
+
+# Classes of one model: its head, its logits (N x classes) and every per-class table are sized by
+# this, so a list of names (a CSV's labels, a model.json) is refused above it before any of them.
+MAX_CLASSES = 100_000
+# Distinct labels of multi-label data. Everything multi-label is dense (multi-hot targets, the
+# iterative split, per-label thresholds and metrics), so cost grows as images x labels: beyond
+# this many labels most of them have a handful of images and cannot be learnt or evaluated anyway.
+MAX_LABELS = 10_000
+# Entries of the dense images x labels matrix of multi-label data (2**27: 512 MiB as float32).
+# The split and the multi-hot targets hold a few copies of it, so this bounds their memory.
+MAX_LABEL_MATRIX = 2**27
+MAX_CLASS_NAME = 200  # characters of a class name: it ends up in file names, CSV cells and HTML
+SHOWN_NAME = 60  # characters of a refused name quoted in a message
 
 
 def multi_hot(indices: Sequence[int], num_classes: int) -> torch.Tensor:
@@ -70,3 +89,58 @@ def label_counts(labels: Sequence[Label], num_classes: int) -> torch.Tensor:
 
 def task_of(labels: Sequence[Label]) -> str:
     return "multi" if len(labels) and is_multi(labels[0]) else "single"
+
+
+def shown(name: Any) -> str:
+    """``repr(name)``, cut to :data:`SHOWN_NAME` characters for a message."""
+    if isinstance(name, str) and len(name) > SHOWN_NAME:
+        return f"{name[:SHOWN_NAME]!r}... ({len(name)} characters)"
+    return repr(name)
+
+
+def shown_list(names: Sequence[Any], limit: int = 5) -> str:
+    """The first ``limit`` of ``names`` as a list for a message, each cut as :func:`shown` cuts it."""
+    return "[" + ", ".join(map(shown, names[:limit])) + (", ...]" if len(names) > limit else "]")
+
+
+def check_class_name(name: Any, where: str, error: type[VisiontuneError] = DataError) -> str:
+    r"""``name`` if it can name a class: a string of 1-:data:`MAX_CLASS_NAME` characters, not only
+    spaces, without control, format or unassigned characters (Unicode category C). Class names end
+    up in file names, CSV cells, HTML, terminals and shells' arguments; raise ``error`` otherwise.
+
+    Example:
+        >>> check_class_name("golden retriever", "labels.csv:2: label")
+        'golden retriever'
+        >>> try:
+        ...     check_class_name("red\x1b[0m", "labels.csv:3: label")
+        ... except DataError as exc:
+        ...     print(exc)  # doctest: +ELLIPSIS
+        labels.csv:3: label 'red\x1b[0m' contains a control or invisible character ('\x1b'); rename it...
+    """
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_CLASS_NAME:
+        raise error(f"{where} {shown(name)} is not a class name: a name has 1-{MAX_CLASS_NAME} characters, not "
+                    "only spaces; rename it")
+    # str.isprintable() is False for every category C character (and for spaces other than " "): a
+    # fast test that leaves the per-character look-up to the names it flags
+    bad = None if name.isprintable() else next((ch for ch in name if unicodedata.category(ch)[0] == "C"), None)
+    if bad is not None:
+        raise error(f"{where} {shown(name)} contains a control or invisible character ({bad!r}); rename it with "
+                    "printable characters")
+    return name
+
+
+def check_class_names(names: Any, where: str = "class_names", error: type[VisiontuneError] = DataError) -> list[str]:
+    """Class names as a list of at most :data:`MAX_CLASSES` distinct names that pass
+    :func:`check_class_name`; raise ``error`` (``DataError`` for data, ``ArtifactError`` for a
+    ``model.json``) naming the first bad one."""
+    if not isinstance(names, list) or not names:
+        raise error(f"{where} must be a non-empty list of names")
+    if len(names) > MAX_CLASSES:  # before anything is sized by it (a logits buffer of N x classes)
+        raise error(f"{where} lists {len(names)} classes; at most {MAX_CLASSES} are supported")
+    for name in names:
+        check_class_name(name, f"{where}:", error)
+    if len(set(names)) != len(names):
+        seen: set[str] = set()
+        twice = next(name for name in names if name in seen or seen.add(name))
+        raise error(f"{where} lists {shown(twice)} twice; class names must be distinct")
+    return list(names)

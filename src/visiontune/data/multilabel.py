@@ -12,7 +12,7 @@ and says so; a single-label CSV stays single-label.
 
 from __future__ import annotations
 
-import csv
+import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 from ..core.errors import DataError
+from .csvfile import read_csv_rows
+from .labels import MAX_CLASSES, MAX_LABEL_MATRIX, MAX_LABELS, check_class_name, shown, shown_list
 
 DEFAULT_DELIM = " "
 PATH_HEADERS = ("path", "file", "filename", "image", "image_path")
@@ -40,38 +42,111 @@ class LabelTable:
     lines: dict[str, int] = field(default_factory=dict)
 
 
-def read_label_table(path: Path, delim: str = DEFAULT_DELIM) -> LabelTable:
+def read_label_table(path: Path, delim: str = DEFAULT_DELIM, task: str = "auto") -> LabelTable:
     """The :class:`LabelTable` of a labels CSV; cells are split at ``delim`` (``""``: never).
 
     Paths are relative to the CSV's folder. Comment lines (``#``) and blank lines are skipped.
+    The CSV is streamed and refused (:class:`DataError` naming the line and the remedy) as soon as
+    it passes a bound, before anything is sized by it: every label must be a valid class name
+    (:func:`~visiontune.data.labels.check_class_name`); there are at most ``MAX_CLASSES`` labels,
+    and for multi-label data (``task="multi"``, a one-hot CSV or a ``labels`` column) at most
+    ``MAX_LABELS`` and ``MAX_LABEL_MATRIX`` images x labels. A ``path,labels`` header has two
+    columns, a one-hot header distinct names.
     """
-    with open(path, newline="") as fh:
-        lines = [(n, row) for n, row in enumerate(csv.reader(fh), start=1) if row and not row[0].startswith("#")]
-    if not lines:
+    rows = read_csv_rows(path)
+    first = next(rows, None)
+    if first is None:
         raise DataError(f"{path} holds no rows; expected 'path,labels' or a one-hot 'path,<class>,...' CSV")
-    header = [c.strip() for c in lines[0][1]]
+    header_line, cells = first
+    header = [c.strip() for c in cells]
     has_header = header[0].lower() in PATH_HEADERS
     one_hot = has_header and len(header) >= 3 and header[1].lower() not in LABELS_HEADERS
     kind = ("one-hot" if one_hot else "labels" if has_header and header[1:2] and header[1].lower() in ("labels", "tags")
             else "plain")
-    body = lines[1:] if has_header else lines
+    labels = _LabelSet(path, multi=task == "multi" or kind != "plain")
+    if one_hot:
+        _check_one_hot_header(path, header_line, header, labels)
+    elif has_header and any(header[2:]):  # they would be ignored: a 'path,labels' CSV has one labels cell
+        raise DataError(f"{path}:{header_line}: the header has columns after {header[1]!r} that would be ignored: "
+                        f"{shown_list([c for c in header[2:] if c])}. Remove them, put every label of an image in the "
+                        f"{header[1]!r} cell, or use a one-hot header 'path,<class1>,<class2>,...'")
     merged: dict[str, set[str]] = {}  # one image listed twice gets the union of its labels, once
-    first: dict[str, int] = {}
-    for number, row in body:
+    lines: dict[str, int] = {}
+    for number, row in rows if has_header else itertools.chain([first], rows):
         file = row[0].strip()
         full = file if os.path.isabs(file) else str(path.parent / file)
-        first.setdefault(full, number)
+        lines.setdefault(full, number)
         if one_hot:
-            merged.setdefault(full, set()).update(_one_hot_labels(path, number, row, header))
+            found = _one_hot_labels(path, number, row, header)
         else:
-            if len(row) < 2:
-                raise DataError(f"{path}:{number}: expected 'path,labels', got {row!r}")
-            cell = row[1].strip()
-            labels = [x.strip() for x in cell.split(delim)] if delim else [cell]
-            merged.setdefault(full, set()).update(x for x in labels if x)
+            found = [labels.add(x, number) for x in _cell_labels(path, number, row, delim) if x]
+        merged.setdefault(full, set()).update(found)
+        labels.check_matrix(len(merged), number)
     if not merged:
         raise DataError(f"{path} holds a header but no image rows")
-    return LabelTable([(file, sorted(labels)) for file, labels in merged.items()], kind, first)
+    return LabelTable([(file, sorted(found)) for file, found in merged.items()], kind, lines)
+
+
+# the remedy for multi-label data with too many labels
+TOO_MANY_LABELS = ("multi-label training keeps a dense images x labels matrix, so drop rare labels (those on a "
+                   "handful of images cannot be learnt anyway), or split the data into several CSVs (and models)")
+
+
+class _LabelSet:
+    """The distinct labels of one CSV while it is read: each name is checked once, when first
+    seen, and the bounds at each new label and image (see :func:`read_label_table`)."""
+
+    def __init__(self, path: Path, multi: bool):
+        self.path, self.multi = path, multi
+        self.names: dict[str, str] = {}  # each name maps to itself: one string object per label for all rows
+
+    def add(self, name: str, line: int) -> str:
+        """``name`` (the one object kept for it), checked and counted if new."""
+        known = self.names.get(name)
+        if known is not None:
+            return known
+        check_class_name(name, f"{self.path}:{line}: label")
+        limit = MAX_LABELS if self.multi else MAX_CLASSES
+        if len(self.names) >= limit:
+            raise DataError(f"{self.path}:{line}: more than {limit} distinct labels; "
+                            + (TOO_MANY_LABELS if self.multi else "merge or drop rare classes, or split the data"))
+        self.names[name] = name
+        return name
+
+    def check_matrix(self, images: int, line: int) -> None:
+        """Refuse multi-label data whose dense images x labels matrix would pass ``MAX_LABEL_MATRIX``."""
+        if self.multi and images * len(self.names) > MAX_LABEL_MATRIX:
+            raise DataError(f"{self.path}:{line}: {images} images x {len(self.names)} labels pass the "
+                            f"{MAX_LABEL_MATRIX} entries of the dense label matrix multi-label training keeps; "
+                            "drop rare labels, or split the data into several CSVs (and models)")
+
+
+def _check_one_hot_header(path: Path, line: int, header: list[str], labels: _LabelSet) -> None:
+    """The class names of a one-hot header: at most ``MAX_LABELS``, distinct, valid."""
+    names = header[1:]
+    if len(names) > MAX_LABELS:
+        raise DataError(f"{path}:{line}: the one-hot header names {len(names)} labels, more than {MAX_LABELS}; "
+                        + TOO_MANY_LABELS)
+    seen: set[str] = set()
+    twice = sorted({name for name in names if name in seen or seen.add(name)})
+    if twice:  # their columns would silently merge into one class
+        raise DataError(f"{path}:{line}: the one-hot header names {shown_list(twice)} more than once; "
+                        "give each column its own class name (or merge the columns if they are one class)")
+    for name in names:
+        labels.add(name, line)
+
+
+def _cell_labels(path: Path, number: int, row: list[str], delim: str) -> list[str]:
+    """The labels in the labels cell of a ``path,labels`` row, empty ones included."""
+    if len(row) < 2:
+        raise DataError(f"{path}:{number}: expected 'path,labels', got {shown_list(row)}")
+    extra = [c for c in row[2:] if c.strip()]
+    if extra:  # an unquoted cell of comma-separated labels: they would be silently dropped
+        raise DataError(f"{path}:{number}: cells after the labels cell would be ignored: "
+                        f"{shown_list(extra)}. Quote a labels cell that holds commas, or separate "
+                        "its labels with --label-delim (a space by default)")
+    cell = row[1].strip()
+    return [x.strip() for x in cell.split(delim)] if delim else [cell]
 
 
 def _one_hot_labels(path: Path, number: int, row: list[str], header: list[str]) -> list[str]:
@@ -81,10 +156,22 @@ def _one_hot_labels(path: Path, number: int, row: list[str], header: list[str]) 
     for name, cell in zip(header[1:], row[1:]):
         value = ONE_HOT_VALUES.get(cell.strip())
         if value is None:
-            raise DataError(f"{path}:{number}: one-hot cells must be 0 or 1, got {cell!r} under {name!r}")
+            raise DataError(f"{path}:{number}: one-hot cells must be 0 or 1, got {shown(cell)} under {shown(name)}")
         if value:
             labels.append(name)
     return labels
+
+
+def check_label_bounds(table: LabelTable, source: Path) -> None:
+    """The multi-label bounds (``MAX_LABELS``, ``MAX_LABEL_MATRIX``) of a table read before the
+    task was known: a plain ``path,label`` CSV that ``--task auto`` found multi-label."""
+    count = len({label for _, labels in table.rows for label in labels})
+    if count > MAX_LABELS:
+        raise DataError(f"{source} has {count} distinct labels, more than {MAX_LABELS}; " + TOO_MANY_LABELS)
+    if len(table.rows) * count > MAX_LABEL_MATRIX:
+        raise DataError(f"{source}: {len(table.rows)} images x {count} labels pass the {MAX_LABEL_MATRIX} entries "
+                        "of the dense label matrix multi-label training keeps; drop rare labels, or split the data "
+                        "into several CSVs (and models)")
 
 
 def detect_task(tables: list[LabelTable], delim: str) -> tuple[str, str]:
@@ -132,12 +219,15 @@ def choose_task(data: Path, val: Path | None, requested: str, delim: str
     csvs = [data] + ([val] if val is not None and val.is_file() else [])
     if requested == "single":
         for source in csvs:  # a cell is one label, spaces and all
-            check_single(read_label_table(source, delim=""), source)
+            check_single(read_label_table(source, delim="", task="single"), source)
         return "single", "", []
-    tables = [read_label_table(source, delim) for source in csvs]
+    tables = [read_label_table(source, delim, requested) for source in csvs]
     task, why = ("multi", "") if requested == "multi" else detect_task(tables, delim)
     if task == "multi" and val is not None and not val.is_file():
         raise DataError(f"multi-label validation data must be a CSV too; {val} is a folder")
+    if task == "multi":  # a plain CSV was read under the single-label bounds
+        for table, source in zip(tables, csvs):
+            check_label_bounds(table, source)
     return task, why, tables
 
 
@@ -171,24 +261,38 @@ def iterative_split(targets: torch.Tensor, fraction: float, seed: int) -> tuple[
 
 def _reach_both(y: np.ndarray, train: set[int], val: set[int]) -> None:
     """Move single images so each label with >= 2 images is in train and in val, where a move can
-    do it without taking another label's last image from the side it leaves or emptying a split."""
+    do it without taking another label's last image from the side it leaves or emptying a split.
+
+    Each side's images per label are counted once and updated on each move, and only a label
+    missing from a side looks at its images: linear in the size of ``y`` (recounting a side for
+    every label made it quadratic in the labels).
+    """
     total = y.sum(0)
+    # (images, their count per label) of each side, kept up to date as images move
+    sides = [(train, y[sorted(train)].sum(0)), (val, y[sorted(val)].sum(0))]
+    labels_of: dict[int, np.ndarray] = {}  # the labels of the images looked at, computed once each
     for _ in range(3):  # a move can enable another; three rounds settle every case seen
         moved = False
         for label in np.argsort(total, kind="stable"):  # rarest first: their moves matter most
             if total[label] < 2:
                 continue
-            for source, target in ((train, val), (val, train)):
-                if any(y[i, label] for i in target) or len(source) < 2:
+            for (source, left), (target, reached) in (sides, sides[::-1]):  # train to val, then val to train
+                if reached[label] or len(source) < 2:
                     continue
-                side = y[sorted(source)].sum(0)
-                # safe: every other label of the image keeps an image on the side it leaves
-                candidates = [i for i in source if y[i, label]
-                              and all(side[c] >= 2 or total[c] < 2 for c in np.flatnonzero(y[i]) if c != label)]
+                candidates = []
+                for i in map(int, np.flatnonzero(y[:, label])):
+                    if i in source:
+                        if i not in labels_of:
+                            labels_of[i] = np.flatnonzero(y[i])
+                        # safe: every other label of the image keeps an image on the side it leaves
+                        if all(left[c] >= 2 or total[c] < 2 for c in labels_of[i] if c != label):
+                            candidates.append(i)
                 if candidates:
-                    pick = min(candidates, key=lambda i: (y[i].sum(), i))
+                    pick = min(candidates, key=lambda i: (len(labels_of[i]), i))
                     source.discard(pick)
                     target.add(pick)
+                    left -= y[pick]
+                    reached += y[pick]
                     moved = True
         if not moved:
             return

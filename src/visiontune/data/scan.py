@@ -26,8 +26,18 @@ import torch
 
 from ..core.errors import DataError, ImageDecodeError
 from ..core.safe_io import atomic_writer
+from .csvfile import read_csv_rows
 from .image import is_image_path, load_image
-from .labels import Label, label_counts, multi_hot, stack_targets
+from .labels import (
+    MAX_CLASSES,
+    Label,
+    check_class_name,
+    check_class_names,
+    label_counts,
+    multi_hot,
+    shown_list,
+    stack_targets,
+)
 from .multilabel import DEFAULT_DELIM, LabelRows, choose_task, describe_task, iterative_split, read_label_table
 from .preprocess import open_image
 
@@ -78,6 +88,7 @@ def list_class_folder(root: Path) -> dict[str, list[str]]:
         raise DataError(
             f"no class folders in {root}; expected {root}/<class>/*.jpg or {root}/train/<class>/*.jpg"
         )
+    check_class_names(list(classes), f"{root}: class folder")  # as model.json will need them, before training
     return classes
 
 
@@ -90,19 +101,32 @@ def _walk_images(folder: Path) -> list[str]:
 
 
 def read_csv_list(path: Path) -> dict[str, list[str]]:
-    """Read ``path,label`` rows (header optional); paths are relative to the CSV's folder."""
+    """Read ``path,label`` rows (header optional); paths are relative to the CSV's folder.
+
+    Streamed, and refused (:class:`DataError` naming the line) at the first label that is not a
+    valid class name, past ``MAX_CLASSES`` classes, or at a cell that would be ignored.
+    """
     classes: dict[str, list[str]] = {}
-    with open(path, newline="") as fh:
-        for row_number, row in enumerate(csv.reader(fh), start=1):
-            if not row or row[0].startswith("#"):
-                continue
-            if len(row) < 2:
-                raise DataError(f"{path}:{row_number}: expected 'path,label', got {row!r}")
-            file, label = row[0].strip(), row[1].strip()
-            if row_number == 1 and (file.lower(), label.lower()) in HEADERS:
-                continue
-            full = file if os.path.isabs(file) else str(path.parent / file)
-            classes.setdefault(label, []).append(full)
+    for index, (line, row) in enumerate(read_csv_rows(path)):
+        if len(row) < 2:
+            raise DataError(f"{path}:{line}: expected 'path,label', got {shown_list(row)}")
+        file, label = row[0].strip(), row[1].strip()
+        extra = [c for c in row[2:] if c.strip()]
+        if index == 0 and (file.lower(), label.lower()) in HEADERS:
+            if extra:
+                raise DataError(f"{path}:{line}: the header has columns after {row[1]!r} that would be ignored: "
+                                f"{shown_list(extra)}; a 'path,label' CSV has two columns")
+            continue
+        if extra:
+            raise DataError(f"{path}:{line}: cells after the label would be ignored: {shown_list(extra)}; "
+                            "a 'path,label' CSV has two columns (quote a cell that holds a comma)")
+        if label not in classes:
+            check_class_name(label, f"{path}:{line}: label")
+            if len(classes) >= MAX_CLASSES:  # before the rest of the file is read
+                raise DataError(f"{path}:{line}: more than {MAX_CLASSES} classes; at most {MAX_CLASSES} are "
+                                "supported: merge or drop rare classes, or split the data")
+        full = file if os.path.isabs(file) else str(path.parent / file)
+        classes.setdefault(label, []).append(full)
     if not classes:
         raise DataError(f"{path} holds no 'path,label' rows")
     return dict(sorted(classes.items()))
@@ -368,8 +392,7 @@ def write_split_csv(samples: list[Sample], names: list[str], path: Path) -> None
 def read_split_csv(path: Path, class_names: list[str]) -> list[Sample]:
     """Rows written by :func:`write_split_csv` as samples; labels not in ``class_names`` are dropped."""
     index = {name: i for i, name in enumerate(class_names)}
-    with open(path, newline="") as fh:
-        rows = list(csv.reader(fh))
+    rows = [row for _, row in read_csv_rows(path, comments=False)]  # a path may start with '#'
     if rows and rows[0] != ["path", "label"]:  # one-hot: multi-label (write_split_csv's two headers)
         columns = [(c, index[name]) for c, name in enumerate(rows[0][1:], start=1) if name in index]
         return [(row[0], multi_hot([i for c, i in columns if row[c] == "1"], len(class_names)))
@@ -389,7 +412,7 @@ def discover_eval(data: str | Path, class_names: list[str], task: str = "single"
         if not data.is_file():
             raise DataError(f"a multi-label model is evaluated on a CSV of 'path,labels' or one-hot rows; "
                             f"{data} is a folder")
-        rows = read_label_table(data, label_delim).rows
+        rows = read_label_table(data, label_delim, task="multi").rows
         _check_labels(rows, class_names, "evaluation data", True)
         skipped = {p: str(error) for p, error in scan_files([p for p, _ in rows]).items()}
         return _multi_samples(rows, class_names, skipped), sorted(skipped.items())

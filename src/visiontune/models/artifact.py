@@ -86,13 +86,25 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
 
 
 def read_json(path: Path) -> Any:
-    """Parse a small JSON file that visiontune may not have written (size-bounded)."""
+    """Parse a small JSON file that visiontune may not have written (size-bounded).
+
+    Every way it can fail is an :class:`ArtifactError`: too large, unreadable (a folder, missing),
+    not UTF-8, not JSON, nested too deep for the parser, or a number too long to convert.
+    """
     try:
         if path.stat().st_size > MAX_CARD_BYTES:
             raise ArtifactError(f"{path} is larger than {MAX_CARD_BYTES // 2**20} MiB; not a model description")
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
         raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ArtifactError(f"{path} is nested too deeply to be a model description") from None
+    except ValueError as exc:  # JSONDecodeError, and integers beyond Python's 4300-digit conversion limit
+        raise ArtifactError(f"{path} is not valid JSON: {str(exc)[:200]}") from None
 
 
 def read_card(model_dir: str | os.PathLike) -> ModelCard:

@@ -15,19 +15,17 @@ Example:
 
 from __future__ import annotations
 
-import math
-import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import ArtifactError
+from ..data.labels import check_class_names
 from ..data.preprocess import Preprocessing
-from .factory import MAX_CLASSES, Architecture
+from .factory import Architecture
 
 FORMAT = "visiontune-model"
 FORMAT_VERSION = 1
-MAX_CLASS_NAME = 200
 TEMPERATURE_RANGE = (0.01, 100.0)
 # keys a card may carry; written in this order
 KEYS = ("format", "format_version", "created", "architecture", "class_names", "preprocessing", "inference",
@@ -35,23 +33,6 @@ KEYS = ("format", "format_version", "created", "architecture", "class_names", "p
 TTA_MODES = ("flip",)  # inference.tta: average the logits of the image and of these views
 TASKS = ("single", "multi")  # inference.task: softmax over classes, or a sigmoid per label
 DEFAULT_THRESHOLD = 0.5  # a multi-label model's decision threshold where none was tuned
-
-
-def check_class_names(names: Any, where: str = "class_names") -> list[str]:
-    """Class names as a list of distinct, printable, bounded strings (they end up in file names,
-    CSV cells, HTML and shells' arguments); raise :class:`ArtifactError` otherwise."""
-    if not isinstance(names, list) or not names:
-        raise ArtifactError(f"{where} must be a non-empty list of names")
-    if len(names) > MAX_CLASSES:  # before anything is sized by it (a logits buffer of N x classes)
-        raise ArtifactError(f"{where} lists {len(names)} classes; at most {MAX_CLASSES} are supported")
-    for name in names:
-        if not isinstance(name, str) or not name.strip() or len(name) > MAX_CLASS_NAME:
-            raise ArtifactError(f"{where}: {name!r} is not a class name (1-{MAX_CLASS_NAME} characters)")
-        if any(unicodedata.category(ch)[0] == "C" for ch in name):
-            raise ArtifactError(f"{where}: {name!r} contains control characters")
-    if len(set(names)) != len(names):
-        raise ArtifactError(f"{where} lists a class twice")
-    return list(names)
 
 
 @dataclass
@@ -131,8 +112,12 @@ class ModelCard:
             if values.get(key) is None:
                 raise ArtifactError(f"{source} lacks {key!r}")
         try:
-            arch = Architecture.from_dict(values["architecture"]) if values.get("architecture") else None
-            names = check_class_names(values["class_names"])
+            # an empty architecture ([], {}, "") is no architecture only where none is required (an
+            # exported graph's); else it was accepted as None here and the card it gave did not load again
+            given = values.get("architecture")
+            arch = Architecture.from_dict(given) if given is not None and (given or require_architecture) else None
+            # the rules data discovery applies to the same names, so a model trained here always loads
+            names = check_class_names(values["class_names"], error=ArtifactError)
             pre = Preprocessing.from_dict(values["preprocessing"])
         except ArtifactError as exc:
             raise ArtifactError(f"{source}: {exc}") from None
@@ -149,7 +134,8 @@ class ModelCard:
         if calibration is not None:
             t = calibration.get("temperature")
             lo, hi = TEMPERATURE_RANGE
-            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not lo <= t <= hi:
+            # the range first: it also refuses nan and inf, and math.isfinite overflows on a huge integer
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not lo <= t <= hi:
                 raise ArtifactError(f"{source}: calibration.temperature must be a number in [{lo}, {hi}], got {t!r}")
         inference = _check_inference(sections["inference"] or {}, len(names), source)
         created = values.get("created", "")

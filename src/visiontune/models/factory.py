@@ -15,13 +15,13 @@ import torch
 from torch import nn
 
 from ..core.errors import ArtifactError, ModelError
+from ..data.labels import MAX_CLASSES  # with the data layer: discovery refuses more classes first
 from ..data.preprocess import Preprocessing
 from .weights import load_into, read_state_dict
 
 EMBEDDED_ALIASES = {"efficientnet_lite0": "tf_efficientnet_lite0", "tf_efficientnet_lite0": "tf_efficientnet_lite0"}
 TORCHVISION_PREFIX = "torchvision:"
 SOURCES = ("timm", "torchvision")
-MAX_CLASSES = 100_000
 
 
 @dataclass(frozen=True)
