@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo lint test test-slow bench clean
+.PHONY: install demo lint docs test test-slow bench clean
 
 install: $(STAMP)
 
@@ -24,7 +24,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
-test: lint
+# the docs site: docs/cli.md must match the parsers, then a strict build (a broken link or anchor fails)
+docs: $(STAMP)
+	$(PY) tools/cli_reference.py --check
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
+
+test: lint docs
 	$(PY) -m pytest -m "not slow" -q
 
 # the slow end-to-end checks, and the parser fuzzing with many more (random) examples
@@ -35,4 +40,4 @@ bench: $(STAMP)
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache site

@@ -187,9 +187,9 @@ class RuntimeOptions:
                                                          "for smoke tests")
     progress: bool | None = option(None, "progress bars (default: only on an interactive terminal)")
     report: bool = option(True, "write RUN/report.html at the end")
-    time: str | None = option(None, "time budget for the whole command, e.g. 20m, 1h30m (30s to 30 days): visiontune measures this "
-                                    "machine, plans strategy, input size and epochs to fit (keeping the options "
-                                    "you give) and stops at the deadline", metavar="DURATION")
+    time: str | None = option(None, "time budget for the whole command, e.g. 20m, 1h30m (30s to 30 days): "
+                                    "visiontune measures this machine, plans strategy, input size and epochs to fit "
+                                    "(keeping the options you give) and stops at the deadline", metavar="DURATION")
 
 
 SECTIONS = {"data": DataOptions, "model": ModelOptions, "strategy": StrategyOptions, "optim": OptimOptions,
