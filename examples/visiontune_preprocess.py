@@ -134,7 +134,8 @@ def _numbers(name: str, value: Any, length: int, kind: type) -> tuple:
         raise ValueError(f"preprocessing.{name} must be a list of {length} numbers, got {value!r}")
     out = []
     for v in value:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        # an int beyond float's range (10**400) is not finite either; math.isfinite would overflow on it
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or abs(v) > 1e300 or not math.isfinite(v):
             raise ValueError(f"preprocessing.{name} must hold finite numbers, got {value!r}")
         if kind is int and v != int(v):
             raise ValueError(f"preprocessing.{name} must hold whole numbers, got {value!r}")

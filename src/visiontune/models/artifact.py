@@ -139,14 +139,14 @@ def check_weights(weights: Path, card: ModelCard) -> None:
         expected = rebuild(card.architecture, (card.preprocessing.height, card.preprocessing.width)).state_dict()
     extra = sorted(set(shapes) - set(expected))
     if extra:
-        raise ArtifactError(f"{weights} holds tensors the architecture in {META_FILE} does not have "
-                            f"({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}); the two files do not "
-                            "belong together")
+        raise ArtifactError(f"{weights} does not fit the architecture in {META_FILE}: it holds tensors the "
+                            f"architecture does not have ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''});"
+                            " the two files do not belong together")
     declared = sum(math.prod(shape) for shape in shapes.values())
     allowed = sum(t.numel() for t in expected.values())
     if declared > allowed:
-        raise ArtifactError(f"{weights} declares {declared:,} weights, more than the {allowed:,} of the "
-                            f"architecture in {META_FILE}; the two files do not belong together")
+        raise ArtifactError(f"{weights} does not fit the architecture in {META_FILE}: it declares {declared:,} "
+                            f"weights, more than the architecture's {allowed:,}; the two files do not belong together")
 
 
 def load_model(path: str | os.PathLike) -> tuple[nn.Module, ModelCard]:
