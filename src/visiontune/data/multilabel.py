@@ -63,7 +63,7 @@ def read_label_table(path: Path, delim: str = DEFAULT_DELIM, task: str = "auto")
     one_hot = has_header and len(header) >= 3 and header[1].lower() not in LABELS_HEADERS
     kind = ("one-hot" if one_hot else "labels" if has_header and header[1:2] and header[1].lower() in ("labels", "tags")
             else "plain")
-    labels = _LabelSet(path, multi=task == "multi" or kind != "plain")
+    labels = LabelSet(path, multi=task == "multi" or kind != "plain")
     if one_hot:
         _check_one_hot_header(path, header_line, header, labels)
     elif has_header and any(header[2:]):  # they would be ignored: a 'path,labels' CSV has one labels cell
@@ -92,9 +92,10 @@ TOO_MANY_LABELS = ("multi-label training keeps a dense images x labels matrix, s
                    "handful of images cannot be learnt anyway), or split the data into several CSVs (and models)")
 
 
-class _LabelSet:
+class LabelSet:
     """The distinct labels of one CSV while it is read: each name is checked once, when first
-    seen, and the bounds at each new label and image (see :func:`read_label_table`)."""
+    seen, and the bounds at each new label and image (see :func:`read_label_table`; single-label
+    ``path,label`` lists use it too, with ``multi=False``)."""
 
     def __init__(self, path: Path, multi: bool):
         self.path, self.multi = path, multi
@@ -115,13 +116,19 @@ class _LabelSet:
 
     def check_matrix(self, images: int, line: int) -> None:
         """Refuse multi-label data whose dense images x labels matrix would pass ``MAX_LABEL_MATRIX``."""
-        if self.multi and images * len(self.names) > MAX_LABEL_MATRIX:
-            raise DataError(f"{self.path}:{line}: {images} images x {len(self.names)} labels pass the "
-                            f"{MAX_LABEL_MATRIX} entries of the dense label matrix multi-label training keeps; "
-                            "drop rare labels, or split the data into several CSVs (and models)")
+        if self.multi:
+            check_matrix(images, len(self.names), f"{self.path}:{line}")
 
 
-def _check_one_hot_header(path: Path, line: int, header: list[str], labels: _LabelSet) -> None:
+def check_matrix(images: int, labels: int, where: str) -> None:
+    """Refuse ``images`` x ``labels`` beyond the ``MAX_LABEL_MATRIX`` entries of the dense label matrix."""
+    if images * labels > MAX_LABEL_MATRIX:
+        raise DataError(f"{where}: {images} images x {labels} labels pass the {MAX_LABEL_MATRIX} entries of the "
+                        "dense label matrix multi-label training keeps; drop rare labels, or split the data into "
+                        "several CSVs (and models)")
+
+
+def _check_one_hot_header(path: Path, line: int, header: list[str], labels: LabelSet) -> None:
     """The class names of a one-hot header: at most ``MAX_LABELS``, distinct, valid."""
     names = header[1:]
     if len(names) > MAX_LABELS:
@@ -168,10 +175,7 @@ def check_label_bounds(table: LabelTable, source: Path) -> None:
     count = len({label for _, labels in table.rows for label in labels})
     if count > MAX_LABELS:
         raise DataError(f"{source} has {count} distinct labels, more than {MAX_LABELS}; " + TOO_MANY_LABELS)
-    if len(table.rows) * count > MAX_LABEL_MATRIX:
-        raise DataError(f"{source}: {len(table.rows)} images x {count} labels pass the {MAX_LABEL_MATRIX} entries "
-                        "of the dense label matrix multi-label training keeps; drop rare labels, or split the data "
-                        "into several CSVs (and models)")
+    check_matrix(len(table.rows), count, str(source))
 
 
 def detect_task(tables: list[LabelTable], delim: str) -> tuple[str, str]:

@@ -29,16 +29,22 @@ from ..core.safe_io import atomic_writer
 from .csvfile import read_csv_rows
 from .image import is_image_path, load_image
 from .labels import (
-    MAX_CLASSES,
     Label,
-    check_class_name,
     check_class_names,
     label_counts,
     multi_hot,
     shown_list,
     stack_targets,
 )
-from .multilabel import DEFAULT_DELIM, LabelRows, choose_task, describe_task, iterative_split, read_label_table
+from .multilabel import (
+    DEFAULT_DELIM,
+    LabelRows,
+    LabelSet,
+    choose_task,
+    describe_task,
+    iterative_split,
+    read_label_table,
+)
 from .preprocess import open_image
 
 Sample = tuple[str, Label]  # (path, class index) or (path, multi-hot [C]); see data/labels.py
@@ -107,6 +113,7 @@ def read_csv_list(path: Path) -> dict[str, list[str]]:
     valid class name, past ``MAX_CLASSES`` classes, or at a cell that would be ignored.
     """
     classes: dict[str, list[str]] = {}
+    names = LabelSet(path, multi=False)
     for index, (line, row) in enumerate(read_csv_rows(path)):
         if len(row) < 2:
             raise DataError(f"{path}:{line}: expected 'path,label', got {shown_list(row)}")
@@ -120,11 +127,8 @@ def read_csv_list(path: Path) -> dict[str, list[str]]:
         if extra:
             raise DataError(f"{path}:{line}: cells after the label would be ignored: {shown_list(extra)}; "
                             "a 'path,label' CSV has two columns (quote a cell that holds a comma)")
-        if label not in classes:
-            check_class_name(label, f"{path}:{line}: label")
-            if len(classes) >= MAX_CLASSES:  # before the rest of the file is read
-                raise DataError(f"{path}:{line}: more than {MAX_CLASSES} classes; at most {MAX_CLASSES} are "
-                                "supported: merge or drop rare classes, or split the data")
+        if label not in classes:  # checked and counted once, before the rest of the file is read
+            names.add(label, line)
         full = file if os.path.isabs(file) else str(path.parent / file)
         classes.setdefault(label, []).append(full)
     if not classes:
