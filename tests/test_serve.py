@@ -315,6 +315,21 @@ def test_admission_middleware_refuses_before_routing():
     assert (b"retry-after", b"1") in sent[0]["headers"] and b"overloaded" in sent[1]["body"]
     asyncio.run(full({"type": "http", "path": "/healthz"}, None, send))  # other paths are never refused
     assert called == ["/healthz"]
+    # one instance covers every path that queues images, the protocol's versioned infer included
+    from visiontune.serve.oip import infer_paths
+
+    called.clear()
+    sent.clear()
+    paths = {"/v1/predict", *infer_paths("m")}
+    assert "/v2/models/m/versions/1/infer" in paths
+    every = AdmissionMiddleware(inner, is_full=lambda: True, paths=paths)
+    for path in sorted(paths):
+        asyncio.run(every({"type": "http", "path": path}, None, send))
+    assert not called and [m["status"] for m in sent if "status" in m] == [503] * 3
+    asyncio.run(every({"type": "http", "path": "/v2/models/m/ready"}, None, send))
+    one = AdmissionMiddleware(inner, is_full=lambda: True, paths="/v1/predict")  # a path, not its characters
+    asyncio.run(one({"type": "http", "path": "/"}, None, send))
+    assert called == ["/v2/models/m/ready", "/"]
 
 
 # ----------------------------------------------------------------------------- hostile clients (issue 16)

@@ -245,32 +245,6 @@ def test_a_full_queue_refuses_every_infer_path_before_reading_it(clf):
                                ).status_code in (400, 415), path
 
 
-def test_one_admission_middleware_covers_a_set_of_paths():
-    import asyncio
-
-    from visiontune.serve.oip import infer_paths
-    from visiontune.serve.security import AdmissionMiddleware
-
-    called, sent = [], []
-
-    async def inner(scope, receive, send):
-        called.append(scope["path"])
-
-    async def send(message):
-        sent.append(message)
-
-    paths = {"/v1/predict", *infer_paths(MODEL)}
-    assert f"/v2/models/{MODEL}/versions/1/infer" in paths
-    full = AdmissionMiddleware(inner, is_full=lambda: True, paths=paths)
-    for path in sorted(paths):
-        asyncio.run(full({"type": "http", "path": path}, None, send))
-    assert not called and [m["status"] for m in sent if "status" in m] == [503] * 3
-    asyncio.run(full({"type": "http", "path": f"/v2/models/{MODEL}/ready"}, None, send))
-    one = AdmissionMiddleware(inner, is_full=lambda: True, paths="/v1/predict")  # a path, not its characters
-    asyncio.run(one({"type": "http", "path": "/"}, None, send))
-    assert called == [f"/v2/models/{MODEL}/ready", "/"]
-
-
 def test_api_key_limits_timeout_and_readiness(clf, images, tmp_path):
     settings = ServeSettings(warmup=False, api_key="k", max_queue=2, max_body_mb=0.05, timeout_s=0.3)
     one = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(images[0]).decode()]}
