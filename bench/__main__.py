@@ -257,7 +257,7 @@ def bench_h(work: Path, data: dict) -> list[dict]:
     reports = {}
     for backend in ("onnxruntime", "openvino"):
         out = work / f"h-compress-{backend}"
-        sh(VT + ["compress", str(run), "--quantize", "int8", "--backend", backend, "--out", str(out), "--force"])
+        sh(VT + ["compress", str(run), "--quantize", "int8", "--int8-backend", backend, "--out", str(out), "--force"])
         reports[backend] = json.loads((out / "compress_report.json").read_text())
     rows = {r["variant"]: r for report in reports.values() for r in report["variants"]}
     results = []

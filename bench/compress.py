@@ -6,7 +6,7 @@ Usage:
 
 For each run: ONNX export with parity check (RUN/export/onnx/export_report.json), then
 ``compress --quantize int8 --prune RATIO`` writing RUN/compress/compress_report.{json,md}, then
-``compress --quantize int8 --backend openvino`` (its OpenVINO fp32 and int8 rows join the table);
+``compress --quantize int8 --int8-backend openvino`` (its OpenVINO fp32 and int8 rows join the table);
 a summary of all runs goes to bench/compress_results.md.
 """
 
@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 from visiontune.core.errors import ExportError
-from visiontune.export.compare import markdown_table
 from visiontune.export.compress import compress
 from visiontune.export.exporter import export_model
+from visiontune.export.variants import markdown_table
 
 
 def bench_run(run: str, prune: float, steps: int, epochs: int, recovery_lr: float | None) -> str:
@@ -30,13 +30,13 @@ def bench_run(run: str, prune: float, steps: int, epochs: int, recovery_lr: floa
     except ExportError as exc:
         return f"## {run}\n\nfailed: {exc}\n"
     # the same int8 with the first conv and the classifier kept in float (--int8-float-ends)
-    ends = compress(run, quantize="int8", force=True, float_ends=True, out=Path(run) / "compress-int8-float-ends")
+    ends = compress(run, quantize="int8", force=True, int8_float_ends=True, out=Path(run) / "compress-int8-float-ends")
     row = ends["variants"][2]
     report["notes"].append(f"ONNX int8 with --int8-float-ends: val acc {row['val_accuracy']:.4f} "
                            f"({row['accuracy_change_pts']:+.2f} pt), "
                            f"{row['speedup_vs_eager_b32']:.2f}x eager fp32 at b32")
-    # OpenVINO fp32 and NNCF int8 (compress --backend openvino), measured next in this command
-    vino = compress(run, quantize="int8", backend="openvino", force=True, out=Path(run) / "compress-openvino")
+    # OpenVINO fp32 and NNCF int8 (compress --int8-backend openvino), measured next in this command
+    vino = compress(run, quantize="int8", int8_backend="openvino", force=True, out=Path(run) / "compress-openvino")
     report["variants"] += [r for r in vino["variants"] if r["variant"].startswith("OpenVINO")]
     report["notes"] += [f"OpenVINO: {n}" for n in vino["notes"]]
     return (f"## {run}\n\nONNX fp32 parity on {parity['source']}: top-1 agreement {parity['top1_agreement']:.2%}, "

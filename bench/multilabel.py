@@ -94,7 +94,7 @@ def bench_visiontune(work: Path, train_csv: Path, test_csv: Path, budget: str) -
     result = json.loads(log.read_text())
     # the same probabilities decided at a flat 0.5: what the tuned thresholds buy
     import visiontune
-    from visiontune.evaluation.multilabel import multilabel_metrics
+    from visiontune.evaluation.multilabel_metrics import multilabel_metrics
 
     clf = visiontune.load(run_dir)
     paths, labels = read_rows(test_csv)

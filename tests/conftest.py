@@ -212,6 +212,12 @@ def vt(*args, check: bool = True, timeout: int = 280, **kw) -> subprocess.Comple
     return proc
 
 
+def train_cmd(*args) -> list[str]:
+    """The command line of a small ``visiontune train ARGS`` run in a subprocess (32 px, batch 4)."""
+    return [sys.executable, "-m", "visiontune.cli", "train", *map(str, args), "--img-size", "32", "--batch-size", "4",
+            "--workers", "0", "--no-report", "--no-progress"]
+
+
 def vt_main(capsys, *args) -> tuple[int, str, str]:
     """Run ``visiontune ARGS`` in this process (``visiontune.cli.main``): (exit code, stdout, stderr).
 
@@ -271,16 +277,91 @@ def onnx_file(tiny_model):
     return Path(export_model(tiny_model[0], "onnx", dynamic_batch=True)["file"])
 
 
+@pytest.fixture(scope="session")
+def openvino_folder(tiny_model, tmp_path_factory) -> Path:
+    """``tiny_model`` exported to OpenVINO (dynamic batch), once; tests that change it work on a copy."""
+    from visiontune.export.exporter import export_model
+
+    out = tmp_path_factory.mktemp("open vino") / "ov" / "model.xml"
+    assert export_model(tiny_model[0], "openvino", out=out, dynamic_batch=True)["passed"]
+    return out.parent
+
+
+# ----------------------------------------------------------------------------- the runtime cache
+@pytest.fixture(scope="session")
+def measured_runtime(tiny_model, tmp_path_factory):
+    """``prepare_runtime`` of tiny_model measured once (ONNX + OpenVINO export, parity, timing:
+    seconds) in a cache of its own: (cache, choice, the lines it logged). Tests work on copies
+    (``measured_cache``)."""
+    from visiontune.export.runtime import prepare_runtime
+
+    cache = tmp_path_factory.mktemp("measured cache") / "cache"
+    lines = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VISIONTUNE_CACHE", str(cache))
+        choice = prepare_runtime(tiny_model[0], log=lines.append)
+    return cache, choice, lines
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch) -> Path:
+    """An empty cache of this test's own (VISIONTUNE_CACHE)."""
+    monkeypatch.setenv("VISIONTUNE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def measured_cache(own_cache, measured_runtime) -> Path:
+    """``own_cache`` holding the measured entry (the key does not depend on where the cache is)."""
+    import shutil
+
+    shutil.copytree(measured_runtime[0], own_cache, symlinks=True)
+    return own_cache
+
+
+def refuse_to_measure(monkeypatch) -> None:
+    """A new measurement fails at once (it is recorded as eager with the reason, like any failure)."""
+    from visiontune.export import runtime
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no measurement in this test")
+
+    monkeypatch.setattr(runtime, "_measure", refuse)
+
+
 # ----------------------------------------------------------------------------- serving
+CHROMIUM = "/usr/bin/chromium"  # Debian's Chromium, driven by Playwright (never `playwright install`)
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
 @pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium per test module (each test opens its own page). Module-scoped, not
+    session: a live sync-Playwright loop on the main thread would break later ``asyncio.run`` calls."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"{CHROMIUM} missing: apt-get install -y chromium")
+    pw = sync_api.sync_playwright().start()
+    try:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+    finally:
+        pw.stop()
+
+
+@pytest.fixture(scope="session")
 def clf(trained_run):
-    """``trained_run`` loaded once per module (the serve tests share it)."""
+    """``trained_run`` loaded once (the serve tests share it; they do not change it)."""
     import visiontune
 
     return visiontune.load(trained_run[0].run_dir)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(clf):
     """A live uvicorn server of ``clf`` (/v1 and the Open Inference Protocol); yields its base URL."""
     from test_serve import running_server  # the server helper lives with the HTTP tests

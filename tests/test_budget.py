@@ -9,13 +9,13 @@ import time
 import pytest
 from conftest import FAST, FAST_FLAGS, vt_main
 
-import visiontune
 from visiontune.core.errors import ConfigError
-from visiontune.training import setup
 from visiontune.training.budget import (
     MIN_FINETUNE_EPOCHS,
+    Facts,
     Throughput,
     candidate_sizes,
+    fixed_options,
     format_duration,
     parse_duration,
     plan_run,
@@ -26,6 +26,11 @@ from visiontune.training.config import TrainConfig
 TABLE = [Throughput(32, 700, 4700), Throughput(48, 440, 2700), Throughput(64, 310, 1600),
          Throughput(96, 150, 520), Throughput(128, 75, 385)]
 CIFAR = {"n_train": 32_000, "n_val": 8_000, "native_side": 32, "default_side": 224}
+
+
+def facts(budget: float, **data) -> Facts:
+    """The facts of a CIFAR-like run on the :data:`TABLE` machine, with ``data`` changed."""
+    return Facts(budget, **{**CIFAR, "throughputs": TABLE, **data})
 
 
 @pytest.mark.parametrize("text,seconds", [("20m", 1200), ("1h30m", 5400), ("2h", 7200), ("90s", 90),
@@ -82,7 +87,7 @@ def test_candidate_sizes_span_native_to_default():
 
 @pytest.mark.parametrize("minutes", [2, 5, 15, 30, 60, 240])
 def test_plans_fit_their_budget(minutes):
-    plan = plan_run(minutes * 60, **CIFAR, throughputs=TABLE, elapsed=15.0, n_test=0)
+    plan = plan_run(facts(minutes * 60, elapsed=15.0, n_test=0))
     assert plan.total <= minutes * 60
     assert plan.projected["start"] == 15.0
     if plan.strategy == "finetune":
@@ -91,31 +96,31 @@ def test_plans_fit_their_budget(minutes):
 
 
 def test_more_time_buys_more_epochs_or_larger_inputs():
-    plans = [plan_run(m * 60, **CIFAR, throughputs=TABLE) for m in (2, 15, 60, 240)]
+    plans = [plan_run(facts(m * 60)) for m in (2, 15, 60, 240)]
     assert plans[0].strategy == "linear-probe"  # no fine-tuning fits in 2 minutes here
     steps = [(p.img_size, p.epochs) for p in plans[1:]]
     assert all(a <= b for a, b in zip(steps, steps[1:])) and steps[0] != steps[-1]
 
 
 def test_plan_keeps_the_users_options():
-    plan = plan_run(30 * 60, **CIFAR, throughputs=TABLE, fixed={"epochs": 3, "img_size": 64, "augment": "light"})
+    plan = plan_run(facts(30 * 60, **CIFAR), {"epochs": 3, "img_size": 64, "augment": "light"})
     assert (plan.epochs, plan.img_size, plan.augment, plan.strategy) == (3, 64, "light", "finetune")
-    probe = plan_run(30 * 60, **CIFAR, throughputs=TABLE, fixed={"strategy": "linear-probe"})
+    probe = plan_run(facts(30 * 60, **CIFAR), {"strategy": "linear-probe"})
     assert probe.strategy == "linear-probe" and "features" in probe.projected
 
 
 def test_plan_sets_the_finetune_recipe_but_not_over_the_users_flags():
-    plan = plan_run(60 * 60, **CIFAR, throughputs=TABLE)
-    assert plan.strategy == "finetune" and plan.overrides()["bn_stats"] == "frozen"
+    plan = plan_run(facts(60 * 60))
+    assert plan.strategy == "finetune" and plan.recipe["bn_stats"] == "frozen"
     assert plan.img_size == 128  # the largest input where enough epochs fit
-    mine = plan_run(60 * 60, **CIFAR, throughputs=TABLE, fixed={"lr_mult": 10.0, "bn_stats": "train"})
-    assert "lr_mult" not in mine.overrides() and "bn_stats" not in mine.overrides()
+    mine = plan_run(facts(60 * 60, **CIFAR), {"lr_mult": 10.0, "bn_stats": "train"})
+    assert "lr_mult" not in mine.recipe and "bn_stats" not in mine.recipe
 
 
 def test_measured_decoding_and_tta_are_paid_for():
-    plain = plan_run(30 * 60, **CIFAR, throughputs=TABLE)
-    slow_disk = plan_run(30 * 60, **CIFAR, throughputs=TABLE, decode_s=0.005)
-    tta = plan_run(30 * 60, **CIFAR, throughputs=TABLE, fixed={"tta": True})
+    plain = plan_run(facts(30 * 60))
+    slow_disk = plan_run(facts(30 * 60, decode_s=0.005))
+    tta = plan_run(facts(30 * 60, **CIFAR), {"tta": True})
     for plan in (plain, slow_disk, tta):
         assert plan.total <= 30 * 60
     assert slow_disk.projected["load"] > 0 and (slow_disk.img_size, slow_disk.epochs) < (plain.img_size, plain.epochs)
@@ -123,46 +128,48 @@ def test_measured_decoding_and_tta_are_paid_for():
 
 
 def test_given_epochs_pick_the_largest_size_where_they_fit():
-    plan = plan_run(60 * 60, **CIFAR, throughputs=TABLE, fixed={"epochs": 12})
+    plan = plan_run(facts(60 * 60, **CIFAR), {"epochs": 12})
     assert plan.epochs == 12 and plan.total <= 60 * 60
-    assert plan.img_size < plan_run(60 * 60, **CIFAR, throughputs=TABLE, fixed={"epochs": 3}).img_size
+    assert plan.img_size < plan_run(facts(60 * 60, **CIFAR), {"epochs": 3}).img_size
 
 
 def test_a_long_warm_up_does_not_count_as_fine_tuning_epochs():
     """--freeze-epochs 3 epochs are cheap (cached features) but are not fine-tuning: in 2 minutes
     no size has room for the 2 fine-tuning epochs after them, so none 'fits'; in 3 minutes one does."""
-    assert plan_run(2 * 60, **CIFAR, throughputs=TABLE, fixed={"freeze_epochs": 3}).strategy == "linear-probe"
-    plan = plan_run(3 * 60, **CIFAR, throughputs=TABLE, fixed={"freeze_epochs": 3})
+    assert plan_run(facts(2 * 60, **CIFAR), {"freeze_epochs": 3}).strategy == "linear-probe"
+    plan = plan_run(facts(3 * 60, **CIFAR), {"freeze_epochs": 3})
     assert plan.strategy == "finetune" and plan.epochs - plan.freeze_epochs >= MIN_FINETUNE_EPOCHS - 1
 
 
 def test_the_users_strategy_is_kept_when_nothing_fits():
-    plan = plan_run(60, **CIFAR, throughputs=TABLE, fixed={"strategy": "finetune"})
+    plan = plan_run(facts(60, **CIFAR), {"strategy": "finetune"})
     assert (plan.strategy, plan.img_size) == ("finetune", 32)  # the smallest size, until the deadline
     assert plan.augment == "crop-flip" and plan.projected["train"] > 0 and "--strategy finetune" in plan.reason
 
 
 def test_scratch_gets_no_pretrained_recipe():
-    plan = plan_run(60 * 60, **CIFAR, throughputs=TABLE, fixed={"strategy": "scratch"})
+    plan = plan_run(facts(60 * 60, **CIFAR), {"strategy": "scratch"})
     assert plan.strategy == "scratch" and plan.freeze_epochs == 0 and plan.projected["features"] == 0
-    assert "bn_stats" not in plan.overrides() and "lr_mult" not in plan.overrides()
+    assert "bn_stats" not in plan.recipe and "lr_mult" not in plan.recipe
 
 
 def test_small_data_keeps_a_given_gradient_head_trainable():
     small = {**CIFAR, "n_train": 200, "n_val": 50}
-    assert plan_run(5 * 60, **small, throughputs=TABLE).head == "auto"
-    plan = plan_run(5 * 60, **small, throughputs=TABLE, fixed={"head": "linear"})
+    assert plan_run(facts(5 * 60, **small)).head == "auto"
+    plan = plan_run(facts(5 * 60, **small), {"head": "linear"})
     assert plan.head == "linear" and plan.epochs > 1  # the gradient head trains for epochs
 
 
-def test_later_runs_in_a_process_start_their_own_clock(monkeypatch):
-    from visiontune.training import setup
-
-    monkeypatch.setattr(setup, "_STARTED_BEFORE", False)
-    monkeypatch.setattr(setup, "process_started", lambda: 1000.0)
-    monkeypatch.setattr(setup.time, "time", lambda: 1010.0)
-    assert setup.budget_start() == 1000.0  # a fresh command: its interpreter start-up counts
-    assert setup.budget_start() == 1010.0  # compare's next entry, a notebook: from now
+def test_the_plan_is_a_function_of_its_facts_and_applies_only_what_the_user_left_open():
+    given = TrainConfig.from_dict({"data": "photos", "epochs": 7, "bn_stats": "train"})
+    fixed = fixed_options(given)
+    assert fixed == {"epochs": 7, "bn_stats": "train"}
+    plan = plan_run(facts(60 * 60), fixed)
+    assert plan == plan_run(facts(60 * 60), fixed)  # nothing but its arguments decides it
+    planned = plan.apply(given)
+    assert (planned.optim.epochs, planned.get("bn_stats")) == (7, "train")  # the user's own options
+    assert planned.model.img_size == plan.img_size and planned.get("lr_mult") == plan.recipe["lr_mult"]
+    assert given.optim.epochs == 7 and given.model.img_size != plan.img_size  # the given config is left as is
 
 
 def test_time_with_several_processes_is_refused(shared_folder, tmp_path, capsys):
@@ -171,62 +178,35 @@ def test_time_with_several_processes_is_refused(shared_folder, tmp_path, capsys)
     assert code == 2 and "--devices 1" in err and not (tmp_path / "run").exists()
 
 
-def spent_budget(monkeypatch) -> None:
-    """Start the command's clock 30 s ago: the shortest budget (30s) is spent before training starts."""
-    monkeypatch.setattr(setup, "budget_start", lambda: time.time() - 30)
-
-
-def test_deadline_stops_and_keeps_the_best_model(shared_folder, tmp_path, capsys, monkeypatch):
-    """A budget spent before training starts: the warm-up epoch still saves a model, the first
-    Lightning batch hits the deadline, and the run ends with that model and its card."""
-    spent_budget(monkeypatch)
-    run = visiontune.train(shared_folder, time="30s", epochs=4, freeze_epochs=1, strategy="finetune",
-                           run_dir=tmp_path / "run", **FAST)
-    out = capsys.readouterr().out
+def test_time_flag_stops_at_the_deadline_and_keeps_the_best_model(shared_folder, tmp_path, capsys, monkeypatch):
+    """``train --time``: a budget spent before training starts (the command's clock is its process
+    start, here 30 s ago): the warm-up epoch still saves a model, the first Lightning batch hits
+    the deadline, and the run ends with that model."""
+    monkeypatch.setattr("visiontune.core.hardware.process_started", lambda: time.time() - 30)
+    run_dir = tmp_path / "run"
+    code, out, err = vt_main(capsys, "train", shared_folder, "--time", "30s", "--epochs", "4", "--freeze-epochs", "1",
+                             "--strategy", "finetune", "--run-dir", run_dir, *FAST_FLAGS, "--no-report")
+    assert code == 0, err
+    assert "time budget 30s" in out
     assert "time budget: stopping in epoch 2" in out  # the first epoch after the head's warm-up
-    rows = (run.run_dir / "metrics.csv").read_text().strip().splitlines()[1:]
+    rows = (run_dir / "metrics.csv").read_text().strip().splitlines()[1:]
     assert len(rows) <= 2  # the warm-up epoch, and the interrupted one when Lightning validated it
     best = max(range(len(rows)), key=lambda i: float(rows[i].split(",")[4]))  # val_acc column
-    assert run.metrics["epoch"] == best + 1  # the best epoch is the model kept
-    plan = json.loads((run.run_dir / "plan.json").read_text())
+    card = json.loads((run_dir / "model" / "model.json").read_text())
+    assert card["metrics"]["epoch"] == best + 1  # the best epoch is the model kept
+    plan = json.loads((run_dir / "plan.json").read_text())
     assert (plan["epochs"], plan["strategy"], plan["img_size"]) == (4, "finetune", 32)  # the user's options
-    timings = json.loads((run.run_dir / "timings.json").read_text())
+    timings = json.loads((run_dir / "timings.json").read_text())
     assert {"start", "features", "train", "finish", "total"} <= set(timings)
-
-
-def test_forecast_is_printed_for_a_large_run(shared_folder, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("visiontune.training.setup.FORECAST_MIN_IMAGE_EPOCHS", 0)  # "large" here
-    visiontune.train(shared_folder, epochs=2, run_dir=tmp_path / "run", **FAST)
-    assert "projected:" in capsys.readouterr().out
-
-
-def test_time_flag_through_the_cli(shared_folder, tmp_path, capsys, monkeypatch):
-    spent_budget(monkeypatch)
-    code, out, err = vt_main(capsys, "train", shared_folder, "--time", "30s", "--epochs", "2", "--run-dir",
-                             tmp_path / "run", *FAST_FLAGS)
-    assert code == 0, err
-    assert "time budget 30s" in out and (tmp_path / "run" / "plan.json").is_file()
     code, _, err = vt_main(capsys, "train", shared_folder, "--time", "soon")
     assert code == 2 and "20m" in err
 
 
-def test_lever_flags_through_the_cli(shared_folder, tmp_path, capsys):
-    """--ema, --tta, --mixup/--cutmix, --cache-images: the run records them; evaluate --no-tta
-    scores single views of the same model (both are valid scores of the same images)."""
-    run = tmp_path / "levers run"
-    code, out, err = vt_main(capsys, "train", shared_folder, "--epochs", "2", "--freeze-epochs", "1", "--ema", "--tta",
-                             "--mixup", "0.2", "--cutmix", "0.2", "--cache-images", "--augment", "crop-flip",
-                             "--run-dir", run, *FAST_FLAGS)
-    assert code == 0, err
-    assert "images in memory" in out
-    card = json.loads((run / "model" / "model.json").read_text())
-    assert card["inference"] == {"tta": "flip"}
-    config = (run / "config.yaml").read_text()
-    assert "ema: true" in config and "mixup: 0.2" in config and "cutmix: 0.2" in config
-    scores = {}
-    for flag in ("--tta", "--no-tta"):
-        code, out, err = vt_main(capsys, "evaluate", run, shared_folder, "--json", "--no-save", flag)
-        assert code == 0, err
-        scores[flag] = json.loads(out)
-    assert scores["--tta"]["num_samples"] == scores["--no-tta"]["num_samples"] > 0
+def test_forecast_is_printed_for_a_large_run(shared_folder, tmp_path, capsys, monkeypatch):
+    """The forecast is printed while the run is set up; nothing needs to train."""
+    from visiontune.training.setup import setup_run
 
+    monkeypatch.setattr("visiontune.training.setup.FORECAST_MIN_IMAGE_EPOCHS", 0)  # "large" here
+    setup_run(TrainConfig.from_dict({"data": str(shared_folder), "epochs": 2, "run_dir": str(tmp_path / "run"),
+                                     **FAST}))
+    assert "projected:" in capsys.readouterr().out

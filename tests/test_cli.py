@@ -32,16 +32,18 @@ def test_train_through_the_console_script_in_a_path_with_spaces(image_folder, tm
     assert "Traceback" not in proc.stderr
 
 
-def test_evaluate_cli_json(trained_run, capsys):
+def test_evaluate_cli_json(trained_run, tmp_path, capsys):
     run, data = trained_run
-    code, out, _ = vt_main(capsys, "evaluate", run.run_dir, data, "--json")
+    # --out: the shared session run stays untouched (other tests expect its model/ as trained)
+    code, out, _ = vt_main(capsys, "evaluate", run.run_dir, data, "--json", "--out", tmp_path / "eval")
     result = json.loads(out)
     for key in ("accuracy", "macro_precision", "macro_recall", "macro_f1", "per_class", "confusion_matrix",
                 "class_names", "num_samples"):
         assert key in result
     assert result["num_samples"] == 30 and sum(map(sum, result["confusion_matrix"])) == 30
     assert set(result["per_class"]) == {"blue", "green", "red"}
-    assert (run.model_dir / "confusion_matrix.png").is_file() and (run.model_dir / "misclassified.csv").is_file()
+    assert {p.name for p in (tmp_path / "eval").iterdir()} >= {"confusion_matrix.png", "misclassified.csv"}
+    assert not (run.model_dir / "confusion_matrix.png").exists()
     code, text, _ = vt_main(capsys, "evaluate", run.run_dir, data, "--no-save")
     assert code == 0 and "accuracy" in text and "precision" in text
 

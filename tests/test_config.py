@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import vt_main
+from conftest import FAST, make_folder, vt_main
 
 import visiontune
 from visiontune.cli import build_parser
@@ -131,7 +131,7 @@ def test_python_api_config_precedence(tmp_path, monkeypatch):
     import visiontune.pipeline.train as pipeline
 
     seen = {}
-    monkeypatch.setattr(pipeline, "run_training", lambda cfg: seen.setdefault("cfg", cfg))
+    monkeypatch.setattr(pipeline, "run_training", lambda cfg, started=None: seen.setdefault("cfg", cfg))
     path = tmp_path / "c.yaml"
     path.write_text("data: file-data\nepochs: 7\nseed: 3\n")
     visiontune.train(config=str(path), epochs=2)
@@ -162,12 +162,30 @@ def test_cli_flag_types_and_untouched_defaults():
             assert cfg.get(key) == defaults.get(key), key
 
 
+def test_lever_flags_reach_the_config():
+    """--ema, --tta, --mixup/--cutmix, --cache-images, --augment; the option matrix's
+    in-memory-crop-flip-ema-mixup-tta run trains with them."""
+    cfg = parse("train", "d", "--ema", "--tta", "--mixup", "0.2", "--cutmix", "0.2", "--cache-images", "--augment",
+                "crop-flip")
+    assert (cfg.get("ema"), cfg.get("tta"), cfg.get("mixup"), cfg.get("cutmix")) == (True, True, 0.2, 0.2)
+    assert cfg.get("cache_images") is True and cfg.get("augment") == "crop-flip"
+
+
 def test_every_option_has_a_train_flag():
     parser = build_parser()
     train = parser._subparsers._group_actions[0].choices["train"]
     dests = {a.dest for a in train._actions}
     missing = set(OPTIONS) - dests
     assert not missing, f"options without a train flag: {missing}"
+
+
+def test_the_task_choices_are_auto_and_the_task_registry_with_its_descriptions():
+    from visiontune.task import TASKS as TASK_KINDS
+    from visiontune.training.registry import TASKS
+
+    # the parser's copy (it must not import torch, which visiontune.task does) stays in step
+    assert TASKS.names() == ("auto", *TASK_KINDS)
+    assert all(TASKS.help(name) == task.description for name, task in TASK_KINDS.items())
 
 
 def test_old_flag_spelling_still_works():
@@ -212,3 +230,12 @@ def test_config_file_keys_a_command_does_not_use_are_dropped_with_a_note(tmp_pat
     err = capsys.readouterr().err
     assert "ignoring epochs, resume" in err
     assert cfg.runtime.resume is None and cfg.optim.epochs == 10 and cfg.optim.batch_size == 4
+
+
+def test_unsupported_options_are_refused_by_name(ml_data, tmp_path):
+    with pytest.raises(ConfigError, match="balanced_accuracy is for single-label"):
+        visiontune.train(ml_data, select_metric="balanced_accuracy", run_dir=str(tmp_path / "a"), **FAST)
+    single = make_folder(tmp_path / "f", per_class=3)
+    with pytest.raises(ConfigError, match="multi-label"):
+        visiontune.train(single, select_metric="map", run_dir=str(tmp_path / "c"), **FAST)
+    assert not any((tmp_path / name).exists() for name in "ac")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
-from conftest import CLASSES, make_folder, make_image, vt_main
+from conftest import CLASSES, make_folder, make_image, make_multilabel, vt_main
 from PIL import Image
 
 from visiontune.evaluation.data_check import check_data, dhash, format_check
@@ -94,7 +95,7 @@ def test_data_check_clean_folder_passes_strict(tmp_path, capsys):
     code, out, _ = vt_main(capsys, "data", "check", data, "--strict", "--no-label-check", "--min-per-class", "10")
     assert code == 0, out
     assert "ok: no errors" in out
-    report = check_data(data, label_issues=False, min_per_class=20, min_size=64)
+    report = check_data(data, label_check=False, min_per_class=20, min_size=64)
     assert report["ok"] and len(report["few_images"]) == 3 and len(report["small_images"]) == 36
     assert report["imbalance"]["ratio"] == 1.0
 
@@ -114,8 +115,26 @@ def test_data_check_names_outside_files_and_a_single_class(tmp_path):
     root = make_folder(tmp_path / "data", per_class=4)
     outside = next(make_folder(tmp_path / "elsewhere", per_class=1, seed=5).rglob("*.png"))
     os.symlink(outside, root / "red" / "linked.png")
-    report = check_data(root, label_issues=False)
+    report = check_data(root, label_check=False)
     assert report["outside_root"] == [str(root / "red" / "linked.png")]
     assert any("outside the data folder" in w for w in report["warnings"]) and report["ok"]
-    single = check_data(make_folder(tmp_path / "one", per_class=4, classes={"cat": (200, 0, 0)}), label_issues=False)
+    single = check_data(make_folder(tmp_path / "one", per_class=4, classes={"cat": (200, 0, 0)}), label_check=False)
     assert not single["ok"] and any("at least 2" in e for e in single["errors"])
+
+
+def test_data_check_counts_labels_pairs_and_searches_label_errors(tmp_path, capsys):
+    from conftest import vt_main
+
+    data = make_multilabel(tmp_path / "my data", n=30)
+    rows = list(csv.reader(open(data)))[1:]
+    code, out, _ = vt_main(capsys, "data", "check", str(data), "--json", "--workers", "0")
+    report = json.loads(out)
+    assert code == 0 and report["task"] == "multi"
+    for name in CLASSES:
+        assert report["classes"][name]["train"] == sum(name in r[1].split() for r in rows)
+    pairs = {tuple(p["labels"]): p["images"] for p in report["cooccurrence"]}
+    assert pairs[("blue", "red")] == sum({"blue", "red"} <= set(r[1].split()) for r in rows)
+    assert sum(report["labels_per_image"].values()) == 30
+    assert report["label_check"]["method"].startswith("cleanlab.multilabel_classification")
+    paths = {str(data.parent / r[0]) for r in rows}
+    assert all(issue["path"] in paths and set(issue["suggested"]) <= set(CLASSES) for issue in report["label_issues"])

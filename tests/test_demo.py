@@ -11,7 +11,13 @@ from conftest import vt_main
 
 
 def test_demo_cli_runs(tmp_path, capsys, monkeypatch):
+    """The demo subcommand end to end on a few batches; the full demo is test_demo_reaches_97_percent (slow)."""
+    from visiontune.pipeline import demo
+
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(demo.DEMO_OPTIONS, "limit_train_batches", 2)
+    monkeypatch.setitem(demo.DEMO_OPTIONS, "limit_val_batches", 2)
+    monkeypatch.setitem(demo.DEMO_OPTIONS, "report", False)
     code, out, _ = vt_main(capsys, "demo", "--epochs", "1", "--run-dir", tmp_path / "demo")
     assert code == 0 and "test accuracy" in out and out.strip().splitlines()[-1].startswith("run: ")
 

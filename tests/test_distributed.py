@@ -9,8 +9,9 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-from conftest import FAST
+from conftest import FAST, train_cmd
 
+import visiontune
 from visiontune.training.config import TrainConfig
 from visiontune.training.lightning_fit import ImageDataModule
 from visiontune.training.setup import setup_run
@@ -46,3 +47,24 @@ def test_two_process_ddp_matches_single_process_evaluation(image_folder, tmp_pat
     # the synced DDP validation metric equals a single-process evaluation of the saved model
     assert meta["metrics"]["val"]["accuracy"] == pytest.approx(best, abs=1e-4)
     assert proc.stdout.count("run: ") == 1
+
+
+# slow: covered fast by test_two_process_ddp_matches_single_process_evaluation (launch, sync, one run line,
+# card = synced metric), test_shards_cover_every_sample_once and test_metrics_equal_sklearn_on_a_fixed_example
+# (multi-label metrics); only the all-gather of MultilabelAveragePrecision's list state is then left to -m slow
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_process_ddp_trains_multi_label(ml_data, tmp_path):
+    """Two gloo processes: the run completes once, and the card's val macro mAP is what a
+    single-process evaluation of the saved model on the run's own val split gives."""
+    import subprocess
+
+    run_dir = tmp_path / "ddp run"
+    proc = subprocess.run(train_cmd(ml_data, "--devices", 2, "--epochs", 2, "--freeze-epochs", 0, "--run-dir",
+                                     run_dir), capture_output=True, text=True, timeout=880)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("run: ") == 1
+    card = json.loads((run_dir / "model" / "model.json").read_text())
+    assert card["inference"]["task"] == "multi"
+    result = visiontune.evaluate(run_dir, run_dir / "splits" / "val.csv", save=False)
+    assert result["macro_map"] == pytest.approx(card["metrics"]["val"]["macro_map"], abs=1e-4)

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CLASSES
 from PIL import Image
 
+import visiontune
 import visiontune.data.preprocess as package_preprocess
 from visiontune.data.image import load_image
 from visiontune.data.preprocess import RESIZE_MODES, Preprocessing
@@ -104,13 +106,14 @@ def test_ray_predict_matches_onnx_backend(tiny_model, onnx_file, tmp_path):
 
 
 def test_uint8_input_graph_normalises_inside_and_every_client_agrees(tiny_model, tmp_path, capsys):
-    """export --input uint8: parity-checked like the float graph; visiontune itself, the standalone
+    """export --input-dtype uint8: parity-checked like the float graph; visiontune itself, the standalone
     client (which sends only resized pixels) and eager PyTorch give the same answers."""
     import onnxruntime as ort
     from conftest import vt_main
 
     out = tmp_path / "uint8" / "model.onnx"
-    code, stdout, err = vt_main(capsys, "export", tiny_model[0], "--input", "uint8", "--dynamic-batch", "--out", out)
+    code, stdout, err = vt_main(capsys, "export", tiny_model[0], "--input-dtype", "uint8", "--dynamic-batch",
+                                "--out", out)
     assert code == 0, err
     report = json.loads((out.parent / "export_report.json").read_text())
     assert report["passed"] and report["top1_agreement"] == 1.0 and report["max_rel_logit_diff"] < 1e-5
@@ -126,6 +129,31 @@ def test_uint8_input_graph_normalises_inside_and_every_client_agrees(tiny_model,
         assert [r["label"] for r in rows] == [r["label"] for r in eager]
         np.testing.assert_allclose([float(r["probability"]) for r in rows], [r["probability"] for r in eager],
                                    atol=1e-4)
-    code, _, err = vt_main(capsys, "export", tiny_model[0], "--format", "torchscript", "--input", "uint8",
+    code, _, err = vt_main(capsys, "export", tiny_model[0], "--format", "torchscript", "--input-dtype", "uint8",
                            "--out", tmp_path / "ts" / "model.pt")
     assert code == 2 and "--format onnx" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_ray_bulk_predict_writes_the_same_label_sets_as_predict(ml_run, ml_data, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from visiontune.export.exporter import export_model
+
+    onnx_file = Path(export_model(ml_run.run_dir, "onnx", out=tmp_path / "onnx" / "model.onnx",
+                                   dynamic_batch=True)["file"])
+    files = sorted(str(p) for p in (ml_data.parent / "img").glob("*.png"))[:10]
+    listing = tmp_path / "inputs.txt"
+    listing.write_text("\n".join(files) + "\n")
+    script = Path(__file__).resolve().parents[1] / "examples" / "ray_predict.py"
+    done = subprocess.run([sys.executable, str(script), str(onnx_file), str(listing), "--out", str(tmp_path / "out"),
+                           "--num-cpus", "2", "--batch-size", "4"], capture_output=True, text=True, timeout=380,
+                          env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
+    expected = visiontune.load(onnx_file).predict(files)
+    assert [r["labels"] for r in rows] == [" ".join(e["labels"]) for e in expected]
+    assert {f"p_{c}" for c in CLASSES} <= set(rows[0])

@@ -1,5 +1,5 @@
-"""Export (ONNX / TorchScript / timm-HF) parity, the ONNX backend, int8 quantization and pruning,
-the CLI export/compress commands, and clear errors for bad ONNX files."""
+"""Export (ONNX / TorchScript / timm-HF / OpenVINO) parity, the ONNX backend, the CLI export
+command, and clear errors for bad ONNX files (compress, int8 and pruning: test_compress.py)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,10 @@ import pytest
 import torch
 from conftest import CLASS_NAMES, vt_main
 
+import visiontune
 from visiontune.core.errors import ExportError
-from visiontune.export.common import check_parity
-from visiontune.export.compress import compress
 from visiontune.export.exporter import export_model
-from visiontune.export.onnx_export import read_metadata
+from visiontune.export.parity import check_parity
 from visiontune.export.registry import EXPORT_FORMATS
 from visiontune.inference.classifier import Classifier
 from visiontune.inference.runners import OnnxRunner
@@ -81,55 +80,6 @@ def test_evaluate_accepts_onnx_classifier(tiny_model, onnx_file):
     assert result["accuracy"] == expected["accuracy"] and result["num_samples"] == 24
 
 
-def test_quantize_smoke(tiny_model, tmp_path):
-    report = compress(tiny_model[0], quantize="int8", out=tmp_path, budget_s=0.01, force=True, log=lambda _: None)
-    names = [r["variant"] for r in report["variants"]]
-    assert names == ["eager fp32", "ONNX fp32", "ONNX int8"]
-    assert report["variants"][1]["top1_agreement"] == 1.0
-    assert report["variants"][2]["top1_agreement"] >= 0.9  # int8 keeps the decisions (static pads)
-    assert (tmp_path / "compress_report.json").is_file()
-    assert "| variant |" in (tmp_path / "compress_report.md").read_text()
-    props = read_metadata(tmp_path / "onnx-int8" / "model.onnx")
-    assert props["quantization"] == "int8" and props["int8_scheme"] in ("all", "ends-float")  # chosen, recorded
-    quantized = Classifier.load(tmp_path / "onnx-int8" / "model.onnx")
-    assert quantized.predict([str(next(tiny_model[1].rglob("*.jpg")))])[0]["label"] in quantized.class_names
-
-
-def test_quantize_guard_refuses_large_drop(tiny_model, tmp_path):
-    # a negative allowance makes any int8 model "too inaccurate": the guard must refuse it
-    with pytest.raises(ExportError, match="max-drop"):
-        compress(tiny_model[0], quantize="int8-dynamic", out=tmp_path, max_drop=-101, budget_s=0.01, log=lambda _: None)
-    assert json.loads((tmp_path / "compress_report.json").read_text())["refused"]
-
-
-def test_int8_beyond_max_drop_retries_with_float_ends(tiny_model, tmp_path):
-    """Accuracy-aware fallback: a static int8 model over --max-drop is re-quantized with the
-    first conv and the classifier in float; both attempts are reported, the better one is kept."""
-    from visiontune.export.compress import compress
-    report = compress(tiny_model[0], quantize="int8", out=tmp_path, max_drop=-101, force=True, budget_s=0.01,
-                      log=lambda _: None)
-    attempts = report["int8_attempts"]
-    assert sorted(a["scheme"] for a in attempts) == ["all", "ends-float"]
-    assert attempts[-1]["accuracy_change_pts"] >= attempts[0]["accuracy_change_pts"]  # the last one is kept
-    assert read_metadata(tmp_path / "onnx-int8" / "model.onnx")["int8_scheme"] == attempts[-1]["scheme"]
-    assert not (tmp_path / "onnx-int8-ends-float").exists()
-    assert report["variants"][2]["accuracy_change_pts"] == attempts[-1]["accuracy_change_pts"]
-    assert "int8 schemes tried" in report["notes"][0] and report["refused"]
-
-
-def test_prune_smoke_saves_pickle_free_and_reloads(tiny_model, tmp_path):
-    report = compress(tiny_model[0], prune=0.3, finetune_epochs=1, prune_steps=2, out=tmp_path, budget_s=0.01,
-                      log=lambda _: None)
-    assert report["pruning"]["macs_after"] < 0.85 * report["pruning"]["macs_before"]
-    assert [r["variant"] for r in report["variants"]][-2:] == ["pruned", "pruned ONNX fp32"]
-    clf = Classifier.load(tmp_path / "pruned")
-    shapes = json.loads((tmp_path / "pruned" / "model.json").read_text())["pruned"]["shapes"]
-    # the classifier's input features keep their width (its trained weights stay whole)
-    assert shapes["classifier"]["in_features"] == 1280 and shapes["conv_head"]["out_channels"] == 1280
-    rows = clf.predict(sorted(str(p) for p in tiny_model[1].rglob("*.jpg"))[:3])
-    assert all(r["label"] in clf.class_names for r in rows)
-
-
 def test_corrupted_onnx_gives_clear_error(tmp_path):
     bad = tmp_path / "model.onnx"
     bad.write_bytes(b"\x08\x07garbage, not a protobuf" * 10)
@@ -162,7 +112,7 @@ def test_parity_failure_is_loud():
 def test_parity_is_relative_to_the_logits_scale_and_catches_a_real_mismatch():
     """Huge logits (random-init Inception: ~7e7) differ in float32 by far more than 1e-3 in absolute
     terms and still pass; an export that computes something else fails whatever the scale."""
-    from visiontune.export.common import compare_logits, parity_problems
+    from visiontune.export.parity import compare_logits, parity_problems
 
     rng = np.random.default_rng(0)
     for scale in (1.0, 7e7):
@@ -193,31 +143,6 @@ def test_cli_export_then_predict_and_evaluate_onnx(tiny_model, tmp_path, capsys)
     assert code == 0 and json.loads(evaluated)["num_samples"] == 24
 
 
-def test_cli_compress_writes_table_and_exit_codes(tiny_model, tmp_path, capsys):
-    import onnx
-
-    run = tiny_model[0]
-    code, out, err = vt_main(capsys, "compress", run, "--quantize", "int8", "--int8-float-ends", "--out",
-                             tmp_path / "c", "--bench-seconds", "0.01", "--max-drop", "100")
-    assert code == 0, err
-    assert "ONNX int8" in out and (tmp_path / "c" / "compress_report.md").is_file()
-    quantized = tmp_path / "c" / "onnx-int8" / "model.onnx"
-    assert read_metadata(quantized)["int8_scheme"] == "ends-float"
-    nodes = onnx.load(str(quantized)).graph.node
-    first_conv = next(n for n in nodes if n.op_type == "Conv")
-    assert not any(n.op_type == "DequantizeLinear" and n.output[0] in first_conv.input[1:] for n in nodes)
-    code, _, err = vt_main(capsys, "compress", run, "--quantize", "int8-dynamic", "--out", tmp_path / "r",
-                           "--bench-seconds", "0.01", "--max-drop", "-101")
-    assert code == 2 and "max-drop" in err and "Traceback" not in err
-    for args, needle, folder in ((["--prune", "1.5"], "(0, 1)", "b"),
-                                 (["--prune", "0.3", "--recovery-lr", "-1"], "--recovery-lr must be > 0", "d"),
-                                 (["--prune", "0.3", "--finetune-epochs", "-1"], "--finetune-epochs must be >= 0", "e"),
-                                 ([], "--quantize", "n")):
-        code, _, err = vt_main(capsys, "compress", run, *args, "--out", tmp_path / folder)
-        assert code == 2 and needle in err and "Traceback" not in err
-        assert not (tmp_path / folder).exists()  # refused before any export work
-
-
 def test_static_same_padding_is_exact_and_leaves_no_shape_arithmetic(tiny_model, onnx_file):
     """TF-"SAME" layers get constant pads (int8 broke on the run-time pad arithmetic otherwise)."""
     import onnx
@@ -238,35 +163,10 @@ def test_static_same_padding_is_exact_and_leaves_no_shape_arithmetic(tiny_model,
     assert isinstance(net[0], Conv2dSame)  # the original is untouched
 
 
-def test_residual_streams_are_left_whole(tiny_model):
-    """Channels shared by residual additions are not pruned (measured: they cost the most accuracy)."""
-    from visiontune.export.prune import residual_layers
-    from visiontune.models.artifact import load_model
-
-    model, card = load_model(tiny_model[0])
-    head = model.get_submodule(card.architecture.classifier)
-    tied = residual_layers(model.float().eval(), torch.zeros(1, 3, 64, 64), [head])
-    names = {name for name, module in model.named_modules() if any(module is t for t in tied)}
-    assert names and all(name.endswith("conv_pwl") for name in names)  # EfficientNet's projection convs
-    assert "blocks.5.0.conv_pwl" in names and "blocks.6.0.conv_pwl" not in names  # last stage has no skip
-
-
-def test_calibration_sample_is_sized_by_pixels(tiny_model):
-    from visiontune.export.quantize import calibration_limit
-    from visiontune.models.artifact import read_card
-
-    card = read_card(tiny_model[0] / "model")
-
-    def size(px):
-        return calibration_limit(card.replace(preprocessing=card.preprocessing.with_size(px)))
-
-    assert size(224) == 128 and size(64) == 512 and size(448) == 64  # memory ~ images x pixels
-
-
 def test_labelled_samples_follow_the_runs_own_split(tiny_model, tmp_path):
     """A run trained with --val-fraction 0.5 is measured on its own 50% val split, not a re-split at 0.2."""
     from visiontune.data.scan import discover
-    from visiontune.export.common import labelled_samples
+    from visiontune.export.samples import labelled_samples
 
     data = tiny_model[1]
     splits = discover(data, val_fraction=0.5, seed=3)
@@ -294,3 +194,27 @@ def test_labelled_samples_follow_the_runs_own_split(tiny_model, tmp_path):
     moved = own.replace(model_dir=tmp_path / "moved" / "model")
     assert labelled_samples(moved) == []
 
+
+# --- multi-label models -----------------------------------------------------------------------------
+
+
+def test_onnx_export_keeps_label_decisions_and_the_client_agrees(ml_run, ml_data, tmp_path):
+    import subprocess
+    import sys
+
+    from visiontune.export.exporter import export_model
+
+    report = export_model(ml_run.run_dir, "onnx", out=tmp_path / "onnx" / "model.onnx")
+    assert report["label_agreement"] >= 0.995 and report["passed"]
+    onnx_file = Path(report["file"])
+    files = sorted(str(p) for p in (ml_data.parent / "img").glob("*.png"))[:8]
+    eager = visiontune.load(ml_run.run_dir).predict(files)
+    exported = visiontune.load(onnx_file)
+    assert exported.task.name == "multi"
+    assert exported.thresholds == pytest.approx(Classifier.load(ml_run.run_dir).thresholds)
+    assert [r["labels"] for r in exported.predict(files)] == [r["labels"] for r in eager]
+    client = Path(__file__).resolve().parents[1] / "examples" / "onnx_client.py"
+    out = subprocess.run([sys.executable, str(client), str(onnx_file), *files, "--label-delim", ";"],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0].startswith("path,labels")
+    assert [line.split(",")[1] for line in out[1:]] == [";".join(r["labels"]) for r in eager]

@@ -1,5 +1,5 @@
 """Fuzzing the readers of data and model descriptions from strangers: labels CSVs (every reader of
-one: data/multilabel.py, data/scan.py, the ``predict --resume`` reader in inference/bulk.py),
+one: data/label_tables.py, data/scan.py, the ``predict --resume`` reader in inference/bulk.py),
 ``model.json`` (models/card.py) and the JSON reader under it (models/artifact.py).
 
 Whatever the bytes, reading ends in a result or in visiontune's own error, never anything else,
@@ -20,12 +20,13 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from visiontune.core.errors import ArtifactError, VisiontuneError
-from visiontune.data.multilabel import read_label_table
+from visiontune.data.label_tables import read_label_table
 from visiontune.data.scan import discover, discover_eval, read_csv_list, read_split_csv
 from visiontune.inference.bulk import rows_done
 from visiontune.inference.rows import csv_header
 from visiontune.models.artifact import read_json
 from visiontune.models.card import ModelCard
+from visiontune.task import get_task
 
 pytestmark = pytest.mark.fuzz
 PEAK_BYTES = 64 * 2**20
@@ -136,7 +137,7 @@ def test_split_csv_reads_or_fails_clearly(data_dir, raw):
     _bounded(lambda: read_split_csv(path, ["cat", "dog"]))
 
 
-RESUME_HEADER = csv_header(2)
+RESUME_HEADER = csv_header(2, ["a", "b"], task=get_task("single"))
 
 
 @given(raw=csv_bytes(), with_header=st.booleans(), spreadsheet=st.booleans())

@@ -18,8 +18,8 @@ from PIL import Image
 
 from visiontune.core.errors import ArtifactError, DataError
 from visiontune.data.csvfile import MAX_CELL_CHARS, MAX_ROW_CHARS, read_csv_rows
+from visiontune.data.label_tables import _reach_both, read_label_table
 from visiontune.data.labels import MAX_CLASS_NAME, MAX_CLASSES, MAX_LABEL_MATRIX, MAX_LABELS, check_class_names
-from visiontune.data.multilabel import _reach_both, read_label_table
 from visiontune.data.scan import discover, discover_eval, read_csv_list, read_split_csv
 from visiontune.inference.bulk import rows_done
 from visiontune.models.card import ModelCard
@@ -257,7 +257,7 @@ def test_a_byte_order_mark_is_accepted_and_comments_and_blank_lines_are_skipped(
     table = read_label_table(path)
     assert table.kind == "labels" and table.lines == {str(tmp_path / "a.png"): 4, str(tmp_path / "b.png"): 5}
     splits = discover(path, val_fraction=0.5)
-    assert splits.task == "multi" and splits.class_names == ["cat", "dog"]
+    assert splits.task.name == "multi" and splits.class_names == ["cat", "dog"]
     plain = tmp_path / "plain.csv"
     plain.write_bytes("path,label\n# skipped\n\na.png,cat\nb.png,dog\n".encode("utf-8-sig"))
     assert read_csv_list(plain) == {"cat": [str(tmp_path / "a.png")], "dog": [str(tmp_path / "b.png")]}

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
@@ -19,6 +21,10 @@ def lint(cwd: Path, src: Path) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
+# slow: `make test` runs `make lint` first, and it runs lint-imports on the same contract; the
+# negative check (test_an_upward_import_breaks_the_contract) stays fast
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_layer_contract_is_kept():
     done = lint(ROOT, ROOT / "src")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]

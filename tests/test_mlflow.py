@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 
 import numpy as np
 import pytest
-from conftest import FAST_FLAGS, make_folder, vt, vt_main
+from conftest import FAST_FLAGS, make_folder, vt_main
+
+from visiontune.cli import main
 
 mlflow = pytest.importorskip("mlflow")  # the test extra installs it; a bare install has no MLflow
 
@@ -19,17 +23,25 @@ def tracked(tmp_path_factory):
     base = tmp_path_factory.mktemp("ml flow")
     data = make_folder(base / "data", per_class=8)
     uri = f"sqlite:///{base / 'store.db'}"
-    env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "tests"}
-    proc = vt("train", data, "--epochs", "2", "--freeze-epochs", "1", "--logger", "mlflow",
-              "--run-dir", base / "run", *FAST_FLAGS, env={**os.environ, **env}, cwd=base)
-    return base, data, uri, proc
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out):  # in this process: no start-up
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.setenv("MLFLOW_EXPERIMENT_NAME", "tests")
+        patch.chdir(base)
+        try:
+            code = main(["train", str(data), "--epochs", "2", "--freeze-epochs", "1", "--logger", "mlflow",
+                         "--run-dir", str(base / "run"), *FAST_FLAGS])
+        finally:
+            mlflow.set_tracking_uri(None)  # Lightning's logger sets MLflow's process-wide URI: leave none behind
+    assert code == 0, out.getvalue()[-3000:]
+    return base, data, uri, out.getvalue()
 
 
 def test_the_run_has_params_epoch_metrics_and_artifacts(tracked):
-    base, _, uri, proc = tracked
+    base, _, uri, stdout = tracked
     client = mlflow.MlflowClient(uri)
     run_id = json.loads((base / "run" / "logs" / "mlflow.json").read_text())["run_id"]
-    assert f"mlflow: run {run_id} logged" in proc.stdout
+    assert f"mlflow: run {run_id} logged" in stdout
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "run"
     assert client.get_experiment(run.info.experiment_id).name == "tests"
@@ -122,11 +134,11 @@ def test_mlflow_models_serve_answers_like_predict(tracked, capsys):
                                atol=2e-6)
 
 
-def test_an_unreachable_tracking_store_fails_before_training(tmp_path):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": "nosuchscheme://store"}
+def test_an_unreachable_tracking_store_fails_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchscheme://store")
     data = make_folder(tmp_path / "data", per_class=4)
-    proc = vt("train", data, "--epochs", "1", "--logger", "mlflow", "--run-dir", tmp_path / "run", *FAST_FLAGS,
-              env=env, check=False)
-    assert proc.returncode != 0
-    assert "MLFLOW_TRACKING_URI" in proc.stderr and "Traceback" not in proc.stderr
+    code, _, err = vt_main(capsys, "train", data, "--epochs", "1", "--logger", "mlflow", "--run-dir", tmp_path / "run",
+                           *FAST_FLAGS)
+    assert code != 0
+    assert "MLFLOW_TRACKING_URI" in err and "Traceback" not in err
     assert not (tmp_path / "run" / "model").exists()

@@ -348,3 +348,27 @@ def test_source_classifier_pairs_weight_and_bias_by_name(tmp_path):
     w, b = source_classifier("resnet18", str(path), 8)
     assert torch.equal(w, head_w) and torch.equal(b, head_b)
     assert source_classifier("resnet18", str(path), 16) is None  # no [C, 16] matrix in the file
+
+
+def test_card_validates_task_and_thresholds():
+    base = {"format": "visiontune-model", "class_names": ["a", "b"],
+            "architecture": {"source": "timm", "name": "resnet18", "num_classes": 2, "classifier": "fc"},
+            "preprocessing": {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}}
+    card = ModelCard.from_dict({**base, "inference": {"task": "multi", "thresholds": [0.3, 0.7]}})
+    assert card.task.name == "multi" and card.thresholds == [0.3, 0.7]
+    assert ModelCard.from_dict(card.to_dict()).thresholds == [0.3, 0.7]
+    assert ModelCard.from_dict({**base, "inference": {"task": "multi"}}).thresholds == [0.5, 0.5]
+    for bad in ({"task": "multi", "thresholds": [0.3]}, {"task": "multi", "thresholds": [0.3, 1.5]},
+                {"task": "multi", "thresholds": [0.3, "x"]}, {"thresholds": [0.3, 0.7]}, {"task": "many"}):
+        with pytest.raises(ArtifactError):
+            ModelCard.from_dict({**base, "inference": bad})
+
+
+def test_a_card_naming_millions_of_classes_is_refused_before_any_allocation():
+    from visiontune.models.card import ModelCard
+    from visiontune.models.factory import MAX_CLASSES
+
+    with pytest.raises(ArtifactError, match="classes"):
+        ModelCard.from_dict({"format": "visiontune-model", "class_names": [f"c{i}" for i in range(MAX_CLASSES + 1)],
+                             "preprocessing": {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}},
+                            require_architecture=False)

@@ -12,26 +12,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CLASS_NAMES, make_folder, make_image, vt_main, write_corrupt_files
+from conftest import CLASS_NAMES, CLASSES, make_folder, make_image, vt_main, write_corrupt_files
 from PIL import Image
 
 import visiontune
+from visiontune.core.errors import ConfigError
 from visiontune.inference.bulk import predict_to_csv
+from visiontune.inference.classifier import Classifier
 from visiontune.inference.rows import UNKNOWN, csv_cells, csv_header, prediction_rows, probabilities
+from visiontune.task import get_task
 
 
 def test_rows_apply_temperature_top_k_and_rejection():
-    logits = torch.tensor([[2.0, 0.0, -1.0], [0.1, 0.0, 0.05]])
+    logits, single = torch.tensor([[2.0, 0.0, -1.0], [0.1, 0.0, 0.05]]), get_task("single")
     rows = prediction_rows(logits, ["a", "b", "c"], temperature=2.0, top_k=2, reject_below=0.4, calibrated=True,
-                           paths=["x.png", "y.png"])
+                           paths=["x.png", "y.png"], task=single)
     expected = torch.softmax(logits / 2.0, 1)
     assert rows[0]["label"] == "a" and rows[0]["probability"] == pytest.approx(float(expected[0, 0]))
     assert [t["label"] for t in rows[0]["top_k"]] == ["a", "b"] and rows[0]["calibrated"]
     assert rows[1]["label"] == UNKNOWN and rows[1]["top_k"][0]["label"] == "a"  # rejected, classes still listed
     assert rows[1]["path"] == "y.png" and rows[1]["error"] == ""
-    torch.testing.assert_close(probabilities(logits, 2.0), expected)
-    cells = csv_cells(rows[0], 2)
-    assert len(cells) == len(csv_header(2)) and cells[:2] == ["x.png", "a"]
+    torch.testing.assert_close(probabilities(logits, 2.0, task=single), expected)
+    cells = csv_cells(rows[0], 2, ["a", "b", "c"], task=single)
+    assert len(cells) == len(csv_header(2, ["a", "b", "c"], task=single)) and cells[:2] == ["x.png", "a"]
 
 
 def test_reject_below(trained_run):
@@ -40,6 +43,17 @@ def test_reject_below(trained_run):
     files = sorted(str(p) for p in (data / "red").iterdir())[:3]
     assert all(r["label"] == "unknown" and r["top_k"] for r in clf.predict(files, reject_below=1.01))
     assert all(r["label"] != "unknown" for r in clf.predict(files, reject_below=0.0))
+
+
+def test_evaluate_with_and_without_tta(trained_run, capsys):
+    """evaluate --no-tta scores single views of the same model as --tta (both valid scores)."""
+    run, data = trained_run
+    scores = {}
+    for flag in ("--tta", "--no-tta"):
+        code, out, err = vt_main(capsys, "evaluate", run.run_dir, data, "--json", "--no-save", flag)
+        assert code == 0, err
+        scores[flag] = json.loads(out)
+    assert scores["--tta"]["num_samples"] == scores["--no-tta"]["num_samples"] > 0
 
 
 def test_predict_out_csv_caps_top_k_and_keeps_stdout_clean(trained_run, tmp_path, capsys):
@@ -215,3 +229,33 @@ def test_csv_safe_escapes_formula_cells(trained_run, tmp_path, capsys, monkeypat
     assert code == 0 and list(csv.reader(open("p.csv")))[1][0] == "'=cmd()+1.png"
     code, _, _ = vt_main(capsys, "predict", run.run_dir, "=cmd()+1.png", "--out", "q.csv")
     assert code == 0 and list(csv.reader(open("q.csv")))[1][0] == "=cmd()+1.png"
+
+
+# --- multi-label models -----------------------------------------------------------------------------
+
+
+def test_run_tunes_thresholds_and_predicts_label_sets(ml_run, ml_data):
+    card = json.loads((ml_run.model_dir / "model.json").read_text())
+    assert card["inference"]["task"] == "multi" and len(card["inference"]["thresholds"]) == len(CLASSES)
+    assert {"macro_map", "micro_f1"} <= set(ml_run.metrics["val"])
+    clf = Classifier.load(ml_run.run_dir)
+    assert clf.thresholds == card["inference"]["thresholds"]  # round trip through model.json
+    files = sorted(str(p) for p in (ml_data.parent / "img").glob("*.png"))[:6]
+    rows = clf.predict(files, top_k=2)
+    logits, _, _ = clf.logits_of(files)
+    assert card["calibration"]["decisions"] == card["calibration"]["num_val"] * len(CLASSES)
+    probs = torch.sigmoid(logits / clf.temperature)  # calibrated over every val label decision
+    for row, p in zip(rows, probs):
+        assert row["labels"] == [n for n, v, t in zip(clf.class_names, p.tolist(), clf.thresholds) if v >= t]
+        assert [row["scores"][n] for n in clf.class_names] == pytest.approx(p.tolist(), abs=1e-6)
+        assert len(row["top_k"]) == 2
+    everything = clf.predict(files, threshold=0.0)
+    assert all(r["labels"] == clf.class_names for r in everything)
+    with pytest.raises(ConfigError, match="--threshold"):
+        clf.predict(files, reject_below=0.5)
+
+
+def test_single_label_model_refuses_threshold(trained_run):
+    run, data = trained_run
+    with pytest.raises(ConfigError, match="--reject-below"):
+        visiontune.load(run.run_dir).predict([next(data.rglob("*.png"))], threshold=0.5)

@@ -1,6 +1,7 @@
 """Crash safety and resume: kill -9 (across the frozen warm-up, and five times at random points,
-some mid checkpoint write) and SIGTERM, then --resume lands on exactly the run an uninterrupted
-one gives; atomic checkpoint files; truncated checkpoints; seeds and worker counts."""
+some mid checkpoint write) and SIGTERM (of a fine-tune and of a linear probe), then --resume lands
+on exactly the run an uninterrupted one gives; atomic checkpoint files; truncated checkpoints;
+seeds and worker counts."""
 
 from __future__ import annotations
 
@@ -145,6 +146,93 @@ def test_sigterm_saves_checkpoint_and_resume_completes(image_folder, tmp_path, c
     assert (run_dir / "checkpoints" / "interrupted.ckpt").is_file()
     assert main(["train", "--resume", str(run_dir)]) == 0
     assert metric_epochs(run_dir) == list(range(1, epochs + 1))
+
+
+def test_linear_probe_sigterm_mid_epoch_resumes_bit_exact(tmp_path, capsys):
+    """--head linear trains in the same loop as fine-tuning: SIGTERM (while a step checkpoint is
+    written, so mid-epoch) checkpoints and exits 130; --resume continues that epoch after the batches
+    it had trained on and ends with the weights and metrics of a run that was never interrupted."""
+    from safetensors.torch import load_file
+
+    data = make_folder(tmp_path / "my data", per_class=8)
+    epochs, options = 4, {"strategy": "linear-probe", "checkpoint_every_steps": 1, "precision": "32", "seed": 3}
+    reference = visiontune.train(data, epochs=epochs, run_dir=tmp_path / "reference", **options, **FAST)
+    run_dir, ckpts = tmp_path / "run dir", tmp_path / "run dir" / "checkpoints"
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    # each checkpoint write takes 0.5 s: a window to signal the run in, not a synchronisation
+    proc = subprocess.Popen(train_cmd(data, "--epochs", epochs, "--run-dir", run_dir, *flags, *FAST_FLAGS,
+                                      "--no-report"),
+                            env={**os.environ, SLOW_WRITE_ENV: "0.5"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    hit = wait_for(lambda: any(ckpts.glob(".head-step*.ckpt.tmp-*")), proc, timeout=240)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert hit and proc.returncode == 130, err[-2000:]  # stopped by the signal, not finished
+    assert "visiontune train --resume" in err and "Traceback" not in err
+    assert (ckpts / "head-interrupted.ckpt").is_file()
+    done = metric_epochs(run_dir)
+    assert len(done) < epochs and done == list(range(1, len(done) + 1))
+
+    code, out, err = vt_main(capsys, "train", "--resume", run_dir)
+    assert code == 0 and "Traceback" not in err, err
+    assert metric_columns(run_dir) == metric_columns(reference.run_dir)
+    last = f"head-epoch{epochs - 1:03d}.ckpt"
+    weights, expected = (torch.load(r / "checkpoints" / last, map_location="cpu", weights_only=True)["state_dict"]
+                         for r in (run_dir, reference.run_dir))
+    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
+    saved, best = (load_file(r / "model" / "model.safetensors") for r in (run_dir, reference.run_dir))
+    assert all(torch.equal(saved[k], best[k]) for k in best)
+
+
+def test_finetune_sigterm_in_its_warmup_resumes_bit_exact(tmp_path, capsys):
+    """The frozen warm-up is a fit of the same loop (the head on cached features): SIGTERM in it
+    leaves the head's checkpoint; --resume finishes the warm-up from it, then fine-tunes, and every
+    figure equals an uninterrupted run's."""
+    from visiontune.training.checkpoint_io import checkpoint_phase
+
+    data = make_folder(tmp_path / "my data", per_class=8)
+    epochs, options = 3, {"freeze_epochs": 2, "precision": "32", "seed": 3}
+    reference = visiontune.train(data, epochs=epochs, run_dir=tmp_path / "reference", **options, **FAST)
+    run_dir, ckpts = tmp_path / "run dir", tmp_path / "run dir" / "checkpoints"
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    proc = subprocess.Popen(train_cmd(data, "--epochs", epochs, "--run-dir", run_dir, *flags, *FAST_FLAGS,
+                                      "--no-report"),
+                            env={**os.environ, SLOW_WRITE_ENV: "0.5"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    hit = wait_for(lambda: any(ckpts.glob(".head-epoch*.ckpt.tmp-*")), proc, timeout=240)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert hit and proc.returncode == 130, err[-2000:]
+    assert checkpoint_phase(ckpts / "head-interrupted.ckpt") == "head" and not list(ckpts.glob("epoch*.ckpt"))
+
+    code, _, err = vt_main(capsys, "train", "--resume", run_dir)
+    assert code == 0 and "Traceback" not in err, err
+    assert metric_columns(run_dir) == metric_columns(reference.run_dir)
+    body = "epoch000.ckpt"  # the fine-tuning's one epoch after the two of the warm-up
+    weights, expected = (torch.load(r / "checkpoints" / body, map_location="cpu", weights_only=True)["state_dict"]
+                         for r in (run_dir, reference.run_dir))
+    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
+
+
+def test_any_checkpoint_of_the_fine_tuning_outranks_the_warmups(tmp_path):
+    """The head's steps are counted apart from the body's: a warm-up of 10 passes per epoch can be
+    at a higher step than the fine-tuning's first checkpoint, which is still further into the run."""
+    import io
+
+    from visiontune.training.checkpoint_io import PHASE_KEY, write_digest
+
+    def save(name: str, step: int, epoch: int, phase: str | None) -> Path:
+        buffer = io.BytesIO()
+        torch.save({"global_step": step, "epoch": epoch, "state_dict": {"w": torch.ones(4)},
+                    **({PHASE_KEY: phase} if phase else {})}, buffer)
+        atomic_write(tmp_path / name, buffer.getvalue())
+        write_digest(tmp_path / name, buffer.getvalue())
+        return tmp_path / name
+
+    for name, step, epoch, phase in [("head-epoch000.ckpt", 400, 1, "head"), ("head-epoch001.ckpt", 800, 2, "head"),
+                                     ("epoch000.ckpt", 40, 1, "body"), ("step0000050.ckpt", 50, 1, None)]:
+        newest = save(name, step, epoch, phase)  # each further into the run than the ones before
+        assert newest_valid_checkpoint(tmp_path) == newest
 
 
 @pytest.mark.slow

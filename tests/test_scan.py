@@ -7,11 +7,15 @@ import csv
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
-from conftest import CLASS_NAMES, CLASSES, make_folder, write_corrupt_files
+import torch
+from conftest import CLASS_NAMES, CLASSES, make_folder, make_multilabel, save_image, write_corrupt_files
 from PIL import Image
 
 from visiontune.core.errors import DataError
+from visiontune.data.label_tables import iterative_split
+from visiontune.data.labels import label_names, stack_targets
 from visiontune.data.scan import discover, discover_eval, read_split_csv, write_split_csv
 
 
@@ -297,3 +301,89 @@ def test_files_outside_the_data_folder_are_named(tmp_path):
     splits = discover(listing)
     assert len(splits.outside_root) == 2 and all("elsewhere" in p for p in splits.outside_root)
     assert discover(make_folder(tmp_path / "clean", per_class=4)).outside_root == []
+
+
+# --- multi-label CSVs: formats, task detection, label sets ------------------------------------------
+
+
+@pytest.mark.parametrize("fmt,delim", [("labels", " "), ("labels", "|"), ("onehot", " ")])
+def test_each_input_format_gives_the_same_label_sets(tmp_path, fmt, delim):
+    csv_path = make_multilabel(tmp_path / "d", n=24, fmt=fmt, delim=delim)
+    splits = discover(csv_path, task="auto", label_delim=delim, scan=False)
+    assert splits.task.name == "multi" and splits.class_names == sorted(CLASSES)
+    reference = discover(make_multilabel(tmp_path / "ref", n=24), scan=False)
+    got = {Path(p).name: label_names(y, splits.class_names) for p, y in splits.train + splits.val}
+    want = {Path(p).name: label_names(y, reference.class_names) for p, y in reference.train + reference.val}
+    assert got == want
+    assert any(not labels for labels in got.values()), "images with no label are valid samples"
+    assert "multi-label" in splits.task_note
+
+
+def test_single_label_csv_is_still_single_label(tmp_path, shared_folder):
+    csv_path = tmp_path / "single.csv"
+    rows = [(str(p), p.parent.name) for p in sorted(shared_folder.rglob("*.png"))]
+    with open(csv_path, "w", newline="") as fh:
+        csv.writer(fh).writerows([("path", "label"), *rows])
+    splits = discover(csv_path)
+    assert splits.task.name == "single" and isinstance(splits.train[0][1], int)
+    assert splits.task_note.startswith("task: single-label")
+
+
+def test_auto_keeps_class_names_with_spaces_single_label(tmp_path):
+    for name in ("a", "b", "c", "d"):
+        save_image(Image.new("RGB", (8, 8)), tmp_path / f"{name}.png")
+    (tmp_path / "breeds.csv").write_text("a.png,golden retriever\nb.png,pug\nc.png,golden retriever\nd.png,pug\n")
+    splits = discover(tmp_path / "breeds.csv", scan=False)
+    assert splits.task.name == "single" and splits.class_names == ["golden retriever", "pug"]
+    assert "--task multi" in splits.task_note
+    (tmp_path / "tags.csv").write_text("a.png,cat dog\nb.png,cat\nc.png,dog\nd.png,dog\n")  # parts found alone
+    assert discover(tmp_path / "tags.csv", scan=False).task.name == "multi"
+
+
+def test_task_single_refuses_multi_label_rows_and_multi_refuses_folders(tmp_path, shared_folder):
+    csv_path = make_multilabel(tmp_path / "d", n=12)
+    with pytest.raises(DataError, match="--task multi"):
+        discover(csv_path, task="single", scan=False)
+    with pytest.raises(DataError, match="CSV"):
+        discover(shared_folder, task="multi", scan=False)
+
+
+def test_duplicate_rows_of_one_image_merge_into_one_sample(tmp_path):
+    save_image(Image.new("RGB", (8, 8)), tmp_path / "a.png")
+    save_image(Image.new("RGB", (8, 8)), tmp_path / "b.png")
+    (tmp_path / "l.csv").write_text("path,labels\na.png,cat\na.png,dog\nb.png,\n")
+    splits = discover(tmp_path / "l.csv", val_fraction=0.5)
+    samples = {Path(p).name: label_names(y, splits.class_names) for p, y in splits.train + splits.val}
+    assert samples == {"a.png": ["cat", "dog"], "b.png": []}
+
+
+def test_unknown_labels_in_evaluation_data_are_named(tmp_path):
+    save_image(Image.new("RGB", (8, 8)), tmp_path / "a.png")
+    (tmp_path / "e.csv").write_text("path,labels\na.png,cat zebra\n")
+    with pytest.raises(DataError, match="zebra"):
+        discover_eval(tmp_path / "e.csv", ["cat", "dog"], task="multi")
+
+
+def test_split_csv_round_trips_label_sets(tmp_path):
+    names = ["cat", "dog", "car"]
+    samples = [("/x/a.png", torch.tensor([1.0, 0.0, 1.0])), ("/x/b.png", torch.zeros(3))]
+    write_split_csv(samples, names, tmp_path / "val.csv")
+    back = read_split_csv(tmp_path / "val.csv", names)
+    assert [p for p, _ in back] == ["/x/a.png", "/x/b.png"]
+    assert torch.equal(stack_targets([y for _, y in back]), stack_targets([y for _, y in samples]))
+
+
+def test_split_keeps_every_label_in_train_and_val():
+    rng = np.random.default_rng(0)
+    common = (rng.random((200, 6)) < 0.4).astype(np.float32)
+    rare = np.zeros((200, 3), dtype=np.float32)
+    rare[[5, 77], 0] = 1  # two images: one must go to each side
+    rare[[1, 50, 120], 1] = 1
+    rare[[9, 10, 11, 12], 2] = 1
+    targets = torch.from_numpy(np.concatenate([common, rare], 1))
+    train, val = iterative_split(targets, 0.2, seed=3)
+    assert sorted(train + val) == list(range(200)) and not set(train) & set(val)
+    assert abs(len(val) - 40) <= 2
+    for label in range(targets.shape[1]):
+        assert targets[train, label].sum() > 0 and targets[val, label].sum() > 0, label
+    assert iterative_split(targets, 0.2, seed=3) == (train, val)  # seeded

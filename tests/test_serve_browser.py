@@ -2,33 +2,22 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
-
 pytest.importorskip("fastapi")
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
-if not os.access(CHROMIUM, os.X_OK):
-    pytest.skip(f"{CHROMIUM} missing: apt-get install -y chromium (never `playwright install`)",
-                allow_module_level=True)
 
 from test_serve import running_server  # noqa: E402
 
 
-def test_page_upload_shows_label(trained_run):
+def test_page_upload_shows_label(trained_run, browser):
     import visiontune
 
     run, data = trained_run
     image = sorted(data.rglob("*.png"))[0]
     expected = visiontune.load(run.run_dir).predict([str(image)])[0]["label"]
-    with running_server(str(run.run_dir)) as url, sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+    with running_server(str(run.run_dir)) as url:
+        page = browser.new_page()
         try:
-            page = browser.new_page()
             outside: list[str] = []
             page.on("request", lambda req: outside.append(req.url) if not req.url.startswith((url, "blob:", "data:"))
                     else None)
@@ -40,18 +29,17 @@ def test_page_upload_shows_label(trained_run):
             assert page.get_attribute("#preview", "src").startswith("blob:")
             assert not outside, f"page fetched non-local assets: {outside}"
         finally:
-            browser.close()
+            page.close()
 
 
-def test_page_shows_a_multi_label_models_label_set(ml_run, ml_data):
+def test_page_shows_a_multi_label_models_label_set(ml_run, ml_data, browser):
     import visiontune
 
     image = sorted((ml_data.parent / "img").glob("*.png"))[0]
     expected = visiontune.load(ml_run.run_dir).predict([str(image)])[0]["labels"]
-    with running_server(str(ml_run.run_dir)) as url, sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+    with running_server(str(ml_run.run_dir)) as url:
+        page = browser.new_page()
         try:
-            page = browser.new_page()
             page.goto(url + "/")
             page.set_input_files("#file", str(image))
             page.wait_for_function("document.getElementById('label').textContent.length > 0", timeout=30_000)
@@ -59,4 +47,4 @@ def test_page_shows_a_multi_label_models_label_set(ml_run, ml_data):
             assert page.locator("#bars li").count() == 3  # every label's score
             assert page.locator("#bars li.chosen").count() == len(expected)
         finally:
-            browser.close()
+            page.close()

@@ -17,11 +17,12 @@ import torch
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 httpclient = pytest.importorskip("tritonclient.http")
-from test_serve import SlowModel, png_bytes, running_server, sample_files  # noqa: E402
+from test_serve import GatedModel, png_bytes, running_server, sample_files  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from visiontune.data.image import load_image  # noqa: E402
 from visiontune.serve import ServeSettings  # noqa: E402
+from visiontune.task import get_task  # noqa: E402
 
 MODEL = "visiontune"  # ServeSettings.model_name's default
 CLOSE = {"rtol": 1e-4, "atol": 1e-6}  # the same images batched differently: float noise only
@@ -47,7 +48,7 @@ def v1_probabilities(url: str, clf, blobs: list[bytes]) -> tuple[np.ndarray, lis
     """``/v1/predict``'s probabilities ``[n, C]`` (class order) and its labels."""
     files = [("files", (f"{i}.img", blob)) for i, blob in enumerate(blobs)]
     rows = httpx.post(f"{url}/v1/predict?top_k={len(clf.class_names)}", files=files, timeout=30).json()["predictions"]
-    if clf.multi_label:
+    if clf.task.name == "multi":
         return np.array([[r["scores"][c] for c in clf.class_names] for r in rows]), [r["labels"] for r in rows]
     probs = [[next(t["probability"] for t in r["top_k"] if t["label"] == c) for c in clf.class_names] for r in rows]
     return np.array(probs), [r["label"] for r in rows]
@@ -113,13 +114,16 @@ def test_fp32_infer_equals_bytes_infer(client, clf, images):
         np.testing.assert_allclose(client.infer(MODEL, [tensor]).as_numpy("probabilities"), reference, **CLOSE)
 
 
-class MultiLabel(SlowModel):
+class MultiLabel:
     """The trained model read as a multi-label one (a sigmoid per class, thresholds 0.3)."""
 
-    multi_label, thresholds = True, [0.3, 0.3, 0.3]
+    task, thresholds = get_task("multi"), [0.3, 0.3, 0.3]
 
     def __init__(self, clf):
-        super().__init__(clf, 0.0)
+        self.clf = clf
+
+    def __getattr__(self, name):
+        return getattr(self.clf, name)
 
 
 def test_multi_label_labels_are_json_sets(clf, images):
@@ -248,7 +252,8 @@ def test_a_full_queue_refuses_every_infer_path_before_reading_it(clf):
 def test_api_key_limits_timeout_and_readiness(clf, images, tmp_path):
     settings = ServeSettings(warmup=False, api_key="k", max_queue=2, max_body_mb=0.05, timeout_s=0.3)
     one = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(images[0]).decode()]}
-    with running_server(SlowModel(clf, 1.0), settings) as url:
+    gated = GatedModel(clf)
+    with running_server(gated, settings) as url:
         assert httpx.get(f"{url}/v2/health/live").status_code == 200  # health needs no key
         assert httpx.get(f"{url}/v2/health/ready").status_code == 200
         for path in ("/v2", f"/v2/models/{MODEL}", f"/v2/models/{MODEL}/ready"):
@@ -259,8 +264,11 @@ def test_api_key_limits_timeout_and_readiness(clf, images, tmp_path):
         assert httpx.get(f"{url}/v2", headers=key).status_code == 200
         assert _infer(url, {"inputs": [{**one, "shape": [3], "data": one["data"] * 3}]}, **key).status_code == 413
         assert _infer(url, {"inputs": [one], "pad": "x" * 60_000}, **key).status_code == 413  # body limit
-        late = _infer(url, {"inputs": [one]}, **key)  # the model takes 1 s, the server waits 0.3 s
-        assert late.status_code == 504 and late.json()["error"]
+        try:  # the model is held until the answer arrives: the server's 0.3 s deadline answered
+            late = _infer(url, {"inputs": [one]}, **key)
+            assert gated.entered.is_set() and late.status_code == 504 and late.json()["error"]
+        finally:
+            gated.release.set()
     broken = tmp_path / "model"
     broken.mkdir()
     (broken / "model.json").write_text("{not json")

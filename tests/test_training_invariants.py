@@ -5,6 +5,7 @@ produce a consistent run whose reloaded model matches a fresh forward pass."""
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import visiontune
+from visiontune.inference.classifier import Classifier
 from visiontune.models.factory import build_model
 from visiontune.models.groups import body_groups
 from visiontune.training.callbacks import FreezeSchedule
@@ -153,26 +155,31 @@ def test_bn_stats_frozen_keeps_pretrained_statistics_while_weights_train(tmp_pat
 # --- option matrix -----------------------------------------------------------------------------
 
 
+# Independent options share a run (each option stays exercised, 6 runs instead of 10). The
+# linear-probe "auto" head's run is test_strategies[linear-probe-auto], the same configuration.
 OPTION_CASES = {
-    "tensorboard-letterbox-strong": {"logger": "tensorboard", "resize_mode": "letterbox", "augment": "strong"},
-    "squash-light-sgd-step-warmup": {"resize_mode": "squash", "augment": "light", "optimizer": "sgd",
-                                     "schedule": "step", "step_size": 1, "warmup_epochs": 0.5},
-    "early-stopping": {"epochs": 4, "early_stopping": 1, "freeze_epochs": 0},
+    "tensorboard-letterbox-strong-from-disk-balance-f1": {
+        "logger": "tensorboard", "resize_mode": "letterbox", "augment": "strong",
+        "cache_images": False, "balance": "weights", "select_metric": "macro_f1"},
+    "squash-light-sgd-step-warmup-early-stopping": {
+        "resize_mode": "squash", "augment": "light", "optimizer": "sgd", "schedule": "step", "step_size": 1,
+        "warmup_epochs": 0.5, "epochs": 4, "early_stopping": 1, "freeze_epochs": 0},
     "probe-views-logistic": {"strategy": "linear-probe", "head": "logistic", "cached_views": 2},
     "probe-views-linear": {"strategy": "linear-probe", "cached_views": 2},
-    "probe-auto": {"strategy": "linear-probe", "head": "auto"},
-    "from-disk-balance-f1": {"cache_images": False, "balance": "weights", "select_metric": "macro_f1"},
-    "in-memory-crop-flip-ema-mixup": {"cache_images": True, "augment": "crop-flip", "ema": True, "mixup": 0.2,
-                                      "cutmix": 1.0, "freeze_epochs": 0},
-    "in-memory-standard-tta": {"cache_images": True, "augment": "standard", "tta": True},
+    "in-memory-crop-flip-ema-mixup-tta": {"cache_images": True, "augment": "crop-flip", "ema": True, "mixup": 0.2,
+                                          "cutmix": 1.0, "freeze_epochs": 0, "tta": True},
     "torchvision-scratch": {"model": "torchvision:resnet18", "strategy": "scratch", "epochs": 1},
 }
 
 
 @pytest.mark.parametrize("options", list(OPTION_CASES.values()), ids=list(OPTION_CASES))
-def test_option_matrix_runs_are_consistent(tmp_path, data, options):
+def test_option_matrix_runs_are_consistent(tmp_path, data, options, capsys):
     settings = {"epochs": 2, **TINY, **options}
     run = visiontune.train(data, run_dir=tmp_path / "run", **settings)
+    if options.get("cache_images"):
+        assert "images in memory" in capsys.readouterr().out
+    if options.get("tta"):
+        assert json.loads((run.model_dir / "model.json").read_text())["inference"]["tta"] == "flip"
     rows, _ = check_run_consistency(run, data, settings["epochs"])
     if options.get("head") in ("logistic", "svm", "auto"):
         assert len(rows) == 1
@@ -183,3 +190,28 @@ def test_option_matrix_runs_are_consistent(tmp_path, data, options):
         assert saved.get(key) == value
     if options.get("logger") == "tensorboard":
         assert list((run.run_dir / "logs").rglob("events.out.tfevents.*"))
+
+
+# --- multi-label mixup ------------------------------------------------------------------------------
+
+
+def test_multi_label_mixup_mixes_multi_hot_targets_by_one_lambda():
+    from visiontune.training.module import ClassifierModule
+    from visiontune.training.optim import OptimizerSettings, ScheduleSettings
+
+    module = ClassifierModule(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)), "1", [], [],
+                              OptimizerSettings(), ScheduleSettings(), mixup=(0.4, 0.0), task="multi")
+    y = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    _, soft = module.mixup_fn(torch.rand(4, 3, 2, 2), y)
+    lam = 1 - float(soft[0, 1])  # row 0 = lam * y[0] + (1 - lam) * y[3], and only y[3] has label 1
+    assert torch.allclose(soft, lam * y + (1 - lam) * y.flip(0))
+
+
+@pytest.mark.slow  # covered fast by test_multi_label_mixup_mixes_multi_hot_targets_by_one_lambda (the mixing)
+@pytest.mark.timeout(300)  # and the option matrix's in-memory-crop-flip-ema-mixup-tta run (mixup in Lightning)
+def test_mixup_trains_multi_label(ml_data, tmp_path):
+    options = {"mixup": 0.4, "cutmix": 1.0}
+    run = visiontune.train(ml_data, run_dir=str(tmp_path / "run"), epochs=2, freeze_epochs=0,
+                           **{**FAST, "batch_size": 4, **options})
+    assert all(TrainConfig.load(run.run_dir / "config.yaml").get(k) == v for k, v in options.items())
+    assert 0.0 <= run.metrics["val"]["macro_map"] <= 1.0 and Classifier.load(run.run_dir).task.name == "multi"

@@ -39,10 +39,19 @@ def load(path: str | os.PathLike, precision: str = "auto", tta: bool | None = No
 
 
 def evaluate(model, data, **options):
-    """Score a model on labelled data; see :func:`visiontune.evaluation.evaluate.evaluate`."""
-    from .evaluation.evaluate import evaluate as _evaluate  # lazy: as above
+    """Score a model on labelled data, taking ``visiontune evaluate``'s options by name; see
+    :func:`visiontune.pipeline.scoring.evaluate`."""
+    from .pipeline.scoring import evaluate as _evaluate  # lazy: as above
 
     return _evaluate(model, data, **options)
 
 
-__all__ = ["__version__", "evaluate", "load", "train"]
+def predict(model, inputs, **options):
+    """Classify images, taking ``visiontune predict``'s options by name; see
+    :func:`visiontune.pipeline.scoring.predict`."""
+    from .pipeline.scoring import predict as _predict  # lazy: as above
+
+    return _predict(model, inputs, **options)
+
+
+__all__ = ["__version__", "evaluate", "load", "predict", "train"]

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import os
 import sys
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 
-from ..core.registry import PRECISIONS
-from ..training.config import OPTIONS, SECTIONS, OptionInfo, TrainConfig, read_yaml
+from ..core.options import CommandOptions, OptionInfo
+from ..training.config import OPTIONS, SECTIONS, TrainConfig, read_yaml
 
 SECTION_TITLES = {"data": "data", "model": "model", "strategy": "strategy", "optim": "optimisation",
                   "runtime": "runtime"}
 # flags of earlier releases: old spelling -> current option key (kept working, not shown in --help)
 OLD_FLAGS = {"--strategy-dist": "distributed"}
+T = TypeVar("T", bound=CommandOptions)
 
 
 class StrictParser(argparse.ArgumentParser):
@@ -54,14 +54,19 @@ def flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def _add_option(group, info: OptionInfo) -> None:
-    kwargs: dict[str, Any] = {"dest": info.key, "default": argparse.SUPPRESS, "help": info.help.replace("%", "%%")}
-    if info.key == "report":
-        group.add_argument("--no-report", action="store_false", **{**kwargs, "help": "do not write RUN/report.html"})
+def add_option(group, info: OptionInfo) -> None:
+    """The flag of one option, generated from its field: a bool that defaults to True is
+    ``--no-KEY``, a three-state bool ``--KEY/--no-KEY``, choices list the registry's names with
+    their help. The default stays the dataclass's (argparse leaves absent options out)."""
+    text = info.help.replace("%", "%%")
+    kwargs: dict[str, Any] = {"dest": info.key, "default": argparse.SUPPRESS, "help": text}
+    if info.positional:
+        group.add_argument(info.key, nargs="?" if info.default is not None or "None" in info.type else None,
+                           help=text, **({"metavar": info.metavar} if info.metavar else {}))
         return
-    if info.key == "progress":
-        group.add_argument("--no-progress", action="store_false",
-                           **{**kwargs, "help": "no progress bars (epoch lines are still printed)"})
+    if info.type == "bool" and info.default is True:
+        group.add_argument("--no-" + info.key.replace("_", "-"), action="store_false",
+                           **{**kwargs, "help": "do not " + text[:1].lower() + text[1:]})
         return
     if info.type == "bool":
         group.add_argument(flag(info.key), action="store_true", **kwargs)
@@ -70,21 +75,37 @@ def _add_option(group, info: OptionInfo) -> None:
         group.add_argument(flag(info.key), action=argparse.BooleanOptionalAction, **kwargs)
         return
     if info.choices is not None:
-        kwargs["choices"] = info.choices.names()
-        kwargs["metavar"] = "{" + ",".join(info.choices.names()) + "}"
+        names = info.choices.names()
+        kwargs["choices"] = names
+        kwargs["metavar"] = "{" + ",".join(names) + "}"
         kwargs["help"] = f"{info.help}: {info.choices.describe()} ({info.default})".replace("%", "%%")
     elif info.type in ("float", "float | None"):
-        kwargs.update(type=float, metavar="X")
+        kwargs.update(type=float, metavar=info.metavar or "X")
     elif info.type == "float | int | None":
-        kwargs.update(type=_int_or_float, metavar="N|X")
+        kwargs.update(type=_int_or_float, metavar=info.metavar or "N|X")
     elif info.type in ("int", "int | None"):
-        kwargs.update(type=int, metavar="N")
+        kwargs.update(type=int, metavar=info.metavar or "N")
     else:
         kwargs["metavar"] = info.metavar or "NAME"
     group.add_argument(flag(info.key), **kwargs)
     old = next((f for f, k in OLD_FLAGS.items() if k == info.key), None)
     if old:
         group.add_argument(old, **{**kwargs, "help": argparse.SUPPRESS})
+
+
+def add_options(parser: argparse.ArgumentParser, options: type[CommandOptions]) -> None:
+    """The flags of a command's options dataclass (its positional first)."""
+    infos = options.options()
+    parser.set_defaults(options_class=options)
+    for info in sorted(infos.values(), key=lambda i: not i.positional):
+        add_option(parser, info)
+
+
+def options_from_args(args: argparse.Namespace, options: type[T] | None = None) -> T:
+    """The options dataclass of a command's parsed flags (absent flags keep the dataclass's defaults)."""
+    cls = options or args.options_class
+    given = vars(args)
+    return cls.from_dict({k: given[k] for k in cls.options() if k in given})
 
 
 def add_train_options(parser: StrictParser, keys: Iterable[str], command: str) -> None:
@@ -106,12 +127,11 @@ def add_train_options(parser: StrictParser, keys: Iterable[str], command: str) -
             group = parser.add_argument_group(f"{SECTION_TITLES[section]} options",
                                               SECTIONS[section].__doc__.strip().splitlines()[0])
             for info in in_section:
-                _add_option(group, info)
-    for key in OPTIONS:
+                add_option(group, info)
+    for key, info in OPTIONS.items():
         if key not in keys:
-            for spelling in [flag(key), *(f for f, k in OLD_FLAGS.items() if k == key),
-                             *(("--no-report",) if key == "report" else ()),
-                             *(("--no-progress",) if key == "progress" else ())]:
+            negative = ["--no-" + key.replace("_", "-")] if info.type.startswith("bool") else []
+            for spelling in [flag(key), *(f for f, k in OLD_FLAGS.items() if k == key), *negative]:
                 parser.foreign[spelling] = f"`visiontune train {spelling}`; {command} does not use it"
 
 
@@ -129,24 +149,3 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         values = {k: v for k, v in values.items() if k not in unused}
     values.update({k: v for k, v in vars(args).items() if k in keys and v is not None})
     return TrainConfig.from_dict(values)
-
-
-BACKEND_CHOICES = ("auto", "eager", "onnxruntime", "openvino")  # inference.accelerated.BACKENDS (light import)
-
-
-def add_backend_argument(p: argparse.ArgumentParser) -> None:
-    """``--backend`` for the commands that run a PyTorch model folder on the CPU (predict, evaluate, serve)."""
-    p.add_argument("--backend", default=os.environ.get("VISIONTUNE_BACKEND", "auto"), choices=BACKEND_CHOICES,
-                   help="CPU runtime of a model folder: auto (default, or $VISIONTUNE_BACKEND): the fastest of eager "
-                        "PyTorch, ONNX Runtime and OpenVINO measured on this CPU once per model, each graph verified "
-                        "against eager fp32 (cached in the user cache); eager: PyTorch; onnxruntime/openvino: that "
-                        "runtime when verified")
-
-
-def add_loader_arguments(p: argparse.ArgumentParser, batch_size: int = 64) -> None:
-    """``--batch-size``, ``--workers``, ``--precision`` for the commands that run a model."""
-    p.add_argument("--batch-size", type=int, default=batch_size, metavar="N", help=f"images per batch ({batch_size})")
-    p.add_argument("--workers", type=int, default=None, metavar="N", help="decoding processes (default: one per core)")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS.names(),
-                   metavar="{" + ",".join(PRECISIONS.names()) + "}",
-                   help="inference precision; auto: bf16 where the hardware makes it pay")

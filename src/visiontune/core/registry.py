@@ -99,3 +99,8 @@ class Registry:
 PRECISIONS = Registry("precision", {name: (name, text) for name, text in (
     ("auto", "bf16 where the hardware makes it pay, else fp32"), ("32", "fp32"), ("bf16", "bfloat16 autocast"),
     ("16", "fp16 autocast (CUDA only)"))})
+# where a model folder runs on the CPU (inference.accelerated picks and verifies it)
+BACKENDS = Registry("backend", {name: (name, text) for name, text in (
+    ("auto", "the fastest of eager PyTorch, ONNX Runtime and OpenVINO measured on this CPU once per model, each "
+             "graph verified against eager fp32 (cached in the user cache)"),
+    ("eager", "PyTorch"), ("onnxruntime", "ONNX Runtime, when verified"), ("openvino", "OpenVINO, when verified"))})

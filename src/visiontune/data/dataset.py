@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..core.errors import ImageDecodeError
 from ..core.hardware import cpu_count
 from .image import load_image
+from .labels import Label
 from .sampling import SampleKey, sample_seed, seeded
 from .scan import Sample
 
@@ -53,14 +54,14 @@ class ImageListDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: int | SampleKey) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | SampleKey) -> tuple[torch.Tensor, Label]:
         if isinstance(key, tuple):
             index, epoch = key
             with seeded(sample_seed(self.seed, epoch, index)):
                 return self._get(index)
         return self._get(key)
 
-    def _get(self, index: int) -> tuple[torch.Tensor, int]:
+    def _get(self, index: int) -> tuple[torch.Tensor, Label]:
         for attempt in range(MAX_SUBSTITUTE_TRIES):
             position = (index + attempt) % len(self.samples)
             path, label = self.samples[position]

@@ -9,12 +9,16 @@ an image is decoded the same way everywhere (the decoding itself lives in
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 from PIL import Image, ImageFile
 
 from ..core.errors import ImageDecodeError
 from .preprocess import DecompressionBomb, decode
+
+T = TypeVar("T")
 
 # Extensions treated as images; anything else in a data folder is ignored silently.
 IMAGE_EXTENSIONS = frozenset(
@@ -74,3 +78,36 @@ def _describe(exc: Exception) -> ImageDecodeError:
     if isinstance(exc, OSError) and exc.strerror:
         return ImageDecodeError(f"unreadable: {exc.strerror}", kind="unreadable")
     return ImageDecodeError(f"{type(exc).__name__}: {text}", kind="unreadable")
+
+
+def try_load(source: str | Path | bytes | Image.Image, draft_size: int | None = None) -> Image.Image | None:
+    """:func:`load_image`, or None for an image that cannot be read: the one bad-image policy of
+    every step that shows or measures a sample of images (report galleries and overlays, Grad-CAM,
+    hashes, parity batches, in-memory caches, timing). Such a step skips the image; the steps that
+    must account for every input (the scan before training, prediction rows, the server) record
+    the :class:`~visiontune.core.errors.ImageDecodeError` instead, and the scan writes it to
+    ``RUN/skipped.txt``, so a file skipped here was reported there.
+
+    Example:
+        >>> try_load(b"not an image") is None
+        True
+    """
+    try:
+        return load_image(source, draft_size)
+    except ImageDecodeError:
+        return None
+
+
+def readable(items: Iterable[T], path_of: Callable[[T], Any] | None = None,
+             draft_size: int | None = None) -> Iterator[tuple[T, Image.Image]]:
+    """``(item, image)`` for each of ``items`` whose image (the item itself, or ``path_of(item)``)
+    can be read, in order: :func:`try_load` over a sample.
+
+    Example:
+        >>> [item for item, _ in readable([b"junk", Image.new("RGB", (2, 2))])][0].size
+        (2, 2)
+    """
+    for item in items:
+        image = try_load(item if path_of is None else path_of(item), draft_size)
+        if image is not None:
+            yield item, image

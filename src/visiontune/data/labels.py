@@ -4,10 +4,11 @@
 - ``multi``: any number of classes per image, none included; a label is a multi-hot float
   tensor ``[C]`` (1.0 where the class is present). Loaders stack such labels into ``[B, C]``.
 
-Everything that turns labels into tensors, counts or names goes through this module, so the
-rest of the code never asks which task it is for a label. The bounds on classes and the rules
-for a class name live here too: data discovery checks them before anything is trained, and a
-model card (``model.json``) checks the same ones when it is read.
+What a label means belongs to its :class:`~visiontune.task.Task`: the helpers here that turn
+labels into tensors, counts or names ask the task of the labels (:func:`task_of`), so no caller
+asks which kind a label is. The bounds on classes and the rules for a class name live here too:
+data discovery checks them before anything is trained, and a model card (``model.json``) checks
+the same ones when it is read. :func:`per_task` looks up the data layer's own per-task parts.
 
 Example:
     >>> y = multi_hot([0, 2], 3); y.tolist(), label_names(y, ["cat", "dog", "car"])
@@ -19,15 +20,16 @@ Example:
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 import torch
 
 from ..core.errors import DataError, VisiontuneError
+from ..task import Label, Task, get_task
+from ..task import task_of as _task_of
 
-Label = int | torch.Tensor
-TASKS = ("single", "multi")
+T = TypeVar("T")
 
 # Classes of one model: its head, its logits (N x classes) and every per-class table are sized by
 # this, so a list of names (a CSV's labels, a model.json) is refused above it before any of them.
@@ -51,27 +53,24 @@ def multi_hot(indices: Sequence[int], num_classes: int) -> torch.Tensor:
     return out
 
 
-def is_multi(label: Label) -> bool:
-    return isinstance(label, torch.Tensor)
+def task_of(labels: Sequence[Label]) -> Task:
+    """The task whose labels these are (:func:`visiontune.task.task_of`; single-label when empty)."""
+    return _task_of(labels)
 
 
 def stack_targets(labels: Sequence[Label], num_classes: int | None = None) -> torch.Tensor:
-    """Class indices ``[N]`` (long) for single-label, multi-hot ``[N, C]`` (float) for multi-label labels.
+    """The training targets of ``labels``, stacked by their task (:meth:`~visiontune.task.Task.targets`):
+    class indices ``[N]`` (long) for single-label, multi-hot ``[N, C]`` (float) for multi-label labels.
 
-    ``num_classes`` shapes an empty multi-label list; it is not needed otherwise.
+    An empty list has no task to tell (it stacks as single-label): a caller that knows its task
+    asks it instead, ``task.targets(labels, num_classes)``.
     """
-    if len(labels) and is_multi(labels[0]):
-        return torch.stack(list(labels)).float()
-    if not len(labels) and num_classes is not None:
-        return torch.zeros(0, num_classes)
-    return torch.tensor([int(y) for y in labels], dtype=torch.long)
+    return task_of(labels).targets(labels, num_classes or 0)
 
 
 def label_indices(label: Label) -> list[int]:
     """The classes present in ``label``."""
-    if is_multi(label):
-        return [int(i) for i in torch.nonzero(label > 0.5).flatten()]
-    return [int(label)]
+    return task_of([label]).indices(label)
 
 
 def label_names(label: Label, class_names: Sequence[str]) -> list[str]:
@@ -80,15 +79,25 @@ def label_names(label: Label, class_names: Sequence[str]) -> list[str]:
 
 def label_counts(labels: Sequence[Label], num_classes: int) -> torch.Tensor:
     """Images per class ``[C]`` (float): each image counts once for each class it has."""
-    if not len(labels):
-        return torch.zeros(num_classes)
-    if is_multi(labels[0]):
-        return stack_targets(labels).sum(0)
-    return torch.bincount(stack_targets(labels), minlength=num_classes).float()
+    return task_of(labels).counts(labels, num_classes)
 
 
-def task_of(labels: Sequence[Label]) -> str:
-    return "multi" if len(labels) and is_multi(labels[0]) else "single"
+def per_task(table: Mapping[str, T], task: str | Task, what: str) -> T:
+    """``table``'s entry for ``task`` (a :class:`~visiontune.task.Task` or its name): how a layer
+    above the task package keeps its own per-task parts, so that a new task adds one entry.
+
+    Raises:
+        KeyError: no entry for the task; the message lists the tasks that have one.
+
+    Example:
+        >>> per_task({"single": 1, "multi": 2}, "multi", "example")
+        2
+    """
+    name = get_task(task).name
+    try:
+        return table[name]
+    except KeyError:
+        raise KeyError(f"no {what} for task {name!r}: known tasks are {list(table)}") from None
 
 
 def shown(name: Any) -> str:

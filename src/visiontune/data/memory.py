@@ -36,8 +36,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.ops import roi_align
 
-from ..core.errors import ImageDecodeError
-from .image import load_image
+from .image import try_load
 from .labels import stack_targets
 from .preprocess import Preprocessing, open_image, resize
 from .sampling import SampleKey, sample_seed, seeded
@@ -93,9 +92,8 @@ class MemoryImages:
     def __init__(self, sources: Sequence[str | Image.Image], side: int, draft: int | None = None,
                  threads: int = 8):
         def decode(source) -> torch.Tensor | None:
-            try:
-                img = load_image(source, draft)
-            except ImageDecodeError:
+            img = try_load(source, draft)
+            if img is None:
                 return None
             size = stored_size(img.width, img.height, side)
             if size != img.size:
@@ -237,10 +235,8 @@ class MemoryEvalSet(Dataset):
         draft = spec.draft_size()
 
         def pixels(path: str) -> torch.Tensor | None:
-            try:
-                return torch.from_numpy(np.array(resize(load_image(path, draft), spec))).permute(2, 0, 1)
-            except ImageDecodeError:
-                return None
+            image = try_load(path, draft)
+            return None if image is None else torch.from_numpy(np.array(resize(image, spec))).permute(2, 0, 1)
 
         with ThreadPoolExecutor(max_workers=threads) as pool:
             decoded = list(pool.map(pixels, [p for p, _ in self.samples]))

@@ -1,7 +1,7 @@
 """Preprocessing, defined once: the spec saved with every model and the pixels it implies.
 
 Pure Python, numpy and Pillow, with no visiontune import: ``examples/visiontune_preprocess.py``
-is a byte-identical copy (``tests/test_preprocess.py`` checks it, and that both give the same
+is a byte-identical copy (``tests/test_examples.py`` checks it, and that both give the same
 pixels in every resize mode), so a standalone client reproduces the package's input exactly.
 
 The spec travels with every model (``model.json``, ONNX metadata)::

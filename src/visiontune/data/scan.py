@@ -10,7 +10,8 @@ Accepted layouts (detected automatically):
   stratified train/val split (Sechidis et al. 2011) so that rare labels reach val
 
 Every candidate file is decoded once in a fast parallel scan; files that cannot be read are
-skipped and reported, never discovered mid-epoch.
+skipped and reported, never discovered mid-epoch. How each task's images are found, split,
+evaluated and written down is its :class:`TaskScan` in :data:`TASK_SCANS`.
 """
 
 from __future__ import annotations
@@ -18,33 +19,29 @@ from __future__ import annotations
 import csv
 import os
 import random
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from ..core.errors import DataError, ImageDecodeError
 from ..core.safe_io import atomic_writer
+from ..task import Task, get_task
 from .csvfile import read_csv_rows
 from .image import is_image_path, load_image
-from .labels import (
-    Label,
-    check_class_names,
-    label_counts,
-    multi_hot,
-    shown_list,
-    stack_targets,
-)
-from .multilabel import (
+from .label_tables import (
+    AUTO,
     DEFAULT_DELIM,
+    PLAIN_TASK,
     LabelRows,
     LabelSet,
+    LabelTable,
     choose_task,
     describe_task,
     iterative_split,
     read_label_table,
 )
+from .labels import Label, check_class_names, multi_hot, per_task, shown_list, task_of
 from .preprocess import open_image
 
 Sample = tuple[str, Label]  # (path, class index) or (path, multi-hot [C]); see data/labels.py
@@ -64,7 +61,7 @@ class Splits:
     test: list[Sample] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     layout: str = "folders"
-    task: str = "single"  # or "multi": labels are multi-hot vectors (data/labels.py)
+    task: Task = field(default_factory=lambda: get_task("single"))  # what the labels are (visiontune.task)
     task_note: str = ""  # which task was chosen and why (for CSVs, where it is a choice)
     outside_root: list[str] = field(default_factory=list)  # files resolving outside the data's folder
 
@@ -78,7 +75,7 @@ class Splits:
 
     def counts(self, split: str) -> dict[str, int]:
         """Images per class (a multi-label image counts for each of its classes)."""
-        counts = label_counts([y for _, y in getattr(self, split)], len(self.class_names))
+        counts = self.task.counts([y for _, y in getattr(self, split)], len(self.class_names))
         return {name: int(counts[i]) for i, name in enumerate(self.class_names)}
 
 
@@ -113,7 +110,7 @@ def read_csv_list(path: Path) -> dict[str, list[str]]:
     valid class name, past ``MAX_CLASSES`` classes, or at a cell that would be ignored.
     """
     classes: dict[str, list[str]] = {}
-    names = LabelSet(path, multi=False)
+    names = LabelSet(path, PLAIN_TASK)
     for index, (line, row) in enumerate(read_csv_rows(path)):
         if len(row) < 2:
             raise DataError(f"{path}:{line}: expected 'path,label', got {shown_list(row)}")
@@ -205,7 +202,7 @@ def discover(
     seed: int = 0,
     class_names: list[str] | None = None,
     scan: bool = True,
-    task: str = "auto",
+    task: str = AUTO,
     label_delim: str = DEFAULT_DELIM,
 ) -> Splits:
     """Find, check and split the images of a dataset.
@@ -225,21 +222,21 @@ def discover(
     Example:
         splits = discover("data/hymenoptera/train")
         splits.class_names, splits.task
-        # -> (['ants', 'bees'], 'single')
+        # -> (['ants', 'bees'], SingleLabel())
     """
     data, val = Path(data), Path(val) if val else None
     if not data.exists():
         raise DataError(f"data not found: {data}")
     chosen, why, tables = choose_task(data, val, task, label_delim)
-    if chosen == "multi":
-        val_rows = tables[1].rows if len(tables) > 1 else None
-        splits = _discover_multi(data, tables[0].rows, val_rows, val_fraction, seed, class_names, scan)
-        splits.task_note = describe_task("multi", task, why)
-        outside = outside_root([p for p, _ in tables[0].rows], data_root(data))
-        if val_rows is not None and val is not None:
-            outside += outside_root([p for p, _ in val_rows], data_root(val))
-        splits.outside_root = sorted(set(outside))
-        return splits
+    found = get_task(chosen)
+    splits = task_scan(found).discover(found, data, val, tables, val_fraction, seed, class_names, scan)
+    splits.task_note = describe_task(found, task, why) if data.is_file() else ""  # for CSVs, where it is a choice
+    return splits
+
+
+def _discover_single(task: Task, data: Path, val: Path | None, tables: list[LabelTable], val_fraction: float,
+                     seed: int, class_names: list[str] | None, scan: bool) -> Splits:
+    """The single-label part of :func:`discover`: class folders, or ``path,label`` CSVs read again as such."""
     raw = read_source(data, val)
     names = sorted(raw["train"])
     if class_names is None and len(names) < 2:  # one class trains to a meaningless "val accuracy 1.0"
@@ -260,17 +257,17 @@ def discover(
     else:
         train, val_list = stratified_split(lists["train"], val_fraction, seed)
         layout = "folders" if data.is_dir() else "csv"
-    splits = Splits(names, train, val_list, lists.get("test", []), sorted(skipped.items()), layout)
-    splits.task_note = describe_task("single", task, why) if data.is_file() else ""
+    splits = Splits(names, train, val_list, lists.get("test", []), sorted(skipped.items()), layout, task=task)
     roots = [(files, data_root(val if split == "val" and val is not None else data)) for split, files in raw.items()]
     splits.outside_root = sorted({p for by_class, root in roots
                                   for p in outside_root([f for fs in by_class.values() for f in fs], root)})
     return splits
 
 
-def _discover_multi(data: Path, rows: LabelRows, val_rows: LabelRows | None, val_fraction: float, seed: int,
-                    class_names: list[str] | None, scan: bool) -> Splits:
-    """The multi-label branch of :func:`discover`: classes are the sorted union of the train labels."""
+def _discover_multi(task: Task, data: Path, val: Path | None, tables: list[LabelTable], val_fraction: float,
+                    seed: int, class_names: list[str] | None, scan: bool) -> Splits:
+    """The multi-label part of :func:`discover`: classes are the sorted union of the train labels."""
+    rows, val_rows = tables[0].rows, tables[1].rows if len(tables) > 1 else None
     names = class_names or sorted({label for _, labels in rows for label in labels})
     if not names:
         raise DataError(f"{data}: no image has any label; a multi-label set needs at least one labelled image")
@@ -282,17 +279,22 @@ def _discover_multi(data: Path, rows: LabelRows, val_rows: LabelRows | None, val
         skipped.update({p: str(error) for p, error in scan_files(every).items()})
     train = _multi_samples(rows, names, skipped)
     if class_names is None:  # a label none of whose training images can be read cannot be learnt
-        present = label_counts([y for _, y in train], len(names))
+        present = task.counts([y for _, y in train], len(names))
         empty = [n for n, c in zip(names, present.tolist()) if c == 0]
         if not train or empty:
             raise DataError(f"label(s) with no readable train image: {empty or names}. Add images or drop the "
                             "label from the CSV.")
     if val_rows is not None:
-        val, layout = _multi_samples(val_rows, names, skipped), "explicit-val"
+        val_samples, layout = _multi_samples(val_rows, names, skipped), "explicit-val"
     else:
-        train_idx, val_idx = iterative_split(stack_targets([y for _, y in train], len(names)), val_fraction, seed)
-        train, val, layout = [train[i] for i in train_idx], [train[i] for i in val_idx], "csv"
-    return Splits(names, train, val, [], sorted(skipped.items()), layout, task="multi")
+        train_idx, val_idx = iterative_split(task.targets([y for _, y in train], len(names)), val_fraction, seed)
+        train, val_samples, layout = [train[i] for i in train_idx], [train[i] for i in val_idx], "csv"
+    splits = Splits(names, train, val_samples, [], sorted(skipped.items()), layout, task=task)
+    outside = outside_root([p for p, _ in rows], data_root(data))
+    if val_rows is not None and val is not None:
+        outside += outside_root([p for p, _ in val_rows], data_root(val))
+    splits.outside_root = sorted(set(outside))
+    return splits
 
 
 def _check_labels(rows: LabelRows, names: list[str], split: str, model_classes: bool) -> None:
@@ -381,16 +383,17 @@ def write_skipped(skipped: list[tuple[str, str]], path: Path) -> None:
             fh.write(f"{file}\t{reason}\n")
 
 
-def write_split_csv(samples: list[Sample], names: list[str], path: Path) -> None:
+def write_split_csv(samples: list[Sample], names: list[str], path: Path, task: str | Task | None = None) -> None:
     """The exact split a run used (``RUN/splits/``), with absolute paths: ``path,label`` rows, or
-    one-hot ``path,<class>,...`` rows for multi-label samples (no delimiter can clash with a name)."""
-    multi = bool(samples) and isinstance(samples[0][1], torch.Tensor)
+    one-hot ``path,<class>,...`` rows for multi-label samples (no delimiter can clash with a name).
+
+    ``task`` is the samples' task (by default the task of their labels)."""
+    rules = task_scan(task or task_of([label for _, label in samples]))
     with atomic_writer(path, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["path", *names] if multi else ["path", "label"])
+        writer.writerow(["path", *rules.split_columns(names)])
         for p, label in samples:
-            cells = [str(int(v)) for v in label.tolist()] if multi else [names[label]]
-            writer.writerow([os.path.abspath(p), *cells])
+            writer.writerow([os.path.abspath(p), *rules.split_cells(label, names)])
 
 
 def read_split_csv(path: Path, class_names: list[str]) -> list[Sample]:
@@ -404,22 +407,33 @@ def read_split_csv(path: Path, class_names: list[str]) -> list[Sample]:
     return [(row[0], index[row[1]]) for row in rows if len(row) >= 2 and row[0] != "path" and row[1] in index]
 
 
-def discover_eval(data: str | Path, class_names: list[str], task: str = "single",
+def discover_eval(data: str | Path, class_names: list[str], task: str | Task = PLAIN_TASK,
                   label_delim: str = DEFAULT_DELIM) -> tuple[list[Sample], list[tuple[str, str]]]:
     """Labelled images to evaluate: every image of class folders / a CSV, or the ``test``
     (else ``val``) split of a train/val/test layout. Classes must be among ``class_names``.
-    A multi-label model (``task="multi"``) is evaluated on a multi-label CSV."""
+    A multi-label model (``task`` the model's task, or its name) is evaluated on a multi-label CSV."""
     data = Path(data)
     if not data.exists():
         raise DataError(f"data not found: {data}")
-    if task == "multi":
-        if not data.is_file():
-            raise DataError(f"a multi-label model is evaluated on a CSV of 'path,labels' or one-hot rows; "
-                            f"{data} is a folder")
-        rows = read_label_table(data, label_delim, task="multi").rows
-        _check_labels(rows, class_names, "evaluation data", True)
-        skipped = {p: str(error) for p, error in scan_files([p for p, _ in rows]).items()}
-        return _multi_samples(rows, class_names, skipped), sorted(skipped.items())
+    found = get_task(task)
+    return task_scan(found).evaluate(found, data, class_names, label_delim)
+
+
+def _eval_multi(task: Task, data: Path, class_names: list[str], label_delim: str
+                ) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """:func:`discover_eval` of a multi-label model: a ``path,labels`` or one-hot CSV."""
+    if not data.is_file():
+        raise DataError(f"a {task.title} model is evaluated on a CSV of 'path,labels' or one-hot rows; "
+                        f"{data} is a folder")
+    rows = read_label_table(data, label_delim, task=task.name).rows
+    _check_labels(rows, class_names, "evaluation data", True)
+    skipped = {p: str(error) for p, error in scan_files([p for p, _ in rows]).items()}
+    return _multi_samples(rows, class_names, skipped), sorted(skipped.items())
+
+
+def _eval_single(task: Task, data: Path, class_names: list[str], label_delim: str
+                 ) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """:func:`discover_eval` of a single-label model: class folders, a split layout or a ``path,label`` CSV."""
     split_dirs = find_split_dirs(data)
     if split_dirs:
         chosen = split_dirs.get("test") or split_dirs.get("val")
@@ -432,3 +446,35 @@ def discover_eval(data: str | Path, class_names: list[str], task: str = "single"
     every = [p for files in raw.values() for p in files]
     skipped = {p: str(error) for p, error in scan_files(every).items()}
     return _labelled(raw, class_names, skipped), sorted(skipped.items())
+
+
+@dataclass(frozen=True)
+class TaskScan:
+    """How one task's labelled images are found, evaluated and written down (see :func:`task_scan`).
+
+    Attributes:
+        discover: :func:`discover`'s part for the task: ``(task, data, val, tables, val_fraction,
+            seed, class_names, scan) -> Splits``, given the label tables :func:`choose_task` read.
+        evaluate: :func:`discover_eval`'s part: ``(task, data, class_names, label_delim) -> (samples, skipped)``.
+        split_columns: the columns of a ``RUN/splits/`` CSV after ``path``, from the class names.
+        split_cells: one label's cells under those columns.
+    """
+
+    discover: Callable[..., Splits]
+    evaluate: Callable[[Task, Path, list[str], str], tuple[list[Sample], list[tuple[str, str]]]]
+    split_columns: Callable[[list[str]], list[str]]
+    split_cells: Callable[[Label, list[str]], list[str]]
+
+
+#: Each task's :class:`TaskScan`, by :attr:`Task.name <visiontune.task.Task.name>`.
+TASK_SCANS = {
+    "single": TaskScan(_discover_single, _eval_single, split_columns=lambda names: ["label"],
+                       split_cells=lambda label, names: [names[label]]),
+    "multi": TaskScan(_discover_multi, _eval_multi, split_columns=lambda names: list(names),
+                      split_cells=lambda label, names: [str(int(v)) for v in label.tolist()]),
+}
+
+
+def task_scan(task: str | Task) -> TaskScan:
+    """The :class:`TaskScan` of ``task`` (a task or its name); KeyError lists the tasks that have one."""
+    return per_task(TASK_SCANS, task, "data discovery")

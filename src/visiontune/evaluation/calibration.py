@@ -17,12 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.errors import ArtifactError
-from ..core.layout import RunLayout
 from ..core.safe_io import save_figure
-from ..data.labels import stack_targets
-from ..data.scan import read_split_csv
-from ..inference.classifier import Classifier
 from ..models.artifact import read_card, resolve_model_dir, write_card
 
 ECE_BINS = 15
@@ -220,12 +215,25 @@ def label_decisions(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.T
     return torch.cat([torch.zeros_like(z), z], 1), target.reshape(-1).long()
 
 
-def multilabel_calibration(logits: torch.Tensor, target: torch.Tensor) -> dict[str, Any]:
+def multilabel_calibration(logits: torch.Tensor, target: torch.Tensor, source: str = "validation") -> dict[str, Any]:
     """The ``model.json`` calibration entry of a multi-label model: one temperature for every
-    label's sigmoid, fitted on all label decisions of the validation images."""
-    entry = calibration_summary(*label_decisions(logits, target), source="validation (every label decision)",
+    label's sigmoid, fitted on all label decisions of the images (``source``: which ones)."""
+    entry = calibration_summary(*label_decisions(logits, target), source=f"{source} (every label decision)",
                                 group=max(1, target.shape[1]))
     return {**entry, "num_val": int(len(target)), "decisions": int(target.numel())}
+
+
+def calibration_note(entry: dict[str, Any]) -> str:
+    """How the training log states a fitted single-label calibration entry."""
+    where = "out-of-fold" if str(entry.get("source", "")).startswith("out-of-fold") else "val"
+    return (f"temperature {entry['temperature']:.3f}, {where} ECE {entry['ece_before']:.3f} -> "
+            f"{entry['ece_after']:.3f}")
+
+
+def label_calibration_note(entry: dict[str, Any]) -> str:
+    """How the training log states a fitted multi-label calibration entry (over every label decision)."""
+    return (f"temperature {entry['temperature']:.3f} over {entry['decisions']} val label decisions, ECE "
+            f"{entry['ece_before']:.3f} -> {entry['ece_after']:.3f}")
 
 
 def store_calibration(model_dir: str | os.PathLike, entry: dict[str, Any]) -> dict[str, Any]:
@@ -233,26 +241,3 @@ def store_calibration(model_dir: str | os.PathLike, entry: dict[str, Any]) -> di
     directory = resolve_model_dir(model_dir)
     write_card(directory, read_card(directory).replace(calibration=entry))
     return entry
-
-
-def calibrate_run(run_dir: str | os.PathLike, batch_size: int = 64, workers: int | None = None,
-                  logits: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict[str, Any]:
-    """Fit temperature scaling on the run's ``splits/val.csv`` and store it in ``model.json``.
-
-    Returns ``{"temperature", "ece_before", "ece_after", "nll_before", "nll_after", "num_val", ...}``.
-    Pass ``logits``/``labels`` (raw val logits) to skip the inference pass.
-    """
-    layout = RunLayout(run_dir)
-    if logits is None or labels is None:
-        val_csv = layout.split_csv("val")
-        if not val_csv.is_file():
-            raise ArtifactError(f"{val_csv} not found: calibration needs the run's validation split")
-        clf = Classifier.load(layout.root, precision="32")
-        samples = read_split_csv(val_csv, clf.class_names)
-        if not samples:
-            raise ArtifactError(f"{val_csv} holds no usable validation images")
-        logits, ok, _ = clf.logits_of([p for p, _ in samples], batch_size, workers)
-        labels = stack_targets([y for _, y in samples], clf.card.num_classes if clf.multi_label else None)[ok]
-        logits = logits[ok]
-    fit = multilabel_calibration if labels.dim() == 2 else calibration_summary
-    return store_calibration(layout.root, fit(logits, labels))

@@ -16,7 +16,9 @@ import contextlib
 import os
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +29,59 @@ from PIL import Image
 from ..core.errors import ImageDecodeError
 from ..core.hardware import resolve_precision
 from ..data.cache import file_digests
-from ..data.image import is_image_path, load_image
-from ..data.multilabel import choose_task
+from ..data.image import is_image_path, try_load
+from ..data.label_tables import LabelTable, choose_task
+from ..data.labels import per_task
 from ..data.scan import data_root, outside_root, read_source, scan_files
 from ..inference.features import FeatureExtractor
 from ..models.factory import build_model, fit_input_size
-from .data_check_multilabel import cardinality, cooccurrence, find_multilabel_errors, multilabel_samples
+from .data_check_multilabel import find_multilabel_errors, multilabel_samples, multilabel_summary, read_multilabel
+
+
+@dataclass(frozen=True)
+class LabelSearch:
+    """How likely label errors are searched: out-of-fold predictions (``folds`` folds, ``seed``) of
+    a linear model on the pooled features of the backbone ``model`` at ``img_size``, computed
+    ``batch_size`` images at a time with ``workers`` loaders through the feature cache ``cache_dir``."""
+
+    model: str
+    img_size: int | None
+    cache_dir: str | None
+    folds: int
+    seed: int
+    batch_size: int
+    workers: int | None
+
+
+@dataclass(frozen=True)
+class TaskCheck:
+    """What the data check does differently for one task's labels (one entry of :data:`TASK_CHECKS`).
+
+    Attributes:
+        read: ``(DATA, VAL, the label tables choose_task read)`` -> ``([(path, split, label)],
+            class names, split names)``.
+        classes_of: the classes one file's label names.
+        summary: ``(the training images' labels, class names)`` -> the task's own report entries.
+        label_errors: ``(readable paths, label by path, class names, split by path, search)`` ->
+            ``(likely label errors, how they were searched)``.
+        min_classes: the fewest classes its data may have (fewer is an error; multi-label data
+            has no floor here: a CSV without any label passes, as it always has).
+        format: ``(report, limit)`` -> the task's own lines of :func:`format_check`.
+        accuracy_of: what the label check's out-of-fold accuracy counts, after the figure ("" for images).
+    """
+
+    read: Callable[[Path, Path | None, list[LabelTable]], tuple[list[tuple[str, str, Any]], list[str], list[str]]]
+    classes_of: Callable[[Any], tuple[str, ...]]
+    summary: Callable[[list[Any], list[str]], dict[str, Any]]
+    label_errors: Callable[..., tuple[list[dict[str, Any]], dict[str, Any]]]
+    min_classes: int
+    format: Callable[[dict[str, Any], int], list[str]]
+    accuracy_of: str
 
 
 def check_data(data: str | os.PathLike, val: str | os.PathLike | None = None, min_size: int = 32,
                min_per_class: int = 10, near_threshold: int = 4, imbalance_warning: float = 5.0,
-               label_issues: bool = True, model: str = "efficientnet_lite0", img_size: int | None = None,
+               label_check: bool = True, model: str = "efficientnet_lite0", img_size: int | None = None,
                cache_dir: str | None = None, folds: int = 5, seed: int = 0, batch_size: int = 32,
                workers: int | None = None, task: str = "auto", label_delim: str = " ") -> dict[str, Any]:
     """Check a dataset; return a JSON-serialisable dict (see the module docstring for the checks).
@@ -50,7 +94,10 @@ def check_data(data: str | os.PathLike, val: str | os.PathLike | None = None, mi
         report["errors"], len(report["label_issues"])
         # -> ([], 3)
     """
-    multi, files, names, split_names = _read_labels(Path(data), Path(val) if val else None, task, label_delim)
+    data_path, val_path = Path(data), Path(val) if val else None
+    chosen, _, tables = choose_task(data_path, val_path, task, label_delim)
+    check = task_check(chosen)
+    files, names, split_names = check.read(data_path, val_path, tables)
     split_of = {p: s for p, s, _ in files}
     label_of = {p: c for p, _, c in files}
     every = [p for p, _, _ in files]
@@ -74,8 +121,8 @@ def check_data(data: str | os.PathLike, val: str | os.PathLike | None = None, mi
         (leaks if len({split_of[p] for p in paths}) > 1 else duplicates).append(entry)
     near = _near_duplicates(readable, digests, near_threshold)
 
-    counts = {c: {s: sum(1 for p in readable if _has(label_of[p], c) and split_of[p] == s) for s in split_names}
-              for c in names}
+    counts = {c: {s: sum(1 for p in readable if c in check.classes_of(label_of[p]) and split_of[p] == s)
+                  for s in split_names} for c in names}
     train_counts = {c: counts[c]["train"] for c in names}
     present = [n for n in train_counts.values() if n > 0]
     imbalance = {"ratio": round(max(present) / min(present), 2) if present else None,
@@ -91,20 +138,10 @@ def check_data(data: str | os.PathLike, val: str | os.PathLike | None = None, mi
         "near_duplicates": near, "near_threshold": near_threshold, "imbalance": imbalance, "few_images": few,
         "min_per_class": min_per_class, "label_issues": [], "label_check": {"skipped": "disabled"},
     }
-    if multi:
-        train_sets = [label_of[p] for p in readable if split_of[p] == "train"]
-        report.update({"task": "multi", "labels_per_image": cardinality(train_sets),
-                       "cooccurrence": cooccurrence(train_sets, names)})
-    if label_issues and multi:
-        samples = multilabel_samples(readable, label_of, names)
-        features = backbone_features(samples, len(names), model, img_size, cache_dir, seed, batch_size, workers)
-        report["label_issues"], report["label_check"] = find_multilabel_errors(samples, names, split_of, features,
-                                                                               folds, seed)
-        report["label_check"]["model"] = model
-    elif label_issues:
-        samples = [(p, names.index(label_of[p])) for p in readable]
-        report["label_issues"], report["label_check"] = find_label_errors(
-            samples, names, split_of, model, img_size, cache_dir, folds, seed, batch_size, workers)
+    report.update(check.summary([label_of[p] for p in readable if split_of[p] == "train"], names))
+    if label_check:
+        search = LabelSearch(model, img_size, cache_dir, folds, seed, batch_size, workers)
+        report["label_issues"], report["label_check"] = check.label_errors(readable, label_of, names, split_of, search)
 
     report["outside_root"] = sorted(
         outside_root([p for p in every if split_of[p] != "val" or val is None], data_root(data))
@@ -115,7 +152,8 @@ def check_data(data: str | os.PathLike, val: str | os.PathLike | None = None, mi
         (leaks, f"{len(leaks)} file(s) present in more than one split (train/val leakage)"),
         (conflicting, f"{conflicting} identical file group(s) with different labels"),
         (empty, f"class(es) without a readable image: {', '.join(empty)}"),
-        (not multi and len(names) < 2, f"{len(names)} class(es): a classifier needs at least 2")) if found]
+        (len(names) < check.min_classes,
+         f"{len(names)} class(es): a classifier needs at least {check.min_classes}")) if found]
     warnings = [text for found, text in (
         (duplicates, f"{len(duplicates)} group(s) of identical files within a split"),
         (near, f"{len(near)} near-duplicate pair(s) (dHash distance <= {near_threshold})"),
@@ -134,22 +172,12 @@ def check_data(data: str | os.PathLike, val: str | os.PathLike | None = None, mi
     return report
 
 
-def _read_labels(data: Path, val: Path | None, task: str, delim: str
-                 ) -> tuple[bool, list[tuple[str, str, Any]], list[str], list[str]]:
-    """(multi-label?, [(path, split, label or tuple of labels)], class names, split names)."""
-    task, _, tables = choose_task(data, val, task, delim)
-    if task == "multi":
-        files = [(p, split, tuple(labels)) for split, table in zip(("train", "val"), tables)
-                 for p, labels in table.rows]
-        names = sorted({x for _, split, labels in files if split == "train" for x in labels})
-        return True, files, names, ["train", "val"][:len(tables)]
+def _read_single(data: Path, val: Path | None, tables: list[LabelTable]
+                 ) -> tuple[list[tuple[str, str, str]], list[str], list[str]]:
+    """([(path, split, class)], class names, split names) of single-label class folders or ``path,label`` CSVs."""
     raw = read_source(data, val)
     files = [(p, split, label) for split, classes in raw.items() for label, paths in classes.items() for p in paths]
-    return False, files, sorted(raw["train"]), list(raw)
-
-
-def _has(label: str | tuple[str, ...], name: str) -> bool:
-    return name in label if isinstance(label, tuple) else label == name
+    return files, sorted(raw["train"]), list(raw)
 
 
 def _ignored(data: Path, val) -> list[str]:
@@ -186,10 +214,8 @@ def dhash(image: Image.Image, size: int = 8) -> int:
 def _near_duplicates(paths: list[str], digests: dict[str, str], threshold: int) -> list[dict[str, Any]]:
     """Pairs of different files whose dHashes differ in <= ``threshold`` bits (exact copies excluded)."""
     def hash_one(p):
-        try:
-            return dhash(load_image(p, draft_size=64))
-        except ImageDecodeError:
-            return None
+        image = try_load(p, draft_size=64)
+        return None if image is None else dhash(image)
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         hashes = list(pool.map(hash_one, paths))
@@ -244,17 +270,18 @@ def out_of_fold_probs(features: np.ndarray, labels: np.ndarray, folds: int = 5,
     return cross_val_predict(clf, features, labels, cv=cv, method="predict_proba"), n_splits
 
 
-def find_label_errors(samples, names, split_of, model, img_size, cache_dir, folds, seed, batch_size, workers):
-    """(ranked label issues, method summary) from out-of-fold probabilities on backbone features."""
+def find_label_errors(samples, names, split_of, search: LabelSearch) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(ranked label issues, method summary) from out-of-fold probabilities on backbone features
+    (``samples``: (path, class index) pairs)."""
     counts = np.bincount([y for _, y in samples], minlength=len(names))
     usable = [(p, y) for p, y in samples if counts[y] >= 2]
     if len({y for _, y in usable}) < 2:
         return [], {"skipped": "needs at least 2 classes with >= 2 readable images"}
-    features = backbone_features(usable, len(names), model, img_size, cache_dir, seed, batch_size, workers)
+    features = backbone_features(usable, len(names), search)
     present = sorted({y for _, y in usable})  # re-index: classes with < 2 images take no part
     remap = {c: i for i, c in enumerate(present)}
     labels = np.array([remap[y] for _, y in usable])
-    probs, n_splits = out_of_fold_probs(features, labels, folds, seed)
+    probs, n_splits = out_of_fold_probs(features, labels, search.folds, search.seed)
     try:
         from cleanlab.filter import find_label_issues  # lazy: as above
 
@@ -270,20 +297,21 @@ def find_label_errors(samples, names, split_of, model, img_size, cache_dir, fold
         issues.append({"path": usable[i][0], "split": split_of[usable[i][0]], "label": names[present[labels[i]]],
                        "suggested": names[present[guess]], "self_confidence": round(float(probs[i, labels[i]]), 4),
                        "suggested_probability": round(float(probs[i, guess]), 4)})
-    summary = {"method": method, "model": model, "folds": n_splits, "num_images": len(usable),
+    summary = {"method": method, "model": search.model, "folds": n_splits, "num_images": len(usable),
                "out_of_fold_accuracy": round(float((probs.argmax(1) == labels).mean()), 4)}
     return issues, summary
 
 
-def backbone_features(samples, num_classes, model_name, img_size, cache_dir, seed, batch_size, workers) -> np.ndarray:
+def backbone_features(samples, num_classes: int, search: LabelSearch) -> np.ndarray:
     """Pooled backbone features (the classifier layer's input), through the feature cache."""
-    torch.manual_seed(seed)  # the same head init as a training run with this seed: same cache key
-    model, arch, pre = build_model(model_name, num_classes)
-    if img_size:
-        pre = pre.with_size(img_size)
+    torch.manual_seed(search.seed)  # the same head init as a training run with this seed: same cache key
+    model, arch, pre = build_model(search.model, num_classes)
+    if search.img_size:
+        pre = pre.with_size(search.img_size)
         fit_input_size(model, pre.height, pre.width)
     extractor = FeatureExtractor(model, arch.classifier, arch.name, pre, resolve_precision("auto", pre.height),
-                                 cache_dir, batch_size=batch_size * 2, workers=workers, seed=seed)
+                                 search.cache_dir, batch_size=search.batch_size * 2, workers=search.workers,
+                                 seed=search.seed)
     with contextlib.redirect_stdout(sys.stderr):  # keep stdout clean for --json
         feats, _, kept = extractor.features(samples)
     if len(kept) != len(samples):  # a file changed since the scan: no features, no verdict
@@ -293,7 +321,7 @@ def backbone_features(samples, num_classes, model_name, img_size, cache_dir, see
 
 def format_check(report: dict[str, Any], limit: int = 10) -> str:
     """Human-readable summary of :func:`check_data`'s result."""
-    multi_report = report.get("task") == "multi"
+    check = task_check(report.get("task", "single"))  # a single-label report names no task
     lines = [f"data check: {report['data']}" + (f" (val: {report['val']})" if report["val"] else ""),
              f"files: {report['num_files']}, readable: {report['num_readable']}"]
     width = max([len(c) for c in report["classes"]] + [5]) + 2
@@ -301,38 +329,82 @@ def format_check(report: dict[str, Any], limit: int = 10) -> str:
     lines.append(f"{'class':<{width}}" + "".join(f"{s:>8}" for s in splits))
     for c, per in report["classes"].items():
         lines.append(f"{c:<{width}}" + "".join(f"{per[s]:8d}" for s in splits))
-
-    def block(title, items, fmt):
-        if items:
-            lines.append(f"{title} ({len(items)}):")
-            lines.extend("  " + fmt(x) for x in items[:limit])
-            if len(items) > limit:
-                lines.append(f"  ... {len(items) - limit} more (--json lists all)")
-
-    block("unreadable files", report["unreadable"], lambda x: f"{x['path']}: {x['reason']}")
-    block("cross-split leaks", report["leaks"], lambda g: " == ".join(f"{f['split']}:{f['path']}" for f in g["files"]))
-    block("exact duplicates", report["duplicates"], lambda g: " == ".join(f["path"] for f in g["files"]))
-    block("near-duplicates", report["near_duplicates"], lambda x: f"{x['a']} ~ {x['b']} (distance {x['distance']})")
-    block("small images", report["small_images"], lambda x: f"{x['path']}: {x['width']}x{x['height']}")
-    block("ignored non-image files", report["ignored_files"], str)
-    if report.get("task") == "multi":
-        per_image = report["labels_per_image"].items()
-        lines.append("labels per image (train): " + ", ".join(f"{k}: {n}" for k, n in per_image))
-        block("most frequent label pairs", report["cooccurrence"],
-              lambda x: f"{' + '.join(x['labels'])}: {x['images']}")
-        block("likely label errors", report["label_issues"],
-              lambda x: f"{x['path']}: labelled [{' '.join(x['labels'])}], looks like [{' '.join(x['suggested'])}]")
-    else:
-        block("likely label errors", report["label_issues"],
-              lambda x: f"{x['path']}: labelled {x['label']}, looks like {x['suggested']} "
-                        f"(p={x['suggested_probability']:.2f}, self-confidence {x['self_confidence']:.2f})")
+    lines += _block("unreadable files", report["unreadable"], lambda x: f"{x['path']}: {x['reason']}", limit)
+    lines += _block("cross-split leaks", report["leaks"],
+                    lambda g: " == ".join(f"{f['split']}:{f['path']}" for f in g["files"]), limit)
+    lines += _block("exact duplicates", report["duplicates"], lambda g: " == ".join(f["path"] for f in g["files"]),
+                    limit)
+    lines += _block("near-duplicates", report["near_duplicates"],
+                    lambda x: f"{x['a']} ~ {x['b']} (distance {x['distance']})", limit)
+    lines += _block("small images", report["small_images"], lambda x: f"{x['path']}: {x['width']}x{x['height']}",
+                    limit)
+    lines += _block("ignored non-image files", report["ignored_files"], str, limit)
+    lines += check.format(report, limit)
     if "method" in report["label_check"]:
         lc = report["label_check"]
         lines.append(f"label check: {lc['method']} on {lc['model']} features, {lc['folds']}-fold out-of-fold "
-                     f"accuracy {lc['out_of_fold_accuracy']:.3f}" + (" (label decisions)" if multi_report else ""))
+                     f"accuracy {lc['out_of_fold_accuracy']:.3f}{check.accuracy_of}")
     for e in report["errors"]:
         lines.append(f"error: {e}")
     for w in report["warnings"]:
         lines.append(f"warning: {w}")
     lines.append("ok: no errors" if report["ok"] else f"{len(report['errors'])} error(s)")
     return "\n".join(lines)
+
+
+def _block(title: str, items: list, fmt: Callable[[Any], str], limit: int) -> list[str]:
+    """``title (count):`` and the first ``limit`` items, one a line (none: no lines)."""
+    if not items:
+        return []
+    more = [f"  ... {len(items) - limit} more (--json lists all)"] if len(items) > limit else []
+    return [f"{title} ({len(items)}):", *("  " + fmt(x) for x in items[:limit]), *more]
+
+
+# ----------------------------------------------------------------------------- the parts of each task
+def _single_label_issues(readable: list[str], label_of: dict[str, str], names: list[str], split_of: dict[str, str],
+                         search: LabelSearch) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    return find_label_errors([(p, names.index(label_of[p])) for p in readable], names, split_of, search)
+
+
+def _multi_label_issues(readable: list[str], label_of: dict[str, tuple[str, ...]], names: list[str],
+                        split_of: dict[str, str], search: LabelSearch) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    samples = multilabel_samples(readable, label_of, names)
+    features = backbone_features(samples, len(names), search)
+    issues, summary = find_multilabel_errors(samples, names, split_of, features, search.folds, search.seed)
+    return issues, {**summary, "model": search.model}
+
+
+def _single_label_lines(report: dict[str, Any], limit: int) -> list[str]:
+    return _block("likely label errors", report["label_issues"],
+                  lambda x: f"{x['path']}: labelled {x['label']}, looks like {x['suggested']} "
+                            f"(p={x['suggested_probability']:.2f}, self-confidence {x['self_confidence']:.2f})", limit)
+
+
+def _multi_label_lines(report: dict[str, Any], limit: int) -> list[str]:
+    per_image = report["labels_per_image"].items()
+    return (["labels per image (train): " + ", ".join(f"{k}: {n}" for k, n in per_image)]
+            + _block("most frequent label pairs", report["cooccurrence"],
+                     lambda x: f"{' + '.join(x['labels'])}: {x['images']}", limit)
+            + _block("likely label errors", report["label_issues"],
+                     lambda x: f"{x['path']}: labelled [{' '.join(x['labels'])}], looks like "
+                               f"[{' '.join(x['suggested'])}]", limit))
+
+
+#: The data check's parts of every task, by task name (see :class:`TaskCheck`).
+TASK_CHECKS: dict[str, TaskCheck] = {
+    "single": TaskCheck(read=_read_single, classes_of=lambda label: (label,), summary=lambda label_sets, names: {},
+                        label_errors=_single_label_issues, min_classes=2, format=_single_label_lines,
+                        accuracy_of=""),
+    "multi": TaskCheck(read=read_multilabel, classes_of=lambda labels: labels, summary=multilabel_summary,
+                       label_errors=_multi_label_issues, min_classes=0, format=_multi_label_lines,
+                       accuracy_of=" (label decisions)"),
+}
+
+
+def task_check(task: str) -> TaskCheck:
+    """The data check's parts of ``task`` (a task's name or :class:`~visiontune.task.Task`).
+
+    Raises:
+        KeyError: a task without them; the message lists the known ones.
+    """
+    return per_task(TASK_CHECKS, task, "data check")

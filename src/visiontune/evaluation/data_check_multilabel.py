@@ -10,14 +10,32 @@ Example:
 from __future__ import annotations
 
 from itertools import combinations
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..data.label_tables import LabelTable
 from ..data.labels import multi_hot
+from ..task import MultiLabel
 
 TOP_PAIRS = 20  # co-occurring label pairs listed
 MIN_FOLD_IMAGES = 2  # held-out images per fold, at the least, for the label search
+
+
+def read_multilabel(data: Path, val: Path | None, tables: list[LabelTable]
+                    ) -> tuple[list[tuple[str, str, tuple[str, ...]]], list[str], list[str]]:
+    """([(path, split, its labels)], the labels of the training images, split names) of the label
+    tables of a multi-label ``data`` CSV and its ``val`` CSV."""
+    files = [(p, split, tuple(labels)) for split, table in zip(("train", "val"), tables) for p, labels in table.rows]
+    names = sorted({x for _, split, labels in files if split == "train" for x in labels})
+    return files, names, ["train", "val"][:len(tables)]
+
+
+def multilabel_summary(label_sets: list[tuple[str, ...]], names: list[str]) -> dict[str, Any]:
+    """The multi-label entries of a data check report: labels per training image and label pairs."""
+    return {"task": MultiLabel.name, "labels_per_image": cardinality(label_sets),
+            "cooccurrence": cooccurrence(label_sets, names)}
 
 
 def cooccurrence(label_sets: list[tuple[str, ...]], names: list[str], top: int = TOP_PAIRS) -> list[dict[str, Any]]:

@@ -1,29 +1,28 @@
-"""``visiontune.evaluate``: accuracy, top-5, per-class P/R/F1, confusion matrix, error list."""
+"""``visiontune.evaluate``: a model's metrics on labelled data and its error list, and the
+temperature fit on a run's validation split; what differs per task comes from
+:func:`~visiontune.evaluation.parts.parts_of`."""
 
 from __future__ import annotations
 
-import csv
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torchmetrics.functional.classification import (
-    multiclass_accuracy,
-    multiclass_confusion_matrix,
-    multiclass_f1_score,
-    multiclass_precision,
-    multiclass_recall,
-)
 
-from ..core.errors import DataError
-from ..core.safe_io import atomic_writer, refuse_link, spreadsheet_safe
-from ..data.labels import stack_targets
-from ..data.scan import Sample, discover_eval
+from ..core.errors import ArtifactError
+from ..core.layout import RunLayout
+from ..core.safe_io import refuse_link
+from ..data.scan import Sample, discover_eval, read_split_csv
 from ..inference.classifier import Classifier
-from ..inference.rows import probabilities
-from .multilabel import multilabel_metrics, write_label_errors
-from .plots import plot_confusion_matrix
+from ..task import Task
+from .calibration import store_calibration
+from .parts import parts_of
+
+# the figures of an evaluation that a run's card keeps, its log line prints and MLflow records (the
+# others, per class or per label, stay in the full result)
+HEADLINE_METRICS = ("accuracy", "macro_f1", "top5_accuracy", "macro_map", "micro_map", "micro_f1")
 
 
 def evaluate(model: str | os.PathLike | Classifier, data: str | os.PathLike, batch_size: int = 64,
@@ -36,7 +35,8 @@ def evaluate(model: str | os.PathLike | Classifier, data: str | os.PathLike, bat
         data: class folders, a split layout (its ``test`` split, else ``val``) or a CSV
             (multi-label models: a ``path,labels`` or one-hot CSV).
         save: write ``confusion_matrix.png`` and ``misclassified.csv`` (cells that a spreadsheet
-            would run as formulas start with ``'``) into ``out``.
+            would run as formulas start with ``'``) into ``out``; a multi-label model writes its
+            ``misclassified.csv`` of wrong label sets.
         label_delim: separator of the labels in one cell of a multi-label ``path,labels`` CSV.
         out: folder for those files (created); default: next to the model.
 
@@ -44,7 +44,7 @@ def evaluate(model: str | os.PathLike | Classifier, data: str | os.PathLike, bat
         ``accuracy``, ``top5_accuracy`` (>= 5 classes), ``macro_precision``, ``macro_recall``,
         ``macro_f1``, ``per_class``, ``confusion_matrix`` (rows = true), ``class_names``,
         ``num_samples`` (and ``skipped``: unreadable files). A multi-label model's result is
-        :func:`~visiontune.evaluation.multilabel.multilabel_metrics` (``task`` = ``multi``).
+        :func:`~visiontune.evaluation.multilabel_metrics.multilabel_metrics` (``task`` = ``multi``).
 
     Example:
         visiontune.evaluate("runs/train-1", "data/test")["accuracy"]
@@ -56,15 +56,12 @@ def evaluate(model: str | os.PathLike | Classifier, data: str | os.PathLike, bat
         for name in ("misclassified.csv", "confusion_matrix.png"):
             refuse_link(folder / name)
         folder.mkdir(parents=True, exist_ok=True)
-    samples, skipped = discover_eval(data, clf.class_names, clf.card.task, label_delim)
+    samples, skipped = discover_eval(data, clf.class_names, clf.task, label_delim)
     result = evaluate_samples(clf, samples, batch_size, workers, keep_predictions=save)
     result["skipped"] = [{"path": p, "reason": r} for p, r in skipped]
-    if save and clf.multi_label:
-        write_label_errors(result.pop("predictions"), clf.class_names, clf.thresholds or [],
-                           folder / "misclassified.csv")
-    elif save:
-        plot_confusion_matrix(result["confusion_matrix"], clf.class_names, folder / "confusion_matrix.png")
-        write_misclassified(result.pop("predictions"), clf.class_names, folder / "misclassified.csv")
+    if save:
+        predictions = result.pop("predictions")
+        parts_of(clf.task).save_errors(result, predictions, clf.class_names, clf.card.thresholds, folder)
     return result
 
 
@@ -73,71 +70,40 @@ def evaluate_samples(clf: Classifier, samples: list[Sample], batch_size: int = 6
     """Metrics of ``clf`` on labelled ``samples`` (unreadable ones are left out)."""
     paths = [p for p, _ in samples]
     logits, ok, _ = clf.logits_of(paths, batch_size, workers)
-    return metrics_of_logits(logits, ok, samples, clf.class_names, clf.temperature, keep_predictions,
-                             clf.thresholds)
+    return metrics_of_logits(logits, ok, samples, clf.class_names, clf.task, clf.temperature, clf.card.thresholds,
+                             keep_predictions)
 
 
 def metrics_of_logits(logits: torch.Tensor, ok: torch.Tensor, samples: list[Sample], class_names: list[str],
-                      temperature: float = 1.0, keep_predictions: bool = False,
-                      thresholds: list[float] | None = None) -> dict[str, Any]:
-    """:func:`compute_metrics` of raw logits of ``samples`` (``ok``: the readable ones); with
-    ``thresholds`` (a multi-label model's) :func:`multilabel_metrics`."""
-    multi = thresholds is not None
-    probs = probabilities(logits, temperature, multi_label=multi)
-    target = stack_targets([label for _, label in samples], len(class_names) if multi else None)
-    if multi:
-        result = multilabel_metrics(probs[ok], target[ok], class_names, thresholds)
-    else:
-        result = compute_metrics(probs[ok], target[ok], class_names)
+                      task: Task, temperature: float = 1.0, thresholds: Sequence[float] = (),
+                      keep_predictions: bool = False) -> dict[str, Any]:
+    """The ``task``'s metrics of raw logits of ``samples`` (``ok``: the readable ones) at a calibration
+    ``temperature`` and the model's decision ``thresholds`` (a multi-label model's; one per class).
+
+    With ``keep_predictions``, ``predictions`` lists ``(path, target, probabilities)`` of each readable image.
+    """
+    probs = task.probabilities(logits, temperature)
+    target = task.targets([label for _, label in samples], len(class_names))
+    result = parts_of(task).metrics(probs[ok], target[ok], class_names, thresholds)
     if keep_predictions:
-        result["predictions"] = [(p, t if multi else int(t), pr)
-                                 for (p, _), t, pr, good in zip(samples, target, probs, ok) if good]
+        result["predictions"] = [(p, t, pr) for (p, _), t, pr, good in zip(samples, target, probs, ok) if good]
     return result
 
 
-def compute_metrics(probs: torch.Tensor, target: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
-    """Accuracy, top-5, macro and per-class precision/recall/F1 and the confusion matrix (torchmetrics)."""
-    n = len(class_names)
-    if len(target) == 0:
-        raise DataError("no readable labelled images to evaluate; check the data path and the skipped files")
-    kw = {"num_classes": n, "validate_args": False}
-    precision = multiclass_precision(probs, target, average="none", **kw)
-    recall = multiclass_recall(probs, target, average="none", **kw)
-    f1 = multiclass_f1_score(probs, target, average="none", **kw)
-    support = torch.bincount(target, minlength=n)
-    present = support > 0  # classes absent from the data do not drag the macro averages down
-    result: dict[str, Any] = {
-        "accuracy": float(multiclass_accuracy(probs, target, average="micro", **kw)),
-    }
-    if n >= 5:
-        result["top5_accuracy"] = float(multiclass_accuracy(probs, target, average="micro", top_k=5, **kw))
-    result.update({
-        "macro_precision": float(precision[present].mean()),
-        "macro_recall": float(recall[present].mean()),
-        "macro_f1": float(f1[present].mean()),
-        "per_class": {
-            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                   "support": int(support[i])}
-            for i, name in enumerate(class_names)
-        },
-        "confusion_matrix": multiclass_confusion_matrix(probs, target, **kw).tolist(),
-        "class_names": list(class_names),
-        "num_samples": int(len(target)),
-    })
-    return result
+def calibrate_run(run_dir: str | os.PathLike, batch_size: int = 64, workers: int | None = None) -> dict[str, Any]:
+    """Fit temperature scaling on the run's ``splits/val.csv`` and store it in ``model.json``.
 
-
-def write_misclassified(predictions, class_names: list[str], path: Path) -> int:
-    """``misclassified.csv``: every wrong prediction with its probabilities."""
-    rows = 0
-    with atomic_writer(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", "true", "predicted", "probability", "true_probability"])
-        for file, true, probs in predictions:
-            pred = int(probs.argmax())
-            if pred != true:
-                writer.writerow([spreadsheet_safe(str(file)), spreadsheet_safe(class_names[true]),
-                                 spreadsheet_safe(class_names[pred]), f"{float(probs[pred]):.4f}",
-                                 f"{float(probs[true]):.4f}"])
-                rows += 1
-    return rows
+    Returns the calibration entry: ``{"temperature", "ece_before", "ece_after", "nll_before",
+    "nll_after", "num_val", ...}`` (see :mod:`~visiontune.evaluation.calibration`).
+    """
+    layout = RunLayout(run_dir)
+    val_csv = layout.split_csv("val")
+    if not val_csv.is_file():
+        raise ArtifactError(f"{val_csv} not found: calibration needs the run's validation split")
+    clf = Classifier.load(layout.root, precision="32")
+    samples = read_split_csv(val_csv, clf.class_names)
+    if not samples:
+        raise ArtifactError(f"{val_csv} holds no usable validation images")
+    logits, ok, _ = clf.logits_of([p for p, _ in samples], batch_size, workers)
+    target = clf.task.targets([y for _, y in samples], clf.card.num_classes)[ok]
+    return store_calibration(layout.root, parts_of(clf.task).calibrate(logits[ok], target))

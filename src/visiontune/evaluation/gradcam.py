@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..core.errors import ImageDecodeError, ModelError
-from ..data.image import load_image
+from ..core.errors import ModelError
+from ..data.image import readable
 from ..data.transforms import denormalize
 
 POOLING = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
@@ -115,11 +115,7 @@ def explain(classifier, paths: Sequence[str | os.PathLike], out_dir: str | os.Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     images, names = [], []
     used: set[str] = set()
-    for path in paths:
-        try:
-            img = load_image(path)
-        except ImageDecodeError:
-            continue
+    for path, img in readable(paths):
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem) or "image"
         name, n = stem, 1
         while name in used:

@@ -3,8 +3,9 @@
 Sections: dataset summary, augmented training / validation samples, training curves, final
 metrics, per-class table, confusion matrix, most-confused pairs, misclassified and top-loss
 galleries, Grad-CAM, calibration, accuracy/coverage trade-off, and the strategy comparison when
-``RUN/compare.csv`` exists. A multi-label model gets its own sections instead
-(:mod:`~visiontune.evaluation.report_multilabel`). No external requests: CSS is inline, images are data URIs.
+``RUN/compare.csv`` exists. The sections between the training curves and the comparison are the
+model's task's own (:func:`~visiontune.evaluation.parts.parts_of`: a multi-label model's are in
+:mod:`~visiontune.evaluation.report_multilabel`). No external requests: CSS is inline, images are data URIs.
 """
 
 from __future__ import annotations
@@ -22,27 +23,17 @@ import torch
 import yaml
 from PIL import Image
 
-from ..core.errors import ImageDecodeError
 from ..core.layout import SPLITS, RunLayout
 from ..core.safe_io import atomic_write_text
-from ..data.image import load_image
-from ..data.labels import label_counts, label_names, stack_targets
+from ..data.image import readable
 from ..data.scan import discover_eval, read_split_csv
 from ..data.transforms import denormalize, eval_transform, train_transform
 from ..inference.classifier import Classifier
-from ..inference.rows import probabilities
 from . import report_sections as rs
-from .calibration import (
-    calibrate_run,
-    calibration_summary,
-    expected_calibration_error,
-    reliability_diagram,
-    store_calibration,
-)
-from .evaluate import compute_metrics
-from .gradcam import gradcam_overlays
+from .calibration import store_calibration
+from .evaluate import calibrate_run
+from .parts import parts_of
 from .plots import plot_curves
-from .report_multilabel import multilabel_sections
 
 SECTIONS = {
     "dataset": "Dataset summary",
@@ -66,8 +57,6 @@ MULTI_LABEL_SECTIONS = {
     "label-errors": "False positives and false negatives per label",
 }
 TITLES = {**SECTIONS, **MULTI_LABEL_SECTIONS}
-GALLERY_SIZE = 24
-GRADCAM_PER_KIND = 6
 SIZE_SAMPLE = 300
 
 
@@ -95,7 +84,7 @@ def write_report(run_dir: str | os.PathLike, data: str | os.PathLike | None = No
     cfg = _read_config(layout)
     splits = {s: read_split_csv(layout.split_csv(s), names) for s in SPLITS if layout.split_csv(s).is_file()}
     if data is not None:
-        samples, eval_skipped = discover_eval(data, names, clf.card.task)
+        samples, eval_skipped = discover_eval(data, names, clf.task)
         source = f"data {data}"
     else:
         samples, eval_skipped = splits.get("val", []), []
@@ -104,75 +93,46 @@ def write_report(run_dir: str | os.PathLike, data: str | os.PathLike | None = No
     logits, ok = val_logits if (val_logits is not None and data is None) else clf.logits_of(paths, batch_size,
                                                                                              workers)[:2]
     kept = [p for p, good in zip(paths, ok.tolist()) if good]
-    target = stack_targets([y for _, y in samples], len(names) if clf.multi_label else None)[ok]
+    task = clf.task
+    target = task.targets([y for _, y in samples], len(names))[ok]
     logits = logits[ok]
     all_files = [p for items in splits.values() for p, _ in items]
     skipped = _read_skipped(layout) + [f"{p}\t{r}" for p, r in eval_skipped]
-    counts = {s: {n: int(c) for n, c in zip(names, label_counts([y for _, y in items], len(names)))}
+    counts = {s: {n: int(c) for n, c in zip(names, task.counts([y for _, y in items], len(names)))}
               for s, items in splits.items()}
-    parts: list[tuple[str, str]] = [
+    sections: list[tuple[str, str]] = [
         ("dataset", rs.dataset_section(counts, _image_sizes(all_files, seed), skipped, names)),
         ("samples", _samples_section(clf, splits, cfg.get("augment", "standard"), seed)),
         ("curves", _curves_section(layout))]
-    if clf.multi_label:
-        parts += multilabel_sections(clf, run_dir, kept, logits, target, source, gradcam, seed, batch_size, workers,
-                                     data is None)
-    else:
-        parts += _single_label_sections(clf, run_dir, kept, logits, target, source, gradcam, seed, batch_size,
-                                        workers, data is None)
+    calibration = _calibration(clf, run_dir, logits, target, data is None, batch_size, workers)
+    sections += parts_of(task).report_sections(rs.ReportInputs(clf, run_dir, kept, logits, target, source, gradcam,
+                                                               seed, calibration))
     if layout.compare_csv.is_file():
-        parts.append(("compare", rs.compare_section(layout.compare_csv)))
+        sections.append(("compare", rs.compare_section(layout.compare_csv)))
     if layout.plan.is_file() or layout.timings.is_file():
-        parts.append(("time", rs.time_section(_read_json(layout.plan), _read_json(layout.timings))))
+        sections.append(("time", rs.time_section(_read_json(layout.plan), _read_json(layout.timings))))
 
     title = f"visiontune report: {run_dir.name}"
     arch = clf.card.architecture
-    nav = " ".join(f'<a href="#{sid}">{html.escape(TITLES[sid])}</a>' for sid, _ in parts)
+    nav = " ".join(f'<a href="#{sid}">{html.escape(TITLES[sid])}</a>' for sid, _ in sections)
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{rs.CSS}</style></head><body><header><h1>{html.escape(title)}</h1>"
             f"<p>{html.escape(str(arch.requested or arch.name) if arch else '')} &middot; {len(names)} classes "
             f"&middot; evaluated on the {html.escape(source)} &middot; generated "
             f"{datetime.now().strftime('%Y-%m-%d %H:%M')} in {{seconds}} s</p><nav>{nav}</nav></header><main>"
-            + "\n".join(rs.section(sid, TITLES[sid], body) for sid, body in parts) + "</main></body></html>\n")
+            + "\n".join(rs.section(sid, TITLES[sid], body) for sid, body in sections) + "</main></body></html>\n")
     return atomic_write_text(layout.report, page.replace("{seconds}", f"{time.perf_counter() - start:.0f}"))
 
 
-def _single_label_sections(clf: Classifier, run_dir: Path, kept: list[str], logits: torch.Tensor,
-                           target: torch.Tensor, source: str, gradcam: bool, seed: int, batch_size: int,
-                           workers: int | None, own_val: bool) -> list[tuple[str, str]]:
-    """Metrics, per-class, confusion, errors, Grad-CAM, calibration and coverage of a single-label model."""
-    names = clf.class_names
-    cal = clf.card.calibration
-    if cal is None:
-        if own_val and len(target):
-            cal = store_calibration(run_dir, calibration_summary(logits, target))
-        else:
-            cal = calibrate_run(run_dir, batch_size, workers)
-    temperature = float(cal.get("temperature", 1.0))
-    raw_probs = probabilities(logits.double(), 1.0)
-    probs = probabilities(logits.double(), temperature)
-    result = compute_metrics(probs.float(), target, names) if len(target) else None
-
-    parts: list[tuple[str, str]] = []
-    if result is None:
-        parts.append(("metrics", '<p class="warn">no readable labelled images to evaluate</p>'))
-    else:
-        training = {k: v for k, v in clf.card.training.items() if not isinstance(v, (dict, list))}
-        parts.append(("metrics", rs.metrics_section(clf.card.metrics, result, source, training)))
-        parts.append(("per-class", rs.per_class_section(result)))
-        parts.append(("confusion", rs.confusion_section(result["confusion_matrix"], names)))
-        parts.append(("confused-pairs", rs.confused_pairs_section(result["confusion_matrix"], names)))
-        parts.append(("errors", _errors_section(kept, target, probs, names)))
-        if gradcam:
-            parts.append(("gradcam", _gradcam_section(clf, kept, target, probs, names, seed)))
-        diagram = run_dir / ".reliability.png"
-        reliability_diagram(raw_probs, target, diagram, probs_after=probs, title=f"{source}, T = {temperature:.3f}")
-        uri = rs.file_uri(diagram)
-        diagram.unlink(missing_ok=True)
-        eval_ece = (expected_calibration_error(raw_probs, target), expected_calibration_error(probs, target))
-        parts.append(("calibration", rs.calibration_section(cal, uri, eval_ece)))
-        parts.append(("coverage", rs.coverage_section(probs.numpy(), target.numpy())))
-    return parts
+def _calibration(clf: Classifier, run_dir: Path, logits: torch.Tensor, target: torch.Tensor, on_val: bool,
+                 batch_size: int, workers: int | None) -> dict[str, Any]:
+    """The model's calibration entry; fitted and stored first when ``model.json`` has none: on these
+    logits when they are the run's validation split's, else on that split."""
+    if clf.card.calibration is not None:
+        return clf.card.calibration
+    if on_val and len(target):
+        return store_calibration(run_dir, parts_of(clf.task).calibrate(logits, target))
+    return calibrate_run(run_dir, batch_size, workers)
 
 
 def _read_config(layout: RunLayout) -> dict[str, Any]:
@@ -217,12 +177,9 @@ def _samples_section(clf: Classifier, splits: dict, augment: str, seed: int, cou
         items = splits.get(split, [])
         chosen = random.Random(seed).sample(items, min(count, len(items)))
         images, captions = [], []
-        for path, label in chosen:
-            try:
-                images.append(denormalize(transform(load_image(path)), pre))
-                captions.append((" ".join(label_names(label, names)) or "(no label)")[:18])
-            except ImageDecodeError:
-                continue
+        for (_, label), image in readable(chosen, lambda sample: sample[0]):
+            images.append(denormalize(transform(image), pre))
+            captions.append((" ".join(names[i] for i in clf.task.indices(label)) or "(no label)")[:18])
         body += f"<h3>{html.escape(what.capitalize())}</h3>"
         body += rs.img_tag(rs.grid_uri(images, captions), what) if images else '<p class="muted">none</p>'
     return body
@@ -239,52 +196,3 @@ def _curves_section(layout: RunLayout) -> str:
     if curves.is_file():
         return rs.img_tag(rs.file_uri(curves), "training curves")
     return '<p class="muted">no metrics.csv in this run</p>'
-
-
-def _caption(path: str, true: int, pred: int, p: float, names: list[str]) -> str:
-    return f"{Path(path).name}: true {names[true]}, predicted {names[pred]} ({p:.2f})"
-
-
-def _errors_section(paths: list[str], target: torch.Tensor, probs: torch.Tensor, names: list[str]) -> str:
-    pred = probs.argmax(1)
-    conf = probs.max(1).values
-    loss = -torch.log(probs[torch.arange(len(target)), target].clamp_min(1e-12))
-    wrong = [i for i in torch.argsort(conf, descending=True).tolist() if pred[i] != target[i]]
-
-    def items(indices):
-        out = []
-        for i in indices[:GALLERY_SIZE]:
-            uri = rs.thumb_uri(paths[i])
-            if uri:
-                out.append((uri, _caption(paths[i], int(target[i]), int(pred[i]), float(conf[i]), names)
-                            + f", loss {float(loss[i]):.2f}", bool(pred[i] != target[i])))
-        return out
-
-    top_loss = torch.argsort(loss, descending=True).tolist()
-    return (f"<h3>Misclassified ({len(wrong)} of {len(target)}; most confident first)</h3>" + rs.gallery(items(wrong))
-            + "<h3>Top-loss images (highest cross-entropy of the true class)</h3>" + rs.gallery(items(top_loss)))
-
-
-def _gradcam_section(clf: Classifier, paths: list[str], target: torch.Tensor, probs: torch.Tensor,
-                     names: list[str], seed: int) -> str:
-    pred = probs.argmax(1)
-    rng = random.Random(seed)
-    right = [i for i in range(len(target)) if pred[i] == target[i]]
-    wrong = [i for i in range(len(target)) if pred[i] != target[i]]
-    chosen = rng.sample(right, min(GRADCAM_PER_KIND, len(right))) + rng.sample(wrong, min(GRADCAM_PER_KIND, len(wrong)))
-    images, kept = [], []
-    for i in chosen:
-        try:
-            images.append(load_image(paths[i]))
-            kept.append(i)
-        except ImageDecodeError:
-            continue
-    if not images:
-        return '<p class="muted">no images</p>'
-    overlays = gradcam_overlays(clf, images)
-    items = [(rs.image_uri(ov, max_side=224, fmt="PNG"),
-              _caption(paths[i], int(target[i]), int(pred[i]), float(probs[i, pred[i]]), names),
-              bool(pred[i] != target[i]))
-             for i, ov in zip(kept, overlays)]
-    return ("<p>Heatmap of the evidence for the predicted class over the input as the model sees it "
-            "(resized and cropped). Correct predictions first, then errors (red captions).</p>" + rs.gallery(items))

@@ -18,12 +18,11 @@ from typing import Any
 
 import torch
 
-from ..core.errors import ImageDecodeError
-from ..data.image import load_image
+from ..data.image import readable
 from . import report_sections as rs
-from .calibration import calibrate_run, expected_calibration_error, label_decisions, reliability_diagram
+from .calibration import expected_calibration_error, label_decisions, reliability_diagram
 from .gradcam import gradcam_overlays
-from .multilabel import decisions, multilabel_metrics
+from .multilabel_metrics import decisions, multilabel_metrics
 
 GALLERY_PER_LABEL = 4  # false positives and false negatives shown per label
 GALLERY_LABELS = 12  # labels with galleries (the lowest-AP ones first)
@@ -32,27 +31,23 @@ TOP_PAIRS = 10
 PR_CURVES = 20  # labels drawn in the precision-recall plot (the lowest-AP ones first)
 
 
-def multilabel_sections(clf, run_dir: Path, paths: list[str], logits: torch.Tensor, target: torch.Tensor, source: str,
-                        gradcam: bool, seed: int, batch_size: int, workers: int | None,
-                        own_val: bool) -> list[tuple[str, str]]:
+def multilabel_sections(inputs: rs.ReportInputs) -> list[tuple[str, str]]:
     """``(section id, html)`` pairs for :func:`~visiontune.evaluation.report.write_report`."""
-    names = clf.class_names
-    cal = clf.card.calibration or calibrate_run(run_dir, batch_size, workers)
-    temperature = float(cal.get("temperature", 1.0))
-    thresholds = clf.thresholds or [0.5] * len(names)
+    clf, logits, target, paths = inputs.clf, inputs.logits, inputs.target, inputs.paths
     if not len(target):
         return [("metrics", '<p class="warn">no readable labelled images to evaluate</p>')]
-    probs = torch.sigmoid(logits.double() / temperature).float()
+    names, thresholds = clf.class_names, clf.card.thresholds
+    probs = clf.task.probabilities(logits.double(), inputs.temperature).float()
     result = multilabel_metrics(probs, target, names, thresholds)
     called = decisions(probs, thresholds)
-    parts = [("metrics", _metrics(clf, result, source)),
-             ("per-label", _per_label(result, probs, target, names)),
-             ("label-pairs", _pairs(target.int(), called, names)),
-             ("label-errors", _galleries(paths, probs, target.int(), called, result, names))]
-    if gradcam:
-        parts.append(("gradcam", _gradcam(clf, paths, called, probs, target.int(), names, seed)))
-    parts.append(("calibration", _calibration(run_dir, logits, target, temperature, cal, source)))
-    return parts
+    sections = [("metrics", _metrics(clf, result, inputs.source)),
+                ("per-label", _per_label(result, probs, target, names)),
+                ("label-pairs", _pairs(target.int(), called, names)),
+                ("label-errors", _galleries(paths, probs, target.int(), called, result, names))]
+    if inputs.gradcam:
+        sections.append(("gradcam", _gradcam(clf, paths, called, probs, target.int(), names, inputs.seed)))
+    sections.append(("calibration", _calibration(inputs)))
+    return sections
 
 
 def _metrics(clf, result: dict[str, Any], source: str) -> str:
@@ -154,11 +149,7 @@ def _gradcam(clf, paths: list[str], called: torch.Tensor, probs: torch.Tensor, t
     with_labels = [k for k in range(len(paths)) if called[k].any()]
     chosen = random.Random(seed).sample(with_labels, min(GRADCAM_IMAGES, len(with_labels)))
     images, targets, captions = [], [], []
-    for k in chosen:
-        try:
-            image = load_image(paths[k])
-        except ImageDecodeError:
-            continue
+    for k, image in readable(chosen, lambda k: paths[k]):
         truth = [names[j] for j in torch.nonzero(target[k]).flatten().tolist()]
         for j in torch.nonzero(called[k]).flatten().tolist():  # one heatmap per predicted label
             images.append(image)
@@ -172,16 +163,16 @@ def _gradcam(clf, paths: list[str], called: torch.Tensor, probs: torch.Tensor, t
             "it; a red caption is a label the image does not have.</p>" + rs.gallery(items))
 
 
-def _calibration(run_dir: Path, logits: torch.Tensor, target: torch.Tensor, temperature: float,
-                 cal: dict[str, Any], source: str) -> str:
-    z, y = label_decisions(logits, target)
+def _calibration(inputs: rs.ReportInputs) -> str:
+    z, y = label_decisions(inputs.logits, inputs.target)
+    temperature = inputs.temperature
     raw, scaled = torch.softmax(z, 1), torch.softmax(z / temperature, 1)
-    diagram = run_dir / ".reliability.png"
+    diagram = inputs.run_dir / ".reliability.png"
     reliability_diagram(raw, y, diagram, probs_after=scaled,
-                        title=f"{source}, every label decision, T = {temperature:.3f}")
+                        title=f"{inputs.source}, every label decision, T = {temperature:.3f}")
     uri = rs.file_uri(diagram)
     diagram.unlink(missing_ok=True)
     eval_ece = (expected_calibration_error(raw, y), expected_calibration_error(scaled, y))
     return ("<p>Every (image, label) decision counts once: its confidence is max(p, 1 - p) of the label's "
             "probability, right when it matches the truth at p = 0.5.</p>"
-            + rs.calibration_section(cal, uri, eval_ece))
+            + rs.calibration_section(inputs.calibration, uri, eval_ece))

@@ -1,4 +1,5 @@
-"""HTML building blocks of ``report.html``: embedded images, tables, galleries, one function per section.
+"""HTML building blocks of ``report.html``: embedded images, tables, galleries, one function per section,
+and :class:`ReportInputs`, what a task's sections are written from.
 
 Every image is embedded as a base64 ``data:`` URI, so the report is one file that opens offline.
 """
@@ -10,6 +11,7 @@ import csv
 import html
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +20,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ..core.errors import ImageDecodeError  # noqa: E402
-from ..data.image import load_image  # noqa: E402
+from ..data.image import try_load  # noqa: E402
+from ..inference.classifier import Classifier  # noqa: E402
 
 CSS = """
 body{font:14px/1.45 -apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0;color:#1d2330;background:#f4f6f9}
@@ -38,6 +41,37 @@ figure{margin:0;width:150px;font-size:11px;text-align:center}
 figure img{width:150px;height:150px;object-fit:contain;background:#222;image-rendering:auto;border-radius:4px}
 figure.bad figcaption{color:#a33}figcaption{word-break:break-all}
 """
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """What a task's report sections are written from (see :mod:`~visiontune.evaluation.parts`).
+
+    Attributes:
+        clf: the model.
+        run_dir: its run dir (diagrams are drawn there, then embedded and removed).
+        paths: the readable evaluated images.
+        logits: the model's raw logits on them ``[N, C]``.
+        target: their targets (the task's: class indices or multi-hot rows).
+        source: what they are, in words ("validation split", "data DIR").
+        gradcam: whether to draw Grad-CAM overlays.
+        seed: the seed of the images chosen for galleries.
+        calibration: the model's ``model.json`` calibration entry (fitted first when it had none).
+    """
+
+    clf: Classifier
+    run_dir: Path
+    paths: list[str]
+    logits: torch.Tensor
+    target: torch.Tensor
+    source: str
+    gradcam: bool
+    seed: int
+    calibration: dict[str, Any]
+
+    @property
+    def temperature(self) -> float:
+        return float(self.calibration.get("temperature", 1.0))
 
 
 def data_uri(data: bytes, mime: str = "image/png") -> str:
@@ -68,10 +102,8 @@ def file_uri(path: Path) -> str:
 
 def thumb_uri(path: str, max_side: int = 200) -> str | None:
     """A gallery thumbnail of an image file (None when it cannot be read any more)."""
-    try:
-        return image_uri(load_image(path, draft_size=256), max_side=max_side)
-    except ImageDecodeError:
-        return None
+    image = try_load(path, draft_size=256)
+    return None if image is None else image_uri(image, max_side=max_side)
 
 
 def img_tag(uri: str, alt: str, cls: str = "plot") -> str:

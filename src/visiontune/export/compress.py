@@ -1,7 +1,7 @@
 """``visiontune compress``: int8 quantization and/or structured pruning, with an accuracy guard
 and a comparison table of every variant (eager fp32, ONNX fp32, [OpenVINO fp32], int8, pruned,
-pruned+int8). int8 runs on ONNX Runtime (``--backend onnxruntime``) or OpenVINO, quantized by
-NNCF (``--backend openvino``).
+pruned+int8). int8 runs on ONNX Runtime (``--int8-backend onnxruntime``) or OpenVINO, quantized by
+NNCF (``--int8-backend openvino``).
 
 The int8 guard reads two kinds of evidence: the labelled accuracy change on the validation split,
 and the int8 model's top-1 agreement with the float model on every image at hand (training and
@@ -29,20 +29,19 @@ import torch
 from ..core.errors import ExportError
 from ..core.hardware import cpu_info
 from ..core.layout import RunLayout
-from ..data.labels import stack_targets
 from ..data.scan import discover_eval
 from ..models.artifact import META_FILE, load_model
 from ..models.card import ModelCard
-from .common import (
-    ValScore,
-    export_card,
-    labelled_samples,
-    preprocess,
-    resolve_data_path,
-    wilson_interval,
-    write_json,
-)
-from .compare import (
+from .deploy import export_card, write_json
+from .onnx_export import export_onnx
+from .openvino_export import onnx_to_openvino, quantize_openvino
+from .parity import ValScore, wilson_interval
+from .prune import check_prunable, check_prune_args, count_macs, prune_and_recover, save_pruned
+from .quantize import quantize_onnx
+from .recovery import RECOVERY_LR
+from .registry import INT8_BACKENDS
+from .samples import eval_batch, labelled_samples, resolve_data_path
+from .variants import (
     Logits,
     Variant,
     batched_logits,
@@ -53,11 +52,6 @@ from .compare import (
     torch_runner,
     write_reports,
 )
-from .onnx_export import export_onnx
-from .openvino_export import onnx_to_openvino, quantize_openvino
-from .prune import check_prunable, check_prune_args, count_macs, prune_and_recover, save_pruned
-from .quantize import quantize_onnx
-from .recovery import RECOVERY_LR
 
 
 def _calib_paths(card: ModelCard, calib: str | os.PathLike | None) -> list[str]:
@@ -145,7 +139,7 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
              calib: str | os.PathLike | None = None,
              data: str | os.PathLike | None = None,
              out: str | os.PathLike | None = None, max_drop: float = 1.0, force: bool = False,
-             budget_s: float = 3.0, float_ends: bool = False, backend: str = "onnxruntime",
+             bench_seconds: float = 3.0, int8_float_ends: bool = False, int8_backend: str = "onnxruntime",
              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Quantize and/or prune a trained model, measure every variant and guard the accuracy.
 
@@ -162,8 +156,9 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
         out: output folder (default ``RUN/compress``).
         max_drop: largest accepted accuracy drop of the int8 variant, in points.
         force: keep going (exit 0) even when the drop is larger.
-        float_ends: static int8 keeps the first conv and the classifier in float (ONNX Runtime).
-        backend: ``onnxruntime`` (ORT static QDQ int8) or ``openvino`` (OpenVINO fp32 and NNCF int8
+        bench_seconds: timing budget per throughput measurement.
+        int8_float_ends: static int8 keeps the first conv and the classifier in float (ONNX Runtime).
+        int8_backend: ``onnxruntime`` (ORT static QDQ int8) or ``openvino`` (OpenVINO fp32 and NNCF int8
             variants beside ONNX Runtime's fp32).
 
     Returns:
@@ -175,14 +170,16 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
     """
     if quantize is None and prune is None:
         raise ExportError("nothing to do: give --quantize int8|int8-dynamic and/or --prune RATIO")
-    if backend not in COMPRESS_BACKENDS:
-        raise ExportError(f"unknown --backend {backend!r}; choose one of: {', '.join(COMPRESS_BACKENDS)}")
+    budget_s, float_ends, backend = bench_seconds, int8_float_ends, int8_backend
+    if backend not in INT8_BACKENDS:
+        raise ExportError(f"unknown --int8-backend {backend!r}; choose one of: {', '.join(INT8_BACKENDS)}")
     openvino = backend == "openvino"
     if openvino and quantize not in (None, "int8"):
-        raise ExportError("--backend openvino quantizes statically (--quantize int8, NNCF); int8-dynamic is "
-                          "ONNX Runtime's (--backend onnxruntime)")
+        raise ExportError("--int8-backend openvino quantizes statically (--quantize int8, NNCF); int8-dynamic is "
+                          "ONNX Runtime's (--int8-backend onnxruntime)")
     if openvino and float_ends:
-        raise ExportError("--int8-float-ends is for --backend onnxruntime; NNCF chooses what stays in float itself")
+        raise ExportError("--int8-float-ends is for --int8-backend onnxruntime; NNCF chooses what stays in float "
+                          "itself")
     if prune is not None:
         check_prune_args(prune, prune_steps, recovery_lr, finetune_epochs)
     model, card = load_model(model_path)
@@ -192,8 +189,8 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
     samples = labelled_samples(card, data)
     if not samples:
         raise ExportError("no validation images: the training data in model.json is gone; pass --data DIR")
-    images = preprocess([p for p, _ in samples], card.preprocessing).numpy()
-    labels = stack_targets([label for _, label in samples], card.num_classes if card.multi_label else None).numpy()
+    images = eval_batch([p for p, _ in samples], card.preprocessing).numpy()
+    labels = card.task.targets([label for _, label in samples], card.num_classes).numpy()
     if len(images) != len(labels):
         raise ExportError("some validation images could not be read; fix or pass --data DIR")
 
@@ -241,7 +238,7 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
         variants[0].extra["macs"] = prune_info["macs_before"]
 
     log(f"measuring {len(variants)} variants on {len(images)} validation images")
-    rows = measure(variants, images, labels, budget_s, log, ValScore(card))
+    rows = measure(variants, images, labels, ValScore(card), budget_s, log)
     evidence = None
     if int8_variant is not None:
         paths = sorted({p for p, _ in labelled_samples(card, split="train")} | {p for p, _ in samples})
@@ -260,7 +257,7 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
     log(f"wrote {out / 'compress_report.json'} and {out / 'compress_report.md'}")
     if report["refused"] and not force:
         tried_ends = any(a["scheme"] == "ends-float" for a in int8_attempts)
-        remedies = (["calibrate on more images with --calib DATA", "--backend onnxruntime"] if openvino else
+        remedies = (["calibrate on more images with --calib DATA", "--int8-backend onnxruntime"] if openvino else
                     ([] if tried_ends else ["--int8-float-ends"]) + ["--quantize int8-dynamic",
                                                                      "calibrate on more images with --calib DATA"])
         raise ExportError(report["refused"] + " (pass --force to accept it, or try " + ", or ".join(remedies) + ")")
@@ -274,9 +271,9 @@ def agreement_evidence(reference: Logits, other: Logits, paths: list[str], card:
     scorer = ValScore(card)
     agree, total = 0.0, 0
     for start in range(0, len(paths), chunk):  # preprocessed a chunk at a time: bounded memory
-        batch = preprocess(paths[start:start + chunk], card.preprocessing).numpy()
+        batch = eval_batch(paths[start:start + chunk], card.preprocessing).numpy()
         ref, out = batched_logits(reference, batch), batched_logits(other, batch)
-        decisions = len(batch) * (card.num_classes if card.multi_label else 1)
+        decisions = len(batch) * card.task.decisions_per_image(card.num_classes)
         agree += scorer.agree(out, ref) * decisions
         total += decisions
     agreeing = int(round(agree))
@@ -304,22 +301,22 @@ def _report(model_path, card: ModelCard, rows, data, int8_name: str | None, max_
                          f"({quant_row['size_mb']:.2f} vs {float_row['size_mb']:.2f} MB; {_int8_hardware()})")
         if evidence is not None:
             low, high = evidence["agreement_95ci"]
-            what = "per-label decisions" if card.multi_label else "top-1 decisions"
-            notes.append(f"{quant_row['variant']} vs {float_name}: {evidence['agreement']:.2%} of {what} agree on "
-                         f"all {evidence['images']} images at hand, {evidence['decisions'] - evidence['agreeing']} "
-                         f"changed (95% interval {low:.2%}-{high:.2%})")
-        if card.multi_label or evidence is None:  # mAP is not bounded by decision agreement: labels judge
+            notes.append(f"{quant_row['variant']} vs {float_name}: {evidence['agreement']:.2%} of "
+                         f"{card.task.decision_words} agree on all {evidence['images']} images at hand, "
+                         f"{evidence['decisions'] - evidence['agreeing']} changed (95% interval {low:.2%}-{high:.2%})")
+        # mAP is not bounded by decision agreement (Task.headline_bounded_by_agreement): labels judge
+        if not card.task.headline_bounded_by_agreement or evidence is None:
             if drop > max_drop:
                 refused = f"int8 {scorer.name} drop {drop:.2f} pt exceeds --max-drop {max_drop:g} pt"
-        else:  # accuracy on these images drops by at most the share of changed decisions
+        else:  # accuracy on these images drops by at most the share of changed decisions there
             changed = (1 - evidence["agreement"]) * 100
             if changed > max_drop:
-                refused = (f"int8 changed {changed:.2f}% of top-1 decisions on {evidence['images']} images, more "
-                           f"than --max-drop {max_drop:g} pt (val {scorer.name} change {-drop:+.2f} pt)")
+                refused = (f"int8 changed {changed:.2f}% of {card.task.decision_words} on {evidence['images']} "
+                           f"images, more than --max-drop {max_drop:g} pt (val {scorer.name} change {-drop:+.2f} pt)")
             elif drop > max_drop:
                 notes.append(f"accepted: the val {scorer.name} change of {-drop:+.2f} pt rests on {n} images; int8 "
                              f"changed only {changed:.2f}% of decisions on all {evidence['images']} images, which "
-                             f"bounds the accuracy it can lose there")
+                             f"bounds the {scorer.name} it can lose there")
         if refused:
             notes.append("REFUSED: " + refused)
     if prune_info:
@@ -339,7 +336,6 @@ def _report(model_path, card: ModelCard, rows, data, int8_name: str | None, max_
 
 
 SPEED_GAIN = 1.1  # int8 below 1.1x its float twin's throughput is not worth it for speed
-COMPRESS_BACKENDS = ("onnxruntime", "openvino")
 
 
 def _int8_hardware() -> str:

@@ -19,20 +19,12 @@ from ..core.errors import ExportError
 from ..core.layout import RunLayout
 from ..models.artifact import META_FILE, load_model
 from ..models.card import ModelCard
-from .common import (
-    MAX_LOGIT_DIFF,
-    MIN_AGREEMENT,
-    check_parity,
-    compare_logits,
-    eager_logits,
-    export_card,
-    parity_batch,
-    parity_problems,
-    write_json,
-)
+from .deploy import export_card, write_json
+from .parity import MAX_LOGIT_DIFF, MIN_AGREEMENT, check_parity, compare_logits, eager_logits, parity_problems
 from .registry import EXPORT_FORMATS
+from .samples import parity_batch
 
-GRAPH_FORMATS = ("onnx", "openvino")  # exported graphs: opset, dynamic batch, --input uint8
+GRAPH_FORMATS = ("onnx", "openvino")  # exported graphs: opset, dynamic batch, --input-dtype uint8
 
 
 @dataclass(frozen=True)
@@ -50,22 +42,26 @@ def default_out(model_dir: str | os.PathLike, fmt: str) -> Path:
     return RunLayout.of_model_dir(model_dir).root / "export" / fmt / EXPORT_FORMATS.get(fmt).file_name
 
 
-def export_model(model_path: str | os.PathLike, fmt: str = "onnx", out: str | os.PathLike | None = None,
+def export_model(model_path: str | os.PathLike, format: str = "onnx", out: str | os.PathLike | None = None,
                  opset: int = 17, dynamic_batch: bool = False, data: str | os.PathLike | None = None,
-                 parity_images: int = 64, check: bool = True, input_dtype: str = "float32") -> dict[str, Any]:
+                 parity_images: int = 64, input_dtype: str = "float32", check: bool = True,
+                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Export a trained model, verify it against eager PyTorch and write ``export_report.json``.
 
     Args:
         model_path: run dir or ``model/`` dir.
-        fmt: a name in :data:`~visiontune.export.registry.EXPORT_FORMATS` (``onnx``, ``openvino``,
+        format: a name in :data:`~visiontune.export.registry.EXPORT_FORMATS` (``onnx``, ``openvino``,
             ``torchscript``, ``hf``).
         out: output file (folder for ``hf``); default ``RUN/export/FORMAT/``.
         opset: ONNX opset; dynamic_batch: dynamic batch dimension (ONNX, OpenVINO).
         data: labelled images for the parity check (default: the model's validation split,
             else generated images).
-        check: raise :class:`ExportError` when parity is below the thresholds.
         input_dtype: ONNX and OpenVINO: ``float32`` (normalised NCHW) or ``uint8`` (resized NHWC pixels,
             normalised inside the graph); parity-checked the same way.
+        check: raise :class:`ExportError` when parity is below the thresholds (after ``log``).
+        log: where to say what was written and how it compares with eager (None: silent).
+
+    The options are :class:`~visiontune.export.export_options.ExportOptions` (``visiontune export``'s flags).
 
     Returns:
         The report: ``file``, ``format``, ``top1_agreement``, ``max_abs_logit_diff``, ``passed``...
@@ -74,12 +70,13 @@ def export_model(model_path: str | os.PathLike, fmt: str = "onnx", out: str | os
         export_model("runs/train-1", "onnx", dynamic_batch=True)["top1_agreement"]
         # -> 1.0
     """
+    fmt = format
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of: {', '.join(EXPORT_FORMATS)}")
     graph = fmt in GRAPH_FORMATS
     if input_dtype != "float32" and not graph:
-        raise ExportError(f"--input {input_dtype} is for --format {' or '.join(GRAPH_FORMATS)}; {fmt} takes float32 "
-                          "input")
+        raise ExportError(f"--input-dtype {input_dtype} is for --format {' or '.join(GRAPH_FORMATS)}; {fmt} takes "
+                          "float32 input")
     exporter: Format = EXPORT_FORMATS.get(fmt)
     model, card = load_model(model_path)
     target = Path(out) if out else default_out(card.model_dir, fmt)
@@ -95,6 +92,11 @@ def export_model(model_path: str | os.PathLike, fmt: str = "onnx", out: str | os
               "thresholds": {"min_top1_agreement": MIN_AGREEMENT, "max_rel_logit_diff": MAX_LOGIT_DIFF}}
     report["passed"] = not parity_problems(report)
     write_json(folder / "export_report.json", report)
+    if log is not None:  # before the check, so that failing numbers are visible
+        task = card.task
+        log(f"exported {fmt}: {written}")
+        log(f"parity vs eager fp32 on {source}: {task.agreement_words} {report[task.agreement_key]:.2%}, max |logit "
+            f"diff| {report['max_abs_logit_diff']:.2e} ({report['max_rel_logit_diff']:.1e} of the logits' scale)")
     if check:
         check_parity(report)
     return report

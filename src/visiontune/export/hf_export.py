@@ -54,10 +54,9 @@ def export_hf(model: nn.Module, card: ModelCard, out: str | Path, **_: Any) -> P
     with atomic_path(out / "model.safetensors") as tmp:  # never through a link planted in the folder
         save_file(state, str(tmp), metadata={"format": "pt"})
     # timm's own writer keeps the file identical to what push_to_hf_hub would produce
-    model_config: dict = {"label_names": list(card.class_names)}
-    if card.multi_label:  # transformers' name for sigmoid outputs, with what decides each label
-        model_config.update(problem_type="multi_label_classification", thresholds=card.thresholds,
-                            temperature=card.temperature)
+    # a multi-label model adds transformers' name for sigmoid outputs, with what decides each label
+    model_config: dict = {"label_names": list(card.class_names),
+                          **card.task.hf_config(card.thresholds, card.temperature)}
     with atomic_path(out / "config.json") as tmp:  # timm's writer, into a fresh temp file of ours
         save_config_for_hf(model, str(tmp), model_config=model_config, data_config=data_config)
     atomic_write_text(out / README_FILE, model_readme(card, file_format="hf"))  # the Hub's model card

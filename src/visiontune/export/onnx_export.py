@@ -1,6 +1,6 @@
 """ONNX export with class names, preprocessing and temperature inside the file.
 
-The graph input ``input`` is float32 NCHW, already normalised (see ``common.INPUT_DOC``), or with
+The graph input ``input`` is float32 NCHW, already normalised (see ``deploy.INPUT_DOC``), or with
 ``input_dtype="uint8"`` the resized uint8 NHWC pixels, normalised inside the graph; the
 outputs are ``logits`` and ``probabilities``. ``metadata_props`` carry ``class_names``,
 ``preprocessing`` (JSON), ``temperature``, ``input_format`` and ``visiontune_version`` so a
@@ -27,7 +27,7 @@ from ..core.safe_io import atomic_write_bytes
 from ..core.version import __version__
 from ..inference.runners import onnx_session, session_logits
 from ..models.card import ModelCard
-from .common import INPUT_DTYPES, DeployWrapper, input_doc, input_shape
+from .deploy import INPUT_DTYPES, DeployWrapper, input_doc, input_shape
 from .exporter import Format
 from .static_pad import static_same_padding
 
@@ -36,6 +36,7 @@ DEFAULT_OPSET = 17
 
 def onnx_metadata(card: ModelCard, input_dtype: str = "float32") -> dict[str, str]:
     """The ``metadata_props`` written into every exported ONNX file (all values are strings)."""
+    inference = card.task.card_inference(card.thresholds)  # e.g. a multi-label model's thresholds
     return {
         "class_names": json.dumps(list(card.class_names)),
         "preprocessing": json.dumps(card.preprocessing.to_dict()),
@@ -44,8 +45,8 @@ def onnx_metadata(card: ModelCard, input_dtype: str = "float32") -> dict[str, st
         "visiontune_version": __version__,
         "architecture": json.dumps(card.architecture.to_dict() if card.architecture else {}),
         # how "probabilities" are made and decided: softmax, or a sigmoid per label and its threshold
-        "task": card.task,
-        **({"thresholds": json.dumps(card.thresholds)} if card.multi_label else {}),
+        "task": card.task.name,
+        **{key: json.dumps(value) for key, value in inference.items() if key != "task"},
     }
 
 
@@ -156,9 +157,9 @@ def export_onnx(model: nn.Module, card: ModelCard, out: str | Path, opset: int =
     # the graph's spatial size is fixed, so TF-"SAME" pads become constants (int8 needs this)
     fixed = static_same_padding(model.eval().float().cpu(), example)
     if input_dtype not in INPUT_DTYPES:
-        raise ExportError(f"--input {input_dtype!r}: choose one of {', '.join(INPUT_DTYPES)}")
+        raise ExportError(f"--input-dtype {input_dtype!r}: choose one of {', '.join(INPUT_DTYPES)}")
     uint8 = input_dtype == "uint8"
-    wrapper = DeployWrapper(fixed, card.temperature, card.tta, card.multi_label,
+    wrapper = DeployWrapper(fixed, card.task, card.temperature, card.tta,
                             normalise=card.preprocessing if uint8 else None).eval()
     if uint8:
         example = torch.zeros(1, card.preprocessing.height, card.preprocessing.width, 3, dtype=torch.uint8)

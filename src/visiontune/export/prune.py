@@ -26,7 +26,8 @@ from ..data.transforms import eval_transform
 from ..models.artifact import save_model
 from ..models.card import ModelCard
 from ..models.shapes import layer_shapes
-from .common import input_shape
+from ..task import Task
+from .deploy import input_shape
 from .recovery import finetune, recalibrate_batchnorm, reconstruct, task_loss
 from .registry import PRUNE_IMPORTANCES
 
@@ -88,15 +89,15 @@ def head_input_layers(model: nn.Module, example: torch.Tensor, head: nn.Module) 
             and graph.is_out_channel_pruning_fn(dep.handler)]
 
 
-def _taylor_gradients(model: nn.Module, loader) -> None:
+def _taylor_gradients(model: nn.Module, loader, task: Task) -> None:
     """Loss gradients on a few hundred training images: what Taylor importance scores channels by."""
     model.eval()
     model.zero_grad(set_to_none=True)
     for images, labels in loader:
-        task_loss(model(images), labels).backward()
+        task_loss(model(images), labels, task).backward()
 
 
-def _fisher_gradients(model: nn.Module, loader, limit: int = 128) -> None:
+def _fisher_gradients(model: nn.Module, loader, task: Task, limit: int = 128) -> None:
     """Leave the diagonal empirical Fisher (mean per-sample squared loss gradient) in ``.grad``.
 
     What torch-pruning's Hessian (Optimal Brain Damage) importance scores channels by:
@@ -112,7 +113,7 @@ def _fisher_gradients(model: nn.Module, loader, limit: int = 128) -> None:
     seen = 0
     for image, label in pairs:
         model.zero_grad(set_to_none=True)
-        task_loss(model(image[None]), label[None]).backward()
+        task_loss(model(image[None]), label[None], task).backward()
         for acc, p in zip(fisher, params):
             if p.grad is not None:
                 acc += p.grad.pow(2)
@@ -195,7 +196,7 @@ def prune_and_recover(model: nn.Module, card: ModelCard, ratio: float, samples: 
     macs0, _ = count_macs(model, card)
     for step in range(steps):
         if gradients is not None:
-            gradients(model, scoring)
+            gradients(model, scoring, card.task)
         pruner.step()
         model.zero_grad(set_to_none=True)
         recalibrate_batchnorm(model, scoring)
@@ -207,7 +208,8 @@ def prune_and_recover(model: nn.Module, card: ModelCard, ratio: float, samples: 
     return model.eval()
 
 
-# channel importances (PRUNE_IMPORTANCES): (torch_pruning.importance class, what it needs left in .grad)
+# channel importances (PRUNE_IMPORTANCES): (torch_pruning.importance class, what leaves in .grad what it
+# needs: ``fn(model, batches, task)``)
 HESSIAN = ("GroupHessianImportance", _fisher_gradients)
 TAYLOR = ("GroupTaylorImportance", _taylor_gradients)
 MAGNITUDE = ("GroupMagnitudeImportance", None)

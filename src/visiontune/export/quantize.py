@@ -16,9 +16,10 @@ import numpy as np
 from ..core.errors import ExportError
 from ..inference.runners import onnx_session, session_logits
 from ..models.card import ModelCard
-from .common import generated_images, input_shape, preprocess
+from .deploy import input_shape
 from .onnx_export import read_metadata, set_metadata
 from .registry import QUANTIZE_MODES
+from .samples import eval_batch, generated_images
 
 
 class ImageCalibrationReader:
@@ -54,10 +55,10 @@ def calibration_batches(card: ModelCard, paths: Sequence[str], fixed_batch: int 
     limit = limit or calibration_limit(card)
     if paths:
         step = max(1, len(paths) // limit)  # spread the sample over every class
-        tensor = preprocess(list(paths)[::step][:limit], card.preprocessing)
+        tensor = eval_batch(list(paths)[::step][:limit], card.preprocessing)
     else:
         _, height, width = input_shape(card)
-        tensor = preprocess(generated_images(32, max(height, width) * 2, seed=1), card.preprocessing)
+        tensor = eval_batch(generated_images(32, max(height, width) * 2, seed=1), card.preprocessing)
     array = tensor.numpy().astype(np.float32)
     size = fixed_batch or chunk
     return [np.ascontiguousarray(array[i:i + size]) for i in range(0, len(array) - size + 1, size)] or [array[:size]]

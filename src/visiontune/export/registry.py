@@ -20,3 +20,7 @@ PRUNE_IMPORTANCES = Registry("importance", {
     "hessian": (_EXPORT + "prune:HESSIAN", "Optimal Brain Damage, empirical Fisher"),
     "taylor": (_EXPORT + "prune:TAYLOR", "first-order Taylor"),
     "magnitude": (_EXPORT + "prune:MAGNITUDE", "weight magnitude")})
+
+INT8_BACKENDS = Registry("int8 backend", {
+    "onnxruntime": ("onnxruntime", "ONNX Runtime static QDQ"),
+    "openvino": ("openvino", "NNCF post-training quantization")})

@@ -45,9 +45,10 @@ from ..inference.graph_files import entry_mode
 from ..inference.runners import TorchRunner, is_graph
 from ..models.artifact import WEIGHTS_FILE, check_weights, load_model, read_card, resolve_model_dir
 from ..models.card import ModelCard
-from .common import compare_logits, eager_logits, parity_batch, parity_problems
-from .compare import Logits, onnx_runner, openvino_runner, tile, time_per_call
 from .onnx_export import export_onnx
+from .parity import compare_logits, eager_logits, parity_problems
+from .samples import parity_batch
+from .variants import Logits, onnx_runner, openvino_runner, tile, time_per_call
 
 TIMING_BATCH = 32
 TIMING_BUDGET_S = 0.5  # per candidate (at least 3 calls): medians are stable to a few percent

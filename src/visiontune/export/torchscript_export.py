@@ -18,7 +18,7 @@ from torch import nn
 from ..core.errors import ExportError
 from ..core.safe_io import atomic_path
 from ..models.card import ModelCard
-from .common import DeployWrapper, input_shape
+from .deploy import DeployWrapper, input_shape
 from .exporter import Format
 from .onnx_export import onnx_metadata
 
@@ -37,7 +37,7 @@ def export_torchscript(model: nn.Module, card: ModelCard, out: str | Path, **_: 
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = DeployWrapper(model.eval().float().cpu(), card.temperature, card.tta, card.multi_label).eval()
+    wrapper = DeployWrapper(model.eval().float().cpu(), card.task, card.temperature, card.tta).eval()
     example = torch.zeros(2, *input_shape(card))
     try:
         with torch.no_grad(), warnings.catch_warnings():

@@ -35,6 +35,7 @@ from typing import Any
 
 from ..core.errors import ArtifactError, ExportError
 from ..core.hardware import cpu_info, device
+from ..core.registry import BACKENDS as CPU_BACKENDS
 from ..core.version import __version__
 from ..data.cache import default_cache_dir
 from ..models.artifact import META_FILE, WEIGHTS_FILE
@@ -43,7 +44,7 @@ from .graph_files import entry_mode, read_in
 from .runners import OnnxRunner, OpenVinoRunner
 
 CHOICE_FILE = "choice.json"
-BACKENDS = ("auto", "eager", "onnxruntime", "openvino")  # --backend
+BACKENDS = CPU_BACKENDS.names()  # --backend
 GRAPH_FILES = {"onnxruntime": "model.onnx", "openvino": "model.xml"}
 SIMD_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "neon", "asimd")
 

@@ -47,8 +47,10 @@ class Classifier:
         self.preprocessing = card.preprocessing
         self.transform = eval_transform(card.preprocessing)
         self.temperature, self.calibrated = card.temperature, card.calibrated
-        self.multi_label: bool = card.multi_label
-        self.thresholds: list[float] | None = card.thresholds if card.multi_label else None
+        self.task = card.task  # what the model answers: it decides, shapes rows, and reads labels
+        # per-label decision thresholds (tuned on val, else 0.5 each; the single-label task ignores
+        # them): training replaces them once it has tuned them
+        self.thresholds: list[float] = card.thresholds
         self.device: str = getattr(runner, "device", "cpu")
         self.precision: str = getattr(runner, "precision", "32")
 
@@ -138,29 +140,23 @@ class Classifier:
             rows: list[dict[str, Any] | None] = [None] * len(chunk)
             for indices, logits, errors in self.iter_batches(chunk, batch_size, workers):
                 for index, error in errors:
-                    rows[index] = error_row(paths[index], error, self.calibrated, self.multi_label)
+                    rows[index] = error_row(paths[index], error, self.calibrated, task=self.task)
                 if indices:
                     made = prediction_rows(logits, self.class_names, self.temperature, top_k, reject_below,
-                                           self.calibrated, [paths[i] for i in indices], thresholds)
+                                           self.calibrated, [paths[i] for i in indices], thresholds, task=self.task)
                     for index, row in zip(indices, made):
                         rows[index] = row
             yield from rows  # type: ignore[misc]
 
-
     def decision_thresholds(self, reject_below: float | None = None, threshold: float | None = None
-                            ) -> list[float] | None:
-        """A multi-label model's per-label thresholds (``threshold`` overrides them all); None for
-        a single-label model. Each option is refused, naming the other, by the wrong kind of model."""
-        if not self.multi_label:
-            if threshold is not None:
-                raise ConfigError("--threshold is for multi-label models; a single-label model takes --reject-below")
-            return None
-        if reject_below is not None:
-            raise ConfigError("--reject-below is for single-label models; a multi-label model takes --threshold "
-                              "(one decision threshold for every label)")
-        if threshold is not None and not 0.0 <= threshold <= 1.0:
-            raise ConfigError(f"--threshold must be in [0, 1], got {threshold}")
-        return [float(threshold)] * len(self.class_names) if threshold is not None else list(self.thresholds or [])
+                            ) -> list[float]:
+        """The per-label thresholds rows are decided at: the model's, or ``threshold`` for every label
+        (the single-label task ignores them). Each option is refused, naming the other, by the task
+        that does not take it (:meth:`~visiontune.task.Task.check_options`)."""
+        problem = self.task.check_options(reject_below, threshold)
+        if problem:
+            raise ConfigError(problem)
+        return [float(threshold)] * len(self.class_names) if threshold is not None else list(self.thresholds)
 
 
 def load(path: str | os.PathLike, precision: str = "auto", tta: bool | None = None,

@@ -27,6 +27,7 @@ from ..core.hardware import autocast, device, resolve_precision
 from ..data.preprocess import Preprocessing
 from ..models.artifact import MAX_CARD_BYTES, META_FILE, WEIGHTS_FILE
 from ..models.card import FORMAT, ModelCard
+from ..task import TASKS
 from .graph_files import onnx_model_bytes, read_beside, read_openvino
 
 ONNX_SUFFIX = ".onnx"
@@ -85,7 +86,7 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None, dir_fd: in
 def session_logits(session, batch: np.ndarray, chunk: int = 32, pre: Preprocessing | None = None) -> np.ndarray:
     """Run ``session`` on an NCHW float batch, in chunks the graph accepts (fixed batch: 1 by 1).
 
-    A graph exported with ``--input uint8`` takes the resized pixels instead: the normalised
+    A graph exported with ``--input-dtype uint8`` takes the resized pixels instead: the normalised
     batch is turned back into them with ``pre``'s mean/std (exact: it was made from such pixels).
     """
     fixed = session.get_inputs()[0].shape[0]
@@ -170,8 +171,12 @@ def card_from_metadata(path: Path, props: dict[str, str], fmt: str) -> ModelCard
         names, pre = json.loads(props["class_names"]), json.loads(props["preprocessing"])
         arch = json.loads(props["architecture"]) if props.get("architecture") else None
         temperature = float(props.get("temperature", 1.0))
-        inference = {"task": props["task"]} if props.get("task", "single") != "single" else {}
-        if "thresholds" in props:
+        # the task's own record (what it writes into model.json), validated with the rest of the card below
+        task = TASKS.get(props.get("task", "single"))
+        if task is None:
+            raise ExportError(f"{path}: unknown task {props.get('task')!r} in its metadata; known: {list(TASKS)}")
+        inference = task.card_inference()
+        if "thresholds" in props:  # checked against the task and the classes when the card is built
             inference["thresholds"] = json.loads(props["thresholds"])
     except (json.JSONDecodeError, ValueError) as exc:
         raise ExportError(f"{path}: unreadable visiontune metadata ({exc})") from None
@@ -205,7 +210,7 @@ def _check_outputs(path: Path, session, card: ModelCard) -> None:
 
 def check_graph_io(path: Path, card: ModelCard, outputs: dict[str, Any], shape: list[Any], uint8: bool) -> None:
     """The graph has a ``logits`` output as wide as the card's classes and the input the card's
-    preprocessing makes (NCHW float, or NHWC pixels for ``export --input uint8``)."""
+    preprocessing makes (NCHW float, or NHWC pixels for ``export --input-dtype uint8``)."""
     if "logits" not in outputs:
         raise ExportError(f"{path} has no 'logits' output; it was not exported by visiontune")
     width = list(outputs["logits"])[-1] if len(outputs["logits"]) else None

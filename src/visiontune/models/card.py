@@ -22,6 +22,8 @@ from typing import Any
 from ..core.errors import ArtifactError
 from ..data.labels import check_class_names
 from ..data.preprocess import Preprocessing
+from ..task import TASKS, Task, get_task
+from ..task.multi import DEFAULT_THRESHOLD
 from .factory import Architecture
 
 FORMAT = "visiontune-model"
@@ -31,8 +33,6 @@ TEMPERATURE_RANGE = (0.01, 100.0)
 KEYS = ("format", "format_version", "created", "architecture", "class_names", "preprocessing", "inference",
         "metrics", "training", "calibration", "pruned", "export", "versions")
 TTA_MODES = ("flip",)  # inference.tta: average the logits of the image and of these views
-TASKS = ("single", "multi")  # inference.task: softmax over classes, or a sigmoid per label
-DEFAULT_THRESHOLD = 0.5  # a multi-label model's decision threshold where none was tuned
 
 
 @dataclass
@@ -63,13 +63,9 @@ class ModelCard:
         return float((self.calibration or {}).get("temperature", 1.0))
 
     @property
-    def task(self) -> str:
-        """``single`` (one class per image, softmax) or ``multi`` (any number of labels, sigmoid)."""
-        return self.inference.get("task", "single")
-
-    @property
-    def multi_label(self) -> bool:
-        return self.task == "multi"
+    def task(self) -> Task:
+        """What the model answers (:mod:`visiontune.task`): single-label unless ``inference.task`` says otherwise."""
+        return get_task(self.inference.get("task", "single"))
 
     @property
     def thresholds(self) -> list[float]:
@@ -151,14 +147,10 @@ def _check_inference(inference: dict[str, Any], num_classes: int, source: str) -
         raise ArtifactError(f"{source}: inference has unknown key(s) {unknown}; it takes tta, task, thresholds")
     if inference.get("tta") not in (None, *TTA_MODES):
         raise ArtifactError(f"{source}: inference.tta must be one of {list(TTA_MODES)}, got {inference['tta']!r}")
-    if inference.get("task", "single") not in TASKS:
-        raise ArtifactError(f"{source}: inference.task must be one of {list(TASKS)}, got {inference['task']!r}")
-    thresholds = inference.get("thresholds")
-    if thresholds is not None:
-        if inference.get("task") != "multi":
-            raise ArtifactError(f"{source}: inference.thresholds belong to a multi-label model (task 'multi')")
-        if (not isinstance(thresholds, list) or len(thresholds) != num_classes
-                or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0.0 <= t <= 1.0
-                           for t in thresholds)):
-            raise ArtifactError(f"{source}: inference.thresholds must list {num_classes} numbers in [0, 1]")
+    name = inference.get("task", "single")
+    if not isinstance(name, str) or name not in TASKS:
+        raise ArtifactError(f"{source}: inference.task must be one of {list(TASKS)}, got {name!r}")
+    problem = TASKS[name].check_thresholds(inference.get("thresholds"), num_classes)
+    if problem:
+        raise ArtifactError(f"{source}: {problem}")
     return dict(inference)

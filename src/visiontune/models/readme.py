@@ -32,8 +32,7 @@ METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "f1", "top5_accuracy": "top-
 def model_readme(card: ModelCard, file_format: str = "visiontune") -> str:
     """The ``README.md`` text for ``card``; ``file_format`` ``hf`` adds the timm loading snippet first."""
     name = card.architecture.name if card.architecture else "model"
-    task = "multi-label" if card.multi_label else "single-label"
-    title = f"{name} fine-tuned for {card.num_classes} classes ({task})"
+    title = f"{name} fine-tuned for {card.num_classes} classes ({card.task.title})"
     parts = [_front_matter(card, title), f"# {title}", "", *_intended_use(card), *_training_data(card),
              *_preprocessing(card), *_results(card), *_calibration(card), *_limitations(card),
              *_how_to_load(card, file_format)]
@@ -45,7 +44,7 @@ def _front_matter(card: ModelCard, title: str) -> str:
     meta: dict[str, Any] = {"library_name": "timm" if source == "timm" else "visiontune",
                             "pipeline_tag": "image-classification",
                             "tags": ["image-classification", "visiontune", source]
-                            + (["multi-label-classification"] if card.multi_label else []),
+                            + card.task.readme_phrases()["tags"],
                             "base_model_architecture": card.architecture.name if card.architecture else None}
     results = [{"type": METRIC_NAMES[key], "value": round(float(value), 4), "name": f"{split} {key}"}
                for split in ("test", "val") for key, value in (card.metrics.get(split) or {}).items()
@@ -59,14 +58,11 @@ def _front_matter(card: ModelCard, title: str) -> str:
 
 
 def _intended_use(card: ModelCard) -> list[str]:
-    what = ("says which of these labels are present in an image (any number, each with its own probability "
-            "and threshold)" if card.multi_label else "assigns each image one of these classes, with calibrated "
-            "probabilities" if card.calibrated else "assigns each image one of these classes")
+    words = card.task.readme_phrases(card.calibrated)
     names = ", ".join(f"`{_cell(n)}`" for n in card.class_names[:50]) + (" ..." if card.num_classes > 50 else "")
-    return ["## Intended use", "", f"An image classifier that {what}: {names}.", "",
+    return ["## Intended use", "", f"An image classifier that {words['use']}: {names}.", "",
             "Use it on images like its training data (see below); anything else gets one of these classes "
-            "anyway" + ("." if card.multi_label else ", unless `--reject-below` turns low-confidence answers into "
-                        "`unknown`."), ""]
+            "anyway" + words["caveat"], ""]
 
 
 def _training_data(card: ModelCard) -> list[str]:

@@ -20,16 +20,12 @@ from typing import Any
 from ..core.errors import ConfigError
 from ..core.layout import RunLayout
 from ..core.tables import fixed_width
-from ..training.config import TrainConfig
+from ..training.config import COMPARE_OWN, TrainConfig
 from ..training.registry import STRATEGIES
 from ..training.setup import make_run_dir
 from .train import train
 
-# options compare sets for each entry, and what to use instead
-OWN_OPTIONS = {"strategy": "list strategies in --strategies", "model": "list models in --models",
-               "resume": "resume an entry with visiontune train --resume OUT/<entry>",
-               "report": "compare writes no reports; run visiontune report OUT/<entry>",
-               "run_dir": "the output folder is compare(run_dir=...)"}
+OWN_OPTIONS = COMPARE_OWN  # options compare sets for each entry, and what to use instead
 
 COLUMNS = ["strategy", "model", "accuracy", "macro_f1", "macro_map", "train_seconds", "model_size_mb", "run_dir"]
 SCORES = ("accuracy", "macro_f1", "macro_map")  # val metrics compared (multi-label: macro_f1 and macro_map)
@@ -48,6 +44,9 @@ def compare(data: str | os.PathLike, strategies: Sequence[str] = ("finetune", "l
         [r["accuracy"] for r in rows]
         # -> [0.96, 0.94]
     """
+    # a comma-separated string (the CLI's --strategies a,b) or a sequence of names
+    strategies = [s.strip() for s in strategies.split(",") if s.strip()] if isinstance(strategies, str) else strategies
+    models = [m.strip() for m in models.split(",") if m.strip()] if isinstance(models, str) else models
     if not strategies:
         raise ConfigError(f"give at least one strategy: {', '.join(STRATEGIES)}")
     for strategy in strategies:

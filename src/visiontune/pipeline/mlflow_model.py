@@ -36,6 +36,7 @@ from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
 from ..inference.classifier import Classifier
 from ..inference.rows import csv_cells, csv_header
+from ..task import Task
 
 ARTIFACT = "model"  # the visiontune model folder inside the MLflow model
 DEFAULT_TOP_K = 5
@@ -64,8 +65,7 @@ class VisiontuneModel(mlflow.pyfunc.PythonModel):
         rows = self.clf.predict([b"" if i in refused else x for i, x in enumerate(inputs)], top_k=top_k)
         for i in refused:  # an error row like an unreadable image's, naming the remedy
             rows[i].update(path=inputs[i], error=PATHS_OFF)
-        return prediction_frame(rows, min(top_k, len(self.clf.class_names)),
-                                self.clf.class_names if self.clf.multi_label else None)
+        return prediction_frame(rows, min(top_k, len(self.clf.class_names)), self.clf.class_names, self.clf.task)
 
 
 def _inputs(model_input: Any) -> list[bytes | str]:
@@ -85,11 +85,11 @@ def _given(value: Any) -> bool:
     return value is not None and not (isinstance(value, float) and math.isnan(value)) and str(value) != ""
 
 
-def prediction_frame(rows: list[dict[str, Any]], k: int, class_names: list[str] | None = None) -> pd.DataFrame:
-    """Prediction rows as the predictions CSV's table, probabilities as floats (NaN where empty)."""
-    header = csv_header(k, class_names)
+def prediction_frame(rows: list[dict[str, Any]], k: int, class_names: list[str], task: Task) -> pd.DataFrame:
+    """The ``task``'s prediction rows as the predictions CSV's table, probabilities as floats (NaN where empty)."""
+    header = csv_header(k, class_names, task=task)
     numeric = {h for h in header if h == "probability" or h.endswith("_probability") or h.startswith("p_")}
-    table = [dict(zip(header, csv_cells(row, k, class_names))) for row in rows]
+    table = [dict(zip(header, csv_cells(row, k, class_names, task=task))) for row in rows]
     frame = pd.DataFrame(table, columns=header)
     for column in numeric:
         frame[column] = pd.to_numeric(frame[column], errors="coerce")

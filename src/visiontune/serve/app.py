@@ -18,7 +18,6 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from ..export.runtime import load_classifier
-from ..inference.rows import prediction_rows, probabilities, row_from_probabilities
 from . import oip
 from .batcher import Batcher, QueueFull, lower_thread_priority
 from .security import (
@@ -34,8 +33,9 @@ from .settings import ServeSettings
 
 STATIC = Path(__file__).parent / "static"
 T = TypeVar("T")
-RESPONSE_KEYS = ("label", "probability", "top_k", "calibrated")  # of a prediction row
-MULTI_LABEL_KEYS = ("labels", "scores", "top_k", "calibrated")  # of a multi-label model's row
+# what a prediction row holds that the response leaves out: the path (none: an upload) and the
+# error (an unreadable upload is refused with its status instead)
+NOT_RESPONDED = ("path", "error")
 RAW_TYPES = ("application/octet-stream",)
 _PREDICT_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "properties": {
@@ -61,7 +61,7 @@ class ServeState:
         self.load_error = ""
         self.pending = 0  # images admitted (decoding, queued or in the model): admission control
         self.reserved = 0  # bytes of request bodies being received (declared, else --max-body-mb each)
-        self.decoders = ThreadPoolExecutor(max_workers=max(1, settings.workers_threads),
+        self.decoders = ThreadPoolExecutor(max_workers=settings.decode_threads,
                                            thread_name_prefix="visiontune-decode",
                                            initializer=lower_thread_priority, initargs=(settings.niceness,))
 
@@ -111,7 +111,7 @@ class ServeState:
             if isinstance(item, torch.Tensor):
                 return item
             return await loop.run_in_executor(self.decoders, decode_upload, item, clf.transform, draft,
-                                              settings.max_pixels)
+                                              settings.max_pixel_count)
 
         self.pending += len(inputs)
         try:
@@ -131,8 +131,8 @@ def _model_info(clf: Any) -> dict[str, Any]:
     pre = card.preprocessing.to_dict()
     return {"name": card.architecture.name if card.architecture else "", "classes": list(clf.class_names),
             "num_classes": len(clf.class_names), "input_size": pre["input_size"], "preprocessing": pre,
-            "metrics": card.metrics, "calibrated": card.calibrated, "created": card.created, "task": card.task,
-            **({"thresholds": dict(zip(clf.class_names, card.thresholds))} if card.multi_label else {})}
+            "metrics": card.metrics, "calibrated": card.calibrated, "created": card.created, "task": card.task.name,
+            **card.task.serve_info(clf.class_names, card.thresholds)}
 
 
 def _local_docs(app: FastAPI) -> str:
@@ -243,14 +243,13 @@ def create_app(model: str | os.PathLike | Any, settings: ServeSettings | None = 
 
 
 def _row(clf: Any, logits: torch.Tensor, top_k: int, reject_below: float | None) -> dict[str, Any]:
-    """The prediction row ``Classifier.predict`` gives for the same logits (without path/error)."""
-    if clf.multi_label:  # the label set at the model's per-label thresholds, and every label's score
-        row = prediction_rows(logits[None], clf.class_names, clf.temperature, top_k, None, clf.calibrated,
-                              thresholds=clf.thresholds)[0]
-        return {k: row[k] for k in MULTI_LABEL_KEYS}
-    row = row_from_probabilities(probabilities(logits, clf.temperature), clf.class_names, top_k, reject_below,
-                                 clf.calibrated)
-    return {k: row[k] for k in RESPONSE_KEYS}
+    """The prediction row ``Classifier.predict`` gives for the same logits (without path/error): a
+    single-label model's label (``unknown`` below ``reject_below``), or a multi-label model's label
+    set at its per-label thresholds and every label's score."""
+    task = clf.task
+    row = task.row(task.probabilities(logits, clf.temperature), clf.class_names, top_k, clf.calibrated,
+                   thresholds=clf.thresholds, reject_below=reject_below)
+    return {k: v for k, v in row.items() if k not in NOT_RESPONDED}
 
 
 def _declared_length(request: Request) -> int | None:

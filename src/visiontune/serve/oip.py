@@ -49,7 +49,7 @@ from fastapi.routing import APIRoute
 
 from ..core.version import __version__
 from ..data.preprocess import Preprocessing
-from ..inference.rows import multi_label_row, probabilities, row_from_probabilities
+from ..inference.rows import probabilities
 from .security import RequestError, check_api_key
 
 if TYPE_CHECKING:  # the app imports this module: only type checkers read the other way
@@ -164,7 +164,7 @@ def router(state: ServeState) -> APIRouter:
         if request_id is not None and not isinstance(request_id, str):
             raise RequestError(400, "bad_request", "'id' must be a string")
         logits = torch.stack(await state.logits(inputs))
-        probs = probabilities(logits, clf.temperature, clf.multi_label)
+        probs = probabilities(logits, clf.temperature, task=clf.task)
         result = {"model_name": name, "model_version": VERSION, **({"id": request_id} if request_id else {})}
         return encode_response(result, outputs, {"probabilities": probs.numpy(),
                                                  "labels": labels(clf, probs, settings.reject_below)})
@@ -182,11 +182,10 @@ def router(state: ServeState) -> APIRouter:
 
 def labels(clf: Any, probs: torch.Tensor, reject_below: float | None) -> list[str]:
     """Each row's label as ``/v1/predict`` decides it: the top-1 (``unknown`` below ``reject_below``),
-    or a multi-label model's label set at its thresholds, as a JSON array."""
-    if clf.multi_label:
-        return [json.dumps(multi_label_row(p, clf.class_names, clf.thresholds, 1)["labels"], ensure_ascii=False)
-                for p in probs]
-    return [row_from_probabilities(p, clf.class_names, 1, reject_below)["label"] for p in probs]
+    or a multi-label model's label set at its thresholds, as a JSON array (``Task.answer_text``)."""
+    task = clf.task
+    return [task.answer_text(task.row(p, clf.class_names, 1, thresholds=clf.thresholds, reject_below=reject_below))
+            for p in probs]
 
 
 async def _read_body(request: Request) -> bytes:

@@ -26,13 +26,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import resource
+import sys
+from pathlib import Path
 from typing import Any
 
 import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ..core.errors import ConfigError
 from .settings import ServeSettings
 
 LINGER_S = 30.0  # the most a lingering close waits for the client to stop sending (as nginx)
@@ -173,3 +177,27 @@ def server_config(app: Any, settings: ServeSettings, host: str, port: int, **ove
                    timeout_keep_alive=5, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
                    limit_concurrency=connection_limit())
     return uvicorn.Config(app, **{**options, **overrides})
+
+
+def serve(model: str | os.PathLike, **options: Any) -> None:
+    """Serve ``model`` over HTTP until SIGINT/SIGTERM: the ``visiontune serve`` command.
+
+    uvicorn finishes in-flight requests and the batcher drains before it returns.
+
+    Args:
+        model: run dir, model/ dir, .onnx file or OpenVINO model (folder or .xml).
+        **options: any option of ``visiontune serve`` by its key (:class:`ServeSettings`), e.g.
+            ``port=8080``, ``max_batch=8``, ``api_key_file="key.txt"``.
+
+    Example:
+        >>> serve("runs/train-1", port=8080)  # doctest: +SKIP
+    """
+    settings = ServeSettings.from_dict(options).with_api_key()
+    if not Path(model).exists():
+        raise ConfigError(f"no model at {model}")
+    from .app import create_app  # lazy: FastAPI and torch load only to serve
+
+    app = create_app(str(model), settings)
+    print(f"visiontune: serving {model} on http://{settings.host}:{settings.port}/ (docs: /docs)", file=sys.stderr)
+    raise_fd_limit()  # before the connection limit is read from it
+    uvicorn.Server(server_config(app, settings, settings.host, settings.port)).run()

@@ -1,19 +1,22 @@
 """Time budgets: measure this machine, plan the run that fits, forecast, stop at the deadline.
 
 ``--time 1h`` makes the whole command (scan, features, training, evaluation, calibration,
-report) end within the hour. Before training, :func:`probe` measures how many images per second
-this machine trains and infers at candidate input sizes (a few seconds), and :func:`plan_run`
-picks the strategy, input size and number of epochs that fit, keeping every option the user
-gave. The LR schedule spans the planned epochs; :class:`Deadline` still stops at the budget
-whatever the probe said, keeping the best epoch. Without ``--time``, :class:`Forecast` prints
+report) end within the hour. Before training, :func:`measure_throughput` measures how many
+images per second this machine trains and infers at candidate input sizes (a few seconds); those
+measurements and the data's statistics are the :class:`Facts`, and :func:`plan_run` (a pure
+function of the facts and the options the user fixed) picks the strategy, input size and number
+of epochs that fit. :meth:`Plan.apply` is the one place a plan changes a config. The LR schedule
+spans the planned epochs; :class:`Deadline` still stops at the budget whatever was measured,
+keeping the best epoch. Without ``--time``, :class:`Forecast` prints
 the projected duration of the configured run once the first batches are timed.
 
 Example:
     >>> parse_duration("1h30m"), parse_duration("20m"), parse_duration("45s")
     (5400.0, 1200.0, 45.0)
     >>> table = [Throughput(32, 700, 4700), Throughput(64, 300, 1600), Throughput(96, 150, 520)]
-    >>> plan = plan_run(15 * 60, n_train=40_000, n_val=8_000, native_side=32, default_side=224,
-    ...                 throughputs=table, elapsed=20.0)
+    >>> facts = Facts(15 * 60, n_train=40_000, n_val=8_000, native_side=32, default_side=224,
+    ...               throughputs=table, elapsed=20.0)
+    >>> plan = plan_run(facts)
     >>> plan.strategy, plan.img_size, plan.epochs
     ('finetune', 96, 3)
 """
@@ -32,13 +35,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from ..core.errors import ImageDecodeError
 from ..core.hardware import autocast, device, resolve_precision
 from ..core.safe_io import atomic_write_text
-from ..data.image import load_image
+from ..data.image import try_load
 from ..data.preprocess import Preprocessing, resize
 from ..models.factory import fit_input_size
-from .config import duration_seconds
+from .config import TrainConfig, duration_seconds
 
 # What the planner trades off (measured on CIFAR-10 and hymenoptera, see bench/RESULTS.md):
 MIN_FINETUNE_EPOCHS = 3      # epochs (incl. the head's warm-up) below which a probe on cached features wins
@@ -53,6 +55,9 @@ SIZE_STEPS = (32, 48, 64, 96, 128, 160, 192, 224, 256, 288)
 # batch statistics of 32 upscaled images moved the features away: 62% vs 79% after two epochs),
 # the body at a third of the head's LR after a short warm-up (AdamW's first steps are large).
 FINETUNE_RECIPE = {"lr_mult": 3.0, "warmup_epochs": 0.3, "bn_stats": "frozen"}
+# the options a plan decides (config keys), unless the user gave them
+PLANNED_OPTIONS = ("strategy", "img_size", "epochs", "freeze_epochs", "augment", "resize_mode", "head", "lr_mult",
+                   "warmup_epochs", "bn_stats", "ema", "tta", "mixup")
 
 
 def parse_duration(text: str) -> float:
@@ -83,6 +88,36 @@ class Throughput:
     infer: float
 
 
+@dataclass(frozen=True)
+class Facts:
+    """Everything a plan depends on: the budget, the data's statistics and what was measured here.
+
+    Attributes:
+        budget: seconds the whole command may take.
+        n_train, n_val, n_test: images per split.
+        native_side: the training images' median side (px).
+        default_side: the backbone's own input side (px).
+        throughputs: :func:`measure_throughput` at the candidate sizes.
+        elapsed: seconds of the budget spent before planning (from the clock start the caller passed).
+        decode_s: seconds to read and decode one image (:func:`decode_seconds`).
+    """
+
+    budget: float
+    n_train: int
+    n_val: int
+    native_side: int
+    default_side: int
+    throughputs: list[Throughput]
+    elapsed: float = 0.0
+    n_test: int = 0
+    decode_s: float = 0.0
+
+
+def fixed_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The planned options the user gave (on the command line, in YAML or as keywords): a plan keeps them."""
+    return {k: cfg.get(k) for k in PLANNED_OPTIONS if k in cfg.given}
+
+
 @dataclass
 class Plan:
     """What a time budget buys: the options to override and the projected time of each phase."""
@@ -106,11 +141,12 @@ class Plan:
     def total(self) -> float:
         return sum(self.projected.values())
 
-    def overrides(self) -> dict[str, Any]:
-        """The option keys the plan sets (the user's own flags were kept by :func:`plan_run`)."""
-        return {"strategy": self.strategy, "img_size": self.img_size, "epochs": self.epochs,
-                "freeze_epochs": self.freeze_epochs, "augment": self.augment, "resize_mode": self.resize_mode,
-                "head": self.head, **self.recipe}
+    def apply(self, cfg: TrainConfig) -> TrainConfig:
+        """``cfg`` with the planned options, except those the user gave (:func:`fixed_options`)."""
+        planned = {"strategy": self.strategy, "img_size": self.img_size, "epochs": self.epochs,
+                   "freeze_epochs": self.freeze_epochs, "augment": self.augment, "resize_mode": self.resize_mode,
+                   "head": self.head, **self.recipe}
+        return cfg.replace(**{k: v for k, v in planned.items() if k not in cfg.given})
 
     def describe(self) -> str:
         phases = ", ".join(f"{k} {format_duration(v)}" for k, v in self.projected.items() if v > 0)
@@ -157,8 +193,8 @@ def _step_images_per_second(run, batch: int, seconds: float) -> float:
     return batch * steps / (time.perf_counter() - start)
 
 
-def probe(model: nn.Module, sizes: list[int], precision: str, batch_size: int, seconds: float = 1.5
-          ) -> list[Throughput]:
+def measure_throughput(model: nn.Module, sizes: list[int], precision: str, batch_size: int, seconds: float = 1.5
+                       ) -> list[Throughput]:
     """Measure training and inference images/s of ``model`` at each size (on a copy: nothing in
     the model changes). About ``3 * seconds`` per size."""
     net = copy.deepcopy(model).to(device(), memory_format=torch.channels_last)  # where training will run
@@ -207,10 +243,10 @@ def decode_seconds(paths: list[str], spec: Preprocessing, sample: int = 24) -> f
     times = []
     for path in paths[::step][:sample]:
         start = time.perf_counter()
-        try:
-            resize(load_image(path, spec.draft_size()), spec)
-        except ImageDecodeError:
+        image = try_load(path, spec.draft_size())
+        if image is None:
             continue
+        resize(image, spec)
         times.append(time.perf_counter() - start)
     return float(sorted(times)[len(times) // 2]) if times else 0.0
 
@@ -235,12 +271,11 @@ def phase_costs(size: Throughput, n_train: int, n_val: int, n_test: int, epochs:
     return {"load": load, "features": features, "train": train, "finish": finish}
 
 
-def plan_run(budget: float, n_train: int, n_val: int, native_side: int, default_side: int,
-             throughputs: list[Throughput], elapsed: float = 0.0, n_test: int = 0,
-             fixed: dict[str, Any] | None = None, decode_s: float = 0.0) -> Plan:
-    """The run that fits ``budget`` seconds (``elapsed`` of them already spent).
+def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
+    """The run that fits ``facts.budget`` seconds (``facts.elapsed`` of them already spent): a pure
+    function of its arguments, so the same facts always give the same plan.
 
-    ``fixed`` holds the options the user gave (``strategy``, ``img_size``, ``epochs``,
+    ``fixed`` (:func:`fixed_options`) holds the options the user gave (``strategy``, ``img_size``, ``epochs``,
     ``freeze_epochs``, ``augment``, ``resize_mode``, ``head`` and the recipe's keys); the plan
     keeps them and fills in the rest:
 
@@ -253,6 +288,9 @@ def plan_run(budget: float, n_train: int, n_val: int, native_side: int, default_
     - else a linear probe on features cached at the largest size whose extraction fits.
     """
     fixed = dict(fixed or {})
+    budget, n_train, n_val, n_test = facts.budget, facts.n_train, facts.n_val, facts.n_test
+    native_side, default_side, throughputs = facts.native_side, facts.default_side, facts.throughputs
+    elapsed, decode_s = facts.elapsed, facts.decode_s
     available = budget * (1 - SAFETY) - elapsed
     sizes = sorted(throughputs, key=lambda t: t.size)
     if "img_size" in fixed:

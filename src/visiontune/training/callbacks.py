@@ -1,4 +1,4 @@
-"""Lightning callbacks: the layer-freezing policy, per-epoch metrics rows, the best-model artifact."""
+"""Lightning callbacks: the layer-freezing policy, per-epoch metrics rows, the best-model artifact, EMA."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import BaseFinetuning, Callback, EMAWeightAveraging
-from torch import nn
 
 from .metrics import EpochRow, MetricsLog
 
@@ -98,15 +98,23 @@ class MetricsRecorder(Callback):
 
 
 class BestModelSaver(Callback):
-    """Saves ``model/`` (safetensors + json) whenever the monitored validation metric improves."""
+    """Saves ``model/`` (safetensors + json) whenever the monitored validation metric improves.
 
-    def __init__(self, save: Callable[[nn.Module, dict], None], monitor: str = "val_accuracy",
-                 best: float | None = None, epoch_offset: int = 0):
+    ``save(metrics)`` saves the run's whole model, also when this trainer trains only its
+    classifier layer. With ``keep_state`` the trained module's weights at the best epoch are kept
+    too (in memory and in the checkpoint's callback state: a few kilobytes for a classifier layer),
+    so that the frozen warm-up hands its best head, not its last, to the fine-tuning after it.
+    """
+
+    def __init__(self, save: Callable[[dict], None], monitor: str = "val_accuracy",
+                 best: float | None = None, epoch_offset: int = 0, keep_state: bool = False):
         self.save = save
         self.monitor = monitor
         self.best: float | None = best
         self.best_epoch: int | None = None
         self.epoch_offset = epoch_offset
+        self.keep_state = keep_state
+        self.best_state: dict[str, torch.Tensor] | None = None
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
@@ -117,16 +125,20 @@ class BestModelSaver(Callback):
         value = float(value)
         if self.best is None or value > self.best:
             self.best, self.best_epoch = value, self.epoch_offset + trainer.current_epoch + 1
+            if self.keep_state:
+                self.best_state = {k: v.detach().cpu().clone() for k, v in pl_module.model.state_dict().items()}
             if trainer.global_rank == 0:
                 metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
-                self.save(pl_module.model, {"epoch": self.best_epoch, **metrics})
+                self.save({"epoch": self.best_epoch, **metrics})
 
     def state_dict(self) -> dict:
-        return {"best": self.best, "best_epoch": self.best_epoch}
+        return {"best": self.best, "best_epoch": self.best_epoch,
+                **({"best_state": self.best_state} if self.best_state is not None else {})}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.best = state_dict.get("best")
         self.best_epoch = state_dict.get("best_epoch")
+        self.best_state = state_dict.get("best_state")
 
 
 class EMA(EMAWeightAveraging):

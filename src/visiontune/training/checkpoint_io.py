@@ -30,6 +30,13 @@ log = logging.getLogger(__name__)
 SLOW_WRITE_ENV = "VISIONTUNE_TEST_SLOW_CHECKPOINT_S"
 TEMP_MARK = ".tmp-"
 DIGEST_SUFFIX = ".sha256"
+# Which trainer wrote a checkpoint: the head on cached features (a linear probe, or the frozen
+# warm-up before fine-tuning) or the whole network. A run's fine-tuning comes after its warm-up,
+# so any checkpoint of the body is further into the run than every checkpoint of the head, whose
+# steps and epochs are counted separately. Checkpoints without the key are the body's.
+PHASE_KEY = "visiontune_phase"
+HEAD_PHASE, BODY_PHASE = "head", "body"
+PHASE_ORDER = {HEAD_PHASE: 0, BODY_PHASE: 1}
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -100,10 +107,10 @@ def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
 
 
 def newest_valid_checkpoint(folder: Path) -> Path | None:
-    """The checkpoint furthest into training (its own stored step and epoch, not the file times,
-    which a copy resets) among those that verify against their digest and load (weights only);
-    corrupt or truncated ones are skipped, each said."""
-    found: list[tuple[tuple[int, int, float], Path]] = []
+    """The checkpoint furthest into training (its phase, then its own stored step and epoch, not
+    the file times, which a copy resets) among those that verify against their digest and load
+    (weights only); corrupt or truncated ones are skipped, each said."""
+    found: list[tuple[tuple[int, int, int, float], Path]] = []
     candidates = [p for p in folder.glob("*.ckpt") if p.is_file() and not p.is_symlink()] if folder.is_dir() else []
     for path in candidates:
         check = verified(path)
@@ -114,12 +121,19 @@ def newest_valid_checkpoint(folder: Path) -> Path | None:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=bool(check))
             if not check and not all(torch.isfinite(t).all() for t in _tensors(state.get("state_dict", {}))):
                 raise ValueError("non-finite weights")
-            progress = (int(state.get("global_step", 0)), int(state.get("epoch", 0)), path.stat().st_mtime)
+            phase = PHASE_ORDER.get(state.get(PHASE_KEY), PHASE_ORDER[BODY_PHASE])
+            progress = (phase, int(state.get("global_step", 0)), int(state.get("epoch", 0)), path.stat().st_mtime)
         except Exception as exc:  # truncated or corrupt: fall back to the previous one
             print(f"skipping unreadable checkpoint {path.name}: {type(exc).__name__}")
             continue
         found.append((progress, path))
     return max(found, key=lambda item: item[0])[1] if found else None
+
+
+def checkpoint_phase(path: str | os.PathLike) -> str:
+    """:data:`HEAD_PHASE` or :data:`BODY_PHASE`: which trainer wrote the checkpoint at ``path``."""
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return HEAD_PHASE if state.get(PHASE_KEY) == HEAD_PHASE else BODY_PHASE
 
 
 def _tensors(state: Any) -> list[torch.Tensor]:
@@ -135,6 +149,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         torch.save(checkpoint, buffer)
         atomic_write(path, buffer.getvalue())
         write_digest(Path(path), buffer.getvalue())
+
+    def remove_checkpoint(self, path) -> None:
+        """Remove a rotated-away checkpoint and its digest."""
+        super().remove_checkpoint(path)
+        Path(path).with_name(Path(path).name + DIGEST_SUFFIX).unlink(missing_ok=True)
 
 
 def rng_state() -> dict[str, Any]:

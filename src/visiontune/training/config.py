@@ -21,14 +21,15 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from ..core.errors import ConfigError
-from ..core.registry import PRECISIONS, Registry, suggest
+from ..core.options import CommandOptions, OptionInfo, check_keys, normalise_keys, option, options_of
+from ..core.registry import PRECISIONS
 from ..core.safe_io import atomic_write_text
 from ..data.registry import AUGMENTS, RESIZE
 from .registry import (
@@ -83,15 +84,6 @@ def duration_seconds(text: Any) -> float:
                           "(measuring this machine alone takes seconds); give at least 30s, written like 20m, "
                           "1h30m, 2h or 90s")
     return total
-
-
-def option(default: Any, help: str, *, key: str | None = None, choices: Registry | None = None,
-           metavar: str | None = None) -> Any:
-    """A config field with its CLI/YAML metadata (``key``: flat name when not the field's own)."""
-    meta = {"help": help, "key": key, "choices": choices, "metavar": metavar}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: default, metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -196,29 +188,9 @@ SECTIONS = {"data": DataOptions, "model": ModelOptions, "strategy": StrategyOpti
             "runtime": RuntimeOptions}
 
 
-@dataclass(frozen=True)
-class OptionInfo:
-    """One option as the CLI and YAML see it."""
-
-    key: str
-    section: str
-    attr: str
-    default: Any
-    type: str
-    help: str
-    choices: Registry | None
-    metavar: str | None
-
-
 def options() -> dict[str, OptionInfo]:
     """Every option by flat key, in section order."""
-    out: dict[str, OptionInfo] = {}
-    for section, cls in SECTIONS.items():
-        for f in fields(cls):
-            key = f.metadata.get("key") or f.name
-            out[key] = OptionInfo(key, section, f.name, f.default, str(f.type), f.metadata["help"],
-                                  f.metadata.get("choices"), f.metadata.get("metavar"))
-    return out
+    return {key: info for section, cls in SECTIONS.items() for key, info in options_of(cls, section).items()}
 
 
 OPTIONS = options()
@@ -289,8 +261,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         """Build from flat keys (dashes allowed), failing on unknown keys with the closest suggested."""
-        values = normalise_keys(values)
-        check_keys(values)
+        values = normalise_keys(values, ALIASES)
+        check_keys(values, OPTIONS)
         sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
         for key, value in values.items():
             info = OPTIONS[key]
@@ -306,22 +278,6 @@ class TrainConfig:
         return cls.from_dict(read_yaml(path))
 
 
-def normalise_keys(values: dict[str, Any]) -> dict[str, Any]:
-    """Dashes to underscores, and keys of earlier releases to their current names."""
-    out = {}
-    for key, value in values.items():
-        key = str(key).replace("-", "_")
-        out[ALIASES.get(key, key)] = value
-    return out
-
-
-def check_keys(values: dict[str, Any], known: Any = None) -> None:
-    known = list(known if known is not None else OPTIONS)
-    for key in values:
-        if key not in known:
-            raise ConfigError(f"unknown option {key!r}" + suggest(key, known, fallback=True))
-
-
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping of options (dashed keys allowed)."""
     path = Path(path)
@@ -333,7 +289,47 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path} must hold a mapping of option: value, got {type(values).__name__}")
-    return normalise_keys(values)
+    return normalise_keys(values, ALIASES)
 
 
 __all__ = ["OPTIONS", "ConfigError", "TrainConfig"]
+
+
+@dataclass
+class LrFindOptions(CommandOptions):
+    """``visiontune lr-find``'s own options; it also takes the train options in :attr:`TRAIN_KEYS`.
+
+    An LR sweep is one short fit: it has no epochs, schedule, selection, checkpoints or report.
+    """
+
+    TRAIN_KEYS: ClassVar[tuple[str, ...]] = (
+        "data", "val", "val_fraction", "augment", "balance", "cache_images", "workers", "model", "weights", "img_size",
+        "resize_mode", "lr_mult", "bn_stats", "batch_size", "optimizer", "weight_decay", "momentum",
+        "label_smoothing", "seed", "precision", "run_dir", "compile")
+
+    steps: int = option(100, "optimizer steps in the sweep (100)", check=(lambda v: v >= 1, "must be >= 1"))
+
+
+# the train options compare sets itself for each entry, and what to use instead
+COMPARE_OWN = {"strategy": "list strategies in --strategies", "model": "list models in --models",
+               "resume": "resume an entry with visiontune train --resume OUT/<entry>",
+               "report": "compare writes no reports; run visiontune report OUT/<entry>",
+               "run_dir": "the output folder is compare(run_dir=...)"}
+
+
+@dataclass
+class CompareOptions(CommandOptions):
+    """``visiontune compare``'s own options; it also takes the train options in :attr:`TRAIN_KEYS`
+    (``--run-dir`` names its output folder)."""
+
+    # one process trains the entries in turn: no multi-process options either
+    TRAIN_KEYS: ClassVar[tuple[str, ...]] = tuple(
+        k for k in OPTIONS if k not in {*COMPARE_OWN, "devices", "num_nodes", "distributed"} or k == "run_dir")
+
+    strategies: str = option("finetune,linear-probe,progressive", "comma-separated strategies "
+                             "(finetune,linear-probe,progressive)", metavar="A,B")
+    models: str = option("efficientnet_lite0", "comma-separated models (efficientnet_lite0)", metavar="A,B")
+
+    def names(self, key: str) -> list[str]:
+        """The comma-separated list ``key`` as names."""
+        return [n.strip() for n in str(getattr(self, key)).split(",") if n.strip()]

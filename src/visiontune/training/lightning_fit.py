@@ -1,28 +1,39 @@
-"""Run a Lightning fit for the gradient-trained strategies (finetune, progressive, scratch)."""
+"""The one training loop: a Lightning fit, of the whole network on images (finetune, progressive,
+scratch) or of its classifier layer on cached features of the frozen body (the linear probe's
+``--head linear`` and the frozen warm-up before fine-tuning).
+
+Both go through :func:`run_fit`, so the deadline of a time budget, early stopping, EMA, the
+checkpoints for ``--resume`` (``--checkpoint-every-steps`` included), the ``metrics.csv`` rows and
+the best epoch's ``model/`` are one callback each, whatever trains.
+"""
 
 from __future__ import annotations
 
 import math
 import sys
 import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, TQDMProgressBar
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..core.errors import ArtifactError, TrainingInterrupted
+from ..core.hardware import is_rank_zero
 from ..data.dataset import ImageListDataset, default_workers, make_loader
 from ..data.memory import MemoryEvalSet, MemoryImages, MemoryTrainSet, store_side
 from ..data.sampling import EpochSampler
 from ..data.transforms import eval_transform, tensor_train_transform, train_transform
 from .budget import FINISH_FIXED_S, Deadline, Forecast
 from .callbacks import EMA, BestModelSaver, FreezeSchedule, MetricsRecorder
-from .checkpoint_io import AtomicCheckpointIO, FolderModelCheckpoint
+from .checkpoint_io import HEAD_PHASE, AtomicCheckpointIO, FolderModelCheckpoint
 from .context import TrainContext
-from .module import ClassifierModule
+from .module import ClassifierModule, HeadModule
 
 LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
 
@@ -78,6 +89,164 @@ class ImageDataModule(L.LightningDataModule):
         return make_loader(self.val_set, self.batch_size * 2, self.workers, self.seed, sampler=sampler)
 
 
+@dataclass(frozen=True)
+class CachedFeatures:
+    """Frozen-body features of the run's splits (see :class:`~visiontune.inference.features.FeatureExtractor`).
+
+    Attributes:
+        train_x: ``[n, V, d]``: V cached views of each training image (view 0 un-augmented when V = 1).
+        train_y: their targets (``[n]`` class indices or ``[n, C]`` multi-hot).
+        val_x: ``[m, d]``: the validation images' un-augmented features.
+        val_y: their targets.
+        train_kept: the indices into the training split of the ``n`` images that could be read.
+    """
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    train_kept: list[int]
+
+
+class FeatureRows(Dataset):
+    """Cached features ``[n, V, d]`` as rows: row ``v * n + i`` is view ``v`` of image ``i``.
+
+    Batches are fetched whole (``__getitems__``), by indexing the tensor: no per-row Python work.
+    """
+
+    def __init__(self, features: torch.Tensor, targets: torch.Tensor):
+        self.features = features if features.dim() == 3 else features[:, None]
+        self.targets = targets
+        self.size = len(self.features)
+
+    def __len__(self) -> int:
+        return self.size * self.features.shape[1]
+
+    def __getitem__(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.features[row % self.size, row // self.size], self.targets[row % self.size]
+
+    def __getitems__(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        return self.features[idx % self.size, idx // self.size], self.targets[idx % self.size]
+
+
+def _whole_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch  # FeatureRows.__getitems__ already returns the stacked batch
+
+
+class PassBatches(Sampler[list[int]]):
+    """The batches of one epoch on cached features: ``passes`` passes over the ``size`` images.
+
+    Pass ``p`` of epoch ``e`` is global pass ``k = e * passes + p``: its order is
+    :class:`~visiontune.data.sampling.EpochSampler`'s for ``(seed, k)`` (shuffled, or
+    class-balanced draws) and it reads view ``k mod views``, batched within the pass. Everything
+    derives from ``(seed, epoch)``, so a resumed run draws the same batches; :meth:`resume_at`
+    skips the batches of an epoch a mid-epoch checkpoint had already trained on.
+    """
+
+    def __init__(self, size: int, views: int, batch_size: int, passes: int = 1, seed: int = 0,
+                 weights: torch.Tensor | None = None, epoch_fn: Callable[[], int | None] | None = None):
+        self.size, self.views, self.batch_size, self.passes = size, views, batch_size, passes
+        self.seed, self.weights, self.epoch_fn = seed, weights, epoch_fn
+        self.epoch = 0
+        self._resume: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        return self.passes * math.ceil(self.size / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        """Start epoch ``epoch``'s next iteration after its first ``batches`` batches."""
+        self._resume = (int(epoch), int(batches))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        current = self.epoch_fn() if self.epoch_fn is not None else None
+        if current is not None:  # Lightning's own epoch (set_epoch comes too late on resume)
+            self.epoch = int(current)
+        skip = 0
+        if self._resume is not None:
+            skip = self._resume[1] if self._resume[0] == self.epoch else 0
+            self._resume = None
+        return iter(list(self._batches())[skip:])
+
+    def _batches(self) -> Iterator[list[int]]:
+        for p in range(self.passes):
+            k = self.epoch * self.passes + p
+            sampler = EpochSampler(self.size, self.seed, weights=self.weights)
+            sampler.set_epoch(k)
+            order = sampler.order()
+            offset = (k % self.views) * self.size
+            for start in range(0, self.size, self.batch_size):
+                yield [offset + i for i in order[start:start + self.batch_size]]
+
+
+class ResumableLoader(DataLoader):
+    """A loader whose position Lightning checkpoints (it has ``state_dict``/``load_state_dict``).
+
+    A run resumed from a mid-epoch checkpoint (``--checkpoint-every-steps``, or a kill after one)
+    continues that epoch after the batches already trained on, instead of replaying its first
+    ones. The position is Lightning's own count of the epoch's processed batches.
+    """
+
+    def __init__(self, dataset: Dataset, batch_sampler: PassBatches, trainer_fn: Callable[[], L.Trainer | None],
+                 **kwargs):
+        super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
+        self.trainer_fn = trainer_fn
+
+    def state_dict(self) -> dict[str, int]:
+        trainer = self.trainer_fn()
+        if trainer is None:
+            return {"epoch": 0, "batches": 0}
+        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        if done >= trainer.num_training_batches:  # the epoch is complete: the next starts at its first batch
+            done = 0
+        return {"epoch": int(trainer.current_epoch), "batches": done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batch_sampler.resume_at(state.get("epoch", 0), state.get("batches", 0))
+
+
+class FeatureDataModule(L.LightningDataModule):
+    """Train/val loaders over cached features, ``passes`` passes over the training images per epoch.
+
+    Args:
+        features: the cached features and targets.
+        batch_size: rows per training batch.
+        seed: the run's seed (the order of every pass derives from it).
+        passes: passes over the cached features per epoch (the frozen warm-up makes 10: cheap, no
+            image is decoded).
+        weights: per-image draw weights (``--balance sampler``), or None.
+    """
+
+
+    def __init__(self, features: CachedFeatures, batch_size: int, seed: int = 0, passes: int = 1,
+                 weights: torch.Tensor | None = None):
+        super().__init__()
+        self.features, self.batch_size, self.seed = features, batch_size, seed
+        self.passes, self.weights = passes, weights
+        self.train_set = FeatureRows(features.train_x, features.train_y)
+        self.val_set = FeatureRows(features.val_x, features.val_y)
+
+    def batches_per_epoch(self) -> int:
+        """Training batches in one epoch (what the LR schedule and the EMA horizon count)."""
+        return self.passes * math.ceil(self.train_set.size / self.batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = getattr(self, "trainer", None)
+        trainer = trainer if isinstance(trainer, L.Trainer) else None
+        epoch_fn = (lambda: trainer.fit_loop.epoch_progress.current.processed) if trainer is not None else None
+        batches = PassBatches(self.train_set.size, self.features.train_x.shape[1], self.batch_size, self.passes,
+                              self.seed, self.weights, epoch_fn)
+        return ResumableLoader(self.train_set, batches, lambda: trainer, collate_fn=_whole_batch)
+
+    def val_dataloader(self) -> DataLoader:
+        # one batch: the features are in memory already, and a single validation step leaves no point
+        # for a SIGTERM to stop it midway (Lightning would not resume a validation part-done)
+        return DataLoader(self.val_set, batch_sampler=[list(range(len(self.val_set)))], collate_fn=_whole_batch)
+
+
 class InterruptCheckpoint(Callback):
     """Save a checkpoint when training stops on SIGTERM, Ctrl+C or an error.
 
@@ -103,30 +272,45 @@ class InterruptCheckpoint(Callback):
             print(f"warning: no interrupt checkpoint ({exc})", file=sys.stderr)
 
 
-def checkpoint_callbacks(ctx: TrainContext) -> list:
+def checkpoint_callbacks(ctx: TrainContext, prefix: str = "") -> list:
     """Checkpoints for --resume (the best model is model/, not these).
 
     The two newest epoch-end checkpoints are kept, so resume can fall back when the newest is
     unreadable; optionally every N steps too; and one on SIGTERM/SIGINT/crash. Each is written
-    atomically by :class:`AtomicCheckpointIO` (temp file, fsync, rename).
+    atomically by :class:`AtomicCheckpointIO` (temp file, fsync, rename). ``prefix`` names the
+    files of the head's trainer (``head-``), whose epochs and steps are counted apart from the body's.
     """
     newest_two = {"monitor": "step", "mode": "max", "save_top_k": 2, "enable_version_counter": False}
     callbacks = [
-        FolderModelCheckpoint(dirpath=ctx.checkpoint_dir, filename="epoch{epoch:03d}", save_on_train_epoch_end=True,
-                        auto_insert_metric_name=False, **newest_two),
-        InterruptCheckpoint(ctx.checkpoint_dir / "interrupted.ckpt"),
+        FolderModelCheckpoint(dirpath=ctx.checkpoint_dir, filename=prefix + "epoch{epoch:03d}",
+                              save_on_train_epoch_end=True, auto_insert_metric_name=False, **newest_two),
+        InterruptCheckpoint(ctx.checkpoint_dir / f"{prefix}interrupted.ckpt"),
     ]
     if ctx.cfg.runtime.checkpoint_every_steps:
-        callbacks.append(FolderModelCheckpoint(dirpath=ctx.checkpoint_dir, filename="step{step:07d}",
-                                         every_n_train_steps=ctx.cfg.runtime.checkpoint_every_steps,
-                                         auto_insert_metric_name=False, **newest_two))
+        callbacks.append(FolderModelCheckpoint(dirpath=ctx.checkpoint_dir, filename=prefix + "step{step:07d}",
+                                               every_n_train_steps=ctx.cfg.runtime.checkpoint_every_steps,
+                                               auto_insert_metric_name=False, **newest_two))
     return callbacks
 
 
-def make_trainer(ctx: TrainContext, callbacks: list, max_epochs: int) -> L.Trainer:
+def make_trainer(ctx: TrainContext, callbacks: list, max_epochs: int, on_features: bool = False,
+                 early_stopping: bool = True, logger=None) -> L.Trainer:
+    """The Lightning trainer of one fit, with the run's checkpoints, early stopping and progress bar.
+
+    Args:
+        on_features: the classifier layer on cached features: one process on the CPU, in fp32, where
+            the features lie (a linear layer gains nothing from moving there or from more processes),
+            its checkpoints named ``head-*``.
+        early_stopping: stop after ``--early-stopping`` epochs without improvement (not in a warm-up,
+            whose length is ``--freeze-epochs``).
+        logger: the Lightning logger (default: the run's; False: none).
+    """
     rt, optim = ctx.cfg.runtime, ctx.cfg.optim
-    callbacks = [c for c in callbacks if c is not None] + checkpoint_callbacks(ctx)
-    if optim.early_stopping:
+    # a head's trainer is one process even inside a multi-process run (whose other ranks repeat the
+    # warm-up): only rank 0 writes its checkpoints
+    checkpoints = checkpoint_callbacks(ctx, "head-" if on_features else "") if not on_features or is_rank_zero() else []
+    callbacks = [c for c in callbacks if c is not None] + checkpoints
+    if optim.early_stopping and early_stopping:
         callbacks.append(EarlyStopping(monitor=f"val_{optim.select_metric}", mode="max",
                                        patience=optim.early_stopping))
     progress = sys.stderr.isatty() if rt.progress is None else rt.progress
@@ -137,15 +321,15 @@ def make_trainer(ctx: TrainContext, callbacks: list, max_epochs: int) -> L.Train
         kwargs["limit_train_batches"] = rt.limit_train_batches
     if rt.limit_val_batches is not None:
         kwargs["limit_val_batches"] = rt.limit_val_batches
+    if on_features:
+        kwargs.update(accelerator="cpu", devices=1, num_nodes=1, strategy="auto", precision="32-true")
+    else:
+        kwargs.update(accelerator="auto", devices=rt.devices, num_nodes=rt.num_nodes, strategy=rt.distributed,
+                      precision=LIGHTNING_PRECISION[ctx.precision])
     return L.Trainer(
         max_epochs=max_epochs,
-        accelerator="auto",
-        devices=rt.devices,
-        num_nodes=rt.num_nodes,
-        strategy=rt.distributed,
         use_distributed_sampler=False,  # ImageDataModule shards: train padded, val exactly once
-        precision=LIGHTNING_PRECISION[ctx.precision],
-        logger=ctx.logger,
+        logger=ctx.logger if logger is None else logger,
         callbacks=callbacks,
         num_sanity_val_steps=0,
         enable_model_summary=False,
@@ -153,8 +337,65 @@ def make_trainer(ctx: TrainContext, callbacks: list, max_epochs: int) -> L.Train
         log_every_n_steps=10,
         default_root_dir=ctx.run_dir,
         plugins=[AtomicCheckpointIO()],
+        enable_checkpointing=bool(checkpoints),  # else Lightning would add a checkpoint of its own
         **kwargs,
     )
+
+
+@dataclass
+class FitOutcome:
+    """How one fit ended: its best validation score, the trained module's weights at that epoch
+    (a warm-up's head), and whether the time budget's deadline stopped it."""
+
+    best: float | None
+    best_state: dict[str, torch.Tensor] | None
+    out_of_time: bool
+
+
+def run_fit(ctx: TrainContext, module: ClassifierModule, data: L.LightningDataModule, epochs: int,
+            steps_per_epoch: int, *, epoch_offset: int = 0, best: float | None = None,
+            resume: Path | None = None, warmup: bool = False, extra: Callback | None = None) -> FitOutcome:
+    """The one loop: fit ``module`` on ``data`` for ``epochs`` with the run's callbacks.
+
+    Every fit gets the metrics rows (numbered after ``epoch_offset`` epochs already run), the
+    best-epoch ``model/`` (replaced only when ``best`` is beaten), the deadline of a time budget and
+    the checkpoints for ``--resume``; the run's own training (not a ``warmup``) also gets
+    ``--ema`` and ``--early-stopping``.
+
+    Args:
+        steps_per_epoch: optimizer steps per epoch (the EMA's horizon).
+        resume: the checkpoint to continue from (this fit's own phase), or None.
+        extra: one more callback (progressive's freezing schedule).
+    """
+    cfg = ctx.cfg
+    on_features = module.phase == HEAD_PHASE
+    saver = BestModelSaver(ctx.save_best, f"val_{cfg.optim.select_metric}", best, epoch_offset, keep_state=warmup)
+    recorder = MetricsRecorder(ctx.layout.metrics_csv, cfg.optim.epochs, epoch_offset)
+    ema = EMA(steps_per_epoch * epochs) if cfg.optim.ema and not warmup else None
+    timing = time_callbacks(ctx, epoch_offset, on_features)
+    # the saver before the EMA: validation scores the averaged weights, which the saver must save
+    callbacks = [extra, recorder, saver, ema, *timing]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*GPU available but not used.*")  # a head trains on the CPU
+        # a warm-up is not logged: its steps would overlap the fine-tuning's in the run's logger
+        trainer = make_trainer(ctx, callbacks, epochs, on_features, early_stopping=not warmup,
+                               logger=False if warmup else None)
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*The number of training batches.*")
+        # frozen layers and --bn-stats frozen keep BatchNorm in eval mode on purpose
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+        # expected: a resumed run's, and the fine-tuning's after the warm-up's (one folder for the run)
+        warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None, weights_only=True)
+        except (SIGTERMException, SystemExit) as exc:  # SIGTERM, or Lightning's exit after Ctrl+C
+            if trainer.state.status != TrainerStatus.INTERRUPTED:
+                raise
+            raise TrainingInterrupted(
+                f"training interrupted; checkpoint saved in {ctx.checkpoint_dir}. Continue with: "
+                f"visiontune train --resume {ctx.run_dir}") from exc
+    deadline = next((c for c in timing if isinstance(c, Deadline)), None)
+    return FitOutcome(saver.best, saver.best_state, bool(deadline and deadline.stopped))
 
 
 def fit_lightning(
@@ -164,12 +405,15 @@ def fit_lightning(
     freeze: FreezeSchedule | None,
     epoch_offset: int = 0,
     best: float | None = None,
-) -> None:
-    """Train the context's model for the epochs after ``epoch_offset``; save the best as ``model/``.
+    resume: Path | None = None,
+) -> FitOutcome:
+    """Train the context's whole model on images for the epochs after ``epoch_offset``; save the
+    best as ``model/``.
 
     Args:
         epoch_offset: epochs already run (the frozen warm-up on cached features).
-        best: the best validation accuracy so far; ``model/`` is only replaced when beaten.
+        best: the best validation score so far; ``model/`` is only replaced when beaten.
+        resume: a checkpoint of this fit to continue from.
     """
     # Re-seed: the frozen warm-up consumes random numbers only on a feature-cache miss, and the
     # same seed must give the same run whether the cache was warm or cold.
@@ -178,32 +422,35 @@ def fit_lightning(
     module = make_module(ctx, body_groups, body_lrs)
     model.to(memory_format=torch.channels_last)
     module.train()  # Lightning keeps the current mode; feature extraction may have left eval
-    epochs = ctx.cfg.optim.epochs
-    saver = BestModelSaver(lambda m, metrics: ctx.save_best(m, metrics), f"val_{ctx.cfg.optim.select_metric}", best,
-                           epoch_offset)
-    recorder = MetricsRecorder(ctx.layout.metrics_csv, epochs, epoch_offset)
-    ema = EMA(stepping_steps(ctx, epochs - epoch_offset)) if ctx.cfg.optim.ema else None
-    trainer = make_trainer(ctx, [freeze, recorder, saver, ema, *time_callbacks(ctx, epoch_offset)],
-                           epochs - epoch_offset)
     data = ImageDataModule(ctx)
-    if ctx.cfg.optim.auto_batch_size and not ctx.resume_ckpt:
+    if ctx.cfg.optim.auto_batch_size and not resume:
         tune_batch_size(ctx, module, data)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*The number of training batches.*")
-        # frozen layers and --bn-stats frozen keep BatchNorm in eval mode on purpose
-        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
-        if ctx.resume_ckpt:  # expected when resuming into the same run dir
-            warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
-        try:
-            trainer.fit(module, datamodule=data, ckpt_path=str(ctx.resume_ckpt) if ctx.resume_ckpt else None,
-                        weights_only=True)
-        except (SIGTERMException, SystemExit) as exc:  # SIGTERM, or Lightning's exit after Ctrl+C
-            if trainer.state.status != TrainerStatus.INTERRUPTED:
-                raise
-            raise TrainingInterrupted(
-                f"training interrupted; checkpoint saved in {ctx.checkpoint_dir}. Continue with: "
-                f"visiontune train --resume {ctx.run_dir}") from exc
+    epochs = ctx.cfg.optim.epochs - epoch_offset
+    return run_fit(ctx, module, data, epochs, stepping_steps(ctx, 1), epoch_offset=epoch_offset, best=best,
+                   resume=resume, extra=freeze)
+
+
+def fit_head(ctx: TrainContext, features: CachedFeatures, epochs: int, passes_per_epoch: int = 1,
+             warmup: bool = False, resume: Path | None = None) -> FitOutcome:
+    """Train the model's classifier layer on cached features for ``epochs``, through :func:`run_fit`.
+
+    Pass ``p`` of epoch ``e`` reads cached view ``(e * passes_per_epoch + p) mod V``. The loss, LR,
+    optimizer and schedule are the run's (the schedule spans these ``epochs``); the best epoch
+    saves the whole model as ``model/``.
+
+    Args:
+        warmup: the frozen warm-up before fine-tuning: neither EMA nor early stopping, and the
+            outcome carries the best epoch's head, to be loaded before the body trains.
+        resume: a checkpoint of this fit (``head-*.ckpt``) to continue from.
+    """
+    cfg = ctx.cfg
+    head = ctx.classifier
+    for p in head.parameters():
+        p.requires_grad = True
+    module = make_head_module(ctx)
+    weights = ctx.sample_weights([ctx.splits.train[i] for i in features.train_kept])
+    data = FeatureDataModule(features, ctx.batch_size, cfg.runtime.seed, passes_per_epoch, weights)
+    return run_fit(ctx, module, data, epochs, data.batches_per_epoch(), resume=resume, warmup=warmup)
 
 
 def stepping_steps(ctx: TrainContext, epochs: int) -> int:
@@ -211,15 +458,17 @@ def stepping_steps(ctx: TrainContext, epochs: int) -> int:
     return math.ceil(len(ctx.splits.train) / ctx.batch_size) * epochs
 
 
-def time_callbacks(ctx: TrainContext, epoch_offset: int) -> list[Callback]:
-    """The deadline of a time budget, or the forecast of a run without one."""
+def time_callbacks(ctx: TrainContext, epoch_offset: int, on_features: bool = False) -> list[Callback]:
+    """The deadline of a time budget, or the forecast of a run without one (of images: a head's
+    epochs on cached features take moments)."""
     finish = len(ctx.splits.val) * 3 / 500 + FINISH_FIXED_S  # refined by the plan when there is one
-    if ctx.plan is not None:
-        finish = ctx.plan.projected.get("finish", finish) + ctx.plan.val_pass_s
+    if ctx.plan is not None:  # a head validates on cached features: no validation pass to reserve
+        finish = ctx.plan.projected.get("finish", finish) + (0.0 if on_features else ctx.plan.val_pass_s)
     if ctx.deadline is not None:
         return [Deadline(ctx.deadline, finish, has_model=lambda: (ctx.model_dir / "model.json").is_file(),
                          epoch_offset=epoch_offset)]
-    return [Forecast(ctx.cfg.optim.epochs, epoch_offset, len(ctx.splits.val), finish, hint=True)]
+    return [] if on_features else [Forecast(ctx.cfg.optim.epochs, epoch_offset, len(ctx.splits.val), finish,
+                                            hint=True)]
 
 
 def make_module(ctx: TrainContext, body_groups: list[list[str]], body_lrs: list[float]) -> ClassifierModule:
@@ -229,7 +478,14 @@ def make_module(ctx: TrainContext, body_groups: list[list[str]], body_lrs: list[
                             ctx.schedule_settings(), cfg.optim.label_smoothing, ctx.class_weights(),
                             freeze_bn_stats=cfg.strategy.bn_stats == "frozen", compile=cfg.runtime.compile,
                             mixup=(cfg.optim.mixup, cfg.optim.cutmix), tta=bool(cfg.model.tta),
-                            multi_label=ctx.multi_label)
+                            task=ctx.task)
+
+
+def make_head_module(ctx: TrainContext) -> HeadModule:
+    """The run's classifier layer as a :class:`HeadModule`: the run's loss, metrics, optimizer and schedule."""
+    cfg = ctx.cfg
+    return HeadModule(ctx.classifier, ctx.optimizer_settings(), ctx.schedule_settings(), cfg.optim.label_smoothing,
+                      ctx.class_weights(), task=ctx.task)
 
 
 def tune_batch_size(ctx: TrainContext, module: ClassifierModule, data: ImageDataModule) -> int:

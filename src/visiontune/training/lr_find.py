@@ -17,8 +17,8 @@ from .setup import setup_run
 SWEEP_BODY_LR = 1e-3
 
 
-def lr_find(cfg: TrainConfig, num_training: int = 100) -> tuple[float | None, Path]:
-    """Sweep the learning rate exponentially over ``num_training`` steps with every layer
+def lr_find(cfg: TrainConfig, steps: int = 100) -> tuple[float | None, Path]:
+    """Sweep the learning rate exponentially over ``steps`` optimizer steps with every layer
     trainable (one LR for all layers during the sweep); save ``lr_find.png`` and return
     (suggested head LR, run dir). The run dir is a new ``runs/lr-find-N`` (or ``--run-dir``).
 
@@ -36,7 +36,7 @@ def lr_find(cfg: TrainConfig, num_training: int = 100) -> tuple[float | None, Pa
                         default_root_dir=ctx.run_dir)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        finder = Tuner(trainer).lr_find(module, datamodule=data, num_training=num_training, update_attr=False)
+        finder = Tuner(trainer).lr_find(module, datamodule=data, num_training=steps, update_attr=False)
     suggestion = finder.suggestion() if finder is not None else None
     if finder is not None:
         fig = finder.plot(suggest=True)

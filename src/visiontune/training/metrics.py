@@ -15,11 +15,8 @@ import tempfile  # noqa: F401  (used by the doctest)
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..core.hardware import is_rank_zero
 from ..core.safe_io import atomic_writer, open_append
-from .objective import accuracy_of
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds",
                   "train_images_per_second"]
@@ -92,29 +89,3 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
 
-
-def selection_score(metric: str, logits: torch.Tensor, target: torch.Tensor) -> float:
-    """The ``--select-metric`` value of validation logits (for trainers outside Lightning);
-    multi-hot ``target`` [N, C] for multi-label data (macro mAP, macro F1 at p = 0.5, accuracy)."""
-    # lazy: the cached-feature heads load torchmetrics only when this metric asks for it
-    from torchmetrics.functional.classification import (
-        multiclass_f1_score,
-        multiclass_recall,
-        multilabel_accuracy,
-        multilabel_average_precision,
-        multilabel_f1_score,
-    )
-
-    n = logits.shape[1]
-    if target.dim() == 2:
-        y, logits = target.int(), torch.sigmoid(logits.float())  # probabilities: see ClassifierModule._step
-        if metric == "map":
-            return float(multilabel_average_precision(logits, y, num_labels=n, average="macro"))
-        if metric == "macro_f1":
-            return float(multilabel_f1_score(logits, y, num_labels=n, average="macro"))
-        return float(multilabel_accuracy(logits, y, num_labels=n, average="micro"))
-    if metric == "macro_f1":
-        return float(multiclass_f1_score(logits, target, num_classes=n, average="macro"))
-    if metric == "balanced_accuracy":
-        return float(multiclass_recall(logits, target, num_classes=n, average="macro"))
-    return accuracy_of(logits, target)

@@ -1,6 +1,8 @@
-"""The LightningModule: loss, metrics, discriminative learning rates and the schedule.
+"""The LightningModules: loss, metrics, discriminative learning rates and the schedule, for the
+whole network (:class:`ClassifierModule`) or its classifier layer on cached features (:class:`HeadModule`).
 
-It takes the few hyperparameters it uses, not the run's whole config.
+It takes the few hyperparameters it uses, not the run's whole config; the loss, the metrics and
+the mixed targets are its :class:`~visiontune.task.Task`'s.
 """
 
 from __future__ import annotations
@@ -11,19 +13,11 @@ import lightning as L
 import torch
 from torch import nn
 from torchmetrics import Metric
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassF1Score,
-    MulticlassRecall,
-    MultilabelAccuracy,
-    MultilabelAveragePrecision,
-    MultilabelF1Score,
-)
 
 from ..inference.runners import forward_logits
 from ..models.groups import head_parameter_names
-from .checkpoint_io import restore_rng, rng_state
-from .objective import loss_function
+from ..task import Task, get_task
+from .checkpoint_io import BODY_PHASE, HEAD_PHASE, PHASE_KEY, restore_rng, rng_state
 from .optim import OptimizerSettings, ScheduleSettings, make_optimizer, make_scheduler
 
 
@@ -37,19 +31,21 @@ class ClassifierModule(L.LightningModule):
         body_lrs: one LR per body group.
         optimizer: optimizer name, peak LR, weight decay, momentum.
         schedule: LR schedule over the run.
-        label_smoothing: of the cross-entropy loss (single-label).
+        label_smoothing: of the cross-entropy loss (single-label; see :meth:`Task.loss <visiontune.task.Task.loss>`).
         class_weights: optional per-class loss weights (multi-label: per-label ``pos_weight``).
         freeze_bn_stats: keep every BatchNorm's running statistics (``--bn-stats frozen``).
         compile: train a ``torch.compile`` view of the model.
         mixup: mixup and cutmix alphas (timm's ``Mixup``; both 0: off).
         tta: validate with the flip test-time augmentation every prediction of the model will use.
-        multi_label: sigmoid outputs, binary cross-entropy and multi-label metrics (targets ``[B, C]``).
+        task: what the model answers (a :class:`~visiontune.task.Task` or its name): its loss,
+            its metrics (``accuracy`` and the ``--select-metric`` ones, logged as ``val_<name>``)
+            and its mixed targets.
     """
 
     def __init__(self, model: nn.Module, classifier: str, body_groups: list[list[str]], body_lrs: list[float],
                  optimizer: OptimizerSettings, schedule: ScheduleSettings, label_smoothing: float = 0.0,
                  class_weights: torch.Tensor | None = None, freeze_bn_stats: bool = False, compile: bool = False,
-                 mixup: tuple[float, float] = (0.0, 0.0), tta: bool = False, multi_label: bool = False):
+                 mixup: tuple[float, float] = (0.0, 0.0), tta: bool = False, task: str | Task = "single"):
         super().__init__()
         self.model = model
         self.classifier = classifier
@@ -61,29 +57,22 @@ class ClassifierModule(L.LightningModule):
         # torch.compile'd view of the same module: parameters and state_dict stay model's own
         self.forward_fn = torch.compile(model) if compile else model
         num_classes = model.get_submodule(classifier).out_features
-        self.loss_fn = loss_function(multi_label, class_weights, label_smoothing)
-        self.multi_label = multi_label
+        self.task = get_task(task)
+        self.loss_fn = self.task.loss(class_weights, label_smoothing)
         self.tta = tta
         self.mixup_fn = None
         if any(mixup):  # soft targets: the label smoothing moves into the mixed labels
             from timm.data import Mixup  # lazy: only runs that mix images need it
 
-            # multi-label: the two images' multi-hot targets mixed by the same lambda (no smoothing)
             self.mixup_fn = Mixup(mixup_alpha=mixup[0], cutmix_alpha=mixup[1], num_classes=num_classes,
-                                  label_smoothing=0.0 if multi_label else label_smoothing, multi_label=multi_label)
-        if multi_label:  # accuracy: label decisions right at p = 0.5; selection by macro mAP by default
-            self.train_acc = MultilabelAccuracy(num_labels=num_classes, average="micro")
-            self.val_acc = MultilabelAccuracy(num_labels=num_classes, average="micro")
-            self.val_macro_f1 = MultilabelF1Score(num_labels=num_classes, average="macro")
-            self.val_map = MultilabelAveragePrecision(num_labels=num_classes, average="macro")
-            self.extra_metrics = ("macro_f1", "map")
-        else:
-            self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
-            self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
-            # model selection metrics (--select-metric); balanced accuracy = macro-averaged recall
-            self.val_macro_f1 = MulticlassF1Score(num_classes=num_classes, average="macro")
-            self.val_balanced_accuracy = MulticlassRecall(num_classes=num_classes, average="macro")
-            self.extra_metrics = ("macro_f1", "balanced_accuracy")
+                                  **self.task.mixup_options(label_smoothing))
+        self.train_acc = self.task.metrics(num_classes)["accuracy"]
+        val_metrics = self.task.metrics(num_classes)
+        self.val_acc = val_metrics.pop("accuracy")
+        # model selection metrics (--select-metric), each a submodule val_<name> (moved with the model)
+        self.extra_metrics = tuple(val_metrics)
+        for name, metric in val_metrics.items():
+            setattr(self, f"val_{name}", metric)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_fn(x)
@@ -108,9 +97,13 @@ class ClassifierModule(L.LightningModule):
         # set train mode explicitly, which also re-applies the BatchNorm rule above.
         self.train()
 
+    #: which trainer's checkpoints this module writes (see :data:`~visiontune.training.checkpoint_io.PHASE_KEY`)
+    phase = BODY_PHASE
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Lightning does not store RNG state; without it dropout/drop-path differ after --resume
         checkpoint["visiontune_rng"] = rng_state()
+        checkpoint[PHASE_KEY] = self.phase
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         restore_rng(checkpoint.get("visiontune_rng"))
@@ -122,14 +115,11 @@ class ClassifierModule(L.LightningModule):
         if prefix == "train" and self.mixup_fn is not None and len(y) % 2 == 0:  # timm mixes pairs
             x, soft = self.mixup_fn(x, y)
             logits = self(x)
-            loss = (self.loss_fn(logits.float(), soft) if self.multi_label
-                    else torch.sum(-soft * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean())
+            loss = self.task.soft_loss(self.loss_fn, logits, soft)
         else:
             logits = forward_logits(self, x, tta=self.tta and prefix == "val")
             loss = self.loss_fn(logits.float(), y)
-        # torchmetrics' multi-label metrics take probabilities (raw logits all inside [0, 1] would be
-        # read as probabilities) and integer targets
-        scores, y_metric = (torch.sigmoid(logits.float()), y.int()) if self.multi_label else (logits, y)
+        scores, y_metric = self.task.metric_inputs(logits, y)
         metric(scores, y_metric)
         if prefix == "val":
             self._extra_val_metrics(scores, y_metric)
@@ -164,9 +154,90 @@ class ClassifierModule(L.LightningModule):
         # gradient. The schedule therefore covers all groups and resume sees the same groups.
         opt = make_optimizer(self.param_groups(), self.optimizer_settings)
         total = max(1, stepping_batches(self.trainer))
-        steps_per_epoch = max(1, total // max(1, self.schedule_settings.epochs))
-        sched = make_scheduler(opt, self.schedule_settings, total, steps_per_epoch)
+        sched = make_scheduler(opt, self.schedule_settings, total, self.steps_per_epoch(total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def steps_per_epoch(self, total: int) -> int:
+        """Optimizer steps per epoch for the schedule's warm-up and step decay, given this fit's ``total``."""
+        return max(1, total // max(1, self.schedule_settings.epochs))
+
+
+class HeadModule(ClassifierModule):
+    """The classifier layer alone, trained on cached features of the frozen body.
+
+    The same loss, metrics, logged names and checkpoint contents as :class:`ClassifierModule`, so
+    the one Lightning loop (callbacks for the deadline, early stopping, EMA, checkpoints and
+    metrics) trains it. Batches are ``(features [B, d], targets)``; there is no image to mix or
+    mirror.
+
+    A linear layer's step costs less than logging it: the epoch's training loss and accuracy are
+    summed here and logged once, after its last batch (or the batch a stop came after). The sums
+    are kept in the checkpoint and the loader's position too
+    (:class:`~visiontune.training.lightning_fit.ResumableLoader`), so a run stopped mid-epoch (SIGTERM,
+    or a kill after a ``--checkpoint-every-steps`` checkpoint) resumes bit-exactly.
+
+    Args:
+        head: the model's classifier layer (a submodule of the run's model, trained in place).
+        optimizer, schedule, label_smoothing, class_weights, task: as :class:`ClassifierModule`.
+    """
+
+    phase = HEAD_PHASE
+
+    def __init__(self, head: nn.Module, optimizer: OptimizerSettings, schedule: ScheduleSettings,
+                 label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None,
+                 task: str | Task = "single"):
+        super().__init__(head, "", [], [], optimizer, schedule, label_smoothing, class_weights, task=task)
+        self.epoch_sums = {"loss": 0.0, "correct": 0.0, "rows": 0}
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        loss = self.loss_fn(logits.float(), y)
+        with torch.no_grad():
+            self.epoch_sums["loss"] += float(loss) * len(y)
+            self.epoch_sums["correct"] += self.task.accuracy(logits, y) * len(y)
+            self.epoch_sums["rows"] += len(y)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # after the callbacks' hook: a deadline's stop after this batch is already known
+        if batch_idx + 1 < self.trainer.num_training_batches and not self.trainer.should_stop:
+            return
+        rows = max(1, self.epoch_sums["rows"])
+        self.log("train_loss", self.epoch_sums["loss"] / rows, on_step=False, on_epoch=True, prog_bar=True,
+                 batch_size=1)
+        self.log("train_accuracy", self.epoch_sums["correct"] / rows, on_step=False, on_epoch=True, prog_bar=True,
+                 batch_size=1)
+        self.epoch_sums = {"loss": 0.0, "correct": 0.0, "rows": 0}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["visiontune_epoch_sums"] = dict(self.epoch_sums)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.epoch_sums = dict(checkpoint.get("visiontune_epoch_sums") or self.epoch_sums)
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": list(self.model.parameters()), "lr": self.optimizer_settings.peak_lr, "name": "head"}]
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, prefix: str) -> dict[str, float]:
+        """What an epoch of the loop logs for features ``x`` and targets ``y`` as ``{prefix}_loss``,
+        ``{prefix}_accuracy`` and, for ``val``, each selection metric (``val_<name>``): the scores of
+        a head fitted in one step, computed as a trained one's are."""
+        logits = self.model(x)
+        scores, target = self.task.metric_inputs(logits, y)
+        metrics = self.task.metrics(logits.shape[1])
+        out = {f"{prefix}_loss": float(self.loss_fn(logits.float(), y)),
+               f"{prefix}_accuracy": float(metrics.pop("accuracy")(scores, target))}
+        if prefix == "val":
+            out.update({f"val_{name}": float(metric(scores, target)) for name, metric in metrics.items()})
+        return out
+
+    def steps_per_epoch(self, total: int) -> int:
+        # this fit's own epochs (the warm-up's are fewer than the run's): the head's schedule spans them
+        return max(1, total // max(1, self.trainer.max_epochs))
 
 
 def stepping_batches(trainer: L.Trainer) -> int:
@@ -177,10 +248,13 @@ def stepping_batches(trainer: L.Trainer) -> int:
     order. Counting from the dataset avoids iterating anything.
     """
     data = trainer.datamodule
-    if data is None or not hasattr(data, "train_set"):
+    if data is not None and hasattr(data, "batches_per_epoch"):  # cached features: passes of known batches
+        batches = data.batches_per_epoch()
+    elif data is None or not hasattr(data, "train_set"):
         return int(trainer.estimated_stepping_batches)
-    per_rank = math.ceil(len(data.train_set) / max(1, trainer.world_size))
-    batches = math.ceil(per_rank / data.batch_size)
+    else:
+        per_rank = math.ceil(len(data.train_set) / max(1, trainer.world_size))
+        batches = math.ceil(per_rank / data.batch_size)
     limit = trainer.limit_train_batches
     if isinstance(limit, int):
         batches = min(batches, limit)

@@ -30,9 +30,9 @@ OPTIMIZERS = Registry("optimizer", {"adamw": ("torch.optim:AdamW", "AdamW (defau
 DEFAULT_LR = {"adamw": 1e-3, "adam": 1e-3, "sgd": 1e-2}
 
 LOGGERS = Registry("logger", {
-    "csv": (_TRAINING + "tracking:csv_logger", "RUN/logs/metrics.csv"),
-    "tensorboard": (_TRAINING + "tracking:tensorboard_logger", "RUN/logs/ event files"),
-    "mlflow": (_TRAINING + "tracking:mlflow_logger", "an MLflow run at $MLFLOW_TRACKING_URI (default "
+    "csv": (_TRAINING + "loggers:csv_logger", "RUN/logs/metrics.csv"),
+    "tensorboard": (_TRAINING + "loggers:tensorboard_logger", "RUN/logs/ event files"),
+    "mlflow": (_TRAINING + "loggers:mlflow_logger", "an MLflow run at $MLFLOW_TRACKING_URI (default "
                "sqlite:///mlflow.db): params, metrics, artifacts and the model as an MLflow pyfunc")})
 
 # choices whose implementation is a branch in the code that reads them
@@ -48,5 +48,7 @@ BALANCE = Registry.choices("balance", none="no re-weighting", weights="class-wei
 SELECT_METRICS = Registry.choices("select_metric", accuracy="top-1 accuracy", macro_f1="macro-averaged F1",
                                   balanced_accuracy="macro-averaged recall",
                                   map="macro mean average precision (multi-label, and its default)")
+# --task: auto, or the name of a task of visiontune.task.TASKS with its description. A copy: the CLI
+# parser builds without torch, which visiontune.task imports; tests/test_config.py keeps it in step.
 TASKS = Registry.choices("task", auto="multi-label for a one-hot CSV or rows with 0 or 2+ labels, else single",
                          single="one class per image", multi="any number of classes per image (sigmoid outputs)")

@@ -14,44 +14,49 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..core.errors import ConfigError
-from ..core.hardware import available_memory, is_rank_zero, process_started, resolve_precision
+from ..core.hardware import available_memory, is_rank_zero, resolve_precision
 from ..core.layout import RunLayout
+from ..data.labels import per_task
 from ..data.memory import should_cache, store_side
 from ..data.preprocess import Preprocessing
 from ..data.scan import Splits, discover, median_side, write_skipped, write_split_csv
 from ..models.factory import build_model, fit_input_size
+from ..task import TASKS, Task, get_task
 from .budget import (
     FORECAST_MIN_IMAGE_EPOCHS,
+    Facts,
     Plan,
     candidate_sizes,
     decode_seconds,
+    fixed_options,
     forecast,
     format_duration,
+    measure_throughput,
     parse_duration,
     plan_run,
-    probe,
 )
 from .checkpoint_io import newest_valid_checkpoint, remove_stale_temp_files
-from .config import TrainConfig
-from .context import TrainContext
+from .config import OPTIONS, TrainConfig
+from .context import FitResult, TrainContext
+from .levers import check_options, levers_line
 from .registry import LOGGERS, RANDOM_INIT, STRATEGIES
 
 RUN_DIR_ENV = "VISIONTUNE_RUN_DIR"
-# what --time decides, unless the user gave it
-PLANNED = ("strategy", "img_size", "epochs", "freeze_epochs", "augment", "resize_mode", "head", "lr_mult",
-           "warmup_epochs", "bn_stats", "ema", "tta", "mixup")
 IMBALANCE_WARNING = 5.0  # max/min class ratio above which training warns
 
 
-def setup_run(cfg: TrainConfig, prefix: str = "train") -> TrainContext:
+def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = None) -> TrainContext:
     """Run dir, seeded RNGs, checked data splits and the model: everything before training.
+
+    ``started`` is when the command's time began (``time.time()`` units; default: now): a
+    ``--time`` budget counts from it, so the CLI passes its process start.
 
     Example:
         ctx = setup_run(TrainConfig.from_dict({"data": "photos", "epochs": 1}))
     """
     import lightning as L  # lazy: Lightning loads only when a run starts (not for --help or errors)
 
-    started = budget_start()
+    started = time.time() if started is None else started
     if cfg.runtime.time and (cfg.runtime.devices > 1 or cfg.runtime.num_nodes > 1):
         # every rank would plan and stop on its own measurements: ranks that disagree block each other
         raise ConfigError("--time plans a single-process run; drop --time or use --devices 1 --num-nodes 1")
@@ -64,6 +69,8 @@ def setup_run(cfg: TrainConfig, prefix: str = "train") -> TrainContext:
         cfg, run_dir, resume_ckpt = prepare_resume(cfg)
     elif not cfg.data.path:
         raise ConfigError("no data given: visiontune train DATA (a folder or a path,label CSV)")
+    if not cfg.runtime.resume:  # a resumed run's options were checked when it started
+        check_options(cfg)
     L.seed_everything(cfg.runtime.seed, workers=True, verbose=False)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
@@ -83,10 +90,11 @@ def setup_run(cfg: TrainConfig, prefix: str = "train") -> TrainContext:
     plan, deadline = None, None
     if cfg.runtime.time and not cfg.runtime.resume:
         cfg, pre, plan = plan_budget(cfg, model, pre, splits, default_side, started)
+        check_options(cfg, planned=True)
         deadline = started + parse_duration(cfg.runtime.time)
     elif not cfg.runtime.resume and len(splits.train) * cfg.optim.epochs >= FORECAST_MIN_IMAGE_EPOCHS:
         finetune = cfg.strategy.name != "linear-probe"
-        (measured,) = probe(model, [pre.height], cfg.runtime.precision, cfg.optim.batch_size, seconds=1.0)
+        (measured,) = measure_throughput(model, [pre.height], cfg.runtime.precision, cfg.optim.batch_size, seconds=1.0)
         _, line = forecast(measured, len(splits.train), len(splits.val), len(splits.test), cfg.optim.epochs,
                            min(cfg.strategy.freeze_epochs, cfg.optim.epochs) if finetune else 0, finetune,
                            time.time() - started)
@@ -107,64 +115,64 @@ def setup_run(cfg: TrainConfig, prefix: str = "train") -> TrainContext:
     print(f"model: {cfg.model.name} ({arch.source}:{arch.name}, weights={weights}), strategy {cfg.strategy.name}, "
           f"input {pre.height}x{pre.width} {pre.resize_mode}, precision {precision}"
           + (f", images in memory (~{needed / 2**20:.0f} MiB)" if cache else ""))
+    print(levers_line(cfg))
     ctx = TrainContext(cfg, layout, model, arch, pre, splits, precision, resume_ckpt, cfg.optim.batch_size, cache,
-                       deadline, plan)
+                       deadline, plan, started=started)
     ctx.logger = LOGGERS.get(cfg.runtime.logger)(run_dir, layout.logs, Path(run_dir).name,
                                                  cfg.replace(run_dir=str(run_dir)).to_dict())
     return ctx
 
 
-def adapt_to_task(cfg: TrainConfig, task: str) -> TrainConfig:
-    """Refuse what the task does not support, naming it; multi-label selects by macro mAP unless told."""
-    if task == "single":
-        if cfg.optim.select_metric == "map":
-            raise ConfigError("--select-metric map is for multi-label data; single-label runs take accuracy, "
-                              "macro_f1 or balanced_accuracy")
-        return cfg
-    if cfg.optim.select_metric == "balanced_accuracy":
-        raise ConfigError("--select-metric balanced_accuracy is for single-label data; multi-label runs take map "
-                          "(the default), macro_f1 or accuracy")
-    if "select_metric" not in cfg.given:
-        cfg = cfg.replace(select_metric="map")
+def adapt_to_task(cfg: TrainConfig, task: str | Task) -> TrainConfig:
+    """Refuse a ``--select-metric`` the task does not compute, naming the task that does and what this
+    one takes; the task's own default selection (multi-label: macro mAP) applies unless told."""
+    task = get_task(task)
+    default = task.default_selection
+    takes = [default, *(m for m in (*task.selection_metrics, "accuracy") if m != default)]
+    metric = cfg.optim.select_metric
+    if metric not in takes:
+        owner = next((t.title for t in TASKS.values() if metric in t.selection_metrics), "another kind of")
+        # "(the default)" where the task's default is not the option's own
+        shown = [f"{m} (the default)" if m == default != OPTIONS["select_metric"].default else m for m in takes]
+        raise ConfigError(f"--select-metric {metric} is for {owner} data; {task.title} runs take "
+                          f"{', '.join(shown[:-1])} or {shown[-1]}")
+    if "select_metric" not in cfg.given and metric != default:
+        cfg = cfg.replace(select_metric=default)
     return cfg
-
-
-def budget_start() -> float:
-    """When this command's time started: the process start for a fresh ``visiontune`` command (its
-    interpreter start-up counts), else now (later entries of ``compare``, a notebook session)."""
-    global _STARTED_BEFORE
-    started, now = process_started(), time.time()
-    first, _STARTED_BEFORE = not _STARTED_BEFORE, True
-    return started if first and now - started < FRESH_PROCESS_S else now
-
-
-_STARTED_BEFORE = False
-FRESH_PROCESS_S = 120.0  # a process older than this was not started for this command
 
 
 def plan_budget(cfg: TrainConfig, model, pre: Preprocessing, splits: Splits, default_side: int,
                 started: float) -> tuple[TrainConfig, Preprocessing, Plan]:
-    """Measure this machine and plan the run for ``cfg.runtime.time``; return the planned config
-    (the user's own options kept) and preprocessing."""
+    """Measure this machine (the :class:`Facts`), plan the run for ``cfg.runtime.time`` and apply
+    the plan: return the planned config (the user's own options kept) and preprocessing."""
     budget = parse_duration(cfg.runtime.time)
     native = median_side([p for p, _ in splits.train])
-    fixed = {k: cfg.get(k) for k in PLANNED if k in cfg.given}
+    fixed = fixed_options(cfg)
     sizes = [fixed["img_size"]] if "img_size" in fixed else candidate_sizes(native, default_side)
     print(f"time budget {format_duration(budget)}: measuring this machine at {', '.join(map(str, sizes))} px "
           f"(images' median side {native} px)", flush=True)
-    throughputs = probe(model, sizes, cfg.runtime.precision, cfg.optim.batch_size)
+    throughputs = measure_throughput(model, sizes, cfg.runtime.precision, cfg.optim.batch_size)
     decode_s = decode_seconds([p for p, _ in splits.train], pre)
-    plan = plan_run(budget, len(splits.train), len(splits.val), native, default_side, throughputs,
-                    elapsed=time.time() - started, n_test=len(splits.test), fixed=fixed, decode_s=decode_s)
+    facts = Facts(budget, len(splits.train), len(splits.val), native, default_side, throughputs,
+                  elapsed=time.time() - started, n_test=len(splits.test), decode_s=decode_s)
+    plan = plan_run(facts, fixed)
     print(plan.describe(), flush=True)
-    planned = cfg.replace(**{k: v for k, v in plan.overrides().items() if k not in fixed})
+    planned = plan.apply(cfg)
     pre = replace(pre.with_size(plan.img_size), resize_mode=planned.model.resize_mode)
     return planned, pre, plan
 
 
-def fit(ctx: TrainContext) -> None:
-    """Train ``ctx``'s model with its strategy; the best epoch ends up in ``RUN/model``."""
-    STRATEGIES.get(ctx.cfg.strategy.name)(ctx)
+def fit(ctx: TrainContext) -> FitResult:
+    """Train ``ctx``'s model with its strategy; the best epoch ends up in ``RUN/model``.
+
+    Returns the strategy's :class:`FitResult`; its timings and calibration logits are also
+    recorded in ``ctx`` (``timings.json`` and the calibration read them there).
+    """
+    result = STRATEGIES.get(ctx.cfg.strategy.name)(ctx) or FitResult()
+    ctx.timings.update(result.timings)
+    if result.calibration_logits is not None:
+        ctx.calibration_logits = result.calibration_logits
+    return result
 
 
 def _distributed_run_dir(cfg: TrainConfig, prefix: str) -> Path:
@@ -195,15 +203,12 @@ def report_data(splits: Splits, layout: RunLayout) -> None:
     layout.splits.mkdir(exist_ok=True)
     for split in ("train", "val", "test"):
         if getattr(splits, split):
-            write_split_csv(getattr(splits, split), splits.class_names, layout.split_csv(split))
+            write_split_csv(getattr(splits, split), splits.class_names, layout.split_csv(split), splits.task)
     print(f"data: {len(splits.class_names)} classes, {len(splits.train)} train / {len(splits.val)} val"
           + (f" / {len(splits.test)} test" if splits.test else "") + f" images ({splits.layout} layout)")
-    if splits.task == "multi":
-        counts = splits.counts("train")
-        per_image = sum(counts.values()) / max(1, len(splits.train))
-        rare = sorted(counts.items(), key=lambda kv: kv[1])[:3]
-        print(f"labels: {per_image:.2f} per training image on average; rarest: "
-              + ", ".join(f"{n} {c}" for c, n in rare))
+    line = per_task(LABELS_SUMMARY, splits.task, "labels summary")(splits)
+    if line:
+        print(line)
     counts = [c for c in splits.counts("train").values() if c > 0]
     if counts and max(counts) > IMBALANCE_WARNING * min(counts):
         smallest = sorted(splits.counts("train").items(), key=lambda kv: kv[1])[:3]
@@ -212,6 +217,19 @@ def report_data(splits: Splits, layout: RunLayout) -> None:
               + "); consider --balance weights or --balance sampler, and --select-metric macro_f1")
     if splits.skipped:
         print(f"skipped {len(splits.skipped)} unreadable file(s), listed in {layout.skipped}")
+
+
+def _multi_label_summary(splits: Splits) -> str:
+    """Multi-label data: the labels per training image, and the rarest labels."""
+    counts = splits.counts("train")
+    per_image = sum(counts.values()) / max(1, len(splits.train))
+    rare = sorted(counts.items(), key=lambda kv: kv[1])[:3]
+    return (f"labels: {per_image:.2f} per training image on average; rarest: "
+            + ", ".join(f"{n} {c}" for c, n in rare))
+
+
+#: The line the data summary adds about each task's labels ('' for none), by task name.
+LABELS_SUMMARY = {"single": lambda splits: "", "multi": _multi_label_summary}
 
 
 def make_run_dir(requested: str | None, prefix: str = "train") -> Path:

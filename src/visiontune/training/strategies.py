@@ -7,72 +7,97 @@
   ``lr / lr_mult`` at the stem (the freezing policy is the :class:`FreezeSchedule` callback).
 - ``linear-probe``: frozen backbone, features computed once, a new head (:mod:`.probe`).
 - ``scratch``: random initialisation, every layer trained at ``lr``.
+
+Each takes the run's :class:`~visiontune.training.context.TrainContext` and returns a
+:class:`~visiontune.training.context.FitResult`; the warm-up and the fine-tuning are two fits of
+the same loop (:func:`~visiontune.training.lightning_fit.run_fit`).
 """
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..models.groups import body_groups
 from .callbacks import FreezeSchedule
-from .context import TrainContext
-from .lightning_fit import fit_lightning
-from .metrics import MetricsLog
-from .probe import train_head
+from .checkpoint_io import HEAD_PHASE, checkpoint_phase
+from .context import FitResult, TrainContext
+from .lightning_fit import fit_head, fit_lightning
+from .probe import cached_features
 
 # Passes over the cached features per warm-up epoch: fitting the head well before the body moves
 # (linear probe, then fine-tune) protects the pretrained features, and costs milliseconds.
 WARMUP_PASSES_PER_EPOCH = 10
 
 
-def frozen_warmup(ctx: TrainContext) -> tuple[int, float | None]:
-    """Train the head alone for ``freeze_epochs`` on cached backbone features.
+@dataclass
+class Warmup:
+    """How the frozen warm-up ended: epochs it covers, its best validation score, whether the time
+    budget ran out in it, and its timings."""
+
+    epochs: int = 0
+    best: float | None = None
+    out_of_time: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def frozen_warmup(ctx: TrainContext) -> Warmup:
+    """Train the head alone for ``freeze_epochs`` on cached backbone features, then load its best epoch.
 
     The frozen body maps each image to fixed features (BatchNorm in eval mode), so computing them
-    once replaces ``freeze_epochs`` full forward passes. Returns (epochs done, best val score).
-    Skipped on resume: the head's warm-up weights are in the checkpoint.
+    once replaces ``freeze_epochs`` full forward passes. A run resumed from a checkpoint of the
+    warm-up continues it; one resumed from a checkpoint of the fine-tuning skips it (the head's
+    warm-up weights are in that checkpoint).
     """
     cfg = ctx.cfg
     epochs = min(cfg.strategy.freeze_epochs, cfg.optim.epochs)
-    if epochs == 0 or ctx.resume_ckpt:
-        return (epochs if ctx.resume_ckpt else 0), None
+    if epochs == 0:
+        return Warmup()
+    if ctx.resume_ckpt and checkpoint_phase(ctx.resume_ckpt) != HEAD_PHASE:
+        return Warmup(epochs)
     print(f"epochs 1-{epochs}: training the head on cached features of the frozen body")
-    began = time.time()
-    extractor = ctx.feature_extractor()
-    train_x, train_y, _ = extractor.features(ctx.splits.train, cfg.strategy.cached_views, cfg.data.augment)
-    val_x, val_y, _ = extractor.features(ctx.splits.val)
-    ctx.timings["features"] = time.time() - began
-    MetricsLog(ctx.layout.metrics_csv, cfg.optim.epochs).start()
-    best = train_head(ctx, ctx.classifier, train_x, train_y, val_x[:, 0], val_y, epochs, save_best=True,
-                      passes_per_epoch=WARMUP_PASSES_PER_EPOCH)
-    return epochs, best
+    features, seconds = cached_features(ctx)
+    outcome = fit_head(ctx, features, epochs, WARMUP_PASSES_PER_EPOCH, warmup=True, resume=ctx.resume_ckpt)
+    if outcome.best_state is not None:  # the fine-tuning starts from the warm-up's best head, not its last
+        ctx.classifier.load_state_dict(outcome.best_state)
+    return Warmup(epochs, outcome.best, outcome.out_of_time, {"features": seconds})
+
+
+def _body_resume(ctx: TrainContext) -> Path | None:
+    """The checkpoint the fine-tuning continues from: the run's, unless it is the warm-up's."""
+    return ctx.resume_ckpt if ctx.resume_ckpt and checkpoint_phase(ctx.resume_ckpt) != HEAD_PHASE else None
 
 
 def _all_body(ctx: TrainContext) -> list[list[str]]:
     return [[n for g in body_groups(ctx.model, ctx.arch.classifier) for n in g]]
 
 
-def finetune(ctx: TrainContext) -> None:
-    done, best = frozen_warmup(ctx)
-    if done >= ctx.cfg.optim.epochs:
-        return
+def finetune(ctx: TrainContext) -> FitResult:
+    warm = frozen_warmup(ctx)
+    if warm.epochs >= ctx.cfg.optim.epochs or warm.out_of_time:
+        return FitResult(warm.best, warm.timings)
     body_lr = ctx.optimizer_settings().peak_lr / ctx.cfg.strategy.lr_mult
-    fit_lightning(ctx, _all_body(ctx), [body_lr], None, epoch_offset=done, best=best)
+    outcome = fit_lightning(ctx, _all_body(ctx), [body_lr], None, epoch_offset=warm.epochs, best=warm.best,
+                            resume=_body_resume(ctx))
+    return FitResult(outcome.best, warm.timings)
 
 
-def progressive(ctx: TrainContext) -> None:
+def progressive(ctx: TrainContext) -> FitResult:
     s = ctx.cfg.strategy
-    done, best = frozen_warmup(ctx)
-    if done >= ctx.cfg.optim.epochs:
-        return
+    warm = frozen_warmup(ctx)
+    if warm.epochs >= ctx.cfg.optim.epochs or warm.out_of_time:
+        return FitResult(warm.best, warm.timings)
     groups = body_groups(ctx.model, ctx.arch.classifier)
     n = len(groups)
-    every = s.unfreeze_every or max(1, (ctx.cfg.optim.epochs - done) // (n + 1))
+    every = s.unfreeze_every or max(1, (ctx.cfg.optim.epochs - warm.epochs) // (n + 1))
     head_lr = ctx.optimizer_settings().peak_lr
     # stem gets lr / lr_mult, the top body group nearly the head's lr (fastai-style slice)
     lrs = [head_lr / s.lr_mult ** ((n - i) / n) for i in range(n)]
-    fit_lightning(ctx, groups, lrs, FreezeSchedule(lambda epoch: 1 + epoch // every), epoch_offset=done, best=best)
+    outcome = fit_lightning(ctx, groups, lrs, FreezeSchedule(lambda epoch: 1 + epoch // every),
+                            epoch_offset=warm.epochs, best=warm.best, resume=_body_resume(ctx))
+    return FitResult(outcome.best, warm.timings)
 
 
-def scratch(ctx: TrainContext) -> None:
-    fit_lightning(ctx, _all_body(ctx), [ctx.optimizer_settings().peak_lr], None)
+def scratch(ctx: TrainContext) -> FitResult:
+    outcome = fit_lightning(ctx, _all_body(ctx), [ctx.optimizer_settings().peak_lr], None, resume=ctx.resume_ckpt)
+    return FitResult(outcome.best)

@@ -7,13 +7,15 @@ Two formats, as fastai and Kaggle/Hugging Face datasets write them:
 - one-hot: a header ``path,<class1>,<class2>,...`` and 0/1 cells.
 
 ``--task auto`` picks multi-label when the CSV is one-hot or any row has other than one label,
-and says so; a single-label CSV stays single-label.
+and says so; a single-label CSV stays single-label. What reading differs in per task (the bounds,
+CSV-only data, how ``--task NAME`` reads) is its :class:`TaskData` in :data:`TASK_DATA`.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,10 +23,15 @@ import numpy as np
 import torch
 
 from ..core.errors import DataError
+from ..task import Task, get_task
 from .csvfile import read_csv_rows
-from .labels import MAX_CLASSES, MAX_LABEL_MATRIX, MAX_LABELS, check_class_name, shown, shown_list
+from .labels import MAX_CLASSES, MAX_LABEL_MATRIX, MAX_LABELS, check_class_name, per_task, shown, shown_list
 
 DEFAULT_DELIM = " "
+AUTO = "auto"  # --task auto: the task is detected from the data
+PLAIN_TASK = "single"  # the task of class folders and of plain "path,label" CSVs (until detected)
+# the task of a CSV of this kind whatever --task says (a plain 'path,label' CSV has none of its own)
+CSV_KIND_TASK = {"one-hot": "multi", "labels": "multi"}
 PATH_HEADERS = ("path", "file", "filename", "image", "image_path")
 LABELS_HEADERS = ("label", "labels", "tags")
 ONE_HOT_VALUES = {"0": 0.0, "1": 1.0, "0.0": 0.0, "1.0": 1.0}
@@ -42,16 +49,17 @@ class LabelTable:
     lines: dict[str, int] = field(default_factory=dict)
 
 
-def read_label_table(path: Path, delim: str = DEFAULT_DELIM, task: str = "auto") -> LabelTable:
+def read_label_table(path: Path, delim: str = DEFAULT_DELIM, task: str = AUTO) -> LabelTable:
     """The :class:`LabelTable` of a labels CSV; cells are split at ``delim`` (``""``: never).
 
     Paths are relative to the CSV's folder. Comment lines (``#``) and blank lines are skipped.
     The CSV is streamed and refused (:class:`DataError` naming the line and the remedy) as soon as
     it passes a bound, before anything is sized by it: every label must be a valid class name
-    (:func:`~visiontune.data.labels.check_class_name`); there are at most ``MAX_CLASSES`` labels,
-    and for multi-label data (``task="multi"``, a one-hot CSV or a ``labels`` column) at most
-    ``MAX_LABELS`` and ``MAX_LABEL_MATRIX`` images x labels. A ``path,labels`` header has two
-    columns, a one-hot header distinct names.
+    (:func:`~visiontune.data.labels.check_class_name`), and the bounds are those of the CSV's task
+    (:class:`TaskData`): the task of its kind (a one-hot CSV or a ``labels`` column is multi-label),
+    else ``task`` (``auto``: single-label until detected). That is at most ``MAX_CLASSES`` labels,
+    and for multi-label data at most ``MAX_LABELS`` and ``MAX_LABEL_MATRIX`` images x labels. A
+    ``path,labels`` header has two columns, a one-hot header distinct names.
     """
     rows = read_csv_rows(path)
     first = next(rows, None)
@@ -63,7 +71,7 @@ def read_label_table(path: Path, delim: str = DEFAULT_DELIM, task: str = "auto")
     one_hot = has_header and len(header) >= 3 and header[1].lower() not in LABELS_HEADERS
     kind = ("one-hot" if one_hot else "labels" if has_header and header[1:2] and header[1].lower() in ("labels", "tags")
             else "plain")
-    labels = LabelSet(path, multi=task == "multi" or kind != "plain")
+    labels = LabelSet(path, CSV_KIND_TASK.get(kind) or (PLAIN_TASK if task == AUTO else task))
     if one_hot:
         _check_one_hot_header(path, header_line, header, labels)
     elif has_header and any(header[2:]):  # they would be ignored: a 'path,labels' CSV has one labels cell
@@ -94,11 +102,11 @@ TOO_MANY_LABELS = ("multi-label training keeps a dense images x labels matrix, s
 
 class LabelSet:
     """The distinct labels of one CSV while it is read: each name is checked once, when first
-    seen, and the bounds at each new label and image (see :func:`read_label_table`; single-label
-    ``path,label`` lists use it too, with ``multi=False``)."""
+    seen, and the bounds of ``task`` (its :class:`TaskData`) at each new label and image (see
+    :func:`read_label_table`; single-label ``path,label`` lists use it too)."""
 
-    def __init__(self, path: Path, multi: bool):
-        self.path, self.multi = path, multi
+    def __init__(self, path: Path, task: str | Task):
+        self.path, self.rules = path, task_data(task)
         self.names: dict[str, str] = {}  # each name maps to itself: one string object per label for all rows
 
     def add(self, name: str, line: int) -> str:
@@ -107,16 +115,15 @@ class LabelSet:
         if known is not None:
             return known
         check_class_name(name, f"{self.path}:{line}: label")
-        limit = MAX_LABELS if self.multi else MAX_CLASSES
+        limit = self.rules.max_labels
         if len(self.names) >= limit:
-            raise DataError(f"{self.path}:{line}: more than {limit} distinct labels; "
-                            + (TOO_MANY_LABELS if self.multi else "merge or drop rare classes, or split the data"))
+            raise DataError(f"{self.path}:{line}: more than {limit} distinct labels; " + self.rules.too_many)
         self.names[name] = name
         return name
 
     def check_matrix(self, images: int, line: int) -> None:
-        """Refuse multi-label data whose dense images x labels matrix would pass ``MAX_LABEL_MATRIX``."""
-        if self.multi:
+        """Refuse data kept as a dense images x labels matrix (multi-label) once it would pass ``MAX_LABEL_MATRIX``."""
+        if self.rules.dense:
             check_matrix(images, len(self.names), f"{self.path}:{line}")
 
 
@@ -169,13 +176,16 @@ def _one_hot_labels(path: Path, number: int, row: list[str], header: list[str]) 
     return labels
 
 
-def check_label_bounds(table: LabelTable, source: Path) -> None:
-    """The multi-label bounds (``MAX_LABELS``, ``MAX_LABEL_MATRIX``) of a table read before the
-    task was known: a plain ``path,label`` CSV that ``--task auto`` found multi-label."""
+def check_label_bounds(table: LabelTable, source: Path, task: str | Task) -> None:
+    """The bounds of ``task`` (its :class:`TaskData`) on a table read before the task was known:
+    a plain ``path,label`` CSV that ``--task auto`` found multi-label is held to ``MAX_LABELS`` and
+    ``MAX_LABEL_MATRIX``."""
+    rules = task_data(task)
     count = len({label for _, labels in table.rows for label in labels})
-    if count > MAX_LABELS:
-        raise DataError(f"{source} has {count} distinct labels, more than {MAX_LABELS}; " + TOO_MANY_LABELS)
-    check_matrix(len(table.rows), count, str(source))
+    if count > rules.max_labels:
+        raise DataError(f"{source} has {count} distinct labels, more than {rules.max_labels}; " + rules.too_many)
+    if rules.dense:
+        check_matrix(len(table.rows), count, str(source))
 
 
 def detect_task(tables: list[LabelTable], delim: str) -> tuple[str, str]:
@@ -212,33 +222,78 @@ def check_single(table: LabelTable, source: Path) -> None:
                             "--task single needs one per row (use --task multi for images with no label)")
 
 
+def _read_single(csvs: list[Path], delim: str) -> list[LabelTable]:
+    """``--task single``: each CSV checked as single-label (a cell is one label, spaces and all);
+    no tables, as single-label discovery reads its ``path,label`` lists itself."""
+    for source in csvs:
+        check_single(read_label_table(source, delim="", task="single"), source)
+    return []
+
+
+def _read_multi(csvs: list[Path], delim: str) -> list[LabelTable]:
+    """``--task multi``: each CSV's table under the multi-label bounds."""
+    return [read_label_table(source, delim, "multi") for source in csvs]
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """What reading one task's labels differs in (see :func:`task_data`).
+
+    Attributes:
+        max_labels: the distinct labels one data set may hold.
+        too_many: the remedy a message names when it holds more.
+        dense: labels are kept as a dense images x labels matrix, bounded by ``MAX_LABEL_MATRIX``.
+        csv_only: the task's data comes only as CSVs, never as class folders (its val data too).
+        read: the labels CSVs as ``--task NAME`` reads them, with no detection: their tables (none
+            when the task's discovery reads its CSVs again itself).
+    """
+
+    max_labels: int
+    too_many: str
+    dense: bool
+    csv_only: bool
+    read: Callable[[list[Path], str], list[LabelTable]]
+
+
+#: The data layer's reading rules of each task, by :attr:`Task.name <visiontune.task.Task.name>`.
+TASK_DATA = {"single": TaskData(MAX_CLASSES, "merge or drop rare classes, or split the data", dense=False,
+                                csv_only=False, read=_read_single),
+             "multi": TaskData(MAX_LABELS, TOO_MANY_LABELS, dense=True, csv_only=True, read=_read_multi)}
+
+
+def task_data(task: str | Task) -> TaskData:
+    """The :class:`TaskData` of ``task`` (a task or its name); KeyError lists the tasks that have one."""
+    return per_task(TASK_DATA, task, "data reading rules")
+
+
 def choose_task(data: Path, val: Path | None, requested: str, delim: str
                 ) -> tuple[str, str, list[LabelTable]]:
-    """(task, why, the label tables of ``data`` and ``val``) for ``--task requested``; folders are
-    single-label, and a multi-label training CSV needs a CSV for ``val`` too."""
+    """(task name, why, the label tables of ``data`` and ``val``) for ``--task requested`` (``auto``
+    or a task's name); folders are single-label, and a multi-label training CSV needs a CSV for
+    ``val`` too."""
+    forced = None if requested == AUTO else task_data(requested)  # --task NAME: read as told
     if not data.is_file():
-        if requested == "multi":
-            raise DataError(f"multi-label data comes as a CSV of 'path,labels' or one-hot rows; {data} is a folder")
-        return "single", "", []
+        if forced is not None and forced.csv_only:
+            raise DataError(f"{get_task(requested).title} data comes as a CSV of 'path,labels' or one-hot rows; "
+                            f"{data} is a folder")
+        return PLAIN_TASK, "", []
     csvs = [data] + ([val] if val is not None and val.is_file() else [])
-    if requested == "single":
-        for source in csvs:  # a cell is one label, spaces and all
-            check_single(read_label_table(source, delim="", task="single"), source)
-        return "single", "", []
-    tables = [read_label_table(source, delim, requested) for source in csvs]
-    task, why = ("multi", "") if requested == "multi" else detect_task(tables, delim)
-    if task == "multi" and val is not None and not val.is_file():
-        raise DataError(f"multi-label validation data must be a CSV too; {val} is a folder")
-    if task == "multi":  # a plain CSV was read under the single-label bounds
-        for table, source in zip(tables, csvs):
-            check_label_bounds(table, source)
+    if forced is not None:
+        task, why, tables = requested, "", forced.read(csvs, delim)
+    else:
+        tables = [read_label_table(source, delim, requested) for source in csvs]
+        task, why = detect_task(tables, delim)
+    rules = task_data(task)
+    if rules.csv_only and val is not None and not val.is_file():
+        raise DataError(f"{get_task(task).title} validation data must be a CSV too; {val} is a folder")
+    for table, source in zip(tables, csvs):  # a plain CSV was read under the single-label bounds
+        check_label_bounds(table, source, task)
     return task, why, tables
 
 
-def describe_task(task: str, requested: str, why: str) -> str:
+def describe_task(task: str | Task, requested: str, why: str) -> str:
     """The line that tells the user which task was chosen and why."""
-    name = "multi-label" if task == "multi" else "single-label"
-    return f"task: {name}" + (f" (auto: {why})" if requested == "auto" else "")
+    return f"task: {get_task(task).title}" + (f" (auto: {why})" if requested == AUTO else "")
 
 
 def iterative_split(targets: torch.Tensor, fraction: float, seed: int) -> tuple[list[int], list[int]]:

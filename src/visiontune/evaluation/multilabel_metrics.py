@@ -29,6 +29,7 @@ from torchmetrics.functional.classification import (
 
 from ..core.errors import DataError
 from ..core.safe_io import atomic_writer, spreadsheet_safe
+from ..task import MultiLabel
 
 MIN_THRESHOLD_SUPPORT = 5  # val positives a label needs for a threshold of its own; fewer: the global one
 
@@ -95,7 +96,7 @@ def multilabel_metrics(probs: torch.Tensor, target: torch.Tensor, class_names: l
     f1 = multilabel_f1_score(preds, target, average="none", **kw)
     samplewise = multilabel_f1_score(preds, target, average="micro", multidim_average="samplewise", **kw)
     return {
-        "task": "multi",
+        "task": MultiLabel.name,
         "macro_map": float(ap[present].mean()) if present.any() else 0.0,
         "micro_map": float(multilabel_average_precision(probs.float(), target, average="micro", **kw)),
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,

@@ -22,7 +22,8 @@ from torch import nn
 from ..core.safe_io import atomic_write_text
 from ..core.tables import fixed_width, markdown
 from ..inference.runners import TorchRunner, compiled_logits, onnx_session, openvino_compile, session_logits
-from .common import ValScore, file_size_mb
+from .parity import ValScore
+from .samples import file_size_mb
 
 Logits = Callable[[np.ndarray], np.ndarray]
 
@@ -72,10 +73,10 @@ def tile(images: np.ndarray, n: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([images] * reps)[:n])
 
 
-def measure(variants: list[Variant], images: np.ndarray, labels: np.ndarray, budget_s: float = 3.0,
-            log: Callable[[str], None] = print, scorer: ValScore | None = None) -> list[dict[str, Any]]:
-    """Val score (accuracy, or a multi-label model's macro mAP: ``scorer``), agreement with the first
-    variant (eager), size, latency and throughput of each."""
+def measure(variants: list[Variant], images: np.ndarray, labels: np.ndarray, scorer: ValScore,
+            budget_s: float = 3.0, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Val score (the model's task's headline: accuracy, or a multi-label model's macro mAP; ``scorer``),
+    agreement with the first variant (eager), size, latency and throughput of each."""
     rows: list[dict[str, Any]] = []
     reference = None
     for v in variants:
@@ -85,14 +86,8 @@ def measure(variants: list[Variant], images: np.ndarray, labels: np.ndarray, bud
         per_batch = time_per_call(v.logits, tile(images, 32), budget_s)
         row = {"variant": v.name, "file": v.path, "size_mb": round(file_size_mb(v.path), 3),
                "latency_ms_b1": round(latency * 1e3, 2), "throughput_b32": round(32 / per_batch, 1), **v.extra}
-        if scorer is None:
-            preds = logits.argmax(1)
-            row.update(val_accuracy=float(np.mean(preds == labels)),
-                       top1_agreement=float(np.mean(preds == reference.argmax(1))))
-        else:
-            row.update({scorer.key: scorer.score(logits, labels), scorer.agreement: scorer.agree(logits, reference)})
-        score = row.get("val_accuracy", row.get("val_map"))
-        log(f"  measured {v.name}: {'acc' if 'val_accuracy' in row else 'mAP'} {score:.4f}, "
+        row.update({scorer.key: scorer.score(logits, labels), scorer.agreement: scorer.agree(logits, reference)})
+        log(f"  measured {v.name}: {SHORT_NAMES.get(scorer.key, scorer.name)} {row[scorer.key]:.4f}, "
             f"{row['throughput_b32']} img/s")
         rows.append(row)
     base = rows[0]["throughput_b32"] if rows else 1.0
@@ -110,6 +105,7 @@ COLUMNS = [("variant", "variant", "{}"), ("size_mb", "size MB", "{:.2f}"),
 
 
 TASK_COLUMNS = {"val_accuracy", "top1_agreement", "val_map", "label_agreement"}  # shown for the model's task
+SHORT_NAMES = {key: title.removeprefix("val ") for key, title, _ in COLUMNS}  # "acc", "mAP": progress lines
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:

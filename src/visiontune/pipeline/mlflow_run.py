@@ -17,12 +17,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..evaluation.evaluate import HEADLINE_METRICS
 from ..evaluation.plots import plot_confusion_matrix
 from ..models.readme import README_FILE
 from ..training.context import TrainContext
 from ..training.metrics import read_metrics
-
-SUMMARY_METRICS = ("accuracy", "macro_f1", "top5_accuracy", "macro_map", "micro_map", "micro_f1")
 
 
 def log_run(ctx: TrainContext, metrics: dict[str, Any], val_result: dict[str, Any] | None) -> str:
@@ -40,7 +39,7 @@ def log_run(ctx: TrainContext, metrics: dict[str, Any], val_result: dict[str, An
                for key, value in row.items() if key != "epoch" and _number(value)]
     records += [Metric(f"{split}/{key}", float(values[key]), now, 0) for split, values in metrics.items()
                 if split in ("val", "test") and isinstance(values, dict)
-                for key in SUMMARY_METRICS if _number(values.get(key))]
+                for key in HEADLINE_METRICS if _number(values.get(key))]
     for start in range(0, len(records), 1000):  # MLflow's batch limit
         client.log_batch(run_id, metrics=records[start:start + 1000])
     layout = ctx.layout
