@@ -83,3 +83,20 @@ def export_card(card: ModelCard, fmt: str, file_name: str, **extra: Any) -> Mode
 def write_json(path: Path, data: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def graph_metadata(card: ModelCard, input_dtype: str = "float32") -> dict[str, str]:
+    """What every exported graph carries about its model, all values strings: the ONNX file's
+    ``metadata_props`` and the TorchScript file's extra file."""
+    inference = card.task.card_inference(card.thresholds)  # e.g. a multi-label model's thresholds
+    return {
+        "class_names": json.dumps(list(card.class_names)),
+        "preprocessing": json.dumps(card.preprocessing.to_dict()),
+        "temperature": repr(card.temperature),
+        "input_format": input_doc(input_dtype),
+        "visiontune_version": __version__,
+        "architecture": json.dumps(card.architecture.to_dict() if card.architecture else {}),
+        # how "probabilities" are made and decided: softmax, or a sigmoid per label and its threshold
+        "task": card.task.name,
+        **{key: json.dumps(value) for key, value in inference.items() if key != "task"},
+    }

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import sys
 import tempfile
@@ -24,30 +23,13 @@ from torch import nn
 
 from ..core.errors import ExportError
 from ..core.safe_io import atomic_write_bytes
-from ..core.version import __version__
 from ..inference.runners import onnx_session, session_logits
 from ..models.card import ModelCard
-from .deploy import INPUT_DTYPES, DeployWrapper, input_doc, input_shape
+from .deploy import INPUT_DTYPES, DeployWrapper, graph_metadata, input_shape
 from .exporter import Format
 from .static_pad import static_same_padding
 
 DEFAULT_OPSET = 17
-
-
-def onnx_metadata(card: ModelCard, input_dtype: str = "float32") -> dict[str, str]:
-    """The ``metadata_props`` written into every exported ONNX file (all values are strings)."""
-    inference = card.task.card_inference(card.thresholds)  # e.g. a multi-label model's thresholds
-    return {
-        "class_names": json.dumps(list(card.class_names)),
-        "preprocessing": json.dumps(card.preprocessing.to_dict()),
-        "temperature": repr(card.temperature),
-        "input_format": input_doc(input_dtype),
-        "visiontune_version": __version__,
-        "architecture": json.dumps(card.architecture.to_dict() if card.architecture else {}),
-        # how "probabilities" are made and decided: softmax, or a sigmoid per label and its threshold
-        "task": card.task.name,
-        **{key: json.dumps(value) for key, value in inference.items() if key != "task"},
-    }
 
 
 DYNAMO_MIN_OPSET = 18  # the dynamo exporter's own opset: asking for less runs a version converter
@@ -165,7 +147,7 @@ def export_onnx(model: nn.Module, card: ModelCard, out: str | Path, opset: int =
         example = torch.zeros(1, card.preprocessing.height, card.preprocessing.width, 3, dtype=torch.uint8)
     data = _export_graph(wrapper, example, opset, dynamic_batch)
     atomic_write_bytes(out, data)
-    set_metadata(out, onnx_metadata(card, input_dtype))
+    set_metadata(out, graph_metadata(card, input_dtype))
     return out
 
 

@@ -18,9 +18,8 @@ from torch import nn
 from ..core.errors import ExportError
 from ..core.safe_io import atomic_path
 from ..models.card import ModelCard
-from .deploy import DeployWrapper, input_shape
+from .deploy import DeployWrapper, graph_metadata, input_shape
 from .exporter import Format
-from .onnx_export import onnx_metadata
 
 EXTRA_FILE = "visiontune.json"
 
@@ -48,7 +47,7 @@ def export_torchscript(model: nn.Module, card: ModelCard, out: str | Path, **_: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         with atomic_path(out) as tmp:  # never through a link planted in the output folder
-            torch.jit.save(traced, str(tmp), _extra_files={EXTRA_FILE: json.dumps(onnx_metadata(card))})
+            torch.jit.save(traced, str(tmp), _extra_files={EXTRA_FILE: json.dumps(graph_metadata(card))})
     return out
 
 
