@@ -156,6 +156,7 @@ def test_scratch_gets_no_pretrained_recipe():
 def test_small_data_keeps_a_given_gradient_head_trainable():
     small = {**CIFAR, "n_train": 200, "n_val": 50}
     assert plan_run(facts(5 * 60, **small)).head == "auto"
+    assert plan_run(facts(5 * 60, **small), {"ema": True}).head == "linear"  # what an EMA can average
     plan = plan_run(facts(5 * 60, **small), {"head": "linear"})
     assert plan.head == "linear" and plan.epochs > 1  # the gradient head trains for epochs
 

@@ -312,7 +312,8 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
 
     if n_train <= SMALL_DATA and strategy in (None, "linear-probe") and "epochs" not in fixed:
         t = max((x for x in sizes if x.size <= default_side), key=lambda x: x.size, default=sizes[-1])
-        head = fixed.get("head", "auto")
+        # an averaged head (--ema) needs epochs of gradient steps: the scikit-learn heads of "auto" refuse it
+        head = fixed.get("head", "linear" if fixed.get("ema") else "auto")
         epochs = 10 if head == "linear" else 1  # only the gradient head trains for epochs (on cached features)
         projected = {**costs(t, epochs, False), "selection": 10.0}
         reason = (f"{n_train} training images: probes on cached features, chosen by repeated k-fold "
