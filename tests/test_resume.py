@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASS_NAMES, FAST, FAST_FLAGS, make_folder, vt_main
+from conftest import CLASS_NAMES, CLASSES, FAST, FAST_FLAGS, make_folder, vt_main
+from conftest import train_cmd as small_train_cmd
 
 import visiontune
 from visiontune.data.sampling import EpochSampler
+from visiontune.inference.classifier import Classifier
 from visiontune.training.checkpoint_io import (
     SLOW_WRITE_ENV,
     atomic_write,
@@ -306,3 +308,31 @@ def test_epoch_sampler_is_a_function_of_seed_and_epoch():
     assert set(seen) == set(range(7)) and len(seen) == 8  # padded to equal shards
     weighted = EpochSampler(6, seed=0, weights=torch.tensor([0.0, 0, 0, 0, 0, 1]))
     assert {i for i, _ in weighted} == {5}
+
+
+# slow: covered fast by test_resume::test_sigterm_saves_checkpoint_and_resume_completes (the SIGTERM and
+# resume path), test_split_csv_round_trips_label_sets (the resumed run re-reads the label-set split CSVs)
+# and ml_run (thresholds tuned at the end of a run)
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sigterm_then_resume_completes_a_multi_label_run(ml_data, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from visiontune.cli import main
+
+    run_dir = tmp_path / "ml run"
+    proc = subprocess.Popen(small_train_cmd(ml_data, "--epochs", 3, "--freeze-epochs", 0, "--run-dir", run_dir),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list((run_dir / "checkpoints").glob("epoch*.ckpt")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "visiontune train --resume" in err, err[-2000:]
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    epochs = [int(r["epoch"]) for r in csv.DictReader(open(run_dir / "metrics.csv"))]
+    assert epochs == [1, 2, 3]
+    clf = Classifier.load(run_dir)
+    assert clf.task.name == "multi" and len(clf.thresholds) == len(CLASSES)

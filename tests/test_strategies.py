@@ -9,7 +9,7 @@ import csv
 import pytest
 import torch
 import yaml
-from conftest import FAST, FAST_FLAGS, make_folder, vt_main
+from conftest import CLASSES, FAST, FAST_FLAGS, make_folder, vt_main
 
 import visiontune
 from visiontune.data.image import load_image
@@ -163,3 +163,24 @@ def test_a_refusal_names_what_a_time_budget_chose():
         check_options(planned, planned=True)
     assert levers_line(planned.replace(ema=None, tta=True, balance="weights", mixup=0.0)) == \
         "levers: TTA (flip), balance weights (class-weighted fit)"
+
+
+# ----------------------------------------------------------------------------- multi-label
+# Only [linear-probe-logistic] is fast: the one-vs-rest scikit-learn fit is multi-label specific.
+# The others are slow: each strategy and head is covered single-label by test_strategies, and the
+# multi-label loss and metrics through the warm-up and Lightning by ml_run (test_predict's
+# test_run_tunes_thresholds_and_predicts_label_sets); "auto" and "svm" take the same one-vs-rest path.
+ML_STRATEGY_CASES = [pytest.param(s, h, marks=[] if (s, h) == ("linear-probe", "logistic") else pytest.mark.slow)
+                     for s, h in [(s, "linear") for s in STRATEGIES if s != "finetune"]
+                     + [("linear-probe", h) for h in PROBE_HEADS if h != "linear"]]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("strategy,head", ML_STRATEGY_CASES)
+def test_every_strategy_trains_multi_label(ml_data, tmp_path, strategy, head):
+    run = visiontune.train(ml_data, strategy=strategy, head=head, epochs=2, freeze_epochs=1,
+                           run_dir=str(tmp_path / "run"), **FAST)
+    clf = Classifier.load(run.run_dir)
+    assert clf.task.name == "multi" and len(clf.thresholds) == len(CLASSES)
+    assert 0.0 <= run.metrics["val"]["macro_map"] <= 1.0
+    assert set(clf.predict([next((ml_data.parent / "img").glob("*.png"))])[0]["scores"]) == set(CLASSES)
