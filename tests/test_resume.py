@@ -24,7 +24,6 @@ import visiontune
 from visiontune.data.sampling import EpochSampler
 from visiontune.inference.classifier import Classifier
 from visiontune.training.checkpoint_io import (
-    SLOW_WRITE_ENV,
     atomic_write,
     newest_valid_checkpoint,
     remove_stale_temp_files,
@@ -40,6 +39,12 @@ TIMING = ("epoch_seconds", "train_images_per_second")
 
 def train_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "visiontune.cli", "train", *map(str, args)]
+
+
+def slow_train_cmd(seconds: float, *args) -> list[str]:
+    """:func:`train_cmd` in a process whose checkpoint renames wait ``seconds`` (tests/slow_checkpoints.py)."""
+    return [sys.executable, str(Path(__file__).with_name("slow_checkpoints.py")), str(seconds), "train",
+            *map(str, args)]
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -161,11 +166,10 @@ def test_linear_probe_sigterm_mid_epoch_resumes_bit_exact(tmp_path, capsys):
     reference = visiontune.train(data, epochs=epochs, run_dir=tmp_path / "reference", **options, **FAST)
     run_dir, ckpts = tmp_path / "run dir", tmp_path / "run dir" / "checkpoints"
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
-    # each checkpoint write takes 0.5 s: a window to signal the run in, not a synchronisation
-    proc = subprocess.Popen(train_cmd(data, "--epochs", epochs, "--run-dir", run_dir, *flags, *FAST_FLAGS,
-                                      "--no-report"),
-                            env={**os.environ, SLOW_WRITE_ENV: "0.5"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    # each checkpoint's rename waits 0.5 s: a window to signal the run in, not a synchronisation
+    proc = subprocess.Popen(slow_train_cmd(0.5, data, "--epochs", epochs, "--run-dir", run_dir, *flags, *FAST_FLAGS,
+                                           "--no-report"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     hit = wait_for(lambda: any(ckpts.glob(".head-step*.ckpt.tmp-*")), proc, timeout=240)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
@@ -197,10 +201,9 @@ def test_finetune_sigterm_in_its_warmup_resumes_bit_exact(tmp_path, capsys):
     reference = visiontune.train(data, epochs=epochs, run_dir=tmp_path / "reference", **options, **FAST)
     run_dir, ckpts = tmp_path / "run dir", tmp_path / "run dir" / "checkpoints"
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
-    proc = subprocess.Popen(train_cmd(data, "--epochs", epochs, "--run-dir", run_dir, *flags, *FAST_FLAGS,
-                                      "--no-report"),
-                            env={**os.environ, SLOW_WRITE_ENV: "0.5"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(slow_train_cmd(0.5, data, "--epochs", epochs, "--run-dir", run_dir, *flags, *FAST_FLAGS,
+                                           "--no-report"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     hit = wait_for(lambda: any(ckpts.glob(".head-epoch*.ckpt.tmp-*")), proc, timeout=240)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -244,7 +247,7 @@ def test_kill_9_five_times_then_resume_matches_uninterrupted(image_folder, tmp_p
     subprocess.run(train_cmd(image_folder, "--run-dir", reference, *FLAGS), check=True, capture_output=True,
                    timeout=300)
     run_dir, ckpts = tmp_path / "killed run", tmp_path / "killed run" / "checkpoints"
-    env = {**os.environ, SLOW_WRITE_ENV: "1.0"}  # each checkpoint write takes 1 s: room to kill mid-write
+    slow = 1.0  # each checkpoint's rename waits 1 s: room to kill while its temp file exists
     rng = random.Random(7)
     kills = {"mid-write": 0, "random": 0}
     for trial in range(5):
@@ -253,7 +256,7 @@ def test_kill_9_five_times_then_resume_matches_uninterrupted(image_folder, tmp_p
         if not resume and run_dir.exists():  # killed before its first checkpoint: start over
             shutil.rmtree(run_dir)
         started = time.time()
-        proc = subprocess.Popen(train_cmd(*args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        proc = subprocess.Popen(slow_train_cmd(slow, *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
 
         def saved_since_start(n: int, started: float = started) -> bool:
@@ -284,10 +287,9 @@ def test_kill_9_five_times_then_resume_matches_uninterrupted(image_folder, tmp_p
     assert metric_columns(run_dir) == metric_columns(reference)
 
 
-def test_atomic_write_leaves_old_or_new_file(tmp_path, monkeypatch):
+def test_atomic_write_leaves_old_or_new_file(tmp_path):
     target = tmp_path / "epoch001.ckpt"
     atomic_write(target, b"old" * 1000)
-    monkeypatch.setenv(SLOW_WRITE_ENV, "0.01")
     atomic_write(target, b"new" * 1000)
     assert target.read_bytes() == b"new" * 1000
     assert list(tmp_path.iterdir()) == [target]

@@ -13,7 +13,6 @@ import io
 import logging
 import os
 import random
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,6 @@ from ..core.safe_io import raise_space_error, refuse_link
 
 log = logging.getLogger(__name__)
 
-# test hook: seconds to spread each checkpoint write over (so a test can kill -9 mid-write)
-SLOW_WRITE_ENV = "VISIONTUNE_TEST_SLOW_CHECKPOINT_S"
 TEMP_MARK = ".tmp-"
 DIGEST_SUFFIX = ".sha256"
 # Which trainer wrote a checkpoint: the head on cached features (a linear probe, or the frozen
@@ -57,17 +54,10 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     refuse_link(path)
     tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
     tmp.unlink(missing_ok=True)  # a leftover (or a planted link): removed, never written through
-    slow = float(os.environ.get(SLOW_WRITE_ENV, "0") or 0)
-    chunks = 10 if slow > 0 else 1
-    step = max(1, -(-len(data) // chunks))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
     try:
         with os.fdopen(fd, "wb") as fh:
-            for start in range(0, len(data), step):
-                fh.write(data[start:start + step])
-                if slow > 0:
-                    fh.flush()
-                    time.sleep(slow / chunks)
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
