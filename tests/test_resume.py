@@ -155,6 +155,21 @@ def test_sigterm_saves_checkpoint_and_resume_completes(image_folder, tmp_path, c
     assert metric_epochs(run_dir) == list(range(1, epochs + 1))
 
 
+def sigterm_while_writing(data, run_dir, epochs: int, options: dict, temp_pattern: str) -> str:
+    """Train ``data`` in a subprocess, SIGTERM it while a checkpoint temp file matching
+    ``temp_pattern`` exists, and return its stderr, after checking the signal stopped it (exit 130)."""
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    # each checkpoint's rename waits 0.5 s: a window to signal the run in, not a synchronisation
+    proc = subprocess.Popen(slow_train_cmd(0.5, data, "--epochs", epochs, "--run-dir", run_dir, *flags, *FAST_FLAGS,
+                                           "--no-report"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    hit = wait_for(lambda: any((run_dir / "checkpoints").glob(temp_pattern)), proc, timeout=240)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert hit and proc.returncode == 130, err[-2000:]  # stopped by the signal, not finished
+    return err
+
+
 def test_linear_probe_sigterm_mid_epoch_resumes_bit_exact(tmp_path, capsys):
     """--head linear trains in the same loop as fine-tuning: SIGTERM (while a step checkpoint is
     written, so mid-epoch) checkpoints and exits 130; --resume continues that epoch after the batches
@@ -165,15 +180,7 @@ def test_linear_probe_sigterm_mid_epoch_resumes_bit_exact(tmp_path, capsys):
     epochs, options = 4, {"strategy": "linear-probe", "checkpoint_every_steps": 1, "precision": "32", "seed": 3}
     reference = visiontune.train(data, epochs=epochs, run_dir=tmp_path / "reference", **options, **FAST)
     run_dir, ckpts = tmp_path / "run dir", tmp_path / "run dir" / "checkpoints"
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
-    # each checkpoint's rename waits 0.5 s: a window to signal the run in, not a synchronisation
-    proc = subprocess.Popen(slow_train_cmd(0.5, data, "--epochs", epochs, "--run-dir", run_dir, *flags, *FAST_FLAGS,
-                                           "--no-report"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    hit = wait_for(lambda: any(ckpts.glob(".head-step*.ckpt.tmp-*")), proc, timeout=240)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert hit and proc.returncode == 130, err[-2000:]  # stopped by the signal, not finished
+    err = sigterm_while_writing(data, run_dir, epochs, options, ".head-step*.ckpt.tmp-*")
     assert "visiontune train --resume" in err and "Traceback" not in err
     assert (ckpts / "head-interrupted.ckpt").is_file()
     done = metric_epochs(run_dir)
@@ -200,14 +207,7 @@ def test_finetune_sigterm_in_its_warmup_resumes_bit_exact(tmp_path, capsys):
     epochs, options = 3, {"freeze_epochs": 2, "precision": "32", "seed": 3}
     reference = visiontune.train(data, epochs=epochs, run_dir=tmp_path / "reference", **options, **FAST)
     run_dir, ckpts = tmp_path / "run dir", tmp_path / "run dir" / "checkpoints"
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
-    proc = subprocess.Popen(slow_train_cmd(0.5, data, "--epochs", epochs, "--run-dir", run_dir, *flags, *FAST_FLAGS,
-                                           "--no-report"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    hit = wait_for(lambda: any(ckpts.glob(".head-epoch*.ckpt.tmp-*")), proc, timeout=240)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert hit and proc.returncode == 130, err[-2000:]
+    sigterm_while_writing(data, run_dir, epochs, options, ".head-epoch*.ckpt.tmp-*")
     assert checkpoint_phase(ckpts / "head-interrupted.ckpt") == "head" and not list(ckpts.glob("epoch*.ckpt"))
 
     code, _, err = vt_main(capsys, "train", "--resume", run_dir)

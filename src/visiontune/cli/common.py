@@ -60,10 +60,6 @@ def add_option(group, info: OptionInfo) -> None:
     their help. The default stays the dataclass's (argparse leaves absent options out)."""
     text = info.help.replace("%", "%%")
     kwargs: dict[str, Any] = {"dest": info.key, "default": argparse.SUPPRESS, "help": text}
-    if info.positional:
-        group.add_argument(info.key, nargs="?" if info.default is not None or "None" in info.type else None,
-                           help=text, **({"metavar": info.metavar} if info.metavar else {}))
-        return
     if info.type == "bool" and info.default is True:
         group.add_argument("--no-" + info.key.replace("_", "-"), action="store_false",
                            **{**kwargs, "help": "do not " + text[:1].lower() + text[1:]})
@@ -94,10 +90,10 @@ def add_option(group, info: OptionInfo) -> None:
 
 
 def add_options(parser: argparse.ArgumentParser, options: type[CommandOptions]) -> None:
-    """The flags of a command's options dataclass (its positional first)."""
+    """The flags of a command's options dataclass."""
     infos = options.options()
     parser.set_defaults(options_class=options)
-    for info in sorted(infos.values(), key=lambda i: not i.positional):
+    for info in infos.values():
         add_option(parser, info)
 
 

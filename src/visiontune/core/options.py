@@ -10,7 +10,7 @@ Example:
     >>> from dataclasses import dataclass
     >>> @dataclass
     ... class HelloOptions(CommandOptions):
-    ...     name: str = option("world", "who to greet", positional=True)
+    ...     name: str = option("world", "who to greet")
     ...     times: int = option(1, "how often", check=(lambda v: v >= 1, "must be >= 1"))
     >>> HelloOptions.from_dict({"times": 2}).times
     2
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, TypeVar
 
 from .errors import ConfigError
@@ -35,7 +35,7 @@ Check = tuple[Callable[[Any], bool], str]  # (is the value valid?, what it must 
 
 
 def option(default: Any, help: str, *, key: str | None = None, choices: Registry | Sequence[str] | None = None,
-           metavar: str | None = None, positional: bool = False, check: Check | None = None,
+           metavar: str | None = None, check: Check | None = None,
            default_factory: Callable[[], Any] | None = None) -> Any:
     """A field of an options dataclass with what the CLI, YAML and error messages need.
 
@@ -45,14 +45,12 @@ def option(default: Any, help: str, *, key: str | None = None, choices: Registry
         key: the flat key when it is not the field's own name (sectioned configs).
         choices: the allowed values: a :class:`Registry` (with a help text each) or plain names.
         metavar: how ``--help`` shows the value.
-        positional: the command's positional argument (a model, a run, data).
         check: ``(predicate, text)``: the value must satisfy the predicate ("must be >= 1").
         default_factory: computes the default when the options are built (e.g. from the environment).
     """
     if isinstance(choices, (list, tuple)):
         choices = Registry.choices("value", {name: "" for name in choices})
-    meta = {"help": help, "key": key, "choices": choices, "metavar": metavar, "positional": positional,
-            "check": check}
+    meta = {"help": help, "key": key, "choices": choices, "metavar": metavar, "check": check}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=meta)
     if isinstance(default, (list, dict)):
@@ -72,7 +70,6 @@ class OptionInfo:
     help: str
     choices: Registry | None
     metavar: str | None
-    positional: bool = False
     check: Check | None = None
 
 
@@ -86,8 +83,7 @@ def options_of(cls: type, section: str = "") -> dict[str, OptionInfo]:
         default = f.default if f.default is not MISSING else (
             f.default_factory() if f.default_factory is not MISSING else None)
         out[key] = OptionInfo(key, section, f.name, default, str(f.type), f.metadata["help"],
-                              f.metadata.get("choices"), f.metadata.get("metavar"),
-                              bool(f.metadata.get("positional")), f.metadata.get("check"))
+                              f.metadata.get("choices"), f.metadata.get("metavar"), f.metadata.get("check"))
     return out
 
 
@@ -154,6 +150,3 @@ class CommandOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return {key: getattr(self, info.attr) for key, info in self.options().items()}
-
-    def replace(self: T, **changes: Any) -> T:
-        return type(self).from_dict({**self.to_dict(), **changes}) if changes else replace(self)

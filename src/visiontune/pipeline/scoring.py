@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -147,8 +148,6 @@ def predict(model: str | os.PathLike, inputs: Sequence[str], log: Callable[[str]
     bad = sum(1 for r in rows if r["error"])
     result = Predictions(rows, len(rows) - bad, bad, opts.out, list(clf.class_names), clf.task)
     if opts.out:  # a .json file (a CSV was streamed above)
-        import json
-
         atomic_write_text(Path(opts.out), json.dumps(rows, indent=1) + "\n")
     return result
 
