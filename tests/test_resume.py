@@ -137,7 +137,13 @@ def test_resume_falls_back_when_newest_checkpoint_is_truncated(image_folder, tmp
     assert newest_valid_checkpoint(run.run_dir / "checkpoints") == ckpts[0]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_sigterm_saves_checkpoint_and_resume_completes(image_folder, tmp_path, capsys):
+    """SIGTERM in a fine-tuning epoch (a loader worker running): exit 130, interrupted.ckpt, --resume
+    finishes. In `make test` the same loop's SIGTERM handling is covered by
+    test_linear_probe_sigterm_mid_epoch_resumes_bit_exact and test_finetune_sigterm_in_its_warmup_resumes_bit_exact,
+    and resuming the fine-tuning phase by test_resume_after_kill_9_across_the_frozen_warmup."""
     from visiontune.cli import main
 
     run_dir = tmp_path / "run"

@@ -176,12 +176,11 @@ def _samples_section(clf: Classifier, splits: dict, augment: str, seed: int, cou
                                    ("val", eval_transform(pre), "validation samples (eval preprocessing)")):
         items = splits.get(split, [])
         chosen = random.Random(seed).sample(items, min(count, len(items)))
-        images, captions = [], []
-        for (_, label), image in readable(chosen, lambda sample: sample[0]):
-            images.append(denormalize(transform(image), pre))
-            captions.append((" ".join(names[i] for i in clf.task.indices(label)) or "(no label)")[:18])
-        body += f"<h3>{html.escape(what.capitalize())}</h3>"
-        body += rs.img_tag(rs.grid_uri(images, captions), what) if images else '<p class="muted">none</p>'
+        # an HTML gallery of small PNGs, not a matplotlib grid: drawing 16 subplots took 1.3 s per grid
+        items = [(rs.image_uri((denormalize(transform(image), pre) * 255).round().astype("uint8"), fmt="PNG"),
+                  " ".join(names[i] for i in clf.task.indices(label)) or "(no label)", False)
+                 for (_, label), image in readable(chosen, lambda sample: sample[0])]
+        body += f"<h3>{html.escape(what.capitalize())}</h3>" + rs.gallery(items)
     return body
 
 

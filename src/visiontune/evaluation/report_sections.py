@@ -173,18 +173,6 @@ def dataset_section(counts: dict[str, dict[str, int]], sizes: list[tuple[int, in
     return body
 
 
-def grid_uri(images: Sequence[np.ndarray], captions: Sequence[str], cols: int = 8) -> str:
-    rows = max(1, -(-len(images) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.5, rows * 1.7), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, img, cap in zip(axes.flat, images, captions):
-        ax.imshow(img)
-        ax.set_title(cap, fontsize=8)
-    fig.tight_layout()
-    return fig_uri(fig)
-
-
 def metrics_section(saved: dict[str, Any], result: dict[str, Any], source: str, training: dict[str, Any]) -> str:
     rows = []
     for split, values in saved.items():
