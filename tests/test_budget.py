@@ -1,5 +1,6 @@
-"""Time budgets: durations, candidate sizes, the planner on synthetic throughput tables (fits the
-budget, keeps the user's options), the deadline keeping the best model, and the forecast."""
+"""Time budgets: durations, the default budget, candidate sizes, the planner on synthetic throughput
+tables (fits and fills the budget, keeps the user's options), one plan for several processes, the
+deadline keeping the best model, and the forecast."""
 
 from __future__ import annotations
 
@@ -11,16 +12,20 @@ from conftest import FAST, FAST_FLAGS, vt_main
 
 from visiontune.core.errors import ConfigError
 from visiontune.training.budget import (
+    DEFAULT_TIME,
     MIN_FINETUNE_EPOCHS,
     Facts,
+    Plan,
     Throughput,
     candidate_sizes,
     fixed_options,
     format_duration,
     parse_duration,
     plan_run,
+    run_budget,
 )
 from visiontune.training.config import TrainConfig
+from visiontune.training.setup import read_plan
 
 # a CIFAR-like machine table: training gets ~4x dearer per doubling of the side
 TABLE = [Throughput(32, 700, 4700), Throughput(48, 440, 2700), Throughput(64, 310, 1600),
@@ -173,10 +178,92 @@ def test_the_plan_is_a_function_of_its_facts_and_applies_only_what_the_user_left
     assert given.optim.epochs == 7 and given.model.img_size != plan.img_size  # the given config is left as is
 
 
-def test_time_with_several_processes_is_refused(shared_folder, tmp_path, capsys):
-    code, _, err = vt_main(capsys, "train", shared_folder, "--time", "5m", "--devices", "2", "--run-dir",
-                           tmp_path / "run")
-    assert code == 2 and "--devices 1" in err and not (tmp_path / "run").exists()
+@pytest.mark.parametrize("minutes", [15, 30, 60, 120])
+def test_a_plan_fills_its_budget_with_a_partial_last_epoch(minutes):
+    """The time after the last whole epoch buys part of one more (--max-steps) when a tenth of an
+    epoch and its validation fit, so a plan uses at least 90% of its budget; --epochs run whole."""
+    plan = plan_run(facts(minutes * 60, elapsed=15.0))
+    assert 0.9 * minutes * 60 <= plan.total <= minutes * 60
+    if minutes == 60:  # measured on this table: 8 whole epochs at 128 px, then 0.14 of a 9th
+        steps_per_epoch = facts(60).steps_per_epoch
+        whole = plan.epochs - 1 - plan.freeze_epochs  # fine-tuning epochs before the partial one
+        assert whole * steps_per_epoch < plan.max_steps < (whole + 1) * steps_per_epoch
+        assert plan.apply(TrainConfig.from_dict({"data": "d"})).optim.max_steps == plan.max_steps
+    given = TrainConfig.from_dict({"data": "d", "epochs": 5})
+    assert plan.apply(given).optim.max_steps is None
+    assert plan_run(facts(minutes * 60), fixed_options(given)).max_steps is None
+
+
+def test_without_time_or_epochs_a_run_plans_for_the_default_budget():
+    """The plain command plans (an hour); --epochs alone keeps the fixed recipe, --time none too."""
+    budget = [run_budget(TrainConfig.from_dict({"data": "d", **given}))
+              for given in ({}, {"epochs": 10}, {"time": "none"}, {"time": "None"}, {"time": "15m"},
+                            {"time": "15m", "epochs": 3}, {"resume": "runs/x"})]
+    assert budget == [parse_duration(DEFAULT_TIME), None, None, None, 900.0, 900.0, None]
+    with pytest.raises(ConfigError, match="or none for the fixed recipe"):
+        TrainConfig.from_dict({"data": "d", "time": "never"})
+
+
+def test_the_plain_command_prints_its_plan_first_and_time_none_runs_the_recipe(shared_folder, tmp_path, capsys):
+    from visiontune.training.setup import setup_run
+
+    ctx = setup_run(TrainConfig.from_dict({"data": str(shared_folder), "run_dir": str(tmp_path / "plain"), **FAST}))
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("time budget 1h00m (the default: --time 20m or any budget changes it, --time none")
+    assert ctx.plan is not None and (tmp_path / "plain" / "plan.json").is_file()
+    assert ctx.cfg.strategy.name == "linear-probe" and ctx.cfg.strategy.head == "auto"  # 30 images: the CV probe
+    fixed = setup_run(TrainConfig.from_dict({"data": str(shared_folder), "run_dir": str(tmp_path / "fixed"),
+                                             "time": "none", **FAST}))
+    assert fixed.plan is None and fixed.cfg.optim.epochs == 10 and "time budget" not in capsys.readouterr().out
+    assert not (tmp_path / "fixed" / "plan.json").exists()
+
+
+def test_several_processes_plan_once_and_train_on_images(tmp_path):
+    """Rank 0 plans (a head on cached features is one process's job, so the plan trains on images);
+    the other processes read its plan.json instead of measuring, and never an earlier run's."""
+    plan = plan_run(facts(15 * 60, n_train=300, n_val=60, processes=2))
+    assert plan.strategy == "finetune"
+    assert facts(60, n_train=1000, processes=2, batch_size=10).steps_per_epoch == 50
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    assert read_plan(path, started=time.time()) == plan
+    with pytest.raises(ConfigError, match="rank 0 wrote no plan"):
+        read_plan(path, started=time.time() + 3600, wait_s=0)  # written before this process started
+    path.write_text(json.dumps({**plan.to_dict(), "epochs": "many"}))
+    with pytest.raises(ConfigError, match="rank 0 wrote no plan"):
+        read_plan(path, started=time.time(), wait_s=0)
+    with pytest.raises(ValueError, match="epochs"):
+        Plan.from_dict(json.loads(path.read_text()))
+
+
+def test_the_deadline_stops_every_process_when_one_is_due():
+    """The processes of a DDP run must stop at the same step: the first one past the deadline decides."""
+    from types import SimpleNamespace
+
+    from visiontune.training.budget import Deadline
+
+    votes = []
+
+    def reduce_boolean_decision(decision, all=True):
+        votes.append((decision, all))
+        return True  # another process is due
+
+    trainer = SimpleNamespace(world_size=2, should_stop=False, current_epoch=0,
+                              strategy=SimpleNamespace(reduce_boolean_decision=reduce_boolean_decision))
+    deadline = Deadline(time.time() + 3600, 0.0)  # not due here
+    deadline.on_train_batch_end(trainer, None, None, None, 0)
+    assert trainer.should_stop and votes == [(False, False)]
+    alone = SimpleNamespace(world_size=1, should_stop=False, current_epoch=0)
+    Deadline(time.time() + 3600, 0.0).on_train_batch_end(alone, None, None, None, 0)
+    assert not alone.should_stop
+
+
+def test_compare_shares_its_budget_and_refuses_shares_under_the_minimum(shared_folder, tmp_path):
+    from visiontune.pipeline.compare import compare
+
+    with pytest.raises(ConfigError, match="20s each, under the 30s minimum; give at least --time 1m30s"):
+        compare(shared_folder, ["finetune", "linear-probe", "progressive"], time="1m", run_dir=tmp_path / "c")
+    assert not (tmp_path / "c").exists()
 
 
 def test_time_flag_stops_at_the_deadline_and_keeps_the_best_model(shared_folder, tmp_path, capsys, monkeypatch):

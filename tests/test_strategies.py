@@ -129,7 +129,9 @@ def test_linear_probe_trains_in_the_loop_with_ema_early_stopping_and_step_checkp
     (["--head", "auto", "--checkpoint-every-steps", "5"], "--checkpoint-every-steps", "--head linear"),
     (["--mixup", "0.2"], "--mixup", "--strategy finetune"),
     (["--head", "logistic", "--cutmix", "1"], "--cutmix", "--strategy finetune"),
-], ids=["logistic-ema", "svm-early-stopping", "auto-step-checkpoints", "linear-mixup", "logistic-cutmix"])
+    (["--head", "linear", "--max-steps", "5"], "--max-steps", "--strategy finetune"),
+], ids=["logistic-ema", "svm-early-stopping", "auto-step-checkpoints", "linear-mixup", "logistic-cutmix",
+        "linear-max-steps"])
 def test_a_probe_refuses_an_option_it_cannot_honour_by_name(image_folder, tmp_path, capsys, args, named, remedy):
     run_dir = tmp_path / "run"
     code, out, err = vt_main(capsys, "train", image_folder, "--strategy", "linear-probe", *args, "--run-dir",
@@ -158,7 +160,7 @@ def test_a_refusal_names_what_a_time_budget_chose():
     given = TrainConfig.from_dict({"data": "photos", "ema": True, "time": "5m"})
     check_options(given)  # the default finetune honours --ema
     planned = given.replace(strategy="linear-probe", head="auto", epochs=1)  # what Plan.apply does
-    with pytest.raises(ConfigError, match=r"^--ema .*the --time plan chose --strategy linear-probe --head auto; "
+    with pytest.raises(ConfigError, match=r"^--ema .*the time budget's plan chose --strategy linear-probe --head auto; "
                                           r"give --strategy or --head to choose\): use --head linear or drop --ema"):
         check_options(planned, planned=True)
     assert levers_line(planned.replace(ema=None, tta=True, balance="weights", mixup=0.0)) == \

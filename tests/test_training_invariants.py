@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from visiontune.training.callbacks import FreezeSchedule
 from visiontune.training.config import TrainConfig
 from visiontune.training.metrics import METRIC_COLUMNS
 from visiontune.training.module import ClassifierModule
-from visiontune.training.optim import OptimizerSettings, ScheduleSettings
+from visiontune.training.optim import MIN_LR_FACTOR, OptimizerSettings, ScheduleSettings
 from visiontune.training.setup import fit, setup_run
 
 TINY = FAST
@@ -215,3 +216,19 @@ def test_mixup_trains_multi_label(ml_data, tmp_path):
                            **{**FAST, "batch_size": 4, **options})
     assert all(TrainConfig.load(run.run_dir / "config.yaml").get(k) == v for k, v in options.items())
     assert 0.0 <= run.metrics["val"]["macro_map"] <= 1.0 and Classifier.load(run.run_dir).task.name == "multi"
+
+
+def test_max_steps_ends_in_a_validated_partial_epoch_where_the_schedule_ends(data, tmp_path):
+    """--max-steps (a time budget's partial last epoch): the fit stops after that many optimizer
+    steps, still validates the partial epoch (its metrics row, eligible as the best), and the
+    cosine schedule reaches its end there rather than at the end of --epochs."""
+    run = visiontune.train(data, run_dir=tmp_path / "run", epochs=3, freeze_epochs=0, max_steps=6,
+                           **{**TINY, "batch_size": 8})  # 30 images: 4 steps per epoch
+    rows = list(csv.DictReader(open(run.run_dir / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and rows[-1]["val_accuracy"] != ""
+    newest = max((run.run_dir / "checkpoints").glob("epoch*.ckpt"), key=lambda p: p.stat().st_mtime)
+    state = torch.load(newest, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 6
+    scheduler = state["lr_schedulers"][0]
+    assert scheduler["last_epoch"] == 6 and math.isclose(scheduler["_last_lr"][0] / scheduler["base_lrs"][0],
+                                                         MIN_LR_FACTOR, rel_tol=1e-6)

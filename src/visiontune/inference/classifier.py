@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from ..core.errors import ConfigError
+from ..core.progress import progress
 from ..data.dataset import InputDataset, input_loader
 from ..data.image import is_image_path
 from ..data.transforms import eval_transform
@@ -93,7 +94,7 @@ class Classifier:
                      ) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
         """Yield (input indices, raw logits, [(index, error)]) batch by batch, in input order."""
         dataset = InputDataset(inputs, self.transform, self.preprocessing.draft_size())
-        for indices, tensor, errors in input_loader(dataset, batch_size, workers):
+        for indices, tensor, errors in progress(input_loader(dataset, batch_size, workers), "predicting"):
             yield indices, (self.logits(tensor) if tensor is not None else None), errors
 
     def logits_of(self, inputs: Sequence[ImageInput], batch_size: int = 64, workers: int | None = None

@@ -23,6 +23,7 @@ from PIL import Image
 from torch import nn
 
 from ..core.hardware import device as best_device
+from ..core.progress import progress
 from ..data.cache import FeatureCache, default_cache_dir, file_digests, model_key
 from ..data.dataset import InputDataset, input_loader
 from ..data.labels import stack_targets
@@ -127,7 +128,8 @@ class FeatureExtractor:
         model = self.model.eval().to(dev, memory_format=torch.channels_last)
         try:
             with torch.inference_mode():
-                for indices, batch, errors in input_loader(dataset, self.batch_size, self.workers):
+                for indices, batch, errors in progress(input_loader(dataset, self.batch_size, self.workers),
+                                                       "features"):
                     failed.update({items[i][0]: error for i, error in errors})
                     if batch is None:
                         continue

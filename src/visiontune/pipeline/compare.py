@@ -1,8 +1,9 @@
 """``visiontune compare DATA --strategies a,b [--models x,y]``: one table, same split and seed.
 
 Each (model, strategy) pair is trained with :func:`visiontune.train` into ``OUT/<model>-<strategy>``
-sharing one feature cache, so frozen-backbone features are computed once. The table (strategy,
-model, accuracy, macro-F1, macro mAP for multi-label data, train seconds, model size) is written to
+sharing one feature cache, so frozen-backbone features are computed once. A time budget (``--time``,
+or the default of a run given neither ``--time`` nor ``--epochs``) is shared equally by the entries.
+The table (strategy, model, accuracy, macro-F1, macro mAP for multi-label data, train seconds, model size) is written to
 ``OUT/compare.csv`` and copied into every run dir, where ``visiontune report`` shows it.
 """
 
@@ -20,7 +21,8 @@ from typing import Any
 from ..core.errors import ConfigError
 from ..core.layout import RunLayout
 from ..core.tables import fixed_width
-from ..training.config import COMPARE_OWN, TrainConfig
+from ..training.budget import format_duration, run_budget
+from ..training.config import COMPARE_OWN, MIN_DURATION_S, TrainConfig
 from ..training.registry import STRATEGIES
 from ..training.setup import make_run_dir
 from .train import train
@@ -59,7 +61,19 @@ def compare(data: str | os.PathLike, strategies: Sequence[str] = ("finetune", "l
     if own:
         raise ConfigError(f"compare sets {', '.join(own)} itself for every entry; "
                           + "; ".join(OWN_OPTIONS[k] for k in own))
-    TrainConfig.from_dict({"data": str(data), **train_options})  # fail fast on bad options
+    cfg = TrainConfig.from_dict({"data": str(data), **train_options})  # fail fast on bad options
+    entries = len(models) * len(strategies)
+    budget = run_budget(cfg)
+    if budget is not None:  # the comparison's budget (given, or the default) is shared equally by its entries
+        share = budget / entries
+        if share < MIN_DURATION_S:
+            raise ConfigError(f"compare shares its time budget ({format_duration(budget)}) among {entries} entries: "
+                              f"{format_duration(share)} each, under the {MIN_DURATION_S:.0f}s minimum; give at least "
+                              f"--time {format_duration(MIN_DURATION_S * entries)}, fewer entries, or --epochs N")
+        print(f"compare: time budget {format_duration(budget)}"
+              + (" (the default without --time or --epochs)" if cfg.runtime.time is None else "")
+              + f", {format_duration(share)} for each of {entries} entries", flush=True)
+        train_options["time"] = format_duration(share)
     out = make_run_dir(run_dir, "compare")
     train_options.setdefault("cache_dir", str(out / "feature-cache") if not os.environ.get("VISIONTUNE_CACHE")
                              else None)

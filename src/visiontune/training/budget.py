@@ -7,8 +7,9 @@ measurements and the data's statistics are the :class:`Facts`, and :func:`plan_r
 function of the facts and the options the user fixed) picks the strategy, input size and number
 of epochs that fit. :meth:`Plan.apply` is the one place a plan changes a config. The LR schedule
 spans the planned epochs; :class:`Deadline` still stops at the budget whatever was measured,
-keeping the best epoch. Without ``--time``, :class:`Forecast` prints
-the projected duration of the configured run once the first batches are timed.
+keeping the best epoch. A run given neither ``--time`` nor ``--epochs`` plans for
+:data:`DEFAULT_TIME` (:func:`run_budget`); with ``--time none`` or ``--epochs``, :class:`Forecast`
+prints the projected duration of the configured run once the first batches are timed.
 
 Example:
     >>> parse_duration("1h30m"), parse_duration("20m"), parse_duration("45s")
@@ -17,8 +18,8 @@ Example:
     >>> facts = Facts(15 * 60, n_train=40_000, n_val=8_000, native_side=32, default_side=224,
     ...               throughputs=table, elapsed=20.0)
     >>> plan = plan_run(facts)
-    >>> plan.strategy, plan.img_size, plan.epochs
-    ('finetune', 96, 3)
+    >>> plan.strategy, plan.img_size, plan.epochs, plan.max_steps  # 3 whole epochs fit, then 0.42 of a 4th
+    ('finetune', 96, 4, 3022)
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from ..core.safe_io import atomic_write_text
 from ..data.image import try_load
 from ..data.preprocess import Preprocessing, resize
 from ..models.factory import fit_input_size
-from .config import TrainConfig, duration_seconds
+from .config import TrainConfig, duration_seconds, no_budget
 
 # What the planner trades off (measured on CIFAR-10 and hymenoptera, see bench/RESULTS.md):
 MIN_FINETUNE_EPOCHS = 3      # epochs (incl. the head's warm-up) below which a probe on cached features wins
@@ -56,8 +57,30 @@ SIZE_STEPS = (32, 48, 64, 96, 128, 160, 192, 224, 256, 288)
 # the body at a third of the head's LR after a short warm-up (AdamW's first steps are large).
 FINETUNE_RECIPE = {"lr_mult": 3.0, "warmup_epochs": 0.3, "bn_stats": "frozen"}
 # the options a plan decides (config keys), unless the user gave them
-PLANNED_OPTIONS = ("strategy", "img_size", "epochs", "freeze_epochs", "augment", "resize_mode", "head", "lr_mult",
-                   "warmup_epochs", "bn_stats", "ema", "tta", "mixup")
+PLANNED_OPTIONS = ("strategy", "img_size", "epochs", "max_steps", "freeze_epochs", "augment", "resize_mode", "head",
+                   "lr_mult", "warmup_epochs", "bn_stats", "ema", "tta", "mixup")
+# the budget of a run given neither --time nor --epochs: long enough for the measured recipes to pay
+# (CIFAR-10's 40,000 images: 92% at 60 min on a 2-core CPU), and a small data set's plan ends in seconds
+DEFAULT_TIME = "1h"
+MIN_PARTIAL_EPOCH = 0.1  # a last, partial epoch shorter than this share of an epoch is not worth its validation
+
+
+def run_budget(cfg: TrainConfig) -> float | None:
+    """Seconds the run's plan may take, or None for the fixed recipe: ``--time`` when given
+    (``none``: no budget); else :data:`DEFAULT_TIME`, unless ``--epochs`` fixes the run's length
+    or the run is resumed (a resumed run continues its own, already planned, epochs).
+
+    Example:
+        >>> [run_budget(TrainConfig.from_dict({"data": "d", **given}))
+        ...  for given in ({}, {"epochs": 3}, {"time": "none"}, {"time": "20m", "epochs": 3})]
+        [3600.0, None, None, 1200.0]
+    """
+    value = cfg.runtime.time
+    if cfg.runtime.resume or no_budget(value):
+        return None
+    if value is None:
+        return None if "epochs" in cfg.given else parse_duration(DEFAULT_TIME)
+    return parse_duration(value)
 
 
 def parse_duration(text: str) -> float:
@@ -100,6 +123,8 @@ class Facts:
         throughputs: :func:`measure_throughput` at the candidate sizes.
         elapsed: seconds of the budget spent before planning (from the clock start the caller passed).
         decode_s: seconds to read and decode one image (:func:`decode_seconds`).
+        batch_size: images per optimizer step and process.
+        processes: training processes (``--devices`` x ``--num-nodes``); each takes its share of every epoch.
     """
 
     budget: float
@@ -111,6 +136,13 @@ class Facts:
     elapsed: float = 0.0
     n_test: int = 0
     decode_s: float = 0.0
+    batch_size: int = 32
+    processes: int = 1
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one epoch of each process (the loader pads the last process's share)."""
+        return math.ceil(math.ceil(self.n_train / self.processes) / self.batch_size)
 
 
 def fixed_options(cfg: TrainConfig) -> dict[str, Any]:
@@ -131,6 +163,7 @@ class Plan:
     resize_mode: str
     projected: dict[str, float]
     head: str = "linear"
+    max_steps: int | None = None  # the fine-tuning's optimizer steps when its last epoch is partial
     recipe: dict[str, Any] = field(default_factory=dict)  # the other options the plan sets (lr_mult, ema, ...)
     candidates: list[dict[str, Any]] = field(default_factory=list)
     throughputs: list[dict[str, float]] = field(default_factory=list)
@@ -145,15 +178,19 @@ class Plan:
         """``cfg`` with the planned options, except those the user gave (:func:`fixed_options`)."""
         planned = {"strategy": self.strategy, "img_size": self.img_size, "epochs": self.epochs,
                    "freeze_epochs": self.freeze_epochs, "augment": self.augment, "resize_mode": self.resize_mode,
-                   "head": self.head, **self.recipe}
+                   "head": self.head, "max_steps": self.max_steps, **self.recipe}
+        if "epochs" in cfg.given:  # the user's epochs run whole
+            planned.pop("max_steps")
         return cfg.replace(**{k: v for k, v in planned.items() if k not in cfg.given})
 
     def describe(self) -> str:
         phases = ", ".join(f"{k} {format_duration(v)}" for k, v in self.projected.items() if v > 0)
-        sizes = "; ".join(f"{int(t['size'])} px: train {t['train']:.0f} img/s, infer {t['infer']:.0f} img/s"
-                          for t in self.throughputs)
+        sizes = "; ".join(f"{int(t['size'])} px: " + (f"train {t['train']:.0f} img/s, " if t["train"] else "")
+                          + f"infer {t['infer']:.0f} img/s" for t in self.throughputs)
+        length = (f"{self.epochs} epoch(s)" if self.max_steps is None else
+                  f"{self.epochs - 1} epoch(s) and a partial one ({self.max_steps} steps in all after the warm-up)")
         what = (f"linear probe ({self.head} head)" if self.strategy == "linear-probe"
-                else f"{self.strategy} for {self.epochs} epoch(s), augment {self.augment}")
+                else f"{self.strategy} for {length}, augment {self.augment}")
         recipe = ", ".join(f"{k} {v}" for k, v in self.recipe.items())
         return (f"time budget {format_duration(self.budget)}: {what} at {self.img_size} px"
                 + (f" ({recipe})" if recipe else "") + f"; projected {format_duration(self.total)} "
@@ -164,6 +201,27 @@ class Plan:
 
     def save(self, path: Path) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Plan:
+        """A plan read back from ``plan.json`` (a file in a run dir: each field is type-checked).
+
+        Raises:
+            ValueError: naming the first field that is missing or of the wrong type.
+        """
+        if not isinstance(data, dict):
+            raise ValueError("a plan is a JSON object")
+        kinds = {"budget": (int, float), "strategy": str, "img_size": int, "epochs": int, "freeze_epochs": int,
+                 "augment": str, "resize_mode": str, "projected": dict, "head": str, "max_steps": (int, type(None)),
+                 "recipe": dict, "candidates": list, "throughputs": list, "reason": str, "val_pass_s": (int, float)}
+        for key, kind in kinds.items():
+            if key not in data or isinstance(data[key], bool) or not isinstance(data[key], kind):
+                raise ValueError(f"plan field {key!r} is missing or not {kind}")
+        if not all(k in PLANNED_OPTIONS for k in data["recipe"]):
+            raise ValueError("plan recipe names an option a plan does not set")
+        if not all(isinstance(v, (int, float)) for v in data["projected"].values()):
+            raise ValueError("plan field 'projected' holds a non-number")
+        return cls(**{key: data[key] for key in kinds})
 
 
 def candidate_sizes(native_side: int, default_side: int) -> list[int]:
@@ -193,19 +251,21 @@ def _step_images_per_second(run, batch: int, seconds: float) -> float:
     return batch * steps / (time.perf_counter() - start)
 
 
-def measure_throughput(model: nn.Module, sizes: list[int], precision: str, batch_size: int, seconds: float = 1.5
-                       ) -> list[Throughput]:
+def measure_throughput(model: nn.Module, sizes: list[int], precision: str, batch_size: int, seconds: float = 1.5,
+                       train: bool = True) -> list[Throughput]:
     """Measure training and inference images/s of ``model`` at each size (on a copy: nothing in
-    the model changes). About ``3 * seconds`` per size."""
+    the model changes). About ``3 * seconds`` per size; without ``train``, inference only (a probe
+    on cached features trains no network: its training speed is reported as 0)."""
     net = copy.deepcopy(model).to(device(), memory_format=torch.channels_last)  # where training will run
     opt = torch.optim.AdamW(net.parameters(), lr=0.0)
     out: list[Throughput] = []
     for size in sizes:
         fit_input_size(net, size, size)  # ViTs are built for one input size
         prec = resolve_precision(precision, size)
-        train = _step_images_per_second(_TrainStep(net, opt, prec, batch_size, size), batch_size, seconds)
+        trains = (_step_images_per_second(_TrainStep(net, opt, prec, batch_size, size), batch_size, seconds)
+                  if train else 0.0)
         infer = _step_images_per_second(_InferStep(net, prec, 2 * batch_size, size), 2 * batch_size, seconds / 2)
-        out.append(Throughput(size, train, infer))
+        out.append(Throughput(size, trains, infer))
     return out
 
 
@@ -271,6 +331,14 @@ def phase_costs(size: Throughput, n_train: int, n_val: int, n_test: int, epochs:
     return {"load": load, "features": features, "train": train, "finish": finish}
 
 
+def probes_small_data(n_train: int, fixed: dict[str, Any], processes: int = 1) -> bool:
+    """Whether a plan for ``n_train`` images is the cross-validated probe on cached features (up to
+    :data:`SMALL_DATA` images, unless the user fixed another strategy, the epochs or several
+    processes): it only needs the inference speed at the backbone's own size."""
+    strategy = fixed.get("strategy", "finetune" if processes > 1 else None)
+    return n_train <= SMALL_DATA and strategy in (None, "linear-probe") and "epochs" not in fixed
+
+
 def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
     """The run that fits ``facts.budget`` seconds (``facts.elapsed`` of them already spent): a pure
     function of its arguments, so the same facts always give the same plan.
@@ -310,7 +378,10 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
         return {"start": elapsed, **phase_costs(t, n_train, n_val, n_test, epochs, min(warmup, epochs) if finetune
                                                  else 0, finetune, decode_s, tta)}
 
-    if n_train <= SMALL_DATA and strategy in (None, "linear-probe") and "epochs" not in fixed:
+    # several processes train the network on images (a head on cached features is one process's job)
+    if facts.processes > 1 and strategy is None:
+        strategy = "finetune"
+    if probes_small_data(n_train, fixed, facts.processes):
         t = max((x for x in sizes if x.size <= default_side), key=lambda x: x.size, default=sizes[-1])
         # an averaged head (--ema) needs epochs of gradient steps: the scikit-learn heads of "auto" refuse it
         head = fixed.get("head", "linear" if fixed.get("ema") else "auto")
@@ -332,20 +403,34 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
         fit = trained + warmup
         candidates.append({"size": t.size, "epochs_that_fit": fit, "seconds_per_epoch": round(per_epoch, 1)})
         if trained >= needed:
-            best = (t, fit)  # sizes ascend: the last that fits is the largest
+            best = (t, fit, room - trained * per_epoch)  # sizes ascend: the last that fits is the largest
     reason = ""
     if best is None and strategy is not None and strategy != "linear-probe":
-        best = (sizes[0], fixed.get("epochs", warmup + 1))  # the user's strategy at the smallest size
-        reason = (f"--strategy {strategy}: not even {needed} fine-tuning epoch(s) fit at any measured size; the "
+        best = (sizes[0], fixed.get("epochs", warmup + 1), 0.0)  # the user's strategy at the smallest size
+        why = f"--strategy {strategy}" if "strategy" in fixed else f"{facts.processes} processes train on images"
+        reason = (f"{why}: not even {needed} fine-tuning epoch(s) fit at any measured size; the "
                   "smallest runs until the deadline")
     if best is not None and strategy in (None, "finetune", "progressive", "scratch"):
-        t, fit = best
+        t, fit, leftover = best
         epochs = fixed.get("epochs", max(min(fit, MAX_EPOCHS), warmup + 1))
+        projected = costs(t, epochs, True)
         reason = reason or (f"{fit} epochs fit at {t.size} px, the largest input where at least "
                             f"{needed + warmup} do ({candidates[sizes.index(t)]['seconds_per_epoch']} s per epoch)")
+        # the time after the last whole epoch buys a partial one: its share of the training pass, then
+        # its validation; the LR schedule ends at its last step (--max-steps)
+        train_s, val_s = n_train / t.train, (2 if tta else 1) * n_val / t.infer
+        share = (leftover - val_s) / train_s
+        max_steps = None
+        whole_only = "epochs" in fixed or "max_steps" in fixed or epochs != fit or fit >= MAX_EPOCHS
+        if not whole_only and share >= MIN_PARTIAL_EPOCH:
+            whole = epochs - min(warmup, epochs)
+            max_steps = whole * facts.steps_per_epoch + int(share * facts.steps_per_epoch)
+            epochs += 1
+            projected = {**projected, "train": projected["train"] + share * train_s + val_s}
+            reason += f", and {share:.2f} of one more"
         return Plan(budget, strategy or "finetune", t.size, epochs, min(warmup, epochs), augment, resize_mode,
-                    costs(t, epochs, True), recipe=recipe, candidates=candidates, throughputs=measured,
-                    reason=reason, val_pass_s=(2 if tta else 1) * n_val / t.infer)
+                    projected, max_steps=max_steps, recipe=recipe, candidates=candidates, throughputs=measured,
+                    reason=reason, val_pass_s=val_s)
     # a probe on cached features: the largest size whose one forward pass over the data fits
     fits = [t for t in sizes if sum(costs(t, 1, False).values()) <= budget * (1 - SAFETY)]
     t = fits[-1] if fits else sizes[0]
@@ -380,6 +465,7 @@ class Deadline(Callback):
 
     Checked after every batch, once a model has been saved (``has_model``): the best epoch so far
     is kept, so a stop loses at most the epoch in progress, and a run never ends without a model.
+    In a multi-process run the processes agree each step (the first one due stops them all).
     """
 
     def __init__(self, deadline: float, reserve: float, has_model=lambda: True, epoch_offset: int = 0):
@@ -389,7 +475,12 @@ class Deadline(Callback):
         self.stopped = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not self.stopped and time.time() >= self.stop_at and self.has_model():
+        if self.stopped:
+            return
+        due = time.time() >= self.stop_at and self.has_model()
+        if trainer.world_size > 1:  # all processes stop at the same step (when any is due), or the rest wait forever
+            due = bool(trainer.strategy.reduce_boolean_decision(due, all=False))
+        if due:
             self.stopped = True
             trainer.should_stop = True
             epoch = trainer.current_epoch + self.epoch_offset + 1

@@ -141,6 +141,22 @@ class BestModelSaver(Callback):
         self.best_state = state_dict.get("best_state")
 
 
+class StepLimit(Callback):
+    """End a fit after ``max_steps`` optimizer steps (``--max-steps``: a last, partial epoch).
+
+    It stops through ``trainer.should_stop``, after which Lightning still validates the epoch in
+    progress (its own ``max_steps`` would end the fit without validating it), so the partial epoch
+    has its metrics row and can be the best one.
+    """
+
+    def __init__(self, max_steps: int):
+        self.max_steps = max_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.max_steps:
+            trainer.should_stop = True
+
+
 class EMA(EMAWeightAveraging):
     """Lightning's exponential moving average of the weights, kept in place until the best-model
     saver has run: validation scores the averaged weights, so ``model/`` must get those.

@@ -60,6 +60,11 @@ DURATION_FORM = "write it like 20m, 1h30m, 2h or 90s (from 30s to 720h, i.e. 30 
 ALIASES = {"strategy_dist": "distributed"}
 
 
+def no_budget(value: Any) -> bool:
+    """Whether a ``--time`` value asks for no budget (``none``): the fixed recipe."""
+    return isinstance(value, str) and value.strip().lower() == "none"
+
+
 def duration_seconds(text: Any) -> float:
     """Seconds in a ``--time`` value (``1h30m``, ``20m``, ``2h``, ``90s``; a unit is required),
     within 30 s to 30 days: the one check of a duration, for the config and the planner alike.
@@ -74,7 +79,7 @@ def duration_seconds(text: Any) -> float:
     shown = repr(text) if len(text) <= 40 else f"{text[:20]!r}... ({len(text)} characters)"
     match = DURATION.fullmatch(text.strip())
     if not match or not any(match.groups()):
-        raise ConfigError(f"--time {shown} is not a duration; {DURATION_FORM}")
+        raise ConfigError(f"--time {shown} is not a duration; {DURATION_FORM}, or none for the fixed recipe")
     hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
     total = hours * 3600 + minutes * 60 + seconds  # a 400-digit number is inf here, never an error
     if not math.isfinite(total) or total > MAX_DURATION_S:
@@ -152,6 +157,9 @@ class OptimOptions:
     ema: bool | None = option(None, "validate and keep an exponential moving average of the weights (decay set by "
                                     "the run length). Default: off")
     early_stopping: int | None = option(None, "stop after this many epochs without improvement of --select-metric")
+    max_steps: int | None = option(None, "end the training on images after this many optimizer steps, validating "
+                                         "there: a last, partial epoch (the LR schedule ends there; a time budget "
+                                         "sets it to fill its time). Default: every step of --epochs")
     auto_batch_size: bool = option(False, "find the largest batch size that fits (Lightning tuner; capped at 1/4 "
                                           "of the data)")
 
@@ -181,7 +189,9 @@ class RuntimeOptions:
     report: bool = option(True, "write RUN/report.html at the end")
     time: str | None = option(None, "time budget for the whole command, e.g. 20m, 1h30m (30s to 30 days): "
                                     "visiontune measures this machine, plans strategy, input size and epochs to fit "
-                                    "(keeping the options you give) and stops at the deadline", metavar="DURATION")
+                                    "(keeping the options you give) and stops at the deadline. Default: 1h, unless "
+                                    "--epochs is given; none: the fixed recipe (--epochs, 10 by default)",
+                              metavar="DURATION|none")
 
 
 SECTIONS = {"data": DataOptions, "model": ModelOptions, "strategy": StrategyOptions, "optim": OptimOptions,
@@ -246,12 +256,13 @@ class TrainConfig:
             ("mixup", lambda v: v >= 0, "must be >= 0"),
             ("cutmix", lambda v: v >= 0, "must be >= 0"),
             ("devices", lambda v: v >= 1, "must be >= 1"),
+            ("max_steps", lambda v: v is None or v >= 1, "must be >= 1"),
             ("num_nodes", lambda v: v >= 1, "must be >= 1"),
         ]
         for key, ok, text in checks:
             if not ok(self.get(key)):
                 raise ConfigError(f"{key} {text}, got {self.get(key)}")
-        if self.get("time") is not None:  # what the planner parses it with: one rule, bounds included
+        if self.get("time") is not None and not no_budget(self.get("time")):  # the planner's rule, bounds included
             duration_seconds(self.get("time"))
         return self
 

@@ -71,7 +71,7 @@ class TrainContext:
 
     def schedule_settings(self) -> ScheduleSettings:
         o = self.cfg.optim
-        return ScheduleSettings(o.schedule, o.warmup_epochs, o.step_size, o.epochs)
+        return ScheduleSettings(o.schedule, o.warmup_epochs, o.step_size, o.epochs, o.max_steps)
 
     def feature_extractor(self) -> FeatureExtractor:
         """Frozen-body features of this run's model (the on-disk cache is shared across runs)."""

@@ -108,6 +108,7 @@ LEVERS = (
     Lever("mixup", IMAGES, "mixes pairs of training images"),
     Lever("cutmix", IMAGES, "pastes patches between training images"),
     Lever("compile", IMAGES, "compiles the network for training on images"),
+    Lever("max_steps", IMAGES, "ends the training on images after that many steps", lambda v: v is not None),
     Lever("auto_batch_size", IMAGES, "sizes the batches of images to the device's memory"),
     Lever("devices", IMAGES, "trains copies of the network in several processes", lambda v: v > 1),
     Lever("num_nodes", IMAGES, "trains copies of the network on several machines", lambda v: v > 1),
@@ -136,7 +137,8 @@ def check_options(cfg: TrainConfig, planned: bool = False) -> None:
              and (key == "strategy" or cfg.strategy.name == "linear-probe")] if planned else []
     for lever in LEVERS:
         if way not in lever.honoured_by and lever.asked(cfg):
-            chosen = f" (the --time plan chose {' '.join(chose)}; give --strategy or --head to choose)" if chose else ""
+            chosen = (f" (the time budget's plan chose {' '.join(chose)}; give --strategy or --head to choose)"
+                      if chose else "")
             raise ConfigError(f"{lever.flag} {lever.does}; {_describe(way, cfg)}{chosen}: {lever.remedy(cfg)} "
                               f"or drop {lever.flag}")
 

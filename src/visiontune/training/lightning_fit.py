@@ -13,7 +13,7 @@ import math
 import sys
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lightning as L
@@ -30,7 +30,7 @@ from ..data.memory import MemoryEvalSet, MemoryImages, MemoryTrainSet, store_sid
 from ..data.sampling import EpochSampler
 from ..data.transforms import eval_transform, tensor_train_transform, train_transform
 from .budget import FINISH_FIXED_S, Deadline, Forecast
-from .callbacks import EMA, BestModelSaver, FreezeSchedule, MetricsRecorder
+from .callbacks import EMA, BestModelSaver, FreezeSchedule, MetricsRecorder, StepLimit
 from .checkpoint_io import HEAD_PHASE, AtomicCheckpointIO, FolderModelCheckpoint
 from .context import TrainContext
 from .module import ClassifierModule, HeadModule
@@ -373,8 +373,9 @@ def run_fit(ctx: TrainContext, module: ClassifierModule, data: L.LightningDataMo
     recorder = MetricsRecorder(ctx.layout.metrics_csv, cfg.optim.epochs, epoch_offset)
     ema = EMA(steps_per_epoch * epochs) if cfg.optim.ema and not warmup else None
     timing = time_callbacks(ctx, epoch_offset, on_features)
+    limit = StepLimit(cfg.optim.max_steps) if cfg.optim.max_steps and not on_features else None
     # the saver before the EMA: validation scores the averaged weights, which the saver must save
-    callbacks = [extra, recorder, saver, ema, *timing]
+    callbacks = [extra, recorder, saver, ema, limit, *timing]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*GPU available but not used.*")  # a head trains on the CPU
         # a warm-up is not logged: its steps would overlap the fine-tuning's in the run's logger
@@ -484,7 +485,9 @@ def make_module(ctx: TrainContext, body_groups: list[list[str]], body_lrs: list[
 def make_head_module(ctx: TrainContext) -> HeadModule:
     """The run's classifier layer as a :class:`HeadModule`: the run's loss, metrics, optimizer and schedule."""
     cfg = ctx.cfg
-    return HeadModule(ctx.classifier, ctx.optimizer_settings(), ctx.schedule_settings(), cfg.optim.label_smoothing,
+    # --max-steps counts the training on images: a head's fit on features runs its epochs whole
+    return HeadModule(ctx.classifier, ctx.optimizer_settings(), replace(ctx.schedule_settings(), max_steps=None),
+                      cfg.optim.label_smoothing,
                       ctx.class_weights(), task=ctx.task)
 
 

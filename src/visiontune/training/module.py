@@ -153,8 +153,9 @@ class ClassifierModule(L.LightningModule):
         # Every group is in the optimizer from the start; frozen parameters simply get no
         # gradient. The schedule therefore covers all groups and resume sees the same groups.
         opt = make_optimizer(self.param_groups(), self.optimizer_settings)
-        total = max(1, stepping_batches(self.trainer))
-        sched = make_scheduler(opt, self.schedule_settings, total, self.steps_per_epoch(total))
+        full = max(1, stepping_batches(self.trainer))
+        total = min(full, self.schedule_settings.max_steps or full)  # --max-steps: the schedule ends there
+        sched = make_scheduler(opt, self.schedule_settings, total, self.steps_per_epoch(full))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def steps_per_epoch(self, total: int) -> int:

@@ -47,6 +47,7 @@ class ScheduleSettings:
     warmup_epochs: float = 0.0
     step_size: int = 3
     epochs: int = 1
+    max_steps: int | None = None  # the schedule ends here when the fit stops early (a partial last epoch)
 
 
 def make_optimizer(params: Iterable[Any], settings: OptimizerSettings) -> torch.optim.Optimizer:

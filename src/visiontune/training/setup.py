@@ -6,6 +6,7 @@ leaves nothing behind.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -14,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..core.errors import ConfigError
-from ..core.hardware import available_memory, is_rank_zero, resolve_precision
+from ..core.hardware import available_memory, device, is_rank_zero, resolve_precision
 from ..core.layout import RunLayout
 from ..data.labels import per_task
 from ..data.memory import should_cache, store_side
@@ -26,17 +27,19 @@ from .budget import (
     FORECAST_MIN_IMAGE_EPOCHS,
     Facts,
     Plan,
+    Throughput,
     candidate_sizes,
     decode_seconds,
     fixed_options,
     forecast,
     format_duration,
     measure_throughput,
-    parse_duration,
     plan_run,
+    probes_small_data,
+    run_budget,
 )
 from .checkpoint_io import newest_valid_checkpoint, remove_stale_temp_files
-from .config import OPTIONS, TrainConfig
+from .config import OPTIONS, TrainConfig, no_budget
 from .context import FitResult, TrainContext
 from .levers import check_options, levers_line
 from .registry import LOGGERS, RANDOM_INIT, STRATEGIES
@@ -57,10 +60,7 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
     import lightning as L  # lazy: Lightning loads only when a run starts (not for --help or errors)
 
     started = time.time() if started is None else started
-    if cfg.runtime.time and (cfg.runtime.devices > 1 or cfg.runtime.num_nodes > 1):
-        # every rank would plan and stop on its own measurements: ranks that disagree block each other
-        raise ConfigError("--time plans a single-process run; drop --time or use --devices 1 --num-nodes 1")
-    if cfg.runtime.time and cfg.runtime.resume:
+    if cfg.runtime.time and not no_budget(cfg.runtime.time) and cfg.runtime.resume:
         print("time budget: --resume continues the run's own planned epochs; --time applies to new runs only",
               flush=True)
     resume_ckpt = None
@@ -88,10 +88,17 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
         pre = pre.with_size(cfg.model.img_size)
     pre = replace(pre, resize_mode=cfg.model.resize_mode)
     plan, deadline = None, None
-    if cfg.runtime.time and not cfg.runtime.resume:
-        cfg, pre, plan = plan_budget(cfg, model, pre, splits, default_side, started)
+    budget = run_budget(cfg)
+    if budget is not None:
+        # one plan per run: rank 0 measures and plans, the other processes of a multi-process run read it
+        if is_rank_zero():
+            plan = plan_budget(cfg, model, pre, splits, default_side, started, budget)
+        else:
+            plan = read_plan(RunLayout(_shared_run_dir(cfg)).plan, started)
+        cfg = plan.apply(cfg)
+        pre = replace(pre.with_size(plan.img_size), resize_mode=cfg.model.resize_mode)
         check_options(cfg, planned=True)
-        deadline = started + parse_duration(cfg.runtime.time)
+        deadline = started + budget
     elif not cfg.runtime.resume and len(splits.train) * cfg.optim.epochs >= FORECAST_MIN_IMAGE_EPOCHS:
         finetune = cfg.strategy.name != "linear-probe"
         (measured,) = measure_throughput(model, [pre.height], cfg.runtime.precision, cfg.optim.batch_size, seconds=1.0)
@@ -141,25 +148,33 @@ def adapt_to_task(cfg: TrainConfig, task: str | Task) -> TrainConfig:
     return cfg
 
 
-def plan_budget(cfg: TrainConfig, model, pre: Preprocessing, splits: Splits, default_side: int,
-                started: float) -> tuple[TrainConfig, Preprocessing, Plan]:
-    """Measure this machine (the :class:`Facts`), plan the run for ``cfg.runtime.time`` and apply
-    the plan: return the planned config (the user's own options kept) and preprocessing."""
-    budget = parse_duration(cfg.runtime.time)
+def plan_budget(cfg: TrainConfig, model, pre: Preprocessing, splits: Splits, default_side: int, started: float,
+                budget: float) -> Plan:
+    """Measure this machine (the :class:`Facts`) and plan the run for ``budget`` seconds from
+    ``started``, keeping the user's own options; print the plan and how to change the budget."""
     native = median_side([p for p, _ in splits.train])
     fixed = fixed_options(cfg)
+    rt = cfg.runtime
+    processes = rt.devices * rt.num_nodes
     sizes = [fixed["img_size"]] if "img_size" in fixed else candidate_sizes(native, default_side)
-    print(f"time budget {format_duration(budget)}: measuring this machine at {', '.join(map(str, sizes))} px "
+    probe = probes_small_data(len(splits.train), fixed, processes)
+    if probe:  # a probe on cached features at the largest size: its inference speed is all it needs
+        sizes = [max((s for s in sizes if s <= default_side), default=sizes[-1])]
+    default = cfg.runtime.time is None
+    how = (f" (the default: --time 20m or any budget changes it, --time none runs the fixed {cfg.optim.epochs}-epoch "
+           "recipe)" if default else "")
+    print(f"time budget {format_duration(budget)}{how}: measuring this machine at {', '.join(map(str, sizes))} px "
           f"(images' median side {native} px)", flush=True)
-    throughputs = measure_throughput(model, sizes, cfg.runtime.precision, cfg.optim.batch_size)
+    throughputs = measure_throughput(model, sizes, rt.precision, cfg.optim.batch_size, train=not probe)
+    if processes > 1 and device() == "cuda":  # one accelerator per process; CPU processes share the cores
+        throughputs = [Throughput(t.size, t.train * processes, t.infer * processes) for t in throughputs]
     decode_s = decode_seconds([p for p, _ in splits.train], pre)
     facts = Facts(budget, len(splits.train), len(splits.val), native, default_side, throughputs,
-                  elapsed=time.time() - started, n_test=len(splits.test), decode_s=decode_s)
+                  elapsed=time.time() - started, n_test=len(splits.test), decode_s=decode_s,
+                  batch_size=cfg.optim.batch_size, processes=processes)
     plan = plan_run(facts, fixed)
     print(plan.describe(), flush=True)
-    planned = plan.apply(cfg)
-    pre = replace(pre.with_size(plan.img_size), resize_mode=planned.model.resize_mode)
-    return planned, pre, plan
+    return plan
 
 
 def fit(ctx: TrainContext) -> FitResult:
@@ -173,6 +188,38 @@ def fit(ctx: TrainContext) -> FitResult:
     if result.calibration_logits is not None:
         ctx.calibration_logits = result.calibration_logits
     return result
+
+
+PLAN_WAIT_S = 600.0  # how long another process of a run waits for rank 0's plan (measuring takes seconds)
+
+
+def _shared_run_dir(cfg: TrainConfig) -> Path:
+    """The run dir of a process other than rank 0 (Lightning's launcher publishes rank 0's; torchrun
+    and SLURM runs name it with --run-dir)."""
+    inherited = os.environ.get(RUN_DIR_ENV) or cfg.runtime.run_dir
+    if not inherited:
+        raise ConfigError("multi-process training started by torchrun/SLURM needs an explicit --run-dir")
+    return Path(inherited)
+
+
+def read_plan(path: Path, started: float, wait_s: float = PLAN_WAIT_S) -> Plan:
+    """Rank 0's plan of this run, for the other processes of a multi-process run: every process
+    trains the same plan (measured once) instead of planning on its own measurements.
+
+    Under Lightning's launcher rank 0 wrote it before starting the others; under torchrun or SLURM
+    all start at once and wait for it (a plan older than this process belongs to an earlier run).
+    """
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            if path.stat().st_mtime >= started - 5.0:
+                return Plan.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError):  # not written yet, or written as we read: try again
+            pass
+        if time.time() > deadline:
+            raise ConfigError(f"rank 0 wrote no plan to {path} within {wait_s:.0f} s; start every process of the "
+                              "run with the same --run-dir, or give --time none for the fixed recipe")
+        time.sleep(0.5)
 
 
 def _distributed_run_dir(cfg: TrainConfig, prefix: str) -> Path:
