@@ -162,6 +162,8 @@ def test_small_data_keeps_a_given_gradient_head_trainable():
     small = {**CIFAR, "n_train": 200, "n_val": 50}
     assert plan_run(facts(5 * 60, **small)).head == "auto"
     assert plan_run(facts(5 * 60, **small), {"ema": True}).head == "linear"  # what an EMA can average
+    loop = fixed_options(TrainConfig.from_dict({"data": "d", "early_stopping": 2, "checkpoint_every_steps": 5}))
+    assert plan_run(facts(5 * 60, **small), loop).head == "linear"  # what stops early and checkpoints by step
     plan = plan_run(facts(5 * 60, **small), {"head": "linear"})
     assert plan.head == "linear" and plan.epochs > 1  # the gradient head trains for epochs
 
@@ -202,6 +204,8 @@ def test_without_time_or_epochs_a_run_plans_for_the_default_budget():
     assert budget == [parse_duration(DEFAULT_TIME), None, None, None, 900.0, 900.0, None]
     with pytest.raises(ConfigError, match="or none for the fixed recipe"):
         TrainConfig.from_dict({"data": "d", "time": "never"})
+    # --epochs 10 is given although 10 is the default: compare passes it on, and no plan runs
+    assert TrainConfig.from_dict({"data": "d", "epochs": 10}).given_options() == {"data": "d", "epochs": 10}
 
 
 def test_the_plain_command_prints_its_plan_first_and_time_none_runs_the_recipe(shared_folder, tmp_path, capsys):

@@ -81,6 +81,7 @@ def test_lr_find_subcommand(shared_folder, tmp_path, capsys):
     code, out, _ = vt_main(capsys, "lr-find", shared_folder, "--steps", "8", "--run-dir", run_dir, *FAST_FLAGS[:-1])
     assert code == 0 and out.strip().splitlines()[-1] == f"run: {run_dir}"
     assert (run_dir / "lr_find.png").stat().st_size > 0
+    assert "time budget" not in out and not (run_dir / "plan.json").exists()  # a sweep of steps is never planned
 
 
 def test_compare_writes_table_and_report_shows_it(shared_folder, tmp_path, capsys):

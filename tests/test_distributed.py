@@ -68,3 +68,19 @@ def test_two_process_ddp_trains_multi_label(ml_data, tmp_path):
     assert card["inference"]["task"] == "multi"
     result = visiontune.evaluate(run_dir, run_dir / "splits" / "val.csv", save=False)
     assert result["macro_map"] == pytest.approx(card["metrics"]["val"]["macro_map"], abs=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_planned_two_process_run_plans_once_and_trains(image_folder, tmp_path):
+    """Without --epochs a run is planned: rank 0 measures and plans, the process Lightning's launcher
+    starts reads that plan (with rank 0's clock) instead of planning its own, and both stop together."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "visiontune.cli", "train", str(image_folder), "--devices", "2",
+                           "--time", "1m", "--run-dir", str(run_dir), "--img-size", "32", "--batch-size", "4",
+                           "--no-report", "--no-progress"], capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("measuring this machine") == 1 and "Traceback" not in proc.stderr
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["strategy"] == "finetune"  # several processes train on images
+    assert (run_dir / "model" / "model.json").is_file()

@@ -232,3 +232,5 @@ def test_max_steps_ends_in_a_validated_partial_epoch_where_the_schedule_ends(dat
     scheduler = state["lr_schedulers"][0]
     assert scheduler["last_epoch"] == 6 and math.isclose(scheduler["_last_lr"][0] / scheduler["base_lrs"][0],
                                                          MIN_LR_FACTOR, rel_tol=1e-6)
+    visiontune.train(resume=str(run.run_dir))  # a run that ended at --max-steps is finished: nothing more trains
+    assert list(csv.DictReader(open(run.run_dir / "metrics.csv"))) == rows

@@ -54,7 +54,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from ..pipeline.compare import compare, format_table  # lazy: as above
 
     cfg = _with_data(args, "visiontune compare DATA --strategies finetune,linear-probe")
-    given = {k: v for k, v in cfg.items() if k in args.train_keys and v != OPTIONS[k].default}
+    given = cfg.given_options()  # flags and --config keys as given (--epochs 10 fixes the length, default or not)
     run_dir, data = given.pop("run_dir", None), given.pop("data")
     print(format_table(compare(data, run_dir=run_dir, **options_from_args(args).to_dict(), **given)))
     return 0

@@ -72,8 +72,9 @@ class FeatureExtractor:
 
     def __init__(self, model: nn.Module, classifier: str, arch_name: str, preprocessing: Preprocessing,
                  precision: str = "32", cache_dir: str | os.PathLike | None = None, batch_size: int = 64,
-                 workers: int | None = None, seed: int = 0):
+                 workers: int | None = None, seed: int = 0, progress: bool | None = None):
         self.model, self.classifier, self.arch_name = model, classifier, arch_name
+        self.progress = progress  # a progress bar: None on a terminal only, or as told
         self.preprocessing, self.precision = preprocessing, precision
         self.cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
         self.batch_size, self.workers, self.seed = batch_size, workers, seed
@@ -129,7 +130,7 @@ class FeatureExtractor:
         try:
             with torch.inference_mode():
                 for indices, batch, errors in progress(input_loader(dataset, self.batch_size, self.workers),
-                                                       "features"):
+                                                       "features", enabled=self.progress):
                     failed.update({items[i][0]: error for i, error in errors})
                     if batch is None:
                         continue

@@ -71,7 +71,6 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="visiontune-infer",
                                             initializer=lower_thread_priority, initargs=(niceness,))
         self._task: asyncio.Task | None = None
-        self.images = 0
 
     async def start(self) -> None:
         if self._task is None:
@@ -148,7 +147,6 @@ class Batcher:
                     if not item.future.done():
                         item.future.set_exception(exc)
                 continue
-            self.images += len(batch)
             for row, item in enumerate(batch):
                 if not item.future.done():
                     item.future.set_result(logits[row])

@@ -145,9 +145,16 @@ class Facts:
         return math.ceil(math.ceil(self.n_train / self.processes) / self.batch_size)
 
 
+# options a plan never sets but honours: each of these needs a head trained epoch by epoch in the loop
+LOOP_OPTIONS = ("ema", "early_stopping", "checkpoint_every_steps")
+# ... and a batch size the tuner finds after planning: steps per epoch unknown, so whole epochs only
+HONOURED = (*LOOP_OPTIONS, "auto_batch_size")
+
+
 def fixed_options(cfg: TrainConfig) -> dict[str, Any]:
-    """The planned options the user gave (on the command line, in YAML or as keywords): a plan keeps them."""
-    return {k: cfg.get(k) for k in PLANNED_OPTIONS if k in cfg.given}
+    """The planned options the user gave (on the command line, in YAML or as keywords), which a plan
+    keeps, and those of :data:`HONOURED` the user gave, which it honours."""
+    return {k: v for k, v in cfg.given_options().items() if k in PLANNED_OPTIONS or k in HONOURED}
 
 
 @dataclass
@@ -383,8 +390,9 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
         strategy = "finetune"
     if probes_small_data(n_train, fixed, facts.processes):
         t = max((x for x in sizes if x.size <= default_side), key=lambda x: x.size, default=sizes[-1])
-        # an averaged head (--ema) needs epochs of gradient steps: the scikit-learn heads of "auto" refuse it
-        head = fixed.get("head", "linear" if fixed.get("ema") else "auto")
+        # an averaged head (--ema), early stopping and step checkpoints need epochs of gradient steps: the
+        # scikit-learn heads of "auto" refuse them
+        head = fixed.get("head", "linear" if any(fixed.get(k) for k in LOOP_OPTIONS) else "auto")
         epochs = 10 if head == "linear" else 1  # only the gradient head trains for epochs (on cached features)
         projected = {**costs(t, epochs, False), "selection": 10.0}
         reason = (f"{n_train} training images: probes on cached features, chosen by repeated k-fold "
@@ -421,7 +429,8 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
         train_s, val_s = n_train / t.train, (2 if tta else 1) * n_val / t.infer
         share = (leftover - val_s) / train_s
         max_steps = None
-        whole_only = "epochs" in fixed or "max_steps" in fixed or epochs != fit or fit >= MAX_EPOCHS
+        whole_only = ("epochs" in fixed or "max_steps" in fixed or fixed.get("auto_batch_size") or epochs != fit
+                      or fit >= MAX_EPOCHS)
         if not whole_only and share >= MIN_PARTIAL_EPOCH:
             whole = epochs - min(warmup, epochs)
             max_steps = whole * facts.steps_per_epoch + int(share * facts.steps_per_epoch)

@@ -227,6 +227,11 @@ class TrainConfig:
         for key in OPTIONS:
             yield key, self.get(key)
 
+    def given_options(self) -> dict[str, Any]:
+        """The options the user set (flags, YAML, keywords) and their values, whatever the value:
+        ``--epochs 10`` is given even though 10 is the default (it fixes the run's length)."""
+        return {key: self.get(key) for key in OPTIONS if key in self.given}
+
     def replace(self, **flat: Any) -> TrainConfig:
         """A validated copy with some flat keys changed (the original is left as it is)."""
         out = TrainConfig.from_dict({**self.to_dict(), **flat})

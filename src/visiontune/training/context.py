@@ -77,7 +77,8 @@ class TrainContext:
         """Frozen-body features of this run's model (the on-disk cache is shared across runs)."""
         return FeatureExtractor(self.model, self.arch.classifier, self.arch.name, self.preprocessing, self.precision,
                                 self.cfg.runtime.cache_dir, batch_size=self.batch_size * 2,
-                                workers=self.cfg.data.workers, seed=self.cfg.runtime.seed)
+                                workers=self.cfg.data.workers, seed=self.cfg.runtime.seed,
+                                progress=self.cfg.runtime.progress if is_rank_zero() else False)
 
     def card(self, metrics: dict[str, Any], training: dict[str, Any] | None = None) -> ModelCard:
         """The model card of this run's model with ``metrics`` (``training``: more facts about how it

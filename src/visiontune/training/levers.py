@@ -145,7 +145,7 @@ def check_options(cfg: TrainConfig, planned: bool = False) -> None:
 
 def levers_line(cfg: TrainConfig) -> str:
     """The header line naming the levers in effect (EMA, mixup/cutmix, TTA, balance, early
-    stopping), or ``levers: none``: what a run applies is visible at its start."""
+    stopping, max steps), or ``levers: none``: what a run applies is visible at its start."""
     o, fitted = cfg.optim, way_of(cfg) == FITTED_HEAD
     parts = (["EMA"] if o.ema else []) + ([f"mixup {o.mixup:g}"] if o.mixup else []) + (
         [f"cutmix {o.cutmix:g}"] if o.cutmix else []) + (["TTA (flip)"] if cfg.model.tta else [])
@@ -153,4 +153,6 @@ def levers_line(cfg: TrainConfig) -> str:
         parts.append(f"balance {cfg.data.balance}" + (" (class-weighted fit)" if fitted else ""))
     if o.early_stopping:
         parts.append(f"early stopping (patience {o.early_stopping})")
+    if o.max_steps and way_of(cfg) in IMAGES:  # visible: it ends the run before --epochs' last step
+        parts.append(f"max steps {o.max_steps}")
     return "levers: " + (", ".join(parts) or "none")

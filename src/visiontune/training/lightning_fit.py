@@ -294,7 +294,7 @@ def checkpoint_callbacks(ctx: TrainContext, prefix: str = "") -> list:
 
 
 def make_trainer(ctx: TrainContext, callbacks: list, max_epochs: int, on_features: bool = False,
-                 early_stopping: bool = True, logger=None) -> L.Trainer:
+                 early_stopping: bool = True, logger=None, max_steps: int = -1) -> L.Trainer:
     """The Lightning trainer of one fit, with the run's checkpoints, early stopping and progress bar.
 
     Args:
@@ -304,6 +304,9 @@ def make_trainer(ctx: TrainContext, callbacks: list, max_epochs: int, on_feature
         early_stopping: stop after ``--early-stopping`` epochs without improvement (not in a warm-up,
             whose length is ``--freeze-epochs``).
         logger: the Lightning logger (default: the run's; False: none).
+        max_steps: the optimizer steps after which the fit is done (``--max-steps``; -1: none). A
+            :class:`StepLimit` stops it there first, so that Lightning validates the partial epoch;
+            the trainer's own limit makes a resumed run that ended there finished.
     """
     rt, optim = ctx.cfg.runtime, ctx.cfg.optim
     # a head's trainer is one process even inside a multi-process run (whose other ranks repeat the
@@ -328,6 +331,7 @@ def make_trainer(ctx: TrainContext, callbacks: list, max_epochs: int, on_feature
                       precision=LIGHTNING_PRECISION[ctx.precision])
     return L.Trainer(
         max_epochs=max_epochs,
+        max_steps=max_steps,
         use_distributed_sampler=False,  # ImageDataModule shards: train padded, val exactly once
         logger=ctx.logger if logger is None else logger,
         callbacks=callbacks,
@@ -373,14 +377,15 @@ def run_fit(ctx: TrainContext, module: ClassifierModule, data: L.LightningDataMo
     recorder = MetricsRecorder(ctx.layout.metrics_csv, cfg.optim.epochs, epoch_offset)
     ema = EMA(steps_per_epoch * epochs) if cfg.optim.ema and not warmup else None
     timing = time_callbacks(ctx, epoch_offset, on_features)
-    limit = StepLimit(cfg.optim.max_steps) if cfg.optim.max_steps and not on_features else None
+    max_steps = cfg.optim.max_steps if cfg.optim.max_steps and not on_features else -1
+    limit = StepLimit(max_steps) if max_steps > 0 else None
     # the saver before the EMA: validation scores the averaged weights, which the saver must save
     callbacks = [extra, recorder, saver, ema, limit, *timing]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*GPU available but not used.*")  # a head trains on the CPU
         # a warm-up is not logged: its steps would overlap the fine-tuning's in the run's logger
         trainer = make_trainer(ctx, callbacks, epochs, on_features, early_stopping=not warmup,
-                               logger=False if warmup else None)
+                               logger=False if warmup else None, max_steps=max_steps)
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*The number of training batches.*")
         # frozen layers and --bn-stats frozen keep BatchNorm in eval mode on purpose
@@ -465,6 +470,11 @@ def time_callbacks(ctx: TrainContext, epoch_offset: int, on_features: bool = Fal
     finish = len(ctx.splits.val) * 3 / 500 + FINISH_FIXED_S  # refined by the plan when there is one
     if ctx.plan is not None:  # a head validates on cached features: no validation pass to reserve
         finish = ctx.plan.projected.get("finish", finish) + (0.0 if on_features else ctx.plan.val_pass_s)
+    processes = ctx.cfg.runtime.devices * ctx.cfg.runtime.num_nodes
+    if ctx.deadline is not None and on_features and processes > 1:
+        # every process repeats the warm-up on its own: processes that disagreed on stopping there would
+        # block each other in the image fit, whose deadline they share (a warm-up takes moments)
+        return []
     if ctx.deadline is not None:
         return [Deadline(ctx.deadline, finish, has_model=lambda: (ctx.model_dir / "model.json").is_file(),
                          epoch_offset=epoch_offset)]

@@ -27,7 +27,7 @@ def lr_find(cfg: TrainConfig, steps: int = 100) -> tuple[float | None, Path]:
     """
     from lightning.pytorch.tuner import Tuner  # lazy: only lr-find uses the tuner
 
-    ctx = setup_run(cfg, prefix="lr-find")
+    ctx = setup_run(cfg.replace(time="none"), prefix="lr-find")  # a sweep of a few steps: nothing to plan
     groups = [[n for g in body_groups(ctx.model, ctx.arch.classifier) for n in g]]
     module = make_module(ctx, groups, [SWEEP_BODY_LR / cfg.strategy.lr_mult])
     data = ImageDataModule(ctx)

@@ -45,6 +45,7 @@ from .levers import check_options, levers_line
 from .registry import LOGGERS, RANDOM_INIT, STRATEGIES
 
 RUN_DIR_ENV = "VISIONTUNE_RUN_DIR"
+STARTED_ENV = "VISIONTUNE_STARTED"  # rank 0's clock start, for the processes Lightning's launcher starts
 IMBALANCE_WARNING = 5.0  # max/min class ratio above which training warns
 
 
@@ -60,6 +61,13 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
     import lightning as L  # lazy: Lightning loads only when a run starts (not for --help or errors)
 
     started = time.time() if started is None else started
+    if not is_rank_zero() and os.environ.get(STARTED_ENV):
+        # a process Lightning's launcher started for rank 0: rank 0's clock is the run's (one deadline,
+        # and the plan rank 0 wrote after that start is this run's)
+        try:
+            started = float(os.environ[STARTED_ENV])
+        except ValueError:
+            pass
     if cfg.runtime.time and not no_budget(cfg.runtime.time) and cfg.runtime.resume:
         print("time budget: --resume continues the run's own planned epochs; --time applies to new runs only",
               flush=True)
@@ -112,6 +120,8 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
                                  store_side(pre, cfg.data.augment), available_memory())
     if run_dir is None:
         run_dir = _distributed_run_dir(cfg, prefix)
+    if is_rank_zero() and cfg.runtime.devices * cfg.runtime.num_nodes > 1:
+        os.environ[STARTED_ENV] = repr(started)  # inherited by the processes the launcher starts
     layout = RunLayout(run_dir)
     if is_rank_zero():
         report_data(splits, layout)
@@ -206,8 +216,9 @@ def read_plan(path: Path, started: float, wait_s: float = PLAN_WAIT_S) -> Plan:
     """Rank 0's plan of this run, for the other processes of a multi-process run: every process
     trains the same plan (measured once) instead of planning on its own measurements.
 
-    Under Lightning's launcher rank 0 wrote it before starting the others; under torchrun or SLURM
-    all start at once and wait for it (a plan older than this process belongs to an earlier run).
+    Under Lightning's launcher rank 0 wrote it before starting the others, and ``started`` is rank 0's
+    clock start; under torchrun or SLURM all start at once and wait for it. A plan written before
+    ``started`` (with 5 s for clocks and file times) belongs to an earlier run.
     """
     deadline = time.time() + wait_s
     while True:
