@@ -297,18 +297,25 @@ def cpu_flags() -> str:
 
 
 def earlier_rows(old: str, ran: set[str]) -> str:
-    """Rows and notes of the cases this run skipped (``--only``), kept from the previous results."""
-    skipped = [k for k in SECTIONS if k not in ran]
-    keep = [line for line in old.splitlines()
-            if line.startswith(tuple(f"| ({k})" for k in skipped) + tuple(f"- ({k})" for k in skipped))]
-    machine_line = next((line for line in old.splitlines() if line.startswith("Machine: ")), "Machine: ?")
-    if not keep:
-        return ""
-    return ("\nNot rerun by this command, from the previous results (" + machine_line + "):\n\n"
-            "| benchmark | baseline | visiontune | ratio | target | pass |\n"
-            "| --- | ---: | ---: | ---: | ---: | :---: |\n"
-            + "\n".join(line for line in keep if line.startswith("|")) + "\n\n"
-            + "\n".join(line for line in keep if line.startswith("-")) + "\n")
+    """Rows and notes of the cases this run skipped (``--only``), kept from the previous results,
+    each under the machine it was measured on (rows an earlier run kept carry their own)."""
+    skipped = tuple(k for k in SECTIONS if k not in ran)
+    prefixes = tuple(f"| ({k})" for k in skipped) + tuple(f"- ({k})" for k in skipped)
+    kept: dict[str, list[str]] = {}
+    machine_line = "Machine: ?"
+    for line in old.splitlines():
+        if line.startswith("Machine: ") and machine_line == "Machine: ?":
+            machine_line = line
+        elif line.startswith("Not rerun by this command, from the previous results ("):
+            machine_line = line[line.index("(") + 1:].rstrip("):")
+        elif line.startswith(prefixes):
+            kept.setdefault(machine_line, []).append(line)
+    return "".join("\nNot rerun by this command, from the previous results (" + machine + "):\n\n"
+                   "| benchmark | baseline | visiontune | ratio | target | pass |\n"
+                   "| --- | ---: | ---: | ---: | ---: | :---: |\n"
+                   + "\n".join(line for line in keep if line.startswith("|")) + "\n\n"
+                   + "\n".join(line for line in keep if line.startswith("-")) + "\n"
+                   for machine, keep in kept.items())
 
 
 def render(results: list[dict], seconds: float) -> str:

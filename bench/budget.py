@@ -102,8 +102,9 @@ def plan_summary(run_dir: Path) -> str:
         return "no plan"
     plan = json.loads(path.read_text())
     what = (f"linear probe ({plan['head']})" if plan["strategy"] == "linear-probe"
-            else f"{plan['strategy']} {plan['epochs']} ep ({plan['freeze_epochs']} on cached features), "
-                 f"{plan['augment']}")
+            else f"{plan['strategy']} {plan['epochs']} ep ({plan['freeze_epochs']} on cached features"
+                 + (f"; the last partial: {plan['max_steps']} fine-tuning steps in all" if plan.get("max_steps")
+                    else "") + f"), {plan['augment']}")
     return f"{what} at {plan['img_size']} px, projected {plan['total'] / 60:.1f} min"
 
 

@@ -132,6 +132,15 @@ def test_measured_decoding_and_tta_are_paid_for():
     assert tta.projected["finish"] > plain.projected["finish"]
 
 
+def test_data_that_does_not_fit_in_memory_pays_its_decoding_every_epoch():
+    held = plan_run(facts(30 * 60, decode_s=0.005))
+    streamed = plan_run(facts(30 * 60, decode_s=0.005, in_memory=False))
+    assert held.projected["load"] > 0 and streamed.projected["load"] == 0  # decoded once, or in every epoch
+    assert streamed.total <= 30 * 60 and (streamed.img_size, streamed.epochs) < (held.img_size, held.epochs)
+    per_epoch = [c["seconds_per_epoch"] for c in streamed.candidates]
+    assert all(a > b for a, b in zip(per_epoch, [c["seconds_per_epoch"] for c in held.candidates]))
+
+
 def test_given_epochs_pick_the_largest_size_where_they_fit():
     plan = plan_run(facts(60 * 60, **CIFAR), {"epochs": 12})
     assert plan.epochs == 12 and plan.total <= 60 * 60

@@ -125,6 +125,8 @@ class Facts:
         decode_s: seconds to read and decode one image (:func:`decode_seconds`).
         batch_size: images per optimizer step and process.
         processes: training processes (``--devices`` x ``--num-nodes``); each takes its share of every epoch.
+        in_memory: whether the images fit in memory for fine-tuning (decoded once); if not, every epoch
+            reads and decodes them again, and each epoch pays for it.
     """
 
     budget: float
@@ -138,6 +140,7 @@ class Facts:
     decode_s: float = 0.0
     batch_size: int = 32
     processes: int = 1
+    in_memory: bool = True
 
     @property
     def steps_per_epoch(self) -> int:
@@ -318,22 +321,25 @@ def decode_seconds(paths: list[str], spec: Preprocessing, sample: int = 24) -> f
     return float(sorted(times)[len(times) // 2]) if times else 0.0
 
 
-def epoch_seconds(size: Throughput, n_train: int, n_val: int, tta: bool = False) -> float:
-    """One fine-tuning epoch at ``size``: a training pass and a validation pass (two views with TTA)."""
-    return n_train / size.train + (2 if tta else 1) * n_val / size.infer
+def epoch_seconds(size: Throughput, n_train: int, n_val: int, tta: bool = False, decode_s: float = 0.0) -> float:
+    """One fine-tuning epoch at ``size``: a training pass and a validation pass (two views with TTA),
+    and ``decode_s`` per image read from disk (0 when the images are held in memory)."""
+    return n_train / size.train + (2 if tta else 1) * n_val / size.infer + (n_train + n_val) * decode_s
 
 
 def phase_costs(size: Throughput, n_train: int, n_val: int, n_test: int, epochs: int, warmup_epochs: int,
-                finetune: bool, decode_s: float = 0.0, tta: bool = False) -> dict[str, float]:
+                finetune: bool, decode_s: float = 0.0, tta: bool = False, in_memory: bool = True) -> dict[str, float]:
     """Projected seconds of each phase at one input size.
 
     ``decode_s``: seconds to read and decode one image (measured); ``tta``: every evaluation
-    pass runs two views. Fine-tuning decodes the images into memory once (``load``).
+    pass runs two views. Fine-tuning decodes the images into memory once (``load``), or, when they
+    do not fit (``in_memory`` False), again in every epoch.
     """
     views = 2 if tta else 1
-    load = (n_train + n_val) * decode_s if finetune and epochs > warmup_epochs else 0.0
+    load = (n_train + n_val) * decode_s if finetune and epochs > warmup_epochs and in_memory else 0.0
     features = (n_train + n_val) * (1 / size.infer + decode_s) if (warmup_epochs or not finetune) else 0.0
-    train = (epochs - warmup_epochs) * epoch_seconds(size, n_train, n_val, tta) if finetune else 0.0
+    train = ((epochs - warmup_epochs) * epoch_seconds(size, n_train, n_val, tta, 0.0 if in_memory else decode_s)
+             if finetune else 0.0)  # a probe's measurements have no training speed
     finish = (2 * n_val + n_test) * (views / size.infer + decode_s) + FINISH_FIXED_S
     return {"load": load, "features": features, "train": train, "finish": finish}
 
@@ -381,9 +387,12 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
     warmup = 0 if scratch else fixed.get("freeze_epochs", 1)
     measured = [asdict(x) for x in throughputs]
 
+    in_memory = facts.in_memory
+    reread = 0.0 if in_memory else decode_s  # seconds per image each epoch reads from disk
+
     def costs(t: Throughput, epochs: int, finetune: bool) -> dict[str, float]:
         return {"start": elapsed, **phase_costs(t, n_train, n_val, n_test, epochs, min(warmup, epochs) if finetune
-                                                 else 0, finetune, decode_s, tta)}
+                                                 else 0, finetune, decode_s, tta, in_memory)}
 
     # several processes train the network on images (a head on cached features is one process's job)
     if facts.processes > 1 and strategy is None:
@@ -405,8 +414,8 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
     needed = fixed["epochs"] - min(warmup, fixed["epochs"]) if "epochs" in fixed else MIN_FINETUNE_EPOCHS - 1
     for t in sizes:
         base = costs(t, warmup, True)  # ``available`` has already paid for the start
-        per_epoch = epoch_seconds(t, n_train, n_val, tta)
-        room = available - base["features"] - base["finish"] - (n_train + n_val) * decode_s
+        per_epoch = epoch_seconds(t, n_train, n_val, tta, reread)
+        room = available - base["features"] - base["finish"] - (n_train + n_val) * (decode_s - reread)
         trained = max(0, int(room // per_epoch))  # fine-tuning epochs after the warm-up
         fit = trained + warmup
         candidates.append({"size": t.size, "epochs_that_fit": fit, "seconds_per_epoch": round(per_epoch, 1)})
@@ -426,7 +435,7 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
                             f"{needed + warmup} do ({candidates[sizes.index(t)]['seconds_per_epoch']} s per epoch)")
         # the time after the last whole epoch buys a partial one: its share of the training pass, then
         # its validation; the LR schedule ends at its last step (--max-steps)
-        train_s, val_s = n_train / t.train, (2 if tta else 1) * n_val / t.infer
+        train_s, val_s = n_train * (1 / t.train + reread), (2 if tta else 1) * n_val / t.infer + n_val * reread
         share = (leftover - val_s) / train_s
         max_steps = None
         whole_only = ("epochs" in fixed or "max_steps" in fixed or fixed.get("auto_batch_size") or epochs != fit

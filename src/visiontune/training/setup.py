@@ -179,9 +179,14 @@ def plan_budget(cfg: TrainConfig, model, pre: Preprocessing, splits: Splits, def
     if processes > 1 and device() == "cuda":  # one accelerator per process; CPU processes share the cores
         throughputs = [Throughput(t.size, t.train * processes, t.infer * processes) for t in throughputs]
     decode_s = decode_seconds([p for p, _ in splits.train], pre)
+    # whether fine-tuning can hold the images in memory, at the largest size it may plan (if they fit
+    # there, they fit at every smaller one); if not, every epoch decodes them again
+    largest = pre.with_size(max(sizes))
+    in_memory, _ = should_cache(cfg.data.cache_images, [p for p, _ in splits.train], store_side(
+        largest, fixed.get("augment", "standard")), available_memory())
     facts = Facts(budget, len(splits.train), len(splits.val), native, default_side, throughputs,
                   elapsed=time.time() - started, n_test=len(splits.test), decode_s=decode_s,
-                  batch_size=cfg.optim.batch_size, processes=processes)
+                  batch_size=cfg.optim.batch_size, processes=processes, in_memory=in_memory)
     plan = plan_run(facts, fixed)
     print(plan.describe(), flush=True)
     return plan
