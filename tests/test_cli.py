@@ -114,6 +114,7 @@ def test_compare_api_refuses_options_it_sets_itself(shared_folder):
     (["train", "{data}", "--epoch", "3"], "--epochs"),
     (["predict", "/no/such/run", "x.jpg"], "no visiontune model"),
     (["evaluate", "/no/such/run", "{data}"], "no visiontune model"),
+    (["evaluate", "/no/such/run", "/no/such/folder"], "data not found"),  # the data before any model work
     (["serve", "/no/such/run"], "no model at"),
     (["export", "/no/such/run"], "no visiontune model"),
 ])

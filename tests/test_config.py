@@ -56,9 +56,10 @@ def test_bad_choice_suggests_closest(name, typo, meant):
 @pytest.mark.parametrize("values", [{"val_fraction": 0.0}, {"val_fraction": 1.0}, {"epochs": 0}, {"batch_size": 0},
                                     {"lr_mult": 0}, {"freeze_epochs": -1}, {"img_size": 8}, {"lr": -0.1},
                                     {"lr": 0.0}, {"weight_decay": -1.0}, {"label_smoothing": 1.5},
-                                    {"cached_views": 0}, {"devices": 0}])
+                                    {"cached_views": 0}, {"devices": 0}, {"max_steps": 0}])
 def test_numeric_ranges(values):
-    with pytest.raises(ConfigError, match=next(iter(values))):
+    """Refused naming the flag (``--val-fraction``), whether it came as a flag, a YAML key or a keyword."""
+    with pytest.raises(ConfigError, match="--" + next(iter(values)).replace("_", "-") + " must be"):
         TrainConfig.from_dict({"data": "x", **values})
 
 

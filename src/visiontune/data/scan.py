@@ -195,6 +195,14 @@ def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple
     return sorted(train), sorted(val)
 
 
+def require_data(data: str | os.PathLike) -> Path:
+    """``data`` as a path, or a :class:`DataError` when nothing is there (checked before any slow step)."""
+    path = Path(data)
+    if not path.exists():
+        raise DataError(f"data not found: {path}")
+    return path
+
+
 def discover(
     data: str | Path,
     val: str | Path | None = None,
@@ -224,9 +232,7 @@ def discover(
         splits.class_names, splits.task
         # -> (['ants', 'bees'], SingleLabel())
     """
-    data, val = Path(data), Path(val) if val else None
-    if not data.exists():
-        raise DataError(f"data not found: {data}")
+    data, val = require_data(data), Path(val) if val else None
     chosen, why, tables = choose_task(data, val, task, label_delim)
     found = get_task(chosen)
     splits = task_scan(found).discover(found, data, val, tables, val_fraction, seed, class_names, scan)
@@ -325,8 +331,7 @@ def outside_root(paths: list[str], root: Path) -> list[str]:
 
 
 def read_source(data: Path, val: Path | None) -> dict[str, dict[str, list[str]]]:
-    if not data.exists():
-        raise DataError(f"data not found: {data}")
+    data = require_data(data)
     raw: dict[str, dict[str, list[str]]] = {}
     if data.is_file():
         raw["train"] = read_csv_list(data)
@@ -412,9 +417,7 @@ def discover_eval(data: str | Path, class_names: list[str], task: str | Task = P
     """Labelled images to evaluate: every image of class folders / a CSV, or the ``test``
     (else ``val``) split of a train/val/test layout. Classes must be among ``class_names``.
     A multi-label model (``task`` the model's task, or its name) is evaluated on a multi-label CSV."""
-    data = Path(data)
-    if not data.exists():
-        raise DataError(f"data not found: {data}")
+    data = require_data(data)
     found = get_task(task)
     return task_scan(found).evaluate(found, data, class_names, label_delim)
 

@@ -185,11 +185,13 @@ def evaluate(model: Any, data: str | os.PathLike, log: Callable[[str], None] = p
         >>> evaluate("runs/train-1", "data/test", save=False)["accuracy"]  # doctest: +SKIP
         0.97
     """
+    from ..data.scan import require_data
     from ..evaluation.evaluate import evaluate as score  # lazy: as above
     from ..export.runtime import load_classifier
     from ..inference.classifier import Classifier
 
     opts = EvaluateOptions.from_dict(options)
+    require_data(data)  # before the model and its runtime measurement: a wrong path fails at once
     clf = model if isinstance(model, Classifier) else load_classifier(model, opts.precision, opts.tta, opts.backend,
                                                                       log=log)
     return score(clf, data, batch_size=opts.batch_size, workers=opts.workers, save=opts.save,

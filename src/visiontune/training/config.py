@@ -265,8 +265,8 @@ class TrainConfig:
             ("num_nodes", lambda v: v >= 1, "must be >= 1"),
         ]
         for key, ok, text in checks:
-            if not ok(self.get(key)):
-                raise ConfigError(f"{key} {text}, got {self.get(key)}")
+            if not ok(self.get(key)):  # named as its flag (the YAML key and keyword are its spelling with _)
+                raise ConfigError(f"--{key.replace('_', '-')} {text}, got {self.get(key)}")
         if self.get("time") is not None and not no_budget(self.get("time")):  # the planner's rule, bounds included
             duration_seconds(self.get("time"))
         return self
