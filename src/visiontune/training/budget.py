@@ -352,6 +352,12 @@ def probes_small_data(n_train: int, fixed: dict[str, Any], processes: int = 1) -
     return n_train <= SMALL_DATA and strategy in (None, "linear-probe") and "epochs" not in fixed
 
 
+def probe_side(sizes: list[int], default_side: int) -> int:
+    """The input side of a small-data probe: the largest of ``sizes`` up to the backbone's own side
+    (else the largest there is)."""
+    return max((s for s in sizes if s <= default_side), default=max(sizes))
+
+
 def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
     """The run that fits ``facts.budget`` seconds (``facts.elapsed`` of them already spent): a pure
     function of its arguments, so the same facts always give the same plan.
@@ -398,7 +404,8 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
     if facts.processes > 1 and strategy is None:
         strategy = "finetune"
     if probes_small_data(n_train, fixed, facts.processes):
-        t = max((x for x in sizes if x.size <= default_side), key=lambda x: x.size, default=sizes[-1])
+        side = probe_side([x.size for x in sizes], default_side)
+        t = next(x for x in sizes if x.size == side)
         # an averaged head (--ema), early stopping and step checkpoints need epochs of gradient steps: the
         # scikit-learn heads of "auto" refuse them
         head = fixed.get("head", "linear" if any(fixed.get(k) for k in LOOP_OPTIONS) else "auto")

@@ -35,6 +35,7 @@ from .budget import (
     format_duration,
     measure_throughput,
     plan_run,
+    probe_side,
     probes_small_data,
     run_budget,
 )
@@ -102,7 +103,7 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
         if is_rank_zero():
             plan = plan_budget(cfg, model, pre, splits, default_side, started, budget)
         else:
-            plan = read_plan(RunLayout(_shared_run_dir(cfg)).plan, started)
+            plan = read_plan(RunLayout(_distributed_run_dir(cfg, prefix)).plan, started)
         cfg = plan.apply(cfg)
         pre = replace(pre.with_size(plan.img_size), resize_mode=cfg.model.resize_mode)
         check_options(cfg, planned=True)
@@ -168,8 +169,8 @@ def plan_budget(cfg: TrainConfig, model, pre: Preprocessing, splits: Splits, def
     processes = rt.devices * rt.num_nodes
     sizes = [fixed["img_size"]] if "img_size" in fixed else candidate_sizes(native, default_side)
     probe = probes_small_data(len(splits.train), fixed, processes)
-    if probe:  # a probe on cached features at the largest size: its inference speed is all it needs
-        sizes = [max((s for s in sizes if s <= default_side), default=sizes[-1])]
+    if probe:  # a probe on cached features at one size: its inference speed is all it needs
+        sizes = [probe_side(sizes, default_side)]
     default = cfg.runtime.time is None
     how = (f" (the default: --time 20m or any budget changes it, --time none runs the fixed {cfg.optim.epochs}-epoch "
            "recipe)" if default else "")
@@ -206,15 +207,6 @@ def fit(ctx: TrainContext) -> FitResult:
 
 
 PLAN_WAIT_S = 600.0  # how long another process of a run waits for rank 0's plan (measuring takes seconds)
-
-
-def _shared_run_dir(cfg: TrainConfig) -> Path:
-    """The run dir of a process other than rank 0 (Lightning's launcher publishes rank 0's; torchrun
-    and SLURM runs name it with --run-dir)."""
-    inherited = os.environ.get(RUN_DIR_ENV) or cfg.runtime.run_dir
-    if not inherited:
-        raise ConfigError("multi-process training started by torchrun/SLURM needs an explicit --run-dir")
-    return Path(inherited)
 
 
 def read_plan(path: Path, started: float, wait_s: float = PLAN_WAIT_S) -> Plan:
