@@ -29,7 +29,7 @@ from ..task import Task
 from .context import FitResult, TrainContext
 from .lightning_fit import CachedFeatures, fit_head, make_head_module
 from .metrics import EpochRow, MetricsLog
-from .probe_selection import fit_linear, select_probe
+from .probe_selection import fit_linear, one_thread, select_probe
 from .registry import PROBE_HEADS
 
 
@@ -128,7 +128,8 @@ def _fit_sklearn_head(ctx: TrainContext, clf, features: CachedFeatures) -> FitRe
     y = train_y.repeat_interleave(views, dim=0).numpy()
     scaler = StandardScaler().fit(x)
     fit_start = time.perf_counter()
-    weight, bias = task_probes(ctx.task).fit_sklearn(clf, scaler, x, y, ctx.classifier.out_features)
+    with one_thread():
+        weight, bias = task_probes(ctx.task).fit_sklearn(clf, scaler, x, y, ctx.classifier.out_features)
     return save_fitted_head(ctx, features, weight, bias, time.perf_counter() - fit_start, len(y))
 
 

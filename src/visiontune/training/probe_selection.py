@@ -27,11 +27,16 @@ Example:
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
 FOLDS, REPEATS = 5, 3
+ONE_PASS_FROM = 500  # from this many images one k-fold pass estimates well enough: repeats cost, not inform
+# projected seconds per (image, class, repeat) of the whole selection, the sparse one-vs-rest source
+# probes being most of it (measured on a 2-core AVX2 CPU: 80 images x 10 classes 7 s, 800 x 10 50 s)
+SECONDS_PER_IMAGE_CLASS = 0.0025
 FEATURE_C = (0.01, 0.1, 1.0)
 SOURCE_C = (0.01, 0.03, 0.1, 0.3, 1.0)
 
@@ -65,6 +70,34 @@ class Selection:
         table = [{"probe": n, "cv_accuracy": round(m, 4), "cv_std": round(s, 4)} for n, m, s in self.table]
         return {"chosen": self.best.name, "cv_accuracy": round(self.mean, 4), "cv_std": round(self.std, 4),
                 "folds": self.folds, "repeats": self.repeats, "candidates": table}
+
+
+def repeats_for(n: int) -> int:
+    """Repeats of the k-fold cross-validation for ``n`` training images."""
+    return REPEATS if n < ONE_PASS_FROM else 1
+
+
+def selection_seconds(n: int, num_classes: int) -> float:
+    """Projected seconds of :func:`select_probe` on ``n`` images of ``num_classes`` classes (a binary
+    problem fits one model per probe, more classes one per class)."""
+    return 1.0 + SECONDS_PER_IMAGE_CLASS * n * (num_classes if num_classes > 2 else 1) * repeats_for(n)
+
+
+def one_thread():
+    """A context in which scikit-learn's BLAS and OpenMP pools run on one thread: beside torch's own
+    pools they oversubscribe the cores, and small fits wait on each other (80 images x 10 classes:
+    19 s on all threads, 7 s on one). Every scikit-learn head fits inside it."""
+    from threadpoolctl import threadpool_limits  # scikit-learn's own dependency
+
+    return threadpool_limits(1)
+
+
+@contextmanager
+def _one_thread():
+    """:func:`one_thread`, without liblinear's notes."""
+    with one_thread(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # liblinear's convergence notes on tiny folds are not actionable
+        yield
 
 
 def candidates(has_source: bool) -> list[Candidate]:
@@ -113,15 +146,16 @@ def as_logits(scores: np.ndarray, classes: np.ndarray, num_classes: int) -> np.n
 
 def select_probe(x: np.ndarray, y: np.ndarray, source: tuple[np.ndarray, np.ndarray] | None, seed: int = 0,
                  balanced: bool = False) -> Selection:
-    """Repeated stratified k-fold accuracy of every candidate; the best one's out-of-fold logits."""
+    """Repeated stratified k-fold accuracy of every candidate (:func:`repeats_for` repeats); the best
+    one's out-of-fold logits."""
     from sklearn.model_selection import RepeatedStratifiedKFold, StratifiedKFold, cross_val_predict, cross_val_score
 
     folds = int(max(2, min(FOLDS, np.bincount(y)[np.bincount(y) > 0].min())))
     k = len(np.unique(y))
-    cv = RepeatedStratifiedKFold(n_splits=folds, n_repeats=REPEATS, random_state=seed)
+    repeats = repeats_for(len(y))
+    cv = RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=seed)
     table, best = [], None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # liblinear's convergence notes on tiny folds are not actionable
+    with _one_thread():
         for candidate in candidates(source is not None):
             scores = cross_val_score(_estimator(candidate, seed, balanced, k), _inputs(candidate, x, source), y, cv=cv)
             table.append((candidate.name, float(scores.mean()), float(scores.std())))
@@ -131,7 +165,7 @@ def select_probe(x: np.ndarray, y: np.ndarray, source: tuple[np.ndarray, np.ndar
         oof = cross_val_predict(_estimator(candidate, seed, balanced, k), _inputs(candidate, x, source), y,
                                 cv=StratifiedKFold(folds, shuffle=True, random_state=seed), method="decision_function")
     oof_logits = as_logits(oof, np.unique(y), int(y.max()) + 1)
-    return Selection(candidate, best[1], best[2], table, oof_logits, folds, REPEATS)
+    return Selection(candidate, best[1], best[2], table, oof_logits, folds, repeats)
 
 
 def fit_linear(candidate: Candidate, x: np.ndarray, y: np.ndarray, source: tuple[np.ndarray, np.ndarray] | None,
@@ -139,8 +173,7 @@ def fit_linear(candidate: Candidate, x: np.ndarray, y: np.ndarray, source: tuple
     """Fit ``candidate`` on all of ``x`` and fold it into one linear layer on the features:
     (weight ``[num_classes, d]``, bias ``[num_classes]``)."""
     est = _estimator(candidate, seed, balanced, len(np.unique(y)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _one_thread():
         est.fit(_inputs(candidate, x, source), y)
     if candidate.inputs == "features":
         scaler, clf = est[0], est[-1]
