@@ -1,12 +1,12 @@
 """Temperature calibration (evaluation/calibration.py): the fitted temperature, never sharpening
-without errors, and multi-label calibration over every (image, label) decision."""
+without errors, multi-label calibration over every (image, label) decision, and the ECE evaluate reports."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from visiontune.evaluation.calibration import expected_calibration_error, fit_temperature
+from visiontune.evaluation.calibration import ECE_BINS, expected_calibration_error, fit_temperature
 
 
 def test_calibration_over_label_decisions_softens_an_overconfident_model():
@@ -59,3 +59,14 @@ def test_calibration_never_sharpens_without_errors_and_keeps_few_errors_doubtful
     assert entry["ece_after"] < entry["ece_before"]
     low, high = entry["temperature_range"]  # rounded to 4 decimals
     assert low - 1e-4 <= t <= high + 1e-4
+
+
+def test_evaluate_reports_the_held_out_calibration_error():
+    """Evaluation metrics carry the ECE of the probabilities they scored: two sure and right answers
+    add nothing; two answers at 0.9 of which one is right are 0.4 off for half the images."""
+    from visiontune.evaluation.singlelabel_metrics import compute_metrics
+
+    probs = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.9, 0.1]])
+    m = compute_metrics(probs, torch.tensor([0, 1, 0, 1]), ["a", "b"])
+    assert m["ece"] == pytest.approx(0.2, abs=1e-6) and m["ece_bins"] == ECE_BINS
+    assert compute_metrics(probs[:2], torch.tensor([0, 1]), ["a", "b"])["ece"] == pytest.approx(0.0, abs=1e-6)

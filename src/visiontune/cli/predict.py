@@ -48,7 +48,8 @@ def format_evaluation(result: dict[str, Any], task: str) -> str:
 def format_single_label_evaluation(result: dict[str, Any]) -> str:
     lines = [f"images: {result['num_samples']}   accuracy: {result['accuracy']:.4f}"
              + (f"   top-5: {result['top5_accuracy']:.4f}" if "top5_accuracy" in result else "")
-             + f"   macro F1: {result['macro_f1']:.4f}"]
+             + f"   macro F1: {result['macro_f1']:.4f}"
+             + (f"   calibration error (ECE): {result['ece']:.4f}" if "ece" in result else "")]
     width = max(len(n) for n in result["class_names"]) + 2
     lines.append(f"{'class':<{width}}precision  recall     f1  support")
     for name, m in result["per_class"].items():

@@ -41,7 +41,7 @@ def single_label_sections(inputs: rs.ReportInputs) -> list[tuple[str, str]]:
     reliability_diagram(raw_probs, target, diagram, probs_after=probs, title=f"{source}, T = {temperature:.3f}")
     uri = rs.file_uri(diagram)
     diagram.unlink(missing_ok=True)
-    eval_ece = (expected_calibration_error(raw_probs, target), expected_calibration_error(probs, target))
+    eval_ece = (expected_calibration_error(raw_probs, target), result["ece"])  # the metrics' own, calibrated
     sections.append(("calibration", rs.calibration_section(inputs.calibration, uri, eval_ece)))
     sections.append(("coverage", rs.coverage_section(probs.numpy(), target.numpy())))
     return sections

@@ -24,10 +24,13 @@ from torchmetrics.functional.classification import (
 
 from ..core.errors import DataError
 from ..core.safe_io import atomic_writer, spreadsheet_safe
+from .calibration import ECE_BINS, expected_calibration_error
 
 
 def compute_metrics(probs: torch.Tensor, target: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
-    """Accuracy, top-5, macro and per-class precision/recall/F1 and the confusion matrix (torchmetrics)."""
+    """Accuracy, top-5, macro and per-class precision/recall/F1 and the confusion matrix (torchmetrics),
+    and ``ece``: the expected calibration error of ``probs`` (:data:`ECE_BINS` equal-width bins), which
+    says whether the model's stated confidence can be taken at its word on this data."""
     n = len(class_names)
     if len(target) == 0:
         raise DataError("no readable labelled images to evaluate; check the data path and the skipped files")
@@ -51,6 +54,8 @@ def compute_metrics(probs: torch.Tensor, target: torch.Tensor, class_names: list
                    "support": int(support[i])}
             for i, name in enumerate(class_names)
         },
+        "ece": expected_calibration_error(probs, target),
+        "ece_bins": ECE_BINS,
         "confusion_matrix": multiclass_confusion_matrix(probs, target, **kw).tolist(),
         "class_names": list(class_names),
         "num_samples": int(len(target)),
