@@ -23,6 +23,7 @@ Results go to stdout and to the "## Time budgets" section of bench/RESULTS.md.
 
   python -m bench.budget                       # everything (about 5 h on a 2-core CPU)
   python -m bench.budget --only cifar --budgets 15
+  python -m bench.budget --only cifar --budgets 0 --seed-minutes 0   # the plain command, no flag
   python -m bench.budget --only hymenoptera --repeats 2
 """
 
@@ -90,10 +91,15 @@ def train(work: Path, name: str, data: Path, *flags: str) -> tuple[float, Path]:
     return seconds, run_dir
 
 
-def test_accuracy(run_dir: Path, test_csv: Path, *flags: str) -> float:
+def test_scores(run_dir: Path, test_csv: Path, *flags: str) -> dict:
+    """`visiontune evaluate --json` of the run's model on ``test_csv``."""
     out = subprocess.run(VT + ["evaluate", str(run_dir), str(test_csv), "--json", "--no-save", *flags],
                          capture_output=True, text=True, check=True).stdout
-    return float(json.loads(out)["accuracy"])
+    return json.loads(out)
+
+
+def test_accuracy(run_dir: Path, test_csv: Path, *flags: str) -> float:
+    return float(test_scores(run_dir, test_csv, *flags)["accuracy"])
 
 
 def plan_summary(run_dir: Path) -> str:
@@ -114,11 +120,15 @@ def bench_cifar(work: Path, data: dict, budgets: list[int], seed_minutes: int,
     each of ``seed_marks`` (minutes; default: the budgets) up to ``seed_minutes``."""
     train_csv, test_csv = carve(data["cifar10"], work)
     rows = []
-    for minutes in budgets:
-        seconds, run_dir = train(work, f"cifar-{minutes}m", train_csv, "--time", f"{minutes}m")
-        rows.append((minutes, test_accuracy(run_dir, test_csv), seconds, plan_summary(run_dir)))
-        print(f"{minutes} min: test {rows[-1][1]:.4f} in {seconds / 60:.1f} min ({rows[-1][3]})", flush=True)
-    marks = [m * 60 for m in sorted(set(seed_marks or budgets)) if m <= seed_minutes]
+    for minutes in budgets:  # 0: the plain command, no flag (the default budget)
+        name, flags = (f"cifar-{minutes}m", ["--time", f"{minutes}m"]) if minutes else ("cifar-plain", [])
+        seconds, run_dir = train(work, name, train_csv, *flags)
+        minutes = minutes or round(json.loads((run_dir / "plan.json").read_text())["budget"] / 60)
+        scores = test_scores(run_dir, test_csv)
+        rows.append((minutes, scores["accuracy"], seconds, plan_summary(run_dir), not flags, scores["ece"]))
+        print(f"{minutes} min: test {rows[-1][1]:.4f} (ECE {rows[-1][5]:.4f}) in {seconds / 60:.1f} min "
+              f"({rows[-1][3]})", flush=True)
+    marks = [m * 60 for m in sorted(set(seed_marks or [r[0] for r in rows])) if m <= seed_minutes]
     seed: dict[int, float] = {}
     if marks:
         run([PY, str(ROOT / "bench" / "seed_recipe.py"), "--train-csv", str(train_csv), "--val-csv",
@@ -126,11 +136,12 @@ def bench_cifar(work: Path, data: dict, budgets: list[int], seed_minutes: int,
              ",".join(map(str, marks)), "--json-out", str(work / "seed-cifar.json")], work / "seed-cifar.log")
         seed = {int(c["mark_s"]): c["test_accuracy"]
                 for c in json.loads((work / "seed-cifar.json").read_text())["checkpoints"]}
-    lines = ["| budget | visiontune test acc | wall (whole command) | plan | seed recipe test acc, same wall time |",
-             "| ---: | ---: | ---: | --- | ---: |"]
-    for minutes, acc, seconds, plan in rows:
+    lines = ["| budget | visiontune test acc | test ECE (calibrated) | wall (whole command) | plan "
+             "| seed recipe test acc, same wall time |", "| ---: | ---: | ---: | ---: | --- | ---: |"]
+    for minutes, acc, seconds, plan, plain, ece in rows:
         other = f"{seed[minutes * 60]:.4f}" if minutes * 60 in seed else f"not run (--seed-minutes {seed_minutes})"
-        lines.append(f"| {minutes} min | {acc:.4f} | {seconds / 60:.1f} min | {plan} | {other} |")
+        budget = f"no flag (the default {minutes} min)" if plain else f"{minutes} min"
+        lines.append(f"| {budget} | {acc:.4f} | {ece:.4f} | {seconds / 60:.1f} min | {plan} | {other} |")
     if seed:
         lines += ["", "Seed recipe, one run evaluated on the held-out split at each mark: "
                   + ", ".join(f"{s // 60} min {a:.4f}" for s, a in sorted(seed.items()))]
@@ -283,7 +294,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "visiontune-bench-budget")
     ap.add_argument("--only", default="cifar,hymenoptera,levers")
-    ap.add_argument("--budgets", default="15,30,60", help="minutes, comma-separated")
+    ap.add_argument("--budgets", default="15,30,60",
+                    help="minutes, comma-separated; 0 runs the plain command (no flag: the default budget)")
     ap.add_argument("--seed-minutes", type=int, default=60,
                     help="run the seed recipe (once, evaluated at each mark) for the marks up to this")
     ap.add_argument("--seed-marks", default="",
@@ -317,7 +329,8 @@ def main(argv: list[str] | None = None) -> None:
         lines = benches[part]()
         # a cifar run over other budgets than the default gets its own section, beside the default's
         other_budgets = part == "cifar" and args.budgets != "15,30,60"
-        title = f"{SECTION}: {part}" + (f" {args.budgets} min" if other_budgets else "")
+        shown = ",".join("no flag" if b == "0" else b for b in args.budgets.split(","))
+        title = f"{SECTION}: {part}" + (f" {shown}" + (" min" if shown[-1].isdigit() else "") if other_budgets else "")
         text = "\n".join([title, "", f"Machine: {machine()}", "",
                           f"Command: `{command.format(part=part)}`", "", *lines, "",
                           f"Took {(time.perf_counter() - start) / 60:.0f} min (CPU flags: {cpu_flags()})"]) + "\n"
