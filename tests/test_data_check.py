@@ -138,3 +138,14 @@ def test_data_check_counts_labels_pairs_and_searches_label_errors(tmp_path, caps
     assert report["label_check"]["method"].startswith("cleanlab.multilabel_classification")
     paths = {str(data.parent / r[0]) for r in rows}
     assert all(issue["path"] in paths and set(issue["suggested"]) <= set(CLASSES) for issue in report["label_issues"])
+
+
+def test_data_check_explains_a_catch_all_class(tmp_path):
+    """A class folder named like 'other' is a warning that names both ways to answer "none of these"."""
+    data = make_folder(tmp_path / "d", per_class=4)
+    shutil.copytree(data / next(iter(CLASSES)), data / "Other")
+    warnings = check_data(data, label_check=False)["warnings"]
+    (text,) = [w for w in warnings if "catch-all" in w]
+    assert "'Other'" in text and "--unknown" in text
+    shutil.rmtree(data / "Other")
+    assert not any("catch-all" in w for w in check_data(data, label_check=False)["warnings"])

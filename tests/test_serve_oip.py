@@ -79,7 +79,8 @@ def test_health_and_metadata(client, clf):
     inputs = {t["name"]: (t["datatype"], t["shape"]) for t in meta["inputs"]}
     assert inputs == {"image": ("BYTES", [-1]), "pixel_values": ("FP32", [-1, *clf.preprocessing.input_size])}
     outputs = {t["name"]: (t["datatype"], t["shape"]) for t in meta["outputs"]}
-    assert outputs == {"probabilities": ("FP32", [-1, len(clf.class_names)]), "labels": ("BYTES", [-1])}
+    assert outputs == {"probabilities": ("FP32", [-1, len(clf.class_names)]), "labels": ("BYTES", [-1]),
+                       "unknown_score": ("FP32", [-1])}  # the model has an unknown-score (tests/test_unknown.py)
     with pytest.raises(InferenceServerException, match="unknown model 'nope'"):
         client.get_model_metadata("nope")
 

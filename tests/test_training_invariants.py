@@ -51,8 +51,9 @@ def check_run_consistency(run, data_root, max_epochs: int):
     rows = metric_rows(run.run_dir)
     epochs = [int(r["epoch"]) for r in rows]
     assert epochs == list(range(1, len(rows) + 1)) and 1 <= len(rows) <= max_epochs
-    assert sorted(p.name for p in run.model_dir.iterdir()) == ["README.md", "model.json", "model.safetensors"]
     clf = visiontune.load(run.run_dir)
+    score = ["unknown.safetensors"] if clf.card.unknown else []  # the unknown-score's statistics, when fitted
+    assert sorted(p.name for p in run.model_dir.iterdir()) == ["README.md", "model.json", "model.safetensors", *score]
     assert clf.class_names == CLASS_NAMES
     # the saved model is the one whose validation score was recorded: re-scoring reproduces it
     recorded = clf.card.metrics

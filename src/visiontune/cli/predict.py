@@ -33,6 +33,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate(args.model, args.data, log=_stderr, **options_from_args(args).to_dict())
     print(json.dumps(result) if args.json else format_evaluation(result, result.get("task", "single")))
+    if "unknown" in result and not args.json:
+        from ..evaluation.unknown_metrics import format_unknown
+
+        print(format_unknown(result["unknown"]))
     return 0
 
 

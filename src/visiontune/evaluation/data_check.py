@@ -168,8 +168,30 @@ def check_data(data: str | os.PathLike, val: str | os.PathLike | None = None, mi
                         + ", ".join(f"{f['class']} ({f['count']})" for f in few[:10]))
     if report["label_issues"]:
         warnings.append(f"{len(report['label_issues'])} likely label error(s)")
+    catch_all = catch_all_classes(names)
+    if catch_all:
+        warnings.append(catch_all)
     report.update({"errors": errors, "warnings": warnings, "ok": not errors})
     return report
+
+
+# class names that usually mean "none of the others" (compared lower-case, without separators)
+CATCH_ALL_NAMES = ("other", "others", "unknown", "background", "none", "noneofthese", "misc", "miscellaneous", "rest",
+                   "negative", "negatives", "nothing", "garbage", "reject", "outofdistribution", "ood")
+
+
+def catch_all_classes(names: list[str]) -> str:
+    """A warning for classes named like a catch-all (``other``, ``unknown``, ``background``...), and
+    the two ways to answer "none of these"; '' when there is none."""
+    found = [n for n in names if "".join(c for c in n.lower() if c.isalnum()) in CATCH_ALL_NAMES]
+    if not found:
+        return ""
+    return (f"class(es) {', '.join(repr(n) for n in found)} look like a catch-all for images of no other class. "
+            "That works only for the kinds of images the folder shows: an unseen kind is still answered as one of "
+            "the classes. Every model visiontune trains also has an unknown-score, fitted on the other classes, "
+            "that answers 'unknown' for images unlike all of them (predict's unknown column; measure it with "
+            "`visiontune evaluate MODEL DATA --unknown DIR`). Keep the folder if it holds a real, recurring kind "
+            "of input (e.g. empty frames); else remove it and rely on the unknown-score")
 
 
 def _read_single(data: Path, val: Path | None, tables: list[LabelTable]

@@ -11,14 +11,15 @@ from typing import Any
 
 import torch
 
-from ..core.errors import ArtifactError
+from ..core.errors import ArtifactError, ConfigError
 from ..core.layout import RunLayout
 from ..core.safe_io import refuse_link
 from ..data.scan import Sample, discover_eval, read_split_csv
-from ..inference.classifier import Classifier
+from ..inference.classifier import Classifier, expand_inputs
 from ..task import Task
 from .calibration import store_calibration
 from .parts import parts_of
+from .unknown_metrics import unknown_metrics
 
 # the figures of an evaluation that a run's card keeps, its log line prints and MLflow records (the
 # others, per class or per label, stay in the full result)
@@ -27,8 +28,8 @@ HEADLINE_METRICS = ("accuracy", "macro_f1", "top5_accuracy", "macro_map", "micro
 
 def evaluate(model: str | os.PathLike | Classifier, data: str | os.PathLike, batch_size: int = 64,
              workers: int | None = None, save: bool = True, label_delim: str = " ",
-             out: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Score a trained model on labelled data.
+             out: str | os.PathLike | None = None, unknown: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Score a trained model on labelled data (and, with ``unknown``, its unknown-score).
 
     Args:
         model: a run dir, a ``model/`` dir, or a loaded :class:`Classifier`.
@@ -39,6 +40,9 @@ def evaluate(model: str | os.PathLike | Classifier, data: str | os.PathLike, bat
             ``misclassified.csv`` of wrong label sets.
         label_delim: separator of the labels in one cell of a multi-label ``path,labels`` CSV.
         out: folder for those files (created); default: next to the model.
+        unknown: a folder (recursive) or file pattern of images of no class the model knows: the
+            result gains ``unknown``, :func:`~visiontune.evaluation.unknown_metrics.unknown_metrics`
+            (the model needs an unknown-score: trained by this version, not with ``--no-unknown``).
 
     Returns:
         ``accuracy``, ``top5_accuracy`` (>= 5 classes), ``macro_precision``, ``macro_recall``,
@@ -56,13 +60,34 @@ def evaluate(model: str | os.PathLike | Classifier, data: str | os.PathLike, bat
         for name in ("misclassified.csv", "confusion_matrix.png"):
             refuse_link(folder / name)
         folder.mkdir(parents=True, exist_ok=True)
+    if unknown is not None and clf.unknown_threshold is None:
+        raise ConfigError("--unknown needs a model with an unknown-score: retrain it with this version (without "
+                          "--no-unknown), or export it again from a run that has one")
+    unknown_files = [f for f in expand_inputs([str(unknown)]) if Path(f).is_file()] if unknown is not None else []
+    if unknown is not None and not unknown_files:
+        raise ConfigError(f"--unknown {unknown}: no images found there")
     samples, skipped = discover_eval(data, clf.class_names, clf.task, label_delim)
     result = evaluate_samples(clf, samples, batch_size, workers, keep_predictions=save)
+    if unknown is not None:
+        result["unknown"] = unknown_of(clf, samples, unknown_files, batch_size, workers)
     result["skipped"] = [{"path": p, "reason": r} for p, r in skipped]
     if save:
         predictions = result.pop("predictions")
         parts_of(clf.task).save_errors(result, predictions, clf.class_names, clf.card.thresholds, folder)
     return result
+
+
+def unknown_of(clf: Classifier, samples: list[Sample], unknown_files: list[str], batch_size: int = 64,
+               workers: int | None = None) -> dict[str, Any]:
+    """:func:`unknown_metrics` of ``clf`` on known ``samples`` and ``unknown_files``."""
+    outputs, ok, _ = clf.outputs_of([p for p, _ in samples], batch_size, workers)
+    logits, scores = clf.split(outputs[ok])
+    correct = None
+    if clf.task.name == "single":
+        target = clf.task.targets([y for _, y in samples], len(clf.class_names))[ok]
+        correct = (logits.argmax(-1) == target).numpy()
+    unk, unk_ok, _ = clf.outputs_of(unknown_files, batch_size, workers)
+    return unknown_metrics(scores.numpy(), correct, clf.split(unk[unk_ok])[1].numpy(), clf.unknown_threshold)
 
 
 def evaluate_samples(clf: Classifier, samples: list[Sample], batch_size: int = 64, workers: int | None = None,

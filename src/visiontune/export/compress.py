@@ -219,7 +219,7 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
                                             RECOVERY_LR if recovery_lr is None else recovery_lr, out, log)
         variants.append(Variant("pruned", str(out / "pruned" / "model.safetensors"), torch_runner(pruned, card.tta),
                                 {"macs": prune_info["macs_after"]}))
-        pruned_card = card.replace(pruned=prune_info)
+        pruned_card = card.replace(pruned=prune_info, unknown=None)  # the features changed: no score fits them
         pruned_onnx = _export_variant(pruned, pruned_card, out / "pruned-onnx")
         if quantize and openvino:
             path = _openvino_variant(pruned_onnx, pruned_card, out / "pruned-openvino-int8", int8=True,

@@ -23,6 +23,7 @@ from ..core.version import __version__
 from ..data.preprocess import Preprocessing
 from ..inference.runners import forward_logits
 from ..models.card import ModelCard
+from ..models.unknown import classifier_width, features_and_logits, load_score
 from ..task import Task, get_task
 
 INPUT_DOC = ("float32 NCHW [batch, 3, H, W] at the model's input size, RGB, scaled to 0..1 then "
@@ -47,10 +48,12 @@ class DeployWrapper(nn.Module):
     """
 
     def __init__(self, model: nn.Module, task: Task | str, temperature: float = 1.0, tta: bool = False,
-                 normalise: Preprocessing | None = None):
+                 normalise: Preprocessing | None = None, score: nn.Module | None = None, classifier: str = ""):
         super().__init__()
         self.model = model
         self.tta = tta
+        # the unknown-score (visiontune.models.unknown), a third output, of the classifier's input features
+        self.score, self.classifier = score, classifier
         self.task = get_task(task)
         # a buffer (not a Python float) so the value is visible as a constant in the graph
         self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float32))
@@ -60,12 +63,30 @@ class DeployWrapper(nn.Module):
             self.register_buffer("mean", torch.tensor(normalise.mean, dtype=torch.float32).view(1, 3, 1, 1))
             self.register_buffer("std", torch.tensor(normalise.std, dtype=torch.float32).view(1, 3, 1, 1))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.uint8_input:  # the same float32 steps as normalize(): x * (1/255), then (x - mean) / std
             x = x.permute(0, 3, 1, 2).float() * torch.tensor(1.0 / 255.0, dtype=torch.float32)
             x = (x - self.mean) / self.std
+        if self.score is not None:
+            features, logits = features_and_logits(self.model, self.classifier, x, self.tta)
+            return logits, self.task.head(logits, self.temperature), self.score(features, logits)
         logits = forward_logits(self.model, x, self.tta)
         return logits, self.task.head(logits, self.temperature)
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["logits", "probabilities"] + (["unknown_score"] if self.score is not None else [])
+
+
+def deploy_wrapper(model: nn.Module, card: ModelCard, normalise: Preprocessing | None = None) -> DeployWrapper:
+    """The :class:`DeployWrapper` of ``model`` as ``card`` describes it: its task, temperature, flip
+    averaging and, when the card names one, its unknown-score (read from the model folder)."""
+    score = None
+    if card.unknown and card.model_dir is not None and card.architecture is not None:
+        score = load_score(card.model_dir, card.unknown, card.num_classes,
+                           classifier_width(model, card.architecture.classifier), card.temperature)
+    return DeployWrapper(model, card.task, card.temperature, card.tta, normalise, score,
+                         card.architecture.classifier if card.architecture else "").eval()
 
 
 def input_shape(card: ModelCard) -> tuple[int, int, int]:
@@ -75,7 +96,8 @@ def input_shape(card: ModelCard) -> tuple[int, int, int]:
 def export_card(card: ModelCard, fmt: str, file_name: str, **extra: Any) -> ModelCard:
     """The card of an exported file: the source card plus an ``export`` section."""
     return card.replace(export={"format": fmt, "file": file_name, "input": input_doc(extra.get("input_dtype")),
-                                "outputs": ["logits", "probabilities"], "temperature": card.temperature,
+                                "outputs": ["logits", "probabilities"] + (["unknown_score"] if card.unknown else []),
+                                "temperature": card.temperature,
                                 "probabilities": card.task.activation,
                                 "visiontune_version": __version__, **extra})
 
@@ -99,4 +121,7 @@ def graph_metadata(card: ModelCard, input_dtype: str = "float32") -> dict[str, s
         # how "probabilities" are made and decided: softmax, or a sigmoid per label and its threshold
         "task": card.task.name,
         **{key: json.dumps(value) for key, value in inference.items() if key != "task"},
+        # the unknown-score's kind and threshold: an image scoring below it is of no known class
+        **({"unknown": json.dumps({k: card.unknown[k] for k in ("score", "threshold", "tpr")})}
+           if card.unknown else {}),
     }

@@ -25,7 +25,7 @@ from ..core.errors import ExportError
 from ..core.safe_io import atomic_write_bytes
 from ..inference.runners import onnx_session, session_logits
 from ..models.card import ModelCard
-from .deploy import INPUT_DTYPES, DeployWrapper, graph_metadata, input_shape
+from .deploy import INPUT_DTYPES, DeployWrapper, deploy_wrapper, graph_metadata, input_shape
 from .exporter import Format
 from .static_pad import static_same_padding
 
@@ -36,7 +36,7 @@ DYNAMO_MIN_OPSET = 18  # the dynamo exporter's own opset: asking for less runs a
 # that fails on some graphs (AlexNet's ReduceMean) after printing a traceback
 
 
-def _export_graph(wrapper: nn.Module, example: torch.Tensor, opset: int, dynamic_batch: bool) -> bytes:
+def _export_graph(wrapper: DeployWrapper, example: torch.Tensor, opset: int, dynamic_batch: bool) -> bytes:
     """Serialised ONNX bytes; the TorchScript-based exporter first, dynamo as the fallback.
 
     The TorchScript-based exporter (``dynamo=False``) produces a plain, fully-folded graph that
@@ -44,8 +44,8 @@ def _export_graph(wrapper: nn.Module, example: torch.Tensor, opset: int, dynamic
     at a small input size, where an adaptive pooling's output is not a factor of its input).
     Neither may print to the user: the first dumps its whole IR graph to stdout on failure (C++).
     """
-    axes = {"input": {0: "batch"}, "logits": {0: "batch"}, "probabilities": {0: "batch"}} if dynamic_batch else None
-    names = dict(input_names=["input"], output_names=["logits", "probabilities"])
+    axes = {"input": {0: "batch"}, **{name: {0: "batch"} for name in wrapper.output_names}} if dynamic_batch else None
+    names = dict(input_names=["input"], output_names=wrapper.output_names)
     errors = []
     for dynamo in (False, True):
         buf = io.BytesIO()
@@ -141,8 +141,7 @@ def export_onnx(model: nn.Module, card: ModelCard, out: str | Path, opset: int =
     if input_dtype not in INPUT_DTYPES:
         raise ExportError(f"--input-dtype {input_dtype!r}: choose one of {', '.join(INPUT_DTYPES)}")
     uint8 = input_dtype == "uint8"
-    wrapper = DeployWrapper(fixed, card.task, card.temperature, card.tta,
-                            normalise=card.preprocessing if uint8 else None).eval()
+    wrapper = deploy_wrapper(fixed, card, normalise=card.preprocessing if uint8 else None)
     if uint8:
         example = torch.zeros(1, card.preprocessing.height, card.preprocessing.width, 3, dtype=torch.uint8)
     data = _export_graph(wrapper, example, opset, dynamic_batch)

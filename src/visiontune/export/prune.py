@@ -39,8 +39,10 @@ def decoded_batches(samples: list[tuple[str, int]], pre: Preprocessing, batch_si
 
 
 def save_pruned(directory: str | os.PathLike, model: nn.Module, card: ModelCard, info: dict[str, Any]) -> Path:
-    """Write a pruned model as model.safetensors + model.json with its layer shapes."""
-    return save_model(directory, model, card.replace(pruned={**info, "shapes": layer_shapes(model)}, export=None))
+    """Write a pruned model as model.safetensors + model.json with its layer shapes (without the
+    unknown-score: pruning changed the features its statistics were fitted on)."""
+    return save_model(directory, model, card.replace(pruned={**info, "shapes": layer_shapes(model)}, export=None,
+                                                     unknown=None))
 
 
 def count_macs(model: nn.Module, card: ModelCard) -> tuple[int, int]:

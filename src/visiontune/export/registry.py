@@ -6,7 +6,8 @@ from ..core.registry import Registry
 
 _EXPORT = "visiontune.export."
 EXPORT_FORMATS = Registry("format", {
-    "onnx": (_EXPORT + "onnx_export:FORMAT", "float32 normalised NCHW in; logits + probabilities out; metadata inside"),
+    "onnx": (_EXPORT + "onnx_export:FORMAT", "float32 normalised NCHW in; logits, probabilities (and the "
+             "unknown_score) out; metadata inside"),
     "openvino": (_EXPORT + "openvino_export:FORMAT", "OpenVINO model.xml + model.bin, converted from the ONNX graph; "
                  "same inputs, outputs and metadata"),
     "torchscript": (_EXPORT + "torchscript_export:FORMAT", ".pt that loads with torch.jit.load alone"),

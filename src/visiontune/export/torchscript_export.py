@@ -18,7 +18,7 @@ from torch import nn
 from ..core.errors import ExportError
 from ..core.safe_io import atomic_path
 from ..models.card import ModelCard
-from .deploy import DeployWrapper, graph_metadata, input_shape
+from .deploy import deploy_wrapper, graph_metadata, input_shape
 from .exporter import Format
 
 EXTRA_FILE = "visiontune.json"
@@ -36,7 +36,7 @@ def export_torchscript(model: nn.Module, card: ModelCard, out: str | Path, **_: 
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = DeployWrapper(model.eval().float().cpu(), card.task, card.temperature, card.tta).eval()
+    wrapper = deploy_wrapper(model.eval().float().cpu(), card)
     example = torch.zeros(2, *input_shape(card))
     try:
         with torch.no_grad(), warnings.catch_warnings():

@@ -40,6 +40,7 @@ from ..core.version import __version__
 from ..data.cache import default_cache_dir
 from ..models.artifact import META_FILE, WEIGHTS_FILE
 from ..models.card import ModelCard
+from ..models.unknown import UNKNOWN_FILE
 from .graph_files import entry_mode, read_in
 from .runners import OnnxRunner, OpenVinoRunner
 
@@ -153,10 +154,12 @@ def _files_digest(identity: tuple) -> str:
 
 
 def runtime_key(model_dir: str | os.PathLike, precision: str = "auto") -> str:
-    """The full key of a model's cache entry: its weights, ``model.json``, visiontune's and the
-    runtimes' versions, the CPU kind and the precision (sha256, hex)."""
+    """The full key of a model's cache entry: its weights, ``model.json``, its unknown-score's
+    statistics (when it has them), visiontune's and the runtimes' versions, the CPU kind and the
+    precision (sha256, hex)."""
     identity = []
-    for name in (WEIGHTS_FILE, META_FILE):
+    scored = (Path(model_dir) / UNKNOWN_FILE).is_file()
+    for name in (WEIGHTS_FILE, META_FILE, *((UNKNOWN_FILE,) if scored else ())):
         path = os.path.realpath(Path(model_dir) / name)
         info = os.stat(path)
         identity.append((path, info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns))

@@ -82,7 +82,8 @@ def predict_to_csv(model_path: str, inputs: Sequence[str], out: Path, top_k: int
     if resume:
         card = _card(model_path)  # its columns: the classes and the task (the weights load once, below)
         k = max(1, min(top_k, card.num_classes))
-        done = rows_done(out, inputs, csv_header(k, card.class_names, task=card.task), csv_safe)
+        done = rows_done(out, inputs, csv_header(k, card.class_names, task=card.task, unknown=card.unknown is not None),
+                         csv_safe)
     todo = list(inputs[done:])
     decision = (reject_below, threshold, label_delim, csv_safe)
     if processes <= 1 or len(todo) < processes * batch_size:
@@ -105,14 +106,14 @@ def _predict_shard(model_path, inputs, out: Path, top_k, batch_size, workers, pr
     clf = Classifier.load(model_path, precision=precision, backend=backend)
     reject_below, threshold, delim, spreadsheet = decision
     k = max(1, min(top_k, len(clf.class_names)))
-    names, task = clf.class_names, clf.task
+    names, task, unknown = clf.class_names, clf.task, clf.unknown_threshold is not None
     written = bad = 0
     with open(out, "a" if append else "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         if not append:
-            writer.writerow(csv_header(k, names, task=task))
+            writer.writerow(csv_header(k, names, task=task, unknown=unknown))
         for row in clf.predict_stream(inputs, top_k, batch_size, workers, reject_below, threshold):
-            writer.writerow(csv_cells(row, k, names, delim, spreadsheet, task=task))
+            writer.writerow(csv_cells(row, k, names, delim, spreadsheet, task=task, unknown=unknown))
             written += 1
             bad += bool(row["error"])
             if written % batch_size == 0:

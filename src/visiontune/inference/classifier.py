@@ -24,6 +24,7 @@ from ..data.image import is_image_path
 from ..data.transforms import eval_transform
 from ..models.artifact import load_model, read_card, resolve_model_dir
 from ..models.card import ModelCard
+from ..models.unknown import ScoredModel, classifier_width, features_and_logits, load_score
 from .accelerated import BACKENDS, accelerates, cached_runner
 from .rows import error_row, prediction_rows
 from .runners import TorchRunner, is_graph, load_graph
@@ -52,6 +53,9 @@ class Classifier:
         # per-label decision thresholds (tuned on val, else 0.5 each; the single-label task ignores
         # them): training replaces them once it has tuned them
         self.thresholds: list[float] = card.thresholds
+        # the unknown-score's threshold (None: the model has none, or the runner does not give it);
+        # the runner then returns one more column than there are classes: the score
+        self.unknown_threshold: float | None = card.unknown_threshold if getattr(runner, "scores", False) else None
         self.device: str = getattr(runner, "device", "cpu")
         self.precision: str = getattr(runner, "precision", "32")
 
@@ -79,36 +83,80 @@ class Classifier:
                 if runner is not None:
                     return cls(runner, card)
         model, card = load_model(path)
-        return cls(TorchRunner(model, precision, card.preprocessing.height, card.tta if tta is None else tta), card)
+        score = load_score(card.model_dir, card.unknown, card.num_classes,
+                           classifier_width(model, card.architecture.classifier),
+                           card.temperature) if card.unknown else None
+        return cls(TorchRunner(model, precision, card.preprocessing.height, card.tta if tta is None else tta,
+                               score, card.architecture.classifier), card)
 
     @property
     def model(self) -> torch.nn.Module | None:
-        """The PyTorch module (None for an ONNX graph)."""
-        return getattr(self.runner, "model", None)
+        """The PyTorch network (None for an ONNX graph), without its unknown-score."""
+        model = getattr(self.runner, "model", None)
+        return model.model if isinstance(model, ScoredModel) else model
+
+    def outputs(self, batch: torch.Tensor) -> torch.Tensor:
+        """What the runner gives for a preprocessed NCHW float batch: the logits ``[N, C]`` (float32,
+        on CPU), and for a model with an unknown-score that score as one more column."""
+        return self.runner(batch)
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """Logits (float32, on CPU) for a preprocessed NCHW float batch."""
-        return self.runner(batch)
+        return self.outputs(batch)[:, :len(self.class_names)]
+
+    def split(self, outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`outputs` -> (logits, unknown-scores or None)."""
+        n = len(self.class_names)
+        return outputs[..., :n], (outputs[..., n] if outputs.shape[-1] > n else None)
 
     def iter_batches(self, inputs: Sequence[ImageInput], batch_size: int = 64, workers: int | None = None
                      ) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
-        """Yield (input indices, raw logits, [(index, error)]) batch by batch, in input order."""
+        """Yield (input indices, raw :meth:`outputs`, [(index, error)]) batch by batch, in input order."""
         dataset = InputDataset(inputs, self.transform, self.preprocessing.draft_size())
         for indices, tensor, errors in progress(input_loader(dataset, batch_size, workers), "predicting"):
-            yield indices, (self.logits(tensor) if tensor is not None else None), errors
+            yield indices, (self.outputs(tensor) if tensor is not None else None), errors
+
+    def features_of(self, inputs: Sequence[ImageInput], batch_size: int = 64, workers: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The classifier's input features ``[n, D]``, the raw logits ``[n, C]`` (both averaged over the
+        mirror image when the model predicts so) and the mask of the readable inputs: what an
+        unknown-score is fitted on. Needs the PyTorch model (a run or model folder)."""
+        model = self.model
+        if model is None or self.card.architecture is None:
+            raise ConfigError("features need the PyTorch model: load the run or model folder, not an exported graph")
+        name = self.card.architecture.classifier
+        tta = bool(getattr(self.runner, "tta", False))
+        width = classifier_width(model, name)
+        feats, logits = torch.zeros(len(inputs), width), torch.zeros(len(inputs), len(self.class_names))
+        ok = torch.zeros(len(inputs), dtype=torch.bool)
+        dataset = InputDataset(inputs, self.transform, self.preprocessing.draft_size())
+        with torch.inference_mode():
+            for indices, tensor, _ in progress(input_loader(dataset, batch_size, workers), "features"):
+                if indices:
+                    batch = tensor.to(self.device).contiguous(memory_format=torch.channels_last)
+                    f, z = features_and_logits(model, name, batch, tta)
+                    feats[indices], logits[indices], ok[indices] = f.float().cpu(), z.float().cpu(), True
+        return feats, logits, ok
 
     def logits_of(self, inputs: Sequence[ImageInput], batch_size: int = 64, workers: int | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, dict[int, str]]:
         """Raw logits ``[n, C]`` of every input, the mask of the readable ones, and the errors."""
-        logits = torch.zeros(len(inputs), len(self.class_names))
+        outputs, ok, failed = self.outputs_of(inputs, batch_size, workers)
+        return outputs[:, :len(self.class_names)], ok, failed
+
+    def outputs_of(self, inputs: Sequence[ImageInput], batch_size: int = 64, workers: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, dict[int, str]]:
+        """:meth:`outputs` ``[n, C]`` (``[n, C + 1]`` with the unknown-score) of every input, the mask
+        of the readable ones, and the errors."""
+        outputs = torch.zeros(len(inputs), len(self.class_names) + (self.unknown_threshold is not None))
         ok = torch.zeros(len(inputs), dtype=torch.bool)
         failed: dict[int, str] = {}
-        for indices, batch_logits, errors in self.iter_batches(inputs, batch_size, workers):
+        for indices, batch, errors in self.iter_batches(inputs, batch_size, workers):
             if indices:
-                logits[indices] = batch_logits
+                outputs[indices] = batch
                 ok[indices] = True
             failed.update(errors)
-        return logits, ok, failed
+        return outputs, ok, failed
 
     def predict(self, inputs: ImageInput | Sequence[ImageInput], top_k: int = 5, batch_size: int = 64,
                 workers: int | None = None, progress: bool = False,
@@ -139,12 +187,14 @@ class Classifier:
             chunk = inputs[start:start + step]
             paths = [str(x) if isinstance(x, (str, os.PathLike)) else "" for x in chunk]
             rows: list[dict[str, Any] | None] = [None] * len(chunk)
-            for indices, logits, errors in self.iter_batches(chunk, batch_size, workers):
+            for indices, outputs, errors in self.iter_batches(chunk, batch_size, workers):
                 for index, error in errors:
                     rows[index] = error_row(paths[index], error, self.calibrated, task=self.task)
                 if indices:
+                    logits, scores = self.split(outputs)
                     made = prediction_rows(logits, self.class_names, self.temperature, top_k, reject_below,
-                                           self.calibrated, [paths[i] for i in indices], thresholds, task=self.task)
+                                           self.calibrated, [paths[i] for i in indices], thresholds, task=self.task,
+                                           unknown_scores=scores, unknown_threshold=self.unknown_threshold)
                     for index, row in zip(indices, made):
                         rows[index] = row
             yield from rows  # type: ignore[misc]

@@ -27,6 +27,7 @@ from ..core.hardware import autocast, device, resolve_precision
 from ..data.preprocess import Preprocessing
 from ..models.artifact import MAX_CARD_BYTES, META_FILE, WEIGHTS_FILE
 from ..models.card import FORMAT, ModelCard
+from ..models.unknown import ScoredModel
 from ..task import TASKS
 from .graph_files import onnx_model_bytes, read_beside, read_openvino
 
@@ -46,18 +47,27 @@ def forward_logits(model: nn.Module, batch: torch.Tensor, tta: bool = False) -> 
 
 
 class TorchRunner:
-    """A PyTorch module in eval mode on the best device, at ``precision`` (``tta``: flip averaging)."""
+    """A PyTorch module in eval mode on the best device, at ``precision`` (``tta``: flip averaging).
 
-    def __init__(self, model: nn.Module, precision: str = "auto", img_size: int = 224, tta: bool = False):
+    With an unknown-score (``score``, computed on the input of the module named ``classifier``)
+    each output row gains one last column: the score (``scores`` is True).
+    """
+
+    def __init__(self, model: nn.Module, precision: str = "auto", img_size: int = 224, tta: bool = False,
+                 score: nn.Module | None = None, classifier: str = ""):
         self.device = device()
+        if score is not None:
+            model = ScoredModel(model, classifier, score, tta)
         self.model = model.eval().to(self.device, memory_format=torch.channels_last)
         self.precision = resolve_precision(precision, img_size)
-        self.tta = tta
+        self.tta, self.scores = tta, score is not None
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with autocast(self.precision, self.device):
+            if self.scores:  # the flip averaging is the scored model's own (features and logits together)
+                return self.model(batch).float().cpu()
             return forward_logits(self.model, batch, self.tta).float().cpu()
 
 
@@ -83,8 +93,10 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None, dir_fd: in
         raise ExportError(f"{path} is not a usable ONNX model ({first[:200]})") from None
 
 
-def session_logits(session, batch: np.ndarray, chunk: int = 32, pre: Preprocessing | None = None) -> np.ndarray:
-    """Run ``session`` on an NCHW float batch, in chunks the graph accepts (fixed batch: 1 by 1).
+def session_logits(session, batch: np.ndarray, chunk: int = 32, pre: Preprocessing | None = None,
+                   scores: bool = False) -> np.ndarray:
+    """Run ``session`` on an NCHW float batch, in chunks the graph accepts (fixed batch: 1 by 1);
+    ``scores``: its ``unknown_score`` output as one more column.
 
     A graph exported with ``--input-dtype uint8`` takes the resized pixels instead: the normalised
     batch is turned back into them with ``pre``'s mean/std (exact: it was made from such pixels).
@@ -98,7 +110,10 @@ def session_logits(session, batch: np.ndarray, chunk: int = 32, pre: Preprocessi
         batch = uint8_pixels(batch, pre)
     else:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-    parts = [session.run(["logits"], {name: batch[i:i + step]})[0] for i in range(0, len(batch), step)]
+    names = ["logits", "unknown_score"] if scores else ["logits"]
+    parts = [np.concatenate([np.asarray(out).reshape(len(batch[i:i + step]), -1)
+                             for out in session.run(names, {name: batch[i:i + step]})], 1)
+             for i in range(0, len(batch), step)]
     return np.concatenate(parts)
 
 
@@ -121,11 +136,14 @@ class OnnxRunner:
         self.session = session
         self.path = str(path)
         self.pre = pre  # for a graph that takes uint8 pixels
+        # a graph exported with an unknown-score gives it as one more column
+        self.scores = "unknown_score" in {o.name for o in session.get_outputs()}
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         array = batch.detach().cpu().numpy()
         # one call for the whole batch; a fixed-batch graph is fed in slices it accepts
-        return torch.from_numpy(session_logits(self.session, array, chunk=max(1, len(array)), pre=self.pre)).float()
+        return torch.from_numpy(session_logits(self.session, array, chunk=max(1, len(array)), pre=self.pre,
+                                               scores=self.scores)).float()
 
     @classmethod
     def load(cls, path: str | os.PathLike, threads: int | None = None, dir_fd: int | None = None
@@ -196,6 +214,12 @@ def card_from_metadata(path: Path, props: dict[str, str], fmt: str) -> ModelCard
     values["inference"] = {**{k: v for k, v in (values.get("inference") or {}).items() if k == "tta"}, **inference}
     if temperature != 1.0:
         values["calibration"] = {**(values.get("calibration") or {}), "temperature": temperature}
+    values.pop("unknown", None)  # the graph's own unknown-score decides, not the sidecar's
+    if "unknown" in props:
+        try:
+            values["unknown"] = json.loads(props["unknown"])
+        except ValueError as exc:
+            raise ExportError(f"{path}: unreadable visiontune metadata ({exc})") from None
     try:
         return ModelCard.from_dict(values, str(path), require_architecture=False)
     except ArtifactError as exc:
@@ -297,7 +321,8 @@ def openvino_compile(path: str | os.PathLike, threads: int | None = None, dir_fd
         raise ExportError(f"{path} is not a usable OpenVINO model ({first[:200]})") from None
 
 
-def compiled_logits(compiled, batch: np.ndarray, chunk: int = 32, pre: Preprocessing | None = None) -> np.ndarray:
+def compiled_logits(compiled, batch: np.ndarray, chunk: int = 32, pre: Preprocessing | None = None,
+                    scores: bool = False) -> np.ndarray:
     """Run a compiled OpenVINO model like :func:`session_logits` (uint8 graphs get their pixels)."""
     port = compiled.input(0)
     if port.get_element_type().get_type_name() == "u8":
@@ -308,8 +333,12 @@ def compiled_logits(compiled, batch: np.ndarray, chunk: int = 32, pre: Preproces
         batch = np.ascontiguousarray(batch, dtype=np.float32)
     fixed = port.get_partial_shape()[0]
     step = fixed.get_length() if fixed.is_static else chunk
-    logits = compiled.output("logits")
-    return np.concatenate([compiled(batch[i:i + step])[logits] for i in range(0, len(batch), step)])
+    ports = [compiled.output("logits")] + ([compiled.output("unknown_score")] if scores else [])
+    parts = []
+    for i in range(0, len(batch), step):
+        out, rows = compiled(batch[i:i + step]), len(batch[i:i + step])
+        parts.append(np.concatenate([np.asarray(out[port]).reshape(rows, -1) for port in ports], 1))
+    return np.concatenate(parts)
 
 
 def is_graph(path: str | os.PathLike) -> bool:
@@ -330,11 +359,12 @@ class OpenVinoRunner(OnnxRunner):
         self.path = str(path)
         self.pre = pre
         self._lock = threading.Lock()  # a compiled model's call reuses one infer request: one call at a time
+        self.scores = any("unknown_score" in port.get_names() for port in compiled.outputs)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         array = batch.detach().cpu().numpy()
         with self._lock:
-            logits = compiled_logits(self.compiled, array, chunk=max(1, len(array)), pre=self.pre)
+            logits = compiled_logits(self.compiled, array, chunk=max(1, len(array)), pre=self.pre, scores=self.scores)
         return torch.from_numpy(logits).float()
 
     @classmethod

@@ -25,13 +25,14 @@ from ..data.preprocess import Preprocessing
 from ..task import TASKS, Task, get_task
 from ..task.multi import DEFAULT_THRESHOLD
 from .factory import Architecture
+from .unknown import check_section
 
 FORMAT = "visiontune-model"
 FORMAT_VERSION = 1
 TEMPERATURE_RANGE = (0.01, 100.0)
 # keys a card may carry; written in this order
 KEYS = ("format", "format_version", "created", "architecture", "class_names", "preprocessing", "inference",
-        "metrics", "training", "calibration", "pruned", "export", "versions")
+        "metrics", "training", "calibration", "unknown", "pruned", "export", "versions")
 TTA_MODES = ("flip",)  # inference.tta: average the logits of the image and of these views
 
 
@@ -47,6 +48,8 @@ class ModelCard:
     metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] | None = None
+    # the unknown-score: {"score": kind, "threshold", "tpr", ...} (visiontune.models.unknown)
+    unknown: dict[str, Any] | None = None
     pruned: dict[str, Any] | None = None
     export: dict[str, Any] | None = None
     created: str = ""
@@ -77,6 +80,11 @@ class ModelCard:
         return self.calibration is not None
 
     @property
+    def unknown_threshold(self) -> float | None:
+        """The unknown-score below which an image is ``unknown`` (None: the model has no score)."""
+        return float(self.unknown["threshold"]) if self.unknown else None
+
+    @property
     def tta(self) -> bool:
         """Whether predictions average the image and its mirror image."""
         return self.inference.get("tta") == "flip"
@@ -91,7 +99,8 @@ class ModelCard:
                                "class_names": list(self.class_names), "preprocessing": self.preprocessing.to_dict(),
                                "inference": self.inference or None,
                                "metrics": self.metrics, "training": self.training, "calibration": self.calibration,
-                               "pruned": self.pruned, "export": self.export, "versions": self.versions}
+                               "unknown": self.unknown, "pruned": self.pruned, "export": self.export,
+                               "versions": self.versions}
         return {k: out[k] for k in KEYS if out[k] is not None and (out[k] != "" or k != "created")}
 
     @classmethod
@@ -134,9 +143,10 @@ class ModelCard:
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not lo <= t <= hi:
                 raise ArtifactError(f"{source}: calibration.temperature must be a number in [{lo}, {hi}], got {t!r}")
         inference = _check_inference(sections["inference"] or {}, len(names), source)
+        unknown = check_section(values["unknown"], source) if values.get("unknown") is not None else None
         created = values.get("created", "")
         return cls(names, pre, arch, inference, sections["metrics"] or {}, sections["training"] or {}, calibration,
-                   values.get("pruned"), values.get("export"), created if isinstance(created, str) else "",
+                   unknown, values.get("pruned"), values.get("export"), created if isinstance(created, str) else "",
                    sections["versions"] or {})
 
 

@@ -86,10 +86,13 @@ def _given(value: Any) -> bool:
 
 
 def prediction_frame(rows: list[dict[str, Any]], k: int, class_names: list[str], task: Task) -> pd.DataFrame:
-    """The ``task``'s prediction rows as the predictions CSV's table, probabilities as floats (NaN where empty)."""
-    header = csv_header(k, class_names, task=task)
-    numeric = {h for h in header if h == "probability" or h.endswith("_probability") or h.startswith("p_")}
-    table = [dict(zip(header, csv_cells(row, k, class_names, task=task))) for row in rows]
+    """The ``task``'s prediction rows as the predictions CSV's table, probabilities (and the
+    unknown-score, when the model has one) as floats (NaN where empty)."""
+    unknown = any("unknown" in row for row in rows)
+    header = csv_header(k, class_names, task=task, unknown=unknown)
+    numeric = {h for h in header if h in ("probability", "unknown_score") or h.endswith("_probability")
+               or h.startswith("p_")}
+    table = [dict(zip(header, csv_cells(row, k, class_names, task=task, unknown=unknown))) for row in rows]
     frame = pd.DataFrame(table, columns=header)
     for column in numeric:
         frame[column] = pd.to_numeric(frame[column], errors="coerce")

@@ -86,6 +86,9 @@ class EvaluateOptions(LoaderOptions):
                                    "model)", metavar="DIR")
     tta: bool | None = option(None, "average each image's logits with its mirror image's (default: as the model "
                                     "was trained)")
+    unknown: str | None = option(None, "images of no class the model knows (a folder or glob): measure how well its "
+                                       "unknown-score rejects them (AUROC, FPR at 95% TPR, accuracy/coverage)",
+                                 metavar="DIR")
 
 
 @dataclass
@@ -99,6 +102,7 @@ class Predictions:
     out: str | None
     class_names: list[str] | None = None  # with the rows: their columns
     task: Any = None
+    unknown: bool = False  # the rows carry the model's unknown-score
 
 
 def predict(model: str | os.PathLike, inputs: Sequence[str], log: Callable[[str], None] = print,
@@ -146,7 +150,8 @@ def predict(model: str | os.PathLike, inputs: Sequence[str], log: Callable[[str]
     rows = clf.predict(files, top_k=opts.top_k, batch_size=opts.batch_size, workers=opts.workers,
                        progress=sys.stderr.isatty(), reject_below=opts.reject_below, threshold=opts.threshold)
     bad = sum(1 for r in rows if r["error"])
-    result = Predictions(rows, len(rows) - bad, bad, opts.out, list(clf.class_names), clf.task)
+    result = Predictions(rows, len(rows) - bad, bad, opts.out, list(clf.class_names), clf.task,
+                         clf.unknown_threshold is not None)
     if opts.out:  # a .json file (a CSV was streamed above)
         atomic_write_text(Path(opts.out), json.dumps(rows, indent=1) + "\n")
     return result
@@ -161,9 +166,9 @@ def predictions_csv(result: Predictions, top_k: int, label_delim: str = " ", csv
     k = min(top_k, len(result.class_names))
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(csv_header(k, result.class_names, task=result.task))
-    writer.writerows(csv_cells(r, k, result.class_names, label_delim, csv_safe, task=result.task)
-                     for r in result.rows)
+    writer.writerow(csv_header(k, result.class_names, task=result.task, unknown=result.unknown))
+    writer.writerows(csv_cells(r, k, result.class_names, label_delim, csv_safe, task=result.task,
+                               unknown=result.unknown) for r in result.rows)
     return buf.getvalue()
 
 
@@ -195,4 +200,4 @@ def evaluate(model: Any, data: str | os.PathLike, log: Callable[[str], None] = p
     clf = model if isinstance(model, Classifier) else load_classifier(model, opts.precision, opts.tta, opts.backend,
                                                                       log=log)
     return score(clf, data, batch_size=opts.batch_size, workers=opts.workers, save=opts.save,
-                 label_delim=opts.label_delim, out=opts.out)
+                 label_delim=opts.label_delim, out=opts.out, unknown=opts.unknown)

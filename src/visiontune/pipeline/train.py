@@ -24,6 +24,7 @@ from ..training.budget import format_duration
 from ..training.config import TrainConfig, read_yaml
 from ..training.context import TrainContext
 from ..training.setup import fit, setup_run
+from ..training.unknown import describe, fit_unknown, store_unknown
 
 
 @dataclass
@@ -102,6 +103,7 @@ def finish(ctx: TrainContext) -> Run:
     calibrate(ctx, clf, val)
     if val is not None:
         tune_decisions(ctx, clf, *val)
+    fit_unknown_score(ctx, clf)
     metrics: dict[str, Any] = dict(clf.card.metrics)
     val_result = None
     for split, (z, ok) in logits.items():
@@ -151,6 +153,26 @@ def calibrate(ctx: TrainContext, clf: Classifier, val: tuple[torch.Tensor, torch
         print(f"calibration: {parts.calibration_note(cal)}")
     except Exception as exc:
         print(f"warning: calibration skipped ({type(exc).__name__}: {exc}); probabilities are uncalibrated")
+
+
+def fit_unknown_score(ctx: TrainContext, clf: Classifier) -> None:
+    """The unknown-score (:mod:`visiontune.training.unknown`), fitted on the run's training and val
+    images and stored beside the weights; a problem never loses the finished run: the model then
+    answers as before, one of its classes for every image."""
+    if not ctx.cfg.model.unknown or not ctx.splits.val:
+        print("unknown-score: none" + (" (no val split to set its threshold on)" if ctx.cfg.model.unknown else ""))
+        return
+    began = time.time()
+    try:
+        fitted = fit_unknown(clf, ctx.splits.train, ctx.splits.val, ctx.cfg.model.threshold_tpr, ctx.batch_size * 2,
+                             ctx.cfg.data.workers, ctx.cfg.runtime.seed)
+        store_unknown(ctx.model_dir, fitted)
+        clf.card = read_card(ctx.model_dir)
+        print(describe(fitted.section))
+    except Exception as exc:
+        print(f"warning: unknown-score skipped ({type(exc).__name__}: {exc}); the model answers one of its "
+              "classes for every image")
+    ctx.timings["unknown"] = time.time() - began
 
 
 def tune_decisions(ctx: TrainContext, clf: Classifier, val_logits: torch.Tensor, val_target: torch.Tensor) -> None:

@@ -18,6 +18,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from ..export.runtime import load_classifier
+from ..inference.rows import mark_unknown
 from . import oip
 from .batcher import Batcher, QueueFull, lower_thread_priority
 from .security import (
@@ -172,7 +173,7 @@ def create_app(model: str | os.PathLike | Any, settings: ServeSettings | None = 
                 # on a decoding thread: its lower priority (--nice) passes to the runtime's own threads
                 state.decoders, lambda: load_classifier(model, settings.precision, None, settings.backend))
             clf.decision_thresholds(settings.reject_below)  # --reject-below on a multi-label model: said here
-            batcher = Batcher(clf.logits, settings.max_batch, settings.max_wait_ms, settings.max_queue,
+            batcher = Batcher(clf.outputs, settings.max_batch, settings.max_wait_ms, settings.max_queue,
                               settings.niceness)
             if settings.warmup:
                 size = list(clf.preprocessing.input_size)
@@ -242,13 +243,17 @@ def create_app(model: str | os.PathLike | Any, settings: ServeSettings | None = 
     return app
 
 
-def _row(clf: Any, logits: torch.Tensor, top_k: int, reject_below: float | None) -> dict[str, Any]:
-    """The prediction row ``Classifier.predict`` gives for the same logits (without path/error): a
+def _row(clf: Any, outputs: torch.Tensor, top_k: int, reject_below: float | None) -> dict[str, Any]:
+    """The prediction row ``Classifier.predict`` gives for the same outputs (without path/error): a
     single-label model's label (``unknown`` below ``reject_below``), or a multi-label model's label
-    set at its per-label thresholds and every label's score."""
+    set at its per-label thresholds and every label's score; with an unknown-score, ``unknown``
+    and ``unknown_score`` (see :mod:`visiontune.inference.rows`)."""
     task = clf.task
+    logits, score = clf.split(outputs) if hasattr(clf, "split") else (outputs, None)
     row = task.row(task.probabilities(logits, clf.temperature), clf.class_names, top_k, clf.calibrated,
                    thresholds=clf.thresholds, reject_below=reject_below)
+    if score is not None and getattr(clf, "unknown_threshold", None) is not None:
+        row = mark_unknown(row, float(score), clf.unknown_threshold, task=task)
     return {k: v for k, v in row.items() if k not in NOT_RESPONDED}
 
 

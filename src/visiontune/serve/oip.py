@@ -49,7 +49,7 @@ from fastapi.routing import APIRoute
 
 from ..core.version import __version__
 from ..data.preprocess import Preprocessing
-from ..inference.rows import probabilities
+from ..inference.rows import mark_unknown, probabilities
 from .security import RequestError, check_api_key
 
 if TYPE_CHECKING:  # the app imports this module: only type checkers read the other way
@@ -58,6 +58,7 @@ if TYPE_CHECKING:  # the app imports this module: only type checkers read the ot
 IMAGE, PIXELS = "image", "pixel_values"
 INPUT_TYPES = {IMAGE: "BYTES", PIXELS: "FP32"}
 OUTPUTS = ("probabilities", "labels")
+UNKNOWN_SCORE = "unknown_score"  # an output of a model with an unknown-score: [n], below its threshold = unknown
 VERSION = "1"  # the only version of the one model a server serves
 HEADER_LENGTH = "inference-header-content-length"
 # pixel_values may lie this far (in 0..1 pixel units) outside what real pixels normalise to: room
@@ -145,7 +146,8 @@ def router(state: ServeState) -> APIRouter:
                 "inputs": [{"name": IMAGE, "datatype": "BYTES", "shape": [-1]},
                            {"name": PIXELS, "datatype": "FP32", "shape": [-1, *clf.preprocessing.input_size]}],
                 "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(clf.class_names)]},
-                            {"name": "labels", "datatype": "BYTES", "shape": [-1]}]}
+                            {"name": "labels", "datatype": "BYTES", "shape": [-1]}]
+                + ([{"name": UNKNOWN_SCORE, "datatype": "FP32", "shape": [-1]}] if scored(clf) else [])}
 
     async def model_ready(request: Request, model_name: str) -> Response:
         model(request, model_name)
@@ -159,15 +161,17 @@ def router(state: ServeState) -> APIRouter:
         body = await state.receive(request, _read_body)
         header, tail = split_body(body, request.headers.get(HEADER_LENGTH))
         inputs = read_inputs(header, tail, clf.preprocessing, settings.max_queue)
-        outputs = requested_outputs(header)
+        outputs = requested_outputs(header, model_outputs(clf))
         request_id = header.get("id")
         if request_id is not None and not isinstance(request_id, str):
             raise RequestError(400, "bad_request", "'id' must be a string")
-        logits = torch.stack(await state.logits(inputs))
+        logits, scores = clf.split(torch.stack(await state.logits(inputs)))
         probs = probabilities(logits, clf.temperature, task=clf.task)
         result = {"model_name": name, "model_version": VERSION, **({"id": request_id} if request_id else {})}
-        return encode_response(result, outputs, {"probabilities": probs.numpy(),
-                                                 "labels": labels(clf, probs, settings.reject_below)})
+        values = {"probabilities": probs.numpy(), "labels": labels(clf, probs, settings.reject_below, scores)}
+        if scores is not None:
+            values[UNKNOWN_SCORE] = scores.numpy()
+        return encode_response(result, outputs, values)
 
     for base in ("/v2/models/{model_name}", "/v2/models/{model_name}/versions/{version}"):
         documented = "versions" not in base  # the versioned twins behave the same
@@ -180,12 +184,26 @@ def router(state: ServeState) -> APIRouter:
     return api
 
 
-def labels(clf: Any, probs: torch.Tensor, reject_below: float | None) -> list[str]:
-    """Each row's label as ``/v1/predict`` decides it: the top-1 (``unknown`` below ``reject_below``),
-    or a multi-label model's label set at its thresholds, as a JSON array (``Task.answer_text``)."""
+def scored(clf: Any) -> bool:
+    """Whether the model answers with an unknown-score."""
+    return getattr(clf, "unknown_threshold", None) is not None
+
+
+def model_outputs(clf: Any) -> tuple[str, ...]:
+    """The outputs this model gives: :data:`OUTPUTS`, and ``unknown_score`` when it has one."""
+    return OUTPUTS + ((UNKNOWN_SCORE,) if scored(clf) else ())
+
+
+def labels(clf: Any, probs: torch.Tensor, reject_below: float | None, scores: torch.Tensor | None = None
+           ) -> list[str]:
+    """Each row's label as ``/v1/predict`` decides it: the top-1 (``unknown`` below ``reject_below``
+    or the unknown-score's threshold), or a multi-label model's label set at its thresholds (none
+    for an unknown image), as a JSON array (``Task.answer_text``)."""
     task = clf.task
-    return [task.answer_text(task.row(p, clf.class_names, 1, thresholds=clf.thresholds, reject_below=reject_below))
-            for p in probs]
+    rows = [task.row(p, clf.class_names, 1, thresholds=clf.thresholds, reject_below=reject_below) for p in probs]
+    if scores is not None and scored(clf):
+        rows = [mark_unknown(row, float(s), clf.unknown_threshold, task=task) for row, s in zip(rows, scores)]
+    return [task.answer_text(row) for row in rows]
 
 
 async def _read_body(request: Request) -> bytes:
@@ -324,21 +342,21 @@ def _pixel_rows(values: np.ndarray, shape: list[int], pre: Preprocessing) -> lis
     return list(torch.from_numpy(batch))
 
 
-def requested_outputs(header: dict[str, Any]) -> list[tuple[str, bool]]:
-    """``(name, binary)`` of each output to return, in the request's order (all when none are named)."""
+def requested_outputs(header: dict[str, Any], given: tuple[str, ...] = OUTPUTS) -> list[tuple[str, bool]]:
+    """``(name, binary)`` of each output to return, in the request's order (all ``given`` when none are named)."""
     default = _parameters(header, "request").get("binary_data_output", False)
     if not isinstance(default, bool):
         raise _bad("parameter 'binary_data_output' must be true or false")
     outputs = header.get("outputs")
     if outputs is None or outputs == []:  # none named: all of them
-        outputs = [{"name": name} for name in OUTPUTS]
+        outputs = [{"name": name} for name in given]
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise _bad("'outputs' must be a list of objects with a 'name'")
     chosen: list[tuple[str, bool]] = []
     for output in outputs:
         name = output.get("name")
-        if not isinstance(name, str) or name not in OUTPUTS:  # only a string can name one
-            raise _bad(f"unknown output {_shown(name)}: this model gives {', '.join(map(repr, OUTPUTS))}")
+        if not isinstance(name, str) or name not in given:  # only a string can name one
+            raise _bad(f"unknown output {_shown(name)}: this model gives {', '.join(map(repr, given))}")
         if name in (seen for seen, _ in chosen):
             raise _bad(f"output {name!r} is requested twice")
         params = _parameters(output, f"output {name!r}")
@@ -372,7 +390,7 @@ def encode_response(result: dict[str, Any], outputs: list[tuple[str, bool]], val
 
 def _output_tensor(name: str, value: Any, binary: bool) -> tuple[dict[str, Any], bytes]:
     """An output's JSON description, with its ``data`` unless ``binary``, and else its bytes."""
-    if name == "probabilities":
+    if name in ("probabilities", UNKNOWN_SCORE):
         tensor = {"name": name, "datatype": "FP32", "shape": list(value.shape)}
         if binary:
             return tensor, value.astype("<f4").tobytes()

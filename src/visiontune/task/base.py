@@ -143,6 +143,10 @@ class Task:
         """One prediction row from a probability vector ``[C]`` (see :mod:`visiontune.inference.rows`)."""
         raise NotImplementedError
 
+    def reject(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The row of an image the model's unknown-score rejects: no class of this model."""
+        raise NotImplementedError
+
     def error_row(self, path: str, error: str, calibrated: bool = False) -> dict[str, Any]:
         """The row of an input that could not be read."""
         raise NotImplementedError

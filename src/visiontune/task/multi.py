@@ -126,6 +126,9 @@ class MultiLabel(Task):
                 "scores": dict(zip(class_names, values)), "top_k": ranking(probs, class_names, top_k),
                 "calibrated": calibrated, "error": ""}
 
+    def reject(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {**row, "labels": []}  # scores still say how each label would have been answered
+
     def error_row(self, path: str, error: str, calibrated: bool = False) -> dict[str, Any]:
         return {"path": path, "labels": [], "scores": {}, "top_k": [], "calibrated": calibrated, "error": error}
 

@@ -102,6 +102,9 @@ class SingleLabel(Task):
         return {"path": path, "label": label, "probability": top[0]["probability"], "top_k": top,
                 "calibrated": calibrated, "error": ""}
 
+    def reject(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {**row, "label": UNKNOWN}  # top_k still ranks the classes
+
     def error_row(self, path: str, error: str, calibrated: bool = False) -> dict[str, Any]:
         return {"path": path, "label": "", "probability": None, "top_k": [], "calibrated": calibrated,
                 "error": error}

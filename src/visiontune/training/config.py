@@ -121,6 +121,10 @@ class ModelOptions:
     resize_mode: str = option("crop", "how images are fitted to the input", choices=RESIZE)
     tta: bool | None = option(None, "test-time augmentation: every prediction averages the image and its mirror "
                                     "image (stored in the model card; exports include it). Default: off")
+    unknown: bool = option(True, "fit an unknown-score at the end of training (the best of several, measured on "
+                                 "classes held out), by which images of no class the model knows are answered "
+                                 "'unknown'")
+    threshold_tpr: float = option(0.95, "share of known val images the unknown-score's threshold accepts (0.95)")
 
 
 @dataclass
@@ -262,6 +266,7 @@ class TrainConfig:
             ("cutmix", lambda v: v >= 0, "must be >= 0"),
             ("devices", lambda v: v >= 1, "must be >= 1"),
             ("max_steps", lambda v: v is None or v >= 1, "must be >= 1"),
+            ("threshold_tpr", lambda v: 0.5 <= v < 1.0, "must be in [0.5, 1)"),
             ("num_nodes", lambda v: v >= 1, "must be >= 1"),
         ]
         for key, ok, text in checks:

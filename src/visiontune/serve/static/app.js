@@ -21,7 +21,9 @@ async function showModel() {
 function render(pred) {
   // a multi-label model answers with a label set and every label's score; a single-label one with one label
   const multi = Array.isArray(pred.labels);
-  $("label").textContent = multi ? (pred.labels.length ? pred.labels.join(", ") : "(no label)") : pred.label;
+  $("label").textContent = pred.unknown
+    ? `unknown: like none of the training images (score ${pred.unknown_score.toPrecision(4)})`
+    : multi ? (pred.labels.length ? pred.labels.join(", ") : "(no label)") : pred.label;
   const bars = $("bars");
   bars.replaceChildren();
   const ranked = multi

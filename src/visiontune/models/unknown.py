@@ -1,0 +1,214 @@
+"""The unknown-score: how much an image looks like the images a model was trained on.
+
+A classifier answers one of its classes for any image, also for one of no class it knows (a cat
+sent to an ants/bees model). Training fits one of :data:`UNKNOWN_SCORES` on its own images
+(:mod:`visiontune.training.unknown` measures them all and keeps the best) and a threshold that
+accepts a stated share of known images (95% by default); an image scoring below it is
+``unknown``. The score is computed in the forward pass from the classifier's input features and
+its logits, so the PyTorch runner and the exported graphs give the same number.
+
+Higher always means "more like the training images". The statistics live in
+``unknown.safetensors`` beside ``model.safetensors``; the card's ``unknown`` section names the
+score, its threshold and what it was measured at. Both are validated before use: a file of the
+wrong shape or an absurd size is refused, never trusted.
+
+Example:
+    >>> import torch
+    >>> score = UnknownScore("max_logit", num_classes=2, dim=3)
+    >>> score(torch.zeros(1, 3), torch.tensor([[2.0, -1.0]])).tolist()
+    [2.0]
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..core.errors import ArtifactError
+from ..core.registry import Registry
+from ..core.safe_io import atomic_path
+
+UNKNOWN_FILE = "unknown.safetensors"
+# the k-th nearest training image's similarity: Sun et al. 2022 use k = 50 of 50,000 images; on this
+# project's CIFAR-10 bench (bench/openset.py) k = 1 of 4,096 did best on near and far unknowns alike
+# (AUROC 0.760 / 0.980 at k = 1, 0.756 / 0.977 at 3, 0.749 / 0.974 at 10)
+KNN_K = 1
+MAX_BANK = 4096            # training images the kNN score keeps (its cost at inference: one matmul with them)
+MAX_DIM = 8192             # widest classifier input a score's statistics may have
+DEFAULT_TPR = 0.95         # share of known images the threshold accepts
+
+UNKNOWN_SCORES = Registry.choices("unknown score", {
+    "msp": "the largest calibrated class probability",
+    "max_logit": "the largest logit (Vaze et al. 2022: a good closed-set classifier is all you need)",
+    "energy": "log-sum-exp of the logits (Liu et al. 2020)",
+    "mahalanobis": "minus the smallest Mahalanobis distance of the features to a class mean, shared covariance "
+                   "(Lee et al. 2018)",
+    "knn": f"cosine similarity of the normalised features to the {KNN_K}th nearest training image (Sun et al. 2022)",
+})
+FEATURE_SCORES = ("mahalanobis", "knn")  # the scores that need statistics of the training features
+
+
+class UnknownScore(nn.Module):
+    """Score ``(features [N, D], logits [N, C]) -> [N]``; buffers hold the fitted statistics.
+
+    Args:
+        kind: one of :data:`UNKNOWN_SCORES`.
+        num_classes: the classifier's outputs (``C``).
+        dim: the classifier's input features (``D``).
+        temperature: the calibration temperature (``msp``).
+        bank: rows of the kNN bank; ``centres``: Gaussians of the Mahalanobis score (the classes,
+            or 1 for a multi-label model, whose images have no single class).
+    """
+
+    def __init__(self, kind: str, num_classes: int, dim: int, temperature: float = 1.0, bank: int = 0,
+                 centres: int = 0):
+        super().__init__()
+        UNKNOWN_SCORES.check(kind)
+        self.kind, self.k = kind, KNN_K
+        self.temperature = float(temperature)
+        if kind == "mahalanobis":
+            self.register_buffer("means", torch.zeros(centres or num_classes, dim))
+            self.register_buffer("whitening", torch.eye(dim))  # W with W W^T = the precision matrix
+        if kind == "knn":
+            self.register_buffer("bank", torch.zeros(bank, dim))
+
+    def forward(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        features, logits = features.float().flatten(1), logits.float()
+        # reductions keep their axis and are squeezed after: OpenVINO's ONNX reader made a scalar of
+        # ReduceLogSumExp/ReduceMax over the last axis of a dynamic batch
+        top = logits.max(dim=-1, keepdim=True).values
+        if self.kind == "msp":
+            probs = torch.softmax(logits / self.temperature, dim=-1)
+            return probs.max(dim=-1, keepdim=True).values[:, 0]
+        if self.kind == "max_logit":
+            return top[:, 0]
+        if self.kind == "energy":
+            return (top + torch.log(torch.exp(logits - top).sum(dim=-1, keepdim=True)))[:, 0]
+        if self.kind == "mahalanobis":
+            # the differences themselves, not ||fW||^2 - 2 fW.mW + ||mW||^2: far from every mean both
+            # terms are large and float32 loses their difference (the runtimes then disagree)
+            diff = (features @ self.whitening)[:, None, :] - (self.means @ self.whitening)[None]
+            dist = diff.pow(2).sum(-1)
+            return -dist.min(dim=-1, keepdim=True).values[:, 0]
+        normed = nn.functional.normalize(features, dim=-1)
+        sims = normed @ self.bank.T
+        return sims.topk(min(self.k, self.bank.shape[0]), dim=-1).values[:, -1]
+
+
+def card_section(score: UnknownScore, threshold: float, tpr: float, measured: dict[str, Any]) -> dict[str, Any]:
+    """The card's ``unknown`` section for a fitted ``score``."""
+    return {"score": score.kind, "threshold": float(threshold), "tpr": float(tpr), **measured}
+
+
+def check_section(section: Any, source: str) -> dict[str, Any]:
+    """The card's ``unknown`` section, validated (:class:`ArtifactError` names the bad field)."""
+    if not isinstance(section, dict):
+        raise ArtifactError(f"{source}: unknown must be a JSON object")
+    kind = section.get("score")
+    if kind not in UNKNOWN_SCORES.names():
+        raise ArtifactError(f"{source}: unknown.score must be one of {list(UNKNOWN_SCORES.names())}, got {kind!r}")
+    threshold, tpr = section.get("threshold"), section.get("tpr")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+        raise ArtifactError(f"{source}: unknown.threshold must be a finite number, got {threshold!r}")
+    if isinstance(tpr, bool) or not isinstance(tpr, (int, float)) or not 0.0 < tpr < 1.0:
+        raise ArtifactError(f"{source}: unknown.tpr must be a share in (0, 1), got {tpr!r}")
+    return dict(section)
+
+
+def save_score(directory: str | Path, score: UnknownScore) -> None:
+    """Write the score's statistics to ``unknown.safetensors`` (atomically, no link followed);
+    a score with none (the logit scores) writes an empty file, so the folder says which it is."""
+    state = {k: v.detach().cpu().float().contiguous() for k, v in score.state_dict().items()}
+    with atomic_path(Path(directory) / UNKNOWN_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"score": score.kind})
+
+
+def load_score(directory: str | Path, section: dict[str, Any], num_classes: int, dim: int,
+               temperature: float = 1.0) -> UnknownScore:
+    """The fitted score of a model folder, its file checked against the card before it is read:
+    only the tensors ``section['score']`` has, of the shapes this classifier gives them."""
+    path = Path(directory) / UNKNOWN_FILE
+    kind = section["score"]
+    if not path.is_file() or path.is_symlink():
+        raise ArtifactError(f"{path} is missing (model.json names an unknown-score); copy the whole model "
+                            "folder, or retrain")
+    expected = _shapes(kind, num_classes, dim)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            shapes = {name: list(fh.get_slice(name).get_shape()) for name in fh.keys()}
+    except Exception as exc:
+        raise ArtifactError(f"{path} is not a valid safetensors file: {exc}") from None
+    if set(shapes) != set(expected) or any(not _fits(shapes[k], expected[k]) for k in expected):
+        raise ArtifactError(f"{path} does not hold the {kind} statistics of a {num_classes}-class model with "
+                            f"{dim} features (found {shapes}); the files do not belong together")
+    state = load_file(str(path), device="cpu")
+    bank = shapes.get("bank", [0])[0]
+    centres = shapes.get("means", [0])[0]
+    score = UnknownScore(kind, num_classes, dim, temperature, bank=bank, centres=centres)
+    score.load_state_dict(state, strict=True)
+    if not all(torch.isfinite(t).all() for t in state.values()):
+        raise ArtifactError(f"{path} holds non-finite statistics; retrain the model")
+    return score.eval()
+
+
+def _shapes(kind: str, num_classes: int, dim: int) -> dict[str, list[int | None]]:
+    """Expected tensor shapes (None: any size from 1 to its bound)."""
+    if kind == "mahalanobis":
+        return {"means": [None, dim], "whitening": [dim, dim]}
+    if kind == "knn":
+        return {"bank": [None, dim]}
+    return {}
+
+
+def _fits(shape: list[int], expected: list[int | None]) -> bool:
+    if len(shape) != len(expected):
+        return False
+    return all((e is None and 1 <= s <= MAX_BANK) or s == e for s, e in zip(shape, expected))
+
+
+def features_and_logits(model: nn.Module, classifier: str, x: torch.Tensor, tta: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classifier's input features ``[N, D]`` and the logits ``[N, C]`` of one forward pass
+    (``tta``: both averaged over the image and its mirror image, as predictions are made)."""
+    seen: list[torch.Tensor] = []
+    hook = model.get_submodule(classifier).register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    try:
+        logits = model(x).float()
+        if tta:
+            logits = (logits + model(x.flip(-1)).float()) / 2
+    finally:
+        hook.remove()
+    features = torch.stack([f.float().flatten(1) for f in seen]).mean(0)
+    return features, logits
+
+
+class ScoredModel(nn.Module):
+    """``model`` whose output gains a last column: the unknown-score of each image (``tta``: of the
+    image and its mirror image together, the logits averaged as :func:`features_and_logits` does).
+
+    The classifier's input is taken with a forward hook, so any architecture whose card names its
+    classifier works; the exported graphs are traced through this module.
+    """
+
+    def __init__(self, model: nn.Module, classifier: str, score: UnknownScore, tta: bool = False):
+        super().__init__()
+        self.model, self.score, self.classifier, self.tta = model, score, classifier, tta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features, logits = features_and_logits(self.model, self.classifier, x, self.tta)
+        return torch.cat([logits, self.score(features, logits)[:, None]], dim=1)
+
+
+def classifier_width(model: nn.Module, classifier: str) -> int:
+    """Features the classifier layer takes."""
+    head = model.get_submodule(classifier)
+    width = getattr(head, "in_features", None)
+    if not isinstance(width, int) or not 1 <= width <= MAX_DIM:
+        raise ArtifactError(f"the classifier {classifier!r} has no usable input width for an unknown-score")
+    return width

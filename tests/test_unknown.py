@@ -1,0 +1,211 @@
+"""The unknown-score (models/unknown.py, training/unknown.py, evaluation/unknown_metrics.py): its
+scores' invariants, the selection over held-out classes, the threshold, untrusted statistics
+files, and the same unknown decisions from predict, the Python API, ONNX and both serving APIs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_folder, vt, vt_main
+from PIL import Image
+
+import visiontune
+from visiontune.core.errors import ArtifactError
+from visiontune.models.card import ModelCard
+from visiontune.models.unknown import UNKNOWN_FILE, UNKNOWN_SCORES, UnknownScore, load_score, save_score
+from visiontune.training.unknown import class_folds, fit_score, select, threshold_at
+
+
+def clusters(n_per_class: int = 40, classes: int = 5, dim: int = 8, seed: int = 0):
+    """Well separated Gaussian classes: (features, logits of a nearest-mean classifier, targets)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=g) * 6
+    y = torch.arange(classes).repeat_interleave(n_per_class)
+    f = centres[y] + torch.randn(len(y), dim, generator=g)
+    return f, -torch.cdist(f, centres), y, centres
+
+
+@pytest.mark.parametrize("kind", ["mahalanobis", "knn"])
+def test_feature_scores_rank_training_like_images_above_strangers(kind):
+    f, z, y, centres = clusters()
+    score = fit_score(kind, f, y, logits_width=5)
+    far = centres.mean(0, keepdim=True) + torch.randn(20, 8) * 0.5  # between the classes, near none
+    with torch.no_grad():
+        inside, outside = score(f, z), score(far, -torch.cdist(far, centres))
+    assert inside.shape == (len(f),) and outside.shape == (20,)
+    assert inside.min() > outside.max()
+
+
+def test_logit_scores_follow_their_definitions():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.4, 0.3]])
+    features = torch.zeros(2, 4)
+    ml = UnknownScore("max_logit", 3, 4)(features, logits)
+    energy = UnknownScore("energy", 3, 4)(features, logits)
+    msp = UnknownScore("msp", 3, 4, temperature=2.0)(features, logits)
+    assert torch.equal(ml, torch.tensor([2.0, 0.5]))
+    assert torch.allclose(energy, torch.logsumexp(logits, -1))
+    assert torch.allclose(msp, torch.softmax(logits / 2.0, -1).max(-1).values)
+
+
+def test_threshold_accepts_the_stated_share_and_sits_on_no_image():
+    known = np.random.default_rng(0).normal(size=200)
+    for tpr in (0.5, 0.9, 0.95, 0.99):
+        t = threshold_at(known, tpr)
+        assert (known >= t).mean() == pytest.approx(np.ceil(tpr * 200) / 200)
+        assert not np.any(known == t)
+    assert (np.ones(5) >= threshold_at(np.ones(5), 0.95)).all()  # all equal: all accepted
+
+
+def test_selection_holds_classes_out_and_ranks_every_candidate():
+    assert class_folds(2) == [[0], [1]]
+    folds = class_folds(6)
+    assert len(folds) == 5 and all(len(h) == 2 and len(set(h)) == 2 for h in folds)
+    f, z, y, _ = clusters(classes=6)
+    val = clusters(n_per_class=15, classes=6, seed=1)
+    table = select((f, z, y), val[:1] + val[1:2] + val[2:3], temperature=1.0)
+    assert {row["score"] for row in table} == set(UNKNOWN_SCORES.names())
+    assert [row["auroc"] for row in table] == sorted((row["auroc"] for row in table), reverse=True)
+    assert all(0.0 <= row["auroc"] <= 1.0 and row["folds"] == 5 for row in table)
+
+
+def test_statistics_files_are_checked_before_use(tmp_path):
+    f, z, y, _ = clusters()
+    score = fit_score("mahalanobis", f, y, logits_width=5)
+    save_score(tmp_path, score)
+    section = {"score": "mahalanobis", "threshold": -3.0, "tpr": 0.95}
+    loaded = load_score(tmp_path, section, 5, 8)
+    assert torch.allclose(loaded(f, z), score(f, z))
+    with pytest.raises(ArtifactError, match="do not belong together"):
+        load_score(tmp_path, section, 5, 9)  # another classifier's width
+    with pytest.raises(ArtifactError, match="do not belong together"):
+        load_score(tmp_path, {**section, "score": "knn"}, 5, 8)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / UNKNOWN_FILE).symlink_to(tmp_path / UNKNOWN_FILE)
+    with pytest.raises(ArtifactError, match="missing"):
+        load_score(tmp_path / "other", section, 5, 8)  # a link is never read
+    save_score(tmp_path, fit_score("knn", f * float("nan"), None, 5))
+    with pytest.raises(ArtifactError, match="non-finite"):
+        load_score(tmp_path, {**section, "score": "knn"}, 5, 8)
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"score": "magic", "threshold": 0.0, "tpr": 0.95}, "unknown.score"),
+    ({"score": "knn", "threshold": "high", "tpr": 0.95}, "unknown.threshold"),
+    ({"score": "knn", "threshold": 0.1, "tpr": 1.5}, "unknown.tpr"),
+    ([1, 2], "unknown must be a JSON object"),
+])
+def test_card_refuses_a_bad_unknown_section(section, message):
+    card = {"format": "visiontune-model", "class_names": ["a", "b"], "unknown": section,
+            "architecture": {"source": "timm", "name": "resnet18", "num_classes": 2, "classifier": "fc"},
+            "preprocessing": {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}}
+    with pytest.raises(ArtifactError, match=message):
+        ModelCard.from_dict(card)
+
+
+def strangers(folder, n: int = 6):
+    """Images of no class of the test data (which is plain colours): noise and stripes."""
+    rng = np.random.default_rng(7)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        arr = rng.integers(0, 255, (40, 40, 3)).astype(np.uint8) if i % 2 else np.tile(
+            (np.arange(40) % 8 < 4)[:, None, None] * np.array([255, 255, 0], np.uint8), (1, 40, 1))
+        Image.fromarray(arr.astype(np.uint8)).save(folder / f"odd {i}.png")
+    return folder
+
+
+def test_training_fits_a_score_and_every_surface_decides_alike(trained_run, tmp_path):
+    """The acceptance test: predict (CLI CSV), the Python API, the ONNX graph, /v1/predict and the
+    Open Inference Protocol give each image the same unknown decision."""
+    httpx = pytest.importorskip("httpx")
+    from test_serve import running_server
+
+    from visiontune.export.exporter import export_model
+
+    run, data = trained_run
+    card = json.loads((run.model_dir / "model.json").read_text())
+    section = card["unknown"]
+    assert section["score"] in UNKNOWN_SCORES.names() and 0.5 <= section["val_accepted"] <= 1.0
+    assert (run.model_dir / UNKNOWN_FILE).is_file()
+    odd = sorted(str(p) for p in strangers(tmp_path / "odd").iterdir())
+    files = sorted(str(p) for p in data.rglob("*.png"))[::3] + odd
+    api = visiontune.load(run.run_dir, precision="32").predict(files, top_k=1)
+    threshold = section["threshold"]
+    clear = [abs(r["unknown_score"] - threshold) > 1e-3 * max(1.0, abs(threshold)) for r in api]
+    decisions = [r["unknown"] for r in api]
+    assert all((r["label"] == "unknown") == r["unknown"] for r in api)
+    assert all(r["unknown"] == (r["unknown_score"] < threshold) for r in api)
+
+    onnx = visiontune.load(export_model(run.run_dir, "onnx", dynamic_batch=True)["file"]).predict(files, top_k=1)
+    assert [r["unknown"] for r, c in zip(onnx, clear) if c] == [d for d, c in zip(decisions, clear) if c]
+    assert np.allclose([r["unknown_score"] for r in onnx], [r["unknown_score"] for r in api], rtol=1e-3, atol=1e-3)
+
+    proc = vt("predict", run.run_dir, *files, "--top-k", "1", "--precision", "32")
+    header, *rows = [line.split(",") for line in proc.stdout.strip().splitlines()]
+    column = header.index("unknown")
+    assert header[column + 1] == "unknown_score"
+    assert [r[column] == "true" for r, c in zip(rows, clear) if c] == [d for d, c in zip(decisions, clear) if c]
+
+    clf = visiontune.load(run.run_dir, precision="32")
+    with running_server(clf) as url:
+        sent = [("files", (f"{i}.png", open(f, "rb").read())) for i, f in enumerate(files)]
+        v1 = httpx.post(f"{url}/v1/predict?top_k=1", files=sent, timeout=60).json()["predictions"]
+        assert [r["unknown"] for r, c in zip(v1, clear) if c] == [d for d, c in zip(decisions, clear) if c]
+        blobs = [open(f, "rb").read() for f in files]
+        body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(blobs)],
+                            "data": [__import__("base64").b64encode(b).decode() for b in blobs],
+                            "parameters": {"content_type": "base64"}}]}
+        v2 = httpx.post(f"{url}/v2/models/visiontune/infer", json=body, timeout=60)
+        assert v2.status_code == 200, v2.text
+        out = {o["name"]: o["data"] for o in v2.json()["outputs"]}
+        assert np.allclose(out["unknown_score"], [r["unknown_score"] for r in api], rtol=1e-3, atol=1e-3)
+        assert [lab == "unknown" for lab, c in zip(out["labels"], clear) if c] == [
+            d for d, c in zip(decisions, clear) if c]
+        meta = httpx.get(f"{url}/v2/models/visiontune", timeout=10).json()
+        assert "unknown_score" in [o["name"] for o in meta["outputs"]]
+
+
+def test_evaluate_measures_the_score_on_unknown_images(trained_run, tmp_path, capsys):
+    run, data = trained_run
+    odd = strangers(tmp_path / "odd images")
+    code, out, err = vt_main(capsys, "evaluate", run.run_dir, data, "--unknown", odd, "--no-save", "--json")
+    assert code == 0, err
+    u = json.loads(out)["unknown"]
+    assert 0.0 <= u["auroc"] <= 1.0 and 0.0 <= u["fpr_at_95_tpr"] <= 1.0
+    assert u["num_unknown"] == 6 and u["num_known"] == 30
+    curve = u["accuracy_coverage"]
+    assert [row["coverage"] for row in curve] == sorted(row["coverage"] for row in curve)
+    code, out, _ = vt_main(capsys, "evaluate", run.run_dir, data, "--unknown", odd, "--no-save")
+    assert "AUROC" in out and "FPR at 95% TPR" in out
+    code, _, err = vt_main(capsys, "evaluate", run.run_dir, data, "--unknown", tmp_path / "nothing here", "--no-save")
+    assert code != 0 and "no images found" in err
+
+
+def test_without_a_score_nothing_changes(tmp_path, trained_run, capsys):
+    """--no-unknown trains no score; --unknown on such a model names the remedy; a model folder
+    whose score file is gone names the remedy too."""
+    data = make_folder(tmp_path / "d", per_class=6)
+    run = visiontune.train(data, epochs=1, run_dir=str(tmp_path / "run"), unknown=False, img_size=32, batch_size=4,
+                           workers=0, report=False, progress=False, time="none")
+    assert "unknown" not in json.loads((run.model_dir / "model.json").read_text())
+    assert "unknown" not in visiontune.load(run.run_dir).predict([next(data.rglob("*.png"))])[0]
+    code, _, err = vt_main(capsys, "evaluate", run.run_dir, data, "--unknown", data, "--no-save")
+    assert code != 0 and "--no-unknown" in err
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_run[0].model_dir, copy)
+    (copy / UNKNOWN_FILE).unlink()
+    code, _, err = vt_main(capsys, "predict", copy, next(data.rglob("*.png")))
+    assert code != 0 and "copy the whole model folder" in err
+
+
+def test_a_multi_label_model_rejects_to_no_labels(ml_run, ml_data, tmp_path):
+    section = json.loads((ml_run.model_dir / "model.json").read_text())["unknown"]
+    assert section["score"] == "knn" and section["selection"]["candidates"] == []
+    clf = visiontune.load(ml_run.run_dir)
+    rows = clf.predict(sorted(str(p) for p in strangers(tmp_path / "odd").iterdir()), top_k=1)
+    for row in rows:
+        assert row["unknown"] == (row["unknown_score"] < section["threshold"])
+        assert not row["unknown"] or row["labels"] == []
