@@ -27,6 +27,9 @@ from pathlib import Path
 
 from bench.__main__ import ROOT, VT, cpu_flags, machine, unpack
 from bench.budget import run as bench_run
+from bench.budget import write_results
+
+SECTION = "## Open-set rejection"
 
 HELD_OUT = 4
 SEED = 0
@@ -117,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--time", default="15m")
     parser.add_argument("--carve-only", action="store_true")
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
     parser.add_argument("--run", type=Path, help="a run already trained on the carve (its unknown-score is fitted "
                                                  "if it has none)")
     args = parser.parse_args(argv)
@@ -126,13 +130,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.carve_only:
         print({k: str(v) for k, v in files.items()})
         return
-    run = args.run
+    run, seconds = args.run, None
     if run is None:
         run = args.work / "runs" / f"known-{args.time}"
         seconds = bench_run([*VT, "train", str(files["train"]), "--time", args.time, "--run-dir", str(run),
                              "--no-progress"], args.work / f"train-{args.time}.log")
         print(f"train --time {args.time}: {seconds:.0f} s")
     card = json.loads((run / "model" / "model.json").read_text())
+    if seconds is None and (run / "timings.json").is_file():  # a run trained before: its own record
+        seconds = json.loads((run / "timings.json").read_text()).get("total")
     if "unknown" not in card:  # a run trained before the unknown-score: fitted as training would
         from visiontune.data.scan import read_split_csv
         from visiontune.inference.classifier import Classifier
@@ -160,29 +166,38 @@ def main(argv: list[str] | None = None) -> None:
                               "--no-save"], capture_output=True, text=True, check=True)
         results[name] = json.loads(out.stdout)
     table = candidate_table(run, files, far)
-    report(card, results, table, cpu_flags())
+    command = "python -m bench.openset" + (f" --time {args.time}" if args.time != "15m" else "")
+    text = report(card, results, table, cpu_flags(), command, args.time, seconds)
+    print(text)
+    write_results(args.results, SECTION, text)
 
 
-def report(card: dict, results: dict, table: list[dict], flags: str) -> None:
+def report(card: dict, results: dict, table: list[dict], flags: str, command: str, budget: str,
+           train_s: float | None) -> str:
+    """The results as the "Open-set rejection" section of RESULTS.md."""
     u = card["unknown"]
-    print(f"machine: {machine()}; CPU flags: {flags}")
-    print(f"known test accuracy {results['near']['accuracy']:.4f} ({results['near']['num_samples']} images); "
-          f"score chosen at training: {u['score']}, threshold {u['threshold']:.4g} (set at {u['tpr']:.0%} of val)")
+    lines = [SECTION, "", f"Machine: {machine()}; CPU flags: {flags}", "", f"Command: `{command}`", "",
+             "CIFAR-10, 6 known classes (automobile, cat, deer, dog, horse, ship), 24,000 training images; "
+             "near-unknowns: the 4,000 carved test images of airplane, bird, frog and truck (never trained on); "
+             "far-unknowns: the 245 ants and bees photos (hymenoptera). Known: the 6,000 carved test images.", "",
+             f"- training: `visiontune train TRAIN.csv --time {budget}`"
+             + (f", {train_s / 60:.1f} min" if train_s else "") + f"; known test accuracy "
+             f"{results['near']['accuracy']:.4f}",
+             f"- score chosen at training: **{u['score']}**, threshold {u['threshold']:.4g} set at "
+             f"{u['tpr']:.0%} of val (val accepted {u['val_accepted']:.4f})"]
     for name in ("near", "far"):
         r = results[name]["unknown"]
-        print(f"{name}: AUROC {r['auroc']:.4f}, FPR at 95% TPR {r['fpr_at_95_tpr']:.4f}; at the stored threshold "
-              f"known accepted {r['known_accepted']:.4f}, unknown rejected {r['unknown_rejected']:.4f} "
-              f"({r['num_unknown']} images)")
-    print("| score | near AUROC | near FPR95 | far AUROC | far FPR95 | known test accepted (val threshold) | "
-          "CV AUROC at training |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+        lines.append(f"- {name}: AUROC **{r['auroc']:.4f}**, FPR at 95% TPR {r['fpr_at_95_tpr']:.4f}; at the stored "
+                     f"threshold: known test images accepted **{r['known_accepted']:.4f}**, unknown rejected "
+                     f"{r['unknown_rejected']:.4f} ({r['num_unknown']} images)")
+    lines += ["", "Every candidate, fitted as training fits the chosen one, on the same images:", "",
+              "| score | near AUROC | near FPR95 | far AUROC | far FPR95 | known test accepted | "
+              "AUROC with classes held out (training's estimate) |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     cv = {row["score"]: row for row in u["selection"]["candidates"]}
     for row in table:
         c = cv.get(row["score"])
-        print(f"| {row['score']}{' (chosen)' if row['score'] == u['score'] else ''} | {row['near_auroc']:.4f} | "
-              f"{row['near_fpr95']:.4f} | {row['far_auroc']:.4f} | {row['far_fpr95']:.4f} | "
-              f"{row['test_accepted']:.4f} | " + (f"{c['auroc']:.4f} ± {c['std']:.4f}" if c else "") + " |")
-
-
-if __name__ == "__main__":
-    main()
+        lines.append(f"| {row['score']}{' (chosen)' if row['score'] == u['score'] else ''} | {row['near_auroc']:.4f} | "
+                     f"{row['near_fpr95']:.4f} | {row['far_auroc']:.4f} | {row['far_fpr95']:.4f} | "
+                     f"{row['test_accepted']:.4f} | " + (f"{c['auroc']:.4f} ± {c['std']:.4f}" if c else "") + " |")
+    return "\n".join(lines) + "\n"

@@ -53,7 +53,10 @@ def report_run(trained_run, tmp_path_factory):
         {k: v for k, v in json.loads((copy / "model" / "model.json").read_text()).items() if k != "calibration"}))
     (copy / "compare.csv").write_text("strategy,model,accuracy,macro_f1,train_seconds,model_size_mb,run_dir\n"
                                       "finetune,efficientnet_lite0,0.9,0.89,12.5,13.4,x\n")
-    return copy, data, write_report(copy)
+    odd = tmp_path_factory.mktemp("no known class")
+    for i in range(4):  # noise: images of no class (the unknown-score's section)
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3)).astype(np.uint8)).save(odd / f"{i}.png")
+    return copy, data, write_report(copy, unknown=odd)
 
 
 def test_report_has_every_section_and_embeds_images(report_run):
@@ -61,7 +64,7 @@ def test_report_has_every_section_and_embeds_images(report_run):
     assert path == run_dir / "report.html"
     text = path.read_text()
     parsed = _parse(text)
-    assert parsed.h2 == list(SECTIONS.values())  # every section, in order (compare.csv exists)
+    assert parsed.h2 == list(SECTIONS.values())  # every section, in order (compare.csv and --unknown exist)
     assert len(parsed.imgs) >= 10 and all(src.startswith("data:image/") for src in parsed.imgs)
     assert not parsed.links and not re.search(r"""(src|href)=["']?(https?:)?//""", text)
     meta = json.loads((run_dir / "model" / "model.json").read_text())

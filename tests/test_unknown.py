@@ -139,7 +139,9 @@ def test_training_fits_a_score_and_every_surface_decides_alike(trained_run, tmp_
     assert all((r["label"] == "unknown") == r["unknown"] for r in api)
     assert all(r["unknown"] == (r["unknown_score"] < threshold) for r in api)
 
-    onnx = visiontune.load(export_model(run.run_dir, "onnx", dynamic_batch=True)["file"]).predict(files, top_k=1)
+    exported = export_model(run.run_dir, "onnx", dynamic_batch=True, out=tmp_path / "onnx" / "model.onnx")
+    assert exported["passed"] and exported["unknown_agreement"] >= 0.995  # the export's own parity check
+    onnx = visiontune.load(exported["file"]).predict(files, top_k=1)
     assert [r["unknown"] for r, c in zip(onnx, clear) if c] == [d for d, c in zip(decisions, clear) if c]
     assert np.allclose([r["unknown_score"] for r in onnx], [r["unknown_score"] for r in api], rtol=1e-3, atol=1e-3)
 
@@ -209,3 +211,41 @@ def test_a_multi_label_model_rejects_to_no_labels(ml_run, ml_data, tmp_path):
     for row in rows:
         assert row["unknown"] == (row["unknown_score"] < section["threshold"])
         assert not row["unknown"] or row["labels"] == []
+
+
+def test_the_threshold_moves_to_another_share_of_known_images(trained_run, tmp_path, capsys):
+    """--threshold-tpr reads the val scores' stored percentiles: a lower share accepts fewer images;
+    the share it was set at gives the stored threshold; a model without a score refuses it."""
+    from visiontune.models.unknown import threshold_for
+
+    run, data = trained_run
+    section = json.loads((run.model_dir / "model.json").read_text())["unknown"]
+    assert len(section["val_quantiles"]) == 101
+    assert threshold_for(section, section["tpr"]) == section["threshold"]
+    assert threshold_for(section, 0.5) >= threshold_for(section, 0.9) >= threshold_for(section, 1.0)
+    files = sorted(str(p) for p in data.rglob("*.png"))
+    clf = visiontune.load(run.run_dir, precision="32")
+    clf.move_unknown_threshold(0.5)
+    assert clf.unknown_threshold == pytest.approx(threshold_for(section, 0.5))
+    strict = sum(r["unknown"] for r in clf.predict(files, top_k=1))
+    code, out, err = vt_main(capsys, "predict", run.run_dir, *files, "--threshold-tpr", "0.5", "--precision", "32")
+    assert code == 0, err
+    header, *rows = [line.split(",") for line in out.strip().splitlines()]
+    assert sum(r[header.index("unknown")] == "true" for r in rows) == strict
+    assert strict >= sum(r["unknown"] for r in visiontune.load(run.run_dir, precision="32").predict(files, top_k=1))
+    code, _, err = vt_main(capsys, "predict", run.run_dir, *files, "--threshold-tpr", "1.5")
+    assert code != 0 and "--threshold-tpr" in err
+
+
+def test_report_shows_the_unknown_images_it_would_accept(trained_run, tmp_path, capsys):
+    """report --unknown DIR: the score's measures and its two galleries, in the self-contained page."""
+    run, _ = trained_run
+    copy = tmp_path / "run copy"
+    shutil.copytree(run.run_dir, copy)  # the session's run stays as it is
+    code, out, err = vt_main(capsys, "report", copy, "--unknown", strangers(tmp_path / "odd"), "--no-gradcam")
+    assert code == 0, err
+    page = (copy / "report.html").read_text()
+    section = page[page.index('<section id="unknown">'):]
+    section = section[:section.index("</section>")]
+    assert "AUROC" in section and "Unknown images most like the training images" in section
+    assert section.count("<figure") >= 6  # the 6 unknown images, and the least typical known ones

@@ -47,6 +47,7 @@ SECTIONS = {
     "gradcam": "Grad-CAM",
     "calibration": "Calibration",
     "coverage": "Accuracy vs coverage",
+    "unknown": "Images of no known class",
     "compare": "Strategy comparison",
     "time": "Time: planned and actual",
 }
@@ -62,7 +63,8 @@ SIZE_SAMPLE = 300
 
 def write_report(run_dir: str | os.PathLike, data: str | os.PathLike | None = None, batch_size: int = 32,
                  workers: int | None = None, gradcam: bool = True, seed: int = 0,
-                 val_logits: tuple[torch.Tensor, torch.Tensor] | None = None) -> Path:
+                 val_logits: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 unknown: str | os.PathLike | None = None) -> Path:
     """Write ``RUN/report.html`` and return its path.
 
     Args:
@@ -71,6 +73,8 @@ def write_report(run_dir: str | os.PathLike, data: str | os.PathLike | None = No
         gradcam: include Grad-CAM overlays (needs the ``grad-cam`` package).
         val_logits: the model's raw logits on the run's validation split and the mask of the
             readable images, when the caller already has them (``train`` does): no second pass.
+        unknown: images of no class the model knows: the unknown-score's section (its measures, the
+            most confidently accepted of these images and the most doubted evaluated ones).
 
     Example:
         write_report("runs/train-1")
@@ -107,6 +111,8 @@ def write_report(run_dir: str | os.PathLike, data: str | os.PathLike | None = No
     calibration = _calibration(clf, run_dir, logits, target, data is None, batch_size, workers)
     sections += parts_of(task).report_sections(rs.ReportInputs(clf, run_dir, kept, logits, target, source, gradcam,
                                                                seed, calibration))
+    if unknown is not None:
+        sections.append(("unknown", _unknown_section(clf, samples, unknown, batch_size, workers)))
     if layout.compare_csv.is_file():
         sections.append(("compare", rs.compare_section(layout.compare_csv)))
     if layout.plan.is_file() or layout.timings.is_file():
@@ -122,6 +128,38 @@ def write_report(run_dir: str | os.PathLike, data: str | os.PathLike | None = No
             f"{datetime.now().strftime('%Y-%m-%d %H:%M')} in {{seconds}} s</p><nav>{nav}</nav></header><main>"
             + "\n".join(rs.section(sid, TITLES[sid], body) for sid, body in sections) + "</main></body></html>\n")
     return atomic_write_text(layout.report, page.replace("{seconds}", f"{time.perf_counter() - start:.0f}"))
+
+
+def _unknown_section(clf: Classifier, samples: list, unknown: str | os.PathLike, batch_size: int,
+                     workers: int | None, shown: int = 12) -> str:
+    """The unknown-score's measures (:func:`~visiontune.evaluation.evaluate.unknown_of`) and two
+    galleries: the unknown images it scored most like the training images, and the known ones
+    it scored least like them."""
+    from ..inference.classifier import expand_inputs
+    from .evaluate import unknown_of
+    from .unknown_metrics import format_unknown
+
+    files = [f for f in expand_inputs([str(unknown)]) if Path(f).is_file()]
+    if clf.unknown_threshold is None or not files:
+        why = "the model has no unknown-score (trained with --no-unknown)" if clf.unknown_threshold is None \
+            else f"no images found in {unknown}"
+        return f'<p class="muted">{html.escape(why)}</p>'
+    measured = unknown_of(clf, samples, files, batch_size, workers)
+    known_out, known_ok, _ = clf.outputs_of([p for p, _ in samples], batch_size, workers)
+    unk_out, unk_ok, _ = clf.outputs_of(files, batch_size, workers)
+    known = sorted(zip(clf.split(known_out[known_ok])[1].tolist(), [p for (p, _), g in zip(samples, known_ok) if g]))
+    accepted = sorted(zip(clf.split(unk_out[unk_ok])[1].tolist(), [f for f, g in zip(files, unk_ok) if g]),
+                      reverse=True)
+    t = clf.unknown_threshold
+
+    def items(rows):
+        return [(uri, f"score {s:.4g}" + (" (accepted)" if s >= t else " (unknown)"), bad)
+                for (s, p), bad in ((row, row[0] >= t if rows is accepted else row[0] < t) for row in rows[:shown])
+                if (uri := rs.thumb_uri(p))]
+
+    return (f"<pre>{html.escape(format_unknown(measured))}</pre>"
+            f"<h3>Unknown images most like the training images</h3>{rs.gallery(items(accepted))}"
+            f"<h3>Known images least like the training images</h3>{rs.gallery(items(known))}")
 
 
 def _calibration(clf: Classifier, run_dir: Path, logits: torch.Tensor, target: torch.Tensor, on_val: bool,

@@ -30,6 +30,9 @@ class ReportOptions(CommandOptions):
     batch_size: int = option(32, "images per batch (32)", check=_positive)
     workers: int | None = option(None, "decoding processes (default: one per core)", check=_workers)
     seed: int = option(0, "seed of the sampled galleries and overlays (0)")
+    unknown: str | None = option(None, "images of no class the model knows (a folder or glob): a section on its "
+                                       "unknown-score, with the most confidently accepted of them and the most "
+                                       "doubted known images", metavar="DIR")
 
 
 @dataclass

@@ -20,7 +20,15 @@ from ..core.layout import RunLayout
 from ..models.artifact import META_FILE, load_model
 from ..models.card import ModelCard
 from .deploy import export_card, write_json
-from .parity import MAX_LOGIT_DIFF, MIN_AGREEMENT, check_parity, compare_logits, eager_logits, parity_problems
+from .parity import (
+    MAX_LOGIT_DIFF,
+    MIN_AGREEMENT,
+    check_parity,
+    compare_logits,
+    eager_logits,
+    parity_problems,
+    unknown_parity,
+)
 from .registry import EXPORT_FORMATS
 from .samples import parity_batch
 
@@ -89,6 +97,7 @@ def export_model(model_path: str | os.PathLike, format: str = "onnx", out: str |
     report = {"format": fmt, "file": str(written), "source": source,
               **compare_logits(eager_logits(model, batch, tta=card.tta and fmt != "hf"),
                                exporter.logits(written, card, batch), card),
+              **unknown_parity(model, card, written, batch),
               "thresholds": {"min_top1_agreement": MIN_AGREEMENT, "max_rel_logit_diff": MAX_LOGIT_DIFF}}
     report["passed"] = not parity_problems(report)
     write_json(folder / "export_report.json", report)
@@ -96,7 +105,8 @@ def export_model(model_path: str | os.PathLike, format: str = "onnx", out: str |
         task = card.task
         log(f"exported {fmt}: {written}")
         log(f"parity vs eager fp32 on {source}: {task.agreement_words} {report[task.agreement_key]:.2%}, max |logit "
-            f"diff| {report['max_abs_logit_diff']:.2e} ({report['max_rel_logit_diff']:.1e} of the logits' scale)")
+            f"diff| {report['max_abs_logit_diff']:.2e} ({report['max_rel_logit_diff']:.1e} of the logits' scale)"
+            + (f", unknown decisions {report['unknown_agreement']:.2%}" if "unknown_agreement" in report else ""))
     if check:
         check_parity(report)
     return report

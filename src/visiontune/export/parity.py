@@ -57,6 +57,30 @@ def compare_logits(reference: np.ndarray, other: np.ndarray, card: ModelCard | N
     return {task.agreement_key: agreement, **diff}
 
 
+@torch.inference_mode()
+def unknown_parity(model: nn.Module, card: ModelCard, graph_file, batch: torch.Tensor) -> dict[str, Any]:
+    """How an exported graph's ``unknown_score`` agrees with eager fp32's on ``batch``: the share of
+    the same unknown decisions at the card's threshold (``unknown_agreement``) and the largest
+    score difference relative to the largest score (at least 1). Empty for a model without a score
+    or a format that carries none (TorchScript and hf are not read back here)."""
+    from ..inference.runners import is_graph, load_graph
+    from ..models.unknown import ScoredModel, classifier_width, load_score
+
+    if not card.unknown or card.model_dir is None or not is_graph(graph_file):
+        return {}
+    score = load_score(card.model_dir, card.unknown, card.num_classes,
+                       classifier_width(model, card.architecture.classifier), card.temperature)
+    reference = ScoredModel(model.eval().float(), card.architecture.classifier, score, card.tta)(batch)[:, -1]
+    runner, _ = load_graph(graph_file)
+    if not getattr(runner, "scores", False):
+        return {"unknown_agreement": 0.0, "max_rel_score_diff": float("inf")}
+    other = runner(batch)[:, -1]
+    t = card.unknown_threshold
+    largest = float((reference - other).abs().max())
+    return {"unknown_agreement": float(((reference >= t) == (other >= t)).double().mean()),
+            "max_rel_score_diff": largest / max(float(reference.abs().max()), 1.0)}
+
+
 @dataclass(frozen=True)
 class ValScore:
     """What compress measures and guards: the model's task's headline figure on val (accuracy, or
@@ -104,6 +128,8 @@ def parity_problems(report: dict[str, Any], min_agreement: float = MIN_AGREEMENT
     if max_diff is not None and report["max_rel_logit_diff"] > max_diff:
         problems.append(f"max |logit diff| {report['max_abs_logit_diff']:.2e} is {report['max_rel_logit_diff']:.1e} "
                         f"of the logits' scale > {max_diff:.0e}")
+    if report.get("unknown_agreement", 1.0) < min_agreement:
+        problems.append(f"unknown decisions agree on {report['unknown_agreement']:.2%} < {min_agreement:.1%}")
     return problems
 
 

@@ -67,12 +67,14 @@ def rows_done(out: Path, inputs: Sequence[str], header: list[str], spreadsheet: 
 def predict_to_csv(model_path: str, inputs: Sequence[str], out: Path, top_k: int = 5, batch_size: int = 64,
                    workers: int | None = None, precision: str = "auto", reject_below: float | None = None,
                    resume: bool = False, processes: int = 1, threshold: float | None = None,
-                   label_delim: str = " ", csv_safe: bool = False, backend: str = "eager") -> tuple[int, int]:
+                   label_delim: str = " ", csv_safe: bool = False, backend: str = "eager",
+                   unknown_tpr: float | None = None) -> tuple[int, int]:
     """Predict ``inputs`` into CSV ``out``; returns (rows written in this call, unreadable among them).
 
     ``threshold`` and ``label_delim`` apply to multi-label models (one threshold for every label,
     the separator of the ``labels`` cell); ``csv_safe`` prefixes cells that a spreadsheet would
-    run as formulas with ``'``. ``backend`` is :meth:`Classifier.load`'s for one process; a model
+    run as formulas with ``'``; ``unknown_tpr`` moves the unknown-score's threshold
+    (:meth:`Classifier.move_unknown_threshold`). ``backend`` is :meth:`Classifier.load`'s for one process; a model
     folder sharded over ``processes`` runs eagerly (a runtime session would use every core).
 
     Example:
@@ -85,7 +87,7 @@ def predict_to_csv(model_path: str, inputs: Sequence[str], out: Path, top_k: int
         done = rows_done(out, inputs, csv_header(k, card.class_names, task=card.task, unknown=card.unknown is not None),
                          csv_safe)
     todo = list(inputs[done:])
-    decision = (reject_below, threshold, label_delim, csv_safe)
+    decision = (reject_below, threshold, label_delim, csv_safe, unknown_tpr)
     if processes <= 1 or len(todo) < processes * batch_size:
         return _predict_shard(model_path, todo, out, top_k, batch_size, workers, precision, decision, done > 0,
                               backend=backend)
@@ -104,7 +106,8 @@ def _predict_shard(model_path, inputs, out: Path, top_k, batch_size, workers, pr
     if threads:
         torch.set_num_threads(threads)
     clf = Classifier.load(model_path, precision=precision, backend=backend)
-    reject_below, threshold, delim, spreadsheet = decision
+    reject_below, threshold, delim, spreadsheet, unknown_tpr = decision
+    clf.move_unknown_threshold(unknown_tpr)
     k = max(1, min(top_k, len(clf.class_names)))
     names, task, unknown = clf.class_names, clf.task, clf.unknown_threshold is not None
     written = bad = 0

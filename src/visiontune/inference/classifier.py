@@ -24,7 +24,7 @@ from ..data.image import is_image_path
 from ..data.transforms import eval_transform
 from ..models.artifact import load_model, read_card, resolve_model_dir
 from ..models.card import ModelCard
-from ..models.unknown import ScoredModel, classifier_width, features_and_logits, load_score
+from ..models.unknown import ScoredModel, classifier_width, features_and_logits, load_score, threshold_for
 from .accelerated import BACKENDS, accelerates, cached_runner
 from .rows import error_row, prediction_rows
 from .runners import TorchRunner, is_graph, load_graph
@@ -94,6 +94,16 @@ class Classifier:
         """The PyTorch network (None for an ONNX graph), without its unknown-score."""
         model = getattr(self.runner, "model", None)
         return model.model if isinstance(model, ScoredModel) else model
+
+    def move_unknown_threshold(self, tpr: float | None) -> None:
+        """Answer ``unknown`` below the score that accepts the share ``tpr`` of the model's val images
+        (None: the threshold set at training). A model without an unknown-score refuses it."""
+        if tpr is None:
+            return
+        if self.unknown_threshold is None:
+            raise ConfigError("--threshold-tpr needs a model with an unknown-score (trained by this version "
+                              "without --no-unknown)")
+        self.unknown_threshold = threshold_for(self.card.unknown, tpr)
 
     def outputs(self, batch: torch.Tensor) -> torch.Tensor:
         """What the runner gives for a preprocessed NCHW float batch: the logits ``[N, C]`` (float32,

@@ -25,12 +25,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..core.errors import ArtifactError
+from ..core.errors import ArtifactError, ConfigError
 from ..core.registry import Registry
 from ..core.safe_io import atomic_path
 
@@ -118,7 +119,32 @@ def check_section(section: Any, source: str) -> dict[str, Any]:
         raise ArtifactError(f"{source}: unknown.threshold must be a finite number, got {threshold!r}")
     if isinstance(tpr, bool) or not isinstance(tpr, (int, float)) or not 0.0 < tpr < 1.0:
         raise ArtifactError(f"{source}: unknown.tpr must be a share in (0, 1), got {tpr!r}")
+    quantiles = section.get("val_quantiles")
+    if quantiles is not None and not (
+            isinstance(quantiles, list) and 2 <= len(quantiles) <= 1001
+            and all(not isinstance(q, bool) and isinstance(q, (int, float)) and math.isfinite(q) for q in quantiles)
+            and all(a <= b for a, b in zip(quantiles, quantiles[1:]))):
+        raise ArtifactError(f"{source}: unknown.val_quantiles must be a rising list of 2 to 1001 finite numbers")
     return dict(section)
+
+
+def threshold_for(section: dict[str, Any], tpr: float) -> float:
+    """The threshold that accepts the share ``tpr`` of the model's val images: the stored one at
+    the TPR it was set at, else read from the val scores' stored percentiles (interpolated).
+
+    Example:
+        >>> threshold_for({"threshold": 0.5, "tpr": 0.95, "val_quantiles": [0.0, 1.0, 2.0]}, 0.75)
+        0.5
+    """
+    if not 0.0 < tpr <= 1.0:
+        raise ConfigError(f"--threshold-tpr must be in (0, 1], got {tpr}")
+    if abs(tpr - float(section["tpr"])) < 1e-9:
+        return float(section["threshold"])
+    quantiles = section.get("val_quantiles")
+    if not quantiles:
+        raise ConfigError("this model's card keeps no val score percentiles: retrain it to move its threshold")
+    levels = [i / (len(quantiles) - 1) for i in range(len(quantiles))]
+    return float(np.interp(1.0 - tpr, levels, quantiles))
 
 
 def save_score(directory: str | Path, score: UnknownScore) -> None:

@@ -69,6 +69,10 @@ class PredictOptions(LoaderOptions):
                                      check=_probability)
     label_delim: str = option(" ", "multi-label models: separator of the labels in the CSV's labels column "
                                    "(a space)", metavar="SEP")
+    threshold_tpr: float | None = option(None, "answer 'unknown' below the unknown-score that accepts this share "
+                                               "of the model's known val images (default: the threshold set at "
+                                               "training, 0.95)", metavar="X",
+                                         check=(lambda v: v is None or 0 < v <= 1, "must be in (0, 1]"))
 
     @property
     def streams_csv(self) -> bool:
@@ -131,9 +135,10 @@ def predict(model: str | os.PathLike, inputs: Sequence[str], log: Callable[[str]
     files = expand_inputs([str(i) for i in inputs])
     if not files:
         raise ConfigError(f"no input files found in {list(inputs)}")
-    if opts.explain or opts.threshold is not None or opts.reject_below is not None:
+    if opts.explain or opts.threshold is not None or opts.reject_below is not None or opts.threshold_tpr is not None:
         reference = Classifier.load(model, precision="32")  # eager fp32: what Grad-CAM differentiates
         reference.decision_thresholds(opts.reject_below, opts.threshold)  # refused before any output file
+        reference.move_unknown_threshold(opts.threshold_tpr)
         if opts.explain:
             cam_dir = (Path(opts.out).parent if opts.out else Path(".")) / "gradcam"
             written = explain(reference, files, cam_dir)
@@ -144,9 +149,10 @@ def predict(model: str | os.PathLike, inputs: Sequence[str], log: Callable[[str]
     if opts.streams_csv:
         n, bad = predict_to_csv(str(model), files, Path(opts.out), opts.top_k, opts.batch_size, opts.workers,
                                 opts.precision, opts.reject_below, opts.resume, opts.processes, opts.threshold,
-                                opts.label_delim, opts.csv_safe, backend=backend)
+                                opts.label_delim, opts.csv_safe, backend=backend, unknown_tpr=opts.threshold_tpr)
         return Predictions(None, n - bad, bad, opts.out)
     clf = Classifier.load(model, precision=opts.precision, backend=opts.backend)
+    clf.move_unknown_threshold(opts.threshold_tpr)
     rows = clf.predict(files, top_k=opts.top_k, batch_size=opts.batch_size, workers=opts.workers,
                        progress=sys.stderr.isatty(), reject_below=opts.reject_below, threshold=opts.threshold)
     bad = sum(1 for r in rows if r["error"])

@@ -173,6 +173,8 @@ def create_app(model: str | os.PathLike | Any, settings: ServeSettings | None = 
                 # on a decoding thread: its lower priority (--nice) passes to the runtime's own threads
                 state.decoders, lambda: load_classifier(model, settings.precision, None, settings.backend))
             clf.decision_thresholds(settings.reject_below)  # --reject-below on a multi-label model: said here
+            if settings.threshold_tpr is not None:
+                clf.move_unknown_threshold(settings.threshold_tpr)
             batcher = Batcher(clf.outputs, settings.max_batch, settings.max_wait_ms, settings.max_queue,
                               settings.niceness)
             if settings.warmup:

@@ -58,6 +58,10 @@ class ServeSettings(CommandOptions):
     precision: str = option("auto", "inference precision", choices=PRECISIONS)
     reject_below: float | None = option(None, "label 'unknown' when the (calibrated) top probability is below P",
                                         metavar="P", check=(lambda v: v is None or 0 <= v <= 1, "must be in [0, 1]"))
+    threshold_tpr: float | None = option(None, "answer 'unknown' below the unknown-score that accepts this share of "
+                                               "the model's known val images (default: the threshold set at "
+                                               "training)", metavar="X",
+                                         check=(lambda v: v is None or 0 < v <= 1, "must be in (0, 1]"))
     warmup: bool = option(True, "run one batch before accepting requests (the first answers are not slow)")
     # the model's name in the Open Inference Protocol's URLs (/v2/models/NAME/infer): fixed, so that
     # client code keeps working when the server is given a newly trained model

@@ -50,6 +50,7 @@ FOLDS = 5                 # class splits of the selection
 HELD_OUT_SHARE = 0.4      # classes a fold holds out (at least 1; at least 2 stay known where there are 3+)
 MAX_STATS_IMAGES = MAX_BANK  # training images the statistics are fitted on (per class as even as the data allows)
 MAX_VAL_IMAGES = 5000     # validation images the selection and the threshold use
+QUANTILES = 101           # percentiles of the val scores kept in the card
 SHRINKAGE = 1e-3          # share of the mean variance added to the covariance's diagonal (a singular one inverts)
 
 
@@ -227,7 +228,10 @@ def fit_unknown(clf: Classifier, train: list[Sample], val: list[Sample], tpr: fl
     measured = {"selection": {"method": "classes held out of the statistics (cross-validation over classes)"
                               if table else "none (multi-label: knn)", "candidates": table},
                 "fitted_on": {"train_images": len(tr_f), "val_images": len(va_f)},
-                "val_accepted": round(float((known >= threshold).mean()), 4)}
+                "val_accepted": round(float((known >= threshold).mean()), 4),
+                # the val scores' percentiles 0..100: a user moves the threshold to another TPR with them
+                "val_quantiles": [float(q) for q in np.quantile(known.astype(np.float64),
+                                                                np.linspace(0, 1, QUANTILES))]}
     return FittedUnknown(score.eval(), card_section(score, threshold, tpr, measured), time.perf_counter() - started)
 
 
