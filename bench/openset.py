@@ -176,7 +176,7 @@ def report(card: dict, results: dict, table: list[dict], flags: str, command: st
            train_s: float | None) -> str:
     """The results as the "Open-set rejection" section of RESULTS.md."""
     u = card["unknown"]
-    lines = [SECTION, "", f"Machine: {machine()}; CPU flags: {flags}", "", f"Command: `{command}`", "",
+    lines = [SECTION, "", f"Machine: {machine()} (CPU flags: {flags})", "", f"Command: `{command}`", "",
              "CIFAR-10, 6 known classes (automobile, cat, deer, dog, horse, ship), 24,000 training images; "
              "near-unknowns: the 4,000 carved test images of airplane, bird, frog and truck (never trained on); "
              "far-unknowns: the 245 ants and bees photos (hymenoptera). Known: the 6,000 carved test images.", "",
