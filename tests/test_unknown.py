@@ -249,3 +249,20 @@ def test_report_shows_the_unknown_images_it_would_accept(trained_run, tmp_path, 
     section = section[:section.index("</section>")]
     assert "AUROC" in section and "Unknown images most like the training images" in section
     assert section.count("<figure") >= 6  # the 6 unknown images, and the least typical known ones
+
+
+def test_the_score_runs_in_float32_under_bf16_autocast():
+    """A bf16 network's features feed a float32 score: the distances keep their digits."""
+    from visiontune.models.unknown import ScoredModel
+
+    f, z, y, _ = clusters()
+    score = fit_score("mahalanobis", f, y, logits_width=5)
+    net = torch.nn.Sequential(torch.nn.Identity())
+    net.add_module("head", torch.nn.Linear(8, 5))
+    scored = ScoredModel(net, "head", score).eval()
+    with torch.no_grad():
+        reference = scored(f)[:, -1]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = scored(f)[:, -1]
+    assert low.dtype == torch.float32
+    assert torch.allclose(low, reference, rtol=1e-5, atol=1e-5)

@@ -228,7 +228,11 @@ class ScoredModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features, logits = features_and_logits(self.model, self.classifier, x, self.tta)
-        return torch.cat([logits, self.score(features, logits)[:, None]], dim=1)
+        # the score in float32 whatever the network ran at: under bf16 autocast its distances keep
+        # three digits, and the threshold was set on float32 scores
+        with torch.autocast(x.device.type, enabled=False):
+            score = self.score(features.float(), logits.float())
+        return torch.cat([logits, score[:, None]], dim=1)
 
 
 def classifier_width(model: nn.Module, classifier: str) -> int:
