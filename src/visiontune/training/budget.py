@@ -43,6 +43,7 @@ from ..data.preprocess import Preprocessing, resize
 from ..models.factory import fit_input_size
 from .config import TrainConfig, duration_seconds, no_budget
 from .probe_selection import selection_seconds
+from .unknown import MAX_STATS_IMAGES, MAX_VAL_IMAGES
 
 # What the planner trades off (measured on CIFAR-10 and hymenoptera, see bench/RESULTS.md):
 MIN_FINETUNE_EPOCHS = 3      # epochs (incl. the head's warm-up) below which a probe on cached features wins
@@ -51,6 +52,9 @@ SMALL_DATA = 2000            # up to this many training images, probes are chose
 MAX_UPSCALE = 4              # inputs beyond 4x the images' own size add cost, not detail
 SAFETY = 0.06                # share of the budget kept for what no probe sees (imports, disk)
 FINISH_FIXED_S = 12.0        # report: galleries, Grad-CAM, plots (measured 6-10 s)
+# the unknown-score's fit (training/unknown.py): the images it reads, and its selection per image
+UNKNOWN_TRAIN_IMAGES, UNKNOWN_VAL_IMAGES = MAX_STATS_IMAGES, MAX_VAL_IMAGES
+UNKNOWN_SELECTION_S_PER_IMAGE = 0.001  # 9 s for 8,896 images of 1,280 features (CIFAR-10, 6 classes)
 SIZE_STEPS = (32, 48, 64, 96, 128, 160, 192, 224, 256, 288)
 # a pretrained network fine-tuned below this side sees its last stage's map shrink to one pixel (ImageNet
 # backbones stride 32): on CIFAR-10 in 15 min on an AVX2 CPU, fine-tuning at 32 px (1.5 epochs before the
@@ -133,6 +137,8 @@ class Facts:
         in_memory: whether the images fit in memory for fine-tuning (decoded once); if not, every epoch
             reads and decodes them again, and each epoch pays for it.
         num_classes: classes of the data (a small-data probe's cross-validation fits one model per class).
+        unknown: whether the run ends by fitting an unknown-score (``--no-unknown``: not), which the
+            finish pays for (:func:`unknown_seconds`).
     """
 
     budget: float
@@ -148,6 +154,7 @@ class Facts:
     processes: int = 1
     in_memory: bool = True
     num_classes: int = 2
+    unknown: bool = True
 
     @property
     def steps_per_epoch(self) -> int:
@@ -334,13 +341,23 @@ def epoch_seconds(size: Throughput, n_train: int, n_val: int, tta: bool = False,
     return n_train / size.train + (2 if tta else 1) * n_val / size.infer + (n_train + n_val) * decode_s
 
 
+def unknown_seconds(size: Throughput, n_train: int, n_val: int, decode_s: float = 0.0, tta: bool = False) -> float:
+    """The unknown-score's fit at the end of a run (:mod:`visiontune.training.unknown`): features of
+    up to its share of the training and val images, and the selection's fits on them (CIFAR-10 at
+    96 px on a 2-core CPU: 8,896 images, 34.5 s, of which the selection 9 s)."""
+    images = min(n_train, UNKNOWN_TRAIN_IMAGES) + min(n_val, UNKNOWN_VAL_IMAGES)
+    return images * ((2 if tta else 1) / size.infer + decode_s + UNKNOWN_SELECTION_S_PER_IMAGE)
+
+
 def phase_costs(size: Throughput, n_train: int, n_val: int, n_test: int, epochs: int, warmup_epochs: int,
-                finetune: bool, decode_s: float = 0.0, tta: bool = False, in_memory: bool = True) -> dict[str, float]:
+                finetune: bool, decode_s: float = 0.0, tta: bool = False, in_memory: bool = True,
+                unknown: bool = True) -> dict[str, float]:
     """Projected seconds of each phase at one input size.
 
     ``decode_s``: seconds to read and decode one image (measured); ``tta``: every evaluation
     pass runs two views. Fine-tuning decodes the images into memory once (``load``), or, when they
-    do not fit (``in_memory`` False), again in every epoch.
+    do not fit (``in_memory`` False), again in every epoch. ``unknown``: the finish fits the
+    unknown-score (:func:`unknown_seconds`).
     """
     views = 2 if tta else 1
     load = (n_train + n_val) * decode_s if finetune and epochs > warmup_epochs and in_memory else 0.0
@@ -348,6 +365,8 @@ def phase_costs(size: Throughput, n_train: int, n_val: int, n_test: int, epochs:
     train = ((epochs - warmup_epochs) * epoch_seconds(size, n_train, n_val, tta, 0.0 if in_memory else decode_s)
              if finetune else 0.0)  # a probe's measurements have no training speed
     finish = (2 * n_val + n_test) * (views / size.infer + decode_s) + FINISH_FIXED_S
+    if unknown and n_val:  # without val images there is no threshold to set, and no fit
+        finish += unknown_seconds(size, n_train, n_val, decode_s, tta)
     return {"load": load, "features": features, "train": train, "finish": finish}
 
 
@@ -405,7 +424,7 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
 
     def costs(t: Throughput, epochs: int, finetune: bool) -> dict[str, float]:
         return {"start": elapsed, **phase_costs(t, n_train, n_val, n_test, epochs, min(warmup, epochs) if finetune
-                                                 else 0, finetune, decode_s, tta, in_memory)}
+                                                 else 0, finetune, decode_s, tta, in_memory, facts.unknown)}
 
     # several processes train the network on images (a head on cached features is one process's job)
     if facts.processes > 1 and strategy is None:

@@ -188,7 +188,7 @@ def plan_budget(cfg: TrainConfig, model, pre: Preprocessing, splits: Splits, def
     facts = Facts(budget, len(splits.train), len(splits.val), native, default_side, throughputs,
                   elapsed=time.time() - started, n_test=len(splits.test), decode_s=decode_s,
                   batch_size=cfg.optim.batch_size, processes=processes, in_memory=in_memory,
-                  num_classes=len(splits.class_names))
+                  num_classes=len(splits.class_names), unknown=cfg.model.unknown)
     plan = plan_run(facts, fixed)
     print(plan.describe(), flush=True)
     return plan
