@@ -225,8 +225,9 @@ def fit_unknown(clf: Classifier, train: list[Sample], val: list[Sample], tpr: fl
     with torch.no_grad():
         known = score(va_f, va_z).numpy()
     threshold = threshold_at(known, tpr)
-    measured = {"selection": {"method": "classes held out of the statistics (cross-validation over classes)"
-                              if table else "none (multi-label: knn)", "candidates": table},
+    method = ("classes held out of the statistics (cross-validation over classes)" if table
+              else "none (multi-label: knn)" if multi else "none (no fold had known and held-out val images): knn")
+    measured = {"selection": {"method": method, "candidates": table},
                 "fitted_on": {"train_images": len(tr_f), "val_images": len(va_f)},
                 "val_accepted": round(float((known >= threshold).mean()), 4),
                 # the val scores' percentiles 0..100: a user moves the threshold to another TPR with them
