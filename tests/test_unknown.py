@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,6 +73,36 @@ def test_selection_holds_classes_out_and_ranks_every_candidate():
     assert all(0.0 <= row["auroc"] <= 1.0 and row["folds"] == 5 for row in table)
 
 
+def test_a_two_class_selection_measures_the_feature_scores():
+    """Holding one of two classes out leaves one: no head to refit, so only the feature scores are
+    measured (the logit scores of one class say nothing)."""
+    f, z, y, _ = clusters(classes=2)
+    val = clusters(n_per_class=15, classes=2, seed=1)
+    table = select((f, z, y), val[:3], temperature=1.0)
+    assert {row["score"] for row in table} == {"mahalanobis", "knn"}
+    assert all(row["folds"] == 2 for row in table)
+
+
+def test_a_graph_whose_outputs_and_metadata_disagree_is_refused(trained_run, tmp_path):
+    """An exported graph is untrusted: an unknown_score output without its threshold in the
+    metadata (or the reverse) is refused with the remedy, not silently half-used."""
+    import onnx
+
+    from visiontune.core.errors import ExportError
+    from visiontune.export.exporter import export_model
+
+    path = Path(export_model(trained_run[0].run_dir, "onnx", dynamic_batch=True,
+                             out=tmp_path / "g" / "model.onnx")["file"])
+    (path.parent / "model.json").unlink()  # the graph's own metadata decides
+    graph = onnx.load(str(path))
+    kept = [p for p in graph.metadata_props if p.key != "unknown"]
+    del graph.metadata_props[:]
+    graph.metadata_props.extend(kept)
+    onnx.save(graph, str(path))
+    with pytest.raises(ExportError, match="no threshold in its metadata"):
+        visiontune.load(path)
+
+
 def test_statistics_files_are_checked_before_use(tmp_path):
     f, z, y, _ = clusters()
     score = fit_score("mahalanobis", f, y, logits_width=5)
@@ -85,8 +116,13 @@ def test_statistics_files_are_checked_before_use(tmp_path):
         load_score(tmp_path, {**section, "score": "knn"}, 5, 8)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / UNKNOWN_FILE).symlink_to(tmp_path / UNKNOWN_FILE)
-    with pytest.raises(ArtifactError, match="missing"):
+    with pytest.raises(ArtifactError, match="is a link"):
         load_score(tmp_path / "other", section, 5, 8)  # a link is never read
+    with pytest.raises(ArtifactError, match="missing"):
+        load_score(tmp_path / "nothing", section, 5, 8)
+    save_score(tmp_path, fit_score("mahalanobis", f, torch.arange(len(f)) % 5, logits_width=5))
+    with pytest.raises(ArtifactError, match="do not belong together"):
+        load_score(tmp_path, section, 3, 8)  # 5 class means for a 3-class model
     save_score(tmp_path, fit_score("knn", f * float("nan"), None, 5))
     with pytest.raises(ArtifactError, match="non-finite"):
         load_score(tmp_path, {**section, "score": "knn"}, 5, 8)
@@ -138,6 +174,9 @@ def test_training_fits_a_score_and_every_surface_decides_alike(trained_run, tmp_
     decisions = [r["unknown"] for r in api]
     assert all((r["label"] == "unknown") == r["unknown"] for r in api)
     assert all(r["unknown"] == (r["unknown_score"] < threshold) for r in api)
+    known_rows, odd_rows = api[:-len(odd)], api[-len(odd):]
+    assert sum(r["unknown"] for r in odd_rows) >= 1  # noise and stripes are like no training image
+    assert sum(not r["unknown"] for r in known_rows) >= len(known_rows) / 2  # training images mostly accepted
 
     exported = export_model(run.run_dir, "onnx", dynamic_batch=True, out=tmp_path / "onnx" / "model.onnx")
     assert exported["passed"] and exported["unknown_agreement"] >= 0.995  # the export's own parity check

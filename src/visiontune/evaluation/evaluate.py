@@ -67,9 +67,13 @@ def evaluate(model: str | os.PathLike | Classifier, data: str | os.PathLike, bat
     if unknown is not None and not unknown_files:
         raise ConfigError(f"--unknown {unknown}: no images found there")
     samples, skipped = discover_eval(data, clf.class_names, clf.task, label_delim)
-    result = evaluate_samples(clf, samples, batch_size, workers, keep_predictions=save)
-    if unknown is not None:
-        result["unknown"] = unknown_of(clf, samples, unknown_files, batch_size, workers)
+    if unknown is None:
+        result = evaluate_samples(clf, samples, batch_size, workers, keep_predictions=save)
+    else:  # one pass over the known images gives the metrics and their unknown-scores
+        outputs, ok, _ = clf.outputs_of([p for p, _ in samples], batch_size, workers)
+        result = metrics_of_logits(clf.split(outputs)[0], ok, samples, clf.class_names, clf.task, clf.temperature,
+                                   clf.card.thresholds, save)
+        result["unknown"] = unknown_of(clf, samples, unknown_files, batch_size, workers, known=(outputs, ok))
     result["skipped"] = [{"path": p, "reason": r} for p, r in skipped]
     if save:
         predictions = result.pop("predictions")
@@ -78,15 +82,17 @@ def evaluate(model: str | os.PathLike | Classifier, data: str | os.PathLike, bat
 
 
 def unknown_of(clf: Classifier, samples: list[Sample], unknown_files: list[str], batch_size: int = 64,
-               workers: int | None = None) -> dict[str, Any]:
-    """:func:`unknown_metrics` of ``clf`` on known ``samples`` and ``unknown_files``."""
-    outputs, ok, _ = clf.outputs_of([p for p, _ in samples], batch_size, workers)
+               workers: int | None = None, known: tuple[torch.Tensor, torch.Tensor] | None = None,
+               strangers: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
+    """:func:`unknown_metrics` of ``clf`` on known ``samples`` and ``unknown_files``; ``known`` and
+    ``strangers``: their :meth:`~Classifier.outputs_of` (outputs, readable mask) when the caller has them."""
+    outputs, ok = known if known is not None else clf.outputs_of([p for p, _ in samples], batch_size, workers)[:2]
     logits, scores = clf.split(outputs[ok])
     correct = None
     if clf.task.name == "single":
         target = clf.task.targets([y for _, y in samples], len(clf.class_names))[ok]
         correct = (logits.argmax(-1) == target).numpy()
-    unk, unk_ok, _ = clf.outputs_of(unknown_files, batch_size, workers)
+    unk, unk_ok = strangers if strangers is not None else clf.outputs_of(unknown_files, batch_size, workers)[:2]
     return unknown_metrics(scores.numpy(), correct, clf.split(unk[unk_ok])[1].numpy(), clf.unknown_threshold)
 
 

@@ -144,9 +144,9 @@ def _unknown_section(clf: Classifier, samples: list, unknown: str | os.PathLike,
         why = "the model has no unknown-score (trained with --no-unknown)" if clf.unknown_threshold is None \
             else f"no images found in {unknown}"
         return f'<p class="muted">{html.escape(why)}</p>'
-    measured = unknown_of(clf, samples, files, batch_size, workers)
     known_out, known_ok, _ = clf.outputs_of([p for p, _ in samples], batch_size, workers)
     unk_out, unk_ok, _ = clf.outputs_of(files, batch_size, workers)
+    measured = unknown_of(clf, samples, files, known=(known_out, known_ok), strangers=(unk_out, unk_ok))
     known = sorted(zip(clf.split(known_out[known_ok])[1].tolist(), [p for (p, _), g in zip(samples, known_ok) if g]))
     accepted = sorted(zip(clf.split(unk_out[unk_ok])[1].tolist(), [f for f, g in zip(files, unk_ok) if g]),
                       reverse=True)

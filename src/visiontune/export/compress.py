@@ -183,6 +183,9 @@ def compress(model_path: str | os.PathLike, quantize: str | None = None, prune: 
     if prune is not None:
         check_prune_args(prune, prune_steps, recovery_lr, finetune_epochs)
     model, card = load_model(model_path)
+    # the variants carry no unknown-score: int8 would quantize its statistics (clipped to the ranges
+    # of known images) and pruning changes the features they describe; neither is measured yet
+    card = card.replace(unknown=None)
     if prune is not None:
         check_prunable(model, card)
     out = Path(out) if out else RunLayout.of_model_dir(card.model_dir).root / "compress"

@@ -93,10 +93,16 @@ def input_shape(card: ModelCard) -> tuple[int, int, int]:
     return card.preprocessing.input_size
 
 
+SCORED_FORMATS = ("onnx", "openvino", "torchscript")  # the graphs that compute the unknown-score inside
+
+
 def export_card(card: ModelCard, fmt: str, file_name: str, **extra: Any) -> ModelCard:
-    """The card of an exported file: the source card plus an ``export`` section."""
-    return card.replace(export={"format": fmt, "file": file_name, "input": input_doc(extra.get("input_dtype")),
-                                "outputs": ["logits", "probabilities"] + (["unknown_score"] if card.unknown else []),
+    """The card of an exported file: the source card plus an ``export`` section (the unknown-score's
+    section only for a format that computes it: an hf folder holds the weights alone)."""
+    scored = bool(card.unknown) and fmt in SCORED_FORMATS
+    return card.replace(unknown=card.unknown if scored else None,
+                        export={"format": fmt, "file": file_name, "input": input_doc(extra.get("input_dtype")),
+                                "outputs": ["logits", "probabilities"] + (["unknown_score"] if scored else []),
                                 "temperature": card.temperature,
                                 "probabilities": card.task.activation,
                                 "visiontune_version": __version__, **extra})
@@ -122,6 +128,6 @@ def graph_metadata(card: ModelCard, input_dtype: str = "float32") -> dict[str, s
         "task": card.task.name,
         **{key: json.dumps(value) for key, value in inference.items() if key != "task"},
         # the unknown-score's kind and threshold: an image scoring below it is of no known class
-        **({"unknown": json.dumps({k: card.unknown[k] for k in ("score", "threshold", "tpr")})}
-           if card.unknown else {}),
+        **({"unknown": json.dumps({k: card.unknown[k] for k in ("score", "threshold", "tpr", "val_quantiles")
+                                   if k in card.unknown})} if card.unknown else {}),
     }

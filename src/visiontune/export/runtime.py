@@ -45,8 +45,9 @@ from ..inference.graph_files import entry_mode
 from ..inference.runners import TorchRunner, is_graph
 from ..models.artifact import WEIGHTS_FILE, check_weights, load_model, read_card, resolve_model_dir
 from ..models.card import ModelCard
+from ..models.unknown import classifier_width, load_score
 from .onnx_export import export_onnx
-from .parity import compare_logits, eager_logits, parity_problems
+from .parity import compare_logits, eager_logits, parity_problems, unknown_parity
 from .samples import parity_batch
 from .variants import Logits, onnx_runner, openvino_runner, tile, time_per_call
 
@@ -168,21 +169,31 @@ def _measure(model: torch.nn.Module, card: ModelCard, precision: str, stage: Pat
     batch, source = parity_batch(card, None, TIMING_BATCH)
     reference = eager_logits(model, batch, tta=card.tta)
     timed = tile(batch.numpy(), TIMING_BATCH)
-    eager = TorchRunner(model, precision, card.preprocessing.height, card.tta)
+    # eager is timed as it predicts: with the unknown-score, which the graphs compute too
+    score = (load_score(card.model_dir, card.unknown, card.num_classes,
+                        classifier_width(model, card.architecture.classifier), card.temperature)
+             if card.unknown and card.model_dir is not None and card.architecture is not None else None)
+    eager = TorchRunner(model, precision, card.preprocessing.height, card.tta, score,
+                        card.architecture.classifier if score is not None else "")
+    network = eager.model.model if score is not None else eager.model  # the network itself, for the export
     runs: dict[str, Logits] = {"eager": lambda b: eager(torch.from_numpy(b)).numpy()}
     parity: dict[str, Any] = {}
     problems: dict[str, str] = {}
-    onnx_path = export_onnx(model.float(), card, stage / GRAPH_FILES["onnxruntime"], dynamic_batch=True)
+    onnx_path = export_onnx(network.float(), card, stage / GRAPH_FILES["onnxruntime"], dynamic_batch=True)
     runs["onnxruntime"] = onnx_runner(onnx_path)
+    graphs = {"onnxruntime": onnx_path}
     try:
         from .openvino_export import onnx_to_openvino  # OpenVINO is optional: ORT alone then
 
-        runs["openvino"] = openvino_runner(onnx_to_openvino(onnx_path, stage / GRAPH_FILES["openvino"]))
+        graphs["openvino"] = onnx_to_openvino(onnx_path, stage / GRAPH_FILES["openvino"])
+        runs["openvino"] = openvino_runner(graphs["openvino"])
     except Exception as exc:
         problems["openvino"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     verified = []
     for name in [n for n in runs if n != "eager"]:
-        parity[name] = compare_logits(reference, runs[name](batch.numpy()), card)
+        # the logits, and the unknown decisions the graph's own score makes (predict and serve use them)
+        parity[name] = {**compare_logits(reference, runs[name](batch.numpy()), card),
+                        **unknown_parity(network, card, graphs[name], batch)}
         failed = parity_problems(parity[name])
         if failed:
             problems[name] = "; ".join(failed)

@@ -218,8 +218,8 @@ def card_from_metadata(path: Path, props: dict[str, str], fmt: str) -> ModelCard
     if "unknown" in props:
         try:
             values["unknown"] = json.loads(props["unknown"])
-        except ValueError as exc:
-            raise ExportError(f"{path}: unreadable visiontune metadata ({exc})") from None
+        except (ValueError, RecursionError) as exc:
+            raise ExportError(f"{path}: unreadable visiontune metadata ({str(exc)[:200]})") from None
     try:
         return ModelCard.from_dict(values, str(path), require_architecture=False)
     except ArtifactError as exc:
@@ -237,6 +237,14 @@ def check_graph_io(path: Path, card: ModelCard, outputs: dict[str, Any], shape: 
     preprocessing makes (NCHW float, or NHWC pixels for ``export --input-dtype uint8``)."""
     if "logits" not in outputs:
         raise ExportError(f"{path} has no 'logits' output; it was not exported by visiontune")
+    if ("unknown_score" in outputs) != bool(card.unknown):
+        raise ExportError(f"{path}: its " + ("unknown_score output has no threshold in its metadata"
+                                             if "unknown_score" in outputs else
+                                             "metadata names an unknown-score but it has no unknown_score output")
+                          + "; export the model again with `visiontune export`")
+    if "unknown_score" in outputs and len(list(outputs["unknown_score"])) != 1:
+        raise ExportError(f"{path}: its unknown_score output has shape {list(outputs['unknown_score'])}, not one "
+                          "value per image; export the model again with `visiontune export`")
     width = list(outputs["logits"])[-1] if len(outputs["logits"]) else None
     if isinstance(width, int) and width != card.num_classes:
         raise ExportError(f"{path} outputs {width} classes but its metadata names {card.num_classes}")

@@ -161,16 +161,23 @@ def load_score(directory: str | Path, section: dict[str, Any], num_classes: int,
     only the tensors ``section['score']`` has, of the shapes this classifier gives them."""
     path = Path(directory) / UNKNOWN_FILE
     kind = section["score"]
-    if not path.is_file() or path.is_symlink():
+    if path.is_symlink():
+        raise ArtifactError(f"{path} is a link; a model folder's files are read only as real files: copy the "
+                            "file itself into the folder")
+    if not path.is_file():
         raise ArtifactError(f"{path} is missing (model.json names an unknown-score); copy the whole model "
                             "folder, or retrain")
     expected = _shapes(kind, num_classes, dim)
     try:
         with safe_open(str(path), framework="pt") as fh:
             shapes = {name: list(fh.get_slice(name).get_shape()) for name in fh.keys()}
+            dtypes = {name: fh.get_slice(name).get_dtype() for name in fh.keys()}
     except Exception as exc:
         raise ArtifactError(f"{path} is not a valid safetensors file: {exc}") from None
-    if set(shapes) != set(expected) or any(not _fits(shapes[k], expected[k]) for k in expected):
+    if any(d != "F32" for d in dtypes.values()):
+        raise ArtifactError(f"{path} holds tensors that are not float32 ({dtypes}); visiontune writes float32")
+    if set(shapes) != set(expected) or any(not _fits(shapes[k], expected[k]) for k in expected) or (
+            "means" in shapes and shapes["means"][0] not in (1, num_classes)):
         raise ArtifactError(f"{path} does not hold the {kind} statistics of a {num_classes}-class model with "
                             f"{dim} features (found {shapes}); the files do not belong together")
     state = load_file(str(path), device="cpu")

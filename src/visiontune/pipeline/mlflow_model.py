@@ -65,7 +65,8 @@ class VisiontuneModel(mlflow.pyfunc.PythonModel):
         rows = self.clf.predict([b"" if i in refused else x for i, x in enumerate(inputs)], top_k=top_k)
         for i in refused:  # an error row like an unreadable image's, naming the remedy
             rows[i].update(path=inputs[i], error=PATHS_OFF)
-        return prediction_frame(rows, min(top_k, len(self.clf.class_names)), self.clf.class_names, self.clf.task)
+        return prediction_frame(rows, min(top_k, len(self.clf.class_names)), self.clf.class_names, self.clf.task,
+                                self.clf.unknown_threshold is not None)
 
 
 def _inputs(model_input: Any) -> list[bytes | str]:
@@ -85,10 +86,10 @@ def _given(value: Any) -> bool:
     return value is not None and not (isinstance(value, float) and math.isnan(value)) and str(value) != ""
 
 
-def prediction_frame(rows: list[dict[str, Any]], k: int, class_names: list[str], task: Task) -> pd.DataFrame:
-    """The ``task``'s prediction rows as the predictions CSV's table, probabilities (and the
-    unknown-score, when the model has one) as floats (NaN where empty)."""
-    unknown = any("unknown" in row for row in rows)
+def prediction_frame(rows: list[dict[str, Any]], k: int, class_names: list[str], task: Task,
+                     unknown: bool = False) -> pd.DataFrame:
+    """The ``task``'s prediction rows as the predictions CSV's table, probabilities (and, for a model
+    with an unknown-score, ``unknown`` and ``unknown_score``) as floats (NaN where empty)."""
     header = csv_header(k, class_names, task=task, unknown=unknown)
     numeric = {h for h in header if h in ("probability", "unknown_score") or h.endswith("_probability")
                or h.startswith("p_")}

@@ -123,7 +123,8 @@ def fpr_at_tpr(known: np.ndarray, unknown: np.ndarray, tpr: float = DEFAULT_TPR)
 
 
 def class_folds(num_classes: int, seed: int = 0) -> list[list[int]]:
-    """The held-out classes of each fold: every class alone for 2 classes, else :data:`FOLDS` random
+    """The held-out classes of each fold: every class alone for 2 classes (so only the feature
+    scores can be measured: one kept class has no logits to compare), else :data:`FOLDS` random
     draws of :data:`HELD_OUT_SHARE` of them (at least 2 kept)."""
     if num_classes < 2:
         return []
@@ -156,11 +157,14 @@ def select(train: tuple[torch.Tensor, torch.Tensor, torch.Tensor], val: tuple[to
         remap = torch.full((num_classes,), -1, dtype=torch.long)
         remap[kept] = torch.arange(len(kept))
         targets = remap[train[2][keep_train]]
-        logits = refit_head(train[0][keep_train], targets, val[0], seed)
+        # one kept class (a 2-class model's folds) has no head to refit: only the feature scores are measured
+        logits = refit_head(train[0][keep_train], targets, val[0], seed) if len(kept) > 1 else None
         for kind in results:
+            if logits is None and kind not in FEATURE_SCORES:
+                continue
             score = fit_score(kind, train[0][keep_train], targets, len(kept), temperature, seed)
             with torch.no_grad():
-                s = score(val[0], logits).numpy()
+                s = score(val[0], logits if logits is not None else val[1][:, kept]).numpy()
             results[kind].append(auroc(s[known_val.numpy()], s[~known_val.numpy()]))
     table = [{"score": kind, "auroc": round(float(np.mean(v)), 4), "std": round(float(np.std(v)), 4),
               "folds": len(v)} for kind, v in results.items() if v]
