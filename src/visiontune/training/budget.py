@@ -18,8 +18,8 @@ Example:
     >>> facts = Facts(15 * 60, n_train=40_000, n_val=8_000, native_side=32, default_side=224,
     ...               throughputs=table, elapsed=20.0)
     >>> plan = plan_run(facts)
-    >>> plan.strategy, plan.img_size, plan.epochs, plan.max_steps  # 3 whole epochs fit, then 0.42 of a 4th
-    ('finetune', 96, 4, 3022)
+    >>> plan.strategy, plan.img_size, plan.epochs, plan.max_steps  # 3 whole epochs fit, then 0.32 of a 4th
+    ('finetune', 96, 4, 2897)
 """
 
 from __future__ import annotations
