@@ -152,14 +152,13 @@ def _unknown_section(clf: Classifier, samples: list, unknown: str | os.PathLike,
                       reverse=True)
     t = clf.unknown_threshold
 
-    def items(rows):
-        return [(uri, f"score {s:.4g}" + (" (accepted)" if s >= t else " (unknown)"), bad)
-                for (s, p), bad in ((row, row[0] >= t if rows is accepted else row[0] < t) for row in rows[:shown])
-                if (uri := rs.thumb_uri(p))]
+    def items(rows, known_images: bool):  # a wrong answer: an accepted unknown, a rejected known image
+        return [(uri, f"score {s:.4g}" + (" (accepted)" if s >= t else " (unknown)"), (s < t) == known_images)
+                for s, p in rows[:shown] if (uri := rs.thumb_uri(p))]
 
     return (f"<pre>{html.escape(format_unknown(measured))}</pre>"
-            f"<h3>Unknown images most like the training images</h3>{rs.gallery(items(accepted))}"
-            f"<h3>Known images least like the training images</h3>{rs.gallery(items(known))}")
+            f"<h3>Unknown images most like the training images</h3>{rs.gallery(items(accepted, False))}"
+            f"<h3>Known images least like the training images</h3>{rs.gallery(items(known, True))}")
 
 
 def _calibration(clf: Classifier, run_dir: Path, logits: torch.Tensor, target: torch.Tensor, on_val: bool,

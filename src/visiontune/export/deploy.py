@@ -23,7 +23,7 @@ from ..core.version import __version__
 from ..data.preprocess import Preprocessing
 from ..inference.runners import forward_logits
 from ..models.card import ModelCard
-from ..models.unknown import classifier_width, features_and_logits, load_score
+from ..models.unknown import features_and_logits, score_of
 from ..task import Task, get_task
 
 INPUT_DOC = ("float32 NCHW [batch, 3, H, W] at the model's input size, RGB, scaled to 0..1 then "
@@ -81,11 +81,7 @@ class DeployWrapper(nn.Module):
 def deploy_wrapper(model: nn.Module, card: ModelCard, normalise: Preprocessing | None = None) -> DeployWrapper:
     """The :class:`DeployWrapper` of ``model`` as ``card`` describes it: its task, temperature, flip
     averaging and, when the card names one, its unknown-score (read from the model folder)."""
-    score = None
-    if card.unknown and card.model_dir is not None and card.architecture is not None:
-        score = load_score(card.model_dir, card.unknown, card.num_classes,
-                           classifier_width(model, card.architecture.classifier), card.temperature)
-    return DeployWrapper(model, card.task, card.temperature, card.tta, normalise, score,
+    return DeployWrapper(model, card.task, card.temperature, card.tta, normalise, score_of(model, card),
                          card.architecture.classifier if card.architecture else "").eval()
 
 

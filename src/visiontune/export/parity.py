@@ -64,12 +64,11 @@ def unknown_parity(model: nn.Module, card: ModelCard, graph_file, batch: torch.T
     score difference relative to the largest score (at least 1). Empty for a model without a score
     or a format that carries none (TorchScript and hf are not read back here)."""
     from ..inference.runners import is_graph, load_graph
-    from ..models.unknown import ScoredModel, classifier_width, load_score
+    from ..models.unknown import ScoredModel, score_of
 
-    if not card.unknown or card.model_dir is None or not is_graph(graph_file):
+    score = score_of(model, card)
+    if score is None or not is_graph(graph_file):
         return {}
-    score = load_score(card.model_dir, card.unknown, card.num_classes,
-                       classifier_width(model, card.architecture.classifier), card.temperature)
     reference = ScoredModel(model.eval().float(), card.architecture.classifier, score, card.tta)(batch)[:, -1]
     runner, _ = load_graph(graph_file)
     if not getattr(runner, "scores", False):

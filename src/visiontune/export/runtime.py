@@ -45,7 +45,7 @@ from ..inference.graph_files import entry_mode
 from ..inference.runners import TorchRunner, is_graph
 from ..models.artifact import WEIGHTS_FILE, check_weights, load_model, read_card, resolve_model_dir
 from ..models.card import ModelCard
-from ..models.unknown import classifier_width, load_score
+from ..models.unknown import score_of
 from .onnx_export import export_onnx
 from .parity import compare_logits, eager_logits, parity_problems, unknown_parity
 from .samples import parity_batch
@@ -170,9 +170,7 @@ def _measure(model: torch.nn.Module, card: ModelCard, precision: str, stage: Pat
     reference = eager_logits(model, batch, tta=card.tta)
     timed = tile(batch.numpy(), TIMING_BATCH)
     # eager is timed as it predicts: with the unknown-score, which the graphs compute too
-    score = (load_score(card.model_dir, card.unknown, card.num_classes,
-                        classifier_width(model, card.architecture.classifier), card.temperature)
-             if card.unknown and card.model_dir is not None and card.architecture is not None else None)
+    score = score_of(model, card)
     eager = TorchRunner(model, precision, card.preprocessing.height, card.tta, score,
                         card.architecture.classifier if score is not None else "")
     network = eager.model.model if score is not None else eager.model  # the network itself, for the export

@@ -24,7 +24,7 @@ from ..data.image import is_image_path
 from ..data.transforms import eval_transform
 from ..models.artifact import load_model, read_card, resolve_model_dir
 from ..models.card import ModelCard
-from ..models.unknown import ScoredModel, classifier_width, features_and_logits, load_score, threshold_for
+from ..models.unknown import ScoredModel, classifier_width, features_and_logits, score_of, threshold_for
 from .accelerated import BACKENDS, accelerates, cached_runner
 from .rows import error_row, prediction_rows
 from .runners import TorchRunner, is_graph, load_graph
@@ -83,9 +83,7 @@ class Classifier:
                 if runner is not None:
                     return cls(runner, card)
         model, card = load_model(path)
-        score = load_score(card.model_dir, card.unknown, card.num_classes,
-                           classifier_width(model, card.architecture.classifier),
-                           card.temperature) if card.unknown else None
+        score = score_of(model, card)
         return cls(TorchRunner(model, precision, card.preprocessing.height, card.tta if tta is None else tta,
                                score, card.architecture.classifier), card)
 

@@ -190,6 +190,15 @@ def load_score(directory: str | Path, section: dict[str, Any], num_classes: int,
     return score.eval()
 
 
+def score_of(model: nn.Module, card: Any) -> UnknownScore | None:
+    """The unknown-score a model's card names, read from its folder for ``model`` (its classifier's
+    width), or None when the card names none (or is an exported graph's, with no folder or architecture)."""
+    if not card.unknown or card.model_dir is None or card.architecture is None:
+        return None
+    return load_score(card.model_dir, card.unknown, card.num_classes,
+                      classifier_width(model, card.architecture.classifier), card.temperature)
+
+
 def _shapes(kind: str, num_classes: int, dim: int) -> dict[str, list[int | None]]:
     """Expected tensor shapes (None: any size from 1 to its bound)."""
     if kind == "mahalanobis":
