@@ -24,6 +24,7 @@ from visiontune.training.budget import (
     parse_duration,
     plan_run,
     run_budget,
+    steps_that_fit,
 )
 from visiontune.training.config import TrainConfig
 from visiontune.training.setup import read_plan
@@ -343,3 +344,97 @@ def test_the_finish_pays_for_the_unknown_score_fit():
         assert with_score.projected["finish"] == pytest.approx(without.projected["finish"] + extra)
     assert plan_run(facts(30 * 60, n_val=0)).projected["finish"] == pytest.approx(
         plan_run(facts(30 * 60, n_val=0, unknown=False)).projected["finish"])
+
+
+def test_steps_that_fit_pays_for_each_validation_and_drops_a_sliver():
+    """The re-plan's arithmetic: every epoch end but the last pays for a validation; a last epoch
+    under a tenth is dropped; the epoch cap holds; nothing that fits leaves the steps run."""
+    assert steps_that_fit(100, 100, 1.0, 20.0, 260.0, 30) == 320  # 220 steps + 2 validations
+    assert steps_that_fit(100, 100, 1.0, 20.0, 125.0, 30) == 200  # 5 steps of a 3rd epoch: not worth it
+    assert steps_that_fit(100, 100, 1.0, 0.0, 10_000.0, 4) == 400  # the cap
+    assert steps_that_fit(100, 100, 1.0, 20.0, -5.0, 30) == 100  # past the deadline already
+
+
+class _Loop:
+    def __init__(self, max_steps: int):
+        self.max_epochs = 5
+        self.epoch_loop = type("EpochLoop", (), {"max_steps": max_steps})()
+
+
+class _Trainer:
+    """What :class:`Replan` reads of a Lightning trainer at an epoch's end."""
+
+    def __init__(self, done: int, spe: int, max_steps: int):
+        self.num_training_batches, self.global_step, self.should_stop = spe, done, False
+        self.world_size, self.global_rank, self.max_epochs = 1, 0, 5
+        self.fit_loop = _Loop(max_steps)
+
+
+class _Module:
+    def __init__(self):
+        self.lengths = []
+
+    def set_length(self, total: int, spe: int) -> None:
+        self.lengths.append((total, spe))
+
+
+def test_replan_shortens_a_run_slower_than_its_plan_and_keeps_one_that_fits(monkeypatch):
+    """After its first epoch a run planned for 5 epochs of 10 steps trains at 4 s per step with 10 s
+    of validation, and 100 s are left: 3 epochs fit, so the limit, the trainer, the schedule and the
+    recorded config all end there. A run whose plan still fits stays as it is. The clock is fixed."""
+    import visiontune.training.budget as budget
+    from visiontune.training.callbacks import StepLimit
+
+    monkeypatch.setattr(budget, "time", type("Clock", (), {"time": staticmethod(lambda: 1000.0),
+                                                             "perf_counter": staticmethod(time.perf_counter)}))
+    recorded = []
+
+    def record(steps, spe):
+        recorded.append((steps, spe))
+        return -(-steps // spe), steps % spe != 0
+
+    limit, module, trainer = StepLimit(50), _Module(), _Trainer(done=10, spe=10, max_steps=50)
+    replan = budget.Replan(budget.Deadline(1000.0 + 100 / (1 - budget.REPLAN_MARGIN), 0.0), limit, 30, record)
+    replan._train_s, replan._val_s = 40.0, 10.0
+    replan.on_train_epoch_end(trainer, module)
+    # 100 s: epoch 2's steps (40 s) and validation (10 s), epoch 3's steps (40 s) and validation (10 s)
+    assert limit.max_steps == trainer.fit_loop.epoch_loop.max_steps == 30 and trainer.fit_loop.max_epochs == 3
+    assert module.lengths == [(30, 10)] and recorded == [(30, 10)] and replan.changes == [(50, 30)]
+
+    limit, module, trainer = StepLimit(30), _Module(), _Trainer(done=10, spe=10, max_steps=30)
+    replan = budget.Replan(budget.Deadline(1000.0 + 100 / (1 - budget.REPLAN_MARGIN), 0.0), limit, 30, record)
+    replan._train_s, replan._val_s = 39.0, 10.0  # a second faster: still no step of a 4th epoch
+    replan.on_train_epoch_end(trainer, module)
+    assert limit.max_steps == 30 and module.lengths == [] and replan.changes == []
+
+
+def test_replan_lengthens_a_planned_run_that_has_time_left(shared_folder, tmp_path, capsys, monkeypatch):
+    """A planned fine-tune of 2 epochs whose hour is far from spent after its first epoch: the
+    re-plan lengthens it to the epoch cap (4 here), the run trains those epochs with the LR schedule
+    ending at its floor on the last step, config.yaml records the new length, and ``--resume``
+    of the finished run trains nothing more."""
+    import csv
+    import math
+
+    import torch
+
+    import visiontune
+    from visiontune.training.optim import MIN_LR_FACTOR
+
+    plan = Plan(3600.0, "finetune", 32, 2, 0, "none", "squash", {"train": 60.0})
+    monkeypatch.setattr("visiontune.training.setup.plan_budget", lambda *args, **kwargs: plan)
+    monkeypatch.setattr("visiontune.training.lightning_fit.MAX_EPOCHS", 4)  # the hour fits more: the cap decides
+    run = visiontune.train(shared_folder, run_dir=tmp_path / "run", time="1h", **FAST)
+    out = capsys.readouterr().out
+    assert "re-plan: an epoch took" in out and "now ends after 4 epoch(s)" in out
+    rows = list(csv.DictReader(open(run.run_dir / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    saved = TrainConfig.load(run.run_dir / "config.yaml")
+    assert (saved.optim.epochs, saved.optim.max_steps) == (4, None)
+    newest = max((run.run_dir / "checkpoints").glob("epoch*.ckpt"), key=lambda p: p.stat().st_mtime)
+    state = torch.load(newest, map_location="cpu", weights_only=True)
+    scheduler = state["lr_schedulers"][0]
+    assert state["global_step"] == scheduler["last_epoch"] and state["global_step"] % 4 == 0
+    assert math.isclose(scheduler["_last_lr"][0] / scheduler["base_lrs"][0], MIN_LR_FACTOR, rel_tol=1e-6)
+    visiontune.train(resume=str(run.run_dir))
+    assert list(csv.DictReader(open(run.run_dir / "metrics.csv"))) == rows

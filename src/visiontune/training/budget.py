@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from ..core.hardware import autocast, device, resolve_precision
@@ -540,6 +541,98 @@ class Deadline(Callback):
             epoch = trainer.current_epoch + self.epoch_offset + 1
             print(f"time budget: stopping in epoch {epoch} to leave time for the evaluation and the report (the "
                   "best epoch so far is kept)", flush=True)
+
+
+# a re-plan keeps this share of the time left unplanned: an epoch's speed varies by a few percent
+REPLAN_MARGIN = 0.03
+
+
+def steps_that_fit(done: int, steps_per_epoch: int, step_s: float, val_s: float, left: float,
+                   max_epochs: int) -> int:
+    """Optimizer steps of a fit (``done`` of them run, at an epoch's end) that end within ``left``
+    seconds, at ``step_s`` per step and ``val_s`` per validation, in at most ``max_epochs`` epochs.
+
+    Every epoch ends with a validation; the last one's is already reserved by the deadline (it
+    validates whatever epoch it stops), so ``left`` pays for the others. A last epoch shorter than
+    :data:`MIN_PARTIAL_EPOCH` is dropped: its validation would cost more than its steps buy.
+
+    Example:
+        >>> steps_that_fit(done=100, steps_per_epoch=100, step_s=1.0, val_s=20.0, left=260.0, max_epochs=30)
+        320
+        >>> steps_that_fit(done=100, steps_per_epoch=100, step_s=1.0, val_s=20.0, left=125.0, max_epochs=30)
+        200
+    """
+    first = done // steps_per_epoch
+    best = done
+    for epoch in range(first + 1, max_epochs + 1):
+        room = left - (epoch - first - 1) * val_s
+        steps = min(epoch * steps_per_epoch, done + int(room / step_s)) if room > 0 else 0
+        if steps - (epoch - 1) * steps_per_epoch < MIN_PARTIAL_EPOCH * steps_per_epoch:
+            break
+        best = steps
+        if steps < epoch * steps_per_epoch:
+            break
+    return best
+
+
+class Replan(Callback):
+    """Re-plan the run's length from its own speed, after each whole epoch on images.
+
+    The plan's step count came from a few seconds of measurement before training; the loop's real
+    speed differs (augmentation, validation, a warm or busy machine: 62-69 img/s against a probe's
+    58 on CIFAR-10, so a planned hour ended at 78%). After each epoch the steps that fit before the
+    deadline are projected from that epoch's training and validation seconds
+    (:func:`steps_that_fit`, keeping :data:`REPLAN_MARGIN` of the time left), and when they differ
+    from the current length by more than a tenth of an epoch, the length changes: the step limit,
+    the trainer's epochs and steps, and the LR schedule (``set_length``), which then ends at the
+    new last step. ``on_change(epochs, max_steps)`` records it (the run's config, for ``--resume``).
+    Rank 0 measures and decides; every process applies the same length.
+    """
+
+    def __init__(self, deadline: Deadline, limit, max_epochs: int, on_change, margin: float = REPLAN_MARGIN):
+        self.deadline, self.limit, self.max_epochs = deadline, limit, max_epochs
+        self.on_change, self.margin = on_change, margin
+        self._start = self._val_start = 0.0
+        self._train_s = self._val_s = 0.0
+        self.changes: list[tuple[int, int]] = []  # (old steps, new steps)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start, self._train_s, self._val_s = time.perf_counter(), 0.0, 0.0
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:  # (``trainer.training`` is False while a fit validates)
+            self._val_start = time.perf_counter()
+            self._train_s = self._val_start - self._start
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._val_s = time.perf_counter() - self._val_start
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        spe = int(trainer.num_training_batches) if math.isfinite(trainer.num_training_batches) else 0
+        done = trainer.global_step
+        current = self.limit.max_steps if self.limit.max_steps > 0 else trainer.max_epochs * spe
+        whole = spe > 0 and done % spe == 0 and self._train_s > 0 and not trainer.should_stop
+        steps = current
+        if whole and trainer.global_rank == 0:
+            left = (self.deadline.stop_at - time.time()) * (1 - self.margin)
+            steps = steps_that_fit(done, spe, self._train_s / spe, self._val_s, left, self.max_epochs)
+            if abs(steps - current) < MIN_PARTIAL_EPOCH * spe or steps <= done:
+                steps = current
+        if trainer.world_size > 1:
+            steps = trainer.strategy.broadcast(steps, src=0)
+        if steps == current:
+            return
+        self.changes.append((current, steps))
+        self.limit.max_steps = steps
+        trainer.fit_loop.epoch_loop.max_steps = steps
+        trainer.fit_loop.max_epochs = math.ceil(steps / spe)
+        pl_module.set_length(steps, spe)
+        epochs, partial = self.on_change(steps, spe)
+        if trainer.global_rank == 0:
+            print(f"re-plan: an epoch took {format_duration(self._train_s)} of training and "
+                  f"{format_duration(self._val_s)} of validation, so the run now ends after {epochs} epoch(s)" + (" (the last partial)" if partial else "")
+                  + f": {steps} steps on images, was {current}", flush=True)
 
 
 class Forecast(Callback):

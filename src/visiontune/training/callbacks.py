@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import BaseFinetuning, Callback, EMAWeightAveraging
+from lightning.pytorch.trainer.states import TrainerFn
 
 from .metrics import EpochRow, MetricsLog
 
@@ -76,7 +77,8 @@ class MetricsRecorder(Callback):
         self._images += len(batch[1])
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        if trainer.training and self._train_end is None:
+        # a fit's validation: ``trainer.training`` is False by then, the function is still fitting
+        if trainer.state.fn == TrainerFn.FITTING and self._train_end is None:
             self._train_end = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -150,10 +152,10 @@ class StepLimit(Callback):
     """
 
     def __init__(self, max_steps: int):
-        self.max_steps = max_steps
+        self.max_steps = max_steps  # -1: none (yet: a re-plan may set one)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step >= self.max_steps:
+        if 0 < self.max_steps <= trainer.global_step:
             trainer.should_stop = True
 
 

@@ -29,7 +29,7 @@ from ..data.dataset import ImageListDataset, default_workers, make_loader
 from ..data.memory import MemoryEvalSet, MemoryImages, MemoryTrainSet, store_side
 from ..data.sampling import EpochSampler
 from ..data.transforms import eval_transform, tensor_train_transform, train_transform
-from .budget import FINISH_FIXED_S, Deadline, Forecast
+from .budget import FINISH_FIXED_S, MAX_EPOCHS, Deadline, Forecast, Replan
 from .callbacks import EMA, BestModelSaver, FreezeSchedule, MetricsRecorder, StepLimit
 from .checkpoint_io import HEAD_PHASE, AtomicCheckpointIO, FolderModelCheckpoint
 from .context import TrainContext
@@ -378,9 +378,23 @@ def run_fit(ctx: TrainContext, module: ClassifierModule, data: L.LightningDataMo
     ema = EMA(steps_per_epoch * epochs) if cfg.optim.ema and not warmup else None
     timing = time_callbacks(ctx, epoch_offset, on_features)
     max_steps = cfg.optim.max_steps if cfg.optim.max_steps and not on_features else -1
-    limit = StepLimit(max_steps) if max_steps > 0 else None
+    deadline = next((c for c in timing if isinstance(c, Deadline)), None)
+    replans = deadline is not None and not on_features and not warmup and plan_sets_length(ctx)
+    limit = StepLimit(max_steps) if max_steps > 0 or replans else None
+    replan = None
+    if replans:
+        def record(steps: int, steps_per_epoch: int) -> tuple[int, bool]:
+            partial = steps % steps_per_epoch != 0
+            epochs = epoch_offset + math.ceil(steps / steps_per_epoch)
+            ctx.cfg = ctx.cfg.replace(epochs=epochs, max_steps=steps if partial else None)
+            recorder.metrics_log.total_epochs = epochs
+            if is_rank_zero():  # --resume continues the re-planned length
+                ctx.cfg.replace(run_dir=str(ctx.run_dir), batch_size=ctx.batch_size).save(ctx.layout.config)
+            return epochs, partial
+
+        replan = Replan(deadline, limit, MAX_EPOCHS - epoch_offset, record)
     # the saver before the EMA: validation scores the averaged weights, which the saver must save
-    callbacks = [extra, recorder, saver, ema, limit, *timing]
+    callbacks = [extra, recorder, saver, ema, limit, replan, *timing]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*GPU available but not used.*")  # a head trains on the CPU
         # a warm-up is not logged: its steps would overlap the fine-tuning's in the run's logger
@@ -400,7 +414,6 @@ def run_fit(ctx: TrainContext, module: ClassifierModule, data: L.LightningDataMo
             raise TrainingInterrupted(
                 f"training interrupted; checkpoint saved in {ctx.checkpoint_dir}. Continue with: "
                 f"visiontune train --resume {ctx.run_dir}") from exc
-    deadline = next((c for c in timing if isinstance(c, Deadline)), None)
     return FitOutcome(saver.best, saver.best_state, bool(deadline and deadline.stopped))
 
 
@@ -457,6 +470,15 @@ def fit_head(ctx: TrainContext, features: CachedFeatures, epochs: int, passes_pe
     weights = ctx.sample_weights([ctx.splits.train[i] for i in features.train_kept])
     data = FeatureDataModule(features, ctx.batch_size, cfg.runtime.seed, passes_per_epoch, weights)
     return run_fit(ctx, module, data, epochs, data.batches_per_epoch(), resume=resume, warmup=warmup)
+
+
+def plan_sets_length(ctx: TrainContext) -> bool:
+    """Whether the run's plan chose how long it trains on images (so a :class:`Replan` may change
+    it): not when the user gave ``--epochs`` or ``--max-steps``, nor with ``--auto-batch-size``
+    (the tuner's batch size changes the steps after planning)."""
+    given = ctx.cfg.given
+    return (ctx.plan is not None and ctx.plan.strategy != "linear-probe"
+            and not {"epochs", "max_steps", "auto_batch_size"} & set(given))
 
 
 def stepping_steps(ctx: TrainContext, epochs: int) -> int:

@@ -8,6 +8,7 @@ the mixed targets are its :class:`~visiontune.task.Task`'s.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import lightning as L
 import torch
@@ -18,7 +19,7 @@ from ..inference.runners import forward_logits
 from ..models.groups import head_parameter_names
 from ..task import Task, get_task
 from .checkpoint_io import BODY_PHASE, HEAD_PHASE, PHASE_KEY, restore_rng, rng_state
-from .optim import OptimizerSettings, ScheduleSettings, make_optimizer, make_scheduler
+from .optim import OptimizerSettings, ScheduleSettings, make_optimizer, make_scheduler, schedule_fn
 
 
 class ClassifierModule(L.LightningModule):
@@ -158,6 +159,15 @@ class ClassifierModule(L.LightningModule):
         sched = make_scheduler(opt, self.schedule_settings, total, self.steps_per_epoch(full))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def set_length(self, total: int, steps_per_epoch: int) -> None:
+        """A re-plan (:class:`~visiontune.training.budget.Replan`): this fit now ends after ``total``
+        steps of ``steps_per_epoch``, and its LR schedule from the current step on spans that."""
+        epochs = math.ceil(total / steps_per_epoch)
+        self.schedule_settings = replace(self.schedule_settings, epochs=epochs, max_steps=total)
+        scheduler = self.lr_schedulers()
+        factor = schedule_fn(self.schedule_settings, total, steps_per_epoch)
+        scheduler.lr_lambdas = [factor] * len(scheduler.lr_lambdas)
+
     def steps_per_epoch(self, total: int) -> int:
         """Optimizer steps per epoch for the schedule's warm-up and step decay, given this fit's ``total``."""
         return max(1, total // max(1, self.schedule_settings.epochs))
@@ -235,6 +245,15 @@ class HeadModule(ClassifierModule):
         if prefix == "val":
             out.update({f"val_{name}": float(metric(scores, target)) for name, metric in metrics.items()})
         return out
+
+    def set_length(self, total: int, steps_per_epoch: int) -> None:
+        """A re-plan (:class:`~visiontune.training.budget.Replan`): this fit now ends after ``total``
+        steps of ``steps_per_epoch``, and its LR schedule from the current step on spans that."""
+        epochs = math.ceil(total / steps_per_epoch)
+        self.schedule_settings = replace(self.schedule_settings, epochs=epochs, max_steps=total)
+        scheduler = self.lr_schedulers()
+        factor = schedule_fn(self.schedule_settings, total, steps_per_epoch)
+        scheduler.lr_lambdas = [factor] * len(scheduler.lr_lambdas)
 
     def steps_per_epoch(self, total: int) -> int:
         # this fit's own epochs (the warm-up's are fewer than the run's): the head's schedule spans them
