@@ -630,9 +630,10 @@ class Replan(Callback):
         pl_module.set_length(steps, spe)
         epochs, partial = self.on_change(steps, spe)
         if trainer.global_rank == 0:
+            last = " (the last partial)" if partial else ""
             print(f"re-plan: an epoch took {format_duration(self._train_s)} of training and "
-                  f"{format_duration(self._val_s)} of validation, so the run now ends after {epochs} epoch(s)" + (" (the last partial)" if partial else "")
-                  + f": {steps} steps on images, was {current}", flush=True)
+                  f"{format_duration(self._val_s)} of validation, so the run now ends after {epochs} epoch(s){last}: "
+                  f"{steps} steps on images, was {current}", flush=True)
 
 
 class Forecast(Callback):
