@@ -111,6 +111,10 @@ class ClassifierModule(L.LightningModule):
 
     def _step(self, batch, metric: Metric, prefix: str) -> torch.Tensor:
         x, y = batch
+        if prefix == "train" and x.dim() == 4 and len(y) == 1:
+            # an epoch's last batch of one image (41 images in batches of 8): BatchNorm in training
+            # mode cannot normalise one value per channel, so the image trains with its mirror image
+            x, y = torch.cat([x, x.flip(-1)]), torch.cat([y, y])
         if x.device.type in ("cpu", "cuda") and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         if prefix == "train" and self.mixup_fn is not None and len(y) % 2 == 0:  # timm mixes pairs
