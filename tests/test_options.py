@@ -13,6 +13,7 @@ from visiontune.core.errors import ConfigError
 from visiontune.evaluation.report_options import DataCheckOptions, ReportOptions
 from visiontune.export.export_options import CompressOptions, ExportOptions
 from visiontune.pipeline.scoring import EvaluateOptions, PredictOptions
+from visiontune.pipeline.suggest import SuggestOptions
 from visiontune.serve.settings import ServeSettings
 from visiontune.training.config import OPTIONS, CompareOptions, LrFindOptions
 
@@ -27,6 +28,7 @@ COMMANDS = {
     ("serve",): (ServeSettings, set()),
     ("lr-find",): (LrFindOptions, set()),
     ("compare",): (CompareOptions, set()),
+    ("suggest",): (SuggestOptions, set()),
 }
 
 

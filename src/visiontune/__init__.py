@@ -54,4 +54,12 @@ def predict(model, inputs, **options):
     return _predict(model, inputs, **options)
 
 
-__all__ = ["__version__", "evaluate", "load", "predict", "train"]
+def suggest(run, pool, **options):
+    """Rank unlabelled images to label next, taking ``visiontune suggest``'s options by name; see
+    :func:`visiontune.pipeline.suggest.suggest`."""
+    from .pipeline.suggest import suggest as _suggest  # lazy: as above
+
+    return _suggest(run, pool, **options)
+
+
+__all__ = ["__version__", "evaluate", "load", "predict", "suggest", "train"]

@@ -11,7 +11,7 @@ import sys
 import warnings
 
 from ..core.errors import VisiontuneError
-from . import demo, export, predict, report, serve, train
+from . import demo, export, predict, report, serve, suggest, train
 from .common import StrictParser
 
 
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.register(sub, StrictParser)
     export.register(sub)
     serve.register(sub)
+    suggest.register(sub)
     demo.register(sub)
     return parser
 

@@ -39,12 +39,18 @@ def _backend_default() -> str:
 
 
 @dataclass
-class LoaderOptions(CommandOptions):
-    """How a model runs over images: the options predict and evaluate share."""
+class BatchOptions(CommandOptions):
+    """How images are read in batches: the options of every command that runs a model over images."""
 
     batch_size: int = option(64, "images per batch (64)", check=_positive)
     workers: int | None = option(None, "decoding processes (default: one per core; 0: in this process)",
                                  check=_optional_count)
+
+
+@dataclass
+class LoaderOptions(BatchOptions):
+    """How a model runs over images: the options predict and evaluate share."""
+
     precision: str = option("auto", "inference precision", choices=PRECISIONS)
     backend: str = option("auto", "CPU runtime of a model folder (default: $VISIONTUNE_BACKEND, else auto)",
                           choices=BACKENDS, default_factory=_backend_default)
@@ -69,6 +75,10 @@ class PredictOptions(LoaderOptions):
                                      check=_probability)
     label_delim: str = option(" ", "multi-label models: separator of the labels in the CSV's labels column "
                                    "(a space)", metavar="SEP")
+    label_studio: str | None = option(None, "with --out FILE.json: write Label Studio tasks with the answers as "
+                                            "predictions to import (images under ROOT, the folder Label Studio "
+                                            "serves as local files, as /data/local-files/ URLs), and FILE.xml, the "
+                                            "labelling config they fit", metavar="ROOT")
     threshold_tpr: float | None = option(None, "answer 'unknown' below the unknown-score that accepts this share "
                                                "of the model's known val images (default: the threshold set at "
                                                "training, 0.95)", metavar="X",
@@ -135,6 +145,8 @@ def predict(model: str | os.PathLike, inputs: Sequence[str], log: Callable[[str]
     files = expand_inputs([str(i) for i in inputs])
     if not files:
         raise ConfigError(f"no input files found in {list(inputs)}")
+    if opts.label_studio is not None and not str(opts.out or "").endswith(".json"):
+        raise ConfigError("--label-studio writes Label Studio tasks to a JSON file: add --out FILE.json")
     if opts.explain or opts.threshold is not None or opts.reject_below is not None or opts.threshold_tpr is not None:
         reference = Classifier.load(model, precision="32")  # eager fp32: what Grad-CAM differentiates
         reference.decision_thresholds(opts.reject_below, opts.threshold)  # refused before any output file
@@ -158,7 +170,18 @@ def predict(model: str | os.PathLike, inputs: Sequence[str], log: Callable[[str]
     bad = sum(1 for r in rows if r["error"])
     result = Predictions(rows, len(rows) - bad, bad, opts.out, list(clf.class_names), clf.task,
                          clf.unknown_threshold is not None)
-    if opts.out:  # a .json file (a CSV was streamed above)
+    if opts.label_studio is not None:
+        from ..data.label_studio import label_config, prediction_tasks
+
+        name = clf.card.architecture.name if clf.card.architecture else "model"
+        tasks = prediction_tasks(rows, Path(opts.label_studio), f"visiontune {name}")
+        atomic_write_text(Path(opts.out), json.dumps(tasks, indent=1) + "\n")
+        config = Path(opts.out).with_suffix(".xml")
+        atomic_write_text(config, label_config(clf.class_names, multiple=clf.task.decisions_per_image(
+            len(clf.class_names)) > 1))
+        log(f"wrote {len(tasks)} Label Studio task(s) ({sum('predictions' in t for t in tasks)} with a prediction); "
+            f"create the project with the labelling config in {config}")
+    elif opts.out:  # a .json file (a CSV was streamed above)
         atomic_write_text(Path(opts.out), json.dumps(rows, indent=1) + "\n")
     return result
 

@@ -40,6 +40,7 @@ class Task:
         decision_words: what one decision is called, plural ("top-1 decisions").
         hf_problem_type: transformers' ``problem_type`` of an exported config (None: its default).
         selection_metrics: the ``--select-metric`` values this task computes besides accuracy.
+        pseudo_labels: whether ``train --unlabeled`` can pseudo-label images for it.
     """
 
     name: str = ""
@@ -53,6 +54,7 @@ class Task:
     decision_words: str = ""
     hf_problem_type: str | None = None
     selection_metrics: tuple[str, ...] = ()
+    pseudo_labels: bool = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -121,6 +123,16 @@ class Task:
 
     def decide(self, probs: torch.Tensor, thresholds: Sequence[float] | None = None) -> torch.Tensor:
         """The decisions made from probabilities ``[N, C]`` (what two models must agree on)."""
+        raise NotImplementedError
+
+    def uncertainty(self, probs: torch.Tensor, thresholds: Sequence[float] | None = None) -> torch.Tensor:
+        """How close each image ``[N, C]`` is to a different decision, ``[N]`` in [0, 1] (1: a tie):
+        what ``visiontune suggest`` ranks the images to label next by."""
+        raise NotImplementedError
+
+    def uncertainty_reason(self, probs: torch.Tensor, class_names: Sequence[str],
+                           thresholds: Sequence[float] | None = None) -> str:
+        """One image's :meth:`uncertainty` in words (``"cat 0.41 vs dog 0.38"``)."""
         raise NotImplementedError
 
     def decisions_per_image(self, num_classes: int) -> int:

@@ -35,6 +35,7 @@ class MultiLabel(Task):
     decision_words = "per-label decisions"
     hf_problem_type = "multi_label_classification"
     selection_metrics = ("macro_f1", "map")
+    pseudo_labels = False
 
     def owns(self, label: Label) -> bool:
         return isinstance(label, torch.Tensor) and label.dim() == 1
@@ -111,6 +112,23 @@ class MultiLabel(Task):
     def decide(self, probs: torch.Tensor, thresholds: Sequence[float] | None = None) -> torch.Tensor:
         limits = [DEFAULT_THRESHOLD] * probs.shape[-1] if thresholds is None else list(thresholds)
         return probs >= torch.tensor(limits, dtype=probs.dtype)
+
+    def _closeness(self, probs: torch.Tensor, thresholds: Sequence[float] | None) -> torch.Tensor:
+        """Per label, 1 on its threshold and 0 at the far end (0 or 1) of the side it is on."""
+        limits = torch.tensor([DEFAULT_THRESHOLD] * probs.shape[-1] if thresholds is None else list(thresholds),
+                              dtype=probs.dtype)
+        side = torch.where(probs >= limits, 1 - limits, limits).clamp_min(1e-6)
+        return (1.0 - (probs - limits).abs() / side).clamp(0.0, 1.0)
+
+    def uncertainty(self, probs: torch.Tensor, thresholds: Sequence[float] | None = None) -> torch.Tensor:
+        # the label nearest its threshold decides
+        return self._closeness(probs, thresholds).amax(dim=-1)
+
+    def uncertainty_reason(self, probs: torch.Tensor, class_names: Sequence[str],
+                           thresholds: Sequence[float] | None = None) -> str:
+        limits = [DEFAULT_THRESHOLD] * probs.shape[-1] if thresholds is None else list(thresholds)
+        j = int(self._closeness(probs.unsqueeze(0), thresholds)[0].argmax())
+        return f"{class_names[j]} {float(probs[j]):.2f} at its threshold {limits[j]:.2f}"
 
     def headline_score(self, probs: torch.Tensor, target: torch.Tensor) -> float:
         from torchmetrics.functional.classification import multilabel_average_precision

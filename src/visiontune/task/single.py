@@ -26,6 +26,7 @@ class SingleLabel(Task):
     decision_words = "top-1 decisions"
     hf_problem_type = None
     selection_metrics = ("macro_f1", "balanced_accuracy")
+    pseudo_labels = True
 
     def owns(self, label: Label) -> bool:
         return not isinstance(label, torch.Tensor) or label.dim() == 0
@@ -82,6 +83,18 @@ class SingleLabel(Task):
 
     def decide(self, probs: torch.Tensor, thresholds: Sequence[float] | None = None) -> torch.Tensor:
         return probs.argmax(-1)
+
+    def uncertainty(self, probs: torch.Tensor, thresholds: Sequence[float] | None = None) -> torch.Tensor:
+        # one minus the margin between the two most probable classes
+        top = probs.topk(min(2, probs.shape[-1]), dim=-1).values
+        margin = top[:, 0] - top[:, 1] if top.shape[-1] > 1 else top[:, 0]
+        return 1.0 - margin
+
+    def uncertainty_reason(self, probs: torch.Tensor, class_names: Sequence[str],
+                           thresholds: Sequence[float] | None = None) -> str:
+        top = probs.topk(min(2, probs.shape[-1]))
+        pairs = [f"{class_names[int(i)]} {float(p):.2f}" for p, i in zip(top.values, top.indices)]
+        return " vs ".join(pairs)
 
     def headline_score(self, probs: torch.Tensor, target: torch.Tensor) -> float:
         # averaged in float64: the share of N images is exact in the reports (0.28, not 0.2800000012)

@@ -1,0 +1,119 @@
+"""``visiontune suggest``: the ranking methods' invariants, the tasks' uncertainty, and the command
+end to end (CSV, HTML, the run's own images left out, bad input refused with nothing written)."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from conftest import CLASS_NAMES, make_folder, vt_main, write_corrupt_files
+
+import visiontune
+from visiontune.core.errors import ConfigError
+from visiontune.pipeline.suggest import CSV_COLUMNS, SUGGEST_METHODS, kcenter, rank
+from visiontune.task import get_task
+
+
+def cloud(n: int = 60, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.rand(n, generator=g)
+
+
+def test_margin_picks_the_least_sure_and_random_is_seeded():
+    feats, doubt = cloud()
+    picked = rank("margin", doubt, feats, None, n=5, candidates=4.0, seed=0).order
+    assert picked == doubt.argsort(descending=True)[:5].tolist()
+    assert rank("random", doubt, feats, None, 5, 4.0, seed=3).order == rank("random", doubt, feats, None, 5, 4.0,
+                                                                             seed=3).order
+    assert len(set(rank("random", doubt, feats, None, 60, 4.0, seed=1).order)) == 60
+
+
+@pytest.mark.parametrize("method", SUGGEST_METHODS.names())
+def test_every_method_picks_n_distinct_images_and_at_most_the_pool(method):
+    feats, doubt = cloud(n=30)
+    for n in (1, 7, 30, 100):
+        order = rank(method, doubt, feats, None, n=n, candidates=2.0, seed=0).order
+        assert len(order) == min(n, 30) and len(set(order)) == len(order)
+        assert all(0 <= i < 30 for i in order)
+
+
+def test_margin_kcenter_stays_in_its_short_list_and_spreads_out():
+    """The picks come from the C x N least sure images, and among them k-center's picks are farther
+    apart than the N least sure ones (the short-list's duplicates are not picked twice)."""
+    base, doubt = cloud(n=40, seed=1)
+    feats = torch.cat([base[:1].repeat(10, 1) + 0.001 * torch.randn(10, 8), base[10:]])  # 10 near-copies
+    doubt = torch.cat([torch.full((10,), 0.99), doubt[10:] * 0.9])  # the copies are the least sure
+    n, c = 4, 5.0
+    short = set(doubt.argsort(descending=True)[:int(n * c)].tolist())
+    order = rank("margin-kcenter", doubt, feats, None, n=n, candidates=c, seed=0).order
+    assert set(order) <= short and sum(i < 10 for i in order) == 1
+    assert sum(i < 10 for i in rank("margin", doubt, feats, None, n, c, 0).order) == n
+
+
+def test_kcenter_keeps_away_from_the_labelled_images():
+    unit = torch.nn.functional.normalize(torch.eye(4), dim=1)
+    labelled = unit[:2]
+    picked = kcenter(unit, labelled, n=2, first=0)
+    assert set(picked.order) == {2, 3} and all(d == pytest.approx(1.0) for d in picked.distance)
+
+
+def test_uncertainty_is_one_at_a_tie_and_zero_when_sure():
+    single, multi = get_task("single"), get_task("multi")
+    probs = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.6, 0.3, 0.1]])
+    assert single.uncertainty(probs).tolist() == pytest.approx([1.0, 0.0, 0.7])
+    assert "a 0.60 vs b 0.30" == single.uncertainty_reason(probs[2], ["a", "b", "c"])
+    sig = torch.tensor([[0.3, 0.9], [0.0, 1.0], [0.05, 0.45]])
+    assert multi.uncertainty(sig, [0.3, 0.5]).tolist() == pytest.approx([1.0, 0.0, 0.9], abs=1e-6)
+    assert multi.uncertainty_reason(sig[2], ["x", "y"], [0.3, 0.5]) == "y 0.45 at its threshold 0.50"
+
+
+def test_suggest_command_writes_the_picks_and_leaves_the_runs_images_out(trained_run, tmp_path, capsys):
+    run, data = trained_run
+    pool = make_folder(tmp_path / "pool images", per_class=5, seed=7)
+    known = sorted(data.rglob("*.png"))[:4]
+    for i, path in enumerate(known):  # the run's own images, reached through another name
+        (pool / f"known_{i}.png").symlink_to(path)
+    write_corrupt_files(pool / "broken")
+    out = tmp_path / "picks"
+    code, stdout, err = vt_main(capsys, "suggest", run.run_dir, pool, "--n", "6", "--out", out, "--workers", "0")
+    assert code == 0, err
+    assert "suggested 6 of 22 image(s); left out 4 image(s) the run already knows; 3 unreadable" in err
+    rows = list(csv.DictReader(open(out / "suggestions.csv")))
+    assert list(rows[0]) == CSV_COLUMNS and [int(r["rank"]) for r in rows] == list(range(1, 7))
+    assert not any("known_" in r["path"] or "broken" in r["path"] for r in rows)
+    assert all(r["why"].startswith("uncertain: ") and 0.0 <= float(r["uncertainty"]) <= 1.0 for r in rows)
+    assert all(r["predicted"] in CLASS_NAMES for r in rows)
+    assert all(r["distance"] != "" for r in rows)  # k-center: the run's training images seeded it
+    page = (out / "suggestions.html").read_text()
+    assert page.count("<figure") == 6 and "data:image/jpeg;base64," in page
+    assert rows[0]["path"] in stdout
+
+
+def test_suggest_api_margin_ranks_by_uncertainty(trained_run, tmp_path):
+    run, _ = trained_run
+    pool = make_folder(tmp_path / "pool", per_class=4, seed=3)
+    result = visiontune.suggest(run.run_dir, pool, n=12, method="margin", out=tmp_path / "out", workers=0)
+    doubts = [r["uncertainty"] for r in result.rows]
+    assert doubts == sorted(doubts, reverse=True) and len(result.rows) == 12
+    assert all(r["distance"] is None for r in result.rows)
+
+
+def test_suggest_refuses_bad_input_and_writes_nothing(trained_run, tmp_path, capsys):
+    run, data = trained_run
+    empty = tmp_path / "empty pool"
+    empty.mkdir()
+    code, _, err = vt_main(capsys, "suggest", run.run_dir, empty, "--out", tmp_path / "o1")
+    assert code == 2 and "no images found" in err and "Traceback" not in err
+    code, _, err = vt_main(capsys, "suggest", run.run_dir, data, "--out", tmp_path / "o2")
+    assert code == 2 and "already in the run's training data" in err
+    link = tmp_path / "linked"
+    link.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    pool = make_folder(tmp_path / "pool", per_class=1)
+    code, _, err = vt_main(capsys, "suggest", run.run_dir, pool, "--out", link)
+    assert code != 0 and "symbolic link" in err
+    code, _, err = vt_main(capsys, "suggest", run.run_dir, pool, "--n", "0")
+    assert code == 2 and "--n" in err
+    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "elsewhere"))
+    with pytest.raises(ConfigError, match="did you mean 'margin'"):
+        visiontune.suggest(run.run_dir, pool, method="margn")
