@@ -29,6 +29,7 @@ from ..core.safe_io import atomic_writer
 from ..task import Task, get_task
 from .csvfile import read_csv_rows
 from .image import is_image_path, load_image
+from .label_studio import as_csv, is_export
 from .label_tables import (
     AUTO,
     DEFAULT_DELIM,
@@ -196,11 +197,12 @@ def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple
 
 
 def require_data(data: str | os.PathLike) -> Path:
-    """``data`` as a path, or a :class:`DataError` when nothing is there (checked before any slow step)."""
+    """``data`` as a path, or a :class:`DataError` when nothing is there (checked before any slow step).
+    A Label Studio JSON export becomes the CSV of its annotated tasks (:mod:`.label_studio`)."""
     path = Path(data)
     if not path.exists():
         raise DataError(f"data not found: {path}")
-    return path
+    return as_csv(path) if is_export(path) else path  # a Label Studio export: read as the CSV it becomes
 
 
 def discover(
@@ -232,7 +234,7 @@ def discover(
         splits.class_names, splits.task
         # -> (['ants', 'bees'], SingleLabel())
     """
-    data, val = require_data(data), Path(val) if val else None
+    data, val = require_data(data), require_data(val) if val else None
     chosen, why, tables = choose_task(data, val, task, label_delim)
     found = get_task(chosen)
     splits = task_scan(found).discover(found, data, val, tables, val_fraction, seed, class_names, scan)
