@@ -72,9 +72,14 @@ def run_training(cfg: TrainConfig, started: float | None = None) -> Run:
     """The whole ``train`` command: set up, fit, then evaluate, calibrate and report (rank 0).
 
     ``started`` is when the command's time began (default: now); the CLI passes its process start,
-    so that a ``--time`` budget and ``timings.json`` include the interpreter's start-up.
+    so that a ``--time`` budget and ``timings.json`` include the interpreter's start-up. With
+    ``unlabeled``, the run is a self-training (:mod:`~visiontune.pipeline.self_training`).
     """
     started = time.time() if started is None else started
+    if cfg.data.unlabeled:  # a teacher and a student run, each through this function
+        from .self_training import self_train
+
+        return self_train(cfg, started, run_training)
     ctx = setup_run(cfg, started=started)
     ctx.timings["start"] = time.time() - started
     began = time.time()

@@ -1,0 +1,259 @@
+"""``visiontune train DATA --unlabeled DIR``: self-training within the run's time budget.
+
+1. **Teacher**: the run the same command would train on the labelled data alone, in
+   ``RUN/teacher`` (on small data the cross-validated probe, which ends in a minute or two; on
+   larger data a third of the budget).
+2. **Pseudo-labels**: the teacher labels the unlabelled images. An image is kept when its
+   calibrated top probability reaches the threshold at which the teacher's own validation answers
+   are :data:`MIN_PRECISION` right, its unknown-score accepts it, and its class is not over-
+   represented: each class keeps at most the median class's count of confident images, its most
+   confident first (a class the teacher favours would otherwise crowd out the rest). When scoring
+   every unlabelled image would not leave the student its share of the time, a random sample that
+   fits is scored, and the plan says so.
+3. **Student**: a fresh run on the labelled training images plus the pseudo-labelled ones, in
+   ``RUN/student``, with the time left; it is validated on the teacher's validation split (labelled
+   images only).
+4. **The better of the two on that split is the run's model**: its files are copied into ``RUN``
+   (so ``evaluate RUN``, ``report RUN`` and ``predict RUN`` work as for any run), and a student that
+   does not beat the teacher falls back to the teacher, saying so. ``RUN/self_training.json`` and the
+   model card's ``training.self_training`` record the counts, the threshold, both scores and the choice.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import shutil
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.errors import ConfigError
+from ..core.layout import RunLayout
+from ..core.safe_io import atomic_write_text
+from ..data.scan import Splits, discover
+from ..inference.classifier import Classifier, expand_inputs
+from ..models.artifact import read_card, write_card
+from ..training.budget import SMALL_DATA, format_duration, run_budget
+from ..training.config import TrainConfig
+from ..training.setup import make_run_dir
+
+MIN_PRECISION = 0.9       # pseudo-labels kept above the probability where the teacher's val answers are this right
+TEACHER_SHARE = 1 / 3     # of a budget, for a teacher that fine-tunes (a small-data probe ends early by itself)
+LABELLING_SHARE = 1 / 3   # of the time left after the teacher, at most, for scoring the unlabelled images
+MIN_STUDENT_S = 120.0     # a student with less time than this is not trained: the teacher is the model
+NOT_COPIED = ("teacher", "student", "checkpoints", "logs", "self_training.json")
+
+
+def check_unlabeled(cfg: TrainConfig) -> list[str]:
+    """The unlabelled images of ``cfg.data.unlabeled``, refused (before anything trains) when there
+    are none, when some are labelled images of ``DATA``, or when the data is multi-label."""
+    folder = cfg.data.unlabeled
+    files = expand_inputs([str(folder)])
+    if not files:
+        raise ConfigError(f"--unlabeled {folder}: no images found; give a folder of unlabelled images")
+    if cfg.runtime.resume or cfg.runtime.devices * cfg.runtime.num_nodes > 1:
+        raise ConfigError("--unlabeled trains a teacher and a student, one process each, from the start: drop "
+                          "--resume, --devices and --num-nodes (resume the teacher or the student run itself)")
+    splits = _labelled(cfg)
+    if not splits.task.pseudo_labels:
+        raise ConfigError(f"--unlabeled works with single-label data, not {splits.task.title} data: train without it")
+    labelled = {os.path.realpath(p) for split in (splits.train, splits.val, splits.test) for p, _ in split}
+    overlap = [f for f in files if os.path.realpath(f) in labelled]
+    if overlap:
+        raise ConfigError(f"--unlabeled {folder}: {len(overlap)} of its images are labelled images of {cfg.data.path} "
+                          f"(e.g. {overlap[0]}); remove them from the unlabelled folder, so that no image is "
+                          "both a labelled and a pseudo-labelled example")
+    return files
+
+
+def confident_threshold(val_probs: torch.Tensor, val_target: torch.Tensor, precision: float | None = None) -> float:
+    """The lowest top probability at which the teacher's val answers with at least that probability
+    are ``precision`` (default :data:`MIN_PRECISION`) right (1.0 when none are).
+
+    Example:
+        >>> probs = torch.tensor([[0.95, 0.05], [0.9, 0.1], [0.2, 0.8], [0.4, 0.6]])
+        >>> round(confident_threshold(probs, torch.tensor([0, 0, 1, 0]), precision=0.9), 4)
+        0.8
+    """
+    precision = MIN_PRECISION if precision is None else precision
+    top, pred = val_probs.max(dim=1)
+    order = top.argsort(descending=True)
+    right = (pred[order] == val_target[order]).double().cumsum(0)
+    share = right / torch.arange(1, len(order) + 1, dtype=torch.float64)
+    ok = (share >= precision).nonzero()
+    return float(top[order][int(ok.max())]) if len(ok) else 1.0
+
+
+def select(probs: torch.Tensor, accepted: torch.Tensor, threshold: float) -> list[int]:
+    """Indices of the pseudo-labels kept: accepted by the unknown-score, top probability at least
+    ``threshold``, at most the median class's count per class (most confident first).
+
+    Example:
+        >>> probs = torch.tensor([[0.99, 0.01], [0.98, 0.02], [0.97, 0.03], [0.1, 0.9], [0.6, 0.4]])
+        >>> select(probs, torch.ones(5, dtype=torch.bool), 0.85)  # class 0 has 3, class 1 has 1: median 2
+        [0, 1, 3]
+    """
+    top, pred = probs.max(dim=1)
+    by_class: dict[int, list[int]] = {}
+    for i in sorted(range(len(top)), key=lambda i: -float(top[i])):
+        if accepted[i] and float(top[i]) >= threshold:
+            by_class.setdefault(int(pred[i]), []).append(i)
+    if not by_class:
+        return []
+    cap = max(1, int(statistics.median(len(v) for v in by_class.values())))
+    return sorted(i for kept in by_class.values() for i in kept[:cap])
+
+
+def self_train(cfg: TrainConfig, started: float, train_run) -> Any:
+    """Teacher, pseudo-labels, student, and the better of the two as the run (see the module).
+
+    ``train_run(cfg, started)`` trains one run (:func:`~visiontune.pipeline.train.run_training`).
+    """
+    files = check_unlabeled(cfg)
+    budget = run_budget(cfg)
+    deadline = None if budget is None else started + budget
+    root = make_run_dir(cfg.runtime.run_dir)
+    plain = cfg.replace(unlabeled=None)
+
+    def time_left() -> float:
+        return (deadline - time.time()) if deadline is not None else float("inf")
+
+    # 1. the teacher: a small-data probe ends by itself (the whole budget is its limit); a fine-tune gets its share
+    teacher_cfg = plain.replace(run_dir=str(root / "teacher"))
+    if budget is not None:
+        share = budget if len(_labelled(cfg).train) <= SMALL_DATA else budget * TEACHER_SHARE
+        teacher_cfg = teacher_cfg.replace(time=f"{int(max(30.0, min(share, time_left())))}s")
+    print(f"self-training: {len(files)} unlabelled images; first the teacher, on the labelled images alone "
+          f"({root / 'teacher'})", flush=True)
+    teacher = train_run(teacher_cfg, started if deadline is None else time.time())
+    clf = Classifier.load(teacher.model_dir)  # the precision predict would use: it scores every unlabelled image
+
+    # 2. pseudo-labels, on a sample that leaves the student its time
+    began = time.time()
+    speed = _inference_speed(clf, files)
+    scored = files
+    if deadline is not None:
+        affordable = int(max(0.0, time_left() - MIN_STUDENT_S) * LABELLING_SHARE * speed)
+        if affordable < len(files):
+            scored = random.Random(cfg.runtime.seed).sample(files, affordable)
+    print(f"self-training plan: the teacher labels {len(scored)} of {len(files)} unlabelled images at about "
+          f"{speed:.0f} img/s (projected {format_duration(len(scored) / speed)})"
+          + ("" if deadline is None else f"; the student gets the {format_duration(time_left() - len(scored) / speed)}"
+                                         " left"), flush=True)
+    val_rows = _split_rows(teacher.run_dir, "val")
+    val_logits, val_ok, _ = clf.logits_of([p for p, _ in val_rows])
+    val_target = torch.tensor([clf.class_names.index(y) for _, y in val_rows])
+    probs_val = clf.task.probabilities(val_logits[val_ok], clf.temperature)
+    threshold = confident_threshold(probs_val, val_target[val_ok])
+    outputs, ok, _ = clf.outputs_of(scored) if scored else (torch.zeros(0, 0), torch.zeros(0, dtype=torch.bool), {})
+    kept: list[int] = []
+    if len(scored):
+        logits, unknown = clf.split(outputs)
+        probs = clf.task.probabilities(logits, clf.temperature)
+        accepted = ok & (unknown >= clf.unknown_threshold if unknown is not None else torch.ones_like(ok))
+        kept = select(probs, accepted, threshold)
+    labelling_s = time.time() - began
+    counts: dict[str, int] = {}
+    pseudo_rows = []
+    for i in kept:
+        name = clf.class_names[int(probs[i].argmax())]
+        counts[name] = counts.get(name, 0) + 1
+        pseudo_rows.append((scored[i], name))
+    print(f"self-training: {len(kept)} pseudo-labels kept (calibrated probability >= {threshold:.3f}, where the "
+          f"teacher's val answers are at least {MIN_PRECISION:.0%} right; at most "
+          f"{max(counts.values(), default=0)} per class)", flush=True)
+    facts: dict[str, Any] = {"unlabeled": len(files), "scored": len(scored), "pseudo_labels": len(kept),
+                             "per_class": counts, "threshold": round(threshold, 4), "min_precision": MIN_PRECISION,
+                             "labelling_seconds": round(labelling_s, 1)}
+    metric = cfg.optim.select_metric
+    teacher_score = _val_score(teacher.model_dir, metric)
+
+    # 3. the student, on the labelled and the pseudo-labelled images, validated on the teacher's val split
+    winner, reason = teacher, ""
+    if not kept:
+        reason = "no unlabelled image was labelled confidently enough"
+    elif time_left() < MIN_STUDENT_S:
+        reason = f"{format_duration(max(0.0, time_left()))} left, under the student's minimum"
+    else:
+        data = root / "student-data.csv"
+        _write_rows(data, _split_rows(teacher.run_dir, "train") + pseudo_rows)
+        student_cfg = plain.replace(data=str(data), val=str(RunLayout(teacher.run_dir).split_csv("val")),
+                                    run_dir=str(root / "student"))
+        if deadline is not None:
+            student_cfg = student_cfg.replace(time=f"{int(time_left())}s")
+        print(f"self-training: the student, on {len(_split_rows(teacher.run_dir, 'train'))} labelled and "
+              f"{len(kept)} pseudo-labelled images ({root / 'student'})", flush=True)
+        student = train_run(student_cfg, time.time())
+        student_score = _val_score(student.model_dir, metric)
+        facts["student_val"] = student_score
+        if student_score > teacher_score:
+            winner = student
+        else:
+            reason = f"the student's val {metric} {student_score:.4f} does not beat the teacher's {teacher_score:.4f}"
+    facts.update(teacher_val=teacher_score, kept="student" if winner is not teacher else "teacher",
+                 metric=metric)
+    if reason:
+        facts["fallback"] = reason
+    _promote(winner.run_dir, root, facts)
+    print("self-training: " + (f"kept the student (val {metric} {facts['student_val']:.4f} vs the teacher's "
+                               f"{teacher_score:.4f})" if winner is not teacher
+                               else f"kept the teacher: {reason}") + f"; the model is in {root / 'model'}", flush=True)
+    return replace(winner, run_dir=root, model_dir=RunLayout(root).model_dir,
+                   metrics={**winner.metrics, "self_training": facts})
+
+
+def _labelled(cfg: TrainConfig) -> Splits:
+    """The labelled data's splits as the run will find them (paths only: nothing is decoded)."""
+    return discover(cfg.data.path, cfg.data.val, cfg.data.val_fraction, cfg.runtime.seed, scan=False,
+                    task=cfg.data.task, label_delim=cfg.data.label_delim)
+
+
+def _inference_speed(clf: Classifier, files: list[str], sample: int = 64) -> float:
+    """Images per second the teacher scores (read, decode, forward), timed on a few of ``files``."""
+    probe = files[:sample]
+    clf.outputs_of(probe[:8])  # warm-up: kernels and the loader
+    start = time.perf_counter()
+    clf.outputs_of(probe)
+    return len(probe) / max(time.perf_counter() - start, 1e-6)
+
+
+def _split_rows(run_dir: Path, split: str) -> list[tuple[str, str]]:
+    """``(path, label)`` rows of a run's ``splits/<split>.csv`` (written by the teacher's run)."""
+    path = RunLayout(run_dir).split_csv(split)
+    with open(path, newline="") as fh:
+        return [(row["path"], row["label"]) for row in csv.DictReader(fh)]
+
+
+def _write_rows(path: Path, rows: list[tuple[str, str]]) -> None:
+    lines = ["path,label"] + [",".join(_quote(c) for c in row) for row in rows]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _quote(cell: str) -> str:
+    return '"' + cell.replace('"', '""') + '"' if any(c in cell for c in ',"\n\r') else cell
+
+
+def _val_score(model_dir: Path, metric: str) -> float:
+    return float(read_card(model_dir).metrics.get("val", {}).get(metric, 0.0))
+
+
+def _promote(run_dir: Path, root: Path, facts: dict[str, Any]) -> None:
+    """Copy the chosen run's files into ``root`` and record the self-training in its model card."""
+    for item in run_dir.iterdir():
+        if item.name in NOT_COPIED or item.is_symlink():
+            continue
+        target = root / item.name
+        if item.is_dir():
+            shutil.copytree(item, target, dirs_exist_ok=True, symlinks=False)
+        else:
+            shutil.copy2(item, target)
+    card = read_card(root / "model")
+    write_card(root / "model", card.replace(training={**card.training, "self_training": facts}))
+    atomic_write_text(root / "self_training.json", json.dumps(facts, indent=2) + "\n")
