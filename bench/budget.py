@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from bench.__main__ import PY, ROOT, VT, cpu_flags, machine, unpack
 
@@ -111,7 +112,14 @@ def plan_summary(run_dir: Path) -> str:
             else f"{plan['strategy']} {plan['epochs']} ep ({plan['freeze_epochs']} on cached features"
                  + (f"; the last partial: {plan['max_steps']} fine-tuning steps in all" if plan.get("max_steps")
                     else "") + f"), {plan['augment']}")
-    return f"{what} at {plan['img_size']} px, projected {plan['total'] / 60:.1f} min"
+    summary = f"{what} at {plan['img_size']} px, projected {plan['total'] / 60:.1f} min"
+    config = run_dir / "config.yaml"  # the length the run ended with: a re-plan may have changed the plan's
+    if config.is_file():
+        saved = yaml.safe_load(config.read_text()) or {}
+        final = (saved.get("epochs"), saved.get("max_steps"))
+        if final != (plan["epochs"], plan.get("max_steps")):
+            summary += f"; re-planned to {final[0]} ep" + (f", {final[1]} steps" if final[1] else "")
+    return summary
 
 
 def bench_cifar(work: Path, data: dict, budgets: list[int], seed_minutes: int,

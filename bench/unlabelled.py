@@ -8,10 +8,9 @@ never trained on; ``--start`` images per class (seed 0) are the labelled set.
 - **pseudo**: the labelled set alone, `visiontune train --time M`, beside the same command with
   `--unlabeled DIR`, DIR holding ``--unlabelled`` other training images (their labels unused).
 - **suggest**: for each seed, ``--pool`` other images are the unlabelled pool. Each round, one arm
-  labels the ``--add`` images `visiontune suggest` picks (its default method) and the other ``--add``
-  images drawn at random from the same pool; the labels come from the carve (an oracle); both
-  retrain with the plain command (the same planned run for both) and are scored on the held-out
-  images.
+  per method (``--methods``) labels the ``--add`` images `visiontune suggest --method M` picks, and
+  one the ``--add`` images drawn at random from the same pool; the labels come from the carve (an
+  oracle); every arm retrains with the plain command and is scored on the held-out images.
 
 Results go to stdout and the "## Unlabelled images" section of bench/RESULTS.md (each part its own
 table, a part not run keeps its earlier table).
@@ -46,11 +45,11 @@ def pool_folder(folder: Path, files: list[str]) -> Path:
     return folder
 
 
-def suggest(work: Path, run_dir: Path, pool: list[str], n: int, name: str) -> list[str]:
+def suggest(work: Path, run_dir: Path, pool: list[str], n: int, name: str, method: str) -> list[str]:
     folder = pool_folder(work / "pools" / name, pool)
     out = work / "suggestions" / name
     run([sys.executable, "-m", "visiontune.cli", "suggest", str(run_dir), str(folder), "--n", str(n),
-         "--out", str(out)], work / f"{name}-suggest.log")
+         "--method", method, "--out", str(out)], work / f"{name}-suggest.log")
     import csv
 
     return [os.path.realpath(r["path"]) for r in csv.DictReader(open(out / "suggestions.csv"))]
@@ -97,11 +96,11 @@ def bench_suggest(args, label_of: dict[str, str], held: list[tuple[str, str]]) -
         rng = random.Random(seed)
         labelled = [f for files in by_class.values() for f in rng.sample(files, args.start)]
         pool = rng.sample(sorted(set(label_of) - set(labelled)), args.pool)
-        arms = {"suggest": list(labelled), "random": list(labelled)}
+        arms = {arm: list(labelled) for arm in (*args.methods.split(","), "random")}
         name = f"s{seed}-r0"
         a, secs = one(args.work, name, write_csv(args.work / "subsets" / f"{name}.csv",
                                                  [(f, label_of[f]) for f in labelled]), held)
-        runs = {"suggest": args.work / "runs" / name, "random": args.work / "runs" / name}
+        runs = {arm: args.work / "runs" / name for arm in arms}
         for arm in arms:
             acc.setdefault((arm, 0), []).append(a)
         print(f"seed {seed} round 0: {len(labelled)} labelled, held-out accuracy {a:.4f} ({secs:.0f} s)", flush=True)
@@ -110,8 +109,8 @@ def bench_suggest(args, label_of: dict[str, str], held: list[tuple[str, str]]) -
                 known = set(arms[arm])
                 left = [f for f in pool if f not in known]
                 name = f"s{seed}-r{r}-{arm}"
-                picks = (suggest(args.work, runs[arm], left, args.add, name) if arm == "suggest"
-                         else random.Random(1000 * seed + r).sample(left, args.add))
+                picks = (random.Random(1000 * seed + r).sample(left, args.add) if arm == "random"
+                         else suggest(args.work, runs[arm], left, args.add, name, arm))
                 arms[arm] += picks
                 a, secs = one(args.work, name, write_csv(args.work / "subsets" / f"{name}.csv",
                                                          [(f, label_of[f]) for f in arms[arm]]), held)
@@ -124,16 +123,21 @@ def bench_suggest(args, label_of: dict[str, str], held: list[tuple[str, str]]) -
         spread = f" +- {statistics.stdev(values):.4f}" if len(values) > 1 else ""
         return f"{statistics.mean(values):.4f}{spread}"
 
+    methods = args.methods.split(",")
     lines = [f"Start: {args.start} labelled images per class; each round labels {args.add} more from a pool of "
-             f"{args.pool} unlabelled images, picked by `visiontune suggest` (margin-kcenter) or at random, and "
-             f"retrains with the plain command. Held-out accuracy, mean +- std over {args.seeds} seed(s); the gain "
-             "is paired by seed, in points:", "",
-             "| round | labelled | suggest | random | gain (pt) |", "| ---: | ---: | ---: | ---: | ---: |"]
+             f"{args.pool} unlabelled images, picked by `visiontune suggest --method M` or at random, and "
+             f"retrains with the plain command. Held-out accuracy, mean +- std over {args.seeds} seed(s); each "
+             "method's gain over random is paired by seed, in points:", "",
+             "| round | labelled | random | " + " | ".join(f"`{m}` (gain)" for m in methods) + " |",
+             "| ---: | ---: | ---: | " + " | ".join("---:" for _ in methods) + " |"]
     for r in range(args.rounds + 1):
-        s, rnd = acc[("suggest", r)], acc[("random", r)]
-        gains = [100 * (x - y) for x, y in zip(s, rnd)]
-        gain = f"{statistics.mean(gains):+.2f}" + (f" +- {statistics.stdev(gains):.2f}" if len(gains) > 1 else "")
-        lines.append(f"| {r} | {10 * args.start + r * args.add} | {cell(s)} | {cell(rnd)} | {gain} |")
+        rnd = acc[("random", r)]
+        cells = []
+        for m in methods:
+            gains = [100 * (x - y) for x, y in zip(acc[(m, r)], rnd)]
+            spread = f" +- {statistics.stdev(gains):.2f}" if len(gains) > 1 else ""
+            cells.append(f"{cell(acc[(m, r)])} ({statistics.mean(gains):+.2f}{spread})")
+        lines.append(f"| {r} | {10 * args.start + r * args.add} | {cell(rnd)} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -149,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=1, help="suggest: rounds")
     ap.add_argument("--add", type=int, default=500, help="suggest: images labelled per round")
     ap.add_argument("--pool", type=int, default=5000, help="suggest: unlabelled images suggest and random draw from")
+    ap.add_argument("--methods", default="margin-kcenter,margin-cluster,margin", help="suggest: methods compared")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -163,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
                     else bench_suggest(args, label_of, held))
             command = (f"python -m bench.unlabelled --only {part} --start {args.start} "
                        + (f"--minutes {args.minutes} --unlabelled {args.unlabelled}" if part == "pseudo" else
-                          f"--seeds {args.seeds} --rounds {args.rounds} --add {args.add} --pool {args.pool}"))
+                          f"--seeds {args.seeds} --rounds {args.rounds} --add {args.add} --pool {args.pool} "
+                          f"--methods {args.methods}"))
             parts[part] = "\n".join([heading, "", f"Machine: {machine()}", "", f"Command: `{command}`", "", *body, "",
                                      f"Took {(time.perf_counter() - start) / 60:.0f} min (CPU flags: {cpu_flags()})"])
             print(parts[part], flush=True)

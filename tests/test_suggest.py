@@ -117,3 +117,14 @@ def test_suggest_refuses_bad_input_and_writes_nothing(trained_run, tmp_path, cap
     assert not any((tmp_path / name).exists() for name in ("o1", "o2", "elsewhere"))
     with pytest.raises(ConfigError, match="did you mean 'margin'"):
         visiontune.suggest(run.run_dir, pool, method="margn")
+
+
+def test_margin_cluster_takes_the_least_sure_of_each_cluster():
+    """Three tight clusters in the short-list: one pick each, and each pick is its cluster's least sure."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(3, 6)
+    feats = torch.cat([c + 0.01 * torch.randn(5, 6, generator=g) for c in centres])  # rows 0-4, 5-9, 10-14
+    doubt = torch.linspace(0.9, 0.2, 15)[torch.randperm(15, generator=g)]
+    order = rank("margin-cluster", doubt, feats, None, n=3, candidates=5.0, seed=0).order
+    assert sorted(i // 5 for i in order) == [0, 1, 2]
+    assert all(doubt[i] == doubt[(i // 5) * 5:(i // 5) * 5 + 5].max() for i in order)

@@ -44,6 +44,7 @@ from .scoring import BatchOptions
 
 SUGGEST_METHODS = Registry.choices("suggest method", {
     "margin-kcenter": "the least sure images, diversified by k-center greedy on the features (default)",
+    "margin-cluster": "the least sure images, clustered (k-means on the features): the least sure of each cluster",
     "margin": "the images the model is least sure of",
     "kcenter": "k-center greedy on the features of the whole pool (the core-set method)",
     "random": "a uniform sample (the baseline to beat)",
@@ -140,8 +141,37 @@ def rank(method: str, uncertainty: torch.Tensor, feats: torch.Tensor, labelled: 
     if method == "kcenter":
         return kcenter(unit, seen, n, first=by_doubt[0])
     short = by_doubt[:max(n, int(round(candidates * n)))]
+    if method == "margin-cluster":
+        return Ranking([short[i] for i in cluster_picks(unit[short], n, seed)], [None] * n)
     picked = kcenter(unit[short], seen, n, first=0)  # the short-list is in doubt order: 0 is the least sure
     return Ranking([short[i] for i in picked.order], picked.distance)
+
+
+def cluster_picks(unit: torch.Tensor, n: int, seed: int, iterations: int = 10) -> list[int]:
+    """``n`` rows of ``unit`` (in doubt order, least sure first): k-means into ``n`` clusters
+    (cosine, k-means++ start, seeded), then the least sure row of each cluster, the clusters taken
+    by their least sure row; rows of no cluster fill up in doubt order."""
+    g = torch.Generator().manual_seed(seed)
+    centres = unit[torch.randint(len(unit), (1,), generator=g)]
+    while len(centres) < n:  # k-means++: the next centre far from the chosen ones
+        weights = (1.0 - unit @ centres.T).amin(dim=1).clamp_min(0) ** 2  # squared distance to the nearest
+        if weights.sum() <= 0:  # every row is a chosen centre already (duplicates): the clusters are done
+            break
+        centres = torch.cat([centres, unit[torch.multinomial(weights, 1, generator=g)]])
+    for _ in range(iterations):
+        assign = (unit @ centres.T).argmax(dim=1)
+        for c in range(len(centres)):
+            members = unit[assign == c]
+            if len(members):
+                centres[c] = torch.nn.functional.normalize(members.mean(0), dim=0)
+    assign = (unit @ centres.T).argmax(dim=1).tolist()
+    first_of: dict[int, int] = {}
+    for i, c in enumerate(assign):  # rows in doubt order: the first row of a cluster is its least sure
+        first_of.setdefault(c, i)
+    picks = sorted(first_of.values())[:n]
+    chosen = set(picks)
+    rest = [i for i in range(len(unit)) if i not in chosen]
+    return picks + rest[:n - len(picks)]
 
 
 def labelled_paths(run: Path) -> tuple[set[str], list[str]]:
