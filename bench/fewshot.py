@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -80,6 +81,8 @@ def held_out_accuracy(run_dir: Path, held: list[tuple[str, str]]) -> float:
 
 def one(work: Path, name: str, train_csv: Path, held: list[tuple[str, str]], *flags: str) -> tuple[float, float]:
     run_dir = work / "runs" / name
+    for path in (run_dir, work / "caches" / name):  # a rerun starts afresh (a cold feature cache, as the first)
+        shutil.rmtree(path, ignore_errors=True)
     seconds = run([sys.executable, "-m", "visiontune.cli", "train", str(train_csv), "--run-dir", str(run_dir),
                    "--no-progress", *flags], work / f"{name}.log", {"VISIONTUNE_CACHE": str(work / "caches" / name)})
     return held_out_accuracy(run_dir, held), seconds
