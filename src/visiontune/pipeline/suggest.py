@@ -61,7 +61,7 @@ class SuggestOptions(BatchOptions):
 
     n: int = option(100, "images to suggest (100)", metavar="N", check=_positive)
     method: str = option("margin-kcenter", "how to pick them", choices=SUGGEST_METHODS)
-    candidates: float = option(4.0, "margin-kcenter: the k-center picks among the N x C least sure images (4)",
+    candidates: float = option(4.0, "margin-kcenter, margin-cluster: the short-list of the N x C least sure images (4)",
                                metavar="C", check=(lambda v: v >= 1, "must be >= 1"))
     out: str | None = option(None, "folder for suggestions.csv and suggestions.html (default: RUN/suggestions)",
                              metavar="DIR")
