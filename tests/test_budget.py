@@ -426,7 +426,7 @@ def test_replan_lengthens_a_planned_run_that_has_time_left(shared_folder, tmp_pa
     monkeypatch.setattr("visiontune.training.lightning_fit.MAX_EPOCHS", 4)  # the hour fits more: the cap decides
     run = visiontune.train(shared_folder, run_dir=tmp_path / "run", time="1h", **FAST)
     out = capsys.readouterr().out
-    assert "re-plan: an epoch took" in out and "now ends after 4 epoch(s)" in out
+    assert "re-plan: an epoch takes" in out and "now ends after 4 epoch(s)" in out
     rows = list(csv.DictReader(open(run.run_dir / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
     saved = TrainConfig.load(run.run_dir / "config.yaml")

@@ -545,6 +545,9 @@ class Deadline(Callback):
 
 # a re-plan keeps this share of the time left unplanned: an epoch's speed varies by a few percent
 REPLAN_MARGIN = 0.03
+# ... and changes the length only by more than this share of it (and a tenth of an epoch): on small data
+# an epoch's seconds vary by 20% on 2 shared cores, and each change moves the LR schedule
+REPLAN_MIN_CHANGE = 0.1
 
 
 def steps_that_fit(done: int, steps_per_epoch: int, step_s: float, val_s: float, left: float,
@@ -581,9 +584,10 @@ class Replan(Callback):
     The plan's step count came from a few seconds of measurement before training; the loop's real
     speed differs (augmentation, validation, a warm or busy machine: 62-69 img/s against a probe's
     58 on CIFAR-10, so a planned hour ended at 78%). After each epoch the steps that fit before the
-    deadline are projected from that epoch's training and validation seconds
+    deadline are projected from the mean training and validation seconds of its whole epochs so far
     (:func:`steps_that_fit`, keeping :data:`REPLAN_MARGIN` of the time left), and when they differ
-    from the current length by more than a tenth of an epoch, the length changes: the step limit,
+    from the current length by more than :data:`REPLAN_MIN_CHANGE` of it and a tenth of an epoch
+    (timing noise must not move the schedule back and forth), the length changes: the step limit,
     the trainer's epochs and steps, and the LR schedule (``set_length``), which then ends at the
     new last step. ``on_change(epochs, max_steps)`` records it (the run's config, for ``--resume``).
     Rank 0 measures and decides; every process applies the same length.
@@ -594,6 +598,7 @@ class Replan(Callback):
         self.on_change, self.margin = on_change, margin
         self._start = self._val_start = 0.0
         self._train_s = self._val_s = 0.0
+        self.epochs: list[tuple[float, float]] = []  # (training, validation) seconds of each whole epoch
         self.changes: list[tuple[int, int]] = []  # (old steps, new steps)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -615,9 +620,12 @@ class Replan(Callback):
         whole = spe > 0 and done % spe == 0 and self._train_s > 0 and not trainer.should_stop
         steps = current
         if whole and trainer.global_rank == 0:
+            self.epochs.append((self._train_s, self._val_s))
+            train_s = sum(t for t, _ in self.epochs) / len(self.epochs)
+            val_s = sum(v for _, v in self.epochs) / len(self.epochs)
             left = (self.deadline.stop_at - time.time()) * (1 - self.margin)
-            steps = steps_that_fit(done, spe, self._train_s / spe, self._val_s, left, self.max_epochs)
-            if abs(steps - current) < MIN_PARTIAL_EPOCH * spe or steps <= done:
+            steps = steps_that_fit(done, spe, train_s / spe, val_s, left, self.max_epochs)
+            if abs(steps - current) <= max(MIN_PARTIAL_EPOCH * spe, REPLAN_MIN_CHANGE * current) or steps <= done:
                 steps = current
         if trainer.world_size > 1:
             steps = trainer.strategy.broadcast(steps, src=0)
@@ -631,8 +639,9 @@ class Replan(Callback):
         epochs, partial = self.on_change(steps, spe)
         if trainer.global_rank == 0:
             last = " (the last partial)" if partial else ""
-            print(f"re-plan: an epoch took {format_duration(self._train_s)} of training and "
-                  f"{format_duration(self._val_s)} of validation, so the run now ends after {epochs} epoch(s){last}: "
+            train_s, val_s = (sum(x) / len(self.epochs) for x in zip(*self.epochs))
+            print(f"re-plan: an epoch takes {format_duration(train_s)} of training and "
+                  f"{format_duration(val_s)} of validation, so the run now ends after {epochs} epoch(s){last}: "
                   f"{steps} steps on images, was {current}", flush=True)
 
 

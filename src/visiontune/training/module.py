@@ -250,15 +250,6 @@ class HeadModule(ClassifierModule):
             out.update({f"val_{name}": float(metric(scores, target)) for name, metric in metrics.items()})
         return out
 
-    def set_length(self, total: int, steps_per_epoch: int) -> None:
-        """A re-plan (:class:`~visiontune.training.budget.Replan`): this fit now ends after ``total``
-        steps of ``steps_per_epoch``, and its LR schedule from the current step on spans that."""
-        epochs = math.ceil(total / steps_per_epoch)
-        self.schedule_settings = replace(self.schedule_settings, epochs=epochs, max_steps=total)
-        scheduler = self.lr_schedulers()
-        factor = schedule_fn(self.schedule_settings, total, steps_per_epoch)
-        scheduler.lr_lambdas = [factor] * len(scheduler.lr_lambdas)
-
     def steps_per_epoch(self, total: int) -> int:
         # this fit's own epochs (the warm-up's are fewer than the run's): the head's schedule spans them
         return max(1, total // max(1, self.trainer.max_epochs))
