@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import random
@@ -37,7 +36,7 @@ import torch
 from ..core.errors import ConfigError
 from ..core.layout import RunLayout
 from ..core.safe_io import atomic_write_text
-from ..data.scan import Splits, discover
+from ..data.scan import Splits, discover, read_split_csv, write_split_csv
 from ..inference.classifier import Classifier, expand_inputs
 from ..models.artifact import read_card, write_card
 from ..training.budget import SMALL_DATA, format_duration, run_budget
@@ -51,8 +50,9 @@ MIN_STUDENT_S = 120.0     # a student with less time than this is not trained: t
 NOT_COPIED = ("teacher", "student", "checkpoints", "logs", "self_training.json")
 
 
-def check_unlabeled(cfg: TrainConfig) -> list[str]:
-    """The unlabelled images of ``cfg.data.unlabeled``, refused (before anything trains) when there
+def check_unlabeled(cfg: TrainConfig) -> tuple[list[str], Splits]:
+    """The unlabelled images of ``cfg.data.unlabeled`` and the labelled data's splits (paths only),
+    refused (before anything trains) when there
     are none, when some are labelled images of ``DATA``, or when the data is multi-label."""
     folder = cfg.data.unlabeled
     files = expand_inputs([str(folder)])
@@ -70,7 +70,7 @@ def check_unlabeled(cfg: TrainConfig) -> list[str]:
         raise ConfigError(f"--unlabeled {folder}: {len(overlap)} of its images are labelled images of {cfg.data.path} "
                           f"(e.g. {overlap[0]}); remove them from the unlabelled folder, so that no image is "
                           "both a labelled and a pseudo-labelled example")
-    return files
+    return files, splits
 
 
 def confident_threshold(val_probs: torch.Tensor, val_target: torch.Tensor, precision: float | None = None) -> float:
@@ -116,7 +116,7 @@ def self_train(cfg: TrainConfig, started: float, train_run) -> Any:
 
     ``train_run(cfg, started)`` trains one run (:func:`~visiontune.pipeline.train.run_training`).
     """
-    files = check_unlabeled(cfg)
+    files, labelled = check_unlabeled(cfg)
     budget = run_budget(cfg)
     deadline = None if budget is None else started + budget
     root = make_run_dir(cfg.runtime.run_dir)
@@ -128,7 +128,7 @@ def self_train(cfg: TrainConfig, started: float, train_run) -> Any:
     # 1. the teacher: a small-data probe ends by itself (the whole budget is its limit); a fine-tune gets its share
     teacher_cfg = plain.replace(run_dir=str(root / "teacher"))
     if budget is not None:
-        share = budget if len(_labelled(cfg).train) <= SMALL_DATA else budget * TEACHER_SHARE
+        share = budget if len(labelled.train) <= SMALL_DATA else budget * TEACHER_SHARE
         teacher_cfg = teacher_cfg.replace(time=f"{int(max(30.0, min(share, time_left())))}s")
     print(f"self-training: {len(files)} unlabelled images; first the teacher, on the labelled images alone "
           f"({root / 'teacher'})", flush=True)
@@ -147,9 +147,10 @@ def self_train(cfg: TrainConfig, started: float, train_run) -> Any:
           f"{speed:.0f} img/s (projected {format_duration(len(scored) / speed)})"
           + ("" if deadline is None else f"; the student gets the {format_duration(time_left() - len(scored) / speed)}"
                                          " left"), flush=True)
-    val_rows = _split_rows(teacher.run_dir, "val")
+    names = list(clf.class_names)
+    val_rows = read_split_csv(RunLayout(teacher.run_dir).split_csv("val"), names)
     val_logits, val_ok, _ = clf.logits_of([p for p, _ in val_rows])
-    val_target = torch.tensor([clf.class_names.index(y) for _, y in val_rows])
+    val_target = torch.tensor([y for _, y in val_rows])
     probs_val = clf.task.probabilities(val_logits[val_ok], clf.temperature)
     threshold = confident_threshold(probs_val, val_target[val_ok])
     outputs, ok, _ = clf.outputs_of(scored) if scored else (torch.zeros(0, 0), torch.zeros(0, dtype=torch.bool), {})
@@ -163,9 +164,9 @@ def self_train(cfg: TrainConfig, started: float, train_run) -> Any:
     counts: dict[str, int] = {}
     pseudo_rows = []
     for i in kept:
-        name = clf.class_names[int(probs[i].argmax())]
+        name = names[int(probs[i].argmax())]
         counts[name] = counts.get(name, 0) + 1
-        pseudo_rows.append((scored[i], name))
+        pseudo_rows.append((scored[i], names.index(name)))
     print(f"self-training: {len(kept)} pseudo-labels kept (calibrated probability >= {threshold:.3f}, where the "
           f"teacher's val answers are at least {MIN_PRECISION:.0%} right; at most "
           f"{max(counts.values(), default=0)} per class)", flush=True)
@@ -183,12 +184,13 @@ def self_train(cfg: TrainConfig, started: float, train_run) -> Any:
         reason = f"{format_duration(max(0.0, time_left()))} left, under the student's minimum"
     else:
         data = root / "student-data.csv"
-        _write_rows(data, _split_rows(teacher.run_dir, "train") + pseudo_rows)
+        train_rows = read_split_csv(RunLayout(teacher.run_dir).split_csv("train"), names)
+        write_split_csv(train_rows + pseudo_rows, names, data, clf.task)
         student_cfg = plain.replace(data=str(data), val=str(RunLayout(teacher.run_dir).split_csv("val")),
                                     run_dir=str(root / "student"))
         if deadline is not None:
             student_cfg = student_cfg.replace(time=f"{int(time_left())}s")
-        print(f"self-training: the student, on {len(_split_rows(teacher.run_dir, 'train'))} labelled and "
+        print(f"self-training: the student, on {len(train_rows)} labelled and "
               f"{len(kept)} pseudo-labelled images ({root / 'student'})", flush=True)
         student = train_run(student_cfg, time.time())
         student_score = _val_score(student.model_dir, metric)
@@ -222,22 +224,6 @@ def _inference_speed(clf: Classifier, files: list[str], sample: int = 64) -> flo
     start = time.perf_counter()
     clf.outputs_of(probe)
     return len(probe) / max(time.perf_counter() - start, 1e-6)
-
-
-def _split_rows(run_dir: Path, split: str) -> list[tuple[str, str]]:
-    """``(path, label)`` rows of a run's ``splits/<split>.csv`` (written by the teacher's run)."""
-    path = RunLayout(run_dir).split_csv(split)
-    with open(path, newline="") as fh:
-        return [(row["path"], row["label"]) for row in csv.DictReader(fh)]
-
-
-def _write_rows(path: Path, rows: list[tuple[str, str]]) -> None:
-    lines = ["path,label"] + [",".join(_quote(c) for c in row) for row in rows]
-    atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def _quote(cell: str) -> str:
-    return '"' + cell.replace('"', '""') + '"' if any(c in cell for c in ',"\n\r') else cell
 
 
 def _val_score(model_dir: Path, metric: str) -> float:
