@@ -146,7 +146,6 @@ def tasks_to_rows(tasks: list[Any], folder: Path, source: str, env: Mapping[str,
 def as_csv(path: Path, cache: Path | None = None) -> Path:
     """The export at ``path`` as a CSV visiontune reads (``path,label``, or one-hot when any task has
     other than one label), written once per export content in ``cache`` (default: the temp folder)."""
-    raw = path.read_bytes() if path.stat().st_size <= MAX_EXPORT_BYTES else b""
     rows, skipped = tasks_to_rows(read_export(path), path.resolve().parent, str(path))
     if not rows:
         raise DataError(f"{path}: none of its {skipped} task(s) has an annotation with choices; label some images "
@@ -161,7 +160,7 @@ def as_csv(path: Path, cache: Path | None = None) -> Path:
         writer.writerow(["path", *names])
         writer.writerows([p, *("1" if n in labels else "0" for n in names)] for p, labels in rows)
     text = buf.getvalue()
-    digest = hashlib.sha256(raw + text.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]  # the CSV's own content names it
     folder = (cache or Path(tempfile.gettempdir())) / "visiontune-label-studio"
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / f"{path.stem}-{digest}.csv"
