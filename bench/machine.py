@@ -1,0 +1,120 @@
+"""What this machine can do and what training uses of it: GFLOP/s achieved beside the measured peak.
+
+    python -m bench.machine [--compile] [--results bench/RESULTS.md]
+
+Peak: a 2048x2048 matmul and a 3x3 convolution (256 channels, 16x16, channels_last) in fp32 and
+bf16. Achieved: each candidate the time-budget planner weighs for 32-px images (the compact
+networks at 32 px, EfficientNet-Lite0 fine-tuned at 64-128 px), its training FLOPs per image
+counted by ``torch.utils.flop_counter`` (forward + backward) times the images/s the planner's own
+measurement gives (:func:`visiontune.training.budget.measure_throughput`, batch 64) in each
+precision. ``--compile`` adds ``torch.compile``'s speed and its compile time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench.__main__ import machine
+from bench.budget import write_results
+from visiontune.core.hardware import cpu_supports_bf16
+from visiontune.models.factory import build_model
+from visiontune.training.budget import measure_throughput
+
+ROOT = Path(__file__).resolve().parents[1]
+CANDIDATES = [("lowres_cnn", 32), ("lowres_cnn_wide", 32), ("efficientnet_lite0", 64), ("efficientnet_lite0", 96),
+              ("efficientnet_lite0", 128)]
+
+
+def rate(fn, flops: float, seconds: float = 2.0) -> float:
+    """GFLOP/s of ``fn`` (doing ``flops`` per call), after a warm-up call."""
+    fn()
+    start, calls = time.perf_counter(), 0
+    while calls < 2 or time.perf_counter() - start < seconds:
+        fn()
+        calls += 1
+    return flops * calls / (time.perf_counter() - start) / 1e9
+
+
+def peaks(precisions: list[str]) -> dict[str, dict[str, float]]:
+    out = {}
+    for prec in precisions:
+        dtype = torch.bfloat16 if prec == "bf16" else torch.float32
+        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        x = torch.randn(64, 256, 16, 16, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        conv = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False).to(dtype).to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            out[prec] = {"matmul": rate(lambda a=a, b=b: a @ b, 2 * 2048 ** 3),
+                         "conv3x3": rate(lambda conv=conv, x=x: conv(x), 2 * 64 * 256 * 256 * 9 * 16 * 16)}
+    return out
+
+
+def train_flops(model: torch.nn.Module, size: int) -> float:
+    """FLOPs of one training step on one image (forward and backward)."""
+    model.train()
+    x = torch.randn(8, 3, size, size)
+    with FlopCounterMode(display=False) as counter:
+        model(x).float().logsumexp(1).mean().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 8
+
+
+def compiled_rate(model: torch.nn.Module, size: int, precision: str) -> tuple[float, float]:
+    """(training images/s, seconds to compile) of ``torch.compile(model)``."""
+    net = torch.compile(model.to(memory_format=torch.channels_last))
+    opt = torch.optim.AdamW(net.parameters(), lr=0.0)
+    x = torch.randn(64, 3, size, size).contiguous(memory_format=torch.channels_last)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = net(x).float().logsumexp(1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    start = time.perf_counter()
+    step()
+    compile_s = time.perf_counter() - start
+    return rate(step, 64.0, 3.0) * 1e9, compile_s
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--compile", action="store_true", help="also measure torch.compile (minutes)")
+    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    precisions = ["32", "bf16"] if cpu_supports_bf16() else ["32"]
+    peak = peaks(precisions)
+    lines = [f"Machine: {machine()}", "", "Command: `python -m bench.machine"
+             + (" --compile`" if args.compile else "`"), "",
+             "| | " + " | ".join(f"{'fp32' if p == '32' else p} GFLOP/s" for p in precisions) + " |",
+             "| --- |" + " ---: |" * len(precisions)]
+    for op in ("matmul", "conv3x3"):
+        lines.append(f"| peak: {op} | " + " | ".join(f"{peak[p][op]:.0f}" for p in precisions) + " |")
+    for name, size in CANDIDATES:
+        model, _, _ = build_model(name, 10, "none")
+        flops = train_flops(model, size)
+        cells = []
+        for prec in precisions:
+            (t,) = measure_throughput(model, [size], prec, 64, seconds=3.0)
+            cells.append(f"{t.train:.0f} img/s = {t.train * flops / 1e9:.0f} "
+                         f"({100 * t.train * flops / 1e9 / peak[prec]['conv3x3']:.0f}% of conv peak)")
+        lines.append(f"| train {name} at {size} px ({flops / 1e9:.2f} GFLOP/image) | " + " | ".join(cells) + " |")
+        if args.compile:
+            fast = max(precisions, key=lambda p: measure_throughput(model, [size], p, 64)[0].train)
+            speed, compile_s = compiled_rate(model, size, fast)
+            lines.append(f"| the same, torch.compile, {fast} | {speed:.0f} img/s after {compile_s:.0f} s compiling |"
+                         + " |" * (len(precisions) - 1))
+        print(lines[-1], flush=True)
+    text = "\n".join(["## Machine: peak and achieved GFLOP/s", "", *lines, ""])
+    print(text)
+    write_results(args.results, "## Machine: peak and achieved GFLOP/s", text)
+
+
+if __name__ == "__main__":
+    main()

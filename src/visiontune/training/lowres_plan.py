@@ -1,0 +1,155 @@
+"""The time budget's low-resolution candidate: a compact CNN trained from scratch at the images' size.
+
+For small images (median side up to :data:`LOWRES_MAX_SIDE`) and enough of them (at least
+:data:`LOWRES_MIN_IMAGES`: a network from random weights needs many), :func:`choose_plan`
+measures the networks of :data:`~visiontune.models.lowres.LOWRES_MODELS` on this machine
+(:func:`measure_lowres`, fp32 and bf16), plans each for the budget like the fine-tune
+(:func:`plan_lowres`) and keeps the plan whose expected accuracy is highest. Expected accuracy
+is ``ceiling - slope / epochs`` with the constants of :data:`FINETUNE_CURVE` and
+:data:`LOWRES_CURVE`, fitted to held-out accuracies measured on CIFAR-10 (32,000 training
+images; bench/RESULTS.md, "Low resolution"); the machine's speed decides how many epochs each
+candidate gets, so a slow CPU, or few images, keeps the fine-tune where it is better.
+
+Example:
+    >>> facts = Facts(15 * 60, n_train=32_000, n_val=8_000, native_side=32, default_side=224,
+    ...               throughputs=[Throughput(64, 300, 1600), Throughput(96, 150, 520)], elapsed=20.0)
+    >>> fast = [LowResSpeed("lowres_cnn", Throughput(32, 520, 4000, "bf16"))]
+    >>> plan = choose_plan(facts, {}, fast)
+    >>> plan.strategy, plan.recipe["model"], plan.img_size, plan.epochs, plan.recipe["precision"]
+    ('scratch', 'lowres_cnn', 32, 12, 'bf16')
+    >>> choose_plan(facts, {}, [LowResSpeed("lowres_cnn", Throughput(32, 60, 400, "32"))]).strategy
+    'finetune'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..models.factory import build_model
+from ..models.lowres import LOWRES_MODELS, is_lowres
+from .budget import SAFETY, Facts, Plan, Throughput, measure_throughput, phase_costs, plan_run
+
+LOWRES_MAX_SIDE = 48         # images' median side up to which a network built for the size is considered
+LOWRES_MIN_IMAGES = 10_000   # training images below which from-scratch loses to pretrained features
+LOWRES_SIDE = 32             # the networks' input side
+LOWRES_MAX_EPOCHS = 60       # beyond this, more epochs of the same network buy nothing measurable
+LOWRES_BATCH = 512           # images per step: the recipe's LR is set for it
+LOWRES_WARMUP_SHARE = 0.2    # of the epochs, linear LR warm-up (then cosine decay)
+# the fast-CIFAR recipe (label smoothing 0.2, SGD-Nesterov at a high LR, weight averaging, flip
+# test-time augmentation, pad-and-crop + flip), written for LOWRES_BATCH. LR 1.5 and weight decay 4e-6 are
+# airbench's per-example-sum settings in mean-loss form; at 4 epochs on CIFAR-10 they reached 0.861
+# against 0.831 for LR 0.4 / 5e-5 (and 0.884 after 10 epochs for the ResNet recipe's 0.4 / 5e-4)
+LOWRES_RECIPE = {"optimizer": "sgd", "lr": 1.5, "momentum": 0.85, "weight_decay": 4e-6, "batch_size": LOWRES_BATCH,
+                 "label_smoothing": 0.2, "ema": True, "tta": True}
+
+# expected held-out accuracy after E epochs: ceiling - slope / E (CIFAR-10, 35,000 training images).
+# Fine-tuning EfficientNet-Lite0, by input side; E counts the epochs after the head's warm-up (bench/RESULTS.md,
+# "Time budgets": 64 px 4 epochs 0.871, 96 px 3.3 epochs 0.895, 128 px 3 and 5 epochs 0.912 and 0.922).
+FINETUNE_CURVE = {64: (0.890, 0.075), 96: (0.918, 0.075), 128: (0.937, 0.075)}
+# lowres_cnn: measured at 4 epochs (0.861) and 12; lowres_cnn_wide: airbench's published ratio (the wide
+# network 95% in 15 epochs where the small one is 94% in 10: +1 point of ceiling, 1.5x the slope)
+LOWRES_CURVE = {"lowres_cnn": (0.935, 0.30), "lowres_cnn_wide": (0.945, 0.45)}
+PROBE_ACCURACY = 0.0  # a probe on features of 32-px images upscaled: below any plan that trains
+
+
+@dataclass(frozen=True)
+class LowResSpeed:
+    """One network of :data:`LOWRES_MODELS` and its measured speed at :data:`LOWRES_SIDE`."""
+
+    model: str
+    throughput: Throughput
+
+
+def considers_lowres(n_train: int, native_side: int, fixed: dict[str, Any], single_label: bool = True) -> bool:
+    """Whether a plan weighs the low-resolution networks: small images, enough of them, one label
+    each (the curves are single-label), and none of the options that fix another network or recipe
+    (``--model``, ``--strategy`` other than scratch, ``--img-size``)."""
+    model_ok = "model" not in fixed or is_lowres(str(fixed["model"]))
+    return (single_label and model_ok and native_side <= LOWRES_MAX_SIDE and n_train >= LOWRES_MIN_IMAGES
+            and fixed.get("strategy", "scratch") == "scratch" and "img_size" not in fixed)
+
+
+def measure_lowres(num_classes: int, precision: str, fixed: dict[str, Any]) -> list[LowResSpeed]:
+    """Measure each network of :data:`LOWRES_MODELS` (the user's, if ``--model`` names one) at
+    :data:`LOWRES_SIDE`, in the faster precision (~5 s each)."""
+    names = [str(fixed["model"]).removeprefix("timm:")] if "model" in fixed else list(LOWRES_MODELS)
+    out = []
+    for name in names:
+        model, _, _ = build_model(name, num_classes, "none")
+        (t,) = measure_throughput(model, [LOWRES_SIDE], precision, fixed.get("batch_size", LOWRES_BATCH) // 4)
+        out.append(LowResSpeed(name, t))
+    return out
+
+
+def _curve(ceiling_slope: tuple[float, float], epochs: float) -> float:
+    ceiling, slope = ceiling_slope
+    return ceiling - slope / epochs if epochs > 0 else PROBE_ACCURACY
+
+
+def expected_accuracy(plan: Plan, steps_per_epoch: int) -> float:
+    """The held-out accuracy the curves expect of ``plan`` (see the module's docstring)."""
+    if plan.strategy == "linear-probe":
+        return PROBE_ACCURACY
+    model = plan.recipe.get("model")
+    if model in LOWRES_CURVE:
+        return _curve(LOWRES_CURVE[model], plan.epochs)
+    trained = (plan.max_steps / steps_per_epoch if plan.max_steps is not None
+               else plan.epochs - plan.freeze_epochs)
+    side = min(FINETUNE_CURVE, key=lambda s: abs(s - plan.img_size))
+    return _curve(FINETUNE_CURVE[side], trained)
+
+
+def plan_lowres(facts: Facts, fixed: dict[str, Any], speed: LowResSpeed) -> Plan | None:
+    """The run of ``speed.model`` from scratch that fits ``facts.budget`` (whole epochs, at most
+    :data:`LOWRES_MAX_EPOCHS`), or None where not even one epoch fits."""
+    t = speed.throughput
+    recipe = {"model": speed.model, **{k: v for k, v in LOWRES_RECIPE.items() if k not in fixed}}
+    if t.precision and "precision" not in fixed:
+        recipe["precision"] = t.precision
+    tta = bool(fixed.get("tta", recipe.get("tta", False)))
+    available = facts.budget * (1 - SAFETY) - facts.elapsed
+
+    def costs(epochs: int) -> dict[str, float]:
+        return {"start": facts.elapsed, **phase_costs(t, facts.n_train, facts.n_val, facts.n_test, epochs, 0, True,
+                                                       facts.decode_s, tta, facts.in_memory, facts.unknown)}
+
+    fixed_cost = sum(costs(0).values()) - facts.elapsed
+    per_epoch = sum(costs(1).values()) - fixed_cost - facts.elapsed
+    fit = int((available - fixed_cost) // per_epoch) if per_epoch > 0 else 0
+    epochs = fixed.get("epochs", min(fit, LOWRES_MAX_EPOCHS))
+    if epochs < 1:
+        return None
+    if "warmup_epochs" not in fixed:
+        recipe["warmup_epochs"] = round(LOWRES_WARMUP_SHARE * epochs, 1)
+    reason = (f"{fit} epochs of {speed.model} from scratch fit at {LOWRES_SIDE} px "
+              f"({per_epoch:.1f} s per epoch, {t.train:.0f} img/s training in {t.precision or 'the set precision'})")
+    return Plan(facts.budget, "scratch", LOWRES_SIDE, epochs, 0, fixed.get("augment", "crop-flip"),
+                fixed.get("resize_mode", "squash"), costs(epochs), recipe=recipe,
+                candidates=[{"model": speed.model, "size": LOWRES_SIDE, "epochs_that_fit": fit,
+                             "seconds_per_epoch": round(per_epoch, 1)}],
+                throughputs=[{"model": speed.model, "size": t.size, "train": t.train, "infer": t.infer,
+                              "precision": t.precision}],
+                reason=reason)
+
+
+def choose_plan(facts: Facts, fixed: dict[str, Any], lowres: list[LowResSpeed]) -> Plan:
+    """:func:`~visiontune.training.budget.plan_run`'s plan, or a low-resolution network's where
+    :func:`expected_accuracy` says it is more accurate in the same budget. The plan's reason names
+    every candidate's expected accuracy."""
+    base = plan_run(facts, fixed)
+    if not lowres or ("model" not in fixed and "strategy" in fixed):
+        return base
+    plans = [p for p in (plan_lowres(facts, fixed, s) for s in lowres) if p is not None]
+    if "model" in fixed:  # the user named a low-resolution network: its plan, whatever the curves say
+        return plans[0] if plans else base
+    steps = facts.steps_per_epoch
+    scored = sorted([(expected_accuracy(p, steps), i, p) for i, p in enumerate([base, *plans])],
+                    key=lambda x: (-x[0], x[1]))
+    best = scored[0][2]
+    names = {id(base): f"{base.strategy} at {base.img_size} px"}
+    summary = "; ".join(f"{names.get(id(p), p.recipe.get('model'))} {acc:.3f}" for acc, _, p in scored)
+    best.reason += f". Expected accuracy (curves measured on CIFAR-10): {summary}"
+    best.candidates = base.candidates + [c for p in plans for c in p.candidates]
+    best.throughputs = base.throughputs + [t for p in plans for t in p.throughputs]
+    return best

@@ -1,0 +1,173 @@
+"""The low-resolution strategy: the compact networks build offline, whiten their input, train from
+scratch end to end and reload; the planner weighs them only for small images and enough of them,
+and picks one only where its expected accuracy (the measured curves) beats the fine-tune's;
+precision is measured, not assumed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import FAST_FLAGS, make_folder, vt_main
+
+from visiontune.core.errors import ModelError
+from visiontune.models.factory import build_model, rebuild
+from visiontune.models.lowres import LOWRES_MODELS, LowResCNN, is_lowres
+from visiontune.training import budget
+from visiontune.training.budget import Facts, Plan, Throughput, measure_throughput, plan_run
+from visiontune.training.lowres_plan import (
+    LOWRES_MIN_IMAGES,
+    LOWRES_SIDE,
+    LowResSpeed,
+    choose_plan,
+    considers_lowres,
+    expected_accuracy,
+)
+
+TABLE = [Throughput(32, 700, 4700), Throughput(48, 440, 2700), Throughput(64, 310, 1600),
+         Throughput(96, 150, 520), Throughput(128, 75, 385)]
+CIFAR = {"n_train": 32_000, "n_val": 8_000, "native_side": 32, "default_side": 224}
+
+
+def facts(budget_s: float, **data) -> Facts:
+    return Facts(budget_s, **{**CIFAR, "throughputs": TABLE, **data})
+
+
+def speed(train: float, infer: float, model: str = "lowres_cnn", precision: str = "bf16") -> LowResSpeed:
+    return LowResSpeed(model, Throughput(LOWRES_SIDE, train, infer, precision))
+
+
+@pytest.mark.parametrize("name", list(LOWRES_MODELS))
+def test_every_lowres_network_builds_offline_and_reloads(name):
+    model, arch, pre = build_model(name, 4, "none")
+    assert (arch.source, arch.name, arch.classifier) == ("timm", name, "head")
+    assert pre.input_size == (3, LOWRES_SIDE, LOWRES_SIDE) and is_lowres(name) and is_lowres("timm:" + name)
+    model.fit_whitening(torch.randn(32, 3, 32, 32))
+    again = rebuild(arch)
+    again.load_state_dict(model.state_dict())  # the whitening is in the state dict (a buffer)
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(again.eval()(x), model.eval()(x))
+
+
+def test_pretrained_weights_are_refused_naming_scratch():
+    with pytest.raises(ModelError, match="no pretrained weights.*--strategy scratch"):
+        build_model("lowres_cnn", 3, "default")
+
+
+def test_whitening_decorrelates_the_patches():
+    """The first layer maps 2x2 patches of the data to unit-variance, uncorrelated channels."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(256, 1, 32, 32, generator=gen)
+    images = torch.cat([base, 0.5 * base + 0.1 * torch.randn(256, 1, 32, 32, generator=gen),
+                        torch.randn(256, 1, 32, 32, generator=gen)], 1)  # correlated channels
+    net = LowResCNN(3, (8, 8, 8))
+    net.fit_whitening(images)
+    out = torch.nn.functional.conv2d(images, net.whiten_weight[:12])
+    flat = out.permute(1, 0, 2, 3).reshape(12, -1)
+    cov = torch.cov(flat)
+    assert (cov.diagonal() - 1).abs().max() < 0.1  # unit variance (eps shrinks it a little)
+    assert (cov - torch.diag(cov.diagonal())).abs().max() < 0.05
+    torch.testing.assert_close(net.whiten_weight[12:], -net.whiten_weight[:12])
+
+
+def test_classifier_module_gives_the_networks_logits():
+    """The logit scale is inside the classifier: head(features) is what the network outputs."""
+    net = LowResCNN(5, (8, 8, 8)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(net.head(net.forward_features(x)), net(x))
+
+
+def test_considers_lowres_only_for_small_images_many_of_them_and_no_other_network():
+    assert considers_lowres(LOWRES_MIN_IMAGES, 32, {})
+    assert not considers_lowres(LOWRES_MIN_IMAGES - 1, 32, {})
+    assert not considers_lowres(50_000, 96, {})
+    assert not considers_lowres(50_000, 32, {}, single_label=False)
+    assert not considers_lowres(50_000, 32, {"model": "resnet18"})
+    assert not considers_lowres(50_000, 32, {"strategy": "finetune"})
+    assert not considers_lowres(50_000, 32, {"img_size": 64})
+    assert considers_lowres(50_000, 32, {"model": "lowres_cnn_wide", "strategy": "scratch"})
+
+
+def test_planner_picks_the_lowres_network_where_its_curve_wins():
+    f = facts(15 * 60, elapsed=20)
+    plan = choose_plan(f, {}, [speed(520, 4000)])
+    assert (plan.strategy, plan.img_size, plan.recipe["model"], plan.recipe["precision"]) == (
+        "scratch", LOWRES_SIDE, "lowres_cnn", "bf16")
+    base = plan_run(f, {})
+    steps = f.steps_per_epoch
+    assert expected_accuracy(plan, steps) > expected_accuracy(base, steps)
+    assert plan.total <= f.budget and plan.freeze_epochs == 0 and plan.recipe["tta"] is True
+    assert "Expected accuracy" in plan.reason and "finetune at" in plan.reason
+
+
+def test_planner_keeps_the_finetune_where_the_lowres_network_is_slow():
+    f = facts(15 * 60, elapsed=20)
+    slow = choose_plan(f, {}, [speed(40, 300, precision="32")])
+    assert slow == plan_run(f, {}) or (slow.strategy, slow.img_size) == (plan_run(f, {}).strategy,
+                                                                        plan_run(f, {}).img_size)
+    assert "model" not in slow.recipe
+
+
+def test_planner_weighs_several_networks_by_their_curves():
+    """A long budget buys the wider network enough epochs to beat the small one; a short one does not."""
+    both = [speed(520, 4000), speed(210, 2000, "lowres_cnn_wide")]
+    assert choose_plan(facts(4 * 3600, elapsed=20), {}, both).recipe["model"] == "lowres_cnn_wide"
+    assert choose_plan(facts(10 * 60, elapsed=20), {}, both).recipe["model"] == "lowres_cnn"
+
+
+def test_users_options_win_over_the_plan():
+    f = facts(15 * 60, elapsed=20)
+    plan = choose_plan(f, {"strategy": "scratch", "model": "lowres_cnn", "precision": "32", "epochs": 3},
+                       [speed(520, 4000)])
+    assert plan.epochs == 3 and "precision" not in plan.recipe
+    assert choose_plan(f, {"strategy": "finetune"}, [speed(520, 4000)]).strategy == "finetune"
+
+
+def test_plan_with_lowres_recipe_round_trips(tmp_path):
+    plan = choose_plan(facts(15 * 60, elapsed=20), {}, [speed(520, 4000)])
+    plan.save(tmp_path / "plan.json")
+    assert Plan.from_dict(json.loads((tmp_path / "plan.json").read_text())) == plan
+
+
+def test_throughput_keeps_the_faster_precision(monkeypatch):
+    """With --precision auto on a CPU with native bf16 both are measured and the faster kept."""
+    monkeypatch.setattr(budget, "precisions_to_measure", lambda precision, size: ["32", "bf16"])
+    speeds = {"32": 100.0, "bf16": 180.0}
+
+    def fake(run, batch, seconds):
+        return speeds[run.precision]
+
+    monkeypatch.setattr(budget, "_step_images_per_second", fake)
+    (t,) = measure_throughput(LowResCNN(2, (8, 8, 8)), [32], "auto", 4)
+    assert (t.precision, t.train) == ("bf16", 180.0)
+    speeds.update({"32": 250.0})
+    (t,) = measure_throughput(LowResCNN(2, (8, 8, 8)), [32], "auto", 4)
+    assert (t.precision, t.train) == ("32", 250.0)
+
+
+def test_explicit_precision_is_the_only_one_measured():
+    assert budget.precisions_to_measure("32", 224) == ["32"]
+    assert budget.precisions_to_measure("bf16", 32) == ["bf16"]
+
+
+def test_lowres_network_trains_from_scratch_end_to_end(tmp_path, capsys):
+    """--model lowres_cnn --strategy scratch: whitening set from the data, trained, saved, evaluated."""
+    data = make_folder(tmp_path / "small images", per_class=8, size=32)
+    run = tmp_path / "run dir"
+    code, out, err = vt_main(capsys, "train", data, "--model", "lowres_cnn", "--strategy", "scratch", "--epochs", "1",
+                             "--run-dir", run, "--no-report", *[f for f in FAST_FLAGS if f not in ("--img-size", "32")])
+    assert code == 0, err
+    card = json.loads((run / "model" / "model.json").read_text())
+    assert card["architecture"]["name"] == "lowres_cnn"
+    from safetensors.torch import load_file
+
+    whiten = load_file(run / "model" / "model.safetensors")["whiten_weight"]
+    assert whiten.abs().sum() > 0  # set from the training images, not the zeros it was built with
+    code, out, err = vt_main(capsys, "evaluate", run, data, "--json")
+    assert code == 0, err
+    assert 0.0 <= json.loads(out)["accuracy"] <= 1.0
+    code, out, err = vt_main(capsys, "export", run, "--out", tmp_path / "model.onnx")
+    assert code == 0 and "top-1 agreement 100.00%" in out, out + err
+    code, out, err = vt_main(capsys, "export", run, "--format", "hf", "--out", tmp_path / "hf")
+    assert code != 0 and "not in timm" in err and "--format onnx" in err and not (tmp_path / "hf").exists()
