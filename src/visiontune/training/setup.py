@@ -42,7 +42,7 @@ from .checkpoint_io import newest_valid_checkpoint, remove_stale_temp_files
 from .config import OPTIONS, TrainConfig, no_budget
 from .context import FitResult, TrainContext
 from .levers import check_options, levers_line
-from .lowres_plan import choose_plan, considers_lowres, measure_lowres
+from .lowres_plan import LOWRES_SIDE, choose_plan, considers_lowres, measure_lowres
 from .registry import LOGGERS, RANDOM_INIT, STRATEGIES
 
 RUN_DIR_ENV = "VISIONTUNE_RUN_DIR"
@@ -203,7 +203,10 @@ def plan_budget(cfg: TrainConfig, model, pre: Preprocessing, splits: Splits, def
     lowres = []
     if considers_lowres(len(splits.train), native, fixed, get_task(splits.task).name == "single"):
         print(f"images of {native} px: also measuring networks built for their size, trained from scratch", flush=True)
-        lowres = measure_lowres(len(splits.class_names), rt.precision, fixed)
+        small = Preprocessing((3, LOWRES_SIDE, LOWRES_SIDE), pre.mean, pre.std, crop_pct=1.0, resize_mode="squash")
+        fits, _ = should_cache(cfg.data.cache_images, [p for p, _ in splits.train],
+                               store_side(small, fixed.get("augment", "crop-flip")), available_memory())
+        lowres = measure_lowres(len(splits.class_names), rt.precision, fixed, fits)
         facts = replace(facts, elapsed=time.time() - started)
     plan = choose_plan(facts, fixed, lowres)
     print(plan.describe(), flush=True)
