@@ -170,8 +170,9 @@ PRECISION_NAMES = {"32": "fp32", "bf16": "bf16", "16": "fp16"}
 
 # options a plan never sets but honours: each of these needs a head trained epoch by epoch in the loop
 LOOP_OPTIONS = ("ema", "early_stopping", "checkpoint_every_steps")
-# ... and a batch size the tuner finds after planning: steps per epoch unknown, so whole epochs only
-HONOURED = (*LOOP_OPTIONS, "auto_batch_size")
+# ... and a batch size the tuner finds after planning: steps per epoch unknown, so whole epochs only;
+# a teacher, which needs the network trained on images (a head on cached features never sees one)
+HONOURED = (*LOOP_OPTIONS, "auto_batch_size", "teacher")
 
 
 def fixed_options(cfg: TrainConfig) -> dict[str, Any]:
@@ -406,7 +407,7 @@ def probes_small_data(n_train: int, fixed: dict[str, Any], processes: int = 1) -
     """Whether a plan for ``n_train`` images is the cross-validated probe on cached features (up to
     :data:`SMALL_DATA` images, unless the user fixed another strategy, the epochs or several
     processes): it only needs the inference speed at the backbone's own size."""
-    strategy = fixed.get("strategy", "finetune" if processes > 1 else None)
+    strategy = fixed.get("strategy", "finetune" if processes > 1 or fixed.get("teacher") else None)
     return n_train <= SMALL_DATA and strategy in (None, "linear-probe") and "epochs" not in fixed
 
 
@@ -464,7 +465,7 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
                                                  else 0, finetune, decode_s, tta, in_memory, facts.unknown)}
 
     # several processes train the network on images (a head on cached features is one process's job)
-    if facts.processes > 1 and strategy is None:
+    if (facts.processes > 1 or fixed.get("teacher")) and strategy is None:
         strategy = "finetune"
     if probes_small_data(n_train, fixed, facts.processes):
         side = probe_side([x.size for x in sizes], default_side)

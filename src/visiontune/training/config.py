@@ -160,6 +160,10 @@ class OptimOptions:
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy loss (0.1; single-label)")
     select_metric: str = option("accuracy", "metric choosing the best epoch (and early stopping)",
                                 choices=SELECT_METRICS)
+    teacher: str | None = option(None, "distillation: a trained run or model folder (same classes) whose softened "
+                                       "probabilities the model also learns from", metavar="RUN_DIR|MODEL")
+    distill_alpha: float = option(0.5, "--teacher: weight of the teacher's soft targets in the loss (0.5)")
+    distill_temperature: float = option(2.0, "--teacher: softmax temperature of the soft targets (2.0)")
     mixup: float = option(0.0, "mixup alpha (timm Mixup; 0: off)")
     cutmix: float = option(0.0, "cutmix alpha (timm Mixup; 0: off)")
     ema: bool | None = option(None, "validate and keep an exponential moving average of the weights (decay set by "
@@ -267,6 +271,8 @@ class TrainConfig:
             ("img_size", lambda v: v is None or v >= 16, "must be >= 16"),
             ("cached_views", lambda v: v >= 1, "must be >= 1"),
             ("mixup", lambda v: v >= 0, "must be >= 0"),
+            ("distill_alpha", lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
+            ("distill_temperature", lambda v: 0.0 < v <= 100.0, "must be in (0, 100]"),
             ("cutmix", lambda v: v >= 0, "must be >= 0"),
             ("devices", lambda v: v >= 1, "must be >= 1"),
             ("max_steps", lambda v: v is None or v >= 1, "must be >= 1"),

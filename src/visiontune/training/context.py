@@ -48,6 +48,7 @@ class TrainContext:
     # evidence for the temperature than the validation split (set from the strategy's FitResult)
     calibration_logits: tuple[torch.Tensor, torch.Tensor] | None = None
     logger: Any = None  # the run's Lightning logger (--logger), shared by every trainer of the run
+    teacher: Any = None  # --teacher: a distill.Teacher, whose soft targets the training on images adds
 
     @property
     def run_dir(self) -> Path:
@@ -94,6 +95,8 @@ class TrainContext:
                       "num_train": len(self.splits.train), "num_val": len(self.splits.val), "seed": c.runtime.seed,
                       "class_counts": self.splits.counts("train"),
                       "precision": self.precision,
+                      **({"distillation": {"teacher": c.optim.teacher, "alpha": c.optim.distill_alpha,
+                                           "temperature": c.optim.distill_temperature}} if c.optim.teacher else {}),
                       # where this run was written: the recorded data is re-read only inside this run folder
                       "run_dir": os.path.realpath(self.layout.root), **(training or {})})
 

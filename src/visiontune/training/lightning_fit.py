@@ -511,7 +511,8 @@ def make_module(ctx: TrainContext, body_groups: list[list[str]], body_lrs: list[
                             ctx.schedule_settings(), cfg.optim.label_smoothing, ctx.class_weights(),
                             freeze_bn_stats=cfg.strategy.bn_stats == "frozen", compile=cfg.runtime.compile,
                             mixup=(cfg.optim.mixup, cfg.optim.cutmix), tta=bool(cfg.model.tta),
-                            task=ctx.task)
+                            task=ctx.task, teacher=ctx.teacher,
+                            distill=(cfg.optim.distill_alpha, cfg.optim.distill_temperature))
 
 
 def make_head_module(ctx: TrainContext) -> HeadModule:

@@ -19,6 +19,7 @@ from ..inference.runners import forward_logits
 from ..models.groups import head_parameter_names
 from ..task import Task, get_task
 from .checkpoint_io import BODY_PHASE, HEAD_PHASE, PHASE_KEY, restore_rng, rng_state
+from .distill import Teacher, distill_loss
 from .optim import OptimizerSettings, ScheduleSettings, make_optimizer, make_scheduler, schedule_fn
 
 
@@ -38,6 +39,8 @@ class ClassifierModule(L.LightningModule):
         compile: train a ``torch.compile`` view of the model.
         mixup: mixup and cutmix alphas (timm's ``Mixup``; both 0: off).
         tta: validate with the flip test-time augmentation every prediction of the model will use.
+        teacher: a trained model whose softened probabilities the training on images also learns
+            from (:mod:`~visiontune.training.distill`), with ``distill`` = (alpha, temperature).
         task: what the model answers (a :class:`~visiontune.task.Task` or its name): its loss,
             its metrics (``accuracy`` and the ``--select-metric`` ones, logged as ``val_<name>``)
             and its mixed targets.
@@ -46,8 +49,10 @@ class ClassifierModule(L.LightningModule):
     def __init__(self, model: nn.Module, classifier: str, body_groups: list[list[str]], body_lrs: list[float],
                  optimizer: OptimizerSettings, schedule: ScheduleSettings, label_smoothing: float = 0.0,
                  class_weights: torch.Tensor | None = None, freeze_bn_stats: bool = False, compile: bool = False,
-                 mixup: tuple[float, float] = (0.0, 0.0), tta: bool = False, task: str | Task = "single"):
+                 mixup: tuple[float, float] = (0.0, 0.0), tta: bool = False, task: str | Task = "single",
+                 teacher: Teacher | None = None, distill: tuple[float, float] = (0.5, 2.0)):
         super().__init__()
+        self.teacher, self.distill = teacher, distill  # a plain attribute: its weights stay out of checkpoints
         self.model = model
         self.classifier = classifier
         self.body_groups = body_groups
@@ -124,6 +129,8 @@ class ClassifierModule(L.LightningModule):
         else:
             logits = forward_logits(self, x, tta=self.tta and prefix == "val")
             loss = self.loss_fn(logits.float(), y)
+        if prefix == "train" and self.teacher is not None:
+            loss = distill_loss(loss, logits, self.teacher(x), *self.distill)
         scores, y_metric = self.task.metric_inputs(logits, y)
         metric(scores, y_metric)
         if prefix == "val":

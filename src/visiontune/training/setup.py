@@ -41,6 +41,7 @@ from .budget import (
 from .checkpoint_io import newest_valid_checkpoint, remove_stale_temp_files
 from .config import OPTIONS, TrainConfig, no_budget
 from .context import FitResult, TrainContext
+from .distill import Teacher
 from .levers import check_options, levers_line
 from .lowres_plan import LOWRES_SIDE, choose_plan, considers_lowres, measure_lowres
 from .registry import LOGGERS, RANDOM_INIT, STRATEGIES
@@ -126,6 +127,13 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
                            time.time() - started)
         print(line, flush=True)
     fit_input_size(model, pre.height, pre.width)  # ViTs: position embeddings for the chosen size
+    teacher = None
+    if cfg.optim.teacher:  # loaded and checked against the data before a run dir exists
+        if get_task(splits.task).name != "single" or cfg.strategy.name == "linear-probe":
+            raise ConfigError("--teacher distils into a single-label network trained on images (--strategy "
+                              f"finetune, progressive or scratch); this run is {get_task(splits.task).title}, "
+                              f"--strategy {cfg.strategy.name}")
+        teacher = Teacher(cfg.optim.teacher, pre, splits.class_names)
     precision = resolve_precision(cfg.runtime.precision, pre.height)
     cache, needed = should_cache(cfg.data.cache_images, [p for p, _ in splits.train],
                                  store_side(pre, cfg.data.augment), available_memory())
@@ -145,7 +153,7 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
           + (f", images in memory (~{needed / 2**20:.0f} MiB)" if cache else ""))
     print(levers_line(cfg))
     ctx = TrainContext(cfg, layout, model, arch, pre, splits, precision, resume_ckpt, cfg.optim.batch_size, cache,
-                       deadline, plan, started=started)
+                       deadline, plan, started=started, teacher=teacher)
     ctx.logger = LOGGERS.get(cfg.runtime.logger)(run_dir, layout.logs, Path(run_dir).name,
                                                  cfg.replace(run_dir=str(run_dir)).to_dict())
     return ctx
