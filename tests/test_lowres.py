@@ -172,12 +172,18 @@ def test_explicit_precision_is_the_only_one_measured():
 
 
 def test_lowres_network_trains_from_scratch_end_to_end(tmp_path, capsys):
-    """--model lowres_cnn --strategy scratch: whitening set from the data, trained, saved, evaluated."""
+    """--model lowres_cnn (scratch implied, its recipe unless given): whitening set from the data,
+    trained, saved, evaluated, exported."""
+    import yaml
+
     data = make_folder(tmp_path / "small images", per_class=8, size=32)
     run = tmp_path / "run dir"
-    code, out, err = vt_main(capsys, "train", data, "--model", "lowres_cnn", "--strategy", "scratch", "--epochs", "1",
-                             "--run-dir", run, "--no-report", *[f for f in FAST_FLAGS if f not in ("--img-size", "32")])
+    code, out, err = vt_main(capsys, "train", data, "--model", "lowres_cnn", "--epochs", "1", "--run-dir", run,
+                             "--no-report", *[f for f in FAST_FLAGS if f not in ("--img-size", "32")])
     assert code == 0, err
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert (config["strategy"], config["optimizer"], config["label_smoothing"], config["ema"], config["tta"],
+            config["augment"], config["batch_size"]) == ("scratch", "sgd", 0.2, True, True, "crop-flip", 8)
     card = json.loads((run / "model" / "model.json").read_text())
     assert card["architecture"]["name"] == "lowres_cnn"
     from safetensors.torch import load_file

@@ -89,6 +89,20 @@ def measure_lowres(num_classes: int, precision: str, fixed: dict[str, Any], in_m
     return out
 
 
+def network_recipe(given: set[str] | frozenset[str], epochs: int) -> dict[str, Any]:
+    """The options a compact network trains with when the user named it without a time budget
+    (``--model lowres_cnn --epochs 20``): :data:`LOWRES_RECIPE` and its augmentation, except the
+    options the user gave. A budgeted run gets the same from :func:`plan_lowres`.
+
+    Example:
+        >>> sorted(network_recipe({"lr"}, 10))[:4], network_recipe({"lr"}, 10)["warmup_epochs"]
+        (['augment', 'batch_size', 'ema', 'label_smoothing'], 2.0)
+    """
+    recipe = {**LOWRES_RECIPE, "augment": "crop-flip", "resize_mode": "squash", "strategy": "scratch",
+              "warmup_epochs": round(LOWRES_WARMUP_SHARE * epochs, 1)}
+    return {k: v for k, v in recipe.items() if k not in given}
+
+
 def _curve(ceiling_slope: tuple[float, float], epochs: float) -> float:
     ceiling, slope = ceiling_slope
     return ceiling - slope / epochs if epochs > 0 else PROBE_ACCURACY

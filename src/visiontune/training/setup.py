@@ -22,6 +22,7 @@ from ..data.memory import should_cache, store_side
 from ..data.preprocess import Preprocessing
 from ..data.scan import Splits, discover, median_side, write_skipped, write_split_csv
 from ..models.factory import build_model, fit_input_size
+from ..models.lowres import is_lowres
 from ..task import TASKS, Task, get_task
 from .budget import (
     FORECAST_MIN_IMAGE_EPOCHS,
@@ -43,7 +44,7 @@ from .config import OPTIONS, TrainConfig, no_budget
 from .context import FitResult, TrainContext
 from .distill import Teacher
 from .levers import check_options, levers_line
-from .lowres_plan import LOWRES_SIDE, choose_plan, considers_lowres, measure_lowres
+from .lowres_plan import LOWRES_SIDE, choose_plan, considers_lowres, measure_lowres, network_recipe
 from .registry import LOGGERS, RANDOM_INIT, STRATEGIES
 
 RUN_DIR_ENV = "VISIONTUNE_RUN_DIR"
@@ -97,6 +98,8 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
         if note:
             print(note, flush=True)
     cfg = adapt_to_task(cfg, splits.task)
+    if is_lowres(cfg.model.name) and "strategy" not in cfg.given:  # a network with no pretrained weights
+        cfg = cfg.replace(strategy="scratch")
     weights = "none" if cfg.strategy.name in RANDOM_INIT else cfg.model.weights
     model_name = cfg.model.name
     model, arch, pre = build_model(model_name, len(splits.class_names), weights)
@@ -119,7 +122,11 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
         pre = replace(pre.with_size(plan.img_size), resize_mode=cfg.model.resize_mode)
         check_options(cfg, planned=True)
         deadline = started + budget
-    elif not cfg.runtime.resume and len(splits.train) * cfg.optim.epochs >= FORECAST_MIN_IMAGE_EPOCHS:
+    elif is_lowres(cfg.model.name) and not cfg.runtime.resume:  # the compact networks' own recipe
+        cfg = cfg.replace(**network_recipe(cfg.given, cfg.optim.epochs))
+        pre = replace(pre, resize_mode=cfg.model.resize_mode)
+    if (budget is None and not cfg.runtime.resume
+            and len(splits.train) * cfg.optim.epochs >= FORECAST_MIN_IMAGE_EPOCHS):
         finetune = cfg.strategy.name != "linear-probe"
         (measured,) = measure_throughput(model, [pre.height], cfg.runtime.precision, cfg.optim.batch_size, seconds=1.0)
         _, line = forecast(measured, len(splits.train), len(splits.val), len(splits.test), cfg.optim.epochs,
