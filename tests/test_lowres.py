@@ -207,3 +207,15 @@ def test_lowres_plan_counts_decoding_only_where_its_small_images_do_not_fit_in_m
     reread = choose_plan(f, {}, [LowResSpeed("lowres_cnn", Throughput(LOWRES_SIDE, 520, 4000, "bf16"), False)])
     assert held.recipe["model"] == reread.recipe["model"] == "lowres_cnn"
     assert held.epochs > reread.epochs and held.projected["load"] > 0 == reread.projected["load"]
+
+
+def test_compact_networks_are_measured_only_where_their_ceiling_could_beat_the_finetune():
+    """Measuring them costs seconds of the budget: skipped where the fine-tune's expected accuracy is
+    already at or above every compact network's ceiling (CIFAR-10 in an hour on the fast table)."""
+    from visiontune.training.lowres_plan import lowres_may_win
+
+    long = facts(3600, elapsed=20)
+    assert not lowres_may_win(plan_run(long, {}), long, {})
+    assert lowres_may_win(plan_run(long, {}), long, {"model": "lowres_cnn"})
+    slow = facts(30 * 60, elapsed=20, throughputs=SLOW)
+    assert lowres_may_win(plan_run(slow, {}), slow, {})

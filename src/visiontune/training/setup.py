@@ -35,6 +35,7 @@ from .budget import (
     forecast,
     format_duration,
     measure_throughput,
+    plan_run,
     probe_side,
     probes_small_data,
     run_budget,
@@ -44,7 +45,14 @@ from .config import OPTIONS, TrainConfig, no_budget
 from .context import FitResult, TrainContext
 from .distill import Teacher
 from .levers import check_options, levers_line
-from .lowres_plan import LOWRES_SIDE, choose_plan, considers_lowres, measure_lowres, network_recipe
+from .lowres_plan import (
+    LOWRES_SIDE,
+    choose_plan,
+    considers_lowres,
+    lowres_may_win,
+    measure_lowres,
+    network_recipe,
+)
 from .registry import LOGGERS, RANDOM_INIT, STRATEGIES
 
 RUN_DIR_ENV = "VISIONTUNE_RUN_DIR"
@@ -216,7 +224,8 @@ def plan_budget(cfg: TrainConfig, model, pre: Preprocessing, splits: Splits, def
                   batch_size=cfg.optim.batch_size, processes=processes, in_memory=in_memory,
                   num_classes=len(splits.class_names), unknown=cfg.model.unknown)
     lowres = []
-    if considers_lowres(len(splits.train), native, fixed, get_task(splits.task).name == "single"):
+    if (considers_lowres(len(splits.train), native, fixed, get_task(splits.task).name == "single")
+            and lowres_may_win(plan_run(facts, fixed), facts, fixed)):
         print(f"images of {native} px: also measuring networks built for their size, trained from scratch", flush=True)
         small = Preprocessing((3, LOWRES_SIDE, LOWRES_SIDE), pre.mean, pre.std, crop_pct=1.0, resize_mode="squash")
         fits, _ = should_cache(cfg.data.cache_images, [p for p, _ in splits.train],
