@@ -26,6 +26,7 @@ from ..models.lowres import is_lowres
 from ..task import TASKS, Task, get_task
 from .budget import (
     FORECAST_MIN_IMAGE_EPOCHS,
+    MIN_FINETUNE_SIDE,
     Facts,
     Plan,
     Throughput,
@@ -201,6 +202,9 @@ def plan_budget(cfg: TrainConfig, model, pre: Preprocessing, splits: Splits, def
     rt = cfg.runtime
     processes = rt.devices * rt.num_nodes
     sizes = [fixed["img_size"]] if "img_size" in fixed else candidate_sizes(native, default_side)
+    if fixed.get("strategy") != "scratch" and any(s >= MIN_FINETUNE_SIDE for s in sizes):
+        # a pretrained network is never fine-tuned below MIN_FINETUNE_SIDE: measuring there costs seconds
+        sizes = [s for s in sizes if s >= MIN_FINETUNE_SIDE]
     probe = probes_small_data(len(splits.train), fixed, processes)
     if probe:  # a probe on cached features at one size: its inference speed is all it needs
         sizes = [probe_side(sizes, default_side)]
