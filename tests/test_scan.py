@@ -387,33 +387,3 @@ def test_split_keeps_every_label_in_train_and_val():
     for label in range(targets.shape[1]):
         assert targets[train, label].sum() > 0 and targets[val, label].sum() > 0, label
     assert iterative_split(targets, 0.2, seed=3) == (train, val)  # seeded
-
-
-def test_held_out_split_is_capped_unless_the_share_is_given(tmp_path, monkeypatch):
-    """A large data set holds out at most MAX_AUTO_VAL images (the rest train); --val-fraction given is kept."""
-    from visiontune.training import setup
-    from visiontune.training.config import TrainConfig
-
-    data = make_folder(tmp_path / "my data", per_class=10)
-    capped = discover(data, max_val=6)
-    assert len(capped.val) == 6 and len(capped.train) == 24
-    assert sorted(Counter(y for _, y in capped.val).values()) == [2, 2, 2]  # still stratified
-    assert len(discover(data, max_val=100).val) == 6  # 0.2 of 30: under the cap, unchanged
-    multi = discover(make_multilabel(tmp_path / "ml"), max_val=3, task="multi")
-    assert len(multi.val) == 3
-
-    class Stop(Exception):
-        pass
-
-    def record(*args, **kwargs):  # the split's arguments, then stop: nothing after the split is wanted here
-        seen.append(kwargs["max_val"])
-        raise Stop
-
-    seen: list = []
-    monkeypatch.setattr(setup, "MAX_AUTO_VAL", 3)
-    monkeypatch.setattr(setup, "discover", record)
-    for options in ({}, {"val_fraction": 0.5}):
-        cfg = TrainConfig.from_dict({"data": str(data), "epochs": 1, **options})
-        with pytest.raises(Stop):
-            setup.setup_run(cfg)
-    assert seen == [3, None]

@@ -214,7 +214,6 @@ def discover(
     scan: bool = True,
     task: str = AUTO,
     label_delim: str = DEFAULT_DELIM,
-    max_val: int | None = None,
 ) -> Splits:
     """Find, check and split the images of a dataset.
 
@@ -229,7 +228,6 @@ def discover(
         task: ``auto`` (multi-label for a one-hot CSV or rows with other than one label),
             ``single`` or ``multi``.
         label_delim: separator of the labels in one cell of a ``path,labels`` CSV.
-        max_val: at most this many images held out by ``val_fraction`` (:func:`held_out_share`).
 
     Example:
         splits = discover("data/hymenoptera/train")
@@ -239,26 +237,13 @@ def discover(
     data, val = require_data(data), require_data(val) if val else None
     chosen, why, tables = choose_task(data, val, task, label_delim)
     found = get_task(chosen)
-    splits = task_scan(found).discover(found, data, val, tables, val_fraction, seed, class_names, scan, max_val)
+    splits = task_scan(found).discover(found, data, val, tables, val_fraction, seed, class_names, scan)
     splits.task_note = describe_task(found, task, why) if data.is_file() else ""  # for CSVs, where it is a choice
     return splits
 
 
-def held_out_share(val_fraction: float, images: int, max_val: int | None) -> float:
-    """The share of ``images`` a split holds out: ``val_fraction``, lowered so that at most ``max_val``
-    images are held out (None: no cap).
-
-    Example:
-        >>> held_out_share(0.2, 40_000, 5_000), held_out_share(0.2, 2_000, 5_000)
-        (0.125, 0.2)
-    """
-    if max_val is None or images * val_fraction <= max_val:
-        return val_fraction
-    return max_val / images
-
-
 def _discover_single(task: Task, data: Path, val: Path | None, tables: list[LabelTable], val_fraction: float,
-                     seed: int, class_names: list[str] | None, scan: bool, max_val: int | None = None) -> Splits:
+                     seed: int, class_names: list[str] | None, scan: bool) -> Splits:
     """The single-label part of :func:`discover`: class folders, or ``path,label`` CSVs read again as such."""
     raw = read_source(data, val)
     names = sorted(raw["train"])
@@ -278,8 +263,7 @@ def _discover_single(task: Task, data: Path, val: Path | None, tables: list[Labe
         train, val_list = lists["train"], lists["val"]
         layout = "split" if val is None else "explicit-val"
     else:
-        train, val_list = stratified_split(lists["train"], held_out_share(val_fraction, len(lists["train"]), max_val),
-                                           seed)
+        train, val_list = stratified_split(lists["train"], val_fraction, seed)
         layout = "folders" if data.is_dir() else "csv"
     splits = Splits(names, train, val_list, lists.get("test", []), sorted(skipped.items()), layout, task=task)
     roots = [(files, data_root(val if split == "val" and val is not None else data)) for split, files in raw.items()]
@@ -289,7 +273,7 @@ def _discover_single(task: Task, data: Path, val: Path | None, tables: list[Labe
 
 
 def _discover_multi(task: Task, data: Path, val: Path | None, tables: list[LabelTable], val_fraction: float,
-                    seed: int, class_names: list[str] | None, scan: bool, max_val: int | None = None) -> Splits:
+                    seed: int, class_names: list[str] | None, scan: bool) -> Splits:
     """The multi-label part of :func:`discover`: classes are the sorted union of the train labels."""
     rows, val_rows = tables[0].rows, tables[1].rows if len(tables) > 1 else None
     names = class_names or sorted({label for _, labels in rows for label in labels})
@@ -311,8 +295,7 @@ def _discover_multi(task: Task, data: Path, val: Path | None, tables: list[Label
     if val_rows is not None:
         val_samples, layout = _multi_samples(val_rows, names, skipped), "explicit-val"
     else:
-        train_idx, val_idx = iterative_split(task.targets([y for _, y in train], len(names)),
-                                            held_out_share(val_fraction, len(train), max_val), seed)
+        train_idx, val_idx = iterative_split(task.targets([y for _, y in train], len(names)), val_fraction, seed)
         train, val_samples, layout = [train[i] for i in train_idx], [train[i] for i in val_idx], "csv"
     splits = Splits(names, train, val_samples, [], sorted(skipped.items()), layout, task=task)
     outside = outside_root([p for p, _ in rows], data_root(data))
@@ -476,7 +459,7 @@ class TaskScan:
 
     Attributes:
         discover: :func:`discover`'s part for the task: ``(task, data, val, tables, val_fraction,
-            seed, class_names, scan, max_val) -> Splits``, given the label tables :func:`choose_task` read.
+            seed, class_names, scan) -> Splits``, given the label tables :func:`choose_task` read.
         evaluate: :func:`discover_eval`'s part: ``(task, data, class_names, label_delim) -> (samples, skipped)``.
         split_columns: the columns of a ``RUN/splits/`` CSV after ``path``, from the class names.
         split_cells: one label's cells under those columns.

@@ -104,8 +104,7 @@ class DataOptions:
     unlabeled: str | None = option(None, "a folder of unlabelled images: self-training (a teacher trained on DATA "
                                          "pseudo-labels them, a student trains on both, the better on val is kept)",
                                    metavar="DIR")
-    val_fraction: float = option(0.2, "share of each class held out for validation when DATA has no val split (0.2; "
-                                           "at most 5,000 images unless given)")
+    val_fraction: float = option(0.2, "share of each class held out for validation when DATA has no val split (0.2)")
     augment: str = option("standard", "training augmentation", choices=AUGMENTS)
     balance: str = option("none", "class imbalance", choices=BALANCE)
     cache_images: bool | None = option(None, "decode every image once into memory and augment it there, with no "

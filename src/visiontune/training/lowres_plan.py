@@ -46,7 +46,7 @@ LOWRES_WARMUP_SHARE = 0.2    # of the epochs, linear LR warm-up (then cosine dec
 LOWRES_RECIPE = {"optimizer": "sgd", "lr": 1.5, "momentum": 0.85, "weight_decay": 4e-6, "batch_size": LOWRES_BATCH,
                  "label_smoothing": 0.2, "ema": True, "tta": True}
 
-# expected held-out accuracy after E epochs: ceiling - slope / E (CIFAR-10, 35,000 training images).
+# expected held-out accuracy after E epochs: ceiling - slope / E (CIFAR-10, 32,000-35,000 training images).
 # Fine-tuning EfficientNet-Lite0, by input side; E counts the epochs after the head's warm-up (bench/RESULTS.md,
 # "Time budgets": 64 px 4 epochs 0.871, 96 px 3.3 epochs 0.895, 128 px 3 and 5 epochs 0.912 and 0.922).
 FINETUNE_CURVE = {64: (0.890, 0.075), 96: (0.918, 0.075), 128: (0.937, 0.075)}

@@ -61,11 +61,6 @@ STARTED_ENV = "VISIONTUNE_STARTED"  # rank 0's clock start, for the processes Li
 IMBALANCE_WARNING = 5.0  # max/min class ratio above which training warns
 
 
-# validation images a split of the training data holds out unless --val-fraction is given: 5,000 measure
-# accuracy to +-0.4 pt (95%), and every image past them trains (CIFAR-10's 40,000: 35,000 train, not 32,000)
-MAX_AUTO_VAL = 5000
-
-
 def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = None) -> TrainContext:
     """Run dir, seeded RNGs, checked data splits and the model: everything before training.
 
@@ -101,8 +96,7 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
 
     # everything that can fail on user input runs before a run dir exists
     splits = discover(cfg.data.path, cfg.data.val, cfg.data.val_fraction, cfg.runtime.seed,
-                      task=cfg.data.task, label_delim=cfg.data.label_delim,
-                      max_val=None if "val_fraction" in cfg.given else MAX_AUTO_VAL)
+                      task=cfg.data.task, label_delim=cfg.data.label_delim)
     for note in (splits.task_note, splits.outside_warning()):
         if note:
             print(note, flush=True)
