@@ -10,12 +10,13 @@ import json
 import pytest
 import torch
 from conftest import FAST_FLAGS, make_folder, vt_main
+from test_budget import facts  # the CIFAR-like facts on the fast machine table
 
 from visiontune.core.errors import ModelError
 from visiontune.models.factory import build_model, rebuild
 from visiontune.models.lowres import LOWRES_MODELS, LowResCNN, is_lowres
 from visiontune.training import budget
-from visiontune.training.budget import Facts, Plan, Throughput, measure_throughput, plan_run
+from visiontune.training.budget import Plan, Throughput, measure_throughput, plan_run
 from visiontune.training.lowres_plan import (
     LOWRES_MIN_IMAGES,
     LOWRES_SIDE,
@@ -25,16 +26,10 @@ from visiontune.training.lowres_plan import (
     expected_accuracy,
 )
 
-TABLE = [Throughput(32, 700, 4700), Throughput(48, 440, 2700), Throughput(64, 310, 1600),
-         Throughput(96, 150, 520), Throughput(128, 75, 385)]
-# a machine where fine-tuning the pretrained network is ~4x slower (as on AVX2 against AVX512-BF16)
+# a machine where fine-tuning the pretrained network is ~4x slower than test_budget's TABLE (as on AVX2
+# against AVX512-BF16)
 SLOW = [Throughput(32, 118, 1142), Throughput(48, 87, 602), Throughput(64, 67, 384), Throughput(96, 47, 198),
         Throughput(128, 28, 101)]
-CIFAR = {"n_train": 32_000, "n_val": 8_000, "native_side": 32, "default_side": 224}
-
-
-def facts(budget_s: float, **data) -> Facts:
-    return Facts(budget_s, **{**CIFAR, "throughputs": TABLE, **data})
 
 
 def speed(train: float, infer: float, model: str = "lowres_cnn", precision: str = "bf16") -> LowResSpeed:
