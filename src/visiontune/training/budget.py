@@ -658,11 +658,10 @@ class Replan(Callback):
         done = trainer.global_step
         current = self.limit.max_steps if self.limit.max_steps > 0 else trainer.max_epochs * spe
         whole = spe > 0 and done % spe == 0 and self._train_s > 0 and not trainer.should_stop
-        steps = current
+        steps, train_s, val_s = current, 0.0, 0.0
         if whole and trainer.global_rank == 0:
             self.epochs.append((self._train_s, self._val_s))
-            train_s = sum(t for t, _ in self.epochs) / len(self.epochs)
-            val_s = sum(v for _, v in self.epochs) / len(self.epochs)
+            train_s, val_s = (sum(x) / len(self.epochs) for x in zip(*self.epochs))
             left = (self.deadline.stop_at - time.time()) * (1 - self.margin)
             steps = steps_that_fit(done, spe, train_s / spe, val_s, left, self.max_epochs)
             if abs(steps - current) <= max(MIN_PARTIAL_EPOCH * spe, REPLAN_MIN_CHANGE * current) or steps <= done:
@@ -678,8 +677,7 @@ class Replan(Callback):
         pl_module.set_length(steps, spe)
         epochs, partial = self.on_change(steps, spe)
         if trainer.global_rank == 0:
-            last = " (the last partial)" if partial else ""
-            train_s, val_s = (sum(x) / len(self.epochs) for x in zip(*self.epochs))
+            last = " (the last partial)" if partial else ""  # rank 0 measured train_s and val_s above
             print(f"re-plan: an epoch takes {format_duration(train_s)} of training and "
                   f"{format_duration(val_s)} of validation, so the run now ends after {epochs} epoch(s){last}: "
                   f"{steps} steps on images, was {current}", flush=True)

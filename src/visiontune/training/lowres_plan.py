@@ -30,7 +30,17 @@ from typing import Any
 
 from ..models.factory import build_model
 from ..models.lowres import LOWRES_MODELS, is_lowres
-from .budget import SAFETY, Facts, Plan, Throughput, epoch_seconds, measure_throughput, phase_costs, plan_run
+from .budget import (
+    SAFETY,
+    Facts,
+    Plan,
+    Throughput,
+    epoch_seconds,
+    measure_throughput,
+    measured_precision,
+    phase_costs,
+    plan_run,
+)
 
 LOWRES_MAX_SIDE = 48         # images' median side up to which a network built for the size is considered
 LOWRES_MIN_IMAGES = 10_000   # training images below which from-scratch loses to pretrained features
@@ -138,9 +148,8 @@ def plan_lowres(facts: Facts, fixed: dict[str, Any], speed: LowResSpeed) -> Plan
     :data:`LOWRES_MAX_EPOCHS`), or None where fewer than :data:`LOWRES_MIN_EPOCHS` fit (one, for a
     network the user named)."""
     t = speed.throughput
-    recipe = {"model": speed.model, **{k: v for k, v in LOWRES_RECIPE.items() if k not in fixed}}
-    if t.precision and "precision" not in fixed:
-        recipe["precision"] = t.precision
+    recipe = {"model": speed.model, **{k: v for k, v in LOWRES_RECIPE.items() if k not in fixed},
+              **measured_precision(t, fixed)}
     tta = bool(fixed.get("tta", recipe.get("tta", False)))
     facts = replace(facts, in_memory=speed.in_memory)  # 32-px images fit where the fine-tune's larger ones may not
     available = facts.budget * (1 - SAFETY) - facts.elapsed
