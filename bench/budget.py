@@ -46,6 +46,7 @@ import torch
 import yaml
 
 from bench.__main__ import PY, ROOT, VT, cpu_flags, machine, unpack
+from visiontune.training.budget import PRECISION_NAMES
 
 SECTION = "## Time budgets"
 
@@ -114,7 +115,7 @@ def plan_summary(run_dir: Path) -> str:
                     else "") + f"), {plan['augment']}")
     recipe = plan.get("recipe", {})
     network = f"{recipe['model']} from scratch, " if recipe.get("model") else ""
-    precision = f", {recipe['precision'].replace('32', 'fp32')}" if recipe.get("precision") else ""
+    precision = f", {PRECISION_NAMES.get(recipe['precision'], recipe['precision'])}" if recipe.get("precision") else ""
     summary = f"{network}{what} at {plan['img_size']} px{precision}, projected {plan['total'] / 60:.1f} min"
     config = run_dir / "config.yaml"  # the length the run ended with: a re-plan may have changed the plan's
     if config.is_file():
