@@ -9,19 +9,24 @@ wall-clock budget for the whole training command, on this machine, one after ano
   ``item_tfms=Resize(size)``, ``batch_tfms=aug_transforms(size=size)`` and the backbone's mean/std,
   ``vision_learner`` on the timm architecture, ``learn.fine_tune(epochs)`` with its defaults (one
   frozen epoch, base_lr 2e-3, Adam, one-cycle). ``epochs`` is sized to the budget: the worker
-  times a few frozen and unfrozen steps and one validation batch, then takes as many unfrozen
-  epochs as fit after the frozen one (at least one).
+  times a few frozen and unfrozen steps and validation batches, then takes the whole number of
+  unfrozen epochs after the frozen one whose projected end is nearest the budget without passing
+  105% of it (at least one; fine_tune takes whole epochs).
 - **timm**: timm's ``train.py`` recipe with its defaults, written with timm's own parts
   (``create_loader``, ``create_optimizer_v2``, ``CosineLRScheduler``, ``LabelSmoothingCrossEntropy``):
-  SGD momentum 0.9, lr 0.1 x batch/256 = 0.05 at batch 128, weight decay 2e-5, cosine to 0,
-  label smoothing 0.1, RandomResizedCrop (0.08-1) + flip + colour jitter 0.4 with random
-  interpolation, fp32, a 20 % validation split evaluated after every epoch. ``--epochs`` is sized to
-  the budget the same way; the warmup keeps train.py's share of the run (5 of 300 epochs), counted
-  in steps, since 5 warmup epochs would be the whole of a short run.
+  SGD with Nesterov momentum 0.9 (timm's ``sgd``; no weight decay on biases and norms), lr 0.1 x
+  batch/256 = 0.05 at batch 128, weight decay 2e-5, cosine to 0, label smoothing 0.1,
+  RandomResizedCrop (0.08-1) + flip + colour jitter 0.4 with random interpolation, evaluation at
+  the model's crop_pct (0.875), fp32, 2 loader workers (train.py's 4 on 2 cores would only
+  contend), a 20 % validation split evaluated after every epoch. The length is sized to the
+  budget in steps (the last epoch may be partial, as visiontune's may), the schedule stepped per
+  update; the warmup keeps train.py's share of the run (5 of 300 epochs), since 5 warmup epochs
+  would be the whole of a short run.
 
 The peers run at the image size visiontune's plan chose for the same data and budget (at least
 64 px), so resolution does not decide the comparison; their wall time counts from their process
-start (imports included) to the end of training. Every model is then scored on the same held-out
+start (imports included) to the end of training (the table's wall; scoring the held-out images
+is not in it, as visiontune's ``evaluate`` is not in its own). Every model is then scored on the same held-out
 images: CIFAR-10, the 10,000-image test carve of bench/budget.py (1,000 per class, seed 0; the
 40,000 others train); hymenoptera (245 images), stratified 5-fold cross-validation (seed 0): each
 contestant trains on 4/5 and predicts the held-out fifth.
@@ -90,10 +95,14 @@ def embedded_model(num_classes: int):
     return build_model(MODEL, "imagenet", num_classes)
 
 
-def epochs_that_fit(budget_s: float, first_s: float, each_s: float) -> int:
-    """Epochs after a first one of ``first_s`` that fit in what is left of ``budget_s`` (at least one)."""
+def epochs_nearest(budget_s: float, first_s: float, each_s: float) -> int:
+    """Whole epochs after a first one of ``first_s`` whose projected end is nearest ``budget_s`` without
+    passing 105% of it (at least one)."""
     left = budget_s * SAFETY - (time.time() - STARTED) - first_s
-    return max(1, int(left // each_s))
+    fewer = max(1, int(left // each_s))
+    more = fewer + 1
+    over = (time.time() - STARTED) + first_s + more * each_s
+    return more if over <= 1.05 * budget_s and more * each_s - left < left - fewer * each_s else fewer
 
 
 def timed_steps(model, loader, steps: int, train: bool) -> tuple[float, float]:
@@ -158,7 +167,7 @@ def fastai_worker(train_csv: Path, test_csv: Path, minutes: float, size: int, ou
     del probe
     n_train, n_val = len(dls.train), len(dls.valid)
     passes = startup + val_startup + val * n_val
-    epochs = epochs_that_fit(minutes * 60, frozen * n_train + passes, unfrozen * n_train + passes)
+    epochs = epochs_nearest(minutes * 60, frozen * n_train + passes, unfrozen * n_train + passes)
     print(f"fastai: {size} px, {frozen:.2f}/{unfrozen:.2f} s per frozen/unfrozen step, {n_train} steps per "
           f"epoch: fine_tune({epochs}) (1 frozen epoch first)", flush=True)
     with learn.no_bar():
@@ -220,18 +229,23 @@ def timm_worker(train_csv: Path, test_csv: Path, minutes: float, size: int, out:
     step, startup = timed_steps(probe, loader, 6, True)
     val, val_startup = timed_steps(probe, val_loader, 2, False)
     del probe
-    epoch_s = step * len(loader) + val * len(val_loader) + startup + val_startup
-    epochs = epochs_that_fit(minutes * 60, 0.0, epoch_s)
-    total = epochs * len(loader)
+    # the loaders keep their workers (persistent_workers), so their start-up is paid once; each step
+    # carries its share of the validation that ends every (possibly partial) epoch
+    left = minutes * 60 * SAFETY - (time.time() - STARTED) - startup - val_startup
+    total = max(1, int(left / (step + val * len(val_loader) / len(loader))))
+    epochs = -(-total // len(loader))
     optimizer = create_optimizer_v2(model, opt="sgd", lr=0.1 * batch / 256, weight_decay=2e-5, momentum=0.9)
     scheduler = CosineLRScheduler(optimizer, t_initial=total, lr_min=0.0, warmup_t=round(total * 5 / 300),
                                   warmup_lr_init=1e-5, t_in_epochs=False)
     criterion = LabelSmoothingCrossEntropy(smoothing=0.1)
-    print(f"timm: {size} px, {step:.2f} s per step, {len(loader)} steps per epoch: --epochs {epochs}", flush=True)
+    print(f"timm: {size} px, {step:.2f} s per step, {len(loader)} steps per epoch: {total} steps "
+          f"({total / len(loader):.2f} epochs)", flush=True)
     updates = 0
     for epoch in range(epochs):
         model.train()
         for x, y in loader:
+            if updates == total:
+                break
             loss = criterion(model(x), y)
             optimizer.zero_grad()
             loss.backward()
@@ -243,8 +257,9 @@ def timm_worker(train_csv: Path, test_csv: Path, minutes: float, size: int, out:
               flush=True)
     trained_s = time.time() - STARTED
     acc = accuracy_of(model, create_loader(CsvImages(test, classes), **evaluation))
-    out.write_text(json.dumps({"accuracy": acc, "epochs": epochs, "size": size, "train_wall_s": trained_s,
-                               "what": f"--epochs {epochs} at {size} px, bs {batch}, {len(train_rows)} train / "
+    out.write_text(json.dumps({"accuracy": acc, "epochs": total / len(loader), "size": size, "train_wall_s": trained_s,
+                               "what": f"{total / len(loader):.2f} epochs ({total} steps) at {size} px, bs {batch}, "
+                                       f"{len(train_rows)} train / "
                                        f"{len(val_rows)} val images", "torch_threads": torch.get_num_threads()}))
 
 
@@ -286,7 +301,8 @@ def run_worker(peer: str, work: Path, name: str, train_csv: Path, test_csv: Path
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(fastai_site(work)), os.environ.get("PYTHONPATH")) if p)
     seconds = run([sys.executable, "-m", "bench.peers", "worker", peer, str(train_csv), str(test_csv),
                    str(minutes), str(size), str(out)], work / "peers" / f"{name}-{peer}.log", env)
-    return {**json.loads(out.read_text()), "wall_s": seconds}
+    res = json.loads(out.read_text())
+    return {**res, "wall_s": res["train_wall_s"], "process_s": seconds}
 
 
 def run_visiontune(work: Path, name: str, train_csv: Path, test_csv: Path, minutes: float) -> dict:
