@@ -1,6 +1,6 @@
 """What this machine can do and what training uses of it: GFLOP/s achieved beside the measured peak.
 
-    python -m bench.machine [--compile] [--results bench/RESULTS.md]
+    python -m bench.machine [--compile] [--candidates lowres_cnn@32,efficientnet_lite0@96] [--results ...]
 
 Peak: a 2048x2048 matmul and a 3x3 convolution (256 channels, 16x16, channels_last) in fp32 and
 bf16. Achieved: each candidate the time-budget planner weighs for 32-px images (the compact
@@ -23,7 +23,7 @@ from bench.__main__ import machine
 from bench.budget import write_results
 from visiontune.core.hardware import cpu_supports_bf16
 from visiontune.models.factory import build_model
-from visiontune.training.budget import measure_throughput
+from visiontune.training.budget import PRECISION_NAMES, measure_throughput
 
 ROOT = Path(__file__).resolve().parents[1]
 CANDIDATES = [("lowres_cnn", 32), ("lowres_cnn_wide", 32), ("efficientnet_lite0", 64), ("efficientnet_lite0", 96),
@@ -62,40 +62,50 @@ def train_flops(model: torch.nn.Module, size: int) -> float:
     return 3 * counter.get_total_flops()
 
 
-def compiled_rate(model: torch.nn.Module, size: int, precision: str) -> tuple[float, float]:
-    """(training images/s, seconds to compile) of ``torch.compile(model)``."""
-    net = torch.compile(model.to(memory_format=torch.channels_last))
-    opt = torch.optim.AdamW(net.parameters(), lr=0.0)
+def compiled_rate(model: torch.nn.Module, size: int, precision: str) -> tuple[float, float, float]:
+    """(eager training images/s, ``torch.compile`` training images/s, seconds to compile): the same
+    training step (batch 64, channels_last, AdamW) timed both ways."""
+    model = model.to(memory_format=torch.channels_last)
     x = torch.randn(64, 3, size, size).contiguous(memory_format=torch.channels_last)
 
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = net(x).float().logsumexp(1).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def stepper(net):
+        opt = torch.optim.AdamW(model.parameters(), lr=0.0)
 
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = net(x).float().logsumexp(1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step
+
+    model.train()
+    eager = rate(stepper(model), 64.0, 3.0) * 1e9
+    compiled = stepper(torch.compile(model))
     start = time.perf_counter()
-    step()
+    compiled()
     compile_s = time.perf_counter() - start
-    return rate(step, 64.0, 3.0) * 1e9, compile_s
+    return eager, rate(compiled, 64.0, 3.0) * 1e9, compile_s
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile (minutes)")
+    ap.add_argument("--candidates", default=",".join(f"{n}@{s}" for n, s in CANDIDATES),
+                    help="NETWORK@SIZE, comma-separated (default: every candidate the planner weighs for 32-px images)")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = ap.parse_args(argv)
+    candidates = [(c.split("@")[0], int(c.split("@")[1])) for c in args.candidates.split(",") if c]
     torch.manual_seed(0)
     precisions = ["32", "bf16"] if cpu_supports_bf16() else ["32"]
     peak = peaks(precisions)
-    lines = [f"Machine: {machine()}", "", "Command: `python -m bench.machine"
-             + (" --compile`" if args.compile else "`"), "",
+    lines = [f"Machine: {machine()}", "", "Command: `python -m bench.machine" + (" --compile" if args.compile else "")
+             + (f" --candidates {args.candidates}" if candidates != CANDIDATES else "") + "`", "",
              "| | " + " | ".join(f"{'fp32' if p == '32' else p} GFLOP/s" for p in precisions) + " |",
              "| --- |" + " ---: |" * len(precisions)]
     for op in ("matmul", "conv3x3"):
         lines.append(f"| peak: {op} | " + " | ".join(f"{peak[p][op]:.0f}" for p in precisions) + " |")
-    for name, size in CANDIDATES:
+    for name, size in candidates:
         model, _, _ = build_model(name, 10, "none")
         flops = train_flops(model, size)
         cells = []
@@ -106,9 +116,10 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| train {name} at {size} px ({flops / 1e9:.2f} GFLOP/image) | " + " | ".join(cells) + " |")
         if args.compile:
             fast = max(precisions, key=lambda p: measure_throughput(model, [size], p, 64)[0].train)
-            speed, compile_s = compiled_rate(model, size, fast)
-            lines.append(f"| the same, torch.compile, {fast} | {speed:.0f} img/s after {compile_s:.0f} s compiling |"
-                         + " |" * (len(precisions) - 1))
+            eager, speed, compile_s = compiled_rate(model, size, fast)
+            lines.append(f"| the same, {PRECISION_NAMES.get(fast, fast)}, one training step timed eager and under "
+                         f"torch.compile | {eager:.0f} img/s eager, {speed:.0f} compiled ({speed / eager:.2f}x) after "
+                         f"{compile_s:.0f} s compiling |" + " |" * (len(precisions) - 1))
         print(lines[-1], flush=True)
     text = "\n".join(["## Machine: peak and achieved GFLOP/s", "", *lines, ""])
     print(text)
