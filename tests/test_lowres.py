@@ -116,6 +116,16 @@ def test_one_epoch_of_a_random_network_is_not_a_plan():
     assert named.recipe["model"] == "lowres_cnn" and named.epochs == 1
 
 
+def test_a_probe_is_ranked_below_the_plans_that_train_and_says_so():
+    """5 minutes on the slow table: too short to fine-tune, so the base plan is a probe; the compact
+    network's two epochs win, and the reason names the probe without a made-up expectation."""
+    f = facts(5 * 60, elapsed=20, throughputs=SLOW)
+    base = plan_run(f, {})
+    plan = choose_plan(f, {}, [speed(520, 4000)])
+    assert base.strategy == "linear-probe" and plan.recipe["model"] == "lowres_cnn"
+    assert "linear-probe at" in plan.reason and "no curve" in plan.reason and "0.000" not in plan.reason
+
+
 def test_planner_weighs_several_networks_by_their_curves():
     """A long budget buys the wider network enough epochs to beat the small one; a short one does not."""
     from visiontune.training.lowres_plan import plan_lowres

@@ -192,7 +192,9 @@ def choose_plan(facts: Facts, fixed: dict[str, Any], lowres: list[LowResSpeed]) 
                     key=lambda x: (-x[0], x[1]))
     best = scored[0][2]
     names = {id(base): f"{base.strategy} at {base.img_size} px"}
-    summary = "; ".join(f"{names.get(id(p), p.recipe.get('model'))} {acc:.3f}" for acc, _, p in scored)
+    summary = "; ".join(f"{names.get(id(p), p.recipe.get('model'))} "
+                        + ("(no curve: ranked below the plans that train)" if p.strategy == "linear-probe"
+                           else f"{acc:.3f}") for acc, _, p in scored)
     best.reason += f". Expected accuracy (curves measured on CIFAR-10): {summary}"
     best.candidates = base.candidates + [c for p in plans for c in p.candidates]
     best.throughputs = base.throughputs + [t for p in plans for t in p.throughputs]
