@@ -171,6 +171,23 @@ def test_throughput_keeps_the_faster_precision(monkeypatch):
     assert (t.precision, t.train) == ("32", 250.0)
 
 
+def test_an_inference_only_measurement_does_not_rank_precisions(monkeypatch):
+    """A probe's measurement (inference only) takes the precision the rule resolves to: ranking two
+    would cost about what a probe's feature pass could save."""
+    monkeypatch.setattr(budget, "precisions_to_measure", lambda precision, size: ["32", "bf16"])
+    monkeypatch.setattr(budget, "resolve_precision", lambda precision, size: "bf16")
+    timed = []
+
+    def fake(run, batch, seconds):
+        timed.append((type(run).__name__, run.precision))
+        return 100.0
+
+    monkeypatch.setattr(budget, "_step_images_per_second", fake)
+    (t,) = measure_throughput(LowResCNN(2, (8, 8, 8)), [32], "auto", 4, train=False)
+    assert (t.precision, t.train, t.infer) == ("bf16", 0.0, 100.0)
+    assert timed == [("_InferStep", "bf16")]
+
+
 def test_explicit_precision_is_the_only_one_measured():
     assert budget.precisions_to_measure("32", 224) == ["32"]
     assert budget.precisions_to_measure("bf16", 32) == ["bf16"]
