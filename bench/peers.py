@@ -26,7 +26,8 @@ wall-clock budget for the whole training command, on this machine, one after ano
 The peers run at the image size visiontune's plan chose for the same data and budget (at least
 64 px), so resolution does not decide the comparison; their wall time counts from their process
 start (imports included) to the end of training (the table's wall; scoring the held-out images
-is not in it, as visiontune's ``evaluate`` is not in its own). Every model is then scored on the same held-out
+is not in it, as visiontune's ``evaluate`` is not in its own). Every model is then scored on the
+same held-out
 images: CIFAR-10, the 10,000-image test carve of bench/budget.py (1,000 per class, seed 0; the
 40,000 others train); hymenoptera (245 images), stratified 5-fold cross-validation (seed 0): each
 contestant trains on 4/5 and predicts the held-out fifth.
@@ -34,7 +35,7 @@ contestant trains on 4/5 and predicts the held-out fifth.
 fastai is not a visiontune dependency (it pins plum-dispatch and pulls spaCy): the bench installs
 fastai 2.8.12 and its small pure-Python dependencies once, without their dependency trees, into
 ``WORK/peers-site`` and puts that folder first on the fastai worker's path only (fastai.vision
-needs neither spaCy nor fasthtml; fastprogress 1.0.3 is the last release without the latter).
+needs neither spaCy nor fasthtml, which fastprogress 1.1 imports: 1.0.3 does not).
 
 Results go to stdout and to the "## Peers" section of bench/RESULTS.md.
 
