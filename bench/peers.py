@@ -211,6 +211,8 @@ def timm_worker(train_csv: Path, test_csv: Path, minutes: float, size: int, out:
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
 
+    from bench.seed_recipe import evaluate
+
     torch.manual_seed(42)  # train.py's default seed
     rows, test = read_rows(train_csv), read_rows(test_csv)
     classes = sorted({c for _, c in rows})
@@ -253,27 +255,15 @@ def timm_worker(train_csv: Path, test_csv: Path, minutes: float, size: int, out:
             optimizer.step()
             updates += 1
             scheduler.step_update(updates)
-        val_acc = accuracy_of(model, val_loader)
+        val_acc = evaluate(model, val_loader)
         print(f"epoch {epoch}: loss {loss.item():.4f} val top1 {val_acc:.4f} ({time.time() - STARTED:.0f} s)",
               flush=True)
     trained_s = time.time() - STARTED
-    acc = accuracy_of(model, create_loader(CsvImages(test, classes), **evaluation))
+    acc = evaluate(model, create_loader(CsvImages(test, classes), **evaluation))
     out.write_text(json.dumps({"accuracy": acc, "epochs": total / len(loader), "size": size, "train_wall_s": trained_s,
                                "what": f"{total / len(loader):.2f} epochs ({total} steps) at {size} px, bs {batch}, "
                                        f"{len(train_rows)} train / "
                                        f"{len(val_rows)} val images", "torch_threads": torch.get_num_threads()}))
-
-
-def accuracy_of(model, loader) -> float:
-    import torch
-
-    model.eval()
-    right = seen = 0
-    with torch.no_grad():
-        for x, y in loader:
-            right += int((model(x).argmax(1) == y).sum())
-            seen += len(y)
-    return right / seen
 
 
 WORKERS = {"fastai": fastai_worker, "timm": timm_worker}

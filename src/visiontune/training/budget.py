@@ -311,17 +311,16 @@ def measure_throughput(model: nn.Module, sizes: list[int], precision: str, batch
     def train_step(prec: str, size: int, batch: int = batch_size):
         return _TrainStep(net, opt, prec, batch, size)
 
-    def infer_step(prec: str, size: int, batch: int = 2 * batch_size):
-        return _InferStep(net, prec, batch, size)
+    def infer_step(prec: str, size: int):
+        return _InferStep(net, prec, 2 * batch_size, size)
 
     for size in sizes:
         fit_input_size(net, size, size)  # ViTs are built for one input size
         precisions = precisions_to_measure(precision, size) if train else [resolve_precision(precision, size)]
-        step = train_step if train else infer_step
-        quick = max(2, (batch_size if train else 2 * batch_size) // 4)
-        # a few steps of a quarter batch rank the precisions (they differ by 1.5-2x, beyond the probe's
-        # noise); the full measurement is of the faster only, so a second precision costs about a second
-        prec = (max(precisions, key=lambda p: _step_images_per_second(step(p, size, quick), quick, 0.0))
+        quick = max(2, batch_size // 4)
+        # a few training steps of a quarter batch rank the precisions (they differ by 1.5-2x, beyond the
+        # probe's noise); the full measurement is of the faster only, so a second precision costs about a second
+        prec = (max(precisions, key=lambda p: _step_images_per_second(train_step(p, size, quick), quick, 0.0))
                 if len(precisions) > 1 else precisions[0])
         trains = _step_images_per_second(train_step(prec, size), batch_size, seconds) if train else 0.0
         infer = _step_images_per_second(infer_step(prec, size), 2 * batch_size, seconds / 2)
