@@ -3,8 +3,12 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Label Studio in an environment of its own (it pins Django and its own HTTP stack): the slow
+# round-trip test starts a real server from it and drives it with label-studio-sdk
+LS_VENV ?= .venv-ls
+LS_STAMP := $(LS_VENV)/.installed
 
-.PHONY: install demo lint docs test test-slow bench clean
+.PHONY: install demo lint docs test test-slow label-studio bench clean
 
 install: $(STAMP)
 
@@ -33,11 +37,18 @@ test: lint docs
 	$(PY) -m pytest -m "not slow" -q
 
 # the slow end-to-end checks, and the parser fuzzing with many more (random) examples
-test-slow: $(STAMP)
+test-slow: $(STAMP) $(LS_STAMP)
 	VISIONTUNE_FUZZ=long $(PY) -m pytest -m "slow or fuzz" -q
+
+label-studio: $(LS_STAMP)
+
+$(LS_STAMP):
+	test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/python -m pip install --quiet label-studio==1.23.2
+	touch $(LS_STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache site
+	rm -rf $(VENV) $(LS_VENV) runs .pytest_cache site

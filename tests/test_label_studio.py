@@ -1,10 +1,18 @@
 """Label Studio's JSON: an export read as training data (single- and multi-label, local-files and
 plain paths, unannotated and cancelled tasks skipped), malformed exports refused with the remedy,
-and ``predict --label-studio`` tasks that read back as the same labels."""
+``predict --label-studio`` tasks that read back as the same labels, and (slow) the round trip
+through a real Label Studio server: tasks imported and annotated through label-studio-sdk, the
+project's export trained on."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -126,3 +134,92 @@ def test_multi_label_predictions_and_config(tmp_path):
     assert "a&amp;b" in label_config(["a&b"], multiple=False)
     with pytest.raises(DataError):
         tasks_to_rows([{"data": {"image": "x.jpg"}, "annotations": "no"}], tmp_path, "e.json", env={})
+
+
+# ---------------------------------------------------------------------------- a real server (slow)
+ROOT = Path(__file__).resolve().parent.parent
+LABEL_STUDIO_VENV = Path(os.environ.get("VISIONTUNE_LABEL_STUDIO_VENV", ROOT / ".venv-ls"))
+
+
+@pytest.fixture
+def label_studio(tmp_path):
+    """A Label Studio server (its own environment, ``make label-studio``; SQLite in ``tmp_path``) on
+    loopback, serving ``tmp_path / "ls root"`` as local files; yields (url, token, root, python)."""
+    from test_serve import free_port
+
+    exe = LABEL_STUDIO_VENV / "bin" / "label-studio"
+    if not exe.is_file():
+        pytest.fail(f"Label Studio is not installed at {LABEL_STUDIO_VENV}: run `make label-studio` (or set "
+                    "VISIONTUNE_LABEL_STUDIO_VENV to an environment with label-studio and label-studio-sdk)")
+    root, data = tmp_path / "ls root", tmp_path / "ls data"
+    root.mkdir()
+    port, token = free_port(), "visiontune-test-token-0123"
+    env = {**os.environ, "LABEL_STUDIO_USERNAME": "test@visiontune.invalid", "LABEL_STUDIO_PASSWORD": "vt-test-pass-1",
+           "LABEL_STUDIO_USER_TOKEN": token, "LABEL_STUDIO_BASE_DATA_DIR": str(data),
+           "LOCAL_FILES_SERVING_ENABLED": "true", "LOCAL_FILES_DOCUMENT_ROOT": str(root),
+           "LATEST_VERSION_CHECK": "false",  # no call to pypi.org from a test
+           "COLLECT_ANALYTICS": "false", "SENTRY_DSN": ""}
+    log = open(tmp_path / "label-studio.log", "wb")
+    proc = subprocess.Popen([str(exe), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
+                             "--data-dir", str(data), "--enable-legacy-api-token"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240  # first start: Django's migrations into a new SQLite file
+        while True:
+            if proc.poll() is not None:
+                pytest.fail("Label Studio exited at start:\n" + (tmp_path / "label-studio.log").read_text()[-3000:])
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("Label Studio did not answer /health within 240 s")
+            time.sleep(2)
+        yield url, token, root, LABEL_STUDIO_VENV / "bin" / "python"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_round_trip_through_a_real_label_studio_server(trained_run, label_studio, tmp_path, capsys, monkeypatch):
+    """predict writes tasks and their config; label-studio-sdk creates the project, imports them,
+    an annotator accepts the pre-annotations (correcting one) and the JSON export is downloaded;
+    ``visiontune train`` reads that export: every annotated image with the annotator's label."""
+    url, token, root, python = label_studio
+    run, data = trained_run
+    shutil.copytree(data, root / "images")
+    out = tmp_path / "tasks.json"
+    code, _, err = vt_main(capsys, "predict", run.run_dir, root / "images", "--out", out, "--label-studio", root,
+                           "--workers", "0")
+    assert code == 0, err
+    export = tmp_path / "export dir" / "project.json"
+    export.parent.mkdir()
+    client = subprocess.run([str(python), str(Path(__file__).with_name("label_studio_client.py")), url, token,
+                             str(out), str(out.with_suffix(".xml")), str(export)],
+                            capture_output=True, text=True, timeout=300)
+    assert client.returncode == 0, client.stderr[-3000:]
+    summary = json.loads(client.stdout.strip().splitlines()[-1])
+    tasks = json.loads(out.read_text())
+    assert summary["imported"] == len(tasks) and summary["annotated"] == sum("predictions" in t for t in tasks)
+    assert summary["annotated"] >= 4 and summary["corrected"] is not None
+
+    monkeypatch.setenv("LOCAL_FILES_DOCUMENT_ROOT", str(root))  # as the server was told
+    rows, skipped = tasks_to_rows(json.loads(export.read_text()), export.parent, export.name)
+    assert len(rows) == summary["annotated"] and skipped == len(tasks) - summary["annotated"]
+    corrected = str(root / summary["corrected"]["image"].split("=", 1)[1])
+    assert (corrected, [summary["corrected"]["label"]]) in rows  # the person's label, not the model's
+    assert all(Path(path).is_file() and path.startswith(str(root)) for path, _ in rows)
+    code, stdout, err = vt_main(capsys, "train", export, "--epochs", "1", "--run-dir", tmp_path / "from export",
+                                "--no-report", *FAST_FLAGS)
+    assert code == 0, err
+    trained = visiontune.load(tmp_path / "from export")
+    assert set(trained.class_names) <= set(run.load().class_names)
