@@ -70,18 +70,21 @@ def read_csv(path: Path) -> list[tuple[str, str]]:
 
 
 def candidate_table(run: Path, files: dict[str, Path], far: list[str]) -> list[dict]:
-    """Every candidate score fitted as training fits the chosen one (the run's own train/val split),
-    measured on the known test images against the near and the far unknowns."""
+    """Every candidate score (the feature scores on each source of features) fitted as training
+    fits the chosen one (the run's own train/val split), measured on the known test images against
+    the near and the far unknowns."""
     import torch
 
     from visiontune.data.scan import read_split_csv
     from visiontune.inference.classifier import Classifier
+    from visiontune.models.unknown import FEATURE_SCORES, feature_layer
     from visiontune.training.unknown import (
         MAX_STATS_IMAGES,
         auroc,
         candidates,
         fit_score,
         fpr_at_tpr,
+        name,
         stats_subset,
         threshold_at,
     )
@@ -94,23 +97,28 @@ def candidate_table(run: Path, files: dict[str, Path], far: list[str]) -> list[d
     train = [train[i] for i in stats_subset(y, len(train), MAX_STATS_IMAGES).tolist()]
     test = [(p, names.index(c)) for p, c in read_csv(files["test"])]
     near = [p for p, _ in read_csv(files["unknown"])]
+    second = feature_layer(clf.model, clf.card.architecture.classifier)
+    layers = (None,) + ((second,) if second else ())
 
     def feats(paths):
-        f, z, ok = clf.features_of(paths, 128)
-        return f[ok], z[ok]
+        f, z, ok = clf.taps_of(paths, layers, 128)
+        return {k: v[ok] for k, v in f.items()}, z[ok]
 
     tr_f, _ = feats([p for p, _ in train])
     tr_y = torch.tensor([int(t) for _, t in train])
     va, te, nr, fr = feats([p for p, _ in val]), feats([p for p, _ in test]), feats(near), feats(far)
     rows = []
     for kind in candidates(False):
-        score = fit_score(kind, tr_f, tr_y, len(names), clf.temperature)
-        with torch.no_grad():
-            s = {k: score(*v).numpy() for k, v in (("val", va), ("test", te), ("near", nr), ("far", fr))}
-        t = threshold_at(s["val"], 0.95)
-        rows.append({"score": kind, "near_auroc": auroc(s["test"], s["near"]), "far_auroc": auroc(s["test"], s["far"]),
-                     "near_fpr95": fpr_at_tpr(s["test"], s["near"]), "far_fpr95": fpr_at_tpr(s["test"], s["far"]),
-                     "test_accepted": float((s["test"] >= t).mean())})
+        for layer in layers if kind in FEATURE_SCORES else (None,):
+            score = fit_score(kind, tr_f[layer], tr_y, len(names), clf.temperature, layer=layer)
+            with torch.no_grad():
+                s = {k: score(v[0][layer], v[1]).numpy() for k, v in (("val", va), ("test", te), ("near", nr),
+                                                                      ("far", fr))}
+            t = threshold_at(s["val"], 0.95)
+            rows.append({"score": name({"score": kind, "layer": layer}),
+                         "near_auroc": auroc(s["test"], s["near"]), "far_auroc": auroc(s["test"], s["far"]),
+                         "near_fpr95": fpr_at_tpr(s["test"], s["near"]), "far_fpr95": fpr_at_tpr(s["test"], s["far"]),
+                         "test_accepted": float((s["test"] >= t).mean())})
     return rows
 
 
@@ -175,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
 def report(card: dict, results: dict, table: list[dict], flags: str, command: str, budget: str,
            train_s: float | None) -> str:
     """The results as the "Open-set rejection" section of RESULTS.md."""
+    from visiontune.training.unknown import name
+
     u = card["unknown"]
     lines = [SECTION, "", f"Machine: {machine()} (CPU flags: {flags})", "", f"Command: `{command}`", "",
              "CIFAR-10, 6 known classes (automobile, cat, deer, dog, horse, ship), 24,000 training images; "
@@ -183,21 +193,25 @@ def report(card: dict, results: dict, table: list[dict], flags: str, command: st
              f"- training: `visiontune train TRAIN.csv --time {budget}`"
              + (f", {train_s / 60:.1f} min" if train_s else "") + f"; known test accuracy "
              f"{results['near']['accuracy']:.4f}",
-             f"- score chosen at training: **{u['score']}**, threshold {u['threshold']:.4g} set at "
+             f"- score chosen at training: **{name(u)}**, threshold {u['threshold']:.4g} set at "
              f"{u['tpr']:.0%} of val (val accepted {u['val_accepted']:.4f})"]
-    for name in ("near", "far"):
-        r = results[name]["unknown"]
-        lines.append(f"- {name}: AUROC **{r['auroc']:.4f}**, FPR at 95% TPR {r['fpr_at_95_tpr']:.4f}; at the stored "
+    for kind in ("near", "far"):
+        r = results[kind]["unknown"]
+        lines.append(f"- {kind}: AUROC **{r['auroc']:.4f}**, FPR at 95% TPR {r['fpr_at_95_tpr']:.4f}; at the stored "
                      f"threshold: known test images accepted **{r['known_accepted']:.4f}**, unknown rejected "
                      f"{r['unknown_rejected']:.4f} ({r['num_unknown']} images)")
     lines += ["", "Every candidate, fitted as training fits the chosen one, on the same images:", "",
               "| score | near AUROC | near FPR95 | far AUROC | far FPR95 | known test accepted | "
               "AUROC with classes held out (training's estimate) |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    cv = {row["score"]: row for row in u["selection"]["candidates"]}
+    cv = {name(row): row for row in u["selection"]["candidates"]}
     for row in table:
         c = cv.get(row["score"])
-        lines.append(f"| {row['score']}{' (chosen)' if row['score'] == u['score'] else ''} | {row['near_auroc']:.4f} | "
+        lines.append(f"| {row['score']}{' (chosen)' if row['score'] == name(u) else ''} | {row['near_auroc']:.4f} | "
                      f"{row['near_fpr95']:.4f} | {row['far_auroc']:.4f} | {row['far_fpr95']:.4f} | "
                      f"{row['test_accepted']:.4f} | " + (f"{c['auroc']:.4f} ± {c['std']:.4f}" if c else "") + " |")
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

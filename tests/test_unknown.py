@@ -73,6 +73,34 @@ def test_selection_holds_classes_out_and_ranks_every_candidate():
     assert all(0.0 <= row["auroc"] <= 1.0 and row["folds"] == 5 for row in table)
 
 
+def test_the_selection_measures_the_feature_scores_on_each_source():
+    """Features of a second layer add a row per feature score; the logit scores are measured once."""
+    f, z, y, _ = clusters(classes=6)
+    val = clusters(n_per_class=15, classes=6, seed=1)
+    wide = {None: f, "blocks.6": torch.cat([f, f.flip(1)], 1)}
+    table = select((wide, z, y), ({None: val[0], "blocks.6": torch.cat([val[0], val[0].flip(1)], 1)},) + val[1:3],
+                   temperature=1.0)
+    assert sorted((row["score"], row["layer"] or "") for row in table) == sorted(
+        [(k, "") for k in UNKNOWN_SCORES.names()] + [("knn", "blocks.6"), ("mahalanobis", "blocks.6")])
+
+
+def test_the_last_stage_is_preferred_only_within_the_margin():
+    """The same feature score on the last stage goes first when the classifier's input leads it by
+    at most STAGE_MARGIN; a larger lead, or a logit score in front, keeps the order."""
+    from visiontune.training.unknown import STAGE_MARGIN, prefer_stage
+
+    def rows(first_kind, lead):
+        return [{"score": first_kind, "layer": None, "auroc": 0.95},
+                {"score": "mahalanobis", "layer": None, "auroc": 0.95 - 1e-4},
+                {"score": "mahalanobis", "layer": "blocks.6", "auroc": 0.95 - lead}]
+
+    assert prefer_stage(rows("mahalanobis", STAGE_MARGIN / 2)[::2])[0]["layer"] == "blocks.6"
+    assert prefer_stage(rows("mahalanobis", STAGE_MARGIN * 2)[::2])[0]["layer"] is None
+    assert prefer_stage(rows("energy", 0.0))[0]["score"] == "energy"
+    table = rows("mahalanobis", 0.0)[::2]
+    assert sorted(map(str, prefer_stage(table))) == sorted(map(str, table))  # reordered, nothing lost
+
+
 def test_a_two_class_selection_measures_the_feature_scores():
     """Holding one of two classes out leaves one: no head to refit, so only the feature scores are
     measured (the logit scores of one class say nothing)."""
@@ -133,6 +161,8 @@ def test_statistics_files_are_checked_before_use(tmp_path):
     ({"score": "knn", "threshold": "high", "tpr": 0.95}, "unknown.threshold"),
     ({"score": "knn", "threshold": 0.1, "tpr": 1.5}, "unknown.tpr"),
     ([1, 2], "unknown must be a JSON object"),
+    ({"score": "knn", "layer": "../model", "threshold": 0.1, "tpr": 0.95}, "unknown.layer"),
+    ({"score": "knn", "layer": 6, "threshold": 0.1, "tpr": 0.95}, "unknown.layer"),
 ])
 def test_card_refuses_a_bad_unknown_section(section, message):
     card = {"format": "visiontune-model", "class_names": ["a", "b"], "unknown": section,
@@ -207,6 +237,65 @@ def test_training_fits_a_score_and_every_surface_decides_alike(trained_run, tmp_
             d for d, c in zip(decisions, clear) if c]
         meta = httpx.get(f"{url}/v2/models/visiontune", timeout=10).json()
         assert "unknown_score" in [o["name"] for o in meta["outputs"]]
+
+
+def test_a_score_of_the_last_stage_decides_alike_everywhere(trained_run, tmp_path):
+    """A score fitted on the pooled output of the network's last feature stage (the card's
+    ``layer``): the card names it, the Python API and the ONNX graph give the same scores and
+    decisions, and the score is the one its statistics give on that layer's features."""
+    from visiontune.data.scan import read_split_csv
+    from visiontune.export.exporter import export_model
+    from visiontune.models.unknown import feature_layer, tapped_forward
+    from visiontune.training.unknown import fit_unknown, store_unknown
+
+    run, data = trained_run
+    copy = tmp_path / "run with layer"
+    shutil.copytree(run.run_dir, copy)
+    clf = visiontune.load(copy, precision="32")
+    layer = feature_layer(clf.model, clf.card.architecture.classifier)
+    assert layer == "blocks.6"  # EfficientNet-Lite0's last block, before the 1x1 head convolution
+    names = clf.class_names
+    fitted = fit_unknown(clf, read_split_csv(copy / "splits" / "train.csv", names),
+                         read_split_csv(copy / "splits" / "val.csv", names), kind="mahalanobis", layer=layer)
+    assert fitted.score.layer == layer and fitted.section["layer"] == layer
+    assert fitted.section["selection"]["method"] == f"none (asked for mahalanobis@{layer})"
+    store_unknown(copy / "model", fitted)
+    assert json.loads((copy / "model" / "model.json").read_text())["unknown"]["layer"] == layer
+
+    odd = sorted(str(p) for p in strangers(tmp_path / "odd").iterdir())
+    files = sorted(str(p) for p in data.rglob("*.png"))[::3] + odd
+    loaded = visiontune.load(copy, precision="32")
+    assert loaded.runner.model.score.layer == layer
+    api = loaded.predict(files, top_k=1)
+    feats, _, ok = loaded.taps_of(files, (layer,), batch_size=4)
+    with torch.no_grad():
+        direct = fitted.score(feats[layer], torch.zeros(len(files), len(names))).numpy()
+    assert ok.all() and np.allclose(direct, [r["unknown_score"] for r in api], rtol=1e-4, atol=1e-4)
+    assert all(r["unknown"] == (r["unknown_score"] < fitted.section["threshold"]) for r in api)
+
+    exported = export_model(copy, "onnx", dynamic_batch=True, out=tmp_path / "onnx" / "model.onnx")
+    assert exported["passed"] and exported["unknown_agreement"] >= 0.995
+    onnx = visiontune.load(exported["file"]).predict(files, top_k=1)
+    assert np.allclose([r["unknown_score"] for r in onnx], [r["unknown_score"] for r in api], rtol=1e-3, atol=1e-3)
+    clear = [abs(r["unknown_score"] - fitted.section["threshold"]) > 1e-3 * max(1.0, abs(fitted.section["threshold"]))
+             for r in api]
+    assert [r["unknown"] for r, c in zip(onnx, clear) if c] == [r["unknown"] for r, c in zip(api, clear) if c]
+    graph_card = visiontune.load(exported["file"]).card.unknown
+    assert graph_card["layer"] == layer  # the graph's own metadata names the source too
+    with torch.no_grad():  # the hook reads the same rows tapped_forward does
+        x = torch.zeros(2, *loaded.preprocessing.input_size)
+        (f,), _ = tapped_forward(loaded.model, clf.card.architecture.classifier, x, False, (layer,))
+    assert f.shape == (2, fitted.score.means.shape[1])
+
+
+def test_a_card_naming_a_layer_the_network_lacks_is_refused(trained_run, tmp_path, capsys):
+    copy = tmp_path / "model"
+    shutil.copytree(trained_run[0].model_dir, copy)
+    card = json.loads((copy / "model.json").read_text())
+    card["unknown"]["layer"] = "blocks.99"
+    (copy / "model.json").write_text(json.dumps(card))
+    code, _, err = vt_main(capsys, "predict", copy, next(trained_run[1].rglob("*.png")))
+    assert code != 0 and "does not have" in err and "Traceback" not in err
 
 
 def test_evaluate_measures_the_score_on_unknown_images(trained_run, tmp_path, capsys):

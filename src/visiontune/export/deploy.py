@@ -52,7 +52,7 @@ class DeployWrapper(nn.Module):
         super().__init__()
         self.model = model
         self.tta = tta
-        # the unknown-score (visiontune.models.unknown), a third output, of the classifier's input features
+        # the unknown-score (visiontune.models.unknown), a third output, of the features it reads
         self.score, self.classifier = score, classifier
         self.task = get_task(task)
         # a buffer (not a Python float) so the value is visible as a constant in the graph
@@ -68,7 +68,7 @@ class DeployWrapper(nn.Module):
             x = x.permute(0, 3, 1, 2).float() * torch.tensor(1.0 / 255.0, dtype=torch.float32)
             x = (x - self.mean) / self.std
         if self.score is not None:
-            features, logits = features_and_logits(self.model, self.classifier, x, self.tta)
+            features, logits = features_and_logits(self.model, self.classifier, x, self.tta, self.score.layer)
             return logits, self.task.head(logits, self.temperature), self.score(features, logits)
         logits = forward_logits(self.model, x, self.tta)
         return logits, self.task.head(logits, self.temperature)
@@ -124,6 +124,7 @@ def graph_metadata(card: ModelCard, input_dtype: str = "float32") -> dict[str, s
         "task": card.task.name,
         **{key: json.dumps(value) for key, value in inference.items() if key != "task"},
         # the unknown-score's kind and threshold: an image scoring below it is of no known class
-        **({"unknown": json.dumps({k: card.unknown[k] for k in ("score", "threshold", "tpr", "val_quantiles")
+        **({"unknown": json.dumps({k: card.unknown[k] for k in ("score", "layer", "threshold", "tpr",
+                                                                   "val_quantiles")
                                    if k in card.unknown})} if card.unknown else {}),
     }

@@ -24,7 +24,7 @@ from ..data.image import is_image_path
 from ..data.transforms import eval_transform
 from ..models.artifact import load_model, read_card, resolve_model_dir
 from ..models.card import ModelCard
-from ..models.unknown import ScoredModel, classifier_width, features_and_logits, score_of, threshold_for
+from ..models.unknown import ScoredModel, classifier_width, layer_width, score_of, tapped_forward, threshold_for
 from .accelerated import BACKENDS, accelerates, cached_runner
 from .rows import error_row, prediction_rows
 from .runners import TorchRunner, is_graph, load_graph
@@ -129,21 +129,35 @@ class Classifier:
         """The classifier's input features ``[n, D]``, the raw logits ``[n, C]`` (both averaged over the
         mirror image when the model predicts so) and the mask of the readable inputs: what an
         unknown-score is fitted on. Needs the PyTorch model (a run or model folder)."""
+        feats, logits, ok = self.taps_of(inputs, (None,), batch_size, workers)
+        return feats[None], logits, ok
+
+    def taps_of(self, inputs: Sequence[ImageInput], layers: Sequence[str | None], batch_size: int = 64,
+                workers: int | None = None) -> tuple[dict[str | None, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """As :meth:`features_of`, for several sources of features in one pass over the images:
+        ``{layer: [n, D_layer]}`` (None: the classifier's input; a module name: its pooled output)."""
         model = self.model
         if model is None or self.card.architecture is None:
             raise ConfigError("features need the PyTorch model: load the run or model folder, not an exported graph")
         name = self.card.architecture.classifier
         tta = bool(getattr(self.runner, "tta", False))
-        width = classifier_width(model, name)
-        feats, logits = torch.zeros(len(inputs), width), torch.zeros(len(inputs), len(self.class_names))
+        layers = tuple(layers)
+        feats: dict[str | None, torch.Tensor] = {}
+        logits = torch.zeros(len(inputs), len(self.class_names))
         ok = torch.zeros(len(inputs), dtype=torch.bool)
         dataset = InputDataset(inputs, self.transform, self.preprocessing.draft_size())
         with torch.inference_mode():
             for indices, tensor, _ in progress(input_loader(dataset, batch_size, workers), "features"):
                 if indices:
                     batch = tensor.to(self.device).contiguous(memory_format=torch.channels_last)
-                    f, z = features_and_logits(model, name, batch, tta)
-                    feats[indices], logits[indices], ok[indices] = f.float().cpu(), z.float().cpu(), True
+                    fs, z = tapped_forward(model, name, batch, tta, layers)
+                    for layer, f in zip(layers, fs):
+                        feats.setdefault(layer, torch.zeros(len(inputs), f.shape[1]))[indices] = f.float().cpu()
+                    logits[indices], ok[indices] = z.float().cpu(), True
+        for layer in layers:  # nothing readable: empty rows of the right width
+            if layer not in feats:
+                feats[layer] = torch.zeros(len(inputs), classifier_width(model, name) if layer is None
+                                           else layer_width(model, layer, self.preprocessing.input_size))
         return feats, logits, ok
 
     def logits_of(self, inputs: Sequence[ImageInput], batch_size: int = 64, workers: int | None = None

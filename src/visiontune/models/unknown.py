@@ -4,8 +4,10 @@ A classifier answers one of its classes for any image, also for one of no class 
 sent to an ants/bees model). Training fits one of :data:`UNKNOWN_SCORES` on its own images
 (:mod:`visiontune.training.unknown` measures them all and keeps the best) and a threshold that
 accepts a stated share of known images (95% by default); an image scoring below it is
-``unknown``. The score is computed in the forward pass from the classifier's input features and
-its logits, so the PyTorch runner and the exported graphs give the same number.
+``unknown``. The score is computed in the forward pass from the logits and one source of features:
+the classifier's input, or the pooled output of the network's last feature stage
+(:func:`feature_layer`, the card's ``layer``), so the PyTorch runner and the exported graphs give
+the same number.
 
 Higher always means "more like the training images". The statistics live in
 ``unknown.safetensors`` beside ``model.safetensors``; the card's ``unknown`` section names the
@@ -22,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,10 @@ UNKNOWN_FILE = "unknown.safetensors"
 # project's CIFAR-10 bench (bench/openset.py) k = 1 of 4,096 did best on near and far unknowns alike
 # (AUROC 0.760 / 0.980 at k = 1, 0.756 / 0.977 at 3, 0.749 / 0.974 at 10)
 KNN_K = 1
+# Why a second source of features: on the same bench, Mahalanobis on EfficientNet-Lite0's last block
+# (320 channels, before the 1x1 head convolution and its clipping ReLU6) gave near / far AUROC
+# 0.830 / 0.994 where the classifier's 1280 inputs gave 0.750 / 0.978
+LAYER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
 MAX_BANK = 4096            # training images the kNN score keeps (its cost at inference: one matmul with them)
 MAX_DIM = 8192             # widest classifier input a score's statistics may have
 DEFAULT_TPR = 0.95         # share of known images the threshold accepts
@@ -65,13 +72,14 @@ class UnknownScore(nn.Module):
         temperature: the calibration temperature (``msp``).
         bank: rows of the kNN bank; ``centres``: Gaussians of the Mahalanobis score (the classes,
             or 1 for a multi-label model, whose images have no single class).
+        layer: the module whose pooled output are the ``features`` (None: the classifier's input).
     """
 
     def __init__(self, kind: str, num_classes: int, dim: int, temperature: float = 1.0, bank: int = 0,
-                 centres: int = 0):
+                 centres: int = 0, layer: str | None = None):
         super().__init__()
         UNKNOWN_SCORES.check(kind)
-        self.kind, self.k = kind, KNN_K
+        self.kind, self.k, self.layer = kind, KNN_K, layer
         self.temperature = float(temperature)
         if kind == "mahalanobis":
             self.register_buffer("means", torch.zeros(centres or num_classes, dim))
@@ -104,7 +112,8 @@ class UnknownScore(nn.Module):
 
 def card_section(score: UnknownScore, threshold: float, tpr: float, measured: dict[str, Any]) -> dict[str, Any]:
     """The card's ``unknown`` section for a fitted ``score``."""
-    return {"score": score.kind, "threshold": float(threshold), "tpr": float(tpr), **measured}
+    return {"score": score.kind, **({"layer": score.layer} if score.layer else {}), "threshold": float(threshold),
+            "tpr": float(tpr), **measured}
 
 
 def check_section(section: Any, source: str) -> dict[str, Any]:
@@ -114,6 +123,10 @@ def check_section(section: Any, source: str) -> dict[str, Any]:
     kind = section.get("score")
     if kind not in UNKNOWN_SCORES.names():
         raise ArtifactError(f"{source}: unknown.score must be one of {list(UNKNOWN_SCORES.names())}, got {kind!r}")
+    layer = section.get("layer")
+    if layer is not None and not (isinstance(layer, str) and len(layer) <= 200 and LAYER_NAME.fullmatch(layer)):
+        raise ArtifactError(f"{source}: unknown.layer must name a module of the network (like blocks.6), got "
+                            f"{str(layer)[:80]!r}")
     threshold, tpr = section.get("threshold"), section.get("tpr")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
         raise ArtifactError(f"{source}: unknown.threshold must be a finite number, got {threshold!r}")
@@ -152,13 +165,14 @@ def save_score(directory: str | Path, score: UnknownScore) -> None:
     a score with none (the logit scores) writes an empty file, so the folder says which it is."""
     state = {k: v.detach().cpu().float().contiguous() for k, v in score.state_dict().items()}
     with atomic_path(Path(directory) / UNKNOWN_FILE) as tmp:
-        save_file(state, str(tmp), metadata={"score": score.kind})
+        save_file(state, str(tmp), metadata={"score": score.kind, "layer": score.layer or ""})
 
 
 def load_score(directory: str | Path, section: dict[str, Any], num_classes: int, dim: int,
                temperature: float = 1.0) -> UnknownScore:
     """The fitted score of a model folder, its file checked against the card before it is read:
-    only the tensors ``section['score']`` has, of the shapes this classifier gives them."""
+    only the tensors ``section['score']`` has, of the shapes this classifier gives them (``dim``:
+    the width of the features the card's ``layer`` gives, or of the classifier's input)."""
     path = Path(directory) / UNKNOWN_FILE
     kind = section["score"]
     if path.is_symlink():
@@ -183,7 +197,7 @@ def load_score(directory: str | Path, section: dict[str, Any], num_classes: int,
     state = load_file(str(path), device="cpu")
     bank = shapes.get("bank", [0])[0]
     centres = shapes.get("means", [0])[0]
-    score = UnknownScore(kind, num_classes, dim, temperature, bank=bank, centres=centres)
+    score = UnknownScore(kind, num_classes, dim, temperature, bank=bank, centres=centres, layer=section.get("layer"))
     score.load_state_dict(state, strict=True)
     if not all(torch.isfinite(t).all() for t in state.values()):
         raise ArtifactError(f"{path} holds non-finite statistics; retrain the model")
@@ -195,8 +209,10 @@ def score_of(model: nn.Module, card: Any) -> UnknownScore | None:
     width), or None when the card names none (or is an exported graph's, with no folder or architecture)."""
     if not card.unknown or card.model_dir is None or card.architecture is None:
         return None
-    return load_score(card.model_dir, card.unknown, card.num_classes,
-                      classifier_width(model, card.architecture.classifier), card.temperature)
+    layer = card.unknown.get("layer")
+    width = (classifier_width(model, card.architecture.classifier) if layer is None
+             else layer_width(model, layer, card.preprocessing.input_size))
+    return load_score(card.model_dir, card.unknown, card.num_classes, width, card.temperature)
 
 
 def _shapes(kind: str, num_classes: int, dim: int) -> dict[str, list[int | None]]:
@@ -214,28 +230,98 @@ def _fits(shape: list[int], expected: list[int | None]) -> bool:
     return all((e is None and 1 <= s <= MAX_BANK) or s == e for s, e in zip(shape, expected))
 
 
-def features_and_logits(model: nn.Module, classifier: str, x: torch.Tensor, tta: bool = False
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The classifier's input features ``[N, D]`` and the logits ``[N, C]`` of one forward pass
-    (``tta``: both averaged over the image and its mirror image, as predictions are made)."""
-    seen: list[torch.Tensor] = []
-    hook = model.get_submodule(classifier).register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+def pooled(output: torch.Tensor) -> torch.Tensor:
+    """A module's output as one row per image: ``[N, C, H, W]`` averaged over its positions,
+    ``[N, T, D]`` over its tokens, anything else flattened."""
+    output = output.float()
+    if output.dim() == 4:
+        return output.mean(dim=(2, 3))
+    return output.mean(dim=1) if output.dim() == 3 else output.flatten(1)
+
+
+def tapped_forward(model: nn.Module, classifier: str, x: torch.Tensor, tta: bool = False,
+                   layers: tuple[str | None, ...] = (None,)) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One forward pass (two with ``tta``: the image and its mirror image, averaged, as predictions
+    are made): the features of each of ``layers`` (None: the classifier's input; a name: that
+    module's :func:`pooled` output), each ``[N, D]``, and the logits ``[N, C]``."""
+    seen: dict[str | None, list[torch.Tensor]] = {layer: [] for layer in layers}
+    hooks = []
     try:
+        for layer in layers:
+            if layer is None:
+                hooks.append(model.get_submodule(classifier).register_forward_pre_hook(
+                    lambda module, inputs: seen[None].append(inputs[0].float().flatten(1))))
+            else:
+                hooks.append(model.get_submodule(layer).register_forward_hook(
+                    lambda module, inputs, output, layer=layer: seen[layer].append(pooled(output))))
         logits = model(x).float()
         if tta:
             logits = (logits + model(x.flip(-1)).float()) / 2
     finally:
+        for hook in hooks:
+            hook.remove()
+    return [torch.stack(seen[layer]).mean(0) for layer in layers], logits
+
+
+def features_and_logits(model: nn.Module, classifier: str, x: torch.Tensor, tta: bool = False,
+                        layer: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The features an unknown-score reads (``layer``'s pooled output, or the classifier's input)
+    and the logits ``[N, C]`` of one forward pass (see :func:`tapped_forward`)."""
+    features, logits = tapped_forward(model, classifier, x, tta, (layer,))
+    return features[0], logits
+
+
+def feature_layer(model: nn.Module, classifier: str) -> str | None:
+    """The second source of features for the unknown-score: the last stage a timm network lists in
+    its ``feature_info`` (EfficientNet's last block, ResNet's ``layer4``), None for a network that
+    lists none or whose last stage is the classifier itself."""
+    info = getattr(model, "feature_info", None)
+    try:
+        name = info[-1]["module"] if info else None
+    except (TypeError, KeyError, IndexError):
+        return None
+    if not isinstance(name, str) or not LAYER_NAME.fullmatch(name) or name == classifier:
+        return None
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return None
+    return name
+
+
+@torch.no_grad()
+def layer_width(model: nn.Module, layer: str, input_size: tuple[int, ...]) -> int:
+    """Features ``layer`` gives per image, from one forward pass of a blank image of ``input_size``
+    (C, H, W); a name the network does not have is refused."""
+    try:
+        module = model.get_submodule(layer)
+    except AttributeError:
+        raise ArtifactError(f"the unknown-score reads the layer {layer!r}, which this network does not have; "
+                            "the card and the weights do not belong together") from None
+    seen: list[torch.Tensor] = []
+    hook = module.register_forward_hook(lambda m, inputs, output: seen.append(pooled(output)))
+    training = model.training
+    try:
+        model.eval()
+        param = next(model.parameters(), None)
+        model(torch.zeros(1, *input_size, device=param.device if param is not None else None))
+    finally:
         hook.remove()
-    features = torch.stack([f.float().flatten(1) for f in seen]).mean(0)
-    return features, logits
+        model.train(training)
+    width = seen[0].shape[1] if seen else 0
+    if not 1 <= width <= MAX_DIM:
+        raise ArtifactError(f"the layer {layer!r} gives {width} features per image; an unknown-score reads 1 to "
+                            f"{MAX_DIM}")
+    return width
 
 
 class ScoredModel(nn.Module):
     """``model`` whose output gains a last column: the unknown-score of each image (``tta``: of the
     image and its mirror image together, the logits averaged as :func:`features_and_logits` does).
 
-    The classifier's input is taken with a forward hook, so any architecture whose card names its
-    classifier works; the exported graphs are traced through this module.
+    The features (the classifier's input, or the score's ``layer``) are taken with a forward hook, so
+    any architecture whose card names its classifier works; the exported graphs are traced through
+    this module.
     """
 
     def __init__(self, model: nn.Module, classifier: str, score: UnknownScore, tta: bool = False):
@@ -243,7 +329,7 @@ class ScoredModel(nn.Module):
         self.model, self.score, self.classifier, self.tta = model, score, classifier, tta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features, logits = features_and_logits(self.model, self.classifier, x, self.tta)
+        features, logits = features_and_logits(self.model, self.classifier, x, self.tta, self.score.layer)
         # the score in float32 whatever the network ran at: under bf16 autocast its distances keep
         # three digits, and the threshold was set on float32 scores
         with torch.autocast(x.device.type, enabled=False):
