@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
                               "--no-save"], capture_output=True, text=True, check=True)
         results[name] = json.loads(out.stdout)
     table = candidate_table(run, files, far)
-    command = "python -m bench.openset" + (f" --time {args.time}" if args.time != "15m" else "")
+    command = ("python -m bench.openset" + (f" --time {args.time}" if args.time != "15m" else "")
+               + (" --run RUN (a model trained before; its unknown-score refitted if it had none)" if args.run else ""))
     text = report(card, results, table, cpu_flags(), command, args.time, seconds)
     print(text)
     write_results(args.results, SECTION, text)
@@ -186,7 +187,8 @@ def report(card: dict, results: dict, table: list[dict], flags: str, command: st
     from visiontune.training.unknown import name
 
     u = card["unknown"]
-    lines = [SECTION, "", f"Machine: {machine()} (CPU flags: {flags})", "", f"Command: `{command}`", "",
+    where = machine() + ("" if flags in machine() else f" (CPU flags: {flags})")
+    lines = [SECTION, "", f"Machine: {where}", "", f"Command: `{command}`", "",
              "CIFAR-10, 6 known classes (automobile, cat, deer, dog, horse, ship), 24,000 training images; "
              "near-unknowns: the 4,000 carved test images of airplane, bird, frog and truck (never trained on); "
              "far-unknowns: the 245 ants and bees photos (hymenoptera). Known: the 6,000 carved test images.", "",
