@@ -15,10 +15,11 @@ import json
 import sys
 from pathlib import Path
 
-from label_studio_sdk import LabelStudio
-
 
 def main(url: str, token: str, tasks_file: str, config_file: str, out: str) -> None:
+    # imported here: pytest's doctest collection imports this file with visiontune's interpreter
+    from label_studio_sdk import LabelStudio
+
     client = LabelStudio(base_url=url, api_key=token)
     config = Path(config_file).read_text()
     project = client.projects.create(title="visiontune round trip", label_config=config)

@@ -86,12 +86,17 @@ def predict_to_csv(model_path: str, inputs: Sequence[str], out: Path, top_k: int
         k = max(1, min(top_k, card.num_classes))
         done = rows_done(out, inputs, csv_header(k, card.class_names, task=card.task, unknown=card.unknown is not None),
                          csv_safe)
-    todo = list(inputs[done:])
+    # predicting restarts at the batch boundary before the first missing row and writes from that
+    # row on: every batch holds the same images as in the first run, so the numbers are bit-identical
+    # (a batch of other images may take other float kernels: the last digit of a score moved)
+    start = done - done % batch_size
+    todo, skip = list(inputs[start:]), done - start
     decision = (reject_below, threshold, label_delim, csv_safe, unknown_tpr)
     if processes <= 1 or len(todo) < processes * batch_size:
         return _predict_shard(model_path, todo, out, top_k, batch_size, workers, precision, decision, done > 0,
-                              backend=backend)
-    return _predict_sharded(model_path, todo, out, top_k, batch_size, precision, decision, done > 0, processes)
+                              backend=backend, skip=skip)
+    return _predict_sharded(model_path, todo, out, top_k, batch_size, precision, decision, done > 0, processes,
+                            skip)
 
 
 def _card(model_path: str) -> ModelCard:
@@ -102,7 +107,10 @@ def _card(model_path: str) -> ModelCard:
 
 
 def _predict_shard(model_path, inputs, out: Path, top_k, batch_size, workers, precision, decision: tuple,
-                   append: bool, threads: int | None = None, backend: str = "eager") -> tuple[int, int]:
+                   append: bool, threads: int | None = None, backend: str = "eager", skip: int = 0
+                   ) -> tuple[int, int]:
+    """Predict ``inputs`` into ``out``; the first ``skip`` rows are predicted (for their batch) but
+    not written: they are there already."""
     if threads:
         torch.set_num_threads(threads)
     clf = Classifier.load(model_path, precision=precision, backend=backend)
@@ -115,7 +123,9 @@ def _predict_shard(model_path, inputs, out: Path, top_k, batch_size, workers, pr
         writer = csv.writer(fh, lineterminator="\n")
         if not append:
             writer.writerow(csv_header(k, names, task=task, unknown=unknown))
-        for row in clf.predict_stream(inputs, top_k, batch_size, workers, reject_below, threshold):
+        for i, row in enumerate(clf.predict_stream(inputs, top_k, batch_size, workers, reject_below, threshold)):
+            if i < skip:
+                continue
             writer.writerow(csv_cells(row, k, names, delim, spreadsheet, task=task, unknown=unknown))
             written += 1
             bad += bool(row["error"])
@@ -125,7 +135,7 @@ def _predict_shard(model_path, inputs, out: Path, top_k, batch_size, workers, pr
 
 
 def _predict_sharded(model_path, inputs, out: Path, top_k, batch_size, precision, decision: tuple, append: bool,
-                     processes: int) -> tuple[int, int]:
+                     processes: int, skip: int = 0) -> tuple[int, int]:
     """Contiguous shards in ``processes`` processes, then parts appended to ``out`` in order."""
     # shard boundaries on batch boundaries: every batch holds the same images as in one process,
     # so the numbers are bit-identical
@@ -136,7 +146,8 @@ def _predict_sharded(model_path, inputs, out: Path, top_k, batch_size, precision
     ctx = mp.get_context("spawn")
     with ctx.Pool(processes) as pool:
         jobs = [pool.apply_async(_predict_shard, (model_path, inputs[i * size:(i + 1) * size], parts[i], top_k,
-                                                  batch_size, 0, precision, decision, False, threads))
+                                                  batch_size, 0, precision, decision, False, threads, "eager",
+                                                  skip if i == 0 else 0))
                 for i in range(processes)]
         counts = [job.get() for job in jobs]
     written, bad = sum(c[0] for c in counts), sum(c[1] for c in counts)
