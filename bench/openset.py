@@ -97,7 +97,7 @@ def candidate_table(run: Path, files: dict[str, Path], far: list[str]) -> list[d
     train = [train[i] for i in stats_subset(y, len(train), MAX_STATS_IMAGES).tolist()]
     test = [(p, names.index(c)) for p, c in read_csv(files["test"])]
     near = [p for p, _ in read_csv(files["unknown"])]
-    second = feature_layer(clf.model, clf.card.architecture.classifier)
+    second = feature_layer(clf.model, clf.card.architecture.classifier, clf.preprocessing.input_size)
     layers = (None,) + ((second,) if second else ())
 
     def feats(paths):

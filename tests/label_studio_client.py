@@ -39,7 +39,8 @@ def main(url: str, token: str, tasks_file: str, config_file: str, out: str) -> N
             result[0]["value"]["choices"] = [next(c for c in choices if c != given)]
             corrected = {"image": task.data["image"], "label": result[0]["value"]["choices"][0]}
         client.annotations.create(id=task.id, result=result, was_cancelled=False)
-    export = b"".join(client.projects.exports.download_sync(id=project.id, export_type="JSON"))
+    export = b"".join(client.projects.exports.download_sync(id=project.id, export_type="JSON",
+                                                                download_all_tasks=True))
     Path(out).write_bytes(export)
     print(json.dumps({"project": project.id, "imported": len(imported), "corrected": corrected,
                       "annotated": sum(bool(t.get("annotations")) for t in json.loads(export))}))

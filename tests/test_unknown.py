@@ -252,7 +252,7 @@ def test_a_score_of_the_last_stage_decides_alike_everywhere(trained_run, tmp_pat
     copy = tmp_path / "run with layer"
     shutil.copytree(run.run_dir, copy)
     clf = visiontune.load(copy, precision="32")
-    layer = feature_layer(clf.model, clf.card.architecture.classifier)
+    layer = feature_layer(clf.model, clf.card.architecture.classifier, clf.preprocessing.input_size)
     assert layer == "blocks.6"  # EfficientNet-Lite0's last block, before the 1x1 head convolution
     names = clf.class_names
     fitted = fit_unknown(clf, read_split_csv(copy / "splits" / "train.csv", names),
@@ -286,6 +286,43 @@ def test_a_score_of_the_last_stage_decides_alike_everywhere(trained_run, tmp_pat
         x = torch.zeros(2, *loaded.preprocessing.input_size)
         (f,), _ = tapped_forward(loaded.model, clf.card.architecture.classifier, x, False, (layer,))
     assert f.shape == (2, fitted.score.means.shape[1])
+
+
+class _Net(torch.nn.Module):
+    """A tiny network for the layer checks: ``act`` runs twice per pass, ``stage`` gives NHWC."""
+
+    def __init__(self, channels_last: bool = False):
+        super().__init__()
+        self.conv, self.act, self.fc = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Linear(8, 2)
+        self.stage = torch.nn.Identity()
+        self.channels_last = channels_last
+        self.feature_info = [{"module": "stage", "num_chs": 8}]
+
+    def forward(self, x):
+        x = self.act(self.act(self.conv(x)))
+        x = self.stage(x.permute(0, 2, 3, 1) if self.channels_last else x)
+        return self.fc(x.mean(dim=(1, 2)) if self.channels_last else x.mean(dim=(2, 3)))
+
+
+def test_layer_checks_refuse_what_a_score_cannot_read(tmp_path):
+    """A name that is no registered module, a module run twice per pass, statistics written for
+    another source: each a clear ArtifactError. A channels-last stage is not offered as a source."""
+    from visiontune.models.unknown import feature_layer, layer_width
+
+    net = _Net()
+    assert layer_width(net, "stage", (3, 6, 6)) == 8 and feature_layer(net, "fc", (3, 6, 6)) == "stage"
+    assert feature_layer(_Net(channels_last=True), "fc", (3, 6, 6)) is None  # its pooled rows would be 6 wide
+    with pytest.raises(ArtifactError, match="once per pass"):
+        layer_width(net, "act", (3, 6, 6))
+    for name in ("nothing", "channels_last", "fc.weight"):
+        with pytest.raises(ArtifactError, match="does not have"):
+            layer_width(net, name, (3, 6, 6))
+    f, z, y, _ = clusters()
+    save_score(tmp_path, fit_score("mahalanobis", f, y, logits_width=5, layer="stage"))
+    section = {"score": "mahalanobis", "threshold": -3.0, "tpr": 0.95}
+    with pytest.raises(ArtifactError, match="do not belong together"):
+        load_score(tmp_path, section, 5, 8)  # the file is for "stage", the card reads the classifier's input
+    assert load_score(tmp_path, {**section, "layer": "stage"}, 5, 8).layer == "stage"
 
 
 def test_a_card_naming_a_layer_the_network_lacks_is_refused(trained_run, tmp_path, capsys):

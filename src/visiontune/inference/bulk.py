@@ -89,6 +89,8 @@ def predict_to_csv(model_path: str, inputs: Sequence[str], out: Path, top_k: int
     # predicting restarts at the batch boundary before the first missing row and writes from that
     # row on: every batch holds the same images as in the first run, so the numbers are bit-identical
     # (a batch of other images may take other float kernels: the last digit of a score moved)
+    if resume and done == len(inputs):
+        return 0, 0  # every row is there
     start = done - done % batch_size
     todo, skip = list(inputs[start:]), done - start
     decision = (reject_below, threshold, label_delim, csv_safe, unknown_tpr)

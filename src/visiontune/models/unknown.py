@@ -186,8 +186,14 @@ def load_score(directory: str | Path, section: dict[str, Any], num_classes: int,
         with safe_open(str(path), framework="pt") as fh:
             shapes = {name: list(fh.get_slice(name).get_shape()) for name in fh.keys()}
             dtypes = {name: fh.get_slice(name).get_dtype() for name in fh.keys()}
+            written_for = (fh.metadata() or {}).get("layer")
     except Exception as exc:
         raise ArtifactError(f"{path} is not a valid safetensors file: {exc}") from None
+    if written_for is not None and (written_for or None) != section.get("layer"):
+        # files written before the layer existed carry no "layer": nothing to compare
+        raise ArtifactError(f"{path} holds statistics of the features of {written_for or 'the classifier input'!r} "
+                            f"but model.json reads {section.get('layer') or 'the classifier input'!r}; the files do "
+                            "not belong together")
     if any(d != "F32" for d in dtypes.values()):
         raise ArtifactError(f"{path} holds tensors that are not float32 ({dtypes}); visiontune writes float32")
     if set(shapes) != set(expected) or any(not _fits(shapes[k], expected[k]) for k in expected) or (
@@ -236,7 +242,8 @@ def pooled(output: torch.Tensor) -> torch.Tensor:
     output = output.float()
     if output.dim() == 4:
         return output.mean(dim=(2, 3))
-    return output.mean(dim=1) if output.dim() == 3 else output.flatten(1)
+    # a copy: a later in-place operation of the network must not change what was read
+    return output.mean(dim=1) if output.dim() == 3 else output.flatten(1).clone()
 
 
 def tapped_forward(model: nn.Module, classifier: str, x: torch.Tensor, tta: bool = False,
@@ -271,44 +278,52 @@ def features_and_logits(model: nn.Module, classifier: str, x: torch.Tensor, tta:
     return features[0], logits
 
 
-def feature_layer(model: nn.Module, classifier: str) -> str | None:
+def feature_layer(model: nn.Module, classifier: str, input_size: tuple[int, ...]) -> str | None:
     """The second source of features for the unknown-score: the last stage a timm network lists in
     its ``feature_info`` (EfficientNet's last block, ResNet's ``layer4``), None for a network that
-    lists none or whose last stage is the classifier itself."""
+    lists none, whose last stage is the classifier itself, or whose pooled output is not the
+    stage's channels (a channels-last stage, as Swin's) once tried on a blank image of ``input_size``."""
     info = getattr(model, "feature_info", None)
     try:
-        name = info[-1]["module"] if info else None
-    except (TypeError, KeyError, IndexError):
+        name, channels = (info[-1]["module"], info[-1].get("num_chs")) if info else (None, None)
+    except (TypeError, KeyError, IndexError, AttributeError):
         return None
     if not isinstance(name, str) or not LAYER_NAME.fullmatch(name) or name == classifier:
         return None
     try:
-        model.get_submodule(name)
-    except AttributeError:
+        width = layer_width(model, name, input_size)
+    except ArtifactError:
         return None
-    return name
+    return name if width == channels else None
 
 
 @torch.no_grad()
 def layer_width(model: nn.Module, layer: str, input_size: tuple[int, ...]) -> int:
     """Features ``layer`` gives per image, from one forward pass of a blank image of ``input_size``
-    (C, H, W); a name the network does not have is refused."""
-    try:
-        module = model.get_submodule(layer)
-    except AttributeError:
+    (C, H, W). Refused (:class:`ArtifactError`): a name that is not one of the network's registered
+    modules, a module that runs other than once per pass or gives no tensor of 2+ dimensions, and a
+    width outside 1..MAX_DIM."""
+    module = dict(model.named_modules()).get(layer) if layer else None
+    if module is None or module is model:
         raise ArtifactError(f"the unknown-score reads the layer {layer!r}, which this network does not have; "
-                            "the card and the weights do not belong together") from None
-    seen: list[torch.Tensor] = []
-    hook = module.register_forward_hook(lambda m, inputs, output: seen.append(pooled(output)))
+                            "the card and the weights do not belong together")
+    seen: list[Any] = []
+    hook = module.register_forward_hook(lambda m, inputs, output: seen.append(output))
     training = model.training
     try:
         model.eval()
         param = next(model.parameters(), None)
         model(torch.zeros(1, *input_size, device=param.device if param is not None else None))
+    except Exception as exc:  # noqa: BLE001 - a network that cannot run the probe: the card's fault, named
+        raise ArtifactError(f"the network does not run with the unknown-score's layer {layer!r} tapped "
+                            f"({type(exc).__name__}: {str(exc)[:200]}); retrain the model") from None
     finally:
         hook.remove()
         model.train(training)
-    width = seen[0].shape[1] if seen else 0
+    if len(seen) != 1 or not isinstance(seen[0], torch.Tensor) or seen[0].dim() < 2:
+        raise ArtifactError(f"the layer {layer!r} does not give one tensor per image once per pass (it ran "
+                            f"{len(seen)} times); an unknown-score cannot read it: retrain the model")
+    width = pooled(seen[0]).shape[1]
     if not 1 <= width <= MAX_DIM:
         raise ArtifactError(f"the layer {layer!r} gives {width} features per image; an unknown-score reads 1 to "
                             f"{MAX_DIM}")

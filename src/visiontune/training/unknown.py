@@ -262,7 +262,8 @@ def fit_unknown(clf: Classifier, train: list[Sample], val: list[Sample], tpr: fl
     # the sources measured: the classifier's input (the logit scores and the refitted heads need it)
     # and, for a selection, the network's last feature stage
     second = layer if kind is not None else (None if multi or clf.model is None
-                                              else feature_layer(clf.model, clf.card.architecture.classifier))
+                                              else feature_layer(clf.model, clf.card.architecture.classifier,
+                                                                 clf.preprocessing.input_size))
     layers = (None,) + ((second,) if second is not None else ())
     tr_f, tr_z, tr_ok = clf.taps_of([p for p, _ in train], layers, batch_size, workers)
     va_f, va_z, va_ok = clf.taps_of([p for p, _ in val], layers, batch_size, workers)
