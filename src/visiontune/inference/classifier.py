@@ -152,7 +152,9 @@ class Classifier:
                     batch = tensor.to(self.device).contiguous(memory_format=torch.channels_last)
                     fs, z = tapped_forward(model, name, batch, tta, layers)
                     for layer, f in zip(layers, fs):
-                        feats.setdefault(layer, torch.zeros(len(inputs), f.shape[1]))[indices] = f.float().cpu()
+                        if layer not in feats:  # allocated once, at the first batch (its width)
+                            feats[layer] = torch.zeros(len(inputs), f.shape[1])
+                        feats[layer][indices] = f.float().cpu()
                     logits[indices], ok[indices] = z.float().cpu(), True
         for layer in layers:  # nothing readable: empty rows of the right width
             if layer not in feats:

@@ -261,9 +261,10 @@ def fit_unknown(clf: Classifier, train: list[Sample], val: list[Sample], tpr: fl
         val = [val[i] for i in stats_subset(None, len(val), MAX_VAL_IMAGES, seed).tolist()]
     # the sources measured: the classifier's input (the logit scores and the refitted heads need it)
     # and, for a selection, the network's last feature stage
-    second = layer if kind is not None else (None if multi or clf.model is None
-                                              else feature_layer(clf.model, clf.card.architecture.classifier,
-                                                                 clf.preprocessing.input_size))
+    forced = kind is not None
+    second = layer if forced else (None if multi or clf.model is None
+                                    else feature_layer(clf.model, clf.card.architecture.classifier,
+                                                       clf.preprocessing.input_size))
     layers = (None,) + ((second,) if second is not None else ())
     tr_f, tr_z, tr_ok = clf.taps_of([p for p, _ in train], layers, batch_size, workers)
     va_f, va_z, va_ok = clf.taps_of([p for p, _ in val], layers, batch_size, workers)
@@ -273,9 +274,8 @@ def fit_unknown(clf: Classifier, train: list[Sample], val: list[Sample], tpr: fl
     tr_z, va_z = tr_z[tr_ok], va_z[va_ok]
     if len(va_z) == 0 or len(tr_z) == 0:
         raise DataError("no readable training or validation images to fit the unknown-score on")
-    forced = kind is not None
     table = [] if multi or forced else select((tr_f, tr_z, tr_y), (va_f, va_z, va_y), clf.temperature, seed)
-    if kind is None:
+    if not forced:
         kind, layer = (table[0]["score"], table[0]["layer"]) if table else ("knn", None)
     score = fit_score(kind, tr_f[layer], None if multi else tr_y, clf.card.num_classes, clf.temperature, seed, layer)
     with torch.no_grad():
