@@ -176,13 +176,13 @@ def bench_levers(work: Path, data: dict, minutes: int, n_train: int) -> list[str
     plan = json.loads((base / "plan.json").read_text())
     recipe = plan.get("recipe", {})
     card = json.loads((base / "model" / "model.json").read_text())
-    tta_on = card.get("inference", {}).get("tta") == "flip"
+    tta = (card.get("inference") or {}).get("tta") or "none"
+    other = "flip" if tta == "none" else "none"
     acc = test_accuracy(base, test_csv)
-    other_tta = test_accuracy(base, test_csv, "--no-tta" if tta_on else "--tta")
+    other_tta = test_accuracy(base, test_csv, "--tta", other)
     lines.append(f"- planned ({plan_summary(base)}, ema {recipe.get('ema')}, mixup {recipe.get('mixup')}, "
-                 f"tta {'flip' if tta_on else 'off'}): {acc:.4f} in {base_seconds / 60:.1f} min")
-    lines.append(f"- the same model, flip TTA {'off' if tta_on else 'on'} (`evaluate --{'no-' if tta_on else ''}tta`): "
-                 f"{other_tta:.4f}")
+                 f"tta {tta}): {acc:.4f} in {base_seconds / 60:.1f} min")
+    lines.append(f"- the same model, `evaluate --tta {other}`: {other_tta:.4f}")
     print("\n".join(lines[-2:]), flush=True)
     for name, flags in (("ema", ["--no-ema"] if recipe.get("ema") else ["--ema"]),
                         ("mixup", ["--mixup", "0"] if recipe.get("mixup") else ["--mixup", "0.2"])):
@@ -253,10 +253,10 @@ def cross_validate(work: Path, rows: list[tuple[str, str]], name: str, flags: li
             q = torch.softmax(logits, 1).numpy()  # before the temperature
             accs.append(float((p.argmax(1) == y).mean()))
             probs.append(p), uncal.append(q), labels.append(y)
-            flipped = visiontune.load(run_dir, tta=not model.card.tta)  # the other TTA setting, same model
+            flipped = visiontune.load(run_dir, tta="none" if model.card.tta else "flip")  # the other setting
             other_logits, _, _ = flipped.logits_of([rows[i][0] for i in held])
             other_accs.append(float((other_logits.argmax(1).numpy() == y).mean()))
-            tta_on = not model.card.tta
+            tta_on = not model.card.tta  # whether the other setting is the one with TTA
     p, q, y = np.concatenate(probs), np.concatenate(uncal), np.concatenate(labels)
     wrong = p.argmax(1) != y
     return {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "folds": len(accs),

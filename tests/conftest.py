@@ -191,8 +191,13 @@ def reference_probabilities(model_dir: Path, files: list[str]) -> tuple[torch.Te
     temperature = float((meta.get("calibration") or {}).get("temperature", 1.0))
     with torch.no_grad():
         logits = model(batch)
-        if (meta.get("inference") or {}).get("tta") == "flip":  # the mean with the mirror image
+        tta = (meta.get("inference") or {}).get("tta")
+        if tta == "flip":  # the mean with the mirror image
             logits = (logits + model(batch.flip(-1))) / 2
+        elif tta == "flip-zoom":  # ... with the mirror image enlarged by a sixth in 32-px steps, written out here
+            side = tuple(n + 32 * max(1, round(n / 192)) for n in batch.shape[-2:])
+            zoomed = torch.nn.functional.interpolate(batch, size=side, mode="bilinear", align_corners=False)
+            logits = (logits + model(zoomed.flip(-1))) / 2
         return torch.softmax(logits / temperature, dim=1), meta
 
 

@@ -127,11 +127,22 @@ def test_plan_sets_the_finetune_recipe_but_not_over_the_users_flags():
 def test_measured_decoding_and_tta_are_paid_for():
     plain = plan_run(facts(30 * 60))
     slow_disk = plan_run(facts(30 * 60, decode_s=0.005))
-    tta = plan_run(facts(30 * 60, **CIFAR), {"tta": True})
-    for plan in (plain, slow_disk, tta):
+    one, flip = (plan_run(facts(30 * 60, **CIFAR), {"tta": tta}) for tta in ("none", "flip"))
+    auto = plan_run(facts(30 * 60, **CIFAR))
+    for plan in (plain, slow_disk, one, flip, auto):
         assert plan.total <= 30 * 60
     assert slow_disk.projected["load"] > 0 and (slow_disk.img_size, slow_disk.epochs) < (plain.img_size, plain.epochs)
-    assert tta.projected["finish"] > plain.projected["finish"]
+    # the finish predicts with the views: flip twice one view's cost, auto the cost of flip-zoom it may adopt
+    assert one.projected["finish"] < flip.projected["finish"] < auto.projected["finish"]
+    # while training, flip validates with two views and auto with one
+    assert one.val_pass_s == auto.val_pass_s < flip.val_pass_s
+
+
+def test_a_planned_fine_tune_measures_tta_at_the_end_unless_the_user_chose():
+    assert plan_run(facts(30 * 60, **CIFAR)).recipe["tta"] == "auto"
+    assert "tta" not in plan_run(facts(30 * 60, **CIFAR), {"tta": "none"}).recipe  # the user's choice stays
+    assert "tta" not in plan_run(facts(30 * 60, **CIFAR, single_label=False)).recipe  # measured on accuracy only
+    assert "tta" not in plan_run(facts(30 * 60, **CIFAR), {"strategy": "scratch"}).recipe
 
 
 def test_data_that_does_not_fit_in_memory_pays_its_decoding_every_epoch():
@@ -195,8 +206,9 @@ def test_the_plan_is_a_function_of_its_facts_and_applies_only_what_the_user_left
 def test_a_plan_fills_its_budget_with_a_partial_last_epoch(minutes):
     """The time after the last whole epoch buys part of one more (--max-steps) when a tenth of an
     epoch and its validation fit, so a plan uses at least 90% of its budget; --epochs run whole."""
-    # without the unknown-score's fit in the finish (its own test), as this table was measured
-    plan = plan_run(facts(minutes * 60, elapsed=15.0, unknown=False))
+    # without the unknown-score's fit and the TTA measurement in the finish (their own tests), as this
+    # table was measured
+    plan = plan_run(facts(minutes * 60, elapsed=15.0, unknown=False), {"tta": "none"})
     assert 0.9 * minutes * 60 <= plan.total <= minutes * 60
     assert 0.9 * minutes * 60 <= plan_run(facts(minutes * 60, elapsed=15.0)).total <= minutes * 60
     if minutes == 60:  # measured on this table: 8 whole epochs at 128 px, then 0.14 of a 9th
@@ -338,7 +350,7 @@ def test_the_finish_pays_for_the_unknown_score_fit():
 
     with_score, without = plan_run(facts(30 * 60)), plan_run(facts(30 * 60, unknown=False))
     size = next(t for t in TABLE if t.size == with_score.img_size)
-    extra = unknown_seconds(size, CIFAR["n_train"], CIFAR["n_val"])
+    extra = unknown_seconds(size, CIFAR["n_train"], CIFAR["n_val"], tta=with_score.recipe.get("tta"))
     assert extra >= (4096 + 5000) / size.infer
     if with_score.img_size == without.img_size:
         assert with_score.projected["finish"] == pytest.approx(without.projected["finish"] + extra)

@@ -166,9 +166,9 @@ def test_cli_flag_types_and_untouched_defaults():
 def test_lever_flags_reach_the_config():
     """--ema, --tta, --mixup/--cutmix, --cache-images, --augment; the option matrix's
     in-memory-crop-flip-ema-mixup-tta run trains with them."""
-    cfg = parse("train", "d", "--ema", "--tta", "--mixup", "0.2", "--cutmix", "0.2", "--cache-images", "--augment",
-                "crop-flip")
-    assert (cfg.get("ema"), cfg.get("tta"), cfg.get("mixup"), cfg.get("cutmix")) == (True, True, 0.2, 0.2)
+    cfg = parse("train", "d", "--ema", "--tta", "flip", "--mixup", "0.2", "--cutmix", "0.2", "--cache-images",
+                "--augment", "crop-flip")
+    assert (cfg.get("ema"), cfg.get("tta"), cfg.get("mixup"), cfg.get("cutmix")) == (True, "flip", 0.2, 0.2)
     assert cfg.get("cache_images") is True and cfg.get("augment") == "crop-flip"
 
 

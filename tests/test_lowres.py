@@ -95,7 +95,7 @@ def test_planner_picks_the_lowres_network_where_its_curve_wins():
     base = plan_run(f, {})
     steps = f.steps_per_epoch
     assert base.strategy == "finetune" and expected_accuracy(plan, steps) > expected_accuracy(base, steps)
-    assert plan.total <= f.budget and plan.freeze_epochs == 0 and plan.recipe["tta"] is True
+    assert plan.total <= f.budget and plan.freeze_epochs == 0 and plan.recipe["tta"] == "flip"
     assert "Expected accuracy" in plan.reason and "finetune at" in plan.reason
 
 
@@ -205,7 +205,7 @@ def test_lowres_network_trains_from_scratch_end_to_end(tmp_path, capsys):
     assert code == 0, err
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert (config["strategy"], config["optimizer"], config["label_smoothing"], config["ema"], config["tta"],
-            config["augment"], config["batch_size"]) == ("scratch", "sgd", 0.2, True, True, "crop-flip", 8)
+            config["augment"], config["batch_size"]) == ("scratch", "sgd", 0.2, True, "flip", "crop-flip", 8)
     card = json.loads((run / "model" / "model.json").read_text())
     assert card["architecture"]["name"] == "lowres_cnn"
     from safetensors.torch import load_file

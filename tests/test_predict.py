@@ -46,14 +46,15 @@ def test_reject_below(trained_run):
 
 
 def test_evaluate_with_and_without_tta(trained_run, capsys):
-    """evaluate --no-tta scores single views of the same model as --tta (both valid scores)."""
+    """evaluate --tta MODE scores the same images under each mode (each a valid score)."""
     run, data = trained_run
     scores = {}
-    for flag in ("--tta", "--no-tta"):
-        code, out, err = vt_main(capsys, "evaluate", run.run_dir, data, "--json", "--no-save", flag)
+    for mode in ("none", "flip", "flip-zoom"):
+        code, out, err = vt_main(capsys, "evaluate", run.run_dir, data, "--json", "--no-save", "--tta", mode)
         assert code == 0, err
-        scores[flag] = json.loads(out)
-    assert scores["--tta"]["num_samples"] == scores["--no-tta"]["num_samples"] > 0
+        scores[mode] = json.loads(out)
+    assert scores["none"]["num_samples"] == scores["flip"]["num_samples"] == scores["flip-zoom"]["num_samples"] > 0
+    assert all(0.0 <= s["accuracy"] <= 1.0 for s in scores.values())
 
 
 def test_predict_out_csv_caps_top_k_and_keeps_stdout_clean(trained_run, tmp_path, capsys):

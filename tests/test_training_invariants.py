@@ -169,7 +169,7 @@ OPTION_CASES = {
     "probe-views-logistic": {"strategy": "linear-probe", "head": "logistic", "cached_views": 2},
     "probe-views-linear": {"strategy": "linear-probe", "cached_views": 2},
     "in-memory-crop-flip-ema-mixup-tta": {"cache_images": True, "augment": "crop-flip", "ema": True, "mixup": 0.2,
-                                          "cutmix": 1.0, "freeze_epochs": 0, "tta": True},
+                                          "cutmix": 1.0, "freeze_epochs": 0, "tta": "flip-zoom"},
     "torchvision-scratch": {"model": "torchvision:resnet18", "strategy": "scratch", "epochs": 1},
 }
 
@@ -181,7 +181,7 @@ def test_option_matrix_runs_are_consistent(tmp_path, data, options, capsys):
     if options.get("cache_images"):
         assert "images in memory" in capsys.readouterr().out
     if options.get("tta"):
-        assert json.loads((run.model_dir / "model.json").read_text())["inference"]["tta"] == "flip"
+        assert json.loads((run.model_dir / "model.json").read_text())["inference"]["tta"] == options["tta"]
     rows, _ = check_run_consistency(run, data, settings["epochs"])
     if options.get("head") in ("logistic", "svm", "auto"):
         assert len(rows) == 1

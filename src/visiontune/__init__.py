@@ -24,9 +24,10 @@ def train(data=None, **options):
     return _train(data, **options)
 
 
-def load(path: str | os.PathLike, precision: str = "auto", tta: bool | None = None):
+def load(path: str | os.PathLike, precision: str = "auto", tta: bool | str | None = None):
     """Load a run dir, ``model/`` dir, pruned model dir or exported ``.onnx`` as a classifier
-    (``tta``: override the flip test-time augmentation the model was trained with).
+    (``tta``: override the test-time augmentation the model was trained with: ``"none"``,
+    ``"flip"`` or ``"flip-zoom"``; True is ``"flip"``).
 
     Example:
         clf = visiontune.load("runs/train-1")

@@ -23,6 +23,7 @@ from ..core.version import __version__
 from ..data.preprocess import Preprocessing
 from ..inference.runners import forward_logits
 from ..models.card import ModelCard
+from ..models.tta import tta_mode
 from ..models.unknown import features_and_logits, score_of
 from ..task import Task, get_task
 
@@ -47,11 +48,11 @@ class DeployWrapper(nn.Module):
         logits, probs = wrapped(torch.zeros(1, 3, 224, 224))
     """
 
-    def __init__(self, model: nn.Module, task: Task | str, temperature: float = 1.0, tta: bool = False,
+    def __init__(self, model: nn.Module, task: Task | str, temperature: float = 1.0, tta: bool | str | None = None,
                  normalise: Preprocessing | None = None, score: nn.Module | None = None, classifier: str = ""):
         super().__init__()
         self.model = model
-        self.tta = tta
+        self.tta = tta_mode(tta)  # the views the graph averages (visiontune.models.tta), built in
         # the unknown-score (visiontune.models.unknown), a third output, of the features it reads
         self.score, self.classifier = score, classifier
         self.task = get_task(task)
@@ -79,8 +80,8 @@ class DeployWrapper(nn.Module):
 
 
 def deploy_wrapper(model: nn.Module, card: ModelCard, normalise: Preprocessing | None = None) -> DeployWrapper:
-    """The :class:`DeployWrapper` of ``model`` as ``card`` describes it: its task, temperature, flip
-    averaging and, when the card names one, its unknown-score (read from the model folder)."""
+    """The :class:`DeployWrapper` of ``model`` as ``card`` describes it: its task, temperature, test-time
+    views and, when the card names one, its unknown-score (read from the model folder)."""
     return DeployWrapper(model, card.task, card.temperature, card.tta, normalise, score_of(model, card),
                          card.architecture.classifier if card.architecture else "").eval()
 

@@ -95,7 +95,7 @@ def export_model(model_path: str | os.PathLike, format: str = "onnx", out: str |
     write_json(folder / META_FILE, export_card(card, fmt, written.name, **extra).to_dict())
     batch, source = parity_batch(card, data, parity_images)
     report = {"format": fmt, "file": str(written), "source": source,
-              **compare_logits(eager_logits(model, batch, tta=card.tta and fmt != "hf"),
+              **compare_logits(eager_logits(model, batch, tta=card.tta if fmt != "hf" else None),
                                exporter.logits(written, card, batch), card),
               **unknown_parity(model, card, written, batch),
               "thresholds": {"min_top1_agreement": MIN_AGREEMENT, "max_rel_logit_diff": MAX_LOGIT_DIFF}}

@@ -28,7 +28,7 @@ MAX_LOGIT_DIFF = 2e-4
 
 
 @torch.inference_mode()
-def eager_logits(model: nn.Module, batch: torch.Tensor, chunk: int = 32, tta: bool = False) -> np.ndarray:
+def eager_logits(model: nn.Module, batch: torch.Tensor, chunk: int = 32, tta: bool | str | None = None) -> np.ndarray:
     """fp32 PyTorch logits, the reference every export is compared with."""
     model = model.eval().float()
     return torch.cat([forward_logits(model, batch[i:i + chunk], tta) for i in range(0, len(batch), chunk)]).numpy()

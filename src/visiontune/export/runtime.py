@@ -215,7 +215,7 @@ def _describe(choice: dict[str, Any]) -> str:
     return line
 
 
-def load_classifier(path: str | os.PathLike, precision: str = "auto", tta: bool | None = None,
+def load_classifier(path: str | os.PathLike, precision: str = "auto", tta: bool | str | None = None,
                     backend: str = "auto", log: Callable[[str], None] = print) -> Classifier:
     """:meth:`Classifier.load` after :func:`prepare_runtime` (``backend`` other than ``eager``, on a
     PyTorch model folder): what ``predict``, ``evaluate`` and ``serve`` load.

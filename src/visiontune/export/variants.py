@@ -36,7 +36,7 @@ class Variant:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def torch_runner(model: nn.Module, tta: bool = False) -> Logits:
+def torch_runner(model: nn.Module, tta: bool | str | None = None) -> Logits:
     """Eager fp32 PyTorch as :class:`Classifier` runs it on CPU (channels_last, inference mode)."""
     runner = TorchRunner(copy.deepcopy(model).float(), precision="32", tta=tta)  # the caller's model stays put
     return lambda batch: runner(torch.from_numpy(batch)).numpy()

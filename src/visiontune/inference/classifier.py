@@ -24,6 +24,7 @@ from ..data.image import is_image_path
 from ..data.transforms import eval_transform
 from ..models.artifact import load_model, read_card, resolve_model_dir
 from ..models.card import ModelCard
+from ..models.tta import tta_mode
 from ..models.unknown import ScoredModel, classifier_width, layer_width, score_of, tapped_forward, threshold_for
 from .accelerated import BACKENDS, accelerates, cached_runner
 from .rows import error_row, prediction_rows
@@ -60,31 +61,33 @@ class Classifier:
         self.precision: str = getattr(runner, "precision", "32")
 
     @classmethod
-    def load(cls, path: str | os.PathLike, precision: str = "auto", tta: bool | None = None,
+    def load(cls, path: str | os.PathLike, precision: str = "auto", tta: bool | str | None = None,
              backend: str = "eager") -> Classifier:
         """A run dir, ``model/`` dir, pruned model dir, exported ``.onnx`` or OpenVINO model; ``precision``
-        auto|32|bf16|16 applies to PyTorch models; ``tta`` overrides the card's flip test-time
-        augmentation (None: as the model was trained). ``backend`` ``auto`` runs a PyTorch model on
+        auto|32|bf16|16 applies to PyTorch models; ``tta`` overrides the card's test-time augmentation
+        (a mode of :mod:`visiontune.models.tta`, True: ``flip``, False: none; None: as the model was
+        trained). ``backend`` ``auto`` runs a PyTorch model on
         the CPU through the runtime measured fastest and verified here (see
         :mod:`~visiontune.inference.accelerated`; ``prepare_runtime`` measures it), ``onnxruntime`` or
         ``openvino`` through that one when verified; eager PyTorch otherwise."""
+        wanted = None if tta is None else tta_mode(tta)
         if is_graph(path):
             runner, card = load_graph(path)
-            if tta is not None and tta != card.tta:
+            if wanted is not None and wanted != card.tta:
                 raise ConfigError(f"{path}: an exported graph has its test-time augmentation built in "
-                                  f"({'on' if card.tta else 'off'}); load the run or model folder to change it")
+                                  f"({card.tta or 'none'}); load the run or model folder to change it")
             return cls(runner, card)
         if backend not in BACKENDS:
             raise ConfigError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
         if backend != "eager" and accelerates(precision):
             card = read_card(resolve_model_dir(path))
-            if tta is None or tta == card.tta:  # the graphs have the card's flip averaging built in
+            if wanted is None or wanted == card.tta:  # the graphs have the card's views built in
                 runner = cached_runner(card.model_dir, card, backend, precision)
                 if runner is not None:
                     return cls(runner, card)
         model, card = load_model(path)
         score = score_of(model, card)
-        return cls(TorchRunner(model, precision, card.preprocessing.height, card.tta if tta is None else tta,
+        return cls(TorchRunner(model, precision, card.preprocessing.height, card.tta if wanted is None else wanted,
                                score, card.architecture.classifier), card)
 
     @property
@@ -140,7 +143,7 @@ class Classifier:
         if model is None or self.card.architecture is None:
             raise ConfigError("features need the PyTorch model: load the run or model folder, not an exported graph")
         name = self.card.architecture.classifier
-        tta = bool(getattr(self.runner, "tta", False))
+        tta = getattr(self.runner, "tta", "")
         layers = tuple(layers)
         feats: dict[str | None, torch.Tensor] = {}
         logits = torch.zeros(len(inputs), len(self.class_names))
@@ -234,7 +237,7 @@ class Classifier:
         return [float(threshold)] * len(self.class_names) if threshold is not None else list(self.thresholds)
 
 
-def load(path: str | os.PathLike, precision: str = "auto", tta: bool | None = None,
+def load(path: str | os.PathLike, precision: str = "auto", tta: bool | str | None = None,
          backend: str = "eager") -> Classifier:
     """:meth:`Classifier.load`; the function behind ``visiontune.load``."""
     return Classifier.load(path, precision, tta, backend)

@@ -27,6 +27,7 @@ from ..core.hardware import autocast, device, resolve_precision
 from ..data.preprocess import Preprocessing
 from ..models.artifact import MAX_CARD_BYTES, META_FILE, WEIGHTS_FILE
 from ..models.card import FORMAT, ModelCard
+from ..models.tta import tta_mode, views
 from ..models.unknown import ScoredModel
 from ..task import TASKS
 from .graph_files import onnx_model_bytes, read_beside, read_openvino
@@ -34,28 +35,32 @@ from .graph_files import onnx_model_bytes, read_beside, read_openvino
 ONNX_SUFFIX = ".onnx"
 
 
-def forward_logits(model: nn.Module, batch: torch.Tensor, tta: bool = False) -> torch.Tensor:
-    """The model's logits; with ``tta`` the mean of the image's and its mirror image's logits.
+def forward_logits(model: nn.Module, batch: torch.Tensor, tta: bool | str | None = None) -> torch.Tensor:
+    """The model's logits; with ``tta`` (a mode of :mod:`visiontune.models.tta`, True: ``flip``)
+    the mean of its views' logits.
 
     The one definition of a prediction's forward pass: the runner, the export wrapper and the
     export parity reference all call it.
     """
-    logits = model(batch)
-    if tta:
-        logits = (logits + model(batch.flip(-1))) / 2
-    return logits
+    seen = views(batch, tta)
+    logits = model(seen[0])
+    for other in seen[1:]:
+        logits = logits + model(other)
+    return logits / len(seen) if len(seen) > 1 else logits
 
 
 class TorchRunner:
-    """A PyTorch module in eval mode on the best device, at ``precision`` (``tta``: flip averaging).
+    """A PyTorch module in eval mode on the best device, at ``precision`` (``tta``: the views it averages,
+    :mod:`visiontune.models.tta`).
 
     With an unknown-score (``score``, computed on the input of the module named ``classifier``)
     each output row gains one last column: the score (``scores`` is True).
     """
 
-    def __init__(self, model: nn.Module, precision: str = "auto", img_size: int = 224, tta: bool = False,
+    def __init__(self, model: nn.Module, precision: str = "auto", img_size: int = 224, tta: bool | str | None = None,
                  score: nn.Module | None = None, classifier: str = ""):
         self.device = device()
+        tta = tta_mode(tta)
         if score is not None:
             model = ScoredModel(model, classifier, score, tta)
         self.model = model.eval().to(self.device, memory_format=torch.channels_last)
@@ -66,7 +71,7 @@ class TorchRunner:
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with autocast(self.precision, self.device):
-            if self.scores:  # the flip averaging is the scored model's own (features and logits together)
+            if self.scores:  # the views' averaging is the scored model's own (features and logits together)
                 return self.model(batch).float().cpu()
             return forward_logits(self.model, batch, self.tta).float().cpu()
 

@@ -25,6 +25,7 @@ from ..data.preprocess import Preprocessing
 from ..task import TASKS, Task, get_task
 from ..task.multi import DEFAULT_THRESHOLD
 from .factory import Architecture
+from .tta import TTA_MODES as TTA_REGISTRY
 from .unknown import check_section
 
 FORMAT = "visiontune-model"
@@ -33,7 +34,8 @@ TEMPERATURE_RANGE = (0.01, 100.0)
 # keys a card may carry; written in this order
 KEYS = ("format", "format_version", "created", "architecture", "class_names", "preprocessing", "inference",
         "metrics", "training", "calibration", "unknown", "pruned", "export", "versions")
-TTA_MODES = ("flip",)  # inference.tta: average the logits of the image and of these views
+# inference.tta: the views every prediction averages (visiontune.models.tta; absent: one view)
+TTA_MODES = tuple(name for name in TTA_REGISTRY if name != "none")
 
 
 @dataclass
@@ -43,7 +45,7 @@ class ModelCard:
     class_names: list[str]
     preprocessing: Preprocessing
     architecture: Architecture | None = None  # None only for exported graphs of unknown origin
-    # how every prediction is made: {"tta": "flip", "task": "multi", "thresholds": [one per class]}
+    # how every prediction is made: {"tta": "flip-zoom", "task": "multi", "thresholds": [one per class]}
     inference: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
@@ -85,9 +87,9 @@ class ModelCard:
         return float(self.unknown["threshold"]) if self.unknown else None
 
     @property
-    def tta(self) -> bool:
-        """Whether predictions average the image and its mirror image."""
-        return self.inference.get("tta") == "flip"
+    def tta(self) -> str:
+        """The views every prediction averages: a mode of :mod:`visiontune.models.tta`, ``""`` for one."""
+        return self.inference.get("tta") or ""
 
     def replace(self, **changes: Any) -> ModelCard:
         return replace(self, **changes)

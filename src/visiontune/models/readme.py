@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from .card import ModelCard
+from .tta import TTA_VIEWS
 
 README_FILE = "README.md"
 METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "f1", "top5_accuracy": "top-5 accuracy",
@@ -87,8 +88,8 @@ def _preprocessing(card: ModelCard) -> list[str]:
             f"RGB, resized ({pre.resize_mode}, {pre.interpolation}, crop_pct {pre.crop_pct:g}) to "
             f"{pre.height}x{pre.width}, scaled to 0..1, normalised with mean {list(pre.mean)} and std "
             f"{list(pre.std)}. visiontune, the exports and the serving API all apply it from `model.json`; a "
-            "client that preprocesses itself must do exactly this." + (" Predictions average the image and its "
-                                                                       "mirror image." if card.tta else ""), ""]
+            "client that preprocesses itself must do exactly this." + (f" Predictions average {TTA_VIEWS[card.tta]}."
+                                                                       if card.tta else ""), ""]
 
 
 def _results(card: ModelCard) -> list[str]:

@@ -37,6 +37,7 @@ from torch import nn
 from ..core.errors import ArtifactError, ConfigError
 from ..core.registry import Registry
 from ..core.safe_io import atomic_path
+from .tta import tta_mode, views
 
 UNKNOWN_FILE = "unknown.safetensors"
 # the k-th nearest training image's similarity: Sun et al. 2022 use k = 50 of 50,000 images; on this
@@ -246,9 +247,9 @@ def pooled(output: torch.Tensor) -> torch.Tensor:
     return output.mean(dim=1) if output.dim() == 3 else output.flatten(1).clone()
 
 
-def tapped_forward(model: nn.Module, classifier: str, x: torch.Tensor, tta: bool = False,
+def tapped_forward(model: nn.Module, classifier: str, x: torch.Tensor, tta: bool | str | None = None,
                    layers: tuple[str | None, ...] = (None,)) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """One forward pass (two with ``tta``: the image and its mirror image, averaged, as predictions
+    """One forward pass per view of ``tta`` (:mod:`visiontune.models.tta`; averaged, as predictions
     are made): the features of each of ``layers`` (None: the classifier's input; a name: that
     module's :func:`pooled` output), each ``[N, D]``, and the logits ``[N, C]``."""
     seen: dict[str | None, list[torch.Tensor]] = {layer: [] for layer in layers}
@@ -261,16 +262,18 @@ def tapped_forward(model: nn.Module, classifier: str, x: torch.Tensor, tta: bool
             else:
                 hooks.append(model.get_submodule(layer).register_forward_hook(
                     lambda module, inputs, output, layer=layer: seen[layer].append(pooled(output))))
-        logits = model(x).float()
-        if tta:
-            logits = (logits + model(x.flip(-1)).float()) / 2
+        seen_views = views(x, tta)
+        logits = model(seen_views[0]).float()
+        for other in seen_views[1:]:
+            logits = logits + model(other).float()
+        logits = logits / len(seen_views) if len(seen_views) > 1 else logits
     finally:
         for hook in hooks:
             hook.remove()
     return [torch.stack(seen[layer]).mean(0) for layer in layers], logits
 
 
-def features_and_logits(model: nn.Module, classifier: str, x: torch.Tensor, tta: bool = False,
+def features_and_logits(model: nn.Module, classifier: str, x: torch.Tensor, tta: bool | str | None = None,
                         layer: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The features an unknown-score reads (``layer``'s pooled output, or the classifier's input)
     and the logits ``[N, C]`` of one forward pass (see :func:`tapped_forward`)."""
@@ -331,17 +334,17 @@ def layer_width(model: nn.Module, layer: str, input_size: tuple[int, ...]) -> in
 
 
 class ScoredModel(nn.Module):
-    """``model`` whose output gains a last column: the unknown-score of each image (``tta``: of the
-    image and its mirror image together, the logits averaged as :func:`features_and_logits` does).
+    """``model`` whose output gains a last column: the unknown-score of each image (``tta``: of its
+    views together, features and logits averaged as :func:`features_and_logits` does).
 
     The features (the classifier's input, or the score's ``layer``) are taken with a forward hook, so
     any architecture whose card names its classifier works; the exported graphs are traced through
     this module.
     """
 
-    def __init__(self, model: nn.Module, classifier: str, score: UnknownScore, tta: bool = False):
+    def __init__(self, model: nn.Module, classifier: str, score: UnknownScore, tta: bool | str | None = None):
         super().__init__()
-        self.model, self.score, self.classifier, self.tta = model, score, classifier, tta
+        self.model, self.score, self.classifier, self.tta = model, score, classifier, tta_mode(tta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features, logits = features_and_logits(self.model, self.classifier, x, self.tta, self.score.layer)

@@ -28,6 +28,7 @@ from ..core.errors import ConfigError
 from ..core.options import CommandOptions, option
 from ..core.registry import BACKENDS, PRECISIONS
 from ..core.safe_io import atomic_write_text
+from ..models.tta import TTA_MODES
 
 _positive = (lambda v: v >= 1, "must be >= 1")
 _optional_count = (lambda v: v is None or v >= 0, "must be >= 0")
@@ -98,8 +99,8 @@ class EvaluateOptions(LoaderOptions):
     save: bool = option(True, "write confusion_matrix.png / misclassified.csv")
     out: str | None = option(None, "folder for confusion_matrix.png / misclassified.csv (default: next to the "
                                    "model)", metavar="DIR")
-    tta: bool | None = option(None, "average each image's logits with its mirror image's (default: as the model "
-                                    "was trained)")
+    tta: str | None = option(None, "test-time augmentation, the views each prediction averages (default: as the "
+                                   "model was trained)", choices=TTA_MODES)
     unknown: str | None = option(None, "images of no class the model knows (a folder or glob): measure how well its "
                                        "unknown-score rejects them (AUROC, FPR at 95% TPR, accuracy/coverage)",
                                  metavar="DIR")
@@ -210,7 +211,7 @@ def evaluate(model: Any, data: str | os.PathLike, log: Callable[[str], None] = p
             :class:`~visiontune.inference.classifier.Classifier`.
         data: class folders, a train/val/test layout (uses test, else val) or a CSV.
         log: where the runtime's lines go.
-        **options: any :class:`EvaluateOptions` by name, e.g. ``save=False``, ``tta=False``.
+        **options: any :class:`EvaluateOptions` by name, e.g. ``save=False``, ``tta="none"``.
 
     Returns:
         The metrics (see :func:`visiontune.evaluation.evaluate.evaluate`).

@@ -19,11 +19,14 @@ from ..evaluation.parts import parts_of
 from ..evaluation.plots import plot_curves
 from ..evaluation.report import write_report
 from ..inference.classifier import Classifier
+from ..inference.runners import TorchRunner
 from ..models.artifact import read_card, write_card
 from ..training.budget import format_duration
 from ..training.config import TrainConfig, read_yaml
 from ..training.context import TrainContext
 from ..training.setup import fit, setup_run
+from ..training.tta_choice import AUTO, second_view
+from ..training.tta_choice import choose as choose_between
 from ..training.unknown import describe, fit_unknown, store_unknown
 
 
@@ -101,6 +104,8 @@ def finish(ctx: TrainContext) -> Run:
     # one pass per split: the val logits also serve calibration, the thresholds and the report
     logits = {split: clf.logits_of([p for p, _ in samples], ctx.batch_size * 2, ctx.cfg.data.workers)[:2]
               for split, samples in evaluated.items()}
+    if ctx.cfg.model.tta == AUTO:
+        clf = choose_tta(ctx, clf, evaluated, logits)
     val = None
     if "val" in logits:
         z, ok = logits["val"]
@@ -133,6 +138,38 @@ def finish(ctx: TrainContext) -> Run:
         print(f"time budget {format_duration(ctx.plan.budget)}: the command took "
               f"{format_duration(ctx.timings['total'])} (planned {format_duration(ctx.plan.total)})")
     return Run(ctx.run_dir, ctx.model_dir, metrics)
+
+
+def choose_tta(ctx: TrainContext, clf: Classifier, evaluated: dict[str, list], logits: dict[str, tuple]
+               ) -> Classifier:
+    """``--tta auto`` (:mod:`~visiontune.training.tta_choice`): measure the second view on the val
+    split, and where it pays write the mode into the card and replace each split's one-view logits
+    (``logits``, in place) by the mode's. Returns the classifier that predicts as the card now says."""
+    began = time.time()
+    if "val" not in logits or clf.task.name != "single":
+        print("test-time augmentation (auto): one view (" + ("no val split to measure it on" if "val" not in logits
+                                                              else "measured on single-label models only") + ")")
+        return clf
+    samples = evaluated["val"]
+    z, ok = logits["val"]
+    second = Classifier(TorchRunner(second_view(clf.model), clf.precision, clf.preprocessing.height), clf.card)
+    z2, ok2, _ = second.logits_of([p for p, _ in samples], ctx.batch_size * 2, ctx.cfg.data.workers)
+    both = ok & ok2
+    targets = clf.task.targets([y for _, y in samples], clf.card.num_classes)
+    choice = choose_between(z[both], z2[both], targets[both], clf.preprocessing.height)
+    print(choice.line(), flush=True)
+    card = read_card(ctx.model_dir)
+    training = {**card.training, "tta_choice": choice.to_dict()}
+    write_card(ctx.model_dir, card.replace(training=training, inference={
+        **card.inference, **({"tta": choice.mode} if choice.mode else {})}))
+    clf = Classifier.load(ctx.model_dir)
+    if choice.mode:  # the val logits of the mode are the mean of the two views'; the other splits run again
+        logits["val"] = ((z + z2) / 2, both)
+        for split, samples in evaluated.items():
+            if split != "val":
+                logits[split] = clf.logits_of([p for p, _ in samples], ctx.batch_size * 2, ctx.cfg.data.workers)[:2]
+    ctx.timings["tta"] = time.time() - began
+    return clf
 
 
 OUT_OF_FOLD = "out-of-fold (training images)"  # the calibration source of a cross-validated probe

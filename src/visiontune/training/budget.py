@@ -18,8 +18,10 @@ Example:
     >>> facts = Facts(15 * 60, n_train=40_000, n_val=8_000, native_side=32, default_side=224,
     ...               throughputs=table, elapsed=20.0)
     >>> plan = plan_run(facts)
-    >>> plan.strategy, plan.img_size, plan.epochs, plan.max_steps  # 3 whole epochs fit, then 0.32 of a 4th
-    ('finetune', 96, 4, 2897)
+    >>> plan.strategy, plan.img_size, plan.epochs, plan.max_steps, plan.recipe["tta"]  # 3 whole epochs fit
+    ('finetune', 96, 3, None, 'auto')
+    >>> plan_run(facts, {"tta": "none"}).max_steps  # without measuring test-time augmentation at the end: 0.32 more
+    2897
 """
 
 from __future__ import annotations
@@ -42,8 +44,10 @@ from ..core.safe_io import atomic_write_text
 from ..data.image import try_load
 from ..data.preprocess import Preprocessing, resize
 from ..models.factory import fit_input_size
+from ..models.tta import view_cost
 from .config import TrainConfig, duration_seconds, no_budget
 from .probe_selection import selection_seconds
+from .tta_choice import AUTO, finish_views, validation_tta
 from .unknown import MAX_STATS_IMAGES, MAX_VAL_IMAGES
 
 # What the planner trades off (measured on CIFAR-10 and hymenoptera, see bench/RESULTS.md):
@@ -143,6 +147,7 @@ class Facts:
         num_classes: classes of the data (a small-data probe's cross-validation fits one model per class).
         unknown: whether the run ends by fitting an unknown-score (``--no-unknown``: not), which the
             finish pays for (:func:`unknown_seconds`).
+        single_label: whether the data is single-label (a planned fine-tune then measures ``--tta auto``).
     """
 
     budget: float
@@ -159,6 +164,7 @@ class Facts:
     in_memory: bool = True
     num_classes: int = 2
     unknown: bool = True
+    single_label: bool = True
 
     @property
     def steps_per_epoch(self) -> int:
@@ -370,31 +376,34 @@ def decode_seconds(paths: list[str], spec: Preprocessing, sample: int = 24) -> f
     return float(sorted(times)[len(times) // 2]) if times else 0.0
 
 
-def epoch_seconds(size: Throughput, n_train: int, n_val: int, tta: bool = False, decode_s: float = 0.0) -> float:
-    """One fine-tuning epoch at ``size``: a training pass and a validation pass (two views with TTA),
-    and ``decode_s`` per image read from disk (0 when the images are held in memory)."""
-    return n_train / size.train + (2 if tta else 1) * n_val / size.infer + (n_train + n_val) * decode_s
+def epoch_seconds(size: Throughput, n_train: int, n_val: int, tta: str | None = None, decode_s: float = 0.0) -> float:
+    """One fine-tuning epoch at ``size``: a training pass and a validation pass (with ``--tta``'s views:
+    :func:`~visiontune.training.tta_choice.validation_tta`), and ``decode_s`` per image read from disk
+    (0 when the images are held in memory)."""
+    views = view_cost(validation_tta(tta), size.size)
+    return n_train / size.train + views * n_val / size.infer + (n_train + n_val) * decode_s
 
 
-def unknown_seconds(size: Throughput, n_train: int, n_val: int, decode_s: float = 0.0, tta: bool = False) -> float:
+def unknown_seconds(size: Throughput, n_train: int, n_val: int, decode_s: float = 0.0, tta: str | None = None) -> float:
     """The unknown-score's fit at the end of a run (:mod:`visiontune.training.unknown`): features of
     up to its share of the training and val images, and the selection's fits on them (CIFAR-10 at
     96 px on a 2-core CPU: 8,896 images, 34.5 s, of which the selection 9 s)."""
     images = min(n_train, UNKNOWN_TRAIN_IMAGES) + min(n_val, UNKNOWN_VAL_IMAGES)
-    return images * ((2 if tta else 1) / size.infer + decode_s + UNKNOWN_SELECTION_S_PER_IMAGE)
+    return images * (finish_views(tta, size.size) / size.infer + decode_s + UNKNOWN_SELECTION_S_PER_IMAGE)
 
 
 def phase_costs(size: Throughput, n_train: int, n_val: int, n_test: int, epochs: int, warmup_epochs: int,
-                finetune: bool, decode_s: float = 0.0, tta: bool = False, in_memory: bool = True,
+                finetune: bool, decode_s: float = 0.0, tta: str | None = None, in_memory: bool = True,
                 unknown: bool = True) -> dict[str, float]:
     """Projected seconds of each phase at one input size.
 
-    ``decode_s``: seconds to read and decode one image (measured); ``tta``: every evaluation
-    pass runs two views. Fine-tuning decodes the images into memory once (``load``), or, when they
+    ``decode_s``: seconds to read and decode one image (measured); ``tta``: ``--tta`` (the views of
+    each validation pass, and of the finish's: :func:`~visiontune.training.tta_choice.finish_views`).
+    Fine-tuning decodes the images into memory once (``load``), or, when they
     do not fit (``in_memory`` False), again in every epoch. ``unknown``: the finish fits the
     unknown-score (:func:`unknown_seconds`).
     """
-    views = 2 if tta else 1
+    views = finish_views(tta, size.size)
     load = (n_train + n_val) * decode_s if finetune and epochs > warmup_epochs and in_memory else 0.0
     features = (n_train + n_val) * (1 / size.infer + decode_s) if (warmup_epochs or not finetune) else 0.0
     train = ((epochs - warmup_epochs) * epoch_seconds(size, n_train, n_val, tta, 0.0 if in_memory else decode_s)
@@ -455,16 +464,19 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
     strategy = fixed.get("strategy")
     scratch = strategy == "scratch"  # random init: no ImageNet statistics to keep, no features to warm up on
     recipe = {} if scratch else {k: v for k, v in FINETUNE_RECIPE.items() if k not in fixed}
-    tta = bool(fixed.get("tta", False))
+    if "tta" not in fixed and not scratch and facts.single_label:
+        recipe["tta"] = AUTO  # measured at the end: a second view where it pays (training/tta_choice.py)
+    tta = fixed.get("tta", recipe.get("tta"))
     warmup = 0 if scratch else fixed.get("freeze_epochs", 1)
     measured = [asdict(x) for x in throughputs]
 
     in_memory = facts.in_memory
     reread = 0.0 if in_memory else decode_s  # seconds per image each epoch reads from disk
 
-    def costs(t: Throughput, epochs: int, finetune: bool) -> dict[str, float]:
+    def costs(t: Throughput, epochs: int, finetune: bool) -> dict[str, float]:  # a probe measures no TTA
         return {"start": elapsed, **phase_costs(t, n_train, n_val, n_test, epochs, min(warmup, epochs) if finetune
-                                                 else 0, finetune, decode_s, tta, in_memory, facts.unknown)}
+                                                 else 0, finetune, decode_s, tta if finetune else fixed.get("tta"),
+                                                 in_memory, facts.unknown)}
 
     # several processes train the network on images (a head on cached features is one process's job)
     if (facts.processes > 1 or fixed.get("teacher")) and strategy is None:
@@ -511,7 +523,8 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
                             f"{needed + warmup} do ({candidates[sizes.index(t)]['seconds_per_epoch']} s per epoch)")
         # the time after the last whole epoch buys a partial one: its share of the training pass, then
         # its validation; the LR schedule ends at its last step (--max-steps)
-        train_s, val_s = n_train * (1 / t.train + reread), (2 if tta else 1) * n_val / t.infer + n_val * reread
+        train_s = n_train * (1 / t.train + reread)
+        val_s = view_cost(validation_tta(tta), t.size) * n_val / t.infer + n_val * reread
         share = (leftover - val_s) / train_s
         max_steps = None
         whole_only = ("epochs" in fixed or "max_steps" in fixed or fixed.get("auto_batch_size") or epochs != fit

@@ -43,6 +43,7 @@ from .registry import (
     SELECT_METRICS,
     STRATEGIES,
     TASKS,
+    TRAIN_TTA,
 )
 
 # a duration for --time: 1h30m, 20m, 2h, 90s (hours, minutes, seconds; each optional), matched
@@ -122,8 +123,9 @@ class ModelOptions:
                                      ".safetensors/.pth", metavar="default|none|PATH")
     img_size: int | None = option(None, "input size in pixels (default: the backbone's pretrained config)")
     resize_mode: str = option("crop", "how images are fitted to the input", choices=RESIZE)
-    tta: bool | None = option(None, "test-time augmentation: every prediction averages the image and its mirror "
-                                    "image (stored in the model card; exports include it). Default: off")
+    tta: str | None = option(None, "test-time augmentation, the views every prediction averages (stored in the "
+                                   "model card; exports include it). Default: auto in a planned fine-tune of "
+                                   "single-label data, else none", choices=TRAIN_TTA)
     unknown: bool = option(True, "fit an unknown-score at the end of training (the best of several, measured on "
                                  "classes held out), by which images of no class the model knows are answered "
                                  "'unknown'")
@@ -256,7 +258,7 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Check choice-valued and numeric options; raise :class:`ConfigError` naming allowed values."""
         for key, info in OPTIONS.items():
-            if info.choices is not None:
+            if info.choices is not None and self.get(key) is not None:  # None: left to visiontune
                 info.choices.check(self.get(key))
         checks = [
             ("val_fraction", lambda v: 0.0 < v < 1.0, "must be in (0, 1)"),
@@ -293,6 +295,8 @@ class TrainConfig:
         """Build from flat keys (dashes allowed), failing on unknown keys with the closest suggested."""
         values = normalise_keys(values, ALIASES)
         check_keys(values, OPTIONS)
+        if isinstance(values.get("tta"), bool):  # before flip-zoom, --tta was on/off (flip): old configs resume
+            values["tta"] = "flip" if values["tta"] else "none"
         sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
         for key, value in values.items():
             info = OPTIONS[key]

@@ -26,6 +26,7 @@ from ..task import Task
 from .budget import Plan
 from .config import TrainConfig
 from .optim import OptimizerSettings, ScheduleSettings
+from .tta_choice import validation_tta
 
 
 @dataclass
@@ -87,7 +88,7 @@ class TrainContext:
         c = self.cfg
         return ModelCard(
             class_names=list(self.splits.class_names), preprocessing=self.preprocessing, architecture=self.arch,
-            inference={**({"tta": "flip"} if c.model.tta else {}),
+            inference={**({"tta": mode} if (mode := validation_tta(c.model.tta)) else {}),
                        **self.task.card_inference()}, metrics=metrics,
             training={"strategy": c.strategy.name, "head": c.strategy.head, "epochs": c.optim.epochs,
                       "data": c.data.path, "task": self.task.name, "label_delim": c.data.label_delim,

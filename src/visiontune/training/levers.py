@@ -147,8 +147,9 @@ def levers_line(cfg: TrainConfig) -> str:
     """The header line naming the levers in effect (EMA, mixup/cutmix, TTA, balance, early
     stopping, max steps), or ``levers: none``: what a run applies is visible at its start."""
     o, fitted = cfg.optim, way_of(cfg) == FITTED_HEAD
+    tta = cfg.model.tta not in (None, "none")
     parts = (["EMA"] if o.ema else []) + ([f"mixup {o.mixup:g}"] if o.mixup else []) + (
-        [f"cutmix {o.cutmix:g}"] if o.cutmix else []) + (["TTA (flip)"] if cfg.model.tta else [])
+        [f"cutmix {o.cutmix:g}"] if o.cutmix else []) + ([f"TTA ({cfg.model.tta})"] if tta else [])
     if cfg.data.balance != "none":  # a scikit-learn head re-weights the classes in its fit, whichever is asked
         parts.append(f"balance {cfg.data.balance}" + (" (class-weighted fit)" if fitted else ""))
     if o.early_stopping:

@@ -34,6 +34,7 @@ from .callbacks import EMA, BestModelSaver, FreezeSchedule, MetricsRecorder, Ste
 from .checkpoint_io import HEAD_PHASE, AtomicCheckpointIO, FolderModelCheckpoint
 from .context import TrainContext
 from .module import ClassifierModule, HeadModule
+from .tta_choice import validation_tta
 
 LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
 
@@ -510,7 +511,7 @@ def make_module(ctx: TrainContext, body_groups: list[list[str]], body_lrs: list[
     return ClassifierModule(ctx.model, ctx.arch.classifier, body_groups, body_lrs, ctx.optimizer_settings(),
                             ctx.schedule_settings(), cfg.optim.label_smoothing, ctx.class_weights(),
                             freeze_bn_stats=cfg.strategy.bn_stats == "frozen", compile=cfg.runtime.compile,
-                            mixup=(cfg.optim.mixup, cfg.optim.cutmix), tta=bool(cfg.model.tta),
+                            mixup=(cfg.optim.mixup, cfg.optim.cutmix), tta=validation_tta(cfg.model.tta),
                             task=ctx.task, teacher=ctx.teacher,
                             distill=(cfg.optim.distill_alpha, cfg.optim.distill_temperature))
 

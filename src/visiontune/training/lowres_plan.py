@@ -54,7 +54,7 @@ LOWRES_WARMUP_SHARE = 0.2    # of the epochs, linear LR warm-up (then cosine dec
 # airbench's per-example-sum settings in mean-loss form; at 4 epochs on CIFAR-10 they reached 0.861
 # against 0.831 for LR 0.4 / 5e-5 (and 0.884 after 10 epochs for the ResNet recipe's 0.4 / 5e-4)
 LOWRES_RECIPE = {"optimizer": "sgd", "lr": 1.5, "momentum": 0.85, "weight_decay": 4e-6, "batch_size": LOWRES_BATCH,
-                 "label_smoothing": 0.2, "ema": True, "tta": True}
+                 "label_smoothing": 0.2, "ema": True, "tta": "flip"}
 
 # expected held-out accuracy after E epochs: ceiling - slope / E (CIFAR-10, 32,000-35,000 training images).
 # Fine-tuning EfficientNet-Lite0, by input side; E counts the epochs after the head's warm-up (bench/RESULTS.md,
@@ -150,7 +150,7 @@ def plan_lowres(facts: Facts, fixed: dict[str, Any], speed: LowResSpeed) -> Plan
     t = speed.throughput
     recipe = {"model": speed.model, **{k: v for k, v in LOWRES_RECIPE.items() if k not in fixed},
               **measured_precision(t, fixed)}
-    tta = bool(fixed.get("tta", recipe.get("tta", False)))
+    tta = fixed.get("tta", recipe.get("tta"))
     facts = replace(facts, in_memory=speed.in_memory)  # 32-px images fit where the fine-tune's larger ones may not
     available = facts.budget * (1 - SAFETY) - facts.elapsed
 

@@ -38,7 +38,8 @@ class ClassifierModule(L.LightningModule):
         freeze_bn_stats: keep every BatchNorm's running statistics (``--bn-stats frozen``).
         compile: train a ``torch.compile`` view of the model.
         mixup: mixup and cutmix alphas (timm's ``Mixup``; both 0: off).
-        tta: validate with the flip test-time augmentation every prediction of the model will use.
+        tta: validate with the test-time augmentation every prediction of the model will use (a mode of
+            :mod:`visiontune.models.tta`; ``auto`` validates with one view, the choice comes after training).
         teacher: a trained model whose softened probabilities the training on images also learns
             from (:mod:`~visiontune.training.distill`), with ``distill`` = (alpha, temperature).
         task: what the model answers (a :class:`~visiontune.task.Task` or its name): its loss,
@@ -49,7 +50,7 @@ class ClassifierModule(L.LightningModule):
     def __init__(self, model: nn.Module, classifier: str, body_groups: list[list[str]], body_lrs: list[float],
                  optimizer: OptimizerSettings, schedule: ScheduleSettings, label_smoothing: float = 0.0,
                  class_weights: torch.Tensor | None = None, freeze_bn_stats: bool = False, compile: bool = False,
-                 mixup: tuple[float, float] = (0.0, 0.0), tta: bool = False, task: str | Task = "single",
+                 mixup: tuple[float, float] = (0.0, 0.0), tta: str = "", task: str | Task = "single",
                  teacher: Teacher | None = None, distill: tuple[float, float] = (0.5, 2.0)):
         super().__init__()
         self.teacher, self.distill = teacher, distill  # a plain attribute: its weights stay out of checkpoints
@@ -127,7 +128,7 @@ class ClassifierModule(L.LightningModule):
             logits = self(x)
             loss = self.task.soft_loss(self.loss_fn, logits, soft)
         else:
-            logits = forward_logits(self, x, tta=self.tta and prefix == "val")
+            logits = forward_logits(self, x, tta=self.tta if prefix == "val" else None)
             loss = self.loss_fn(logits.float(), y)
         if prefix == "train" and self.teacher is not None:
             loss = distill_loss(loss, logits, self.teacher(x), *self.distill)

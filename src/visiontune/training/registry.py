@@ -7,6 +7,7 @@ config validation never import Lightning or scikit-learn.
 from __future__ import annotations
 
 from ..core.registry import Registry
+from ..models.tta import TTA_MODES
 
 _TRAINING = "visiontune.training."
 STRATEGIES = Registry("strategy", {
@@ -17,6 +18,12 @@ STRATEGIES = Registry("strategy", {
     "scratch": (_TRAINING + "strategies:scratch", "random init, every layer at --lr"),
 })
 RANDOM_INIT = {"scratch"}  # strategies that start from random weights whatever --weights says
+
+# --tta: a mode of visiontune.models.tta, or "auto": validate with one view, then keep AUTO_TTA where the
+# val split measures it ahead by at least TTA_MIN_GAIN (visiontune.training.tta_choice)
+AUTO_TTA = "flip-zoom"
+TRAIN_TTA = Registry.choices("tta", {name: TTA_MODES.help(name) for name in TTA_MODES},
+                             auto=f"measured on the val split at the end: {AUTO_TTA} where it gains, else none")
 
 PROBE_HEADS = Registry("head", {
     "linear": (_TRAINING + "probe:fit_gradient_head", "gradient descent on cached features"),

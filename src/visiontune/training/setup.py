@@ -220,7 +220,8 @@ def plan_budget(cfg: TrainConfig, model, pre: Preprocessing, splits: Splits, def
     facts = Facts(budget, len(splits.train), len(splits.val), native, default_side, throughputs,
                   elapsed=time.time() - started, n_test=len(splits.test), decode_s=decode_s,
                   batch_size=cfg.optim.batch_size, processes=processes, in_memory=in_memory,
-                  num_classes=len(splits.class_names), unknown=cfg.model.unknown)
+                  num_classes=len(splits.class_names), unknown=cfg.model.unknown,
+                  single_label=get_task(splits.task).name == "single")
     lowres = []
     if (considers_lowres(len(splits.train), native, fixed, get_task(splits.task).name == "single")
             and lowres_may_win(plan_run(facts, fixed), facts, fixed)):

@@ -1,0 +1,90 @@
+"""``--tta auto``: whether a model's predictions should average two views, measured on its val split.
+
+Test-time augmentation costs every prediction the model will ever make (``flip-zoom``: 2.3-2.8x
+one view), so a run does not adopt it by default: ``auto`` (what a planned fine-tune of single-label
+data uses) validates with one view during training, then measures :data:`AUTO_TTA` against one
+view on the val split and keeps it only where it gains at least :data:`TTA_MIN_GAIN` accuracy.
+The measurement reuses the one-view val logits the end of training computes anyway and adds one
+pass of the second view (:class:`~visiontune.models.tta.View`), which the plan pays for.
+
+Example:
+    >>> validation_tta("auto"), validation_tta("flip"), validation_tta(None), final_tta("auto")
+    ('', 'flip', '', 'flip-zoom')
+    >>> y = torch.tensor([0, 1, 1, 0])
+    >>> plain = torch.tensor([[2., 0.], [1., 0.], [0., 1.], [1., 0.]])  # 3 of 4 right
+    >>> second = torch.tensor([[2., 0.], [0., 3.], [0., 1.], [1., 0.]])  # the second view puts image 1 right
+    >>> choice = choose(plain, second, y, side=96)
+    >>> choice.mode, choice.accuracy, choice.gain, choice.cost
+    ('flip-zoom', 1.0, 0.25, 2.78)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..models.tta import View, tta_mode, view_cost
+from .registry import AUTO_TTA
+
+AUTO = "auto"
+# the least val accuracy the second view must add to be kept: below it the doubled cost of every
+# prediction buys noise. On CIFAR-10 flip-zoom added 0.8-1.0 points on the 15-minute model's held-out
+# images (bench/RESULTS.md, "Test-time augmentation")
+TTA_MIN_GAIN = 0.002
+
+
+def validation_tta(value: str | bool | None) -> str:
+    """The views training validates with (and the card holds before an ``auto`` choice): ``--tta``'s
+    mode, one view for ``auto`` or unset."""
+    return "" if value in (None, AUTO) else tta_mode(value)
+
+
+def final_tta(value: str | bool | None) -> str:
+    """The views the end of the run pays for at most: ``auto`` may adopt :data:`AUTO_TTA`."""
+    return AUTO_TTA if value == AUTO else validation_tta(value)
+
+
+def finish_views(value: str | bool | None, side: int) -> float:
+    """Forward passes per val image at the end of a run at ``side`` px (one view, plus the second
+    view ``auto`` measures, equals the cost of the mode it may adopt)."""
+    return view_cost(final_tta(value), side)
+
+
+@dataclass
+class TtaChoice:
+    """What ``auto`` measured: the mode kept (``""``: one view) and the val accuracies."""
+
+    mode: str
+    accuracy: float       # of the kept mode
+    plain: float          # of one view
+    gain: float           # AUTO_TTA's accuracy minus one view's
+    images: int
+    cost: float           # AUTO_TTA's forward passes per prediction, in units of one view
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        """What the model card's ``training.tta_choice`` records."""
+        return {"mode": self.mode or "none", "measured": AUTO_TTA, "accuracy": round(self.accuracy, 4),
+                "one_view": round(self.plain, 4), "gain": round(self.gain, 4), "images": self.images,
+                "cost": self.cost}
+
+    def line(self) -> str:
+        kept = (f"{self.mode} kept ({self.cost:g}x the cost of one view per prediction)" if self.mode
+                else f"one view kept ({AUTO_TTA} gained less than {TTA_MIN_GAIN:.1%})")
+        return (f"test-time augmentation (auto): {AUTO_TTA} {self.plain + self.gain:.4f} against one view "
+                f"{self.plain:.4f} on {self.images} val images: {kept}")
+
+
+def choose(plain: torch.Tensor, second: torch.Tensor, targets: torch.Tensor, side: int) -> TtaChoice:
+    """The choice from the val logits of one view and of :data:`AUTO_TTA`'s second view (``[N, C]``
+    each), the class indices ``targets`` and the model's input side (px)."""
+    one = (plain.argmax(1) == targets).float().mean().item()
+    both = (((plain + second) / 2).argmax(1) == targets).float().mean().item()
+    gain = both - one
+    mode = AUTO_TTA if gain >= TTA_MIN_GAIN else ""
+    return TtaChoice(mode, both if mode else one, one, gain, len(targets), view_cost(AUTO_TTA, side))
+
+
+def second_view(model: torch.nn.Module) -> torch.nn.Module:
+    """:data:`AUTO_TTA`'s second view of ``model`` as a model of its own (its logits alone)."""
+    return View(model, AUTO_TTA, 1)
