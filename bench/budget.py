@@ -285,8 +285,9 @@ def bench_hymenoptera(work: Path, data: dict, repeats: int, default_repeats: int
                      f"accuracy {res['mean']:.4f} +- {res['std']:.4f}; out-of-fold ECE {res['ece_uncalibrated']:.4f} "
                      f"uncalibrated -> {res['ece_calibrated']:.4f} with the run's temperature; {res['errors']} "
                      f"wrong of {res['n']}, most confident wrong p = {res['max_wrong_p']:.4f}; "
-                     f"{res['mean_wall_s']:.0f} s per run; the same models with flip TTA {res['other_tta']}: "
-                     f"{res['other_tta_mean']:.4f}" + (" (an earlier run of this bench)" if res.get("earlier") else ""))
+                     f"{res['mean_wall_s']:.0f} s per run; the same models with TTA {res['other_tta']} "
+                     f"(the other setting): {res['other_tta_mean']:.4f}"
+                     + (" (an earlier run of this bench)" if res.get("earlier") else ""))
         print(lines[-1], flush=True)
     return lines
 

@@ -41,8 +41,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", action="append", required=True, type=Path, help="a run dir (repeatable)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/visiontune-bench-budget"))
+    parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
     args = parser.parse_args()
-    data = unpack(ROOT.parent / "shared" / "data", args.work)
+    data = unpack(args.data_root, args.work)
     _, test_csv = carve(data["cifar10"], args.work)
     rows = [(r["path"], r["label"]) for r in csv.DictReader(open(test_csv))]
     began = time.time()

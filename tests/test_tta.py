@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,6 +84,8 @@ def test_flip_zoom_predicts_alike_in_python_the_reference_and_onnx(zoom_model, t
     np.testing.assert_allclose(onnx.logits_of(files)[0].numpy(), clf.logits_of(files)[0].numpy(), atol=1e-3)
     with pytest.raises(ConfigError, match="built in \\(flip-zoom\\)"):
         Classifier.load(report["file"], tta="flip")
+    (Path(report["file"]).parent / "model.json").unlink()  # the graph's own metadata names its views
+    assert Classifier.load(report["file"]).card.tta == "flip-zoom"
 
 
 @pytest.mark.parametrize("fmt", ["openvino", "torchscript"])
@@ -131,6 +134,26 @@ def test_train_with_tta_auto_records_its_measurement_and_predicts_as_chosen(shar
     probs = torch.tensor([[next(t["probability"] for t in r["top_k"] if t["label"] == n) for n in names]
                           for r in rows])
     torch.testing.assert_close(probs, expected.float(), atol=1e-4, rtol=0)
+
+
+def test_a_network_built_for_one_size_keeps_one_view(shared_folder, tmp_path, capsys):
+    """A ViT's position embeddings take only its own size: flip-zoom is refused (with the remedy) where
+    it is asked for, and auto plans no measurement for it."""
+    from visiontune.models.factory import build_model, fit_input_size
+    from visiontune.models.tta import takes_zoom
+
+    vit, _, _ = build_model("vit_tiny_patch16_224", 2, weights="none")
+    fit_input_size(vit, 64, 64)
+    cnn, _, _ = build_model("resnet18", 2, weights="none")
+    assert not takes_zoom(vit, 64) and takes_zoom(cnn, 64) and vit.training  # its mode is left as it was
+    code, out, err = vt_main(capsys, "train", shared_folder, "--model", "vit_tiny_patch16_224", "--weights", "none",
+                             "--tta", "flip-zoom", "--epochs", "1", "--img-size", "32", "--run-dir", tmp_path / "vit",
+                             "--workers", "0", "--no-progress")
+    assert code != 0 and "takes only the input size" in err and "--tta flip" in err and "Traceback" not in err
+    from test_budget import CIFAR, facts
+
+    from visiontune.training.budget import plan_run
+    assert "tta" not in plan_run(facts(30 * 60, **CIFAR, zoom=False)).recipe
 
 
 def test_a_config_of_the_on_off_flag_still_loads():

@@ -74,7 +74,8 @@ def add_option(group, info: OptionInfo) -> None:
         names = info.choices.names()
         kwargs["choices"] = names
         kwargs["metavar"] = "{" + ",".join(names) + "}"
-        kwargs["help"] = f"{info.help}: {info.choices.describe()} ({info.default})".replace("%", "%%")
+        default = "" if info.default is None else f" ({info.default})"  # None: the help says who decides
+        kwargs["help"] = f"{info.help}: {info.choices.describe()}{default}".replace("%", "%%")
     elif info.type in ("float", "float | None"):
         kwargs.update(type=float, metavar=info.metavar or "X")
     elif info.type == "float | int | None":

@@ -124,6 +124,8 @@ def graph_metadata(card: ModelCard, input_dtype: str = "float32") -> dict[str, s
         # how "probabilities" are made and decided: softmax, or a sigmoid per label and its threshold
         "task": card.task.name,
         **{key: json.dumps(value) for key, value in inference.items() if key != "task"},
+        # the views the graph averages, built in (visiontune.models.tta): a graph without its sidecar says so too
+        **({"tta": card.tta} if card.tta else {}),
         # the unknown-score's kind and threshold: an image scoring below it is of no known class
         **({"unknown": json.dumps({k: card.unknown[k] for k in ("score", "layer", "threshold", "tpr",
                                                                    "val_quantiles")

@@ -24,7 +24,7 @@ from ..data.image import is_image_path
 from ..data.transforms import eval_transform
 from ..models.artifact import load_model, read_card, resolve_model_dir
 from ..models.card import ModelCard
-from ..models.tta import tta_mode
+from ..models.tta import takes_zoom, tta_mode
 from ..models.unknown import ScoredModel, classifier_width, layer_width, score_of, tapped_forward, threshold_for
 from .accelerated import BACKENDS, accelerates, cached_runner
 from .rows import error_row, prediction_rows
@@ -86,6 +86,9 @@ class Classifier:
                 if runner is not None:
                     return cls(runner, card)
         model, card = load_model(path)
+        if wanted and wanted != card.tta and wanted != "flip" and not takes_zoom(model, card.preprocessing.height):
+            raise ConfigError(f"--tta {wanted}: {path} takes only the input size it was trained at "
+                              f"({card.preprocessing.height} px), not the enlarged view; use --tta flip or none")
         score = score_of(model, card)
         return cls(TorchRunner(model, precision, card.preprocessing.height, card.tta if wanted is None else wanted,
                                score, card.architecture.classifier), card)

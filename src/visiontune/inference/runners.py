@@ -201,6 +201,8 @@ def card_from_metadata(path: Path, props: dict[str, str], fmt: str) -> ModelCard
         inference = task.card_inference()
         if "thresholds" in props:  # checked against the task and the classes when the card is built
             inference["thresholds"] = json.loads(props["thresholds"])
+        if "tta" in props:  # the views built into the graph (checked with the card); older graphs: the sidecar's
+            inference["tta"] = props["tta"]
     except (json.JSONDecodeError, ValueError) as exc:
         raise ExportError(f"{path}: unreadable visiontune metadata ({exc})") from None
     values: dict[str, Any] = {}
@@ -215,7 +217,8 @@ def card_from_metadata(path: Path, props: dict[str, str], fmt: str) -> ModelCard
             raise ExportError(f"{side} and {path} disagree on the class names; re-export the model")
     values = {**values, "format": FORMAT, "class_names": names, "preprocessing": pre,
               "architecture": arch or values.get("architecture")}
-    # the graph's own task and thresholds decide, whatever the sidecar says; the sidecar may add tta
+    # the graph's own task, thresholds and tta decide, whatever the sidecar says; for graphs written before
+    # the graph carried its tta, the sidecar's
     values["inference"] = {**{k: v for k, v in (values.get("inference") or {}).items() if k == "tta"}, **inference}
     if temperature != 1.0:
         values["calibration"] = {**(values.get("calibration") or {}), "temperature": temperature}

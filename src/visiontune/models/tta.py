@@ -5,9 +5,10 @@ export wrapper (so ONNX, OpenVINO and TorchScript graphs carry the views built i
 parity reference all take their views from :func:`views`, and training validates with them.
 
 - ``flip``: the image and its mirror image (2 forward passes).
-- ``flip-zoom``: the image and its mirror image enlarged by about a sixth (:func:`zoomed_size`;
-  bilinear, from the preprocessed input, so a graph does it too): 2 forward passes, the second at
-  1.3-1.8x the pixels.
+- ``flip-zoom``: the image and its mirror image enlarged by whole steps of 32 px, about a sixth of
+  the side and at least 32 px (:func:`zoomed_side`: 96 -> 128, 128 -> 160, 224 -> 256; bilinear,
+  from the preprocessed input, so a graph does it too): 2 forward passes, the second at 1.3x (224
+  px) to 2.2x (64 px) the pixels.
 
 Measured on CIFAR-10's 10,000 held-out images (bench/RESULTS.md, "Test-time augmentation"): the
 15-minute EfficientNet-Lite0 fine-tune at 96 px scored none 0.8928, flip 0.8982, flip-zoom (128 px)
@@ -35,13 +36,14 @@ from ..core.registry import Registry
 TTA_MODES = Registry.choices("tta", {
     "none": "one view: the image as preprocessed",
     "flip": "the image and its mirror image",
-    "flip-zoom": "the image and its mirror image enlarged by about a sixth, in steps of 32 px (2.3-2.8x the cost "
-                 "of one view)",
+    "flip-zoom": "the image and its mirror image enlarged in steps of 32 px (96 -> 128, 224 -> 256 px; 2.3x the "
+                 "cost of one view at 224 px, 2.8x at 96)",
 })
 # what a mode's prediction averages, in words (the model card's README)
 TTA_VIEWS = {"flip": "the logits of the image and of its mirror image",
-             "flip-zoom": "the logits of the image and of its mirror image enlarged by about a sixth, in steps "
-                          "of 32 px (bilinear, from the preprocessed input)"}
+             "flip-zoom": "the logits of the image and of its mirror image enlarged (bilinear, from the "
+                          "preprocessed input, align_corners false) to the side plus 32 px times max(1, round(side / "
+                          "192)): 96 -> 128, 224 -> 256"}
 # the zoomed view grows each side by a sixth, rounded to whole steps of ZOOM_STEP px (at least one): the
 # networks' total stride, so each strided layer sees an input of the same parity as at the model's own
 # size and an exported graph's fixed "same" padding (TF-ported EfficientNets) stays right for both views.
@@ -93,6 +95,22 @@ def view_cost(mode: bool | str | None, side: int = 224) -> float:
     pass at that size (the zoomed view's by its pixels)."""
     mode = tta_mode(mode)
     return {"": 1.0, "flip": 2.0, "flip-zoom": round(1.0 + (zoomed_side(side) / side) ** 2, 2)}[mode]
+
+
+def takes_zoom(model: nn.Module, side: int) -> bool:
+    """Whether ``model`` (built for ``side`` px) runs on the zoomed view: a CNN takes any size, a ViT's
+    position embeddings (or a Swin's windows, a LeViT's attention biases) only the size set at
+    creation. One forward pass of a blank image, in eval mode (the module's mode is restored)."""
+    zoomed = zoomed_side(side)
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, zoomed, zoomed))
+        return True
+    except Exception:  # whatever the network raises for a size it does not take
+        return False
+    finally:
+        model.train(was_training)
 
 
 class View(nn.Module):

@@ -225,6 +225,8 @@ def evaluate(model: Any, data: str | os.PathLike, log: Callable[[str], None] = p
     from ..export.runtime import load_classifier
     from ..inference.classifier import Classifier
 
+    if isinstance(options.get("tta"), bool):  # the on/off switch of earlier releases: flip or none
+        options["tta"] = "flip" if options["tta"] else "none"
     opts = EvaluateOptions.from_dict(options)
     require_data(data)  # before the model and its runtime measurement: a wrong path fails at once
     clf = model if isinstance(model, Classifier) else load_classifier(model, opts.precision, opts.tta, opts.backend,

@@ -101,11 +101,14 @@ def finish(ctx: TrainContext) -> Run:
     clf = Classifier.load(ctx.model_dir)
     task = clf.task
     evaluated = {split: samples for split in ("val", "test") if (samples := getattr(ctx.splits, split))}
-    # one pass per split: the val logits also serve calibration, the thresholds and the report
+    # one pass per split: the val logits also serve calibration, the thresholds and the report; with --tta auto
+    # the val split's decides the views first, and the test split is read once, with them
     logits = {split: clf.logits_of([p for p, _ in samples], ctx.batch_size * 2, ctx.cfg.data.workers)[:2]
-              for split, samples in evaluated.items()}
+              for split, samples in evaluated.items() if split == "val"}
     if ctx.cfg.model.tta == AUTO:
         clf = choose_tta(ctx, clf, evaluated, logits)
+    logits.update({split: clf.logits_of([p for p, _ in samples], ctx.batch_size * 2, ctx.cfg.data.workers)[:2]
+                   for split, samples in evaluated.items() if split != "val"})
     val = None
     if "val" in logits:
         z, ok = logits["val"]
@@ -143,8 +146,9 @@ def finish(ctx: TrainContext) -> Run:
 def choose_tta(ctx: TrainContext, clf: Classifier, evaluated: dict[str, list], logits: dict[str, tuple]
                ) -> Classifier:
     """``--tta auto`` (:mod:`~visiontune.training.tta_choice`): measure the second view on the val
-    split, and where it pays write the mode into the card and replace each split's one-view logits
-    (``logits``, in place) by the mode's. Returns the classifier that predicts as the card now says."""
+    split, and where it pays write the mode into the card and replace the val split's one-view logits
+    (``logits["val"]``, in place) by the mode's. Returns the classifier that predicts as the card now
+    says. A network that takes no other input size (a ViT's fixed position embeddings) keeps one view."""
     began = time.time()
     if "val" not in logits or clf.task.name != "single":
         print("test-time augmentation (auto): one view (" + ("no val split to measure it on" if "val" not in logits
@@ -163,11 +167,8 @@ def choose_tta(ctx: TrainContext, clf: Classifier, evaluated: dict[str, list], l
     write_card(ctx.model_dir, card.replace(training=training, inference={
         **card.inference, **({"tta": choice.mode} if choice.mode else {})}))
     clf = Classifier.load(ctx.model_dir)
-    if choice.mode:  # the val logits of the mode are the mean of the two views'; the other splits run again
+    if choice.mode:  # the val logits of the mode are the mean of the two views'
         logits["val"] = ((z + z2) / 2, both)
-        for split, samples in evaluated.items():
-            if split != "val":
-                logits[split] = clf.logits_of([p for p, _ in samples], ctx.batch_size * 2, ctx.cfg.data.workers)[:2]
     ctx.timings["tta"] = time.time() - began
     return clf
 

@@ -148,6 +148,8 @@ class Facts:
         unknown: whether the run ends by fitting an unknown-score (``--no-unknown``: not), which the
             finish pays for (:func:`unknown_seconds`).
         single_label: whether the data is single-label (a planned fine-tune then measures ``--tta auto``).
+        zoom: whether the network takes the zoomed view ``--tta auto`` measures (a ViT's fixed position
+            embeddings do not: :func:`~visiontune.models.tta.takes_zoom`).
     """
 
     budget: float
@@ -165,6 +167,7 @@ class Facts:
     num_classes: int = 2
     unknown: bool = True
     single_label: bool = True
+    zoom: bool = True
 
     @property
     def steps_per_epoch(self) -> int:
@@ -408,7 +411,9 @@ def phase_costs(size: Throughput, n_train: int, n_val: int, n_test: int, epochs:
     features = (n_train + n_val) * (1 / size.infer + decode_s) if (warmup_epochs or not finetune) else 0.0
     train = ((epochs - warmup_epochs) * epoch_seconds(size, n_train, n_val, tta, 0.0 if in_memory else decode_s)
              if finetune else 0.0)  # a probe's measurements have no training speed
-    finish = (2 * n_val + n_test) * (views / size.infer + decode_s) + FINISH_FIXED_S
+    # one pass over each split (the val logits serve calibration, the thresholds and the report too; until
+    # b50bc5b this counted two over val, and projected 130-186 s where runs measured 57-127 s)
+    finish = (n_val + n_test) * (views / size.infer + decode_s) + FINISH_FIXED_S
     if unknown and n_val:  # without val images there is no threshold to set, and no fit
         finish += unknown_seconds(size, n_train, n_val, decode_s, tta)
     return {"load": load, "features": features, "train": train, "finish": finish}
@@ -464,7 +469,7 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
     strategy = fixed.get("strategy")
     scratch = strategy == "scratch"  # random init: no ImageNet statistics to keep, no features to warm up on
     recipe = {} if scratch else {k: v for k, v in FINETUNE_RECIPE.items() if k not in fixed}
-    if "tta" not in fixed and not scratch and facts.single_label:
+    if "tta" not in fixed and not scratch and facts.single_label and facts.zoom:
         recipe["tta"] = AUTO  # measured at the end: a second view where it pays (training/tta_choice.py)
     tta = fixed.get("tta", recipe.get("tta"))
     warmup = 0 if scratch else fixed.get("freeze_epochs", 1)

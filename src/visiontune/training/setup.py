@@ -23,6 +23,7 @@ from ..data.preprocess import Preprocessing
 from ..data.scan import Splits, discover, median_side, write_skipped, write_split_csv
 from ..models.factory import build_model, fit_input_size
 from ..models.lowres import is_lowres
+from ..models.tta import takes_zoom
 from ..task import TASKS, Task, get_task
 from .budget import (
     FORECAST_MIN_IMAGE_EPOCHS,
@@ -54,7 +55,8 @@ from .lowres_plan import (
     measure_lowres,
     network_recipe,
 )
-from .registry import LOGGERS, RANDOM_INIT, STRATEGIES
+from .registry import AUTO_TTA, LOGGERS, RANDOM_INIT, STRATEGIES
+from .tta_choice import AUTO
 
 RUN_DIR_ENV = "VISIONTUNE_RUN_DIR"
 STARTED_ENV = "VISIONTUNE_STARTED"  # rank 0's clock start, for the processes Lightning's launcher starts
@@ -137,6 +139,12 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
                            time.time() - started)
         print(line, flush=True)
     fit_input_size(model, pre.height, pre.width)  # ViTs: position embeddings for the chosen size
+    if cfg.model.tta in (AUTO_TTA, AUTO) and not cfg.runtime.resume and not takes_zoom(model, pre.height):
+        if cfg.model.tta == AUTO_TTA:
+            raise ConfigError(f"--tta {AUTO_TTA}: {arch.name} takes only the input size it was built for "
+                              f"({pre.height} px), not the enlarged view; use --tta flip or --tta none")
+        print(f"test-time augmentation: one view ({arch.name} takes only its own input size, not a zoomed view)")
+        cfg = cfg.replace(tta="none")
     teacher = None
     if cfg.optim.teacher:  # loaded and checked against the data before a run dir exists
         if get_task(splits.task).name != "single" or cfg.strategy.name == "linear-probe":
@@ -221,7 +229,8 @@ def plan_budget(cfg: TrainConfig, model, pre: Preprocessing, splits: Splits, def
                   elapsed=time.time() - started, n_test=len(splits.test), decode_s=decode_s,
                   batch_size=cfg.optim.batch_size, processes=processes, in_memory=in_memory,
                   num_classes=len(splits.class_names), unknown=cfg.model.unknown,
-                  single_label=get_task(splits.task).name == "single")
+                  single_label=get_task(splits.task).name == "single",
+                  zoom="tta" in fixed or takes_zoom(model, default_side))
     lowres = []
     if (considers_lowres(len(splits.train), native, fixed, get_task(splits.task).name == "single")
             and lowres_may_win(plan_run(facts, fixed), facts, fixed)):
