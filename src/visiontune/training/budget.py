@@ -18,10 +18,10 @@ Example:
     >>> facts = Facts(15 * 60, n_train=40_000, n_val=8_000, native_side=32, default_side=224,
     ...               throughputs=table, elapsed=20.0)
     >>> plan = plan_run(facts)
-    >>> plan.strategy, plan.img_size, plan.epochs, plan.max_steps, plan.recipe["tta"]  # 3 whole epochs fit
-    ('finetune', 96, 3, None, 'auto')
-    >>> plan_run(facts, {"tta": "none"}).max_steps  # without measuring test-time augmentation at the end: 0.32 more
-    2897
+    >>> plan.strategy, plan.img_size, plan.epochs, plan.max_steps  # 3 whole epochs fit, then 0.16 of a 4th
+    ('finetune', 96, 4, 2695)
+    >>> plan.recipe["tta"], plan_run(facts, {"tta": "none"}).max_steps  # measuring TTA at the end costs 274 steps
+    ('auto', 2969)
 """
 
 from __future__ import annotations
