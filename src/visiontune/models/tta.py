@@ -10,11 +10,11 @@ parity reference all take their views from :func:`views`, and training validates
   from the preprocessed input, so a graph does it too): 2 forward passes, the second at 1.3x (224
   px) to 2.2x (64 px) the pixels.
 
-Measured on CIFAR-10's 10,000 held-out images (bench/RESULTS.md, "Test-time augmentation"): the
-15-minute EfficientNet-Lite0 fine-tune at 96 px scored none 0.8928, flip 0.8982, flip-zoom (128 px)
-0.9014; the 30-minute one at 128 px none 0.9040, flip 0.9086, flip-zoom (160 px) 0.9098. The
-second view alone at the larger size scores below the first (0.8784 at 128 px): what pays is
-averaging two views that differ.
+Measured on CIFAR-10's 10,000 held-out images (``python -m bench.tta``; bench/RESULTS.md,
+"Test-time augmentation"): the 15-minute EfficientNet-Lite0 fine-tune at 96 px scored none 0.8928,
+flip 0.8982, flip-zoom (128 px) 0.9008; the 30-minute one at 128 px none 0.9040, flip 0.9089,
+flip-zoom (160 px) 0.9102. The second view alone at the larger size scores below the first (0.8744
+at 128 px): what pays is averaging two views that differ.
 
 Example:
     >>> x = torch.zeros(2, 3, 96, 96)
