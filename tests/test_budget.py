@@ -138,6 +138,16 @@ def test_measured_decoding_and_tta_are_paid_for():
     assert one.val_pass_s == auto.val_pass_s < flip.val_pass_s
 
 
+def test_tta_is_measured_only_in_the_time_after_the_last_whole_epoch():
+    """Measured on this project's CPU on a slower day (CIFAR-10, 15 min): 96 px kept its 3 epochs only
+    without the measurement, and the plan fell to 64 px (1.9 points less expected) for a +0.8 lever."""
+    slower = [Throughput(48, 292, 1468), Throughput(64, 177, 786), Throughput(96, 119, 514), Throughput(128, 56, 193)]
+    tight = plan_run(facts(15 * 60, **CIFAR, throughputs=slower, elapsed=45.0, decode_s=0.00065))
+    assert (tight.img_size, tight.epochs) == (96, 3) and "tta" not in tight.recipe and "no room" in tight.reason
+    roomy = plan_run(facts(16 * 60, **CIFAR, throughputs=slower, elapsed=45.0, decode_s=0.00065))
+    assert roomy.img_size == 96 and roomy.recipe["tta"] == "auto" and roomy.total <= 16 * 60
+
+
 def test_a_planned_fine_tune_measures_tta_at_the_end_unless_the_user_chose():
     assert plan_run(facts(30 * 60, **CIFAR)).recipe["tta"] == "auto"
     assert "tta" not in plan_run(facts(30 * 60, **CIFAR), {"tta": "none"}).recipe  # the user's choice stays

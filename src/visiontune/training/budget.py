@@ -469,19 +469,21 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
     strategy = fixed.get("strategy")
     scratch = strategy == "scratch"  # random init: no ImageNet statistics to keep, no features to warm up on
     recipe = {} if scratch else {k: v for k, v in FINETUNE_RECIPE.items() if k not in fixed}
-    if "tta" not in fixed and not scratch and facts.single_label and facts.zoom:
-        recipe["tta"] = AUTO  # measured at the end: a second view where it pays (training/tta_choice.py)
-    tta = fixed.get("tta", recipe.get("tta"))
+    # --tta auto (training/tta_choice.py) is planned only into the time after the last whole epoch: it gained
+    # 0.6-0.8 points on held-out images, less than an input size a whole epoch more buys (CIFAR-10 on a
+    # slower day: 96 px kept its 3 epochs only without it, and 64 px expects 1.9 points less)
+    may_measure = "tta" not in fixed and not scratch and facts.single_label and facts.zoom
+    tta = fixed.get("tta")
     warmup = 0 if scratch else fixed.get("freeze_epochs", 1)
     measured = [asdict(x) for x in throughputs]
 
     in_memory = facts.in_memory
     reread = 0.0 if in_memory else decode_s  # seconds per image each epoch reads from disk
 
-    def costs(t: Throughput, epochs: int, finetune: bool) -> dict[str, float]:  # a probe measures no TTA
+    def costs(t: Throughput, epochs: int, finetune: bool, views: str | None = None) -> dict[str, float]:
+        """The phases at ``t``, with ``--tta`` as planned so far (``views``: another setting)."""
         return {"start": elapsed, **phase_costs(t, n_train, n_val, n_test, epochs, min(warmup, epochs) if finetune
-                                                 else 0, finetune, decode_s, tta if finetune else fixed.get("tta"),
-                                                 in_memory, facts.unknown)}
+                                                 else 0, finetune, decode_s, views or tta, in_memory, facts.unknown)}
 
     # several processes train the network on images (a head on cached features is one process's job)
     if (facts.processes > 1 or fixed.get("teacher")) and strategy is None:
@@ -523,9 +525,17 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
     if best is not None and strategy in (None, "finetune", "progressive", "scratch"):
         t, fit, leftover = best
         epochs = fixed.get("epochs", max(min(fit, MAX_EPOCHS), warmup + 1))
-        projected = costs(t, epochs, True)
         reason = reason or (f"{fit} epochs fit at {t.size} px, the largest input where at least "
                             f"{needed + warmup} do ({candidates[sizes.index(t)]['seconds_per_epoch']} s per epoch)")
+        if may_measure:
+            extra = costs(t, epochs, True, AUTO)["finish"] - costs(t, epochs, True)["finish"]
+            if leftover >= extra:
+                recipe["tta"] = tta = AUTO
+                leftover -= extra
+                reason += f"; test-time augmentation measured at the end ({extra:.0f} s)"
+            else:
+                reason += f"; no room after the last whole epoch to measure test-time augmentation ({extra:.0f} s)"
+        projected = costs(t, epochs, True)
         # the time after the last whole epoch buys a partial one: its share of the training pass, then
         # its validation; the LR schedule ends at its last step (--max-steps)
         train_s = n_train * (1 / t.train + reread)
