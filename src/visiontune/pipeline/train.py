@@ -166,8 +166,8 @@ def choose_tta(ctx: TrainContext, clf: Classifier, evaluated: dict[str, list], l
     training = {**card.training, "tta_choice": choice.to_dict()}
     write_card(ctx.model_dir, card.replace(training=training, inference={
         **card.inference, **({"tta": choice.mode} if choice.mode else {})}))
-    clf = Classifier.load(ctx.model_dir)
-    if choice.mode:  # the val logits of the mode are the mean of the two views'
+    if choice.mode:  # a classifier that predicts with the views; their val logits are the mean of the two
+        clf = Classifier.load(ctx.model_dir)
         logits["val"] = ((z + z2) / 2, both)
     ctx.timings["tta"] = time.time() - began
     return clf
