@@ -296,18 +296,31 @@ def run_worker(peer: str, work: Path, name: str, train_csv: Path, test_csv: Path
     return {**res, "wall_s": res["train_wall_s"], "process_s": seconds}
 
 
-def run_visiontune(work: Path, name: str, train_csv: Path, test_csv: Path, minutes: float) -> dict:
+def run_visiontune(work: Path, name: str, train_csv: Path, test_csv: Path, minutes: float,
+                   reuse: Path | None = None) -> dict:
+    """visiontune's row: a fresh ``train --time``, or ``reuse``: a run the bench's own carve trained before
+    (its wall is the command's, from its ``timings.json``), so a long budget's peers can run without it."""
+    import yaml
+
     from bench.budget import plan_summary, test_accuracy, train
 
-    seconds, run_dir = train(work, f"peers-{name}-visiontune", train_csv, "--time", f"{minutes:g}m")
+    if reuse is None:
+        seconds, run_dir = train(work, f"peers-{name}-visiontune", train_csv, "--time", f"{minutes:g}m")
+    else:
+        run_dir = reuse
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        if Path(str(saved.get("data"))).resolve() != train_csv.resolve():
+            raise SystemExit(f"--visiontune-run {run_dir} trained on {saved.get('data')}, not on {train_csv}: "
+                             "reuse only a run of the same carve")
+        seconds = float(json.loads((run_dir / "timings.json").read_text())["total"])
     plan = json.loads((run_dir / "plan.json").read_text())
     return {"accuracy": test_accuracy(run_dir, test_csv), "wall_s": seconds, "size": int(plan["img_size"]),
             "what": plan_summary(run_dir)}
 
 
 def contest(work: Path, name: str, train_csv: Path, test_csv: Path, minutes: float, peers: list[str],
-            size: int) -> dict[str, dict]:
-    results = {"visiontune": run_visiontune(work, name, train_csv, test_csv, minutes)}
+            size: int, reuse: Path | None = None) -> dict[str, dict]:
+    results = {"visiontune": run_visiontune(work, name, train_csv, test_csv, minutes, reuse)}
     peer_size = size or max(64, results["visiontune"]["size"])
     for peer in peers:
         results[peer] = run_worker(peer, work, name, train_csv, test_csv, minutes, peer_size)
@@ -316,7 +329,8 @@ def contest(work: Path, name: str, train_csv: Path, test_csv: Path, minutes: flo
     return results
 
 
-def bench_cifar(work: Path, data: dict, budgets: list[int], peers: list[str], size: int) -> list[str]:
+def bench_cifar(work: Path, data: dict, budgets: list[int], peers: list[str], size: int,
+                reuse: Path | None = None) -> list[str]:
     from bench.budget import carve
 
     train_csv, test_csv = carve(data["cifar10"], work)
@@ -324,7 +338,8 @@ def bench_cifar(work: Path, data: dict, budgets: list[int], peers: list[str], si
              "| budget | contestant | held-out accuracy | wall (whole training command) | what ran |",
              "| ---: | --- | ---: | ---: | --- |"]
     for minutes in budgets:
-        for who, res in contest(work, f"cifar-{minutes}m", train_csv, test_csv, minutes, peers, size).items():
+        for who, res in contest(work, f"cifar-{minutes}m", train_csv, test_csv, minutes, peers, size,
+                                      reuse).items():
             lines.append(f"| {minutes} min | {who} | {res['accuracy']:.4f} | {res['wall_s'] / 60:.1f} min "
                          f"| {res['what']} |")
     return lines
@@ -376,8 +391,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--peers", default="fastai,timm")
     ap.add_argument("--size", type=int, default=0,
                     help="the peers' image size (default: the size visiontune's plan chose, at least 64 px)")
+    ap.add_argument("--visiontune-run", type=Path, default=None,
+                    help="CIFAR-10, one budget: score this earlier visiontune run of the same carve instead of "
+                         "training one (its wall from its timings.json)")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = ap.parse_args(argv)
+    if args.visiontune_run and "," in args.budgets:
+        ap.error("--visiontune-run takes one budget")
     peers = [p for p in args.peers.split(",") if p]
     unknown = set(peers) - set(WORKERS)
     if unknown:
@@ -385,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     data = unpack(args.data_root, args.work)
     benches = {"cifar": lambda: bench_cifar(args.work, data, [int(b) for b in args.budgets.split(",")], peers,
-                                            args.size),
+                                            args.size, args.visiontune_run),
                "hymenoptera": lambda: bench_hymenoptera(args.work, data, args.hym_minutes, args.folds, peers,
                                                         args.size)}
     for part in args.only.split(","):
@@ -398,7 +418,8 @@ def main(argv: list[str] | None = None) -> None:
         command = (f"python -m bench.peers --only {part} "
                    + (f"--budgets {args.budgets}" if part == "cifar" else f"--hym-minutes {args.hym_minutes:g} "
                       f"--folds {args.folds}") + f" --peers {args.peers}"
-                   + (f" --size {args.size}" if args.size else ""))
+                   + (f" --size {args.size}" if args.size else "")
+                   + (f" --visiontune-run {args.visiontune_run}" if args.visiontune_run else ""))
         text = "\n".join([title, "", f"Machine: {machine()}", "", f"Command: `{command}`", "", *lines, "",
                           f"Took {(time.perf_counter() - start) / 60:.0f} min (CPU flags: {cpu_flags()})"]) + "\n"
         print(text, flush=True)
