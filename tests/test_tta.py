@@ -97,6 +97,28 @@ def test_the_other_graphs_carry_flip_zoom(zoom_model, tmp_path, fmt):
     assert report["passed"] and report["top1_agreement"] == 1.0 and report["max_abs_logit_diff"] <= 1e-3
 
 
+def test_hf_readme_tells_timm_users_how_to_average_the_views(zoom_model, tmp_path):
+    """timm alone runs one view: the exported README's snippet, run as written, gives visiontune's logits."""
+    import re
+
+    import timm
+
+    from visiontune.export.exporter import export_model
+
+    run, _ = zoom_model
+    export_model(run, "hf", out=tmp_path / "hf")
+    text = (tmp_path / "hf" / "README.md").read_text()
+    snippet = re.search(r"```python\n(import torch.nn.functional as F\nlogits = .*?)```", text, re.S)
+    assert snippet and "mirror image enlarged" in text
+    model = timm.create_model("local-dir:" + str(tmp_path / "hf"), pretrained=True).eval()
+    x = torch.rand(3, 3, 64, 64)
+    scope = {"model": model, "x": x}
+    with torch.no_grad():
+        exec(snippet.group(1), scope)  # the README's own code, nothing retyped
+        expected = forward_logits(Classifier.load(run, precision="32").model.float(), x, "flip-zoom")
+    torch.testing.assert_close(scope["logits"], expected, atol=1e-4, rtol=0)
+
+
 def test_auto_keeps_the_second_view_only_where_it_gains():
     y = torch.tensor([0, 1] * 500)
     plain = torch.nn.functional.one_hot(y, 2).float()

@@ -27,7 +27,7 @@ from ..core.hardware import autocast, device, resolve_precision
 from ..data.preprocess import Preprocessing
 from ..models.artifact import MAX_CARD_BYTES, META_FILE, WEIGHTS_FILE
 from ..models.card import FORMAT, ModelCard
-from ..models.tta import tta_mode, views
+from ..models.tta import averaged, tta_mode
 from ..models.unknown import ScoredModel
 from ..task import TASKS
 from .graph_files import onnx_model_bytes, read_beside, read_openvino
@@ -40,13 +40,9 @@ def forward_logits(model: nn.Module, batch: torch.Tensor, tta: bool | str | None
     the mean of its views' logits.
 
     The one definition of a prediction's forward pass: the runner, the export wrapper and the
-    export parity reference all call it.
+    export parity reference all call it (the views' loop is :func:`visiontune.models.tta.averaged`).
     """
-    seen = views(batch, tta)
-    logits = model(seen[0])
-    for other in seen[1:]:
-        logits = logits + model(other)
-    return logits / len(seen) if len(seen) > 1 else logits
+    return averaged(model, batch, tta)
 
 
 class TorchRunner:

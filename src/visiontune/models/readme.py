@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from .card import ModelCard
-from .tta import TTA_VIEWS
+from .tta import TTA_VIEWS, zoomed_size
 
 README_FILE = "README.md"
 METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "f1", "top5_accuracy": "top-5 accuracy",
@@ -141,6 +141,8 @@ def _how_to_load(card: ModelCard, file_format: str) -> list[str]:
     if file_format == "hf" and card.architecture and card.architecture.source == "timm":
         lines += ["With timm alone (this folder):", "", "```python", "import timm",
                   'model = timm.create_model("local-dir:PATH/TO/THIS/FOLDER", pretrained=True).eval()', "```", ""]
+        if card.tta:  # timm runs one view: the figures above were measured with the views averaged
+            lines += _timm_views(card)
     lines += ["With visiontune (this model folder or its run folder):", "", "```python", "import visiontune",
               'clf = visiontune.load("PATH/TO/THIS/FOLDER")', 'print(clf.predict(["photo.jpg"]))', "```", "",
               "From the command line: `visiontune predict PATH photo.jpg`; serve it with `visiontune serve PATH`.", "",
@@ -148,6 +150,17 @@ def _how_to_load(card: ModelCard, file_format: str) -> list[str]:
               "model.onnx photo.jpg` (numpy, Pillow and onnxruntime only; the preprocessing is in the ONNX "
               "metadata).", ""]
     return lines
+
+
+def _timm_views(card: ModelCard) -> list[str]:
+    """How a timm user averages the views the card's figures were measured with (timm alone runs one)."""
+    second = "x.flip(-1)"
+    if card.tta == "flip-zoom":
+        size = zoomed_size(card.preprocessing.height, card.preprocessing.width)
+        second = f'F.interpolate(x, size={size}, mode="bilinear", align_corners=False).flip(-1)'
+    return [f"timm computes one view; this model's figures average {TTA_VIEWS[card.tta]}. For the same "
+            "predictions, with `x` the preprocessed batch (NCHW):", "", "```python",
+            "import torch.nn.functional as F", f"logits = (model(x) + model({second})) / 2", "```", ""]
 
 
 def _cell(text: str) -> str:

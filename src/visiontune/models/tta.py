@@ -90,6 +90,20 @@ def views(x: torch.Tensor, mode: bool | str | None) -> list[torch.Tensor]:
     return [view(x, mode, i) for i in range(2 if mode else 1)]
 
 
+def averaged(model: nn.Module, x: torch.Tensor, mode: bool | str | None) -> torch.Tensor:
+    """The mean of ``model``'s outputs over the views of the batch ``x`` under ``mode``: the one loop
+    every prediction's forward pass runs (logits, or features read by hooks along the way). The sum
+    is in fp32, so under bf16 autocast the views' mean is not rounded at every step; one view: the
+    output itself, as the model gives it."""
+    seen = views(x, mode)
+    if len(seen) == 1:
+        return model(seen[0])
+    total = model(seen[0]).float()
+    for other in seen[1:]:
+        total = total + model(other).float()
+    return total / len(seen)
+
+
 def view_cost(mode: bool | str | None, side: int = 224) -> float:
     """Forward passes a prediction under ``mode`` costs at an input of ``side`` px, in units of one
     pass at that size (the zoomed view's by its pixels)."""

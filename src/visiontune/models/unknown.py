@@ -37,7 +37,7 @@ from torch import nn
 from ..core.errors import ArtifactError, ConfigError
 from ..core.registry import Registry
 from ..core.safe_io import atomic_path
-from .tta import tta_mode, views
+from .tta import averaged, tta_mode
 
 UNKNOWN_FILE = "unknown.safetensors"
 # the k-th nearest training image's similarity: Sun et al. 2022 use k = 50 of 50,000 images; on this
@@ -262,11 +262,7 @@ def tapped_forward(model: nn.Module, classifier: str, x: torch.Tensor, tta: bool
             else:
                 hooks.append(model.get_submodule(layer).register_forward_hook(
                     lambda module, inputs, output, layer=layer: seen[layer].append(pooled(output))))
-        seen_views = views(x, tta)
-        logits = model(seen_views[0]).float()
-        for other in seen_views[1:]:
-            logits = logits + model(other).float()
-        logits = logits / len(seen_views) if len(seen_views) > 1 else logits
+        logits = averaged(model, x, tta).float()
     finally:
         for hook in hooks:
             hook.remove()
