@@ -339,6 +339,23 @@ def test_forecast_is_printed_for_a_large_run(shared_folder, tmp_path, capsys, mo
     assert "projected:" in capsys.readouterr().out
 
 
+def test_the_forecast_counts_the_views_of_tta():
+    """Without --time the forecast prices what the run will do: --tta's views in every validation
+    pass and at the finish (flip-zoom at 96 px costs 2.78 passes; auto validates with one view while
+    training, then pays for the second view at the end)."""
+    from visiontune.training.budget import forecast
+
+    machine = Throughput(96, 100, 300)  # img/s training, inference
+    extra = (2.78 - 1) / 300  # the second view's seconds per image
+    plain, _ = forecast(machine, 4000, 1000, 1000, 3, 1, True, 10.0)
+    auto, _ = forecast(machine, 4000, 1000, 1000, 3, 1, True, 10.0, "auto")
+    zoom, line = forecast(machine, 4000, 1000, 1000, 3, 1, True, 10.0, "flip-zoom")
+    # the finish: val and test, and the unknown-score's 4,000 training and 1,000 val images
+    assert auto - plain == pytest.approx((1000 + 1000 + 4000 + 1000) * extra, rel=1e-6)
+    assert zoom - auto == pytest.approx(2 * 1000 * extra, rel=1e-6)  # two fine-tuning epochs' validation
+    assert "projected:" in line
+
+
 def test_a_pretrained_network_is_not_fine_tuned_below_the_minimum_side():
     """A machine where only 32 px fits three epochs: the probe at a larger size wins (measured on
     CIFAR-10: 0.7368 fine-tuned at 32 px vs 0.7883 probed at 128 px in 15 min); scratch training

@@ -570,11 +570,13 @@ FORECAST_MIN_IMAGE_EPOCHS = 50_000
 
 
 def forecast(throughput: Throughput, n_train: int, n_val: int, n_test: int, epochs: int, warmup_epochs: int,
-             finetune: bool, elapsed: float) -> tuple[float, str]:
-    """(projected seconds, a line saying so) for a run configured without ``--time``."""
-    costs = {"start": elapsed, **phase_costs(throughput, n_train, n_val, n_test, epochs, warmup_epochs, finetune)}
+             finetune: bool, elapsed: float, tta: str | None = None) -> tuple[float, str]:
+    """(projected seconds, a line saying so) for a run configured without ``--time`` (``tta``: its
+    ``--tta``, whose views every validation pass and the finish pay for)."""
+    costs = {"start": elapsed, **phase_costs(throughput, n_train, n_val, n_test, epochs, warmup_epochs, finetune,
+                                             tta=tta)}
     total = sum(costs.values())
-    epoch = epoch_seconds(throughput, n_train, n_val)
+    epoch = epoch_seconds(throughput, n_train, n_val, tta)
     line = (f"projected: {format_duration(total)} for the whole run ("
             + (f"{epochs - warmup_epochs} epoch(s) of {format_duration(epoch)}" if finetune else "features")
             + f", measured here at {throughput.size} px: train {throughput.train:.0f} img/s, "

@@ -136,7 +136,7 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
         (measured,) = measure_throughput(model, [pre.height], cfg.runtime.precision, cfg.optim.batch_size, seconds=1.0)
         _, line = forecast(measured, len(splits.train), len(splits.val), len(splits.test), cfg.optim.epochs,
                            min(cfg.strategy.freeze_epochs, cfg.optim.epochs) if finetune else 0, finetune,
-                           time.time() - started)
+                           time.time() - started, cfg.model.tta)
         print(line, flush=True)
     fit_input_size(model, pre.height, pre.width)  # ViTs: position embeddings for the chosen size
     if cfg.model.tta in (AUTO_TTA, AUTO) and not cfg.runtime.resume and not takes_zoom(model, pre.height):
