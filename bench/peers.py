@@ -308,11 +308,20 @@ def run_visiontune(work: Path, name: str, train_csv: Path, test_csv: Path, minut
         seconds, run_dir = train(work, f"peers-{name}-visiontune", train_csv, "--time", f"{minutes:g}m")
     else:
         run_dir = reuse
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        if Path(str(saved.get("data"))).resolve() != train_csv.resolve():
-            raise SystemExit(f"--visiontune-run {run_dir} trained on {saved.get('data')}, not on {train_csv}: "
+        try:
+            saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+            seconds = float(json.loads((run_dir / "timings.json").read_text())["total"])
+            budget = float(json.loads((run_dir / "plan.json").read_text())["budget"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SystemExit(f"--visiontune-run {run_dir}: not a finished planned run ({exc}); train it with "
+                             "`visiontune train cifar-train.csv --time M --run-dir RUN` first") from None
+        data = Path(str(saved.get("data")))
+        if not data.is_absolute() or data.resolve() != train_csv.resolve():
+            raise SystemExit(f"--visiontune-run {run_dir} trained on {data}, not on {train_csv}: "
                              "reuse only a run of the same carve")
-        seconds = float(json.loads((run_dir / "timings.json").read_text())["total"])
+        if abs(budget - minutes * 60) > 1:
+            raise SystemExit(f"--visiontune-run {run_dir} was planned for {budget / 60:g} min, not {minutes:g}: "
+                             "pass its budget to --budgets")
     plan = json.loads((run_dir / "plan.json").read_text())
     return {"accuracy": test_accuracy(run_dir, test_csv), "wall_s": seconds, "size": int(plan["img_size"]),
             "what": plan_summary(run_dir)}
@@ -419,7 +428,7 @@ def main(argv: list[str] | None = None) -> None:
                    + (f"--budgets {args.budgets}" if part == "cifar" else f"--hym-minutes {args.hym_minutes:g} "
                       f"--folds {args.folds}") + f" --peers {args.peers}"
                    + (f" --size {args.size}" if args.size else "")
-                   + (f" --visiontune-run {args.visiontune_run}" if args.visiontune_run else ""))
+                   + (f" --visiontune-run {args.visiontune_run}" if args.visiontune_run and part == "cifar" else ""))
         text = "\n".join([title, "", f"Machine: {machine()}", "", f"Command: `{command}`", "", *lines, "",
                           f"Took {(time.perf_counter() - start) / 60:.0f} min (CPU flags: {cpu_flags()})"]) + "\n"
         print(text, flush=True)

@@ -94,7 +94,7 @@ def averaged(model: nn.Module, x: torch.Tensor, mode: bool | str | None) -> torc
     """The mean of ``model``'s outputs over the views of the batch ``x`` under ``mode``: the one loop
     every prediction's forward pass runs (logits, or features read by hooks along the way). The sum
     is in fp32, so under bf16 autocast the views' mean is not rounded at every step; one view: the
-    output itself, as the model gives it."""
+    output itself, in the model's own dtype (the callers cast: every one needs fp32)."""
     seen = views(x, mode)
     if len(seen) == 1:
         return model(seen[0])

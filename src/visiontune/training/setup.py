@@ -130,14 +130,6 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
     elif is_lowres(cfg.model.name) and not cfg.runtime.resume:  # the compact networks' own recipe
         cfg = cfg.replace(**network_recipe(cfg.given, cfg.optim.epochs))
         pre = replace(pre, resize_mode=cfg.model.resize_mode)
-    if (budget is None and not cfg.runtime.resume
-            and len(splits.train) * cfg.optim.epochs >= FORECAST_MIN_IMAGE_EPOCHS):
-        finetune = cfg.strategy.name != "linear-probe"
-        (measured,) = measure_throughput(model, [pre.height], cfg.runtime.precision, cfg.optim.batch_size, seconds=1.0)
-        _, line = forecast(measured, len(splits.train), len(splits.val), len(splits.test), cfg.optim.epochs,
-                           min(cfg.strategy.freeze_epochs, cfg.optim.epochs) if finetune else 0, finetune,
-                           time.time() - started, cfg.model.tta)
-        print(line, flush=True)
     fit_input_size(model, pre.height, pre.width)  # ViTs: position embeddings for the chosen size
     if cfg.model.tta in (AUTO_TTA, AUTO) and not cfg.runtime.resume and not takes_zoom(model, pre.height):
         if cfg.model.tta == AUTO_TTA:
@@ -145,6 +137,17 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
                               f"({pre.height} px), not the enlarged view; use --tta flip or --tta none")
         print(f"test-time augmentation: one view ({arch.name} takes only its own input size, not a zoomed view)")
         cfg = cfg.replace(tta="none")
+    if (budget is None and not cfg.runtime.resume
+            and len(splits.train) * cfg.optim.epochs >= FORECAST_MIN_IMAGE_EPOCHS):
+        finetune = cfg.strategy.name != "linear-probe"
+        # auto measures the second view only on single-label data with a val split (pipeline/train.py)
+        measures = get_task(splits.task).name == "single" and len(splits.val) > 0
+        tta = None if cfg.model.tta == AUTO and not measures else cfg.model.tta
+        (measured,) = measure_throughput(model, [pre.height], cfg.runtime.precision, cfg.optim.batch_size, seconds=1.0)
+        _, line = forecast(measured, len(splits.train), len(splits.val), len(splits.test), cfg.optim.epochs,
+                           min(cfg.strategy.freeze_epochs, cfg.optim.epochs) if finetune else 0, finetune,
+                           time.time() - started, tta)
+        print(line, flush=True)
     teacher = None
     if cfg.optim.teacher:  # loaded and checked against the data before a run dir exists
         if get_task(splits.task).name != "single" or cfg.strategy.name == "linear-probe":
