@@ -306,12 +306,14 @@ def run_visiontune(work: Path, name: str, train_csv: Path, test_csv: Path, minut
 
     if reuse is None:
         seconds, run_dir = train(work, f"peers-{name}-visiontune", train_csv, "--time", f"{minutes:g}m")
+        plan = json.loads((run_dir / "plan.json").read_text())
     else:
         run_dir = reuse
         try:
             saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
             seconds = float(json.loads((run_dir / "timings.json").read_text())["total"])
-            budget = float(json.loads((run_dir / "plan.json").read_text())["budget"])
+            plan = json.loads((run_dir / "plan.json").read_text())
+            budget = float(plan["budget"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise SystemExit(f"--visiontune-run {run_dir}: not a finished planned run ({exc}); train it with "
                              "`visiontune train cifar-train.csv --time M --run-dir RUN` first") from None
@@ -322,7 +324,6 @@ def run_visiontune(work: Path, name: str, train_csv: Path, test_csv: Path, minut
         if abs(budget - minutes * 60) > 1:
             raise SystemExit(f"--visiontune-run {run_dir} was planned for {budget / 60:g} min, not {minutes:g}: "
                              "pass its budget to --budgets")
-    plan = json.loads((run_dir / "plan.json").read_text())
     return {"accuracy": test_accuracy(run_dir, test_csv), "wall_s": seconds, "size": int(plan["img_size"]),
             "what": plan_summary(run_dir)}
 
