@@ -152,6 +152,7 @@ def test_a_planned_fine_tune_measures_tta_at_the_end_unless_the_user_chose():
     assert plan_run(facts(30 * 60, **CIFAR)).recipe["tta"] == "auto"
     assert "tta" not in plan_run(facts(30 * 60, **CIFAR), {"tta": "none"}).recipe  # the user's choice stays
     assert "tta" not in plan_run(facts(30 * 60, **CIFAR, single_label=False)).recipe  # measured on accuracy only
+    assert "tta" not in plan_run(facts(30 * 60, **{**CIFAR, "n_val": 0})).recipe  # no val split to measure it on
     assert "tta" not in plan_run(facts(30 * 60, **CIFAR), {"strategy": "scratch"}).recipe
 
 

@@ -25,7 +25,7 @@ from ..training.budget import format_duration
 from ..training.config import TrainConfig, read_yaml
 from ..training.context import TrainContext
 from ..training.setup import fit, setup_run
-from ..training.tta_choice import AUTO, second_view
+from ..training.tta_choice import AUTO, second_view, why_one_view
 from ..training.tta_choice import choose as choose_between
 from ..training.unknown import describe, fit_unknown, store_unknown
 
@@ -150,9 +150,9 @@ def choose_tta(ctx: TrainContext, clf: Classifier, evaluated: dict[str, list], l
     (``logits["val"]``, in place) by the mode's. Returns the classifier that predicts as the card now
     says. A network that takes no other input size (a ViT's fixed position embeddings) keeps one view."""
     began = time.time()
-    if "val" not in logits or clf.task.name != "single":
-        print("test-time augmentation (auto): one view (" + ("no val split to measure it on" if "val" not in logits
-                                                              else "measured on single-label models only") + ")")
+    why = why_one_view(clf.task.name == "single", len(logits["val"][1]) if "val" in logits else 0)
+    if why:
+        print(f"test-time augmentation (auto): one view ({why})")
         return clf
     samples = evaluated["val"]
     z, ok = logits["val"]

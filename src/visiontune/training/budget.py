@@ -47,7 +47,7 @@ from ..models.factory import fit_input_size
 from ..models.tta import view_cost
 from .config import TrainConfig, duration_seconds, no_budget
 from .probe_selection import selection_seconds
-from .tta_choice import AUTO, finish_views, validation_tta
+from .tta_choice import AUTO, finish_views, validation_tta, why_one_view
 from .unknown import MAX_STATS_IMAGES, MAX_VAL_IMAGES
 
 # What the planner trades off (measured on CIFAR-10 and hymenoptera, see bench/RESULTS.md):
@@ -472,7 +472,8 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
     # --tta auto (training/tta_choice.py) is planned only into the time after the last whole epoch: it gained
     # 0.6-0.8 points on held-out images, less than an input size a whole epoch more buys (CIFAR-10 on a
     # slower day: 96 px kept its 3 epochs only without it, and 64 px expects 1.9 points less)
-    may_measure = "tta" not in fixed and not scratch and facts.single_label and facts.zoom
+    may_measure = ("tta" not in fixed and not scratch and facts.zoom
+                   and not why_one_view(facts.single_label, facts.n_val))
     tta = fixed.get("tta")
     warmup = 0 if scratch else fixed.get("freeze_epochs", 1)
     measured = [asdict(x) for x in throughputs]

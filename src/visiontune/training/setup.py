@@ -56,7 +56,7 @@ from .lowres_plan import (
     network_recipe,
 )
 from .registry import AUTO_TTA, LOGGERS, RANDOM_INIT, STRATEGIES
-from .tta_choice import AUTO
+from .tta_choice import AUTO, why_one_view
 
 RUN_DIR_ENV = "VISIONTUNE_RUN_DIR"
 STARTED_ENV = "VISIONTUNE_STARTED"  # rank 0's clock start, for the processes Lightning's launcher starts
@@ -140,8 +140,7 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
     if (budget is None and not cfg.runtime.resume
             and len(splits.train) * cfg.optim.epochs >= FORECAST_MIN_IMAGE_EPOCHS):
         finetune = cfg.strategy.name != "linear-probe"
-        # auto measures the second view only on single-label data with a val split (pipeline/train.py)
-        measures = get_task(splits.task).name == "single" and len(splits.val) > 0
+        measures = not why_one_view(get_task(splits.task).name == "single", len(splits.val))
         tta = None if cfg.model.tta == AUTO and not measures else cfg.model.tta
         (measured,) = measure_throughput(model, [pre.height], cfg.runtime.precision, cfg.optim.batch_size, seconds=1.0)
         _, line = forecast(measured, len(splits.train), len(splits.val), len(splits.test), cfg.optim.epochs,

@@ -45,6 +45,20 @@ def final_tta(value: str | bool | None) -> str:
     return AUTO_TTA if value == AUTO else validation_tta(value)
 
 
+def why_one_view(single_label: bool, n_val: int) -> str:
+    """Why ``auto`` cannot measure the second view on this data ("" where it measures): it needs a
+    single-label task (the views are compared by accuracy) and a val split to compare them on. The
+    run's choice, the forecast and the planner all ask this one question.
+
+    Example:
+        >>> why_one_view(True, 200), why_one_view(True, 0), why_one_view(False, 200)
+        ('', 'no val split to measure it on', 'measured on single-label models only')
+    """
+    if not n_val:
+        return "no val split to measure it on"
+    return "" if single_label else "measured on single-label models only"
+
+
 def finish_views(value: str | bool | None, side: int) -> float:
     """Forward passes per val image at the end of a run at ``side`` px (one view, plus the second
     view ``auto`` measures, equals the cost of the mode it may adopt)."""
