@@ -11,7 +11,7 @@ from conftest import CLASS_NAMES, make_folder, vt_main, write_corrupt_files
 
 import visiontune
 from visiontune.core.errors import ConfigError
-from visiontune.pipeline.suggest import CSV_COLUMNS, SUGGEST_METHODS, kcenter, rank
+from visiontune.pipeline.suggest import CSV_COLUMNS, SUGGEST_METHODS, badge, kcenter, rank
 from visiontune.task import get_task
 
 
@@ -32,8 +32,9 @@ def test_margin_picks_the_least_sure_and_random_is_seeded():
 @pytest.mark.parametrize("method", SUGGEST_METHODS.names())
 def test_every_method_picks_n_distinct_images_and_at_most_the_pool(method):
     feats, doubt = cloud(n=30)
+    scale = get_task("single").gradient_if_decided(torch.softmax(feats[:, :3], dim=1))
     for n in (1, 7, 30, 100):
-        order = rank(method, doubt, feats, None, n=n, candidates=2.0, seed=0).order
+        order = rank(method, doubt, feats, None, n=n, candidates=2.0, seed=0, scale=scale).order
         assert len(order) == min(n, 30) and len(set(order)) == len(order)
         assert all(0 <= i < 30 for i in order)
 
@@ -128,3 +129,38 @@ def test_margin_cluster_takes_the_least_sure_of_each_cluster():
     order = rank("margin-cluster", doubt, feats, None, n=3, candidates=5.0, seed=0).order
     assert sorted(i // 5 for i in order) == [0, 1, 2]
     assert all(doubt[i] == doubt[(i // 5) * 5:(i // 5) * 5 + 5].max() for i in order)
+
+
+def test_the_gradient_if_decided_is_the_probabilities_minus_the_decision():
+    single, multi = get_task("single"), get_task("multi")
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.0, 1.0, 0.0]])
+    assert single.gradient_if_decided(probs).flatten().tolist() == pytest.approx([-0.4, 0.3, 0.1, 0.0, 0.0, 0.0])
+    sig = torch.tensor([[0.35, 0.45]])  # x above its threshold 0.3, y below 0.5
+    assert multi.gradient_if_decided(sig, [0.3, 0.5])[0].tolist() == pytest.approx([-0.65, 0.45])
+
+
+def test_badge_starts_with_the_longest_gradient_never_repeats_and_is_seeded():
+    """The first pick is the image whose gradient is longest; an exact copy of a pick is at distance
+    0 from it and is not picked while any other image is left; the same seed gives the same picks."""
+    feats, _ = cloud(n=20, seed=2)
+    scale = get_task("single").gradient_if_decided(torch.softmax(3 * feats[:, :4], dim=1))
+    longest = int(((scale * scale).sum(1) * (feats * feats).sum(1)).argmax())
+    copies = torch.cat([feats, feats[longest:longest + 1].repeat(5, 1)])  # rows 20-24 copy the longest
+    scales = torch.cat([scale, scale[longest:longest + 1].repeat(5, 1)])
+    for seed in range(5):
+        order = badge(scales, copies, n=10, seed=seed).order
+        assert order[0] in {longest, *range(20, 25)}
+        assert len({i if i < 20 else longest for i in order}) == 10  # one of the six copies at most
+        assert order == badge(scales, copies, n=10, seed=seed).order
+    sure = torch.zeros(3, 4)  # the model is sure of every image: every gradient is 0
+    assert sorted(badge(sure, feats[:3], n=3, seed=0).order) == [0, 1, 2]
+
+
+def test_suggest_badge_end_to_end(trained_run, tmp_path):
+    run, _ = trained_run
+    pool = make_folder(tmp_path / "pool", per_class=4, seed=5)
+    result = visiontune.suggest(run.run_dir, pool, n=5, method="badge", out=tmp_path / "out", workers=0)
+    assert len({r["path"] for r in result.rows}) == 5 and all(r["distance"] is None for r in result.rows)
+    assert all("gradient unlike the earlier picks" in r["why"] for r in result.rows)
+    again = visiontune.suggest(run.run_dir, pool, n=5, method="badge", out=tmp_path / "again", workers=0)
+    assert [r["path"] for r in again.rows] == [r["path"] for r in result.rows]

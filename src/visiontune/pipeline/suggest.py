@@ -7,7 +7,11 @@ them by k-center greedy on the classifier's input features: each pick is the sho
 farthest (cosine) from every labelled image and every earlier pick. The N images are then both
 uncertain and unlike each other and the labelled set: an uncertainty short-list diversified like
 the core-set method (Sener & Savarese 2018), as in cluster-margin (Citovsky et al. 2021).
-``margin``, ``kcenter`` and ``random`` are the single ingredients, for comparison.
+``badge`` (Ash et al. 2020) embeds each image as the last layer's gradient were it labelled as the
+model decides (:meth:`~visiontune.task.Task.gradient_if_decided` times the features: long where the
+model is unsure) and picks by k-means++ seeding on those embeddings: uncertain and diverse in one
+step, without a short-list. ``margin``, ``kcenter`` and ``random`` are the single ingredients, for
+comparison.
 
 Images the run was trained, validated or tested on (its ``splits/``) are left out of the pool.
 The picks go to ``suggestions.csv`` (rank, path, uncertainty, predicted label, distance, why)
@@ -21,6 +25,10 @@ Example:
     [0, 1]
     >>> rank("margin-kcenter", uncertainty, feats, None, n=2, candidates=1.5, seed=0).order  # ... and unlike
     [0, 2]
+    >>> scale = torch.tensor([[0.5, -0.5], [0.4, -0.4], [-0.3, 0.3], [0.01, -0.01]])  # probabilities - decision
+    >>> picks = badge(scale, feats, n=4, seed=0).order  # the longest gradient first; the rest drawn
+    >>> picks[0], sorted(picks)
+    (0, [0, 1, 2, 3])
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from .scoring import BatchOptions
 SUGGEST_METHODS = Registry.choices("suggest method", {
     "margin-kcenter": "the least sure images, diversified by k-center greedy on the features (default)",
     "margin-cluster": "the least sure images, clustered (k-means on the features): the least sure of each cluster",
+    "badge": "k-means++ on the last layer's gradients were each image labelled as predicted (Ash et al. 2020)",
     "margin": "the images the model is least sure of",
     "kcenter": "k-center greedy on the features of the whole pool (the core-set method)",
     "random": "a uniform sample (the baseline to beat)",
@@ -65,7 +74,8 @@ class SuggestOptions(BatchOptions):
                                metavar="C", check=(lambda v: v >= 1, "must be >= 1"))
     out: str | None = option(None, "folder for suggestions.csv and suggestions.html (default: RUN/suggestions)",
                              metavar="DIR")
-    seed: int = option(0, "seed of the random method and of the labelled images sampled for k-center (0)")
+    seed: int = option(0, "seed of the random and badge methods and of the labelled images sampled for k-center "
+                              "(0)")
     csv_safe: bool = option(False, "prefix CSV cells starting with = + - @ with ' so spreadsheets show them as "
                                    "text, not formulas (file or class names from strangers)")
 
@@ -119,8 +129,33 @@ def kcenter(feats: torch.Tensor, labelled: torch.Tensor | None, n: int, first: i
     return Ranking(order, distance)
 
 
+def badge(scale: torch.Tensor, feats: torch.Tensor, n: int, seed: int) -> Ranking:
+    """k-means++ seeding on the gradient embeddings ``scale[i] (x) feats[i]`` (BADGE): the first pick
+    the longest, each next one drawn with probability proportional to its squared distance from the
+    nearest earlier pick (seeded). The ``[P, C x D]`` embeddings are never built: their inner product
+    is ``(a_i . a_j)(f_i . f_j)``."""
+    a, f = scale.double(), feats.double()
+    norms = (a * a).sum(1) * (f * f).sum(1)
+
+    def squared_distance(i: int) -> torch.Tensor:
+        return (norms + norms[i] - 2 * (a @ a[i]) * (f @ f[i])).clamp_min(0)
+
+    g = torch.Generator().manual_seed(seed)
+    order = [int(norms.argmax())]
+    d2 = squared_distance(order[0])
+    while len(order) < min(n, len(f)):
+        d2[order] = 0.0  # never again
+        if d2.sum() <= 0:  # the rest repeat earlier picks: take them by length
+            rest = sorted(set(range(len(f))) - set(order), key=lambda i: (-float(norms[i]), i))
+            order += rest[:n - len(order)]
+            break
+        order.append(int(torch.multinomial(d2, 1, generator=g)))
+        d2 = torch.minimum(d2, squared_distance(order[-1]))
+    return Ranking(order, [None] * len(order))
+
+
 def rank(method: str, uncertainty: torch.Tensor, feats: torch.Tensor, labelled: torch.Tensor | None, n: int,
-         candidates: float, seed: int) -> Ranking:
+         candidates: float, seed: int, scale: torch.Tensor | None = None) -> Ranking:
     """Pick ``n`` of the pool's images by ``method`` (:data:`SUGGEST_METHODS`).
 
     Args:
@@ -128,6 +163,7 @@ def rank(method: str, uncertainty: torch.Tensor, feats: torch.Tensor, labelled: 
         feats: each image's classifier input features ``[P, D]``.
         labelled: features of labelled images ``[L, D]`` (k-center keeps away from them), or None.
         candidates: ``margin-kcenter`` short-lists the ``candidates x n`` least sure images.
+        scale: ``badge``: each image's :meth:`~visiontune.task.Task.gradient_if_decided` ``[P, C]``.
     """
     SUGGEST_METHODS.check(method)
     n = min(n, len(uncertainty))
@@ -136,6 +172,10 @@ def rank(method: str, uncertainty: torch.Tensor, feats: torch.Tensor, labelled: 
         return Ranking(random.Random(seed).sample(range(len(uncertainty)), n), [None] * n)
     if method == "margin":
         return Ranking(by_doubt[:n], [None] * n)
+    if method == "badge":
+        if scale is None:
+            raise ConfigError("--method badge needs the model's gradients (scale): rank through suggest()")
+        return badge(scale, feats, n, seed)
     unit = _normalise(feats)
     seen = _normalise(labelled) if labelled is not None and len(labelled) else None
     if method == "kcenter":
@@ -240,13 +280,16 @@ def suggest(run: str | os.PathLike, pool: str | os.PathLike, **options: Any) -> 
         sample = random.Random(opts.seed).sample(train, min(MAX_LABELLED, len(train)))
         lab_feats, _, lab_ok = clf.features_of(sample, opts.batch_size, opts.workers)
         labelled = lab_feats[lab_ok]
-    picked = rank(opts.method, doubt, feats[readable], labelled, opts.n, opts.candidates, opts.seed)
+    picked = rank(opts.method, doubt, feats[readable], labelled, opts.n, opts.candidates, opts.seed,
+                  scale=clf.task.gradient_if_decided(probs, clf.thresholds))
     rows = []
     top = probs.max(dim=1)
     for place, (i, dist) in enumerate(zip(picked.order, picked.distance), start=1):
         why = f"uncertain: {clf.task.uncertainty_reason(probs[i], clf.class_names, clf.thresholds)}"
         if dist is not None:
             why += f"; far from the labelled images and earlier picks (distance {dist:.2f})"
+        elif opts.method == "badge":
+            why += "; its gradient unlike the earlier picks'"
         rows.append({"rank": place, "path": fresh[readable[i]], "uncertainty": round(float(doubt[i]), 4),
                      "predicted": clf.class_names[int(top.indices[i])], "probability": round(float(top.values[i]), 4),
                      "distance": None if dist is None else round(dist, 4), "why": why})
