@@ -153,6 +153,9 @@ def test_a_planned_fine_tune_measures_tta_at_the_end_unless_the_user_chose():
     assert "tta" not in plan_run(facts(30 * 60, **CIFAR), {"tta": "none"}).recipe  # the user's choice stays
     assert "tta" not in plan_run(facts(30 * 60, **CIFAR, single_label=False)).recipe  # measured on accuracy only
     assert "tta" not in plan_run(facts(30 * 60, **{**CIFAR, "n_val": 0})).recipe  # no val split to measure it on
+    for where in ({"single_label": False}, {"n_val": 0}, {"zoom": False}):  # the user's auto keeps one view there
+        auto, one = (plan_run(facts(30 * 60, **where), {"tta": tta}) for tta in ("auto", "none"))
+        assert auto.projected == one.projected and (auto.img_size, auto.epochs) == (one.img_size, one.epochs)
     assert "tta" not in plan_run(facts(30 * 60, **CIFAR), {"strategy": "scratch"}).recipe
 
 

@@ -152,15 +152,40 @@ def test_badge_starts_with_the_longest_gradient_never_repeats_and_is_seeded():
         assert order[0] in {longest, *range(20, 25)}
         assert len({i if i < 20 else longest for i in order}) == 10  # one of the six copies at most
         assert order == badge(scales, copies, n=10, seed=seed).order
-    sure = torch.zeros(3, 4)  # the model is sure of every image: every gradient is 0
-    assert sorted(badge(sure, feats[:3], n=3, seed=0).order) == [0, 1, 2]
+    sure = torch.zeros(3, 4)  # the model is sure of every image: every gradient is 0, taken in pool order
+    assert badge(sure, feats[:3], n=3, seed=0).order == [0, 1, 2] and badge(sure, feats[:3], 0, 0).order == []
+
+
+def test_badge_distances_are_those_of_the_explicit_gradient_embeddings():
+    """The kernel trick (a_i . a_j)(f_i . f_j) gives each pick's distance to its nearest earlier pick
+    exactly as the [C x D] embeddings built by hand do."""
+    g = torch.Generator().manual_seed(4)
+    feats, scale = torch.randn(25, 6, generator=g), torch.randn(25, 3, generator=g)
+    picked = badge(scale, feats, n=8, seed=1)
+    embedded = torch.stack([torch.kron(a, f) for a, f in zip(scale.double(), feats.double())])
+    assert picked.order[0] == int(embedded.norm(dim=1).argmax()) and picked.distance[0] is None
+    for k in range(1, 8):
+        nearest = (embedded[picked.order[:k]] - embedded[picked.order[k]]).norm(dim=1).min()
+        assert picked.distance[k] == pytest.approx(float(nearest), rel=1e-6)
+
+
+def test_badge_ranks_multi_label_models_by_their_thresholds():
+    """Multi-label: each label's gradient is sigmoid - the decision at its threshold, so an image on
+    a threshold has the longest gradient and is picked first; a sure one has (nearly) none."""
+    multi = get_task("multi")
+    probs = torch.tensor([[0.99, 0.01], [0.31, 0.02], [0.9, 0.95], [0.02, 0.49]])
+    scale = multi.gradient_if_decided(probs, [0.3, 0.5])
+    assert scale[1].tolist() == pytest.approx([-0.69, 0.02]) and scale[3].tolist() == pytest.approx([0.02, 0.49])
+    feats = torch.ones(4, 3)
+    assert rank("badge", multi.uncertainty(probs, [0.3, 0.5]), feats, None, 1, 4.0, 0, scale).order == [1]
 
 
 def test_suggest_badge_end_to_end(trained_run, tmp_path):
     run, _ = trained_run
     pool = make_folder(tmp_path / "pool", per_class=4, seed=5)
     result = visiontune.suggest(run.run_dir, pool, n=5, method="badge", out=tmp_path / "out", workers=0)
-    assert len({r["path"] for r in result.rows}) == 5 and all(r["distance"] is None for r in result.rows)
-    assert all("gradient unlike the earlier picks" in r["why"] for r in result.rows)
+    assert len({r["path"] for r in result.rows}) == 5
+    assert result.rows[0]["distance"] is None and "the longest gradient" in result.rows[0]["why"]
+    assert all(r["distance"] >= 0 and "gradient far from the earlier picks'" in r["why"] for r in result.rows[1:])
     again = visiontune.suggest(run.run_dir, pool, n=5, method="badge", out=tmp_path / "again", workers=0)
     assert [r["path"] for r in again.rows] == [r["path"] for r in result.rows]

@@ -26,9 +26,8 @@ Example:
     >>> rank("margin-kcenter", uncertainty, feats, None, n=2, candidates=1.5, seed=0).order  # ... and unlike
     [0, 2]
     >>> scale = torch.tensor([[0.5, -0.5], [0.4, -0.4], [-0.3, 0.3], [0.01, -0.01]])  # probabilities - decision
-    >>> picks = badge(scale, feats, n=4, seed=0).order  # the longest gradient first; the rest drawn
-    >>> picks[0], sorted(picks)
-    (0, [0, 1, 2, 3])
+    >>> badge(scale, feats, n=3, seed=0).order[0]  # the longest gradient first; the rest drawn
+    0
 """
 
 from __future__ import annotations
@@ -74,16 +73,17 @@ class SuggestOptions(BatchOptions):
                                metavar="C", check=(lambda v: v >= 1, "must be >= 1"))
     out: str | None = option(None, "folder for suggestions.csv and suggestions.html (default: RUN/suggestions)",
                              metavar="DIR")
-    seed: int = option(0, "seed of the random and badge methods and of the labelled images sampled for k-center "
-                              "(0)")
+    seed: int = option(0, "seed of the random, badge and margin-cluster methods and of the labelled images "
+                              "sampled for k-center (0)")
     csv_safe: bool = option(False, "prefix CSV cells starting with = + - @ with ' so spreadsheets show them as "
                                    "text, not formulas (file or class names from strangers)")
 
 
 @dataclass
 class Ranking:
-    """The picks, in order: pool indices, and each pick's cosine distance to the nearest labelled
-    image or earlier pick when it was picked (None where the method ignores features)."""
+    """The picks, in order: pool indices, and each pick's distance when it was picked: k-center's
+    cosine distance to the nearest labelled image or earlier pick, ``badge``'s gradient embedding's
+    to the nearest earlier pick (None where the method ignores features, and for badge's first)."""
 
     order: list[int]
     distance: list[float | None]
@@ -132,26 +132,34 @@ def kcenter(feats: torch.Tensor, labelled: torch.Tensor | None, n: int, first: i
 def badge(scale: torch.Tensor, feats: torch.Tensor, n: int, seed: int) -> Ranking:
     """k-means++ seeding on the gradient embeddings ``scale[i] (x) feats[i]`` (BADGE): the first pick
     the longest, each next one drawn with probability proportional to its squared distance from the
-    nearest earlier pick (seeded). The ``[P, C x D]`` embeddings are never built: their inner product
-    is ``(a_i . a_j)(f_i . f_j)``."""
+    nearest earlier pick (seeded); each pick's distance is that one (None for the first). The
+    ``[P, C x D]`` embeddings are never built: their inner product is ``(a_i . a_j)(f_i . f_j)``."""
     a, f = scale.double(), feats.double()
-    norms = (a * a).sum(1) * (f * f).sum(1)
+    norms = torch.linalg.vector_norm(a, dim=1).square() * torch.linalg.vector_norm(f, dim=1).square()
 
     def squared_distance(i: int) -> torch.Tensor:
-        return (norms + norms[i] - 2 * (a @ a[i]) * (f @ f[i])).clamp_min(0)
+        d2 = norms + norms[i] - 2 * (a @ a[i]) * (f @ f[i])
+        # a copy of pick i is at 0, not at the rounding error of the expansion
+        return torch.where(d2 <= 1e-9 * (norms + norms[i]), 0.0, d2)
 
+    n = min(n, len(f))
+    if n <= 0:
+        return Ranking([], [])
     g = torch.Generator().manual_seed(seed)
-    order = [int(norms.argmax())]
+    order: list[int] = [int(norms.argmax())]
+    distance: list[float | None] = [None]
     d2 = squared_distance(order[0])
-    while len(order) < min(n, len(f)):
+    while len(order) < n:
         d2[order] = 0.0  # never again
         if d2.sum() <= 0:  # the rest repeat earlier picks: take them by length
-            rest = sorted(set(range(len(f))) - set(order), key=lambda i: (-float(norms[i]), i))
-            order += rest[:n - len(order)]
+            rest = sorted(set(range(len(f))) - set(order), key=lambda i: (-float(norms[i]), i))[:n - len(order)]
+            order += rest
+            distance += [0.0] * len(rest)
             break
         order.append(int(torch.multinomial(d2, 1, generator=g)))
+        distance.append(float(d2[order[-1]].sqrt()))
         d2 = torch.minimum(d2, squared_distance(order[-1]))
-    return Ranking(order, [None] * len(order))
+    return Ranking(order, distance)
 
 
 def rank(method: str, uncertainty: torch.Tensor, feats: torch.Tensor, labelled: torch.Tensor | None, n: int,
@@ -280,16 +288,17 @@ def suggest(run: str | os.PathLike, pool: str | os.PathLike, **options: Any) -> 
         sample = random.Random(opts.seed).sample(train, min(MAX_LABELLED, len(train)))
         lab_feats, _, lab_ok = clf.features_of(sample, opts.batch_size, opts.workers)
         labelled = lab_feats[lab_ok]
-    picked = rank(opts.method, doubt, feats[readable], labelled, opts.n, opts.candidates, opts.seed,
-                  scale=clf.task.gradient_if_decided(probs, clf.thresholds))
+    scale = clf.task.gradient_if_decided(probs, clf.thresholds) if opts.method == "badge" else None
+    picked = rank(opts.method, doubt, feats[readable], labelled, opts.n, opts.candidates, opts.seed, scale)
     rows = []
     top = probs.max(dim=1)
     for place, (i, dist) in enumerate(zip(picked.order, picked.distance), start=1):
         why = f"uncertain: {clf.task.uncertainty_reason(probs[i], clf.class_names, clf.thresholds)}"
-        if dist is not None:
+        if opts.method == "badge":
+            why += ("; the longest gradient: labelled, it would move the model most" if dist is None else
+                    f"; its gradient far from the earlier picks' (distance {dist:.3g})")
+        elif dist is not None:
             why += f"; far from the labelled images and earlier picks (distance {dist:.2f})"
-        elif opts.method == "badge":
-            why += "; its gradient unlike the earlier picks'"
         rows.append({"rank": place, "path": fresh[readable[i]], "uncertainty": round(float(doubt[i]), 4),
                      "predicted": clf.class_names[int(top.indices[i])], "probability": round(float(top.values[i]), 4),
                      "distance": None if dist is None else round(dist, 4), "why": why})

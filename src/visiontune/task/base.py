@@ -139,9 +139,7 @@ class Task:
         """The loss's gradient at the logits ``[N, C]`` were each image labelled as the model decides
         (its probabilities minus the decision's targets): times the features, the last layer's
         gradient that ``visiontune suggest --method badge`` embeds. Large where the model is unsure."""
-        decided = self.decide(probs, thresholds)
-        target = (torch.nn.functional.one_hot(decided, probs.shape[-1]) if decided.dim() == 1 else decided)
-        return probs - target.to(probs.dtype)
+        raise NotImplementedError
 
     def decisions_per_image(self, num_classes: int) -> int:
         return int(self.decide(torch.zeros(1, num_classes)).numel())

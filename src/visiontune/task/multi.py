@@ -113,6 +113,10 @@ class MultiLabel(Task):
         limits = [DEFAULT_THRESHOLD] * probs.shape[-1] if thresholds is None else list(thresholds)
         return probs >= torch.tensor(limits, dtype=probs.dtype)
 
+    def gradient_if_decided(self, probs: torch.Tensor, thresholds: Sequence[float] | None = None) -> torch.Tensor:
+        # binary cross-entropy's gradient at the logits: sigmoid - target, each label as decided
+        return probs - self.decide(probs, thresholds).to(probs.dtype)
+
     def _closeness(self, probs: torch.Tensor, thresholds: Sequence[float] | None) -> torch.Tensor:
         """Per label, 1 on its threshold and 0 at the far end (0 or 1) of the side it is on."""
         limits = torch.tensor([DEFAULT_THRESHOLD] * probs.shape[-1] if thresholds is None else list(thresholds),

@@ -84,6 +84,10 @@ class SingleLabel(Task):
     def decide(self, probs: torch.Tensor, thresholds: Sequence[float] | None = None) -> torch.Tensor:
         return probs.argmax(-1)
 
+    def gradient_if_decided(self, probs: torch.Tensor, thresholds: Sequence[float] | None = None) -> torch.Tensor:
+        # cross-entropy's gradient at the logits: p - one_hot(label)
+        return probs - torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype)
+
     def uncertainty(self, probs: torch.Tensor, thresholds: Sequence[float] | None = None) -> torch.Tensor:
         # one minus the margin between the two most probable classes
         top = probs.topk(min(2, probs.shape[-1]), dim=-1).values

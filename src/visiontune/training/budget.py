@@ -147,7 +147,8 @@ class Facts:
         num_classes: classes of the data (a small-data probe's cross-validation fits one model per class).
         unknown: whether the run ends by fitting an unknown-score (``--no-unknown``: not), which the
             finish pays for (:func:`unknown_seconds`).
-        single_label: whether the data is single-label (a planned fine-tune then measures ``--tta auto``).
+        single_label: whether the data is single-label (with a val split, a planned fine-tune then
+            measures ``--tta auto``: :func:`~visiontune.training.tta_choice.why_one_view`).
         zoom: whether the network takes the zoomed view ``--tta auto`` measures (a ViT's fixed position
             embeddings do not: :func:`~visiontune.models.tta.takes_zoom`).
     """
@@ -472,9 +473,11 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
     # --tta auto (training/tta_choice.py) is planned only into the time after the last whole epoch: it gained
     # 0.6-0.8 points on held-out images, less than an input size a whole epoch more buys (CIFAR-10 on a
     # slower day: 96 px kept its 3 epochs only without it, and 64 px expects 1.9 points less)
-    may_measure = ("tta" not in fixed and not scratch and facts.zoom
-                   and not why_one_view(facts.single_label, facts.n_val))
+    auto_measures = facts.zoom and not why_one_view(facts.single_label, facts.n_val)
+    may_measure = "tta" not in fixed and not scratch and auto_measures
     tta = fixed.get("tta")
+    if tta == AUTO and not auto_measures:
+        tta = None  # the user's auto keeps one view on this data or network: no second view to pay for
     warmup = 0 if scratch else fixed.get("freeze_epochs", 1)
     measured = [asdict(x) for x in throughputs]
 
