@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -46,6 +45,7 @@ import torch
 from bench.__main__ import ROOT, cpu_flags, machine, unpack
 from bench.budget import write_results
 from bench.fewshot import cifar_pool, one, write_csv
+from bench.unlabelled import gain_table
 
 SECTION = "## Unlabelled images: what picks can buy"
 ORACLES = ("oracle-wrong", "oracle-margin")
@@ -165,21 +165,10 @@ def study(args) -> list[str]:
                 acc.setdefault((arm, r), []).append(float((probe.probs(xh).argmax(1).numpy() == yh).mean()))
                 print(f"seed {seed} round {r} {arm}: {len(labelled)} labelled, held-out {acc[(arm, r)][-1]:.4f}",
                       flush=True)
-    lines = [f"Start: {args.start} labelled images per class; each round adds {args.add} from a pool of {args.pool}; "
-             f"held-out: {len(yh)} images. Held-out accuracy of the retrained probe, mean +- std over "
-             f"{args.seeds} seed(s); gain over random paired by seed, in points:", "",
-             "| round | labelled | random | " + " | ".join(f"`{m}` (gain)" for m in methods) + " |",
-             "| ---: | ---: | ---: | " + " | ".join("---:" for _ in methods) + " |"]
-    for r in range(args.rounds + 1):
-        rnd = acc[("random", r)]
-        cells = []
-        for m in methods:
-            gains = [100 * (a - b) for a, b in zip(acc[(m, r)], rnd)]
-            spread = f" +- {statistics.stdev(gains):.2f}" if len(gains) > 1 else ""
-            cells.append(f"{statistics.mean(acc[(m, r)]):.4f} ({statistics.mean(gains):+.2f}{spread})")
-        lines.append(f"| {r} | {10 * args.start + r * args.add} | {statistics.mean(rnd):.4f} | " + " | ".join(cells)
-                     + " |")
-    return lines
+    return [f"Start: {args.start} labelled images per class; each round adds {args.add} from a pool of {args.pool}; "
+            f"held-out: {len(yh)} images. Held-out accuracy of the retrained probe, mean +- std over "
+            f"{args.seeds} seed(s); gain over random paired by seed, in points:", "",
+            *gain_table(acc, methods, args.rounds, 10 * args.start, args.add)]
 
 
 def main(argv: list[str] | None = None) -> None:

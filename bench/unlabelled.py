@@ -119,26 +119,34 @@ def bench_suggest(args, label_of: dict[str, str], held: list[tuple[str, str]]) -
                 print(f"seed {seed} round {r} {arm}: {len(arms[arm])} labelled, held-out accuracy {a:.4f} "
                       f"({secs:.0f} s)", flush=True)
 
+    methods = args.methods.split(",")
+    return [f"Start: {args.start} labelled images per class; each round labels {args.add} more from a pool of "
+            f"{args.pool} unlabelled images, picked by `visiontune suggest --method M` or at random, and "
+            f"retrains with the plain command. Held-out accuracy ({len(held)} images), mean +- std over "
+            f"{args.seeds} seed(s); each "
+            "method's gain over random is paired by seed, in points:", "",
+            *gain_table(acc, methods, args.rounds, 10 * args.start, args.add)]
+
+
+def gain_table(acc: dict[tuple[str, int], list[float]], methods: list[str], rounds: int, start: int, add: int
+               ) -> list[str]:
+    """The rounds' table: random's accuracy, and each method's beside its gain over random paired by seed.
+
+    ``acc[(arm, round)]`` holds one accuracy per seed, in seed order; ``start`` images labelled at round 0."""
     def cell(values: list[float]) -> str:
         spread = f" +- {statistics.stdev(values):.4f}" if len(values) > 1 else ""
         return f"{statistics.mean(values):.4f}{spread}"
 
-    methods = args.methods.split(",")
-    lines = [f"Start: {args.start} labelled images per class; each round labels {args.add} more from a pool of "
-             f"{args.pool} unlabelled images, picked by `visiontune suggest --method M` or at random, and "
-             f"retrains with the plain command. Held-out accuracy ({len(held)} images), mean +- std over "
-             f"{args.seeds} seed(s); each "
-             "method's gain over random is paired by seed, in points:", "",
-             "| round | labelled | random | " + " | ".join(f"`{m}` (gain)" for m in methods) + " |",
+    lines = ["| round | labelled | random | " + " | ".join(f"`{m}` (gain)" for m in methods) + " |",
              "| ---: | ---: | ---: | " + " | ".join("---:" for _ in methods) + " |"]
-    for r in range(args.rounds + 1):
+    for r in range(rounds + 1):
         rnd = acc[("random", r)]
         cells = []
         for m in methods:
             gains = [100 * (x - y) for x, y in zip(acc[(m, r)], rnd)]
             spread = f" +- {statistics.stdev(gains):.2f}" if len(gains) > 1 else ""
             cells.append(f"{cell(acc[(m, r)])} ({statistics.mean(gains):+.2f}{spread})")
-        lines.append(f"| {r} | {10 * args.start + r * args.add} | {cell(rnd)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r} | {start + r * add} | {cell(rnd)} | " + " | ".join(cells) + " |")
     return lines
 
 
