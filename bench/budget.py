@@ -292,6 +292,15 @@ def bench_hymenoptera(work: Path, data: dict, repeats: int, default_repeats: int
     return lines
 
 
+def publish(results: Path, title: str, command: str, lines: list[str], started: float) -> None:
+    """Print a bench's section (the machine, the command, ``lines``, its minutes since ``started``, a
+    ``time.perf_counter()``, and the CPU flags) and put it under ``title`` in RESULTS.md."""
+    text = "\n".join([title, "", f"Machine: {machine()}", "", f"Command: `{command}`", "", *lines, "",
+                      f"Took {(time.perf_counter() - started) / 60:.0f} min (CPU flags: {cpu_flags()})"]) + "\n"
+    print(text, flush=True)
+    write_results(results, title, text)
+
+
 def write_results(results: Path, heading: str, text: str) -> None:
     """Replace the section under ``heading`` (or append it) in RESULTS.md."""
     old = results.read_text() if results.exists() else ""
@@ -344,11 +353,7 @@ def main(argv: list[str] | None = None) -> None:
         other_budgets = part == "cifar" and args.budgets != "15,30,60"
         shown = ",".join("no flag" if b == "0" else b for b in args.budgets.split(","))
         title = f"{SECTION}: {part}" + (f" {shown}" + (" min" if shown[-1].isdigit() else "") if other_budgets else "")
-        text = "\n".join([title, "", f"Machine: {machine()}", "",
-                          f"Command: `{command.format(part=part)}`", "", *lines, "",
-                          f"Took {(time.perf_counter() - start) / 60:.0f} min (CPU flags: {cpu_flags()})"]) + "\n"
-        print(text, flush=True)
-        write_results(args.results, title, text)
+        publish(args.results, title, command.format(part=part), lines, start)
 
 
 if __name__ == "__main__":

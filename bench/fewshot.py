@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 import visiontune
-from bench.__main__ import ROOT, cpu_flags, machine, unpack
-from bench.budget import run, write_results
+from bench.__main__ import ROOT, unpack
+from bench.budget import publish, run
 
 SECTION = "## Few-shot"
 FIXED = ("--time", "none")
@@ -143,13 +143,10 @@ def main(argv: list[str] | None = None) -> None:
         lines += curve(args.work, set_name, pool, held, shots, args.repeats, args.old_repeats)
     command = (f"python -m bench.fewshot --sets {args.sets} --shots {args.shots} --repeats {args.repeats} "
                f"--old-repeats {args.old_repeats}")
-    text = "\n".join([SECTION, "", f"Machine: {machine()}", "", f"Command: `{command}`", "",
-                      "Held-out accuracy (mean +- std over the repeats; the whole command's mean seconds):", "",
-                      "| set | images per class | plain `visiontune train` | `--time none` (the fixed recipe) |",
-                      "| --- | ---: | ---: | ---: |", *lines, "",
-                      f"Took {(time.perf_counter() - start) / 60:.0f} min (CPU flags: {cpu_flags()})"]) + "\n"
-    print(text, flush=True)
-    write_results(args.results, SECTION, text)
+    publish(args.results, SECTION, command,
+            ["Held-out accuracy (mean +- std over the repeats; the whole command's mean seconds):", "",
+             "| set | images per class | plain `visiontune train` | `--time none` (the fixed recipe) |",
+             "| --- | ---: | ---: | ---: |", *lines], start)
 
 
 if __name__ == "__main__":

@@ -388,8 +388,8 @@ def main(argv: list[str] | None = None) -> None:
         peer, train_csv, test_csv, minutes, size, out = argv[1:]
         WORKERS[peer](Path(train_csv), Path(test_csv), float(minutes), int(size), Path(out))
         return
-    from bench.__main__ import ROOT, cpu_flags, machine, unpack
-    from bench.budget import write_results
+    from bench.__main__ import ROOT, unpack
+    from bench.budget import publish
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
@@ -430,10 +430,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"--folds {args.folds}") + f" --peers {args.peers}"
                    + (f" --size {args.size}" if args.size else "")
                    + (f" --visiontune-run {args.visiontune_run}" if args.visiontune_run and part == "cifar" else ""))
-        text = "\n".join([title, "", f"Machine: {machine()}", "", f"Command: `{command}`", "", *lines, "",
-                          f"Took {(time.perf_counter() - start) / 60:.0f} min (CPU flags: {cpu_flags()})"]) + "\n"
-        print(text, flush=True)
-        write_results(args.results, title, text)
+        publish(args.results, title, command, lines, start)
 
 
 if __name__ == "__main__":

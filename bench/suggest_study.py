@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.__main__ import ROOT, cpu_flags, machine, unpack
-from bench.budget import write_results
+from bench.__main__ import ROOT, unpack
+from bench.budget import publish
 from bench.fewshot import cifar_pool, one, write_csv
 from bench.unlabelled import gain_table
 
@@ -190,10 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     body = study(args)
     command = (f"python -m bench.suggest_study --start {args.start} --seeds {args.seeds} --rounds {args.rounds} "
                f"--add {args.add} --pool {args.pool} --held {args.held} --methods {args.methods}")
-    text = "\n".join([SECTION, "", f"Machine: {machine()}", "", f"Command: `{command}`", "", *body, "",
-                      f"Took {(time.perf_counter() - began) / 60:.0f} min (CPU flags: {cpu_flags()})"]) + "\n"
-    print(text, flush=True)
-    write_results(args.results, SECTION, text)
+    publish(args.results, SECTION, command, body, began)
 
 
 if __name__ == "__main__":
