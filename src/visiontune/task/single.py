@@ -86,7 +86,7 @@ class SingleLabel(Task):
 
     def gradient_if_decided(self, probs: torch.Tensor, thresholds: Sequence[float] | None = None) -> torch.Tensor:
         # cross-entropy's gradient at the logits: p - one_hot(label)
-        return probs - torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype)
+        return probs - torch.nn.functional.one_hot(self.decide(probs), probs.shape[-1]).to(probs.dtype)
 
     def uncertainty(self, probs: torch.Tensor, thresholds: Sequence[float] | None = None) -> torch.Tensor:
         # one minus the margin between the two most probable classes
