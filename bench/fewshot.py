@@ -1,6 +1,6 @@
-"""Few-shot curve: the plain `visiontune train` (planned) beside the fixed recipe (`--time none`).
+"""Few-shot curve: the plain `visiontune train` (planned) beside the probe and the fixed recipe.
 
-`python -m bench.fewshot [--shots 10,25,50,100] [--repeats 3] [--old-repeats 1]`
+`python -m bench.fewshot [--shots 10,25,50,100] [--repeats 3] [--probe-repeats 1] [--old-repeats 1]`
 
 Small sets whose classes are not ImageNet classes, scored on held-out images never trained on:
 
@@ -10,10 +10,14 @@ Small sets whose classes are not ImageNet classes, scored on held-out images nev
   each training subset draws ``k`` images per class from its train split.
 
 For every (set, k, repeat) the whole command runs on the subset: the plain command (no flag:
-the default plan, which for small data is the cross-validated probe) and the fixed recipe that
-the plain command ran before plans were the default (`--time none`: 10 epochs of fine-tuning at
-the backbone's 224 px). The table gives held-out accuracy (mean +- std over repeats) and the
-whole command's seconds. Results go to stdout and the "## Few-shot" section of bench/RESULTS.md.
+the default plan: on small photo sets the cross-validated probe, on small images such as these a
+fine-tune where one fits), the cross-validated probe (`--strategy linear-probe`, the plain
+command's plan for all small data until the planner weighed a fine-tune), and the fixed recipe
+that the plain command ran before plans were the default (`--time none`: 10 epochs of
+fine-tuning at the backbone's 224 px). The table gives held-out accuracy (mean +- std over
+repeats) and the whole command's seconds; the probe and the fixed recipe run on the first
+subsets drawn, so their repeat 0 pairs with the plain command's. Results go to stdout and the
+"## Few-shot" section of bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from bench.budget import publish, run
 
 SECTION = "## Few-shot"
 FIXED = ("--time", "none")
+PROBE = ("--strategy", "linear-probe")
+ARMS = {"plain": (), "probe": PROBE, "fixed": FIXED}  # the table's columns, in order
 
 
 def write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
@@ -96,26 +102,26 @@ def cell(accs: list[float], seconds: list[float]) -> str:
 
 
 def curve(work: Path, set_name: str, pool: dict[str, list[str]], held: list[tuple[str, str]], shots: list[int],
-          repeats: int, old_repeats: int) -> list[str]:
+          repeats: dict[str, int]) -> list[str]:
+    """One table row per ``k``: each arm of ``repeats`` (plain, probe, fixed: how many subsets each runs)."""
     rows = []
     for k in shots:
         if any(len(files) < k for files in pool.values()):
             continue
-        results = {"plain": [], "fixed": []}
-        seconds = {"plain": [], "fixed": []}
-        for r in range(max(repeats, old_repeats)):
+        results: dict[str, list[float]] = {kind: [] for kind in ARMS}
+        seconds: dict[str, list[float]] = {kind: [] for kind in ARMS}
+        for r in range(max(repeats.values())):
             rng = random.Random(r)
             subset = [(f, cls) for cls, files in pool.items() for f in rng.sample(files, k)]
             train_csv = write_csv(work / "subsets" / f"{set_name}-{k}-r{r}.csv", subset)
-            for kind, flags, wanted in (("plain", (), repeats), ("fixed", FIXED, old_repeats)):
-                if r < wanted:
+            for kind, flags in ARMS.items():
+                if r < repeats[kind]:
                     acc, secs = one(work, f"{set_name}-{k}-r{r}-{kind}", train_csv, held, *flags)
                     results[kind].append(acc)
                     seconds[kind].append(secs)
                     print(f"{set_name} {k}/class repeat {r} {kind}: held-out accuracy {acc:.4f} in {secs:.0f} s",
                           flush=True)
-        rows.append(f"| {set_name} | {k} | {cell(results['plain'], seconds['plain'])} | "
-                    f"{cell(results['fixed'], seconds['fixed'])} |")
+        rows.append(f"| {set_name} | {k} | " + " | ".join(cell(results[a], seconds[a]) for a in ARMS) + " |")
     return rows
 
 
@@ -126,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sets", default="cifar10,digits")
     ap.add_argument("--shots", default="10,25,50,100", help="training images per class, comma-separated")
     ap.add_argument("--repeats", type=int, default=3, help="subsets drawn per point for the plain command")
+    ap.add_argument("--probe-repeats", type=int, default=1, help="the same for the probe (0: skip)")
     ap.add_argument("--old-repeats", type=int, default=1, help="the same for the fixed recipe (0: skip)")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = ap.parse_args(argv)
@@ -140,13 +147,15 @@ def main(argv: list[str] | None = None) -> None:
             pool, held = digits_pool(args.work)
         else:
             ap.error(f"--sets takes cifar10 and digits, not {set_name}")
-        lines += curve(args.work, set_name, pool, held, shots, args.repeats, args.old_repeats)
+        lines += curve(args.work, set_name, pool, held, shots,
+                       {"plain": args.repeats, "probe": args.probe_repeats, "fixed": args.old_repeats})
     command = (f"python -m bench.fewshot --sets {args.sets} --shots {args.shots} --repeats {args.repeats} "
-               f"--old-repeats {args.old_repeats}")
+               f"--probe-repeats {args.probe_repeats} --old-repeats {args.old_repeats}")
     publish(args.results, SECTION, command,
             ["Held-out accuracy (mean +- std over the repeats; the whole command's mean seconds):", "",
-             "| set | images per class | plain `visiontune train` | `--time none` (the fixed recipe) |",
-             "| --- | ---: | ---: | ---: |", *lines], start)
+             "| set | images per class | plain `visiontune train` | `--strategy linear-probe` | "
+             "`--time none` (the fixed recipe) |",
+             "| --- | ---: | ---: | ---: | ---: |", *lines], start)
 
 
 if __name__ == "__main__":

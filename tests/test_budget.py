@@ -14,6 +14,7 @@ from visiontune.core.errors import ConfigError
 from visiontune.training.budget import (
     DEFAULT_TIME,
     MIN_FINETUNE_EPOCHS,
+    MAX_EPOCHS,
     MIN_FINETUNE_SIDE,
     Facts,
     Plan,
@@ -23,6 +24,7 @@ from visiontune.training.budget import (
     format_duration,
     parse_duration,
     plan_run,
+    probe_only,
     run_budget,
     steps_that_fit,
 )
@@ -195,13 +197,35 @@ def test_scratch_gets_no_pretrained_recipe():
 
 
 def test_small_data_keeps_a_given_gradient_head_trainable():
-    small = {**CIFAR, "n_train": 200, "n_val": 50}
+    small = {**CIFAR, "n_train": 200, "n_val": 50, "native_side": 300}  # photos: the probe's data
     assert plan_run(facts(5 * 60, **small)).head == "auto"
     assert plan_run(facts(5 * 60, **small), {"ema": True}).head == "linear"  # what an EMA can average
     loop = fixed_options(TrainConfig.from_dict({"data": "d", "early_stopping": 2, "checkpoint_every_steps": 5}))
     assert plan_run(facts(5 * 60, **small), loop).head == "linear"  # what stops early and checkpoints by step
     plan = plan_run(facts(5 * 60, **small), {"head": "linear"})
     assert plan.head == "linear" and plan.epochs > 1  # the gradient head trains for epochs
+
+
+def test_small_data_of_photos_probes_and_of_small_images_fine_tunes_where_it_fits():
+    """Up to SMALL_DATA images: photos near the backbone's input get the cross-validated probe; small
+    images (CIFAR-10's 32 px) the fine-tune, which beat the probe there at 100 to 2,000 images, unless
+    fewer than MIN_FINETUNE_EPOCHS fit at MIN_FINETUNE_SIDE or more, or the user chose the probe."""
+    photos = plan_run(facts(60 * 60, n_train=800, n_val=200, native_side=400))
+    assert (photos.strategy, photos.head) == ("linear-probe", "auto") and "photos" in photos.reason
+    assert probe_only(800, 400, 224, [224], {}) and not probe_only(2001, 400, 224, [224], {})
+    small = plan_run(facts(60 * 60, n_train=800, n_val=200))
+    assert small.strategy == "finetune" and small.img_size >= MIN_FINETUNE_SIDE
+    assert small.reason.startswith("800 training images of 32 px, under 50% of the backbone's 224 px: fine-tuning")
+    assert small.epochs <= MAX_EPOCHS and small.total <= 60 * 60
+    assert not probe_only(800, 32, 224, [48, 64], {})  # so the fine-tune's speeds are measured
+    tight = plan_run(facts(60, n_train=800, n_val=200, throughputs=[Throughput(48, 20, 400)]))
+    assert (tight.strategy, tight.head) == ("linear-probe", "auto") and "fewer than 3 fine-tuning" in tight.reason
+    chosen = plan_run(facts(60 * 60, n_train=800, n_val=200), {"strategy": "linear-probe"})
+    assert (chosen.strategy, chosen.head) == ("linear-probe", "auto") and chosen.reason.startswith("--strategy")
+    # digits' 8-px scans: no candidate size reaches MIN_FINETUNE_SIDE, so only the probe's speed is measured
+    assert candidate_sizes(8, 224) == [32] and probe_only(800, 8, 224, candidate_sizes(8, 224), {})
+    scans = plan_run(facts(60 * 60, n_train=800, n_val=200, native_side=8, throughputs=[Throughput(32, 0, 4700)]))
+    assert (scans.strategy, scans.img_size) == ("linear-probe", 32) and "not fine-tuned" in scans.reason
 
 
 def test_the_plan_is_a_function_of_its_facts_and_applies_only_what_the_user_left_open():

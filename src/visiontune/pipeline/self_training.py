@@ -1,8 +1,8 @@
 """``visiontune train DATA --unlabeled DIR``: self-training within the run's time budget.
 
 1. **Teacher**: the run the same command would train on the labelled data alone, in
-   ``RUN/teacher`` (on small data the cross-validated probe, which ends in a minute or two; on
-   larger data a third of the budget).
+   ``RUN/teacher``, within a third of the budget (on a small set of photos the plan is the
+   cross-validated probe, which ends in a minute or two; on small images or more data, a fine-tune).
 2. **Pseudo-labels**: the teacher labels the unlabelled images. An image is kept when its
    calibrated top probability reaches the threshold at which the teacher's own validation answers
    are :data:`MIN_PRECISION` right, its unknown-score accepts it, and its class is not over-
@@ -39,12 +39,12 @@ from ..core.safe_io import atomic_write_text
 from ..data.scan import Splits, discover, read_split_csv, write_split_csv
 from ..inference.classifier import Classifier, expand_inputs
 from ..models.artifact import read_card, write_card
-from ..training.budget import SMALL_DATA, format_duration, run_budget
+from ..training.budget import format_duration, run_budget
 from ..training.config import TrainConfig
 from ..training.setup import make_run_dir
 
 MIN_PRECISION = 0.9       # pseudo-labels kept above the probability where the teacher's val answers are this right
-TEACHER_SHARE = 1 / 3     # of a budget, for a teacher that fine-tunes (a small-data probe ends early by itself)
+TEACHER_SHARE = 1 / 3     # of a budget, for the teacher (a small-data probe ends early by itself)
 LABELLING_SHARE = 1 / 3   # of the time left after the teacher, at most, for scoring the unlabelled images
 MIN_STUDENT_S = 120.0     # a student with less time than this is not trained: the teacher is the model
 NOT_COPIED = ("teacher", "student", "checkpoints", "logs", "self_training.json")
@@ -125,11 +125,10 @@ def self_train(cfg: TrainConfig, started: float, train_run) -> Any:
     def time_left() -> float:
         return (deadline - time.time()) if deadline is not None else float("inf")
 
-    # 1. the teacher: a small-data probe ends by itself (the whole budget is its limit); a fine-tune gets its share
+    # 1. the teacher, in its share of the budget (a probe ends sooner by itself and is not stopped by it)
     teacher_cfg = plain.replace(run_dir=str(root / "teacher"))
     if budget is not None:
-        share = budget if len(labelled.train) <= SMALL_DATA else budget * TEACHER_SHARE
-        teacher_cfg = teacher_cfg.replace(time=f"{int(max(30.0, min(share, time_left())))}s")
+        teacher_cfg = teacher_cfg.replace(time=f"{int(max(30.0, min(budget * TEACHER_SHARE, time_left())))}s")
     print(f"self-training: {len(files)} unlabelled images; first the teacher, on the labelled images alone "
           f"({root / 'teacher'})", flush=True)
     teacher = train_run(teacher_cfg, started if deadline is None else time.time())

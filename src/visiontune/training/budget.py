@@ -53,7 +53,14 @@ from .unknown import MAX_STATS_IMAGES, MAX_VAL_IMAGES
 # What the planner trades off (measured on CIFAR-10 and hymenoptera, see bench/RESULTS.md):
 MIN_FINETUNE_EPOCHS = 3      # epochs (incl. the head's warm-up) below which a probe on cached features wins
 MAX_EPOCHS = 30              # beyond this a larger budget buys nothing at the largest useful input
-SMALL_DATA = 2000            # up to this many training images, probes are chosen by cross-validation
+SMALL_DATA = 2000            # up to this many training images, probes are chosen by cross-validation ...
+# ... unless the images are small: under this share of the backbone's input side its ImageNet features describe
+# them worst, and fine-tuning paid at every size measured (CIFAR-10's 32 px on a 224-px network, 100 to 2,000
+# images: +6.6 to +13.4 points over the cross-validated probe, bench/RESULTS.md "Few-shot")
+SMALL_IMAGE_SHARE = 0.5
+# the measurements behind the choice, as a plan's reason cites them (bench/RESULTS.md "Few-shot")
+SMALL_FINETUNE = "CIFAR-10 at 32 px, 100 to 2,000 images: +6.6 to +13.4 points"
+PHOTO_PROBE = "hymenoptera, 196 images, 5 folds: 0.984 against 0.939 for the planned fine-tune in 3 minutes"
 MAX_UPSCALE = 4              # inputs beyond 4x the images' own size add cost, not detail
 SAFETY = 0.06                # share of the budget kept for what no probe sees (imports, disk)
 FINISH_FIXED_S = 12.0        # report: galleries, Grad-CAM, plots (measured 6-10 s)
@@ -420,12 +427,44 @@ def phase_costs(size: Throughput, n_train: int, n_val: int, n_test: int, epochs:
     return {"load": load, "features": features, "train": train, "finish": finish}
 
 
+def small_images(native_side: int, default_side: int) -> bool:
+    """Whether images of median side ``native_side`` are much smaller than the backbone's input
+    (under :data:`SMALL_IMAGE_SHARE` of ``default_side``): they are upscaled several times, get the
+    small-image recipe when fine-tuned, and on small data a fine-tune is weighed against the probe.
+
+    Example:
+        >>> small_images(32, 224), small_images(500, 224), small_images(112, 224)
+        (True, False, False)
+    """
+    return native_side < default_side * SMALL_IMAGE_SHARE
+
+
 def probes_small_data(n_train: int, fixed: dict[str, Any], processes: int = 1) -> bool:
-    """Whether a plan for ``n_train`` images is the cross-validated probe on cached features (up to
+    """Whether a plan for ``n_train`` images may be the cross-validated probe on cached features (up to
     :data:`SMALL_DATA` images, unless the user fixed another strategy, the epochs or several
-    processes): it only needs the inference speed at the backbone's own size."""
+    processes). :func:`probe_only` says whether a fine-tune is weighed beside it."""
     strategy = fixed.get("strategy", "finetune" if processes > 1 or fixed.get("teacher") else None)
     return n_train <= SMALL_DATA and strategy in (None, "linear-probe") and "epochs" not in fixed
+
+
+def probe_only(n_train: int, native_side: int, default_side: int, sizes: list[int], fixed: dict[str, Any],
+               processes: int = 1) -> bool:
+    """Whether the plan is the cross-validated probe without weighing a fine-tune, so that measuring
+    the inference speed at one size is all it needs: small data (:func:`probes_small_data`) of
+    photo-sized images, or of small ones (:func:`small_images`) that no candidate size in ``sizes``
+    fine-tunes (none reaches :data:`MIN_FINETUNE_SIDE`), or with ``--strategy linear-probe``.
+
+    Example:
+        >>> probe_only(800, 500, 224, [160, 192, 224], {}), probe_only(800, 32, 224, [48, 64, 96, 128], {})
+        (True, False)
+        >>> probe_only(800, 8, 224, [32], {}), probe_only(800, 32, 224, [64], {"strategy": "linear-probe"})
+        (True, True)
+    """
+    if not probes_small_data(n_train, fixed, processes):
+        return False
+    weighs = ("strategy" not in fixed and small_images(native_side, default_side)
+              and any(s >= MIN_FINETUNE_SIDE for s in sizes))
+    return not weighs
 
 
 def probe_side(sizes: list[int], default_side: int) -> int:
@@ -447,8 +486,9 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
     ``freeze_epochs``, ``augment``, ``resize_mode``, ``head`` and the recipe's keys); the plan
     keeps them and fills in the rest:
 
-    - up to :data:`SMALL_DATA` training images: a probe on features cached at the backbone's
-      input size, chosen by repeated k-fold cross-validation (``head auto``);
+    - up to :data:`SMALL_DATA` training images of photo size (:func:`probe_only`): a probe on features
+      cached at the backbone's input size, chosen by repeated k-fold cross-validation (``head auto``);
+      of small images (:func:`small_images`), the fine-tune below where one fits, else that probe;
     - else fine-tuning at the largest measured size (at most :data:`MAX_UPSCALE` times the
       images' own) where at least :data:`MIN_FINETUNE_EPOCHS` epochs fit, for as many epochs as
       fit (at most :data:`MAX_EPOCHS`), with :data:`FINETUNE_RECIPE` and, for images much smaller
@@ -464,7 +504,7 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
     if "img_size" in fixed:
         near = min(sizes, key=lambda t: abs(t.size - fixed["img_size"]))
         sizes = [Throughput(fixed["img_size"], near.train, near.infer, near.precision)]
-    small = native_side < default_side * 0.5  # images much smaller than the backbone's input
+    small = small_images(native_side, default_side)
     augment = fixed.get("augment", "crop-flip" if small else "standard")
     resize_mode = fixed.get("resize_mode", "squash" if small else "crop")
     strategy = fixed.get("strategy")
@@ -492,7 +532,9 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
     # several processes train the network on images (a head on cached features is one process's job)
     if (facts.processes > 1 or fixed.get("teacher")) and strategy is None:
         strategy = "finetune"
-    if probes_small_data(n_train, fixed, facts.processes):
+    def cross_validated_probe(why: str) -> Plan:
+        """Small data's probe on features cached at the backbone's size (or the largest measured below
+        it); ``why``: the plan's reason, before what the probe is."""
         side = probe_side([x.size for x in sizes], default_side)
         t = next(x for x in sizes if x.size == side)
         # an averaged head (--ema), early stopping and step checkpoints need epochs of gradient steps: the
@@ -501,10 +543,21 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
         epochs = 10 if head == "linear" else 1  # only the gradient head trains for epochs (on cached features)
         projected = {**costs(t, epochs, False),
                      "selection": selection_seconds(n_train, facts.num_classes) if head == "auto" else 0.0}
-        reason = (f"{n_train} training images: probes on cached features, chosen by repeated k-fold "
-                  "cross-validation, beat a fine-tune chosen on a small validation split")
+        reason = f"{why}: probes on cached features, chosen by repeated k-fold cross-validation"
         return Plan(budget, "linear-probe", t.size, epochs, 0, "none", fixed.get("resize_mode", "crop"), projected,
                     head=head, recipe=measured_precision(t, fixed), throughputs=measured, reason=reason)
+
+    small_data = probes_small_data(n_train, fixed, facts.processes)
+    if probe_only(n_train, native_side, default_side, [x.size for x in sizes], fixed, facts.processes):
+        if "strategy" in fixed:
+            why = f"--strategy linear-probe on {n_train} training images"
+        elif small:
+            why = (f"{n_train} training images of {native_side} px: no measured input reaches {MIN_FINETUNE_SIDE} px, "
+                   "below which a pretrained network is not fine-tuned")
+        else:
+            why = (f"{n_train} training images of median side {native_side} px, near the backbone's {default_side} "
+                   f"px: on such photos the probe beat fine-tuning ({PHOTO_PROBE})")
+        return cross_validated_probe(why)
 
     candidates, best = [], None
     # with --epochs given, the largest size where those epochs fit; else where the minimum does
@@ -520,7 +573,15 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
             continue  # too small to fine-tune a pretrained network (the user's own size is kept)
         if trained >= needed:
             best = (t, fit, room - trained * per_epoch)  # sizes ascend: the last that fits is the largest
-    reason = ""
+    reason, why_finetune = "", ""
+    if small_data:  # small images: the fine-tune where one fits, else the probe
+        if best is None:
+            return cross_validated_probe(f"{n_train} training images of {native_side} px: fewer than "
+                                         f"{MIN_FINETUNE_EPOCHS} fine-tuning epochs fit at {MIN_FINETUNE_SIDE} px "
+                                         "or more")
+        why_finetune = (f"{n_train} training images of {native_side} px, under {SMALL_IMAGE_SHARE:.0%} of the "
+                        f"backbone's {default_side} px: fine-tuning beats probes on frozen features there "
+                        f"({SMALL_FINETUNE}); ")
     if best is None and strategy is not None and strategy != "linear-probe":
         best = (sizes[0], fixed.get("epochs", warmup + 1), 0.0)  # the user's strategy at the smallest size
         why = f"--strategy {strategy}" if "strategy" in fixed else f"{facts.processes} processes train on images"
@@ -529,8 +590,9 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
     if best is not None and strategy in (None, "finetune", "progressive", "scratch"):
         t, fit, leftover = best
         epochs = fixed.get("epochs", max(min(fit, MAX_EPOCHS), warmup + 1))
-        reason = reason or (f"{fit} epochs fit at {t.size} px, the largest input where at least "
-                            f"{needed + warmup} do ({candidates[sizes.index(t)]['seconds_per_epoch']} s per epoch)")
+        reason = why_finetune + (reason or (f"{fit} epochs fit at {t.size} px, the largest input where at least "
+                                            f"{needed + warmup} do ({candidates[sizes.index(t)]['seconds_per_epoch']} "
+                                            "s per epoch)"))
         if may_measure:
             extra = costs(t, epochs, True, AUTO)["finish"] - costs(t, epochs, True)["finish"]
             if leftover >= extra:

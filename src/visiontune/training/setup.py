@@ -38,8 +38,8 @@ from .budget import (
     format_duration,
     measure_throughput,
     plan_run,
+    probe_only,
     probe_side,
-    probes_small_data,
     run_budget,
 )
 from .checkpoint_io import newest_valid_checkpoint, remove_stale_temp_files
@@ -209,7 +209,7 @@ def plan_budget(cfg: TrainConfig, model, pre: Preprocessing, splits: Splits, def
     if fixed.get("strategy") != "scratch" and any(s >= MIN_FINETUNE_SIDE for s in sizes):
         # a pretrained network is never fine-tuned below MIN_FINETUNE_SIDE: measuring there costs seconds
         sizes = [s for s in sizes if s >= MIN_FINETUNE_SIDE]
-    probe = probes_small_data(len(splits.train), fixed, processes)
+    probe = probe_only(len(splits.train), native, default_side, sizes, fixed, processes)
     if probe:  # a probe on cached features at one size: its inference speed is all it needs
         sizes = [probe_side(sizes, default_side)]
     default = cfg.runtime.time is None
