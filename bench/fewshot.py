@@ -10,8 +10,9 @@ Small sets whose classes are not ImageNet classes, scored on held-out images nev
   each training subset draws ``k`` images per class from its train split.
 
 For every (set, k, repeat) the whole command runs on the subset: the plain command (no flag:
-the default plan: on small photo sets the cross-validated probe, on small images such as these a
-fine-tune where one fits), the cross-validated probe (`--strategy linear-probe`, the plain
+the default plan: on small photo sets the cross-validated probe, on CIFAR-10's small images a
+fine-tune where one fits, on digits' 8-px scans the probe again: no input of 48 px is in reach),
+the cross-validated probe (`--strategy linear-probe`, the plain
 command's plan for all small data until the planner weighed a fine-tune), and the fixed recipe
 that the plain command ran before plans were the default (`--time none`: 10 epochs of
 fine-tuning at the backbone's 224 px). The table gives held-out accuracy (mean +- std over

@@ -87,7 +87,8 @@ def features(args) -> tuple[np.ndarray, np.ndarray, int, list[str]]:
 
 
 class Probe:
-    """The plain command's probe on ``x[idx]``: its val split held out, selected and fitted as it does."""
+    """The cross-validated probe on ``x[idx]`` (the plain command's plan for small photo sets): its val split held
+    out, selected and fitted as the command does."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray, idx: np.ndarray, paths: list[str], seed: int = 0,
                  candidate=None):

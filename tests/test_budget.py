@@ -13,9 +13,10 @@ from conftest import FAST, FAST_FLAGS, vt_main
 from visiontune.core.errors import ConfigError
 from visiontune.training.budget import (
     DEFAULT_TIME,
-    MIN_FINETUNE_EPOCHS,
     MAX_EPOCHS,
+    MIN_FINETUNE_EPOCHS,
     MIN_FINETUNE_SIDE,
+    SMALL_DATA_MIN_EPOCHS,
     Facts,
     Plan,
     Throughput,
@@ -209,9 +210,10 @@ def test_small_data_keeps_a_given_gradient_head_trainable():
 def test_small_data_of_photos_probes_and_of_small_images_fine_tunes_where_it_fits():
     """Up to SMALL_DATA images: photos near the backbone's input get the cross-validated probe; small
     images (CIFAR-10's 32 px) the fine-tune, which beat the probe there at 100 to 2,000 images, unless
-    fewer than MIN_FINETUNE_EPOCHS fit at MIN_FINETUNE_SIDE or more, or the user chose the probe."""
+    fewer than SMALL_DATA_MIN_EPOCHS fit at MIN_FINETUNE_SIDE or more, or the user chose the probe."""
     photos = plan_run(facts(60 * 60, n_train=800, n_val=200, native_side=400))
-    assert (photos.strategy, photos.head) == ("linear-probe", "auto") and "photos" in photos.reason
+    assert (photos.strategy, photos.head) == ("linear-probe", "auto")
+    assert "median side 400 px, at least half the backbone's 224 px: on such photos the probe" in photos.reason
     assert probe_only(800, 400, 224, [224], {}) and not probe_only(2001, 400, 224, [224], {})
     small = plan_run(facts(60 * 60, n_train=800, n_val=200))
     assert small.strategy == "finetune" and small.img_size >= MIN_FINETUNE_SIDE
@@ -219,9 +221,24 @@ def test_small_data_of_photos_probes_and_of_small_images_fine_tunes_where_it_fit
     assert small.epochs <= MAX_EPOCHS and small.total <= 60 * 60
     assert not probe_only(800, 32, 224, [48, 64], {})  # so the fine-tune's speeds are measured
     tight = plan_run(facts(60, n_train=800, n_val=200, throughputs=[Throughput(48, 20, 400)]))
-    assert (tight.strategy, tight.head) == ("linear-probe", "auto") and "fewer than 3 fine-tuning" in tight.reason
+    assert tight.strategy == "linear-probe" and "fewer than 10 fine-tuning" in tight.reason
     chosen = plan_run(facts(60 * 60, n_train=800, n_val=200), {"strategy": "linear-probe"})
     assert (chosen.strategy, chosen.head) == ("linear-probe", "auto") and chosen.reason.startswith("--strategy")
+    assert (tight.head, plan_run(facts(60, n_train=800, n_val=200, throughputs=[Throughput(48, 20, 400)]),
+                                 {"ema": True}).head) == ("auto", "linear")  # the fallback keeps a loop option's head
+    # fewer than SMALL_DATA_MIN_EPOCHS fit: the fine-tunes measured to beat the probe ran 20-30 epochs
+    short = facts(2 * 60, n_train=800, n_val=200, throughputs=[Throughput(48, 30, 400)], unknown=False)
+    assert 3 <= plan_run(short, {"strategy": "finetune"}).epochs < SMALL_DATA_MIN_EPOCHS
+    assert plan_run(short).strategy == "linear-probe"
+    # the user's options that leave small data's choice: several processes, --epochs; and the boundary
+    for plan in (plan_run(facts(60 * 60, n_train=800, n_val=200, processes=2)),
+                 plan_run(facts(60 * 60, n_train=800, n_val=200), {"epochs": 5}),
+                 plan_run(facts(60 * 60, n_train=2001, n_val=500))):
+        assert plan.strategy == "finetune" and "beats probes" not in plan.reason
+    assert "beats probes" in plan_run(facts(60 * 60, n_train=2000, n_val=500)).reason
+    assert plan_run(facts(60 * 60, n_train=800, n_val=200), {"ema": True}).strategy == "finetune"
+    given = plan_run(facts(60 * 60, n_train=800, n_val=200, throughputs=[Throughput(32, 700, 4700)]), {"img_size": 32})
+    assert given.strategy == "linear-probe" and "--img-size 32, under 48 px" in given.reason
     # digits' 8-px scans: no candidate size reaches MIN_FINETUNE_SIDE, so only the probe's speed is measured
     assert candidate_sizes(8, 224) == [32] and probe_only(800, 8, 224, candidate_sizes(8, 224), {})
     scans = plan_run(facts(60 * 60, n_train=800, n_val=200, native_side=8, throughputs=[Throughput(32, 0, 4700)]))

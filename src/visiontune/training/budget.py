@@ -58,6 +58,9 @@ SMALL_DATA = 2000            # up to this many training images, probes are chose
 # them worst, and fine-tuning paid at every size measured (CIFAR-10's 32 px on a 224-px network, 100 to 2,000
 # images: +6.6 to +13.4 points over the cross-validated probe, bench/RESULTS.md "Few-shot")
 SMALL_IMAGE_SHARE = 0.5
+# ... where this many epochs (incl. the warm-up) fit: the fine-tunes that beat the probe there ran 20-30 epochs
+# (80 to 2,000 training images, 3 to 63 steps an epoch); shorter ones are not measured on small data
+SMALL_DATA_MIN_EPOCHS = 10
 # the measurements behind the choice, as a plan's reason cites them (bench/RESULTS.md "Few-shot")
 SMALL_FINETUNE = "CIFAR-10 at 32 px, 100 to 2,000 images: +6.6 to +13.4 points"
 PHOTO_PROBE = "hymenoptera, 196 images, 5 folds: 0.984 against 0.939 for the planned fine-tune in 3 minutes"
@@ -82,7 +85,7 @@ PLANNED_OPTIONS = ("strategy", "img_size", "epochs", "max_steps", "freeze_epochs
                    "lr_mult", "warmup_epochs", "bn_stats", "ema", "tta", "mixup", "precision", "model", "optimizer",
                    "lr", "weight_decay", "momentum", "batch_size", "label_smoothing")
 # the budget of a run given neither --time nor --epochs: long enough for the measured recipes to pay
-# (CIFAR-10's 40,000 images: 92% at 60 min on a 2-core CPU), and a small data set's plan ends in seconds
+# (CIFAR-10's 40,000 images: 92% at 60 min on a 2-core CPU), and a small set of photos' plan ends in seconds
 DEFAULT_TIME = "1h"
 MIN_PARTIAL_EPOCH = 0.1  # a last, partial epoch shorter than this share of an epoch is not worth its validation
 
@@ -488,7 +491,8 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
 
     - up to :data:`SMALL_DATA` training images of photo size (:func:`probe_only`): a probe on features
       cached at the backbone's input size, chosen by repeated k-fold cross-validation (``head auto``);
-      of small images (:func:`small_images`), the fine-tune below where one fits, else that probe;
+      of small images (:func:`small_images`), the fine-tune below where :data:`SMALL_DATA_MIN_EPOCHS`
+      fit, else that probe;
     - else fine-tuning at the largest measured size (at most :data:`MAX_UPSCALE` times the
       images' own) where at least :data:`MIN_FINETUNE_EPOCHS` epochs fit, for as many epochs as
       fit (at most :data:`MAX_EPOCHS`), with :data:`FINETUNE_RECIPE` and, for images much smaller
@@ -551,17 +555,21 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
     if probe_only(n_train, native_side, default_side, [x.size for x in sizes], fixed, facts.processes):
         if "strategy" in fixed:
             why = f"--strategy linear-probe on {n_train} training images"
+        elif small and "img_size" in fixed:
+            why = (f"{n_train} training images at --img-size {fixed['img_size']}, under {MIN_FINETUNE_SIDE} px, below "
+                   "which small data is not fine-tuned")
         elif small:
             why = (f"{n_train} training images of {native_side} px: no measured input reaches {MIN_FINETUNE_SIDE} px, "
                    "below which a pretrained network is not fine-tuned")
         else:
-            why = (f"{n_train} training images of median side {native_side} px, near the backbone's {default_side} "
-                   f"px: on such photos the probe beat fine-tuning ({PHOTO_PROBE})")
+            why = (f"{n_train} training images of median side {native_side} px, at least half the backbone's "
+                   f"{default_side} px: on such photos the probe beat fine-tuning ({PHOTO_PROBE})")
         return cross_validated_probe(why)
 
     candidates, best = [], None
     # with --epochs given, the largest size where those epochs fit; else where the minimum does
-    needed = fixed["epochs"] - min(warmup, fixed["epochs"]) if "epochs" in fixed else MIN_FINETUNE_EPOCHS - 1
+    needed = fixed["epochs"] - min(warmup, fixed["epochs"]) if "epochs" in fixed else (
+        SMALL_DATA_MIN_EPOCHS if small_data else MIN_FINETUNE_EPOCHS) - 1  # the warm-up's epoch counts
     for t in sizes:
         base = costs(t, warmup, True)  # ``available`` has already paid for the start
         per_epoch = epoch_seconds(t, n_train, n_val, tta, reread)
@@ -577,8 +585,8 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
     if small_data:  # small images: the fine-tune where one fits, else the probe
         if best is None:
             return cross_validated_probe(f"{n_train} training images of {native_side} px: fewer than "
-                                         f"{MIN_FINETUNE_EPOCHS} fine-tuning epochs fit at {MIN_FINETUNE_SIDE} px "
-                                         "or more")
+                                         f"{SMALL_DATA_MIN_EPOCHS} fine-tuning epochs fit at {MIN_FINETUNE_SIDE} px "
+                                         "or more, the fewest measured to beat the probe on small data")
         why_finetune = (f"{n_train} training images of {native_side} px, under {SMALL_IMAGE_SHARE:.0%} of the "
                         f"backbone's {default_side} px: fine-tuning beats probes on frozen features there "
                         f"({SMALL_FINETUNE}); ")
