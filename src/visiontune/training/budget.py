@@ -56,12 +56,12 @@ MAX_EPOCHS = 30              # beyond this a larger budget buys nothing at the l
 SMALL_DATA = 2000            # up to this many training images, probes are chosen by cross-validation ...
 # ... unless the images are small: under this share of the backbone's input side its ImageNet features describe
 # them worst, and fine-tuning paid at every size measured (CIFAR-10's 32 px on a 224-px network, 100 to 2,000
-# images: +6.6 to +13.4 points over the cross-validated probe, bench/RESULTS.md "Few-shot")
+# images: +6.6 to +13.4 points over the cross-validated probe, bench/RESULTS.md "Small data: probe or fine-tune")
 SMALL_IMAGE_SHARE = 0.5
 # ... where this many epochs (incl. the warm-up) fit: the fine-tunes that beat the probe there ran 20-30 epochs
 # (80 to 2,000 training images, 3 to 63 steps an epoch); shorter ones are not measured on small data
 SMALL_DATA_MIN_EPOCHS = 10
-# the measurements behind the choice, as a plan's reason cites them (bench/RESULTS.md "Few-shot")
+# the measurements behind the choice, as a plan's reason cites them (bench/RESULTS.md "Small data: probe or fine-tune")
 SMALL_FINETUNE = "CIFAR-10 at 32 px, 100 to 2,000 images: +6.6 to +13.4 points"
 PHOTO_PROBE = "hymenoptera, 196 images, 5 folds: 0.984 against 0.939 for the planned fine-tune in 3 minutes"
 MAX_UPSCALE = 4              # inputs beyond 4x the images' own size add cost, not detail
@@ -586,7 +586,7 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
         if best is None:
             return cross_validated_probe(f"{n_train} training images of {native_side} px: fewer than "
                                          f"{SMALL_DATA_MIN_EPOCHS} fine-tuning epochs fit at {MIN_FINETUNE_SIDE} px "
-                                         "or more, the fewest measured to beat the probe on small data")
+                                         "or more (the fine-tunes measured to beat the probe on small data ran 20-30)")
         why_finetune = (f"{n_train} training images of {native_side} px, under {SMALL_IMAGE_SHARE:.0%} of the "
                         f"backbone's {default_side} px: fine-tuning beats probes on frozen features there "
                         f"({SMALL_FINETUNE}); ")
