@@ -5,14 +5,16 @@ bad inputs refused before anything trains."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import FAST, FAST_FLAGS, make_folder, make_multilabel, vt_main
 
 import visiontune
 from visiontune.core.errors import ConfigError
-from visiontune.models.artifact import read_card
+from visiontune.models.artifact import WEIGHTS_FILE, read_card
 from visiontune.pipeline.self_training import confident_threshold, select
 
 
@@ -71,7 +73,62 @@ def test_self_training_keeps_the_better_model_and_records_it(shared_folder, tmp_
     assert (run_dir / "student" / "splits" / "val.csv").read_text() == (
         run_dir / "teacher" / "splits" / "val.csv").read_text()  # judged on the labelled val alone
     assert "pseudo-labels kept" in out and f"run: {run_dir}" in out
+    # the teacher fine-tuned its network: the student starts from it, classifier included
+    student_cfg = yaml.safe_load((run_dir / "student" / "config.yaml").read_text())
+    assert facts["student_start"] == "teacher" and "from the teacher's weights" in out
+    assert Path(student_cfg["weights"]).resolve() == (run_dir / "teacher" / "model" / WEIGHTS_FILE).resolve()
     assert visiontune.load(run_dir).predict([next(pool.rglob("*.png"))])[0]["label"]
+
+
+def test_the_student_starts_from_a_fine_tuned_teacher_only(tmp_path):
+    """A teacher that fine-tuned gives the student its weights, its input size and no head-only
+    epochs (unless the user set them); a probe's or a from-scratch teacher's does not."""
+    from visiontune.models.artifact import save_model
+    from visiontune.models.card import ModelCard
+    from visiontune.models.factory import build_model
+    from visiontune.pipeline.self_training import student_start
+
+    model, arch, pre = build_model("resnet18", 3, weights="none")
+    for strategy, expected in (("finetune", True), ("progressive", True), ("linear-probe", False),
+                               ("scratch", False)):
+        folder = tmp_path / strategy
+        save_model(folder, model, ModelCard(["a", "b", "c"], pre.with_size(48), arch, training={"strategy": strategy}))
+        start = student_start(folder, frozenset())
+        assert bool(start) == expected
+        if expected:
+            assert start == {"weights": str(folder), "img_size": 48, "freeze_epochs": 0}
+            assert student_start(folder, frozenset({"freeze_epochs", "img_size"})) == {"weights": str(folder)}
+
+
+def test_a_budget_too_short_for_self_training_trains_on_the_labelled_images_alone(trained_run, tmp_path, capsys):
+    """Under MIN_BUDGET_S the teacher's third would leave the student too little and the teacher, short
+    of the labelled-only run's time, would be the model: one labelled-only run in the whole budget,
+    said and recorded."""
+    import shutil
+    import time
+    from dataclasses import replace
+
+    from visiontune.pipeline.self_training import MIN_BUDGET_S, self_train
+    from visiontune.training.config import TrainConfig
+
+    run, data = trained_run
+    pool = make_folder(tmp_path / "pool", per_class=1, seed=3)
+    seen = []
+
+    def train_run(cfg, started):  # stands in for a real run: what matters is which runs are asked for
+        seen.append(cfg)
+        shutil.copytree(run.run_dir, cfg.runtime.run_dir)
+        return replace(run, run_dir=Path(cfg.runtime.run_dir), model_dir=Path(cfg.runtime.run_dir) / "model")
+
+    short = f"{int(MIN_BUDGET_S) - 1}s"
+    cfg = TrainConfig.from_dict({"data": str(data), "unlabeled": str(pool), "time": short,
+                                 "run_dir": str(tmp_path / "short run")})
+    out = self_train(cfg, time.time(), train_run)
+    assert len(seen) == 1 and seen[0].data.unlabeled is None and seen[0].runtime.time == short
+    facts = json.loads((tmp_path / "short run" / "self_training.json").read_text())
+    assert facts["kept"] == "labelled-only" and "too short for self-training" in facts["fallback"]
+    assert read_card(tmp_path / "short run" / "model").training["self_training"] == facts
+    assert out.metrics["self_training"] == facts and "in the whole budget" in capsys.readouterr().out
 
 
 def test_unlabeled_bad_inputs_are_refused_before_anything_trains(shared_folder, tmp_path, capsys):

@@ -29,8 +29,8 @@ from .card import FORMAT, ModelCard
 from .factory import rebuild
 from .readme import README_FILE, model_readme
 from .shapes import apply_shapes
+from .weights import WEIGHTS_FILE
 
-WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
 MAX_CARD_BYTES = 16 * 2**20
 

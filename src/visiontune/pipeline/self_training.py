@@ -10,13 +10,17 @@
    confident first (a class the teacher favours would otherwise crowd out the rest). When scoring
    every unlabelled image would not leave the student its share of the time, a random sample that
    fits is scored, and the plan says so.
-3. **Student**: a fresh run on the labelled training images plus the pseudo-labelled ones, in
-   ``RUN/student``, with the time left; it is validated on the teacher's validation split (labelled
-   images only).
+3. **Student**: a run on the labelled training images plus the pseudo-labelled ones, in
+   ``RUN/student``, with the time left, starting from the teacher's network where the teacher
+   fine-tuned one (:func:`student_start`; else from the pretrained backbone); it is validated on the
+   teacher's validation split (labelled images only).
 4. **The better of the two on that split is the run's model**: its files are copied into ``RUN``
    (so ``evaluate RUN``, ``report RUN`` and ``predict RUN`` work as for any run), and a student that
    does not beat the teacher falls back to the teacher, saying so. ``RUN/self_training.json`` and the
    model card's ``training.self_training`` record the counts, the threshold, both scores and the choice.
+
+A ``--time`` under :data:`MIN_BUDGET_S` is too short for both: the run trains on the labelled images
+alone, in the whole budget, and says so (and records it).
 """
 
 from __future__ import annotations
@@ -41,12 +45,15 @@ from ..inference.classifier import Classifier, expand_inputs
 from ..models.artifact import read_card, write_card
 from ..training.budget import format_duration, run_budget
 from ..training.config import TrainConfig
+from ..training.registry import RANDOM_INIT
 from ..training.setup import make_run_dir
 
 MIN_PRECISION = 0.9       # pseudo-labels kept above the probability where the teacher's val answers are this right
 TEACHER_SHARE = 1 / 3     # of a budget, for the teacher (a small-data probe ends early by itself)
 LABELLING_SHARE = 1 / 3   # of the time left after the teacher, at most, for scoring the unlabelled images
 MIN_STUDENT_S = 120.0     # a student with less time than this is not trained: the teacher is the model
+MIN_BUDGET_S = 3 * MIN_STUDENT_S  # a shorter --time trains on the labelled images alone (the teacher's third
+                                  # would leave the student under MIN_STUDENT_S, and the teacher would be the model)
 NOT_COPIED = ("teacher", "student", "checkpoints", "logs", "self_training.json")
 
 
@@ -119,8 +126,18 @@ def self_train(cfg: TrainConfig, started: float, train_run) -> Any:
     files, labelled = check_unlabeled(cfg)
     budget = run_budget(cfg)
     deadline = None if budget is None else started + budget
-    root = make_run_dir(cfg.runtime.run_dir)
     plain = cfg.replace(unlabeled=None)
+    if budget is not None and budget < MIN_BUDGET_S:  # a teacher in a third of it would be the model, and worse
+        reason = (f"--time {format_duration(budget)} is too short for self-training (a teacher in a third of it, "
+                  f"then at least {format_duration(MIN_STUDENT_S)} for the student: {format_duration(MIN_BUDGET_S)} "
+                  "or more)")
+        print(f"self-training: {reason}; the run trains on the labelled images alone, in the whole budget", flush=True)
+        alone = train_run(plain, started)
+        facts = {"unlabeled": len(files), "scored": 0, "pseudo_labels": 0, "kept": "labelled-only",
+                 "fallback": reason}
+        _record(alone.run_dir, facts)
+        return replace(alone, metrics={**alone.metrics, "self_training": facts})
+    root = make_run_dir(cfg.runtime.run_dir)
 
     def time_left() -> float:
         return (deadline - time.time()) if deadline is not None else float("inf")
@@ -187,10 +204,16 @@ def self_train(cfg: TrainConfig, started: float, train_run) -> Any:
         write_split_csv(train_rows + pseudo_rows, names, data, clf.task)
         student_cfg = plain.replace(data=str(data), val=str(RunLayout(teacher.run_dir).split_csv("val")),
                                     run_dir=str(root / "student"))
+        start = student_start(teacher.model_dir, cfg.given)
+        if start:
+            student_cfg = student_cfg.replace(**start)
+            student_cfg.given = cfg.given | set(start)
+        facts["student_start"] = "teacher" if start else "pretrained"
         if deadline is not None:
             student_cfg = student_cfg.replace(time=f"{int(time_left())}s")
-        print(f"self-training: the student, on {len(train_rows)} labelled and "
-              f"{len(kept)} pseudo-labelled images ({root / 'student'})", flush=True)
+        print(f"self-training: the student, on {len(train_rows)} labelled and {len(kept)} pseudo-labelled images, "
+              + ("from the teacher's weights" if start else "from the pretrained backbone")
+              + f" ({root / 'student'})", flush=True)
         student = train_run(student_cfg, time.time())
         student_score = _val_score(student.model_dir, metric)
         facts["student_val"] = student_score
@@ -208,6 +231,22 @@ def self_train(cfg: TrainConfig, started: float, train_run) -> Any:
                                else f"kept the teacher: {reason}") + f"; the model is in {root / 'model'}", flush=True)
     return replace(winner, run_dir=root, model_dir=RunLayout(root).model_dir,
                    metrics={**winner.metrics, "self_training": facts})
+
+
+def student_start(teacher_dir: Path, given: frozenset[str]) -> dict[str, Any]:
+    """The options that start the student from the teacher's network, when the teacher trained one
+    on images (a fine-tune; not a probe on frozen features, nor a network from random init): its
+    weights, classifier included (``--weights RUN``), at its input size, with no head-only epochs
+    (its head is trained already). Options the user gave are left to the user.
+
+    A student that starts where the teacher ended spends its time on the pseudo-labels rather than on
+    relearning the labelled images: on CIFAR-10 with 1,000 labels its 20 minutes are ~3 epochs.
+    """
+    card = read_card(teacher_dir)
+    if card.training.get("strategy") in ("linear-probe", *RANDOM_INIT) or card.architecture is None:
+        return {}
+    start = {"weights": str(teacher_dir), "img_size": card.preprocessing.height, "freeze_epochs": 0}
+    return {k: v for k, v in start.items() if k not in given or k == "weights"}
 
 
 def _labelled(cfg: TrainConfig) -> Splits:
@@ -239,6 +278,11 @@ def _promote(run_dir: Path, root: Path, facts: dict[str, Any]) -> None:
             shutil.copytree(item, target, dirs_exist_ok=True, symlinks=False)
         else:
             shutil.copy2(item, target)
+    _record(root, facts)
+
+
+def _record(root: Path, facts: dict[str, Any]) -> None:
+    """The self-training's facts in the run's model card and ``self_training.json``."""
     card = read_card(root / "model")
     write_card(root / "model", card.replace(training={**card.training, "self_training": facts}))
     atomic_write_text(root / "self_training.json", json.dumps(facts, indent=2) + "\n")

@@ -120,7 +120,9 @@ class ModelOptions:
     name: str = option("efficientnet_lite0", "timm name, torchvision:NAME, or the embedded offline default "
                                              "efficientnet_lite0", key="model")
     weights: str = option("default", "default (pretrained: embedded or hub download) | none | PATH to a local "
-                                     ".safetensors/.pth", metavar="default|none|PATH")
+                                     ".safetensors/.pth | RUN, a visiontune run or model folder of the same "
+                                     "classes: it starts the run, its classifier included",
+                          metavar="default|none|PATH|RUN")
     img_size: int | None = option(None, "input size in pixels (default: the backbone's pretrained config)")
     resize_mode: str = option("crop", "how images are fitted to the input", choices=RESIZE)
     tta: str | None = option(None, "test-time augmentation, the views every prediction averages (stored in the "

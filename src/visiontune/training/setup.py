@@ -21,9 +21,11 @@ from ..data.labels import per_task
 from ..data.memory import should_cache, store_side
 from ..data.preprocess import Preprocessing
 from ..data.scan import Splits, discover, median_side, write_skipped, write_split_csv
+from ..models.artifact import read_card
 from ..models.factory import build_model, fit_input_size
 from ..models.lowres import is_lowres
 from ..models.tta import takes_zoom
+from ..models.weights import read_state_dict, trained_weights
 from ..task import TASKS, Task, get_task
 from .budget import (
     FORECAST_MIN_IMAGE_EPOCHS,
@@ -103,11 +105,16 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
         if note:
             print(note, flush=True)
     cfg = adapt_to_task(cfg, splits.task)
+    cfg, start = trained_start(cfg, splits)
     if is_lowres(cfg.model.name) and "strategy" not in cfg.given:  # a network with no pretrained weights
         cfg = cfg.replace(strategy="scratch")
     weights = "none" if cfg.strategy.name in RANDOM_INIT else cfg.model.weights
     model_name = cfg.model.name
     model, arch, pre = build_model(model_name, len(splits.class_names), weights)
+    if start is not None and weights != "none":  # its classes are the data's: its trained head is kept too
+        head = arch.classifier + "."
+        model.get_submodule(arch.classifier).load_state_dict(
+            {k[len(head):]: v for k, v in read_state_dict(start).items() if k.startswith(head)})
     default_side = pre.height  # the backbone's own input size
     if cfg.model.img_size:
         pre = pre.with_size(cfg.model.img_size)
@@ -177,6 +184,38 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
     ctx.logger = LOGGERS.get(cfg.runtime.logger)(run_dir, layout.logs, Path(run_dir).name,
                                                  cfg.replace(run_dir=str(run_dir)).to_dict())
     return ctx
+
+
+def trained_start(cfg: TrainConfig, splits: Splits) -> tuple[TrainConfig, Path | None]:
+    """``--weights RUN|MODEL``: a visiontune model starts the run, its classifier included.
+
+    Returns ``cfg`` with the model's network as ``--model`` (fixed: a plan keeps it) and the model's
+    weights file, or ``(cfg, None)`` when ``--weights`` is not a visiontune run or model folder.
+    Its classes and task must be the data's (else the kept classifier would answer other classes):
+    :class:`ConfigError` naming the remedy otherwise.
+    """
+    folder = Path(cfg.model.weights) if cfg.model.weights not in ("default", "none") else None
+    start = trained_weights(folder) if folder is not None else None
+    if start is None:
+        return cfg, None
+    card = read_card(start.parent)  # validated: a model folder may come from anyone
+    task = get_task(splits.task)
+    if card.class_names != list(splits.class_names) or card.task.name != task.name:
+        raise ConfigError(f"--weights {folder}: that model answers {card.task.title} {card.class_names[:6]}"
+                          f"{' ...' if len(card.class_names) > 6 else ''}, the data has {task.title} "
+                          f"{list(splits.class_names)[:6]}{' ...' if len(splits.class_names) > 6 else ''}; a "
+                          "trained model starts only a run on the same classes (use --weights default for the "
+                          "pretrained backbone, or PATH to its model.safetensors for the network without its "
+                          "classifier)")
+    if card.architecture is None or card.pruned is not None:
+        raise ConfigError(f"--weights {folder}: a {'pruned' if card.pruned else 'exported'} model cannot start a "
+                          "run; give the run it came from")
+    network = card.architecture.requested or card.architecture.name
+    if "model" in cfg.given and cfg.model.name != network:
+        raise ConfigError(f"--weights {folder} is a {network} model, not --model {cfg.model.name}: drop --model")
+    out = cfg.replace(model=network, weights=str(start))
+    out.given = cfg.given | {"model", "weights"}
+    return out, start
 
 
 def adapt_to_task(cfg: TrainConfig, task: str | Task) -> TrainConfig:
