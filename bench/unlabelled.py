@@ -30,7 +30,7 @@ from pathlib import Path
 
 from bench.__main__ import ROOT, cpu_flags, machine, unpack
 from bench.budget import run, write_results
-from bench.fewshot import cifar_pool, one, write_csv
+from bench.fewshot import cifar_pool, held_out_accuracy, one, write_csv
 
 SECTION = "## Unlabelled images"
 
@@ -70,8 +70,13 @@ def bench_pseudo(args, label_of: dict[str, str], labelled: list[str], held: list
     folder = pool_folder(args.work / "pools" / "unlabelled", unlabelled)
     csv_path = write_csv(args.work / "subsets" / "labelled.csv", [(f, label_of[f]) for f in labelled])
     budget = ("--time", f"{args.minutes}m")
-    alone, alone_s = one(args.work, "pseudo-labelled-only", csv_path, held, *budget)
-    print(f"labelled only: held-out accuracy {alone:.4f} in {alone_s:.0f} s", flush=True)
+    kept = args.work / "runs" / "pseudo-labelled-only"
+    if args.reuse_alone and (kept / "timings.json").is_file():  # the same carve and command: reused, not rerun
+        alone, alone_s = held_out_accuracy(kept, held), json.loads((kept / "timings.json").read_text())["total"]
+        print(f"labelled only (reused from {kept}): held-out accuracy {alone:.4f} in {alone_s:.0f} s", flush=True)
+    else:
+        alone, alone_s = one(args.work, "pseudo-labelled-only", csv_path, held, *budget)
+        print(f"labelled only: held-out accuracy {alone:.4f} in {alone_s:.0f} s", flush=True)
     both, both_s = one(args.work, "pseudo-self-training", csv_path, held, *budget, "--unlabeled", str(folder))
     print(f"with --unlabeled: held-out accuracy {both:.4f} in {both_s:.0f} s", flush=True)
     facts = json.loads((args.work / "runs" / "pseudo-self-training" / "self_training.json").read_text())
@@ -160,6 +165,9 @@ def main(argv: list[str] | None = None) -> None:
                                                           "pool); 1000 narrows a 0.73 accuracy's spread to ~0.4 pt")
     ap.add_argument("--minutes", type=int, default=30, help="pseudo: the budget of both commands")
     ap.add_argument("--unlabelled", type=int, default=39_000, help="pseudo: unlabelled images")
+    ap.add_argument("--reuse-alone", action="store_true",
+                    help="pseudo: reuse the labelled-only run of an earlier bench in --work (its held-out accuracy "
+                         "is measured again; its time is its timings.json total) and run only --unlabeled")
     ap.add_argument("--seeds", type=int, default=3, help="suggest: seeds")
     ap.add_argument("--rounds", type=int, default=1, help="suggest: rounds")
     ap.add_argument("--add", type=int, default=500, help="suggest: images labelled per round")
@@ -179,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
                     else bench_suggest(args, label_of, held))
             command = (f"python -m bench.unlabelled --only {part} --start {args.start} "
                        + (f"--held {args.held} " if args.held != 200 else "")
-                       + (f"--minutes {args.minutes} --unlabelled {args.unlabelled}" if part == "pseudo" else
+                       + (f"--minutes {args.minutes} --unlabelled {args.unlabelled}"
+                          + (" --reuse-alone" if args.reuse_alone else "") if part == "pseudo" else
                           f"--seeds {args.seeds} --rounds {args.rounds} --add {args.add} --pool {args.pool} "
                           f"--methods {args.methods}"))
             parts[part] = "\n".join([heading, "", f"Machine: {machine()}", "", f"Command: `{command}`", "", *body, "",

@@ -14,7 +14,7 @@ from conftest import FAST, FAST_FLAGS, make_folder, make_multilabel, vt_main
 
 import visiontune
 from visiontune.core.errors import ConfigError
-from visiontune.models.artifact import WEIGHTS_FILE, read_card
+from visiontune.models.artifact import read_card
 from visiontune.pipeline.self_training import confident_threshold, select
 
 
@@ -76,13 +76,14 @@ def test_self_training_keeps_the_better_model_and_records_it(shared_folder, tmp_
     # the teacher fine-tuned its network: the student starts from it, classifier included
     student_cfg = yaml.safe_load((run_dir / "student" / "config.yaml").read_text())
     assert facts["student_start"] == "teacher" and "from the teacher's weights" in out
-    assert Path(student_cfg["weights"]).resolve() == (run_dir / "teacher" / "model" / WEIGHTS_FILE).resolve()
+    assert student_cfg["weights"] == str((run_dir / "teacher" / "model").resolve())
+    assert student_cfg["model"] == read_card(run_dir / "teacher" / "model").architecture.model_name
     assert visiontune.load(run_dir).predict([next(pool.rglob("*.png"))])[0]["label"]
 
 
 def test_the_student_starts_from_a_fine_tuned_teacher_only(tmp_path):
-    """A teacher that fine-tuned gives the student its weights, its input size and no head-only
-    epochs (unless the user set them); a probe's or a from-scratch teacher's does not."""
+    """A teacher that fine-tuned its network starts the student (``--weights`` the teacher's model,
+    the teacher's strategy fixed); a probe's or a from-scratch teacher's does not."""
     from visiontune.models.artifact import save_model
     from visiontune.models.card import ModelCard
     from visiontune.models.factory import build_model
@@ -93,11 +94,7 @@ def test_the_student_starts_from_a_fine_tuned_teacher_only(tmp_path):
                                ("scratch", False)):
         folder = tmp_path / strategy
         save_model(folder, model, ModelCard(["a", "b", "c"], pre.with_size(48), arch, training={"strategy": strategy}))
-        start = student_start(folder, frozenset())
-        assert bool(start) == expected
-        if expected:
-            assert start == {"weights": str(folder), "img_size": 48, "freeze_epochs": 0}
-            assert student_start(folder, frozenset({"freeze_epochs", "img_size"})) == {"weights": str(folder)}
+        assert student_start(folder) == ({"weights": str(folder), "strategy": strategy} if expected else {})
 
 
 def test_a_budget_too_short_for_self_training_trains_on_the_labelled_images_alone(trained_run, tmp_path, capsys):

@@ -26,11 +26,11 @@ from ..core.errors import ArtifactError
 from ..core.layout import MODEL_DIR
 from ..core.safe_io import atomic_path, atomic_write_text
 from .card import FORMAT, ModelCard
-from .factory import rebuild
+from .factory import fit_input_size, rebuild
 from .readme import README_FILE, model_readme
 from .shapes import apply_shapes
-from .weights import WEIGHTS_FILE
 
+WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
 MAX_CARD_BYTES = 16 * 2**20
 
@@ -159,9 +159,23 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, ModelCard]:
     """
     model_dir = resolve_model_dir(path)
     card = read_card(model_dir)
-    weights = model_dir / WEIGHTS_FILE
-    check_weights(weights, card)  # the header, before the network is allocated
-    model = rebuild(card.architecture, (card.preprocessing.height, card.preprocessing.width))
+    check_weights(model_dir / WEIGHTS_FILE, card)  # the header, before the network is allocated
+    model = rebuild(card.architecture)
+    load_weights(model, card)
+    return model.eval(), card
+
+
+def load_weights(model: nn.Module, card: ModelCard) -> None:
+    """Load the weights of the model folder ``card`` was read from into ``model``, a network of the
+    card's architecture (as :func:`~visiontune.models.factory.rebuild` or ``build_model`` makes it),
+    at the size it was trained at, strictly: every tensor, the classifier's too.
+
+    The header is checked against the card before any tensor is read (:func:`check_weights`); a
+    file that does not fit is an :class:`ArtifactError`, never a partial load.
+    """
+    weights = Path(card.model_dir or ".") / WEIGHTS_FILE
+    check_weights(weights, card)
+    fit_input_size(model, card.preprocessing.height, card.preprocessing.width)
     try:
         state = load_file(str(weights), device="cpu")
     except Exception as exc:
@@ -173,4 +187,3 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, ModelCard]:
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise ArtifactError(f"{weights} does not fit the architecture in {META_FILE} ({first[:300]})") from None
-    return model.eval(), card

@@ -14,9 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..core.errors import WeightsError
-from ..core.layout import MODEL_DIR
 
-WEIGHTS_FILE = "model.safetensors"  # a visiontune model folder's weights (models.artifact writes it)
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "weights")
 
 
@@ -26,10 +24,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     Example:
         sd = read_state_dict("resnet18.safetensors")
     """
-    path = trained_weights(Path(path)) or Path(path)
+    path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}. Pass --weights default|none|PATH to an existing file, "
-                           "or a visiontune run or model folder.")
+        raise WeightsError(f"weights file not found: {path}. Pass --weights default|none|PATH to an existing file.")
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path), device="cpu")
@@ -46,17 +43,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as exc:
         raise WeightsError(f"cannot read weights from {path}: {exc}") from None
     return _unwrap(obj, path)
-
-
-def trained_weights(path: Path) -> Path | None:
-    """The ``model.safetensors`` of a visiontune run or model folder at ``path`` (None when ``path``
-    is not such a folder): a trained model's weights start a new run as any state dict does."""
-    if not path.is_dir():
-        return None
-    for candidate in (path / WEIGHTS_FILE, path / MODEL_DIR / WEIGHTS_FILE):
-        if candidate.is_file() and not candidate.is_symlink():
-            return candidate
-    return None
 
 
 def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:

@@ -52,8 +52,11 @@ MIN_PRECISION = 0.9       # pseudo-labels kept above the probability where the t
 TEACHER_SHARE = 1 / 3     # of a budget, for the teacher (a small-data probe ends early by itself)
 LABELLING_SHARE = 1 / 3   # of the time left after the teacher, at most, for scoring the unlabelled images
 MIN_STUDENT_S = 120.0     # a student with less time than this is not trained: the teacher is the model
-MIN_BUDGET_S = 3 * MIN_STUDENT_S  # a shorter --time trains on the labelled images alone (the teacher's third
-                                  # would leave the student under MIN_STUDENT_S, and the teacher would be the model)
+# a shorter --time trains on the labelled images alone: its third is a teacher of under 2 minutes, most of
+# them the plan's measuring and the run's start and finish, and what is left after labelling barely pays a
+# student (at --time 3m: a 56 s teacher, no image scored, the teacher kept: 0.574 against the labelled-only
+# run's 0.6885 on CIFAR-10 with 200 labels; bench/RESULTS.md "Unlabelled images")
+MIN_BUDGET_S = 3 * MIN_STUDENT_S
 NOT_COPIED = ("teacher", "student", "checkpoints", "logs", "self_training.json")
 
 
@@ -129,8 +132,8 @@ def self_train(cfg: TrainConfig, started: float, train_run) -> Any:
     plain = cfg.replace(unlabeled=None)
     if budget is not None and budget < MIN_BUDGET_S:  # a teacher in a third of it would be the model, and worse
         reason = (f"--time {format_duration(budget)} is too short for self-training (a teacher in a third of it, "
-                  f"then at least {format_duration(MIN_STUDENT_S)} for the student: {format_duration(MIN_BUDGET_S)} "
-                  "or more)")
+                  "then labelling and a student in the rest; give it at least "
+                  f"{format_duration(MIN_BUDGET_S)})")
         print(f"self-training: {reason}; the run trains on the labelled images alone, in the whole budget", flush=True)
         alone = train_run(plain, started)
         facts = {"unlabeled": len(files), "scored": 0, "pseudo_labels": 0, "kept": "labelled-only",
@@ -204,7 +207,7 @@ def self_train(cfg: TrainConfig, started: float, train_run) -> Any:
         write_split_csv(train_rows + pseudo_rows, names, data, clf.task)
         student_cfg = plain.replace(data=str(data), val=str(RunLayout(teacher.run_dir).split_csv("val")),
                                     run_dir=str(root / "student"))
-        start = student_start(teacher.model_dir, cfg.given)
+        start = student_start(teacher.model_dir)
         if start:
             student_cfg = student_cfg.replace(**start)
             student_cfg.given = cfg.given | set(start)
@@ -233,20 +236,23 @@ def self_train(cfg: TrainConfig, started: float, train_run) -> Any:
                    metrics={**winner.metrics, "self_training": facts})
 
 
-def student_start(teacher_dir: Path, given: frozenset[str]) -> dict[str, Any]:
-    """The options that start the student from the teacher's network, when the teacher trained one
-    on images (a fine-tune; not a probe on frozen features, nor a network from random init): its
-    weights, classifier included (``--weights RUN``), at its input size, with no head-only epochs
-    (its head is trained already). Options the user gave are left to the user.
+def student_start(teacher_dir: Path) -> dict[str, Any]:
+    """How the student starts when the teacher trained its network on images (a fine-tune; not a
+    probe on frozen features, nor a network from random init), else ``{}``: from the teacher's
+    model, classifier included, at its input size and with no head-only epochs (``--weights RUN``,
+    :func:`~visiontune.training.setup.trained_start`), trained by the teacher's strategy.
 
-    A student that starts where the teacher ended spends its time on the pseudo-labels rather than on
-    relearning the labelled images: on CIFAR-10 with 1,000 labels its 20 minutes are ~3 epochs.
+    A student that starts where the teacher ended spends its time on the pseudo-labels rather than
+    on relearning the labelled images. Its strategy is fixed: a plan would choose a probe where
+    fewer than three epochs fit (on CIFAR-10 with 1,000 labels and a 30-minute budget, 1.6 epochs of
+    26,000 images fit on an AVX2 CPU), and a head refitted on the teacher's own features learns
+    almost nothing from the teacher's own answers: only training the network does.
     """
     card = read_card(teacher_dir)
-    if card.training.get("strategy") in ("linear-probe", *RANDOM_INIT) or card.architecture is None:
+    strategy = card.training.get("strategy")
+    if strategy in ("linear-probe", *RANDOM_INIT) or card.architecture is None:
         return {}
-    start = {"weights": str(teacher_dir), "img_size": card.preprocessing.height, "freeze_epochs": 0}
-    return {k: v for k, v in start.items() if k not in given or k == "weights"}
+    return {"weights": str(teacher_dir), "strategy": strategy}
 
 
 def _labelled(cfg: TrainConfig) -> Splits:

@@ -14,18 +14,18 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..core.errors import ConfigError
+from ..core.errors import ArtifactError, ConfigError
 from ..core.hardware import available_memory, device, is_rank_zero, resolve_precision
 from ..core.layout import RunLayout
 from ..data.labels import per_task
 from ..data.memory import should_cache, store_side
 from ..data.preprocess import Preprocessing
 from ..data.scan import Splits, discover, median_side, write_skipped, write_split_csv
-from ..models.artifact import read_card
+from ..models.artifact import load_weights, read_card, resolve_model_dir
+from ..models.card import ModelCard
 from ..models.factory import build_model, fit_input_size
 from ..models.lowres import is_lowres
 from ..models.tta import takes_zoom
-from ..models.weights import read_state_dict, trained_weights
 from ..task import TASKS, Task, get_task
 from .budget import (
     FORECAST_MIN_IMAGE_EPOCHS,
@@ -105,17 +105,21 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
         if note:
             print(note, flush=True)
     cfg = adapt_to_task(cfg, splits.task)
-    cfg, start = trained_start(cfg, splits)
+    cfg, start = (cfg, None) if cfg.runtime.resume else trained_start(cfg, splits)
     if is_lowres(cfg.model.name) and "strategy" not in cfg.given:  # a network with no pretrained weights
         cfg = cfg.replace(strategy="scratch")
-    weights = "none" if cfg.strategy.name in RANDOM_INIT else cfg.model.weights
+    if start is not None and cfg.strategy.name in RANDOM_INIT:
+        raise ConfigError(f"--weights {cfg.model.weights} starts from a trained network, which --strategy "
+                          f"{cfg.strategy.name} (random init; the recipe of {cfg.model.name}) would discard: give "
+                          "--strategy finetune, or drop --weights")
+    # a trained model's folder is loaded below (as is a resumed run's checkpoint): the network is built empty
+    weights = "none" if cfg.strategy.name in RANDOM_INIT or is_model_folder(cfg.model.weights) else cfg.model.weights
     model_name = cfg.model.name
     model, arch, pre = build_model(model_name, len(splits.class_names), weights)
-    if start is not None and weights != "none":  # its classes are the data's: its trained head is kept too
-        head = arch.classifier + "."
-        model.get_submodule(arch.classifier).load_state_dict(
-            {k[len(head):]: v for k, v in read_state_dict(start).items() if k.startswith(head)})
     default_side = pre.height  # the backbone's own input size
+    if start is not None:  # every tensor, the classifier too (its classes are the data's), and its preprocessing
+        load_weights(model, start)
+        pre = start.preprocessing
     if cfg.model.img_size:
         pre = pre.with_size(cfg.model.img_size)
     pre = replace(pre, resize_mode=cfg.model.resize_mode)
@@ -186,36 +190,53 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
     return ctx
 
 
-def trained_start(cfg: TrainConfig, splits: Splits) -> tuple[TrainConfig, Path | None]:
+def is_model_folder(weights: str) -> bool:
+    """Whether ``--weights`` names a folder (a visiontune run or model) rather than a weights file."""
+    return weights not in ("default", "none") and Path(weights).is_dir()
+
+
+def trained_start(cfg: TrainConfig, splits: Splits) -> tuple[TrainConfig, ModelCard | None]:
     """``--weights RUN|MODEL``: a visiontune model starts the run, its classifier included.
 
-    Returns ``cfg`` with the model's network as ``--model`` (fixed: a plan keeps it) and the model's
-    weights file, or ``(cfg, None)`` when ``--weights`` is not a visiontune run or model folder.
-    Its classes and task must be the data's (else the kept classifier would answer other classes):
-    :class:`ConfigError` naming the remedy otherwise.
+    Returns ``cfg`` fitted to the model and its validated card, or ``(cfg, None)`` when ``--weights``
+    is not a folder. The model's network becomes ``--model`` (fixed: a plan keeps it); its input
+    size and resize mode are the run's, and the head-only epochs are none (its head is trained),
+    unless given; ``--weights`` is recorded as the model folder's absolute path. Its classes and
+    task must be the data's (the kept classifier answers them): :class:`ConfigError` naming the
+    remedy otherwise, as for a pruned model or a folder that holds no visiontune model.
     """
-    folder = Path(cfg.model.weights) if cfg.model.weights not in ("default", "none") else None
-    start = trained_weights(folder) if folder is not None else None
-    if start is None:
+    if not is_model_folder(cfg.model.weights):
         return cfg, None
-    card = read_card(start.parent)  # validated: a model folder may come from anyone
+    folder = cfg.model.weights
+    try:
+        card = read_card(resolve_model_dir(folder))  # validated: a model folder may come from anyone
+    except ArtifactError as exc:
+        raise ConfigError(f"--weights {folder}: {exc} Give a run or model folder from `visiontune train`, or a "
+                          ".safetensors/.pth file") from None
     task = get_task(splits.task)
     if card.class_names != list(splits.class_names) or card.task.name != task.name:
-        raise ConfigError(f"--weights {folder}: that model answers {card.task.title} {card.class_names[:6]}"
-                          f"{' ...' if len(card.class_names) > 6 else ''}, the data has {task.title} "
-                          f"{list(splits.class_names)[:6]}{' ...' if len(splits.class_names) > 6 else ''}; a "
-                          "trained model starts only a run on the same classes (use --weights default for the "
-                          "pretrained backbone, or PATH to its model.safetensors for the network without its "
-                          "classifier)")
+        raise ConfigError(f"--weights {folder}: that model answers {card.task.title} {_few(card.class_names)}, the "
+                          f"data has {task.title} {_few(splits.class_names)}; a trained model starts only a run on "
+                          "the same classes (use --weights default for the pretrained backbone, or the folder's "
+                          "model/model.safetensors for its network without its classifier)")
     if card.architecture is None or card.pruned is not None:
         raise ConfigError(f"--weights {folder}: a {'pruned' if card.pruned else 'exported'} model cannot start a "
                           "run; give the run it came from")
-    network = card.architecture.requested or card.architecture.name
-    if "model" in cfg.given and cfg.model.name != network:
-        raise ConfigError(f"--weights {folder} is a {network} model, not --model {cfg.model.name}: drop --model")
-    out = cfg.replace(model=network, weights=str(start))
-    out.given = cfg.given | {"model", "weights"}
-    return out, start
+    arch = card.architecture
+    if "model" in cfg.given and cfg.model.name not in (arch.model_name, arch.requested, arch.name, f"timm:{arch.name}"):
+        raise ConfigError(f"--weights {folder} is a {arch.requested or arch.model_name} model, not "
+                          f"{cfg.model.name}: drop --model (the model's own network is used)")
+    fitted = {"img_size": card.preprocessing.height, "resize_mode": card.preprocessing.resize_mode,
+              "freeze_epochs": 0}
+    out = cfg.replace(model=arch.model_name, weights=str(Path(card.model_dir).resolve()),
+                      **{k: v for k, v in fitted.items() if k not in cfg.given})
+    out.given = cfg.given | {"model", "weights", *fitted}
+    return out, card
+
+
+def _few(names) -> str:
+    names = list(names)
+    return str(names[:6])[:-1] + (", ...]" if len(names) > 6 else "]")
 
 
 def adapt_to_task(cfg: TrainConfig, task: str | Task) -> TrainConfig:
