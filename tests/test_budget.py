@@ -191,6 +191,25 @@ def test_the_users_strategy_is_kept_when_nothing_fits():
     assert plan.augment == "crop-flip" and plan.projected["train"] > 0 and "--strategy finetune" in plan.reason
 
 
+def test_a_fixed_strategy_where_under_the_minimum_fits_plans_the_epochs_that_do_and_a_partial_one():
+    """A self-training student (strategy, size and no warm-up fixed) with time for ~1.6 epochs: one
+    whole epoch and the partial one that fits, its LR schedule ending at the last step, not one epoch
+    then a re-plan that restarts the decayed schedule."""
+    n_train = 26_000
+    t = Throughput(128, 50, 130)
+    per_epoch = n_train / t.train + 200 / t.infer
+    fixed = {"strategy": "finetune", "img_size": 128, "freeze_epochs": 0}
+    student = facts(1.9 * per_epoch, n_train=n_train, n_val=200, throughputs=[t])
+    plan = plan_run(student, fixed)
+    assert (plan.strategy, plan.img_size, plan.freeze_epochs) == ("finetune", 128, 0)
+    assert plan.epochs == 2 and plan.max_steps is not None
+    spe = student.steps_per_epoch
+    assert spe < plan.max_steps < 2 * spe and "1 epoch(s)" in plan.reason
+    assert plan.total <= 1.9 * per_epoch
+    nothing = plan_run(facts(0.5 * per_epoch, n_train=n_train, n_val=200, throughputs=[t]), fixed)
+    assert nothing.epochs == 1 and nothing.max_steps is None and "stopped at the deadline" in nothing.reason
+
+
 def test_scratch_gets_no_pretrained_recipe():
     plan = plan_run(facts(60 * 60, **CIFAR), {"strategy": "scratch"})
     assert plan.strategy == "scratch" and plan.freeze_epochs == 0 and plan.projected["features"] == 0

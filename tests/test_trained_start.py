@@ -41,7 +41,8 @@ def test_a_trained_model_starts_the_run_with_its_classifier_size_and_network(res
         assert ctx.arch.name == "resnet18" and ctx.cfg.model.name == "resnet18"
         assert ctx.arch.classifier + ".weight" in saved and _same(ctx.model.state_dict(), saved)
         assert ctx.preprocessing.height == 40 and ctx.cfg.model.img_size == 40  # the model's own size
-        assert ctx.cfg.strategy.freeze_epochs == 0 and {"model", "weights", "img_size"} <= ctx.cfg.given
+        assert ctx.cfg.strategy.freeze_epochs == 0 and ctx.cfg.strategy.name == "finetune"
+        assert {"model", "weights", "img_size", "strategy"} <= ctx.cfg.given
         assert ctx.cfg.model.weights == str(run.model_dir.resolve())  # the folder, absolute, recorded
 
 
@@ -95,3 +96,16 @@ def test_what_cannot_start_a_run_is_refused_by_name(resnet_run, tmp_path, capsys
                                "--run-dir", run_dir, *FAST_FLAGS)
         assert code == 2 and message in err and "Traceback" not in err, (message, err)
         assert not run_dir.exists()
+
+
+def test_a_probe_on_a_trained_model_fits_a_head_on_its_fine_tuned_body(resnet_run, tmp_path):
+    """``--strategy linear-probe --head auto`` (the plan for small sets of photos) on a trained model:
+    the cross-validated probe runs on the model's body, which it leaves as it was."""
+    run, data = resnet_run
+    out = visiontune.train(data, weights=str(run.run_dir), strategy="linear-probe", head="auto",
+                           run_dir=str(tmp_path / "probe run"), workers=0, progress=False, report=False)
+    before, after = load_file(str(run.model_dir / WEIGHTS_FILE)), load_file(str(out.model_dir / WEIGHTS_FILE))
+    head = read_card(out.model_dir).architecture.classifier + "."
+    body = [k for k in before if not k.startswith(head)]
+    assert body and all(torch.equal(before[k], after[k]) for k in body)
+    assert read_card(out.model_dir).training["strategy"] == "linear-probe"

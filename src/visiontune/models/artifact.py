@@ -173,7 +173,9 @@ def load_weights(model: nn.Module, card: ModelCard) -> None:
     The header is checked against the card before any tensor is read (:func:`check_weights`); a
     file that does not fit is an :class:`ArtifactError`, never a partial load.
     """
-    weights = Path(card.model_dir or ".") / WEIGHTS_FILE
+    if card.model_dir is None:
+        raise ArtifactError("a model card read from no folder has no weights to load")
+    weights = Path(card.model_dir) / WEIGHTS_FILE
     check_weights(weights, card)
     fit_input_size(model, card.preprocessing.height, card.preprocessing.width)
     try:

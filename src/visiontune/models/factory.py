@@ -11,6 +11,7 @@ pretrained config.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -172,7 +173,7 @@ def init_head(head: nn.Module) -> None:
 def source_classifier(name: str, weights: str, in_features: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The pretrained classifier the new head replaced, as (weight ``[C, d]``, bias ``[C]``), where
     the weights at hand hold it: the embedded default and local weight files (None otherwise)."""
-    if weights == "none":
+    if weights == "none" or Path(weights).is_dir():  # a trained model's folder: its classifier is the data's own
         return None
     if name in EMBEDDED_ALIASES and weights == "default":
         state = _embedded_state_dict(EMBEDDED_ALIASES[name])

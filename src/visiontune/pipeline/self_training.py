@@ -237,22 +237,21 @@ def self_train(cfg: TrainConfig, started: float, train_run) -> Any:
 
 
 def student_start(teacher_dir: Path) -> dict[str, Any]:
-    """How the student starts when the teacher trained its network on images (a fine-tune; not a
-    probe on frozen features, nor a network from random init), else ``{}``: from the teacher's
-    model, classifier included, at its input size and with no head-only epochs (``--weights RUN``,
-    :func:`~visiontune.training.setup.trained_start`), trained by the teacher's strategy.
+    """``{"weights": teacher_dir}`` when the teacher trained its network on images (a fine-tune; not
+    a probe on frozen features, nor a network from random init), else ``{}``: the student starts
+    from the teacher's model, classifier included, at its input size, with no head-only epochs and
+    by the teacher's strategy (``--weights RUN``, :func:`~visiontune.training.setup.trained_start`).
 
     A student that starts where the teacher ended spends its time on the pseudo-labels rather than
-    on relearning the labelled images. Its strategy is fixed: a plan would choose a probe where
-    fewer than three epochs fit (on CIFAR-10 with 1,000 labels and a 30-minute budget, 1.6 epochs of
-    26,000 images fit on an AVX2 CPU), and a head refitted on the teacher's own features learns
-    almost nothing from the teacher's own answers: only training the network does.
+    on relearning the labelled images. Its strategy stays the teacher's: a plan would choose a probe
+    where fewer than three epochs fit (on CIFAR-10 with 1,000 labels and a 30-minute budget, 1.6
+    epochs of 26,000 images fit on an AVX2 CPU), and a head refitted on the teacher's own features
+    learns little from the teacher's own answers (+0.65 points, bench/RESULTS.md "Unlabelled images").
     """
     card = read_card(teacher_dir)
-    strategy = card.training.get("strategy")
-    if strategy in ("linear-probe", *RANDOM_INIT) or card.architecture is None:
+    if card.training.get("strategy") in ("linear-probe", *RANDOM_INIT) or card.architecture is None:
         return {}
-    return {"weights": str(teacher_dir), "strategy": strategy}
+    return {"weights": str(teacher_dir)}
 
 
 def _labelled(cfg: TrainConfig) -> Splits:

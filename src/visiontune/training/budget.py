@@ -566,7 +566,7 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
                    f"{default_side} px: on such photos the probe beat fine-tuning ({PHOTO_PROBE})")
         return cross_validated_probe(why)
 
-    candidates, best = [], None
+    candidates, best, room_at = [], None, {}
     # with --epochs given, the largest size where those epochs fit; else where the minimum does
     needed = fixed["epochs"] - min(warmup, fixed["epochs"]) if "epochs" in fixed else (
         SMALL_DATA_MIN_EPOCHS if small_data else MIN_FINETUNE_EPOCHS) - 1  # the warm-up's epoch counts
@@ -576,6 +576,7 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
         room = available - base["features"] - base["finish"] - (n_train + n_val) * (decode_s - reread)
         trained = max(0, int(room // per_epoch))  # fine-tuning epochs after the warm-up
         fit = trained + warmup
+        room_at[t.size] = (fit, room - trained * per_epoch)
         candidates.append({"size": t.size, "epochs_that_fit": fit, "seconds_per_epoch": round(per_epoch, 1)})
         if t.size < MIN_FINETUNE_SIDE and not scratch and "img_size" not in fixed:
             continue  # too small to fine-tune a pretrained network (the user's own size is kept)
@@ -591,10 +592,13 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
                         f"backbone's {default_side} px: fine-tuning beats probes on frozen features there "
                         f"({SMALL_FINETUNE}); ")
     if best is None and strategy is not None and strategy != "linear-probe":
-        best = (sizes[0], fixed.get("epochs", warmup + 1), 0.0)  # the user's strategy at the smallest size
+        # the strategy is fixed at the smallest size: the epochs that fit there and a partial one (a student
+        # from its teacher: 1.6 epochs), or one epoch stopped at the deadline where not even that fits
+        fit, leftover = room_at[sizes[0].size]
+        best = (sizes[0], fit, leftover) if fit > warmup else (sizes[0], fixed.get("epochs", warmup + 1), 0.0)
         why = f"--strategy {strategy}" if "strategy" in fixed else f"{facts.processes} processes train on images"
-        reason = (f"{why}: not even {needed} fine-tuning epoch(s) fit at any measured size; the "
-                  "smallest runs until the deadline")
+        reason = (f"{why}: not even {needed} fine-tuning epoch(s) fit at any measured size; at the smallest, "
+                  + (f"{fit} epoch(s)" if fit > warmup else "one epoch, stopped at the deadline"))
     if best is not None and strategy in (None, "finetune", "progressive", "scratch"):
         t, fit, leftover = best
         epochs = fixed.get("epochs", max(min(fit, MAX_EPOCHS), warmup + 1))
