@@ -41,8 +41,8 @@ def test_a_trained_model_starts_the_run_with_its_classifier_size_and_network(res
         assert ctx.arch.name == "resnet18" and ctx.cfg.model.name == "resnet18"
         assert ctx.arch.classifier + ".weight" in saved and _same(ctx.model.state_dict(), saved)
         assert ctx.preprocessing.height == 40 and ctx.cfg.model.img_size == 40  # the model's own size
-        assert ctx.cfg.strategy.freeze_epochs == 0 and ctx.cfg.strategy.name == "finetune"
-        assert {"model", "weights", "img_size", "strategy"} <= ctx.cfg.given
+        assert ctx.cfg.strategy.freeze_epochs == 0
+        assert {"model", "weights", "img_size"} <= ctx.cfg.given and "strategy" not in ctx.cfg.given
         assert ctx.cfg.model.weights == str(run.model_dir.resolve())  # the folder, absolute, recorded
 
 
@@ -109,3 +109,11 @@ def test_a_probe_on_a_trained_model_fits_a_head_on_its_fine_tuned_body(resnet_ru
     body = [k for k in before if not k.startswith(head)]
     assert body and all(torch.equal(before[k], after[k]) for k in body)
     assert read_card(out.model_dir).training["strategy"] == "linear-probe"
+
+
+def test_compare_refuses_a_trained_model_as_every_entrys_start(resnet_run, tmp_path, capsys):
+    run, data = resnet_run
+    code, _, err = vt_main(capsys, "compare", data, "--weights", run.run_dir, "--epochs", "1",
+                           "--run-dir", tmp_path / "cmp", *FAST_FLAGS)
+    assert code == 2 and "visiontune train DATA --weights RUN" in err and "Traceback" not in err
+    assert not (tmp_path / "cmp").exists()

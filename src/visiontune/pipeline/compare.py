@@ -24,7 +24,7 @@ from ..core.tables import fixed_width
 from ..training.budget import format_duration, run_budget
 from ..training.config import COMPARE_OWN, MIN_DURATION_S, TrainConfig
 from ..training.registry import STRATEGIES
-from ..training.setup import make_run_dir
+from ..training.setup import is_model_folder, make_run_dir
 from .train import train
 
 OWN_OPTIONS = COMPARE_OWN  # options compare sets for each entry, and what to use instead
@@ -62,6 +62,10 @@ def compare(data: str | os.PathLike, strategies: Sequence[str] = ("finetune", "l
         raise ConfigError(f"compare sets {', '.join(own)} itself for every entry; "
                           + "; ".join(OWN_OPTIONS[k] for k in own))
     cfg = TrainConfig.from_dict({"data": str(data), **train_options})  # fail fast on bad options
+    if is_model_folder(cfg.model.weights):  # one trained network cannot start every --models entry
+        raise ConfigError(f"compare trains each --models entry from its own weights (--weights default, none or a "
+                          f"weights file); --weights {cfg.model.weights} is a trained model: continue it with "
+                          "visiontune train DATA --weights RUN")
     entries = len(models) * len(strategies)
     budget = run_budget(cfg)
     if budget is not None:  # the comparison's budget (given, or the default) is shared equally by its entries

@@ -592,8 +592,9 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
                         f"backbone's {default_side} px: fine-tuning beats probes on frozen features there "
                         f"({SMALL_FINETUNE}); ")
     if best is None and strategy is not None and strategy != "linear-probe":
-        # the strategy is fixed at the smallest size: the epochs that fit there and a partial one (a student
-        # from its teacher: 1.6 epochs), or one epoch stopped at the deadline where not even that fits
+        # the fixed strategy at the smallest size: the epochs that fit there and a partial one (time for 1.3
+        # epochs: one and 0.3 of another, the LR schedule ending at its last step), or one epoch stopped at
+        # the deadline where not even that fits
         fit, leftover = room_at[sizes[0].size]
         best = (sizes[0], fit, leftover) if fit > warmup else (sizes[0], fixed.get("epochs", warmup + 1), 0.0)
         why = f"--strategy {strategy}" if "strategy" in fixed else f"{facts.processes} processes train on images"

@@ -179,7 +179,8 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
         resolved.save(layout.config)
         if plan is not None:
             plan.save(layout.plan)
-    print(f"model: {cfg.model.name} ({arch.source}:{arch.name}, weights={weights}), strategy {cfg.strategy.name}, "
+    shown = f"the trained model {cfg.model.weights}" if start is not None else weights
+    print(f"model: {cfg.model.name} ({arch.source}:{arch.name}, weights={shown}), strategy {cfg.strategy.name}, "
           f"input {pre.height}x{pre.width} {pre.resize_mode}, precision {precision}"
           + (f", images in memory (~{needed / 2**20:.0f} MiB)" if cache else ""))
     print(levers_line(cfg))
@@ -200,9 +201,10 @@ def trained_start(cfg: TrainConfig, splits: Splits) -> tuple[TrainConfig, ModelC
 
     Returns ``cfg`` fitted to the model and its validated card, or ``(cfg, None)`` when ``--weights``
     is not a folder. The model's network becomes ``--model`` (fixed: a plan keeps it); its input
-    size and resize mode are the run's, the head-only epochs are none (its head is trained), and a
-    fine-tuned network is fine-tuned on (its strategy), unless given; ``--weights`` is recorded as
-    the model folder's absolute path. Its classes and task must be the data's (the kept classifier answers them): :class:`ConfigError` naming the
+    size and resize mode are the run's and the head-only epochs are none (its head is trained),
+    unless given; the strategy is the user's or the plan's (a probe refits the classifier on the
+    trained body); ``--weights`` is recorded as the model folder's absolute path. Its classes and
+    task must be the data's (the kept classifier answers them): :class:`ConfigError` naming the
     remedy otherwise, as for a pruned model or a folder that holds no visiontune model.
     """
     if not is_model_folder(cfg.model.weights):
@@ -228,8 +230,6 @@ def trained_start(cfg: TrainConfig, splits: Splits) -> tuple[TrainConfig, ModelC
                           f"{cfg.model.name}: drop --model (the model's own network is used)")
     fitted = {"img_size": card.preprocessing.height, "resize_mode": card.preprocessing.resize_mode,
               "freeze_epochs": 0}
-    if card.training.get("strategy") in ("finetune", "progressive"):  # a network trained on images goes on so:
-        fitted["strategy"] = card.training["strategy"]  # a plan's probe would refit its head on its frozen body
     out = cfg.replace(model=arch.model_name, weights=str(Path(card.model_dir).resolve()),
                       **{k: v for k, v in fitted.items() if k not in cfg.given})
     out.given = cfg.given | {"model", "weights", *fitted}
