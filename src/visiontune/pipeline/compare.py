@@ -21,10 +21,11 @@ from typing import Any
 from ..core.errors import ConfigError
 from ..core.layout import RunLayout
 from ..core.tables import fixed_width
+from ..models.weights import is_model_folder
 from ..training.budget import format_duration, run_budget
 from ..training.config import COMPARE_OWN, MIN_DURATION_S, TrainConfig
 from ..training.registry import STRATEGIES
-from ..training.setup import is_model_folder, make_run_dir
+from ..training.setup import make_run_dir
 from .train import train
 
 OWN_OPTIONS = COMPARE_OWN  # options compare sets for each entry, and what to use instead

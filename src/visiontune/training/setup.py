@@ -26,6 +26,7 @@ from ..models.card import ModelCard
 from ..models.factory import build_model, fit_input_size
 from ..models.lowres import is_lowres
 from ..models.tta import takes_zoom
+from ..models.weights import is_model_folder
 from ..task import TASKS, Task, get_task
 from .budget import (
     FORECAST_MIN_IMAGE_EPOCHS,
@@ -189,11 +190,6 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
     ctx.logger = LOGGERS.get(cfg.runtime.logger)(run_dir, layout.logs, Path(run_dir).name,
                                                  cfg.replace(run_dir=str(run_dir)).to_dict())
     return ctx
-
-
-def is_model_folder(weights: str) -> bool:
-    """Whether ``--weights`` names a folder (a visiontune run or model) rather than a weights file."""
-    return weights not in ("default", "none") and Path(weights).is_dir()
 
 
 def trained_start(cfg: TrainConfig, splits: Splits) -> tuple[TrainConfig, ModelCard | None]:
