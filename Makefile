@@ -33,8 +33,10 @@ docs: $(STAMP)
 	$(PY) tools/cli_reference.py --check
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
 
+# on every core (pytest-xdist; tests/conftest.py shares the cores out between the workers): a file's tests stay
+# on one worker, so its module-scoped fixtures are built once
 test: lint docs
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q -n auto --dist loadfile
 
 # the slow end-to-end checks, and the parser fuzzing with many more (random) examples
 test-slow: $(STAMP) $(LS_STAMP)

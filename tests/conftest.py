@@ -19,6 +19,13 @@ import torch
 from hypothesis import HealthCheck, settings
 from PIL import Image
 
+# make test runs one pytest-xdist worker per core: each worker, and the CLI subprocesses it starts, gets
+# its share of the cores (workers each using every core would thrash them)
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _THREADS = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_THREADS)
+    torch.set_num_threads(_THREADS)
+
 CLASSES = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 CLASS_NAMES = sorted(CLASSES)
 FAST = {"img_size": 32, "batch_size": 8, "workers": 0, "progress": False, "report": False}
