@@ -14,6 +14,7 @@ from visiontune.core.errors import ConfigError
 from visiontune.training.budget import (
     DEFAULT_TIME,
     MAX_EPOCHS,
+    MIN_CONTINUED_PASSES,
     MIN_FINETUNE_EPOCHS,
     MIN_FINETUNE_SIDE,
     SMALL_DATA_MIN_EPOCHS,
@@ -208,6 +209,34 @@ def test_a_fixed_strategy_where_under_the_minimum_fits_plans_the_epochs_that_do_
     assert plan.total <= 1.9 * per_epoch
     nothing = plan_run(facts(0.5 * per_epoch, n_train=n_train, n_val=200, throughputs=[t]), fixed)
     assert nothing.epochs == 1 and nothing.max_steps is None and "stopped at the deadline" in nothing.reason
+
+
+def test_a_trained_model_continues_at_the_largest_size_up_to_its_own_where_one_and_a_half_passes_fit():
+    """``--weights RUN`` (the self-training student): its network already answers the classes, so the
+    plan fine-tunes where 1.5 passes fit, not where a fresh fine-tune's minimum does, and never above
+    the model's own size; with less time than that at every size, the probe on its features."""
+    table = [*TABLE, Throughput(160, 48, 250)]
+    fixed = {"freeze_epochs": 0, "resize_mode": "squash", "model": "tf_efficientnet_lite0"}  # trained_start's
+
+    def student(budget: float, trained_side: int | None = 128) -> Plan:
+        return plan_run(facts(budget, n_train=24_000, n_val=200, throughputs=table, trained_side=trained_side),
+                        fixed)
+
+    def passes(plan: Plan, n_train: int = 24_000) -> float:
+        return plan.max_steps / facts(60, n_train=n_train, n_val=200).steps_per_epoch if plan.max_steps else plan.epochs
+
+    short = student(300)  # 128 px: ~0.8 of a pass; 96 px: ~1.6
+    assert (short.strategy, short.img_size, short.freeze_epochs) == ("finetune", 96, 0)
+    assert MIN_CONTINUED_PASSES <= passes(short) < 2 and "a trained model continues" in short.reason
+    assert short.total <= 300
+    roomy = student(3600)  # 160 px would fit too: the model's own 128 px is the largest
+    assert roomy.img_size == 128 and roomy.epochs > 3
+    assert student(3600, trained_side=None).img_size == 160  # a fresh run's plan goes above it
+    tiny = student(60)  # not 1.5 passes at 48 px either
+    assert tiny.strategy == "linear-probe" and "passes of the trained model" in tiny.reason
+    # a given --img-size or --epochs is kept, as in any plan
+    assert plan_run(facts(300, n_train=24_000, n_val=200, throughputs=table, trained_side=128),
+                    {**fixed, "img_size": 128, "strategy": "finetune"}).img_size == 128
 
 
 def test_scratch_gets_no_pretrained_recipe():

@@ -88,6 +88,13 @@ PLANNED_OPTIONS = ("strategy", "img_size", "epochs", "max_steps", "freeze_epochs
 # (CIFAR-10's 40,000 images: 92% at 60 min on a 2-core CPU), and a small set of photos' plan ends in seconds
 DEFAULT_TIME = "1h"
 MIN_PARTIAL_EPOCH = 0.1  # a last, partial epoch shorter than this share of an epoch is not worth its validation
+# a run that continues a trained model (--weights RUN) fine-tunes at the largest size, up to the model's own,
+# where this many passes over its data fit: its network already answers these classes, so a fresh fine-tune's
+# minimum (MIN_FINETUNE_EPOCHS, the head's warm-up included) does not apply. Measured with the self-training
+# student (CIFAR-10, 800 labelled + 23,000-27,000 pseudo-labelled images, 14 minutes, an AVX2 CPU, 2,000
+# held-out images): 1.3 passes at the teacher's 128 px 0.8300, 1.6 passes at 96 px 0.8375, and the probe on
+# the teacher's features, which the fresh fine-tune's minimum chose, 0.8260 (bench/RESULTS.md "Unlabelled images")
+MIN_CONTINUED_PASSES = 1.5
 
 
 def run_budget(cfg: TrainConfig) -> float | None:
@@ -161,6 +168,8 @@ class Facts:
             measures ``--tta auto``: :func:`~visiontune.training.tta_choice.why_one_view`).
         zoom: whether the network takes the zoomed view ``--tta auto`` measures (a ViT's fixed position
             embeddings do not: :func:`~visiontune.models.tta.takes_zoom`).
+        trained_side: the input side of the trained model the run continues (``--weights RUN``), else
+            ``None``: the plan fine-tunes where :data:`MIN_CONTINUED_PASSES` fit, at most at that side.
     """
 
     budget: float
@@ -179,6 +188,7 @@ class Facts:
     unknown: bool = True
     single_label: bool = True
     zoom: bool = True
+    trained_side: int | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -498,6 +508,10 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
       fit (at most :data:`MAX_EPOCHS`), with :data:`FINETUNE_RECIPE` and, for images much smaller
       than the backbone's input, the small-image recipe (squash to the input, pad-and-crop + flip);
     - else a linear probe on features cached at the largest size whose extraction fits.
+
+    A run that continues a trained model (``facts.trained_side``) fine-tunes at the largest size up
+    to the model's own where :data:`MIN_CONTINUED_PASSES` passes over the data fit, the last one
+    partial, instead of where :data:`MIN_FINETUNE_EPOCHS` whole epochs do.
     """
     fixed = dict(fixed or {})
     budget, n_train, n_val, n_test = facts.budget, facts.n_train, facts.n_val, facts.n_test
@@ -508,6 +522,8 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
     if "img_size" in fixed:
         near = min(sizes, key=lambda t: abs(t.size - fixed["img_size"]))
         sizes = [Throughput(fixed["img_size"], near.train, near.infer, near.precision)]
+    elif facts.trained_side is not None:  # a trained model continues at its own size or a smaller one
+        sizes = [t for t in sizes if t.size <= facts.trained_side] or sizes[:1]
     small = small_images(native_side, default_side)
     augment = fixed.get("augment", "crop-flip" if small else "standard")
     resize_mode = fixed.get("resize_mode", "squash" if small else "crop")
@@ -566,10 +582,11 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
                    f"{default_side} px: on such photos the probe beat fine-tuning ({PHOTO_PROBE})")
         return cross_validated_probe(why)
 
-    candidates, best, room_at = [], None, {}
+    candidates, best, room_at, passes_at = [], None, {}, {}
     # with --epochs given, the largest size where those epochs fit; else where the minimum does
     needed = fixed["epochs"] - min(warmup, fixed["epochs"]) if "epochs" in fixed else (
         SMALL_DATA_MIN_EPOCHS if small_data else MIN_FINETUNE_EPOCHS) - 1  # the warm-up's epoch counts
+    continued = facts.trained_side is not None and "epochs" not in fixed and strategy in (None, "finetune")
     for t in sizes:
         base = costs(t, warmup, True)  # ``available`` has already paid for the start
         per_epoch = epoch_seconds(t, n_train, n_val, tta, reread)
@@ -577,12 +594,19 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
         trained = max(0, int(room // per_epoch))  # fine-tuning epochs after the warm-up
         fit = trained + warmup
         room_at[t.size] = (fit, room - trained * per_epoch)
+        passes_at[t.size] = room / per_epoch
         candidates.append({"size": t.size, "epochs_that_fit": fit, "seconds_per_epoch": round(per_epoch, 1)})
         if t.size < MIN_FINETUNE_SIDE and not scratch and "img_size" not in fixed:
             continue  # too small to fine-tune a pretrained network (the user's own size is kept)
-        if trained >= needed:
+        if passes_at[t.size] >= MIN_CONTINUED_PASSES if continued else trained >= needed:
             best = (t, fit, room - trained * per_epoch)  # sizes ascend: the last that fits is the largest
     reason, why_finetune = "", ""
+    if continued and best is not None:
+        t = best[0]
+        reason = (f"a trained model continues: {passes_at[t.size]:.1f} passes over the data fit at {t.size} px, the "
+                  f"largest input up to its {facts.trained_side} px where at least {MIN_CONTINUED_PASSES} do "
+                  f"({candidates[sizes.index(t)]['seconds_per_epoch']} s per epoch)")
+        small_data = False  # its network already answers these classes: the small-data minimum is a fresh one's
     if small_data:  # small images: the fine-tune where one fits, else the probe
         if best is None:
             return cross_validated_probe(f"{n_train} training images of {native_side} px: fewer than "
@@ -598,7 +622,8 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
         fit, leftover = room_at[sizes[0].size]
         best = (sizes[0], fit, leftover) if fit > warmup else (sizes[0], fixed.get("epochs", warmup + 1), 0.0)
         why = f"--strategy {strategy}" if "strategy" in fixed else f"{facts.processes} processes train on images"
-        reason = (f"{why}: not even {needed} fine-tuning epoch(s) fit at any measured size; at the smallest, "
+        want = f"{MIN_CONTINUED_PASSES} passes of the trained model" if continued else f"{needed} fine-tuning epoch(s)"
+        reason = (f"{why}: not even {want} fit at any measured size; at the smallest, "
                   + (f"{fit} epoch(s)" if fit > warmup else "one epoch, stopped at the deadline"))
     if best is not None and strategy in (None, "finetune", "progressive", "scratch"):
         t, fit, leftover = best
@@ -637,8 +662,10 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
     fits = [t for t in sizes if sum(costs(t, 1, False).values()) <= budget * (1 - SAFETY)]
     t = fits[-1] if fits else sizes[0]
     epochs = fixed.get("epochs", 10)
-    reason = (f"fewer than {MIN_FINETUNE_EPOCHS} fine-tuning epochs fit at any measured size; a linear probe "
-              f"on features cached at {t.size} px fits" if strategy is None else f"--strategy {strategy}")
+    short = (f"fewer than {MIN_CONTINUED_PASSES} passes of the trained model's fine-tune" if continued
+             else f"fewer than {MIN_FINETUNE_EPOCHS} fine-tuning epochs")
+    reason = (f"{short} fit at any measured size; a linear probe on features cached at {t.size} px fits"
+              if strategy is None else f"--strategy {strategy}")
     return Plan(budget, strategy or "linear-probe", t.size, epochs, 0, "none", resize_mode, costs(t, epochs, False),
                 head=fixed.get("head", "linear"), recipe=measured_precision(t, fixed), candidates=candidates,
                 throughputs=measured, reason=reason)

@@ -129,7 +129,8 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
     if budget is not None:
         # one plan per run: rank 0 measures and plans, the other processes of a multi-process run read it
         if is_rank_zero():
-            plan = plan_budget(cfg, model, pre, splits, default_side, started, budget)
+            plan = plan_budget(cfg, model, pre, splits, default_side, started, budget,
+                               trained_side=None if start is None else start.preprocessing.height)
         else:
             plan = read_plan(RunLayout(_distributed_run_dir(cfg, prefix)).plan, started)
         cfg = plan.apply(cfg)
@@ -196,12 +197,15 @@ def trained_start(cfg: TrainConfig, splits: Splits) -> tuple[TrainConfig, ModelC
     """``--weights RUN|MODEL``: a visiontune model starts the run, its classifier included.
 
     Returns ``cfg`` fitted to the model and its validated card, or ``(cfg, None)`` when ``--weights``
-    is not a folder. The model's network becomes ``--model`` (fixed: a plan keeps it); its input
-    size and resize mode are the run's and the head-only epochs are none (its head is trained),
-    unless given; the strategy is the user's or the plan's (a probe refits the classifier on the
-    trained body); ``--weights`` is recorded as the model folder's absolute path. Its classes and
-    task must be the data's (the kept classifier answers them): :class:`ConfigError` naming the
-    remedy otherwise, as for a pruned model or a folder that holds no visiontune model.
+    is not a folder. The model's network becomes ``--model`` (fixed: a plan keeps it); its resize
+    mode is the run's and the head-only epochs are none (its head is trained), unless given; its
+    input size is the run's unless given, and the largest a plan measures (the plan may choose a
+    smaller one where more passes over the data fit:
+    :data:`~visiontune.training.budget.MIN_CONTINUED_PASSES`); the strategy is the user's or the
+    plan's (a probe refits the classifier on the trained body); ``--weights`` is recorded as the
+    model folder's absolute path. Its classes and task must be the data's (the kept classifier
+    answers them): :class:`ConfigError` naming the remedy otherwise, as for a pruned model or a
+    folder that holds no visiontune model.
     """
     if not is_model_folder(cfg.model.weights):
         return cfg, None
@@ -224,10 +228,11 @@ def trained_start(cfg: TrainConfig, splits: Splits) -> tuple[TrainConfig, ModelC
     if "model" in cfg.given and cfg.model.name not in (arch.model_name, arch.requested, arch.name, f"timm:{arch.name}"):
         raise ConfigError(f"--weights {folder} is a {arch.requested or arch.model_name} model, not "
                           f"{cfg.model.name}: drop --model (the model's own network is used)")
-    fitted = {"img_size": card.preprocessing.height, "resize_mode": card.preprocessing.resize_mode,
-              "freeze_epochs": 0}
+    fitted = {"resize_mode": card.preprocessing.resize_mode, "freeze_epochs": 0}
+    # its input size is the run's unless given, and a plan may choose a smaller one where more passes fit
     out = cfg.replace(model=arch.model_name, weights=str(Path(card.model_dir).resolve()),
-                      **{k: v for k, v in fitted.items() if k not in cfg.given})
+                      **{k: v for k, v in {**fitted, "img_size": card.preprocessing.height}.items()
+                         if k not in cfg.given})
     out.given = cfg.given | {"model", "weights", *fitted}
     return out, card
 
@@ -256,14 +261,18 @@ def adapt_to_task(cfg: TrainConfig, task: str | Task) -> TrainConfig:
 
 
 def plan_budget(cfg: TrainConfig, model, pre: Preprocessing, splits: Splits, default_side: int, started: float,
-                budget: float) -> Plan:
+                budget: float, trained_side: int | None = None) -> Plan:
     """Measure this machine (the :class:`Facts`) and plan the run for ``budget`` seconds from
-    ``started``, keeping the user's own options; print the plan and how to change the budget."""
+    ``started``, keeping the user's own options; print the plan and how to change the budget.
+    ``trained_side``: the input side of the trained model the run continues (``--weights RUN``),
+    the largest size measured."""
     native = median_side([p for p, _ in splits.train])
     fixed = fixed_options(cfg)
     rt = cfg.runtime
     processes = rt.devices * rt.num_nodes
     sizes = [fixed["img_size"]] if "img_size" in fixed else candidate_sizes(native, default_side)
+    if trained_side and "img_size" not in fixed:
+        sizes = sorted({s for s in sizes if s < trained_side} | {trained_side})
     if fixed.get("strategy") != "scratch" and any(s >= MIN_FINETUNE_SIDE for s in sizes):
         # a pretrained network is never fine-tuned below MIN_FINETUNE_SIDE: measuring there costs seconds
         sizes = [s for s in sizes if s >= MIN_FINETUNE_SIDE]
@@ -290,7 +299,7 @@ def plan_budget(cfg: TrainConfig, model, pre: Preprocessing, splits: Splits, def
                   batch_size=cfg.optim.batch_size, processes=processes, in_memory=in_memory,
                   num_classes=len(splits.class_names), unknown=cfg.model.unknown,
                   single_label=get_task(splits.task).name == "single",
-                  zoom="tta" in fixed or takes_zoom(model, default_side))
+                  zoom="tta" in fixed or takes_zoom(model, default_side), trained_side=trained_side)
     lowres = []
     if (considers_lowres(len(splits.train), native, fixed, get_task(splits.task).name == "single")
             and lowres_may_win(plan_run(facts, fixed), facts, fixed)):
