@@ -234,9 +234,18 @@ def test_a_trained_model_continues_at_the_largest_size_up_to_its_own_where_one_a
     assert student(3600, trained_side=None).img_size == 160  # a fresh run's plan goes above it
     tiny = student(60)  # not 1.5 passes at 48 px either
     assert tiny.strategy == "linear-probe" and "passes of the trained model" in tiny.reason
-    # a given --img-size or --epochs is kept, as in any plan
-    assert plan_run(facts(300, n_train=24_000, n_val=200, throughputs=table, trained_side=128),
-                    {**fixed, "img_size": 128, "strategy": "finetune"}).img_size == 128
+    # a given --img-size or --epochs is a fixed plan's: a fresh fine-tune's minimum, no continuing rule
+    for given in ({"img_size": 96}, {"epochs": 2}):
+        plan = plan_run(facts(300, n_train=24_000, n_val=200, throughputs=table, trained_side=128), {**fixed, **given})
+        assert "a trained model continues" not in plan.reason
+        assert plan.img_size == 96 if "img_size" in given else plan.epochs == 2
+    # a model trained under the 48 px a pretrained network is fine-tuned at continues at its own size
+    own = plan_run(facts(600, n_train=24_000, n_val=200, trained_side=40, throughputs=[Throughput(40, 500, 3000)]),
+                   fixed)
+    assert (own.strategy, own.img_size) == ("finetune", 40) and own.reason.startswith("a trained model continues")
+    # small data that not even 1.5 passes fit: the small-data probe, saying why
+    few = plan_run(facts(1, n_train=500, n_val=100, throughputs=table, trained_side=128), fixed)
+    assert few.strategy == "linear-probe" and "not even 1.5 passes" in few.reason
 
 
 def test_scratch_gets_no_pretrained_recipe():

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import visiontune
 from visiontune.models.artifact import WEIGHTS_FILE, read_card, write_card
 from visiontune.training.config import TrainConfig
-from visiontune.training.setup import setup_run
+from visiontune.training.setup import continued_side, setup_run
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +109,23 @@ def test_a_probe_on_a_trained_model_fits_a_head_on_its_fine_tuned_body(resnet_ru
     body = [k for k in before if not k.startswith(head)]
     assert body and all(torch.equal(before[k], after[k]) for k in body)
     assert read_card(out.model_dir).training["strategy"] == "linear-probe"
+    # a run from that probe plans as a fresh one (its body is the pretrained backbone's), one from the fine-tune
+    # continues it
+    assert continued_side(read_card(out.model_dir)) is None and continued_side(read_card(run.model_dir)) == 40
+
+
+def test_under_a_budget_a_trained_model_continues_at_most_at_its_own_size(resnet_run, tmp_path, capsys):
+    """The plan measures the model's own size and none above it (40 px here, under the 48 px a
+    pretrained network is fine-tuned at: a trained model's own size is kept) and continues the
+    fine-tune, as the plan's reason says."""
+    run, data = resnet_run
+    cfg = TrainConfig.from_dict({"data": str(data), "weights": str(run.run_dir), "time": "20m", "workers": 0,
+                                 "batch_size": 8, "progress": False, "report": False,
+                                 "run_dir": str(tmp_path / "continued")})
+    ctx = setup_run(cfg)
+    assert "measuring this machine at 40 px" in capsys.readouterr().out
+    assert (ctx.plan.strategy, ctx.plan.img_size, ctx.plan.freeze_epochs) == ("finetune", 40, 0)
+    assert ctx.plan.reason.startswith("a trained model continues") and ctx.preprocessing.height == 40
 
 
 def test_compare_refuses_a_trained_model_as_every_entrys_start(resnet_run, tmp_path, capsys):

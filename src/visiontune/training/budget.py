@@ -91,9 +91,10 @@ MIN_PARTIAL_EPOCH = 0.1  # a last, partial epoch shorter than this share of an e
 # a run that continues a trained model (--weights RUN) fine-tunes at the largest size, up to the model's own,
 # where this many passes over its data fit: its network already answers these classes, so a fresh fine-tune's
 # minimum (MIN_FINETUNE_EPOCHS, the head's warm-up included) does not apply. Measured with the self-training
-# student (CIFAR-10, 800 labelled + 23,000-27,000 pseudo-labelled images, 14 minutes, an AVX2 CPU, 2,000
-# held-out images): 1.3 passes at the teacher's 128 px 0.8300, 1.6 passes at 96 px 0.8375, and the probe on
-# the teacher's features, which the fresh fine-tune's minimum chose, 0.8260 (bench/RESULTS.md "Unlabelled images")
+# student (CIFAR-10, 800 labelled + 23,000-27,000 pseudo-labelled images, 14-16 minutes, an AVX2 CPU, 2,000
+# held-out images): 1.3 passes at the teacher's 128 px 0.8300, 1.6 and 2.1 passes at 96 px 0.8375 and 0.8425,
+# and the probe on the teacher's features, which the fresh fine-tune's minimum chose, 0.8260 (the teachers
+# 0.8125-0.8140; bench/RESULTS.md "Unlabelled images")
 MIN_CONTINUED_PASSES = 1.5
 
 
@@ -461,11 +462,12 @@ def probes_small_data(n_train: int, fixed: dict[str, Any], processes: int = 1) -
 
 
 def probe_only(n_train: int, native_side: int, default_side: int, sizes: list[int], fixed: dict[str, Any],
-               processes: int = 1) -> bool:
+               processes: int = 1, trained_side: int | None = None) -> bool:
     """Whether the plan is the cross-validated probe without weighing a fine-tune, so that measuring
     the inference speed at one size is all it needs: small data (:func:`probes_small_data`) of
     photo-sized images, or of small ones (:func:`small_images`) that no candidate size in ``sizes``
-    fine-tunes (none reaches :data:`MIN_FINETUNE_SIDE`), or with ``--strategy linear-probe``.
+    fine-tunes (none reaches :data:`MIN_FINETUNE_SIDE`, nor is ``trained_side``, the size of a trained
+    model the run continues), or with ``--strategy linear-probe``.
 
     Example:
         >>> probe_only(800, 500, 224, [160, 192, 224], {}), probe_only(800, 32, 224, [48, 64, 96, 128], {})
@@ -476,7 +478,7 @@ def probe_only(n_train: int, native_side: int, default_side: int, sizes: list[in
     if not probes_small_data(n_train, fixed, processes):
         return False
     weighs = ("strategy" not in fixed and small_images(native_side, default_side)
-              and any(s >= MIN_FINETUNE_SIDE for s in sizes))
+              and any(s >= MIN_FINETUNE_SIDE or s == trained_side for s in sizes))
     return not weighs
 
 
@@ -568,7 +570,8 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
                     head=head, recipe=measured_precision(t, fixed), throughputs=measured, reason=reason)
 
     small_data = probes_small_data(n_train, fixed, facts.processes)
-    if probe_only(n_train, native_side, default_side, [x.size for x in sizes], fixed, facts.processes):
+    if probe_only(n_train, native_side, default_side, [x.size for x in sizes], fixed, facts.processes,
+                  facts.trained_side):
         if "strategy" in fixed:
             why = f"--strategy linear-probe on {n_train} training images"
         elif small and "img_size" in fixed:
@@ -586,7 +589,8 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
     # with --epochs given, the largest size where those epochs fit; else where the minimum does
     needed = fixed["epochs"] - min(warmup, fixed["epochs"]) if "epochs" in fixed else (
         SMALL_DATA_MIN_EPOCHS if small_data else MIN_FINETUNE_EPOCHS) - 1  # the warm-up's epoch counts
-    continued = facts.trained_side is not None and "epochs" not in fixed and strategy in (None, "finetune")
+    continued = (facts.trained_side is not None and not {"epochs", "img_size"} & fixed.keys()
+                 and strategy in (None, "finetune"))
     for t in sizes:
         base = costs(t, warmup, True)  # ``available`` has already paid for the start
         per_epoch = epoch_seconds(t, n_train, n_val, tta, reread)
@@ -596,18 +600,21 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
         room_at[t.size] = (fit, room - trained * per_epoch)
         passes_at[t.size] = room / per_epoch
         candidates.append({"size": t.size, "epochs_that_fit": fit, "seconds_per_epoch": round(per_epoch, 1)})
-        if t.size < MIN_FINETUNE_SIDE and not scratch and "img_size" not in fixed:
-            continue  # too small to fine-tune a pretrained network (the user's own size is kept)
+        if t.size < MIN_FINETUNE_SIDE and not scratch and "img_size" not in fixed and t.size != facts.trained_side:
+            continue  # too small to fine-tune a pretrained network (the user's own size is kept, and a trained model's)
         if passes_at[t.size] >= MIN_CONTINUED_PASSES if continued else trained >= needed:
             best = (t, fit, room - trained * per_epoch)  # sizes ascend: the last that fits is the largest
     reason, why_finetune = "", ""
     if continued and best is not None:
         t = best[0]
-        reason = (f"a trained model continues: {passes_at[t.size]:.1f} passes over the data fit at {t.size} px, the "
-                  f"largest input up to its {facts.trained_side} px where at least {MIN_CONTINUED_PASSES} do "
+        reason = (f"a trained model continues: time for {passes_at[t.size]:.1f} passes over the data at {t.size} px, "
+                  f"the largest input up to its {facts.trained_side} px where at least {MIN_CONTINUED_PASSES} fit "
                   f"({candidates[sizes.index(t)]['seconds_per_epoch']} s per epoch)")
         small_data = False  # its network already answers these classes: the small-data minimum is a fresh one's
     if small_data:  # small images: the fine-tune where one fits, else the probe
+        if best is None and continued:
+            return cross_validated_probe(f"a trained model continues on {n_train} training images: not even "
+                                         f"{MIN_CONTINUED_PASSES} passes fit at any measured size")
         if best is None:
             return cross_validated_probe(f"{n_train} training images of {native_side} px: fewer than "
                                          f"{SMALL_DATA_MIN_EPOCHS} fine-tuning epochs fit at {MIN_FINETUNE_SIDE} px "

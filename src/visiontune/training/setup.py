@@ -130,7 +130,7 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
         # one plan per run: rank 0 measures and plans, the other processes of a multi-process run read it
         if is_rank_zero():
             plan = plan_budget(cfg, model, pre, splits, default_side, started, budget,
-                               trained_side=None if start is None else start.preprocessing.height)
+                               trained_side=continued_side(start))
         else:
             plan = read_plan(RunLayout(_distributed_run_dir(cfg, prefix)).plan, started)
         cfg = plan.apply(cfg)
@@ -237,6 +237,14 @@ def trained_start(cfg: TrainConfig, splits: Splits) -> tuple[TrainConfig, ModelC
     return out, card
 
 
+def continued_side(card: ModelCard | None) -> int | None:
+    """The input side of a trained model whose network a run continues (``--weights RUN``), else
+    ``None``: a probe's body is still the pretrained backbone's, so its run plans as a fresh one."""
+    if card is None or card.training.get("strategy") == "linear-probe":
+        return None
+    return card.preprocessing.height
+
+
 def _few(names) -> str:
     names = list(names)
     return str(names[:6])[:-1] + (", ...]" if len(names) > 6 else "]")
@@ -276,7 +284,7 @@ def plan_budget(cfg: TrainConfig, model, pre: Preprocessing, splits: Splits, def
     if fixed.get("strategy") != "scratch" and any(s >= MIN_FINETUNE_SIDE for s in sizes):
         # a pretrained network is never fine-tuned below MIN_FINETUNE_SIDE: measuring there costs seconds
         sizes = [s for s in sizes if s >= MIN_FINETUNE_SIDE]
-    probe = probe_only(len(splits.train), native, default_side, sizes, fixed, processes)
+    probe = probe_only(len(splits.train), native, default_side, sizes, fixed, processes, trained_side)
     if probe:  # a probe on cached features at one size: its inference speed is all it needs
         sizes = [probe_side(sizes, default_side)]
     default = cfg.runtime.time is None
