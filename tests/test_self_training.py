@@ -67,6 +67,13 @@ def test_self_training_keeps_the_better_model_and_records_it(shared_folder, tmp_
     kept = max(facts["teacher_val"], facts["student_val"]) if facts["kept"] == "student" else facts["teacher_val"]
     assert card.metrics["val"]["accuracy"] == pytest.approx(kept)  # never below the teacher on val
     assert facts["student_val"] > facts["teacher_val"] or facts["kept"] == "teacher"
+    # the evidence behind the choice: the val images only one of the two answers right, each side's count
+    split = facts["val_disagreements"]
+    n_val = len((run_dir / "teacher" / "splits" / "val.csv").read_text().splitlines()) - 1
+    assert set(split) == {"student", "teacher"} and 0 <= split["student"] + split["teacher"] <= n_val
+    assert f"of the {n_val} val images, the student alone answers {split['student']} right" in out
+    if facts["kept"] == "teacher":
+        assert str(run_dir / "student" / "model") in facts["fallback"]  # where the rejected student stays
     student_train = (run_dir / "student" / "splits" / "train.csv").read_text().splitlines()
     teacher_train = (run_dir / "teacher" / "splits" / "train.csv").read_text().splitlines()
     assert len(student_train) == len(teacher_train) + facts["pseudo_labels"]
