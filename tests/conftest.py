@@ -19,10 +19,12 @@ import torch
 from hypothesis import HealthCheck, settings
 from PIL import Image
 
+from visiontune.core.hardware import cpu_count
+
 # make test runs one pytest-xdist worker per core: each worker, and the CLI subprocesses it starts, gets
 # its share of the cores (workers each using every core would thrash them)
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    _THREADS = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    _THREADS = max(1, cpu_count() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_THREADS)
     torch.set_num_threads(_THREADS)
 

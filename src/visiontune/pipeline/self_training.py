@@ -258,9 +258,9 @@ def student_start(teacher_dir: Path) -> dict[str, Any]:
     Measured on CIFAR-10 with 1,000 labels, 39,000 unlabelled and ``--time 30m`` (an AVX2 CPU, 2,000
     held-out images; bench/RESULTS.md "Unlabelled images"), against the labelled-only run's 0.8195:
     the classifier refitted on the teacher's features 0.8260; a fine-tune at the teacher's 128 px,
-    1.3 passes, 0.8300; at 96 px, 1.6 passes, 0.8375, and 2.1 passes (the plan's), 0.8425. The
-    teachers scored 0.8125-0.8140, yet the 200-image val split kept the student only once in the
-    three fine-tunes (the others fell back to the teacher).
+    1.3 passes, 0.8300; at 96 px, 1.6 passes, 0.8375, and 2.1 passes (the plan's), 0.8425 and 0.8300
+    in two runs. The teachers scored 0.8125-0.8195, yet the 200-image val split kept the student only
+    once in the four fine-tunes (the others fell back to the teacher).
     """
     card = read_card(teacher_dir)
     if card.training.get("strategy") in ("linear-probe", *RANDOM_INIT) or card.architecture is None:

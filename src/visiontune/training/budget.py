@@ -92,9 +92,9 @@ MIN_PARTIAL_EPOCH = 0.1  # a last, partial epoch shorter than this share of an e
 # where this many passes over its data fit: its network already answers these classes, so a fresh fine-tune's
 # minimum (MIN_FINETUNE_EPOCHS, the head's warm-up included) does not apply. Measured with the self-training
 # student (CIFAR-10, 800 labelled + 23,000-27,000 pseudo-labelled images, 14-16 minutes, an AVX2 CPU, 2,000
-# held-out images): 1.3 passes at the teacher's 128 px 0.8300, 1.6 and 2.1 passes at 96 px 0.8375 and 0.8425,
-# and the probe on the teacher's features, which the fresh fine-tune's minimum chose, 0.8260 (the teachers
-# 0.8125-0.8140; bench/RESULTS.md "Unlabelled images")
+# held-out images): 1.3 passes at the teacher's 128 px 0.8300, 1.6 passes at 96 px 0.8375, 2.1 passes at 96 px
+# 0.8425 and 0.8300 (two runs), and the probe on the teacher's features, which the fresh fine-tune's minimum
+# chose, 0.8260 (the teachers 0.8125-0.8195; bench/RESULTS.md "Unlabelled images")
 MIN_CONTINUED_PASSES = 1.5
 
 
