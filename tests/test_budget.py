@@ -229,8 +229,14 @@ def test_a_trained_model_continues_at_the_largest_size_up_to_its_own_where_one_a
     assert (short.strategy, short.img_size, short.freeze_epochs) == ("finetune", 96, 0)
     assert MIN_CONTINUED_PASSES <= passes(short) < 2 and "a trained model continues" in short.reason
     assert short.total <= 300
+    # below its own size it measures --tta auto (its second view nears 128 px), in time set aside for it
+    assert short.recipe["tta"] == "auto" and "set aside" in short.reason
+    given = plan_run(facts(300, n_train=24_000, n_val=200, throughputs=table, trained_side=128),
+                     {**fixed, "tta": "none"})
+    assert "tta" not in given.recipe and "set aside" not in given.reason  # the user's --tta is kept
+    assert given.img_size == 96 and given.projected["finish"] < short.projected["finish"]  # the plan pays for it
     roomy = student(3600)  # 160 px would fit too: the model's own 128 px is the largest
-    assert roomy.img_size == 128 and roomy.epochs > 3
+    assert roomy.img_size == 128 and roomy.epochs > 3 and "set aside" not in roomy.reason
     assert student(3600, trained_side=None).img_size == 160  # a fresh run's plan goes above it
     tiny = student(60)  # not 1.5 passes at 48 px either
     assert tiny.strategy == "linear-probe" and "passes of the trained model" in tiny.reason

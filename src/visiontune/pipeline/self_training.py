@@ -16,8 +16,8 @@
    its images fit; else from the pretrained backbone); it is validated on the teacher's validation split
    (labelled images only).
 4. **The better of the two on that split is the run's model**: its files are copied into ``RUN``
-   (so ``evaluate RUN``, ``report RUN`` and ``predict RUN`` work as for any run), and a student that
-   does not beat the teacher falls back to the teacher, saying so (with the val images only one of the
+   (so ``evaluate RUN``, ``report RUN`` and ``predict RUN`` work as for any run). A student that ties
+   the teacher is kept; one below it falls back to the teacher, saying so (with the val images only one of the
    two answers right, each side's count, and where the student stays). ``RUN/self_training.json`` and the
    model card's ``training.self_training`` record the counts, the threshold, both scores and the choice.
 
@@ -224,10 +224,14 @@ def self_train(cfg: TrainConfig, started: float, train_run) -> Any:
         facts["student_val"] = student_score
         teacher_right = (val_logits.argmax(1) == val_target) & val_ok
         facts["val_disagreements"] = disagreements(teacher_right, student.model_dir, val_rows)
-        if student_score > teacher_score:
+        # a tie keeps the student: the run is not below the teacher on the val split either way, and where the
+        # split could not tell them apart held-out images did: each of the four fine-tuned students measured
+        # scored 1.05-3.00 points over its teacher (CIFAR-10, 1,000 labels, 39,000 unlabelled, --time 30m,
+        # 2,000 held-out images; bench/RESULTS.md "Unlabelled images")
+        if student_score >= teacher_score:
             winner = student
         else:
-            reason = (f"the student's val {metric} {student_score:.4f} does not beat the teacher's "
+            reason = (f"the student's val {metric} {student_score:.4f} is below the teacher's "
                       f"{teacher_score:.4f}; the student's model stays in {RunLayout(student.run_dir).model_dir}")
     facts.update(teacher_val=teacher_score, kept="student" if winner is not teacher else "teacher",
                  metric=metric)
