@@ -235,6 +235,11 @@ def test_a_trained_model_continues_at_the_largest_size_up_to_its_own_where_one_a
                      {**fixed, "tta": "none"})
     assert "tta" not in given.recipe and "set aside" not in given.reason  # the user's --tta is kept
     assert given.img_size == 96 and given.projected["finish"] < short.projected["finish"]  # the plan pays for it
+    for budget in range(120, 420, 4):  # the time set aside never costs the size or the fine-tune itself
+        plan = student(budget)
+        alone = plan_run(facts(budget, n_train=24_000, n_val=200, throughputs=table, trained_side=128),
+                         {**fixed, "tta": "none"})
+        assert (plan.strategy, plan.img_size) == (alone.strategy, alone.img_size) and plan.total <= budget
     roomy = student(3600)  # 160 px would fit too: the model's own 128 px is the largest
     assert roomy.img_size == 128 and roomy.epochs > 3 and "set aside" not in roomy.reason
     assert student(3600, trained_side=None).img_size == 160  # a fresh run's plan goes above it

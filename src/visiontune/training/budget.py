@@ -96,11 +96,12 @@ MIN_PARTIAL_EPOCH = 0.1  # a last, partial epoch shorter than this share of an e
 # 0.8425 and 0.8300 (two runs), and the probe on the teacher's features, which the fresh fine-tune's minimum
 # chose, 0.8260 (the teachers 0.8125-0.8195; bench/RESULTS.md "Unlabelled images")
 MIN_CONTINUED_PASSES = 1.5
-# Such a run at a size below the model's own always measures --tta auto (a fresh plan does only in the time
-# after its last whole epoch): flip-zoom's second view is enlarged toward the size the network was trained
-# at. On the same students' 200 val images it gained 1.5, 3.0 and 2.0 points (0.795 -> 0.81, 0.795 -> 0.825,
-# 0.80 -> 0.82; held-out 0.8300 -> 0.8460 for the last, which the plan had left without it), against
-# 0.6-0.8 held-out points for fresh fine-tunes (bench/RESULTS.md "Test-time augmentation").
+# Such a run at a size below the model's own measures --tta auto in time set aside before its passes are
+# counted, where MIN_CONTINUED_PASSES still fit with it (a fresh plan measures it only in the time after its
+# last whole epoch): flip-zoom's second view is enlarged toward the size the network was trained at. On the
+# students' 200 val images it gained 1.5, 3.0 and 2.0 points (0.795 -> 0.81, 0.795 -> 0.825, 0.80 -> 0.82;
+# held-out 0.8300 -> 0.8460 for the last, whose plan had left it out; bench/RESULTS.md "Unlabelled images"),
+# against 0.6-0.8 held-out points for fresh fine-tunes ("Test-time augmentation").
 
 
 def run_budget(cfg: TrainConfig) -> float | None:
@@ -539,7 +540,8 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
     recipe = {} if scratch else {k: v for k, v in FINETUNE_RECIPE.items() if k not in fixed}
     # --tta auto (training/tta_choice.py) is planned only into the time after the last whole epoch: it gained
     # 0.6-0.8 points on held-out images, less than an input size a whole epoch more buys (CIFAR-10 on a
-    # slower day: 96 px kept its 3 epochs only without it, and 64 px expects 1.9 points less)
+    # slower day: 96 px kept its 3 epochs only without it, and 64 px expects 1.9 points less). A trained model
+    # continuing below its own size is the exception (see MIN_CONTINUED_PASSES)
     auto_measures = facts.zoom and not why_one_view(facts.single_label, facts.n_val)
     may_measure = "tta" not in fixed and not scratch and auto_measures
     tta = fixed.get("tta")
@@ -597,14 +599,23 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
     continued = (facts.trained_side is not None and not {"epochs", "img_size"} & fixed.keys()
                  and strategy in (None, "finetune"))
 
-    def shrunk(side: int) -> bool:
-        return continued and may_measure and side < facts.trained_side
+    reserved: set[int] = set()  # sizes where --tta auto's time is set aside before the passes are counted
+
+    def room_for(t: Throughput, views: str | None) -> tuple[float, float]:
+        """(seconds for fine-tuning epochs at ``t``, seconds per epoch), the finish paid with ``views``."""
+        base = costs(t, warmup, True, views)  # ``available`` has already paid for the start
+        per_epoch = epoch_seconds(t, n_train, n_val, tta, reread)
+        return available - base["features"] - base["finish"] - (n_train + n_val) * (decode_s - reread), per_epoch
 
     for t in sizes:
-        # a trained model continuing below its own size always measures --tta auto (see MIN_CONTINUED_PASSES)
-        base = costs(t, warmup, True, AUTO if shrunk(t.size) else None)  # ``available`` has paid for the start
-        per_epoch = epoch_seconds(t, n_train, n_val, tta, reread)
-        room = available - base["features"] - base["finish"] - (n_train + n_val) * (decode_s - reread)
+        room, per_epoch = room_for(t, None)
+        if continued and may_measure and t.size < facts.trained_side:
+            # below its own size a trained model measures --tta auto in time set aside for it (see
+            # MIN_CONTINUED_PASSES), where the passes it needs still fit; else as any run, in what is left over
+            with_tta, _ = room_for(t, AUTO)
+            if with_tta / per_epoch >= MIN_CONTINUED_PASSES:
+                room = with_tta
+                reserved.add(t.size)
         trained = max(0, int(room // per_epoch))  # fine-tuning epochs after the warm-up
         fit = trained + warmup
         room_at[t.size] = (fit, room - trained * per_epoch)
@@ -650,7 +661,7 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
                                             "s per epoch)"))
         if may_measure:
             extra = costs(t, epochs, True, AUTO)["finish"] - costs(t, epochs, True)["finish"]
-            if shrunk(t.size):  # its time was set aside before the passes were counted
+            if t.size in reserved:  # its time was set aside before the passes were counted
                 recipe["tta"] = tta = AUTO
                 reason += (f"; test-time augmentation measured at the end ({extra:.0f} s, set aside: the second view "
                            f"is enlarged toward the model's own {facts.trained_side} px)")

@@ -103,7 +103,8 @@ class DataOptions:
     val: str | None = option(None, "explicit validation folder or CSV (default: DATA/val, else a stratified split "
                                    "of DATA)", metavar="DIR|CSV")
     unlabeled: str | None = option(None, "a folder of unlabelled images: self-training (a teacher trained on DATA "
-                                         "pseudo-labels them, a student trains on both, the better on val is kept)",
+                                         "pseudo-labels them, a student trains on both and is kept unless below the "
+                                         "teacher on val)",
                                    metavar="DIR")
     val_fraction: float = option(0.2, "share of each class held out for validation when DATA has no val split (0.2)")
     augment: str = option("standard", "training augmentation", choices=AUGMENTS)
