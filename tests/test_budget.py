@@ -287,6 +287,11 @@ def test_small_data_of_photos_probes_and_of_small_images_fine_tunes_where_it_fit
     assert small.strategy == "finetune" and small.img_size >= MIN_FINETUNE_SIDE
     assert small.reason.startswith("800 training images of 32 px, under 50% of the backbone's 224 px: fine-tuning")
     assert small.epochs <= MAX_EPOCHS and small.total <= 60 * 60
+    # capped at MAX_EPOCHS with time to spare: the spare time pays for measuring --tta auto (it did not: the
+    # labelled-only CIFAR-10 run of 1,000 images said "no room after the last whole epoch" with 20 minutes unused)
+    assert small.epochs == MAX_EPOCHS and small.recipe["tta"] == "auto" and "measured at the end" in small.reason
+    given = plan_run(facts(60 * 60, n_train=800, n_val=200), {"epochs": 5})
+    assert given.epochs == 5 and given.recipe["tta"] == "auto"  # so does a shorter --epochs under a budget
     assert not probe_only(800, 32, 224, [48, 64], {})  # so the fine-tune's speeds are measured
     tight = plan_run(facts(60, n_train=800, n_val=200, throughputs=[Throughput(48, 20, 400)]))
     assert tight.strategy == "linear-probe" and "fewer than 10 fine-tuning" in tight.reason

@@ -102,6 +102,12 @@ def test_the_student_starts_from_a_fine_tuned_teacher_only(tmp_path):
         folder = tmp_path / strategy
         save_model(folder, model, ModelCard(["a", "b", "c"], pre.with_size(48), arch, training={"strategy": strategy}))
         assert student_start(folder) == ({"weights": str(folder)} if expected else {})
+        # a teacher that measured its test-time augmentation: the student measures its own (unless --tta is given)
+        choice = {"mode": "flip-zoom", "measured": "flip-zoom", "accuracy": 0.8, "one_view": 0.7, "gain": 0.1}
+        save_model(folder, model, ModelCard(["a", "b", "c"], pre.with_size(48), arch,
+                                            training={"strategy": strategy, "tta_choice": choice}))
+        assert student_start(folder) == {"tta": "auto", **({"weights": str(folder)} if expected else {})}
+        assert "tta" not in student_start(folder, {"tta", "time"})
 
 
 def test_a_budget_too_short_for_self_training_trains_on_the_labelled_images_alone(trained_run, tmp_path, capsys):

@@ -13,8 +13,8 @@
 3. **Student**: a run on the labelled training images plus the pseudo-labelled ones, in
    ``RUN/student``, with the time left, starting from the teacher's network where the teacher
    fine-tuned one (:func:`student_start`: a continued fine-tune at the input size where 1.5 passes over
-   its images fit; else from the pretrained backbone); it is validated on the teacher's validation split
-   (labelled images only).
+   its images fit; else from the pretrained backbone), measuring its test-time augmentation where the
+   teacher did; it is validated on the teacher's validation split (labelled images only).
 4. **The better of the two on that split is the run's model**: its files are copied into ``RUN``
    (so ``evaluate RUN``, ``report RUN`` and ``predict RUN`` work as for any run). A student that ties
    the teacher is kept; one below it falls back to the teacher, saying so (with the val images only one of the
@@ -209,11 +209,11 @@ def self_train(cfg: TrainConfig, started: float, train_run) -> Any:
         write_split_csv(train_rows + pseudo_rows, names, data, clf.task)
         student_cfg = plain.replace(data=str(data), val=str(RunLayout(teacher.run_dir).split_csv("val")),
                                     run_dir=str(root / "student"))
-        start = student_start(teacher.model_dir)
+        start = student_start(teacher.model_dir, cfg.given)
         if start:
             student_cfg = student_cfg.replace(**start)
             student_cfg.given = cfg.given | set(start)
-        facts["student_start"] = "teacher" if start else "pretrained"
+        facts["student_start"] = "teacher" if "weights" in start else "pretrained"
         if deadline is not None:
             student_cfg = student_cfg.replace(time=f"{int(time_left())}s")
         print(f"self-training: the student, on {len(train_rows)} labelled and {len(kept)} pseudo-labelled images, "
@@ -250,9 +250,14 @@ def self_train(cfg: TrainConfig, started: float, train_run) -> Any:
                    metrics={**winner.metrics, "self_training": facts})
 
 
-def student_start(teacher_dir: Path) -> dict[str, Any]:
-    """``{"weights": teacher_dir}`` when the teacher trained its network on images (a fine-tune; not
-    a probe on frozen features, nor a network from random init), else ``{}``: the student starts
+def student_start(teacher_dir: Path, given: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
+    """The student's options that come from its teacher. ``{"tta": "auto"}`` where the teacher measured
+    its test-time augmentation (``training.tta_choice``) and ``--tta`` is not in ``given`` (the user's
+    options, which both runs share): the two are compared on the val split, so the student measures its
+    second view too, in time its plan sets aside, rather than one view against the teacher's two.
+
+    ``{"weights": teacher_dir}`` when the teacher trained its network on images (a fine-tune; not
+    a probe on frozen features, nor a network from random init): the student starts
     from the teacher's model, classifier included, with no head-only epochs
     (``--weights RUN``, :func:`~visiontune.training.setup.trained_start`); its plan continues the
     fine-tune at the largest size up to the teacher's where 1.5 passes over the data fit
@@ -267,9 +272,10 @@ def student_start(teacher_dir: Path) -> dict[str, Any]:
     once in the four fine-tunes (the others fell back to the teacher).
     """
     card = read_card(teacher_dir)
+    start: dict[str, Any] = {"tta": "auto"} if "tta_choice" in card.training and "tta" not in given else {}
     if card.training.get("strategy") in ("linear-probe", *RANDOM_INIT) or card.architecture is None:
-        return {}
-    return {"weights": str(teacher_dir)}
+        return start
+    return {**start, "weights": str(teacher_dir)}
 
 
 def disagreements(teacher_right: torch.Tensor, student_dir: Path, val_rows: list[tuple[str, int]]) -> dict[str, int]:

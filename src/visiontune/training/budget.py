@@ -656,6 +656,8 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
     if best is not None and strategy in (None, "finetune", "progressive", "scratch"):
         t, fit, leftover = best
         epochs = fixed.get("epochs", max(min(fit, MAX_EPOCHS), warmup + 1))
+        if epochs < fit:  # capped at MAX_EPOCHS, or fewer given: the epochs that fit but do not run are left over too
+            leftover += (fit - max(epochs, warmup)) * epoch_seconds(t, n_train, n_val, tta, reread)
         reason = why_finetune + (reason or (f"{fit} epochs fit at {t.size} px, the largest input where at least "
                                             f"{needed + warmup} do ({candidates[sizes.index(t)]['seconds_per_epoch']} "
                                             "s per epoch)"))
