@@ -79,7 +79,12 @@ def bench_pseudo(args, label_of: dict[str, str], labelled: list[str], held: list
         print(f"labelled only: held-out accuracy {alone:.4f} in {alone_s:.0f} s", flush=True)
     both, both_s = one(args.work, "pseudo-self-training", csv_path, held, *budget, "--unlabeled", str(folder))
     print(f"with --unlabeled: held-out accuracy {both:.4f} in {both_s:.0f} s", flush=True)
-    facts = json.loads((args.work / "runs" / "pseudo-self-training" / "self_training.json").read_text())
+    run_dir = args.work / "runs" / "pseudo-self-training"
+    facts = json.loads((run_dir / "self_training.json").read_text())
+    # each model of the run on the held-out images: what the val split's choice could not see
+    parts = {part: held_out_accuracy(run_dir / part, held) for part in ("teacher", "student")
+             if (run_dir / part / "model" / "model.json").is_file()}
+    fallback = facts.get("fallback", "").replace(str(run_dir), "RUN")
     return [f"Labelled: {len(labelled)} images ({args.start} per class); unlabelled: {len(unlabelled)} other "
             f"training images (labels unused). Held-out: {len(held)} images. Budget `--time {args.minutes}m` "
             "for both commands.", "",
@@ -89,7 +94,8 @@ def bench_pseudo(args, label_of: dict[str, str], labelled: list[str], held: list
             f"Gain: {100 * (both - alone):+.2f} points. Self-training: {facts['scored']} images scored, "
             f"{facts['pseudo_labels']} pseudo-labels kept (threshold {facts['threshold']}), teacher val "
             f"{facts['teacher_val']:.4f}, student val {facts.get('student_val', float('nan')):.4f}, kept: "
-            f"{facts['kept']}" + (f" ({facts['fallback']})" if "fallback" in facts else "") + "."]
+            f"{facts['kept']}" + (f" ({fallback})" if fallback else "") + ". Held-out, each model: "
+            + ", ".join(f"{part} {acc:.4f}" for part, acc in parts.items()) + "."]
 
 
 def bench_suggest(args, label_of: dict[str, str], held: list[tuple[str, str]]) -> list[str]:
