@@ -13,6 +13,7 @@ from conftest import FAST, FAST_FLAGS, vt_main
 from visiontune.core.errors import ConfigError
 from visiontune.training.budget import (
     DEFAULT_TIME,
+    EARLY_SHARE,
     MAX_EPOCHS,
     MIN_CONTINUED_PASSES,
     MIN_FINETUNE_EPOCHS,
@@ -40,8 +41,10 @@ CIFAR = {"n_train": 32_000, "n_val": 8_000, "native_side": 32, "default_side": 2
 
 
 def facts(budget: float, **data) -> Facts:
-    """The facts of a CIFAR-like run on the :data:`TABLE` machine, with ``data`` changed."""
-    return Facts(budget, **{**CIFAR, "throughputs": TABLE, **data})
+    """The facts of a CIFAR-like run on the :data:`TABLE` machine, with ``data`` changed; its network
+    takes no other input size (``resizes``) unless ``data`` says so: the rules tested here are
+    those of every plan, and progressive resizing (:data:`EARLY_SHARE`) has tests of its own."""
+    return Facts(budget, **{**CIFAR, "throughputs": TABLE, "resizes": False, **data})
 
 
 @pytest.mark.parametrize("text,seconds", [("20m", 1200), ("1h30m", 5400), ("2h", 7200), ("90s", 90),
@@ -595,3 +598,82 @@ def test_replan_lengthens_a_planned_run_that_has_time_left(shared_folder, tmp_pa
     assert math.isclose(scheduler["_last_lr"][0] / scheduler["base_lrs"][0], MIN_LR_FACTOR, rel_tol=1e-6)
     visiontune.train(resume=str(run.run_dir))
     assert list(csv.DictReader(open(run.run_dir / "metrics.csv"))) == rows
+
+
+def test_a_fine_tune_of_many_small_images_trains_its_first_steps_at_the_size_below():
+    """Progressive resizing: the first EARLY_SHARE of the steps at the next measured size below the
+    plan's, so the same budget buys more steps (or a larger size); its time counted at both speeds."""
+    plain, resized = (plan_run(facts(15 * 60, elapsed=15.0, resizes=r)) for r in (False, True))
+    below = max(t.size for t in TABLE if t.size < resized.img_size)
+    assert "early_size" not in plain.recipe and resized.recipe["early_size"] == below
+    steps = resized.max_steps or (resized.epochs - resized.freeze_epochs) * facts(15 * 60).steps_per_epoch
+    assert resized.recipe["early_steps"] == round(EARLY_SHARE * steps)
+    assert "progressive resizing" in resized.reason and f"first {resized.recipe['early_steps']} of" in resized.reason
+    plain_steps = plain.max_steps or (plain.epochs - plain.freeze_epochs) * facts(15 * 60).steps_per_epoch
+    assert (resized.img_size, steps) > (plain.img_size, plain_steps) and resized.total <= 15 * 60
+    # the training phase is priced at the mean of the two sizes' speeds (EARLY_SHARE of the steps at the
+    # smaller), validating at the plan's own size
+    speed = {t.size: t for t in TABLE}
+    per_step = EARLY_SHARE / speed[below].train + (1 - EARLY_SHARE) / speed[resized.img_size].train
+    validations = (resized.epochs - resized.freeze_epochs) * 8_000 / speed[resized.img_size].infer
+    assert resized.projected["train"] == pytest.approx(steps * 32 * per_step + validations, rel=0.02)
+    planned = resized.apply(TrainConfig.from_dict({"data": "d"}))
+    assert (planned.optim.early_size, planned.optim.early_steps) == (below, resized.recipe["early_steps"])
+
+
+@pytest.mark.parametrize("where,given", [
+    ({"native_side": 500, "default_side": 224, "throughputs": [Throughput(160, 60, 300), Throughput(224, 30, 150)]},
+     {}),  # photos: measured on small images only
+    ({"trained_side": 96}, {}),  # a trained model continues by its own rule
+    ({"n_train": 2_000}, {}),  # small data's fine-tune was measured without it
+    ({}, {"img_size": 96}), ({}, {"epochs": 4}), ({}, {"max_steps": 2000}), ({}, {"early_size": 48, "early_steps": 9}),
+    ({}, {"teacher": "run"}), ({}, {"strategy": "progressive"}), ({}, {"auto_batch_size": True}),
+    ({"throughputs": [Throughput(64, 310, 1600, "bf16"), Throughput(96, 150, 520, "32")]}, {}),  # one precision
+])
+def test_progressive_resizing_is_planned_only_where_it_was_measured(where, given):
+    plan = plan_run(facts(30 * 60, resizes=True, **where), given)
+    assert "early_size" not in plan.recipe and "progressive" not in plan.reason  # a given one is the user's
+
+
+def test_tta_takes_its_time_from_the_last_of_many_epochs():
+    """Where the measurement does not fit after the last whole epoch, a plan of many epochs takes its
+    time from that epoch (by the curve, a share of the 7th costs less than flip-zoom gains); a plan
+    at its minimum of epochs does not (test_tta_is_measured_only_in_the_time_after_the_last_whole_epoch)."""
+    table = [Throughput(64, 228, 987), Throughput(96, 102, 444), Throughput(128, 52, 152)]  # AVX512-BF16, CIFAR-10
+    plan = plan_run(facts(60 * 60, elapsed=41.0, throughputs=table, num_classes=10, resizes=True))
+    assert plan.img_size == 128 and plan.recipe["tta"] == "auto" and "taken from the last epoch" in plan.reason
+    assert plan.max_steps is not None and plan.total <= 60 * 60
+    without = plan_run(facts(60 * 60, elapsed=41.0, throughputs=table, num_classes=10, resizes=True), {"tta": "none"})
+    # without it the 7th epoch runs whole; with it, part of that epoch's steps do
+    steps_per_epoch = facts(60).steps_per_epoch
+    assert (without.img_size, without.epochs, without.max_steps) == (128, plan.epochs, None)
+    assert (plan.epochs - 2) * steps_per_epoch < plan.max_steps < (plan.epochs - 1) * steps_per_epoch
+
+
+def test_replan_counts_the_early_steps_at_their_own_cost(monkeypatch):
+    """The first 15 steps at a size where a step costs half: the first epoch's 10 took 30 s, 5 steps'
+    worth at the run's size (6 s each). 100 s are left, and the 5 early steps to come cost 15 s less
+    than full ones: epoch 2 (5 x 3 s + 5 x 6 s, 10 s of validation) and 7 steps of epoch 3 fit."""
+    import visiontune.training.budget as budget
+    from visiontune.training.callbacks import StepLimit
+
+    monkeypatch.setattr(budget, "time", type("Clock", (), {"time": staticmethod(lambda: 1000.0),
+                                                             "perf_counter": staticmethod(time.perf_counter)}))
+    limit, module, trainer = StepLimit(50), _Module(), _Trainer(done=10, spe=10, max_steps=50)
+    replan = budget.Replan(budget.Deadline(1000.0 + 100 / (1 - budget.REPLAN_MARGIN), 0.0), limit, 30,
+                           lambda steps, spe: (-(-steps // spe), steps % spe != 0), early=(15, 0.5))
+    replan._train_s, replan._val_s = 30.0, 10.0
+    replan.on_train_epoch_end(trainer, module)
+    assert replan.epochs == [(30.0, 10.0, 5.0)] and limit.max_steps == 27
+
+
+def test_early_size_options_are_checked():
+    with pytest.raises(ConfigError, match="go together"):
+        TrainConfig.from_dict({"data": "d", "early_size": 64})
+    with pytest.raises(ConfigError, match="smaller than --img-size"):
+        TrainConfig.from_dict({"data": "d", "early_size": 96, "early_steps": 10, "img_size": 96})
+    with pytest.raises(ConfigError, match="--early-size.*linear-probe"):
+        from visiontune.training.levers import check_options
+
+        check_options(TrainConfig.from_dict({"data": "d", "early_size": 16, "early_steps": 2,
+                                             "strategy": "linear-probe"}))

@@ -112,14 +112,18 @@ def view_cost(mode: bool | str | None, side: int = 224) -> float:
 
 
 def takes_zoom(model: nn.Module, side: int) -> bool:
-    """Whether ``model`` (built for ``side`` px) runs on the zoomed view: a CNN takes any size, a ViT's
-    position embeddings (or a Swin's windows, a LeViT's attention biases) only the size set at
-    creation. One forward pass of a blank image, in eval mode (the module's mode is restored)."""
-    zoomed = zoomed_side(side)
+    """Whether ``model`` (built for ``side`` px) runs on the zoomed view (:func:`takes_side`)."""
+    return takes_side(model, zoomed_side(side))
+
+
+def takes_side(model: nn.Module, side: int) -> bool:
+    """Whether ``model`` runs on ``side``-px inputs: a CNN takes any size, a ViT's position embeddings
+    (or a Swin's windows, a LeViT's attention biases) only the size set at creation. One forward
+    pass of a blank image, in eval mode (the module's mode is restored)."""
     was_training = model.training
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, zoomed, zoomed))
+            model.eval()(torch.zeros(1, 3, side, side))
         return True
     except Exception:  # whatever the network raises for a size it does not take
         return False

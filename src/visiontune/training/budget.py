@@ -18,10 +18,12 @@ Example:
     >>> facts = Facts(15 * 60, n_train=40_000, n_val=8_000, native_side=32, default_side=224,
     ...               throughputs=table, elapsed=20.0)
     >>> plan = plan_run(facts)
-    >>> plan.strategy, plan.img_size, plan.epochs, plan.max_steps  # 3 whole epochs fit, then 0.16 of a 4th
-    ('finetune', 96, 4, 2695)
-    >>> plan.recipe["tta"], plan_run(facts, {"tta": "none"}).max_steps  # measuring TTA at the end costs 274 steps
-    ('auto', 2969)
+    >>> plan.strategy, plan.img_size, plan.epochs, plan.max_steps  # 3 whole epochs after the head's warm-up
+    ('finetune', 96, 4, None)
+    >>> plan.recipe["early_size"], plan.recipe["early_steps"]  # the first 60% of the 3,750 steps at 64 px
+    (64, 2250)
+    >>> plan.recipe["tta"], plan_run(facts, {"tta": "none"}).max_steps  # without measuring TTA: 389 steps more
+    ('auto', 4139)
 """
 
 from __future__ import annotations
@@ -81,7 +83,8 @@ MIN_FINETUNE_SIDE = 48
 # the body at a third of the head's LR after a short warm-up (AdamW's first steps are large).
 FINETUNE_RECIPE = {"lr_mult": 3.0, "warmup_epochs": 0.3, "bn_stats": "frozen"}
 # the options a plan decides (config keys), unless the user gave them
-PLANNED_OPTIONS = ("strategy", "img_size", "epochs", "max_steps", "freeze_epochs", "augment", "resize_mode", "head",
+PLANNED_OPTIONS = ("strategy", "img_size", "epochs", "max_steps", "early_size", "early_steps", "freeze_epochs",
+                   "augment", "resize_mode", "head",
                    "lr_mult", "warmup_epochs", "bn_stats", "ema", "tta", "mixup", "precision", "model", "optimizer",
                    "lr", "weight_decay", "momentum", "batch_size", "label_smoothing")
 # the budget of a run given neither --time nor --epochs: long enough for the measured recipes to pay
@@ -96,6 +99,23 @@ MIN_PARTIAL_EPOCH = 0.1  # a last, partial epoch shorter than this share of an e
 # 0.8425 and 0.8300 (two runs), and the probe on the teacher's features, which the fresh fine-tune's minimum
 # chose, 0.8260 (the teachers 0.8125-0.8195; bench/RESULTS.md "Unlabelled images")
 MIN_CONTINUED_PASSES = 1.5
+# expected held-out accuracy after E fine-tuning epochs (after the head's warm-up): ceiling - slope / E (CIFAR-10,
+# 32,000-35,000 training images; EfficientNet-Lite0 by input side; bench/RESULTS.md "Time budgets": 64 px 4 epochs
+# 0.871, 96 px 3.3 epochs 0.895, 128 px 3 and 5 epochs 0.912 and 0.922). training/lowres_plan.py weighs it against
+# the compact networks' curves; the planner itself weighs only an epoch's share against test-time augmentation
+FINETUNE_CURVE = {64: (0.890, 0.075), 96: (0.918, 0.075), 128: (0.937, 0.075)}
+# the smallest held-out gain of --tta auto's flip-zoom on a planned fine-tune (CIFAR-10: +0.32 points at 60 min,
+# +0.62 at 30, +0.80 at 15; bench/RESULTS.md "Test-time augmentation"): where the epochs the measurement's time
+# would take cost less than this by FINETUNE_CURVE, the plan sets that time aside (the run keeps its size)
+TTA_GAIN = 0.003
+# Progressive resizing (fastai's name; EfficientNetV2's progressive learning and FFCV's ImageNet recipes also train
+# most steps below the final resolution): a planned fresh fine-tune of small images trains its first EARLY_SHARE of
+# the steps at the next measured size below its own, where a step of EfficientNet-Lite0 costs 0.45 of one (64 against
+# 96 px, 228 and 102 img/s). The early steps are counted as steps at the planned size (FINETUNE_CURVE), as measured:
+# CIFAR-10 in 15 minutes on an AVX512-BF16 CPU, 10,000 held-out images, 1,500 steps at 64 px then 950 at 96 scored
+# 0.8867, the curve's 0.887 for 2.45 epochs at 96 px, where the plan without them fitted 1.7 epochs at 96 px and
+# chose the compact network from scratch (0.8723; bench/RESULTS.md "Progressive resizing")
+EARLY_SHARE = 0.6
 # Such a run at a size below the model's own measures --tta auto in time set aside before its passes are
 # counted, where MIN_CONTINUED_PASSES still fit with it (a fresh plan measures it only in the time after its
 # last whole epoch): flip-zoom's second view is enlarged toward the size the network was trained at. On the
@@ -177,6 +197,8 @@ class Facts:
             embeddings do not: :func:`~visiontune.models.tta.takes_zoom`).
         trained_side: the input side of the trained model the run continues (``--weights RUN``), else
             ``None``: the plan fine-tunes where :data:`MIN_CONTINUED_PASSES` fit, at most at that side.
+        resizes: whether the network takes inputs of other sizes than its own (a CNN does, a ViT does not),
+            so that its first steps may train at a smaller one (:data:`EARLY_SHARE`).
     """
 
     budget: float
@@ -196,6 +218,7 @@ class Facts:
     single_label: bool = True
     zoom: bool = True
     trained_side: int | None = None
+    resizes: bool = True
 
     @property
     def steps_per_epoch(self) -> int:
@@ -561,6 +584,24 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
     # several processes train the network on images (a head on cached features is one process's job)
     if (facts.processes > 1 or fixed.get("teacher")) and strategy is None:
         strategy = "finetune"
+    # progressive resizing (EARLY_SHARE), measured on a fresh fine-tune of many small images whose size and
+    # length the plan chose; a teacher's soft targets were not measured on the smaller inputs
+    resizing = (small and facts.resizes and n_train > SMALL_DATA and facts.trained_side is None
+                and strategy in (None, "finetune") and not fixed.get("teacher") and not fixed.get("auto_batch_size")
+                and not {"img_size", "epochs", "max_steps", "early_size", "early_steps"} & fixed.keys())
+    early_at: dict[int, tuple[Throughput, float]] = {}  # size -> (its early size, a step there / a step at it)
+
+    def paced(t: Throughput) -> Throughput:
+        """``t`` at the mean training speed of a fine-tune whose first :data:`EARLY_SHARE` of the steps
+        train at the next measured size below it (in the same precision), where one may be fine-tuned."""
+        below = [x for x in sizes if MIN_FINETUNE_SIDE <= x.size < t.size and x.precision == t.precision
+                 and x.train > t.train]
+        if not resizing or not below:
+            return t
+        early_at[t.size] = (below[-1], t.train / below[-1].train)
+        mean_s = EARLY_SHARE / below[-1].train + (1 - EARLY_SHARE) / t.train
+        return Throughput(t.size, 1 / mean_s, t.infer, t.precision)
+
     def cross_validated_probe(why: str) -> Plan:
         """Small data's probe on features cached at the backbone's size (or the largest measured below
         it); ``why``: the plan's reason, before what the probe is."""
@@ -607,7 +648,7 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
         per_epoch = epoch_seconds(t, n_train, n_val, tta, reread)
         return available - base["features"] - base["finish"] - (n_train + n_val) * (decode_s - reread), per_epoch
 
-    for t in sizes:
+    for t in map(paced, sizes):
         room, per_epoch = room_for(t, None)
         if continued and may_measure and t.size < facts.trained_side:
             # below its own size a trained model measures --tta auto in time set aside for it (see
@@ -625,12 +666,24 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
             continue  # too small to fine-tune a pretrained network (the user's own size is kept, and a trained model's)
         if passes_at[t.size] >= MIN_CONTINUED_PASSES if continued else trained >= needed:
             best = (t, fit, room - trained * per_epoch)  # sizes ascend: the last that fits is the largest
+    def worth_a_share(t: Throughput, trained: int, leftover: float, extra: float) -> bool:
+        """Whether ``extra`` seconds taken from ``trained`` fine-tuning epochs (``leftover`` seconds after
+        them) cost less accuracy than :data:`TTA_GAIN`, by :data:`FINETUNE_CURVE`'s slope at ``t``."""
+        per_epoch = epoch_seconds(t, n_train, n_val, tta, reread)
+        slope = FINETUNE_CURVE[min(FINETUNE_CURVE, key=lambda s: abs(s - t.size))][1]
+        now = trained + max(0.0, leftover) / per_epoch
+        after = now - (extra - leftover) / per_epoch
+        return after > 0 and slope * (1 / after - 1 / now) < TTA_GAIN
+
+    def per_epoch_s(t: Throughput) -> float:
+        return next(c["seconds_per_epoch"] for c in candidates if c["size"] == t.size)
+
     reason, why_finetune = "", ""
     if continued and best is not None:
         t = best[0]
         reason = (f"a trained model continues: time for {passes_at[t.size]:.1f} passes over the data at {t.size} px, "
                   f"the largest input up to its {facts.trained_side} px where at least {MIN_CONTINUED_PASSES} fit "
-                  f"({candidates[sizes.index(t)]['seconds_per_epoch']} s per epoch)")
+                  f"({per_epoch_s(t)} s per epoch)")
         small_data = False  # its network already answers these classes: the small-data minimum is a fresh one's
     if small_data:  # small images: the fine-tune where one fits, else the probe
         if best is None and continued:
@@ -656,11 +709,11 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
     if best is not None and strategy in (None, "finetune", "progressive", "scratch"):
         t, fit, leftover = best
         epochs = fixed.get("epochs", max(min(fit, MAX_EPOCHS), warmup + 1))
+        capped = epochs != fit
         if epochs < fit:  # capped at MAX_EPOCHS, or fewer given: the epochs that fit but do not run are left over too
             leftover += (fit - max(epochs, warmup)) * epoch_seconds(t, n_train, n_val, tta, reread)
         reason = why_finetune + (reason or (f"{fit} epochs fit at {t.size} px, the largest input where at least "
-                                            f"{needed + warmup} do ({candidates[sizes.index(t)]['seconds_per_epoch']} "
-                                            "s per epoch)"))
+                                            f"{needed + warmup} do ({per_epoch_s(t)} s per epoch)"))
         if may_measure:
             extra = costs(t, epochs, True, AUTO)["finish"] - costs(t, epochs, True)["finish"]
             if t.size in reserved:  # its time was set aside before the passes were counted
@@ -671,6 +724,11 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
                 recipe["tta"] = tta = AUTO
                 leftover -= extra
                 reason += f"; test-time augmentation measured at the end ({extra:.0f} s)"
+            elif not capped and epochs - 1 - warmup >= needed and worth_a_share(t, epochs - warmup, leftover, extra):
+                recipe["tta"] = tta = AUTO
+                epochs, leftover = epochs - 1, leftover + epoch_seconds(t, n_train, n_val, tta, reread) - extra
+                reason += (f"; test-time augmentation measured at the end ({extra:.0f} s, taken from the last epoch: "
+                           f"by the measured curves it gains more than that share of an epoch)")
             else:
                 reason += f"; no room after the last whole epoch to measure test-time augmentation ({extra:.0f} s)"
         projected = costs(t, epochs, True)
@@ -680,7 +738,7 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
         val_s = view_cost(validation_tta(tta), t.size) * n_val / t.infer + n_val * reread
         share = (leftover - val_s) / train_s
         max_steps = None
-        whole_only = ("epochs" in fixed or "max_steps" in fixed or fixed.get("auto_batch_size") or epochs != fit
+        whole_only = ("epochs" in fixed or "max_steps" in fixed or fixed.get("auto_batch_size") or capped
                       or fit >= MAX_EPOCHS)
         if not whole_only and share >= MIN_PARTIAL_EPOCH:
             whole = epochs - min(warmup, epochs)
@@ -688,6 +746,12 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
             epochs += 1
             projected = {**projected, "train": projected["train"] + share * train_s + val_s}
             reason += f", and {share:.2f} of one more"
+        if t.size in early_at:  # the plan's time was counted at the mean speed of both sizes (paced)
+            early, cost = early_at[t.size]
+            steps = max_steps if max_steps is not None else (epochs - min(warmup, epochs)) * facts.steps_per_epoch
+            recipe.update(early_size=early.size, early_steps=max(1, round(EARLY_SHARE * steps)))
+            reason += (f"; the first {recipe['early_steps']} of its {steps} steps at {early.size} px (progressive "
+                       f"resizing: a step there costs {cost:.2f} of one at {t.size} px)")
         return Plan(budget, strategy or "finetune", t.size, epochs, min(warmup, epochs), augment, resize_mode,
                     projected, max_steps=max_steps, recipe={**recipe, **measured_precision(t, fixed)},
                     candidates=candidates, throughputs=measured,
@@ -802,14 +866,21 @@ class Replan(Callback):
     the trainer's epochs and steps, and the LR schedule (``set_length``), which then ends at the
     new last step. ``on_change(epochs, max_steps)`` records it (the run's config, for ``--resume``).
     Rank 0 measures and decides; every process applies the same length.
+
+    ``early``: ``(steps, cost)``, the first steps trained at ``--early-size`` and what one of them
+    costs against a step at the run's size (:func:`early_step_cost`): the speed is projected per
+    step at the run's size, and the early steps still to come are counted at their own cost.
     """
 
-    def __init__(self, deadline: Deadline, limit, max_epochs: int, on_change, margin: float = REPLAN_MARGIN):
+    def __init__(self, deadline: Deadline, limit, max_epochs: int, on_change, margin: float = REPLAN_MARGIN,
+                 early: tuple[int, float] = (0, 1.0)):
         self.deadline, self.limit, self.max_epochs = deadline, limit, max_epochs
         self.on_change, self.margin = on_change, margin
+        self.early_steps, self.early_cost = early
         self._start = self._val_start = 0.0
         self._train_s = self._val_s = 0.0
-        self.epochs: list[tuple[float, float]] = []  # (training, validation) seconds of each whole epoch
+        # (training, validation) seconds of each whole epoch, and its steps counted at the run's size
+        self.epochs: list[tuple[float, float, float]] = []
         self.changes: list[tuple[int, int]] = []  # (old steps, new steps)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -831,10 +902,13 @@ class Replan(Callback):
         whole = spe > 0 and done % spe == 0 and self._train_s > 0 and not trainer.should_stop
         steps, train_s, val_s = current, 0.0, 0.0
         if whole and trainer.global_rank == 0:
-            self.epochs.append((self._train_s, self._val_s))
-            train_s, val_s = (sum(x) / len(self.epochs) for x in zip(*self.epochs))
+            early_in = min(spe, max(0, self.early_steps - (done - spe)))  # early steps in this epoch
+            self.epochs.append((self._train_s, self._val_s, spe - early_in * (1 - self.early_cost)))
+            train_s, val_s, units = (sum(x) / len(self.epochs) for x in zip(*self.epochs))
+            step_s = train_s / units  # a step at the run's size
             left = (self.deadline.stop_at - time.time()) * (1 - self.margin)
-            steps = steps_that_fit(done, spe, train_s / spe, val_s, left, self.max_epochs)
+            left += max(0, self.early_steps - done) * (1 - self.early_cost) * step_s  # the cheaper early steps to come
+            steps = steps_that_fit(done, spe, step_s, val_s, left, self.max_epochs)
             if abs(steps - current) <= max(MIN_PARTIAL_EPOCH * spe, REPLAN_MIN_CHANGE * current) or steps <= done:
                 steps = current
         if trainer.world_size > 1:
@@ -852,6 +926,22 @@ class Replan(Callback):
             print(f"re-plan: an epoch takes {format_duration(train_s)} of training and "
                   f"{format_duration(val_s)} of validation, so the run now ends after {epochs} epoch(s){last}: "
                   f"{steps} steps on images, was {current}", flush=True)
+
+
+def early_step_cost(plan: Plan | None, early_size: int | None, size: int) -> float:
+    """What a training step at ``early_size`` costs against one at ``size``, by ``plan``'s
+    measurements (1.0 where it has none: without a plan, or no early size).
+
+    Example:
+        >>> speeds = [{"size": 64, "train": 228.0, "infer": 987.0}, {"size": 96, "train": 102.0, "infer": 444.0}]
+        >>> plan = Plan(900, "finetune", 96, 4, 1, "crop-flip", "squash", {}, throughputs=speeds)
+        >>> round(early_step_cost(plan, 64, 96), 3), early_step_cost(None, 64, 96)
+        (0.447, 1.0)
+    """
+    speeds = {int(t["size"]): float(t["train"]) for t in (plan.throughputs if plan else []) if not t.get("model")}
+    if early_size in speeds and speeds[early_size] > 0 and speeds.get(size, 0) > 0:
+        return speeds[size] / speeds[early_size]
+    return 1.0
 
 
 class Forecast(Callback):

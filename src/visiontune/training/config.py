@@ -176,6 +176,11 @@ class OptimOptions:
     max_steps: int | None = option(None, "end the training on images after this many optimizer steps, validating "
                                          "there: a last, partial epoch (the LR schedule ends there; a time budget "
                                          "sets it to fill its time). Default: every step of --epochs")
+    early_size: int | None = option(None, "progressive resizing: the first --early-steps optimizer steps on images "
+                                          "train at this smaller input side, the rest at --img-size (a time "
+                                          "budget's plan sets both for small images). Default: off", metavar="PX")
+    early_steps: int | None = option(None, "--early-size: how many of the first optimizer steps on images train "
+                                           "at it")
     auto_batch_size: bool = option(False, "find the largest batch size that fits (Lightning tuner; capped at 1/4 "
                                           "of the data)")
 
@@ -280,12 +285,20 @@ class TrainConfig:
             ("cutmix", lambda v: v >= 0, "must be >= 0"),
             ("devices", lambda v: v >= 1, "must be >= 1"),
             ("max_steps", lambda v: v is None or v >= 1, "must be >= 1"),
+            ("early_size", lambda v: v is None or v >= 16, "must be >= 16"),
+            ("early_steps", lambda v: v is None or v >= 1, "must be >= 1"),
             ("threshold_tpr", lambda v: 0.5 <= v < 1.0, "must be in [0.5, 1)"),
             ("num_nodes", lambda v: v >= 1, "must be >= 1"),
         ]
         for key, ok, text in checks:
             if not ok(self.get(key)):  # named as its flag (the YAML key and keyword are its spelling with _)
                 raise ConfigError(f"--{key.replace('_', '-')} {text}, got {self.get(key)}")
+        if (self.get("early_size") is None) != (self.get("early_steps") is None):
+            raise ConfigError("--early-size and --early-steps go together: give both (the smaller side and how many "
+                              "of the first steps train at it) or neither")
+        early, size = self.get("early_size"), self.get("img_size")
+        if None not in (early, size) and early >= size:
+            raise ConfigError(f"--early-size must be smaller than --img-size, got {early} and {size}")
         if self.get("time") is not None and not no_budget(self.get("time")):  # the planner's rule, bounds included
             duration_seconds(self.get("time"))
         return self

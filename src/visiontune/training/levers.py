@@ -109,6 +109,7 @@ LEVERS = (
     Lever("cutmix", IMAGES, "pastes patches between training images"),
     Lever("compile", IMAGES, "compiles the network for training on images"),
     Lever("max_steps", IMAGES, "ends the training on images after that many steps", lambda v: v is not None),
+    Lever("early_size", IMAGES, "trains the first steps on images at a smaller input side", lambda v: v is not None),
     Lever("auto_batch_size", IMAGES, "sizes the batches of images to the device's memory"),
     Lever("devices", IMAGES, "trains copies of the network in several processes", lambda v: v > 1),
     Lever("num_nodes", IMAGES, "trains copies of the network on several machines", lambda v: v > 1),
@@ -156,4 +157,6 @@ def levers_line(cfg: TrainConfig) -> str:
         parts.append(f"early stopping (patience {o.early_stopping})")
     if o.max_steps and way_of(cfg) in IMAGES:  # visible: it ends the run before --epochs' last step
         parts.append(f"max steps {o.max_steps}")
+    if o.early_size and way_of(cfg) in IMAGES:
+        parts.append(f"the first {o.early_steps} steps at {o.early_size} px")
     return "levers: " + (", ".join(parts) or "none")

@@ -29,7 +29,7 @@ from ..data.dataset import ImageListDataset, default_workers, make_loader
 from ..data.memory import MemoryEvalSet, MemoryImages, MemoryTrainSet, store_side
 from ..data.sampling import EpochSampler
 from ..data.transforms import eval_transform, tensor_train_transform, train_transform
-from .budget import FINISH_FIXED_S, MAX_EPOCHS, Deadline, Forecast, Replan
+from .budget import FINISH_FIXED_S, MAX_EPOCHS, Deadline, Forecast, Replan, early_step_cost
 from .callbacks import EMA, BestModelSaver, FreezeSchedule, MetricsRecorder, StepLimit
 from .checkpoint_io import HEAD_PHASE, AtomicCheckpointIO, FolderModelCheckpoint
 from .context import TrainContext
@@ -393,7 +393,8 @@ def run_fit(ctx: TrainContext, module: ClassifierModule, data: L.LightningDataMo
                 ctx.cfg.replace(run_dir=str(ctx.run_dir), batch_size=ctx.batch_size).save(ctx.layout.config)
             return epochs, partial
 
-        replan = Replan(deadline, limit, MAX_EPOCHS - epoch_offset, record)
+        early = cfg.optim.early_steps or 0, early_step_cost(ctx.plan, cfg.optim.early_size, ctx.preprocessing.height)
+        replan = Replan(deadline, limit, MAX_EPOCHS - epoch_offset, record, early=early)
     # the saver before the EMA: validation scores the averaged weights, which the saver must save
     callbacks = [extra, recorder, saver, ema, limit, replan, *timing]
     with warnings.catch_warnings():
@@ -513,7 +514,8 @@ def make_module(ctx: TrainContext, body_groups: list[list[str]], body_lrs: list[
                             freeze_bn_stats=cfg.strategy.bn_stats == "frozen", compile=cfg.runtime.compile,
                             mixup=(cfg.optim.mixup, cfg.optim.cutmix), tta=validation_tta(cfg.model.tta),
                             task=ctx.task, teacher=ctx.teacher,
-                            distill=(cfg.optim.distill_alpha, cfg.optim.distill_temperature))
+                            distill=(cfg.optim.distill_alpha, cfg.optim.distill_temperature),
+                            early=(cfg.optim.early_size, cfg.optim.early_steps) if cfg.optim.early_size else None)
 
 
 def make_head_module(ctx: TrainContext) -> HeadModule:

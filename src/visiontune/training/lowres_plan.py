@@ -31,6 +31,7 @@ from typing import Any
 from ..models.factory import build_model
 from ..models.lowres import LOWRES_MODELS, is_lowres
 from .budget import (
+    FINETUNE_CURVE,
     SAFETY,
     Facts,
     Plan,
@@ -56,13 +57,11 @@ LOWRES_WARMUP_SHARE = 0.2    # of the epochs, linear LR warm-up (then cosine dec
 LOWRES_RECIPE = {"optimizer": "sgd", "lr": 1.5, "momentum": 0.85, "weight_decay": 4e-6, "batch_size": LOWRES_BATCH,
                  "label_smoothing": 0.2, "ema": True, "tta": "flip"}
 
-# expected held-out accuracy after E epochs: ceiling - slope / E (CIFAR-10, 32,000-35,000 training images).
-# Fine-tuning EfficientNet-Lite0, by input side; E counts the epochs after the head's warm-up (bench/RESULTS.md,
-# "Time budgets": 64 px 4 epochs 0.871, 96 px 3.3 epochs 0.895, 128 px 3 and 5 epochs 0.912 and 0.922).
-FINETUNE_CURVE = {64: (0.890, 0.075), 96: (0.918, 0.075), 128: (0.937, 0.075)}
-# lowres_cnn: held-out CIFAR-10 accuracy of the whole command, 35,000 training images: 0.871 after 8.4 epochs
-# (--time 15m) and 0.889 after 19 (--time 30m). lowres_cnn_wide: airbench's published ratio (the wide network
-# 95% in 15 epochs where the small one is 94% in 10: +1 point of ceiling, 1.5x the slope)
+# expected held-out accuracy after E epochs: ceiling - slope / E (CIFAR-10, 32,000-35,000 training images; the
+# fine-tune's is budget.FINETUNE_CURVE). lowres_cnn: held-out CIFAR-10 accuracy of the whole command, 35,000
+# training images: 0.871 after 8.4 epochs (--time 15m) and 0.889 after 19 (--time 30m). lowres_cnn_wide:
+# airbench's published ratio (the wide network 95% in 15 epochs where the small one is 94% in 10: +1 point of
+# ceiling, 1.5x the slope)
 LOWRES_CURVE = {"lowres_cnn": (0.904, 0.27), "lowres_cnn_wide": (0.914, 0.405)}
 PROBE_ACCURACY = 0.0  # a probe on features of 32-px images upscaled: below any plan that trains
 

@@ -25,7 +25,7 @@ from ..models.artifact import load_weights, read_card, resolve_model_dir
 from ..models.card import ModelCard
 from ..models.factory import build_model, fit_input_size
 from ..models.lowres import is_lowres
-from ..models.tta import takes_zoom
+from ..models.tta import takes_side, takes_zoom
 from ..models.weights import is_model_folder
 from ..task import TASKS, Task, get_task
 from .budget import (
@@ -144,6 +144,12 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
         cfg = cfg.replace(**network_recipe(cfg.given, cfg.optim.epochs))
         pre = replace(pre, resize_mode=cfg.model.resize_mode)
     fit_input_size(model, pre.height, pre.width)  # ViTs: position embeddings for the chosen size
+    early = cfg.optim.early_size
+    if early is not None and not cfg.runtime.resume and (early >= pre.height or not takes_side(model, early)):
+        why = (f"is not smaller than the input size {pre.height} px" if early >= pre.height
+               else f"is a size {arch.name} does not take (it runs only at the input size it was built for)")
+        raise ConfigError(f"--early-size {early} {why}: give a smaller --early-size, or drop --early-size and "
+                          "--early-steps")
     if cfg.model.tta in (AUTO_TTA, AUTO) and not cfg.runtime.resume and not takes_zoom(model, pre.height):
         if cfg.model.tta == AUTO_TTA:
             raise ConfigError(f"--tta {AUTO_TTA}: {arch.name} takes only the input size it was built for "
@@ -307,7 +313,8 @@ def plan_budget(cfg: TrainConfig, model, pre: Preprocessing, splits: Splits, def
                   batch_size=cfg.optim.batch_size, processes=processes, in_memory=in_memory,
                   num_classes=len(splits.class_names), unknown=cfg.model.unknown,
                   single_label=get_task(splits.task).name == "single",
-                  zoom="tta" in fixed or takes_zoom(model, default_side), trained_side=trained_side)
+                  zoom="tta" in fixed or takes_zoom(model, default_side), trained_side=trained_side,
+                  resizes=takes_side(model, min(sizes)))
     lowres = []
     if (considers_lowres(len(splits.train), native, fixed, get_task(splits.task).name == "single")
             and lowres_may_win(plan_run(facts, fixed), facts, fixed)):
