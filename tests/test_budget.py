@@ -601,8 +601,12 @@ def test_replan_lengthens_a_planned_run_that_has_time_left(shared_folder, tmp_pa
 
 
 def test_a_fine_tune_of_many_small_images_trains_its_first_steps_at_the_size_below():
-    """Progressive resizing: the first EARLY_SHARE of the steps at the next measured size below the
-    plan's, so the same budget buys more steps (or a larger size); its time counted at both speeds."""
+    """Progressive resizing: where a size does not fit its minimum of epochs at its own speed, its first
+    EARLY_SHARE of the steps at the next measured size below may make it fit, so the same budget buys a
+    larger size (96 -> 128 px at 15 minutes on this table); its time counted at both sizes' speeds.
+    Where the plan's size fits without it (12 and 20 minutes), every step is at that size."""
+    for minutes in (12, 20):
+        assert plan_run(facts(minutes * 60, elapsed=15.0, resizes=True)) == plan_run(facts(minutes * 60, elapsed=15.0))
     plain, resized = (plan_run(facts(15 * 60, elapsed=15.0, resizes=r)) for r in (False, True))
     below = max(t.size for t in TABLE if t.size < resized.img_size)
     assert "early_size" not in plain.recipe and resized.recipe["early_size"] == below
@@ -640,10 +644,10 @@ def test_tta_takes_its_time_from_the_last_of_many_epochs():
     time from that epoch (by the curve, a share of the 7th costs less than flip-zoom gains); a plan
     at its minimum of epochs does not (test_tta_is_measured_only_in_the_time_after_the_last_whole_epoch)."""
     table = [Throughput(64, 228, 987), Throughput(96, 102, 444), Throughput(128, 52, 152)]  # AVX512-BF16, CIFAR-10
-    plan = plan_run(facts(60 * 60, elapsed=41.0, throughputs=table, num_classes=10, resizes=True))
+    plan = plan_run(facts(80 * 60, elapsed=41.0, throughputs=table, num_classes=10))
     assert plan.img_size == 128 and plan.recipe["tta"] == "auto" and "taken from the last epoch" in plan.reason
-    assert plan.max_steps is not None and plan.total <= 60 * 60
-    without = plan_run(facts(60 * 60, elapsed=41.0, throughputs=table, num_classes=10, resizes=True), {"tta": "none"})
+    assert plan.max_steps is not None and plan.total <= 80 * 60
+    without = plan_run(facts(80 * 60, elapsed=41.0, throughputs=table, num_classes=10), {"tta": "none"})
     # without it the 7th epoch runs whole; with it, part of that epoch's steps do
     steps_per_epoch = facts(60).steps_per_epoch
     assert (without.img_size, without.epochs, without.max_steps) == (128, plan.epochs, None)

@@ -18,12 +18,15 @@ Example:
     >>> facts = Facts(15 * 60, n_train=40_000, n_val=8_000, native_side=32, default_side=224,
     ...               throughputs=table, elapsed=20.0)
     >>> plan = plan_run(facts)
-    >>> plan.strategy, plan.img_size, plan.epochs, plan.max_steps  # 3 whole epochs after the head's warm-up
-    ('finetune', 96, 4, None)
-    >>> plan.recipe["early_size"], plan.recipe["early_steps"]  # the first 60% of the 3,750 steps at 64 px
-    (64, 2250)
-    >>> plan.recipe["tta"], plan_run(facts, {"tta": "none"}).max_steps  # without measuring TTA: 389 steps more
-    ('auto', 4139)
+    >>> plan.strategy, plan.img_size, plan.epochs, plan.max_steps  # 3 whole epochs fit, then 0.16 of a 4th
+    ('finetune', 96, 4, 2695)
+    >>> plan.recipe["tta"], plan_run(facts, {"tta": "none"}).max_steps  # measuring TTA at the end costs 274 steps
+    ('auto', 2969)
+    >>> from dataclasses import replace
+    >>> slower = replace(facts, throughputs=[Throughput(64, 300, 1600), Throughput(96, 100, 520)])
+    >>> plan = plan_run(slower)  # 96 px fits its 3 epochs only with the first 60% of the steps at 64
+    >>> plan.img_size, plan.recipe["early_size"], plan.recipe["early_steps"], plan.max_steps
+    (96, 64, 1797, 2995)
 """
 
 from __future__ import annotations
@@ -109,12 +112,13 @@ FINETUNE_CURVE = {64: (0.890, 0.075), 96: (0.918, 0.075), 128: (0.937, 0.075)}
 # would take cost less than this by FINETUNE_CURVE, the plan sets that time aside (the run keeps its size)
 TTA_GAIN = 0.003
 # Progressive resizing (fastai's name; EfficientNetV2's progressive learning and FFCV's ImageNet recipes also train
-# most steps below the final resolution): a planned fresh fine-tune of small images trains its first EARLY_SHARE of
-# the steps at the next measured size below its own, where a step of EfficientNet-Lite0 costs 0.45 of one (64 against
-# 96 px, 228 and 102 img/s). The early steps are counted as steps at the planned size (FINETUNE_CURVE), as measured:
-# CIFAR-10 in 15 minutes on an AVX512-BF16 CPU, 10,000 held-out images, 1,500 steps at 64 px then 950 at 96 scored
-# 0.8867, the curve's 0.887 for 2.45 epochs at 96 px, where the plan without them fitted 1.7 epochs at 96 px and
-# chose the compact network from scratch (0.8723; bench/RESULTS.md "Progressive resizing")
+# most steps below the final resolution): where a size does not fit its minimum of epochs, a planned fresh fine-tune
+# of many small images may still train at it with its first EARLY_SHARE of the steps at the next measured size below,
+# where a step of EfficientNet-Lite0 costs 0.45-0.53 of one (64 against 96 px). Measured on CIFAR-10 in 15 minutes
+# (an AVX512-BF16 CPU, 10,000 held-out images, bench/RESULTS.md "Progressive resizing"): on a slow day, where 96 px
+# fitted 1.7 epochs and the plan chose the compact network from scratch (0.8723), 1,500 steps at 64 px then 950 at
+# 96 scored 0.8867; on a faster day, where 96 px fitted its own 2 epochs, 1,640 steps at 64 then 1,093 at 96 scored
+# 0.8885, not above the plain 96-px runs of earlier days (0.8928-0.8949): so only where the size needs it
 EARLY_SHARE = 0.6
 # Such a run at a size below the model's own measures --tta auto in time set aside before its passes are
 # counted, where MIN_CONTINUED_PASSES still fit with it (a fresh plan measures it only in the time after its
@@ -591,15 +595,20 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
                 and not {"img_size", "epochs", "max_steps", "early_size", "early_steps"} & fixed.keys())
     early_at: dict[int, tuple[Throughput, float]] = {}  # size -> (its early size, a step there / a step at it)
 
-    def paced(t: Throughput) -> Throughput:
-        """``t`` at the mean training speed of a fine-tune whose first :data:`EARLY_SHARE` of the steps
-        train at the next measured size below it (in the same precision), where one may be fine-tuned."""
+    def early_of(t: Throughput) -> tuple[Throughput, float] | None:
+        """The next measured size below ``t`` (in the same precision, faster, where a pretrained network
+        is fine-tuned) and what a step there costs against one at ``t``."""
         below = [x for x in sizes if MIN_FINETUNE_SIDE <= x.size < t.size and x.precision == t.precision
                  and x.train > t.train]
-        if not resizing or not below:
+        return (below[-1], t.train / below[-1].train) if below else None
+
+    def paced(t: Throughput) -> Throughput:
+        """``t`` at the mean training speed of a fine-tune whose first :data:`EARLY_SHARE` of the steps
+        train at :func:`early_of` ``t`` (``t`` itself where there is none)."""
+        early = early_of(t)
+        if early is None:
             return t
-        early_at[t.size] = (below[-1], t.train / below[-1].train)
-        mean_s = EARLY_SHARE / below[-1].train + (1 - EARLY_SHARE) / t.train
+        mean_s = EARLY_SHARE / early[0].train + (1 - EARLY_SHARE) / t.train
         return Throughput(t.size, 1 / mean_s, t.infer, t.precision)
 
     def cross_validated_probe(why: str) -> Plan:
@@ -648,8 +657,16 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
         per_epoch = epoch_seconds(t, n_train, n_val, tta, reread)
         return available - base["features"] - base["finish"] - (n_train + n_val) * (decode_s - reread), per_epoch
 
-    for t in map(paced, sizes):
+    for raw in sizes:
+        t = raw
         room, per_epoch = room_for(t, None)
+        if resizing and room // per_epoch < needed and early_of(t) is not None:
+            # progressive resizing only where the size does not fit its minimum otherwise: with the plain size
+            # fitting, its own steps scored as well or better (bench/RESULTS.md "Progressive resizing")
+            faster_room, faster_epoch = room_for(paced(raw), None)
+            if faster_room // faster_epoch >= needed:
+                t, room, per_epoch = paced(raw), faster_room, faster_epoch
+                early_at[t.size] = early_of(raw)
         if continued and may_measure and t.size < facts.trained_side:
             # below its own size a trained model measures --tta auto in time set aside for it (see
             # MIN_CONTINUED_PASSES), where the passes it needs still fit; else as any run, in what is left over
