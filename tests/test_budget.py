@@ -13,7 +13,6 @@ from conftest import FAST, FAST_FLAGS, vt_main
 from visiontune.core.errors import ConfigError
 from visiontune.training.budget import (
     DEFAULT_TIME,
-    EARLY_SHARE,
     MAX_EPOCHS,
     MIN_CONTINUED_PASSES,
     MIN_FINETUNE_EPOCHS,
@@ -41,10 +40,8 @@ CIFAR = {"n_train": 32_000, "n_val": 8_000, "native_side": 32, "default_side": 2
 
 
 def facts(budget: float, **data) -> Facts:
-    """The facts of a CIFAR-like run on the :data:`TABLE` machine, with ``data`` changed; its network
-    takes no other input size (``resizes``) unless ``data`` says so: the rules tested here are
-    those of every plan, and progressive resizing (:data:`EARLY_SHARE`) has tests of its own."""
-    return Facts(budget, **{**CIFAR, "throughputs": TABLE, "resizes": False, **data})
+    """The facts of a CIFAR-like run on the :data:`TABLE` machine, with ``data`` changed."""
+    return Facts(budget, **{**CIFAR, "throughputs": TABLE, **data})
 
 
 @pytest.mark.parametrize("text,seconds", [("20m", 1200), ("1h30m", 5400), ("2h", 7200), ("90s", 90),
@@ -600,43 +597,13 @@ def test_replan_lengthens_a_planned_run_that_has_time_left(shared_folder, tmp_pa
     assert list(csv.DictReader(open(run.run_dir / "metrics.csv"))) == rows
 
 
-def test_a_fine_tune_of_many_small_images_trains_its_first_steps_at_the_size_below():
-    """Progressive resizing: where a size does not fit its minimum of epochs at its own speed, its first
-    EARLY_SHARE of the steps at the next measured size below may make it fit, so the same budget buys a
-    larger size (96 -> 128 px at 15 minutes on this table); its time counted at both sizes' speeds.
-    Where the plan's size fits without it (12 and 20 minutes), every step is at that size."""
-    for minutes in (12, 20):
-        assert plan_run(facts(minutes * 60, elapsed=15.0, resizes=True)) == plan_run(facts(minutes * 60, elapsed=15.0))
-    plain, resized = (plan_run(facts(15 * 60, elapsed=15.0, resizes=r)) for r in (False, True))
-    below = max(t.size for t in TABLE if t.size < resized.img_size)
-    assert "early_size" not in plain.recipe and resized.recipe["early_size"] == below
-    steps = resized.max_steps or (resized.epochs - resized.freeze_epochs) * facts(15 * 60).steps_per_epoch
-    assert resized.recipe["early_steps"] == round(EARLY_SHARE * steps)
-    assert "progressive resizing" in resized.reason and f"first {resized.recipe['early_steps']} of" in resized.reason
-    plain_steps = plain.max_steps or (plain.epochs - plain.freeze_epochs) * facts(15 * 60).steps_per_epoch
-    assert (resized.img_size, steps) > (plain.img_size, plain_steps) and resized.total <= 15 * 60
-    # the training phase is priced at the mean of the two sizes' speeds (EARLY_SHARE of the steps at the
-    # smaller), validating at the plan's own size
-    speed = {t.size: t for t in TABLE}
-    per_step = EARLY_SHARE / speed[below].train + (1 - EARLY_SHARE) / speed[resized.img_size].train
-    validations = (resized.epochs - resized.freeze_epochs) * 8_000 / speed[resized.img_size].infer
-    assert resized.projected["train"] == pytest.approx(steps * 32 * per_step + validations, rel=0.02)
-    planned = resized.apply(TrainConfig.from_dict({"data": "d"}))
-    assert (planned.optim.early_size, planned.optim.early_steps) == (below, resized.recipe["early_steps"])
-
-
-@pytest.mark.parametrize("where,given", [
-    ({"native_side": 500, "default_side": 224, "throughputs": [Throughput(160, 60, 300), Throughput(224, 30, 150)]},
-     {}),  # photos: measured on small images only
-    ({"trained_side": 96}, {}),  # a trained model continues by its own rule
-    ({"n_train": 2_000}, {}),  # small data's fine-tune was measured without it
-    ({}, {"img_size": 96}), ({}, {"epochs": 4}), ({}, {"max_steps": 2000}), ({}, {"early_size": 48, "early_steps": 9}),
-    ({}, {"teacher": "run"}), ({}, {"strategy": "progressive"}), ({}, {"auto_batch_size": True}),
-    ({"throughputs": [Throughput(64, 310, 1600, "bf16"), Throughput(96, 150, 520, "32")]}, {}),  # one precision
-])
-def test_progressive_resizing_is_planned_only_where_it_was_measured(where, given):
-    plan = plan_run(facts(30 * 60, resizes=True, **where), given)
-    assert "early_size" not in plan.recipe and "progressive" not in plan.reason  # a given one is the user's
+@pytest.mark.parametrize("minutes", [5, 10, 15, 30, 60])
+def test_progressive_resizing_is_never_planned(minutes):
+    """--early-size is the user's lever: measured on CIFAR-10 at 15 minutes, the 64-px steps bought less
+    than their share of the 96-px steps' accuracy (bench/RESULTS.md "Progressive resizing")."""
+    for table in (TABLE, [Throughput(64, 228, 987), Throughput(96, 102, 444), Throughput(128, 52, 152)]):
+        plan = plan_run(facts(minutes * 60, elapsed=15.0, throughputs=table))
+        assert "early_size" not in plan.recipe and "early_steps" not in plan.recipe
 
 
 def test_tta_takes_its_time_from_the_last_of_many_epochs():
@@ -655,20 +622,27 @@ def test_tta_takes_its_time_from_the_last_of_many_epochs():
 
 
 def test_replan_counts_the_early_steps_at_their_own_cost(monkeypatch):
-    """The first 15 steps at a size where a step costs half: the first epoch's 10 took 30 s, 5 steps'
-    worth at the run's size (6 s each). 100 s are left, and the 5 early steps to come cost 15 s less
-    than full ones: epoch 2 (5 x 3 s + 5 x 6 s, 10 s of validation) and 7 steps of epoch 3 fit."""
+    """A run of 40 steps, its first 20 at a size where a step costs half: the first epoch's 10 took
+    30 s, 5 steps' worth at the run's size (6 s each). 101 s are left. The new length keeps the early
+    steps' share (27 steps, 14 early), and its time counts the 4 early steps to come at 3 s: epoch 2
+    (4 x 3 s + 6 x 6 s, 10 s of validation) and 7 steps of epoch 3 (42 s) fit. The module and the
+    recorded length follow. The early phase never restarts nor ends before the steps already run."""
     import visiontune.training.budget as budget
     from visiontune.training.callbacks import StepLimit
 
     monkeypatch.setattr(budget, "time", type("Clock", (), {"time": staticmethod(lambda: 1000.0),
                                                              "perf_counter": staticmethod(time.perf_counter)}))
-    limit, module, trainer = StepLimit(50), _Module(), _Trainer(done=10, spe=10, max_steps=50)
-    replan = budget.Replan(budget.Deadline(1000.0 + 100 / (1 - budget.REPLAN_MARGIN), 0.0), limit, 30,
-                           lambda steps, spe: (-(-steps // spe), steps % spe != 0), early=(15, 0.5))
+    limit, module, trainer = StepLimit(40), _Module(), _Trainer(done=10, spe=10, max_steps=40)
+    module.early = (64, 20)
+    recorded = []
+    replan = budget.Replan(budget.Deadline(1000.0 + 101 / (1 - budget.REPLAN_MARGIN), 0.0), limit, 30,
+                           lambda steps, spe: recorded.append(steps) or (-(-steps // spe), steps % spe != 0),
+                           early=(20, 0.5))
     replan._train_s, replan._val_s = 30.0, 10.0
     replan.on_train_epoch_end(trainer, module)
-    assert replan.epochs == [(30.0, 10.0, 5.0)] and limit.max_steps == 27
+    assert replan.epochs == [(30.0, 10.0, 5.0)] and limit.max_steps == 27 and recorded == [27]
+    assert replan.early_steps == 14 and module.early == (64, 14)
+    assert [replan._early_for(steps, 27, done) for steps, done in ((54, 10), (20, 12), (54, 14))] == [28, 12, 14]
 
 
 def test_early_size_options_are_checked():

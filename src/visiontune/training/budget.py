@@ -22,11 +22,6 @@ Example:
     ('finetune', 96, 4, 2695)
     >>> plan.recipe["tta"], plan_run(facts, {"tta": "none"}).max_steps  # measuring TTA at the end costs 274 steps
     ('auto', 2969)
-    >>> from dataclasses import replace
-    >>> slower = replace(facts, throughputs=[Throughput(64, 300, 1600), Throughput(96, 100, 520)])
-    >>> plan = plan_run(slower)  # 96 px fits its 3 epochs only with the first 60% of the steps at 64
-    >>> plan.img_size, plan.recipe["early_size"], plan.recipe["early_steps"], plan.max_steps
-    (96, 64, 1797, 2995)
 """
 
 from __future__ import annotations
@@ -86,8 +81,7 @@ MIN_FINETUNE_SIDE = 48
 # the body at a third of the head's LR after a short warm-up (AdamW's first steps are large).
 FINETUNE_RECIPE = {"lr_mult": 3.0, "warmup_epochs": 0.3, "bn_stats": "frozen"}
 # the options a plan decides (config keys), unless the user gave them
-PLANNED_OPTIONS = ("strategy", "img_size", "epochs", "max_steps", "early_size", "early_steps", "freeze_epochs",
-                   "augment", "resize_mode", "head",
+PLANNED_OPTIONS = ("strategy", "img_size", "epochs", "max_steps", "freeze_epochs", "augment", "resize_mode", "head",
                    "lr_mult", "warmup_epochs", "bn_stats", "ema", "tta", "mixup", "precision", "model", "optimizer",
                    "lr", "weight_decay", "momentum", "batch_size", "label_smoothing")
 # the budget of a run given neither --time nor --epochs: long enough for the measured recipes to pay
@@ -111,21 +105,17 @@ FINETUNE_CURVE = {64: (0.890, 0.075), 96: (0.918, 0.075), 128: (0.937, 0.075)}
 # +0.62 at 30, +0.80 at 15; bench/RESULTS.md "Test-time augmentation"): where the epochs the measurement's time
 # would take cost less than this by FINETUNE_CURVE, the plan sets that time aside (the run keeps its size)
 TTA_GAIN = 0.003
-# Progressive resizing (fastai's name; EfficientNetV2's progressive learning and FFCV's ImageNet recipes also train
-# most steps below the final resolution): where a size does not fit its minimum of epochs, a planned fresh fine-tune
-# of many small images may still train at it with its first EARLY_SHARE of the steps at the next measured size below,
-# where a step of EfficientNet-Lite0 costs 0.45-0.53 of one (64 against 96 px). Measured on CIFAR-10 in 15 minutes
-# (an AVX512-BF16 CPU, 10,000 held-out images, bench/RESULTS.md "Progressive resizing"): on a slow day, where 96 px
-# fitted 1.7 epochs and the plan chose the compact network from scratch (0.8723), 1,500 steps at 64 px then 950 at
-# 96 scored 0.8867; on a faster day, where 96 px fitted its own 2 epochs, 1,640 steps at 64 then 1,093 at 96 scored
-# 0.8885, not above the plain 96-px runs of earlier days (0.8928-0.8949): so only where the size needs it
-EARLY_SHARE = 0.6
-# Such a run at a size below the model's own measures --tta auto in time set aside before its passes are
-# counted, where MIN_CONTINUED_PASSES still fit with it (a fresh plan measures it only in the time after its
-# last whole epoch): flip-zoom's second view is enlarged toward the size the network was trained at. On the
-# students' 200 val images it gained 1.5, 3.0 and 2.0 points (0.795 -> 0.81, 0.795 -> 0.825, 0.80 -> 0.82;
-# held-out 0.8300 -> 0.8460 for the last, whose plan had left it out; bench/RESULTS.md "Unlabelled images"),
-# against 0.6-0.8 held-out points for fresh fine-tunes ("Test-time augmentation").
+# Progressive resizing (--early-size/--early-steps: the first steps at a smaller side) is the user's lever, never
+# planned: on CIFAR-10 in 15 minutes (an AVX512-BF16 CPU, 10,000 held-out images; bench/RESULTS.md "Progressive
+# resizing") 1,500-1,640 steps at 64 px then 950-1,093 at 96 scored 0.8867-0.8885, where 2,347 steps all at 96 px
+# scored 0.9031 the same day and ~1,530 (a run cut at its deadline) 0.8946: a 64-px step costs 0.45-0.53 of a
+# 96-px one and bought less than that share of its accuracy
+# Such a run at a size below the model's own measures --tta auto in time set aside before its passes are counted,
+# where MIN_CONTINUED_PASSES still fit with it (a fresh plan measures it in the time after its last whole epoch, or
+# takes it from that epoch where TTA_GAIN says so): flip-zoom's second view is enlarged toward the size the network
+# was trained at. On the students' 200 val images it gained 1.5, 3.0 and 2.0 points (0.795 -> 0.81, 0.795 -> 0.825,
+# 0.80 -> 0.82; held-out 0.8300 -> 0.8460 for the last, whose plan had left it out; bench/RESULTS.md "Unlabelled
+# images"), against 0.6-0.8 held-out points for fresh fine-tunes ("Test-time augmentation").
 
 
 def run_budget(cfg: TrainConfig) -> float | None:
@@ -201,8 +191,6 @@ class Facts:
             embeddings do not: :func:`~visiontune.models.tta.takes_zoom`).
         trained_side: the input side of the trained model the run continues (``--weights RUN``), else
             ``None``: the plan fine-tunes where :data:`MIN_CONTINUED_PASSES` fit, at most at that side.
-        resizes: whether the network takes inputs of other sizes than its own (a CNN does, a ViT does not),
-            so that its first steps may train at a smaller one (:data:`EARLY_SHARE`).
     """
 
     budget: float
@@ -222,7 +210,6 @@ class Facts:
     single_label: bool = True
     zoom: bool = True
     trained_side: int | None = None
-    resizes: bool = True
 
     @property
     def steps_per_epoch(self) -> int:
@@ -565,10 +552,11 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
     strategy = fixed.get("strategy")
     scratch = strategy == "scratch"  # random init: no ImageNet statistics to keep, no features to warm up on
     recipe = {} if scratch else {k: v for k, v in FINETUNE_RECIPE.items() if k not in fixed}
-    # --tta auto (training/tta_choice.py) is planned only into the time after the last whole epoch: it gained
-    # 0.6-0.8 points on held-out images, less than an input size a whole epoch more buys (CIFAR-10 on a
-    # slower day: 96 px kept its 3 epochs only without it, and 64 px expects 1.9 points less). A trained model
-    # continuing below its own size is the exception (see MIN_CONTINUED_PASSES)
+    # --tta auto (training/tta_choice.py) is planned into the time after the last whole epoch: it gained
+    # 0.3-0.8 points on held-out images, less than an input size or the minimum of epochs buys (CIFAR-10 on a
+    # slower day: 96 px kept its 3 epochs only without it, and 64 px expects 1.9 points less). Two exceptions: a
+    # plan of more epochs than its minimum takes the time from its last epoch where FINETUNE_CURVE says that
+    # share costs less than TTA_GAIN, and a trained model continuing below its own size (MIN_CONTINUED_PASSES)
     auto_measures = facts.zoom and not why_one_view(facts.single_label, facts.n_val)
     may_measure = "tta" not in fixed and not scratch and auto_measures
     tta = fixed.get("tta")
@@ -588,28 +576,6 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
     # several processes train the network on images (a head on cached features is one process's job)
     if (facts.processes > 1 or fixed.get("teacher")) and strategy is None:
         strategy = "finetune"
-    # progressive resizing (EARLY_SHARE), measured on a fresh fine-tune of many small images whose size and
-    # length the plan chose; a teacher's soft targets were not measured on the smaller inputs
-    resizing = (small and facts.resizes and n_train > SMALL_DATA and facts.trained_side is None
-                and strategy in (None, "finetune") and not fixed.get("teacher") and not fixed.get("auto_batch_size")
-                and not {"img_size", "epochs", "max_steps", "early_size", "early_steps"} & fixed.keys())
-    early_at: dict[int, tuple[Throughput, float]] = {}  # size -> (its early size, a step there / a step at it)
-
-    def early_of(t: Throughput) -> tuple[Throughput, float] | None:
-        """The next measured size below ``t`` (in the same precision, faster, where a pretrained network
-        is fine-tuned) and what a step there costs against one at ``t``."""
-        below = [x for x in sizes if MIN_FINETUNE_SIDE <= x.size < t.size and x.precision == t.precision
-                 and x.train > t.train]
-        return (below[-1], t.train / below[-1].train) if below else None
-
-    def paced(t: Throughput) -> Throughput:
-        """``t`` at the mean training speed of a fine-tune whose first :data:`EARLY_SHARE` of the steps
-        train at :func:`early_of` ``t`` (``t`` itself where there is none)."""
-        early = early_of(t)
-        if early is None:
-            return t
-        mean_s = EARLY_SHARE / early[0].train + (1 - EARLY_SHARE) / t.train
-        return Throughput(t.size, 1 / mean_s, t.infer, t.precision)
 
     def cross_validated_probe(why: str) -> Plan:
         """Small data's probe on features cached at the backbone's size (or the largest measured below
@@ -657,16 +623,8 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
         per_epoch = epoch_seconds(t, n_train, n_val, tta, reread)
         return available - base["features"] - base["finish"] - (n_train + n_val) * (decode_s - reread), per_epoch
 
-    for raw in sizes:
-        t = raw
+    for t in sizes:
         room, per_epoch = room_for(t, None)
-        if resizing and room // per_epoch < needed and early_of(t) is not None:
-            # progressive resizing only where the size does not fit its minimum otherwise: with the plain size
-            # fitting, its own steps scored as well or better (bench/RESULTS.md "Progressive resizing")
-            faster_room, faster_epoch = room_for(paced(raw), None)
-            if faster_room // faster_epoch >= needed:
-                t, room, per_epoch = paced(raw), faster_room, faster_epoch
-                early_at[t.size] = early_of(raw)
         if continued and may_measure and t.size < facts.trained_side:
             # below its own size a trained model measures --tta auto in time set aside for it (see
             # MIN_CONTINUED_PASSES), where the passes it needs still fit; else as any run, in what is left over
@@ -688,19 +646,16 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
         them) cost less accuracy than :data:`TTA_GAIN`, by :data:`FINETUNE_CURVE`'s slope at ``t``."""
         per_epoch = epoch_seconds(t, n_train, n_val, tta, reread)
         slope = FINETUNE_CURVE[min(FINETUNE_CURVE, key=lambda s: abs(s - t.size))][1]
-        now = trained + max(0.0, leftover) / per_epoch
-        after = now - (extra - leftover) / per_epoch
+        now = trained + max(0.0, leftover) / per_epoch  # epochs, the partial one's share included
+        after = now - extra / per_epoch
         return after > 0 and slope * (1 / after - 1 / now) < TTA_GAIN
-
-    def per_epoch_s(t: Throughput) -> float:
-        return next(c["seconds_per_epoch"] for c in candidates if c["size"] == t.size)
 
     reason, why_finetune = "", ""
     if continued and best is not None:
         t = best[0]
         reason = (f"a trained model continues: time for {passes_at[t.size]:.1f} passes over the data at {t.size} px, "
                   f"the largest input up to its {facts.trained_side} px where at least {MIN_CONTINUED_PASSES} fit "
-                  f"({per_epoch_s(t)} s per epoch)")
+                  f"({candidates[sizes.index(t)]['seconds_per_epoch']} s per epoch)")
         small_data = False  # its network already answers these classes: the small-data minimum is a fresh one's
     if small_data:  # small images: the fine-tune where one fits, else the probe
         if best is None and continued:
@@ -730,7 +685,8 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
         if epochs < fit:  # capped at MAX_EPOCHS, or fewer given: the epochs that fit but do not run are left over too
             leftover += (fit - max(epochs, warmup)) * epoch_seconds(t, n_train, n_val, tta, reread)
         reason = why_finetune + (reason or (f"{fit} epochs fit at {t.size} px, the largest input where at least "
-                                            f"{needed + warmup} do ({per_epoch_s(t)} s per epoch)"))
+                                            f"{needed + warmup} do ({candidates[sizes.index(t)]['seconds_per_epoch']} "
+                                            "s per epoch)"))
         if may_measure:
             extra = costs(t, epochs, True, AUTO)["finish"] - costs(t, epochs, True)["finish"]
             if t.size in reserved:  # its time was set aside before the passes were counted
@@ -741,7 +697,9 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
                 recipe["tta"] = tta = AUTO
                 leftover -= extra
                 reason += f"; test-time augmentation measured at the end ({extra:.0f} s)"
-            elif not capped and epochs - 1 - warmup >= needed and worth_a_share(t, epochs - warmup, leftover, extra):
+            elif (not capped and not continued and "max_steps" not in fixed and epochs - 1 - warmup >= needed
+                  and leftover + epoch_seconds(t, n_train, n_val, tta, reread) >= extra
+                  and worth_a_share(t, epochs - warmup, leftover, extra)):
                 recipe["tta"] = tta = AUTO
                 epochs, leftover = epochs - 1, leftover + epoch_seconds(t, n_train, n_val, tta, reread) - extra
                 reason += (f"; test-time augmentation measured at the end ({extra:.0f} s, taken from the last epoch: "
@@ -763,12 +721,6 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
             epochs += 1
             projected = {**projected, "train": projected["train"] + share * train_s + val_s}
             reason += f", and {share:.2f} of one more"
-        if t.size in early_at:  # the plan's time was counted at the mean speed of both sizes (paced)
-            early, cost = early_at[t.size]
-            steps = max_steps if max_steps is not None else (epochs - min(warmup, epochs)) * facts.steps_per_epoch
-            recipe.update(early_size=early.size, early_steps=max(1, round(EARLY_SHARE * steps)))
-            reason += (f"; the first {recipe['early_steps']} of its {steps} steps at {early.size} px (progressive "
-                       f"resizing: a step there costs {cost:.2f} of one at {t.size} px)")
         return Plan(budget, strategy or "finetune", t.size, epochs, min(warmup, epochs), augment, resize_mode,
                     projected, max_steps=max_steps, recipe={**recipe, **measured_precision(t, fixed)},
                     candidates=candidates, throughputs=measured,
@@ -886,7 +838,9 @@ class Replan(Callback):
 
     ``early``: ``(steps, cost)``, the first steps trained at ``--early-size`` and what one of them
     costs against a step at the run's size (:func:`early_step_cost`): the speed is projected per
-    step at the run's size, and the early steps still to come are counted at their own cost.
+    step at the run's size, and the early steps still to come are counted at their own cost. A new
+    length keeps the early steps' share of it (those still to come: the module's ``early`` and the
+    recorded config follow), so a shortened run still ends at its own size.
     """
 
     def __init__(self, deadline: Deadline, limit, max_epochs: int, on_change, margin: float = REPLAN_MARGIN,
@@ -902,6 +856,13 @@ class Replan(Callback):
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._start, self._train_s, self._val_s = time.perf_counter(), 0.0, 0.0
+
+    def _early_for(self, steps: int, current: int, done: int) -> int:
+        """The early steps of a fit of ``steps`` (was ``current``; ``done`` run): their share of the
+        length, once the early phase is not over (it never restarts, nor ends before ``done``)."""
+        if done >= self.early_steps:
+            return self.early_steps
+        return max(done, round(self.early_steps * steps / current))
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if trainer.state.fn == TrainerFn.FITTING:  # (``trainer.training`` is False while a fit validates)
@@ -924,8 +885,11 @@ class Replan(Callback):
             train_s, val_s, units = (sum(x) / len(self.epochs) for x in zip(*self.epochs))
             step_s = train_s / units  # a step at the run's size
             left = (self.deadline.stop_at - time.time()) * (1 - self.margin)
-            left += max(0, self.early_steps - done) * (1 - self.early_cost) * step_s  # the cheaper early steps to come
-            steps = steps_that_fit(done, spe, step_s, val_s, left, self.max_epochs)
+            early = self.early_steps
+            for _ in range(2):  # the cheaper early steps to come depend on the new length, and it on them
+                credit = max(0, early - done) * (1 - self.early_cost) * step_s
+                steps = steps_that_fit(done, spe, step_s, val_s, left + credit, self.max_epochs)
+                early = self._early_for(steps, current, done)
             if abs(steps - current) <= max(MIN_PARTIAL_EPOCH * spe, REPLAN_MIN_CHANGE * current) or steps <= done:
                 steps = current
         if trainer.world_size > 1:
@@ -937,6 +901,9 @@ class Replan(Callback):
         trainer.fit_loop.epoch_loop.max_steps = steps
         trainer.fit_loop.max_epochs = math.ceil(steps / spe)
         pl_module.set_length(steps, spe)
+        self.early_steps = self._early_for(steps, current, done)
+        if getattr(pl_module, "early", None):
+            pl_module.early = (pl_module.early[0], self.early_steps)
         epochs, partial = self.on_change(steps, spe)
         if trainer.global_rank == 0:
             last = " (the last partial)" if partial else ""  # rank 0 measured train_s and val_s above

@@ -177,8 +177,9 @@ class OptimOptions:
                                          "there: a last, partial epoch (the LR schedule ends there; a time budget "
                                          "sets it to fill its time). Default: every step of --epochs")
     early_size: int | None = option(None, "progressive resizing: the first --early-steps optimizer steps on images "
-                                          "train at this smaller input side, the rest at --img-size (a time "
-                                          "budget's plan sets both for small images). Default: off", metavar="PX")
+                                          "train at this smaller input side, the rest at --img-size (never "
+                                          "planned: on CIFAR-10 its cheaper steps bought less than their share of "
+                                          "the accuracy). Default: off", metavar="PX")
     early_steps: int | None = option(None, "--early-size: how many of the first optimizer steps on images train "
                                            "at it")
     auto_batch_size: bool = option(False, "find the largest batch size that fits (Lightning tuner; capped at 1/4 "

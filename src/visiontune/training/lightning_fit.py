@@ -387,7 +387,8 @@ def run_fit(ctx: TrainContext, module: ClassifierModule, data: L.LightningDataMo
         def record(steps: int, steps_per_epoch: int) -> tuple[int, bool]:
             partial = steps % steps_per_epoch != 0
             epochs = epoch_offset + math.ceil(steps / steps_per_epoch)
-            ctx.cfg = ctx.cfg.replace(epochs=epochs, max_steps=steps if partial else None)
+            ctx.cfg = ctx.cfg.replace(epochs=epochs, max_steps=steps if partial else None,
+                                      **({"early_steps": module.early[1]} if module.early else {}))
             recorder.metrics_log.total_epochs = epochs
             if is_rank_zero():  # --resume continues the re-planned length
                 ctx.cfg.replace(run_dir=str(ctx.run_dir), batch_size=ctx.batch_size).save(ctx.layout.config)

@@ -313,8 +313,7 @@ def plan_budget(cfg: TrainConfig, model, pre: Preprocessing, splits: Splits, def
                   batch_size=cfg.optim.batch_size, processes=processes, in_memory=in_memory,
                   num_classes=len(splits.class_names), unknown=cfg.model.unknown,
                   single_label=get_task(splits.task).name == "single",
-                  zoom="tta" in fixed or takes_zoom(model, default_side), trained_side=trained_side,
-                  resizes=takes_side(model, min(sizes)))
+                  zoom="tta" in fixed or takes_zoom(model, default_side), trained_side=trained_side)
     lowres = []
     if (considers_lowres(len(splits.train), native, fixed, get_task(splits.task).name == "single")
             and lowres_may_win(plan_run(facts, fixed), facts, fixed)):
