@@ -105,6 +105,16 @@ FINETUNE_CURVE = {64: (0.890, 0.075), 96: (0.918, 0.075), 128: (0.937, 0.075)}
 # +0.62 at 30, +0.80 at 15; bench/RESULTS.md "Test-time augmentation"): where the epochs the measurement's time
 # would take cost less than this by FINETUNE_CURVE, the plan sets that time aside (the run keeps its size)
 TTA_GAIN = 0.003
+
+
+def finetune_curve(side: int) -> tuple[float, float]:
+    """(ceiling, slope) of :data:`FINETUNE_CURVE` at the measured side nearest ``side``.
+
+    Example:
+        >>> finetune_curve(112), finetune_curve(224)
+        ((0.918, 0.075), (0.937, 0.075))
+    """
+    return FINETUNE_CURVE[min(FINETUNE_CURVE, key=lambda s: abs(s - side))]
 # Progressive resizing (--early-size/--early-steps: the first steps at a smaller side) is the user's lever, never
 # planned: on CIFAR-10 in 15 minutes (an AVX512-BF16 CPU, 10,000 held-out images; bench/RESULTS.md "Progressive
 # resizing") 1,500-1,640 steps at 64 px then 950-1,093 at 96 scored 0.8867-0.8885, where 2,347 steps all at 96 px
@@ -641,14 +651,14 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
             continue  # too small to fine-tune a pretrained network (the user's own size is kept, and a trained model's)
         if passes_at[t.size] >= MIN_CONTINUED_PASSES if continued else trained >= needed:
             best = (t, fit, room - trained * per_epoch)  # sizes ascend: the last that fits is the largest
-    def worth_a_share(t: Throughput, trained: int, leftover: float, extra: float) -> bool:
-        """Whether ``extra`` seconds taken from ``trained`` fine-tuning epochs (``leftover`` seconds after
-        them) cost less accuracy than :data:`TTA_GAIN`, by :data:`FINETUNE_CURVE`'s slope at ``t``."""
-        per_epoch = epoch_seconds(t, n_train, n_val, tta, reread)
-        slope = FINETUNE_CURVE[min(FINETUNE_CURVE, key=lambda s: abs(s - t.size))][1]
+
+    def worth_a_share(side: int, trained: int, leftover: float, extra: float, per_epoch: float) -> bool:
+        """Whether ``extra`` seconds taken from ``trained`` fine-tuning epochs of ``per_epoch`` seconds
+        (``leftover`` seconds after them) cost less accuracy than :data:`TTA_GAIN`, by the slope of
+        :func:`finetune_curve` at ``side``."""
         now = trained + max(0.0, leftover) / per_epoch  # epochs, the partial one's share included
         after = now - extra / per_epoch
-        return after > 0 and slope * (1 / after - 1 / now) < TTA_GAIN
+        return after > 0 and finetune_curve(side)[1] * (1 / after - 1 / now) < TTA_GAIN
 
     reason, why_finetune = "", ""
     if continued and best is not None:
@@ -682,8 +692,9 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
         t, fit, leftover = best
         epochs = fixed.get("epochs", max(min(fit, MAX_EPOCHS), warmup + 1))
         capped = epochs != fit
+        per_epoch = epoch_seconds(t, n_train, n_val, tta, reread)  # auto validates with one view, as unset does
         if epochs < fit:  # capped at MAX_EPOCHS, or fewer given: the epochs that fit but do not run are left over too
-            leftover += (fit - max(epochs, warmup)) * epoch_seconds(t, n_train, n_val, tta, reread)
+            leftover += (fit - max(epochs, warmup)) * per_epoch
         reason = why_finetune + (reason or (f"{fit} epochs fit at {t.size} px, the largest input where at least "
                                             f"{needed + warmup} do ({candidates[sizes.index(t)]['seconds_per_epoch']} "
                                             "s per epoch)"))
@@ -698,10 +709,10 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
                 leftover -= extra
                 reason += f"; test-time augmentation measured at the end ({extra:.0f} s)"
             elif (not capped and not continued and "max_steps" not in fixed and epochs - 1 - warmup >= needed
-                  and leftover + epoch_seconds(t, n_train, n_val, tta, reread) >= extra
-                  and worth_a_share(t, epochs - warmup, leftover, extra)):
+                  and leftover + per_epoch >= extra
+                  and worth_a_share(t.size, epochs - warmup, leftover, extra, per_epoch)):
                 recipe["tta"] = tta = AUTO
-                epochs, leftover = epochs - 1, leftover + epoch_seconds(t, n_train, n_val, tta, reread) - extra
+                epochs, leftover = epochs - 1, leftover + per_epoch - extra
                 reason += (f"; test-time augmentation measured at the end ({extra:.0f} s, taken from the last epoch: "
                            f"by the measured curves it gains more than that share of an epoch)")
             else:

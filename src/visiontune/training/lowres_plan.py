@@ -5,7 +5,7 @@ For small images (median side up to :data:`LOWRES_MAX_SIDE`) and enough of them 
 measures the networks of :data:`~visiontune.models.lowres.LOWRES_MODELS` on this machine
 (:func:`measure_lowres`, fp32 and bf16), plans each for the budget like the fine-tune
 (:func:`plan_lowres`) and keeps the plan whose expected accuracy is highest. Expected accuracy
-is ``ceiling - slope / epochs`` with the constants of :data:`FINETUNE_CURVE` and
+is ``ceiling - slope / epochs`` with the constants of :data:`~visiontune.training.budget.FINETUNE_CURVE` and
 :data:`LOWRES_CURVE`, fitted to held-out accuracies measured on CIFAR-10 (32,000 training
 images; bench/RESULTS.md, "Low resolution"); the machine's speed decides how many epochs each
 candidate gets, so a slow CPU, or few images, keeps the fine-tune where it is better.
@@ -31,12 +31,12 @@ from typing import Any
 from ..models.factory import build_model
 from ..models.lowres import LOWRES_MODELS, is_lowres
 from .budget import (
-    FINETUNE_CURVE,
     SAFETY,
     Facts,
     Plan,
     Throughput,
     epoch_seconds,
+    finetune_curve,
     measure_throughput,
     measured_precision,
     phase_costs,
@@ -128,8 +128,7 @@ def expected_accuracy(plan: Plan, steps_per_epoch: int) -> float:
         return _curve(LOWRES_CURVE[model], plan.epochs)
     trained = (plan.max_steps / steps_per_epoch if plan.max_steps is not None
                else plan.epochs - plan.freeze_epochs)
-    side = min(FINETUNE_CURVE, key=lambda s: abs(s - plan.img_size))
-    return _curve(FINETUNE_CURVE[side], trained)
+    return _curve(finetune_curve(plan.img_size), trained)
 
 
 def lowres_may_win(base: Plan, facts: Facts, fixed: dict[str, Any]) -> bool:
