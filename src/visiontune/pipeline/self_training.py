@@ -292,7 +292,7 @@ def disagreements(teacher_right: torch.Tensor, student_dir: Path, val_rows: list
 def _labelled(cfg: TrainConfig) -> Splits:
     """The labelled data's splits as the run will find them (paths only: nothing is decoded)."""
     return discover(cfg.data.path, cfg.data.val, cfg.data.val_fraction, cfg.runtime.seed, scan=False,
-                    task=cfg.data.task, label_delim=cfg.data.label_delim)
+                    task=cfg.data.task, label_delim=cfg.data.label_delim, cap_val="val_fraction" not in cfg.given)
 
 
 def _inference_speed(clf: Classifier, files: list[str], sample: int = 64) -> float:

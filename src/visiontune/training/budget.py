@@ -80,6 +80,21 @@ MIN_FINETUNE_SIDE = 48
 # batch statistics of 32 upscaled images moved the features away: 62% vs 79% after two epochs),
 # the body at a third of the head's LR after a short warm-up (AdamW's first steps are large).
 FINETUNE_RECIPE = {"lr_mult": 3.0, "warmup_epochs": 0.3, "bn_stats": "frozen"}
+# the frozen warm-up fits its head on the cached features of at most this many training images (or this many per
+# class, where that is more): the head only starts the fine-tune, and every image's features cost a forward pass
+# (CIFAR-10 in 15 minutes: 32,000 images' took 104 s of the run's 890, for a head at 0.767 val accuracy; see
+# bench/RESULTS.md "Overheads of a budgeted run")
+WARMUP_IMAGES, WARMUP_IMAGES_PER_CLASS = 5000, 20
+
+
+def warmup_images(n_train: int, num_classes: int) -> int:
+    """How many of ``n_train`` training images the frozen warm-up's features are computed for.
+
+    Example:
+        >>> warmup_images(800, 2), warmup_images(40000, 10), warmup_images(400000, 1000)
+        (800, 5000, 20000)
+    """
+    return min(n_train, max(WARMUP_IMAGES, WARMUP_IMAGES_PER_CLASS * num_classes))
 # the options a plan decides (config keys), unless the user gave them
 PLANNED_OPTIONS = ("strategy", "img_size", "epochs", "max_steps", "freeze_epochs", "augment", "resize_mode", "head",
                    "lr_mult", "warmup_epochs", "bn_stats", "ema", "tta", "mixup", "precision", "model", "optimizer",
@@ -449,18 +464,20 @@ def unknown_seconds(size: Throughput, n_train: int, n_val: int, decode_s: float 
 
 def phase_costs(size: Throughput, n_train: int, n_val: int, n_test: int, epochs: int, warmup_epochs: int,
                 finetune: bool, decode_s: float = 0.0, tta: str | None = None, in_memory: bool = True,
-                unknown: bool = True) -> dict[str, float]:
+                unknown: bool = True, num_classes: int = 0) -> dict[str, float]:
     """Projected seconds of each phase at one input size.
 
     ``decode_s``: seconds to read and decode one image (measured); ``tta``: ``--tta`` (the views of
     each validation pass, and of the finish's: :func:`~visiontune.training.tta_choice.finish_views`).
     Fine-tuning decodes the images into memory once (``load``), or, when they
     do not fit (``in_memory`` False), again in every epoch. ``unknown``: the finish fits the
-    unknown-score (:func:`unknown_seconds`).
+    unknown-score (:func:`unknown_seconds`). A fine-tune's warm-up computes the features of
+    :func:`warmup_images` of its ``num_classes`` classes' training images, a probe those of all.
     """
     views = finish_views(tta, size.size)
     load = (n_train + n_val) * decode_s if finetune and epochs > warmup_epochs and in_memory else 0.0
-    features = (n_train + n_val) * (1 / size.infer + decode_s) if (warmup_epochs or not finetune) else 0.0
+    featured = warmup_images(n_train, num_classes) if finetune else n_train
+    features = (featured + n_val) * (1 / size.infer + decode_s) if (warmup_epochs or not finetune) else 0.0
     train = ((epochs - warmup_epochs) * epoch_seconds(size, n_train, n_val, tta, 0.0 if in_memory else decode_s)
              if finetune else 0.0)  # a probe's measurements have no training speed
     # one pass over each split (the val logits serve calibration, the thresholds and the report too; until
@@ -581,7 +598,8 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
     def costs(t: Throughput, epochs: int, finetune: bool, views: str | None = None) -> dict[str, float]:
         """The phases at ``t``, with ``--tta`` as planned so far (``views``: another setting)."""
         return {"start": elapsed, **phase_costs(t, n_train, n_val, n_test, epochs, min(warmup, epochs) if finetune
-                                                 else 0, finetune, decode_s, views or tta, in_memory, facts.unknown)}
+                                                 else 0, finetune, decode_s, views or tta, in_memory, facts.unknown,
+                                                 facts.num_classes)}
 
     # several processes train the network on images (a head on cached features is one process's job)
     if (facts.processes > 1 or fixed.get("teacher")) and strategy is None:
@@ -754,11 +772,11 @@ FORECAST_MIN_IMAGE_EPOCHS = 50_000
 
 
 def forecast(throughput: Throughput, n_train: int, n_val: int, n_test: int, epochs: int, warmup_epochs: int,
-             finetune: bool, elapsed: float, tta: str | None = None) -> tuple[float, str]:
+             finetune: bool, elapsed: float, tta: str | None = None, num_classes: int = 0) -> tuple[float, str]:
     """(projected seconds, a line saying so) for a run configured without ``--time`` (``tta``: its
     ``--tta``, whose views every validation pass and the finish pay for)."""
     costs = {"start": elapsed, **phase_costs(throughput, n_train, n_val, n_test, epochs, warmup_epochs, finetune,
-                                             tta=tta)}
+                                             tta=tta, num_classes=num_classes)}
     total = sum(costs.values())
     epoch = epoch_seconds(throughput, n_train, n_val, tta)
     line = (f"projected: {format_duration(total)} for the whole run ("

@@ -32,6 +32,7 @@ from ..core.options import CommandOptions, OptionInfo, check_keys, normalise_key
 from ..core.registry import PRECISIONS
 from ..core.safe_io import atomic_write_text
 from ..data.registry import AUGMENTS, RESIZE
+from ..data.scan import MAX_HELD_OUT, MIN_HELD_OUT_PER_CLASS
 from .registry import (
     BALANCE,
     BN_STATS,
@@ -106,7 +107,9 @@ class DataOptions:
                                          "pseudo-labels them, a student trains on both and is kept unless below the "
                                          "teacher on val)",
                                    metavar="DIR")
-    val_fraction: float = option(0.2, "share of each class held out for validation when DATA has no val split (0.2)")
+    val_fraction: float = option(0.2, "share of each class held out for validation when DATA has no val split (0.2, "
+                                      f"at most {MAX_HELD_OUT:,} images, or {MIN_HELD_OUT_PER_CLASS} per class, unless "
+                                      "given)")
     augment: str = option("standard", "training augmentation", choices=AUGMENTS)
     balance: str = option("none", "class imbalance", choices=BALANCE)
     cache_images: bool | None = option(None, "decode every image once into memory and augment it there, with no "

@@ -31,6 +31,7 @@ from .lightning_fit import CachedFeatures, fit_head, make_head_module
 from .metrics import EpochRow, MetricsLog
 from .probe_selection import fit_linear, one_thread, select_probe
 from .registry import PROBE_HEADS
+from .unknown import stats_subset
 
 
 def linear_probe(ctx: TrainContext) -> FitResult:
@@ -43,15 +44,23 @@ def linear_probe(ctx: TrainContext) -> FitResult:
     return result
 
 
-def cached_features(ctx: TrainContext) -> tuple[CachedFeatures, float]:
+def cached_features(ctx: TrainContext, limit: int | None = None) -> tuple[CachedFeatures, float]:
     """The frozen body's features of the training (``--cached-views`` views) and validation images,
-    from the on-disk cache or computed; and the seconds that took."""
+    from the on-disk cache or computed; and the seconds that took. ``limit``: of at most that many
+    training images, as even per class as the data allows (the same ones for the same seed)."""
     cfg = ctx.cfg
     start = time.perf_counter()
     extractor = ctx.feature_extractor()
-    train_x, train_y, kept = extractor.features(ctx.splits.train, cfg.strategy.cached_views, cfg.data.augment)
+    train = ctx.splits.train
+    chosen = list(range(len(train)))
+    if limit is not None and limit < len(train):
+        classes = torch.tensor([y for _, y in train]) if ctx.task.name == "single" else None
+        chosen = stats_subset(classes, len(train), limit, cfg.runtime.seed).tolist()
+    train_x, train_y, kept = extractor.features([train[i] for i in chosen], cfg.strategy.cached_views,
+                                                cfg.data.augment)
     val_x, val_y, _ = extractor.features(ctx.splits.val)
-    return CachedFeatures(train_x, train_y, val_x[:, 0], val_y, kept), time.perf_counter() - start
+    return (CachedFeatures(train_x, train_y, val_x[:, 0], val_y, [chosen[i] for i in kept]),
+            time.perf_counter() - start)
 
 
 def fit_gradient_head(ctx: TrainContext, features: CachedFeatures) -> FitResult:

@@ -20,7 +20,7 @@ from ..core.layout import RunLayout
 from ..data.labels import per_task
 from ..data.memory import should_cache, store_side
 from ..data.preprocess import Preprocessing
-from ..data.scan import Splits, discover, median_side, write_skipped, write_split_csv
+from ..data.scan import MAX_HELD_OUT, Splits, discover, median_side, write_skipped, write_split_csv
 from ..models.artifact import load_weights, read_card, resolve_model_dir
 from ..models.card import ModelCard
 from ..models.factory import build_model, fit_input_size
@@ -101,7 +101,12 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
 
     # everything that can fail on user input runs before a run dir exists
     splits = discover(cfg.data.path, cfg.data.val, cfg.data.val_fraction, cfg.runtime.seed,
-                      task=cfg.data.task, label_delim=cfg.data.label_delim)
+                      task=cfg.data.task, label_delim=cfg.data.label_delim, cap_val="val_fraction" not in cfg.given)
+    if splits.val_fraction is not None and splits.val_fraction != cfg.data.val_fraction:
+        # recorded as the run's share, so that every later split of the data (resume, report, export) is this one
+        print(f"validation: {len(splits.val)} images held out ({splits.val_fraction:.1%}; at most {MAX_HELD_OUT} "
+              "unless --val-fraction is given)", flush=True)
+        cfg = cfg.replace(val_fraction=splits.val_fraction)
     for note in (splits.task_note, splits.outside_warning()):
         if note:
             print(note, flush=True)
@@ -164,7 +169,7 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
         (measured,) = measure_throughput(model, [pre.height], cfg.runtime.precision, cfg.optim.batch_size, seconds=1.0)
         _, line = forecast(measured, len(splits.train), len(splits.val), len(splits.test), cfg.optim.epochs,
                            min(cfg.strategy.freeze_epochs, cfg.optim.epochs) if finetune else 0, finetune,
-                           time.time() - started, tta)
+                           time.time() - started, tta, len(splits.class_names))
         print(line, flush=True)
     teacher = None
     if cfg.optim.teacher:  # loaded and checked against the data before a run dir exists

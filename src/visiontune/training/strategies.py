@@ -22,6 +22,7 @@ import torch
 
 from ..data.memory import MemoryEvalSet
 from ..models.groups import body_groups
+from .budget import warmup_images
 from .callbacks import FreezeSchedule
 from .checkpoint_io import HEAD_PHASE, checkpoint_phase
 from .context import FitResult, TrainContext
@@ -48,7 +49,9 @@ def frozen_warmup(ctx: TrainContext) -> Warmup:
     """Train the head alone for ``freeze_epochs`` on cached backbone features, then load its best epoch.
 
     The frozen body maps each image to fixed features (BatchNorm in eval mode), so computing them
-    once replaces ``freeze_epochs`` full forward passes. A run resumed from a checkpoint of the
+    once replaces ``freeze_epochs`` full forward passes; of at most
+    :func:`~visiontune.training.budget.warmup_images` training images, as the head only starts the
+    fine-tune. A run resumed from a checkpoint of the
     warm-up continues it; one resumed from a checkpoint of the fine-tuning skips it (the head's
     warm-up weights are in that checkpoint).
     """
@@ -58,8 +61,10 @@ def frozen_warmup(ctx: TrainContext) -> Warmup:
         return Warmup()
     if ctx.resume_ckpt and checkpoint_phase(ctx.resume_ckpt) != HEAD_PHASE:
         return Warmup(epochs)
-    print(f"epochs 1-{epochs}: training the head on cached features of the frozen body")
-    features, seconds = cached_features(ctx)
+    limit = warmup_images(len(ctx.splits.train), len(ctx.splits.class_names))
+    print(f"epochs 1-{epochs}: training the head on cached features of the frozen body"
+          + (f" ({limit} of the {len(ctx.splits.train)} training images)" if limit < len(ctx.splits.train) else ""))
+    features, seconds = cached_features(ctx, limit)
     outcome = fit_head(ctx, features, epochs, WARMUP_PASSES_PER_EPOCH, warmup=True, resume=ctx.resume_ckpt)
     if outcome.best_state is not None:  # the fine-tuning starts from the warm-up's best head, not its last
         ctx.classifier.load_state_dict(outcome.best_state)
