@@ -387,3 +387,28 @@ def test_split_keeps_every_label_in_train_and_val():
     for label in range(targets.shape[1]):
         assert targets[train, label].sum() > 0 and targets[val, label].sum() > 0, label
     assert iterative_split(targets, 0.2, seed=3) == (train, val)  # seeded
+
+
+def test_a_large_split_holds_out_at_most_its_cap_and_splits_the_same_again(folder, monkeypatch):
+    """Unless the user gives the share, a split holds out at most MAX_HELD_OUT images (here 4 of 36);
+    the share it reports splits the data the same way again (what resume, report and export do)."""
+    import visiontune.data.scan as scan
+
+    monkeypatch.setattr(scan, "MAX_HELD_OUT", 4)
+    monkeypatch.setattr(scan, "MIN_HELD_OUT_PER_CLASS", 1)
+    capped = discover(folder, seed=1, cap_val=True)
+    assert len(capped.val) <= 4 and set(per_class(capped, capped.val).values()) == {1}
+    assert capped.val_fraction == pytest.approx(4 / 36)
+    again = discover(folder, val_fraction=capped.val_fraction, seed=1)
+    assert (again.train, again.val) == (capped.train, capped.val)
+    assert len(discover(folder, seed=1).val) == 6  # the share itself where the caller gave it (no cap)
+    # many classes: at least MIN_HELD_OUT_PER_CLASS each, as the share allows
+    monkeypatch.setattr(scan, "MIN_HELD_OUT_PER_CLASS", 2)
+    assert set(per_class(capped, discover(folder, seed=1, cap_val=True).val).values()) == {2}
+
+
+def test_a_split_of_the_datas_own_reports_no_share(tmp_path):
+    root = tmp_path / "split data"
+    make_folder(root / "train"), make_folder(root / "val", per_class=3, seed=1)
+    splits = discover(root, cap_val=True)
+    assert splits.val_fraction is None and len(splits.val) == 9

@@ -186,3 +186,33 @@ def test_every_strategy_trains_multi_label(ml_data, tmp_path, strategy, head):
     assert clf.task.name == "multi" and len(clf.thresholds) == len(CLASSES)
     assert 0.0 <= run.metrics["val"]["macro_map"] <= 1.0
     assert set(clf.predict([next((ml_data.parent / "img").glob("*.png"))])[0]["scores"]) == set(CLASSES)
+
+
+def test_the_warm_up_fits_its_head_on_a_share_of_the_training_images(image_folder, tmp_path, capsys, monkeypatch):
+    """Of 30 training images the warm-up computes the features of at most WARMUP_IMAGES (here 9), as
+    even per class as the data allows; their indices point into the training split (the sampler's
+    class weights read them), and the run records the split it trained on, every image of it."""
+    from collections import Counter
+
+    import visiontune.training.budget as budget
+    import visiontune.training.strategies as strategies
+
+    monkeypatch.setattr(budget, "WARMUP_IMAGES", 9)
+    monkeypatch.setattr(budget, "WARMUP_IMAGES_PER_CLASS", 1)
+    real, seen = strategies.cached_features, []
+
+    def spy(ctx, limit=None):
+        features, seconds = real(ctx, limit)
+        seen.append((list(ctx.splits.train), features))
+        return features, seconds
+
+    monkeypatch.setattr(strategies, "cached_features", spy)
+    run = visiontune.train(image_folder, strategy="finetune", freeze_epochs=1, epochs=2, balance="sampler",
+                           run_dir=str(tmp_path / "run"), **FAST)
+    assert "(9 of the 30 training images)" in capsys.readouterr().out
+    ((train, features),) = seen
+    assert len(set(features.train_kept)) == 9
+    assert [train[i][1] for i in features.train_kept] == features.train_y.tolist()
+    assert Counter(features.train_y.tolist()) == {0: 3, 1: 3, 2: 3}
+    assert len(features.val_y) == 6  # validation is the whole split
+    assert visiontune.load(run.run_dir).card.training["num_train"] == 30
