@@ -657,3 +657,24 @@ def test_early_size_options_are_checked():
 
         check_options(TrainConfig.from_dict({"data": "d", "early_size": 16, "early_steps": 2,
                                              "strategy": "linear-probe"}))
+
+
+def test_a_minimum_in_passes_plans_a_partial_last_epoch_and_keeps_it_with_tta():
+    """Facts.min_passes (what lowres_plan.finetune_plans asks of each size): at 96 px on a slower day
+    two whole fine-tuning epochs do not fit in 13 minutes, 1.5 passes (the last partial) do; the plan
+    runs them, and measures --tta auto only where its time leaves them whole (14 minutes); a given
+    length stays the user's."""
+    from dataclasses import replace
+
+    def at(minutes: float, **change) -> Facts:
+        return facts(minutes * 60, elapsed=41.0, decode_s=0.0007, throughputs=[Throughput(96, 102, 444)],
+                     num_classes=10, **change)
+
+    assert plan_run(at(13)).strategy == "linear-probe"
+    for minutes, tta in ((13, None), (14, "auto")):
+        plan = plan_run(at(minutes, min_passes=1.5))
+        passes = plan.max_steps / at(13).steps_per_epoch
+        assert plan.strategy == "finetune" and plan.img_size == 96 and 1.5 <= passes < 2
+        assert plan.recipe.get("tta") == tta and plan.total <= minutes * 60
+        assert "passes over the data fit at 96 px" in plan.reason
+    assert plan_run(replace(at(13), min_passes=1.5), {"epochs": 3}).max_steps is None

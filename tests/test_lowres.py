@@ -20,10 +20,12 @@ from visiontune.training.budget import Plan, Throughput, measure_throughput, pla
 from visiontune.training.lowres_plan import (
     LOWRES_MIN_IMAGES,
     LOWRES_SIDE,
+    MIN_SMALL_FINETUNE_PASSES,
     LowResSpeed,
     choose_plan,
     considers_lowres,
     expected_accuracy,
+    finetune_plans,
 )
 
 # a machine where fine-tuning the pretrained network is ~4x slower than test_budget's TABLE (as on AVX2
@@ -88,7 +90,7 @@ def test_considers_lowres_only_for_small_images_many_of_them_and_no_other_networ
 
 
 def test_planner_picks_the_lowres_network_where_its_curve_wins():
-    f = facts(30 * 60, elapsed=20, throughputs=SLOW)
+    f = facts(20 * 60, elapsed=20, throughputs=SLOW)
     plan = choose_plan(f, {}, [speed(300, 2000)])
     assert (plan.strategy, plan.img_size, plan.recipe["model"], plan.recipe["precision"]) == (
         "scratch", LOWRES_SIDE, "lowres_cnn", "bf16")
@@ -149,7 +151,7 @@ def test_users_options_win_over_the_plan():
 
 
 def test_plan_with_lowres_recipe_round_trips(tmp_path):
-    plan = choose_plan(facts(30 * 60, elapsed=20, throughputs=SLOW), {}, [speed(300, 2000)])
+    plan = choose_plan(facts(20 * 60, elapsed=20, throughputs=SLOW), {}, [speed(300, 2000)])
     assert plan.recipe["model"] == "lowres_cnn"
     plan.save(tmp_path / "plan.json")
     assert Plan.from_dict(json.loads((tmp_path / "plan.json").read_text())) == plan
@@ -224,7 +226,7 @@ def test_lowres_network_trains_from_scratch_end_to_end(tmp_path, capsys):
 def test_lowres_plan_counts_decoding_only_where_its_small_images_do_not_fit_in_memory():
     """The fine-tune's larger inputs may not fit in memory where 32-px ones do: each candidate is costed
     with its own (a plan that re-read 40,000 images every epoch planned 7 epochs where 9 fitted)."""
-    f = facts(30 * 60, elapsed=20, decode_s=0.0007, in_memory=False, throughputs=SLOW)
+    f = facts(20 * 60, elapsed=20, decode_s=0.0007, in_memory=False, throughputs=SLOW)
     held = choose_plan(f, {}, [LowResSpeed("lowres_cnn", Throughput(LOWRES_SIDE, 520, 4000, "bf16"), True)])
     reread = choose_plan(f, {}, [LowResSpeed("lowres_cnn", Throughput(LOWRES_SIDE, 520, 4000, "bf16"), False)])
     assert held.recipe["model"] == reread.recipe["model"] == "lowres_cnn"
@@ -241,3 +243,47 @@ def test_compact_networks_are_measured_only_where_their_ceiling_could_beat_the_f
     assert lowres_may_win(plan_run(long, {}), long, {"model": "lowres_cnn"})
     slow = facts(30 * 60, elapsed=20, throughputs=SLOW)
     assert lowres_may_win(plan_run(slow, {}), slow, {})
+
+
+# two days of `--time 15m` on CIFAR-10 on one AVX512-BF16 machine (bench/RESULTS.md): 96 px trained at 143 img/s
+# on one (run D: 0.9031 held-out at 96 px), at 102 on the other (run A: 3 whole epochs fitted only at 64 px, and
+# the plan was lowres_cnn, 0.8723)
+DAY_D = [Throughput(48, 353, 2020), Throughput(64, 271, 1394), Throughput(96, 143, 431), Throughput(128, 73, 240)]
+DAY_A = [Throughput(48, 329, 2020), Throughput(64, 228, 987), Throughput(96, 102, 444), Throughput(128, 52, 152)]
+COMPACT = [speed(495, 1772), speed(210, 698, "lowres_cnn_wide")]
+
+
+def test_a_larger_input_for_fewer_passes_where_the_curves_expect_more():
+    """On the slower day, in 13 minutes, the largest input where 3 whole epochs fit is 64 px; the curves
+    expect more of the 1.5+ passes that fit at 96 px (the last partial) than of 64 px or the compact
+    networks."""
+    slow = facts(13 * 60, elapsed=41, decode_s=0.0007, throughputs=DAY_A, num_classes=10)
+    base, plan = plan_run(slow, {}), choose_plan(slow, {}, COMPACT)
+    assert base.img_size == 64 and (plan.strategy, plan.img_size) == ("finetune", 96)
+    passes = (plan.max_steps or (plan.epochs - plan.freeze_epochs) * slow.steps_per_epoch) / slow.steps_per_epoch
+    assert MIN_SMALL_FINETUNE_PASSES <= passes < 2 and plan.total <= slow.budget
+    steps = slow.steps_per_epoch
+    others = [p for p in finetune_plans(slow, {}) if p.img_size != 96]
+    assert expected_accuracy(plan, steps) > max(expected_accuracy(p, steps) for p in [base, *others])
+    assert "passes over the data fit at 96 px" in plan.reason and "finetune at 64 px" in plan.reason
+    assert len({c["size"] for c in plan.candidates if "model" not in c}) == 4  # every measured size, as planned
+    # the faster day's plan is the one the whole-epoch rule gives; an hour's is the largest input's
+    fast = facts(15 * 60, elapsed=38, decode_s=0.0007, throughputs=DAY_D, num_classes=10)
+    assert choose_plan(fast, {}, COMPACT).img_size == plan_run(fast, {}).img_size == 96
+    hour = facts(3600, elapsed=38, decode_s=0.0007, throughputs=DAY_D, num_classes=10)
+    assert choose_plan(hour, {}, COMPACT).img_size == plan_run(hour, {}).img_size == 128
+
+
+@pytest.mark.parametrize("change", [{"native_side": 300}, {"single_label": False}, {"n_train": 5000},
+                                    {"trained_side": 96}])
+def test_the_curves_weigh_input_sizes_only_where_they_were_measured(change):
+    """Photos, multi-label data, few images or a trained model continuing: the whole-epoch rule's plan."""
+    f = facts(15 * 60, elapsed=41, throughputs=DAY_A, num_classes=10, **change)
+    assert [p.img_size for p in finetune_plans(f, {})] == [plan_run(f, {}).img_size]
+
+
+@pytest.mark.parametrize("given", [{"img_size": 64}, {"epochs": 4}, {"max_steps": 3000},
+                                   {"model": "efficientnet_lite1"}, {"strategy": "progressive"}])
+def test_the_users_size_or_length_is_not_weighed_against_the_curves(given):
+    f = facts(15 * 60, elapsed=41, throughputs=DAY_A, num_classes=10)
+    assert len(finetune_plans(f, given)) == 1

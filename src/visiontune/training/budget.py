@@ -18,10 +18,10 @@ Example:
     >>> facts = Facts(15 * 60, n_train=40_000, n_val=8_000, native_side=32, default_side=224,
     ...               throughputs=table, elapsed=20.0)
     >>> plan = plan_run(facts)
-    >>> plan.strategy, plan.img_size, plan.epochs, plan.max_steps  # 3 whole epochs fit, then 0.16 of a 4th
-    ('finetune', 96, 4, 2695)
+    >>> plan.strategy, plan.img_size, plan.epochs, plan.max_steps  # 2 fine-tuning epochs fit, then 0.41 of a 3rd
+    ('finetune', 96, 4, 3011)
     >>> plan.recipe["tta"], plan_run(facts, {"tta": "none"}).max_steps  # measuring TTA at the end costs 274 steps
-    ('auto', 2969)
+    ('auto', 3285)
 """
 
 from __future__ import annotations
@@ -112,10 +112,14 @@ MIN_PARTIAL_EPOCH = 0.1  # a last, partial epoch shorter than this share of an e
 # chose, 0.8260 (the teachers 0.8125-0.8195; bench/RESULTS.md "Unlabelled images")
 MIN_CONTINUED_PASSES = 1.5
 # expected held-out accuracy after E fine-tuning epochs (after the head's warm-up): ceiling - slope / E (CIFAR-10,
-# 32,000-35,000 training images; EfficientNet-Lite0 by input side; bench/RESULTS.md "Time budgets": 64 px 4 epochs
-# 0.871, 96 px 3.3 epochs 0.895, 128 px 3 and 5 epochs 0.912 and 0.922). training/lowres_plan.py weighs it against
-# the compact networks' curves; the planner itself weighs only an epoch's share against test-time augmentation
-FINETUNE_CURVE = {64: (0.890, 0.075), 96: (0.918, 0.075), 128: (0.937, 0.075)}
+# 32,000-35,000 training images; EfficientNet-Lite0 by input side), as a planned run predicts (--tta auto's
+# flip-zoom): 96 px through 1.5 and 2.35 epochs, 0.8955 and 0.9031 (bench/RESULTS.md "Progressive resizing", runs E2
+# and D; the earlier 0.075 slope through one 3.3-epoch point of an older recipe, 0.895, expected 0.868 of the first),
+# 128 px through 2 and 5.85 epochs, 0.9102 and 0.9255 ("Test-time augmentation" and "Accuracy against budget"); 64 px
+# 4 epochs 0.871 with one view ("Time budgets"; the slope assumed). training/lowres_plan.py weighs them against each
+# other and the compact networks' curves; the planner itself weighs only an epoch's share against test-time
+# augmentation
+FINETUNE_CURVE = {64: (0.890, 0.075), 96: (0.9165, 0.0315), 128: (0.9335, 0.0465)}
 # the smallest held-out gain of --tta auto's flip-zoom on a planned fine-tune (CIFAR-10: +0.32 points at 60 min,
 # +0.62 at 30, +0.80 at 15; bench/RESULTS.md "Test-time augmentation"): where the epochs the measurement's time
 # would take cost less than this by FINETUNE_CURVE, the plan sets that time aside (the run keeps its size)
@@ -127,7 +131,7 @@ def finetune_curve(side: int) -> tuple[float, float]:
 
     Example:
         >>> finetune_curve(112), finetune_curve(224)
-        ((0.918, 0.075), (0.937, 0.075))
+        ((0.9165, 0.0315), (0.9335, 0.0465))
     """
     return FINETUNE_CURVE[min(FINETUNE_CURVE, key=lambda s: abs(s - side))]
 # Progressive resizing (--early-size/--early-steps: the first steps at a smaller side) is the user's lever, never
@@ -216,6 +220,9 @@ class Facts:
             embeddings do not: :func:`~visiontune.models.tta.takes_zoom`).
         trained_side: the input side of the trained model the run continues (``--weights RUN``), else
             ``None``: the plan fine-tunes where :data:`MIN_CONTINUED_PASSES` fit, at most at that side.
+        min_passes: a fresh fine-tune's minimum in passes over the data after the head's warm-up, the
+            last one partial, instead of :data:`MIN_FINETUNE_EPOCHS` whole epochs (``None``); what
+            :func:`~visiontune.training.lowres_plan.finetune_plans` asks of each size it weighs.
     """
 
     budget: float
@@ -235,6 +242,7 @@ class Facts:
     single_label: bool = True
     zoom: bool = True
     trained_side: int | None = None
+    min_passes: float | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -642,8 +650,17 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
         SMALL_DATA_MIN_EPOCHS if small_data else MIN_FINETUNE_EPOCHS) - 1  # the warm-up's epoch counts
     continued = (facts.trained_side is not None and not {"epochs", "img_size"} & fixed.keys()
                  and strategy in (None, "finetune"))
+    # the caller's minimum in passes (the last partial), for a fresh run of no given length
+    min_passes = facts.min_passes if not continued and not {"epochs", "max_steps"} & fixed.keys() else None
 
     reserved: set[int] = set()  # sizes where --tta auto's time is set aside before the passes are counted
+
+    def partial_pass(t: Throughput, leftover: float) -> tuple[float, float, float]:
+        """(the share of a training pass at ``t`` that ``leftover`` seconds after the last whole epoch buy,
+        its validation paid; that pass's seconds; the validation's)."""
+        train_s = n_train * (1 / t.train + reread)
+        val_s = view_cost(validation_tta(tta), t.size) * n_val / t.infer + n_val * reread
+        return (leftover - val_s) / train_s, train_s, val_s
 
     def room_for(t: Throughput, views: str | None) -> tuple[float, float]:
         """(seconds for fine-tuning epochs at ``t``, seconds per epoch), the finish paid with ``views``."""
@@ -667,7 +684,10 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
         candidates.append({"size": t.size, "epochs_that_fit": fit, "seconds_per_epoch": round(per_epoch, 1)})
         if t.size < MIN_FINETUNE_SIDE and not scratch and "img_size" not in fixed and t.size != facts.trained_side:
             continue  # too small to fine-tune a pretrained network (the user's own size is kept, and a trained model's)
-        if passes_at[t.size] >= MIN_CONTINUED_PASSES if continued else trained >= needed:
+        if min_passes is not None:  # whole epochs and the partial one's training steps
+            passes_at[t.size] = trained + max(0.0, partial_pass(t, room - trained * per_epoch)[0])
+        if (passes_at[t.size] >= MIN_CONTINUED_PASSES if continued else passes_at[t.size] >= min_passes
+                if min_passes is not None else trained >= needed):
             best = (t, fit, room - trained * per_epoch)  # sizes ascend: the last that fits is the largest
 
     def worth_a_share(side: int, trained: int, leftover: float, extra: float, per_epoch: float) -> bool:
@@ -713,34 +733,44 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
         per_epoch = epoch_seconds(t, n_train, n_val, tta, reread)  # auto validates with one view, as unset does
         if epochs < fit:  # capped at MAX_EPOCHS, or fewer given: the epochs that fit but do not run are left over too
             leftover += (fit - max(epochs, warmup)) * per_epoch
+        per_epoch_s = candidates[sizes.index(t)]['seconds_per_epoch']
+        if not reason and min_passes is not None:
+            reason = (f"{passes_at[t.size]:.1f} passes over the data fit at {t.size} px after the head's warm-up, "
+                      f"at least {min_passes} wanted ({per_epoch_s} s per epoch)")
         reason = why_finetune + (reason or (f"{fit} epochs fit at {t.size} px, the largest input where at least "
-                                            f"{needed + warmup} do ({candidates[sizes.index(t)]['seconds_per_epoch']} "
-                                            "s per epoch)"))
+                                            f"{needed + warmup} do ({per_epoch_s} s per epoch)"))
+        def keeps_minimum(whole: int, left: float) -> bool:
+            """Whether ``whole`` fine-tuning epochs and ``left`` seconds after them still make the plan's minimum."""
+            if min_passes is None:
+                return whole >= needed
+            return whole + max(0.0, partial_pass(t, left)[0]) >= min_passes
+
         if may_measure:
             extra = costs(t, epochs, True, AUTO)["finish"] - costs(t, epochs, True)["finish"]
             if t.size in reserved:  # its time was set aside before the passes were counted
                 recipe["tta"] = tta = AUTO
                 reason += (f"; test-time augmentation measured at the end ({extra:.0f} s, set aside: the second view "
                            f"is enlarged toward the model's own {facts.trained_side} px)")
-            elif leftover >= extra:
+            elif leftover >= extra and keeps_minimum(epochs - warmup, leftover - extra):
                 recipe["tta"] = tta = AUTO
                 leftover -= extra
                 reason += f"; test-time augmentation measured at the end ({extra:.0f} s)"
-            elif (not capped and not continued and "max_steps" not in fixed and epochs - 1 - warmup >= needed
-                  and leftover + per_epoch >= extra
+            elif (leftover < extra <= leftover + per_epoch and not capped and not continued and "max_steps" not in fixed
+                  and epochs - 1 - warmup >= 1 and keeps_minimum(epochs - 1 - warmup, leftover + per_epoch - extra)
                   and worth_a_share(t.size, epochs - warmup, leftover, extra, per_epoch)):
                 recipe["tta"] = tta = AUTO
                 epochs, leftover = epochs - 1, leftover + per_epoch - extra
                 reason += (f"; test-time augmentation measured at the end ({extra:.0f} s, taken from the last epoch: "
                            f"by the measured curves it gains more than that share of an epoch)")
+            elif leftover >= extra:  # it fits, but a fine-tune of fewer passes than its minimum is not the plan
+                reason += (f"; test-time augmentation not measured: its {extra:.0f} s would leave fewer than "
+                           f"{min_passes} passes")
             else:
                 reason += f"; no room after the last whole epoch to measure test-time augmentation ({extra:.0f} s)"
         projected = costs(t, epochs, True)
         # the time after the last whole epoch buys a partial one: its share of the training pass, then
         # its validation; the LR schedule ends at its last step (--max-steps)
-        train_s = n_train * (1 / t.train + reread)
-        val_s = view_cost(validation_tta(tta), t.size) * n_val / t.infer + n_val * reread
-        share = (leftover - val_s) / train_s
+        share, train_s, val_s = partial_pass(t, leftover)
         max_steps = None
         whole_only = ("epochs" in fixed or "max_steps" in fixed or fixed.get("auto_batch_size") or capped
                       or fit >= MAX_EPOCHS)

@@ -15,7 +15,7 @@ Example:
     >>> facts = Facts(15 * 60, n_train=32_000, n_val=8_000, native_side=32, default_side=224,
     ...               throughputs=table, elapsed=20.0)
     >>> fast = [LowResSpeed("lowres_cnn", Throughput(32, 520, 4000, "bf16"))]
-    >>> choose_plan(facts, {}, fast).strategy  # 0.893 expected at 96 px against the compact network's 0.874
+    >>> choose_plan(facts, {}, fast).strategy  # 0.906 expected at 96 px against the compact network's 0.882
     'finetune'
     >>> slow = [Throughput(64, 67, 384), Throughput(96, 47, 198)]  # one where fine-tuning is 4x slower
     >>> plan = choose_plan(replace(facts, throughputs=slow), {}, fast)
@@ -31,7 +31,9 @@ from typing import Any
 from ..models.factory import build_model
 from ..models.lowres import LOWRES_MODELS, is_lowres
 from .budget import (
+    FINETUNE_CURVE,
     SAFETY,
+    TTA_GAIN,
     Facts,
     Plan,
     Throughput,
@@ -63,6 +65,11 @@ LOWRES_RECIPE = {"optimizer": "sgd", "lr": 1.5, "momentum": 0.85, "weight_decay"
 # airbench's published ratio (the wide network 95% in 15 epochs where the small one is 94% in 10: +1 point of
 # ceiling, 1.5x the slope)
 LOWRES_CURVE = {"lowres_cnn": (0.904, 0.27), "lowres_cnn_wide": (0.914, 0.405)}
+# where the curves apply (curves_apply), the fine-tune is also weighed at each input where this many passes over
+# the data fit after the head's warm-up (the last partial), not only where MIN_FINETUNE_EPOCHS whole epochs do: on
+# CIFAR-10 in 15 minutes (AVX512-BF16, bench/RESULTS.md "Progressive resizing") 1.5 passes at 96 px scored 0.8955
+# held-out, where a slower day's probe had planned lowres_cnn (0.8723) or 64 px for 5 epochs (0.871 for 4)
+MIN_SMALL_FINETUNE_PASSES = 1.5
 PROBE_ACCURACY = 0.0  # a probe on features of 32-px images upscaled: below any plan that trains
 
 
@@ -119,6 +126,11 @@ def _curve(ceiling_slope: tuple[float, float], epochs: float) -> float:
     return ceiling - slope / epochs if epochs > 0 else PROBE_ACCURACY
 
 
+def fine_tuning_epochs(plan: Plan, steps_per_epoch: int) -> float:
+    """A fine-tune plan's epochs after the head's warm-up, the partial last one's share included."""
+    return plan.max_steps / steps_per_epoch if plan.max_steps is not None else plan.epochs - plan.freeze_epochs
+
+
 def expected_accuracy(plan: Plan, steps_per_epoch: int) -> float:
     """The held-out accuracy the curves expect of ``plan`` (see the module's docstring)."""
     if plan.strategy == "linear-probe":
@@ -126,9 +138,40 @@ def expected_accuracy(plan: Plan, steps_per_epoch: int) -> float:
     model = plan.recipe.get("model")
     if model in LOWRES_CURVE:
         return _curve(LOWRES_CURVE[model], plan.epochs)
-    trained = (plan.max_steps / steps_per_epoch if plan.max_steps is not None
-               else plan.epochs - plan.freeze_epochs)
-    return _curve(finetune_curve(plan.img_size), trained)
+    trained = fine_tuning_epochs(plan, steps_per_epoch)
+    # the curves' runs kept --tta auto's flip-zoom: a plan with no time to measure it expects its smallest gain less
+    return _curve(finetune_curve(plan.img_size), trained) - (0.0 if plan.recipe.get("tta") else TTA_GAIN)
+
+
+def curves_apply(facts: Facts, fixed: dict[str, Any]) -> bool:
+    """Whether the fine-tune's curves (:data:`~visiontune.training.budget.FINETUNE_CURVE`, measured
+    with EfficientNet-Lite0 on CIFAR-10) may choose its input size: small images, enough of them, one
+    label each, a fresh run of the embedded network whose size and length the user left to the plan."""
+    return (facts.single_label and facts.native_side <= LOWRES_MAX_SIDE and facts.n_train >= LOWRES_MIN_IMAGES
+            and facts.trained_side is None and fixed.get("strategy", "finetune") == "finetune"
+            and not {"model", "img_size", "epochs", "max_steps"} & fixed.keys())
+
+
+def finetune_plans(facts: Facts, fixed: dict[str, Any]) -> list[Plan]:
+    """:func:`~visiontune.training.budget.plan_run`'s fine-tune first (the largest input where
+    :data:`~visiontune.training.budget.MIN_FINETUNE_EPOCHS` whole epochs fit), then, where
+    :func:`curves_apply`, a fine-tune at each input a curve was measured at where
+    :data:`MIN_SMALL_FINETUNE_PASSES` fit (the last partial): :func:`choose_plan` keeps the one the
+    curves expect most of."""
+    base = plan_run(facts, fixed)
+    if not curves_apply(facts, fixed):
+        return [base]
+    others = [plan_run(replace(facts, throughputs=[t], min_passes=MIN_SMALL_FINETUNE_PASSES), fixed)
+              for t in facts.throughputs if t.size in FINETUNE_CURVE]
+    same = (base.img_size, base.epochs, base.max_steps, base.recipe)  # the base's own size may give its plan again
+    return [base, *[p for p in others if p.strategy == "finetune" and (p.img_size, p.epochs, p.max_steps,
+                                                                         p.recipe) != same]]
+
+
+def best_finetune(facts: Facts, fixed: dict[str, Any]) -> Plan:
+    """The plan of :func:`finetune_plans` with the highest :func:`expected_accuracy` (the first where tied)."""
+    plans = finetune_plans(facts, fixed)
+    return max(plans, key=lambda p: expected_accuracy(p, facts.steps_per_epoch))
 
 
 def lowres_may_win(base: Plan, facts: Facts, fixed: dict[str, Any]) -> bool:
@@ -178,22 +221,28 @@ def plan_lowres(facts: Facts, fixed: dict[str, Any], speed: LowResSpeed) -> Plan
 def choose_plan(facts: Facts, fixed: dict[str, Any], lowres: list[LowResSpeed]) -> Plan:
     """:func:`~visiontune.training.budget.plan_run`'s plan, or a low-resolution network's where
     :func:`expected_accuracy` says it is more accurate in the same budget. The plan's reason names
-    every candidate's expected accuracy."""
-    base = plan_run(facts, fixed)
-    if not lowres or ("model" not in fixed and "strategy" in fixed):
+    every candidate's expected accuracy; the fine-tune is weighed at each input size where
+    :func:`curves_apply` (:func:`finetune_plans`)."""
+    finetunes = finetune_plans(facts, fixed)
+    base = finetunes[0]
+    plans = []
+    if lowres and ("model" in fixed or "strategy" not in fixed):
+        plans = [p for p in (plan_lowres(facts, fixed, s) for s in lowres) if p is not None]
+        if "model" in fixed:  # the user named a low-resolution network: its plan, whatever the curves say
+            return plans[0] if plans else base
+    if len(finetunes) + len(plans) == 1:
         return base
-    plans = [p for p in (plan_lowres(facts, fixed, s) for s in lowres) if p is not None]
-    if "model" in fixed:  # the user named a low-resolution network: its plan, whatever the curves say
-        return plans[0] if plans else base
     steps = facts.steps_per_epoch
-    scored = sorted([(expected_accuracy(p, steps), i, p) for i, p in enumerate([base, *plans])],
+    scored = sorted([(expected_accuracy(p, steps), i, p) for i, p in enumerate([*finetunes, *plans])],
                     key=lambda x: (-x[0], x[1]))
     best = scored[0][2]
-    names = {id(base): f"{base.strategy} at {base.img_size} px"}
+    names = {id(p): f"{p.strategy} at {p.img_size} px" + (
+        f" for {fine_tuning_epochs(p, steps):.2f} epochs{', --tta auto' if p.recipe.get('tta') else ''}"
+        if len(finetunes) > 1 and p.strategy != "linear-probe" else "") for p in finetunes}
     summary = "; ".join(f"{names.get(id(p), p.recipe.get('model'))} "
                         + ("(no curve: ranked below the plans that train)" if p.strategy == "linear-probe"
                            else f"{acc:.3f}") for acc, _, p in scored)
     best.reason += f". Expected accuracy (curves measured on CIFAR-10): {summary}"
-    best.candidates = base.candidates + [c for p in plans for c in p.candidates]
+    best.candidates = base.candidates + [c for p in plans for c in p.candidates]  # a fine-tune's: every size
     best.throughputs = base.throughputs + [t for p in plans for t in p.throughputs]
     return best

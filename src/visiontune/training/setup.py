@@ -40,7 +40,6 @@ from .budget import (
     forecast,
     format_duration,
     measure_throughput,
-    plan_run,
     probe_only,
     probe_side,
     run_budget,
@@ -52,6 +51,7 @@ from .distill import Teacher
 from .levers import check_options, levers_line
 from .lowres_plan import (
     LOWRES_SIDE,
+    best_finetune,
     choose_plan,
     considers_lowres,
     lowres_may_win,
@@ -321,7 +321,7 @@ def plan_budget(cfg: TrainConfig, model, pre: Preprocessing, splits: Splits, def
                   zoom="tta" in fixed or takes_zoom(model, default_side), trained_side=trained_side)
     lowres = []
     if (considers_lowres(len(splits.train), native, fixed, get_task(splits.task).name == "single")
-            and lowres_may_win(plan_run(facts, fixed), facts, fixed)):
+            and lowres_may_win(best_finetune(facts, fixed), facts, fixed)):
         print(f"images of {native} px: also measuring networks built for their size, trained from scratch", flush=True)
         small = Preprocessing((3, LOWRES_SIDE, LOWRES_SIDE), pre.mean, pre.std, crop_pct=1.0, resize_mode="squash")
         fits, _ = should_cache(cfg.data.cache_images, [p for p, _ in splits.train],
