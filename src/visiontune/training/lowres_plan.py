@@ -20,7 +20,7 @@ Example:
     >>> slow = [Throughput(64, 67, 384), Throughput(96, 47, 198)]  # one where fine-tuning is 4x slower
     >>> plan = choose_plan(replace(facts, throughputs=slow), {}, fast)
     >>> plan.strategy, plan.recipe["model"], plan.img_size, plan.epochs, plan.recipe["precision"]
-    ('scratch', 'lowres_cnn', 32, 12, 'bf16')
+    ('scratch', 'lowres_cnn', 32, 11, 'bf16')
 """
 
 from __future__ import annotations
