@@ -244,6 +244,9 @@ def test_a_trained_model_continues_at_the_largest_size_up_to_its_own_where_one_a
         assert (plan.strategy, plan.img_size) == (alone.strategy, alone.img_size) and plan.total <= budget
     roomy = student(3600)  # 160 px would fit too: the model's own 128 px is the largest
     assert roomy.img_size == 128 and roomy.epochs > 3 and "set aside" not in roomy.reason
+    # at its own size, one whole pass and part of another: --tta auto in the time after them, as in any run
+    mid = student(600)
+    assert (mid.img_size, mid.recipe["tta"]) == (128, "auto") and 1.5 <= passes(mid) < 2
     assert student(3600, trained_side=None).img_size == 160  # a fresh run's plan goes above it
     tiny = student(60)  # not 1.5 passes at 48 px either
     assert tiny.strategy == "linear-probe" and "passes of the trained model" in tiny.reason

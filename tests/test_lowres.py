@@ -282,8 +282,31 @@ def test_the_curves_weigh_input_sizes_only_where_they_were_measured(change):
     assert [p.img_size for p in finetune_plans(f, {})] == [plan_run(f, {}).img_size]
 
 
-@pytest.mark.parametrize("given", [{"img_size": 64}, {"epochs": 4}, {"max_steps": 3000},
+@pytest.mark.parametrize("given", [{"img_size": 64}, {"epochs": 4}, {"max_steps": 3000}, {"auto_batch_size": True},
                                    {"model": "efficientnet_lite1"}, {"strategy": "progressive"}])
 def test_the_users_size_or_length_is_not_weighed_against_the_curves(given):
     f = facts(15 * 60, elapsed=41, throughputs=DAY_A, num_classes=10)
     assert len(finetune_plans(f, given)) == 1
+
+
+@pytest.mark.parametrize("minutes", [8, 11, 13, 15])
+@pytest.mark.parametrize("change,given", [({}, {"strategy": "finetune"}), ({"processes": 2}, {}),
+                                          ({}, {"teacher": "teacher-run"})])
+def test_a_fixed_strategys_fallback_is_not_weighed_as_a_plan_of_passes(minutes, change, given):
+    """With the strategy fixed (given, several processes, a teacher) a size where 1.5 passes do not fit
+    falls back to one epoch stopped at the deadline: never one of the sizes the curves weigh."""
+    f = facts(minutes * 60, elapsed=41, decode_s=0.0007, throughputs=DAY_A, num_classes=10, **change)
+    for plan in finetune_plans(f, given)[1:]:
+        passes = (plan.max_steps or (plan.epochs - plan.freeze_epochs) * f.steps_per_epoch) / f.steps_per_epoch
+        assert plan.strategy == "finetune" and passes >= MIN_SMALL_FINETUNE_PASSES and plan.total <= f.budget
+
+
+def test_only_a_plan_that_predicts_with_one_view_expects_less():
+    """The curves' runs kept flip-zoom: a plan without --tta expects TTA_GAIN less; the user's --tta,
+    which the plan's recipe does not repeat, counts as the plan's own."""
+    f = facts(15 * 60, elapsed=41, decode_s=0.0007, throughputs=DAY_D, num_classes=10)
+    steps = f.steps_per_epoch
+    plain = plan_run(f, {"tta": "none"})
+    assert expected_accuracy(plain, steps, "none") == pytest.approx(expected_accuracy(plain, steps, "auto")
+                                                                      - budget.TTA_GAIN)
+    assert expected_accuracy(plain, steps, "flip-zoom") == expected_accuracy(plain, steps, "auto")

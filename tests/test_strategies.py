@@ -189,8 +189,8 @@ def test_every_strategy_trains_multi_label(ml_data, tmp_path, strategy, head):
 
 
 def test_the_warm_up_fits_its_head_on_a_share_of_the_training_images(image_folder, tmp_path, capsys, monkeypatch):
-    """Of 30 training images the warm-up computes the features of at most WARMUP_IMAGES (here 9), as
-    even per class as the data allows; their indices point into the training split (the sampler's
+    """Of 30 training images the warm-up computes the features of about WARMUP_IMAGES (here 9), each
+    class in its share (3 each here); their indices point into the training split (the sampler's
     class weights read them), and the run records the split it trained on, every image of it."""
     from collections import Counter
 
@@ -209,7 +209,7 @@ def test_the_warm_up_fits_its_head_on_a_share_of_the_training_images(image_folde
     monkeypatch.setattr(strategies, "cached_features", spy)
     run = visiontune.train(image_folder, strategy="finetune", freeze_epochs=1, epochs=2, balance="sampler",
                            run_dir=str(tmp_path / "run"), **FAST)
-    assert "(9 of the 30 training images)" in capsys.readouterr().out
+    assert "(about 9 of the 30 training images, each class in its share)" in capsys.readouterr().out
     ((train, features),) = seen
     assert len(set(features.train_kept)) == 9
     assert [train[i][1] for i in features.train_kept] == features.train_y.tolist()

@@ -70,7 +70,7 @@ FINISH_FIXED_S = 12.0        # report: galleries, Grad-CAM, plots (measured 6-10
 # the unknown-score's fit (training/unknown.py): the images it reads, and its selection per image
 UNKNOWN_TRAIN_IMAGES, UNKNOWN_VAL_IMAGES = MAX_STATS_IMAGES, MAX_VAL_IMAGES
 # beyond its views and decoding: the taps of two feature sources and the selection's fits. CIFAR-10 at 96 px with
-# flip-zoom (a 15-minute run, AVX512-BF16): 4,096 + 5,000 images took 89-100 s, of which the views and decoding by the
+# flip-zoom (15-minute runs, AVX512-BF16): 4,096 + 5,000 images took 78-100 s, of which the views and decoding by the
 # probe's inference speed 57 s and the selection 9 s; at 0.001 s an image the finish was projected 24 s short, and
 # the run, trained to its deadline, took 15m23s of its 15 minutes
 UNKNOWN_OVERHEAD_S_PER_IMAGE = 0.004
@@ -84,10 +84,10 @@ MIN_FINETUNE_SIDE = 48
 # batch statistics of 32 upscaled images moved the features away: 62% vs 79% after two epochs),
 # the body at a third of the head's LR after a short warm-up (AdamW's first steps are large).
 FINETUNE_RECIPE = {"lr_mult": 3.0, "warmup_epochs": 0.3, "bn_stats": "frozen"}
-# the frozen warm-up fits its head on the cached features of at most this many training images (or this many per
-# class, where that is more): the head only starts the fine-tune, and every image's features cost a forward pass
-# (CIFAR-10 in 15 minutes: 32,000 images' took 104 s of the run's 890, for a head at 0.767 val accuracy; see
-# bench/RESULTS.md "Overheads of a budgeted run")
+# the frozen warm-up fits its head on the cached features of about this many training images (or this many per
+# class, where that is more), each class in its share: the head only starts the fine-tune, and every image's
+# features cost a forward pass (CIFAR-10 in 15 minutes: 32,000 images' took 104 s of the run's 890, for a head at
+# 0.767 val accuracy; 5,000 images' 27-36 s, for one at 0.731; see bench/RESULTS.md "Overheads of a budgeted run")
 WARMUP_IMAGES, WARMUP_IMAGES_PER_CLASS = 5000, 20
 
 
@@ -572,7 +572,9 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
 
     A run that continues a trained model (``facts.trained_side``) fine-tunes at the largest size up
     to the model's own where :data:`MIN_CONTINUED_PASSES` passes over the data fit, the last one
-    partial, instead of where :data:`MIN_FINETUNE_EPOCHS` whole epochs do.
+    partial, instead of where :data:`MIN_FINETUNE_EPOCHS` whole epochs do; so does a fresh run
+    where ``facts.min_passes`` fit (:func:`~visiontune.training.lowres_plan.finetune_plans` weighs
+    each size so).
     """
     fixed = dict(fixed or {})
     budget, n_train, n_val, n_test = facts.budget, facts.n_train, facts.n_val, facts.n_test
@@ -755,7 +757,7 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
                 recipe["tta"] = tta = AUTO
                 reason += (f"; test-time augmentation measured at the end ({extra:.0f} s, set aside: the second view "
                            f"is enlarged toward the model's own {facts.trained_side} px)")
-            elif leftover >= extra and keeps_minimum(epochs - warmup, leftover - extra):
+            elif leftover >= extra and (min_passes is None or keeps_minimum(epochs - warmup, leftover - extra)):
                 recipe["tta"] = tta = AUTO
                 leftover -= extra
                 reason += f"; test-time augmentation measured at the end ({extra:.0f} s)"
@@ -766,7 +768,7 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
                 epochs, leftover = epochs - 1, leftover + per_epoch - extra
                 reason += (f"; test-time augmentation measured at the end ({extra:.0f} s, taken from the last epoch: "
                            f"by the measured curves it gains more than that share of an epoch)")
-            elif leftover >= extra:  # it fits, but a fine-tune of fewer passes than its minimum is not the plan
+            elif leftover >= extra and min_passes is not None:  # it fits, but would leave fewer passes than wanted
                 reason += (f"; test-time augmentation not measured: its {extra:.0f} s would leave fewer than "
                            f"{min_passes} passes")
             else:

@@ -131,16 +131,18 @@ def fine_tuning_epochs(plan: Plan, steps_per_epoch: int) -> float:
     return plan.max_steps / steps_per_epoch if plan.max_steps is not None else plan.epochs - plan.freeze_epochs
 
 
-def expected_accuracy(plan: Plan, steps_per_epoch: int) -> float:
-    """The held-out accuracy the curves expect of ``plan`` (see the module's docstring)."""
+def expected_accuracy(plan: Plan, steps_per_epoch: int, given_tta: str | None = None) -> float:
+    """The held-out accuracy the curves expect of ``plan`` (see the module's docstring); ``given_tta``:
+    the user's ``--tta``, which a plan's recipe does not repeat."""
     if plan.strategy == "linear-probe":
         return PROBE_ACCURACY
     model = plan.recipe.get("model")
     if model in LOWRES_CURVE:
         return _curve(LOWRES_CURVE[model], plan.epochs)
     trained = fine_tuning_epochs(plan, steps_per_epoch)
-    # the curves' runs kept --tta auto's flip-zoom: a plan with no time to measure it expects its smallest gain less
-    return _curve(finetune_curve(plan.img_size), trained) - (0.0 if plan.recipe.get("tta") else TTA_GAIN)
+    # the curves' runs kept --tta auto's flip-zoom: a plan that predicts with one view expects its smallest gain less
+    views = plan.recipe.get("tta", given_tta)
+    return _curve(finetune_curve(plan.img_size), trained) - (TTA_GAIN if views in (None, "none") else 0.0)
 
 
 def curves_apply(facts: Facts, fixed: dict[str, Any]) -> bool:
@@ -149,7 +151,7 @@ def curves_apply(facts: Facts, fixed: dict[str, Any]) -> bool:
     label each, a fresh run of the embedded network whose size and length the user left to the plan."""
     return (facts.single_label and facts.native_side <= LOWRES_MAX_SIDE and facts.n_train >= LOWRES_MIN_IMAGES
             and facts.trained_side is None and fixed.get("strategy", "finetune") == "finetune"
-            and not {"model", "img_size", "epochs", "max_steps"} & fixed.keys())
+            and not {"model", "img_size", "epochs", "max_steps", "auto_batch_size"} & fixed.keys())
 
 
 def finetune_plans(facts: Facts, fixed: dict[str, Any]) -> list[Plan]:
@@ -161,17 +163,21 @@ def finetune_plans(facts: Facts, fixed: dict[str, Any]) -> list[Plan]:
     base = plan_run(facts, fixed)
     if not curves_apply(facts, fixed):
         return [base]
+    steps = facts.steps_per_epoch
     others = [plan_run(replace(facts, throughputs=[t], min_passes=MIN_SMALL_FINETUNE_PASSES), fixed)
               for t in facts.throughputs if t.size in FINETUNE_CURVE]
+    # a size where the passes do not fit gives a probe, or with a fixed strategy (--strategy finetune, several
+    # processes, a teacher) the fallback of one epoch stopped at the deadline: neither is a plan of this minimum
+    others = [p for p in others if p.strategy == "finetune" and p.total <= facts.budget
+              and fine_tuning_epochs(p, steps) >= MIN_SMALL_FINETUNE_PASSES]
     same = (base.img_size, base.epochs, base.max_steps, base.recipe)  # the base's own size may give its plan again
-    return [base, *[p for p in others if p.strategy == "finetune" and (p.img_size, p.epochs, p.max_steps,
-                                                                         p.recipe) != same]]
+    return [base, *[p for p in others if (p.img_size, p.epochs, p.max_steps, p.recipe) != same]]
 
 
 def best_finetune(facts: Facts, fixed: dict[str, Any]) -> Plan:
     """The plan of :func:`finetune_plans` with the highest :func:`expected_accuracy` (the first where tied)."""
     plans = finetune_plans(facts, fixed)
-    return max(plans, key=lambda p: expected_accuracy(p, facts.steps_per_epoch))
+    return max(plans, key=lambda p: expected_accuracy(p, facts.steps_per_epoch, fixed.get("tta")))
 
 
 def lowres_may_win(base: Plan, facts: Facts, fixed: dict[str, Any]) -> bool:
@@ -181,7 +187,7 @@ def lowres_may_win(base: Plan, facts: Facts, fixed: dict[str, Any]) -> bool:
     fine-tuning at 96 px (0.895) and at 64 (0.87)."""
     if "model" in fixed:
         return True
-    return max(c for c, _ in LOWRES_CURVE.values()) > expected_accuracy(base, facts.steps_per_epoch)
+    return max(c for c, _ in LOWRES_CURVE.values()) > expected_accuracy(base, facts.steps_per_epoch, fixed.get("tta"))
 
 
 def plan_lowres(facts: Facts, fixed: dict[str, Any], speed: LowResSpeed) -> Plan | None:
@@ -233,7 +239,7 @@ def choose_plan(facts: Facts, fixed: dict[str, Any], lowres: list[LowResSpeed]) 
     if len(finetunes) + len(plans) == 1:
         return base
     steps = facts.steps_per_epoch
-    scored = sorted([(expected_accuracy(p, steps), i, p) for i, p in enumerate([*finetunes, *plans])],
+    scored = sorted([(expected_accuracy(p, steps, fixed.get("tta")), i, p) for i, p in enumerate([*finetunes, *plans])],
                     key=lambda x: (-x[0], x[1]))
     best = scored[0][2]
     names = {id(p): f"{p.strategy} at {p.img_size} px" + (

@@ -31,7 +31,6 @@ from .lightning_fit import CachedFeatures, fit_head, make_head_module
 from .metrics import EpochRow, MetricsLog
 from .probe_selection import fit_linear, one_thread, select_probe
 from .registry import PROBE_HEADS
-from .unknown import stats_subset
 
 
 def linear_probe(ctx: TrainContext) -> FitResult:
@@ -44,18 +43,44 @@ def linear_probe(ctx: TrainContext) -> FitResult:
     return result
 
 
+def share_of(labels: list[Any] | None, n: int, limit: int, seed: int = 0) -> list[int]:
+    """Sorted indices of about ``limit`` of ``n`` images, each class (``labels``: single-label class
+    indices; None: any) in its own share of them, at least one image each: a class-weighted loss or
+    sampler, which reads the whole split's counts, then weighs the subset as it would the split.
+
+    Example:
+        >>> labels = [0] * 90 + [1] * 10
+        >>> picked = share_of(labels, 100, 20)
+        >>> len(picked), sum(labels[i] for i in picked), share_of(labels, 100, 20) == picked
+        (20, 2, True)
+    """
+    g = torch.Generator().manual_seed(seed)
+    if n <= limit:
+        return list(range(n))
+    if labels is None:
+        return sorted(torch.randperm(n, generator=g)[:limit].tolist())
+    by_class: dict[Any, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    picked = []
+    for y in sorted(by_class):
+        idx = torch.tensor(by_class[y])
+        picked += idx[torch.randperm(len(idx), generator=g)[:max(1, round(limit * len(idx) / n))]].tolist()
+    return sorted(picked)
+
+
 def cached_features(ctx: TrainContext, limit: int | None = None) -> tuple[CachedFeatures, float]:
     """The frozen body's features of the training (``--cached-views`` views) and validation images,
-    from the on-disk cache or computed; and the seconds that took. ``limit``: of at most that many
-    training images, as even per class as the data allows (the same ones for the same seed)."""
+    from the on-disk cache or computed; and the seconds that took. ``limit``: of about that many
+    training images, each class in its share (:func:`share_of`; the same ones for the same seed)."""
     cfg = ctx.cfg
     start = time.perf_counter()
     extractor = ctx.feature_extractor()
     train = ctx.splits.train
     chosen = list(range(len(train)))
     if limit is not None and limit < len(train):
-        classes = torch.tensor([y for _, y in train]) if ctx.task.name == "single" else None
-        chosen = stats_subset(classes, len(train), limit, cfg.runtime.seed).tolist()
+        labels = [y for _, y in train] if ctx.task.name == "single" else None
+        chosen = share_of(labels, len(train), limit, cfg.runtime.seed)
     train_x, train_y, kept = extractor.features([train[i] for i in chosen], cfg.strategy.cached_views,
                                                 cfg.data.augment)
     val_x, val_y, _ = extractor.features(ctx.splits.val)

@@ -49,11 +49,11 @@ def frozen_warmup(ctx: TrainContext) -> Warmup:
     """Train the head alone for ``freeze_epochs`` on cached backbone features, then load its best epoch.
 
     The frozen body maps each image to fixed features (BatchNorm in eval mode), so computing them
-    once replaces ``freeze_epochs`` full forward passes; of at most
-    :func:`~visiontune.training.budget.warmup_images` training images, as the head only starts the
-    fine-tune. A run resumed from a checkpoint of the
-    warm-up continues it; one resumed from a checkpoint of the fine-tuning skips it (the head's
-    warm-up weights are in that checkpoint).
+    once replaces ``freeze_epochs`` full forward passes; of about
+    :func:`~visiontune.training.budget.warmup_images` training images, each class in its share (the
+    head only starts the fine-tune). A run resumed from a checkpoint of the warm-up continues it;
+    one resumed from a checkpoint of the fine-tuning skips it (the head's warm-up weights are in that
+    checkpoint).
     """
     cfg = ctx.cfg
     epochs = min(cfg.strategy.freeze_epochs, cfg.optim.epochs)
@@ -63,7 +63,8 @@ def frozen_warmup(ctx: TrainContext) -> Warmup:
         return Warmup(epochs)
     limit = warmup_images(len(ctx.splits.train), len(ctx.splits.class_names))
     print(f"epochs 1-{epochs}: training the head on cached features of the frozen body"
-          + (f" ({limit} of the {len(ctx.splits.train)} training images)" if limit < len(ctx.splits.train) else ""))
+          + (f" (about {limit} of the {len(ctx.splits.train)} training images, each class in its share)"
+             if limit < len(ctx.splits.train) else ""))
     features, seconds = cached_features(ctx, limit)
     outcome = fit_head(ctx, features, epochs, WARMUP_PASSES_PER_EPOCH, warmup=True, resume=ctx.resume_ckpt)
     if outcome.best_state is not None:  # the fine-tuning starts from the warm-up's best head, not its last
