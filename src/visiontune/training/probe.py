@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..data.labels import per_task
+from ..data.scan import stratified_split
 from ..models.factory import source_classifier
 from ..task import Task
 from .context import FitResult, TrainContext
@@ -43,44 +44,25 @@ def linear_probe(ctx: TrainContext) -> FitResult:
     return result
 
 
-def share_of(labels: list[Any] | None, n: int, limit: int, seed: int = 0) -> list[int]:
-    """Sorted indices of about ``limit`` of ``n`` images, each class (``labels``: single-label class
-    indices; None: any) in its own share of them, at least one image each: a class-weighted loss or
-    sampler, which reads the whole split's counts, then weighs the subset as it would the split.
-
-    Example:
-        >>> labels = [0] * 90 + [1] * 10
-        >>> picked = share_of(labels, 100, 20)
-        >>> len(picked), sum(labels[i] for i in picked), share_of(labels, 100, 20) == picked
-        (20, 2, True)
-    """
-    g = torch.Generator().manual_seed(seed)
-    if n <= limit:
-        return list(range(n))
-    if labels is None:
-        return sorted(torch.randperm(n, generator=g)[:limit].tolist())
-    by_class: dict[Any, list[int]] = {}
-    for i, y in enumerate(labels):
-        by_class.setdefault(y, []).append(i)
-    picked = []
-    for y in sorted(by_class):
-        idx = torch.tensor(by_class[y])
-        picked += idx[torch.randperm(len(idx), generator=g)[:max(1, round(limit * len(idx) / n))]].tolist()
-    return sorted(picked)
-
-
 def cached_features(ctx: TrainContext, limit: int | None = None) -> tuple[CachedFeatures, float]:
     """The frozen body's features of the training (``--cached-views`` views) and validation images,
     from the on-disk cache or computed; and the seconds that took. ``limit``: of about that many
-    training images, each class in its share (:func:`share_of`; the same ones for the same seed)."""
+    training images, each class in its share (the seeded per-class split the run's own validation
+    split uses, :func:`~visiontune.data.scan.stratified_split`): a class-weighted loss or sampler,
+    which reads the whole split's counts, then weighs them as it would the split."""
     cfg = ctx.cfg
     start = time.perf_counter()
     extractor = ctx.feature_extractor()
     train = ctx.splits.train
     chosen = list(range(len(train)))
     if limit is not None and limit < len(train):
-        labels = [y for _, y in train] if ctx.task.name == "single" else None
-        chosen = share_of(labels, len(train), limit, cfg.runtime.seed)
+        if ctx.task.name == "single":
+            _, picked = stratified_split([(i, y) for i, (_, y) in enumerate(train)], limit / len(train),
+                                         cfg.runtime.seed)
+            chosen = [i for i, _ in picked]
+        else:  # multi-label targets have no one class to split by
+            g = torch.Generator().manual_seed(cfg.runtime.seed)
+            chosen = sorted(torch.randperm(len(train), generator=g)[:limit].tolist())
     train_x, train_y, kept = extractor.features([train[i] for i in chosen], cfg.strategy.cached_views,
                                                 cfg.data.augment)
     val_x, val_y, _ = extractor.features(ctx.splits.val)
