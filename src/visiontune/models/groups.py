@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..core.errors import ConfigError
+
 
 def head_parameter_names(model: nn.Module, head: str) -> list[str]:
     return [f"{head}.{n}" for n, _ in model.get_submodule(head).named_parameters()]
@@ -27,6 +29,19 @@ def body_groups(model: nn.Module, head: str) -> list[list[str]]:
         else:
             cleaned.append(rest)
     return cleaned
+
+
+def bottom_parameter_names(model: nn.Module, head: str, count: int) -> list[str]:
+    """Parameter names of the body's ``count`` bottom groups (stem first), which ``--freeze-bottom``
+    keeps frozen; ``count`` must leave at least one group of the body to train."""
+    if count <= 0:
+        return []
+    groups = body_groups(model, head)
+    if count >= len(groups):
+        raise ConfigError(f"--freeze-bottom {count} leaves nothing of the body to train: this network has "
+                          f"{len(groups)} layer groups; give at most {len(groups) - 1}, or --strategy linear-probe "
+                          "to train the head alone")
+    return [n for g in groups[:count] for n in g]
 
 
 def _timm_groups(model: nn.Module) -> list[list[str]]:

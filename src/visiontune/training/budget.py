@@ -30,6 +30,7 @@ import copy
 import json
 import math
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -384,15 +385,18 @@ def precisions_to_measure(precision: str, size: int) -> list[str]:
 
 
 def measure_throughput(model: nn.Module, sizes: list[int], precision: str, batch_size: int, seconds: float = 1.5,
-                       train: bool = True) -> list[Throughput]:
+                       train: bool = True, frozen: Collection[str] = ()) -> list[Throughput]:
     """Measure training and inference images/s of ``model`` at each size (on a copy: nothing in
     the model changes), in the faster of :func:`precisions_to_measure` (ranked by a quick probe of
     two steps each, then measured in full). About ``3 * seconds`` per size; without ``train``,
     inference only (a probe on cached features trains no network: its training speed is reported
     as 0), in the one precision ``precision`` resolves to: a probe extracts features once from at
     most a few thousand images, so ranking precisions (a second or so) would cost about what it could
-    save (hymenoptera's default run: 1.2 s slower, mean of 3, with the ranking)."""
+    save (hymenoptera's default run: 1.2 s slower, mean of 3, with the ranking). ``frozen``: names of
+    parameters that stay frozen in training (``--freeze-bottom``), frozen in the copy too."""
     net = copy.deepcopy(model).to(device(), memory_format=torch.channels_last)  # where training will run
+    for name, p in net.named_parameters():
+        p.requires_grad_(name not in frozen)
     opt = torch.optim.AdamW(net.parameters(), lr=0.0)
     out: list[Throughput] = []
 

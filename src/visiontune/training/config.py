@@ -145,6 +145,8 @@ class StrategyOptions:
     name: str = option("finetune", "transfer-learning strategy", key="strategy", choices=STRATEGIES)
     head: str = option("linear", "linear-probe: the kind of head fitted on the features", choices=PROBE_HEADS)
     freeze_epochs: int = option(1, "epochs training only the head before the body is unfrozen (1)")
+    freeze_bottom: int = option(0, "finetune: layer groups at the bottom of the body (the stem first) that stay "
+                                   "frozen while the rest trains (0)")
     unfreeze_every: int | None = option(None, "progressive: epochs between unfreezing one more layer group (auto)")
     lr_mult: float = option(10.0, "head LR / body LR for discriminative learning rates (10)")
     bn_stats: str = option("train", "BatchNorm running statistics of trainable layers", choices=BN_STATS)
@@ -278,6 +280,7 @@ class TrainConfig:
             ("batch_size", lambda v: v >= 1, "must be >= 1"),
             ("lr_mult", lambda v: v > 0, "must be > 0"),
             ("freeze_epochs", lambda v: v >= 0, "must be >= 0"),
+            ("freeze_bottom", lambda v: v >= 0, "must be >= 0"),
             ("lr", lambda v: v is None or v > 0, "must be > 0"),
             ("weight_decay", lambda v: v >= 0, "must be >= 0"),
             ("label_smoothing", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),

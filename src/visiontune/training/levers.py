@@ -113,6 +113,8 @@ LEVERS = (
     Lever("auto_batch_size", IMAGES, "sizes the batches of images to the device's memory"),
     Lever("devices", IMAGES, "trains copies of the network in several processes", lambda v: v > 1),
     Lever("num_nodes", IMAGES, "trains copies of the network on several machines", lambda v: v > 1),
+    Lever("freeze_bottom", frozenset({"finetune"}), "keeps the body's bottom layer groups frozen",
+          lambda v: v > 0),
     Lever("unfreeze_every", frozenset({"progressive"}), "sets when progressive unfreezes the next layer group",
           lambda v: v is not None),
     Lever("lr_mult", WARMED_UP, "sets the body's learning rate relative to the head's"),

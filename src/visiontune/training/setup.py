@@ -24,6 +24,7 @@ from ..data.scan import MAX_HELD_OUT, Splits, discover, median_side, write_skipp
 from ..models.artifact import load_weights, read_card, resolve_model_dir
 from ..models.card import ModelCard
 from ..models.factory import build_model, fit_input_size
+from ..models.groups import bottom_parameter_names
 from ..models.lowres import is_lowres
 from ..models.tta import takes_side, takes_zoom
 from ..models.weights import is_model_folder
@@ -130,12 +131,14 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
         pre = pre.with_size(cfg.model.img_size)
     pre = replace(pre, resize_mode=cfg.model.resize_mode)
     plan, deadline = None, None
+    # what --freeze-bottom keeps frozen: checked here, before a run dir exists, and measured so by the probes
+    frozen = bottom_parameter_names(model, arch.classifier, cfg.strategy.freeze_bottom)
     budget = run_budget(cfg)
     if budget is not None:
         # one plan per run: rank 0 measures and plans, the other processes of a multi-process run read it
         if is_rank_zero():
             plan = plan_budget(cfg, model, pre, splits, default_side, started, budget,
-                               trained_side=continued_side(start))
+                               trained_side=continued_side(start), frozen=frozen)
         else:
             plan = read_plan(RunLayout(_distributed_run_dir(cfg, prefix)).plan, started)
         cfg = plan.apply(cfg)
@@ -166,7 +169,8 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
         finetune = cfg.strategy.name != "linear-probe"
         measures = not why_one_view(get_task(splits.task).name == "single", len(splits.val))
         tta = None if cfg.model.tta == AUTO and not measures else cfg.model.tta
-        (measured,) = measure_throughput(model, [pre.height], cfg.runtime.precision, cfg.optim.batch_size, seconds=1.0)
+        (measured,) = measure_throughput(model, [pre.height], cfg.runtime.precision, cfg.optim.batch_size, seconds=1.0,
+                                         frozen=frozen)
         _, line = forecast(measured, len(splits.train), len(splits.val), len(splits.test), cfg.optim.epochs,
                            min(cfg.strategy.freeze_epochs, cfg.optim.epochs) if finetune else 0, finetune,
                            time.time() - started, tta, len(splits.class_names))
@@ -280,11 +284,11 @@ def adapt_to_task(cfg: TrainConfig, task: str | Task) -> TrainConfig:
 
 
 def plan_budget(cfg: TrainConfig, model, pre: Preprocessing, splits: Splits, default_side: int, started: float,
-                budget: float, trained_side: int | None = None) -> Plan:
+                budget: float, trained_side: int | None = None, frozen: list[str] | None = None) -> Plan:
     """Measure this machine (the :class:`Facts`) and plan the run for ``budget`` seconds from
     ``started``, keeping the user's own options; print the plan and how to change the budget.
     ``trained_side``: the input side of the trained model the run continues (``--weights RUN``),
-    the largest size measured."""
+    the largest size measured; ``frozen``: the parameters ``--freeze-bottom`` keeps frozen."""
     native = median_side([p for p, _ in splits.train])
     fixed = fixed_options(cfg)
     rt = cfg.runtime
@@ -303,7 +307,8 @@ def plan_budget(cfg: TrainConfig, model, pre: Preprocessing, splits: Splits, def
            "recipe)" if default else "")
     print(f"time budget {format_duration(budget)}{how}: measuring this machine at {', '.join(map(str, sizes))} px "
           f"(images' median side {native} px)", flush=True)
-    throughputs = measure_throughput(model, sizes, rt.precision, cfg.optim.batch_size, train=not probe)
+    throughputs = measure_throughput(model, sizes, rt.precision, cfg.optim.batch_size, train=not probe,
+                                     frozen=frozen or ())
     if processes > 1 and device() == "cuda":  # one accelerator per process; CPU processes share the cores
         throughputs = [Throughput(t.size, t.train * processes, t.infer * processes, t.precision)
                        for t in throughputs]
