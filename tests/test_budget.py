@@ -681,3 +681,27 @@ def test_a_minimum_in_passes_plans_a_partial_last_epoch_and_keeps_it_with_tta():
         assert plan.recipe.get("tta") == tta and plan.total <= minutes * 60
         assert "passes over the data fit at 96 px" in plan.reason
     assert plan_run(replace(at(13), min_passes=1.5), {"epochs": 3}).max_steps is None
+
+
+def test_the_probe_measures_frozen_parameters_frozen_in_its_copy_only(monkeypatch):
+    """--freeze-bottom's parameters get no gradient in the probe's training step, as in training;
+    the model measured keeps its own flags and weights."""
+    from visiontune.models.factory import build_model
+    from visiontune.models.groups import bottom_parameter_names
+    from visiontune.training import budget
+
+    model, arch, _ = build_model("efficientnet_lite0", num_classes=3, weights="none")
+    frozen = bottom_parameter_names(model, arch.classifier, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+
+    class Recording(budget._TrainStep):
+        def __init__(self, net, *args):
+            super().__init__(net, *args)
+            seen.append({n for n, p in net.named_parameters() if not p.requires_grad})
+
+    monkeypatch.setattr(budget, "_TrainStep", Recording)
+    (measured,) = budget.measure_throughput(model, [32], "32", 4, seconds=0.05, frozen=frozen)
+    assert measured.train > 0 and seen and all(s == set(frozen) for s in seen)
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(v.equal(model.state_dict()[k]) for k, v in before.items())

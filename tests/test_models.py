@@ -389,3 +389,18 @@ def test_a_card_naming_millions_of_classes_is_refused_before_any_allocation():
         ModelCard.from_dict({"format": "visiontune-model", "class_names": [f"c{i}" for i in range(MAX_CLASSES + 1)],
                              "preprocessing": {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}},
                             require_architecture=False)
+
+
+def test_bottom_parameter_names_are_the_bottom_groups_stem_first():
+    from visiontune.core.errors import ConfigError
+    from visiontune.models.groups import body_groups, bottom_parameter_names
+
+    model, arch, _ = build_model("efficientnet_lite0", num_classes=3, weights="none")
+    groups = body_groups(model, arch.classifier)
+    assert bottom_parameter_names(model, arch.classifier, 0) == []
+    two = bottom_parameter_names(model, arch.classifier, 2)
+    assert two == groups[0] + groups[1] and two[0].startswith("conv_stem")
+    assert not any(n.startswith(arch.classifier) for n in bottom_parameter_names(model, arch.classifier,
+                                                                                  len(groups) - 1))
+    with pytest.raises(ConfigError, match=f"give at most {len(groups) - 1}"):
+        bottom_parameter_names(model, arch.classifier, len(groups))

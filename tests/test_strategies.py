@@ -147,7 +147,17 @@ def test_an_option_of_another_strategy_is_refused_by_name(image_folder, tmp_path
     code, _, err = vt_main(capsys, "train", image_folder, "--strategy", "scratch", "--unfreeze-every", "2",
                            "--run-dir", tmp_path / "run", *FAST_FLAGS)
     assert code == 2 and "--unfreeze-every" in err and "--strategy progressive" in err
+    code, _, err = vt_main(capsys, "train", image_folder, "--strategy", "progressive", "--freeze-bottom", "2",
+                           "--run-dir", tmp_path / "run", *FAST_FLAGS)
+    assert code == 2 and "--freeze-bottom" in err and "--strategy finetune" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_freeze_bottom_that_leaves_nothing_to_train_is_refused_with_the_remedy(image_folder, tmp_path, capsys):
+    code, _, err = vt_main(capsys, "train", image_folder, "--freeze-bottom", "99", "--run-dir", tmp_path / "run",
+                           *FAST_FLAGS)
+    assert code == 2 and "--freeze-bottom 99" in err and "give at most" in err and "linear-probe" in err, err
+    assert not (tmp_path / "run").exists() and "Traceback" not in err
 
 
 def test_a_refusal_names_what_a_time_budget_chose():

@@ -131,6 +131,27 @@ def test_progressive_leaves_frozen_groups_bit_identical(tmp_path, data, pretrain
     assert any(not torch.equal(trained[n], reference[n]) for n in groups[-1])  # the top group trained
 
 
+def test_freeze_bottom_leaves_the_bottom_groups_bit_identical_while_the_rest_trains(tmp_path, data, pretrained):
+    """--freeze-bottom 2: after the warm-up and a fine-tuning epoch the stem and the first block
+    (parameters and BatchNorm statistics) keep their pretrained values; the groups above train."""
+    reference, arch, groups = pretrained
+    cfg = TrainConfig.from_dict({"data": str(data), "epochs": 2, "freeze_bottom": 2,
+                                 "run_dir": str(tmp_path / "run"), **TINY})
+    ctx = setup_run(cfg)
+    fit(ctx)
+    trained = ctx.model.state_dict()  # the weights after the last epoch, not the best-epoch copy
+    assert len(metric_rows(ctx.run_dir)) == 2
+    frozen_params = [n for g in groups[:2] for n in g]
+    frozen_modules = {n.rpartition(".")[0] for n in frozen_params}
+    stats = [k for k in reference
+             if k.rpartition(".")[0] in frozen_modules and k.rpartition(".")[2] in ("running_mean", "running_var")]
+    assert frozen_params and stats
+    for key in frozen_params + stats:
+        assert torch.equal(trained[key], reference[key]), key
+    for group in groups[2:]:  # every group above trains
+        assert any(not torch.equal(trained[n], reference[n]) for n in group), group[0]
+
+
 def test_warmup_only_finetune_leaves_body_untouched(tmp_path, data, pretrained):
     reference, arch, _ = pretrained
     run = visiontune.train(data, epochs=1, freeze_epochs=1, run_dir=tmp_path / "run", **TINY)
