@@ -16,7 +16,7 @@ from torch import nn
 from visiontune.core.errors import ConfigError
 from visiontune.inference.classifier import Classifier
 from visiontune.inference.runners import forward_logits
-from visiontune.models.tta import TTA_MODES, View, tta_mode, view_cost, views, zoomed_size
+from visiontune.models.tta import TTA_MODES, tta_mode, view, view_cost, views, zoomed_size
 from visiontune.training.tta_choice import TTA_MIN_GAIN, choose, final_tta, validation_tta
 
 
@@ -45,7 +45,7 @@ def test_forward_logits_average_the_views():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
     x = torch.rand(5, 3, 32, 32)
     with torch.no_grad():
-        expected = (model(x) + View(model, "flip-zoom", 1)(x)) / 2
+        expected = (model(x) + model(view(x, "flip-zoom", 1))) / 2
         torch.testing.assert_close(forward_logits(model, x, "flip-zoom"), expected)
         torch.testing.assert_close(forward_logits(model, x, True), (model(x) + model(x.flip(-1))) / 2)
         torch.testing.assert_close(forward_logits(model, x, None), model(x))

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_folder, vt, vt_main
+from conftest import FAST, make_folder, vt, vt_main
 from PIL import Image
 
 import visiontune
@@ -431,3 +431,38 @@ def test_the_score_runs_in_float32_under_bf16_autocast():
             low = scored(f)[:, -1]
     assert low.dtype == torch.float32
     assert torch.allclose(low, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_the_finish_reads_the_val_images_once_for_metrics_views_and_score(tmp_path, monkeypatch):
+    """--tta auto's measurement and the unknown-score's fit share the finish's one pass over the val
+    split (both views, kept apart): no other pass reads a val image, and the score fitted from that
+    pass is the one a fit that reads the images again gets."""
+    from visiontune.data.scan import read_split_csv
+    from visiontune.inference.classifier import Classifier
+    from visiontune.training.unknown import fit_unknown
+
+    data = make_folder(tmp_path / "data", per_class=10)
+    reads = []
+    view_taps = Classifier.view_taps
+
+    def recording(self, inputs, layers, tta, *args, **kwargs):
+        reads.append((set(map(str, inputs)), tta))
+        return view_taps(self, inputs, layers, tta, *args, **kwargs)
+
+    monkeypatch.setattr(Classifier, "view_taps", recording)
+    run = visiontune.train(data, epochs=2, tta="auto", run_dir=str(tmp_path / "run"), **FAST)
+    monkeypatch.undo()
+    card = json.loads((run.model_dir / "model.json").read_text())
+    names = card["class_names"]
+    train = read_split_csv(run.run_dir / "splits" / "train.csv", names)
+    val = read_split_csv(run.run_dir / "splits" / "val.csv", names)
+    val_paths = {str(p) for p, _ in val}
+    readers = [tta for inputs, tta in reads if inputs & val_paths]
+    assert readers == ["flip-zoom"], reads  # one pass, with the second view --tta auto measures
+    assert "tta_choice" in card["training"]
+
+    again = fit_unknown(Classifier.load(run.run_dir), train, val, card["unknown"]["tpr"], 16, 0)
+    assert (again.section["score"], again.section.get("layer")) == (card["unknown"]["score"],
+                                                                   card["unknown"].get("layer"))
+    assert again.section["threshold"] == pytest.approx(card["unknown"]["threshold"], rel=1e-4, abs=1e-4)
+    assert again.section["val_accepted"] == card["unknown"]["val_accepted"]

@@ -18,14 +18,23 @@ import torch
 from PIL import Image
 
 from ..core.errors import ConfigError
+from ..core.hardware import autocast
 from ..core.progress import progress
 from ..data.dataset import InputDataset, input_loader
 from ..data.image import is_image_path
 from ..data.transforms import eval_transform
 from ..models.artifact import load_model, read_card, resolve_model_dir
 from ..models.card import ModelCard
-from ..models.tta import takes_zoom, tta_mode
-from ..models.unknown import ScoredModel, classifier_width, layer_width, score_of, tapped_forward, threshold_for
+from ..models.tta import takes_zoom, tta_mode, view_count
+from ..models.unknown import (
+    ScoredModel,
+    classifier_width,
+    layer_width,
+    mean_of_taps,
+    score_of,
+    tapped_views,
+    threshold_for,
+)
 from .accelerated import BACKENDS, accelerates, cached_runner
 from .rows import error_row, prediction_rows
 from .runners import TorchRunner, is_graph, load_graph
@@ -142,31 +151,44 @@ class Classifier:
                 workers: int | None = None) -> tuple[dict[str | None, torch.Tensor], torch.Tensor, torch.Tensor]:
         """As :meth:`features_of`, for several sources of features in one pass over the images:
         ``{layer: [n, D_layer]}`` (None: the classifier's input; a module name: its pooled output)."""
+        per_view, ok = self.view_taps(inputs, layers, getattr(self.runner, "tta", ""), batch_size, workers)
+        return (*mean_of_taps(per_view), ok)
+
+    def view_taps(self, inputs: Sequence[ImageInput], layers: Sequence[str | None], tta: bool | str | None,
+                  batch_size: int = 64, workers: int | None = None
+                  ) -> tuple[list[tuple[dict[str | None, torch.Tensor], torch.Tensor]], torch.Tensor]:
+        """:meth:`taps_of` for each view of ``tta`` apart (:func:`~visiontune.models.unknown.tapped_views`,
+        the image first), at the model's precision, as its predictions run: per view
+        ``({layer: [n, D_layer]}, logits [n, C])``, and the mask of the readable inputs.
+        :func:`mean_of_taps` of them is what a model predicting with ``tta`` reads; the first view's
+        logits are what it predicts with one view."""
         model = self.model
         if model is None or self.card.architecture is None:
             raise ConfigError("features need the PyTorch model: load the run or model folder, not an exported graph")
         name = self.card.architecture.classifier
-        tta = getattr(self.runner, "tta", "")
         layers = tuple(layers)
-        feats: dict[str | None, torch.Tensor] = {}
-        logits = torch.zeros(len(inputs), len(self.class_names))
+        count = view_count(tta)
+        feats: list[dict[str | None, torch.Tensor]] = [{} for _ in range(count)]
+        logits = [torch.zeros(len(inputs), len(self.class_names)) for _ in range(count)]
         ok = torch.zeros(len(inputs), dtype=torch.bool)
         dataset = InputDataset(inputs, self.transform, self.preprocessing.draft_size())
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.precision, self.device):
             for indices, tensor, _ in progress(input_loader(dataset, batch_size, workers), "features"):
                 if indices:
                     batch = tensor.to(self.device).contiguous(memory_format=torch.channels_last)
-                    fs, z = tapped_forward(model, name, batch, tta, layers)
-                    for layer, f in zip(layers, fs):
-                        if layer not in feats:  # allocated once, at the first batch (its width)
-                            feats[layer] = torch.zeros(len(inputs), f.shape[1])
-                        feats[layer][indices] = f.float().cpu()
-                    logits[indices], ok[indices] = z.float().cpu(), True
+                    for v, (fs, z) in enumerate(tapped_views(model, name, batch, tta, layers)):
+                        for layer, f in zip(layers, fs):
+                            if layer not in feats[v]:  # allocated once, at the first batch (its width)
+                                feats[v][layer] = torch.zeros(len(inputs), f.shape[1])
+                            feats[v][layer][indices] = f.float().cpu()
+                        logits[v][indices] = z.float().cpu()
+                    ok[indices] = True
         for layer in layers:  # nothing readable: empty rows of the right width
-            if layer not in feats:
-                feats[layer] = torch.zeros(len(inputs), classifier_width(model, name) if layer is None
-                                           else layer_width(model, layer, self.preprocessing.input_size))
-        return feats, logits, ok
+            for view in feats:
+                if layer not in view:
+                    view[layer] = torch.zeros(len(inputs), classifier_width(model, name) if layer is None
+                                              else layer_width(model, layer, self.preprocessing.input_size))
+        return list(zip(feats, logits)), ok
 
     def logits_of(self, inputs: Sequence[ImageInput], batch_size: int = 64, workers: int | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, dict[int, str]]:

@@ -87,7 +87,12 @@ def view(x: torch.Tensor, mode: str, index: int) -> torch.Tensor:
 def views(x: torch.Tensor, mode: bool | str | None) -> list[torch.Tensor]:
     """Every view of the batch ``x`` a prediction under ``mode`` averages (the image first)."""
     mode = tta_mode(mode)
-    return [view(x, mode, i) for i in range(2 if mode else 1)]
+    return [view(x, mode, i) for i in range(view_count(mode))]
+
+
+def view_count(mode: bool | str | None) -> int:
+    """The views a prediction under ``mode`` averages (the image itself counts)."""
+    return 2 if tta_mode(mode) else 1
 
 
 def averaged(model: nn.Module, x: torch.Tensor, mode: bool | str | None) -> torch.Tensor:
@@ -95,13 +100,18 @@ def averaged(model: nn.Module, x: torch.Tensor, mode: bool | str | None) -> torc
     every prediction's forward pass runs (logits, or features read by hooks along the way). The sum
     is in fp32, so under bf16 autocast the views' mean is not rounded at every step; one view: the
     output itself, in the model's own dtype (the callers cast: every one needs fp32)."""
-    seen = views(x, mode)
-    if len(seen) == 1:
-        return model(seen[0])
-    total = model(seen[0]).float()
-    for other in seen[1:]:
-        total = total + model(other).float()
-    return total / len(seen)
+    return mean_of_views([model(v) for v in views(x, mode)])
+
+
+def mean_of_views(outputs: list[torch.Tensor]) -> torch.Tensor:
+    """The views' mean of ``outputs`` (one per view, the image first), summed in fp32; one view: the
+    output itself, in its own dtype. :func:`averaged`'s arithmetic, for outputs computed apart."""
+    if len(outputs) == 1:
+        return outputs[0]
+    total = outputs[0].float()
+    for other in outputs[1:]:
+        total = total + other.float()
+    return total / len(outputs)
 
 
 def view_cost(mode: bool | str | None, side: int = 224) -> float:
@@ -129,15 +139,3 @@ def takes_side(model: nn.Module, side: int) -> bool:
         return False
     finally:
         model.train(was_training)
-
-
-class View(nn.Module):
-    """``model`` applied to view ``index`` of its input: one view's logits, as a model of its own
-    (how training measures what a mode gains without running the plain view twice)."""
-
-    def __init__(self, model: nn.Module, mode: str, index: int):
-        super().__init__()
-        self.model, self.mode, self.index = model, tta_mode(mode), index
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(view(x, self.mode, self.index))

@@ -37,7 +37,7 @@ from torch import nn
 from ..core.errors import ArtifactError, ConfigError
 from ..core.registry import Registry
 from ..core.safe_io import atomic_path
-from .tta import averaged, tta_mode
+from .tta import mean_of_views, tta_mode, views
 
 UNKNOWN_FILE = "unknown.safetensors"
 # the k-th nearest training image's similarity: Sun et al. 2022 use k = 50 of 50,000 images; on this
@@ -247,11 +247,11 @@ def pooled(output: torch.Tensor) -> torch.Tensor:
     return output.mean(dim=1) if output.dim() == 3 else output.flatten(1).clone()
 
 
-def tapped_forward(model: nn.Module, classifier: str, x: torch.Tensor, tta: bool | str | None = None,
-                   layers: tuple[str | None, ...] = (None,)) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """One forward pass per view of ``tta`` (:mod:`visiontune.models.tta`; averaged, as predictions
-    are made): the features of each of ``layers`` (None: the classifier's input; a name: that
-    module's :func:`pooled` output), each ``[N, D]``, and the logits ``[N, C]``."""
+def tapped_views(model: nn.Module, classifier: str, x: torch.Tensor, tta: bool | str | None = None,
+                 layers: tuple[str | None, ...] = (None,)) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+    """One forward pass per view of ``tta`` (:mod:`visiontune.models.tta`, the image first), each
+    kept apart: per view, the features of each of ``layers`` (None: the classifier's input; a name:
+    that module's :func:`pooled` output), each ``[N, D]``, and the logits ``[N, C]`` in fp32."""
     seen: dict[str | None, list[torch.Tensor]] = {layer: [] for layer in layers}
     hooks = []
     try:
@@ -262,11 +262,29 @@ def tapped_forward(model: nn.Module, classifier: str, x: torch.Tensor, tta: bool
             else:
                 hooks.append(model.get_submodule(layer).register_forward_hook(
                     lambda module, inputs, output, layer=layer: seen[layer].append(pooled(output))))
-        logits = averaged(model, x, tta).float()
+        logits = [model(v).float() for v in views(x, tta)]
     finally:
         for hook in hooks:
             hook.remove()
-    return [torch.stack(seen[layer]).mean(0) for layer in layers], logits
+    return [([seen[layer][i] for layer in layers], z) for i, z in enumerate(logits)]
+
+
+def tapped_forward(model: nn.Module, classifier: str, x: torch.Tensor, tta: bool | str | None = None,
+                   layers: tuple[str | None, ...] = (None,)) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """:func:`tapped_views` averaged, as predictions are made: the features of each of ``layers``,
+    each ``[N, D]``, and the logits ``[N, C]``."""
+    per_view = tapped_views(model, classifier, x, tta, layers)
+    return ([torch.stack([features[i] for features, _ in per_view]).mean(0) for i in range(len(layers))],
+            mean_of_views([z for _, z in per_view]))
+
+
+def mean_of_taps(per_view: list[tuple[dict[str | None, torch.Tensor], torch.Tensor]]
+                 ) -> tuple[dict[str | None, torch.Tensor], torch.Tensor]:
+    """The views' mean of taps kept apart (``({layer: [n, D]}, logits [n, C])`` per view), in
+    :func:`tapped_forward`'s arithmetic: what a model predicting with those views reads."""
+    layers = per_view[0][0].keys()
+    return ({layer: torch.stack([features[layer] for features, _ in per_view]).mean(0) for layer in layers},
+            mean_of_views([z for _, z in per_view]))
 
 
 def features_and_logits(model: nn.Module, classifier: str, x: torch.Tensor, tta: bool | str | None = None,

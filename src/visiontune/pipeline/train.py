@@ -19,15 +19,16 @@ from ..evaluation.parts import parts_of
 from ..evaluation.plots import plot_curves
 from ..evaluation.report import write_report
 from ..inference.classifier import Classifier
-from ..inference.runners import TorchRunner
 from ..models.artifact import read_card, write_card
+from ..models.unknown import mean_of_taps
 from ..training.budget import format_duration
 from ..training.config import TrainConfig, read_yaml
 from ..training.context import TrainContext
+from ..training.registry import AUTO_TTA
 from ..training.setup import fit, setup_run
-from ..training.tta_choice import AUTO, second_view, why_one_view
+from ..training.tta_choice import AUTO, why_one_view
 from ..training.tta_choice import choose as choose_between
-from ..training.unknown import describe, fit_unknown, store_unknown
+from ..training.unknown import Taps, describe, fit_unknown, sources_of, store_unknown
 
 
 @dataclass
@@ -101,12 +102,13 @@ def finish(ctx: TrainContext) -> Run:
     clf = Classifier.load(ctx.model_dir)
     task = clf.task
     evaluated = {split: samples for split in ("val", "test") if (samples := getattr(ctx.splits, split))}
-    # one pass per split: the val logits also serve calibration, the thresholds and the report; with --tta auto
-    # the val split's decides the views first, and the test split is read once, with them
-    logits = {split: clf.logits_of([p for p, _ in samples], ctx.batch_size * 2, ctx.cfg.data.workers)[:2]
-              for split, samples in evaluated.items() if split == "val"}
-    if ctx.cfg.model.tta == AUTO:
-        clf = choose_tta(ctx, clf, evaluated, logits)
+    # one pass per split: the val logits also serve calibration, the thresholds and the report, and its
+    # features the unknown-score's fit; with --tta auto the same pass reads the second view, which
+    # decides the views first, and the test split is read once, with them
+    logits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    val_taps = None
+    if "val" in evaluated:
+        clf, logits["val"], val_taps = read_val(ctx, clf, evaluated["val"])
     logits.update({split: clf.logits_of([p for p, _ in samples], ctx.batch_size * 2, ctx.cfg.data.workers)[:2]
                    for split, samples in evaluated.items() if split != "val"})
     val = None
@@ -116,7 +118,7 @@ def finish(ctx: TrainContext) -> Run:
     calibrate(ctx, clf, val)
     if val is not None:
         tune_decisions(ctx, clf, *val)
-    fit_unknown_score(ctx, clf)
+    fit_unknown_score(ctx, clf, val_taps)
     metrics: dict[str, Any] = dict(clf.card.metrics)
     val_result = None
     for split, (z, ok) in logits.items():
@@ -143,34 +145,47 @@ def finish(ctx: TrainContext) -> Run:
     return Run(ctx.run_dir, ctx.model_dir, metrics)
 
 
-def choose_tta(ctx: TrainContext, clf: Classifier, evaluated: dict[str, list], logits: dict[str, tuple]
-               ) -> Classifier:
-    """``--tta auto`` (:mod:`~visiontune.training.tta_choice`): measure the second view on the val
-    split, and where it pays write the mode into the card and replace the val split's one-view logits
-    (``logits["val"]``, in place) by the mode's. Returns the classifier that predicts as the card now
-    says. A network that takes no other input size (a ViT's fixed position embeddings) keeps one view."""
-    began = time.time()
-    why = why_one_view(clf.task.name == "single", len(logits["val"][1]) if "val" in logits else 0)
+def read_val(ctx: TrainContext, clf: Classifier, samples: list) -> tuple[Classifier, tuple[torch.Tensor, torch.Tensor],
+                                                                         Taps | None]:
+    """The finish's one pass over the val split (:meth:`~visiontune.inference.classifier.Classifier.view_taps`):
+    each view's logits, and the features the unknown-score's fit reads (:func:`~visiontune.training.unknown.sources_of`)
+    where it will be fitted. With ``--tta auto`` the pass reads :data:`AUTO_TTA`'s views, and the
+    second view is measured against the first (:func:`choose_tta`). Returns the classifier that
+    predicts as the card now says, the val logits it predicts (and the mask of readable images), and
+    the taps under its views (None where no unknown-score is fitted)."""
+    fits = ctx.cfg.model.unknown and clf.model is not None
+    layers = sources_of(clf) if fits else ()
+    why = why_one_view(clf.task.name == "single", len(samples)) if ctx.cfg.model.tta == AUTO else ""
     if why:
         print(f"test-time augmentation (auto): one view ({why})")
-        return clf
-    samples = evaluated["val"]
-    z, ok = logits["val"]
-    second = Classifier(TorchRunner(second_view(clf.model), clf.precision, clf.preprocessing.height), clf.card)
-    z2, ok2, _ = second.logits_of([p for p, _ in samples], ctx.batch_size * 2, ctx.cfg.data.workers)
-    both = ok & ok2
+    measures = ctx.cfg.model.tta == AUTO and not why
+    began = time.time()
+    per_view, ok = clf.view_taps([p for p, _ in samples], layers, AUTO_TTA if measures else clf.card.tta,
+                                 ctx.batch_size * 2, ctx.cfg.data.workers)
+    if measures:
+        clf, kept = choose_tta(ctx, clf, samples, per_view, ok)
+        per_view = per_view if kept else per_view[:1]
+        ctx.timings["tta"] = time.time() - began
+    features, z = mean_of_taps(per_view)
+    return clf, (z, ok), ((features, z, ok) if fits else None)
+
+
+def choose_tta(ctx: TrainContext, clf: Classifier, samples: list, per_view: list, ok: torch.Tensor
+               ) -> tuple[Classifier, bool]:
+    """``--tta auto`` (:mod:`~visiontune.training.tta_choice`): measure the second view's logits
+    (``per_view[1]``) against the image's on the val split, and where it pays write the mode into
+    the card. Returns the classifier that predicts as the card now says, and whether the views were
+    kept."""
     targets = clf.task.targets([y for _, y in samples], clf.card.num_classes)
-    choice = choose_between(z[both], z2[both], targets[both], clf.preprocessing.height)
+    choice = choose_between(per_view[0][1][ok], per_view[1][1][ok], targets[ok], clf.preprocessing.height)
     print(choice.line(), flush=True)
     card = read_card(ctx.model_dir)
     training = {**card.training, "tta_choice": choice.to_dict()}
     write_card(ctx.model_dir, card.replace(training=training, inference={
         **card.inference, **({"tta": choice.mode} if choice.mode else {})}))
-    if choice.mode:  # a classifier that predicts with the views; their val logits are the mean of the two
-        clf = Classifier.load(ctx.model_dir)
-        logits["val"] = ((z + z2) / 2, both)
-    ctx.timings["tta"] = time.time() - began
-    return clf
+    if not choice.mode:
+        return clf, False
+    return Classifier.load(ctx.model_dir), True  # predicts with the views
 
 
 OUT_OF_FOLD = "out-of-fold (training images)"  # the calibration source of a cross-validated probe
@@ -198,17 +213,18 @@ def calibrate(ctx: TrainContext, clf: Classifier, val: tuple[torch.Tensor, torch
         print(f"warning: calibration skipped ({type(exc).__name__}: {exc}); probabilities are uncalibrated")
 
 
-def fit_unknown_score(ctx: TrainContext, clf: Classifier) -> None:
+def fit_unknown_score(ctx: TrainContext, clf: Classifier, val_taps: Taps | None = None) -> None:
     """The unknown-score (:mod:`visiontune.training.unknown`), fitted on the run's training and val
-    images and stored beside the weights; a problem never loses the finished run: the model then
-    answers as before, one of its classes for every image."""
+    images (``val_taps``: the val images' features, read by :func:`read_val`) and stored beside the
+    weights; a problem never loses the finished run: the model then answers as before, one of its
+    classes for every image."""
     if not ctx.cfg.model.unknown or not ctx.splits.val:
         print("unknown-score: none" + (" (no val split to set its threshold on)" if ctx.cfg.model.unknown else ""))
         return
     began = time.time()
     try:
         fitted = fit_unknown(clf, ctx.splits.train, ctx.splits.val, ctx.cfg.model.threshold_tpr, ctx.batch_size * 2,
-                             ctx.cfg.data.workers, ctx.cfg.runtime.seed)
+                             ctx.cfg.data.workers, ctx.cfg.runtime.seed, val_taps=val_taps)
         store_unknown(ctx.model_dir, fitted)
         clf.card = read_card(ctx.model_dir)
         print(describe(fitted.section))

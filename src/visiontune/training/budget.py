@@ -472,10 +472,11 @@ def epoch_seconds(size: Throughput, n_train: int, n_val: int, tta: str | None = 
 
 def unknown_seconds(size: Throughput, n_train: int, n_val: int, decode_s: float = 0.0, tta: str | None = None) -> float:
     """The unknown-score's fit at the end of a run (:mod:`visiontune.training.unknown`): features of
-    up to its share of the training and val images, and the selection's fits on them
-    (:data:`UNKNOWN_OVERHEAD_S_PER_IMAGE`)."""
-    images = min(n_train, UNKNOWN_TRAIN_IMAGES) + min(n_val, UNKNOWN_VAL_IMAGES)
-    return images * (finish_views(tta, size.size) / size.infer + decode_s + UNKNOWN_OVERHEAD_S_PER_IMAGE)
+    up to its share of the training images, and the selection's fits on them and on up to its share
+    of the val images (:data:`UNKNOWN_OVERHEAD_S_PER_IMAGE`), whose features the finish's val pass
+    has read already."""
+    read = min(n_train, UNKNOWN_TRAIN_IMAGES) * (finish_views(tta, size.size) / size.infer + decode_s)
+    return read + (min(n_train, UNKNOWN_TRAIN_IMAGES) + min(n_val, UNKNOWN_VAL_IMAGES)) * UNKNOWN_OVERHEAD_S_PER_IMAGE
 
 
 def phase_costs(size: Throughput, n_train: int, n_val: int, n_test: int, epochs: int, warmup_epochs: int,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.tta import View, tta_mode, view_cost
+from ..models.tta import tta_mode, view_cost
 from .registry import AUTO_TTA
 
 AUTO = "auto"
@@ -97,8 +97,3 @@ def choose(plain: torch.Tensor, second: torch.Tensor, targets: torch.Tensor, sid
     gain = both - one
     mode = AUTO_TTA if gain >= TTA_MIN_GAIN else ""
     return TtaChoice(mode, both if mode else one, one, gain, len(targets), view_cost(AUTO_TTA, side))
-
-
-def second_view(model: torch.nn.Module) -> torch.nn.Module:
-    """:data:`AUTO_TTA`'s second view of ``model`` as a model of its own (its logits alone)."""
-    return View(model, AUTO_TTA, 1)

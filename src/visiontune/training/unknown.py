@@ -244,12 +244,27 @@ def stats_subset(targets: torch.Tensor | None, n: int, limit: int, seed: int = 0
     return torch.cat(picked).sort().values
 
 
+def sources_of(clf: Classifier) -> tuple[str | None, ...]:
+    """The sources of features a selection measures: the classifier's input (the logit scores and the
+    refitted heads need it) and, for a single-label network that lists one, its last feature stage."""
+    second = (None if clf.task.name == "multi" or clf.model is None
+              else feature_layer(clf.model, clf.card.architecture.classifier, clf.preprocessing.input_size))
+    return (None,) + ((second,) if second is not None else ())
+
+
+Taps = tuple[dict[str | None, torch.Tensor], torch.Tensor, torch.Tensor]  # features by source, logits, readable
+
+
 def fit_unknown(clf: Classifier, train: list[Sample], val: list[Sample], tpr: float = DEFAULT_TPR,
                 batch_size: int = 64, workers: int | None = None, seed: int = 0, kind: str | None = None,
-                layer: str | None = None) -> FittedUnknown:
+                layer: str | None = None, val_taps: Taps | None = None) -> FittedUnknown:
     """Measure the candidate scores of ``clf`` on its training and validation images, fit the best
     (or ``kind`` on ``layer``'s features, None: the classifier's input) and its threshold at
-    ``tpr``; nothing is written (see :func:`store_unknown`)."""
+    ``tpr``; nothing is written (see :func:`store_unknown`).
+
+    ``val_taps``: what :meth:`~visiontune.inference.classifier.Classifier.taps_of` gives for ``val``
+    under ``clf``'s views, for every one of :func:`sources_of` (the finish of a run reads the val
+    images once for its metrics, its test-time augmentation and this fit)."""
     started = time.perf_counter()
     if not val:
         raise DataError("the unknown-score's threshold needs validation images; give the run a val split")
@@ -257,17 +272,18 @@ def fit_unknown(clf: Classifier, train: list[Sample], val: list[Sample], tpr: fl
     train_targets = clf.task.targets([y for _, y in train], clf.card.num_classes)
     chosen = stats_subset(train_targets, len(train), MAX_STATS_IMAGES, seed)
     train = [train[i] for i in chosen.tolist()]
-    if len(val) > MAX_VAL_IMAGES:
-        val = [val[i] for i in stats_subset(None, len(val), MAX_VAL_IMAGES, seed).tolist()]
-    # the sources measured: the classifier's input (the logit scores and the refitted heads need it)
-    # and, for a selection, the network's last feature stage
     forced = kind is not None
-    second = layer if forced else (None if multi or clf.model is None
-                                    else feature_layer(clf.model, clf.card.architecture.classifier,
-                                                       clf.preprocessing.input_size))
-    layers = (None,) + ((second,) if second is not None else ())
+    layers = ((None,) + ((layer,) if layer is not None else ())) if forced else sources_of(clf)
+    if val_taps is not None and not set(layers) <= set(val_taps[0]):
+        val_taps = None  # taps of other sources: read the images again
+    if len(val) > MAX_VAL_IMAGES:
+        kept = stats_subset(None, len(val), MAX_VAL_IMAGES, seed)
+        val = [val[i] for i in kept.tolist()]
+        if val_taps is not None:
+            val_taps = ({k: v[kept] for k, v in val_taps[0].items()}, val_taps[1][kept], val_taps[2][kept])
     tr_f, tr_z, tr_ok = clf.taps_of([p for p, _ in train], layers, batch_size, workers)
-    va_f, va_z, va_ok = clf.taps_of([p for p, _ in val], layers, batch_size, workers)
+    va_f, va_z, va_ok = val_taps if val_taps is not None else clf.taps_of([p for p, _ in val], layers, batch_size,
+                                                                            workers)
     tr_y = clf.task.targets([y for _, y in train], clf.card.num_classes)[tr_ok]
     va_y = clf.task.targets([y for _, y in val], clf.card.num_classes)[va_ok]
     tr_f, va_f = {k: v[tr_ok] for k, v in tr_f.items()}, {k: v[va_ok] for k, v in va_f.items()}
