@@ -311,6 +311,7 @@ def test_small_data_of_photos_probes_and_of_small_images_fine_tunes_where_it_fit
     # the user's options that leave small data's choice: several processes, --epochs; and the boundary
     for plan in (plan_run(facts(60 * 60, n_train=800, n_val=200, processes=2)),
                  plan_run(facts(60 * 60, n_train=800, n_val=200), {"epochs": 5}),
+                 plan_run(facts(60 * 60, n_train=800, n_val=200, native_side=400), {"freeze_bottom": 2}),
                  plan_run(facts(60 * 60, n_train=2001, n_val=500))):
         assert plan.strategy == "finetune" and "beats probes" not in plan.reason
     assert "beats probes" in plan_run(facts(60 * 60, n_train=2000, n_val=500)).reason

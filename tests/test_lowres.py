@@ -86,6 +86,7 @@ def test_considers_lowres_only_for_small_images_many_of_them_and_no_other_networ
     assert not considers_lowres(50_000, 32, {"model": "resnet18"})
     assert not considers_lowres(50_000, 32, {"strategy": "finetune"})
     assert not considers_lowres(50_000, 32, {"img_size": 64})
+    assert not considers_lowres(50_000, 32, {"freeze_bottom": 2})  # a pretrained network's layers to keep
     assert considers_lowres(50_000, 32, {"model": "lowres_cnn_wide", "strategy": "scratch"})
 
 
@@ -283,7 +284,8 @@ def test_the_curves_weigh_input_sizes_only_where_they_were_measured(change):
 
 
 @pytest.mark.parametrize("given", [{"img_size": 64}, {"epochs": 4}, {"max_steps": 3000}, {"auto_batch_size": True},
-                                   {"model": "efficientnet_lite1"}, {"strategy": "progressive"}])
+                                   {"model": "efficientnet_lite1"}, {"strategy": "progressive"},
+                                   {"freeze_bottom": 3}])
 def test_the_users_size_or_length_is_not_weighed_against_the_curves(given):
     f = facts(15 * 60, elapsed=41, throughputs=DAY_A, num_classes=10)
     assert len(finetune_plans(f, given)) == 1

@@ -466,3 +466,29 @@ def test_the_finish_reads_the_val_images_once_for_metrics_views_and_score(tmp_pa
                                                                    card["unknown"].get("layer"))
     assert again.section["threshold"] == pytest.approx(card["unknown"]["threshold"], rel=1e-4, abs=1e-4)
     assert again.section["val_accepted"] == card["unknown"]["val_accepted"]
+
+
+def test_a_val_split_over_the_fits_share_is_read_again_for_its_share_only(tmp_path, monkeypatch):
+    """Where the val split is larger than the images the fit uses (MAX_VAL_IMAGES, made 4 here), the
+    finish's pass keeps no features of it, and the fit reads its own share of it."""
+    from visiontune.inference.classifier import Classifier
+    from visiontune.pipeline import train as pipeline_train
+    from visiontune.training import unknown as unknown_fit
+
+    monkeypatch.setattr(pipeline_train, "MAX_VAL_IMAGES", 4)
+    monkeypatch.setattr(unknown_fit, "MAX_VAL_IMAGES", 4)
+    data = make_folder(tmp_path / "data", per_class=10)
+    reads = []
+    view_taps = Classifier.view_taps
+
+    def recording(self, inputs, layers, tta, *args, **kwargs):
+        reads.append((len(inputs), tuple(layers)))
+        return view_taps(self, inputs, layers, tta, *args, **kwargs)
+
+    monkeypatch.setattr(Classifier, "view_taps", recording)
+    run = visiontune.train(data, epochs=1, tta="none", run_dir=str(tmp_path / "run"), **FAST)
+    n_val = len((run.run_dir / "splits" / "val.csv").read_text().strip().splitlines()) - 1
+    card = json.loads((run.model_dir / "model.json").read_text())
+    assert n_val > 4 and (n_val, ()) in reads  # the finish's pass over the whole split keeps no features
+    assert any(n == 4 and layers for n, layers in reads)  # the fit's share, read with its features
+    assert card["unknown"]["score"] and 0.5 <= card["unknown"]["val_accepted"] <= 1.0

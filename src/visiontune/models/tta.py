@@ -96,8 +96,9 @@ def view_count(mode: bool | str | None) -> int:
 
 
 def averaged(model: nn.Module, x: torch.Tensor, mode: bool | str | None) -> torch.Tensor:
-    """The mean of ``model``'s outputs over the views of the batch ``x`` under ``mode``: the one loop
-    every prediction's forward pass runs (logits, or features read by hooks along the way). The sum
+    """The mean of ``model``'s outputs over the views of the batch ``x`` under ``mode``: the loop
+    every prediction's forward pass runs (the unknown-score's taps run each view apart and average
+    them alike: :func:`~visiontune.models.unknown.tapped_views`). The sum
     is in fp32, so under bf16 autocast the views' mean is not rounded at every step; one view: the
     output itself, in the model's own dtype (the callers cast: every one needs fp32)."""
     return mean_of_views([model(v) for v in views(x, mode)])

@@ -28,7 +28,7 @@ from ..training.registry import AUTO_TTA
 from ..training.setup import fit, setup_run
 from ..training.tta_choice import AUTO, why_one_view
 from ..training.tta_choice import choose as choose_between
-from ..training.unknown import Taps, describe, fit_unknown, sources_of, store_unknown
+from ..training.unknown import MAX_VAL_IMAGES, Taps, describe, fit_unknown, sources_of, store_unknown
 
 
 @dataclass
@@ -109,6 +109,8 @@ def finish(ctx: TrainContext) -> Run:
     val_taps = None
     if "val" in evaluated:
         clf, logits["val"], val_taps = read_val(ctx, clf, evaluated["val"])
+    elif ctx.cfg.model.tta == AUTO:
+        print(f"test-time augmentation (auto): one view ({why_one_view(task.name == 'single', 0)})")
     logits.update({split: clf.logits_of([p for p, _ in samples], ctx.batch_size * 2, ctx.cfg.data.workers)[:2]
                    for split, samples in evaluated.items() if split != "val"})
     val = None
@@ -152,8 +154,9 @@ def read_val(ctx: TrainContext, clf: Classifier, samples: list) -> tuple[Classif
     where it will be fitted. With ``--tta auto`` the pass reads :data:`AUTO_TTA`'s views, and the
     second view is measured against the first (:func:`choose_tta`). Returns the classifier that
     predicts as the card now says, the val logits it predicts (and the mask of readable images), and
-    the taps under its views (None where no unknown-score is fitted)."""
-    fits = ctx.cfg.model.unknown and clf.model is not None
+    the taps under its views (None where no unknown-score is fitted, or where it fits on a share of
+    the val images: a larger split's features are not all kept)."""
+    fits = ctx.cfg.model.unknown and len(samples) <= MAX_VAL_IMAGES
     layers = sources_of(clf) if fits else ()
     why = why_one_view(clf.task.name == "single", len(samples)) if ctx.cfg.model.tta == AUTO else ""
     if why:
@@ -165,7 +168,7 @@ def read_val(ctx: TrainContext, clf: Classifier, samples: list) -> tuple[Classif
     if measures:
         clf, kept = choose_tta(ctx, clf, samples, per_view, ok)
         per_view = per_view if kept else per_view[:1]
-        ctx.timings["tta"] = time.time() - began
+    ctx.timings["val"] = time.time() - began  # with --tta auto's second view, and the unknown-score's features
     features, z = mean_of_taps(per_view)
     return clf, (z, ok), ((features, z, ok) if fits else None)
 

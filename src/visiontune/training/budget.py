@@ -260,8 +260,15 @@ PRECISION_NAMES = {"32": "fp32", "bf16": "bf16", "16": "fp16"}
 # options a plan never sets but honours: each of these needs a head trained epoch by epoch in the loop
 LOOP_OPTIONS = ("ema", "early_stopping", "checkpoint_every_steps")
 # ... and a batch size the tuner finds after planning: steps per epoch unknown, so whole epochs only;
-# a teacher, which needs the network trained on images (a head on cached features never sees one)
-HONOURED = (*LOOP_OPTIONS, "auto_batch_size", "teacher")
+# a teacher, which needs the network trained on images (a head on cached features never sees one), and the
+# pretrained network's bottom groups kept frozen in a fine-tune
+HONOURED = (*LOOP_OPTIONS, "auto_batch_size", "teacher", "freeze_bottom")
+
+
+def fine_tunes(fixed: dict[str, Any], processes: int = 1) -> bool:
+    """Whether the user's options need a fine-tune of the network on images, the strategy left to the
+    plan: several processes, a teacher, or ``--freeze-bottom``."""
+    return processes > 1 or bool(fixed.get("teacher")) or bool(fixed.get("freeze_bottom"))
 
 
 def fixed_options(cfg: TrainConfig) -> dict[str, Any]:
@@ -396,7 +403,8 @@ def measure_throughput(model: nn.Module, sizes: list[int], precision: str, batch
     parameters that stay frozen in training (``--freeze-bottom``), frozen in the copy too."""
     net = copy.deepcopy(model).to(device(), memory_format=torch.channels_last)  # where training will run
     for name, p in net.named_parameters():
-        p.requires_grad_(name not in frozen)
+        if name in frozen:
+            p.requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=0.0)
     out: list[Throughput] = []
 
@@ -474,8 +482,9 @@ def unknown_seconds(size: Throughput, n_train: int, n_val: int, decode_s: float 
     """The unknown-score's fit at the end of a run (:mod:`visiontune.training.unknown`): features of
     up to its share of the training images, and the selection's fits on them and on up to its share
     of the val images (:data:`UNKNOWN_OVERHEAD_S_PER_IMAGE`), whose features the finish's val pass
-    has read already."""
-    read = min(n_train, UNKNOWN_TRAIN_IMAGES) * (finish_views(tta, size.size) / size.infer + decode_s)
+    has read already (a val split larger than that share: the fit reads its share again)."""
+    again = min(n_val, UNKNOWN_VAL_IMAGES) if n_val > UNKNOWN_VAL_IMAGES else 0
+    read = (min(n_train, UNKNOWN_TRAIN_IMAGES) + again) * (finish_views(tta, size.size) / size.infer + decode_s)
     return read + (min(n_train, UNKNOWN_TRAIN_IMAGES) + min(n_val, UNKNOWN_VAL_IMAGES)) * UNKNOWN_OVERHEAD_S_PER_IMAGE
 
 
@@ -521,7 +530,7 @@ def probes_small_data(n_train: int, fixed: dict[str, Any], processes: int = 1) -
     """Whether a plan for ``n_train`` images may be the cross-validated probe on cached features (up to
     :data:`SMALL_DATA` images, unless the user fixed another strategy, the epochs or several
     processes). :func:`probe_only` says whether a fine-tune is weighed beside it."""
-    strategy = fixed.get("strategy", "finetune" if processes > 1 or fixed.get("teacher") else None)
+    strategy = fixed.get("strategy", "finetune" if fine_tunes(fixed, processes) else None)
     return n_train <= SMALL_DATA and strategy in (None, "linear-probe") and "epochs" not in fixed
 
 
@@ -621,7 +630,7 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
                                                  facts.num_classes)}
 
     # several processes train the network on images (a head on cached features is one process's job)
-    if (facts.processes > 1 or fixed.get("teacher")) and strategy is None:
+    if fine_tunes(fixed, facts.processes) and strategy is None:
         strategy = "finetune"
 
     def cross_validated_probe(why: str) -> Plan:

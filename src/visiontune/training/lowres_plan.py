@@ -86,10 +86,10 @@ class LowResSpeed:
 def considers_lowres(n_train: int, native_side: int, fixed: dict[str, Any], single_label: bool = True) -> bool:
     """Whether a plan weighs the low-resolution networks: small images, enough of them, one label
     each (the curves are single-label), and none of the options that fix another network or recipe
-    (``--model``, ``--strategy`` other than scratch, ``--img-size``)."""
+    (``--model``, ``--strategy`` other than scratch, ``--img-size``, ``--freeze-bottom``)."""
     model_ok = "model" not in fixed or is_lowres(str(fixed["model"]))
     return (single_label and model_ok and native_side <= LOWRES_MAX_SIDE and n_train >= LOWRES_MIN_IMAGES
-            and fixed.get("strategy", "scratch") == "scratch" and "img_size" not in fixed)
+            and fixed.get("strategy", "scratch") == "scratch" and not {"img_size", "freeze_bottom"} & fixed.keys())
 
 
 def measure_lowres(num_classes: int, precision: str, fixed: dict[str, Any], in_memory: bool = True
@@ -148,10 +148,11 @@ def expected_accuracy(plan: Plan, steps_per_epoch: int, given_tta: str | None = 
 def curves_apply(facts: Facts, fixed: dict[str, Any]) -> bool:
     """Whether the fine-tune's curves (:data:`~visiontune.training.budget.FINETUNE_CURVE`, measured
     with EfficientNet-Lite0 on CIFAR-10) may choose its input size: small images, enough of them, one
-    label each, a fresh run of the embedded network whose size and length the user left to the plan."""
+    label each, a fresh run of the embedded network whose size and length the user left to the plan,
+    with every layer trained (the curves were measured so)."""
     return (facts.single_label and facts.native_side <= LOWRES_MAX_SIDE and facts.n_train >= LOWRES_MIN_IMAGES
             and facts.trained_side is None and fixed.get("strategy", "finetune") == "finetune"
-            and not {"model", "img_size", "epochs", "max_steps", "auto_batch_size"} & fixed.keys())
+            and not {"model", "img_size", "epochs", "max_steps", "auto_batch_size", "freeze_bottom"} & fixed.keys())
 
 
 def finetune_plans(facts: Facts, fixed: dict[str, Any]) -> list[Plan]:

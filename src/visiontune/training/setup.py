@@ -115,6 +115,12 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
     cfg, start = (cfg, None) if cfg.runtime.resume else trained_start(cfg, splits)
     if is_lowres(cfg.model.name) and "strategy" not in cfg.given:  # a network with no pretrained weights
         cfg = cfg.replace(strategy="scratch")
+        if not cfg.runtime.resume:  # the options given are now those of training from scratch
+            try:
+                check_options(cfg)
+            except ConfigError as exc:
+                raise ConfigError(f"--model {cfg.model.name} has no pretrained weights and trains from scratch "
+                                  f"(--strategy scratch): {exc}") from None
     if start is not None and cfg.strategy.name in RANDOM_INIT:
         raise ConfigError(f"--weights {cfg.model.weights} starts from a trained network, which --strategy "
                           f"{cfg.strategy.name} (random init; the recipe of {cfg.model.name}) would discard: give "
@@ -132,7 +138,8 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
     pre = replace(pre, resize_mode=cfg.model.resize_mode)
     plan, deadline = None, None
     # what --freeze-bottom keeps frozen: checked here, before a run dir exists, and measured so by the probes
-    frozen = bottom_parameter_names(model, arch.classifier, cfg.strategy.freeze_bottom)
+    frozen = (bottom_parameter_names(model, arch.classifier, cfg.strategy.freeze_bottom)
+              if cfg.strategy.name == "finetune" else [])
     budget = run_budget(cfg)
     if budget is not None:
         # one plan per run: rank 0 measures and plans, the other processes of a multi-process run read it

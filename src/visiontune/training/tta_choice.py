@@ -4,8 +4,9 @@ Test-time augmentation costs every prediction the model will ever make (``flip-z
 one view), so a run does not adopt it by default: ``auto`` (what a planned fine-tune of single-label
 data uses) validates with one view during training, then measures :data:`AUTO_TTA` against one
 view on the val split and keeps it only where it gains at least :data:`TTA_MIN_GAIN` accuracy.
-The measurement reuses the one-view val logits the end of training computes anyway and adds one
-pass of the second view (:class:`~visiontune.models.tta.View`), which the plan pays for.
+The end of training reads the val images once with both views kept apart
+(:meth:`~visiontune.inference.classifier.Classifier.view_taps`): the first view's logits are the
+one-view figure, and the second view's cost is what the plan pays for.
 
 Example:
     >>> validation_tta("auto"), validation_tta("flip"), validation_tta(None), final_tta("auto")
