@@ -1,7 +1,8 @@
 """Transfer-learning strategies (registered in :data:`visiontune.training.registry.STRATEGIES`).
 
 - ``finetune``: head warm-up on the frozen body for ``freeze_epochs`` (on cached features), then
-  every layer, with the body at ``lr / lr_mult`` (discriminative learning rates).
+  every layer but ``freeze_bottom`` bottom groups (none by default), with the body at ``lr / lr_mult``
+  (discriminative learning rates).
 - ``progressive``: after the same warm-up, timm's layer groups are unfrozen from the top down,
   one every ``unfreeze_every`` epochs, with layer-wise learning rates rising geometrically from
   ``lr / lr_mult`` at the stem (the freezing policy is the :class:`FreezeSchedule` callback).
@@ -97,11 +98,11 @@ def _bottom_frozen(ctx: TrainContext) -> list[list[str]]:
     fit, and the rest, which trains.
 
     Frozen bottom groups need no gradient, so the backward pass stops above them (on
-    EfficientNet-Lite0 at 96 px, freezing the stem and the first two blocks made a training step
-    about a quarter faster). The flags are set before the trainer starts, not by a callback: a
-    distributed run wraps the model with the flags it finds, and a run resumed mid-epoch gets no
-    epoch start to set them. Their BatchNorm layers stay in eval mode
-    (:meth:`~visiontune.training.module.ClassifierModule.train`)."""
+    EfficientNet-Lite0 at 96 px, freezing the stem and the first two blocks trained 28-37% more
+    images a second side by side; each step learned less, bench/RESULTS.md "Frozen bottom layers").
+    The flags are set before the trainer starts, not by a callback: a distributed run wraps the model
+    with the flags it finds, and a run resumed mid-epoch gets no epoch start to set them. Their
+    BatchNorm layers stay in eval mode (:meth:`~visiontune.training.module.ClassifierModule.train`)."""
     count = ctx.cfg.strategy.freeze_bottom
     bottom = set(bottom_parameter_names(ctx.model, ctx.arch.classifier, count))
     body = _all_body(ctx)[0]
