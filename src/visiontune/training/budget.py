@@ -71,10 +71,12 @@ FINISH_FIXED_S = 12.0        # report: galleries, Grad-CAM, plots (measured 6-10
 # the unknown-score's fit (training/unknown.py): the images it reads, and its selection per image
 UNKNOWN_TRAIN_IMAGES, UNKNOWN_VAL_IMAGES = MAX_STATS_IMAGES, MAX_VAL_IMAGES
 # beyond its views and decoding: the taps of two feature sources and the selection's fits. CIFAR-10 at 96 px with
-# flip-zoom (15-minute runs, AVX512-BF16): 4,096 + 5,000 images took 78-100 s, of which the views and decoding by the
-# probe's inference speed 57 s and the selection 9 s; at 0.001 s an image the finish was projected 24 s short, and
-# the run, trained to its deadline, took 15m23s of its 15 minutes
-UNKNOWN_OVERHEAD_S_PER_IMAGE = 0.004
+# flip-zoom (15-minute runs, AVX512-BF16): 4,096 + 5,000 images took 78-100 s while the fit read the val images
+# again (at 0.001 s an image the finish was projected 24 s short, and a run trained to its deadline took 15m23s of
+# its 15 minutes; 0.004 covered it). Since the finish's val pass gives it the val features: 41-49 s, of which the
+# training images' views by the probe's inference speed 26-33 s, so 1.7 ms an image beyond them (runs M and N,
+# bench/RESULTS.md "Frozen bottom layers, and one val pass"); half as much again for the machine's moving speed
+UNKNOWN_OVERHEAD_S_PER_IMAGE = 0.0025
 SIZE_STEPS = (32, 48, 64, 96, 128, 160, 192, 224, 256, 288)
 # a pretrained network fine-tuned below this side sees its last stage's map shrink to one pixel (ImageNet
 # backbones stride 32): on CIFAR-10 in 15 min on an AVX2 CPU, fine-tuning at 32 px (1.5 epochs before the
