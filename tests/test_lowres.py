@@ -87,6 +87,7 @@ def test_considers_lowres_only_for_small_images_many_of_them_and_no_other_networ
     assert not considers_lowres(50_000, 32, {"strategy": "finetune"})
     assert not considers_lowres(50_000, 32, {"img_size": 64})
     assert not considers_lowres(50_000, 32, {"freeze_bottom": 2})  # a pretrained network's layers to keep
+    assert considers_lowres(50_000, 32, {"freeze_bottom": 0})  # given as its default (a YAML template): nothing kept
     assert considers_lowres(50_000, 32, {"model": "lowres_cnn_wide", "strategy": "scratch"})
 
 
@@ -289,6 +290,7 @@ def test_the_curves_weigh_input_sizes_only_where_they_were_measured(change):
 def test_the_users_size_or_length_is_not_weighed_against_the_curves(given):
     f = facts(15 * 60, elapsed=41, throughputs=DAY_A, num_classes=10)
     assert len(finetune_plans(f, given)) == 1
+    assert len(finetune_plans(f, {"freeze_bottom": 0})) > 1  # nothing frozen: the curves' sizes are weighed
 
 
 @pytest.mark.parametrize("minutes", [8, 11, 13, 15])

@@ -225,6 +225,31 @@ def test_finetune_sigterm_in_its_warmup_resumes_bit_exact(tmp_path, capsys):
     assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
 
 
+def test_freeze_bottom_holds_through_a_mid_epoch_resume(tmp_path, capsys):
+    """--freeze-bottom's flags are set before the trainer starts, not at an epoch start, which a run
+    resumed mid-epoch does not get: after SIGTERM in the one fine-tuning epoch and --resume, the
+    bottom groups are still the pretrained ones and the groups above trained on from the checkpoint.
+    (A fine-tune on images resumed mid-epoch replays that epoch: bit-exact only at epoch boundaries,
+    docs/scale.md.)"""
+    from safetensors.torch import load_file
+
+    from visiontune.models.factory import build_model
+
+    data = make_folder(tmp_path / "my data", per_class=8)
+    options = {"freeze_bottom": 2, "freeze_epochs": 0, "checkpoint_every_steps": 1, "precision": "32", "seed": 3}
+    run_dir, ckpts = tmp_path / "run dir", tmp_path / "run dir" / "checkpoints"
+    sigterm_while_writing(data, run_dir, 1, options, ".step*.ckpt.tmp-*")
+    stopped = torch.load(ckpts / "interrupted.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    code, _, err = vt_main(capsys, "train", "--resume", run_dir)
+    assert code == 0 and "Traceback" not in err, err
+    final = torch.load(ckpts / "epoch000.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    pretrained = build_model("efficientnet_lite0", num_classes=len(CLASSES))[0].state_dict()
+    for name in ("conv_stem.weight", "bn1.running_mean", "blocks.0.0.conv_dw.weight"):
+        assert torch.equal(final["model." + name], pretrained[name]), name
+    assert not torch.equal(final["model.blocks.6.0.conv_pw.weight"], stopped["model.blocks.6.0.conv_pw.weight"])
+    assert load_file(run_dir / "model" / "model.safetensors").keys()
+
+
 def test_any_checkpoint_of_the_fine_tuning_outranks_the_warmups(tmp_path):
     """The head's steps are counted apart from the body's: a warm-up of 10 passes per epoch can be
     at a higher step than the fine-tuning's first checkpoint, which is still further into the run."""

@@ -744,7 +744,10 @@ def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
         # the deadline where not even that fits
         fit, leftover = room_at[sizes[0].size]
         best = (sizes[0], fit, leftover) if fit > warmup else (sizes[0], fixed.get("epochs", warmup + 1), 0.0)
-        why = f"--strategy {strategy}" if "strategy" in fixed else f"{facts.processes} processes train on images"
+        why = (f"--strategy {strategy}" if "strategy" in fixed
+               else f"{facts.processes} processes train on images" if facts.processes > 1
+               else "--teacher distils on images" if fixed.get("teacher")
+               else f"--freeze-bottom {fixed.get('freeze_bottom')} fine-tunes the rest")
         want = f"{MIN_CONTINUED_PASSES} passes of the trained model" if continued else f"{needed} fine-tuning epoch(s)"
         reason = (f"{why}: not even {want} fit at any measured size; at the smallest, "
                   + (f"{fit} epoch(s)" if fit > warmup else "one epoch, stopped at the deadline"))

@@ -124,12 +124,13 @@ LEVERS = (
 )
 
 
-def check_options(cfg: TrainConfig, planned: bool = False) -> None:
+def check_options(cfg: TrainConfig, planned: bool = False, remedy: str | None = None) -> None:
     """Refuse, by name and with the remedy, the first option ``cfg`` sets that its way of training
     cannot honour (:data:`LEVERS`). Run before the run dir exists.
 
     With ``planned`` (a time budget's plan was applied), a strategy or head the plan chose rather
-    than the user is named in the refusal, with how to choose otherwise.
+    than the user is named in the refusal, with how to choose otherwise. ``remedy``: what to do
+    instead of the option's own remedy (the way of training was not the user's choice).
 
     Raises:
         ConfigError: ``--ema averages the weights over the training steps; --head logistic fits in
@@ -142,8 +143,8 @@ def check_options(cfg: TrainConfig, planned: bool = False) -> None:
         if way not in lever.honoured_by and lever.asked(cfg):
             chosen = (f" (the time budget's plan chose {' '.join(chose)}; give --strategy or --head to choose)"
                       if chose else "")
-            raise ConfigError(f"{lever.flag} {lever.does}; {_describe(way, cfg)}{chosen}: {lever.remedy(cfg)} "
-                              f"or drop {lever.flag}")
+            raise ConfigError(f"{lever.flag} {lever.does}; {_describe(way, cfg)}{chosen}: "
+                              f"{remedy or lever.remedy(cfg)} or drop {lever.flag}")
 
 
 def levers_line(cfg: TrainConfig) -> str:

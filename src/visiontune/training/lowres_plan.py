@@ -89,7 +89,8 @@ def considers_lowres(n_train: int, native_side: int, fixed: dict[str, Any], sing
     (``--model``, ``--strategy`` other than scratch, ``--img-size``, ``--freeze-bottom``)."""
     model_ok = "model" not in fixed or is_lowres(str(fixed["model"]))
     return (single_label and model_ok and native_side <= LOWRES_MAX_SIDE and n_train >= LOWRES_MIN_IMAGES
-            and fixed.get("strategy", "scratch") == "scratch" and not {"img_size", "freeze_bottom"} & fixed.keys())
+            and fixed.get("strategy", "scratch") == "scratch" and "img_size" not in fixed
+            and not fixed.get("freeze_bottom"))
 
 
 def measure_lowres(num_classes: int, precision: str, fixed: dict[str, Any], in_memory: bool = True
@@ -152,7 +153,8 @@ def curves_apply(facts: Facts, fixed: dict[str, Any]) -> bool:
     with every layer trained (the curves were measured so)."""
     return (facts.single_label and facts.native_side <= LOWRES_MAX_SIDE and facts.n_train >= LOWRES_MIN_IMAGES
             and facts.trained_side is None and fixed.get("strategy", "finetune") == "finetune"
-            and not {"model", "img_size", "epochs", "max_steps", "auto_batch_size", "freeze_bottom"} & fixed.keys())
+            and not {"model", "img_size", "epochs", "max_steps", "auto_batch_size"} & fixed.keys()
+            and not fixed.get("freeze_bottom"))
 
 
 def finetune_plans(facts: Facts, fixed: dict[str, Any]) -> list[Plan]:

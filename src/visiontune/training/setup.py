@@ -117,7 +117,7 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
         cfg = cfg.replace(strategy="scratch")
         if not cfg.runtime.resume:  # the options given are now those of training from scratch
             try:
-                check_options(cfg)
+                check_options(cfg, remedy="choose a pretrained --model")
             except ConfigError as exc:
                 raise ConfigError(f"--model {cfg.model.name} has no pretrained weights and trains from scratch "
                                   f"(--strategy scratch): {exc}") from None
