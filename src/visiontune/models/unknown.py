@@ -273,15 +273,16 @@ def tapped_forward(model: nn.Module, classifier: str, x: torch.Tensor, tta: bool
                    layers: tuple[str | None, ...] = (None,)) -> tuple[list[torch.Tensor], torch.Tensor]:
     """:func:`tapped_views` averaged, as predictions are made: the features of each of ``layers``,
     each ``[N, D]``, and the logits ``[N, C]``."""
-    per_view = tapped_views(model, classifier, x, tta, layers)
-    return ([torch.stack([features[i] for features, _ in per_view]).mean(0) for i in range(len(layers))],
-            mean_of_views([z for _, z in per_view]))
+    per_view = [(dict(zip(layers, fs)), z) for fs, z in tapped_views(model, classifier, x, tta, layers)]
+    features, logits = mean_of_taps(per_view)
+    return [features[layer] for layer in layers], logits
 
 
 def mean_of_taps(per_view: list[tuple[dict[str | None, torch.Tensor], torch.Tensor]]
                  ) -> tuple[dict[str | None, torch.Tensor], torch.Tensor]:
-    """The views' mean of taps kept apart (``({layer: [n, D]}, logits [n, C])`` per view), in
-    :func:`tapped_forward`'s arithmetic: what a model predicting with those views reads."""
+    """The views' mean of taps kept apart (``({layer: [n, D]}, logits [n, C])`` per view): features
+    by their mean, logits by :func:`~visiontune.models.tta.mean_of_views`; what a model predicting
+    with those views reads (:func:`tapped_forward` averages so too)."""
     layers = per_view[0][0].keys()
     return ({layer: torch.stack([features[layer] for features, _ in per_view]).mean(0) for layer in layers},
             mean_of_views([z for _, z in per_view]))

@@ -485,9 +485,10 @@ def unknown_seconds(size: Throughput, n_train: int, n_val: int, decode_s: float 
     up to its share of the training images, and the selection's fits on them and on up to its share
     of the val images (:data:`UNKNOWN_OVERHEAD_S_PER_IMAGE`), whose features the finish's val pass
     has read already (a val split larger than that share: the fit reads its share again)."""
-    again = min(n_val, UNKNOWN_VAL_IMAGES) if n_val > UNKNOWN_VAL_IMAGES else 0
-    read = (min(n_train, UNKNOWN_TRAIN_IMAGES) + again) * (finish_views(tta, size.size) / size.infer + decode_s)
-    return read + (min(n_train, UNKNOWN_TRAIN_IMAGES) + min(n_val, UNKNOWN_VAL_IMAGES)) * UNKNOWN_OVERHEAD_S_PER_IMAGE
+    train, val = min(n_train, UNKNOWN_TRAIN_IMAGES), min(n_val, UNKNOWN_VAL_IMAGES)
+    again = val if n_val > UNKNOWN_VAL_IMAGES else 0
+    return (train + again) * (finish_views(tta, size.size) / size.infer + decode_s) + (
+        train + val) * UNKNOWN_OVERHEAD_S_PER_IMAGE
 
 
 def phase_costs(size: Throughput, n_train: int, n_val: int, n_test: int, epochs: int, warmup_epochs: int,

@@ -264,7 +264,8 @@ def fit_unknown(clf: Classifier, train: list[Sample], val: list[Sample], tpr: fl
 
     ``val_taps``: what :meth:`~visiontune.inference.classifier.Classifier.taps_of` gives for ``val``
     under ``clf``'s views, for every one of :func:`sources_of` (the finish of a run reads the val
-    images once for its metrics, its test-time augmentation and this fit)."""
+    images once for its metrics, its test-time augmentation and this fit); used where ``val`` is
+    within :data:`MAX_VAL_IMAGES`."""
     started = time.perf_counter()
     if not val:
         raise DataError("the unknown-score's threshold needs validation images; give the run a val split")
@@ -274,13 +275,10 @@ def fit_unknown(clf: Classifier, train: list[Sample], val: list[Sample], tpr: fl
     train = [train[i] for i in chosen.tolist()]
     forced = kind is not None
     layers = ((None,) + ((layer,) if layer is not None else ())) if forced else sources_of(clf)
-    if val_taps is not None and not set(layers) <= set(val_taps[0]):
-        val_taps = None  # taps of other sources: read the images again
+    if val_taps is not None and (len(val) > MAX_VAL_IMAGES or not set(layers) <= set(val_taps[0])):
+        val_taps = None  # taps of more images than it fits on, or of other sources: read its share again
     if len(val) > MAX_VAL_IMAGES:
-        kept = stats_subset(None, len(val), MAX_VAL_IMAGES, seed)
-        val = [val[i] for i in kept.tolist()]
-        if val_taps is not None:
-            val_taps = ({k: v[kept] for k, v in val_taps[0].items()}, val_taps[1][kept], val_taps[2][kept])
+        val = [val[i] for i in stats_subset(None, len(val), MAX_VAL_IMAGES, seed).tolist()]
     tr_f, tr_z, tr_ok = clf.taps_of([p for p, _ in train], layers, batch_size, workers)
     va_f, va_z, va_ok = val_taps if val_taps is not None else clf.taps_of([p for p, _ in val], layers, batch_size,
                                                                             workers)
