@@ -108,6 +108,15 @@ def test_compare_api_refuses_options_it_sets_itself(shared_folder):
         compare(shared_folder, ["finetune"], resume="runs/x", **FAST)
 
 
+def test_compare_refuses_an_option_one_entry_cannot_honour_before_any_entry_trains(shared_folder, tmp_path):
+    from visiontune.core.errors import ConfigError
+    from visiontune.pipeline.compare import compare
+
+    with pytest.raises(ConfigError, match="--devices.*--strategy finetune"):  # progressive trains in one process
+        compare(shared_folder, ["finetune", "progressive"], devices=2, run_dir=str(tmp_path / "cmp"), **FAST)
+    assert not (tmp_path / "cmp").exists()
+
+
 @pytest.mark.parametrize("args,needle", [
     (["train", "/no/such/folder"], "data not found"),
     (["train", "{data}", "--model", "no_such_model_xyz"], "unknown model"),

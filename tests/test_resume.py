@@ -54,7 +54,7 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def metric_columns(run_dir: Path) -> list[tuple[str, ...]]:
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
-    return [(r["epoch"], r["train_loss"], r["val_loss"], r["val_accuracy"]) for r in rows]
+    return [(r["epoch"], r["train_loss"], r["train_accuracy"], r["val_loss"], r["val_accuracy"]) for r in rows]
 
 
 def metric_epochs(run_dir: Path) -> list[int]:
@@ -77,6 +77,20 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+def mid_epoch(checkpoint: Path) -> bool:
+    """Whether a checkpoint was saved after some, not all, of its epoch's batches (Lightning's own count)."""
+    progress = torch.load(checkpoint, map_location="cpu", weights_only=True)["loops"]["fit_loop"][
+        "epoch_loop.batch_progress"]
+    return progress["current"]["processed"] > 0 and not progress["is_last_batch"]
+
+
+def step_checkpoints_after_an_epochs_last_batch(run_dir: Path) -> list[str]:
+    """Step checkpoints saved at a step an epoch ended on (its own checkpoint follows the validation)."""
+    ckpts = run_dir / "checkpoints"
+    ends = {torch.load(p, map_location="cpu", weights_only=True)["global_step"] for p in ckpts.glob("epoch*.ckpt")}
+    return [p.name for p in ckpts.glob("step*.ckpt") if int(p.stem[4:]) in ends]
 
 
 def _rows(run_dir):
@@ -166,7 +180,7 @@ def sigterm_while_writing(data, run_dir, epochs: int, options: dict, temp_patter
     ``temp_pattern`` exists, and return its stderr, after checking the signal stopped it (exit 130)."""
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
     # each checkpoint's rename waits 0.5 s: a window to signal the run in, not a synchronisation
-    proc = subprocess.Popen(slow_train_cmd(0.5, data, "--epochs", epochs, "--run-dir", run_dir, *flags, *FAST_FLAGS,
+    proc = subprocess.Popen(slow_train_cmd(0.5, data, "--epochs", epochs, "--run-dir", run_dir, *FAST_FLAGS, *flags,
                                            "--no-report"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     hit = wait_for(lambda: any((run_dir / "checkpoints").glob(temp_pattern)), proc, timeout=240)
@@ -225,12 +239,60 @@ def test_finetune_sigterm_in_its_warmup_resumes_bit_exact(tmp_path, capsys):
     assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
 
 
+def test_finetune_sigterm_mid_epoch_resumes_bit_exact(tmp_path, capsys):
+    """A fine-tune on images stopped by SIGTERM mid-epoch (while a step checkpoint is written, two
+    loader workers running) resumes after the batches it had trained on: the same weights and the
+    same metrics rows (the epoch's training loss and accuracy included) as a run never interrupted.
+    Before the image loader's position was checkpointed, the resumed epoch replayed its first batches."""
+    from safetensors.torch import load_file
+
+    data = make_folder(tmp_path / "my data", per_class=8)
+    epochs = 2
+    options = {"freeze_epochs": 0, "checkpoint_every_steps": 1, "precision": "32", "seed": 3, "workers": 2,
+               "augment": "standard"}
+    reference = visiontune.train(data, epochs=epochs, run_dir=tmp_path / "reference", **{**FAST, **options})
+    run_dir, ckpts = tmp_path / "run dir", tmp_path / "run dir" / "checkpoints"
+    sigterm_while_writing(data, run_dir, epochs, options, ".step*.ckpt.tmp-*")
+    assert mid_epoch(ckpts / "interrupted.ckpt")
+
+    code, _, err = vt_main(capsys, "train", "--resume", run_dir)
+    assert code == 0 and "Traceback" not in err, err
+    assert metric_columns(run_dir) == metric_columns(reference.run_dir)
+    last = f"epoch{epochs - 1:03d}.ckpt"
+    weights, expected = (torch.load(r / "checkpoints" / last, map_location="cpu", weights_only=True)["state_dict"]
+                         for r in (run_dir, reference.run_dir))
+    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
+    saved, best = (load_file(r / "model" / "model.safetensors") for r in (run_dir, reference.run_dir))
+    assert all(torch.equal(saved[k], best[k]) for k in best)
+    assert step_checkpoints_after_an_epochs_last_batch(reference.run_dir) == []
+    assert sorted(p.name for p in (reference.run_dir / "checkpoints").glob("step*.ckpt"))  # it kept some
+
+
+def test_progressive_sigterm_mid_epoch_resumes_bit_exact(tmp_path, capsys):
+    """progressive's layer groups are set again when a fit starts: a run resumed mid-epoch (which
+    Lightning gives no start of that epoch) trains the groups of that epoch, not the head alone,
+    and ends with an uninterrupted run's weights."""
+    data = make_folder(tmp_path / "my data", per_class=8)
+    epochs = 2
+    options = {"strategy": "progressive", "unfreeze_every": 1, "freeze_epochs": 0, "checkpoint_every_steps": 1,
+               "precision": "32", "seed": 3}
+    reference = visiontune.train(data, epochs=epochs, run_dir=tmp_path / "reference", **{**FAST, **options})
+    run_dir, ckpts = tmp_path / "run dir", tmp_path / "run dir" / "checkpoints"
+    sigterm_while_writing(data, run_dir, epochs, options, ".step*.ckpt.tmp-*")
+    assert mid_epoch(ckpts / "interrupted.ckpt")
+    code, _, err = vt_main(capsys, "train", "--resume", run_dir)
+    assert code == 0 and "Traceback" not in err, err
+    assert metric_columns(run_dir) == metric_columns(reference.run_dir)
+    last = f"epoch{epochs - 1:03d}.ckpt"
+    weights, expected = (torch.load(r / "checkpoints" / last, map_location="cpu", weights_only=True)["state_dict"]
+                         for r in (run_dir, reference.run_dir))
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+
+
 def test_freeze_bottom_holds_through_a_mid_epoch_resume(tmp_path, capsys):
     """--freeze-bottom's flags are set before the trainer starts, not at an epoch start, which a run
     resumed mid-epoch does not get: after SIGTERM in the one fine-tuning epoch and --resume, the
-    bottom groups are still the pretrained ones and the groups above trained on from the checkpoint.
-    (A fine-tune on images resumed mid-epoch replays that epoch: bit-exact only at epoch boundaries,
-    docs/scale.md.)"""
+    bottom groups are still the pretrained ones and the groups above trained on from the checkpoint."""
     from safetensors.torch import load_file
 
     from visiontune.models.factory import build_model
@@ -316,6 +378,40 @@ def test_kill_9_five_times_then_resume_matches_uninterrupted(image_folder, tmp_p
     for name in expected:
         assert torch.equal(weights[name], expected[name]), name
     assert metric_columns(run_dir) == metric_columns(reference)
+
+
+def test_a_loader_position_read_from_a_checkpoint_is_validated(capsys):
+    """A checkpoint is not trusted: a loader position that is not whole numbers within the epoch is
+    refused with a warning (the epoch runs from its first batch); a valid one skips exactly the
+    batches trained on, in the checkpoint's epoch (even before Lightning's counter has moved on)."""
+    from torch.utils.data import Dataset
+
+    from visiontune.training.lightning_fit import ResumableLoader
+
+    class Keys(Dataset):  # an image set's stand-in: each (index, epoch) key gives its index
+        def __len__(self) -> int:
+            return 10
+
+        def __getitem__(self, key: tuple[int, int]) -> int:
+            return key[0]
+
+    def first_items(state) -> list[int]:
+        it = ResumableLoader(Keys(), lambda: None, batch_size=4, sampler=EpochSampler(10, seed=1, epoch_fn=lambda: 0))
+        it.load_state_dict(state)
+        return [int(i) for batch in it for i in batch]
+
+    def order(epoch: int) -> list[int]:
+        s = EpochSampler(10, seed=1)
+        s.set_epoch(epoch)
+        return s.order()
+
+    for bad in ({"epoch": 0, "batches": -1}, {"epoch": 0, "batches": 3}, {"epoch": -1, "batches": 0},
+                {"epoch": 0, "batches": 1.5}, {"epoch": "0", "batches": 1}, {"epoch": True, "batches": 1}, [0, 1]):
+        assert first_items(bad) == order(0), bad
+        assert "position in its epoch is not valid" in capsys.readouterr().err
+    assert first_items({"epoch": 0, "batches": 1}) == order(0)[4:]
+    assert first_items({"epoch": 2, "batches": 2}) == order(2)[8:]  # the checkpoint's epoch, not the counter's
+    assert "not valid" not in capsys.readouterr().err
 
 
 def test_atomic_write_leaves_old_or_new_file(tmp_path):

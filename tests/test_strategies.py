@@ -150,6 +150,10 @@ def test_an_option_of_another_strategy_is_refused_by_name(image_folder, tmp_path
     code, _, err = vt_main(capsys, "train", image_folder, "--strategy", "progressive", "--freeze-bottom", "2",
                            "--run-dir", tmp_path / "run", *FAST_FLAGS)
     assert code == 2 and "--freeze-bottom" in err and "--strategy finetune" in err
+    # progressive unfreezes after DDP has wrapped the network: one process only
+    code, _, err = vt_main(capsys, "train", image_folder, "--strategy", "progressive", "--devices", "2",
+                           "--run-dir", tmp_path / "run", *FAST_FLAGS)
+    assert code == 2 and "--devices" in err and "--strategy finetune" in err and "Traceback" not in err, err
     # a network built for small images has no pretrained layers to keep: it trains from scratch
     code, _, err = vt_main(capsys, "train", image_folder, "--model", "lowres_cnn", "--freeze-bottom", "2",
                            "--run-dir", tmp_path / "run", *FAST_FLAGS)

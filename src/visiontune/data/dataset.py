@@ -135,14 +135,15 @@ def _worker_init(worker_id: int) -> None:
 
 
 def make_loader(dataset: Dataset, batch_size: int, workers: int, seed: int = 0, sampler=None,
-                collate_fn=None) -> DataLoader:
+                collate_fn=None, loader: Callable[..., DataLoader] = DataLoader) -> DataLoader:
     """A seeded training/validation loader in ``sampler`` order (dataset order when None).
 
     Shuffling and class balancing live in :class:`~visiontune.data.sampling.EpochSampler`, so a
-    resumed run repeats them exactly.
+    resumed run repeats them exactly. ``loader``: the class (or a partial of it) to build, a
+    :class:`~torch.utils.data.DataLoader` or a subclass (training's checkpoints its position).
     """
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
+    return loader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,

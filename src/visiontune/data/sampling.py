@@ -70,9 +70,17 @@ class EpochSampler(Sampler[SampleKey]):
         # Lightning's set_epoch comes too late when a resumed fit builds its first iterator, so the
         # trainer's epoch counter, when given, is read at the moment an epoch's iterator starts
         self.epoch_fn = epoch_fn
+        self._resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def resume_at(self, epoch: int, items: int) -> None:
+        """Make the next iteration epoch ``epoch``'s, after the first ``items`` of this rank's shard
+        (the samples of the batches a mid-epoch checkpoint had trained on). The epoch is the
+        checkpoint's: a loader's first iterator after a restore may be made before Lightning's
+        epoch counter has moved past a completed epoch."""
+        self._resume = (int(epoch), int(items))
 
     def __len__(self) -> int:
         return math.ceil(self.size / self.world)
@@ -93,4 +101,8 @@ class EpochSampler(Sampler[SampleKey]):
         current = self.epoch_fn() if self.epoch_fn is not None else None
         if current is not None:
             self.epoch = int(current)
-        return iter([(index, self.epoch) for index in self.order()[self.rank::self.world]])
+        skip = 0
+        if self._resume is not None:
+            self.epoch, skip = self._resume
+            self._resume = None
+        return iter([(index, self.epoch) for index in self.order()[self.rank::self.world][skip:]])

@@ -24,6 +24,7 @@ from ..core.tables import fixed_width
 from ..models.weights import is_model_folder
 from ..training.budget import format_duration, run_budget
 from ..training.config import COMPARE_OWN, MIN_DURATION_S, TrainConfig
+from ..training.levers import check_options
 from ..training.registry import STRATEGIES
 from ..training.setup import make_run_dir
 from .train import train
@@ -63,6 +64,8 @@ def compare(data: str | os.PathLike, strategies: Sequence[str] = ("finetune", "l
         raise ConfigError(f"compare sets {', '.join(own)} itself for every entry; "
                           + "; ".join(OWN_OPTIONS[k] for k in own))
     cfg = TrainConfig.from_dict({"data": str(data), **train_options})  # fail fast on bad options
+    for strategy in strategies:  # an option one entry cannot honour is refused before any entry trains
+        check_options(TrainConfig.from_dict({"data": str(data), **train_options, "strategy": strategy}))
     if is_model_folder(cfg.model.weights):  # one trained network cannot start every --models entry
         raise ConfigError(f"compare trains each --models entry from its own weights (--weights default, none or a "
                           f"weights file); --weights {cfg.model.weights} is a trained model: continue it with "

@@ -92,8 +92,9 @@ class Task:
         """The unweighted loss (for logging validation)."""
         raise NotImplementedError
 
-    def accuracy(self, logits: torch.Tensor, target: torch.Tensor) -> float:
-        """The running accuracy of logits against targets."""
+    def accuracy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The accuracy of logits against targets, a 0-dim tensor on their device (a training step
+        sums it without waiting for the device)."""
         raise NotImplementedError
 
     def metric_inputs(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -61,8 +61,8 @@ class MultiLabel(Task):
     def plain_loss(self, logits: torch.Tensor, target: torch.Tensor) -> float:
         return float(nn.functional.binary_cross_entropy_with_logits(logits.float(), target.float()))
 
-    def accuracy(self, logits: torch.Tensor, target: torch.Tensor) -> float:
-        return float(((logits > 0) == (target > 0.5)).float().mean())
+    def accuracy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return ((logits > 0) == (target > 0.5)).float().mean()
 
     def metric_inputs(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # torchmetrics' multi-label metrics take probabilities (raw logits all inside [0, 1] would be

@@ -50,8 +50,8 @@ class SingleLabel(Task):
     def plain_loss(self, logits: torch.Tensor, target: torch.Tensor) -> float:
         return float(nn.functional.cross_entropy(logits.float(), target))
 
-    def accuracy(self, logits: torch.Tensor, target: torch.Tensor) -> float:
-        return float((logits.argmax(1) == target).float().mean())
+    def accuracy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (logits.argmax(1) == target).float().mean()
 
     def metrics(self, num_classes: int) -> dict[str, Any]:
         from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassRecall
@@ -69,7 +69,7 @@ class SingleLabel(Task):
             return float(multiclass_f1_score(logits, target, num_classes=n, average="macro"))
         if metric == "balanced_accuracy":
             return float(multiclass_recall(logits, target, num_classes=n, average="macro"))
-        return self.accuracy(logits, target)
+        return float(self.accuracy(logits, target))
 
     def class_weights(self, counts: torch.Tensor, num_samples: int) -> torch.Tensor:
         # n / (k * n_c): each class weighs the same in total

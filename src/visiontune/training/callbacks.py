@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.callbacks import BaseFinetuning, Callback, EMAWeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
 
+from ..core.errors import ConfigError
 from .metrics import EpochRow, MetricsLog
 
 
@@ -17,7 +18,12 @@ class FreezeSchedule(BaseFinetuning):
     """Freeze body groups, then unfreeze them from the top down on a schedule.
 
     ``trainable_groups(epoch)`` says how many of the top body groups train in ``epoch``. The
-    state is set from scratch at every epoch start, so a resumed run lands in the same state.
+    state is set from scratch at every epoch start, and at the start of a fit, so a resumed run
+    lands in the same state (Lightning gives a run resumed mid-epoch no start of that epoch).
+
+    The flags change after the model is wrapped for several processes, whose DDP would not
+    synchronise a group unfrozen later: ``--strategy progressive`` trains in one process
+    (:data:`~visiontune.training.levers.LEVERS` refuses ``--devices``/``--num-nodes`` with it).
     """
 
     def __init__(self, trainable_groups: Callable[[int], int], verbose: bool = True):
@@ -34,6 +40,16 @@ class FreezeSchedule(BaseFinetuning):
         for group in self._modules_params(pl_module):
             for p in group:
                 p.requires_grad = False
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.world_size > 1:  # the options' check refuses it first; this guards the Python API's own use
+            raise ConfigError("--strategy progressive trains in one process: use --strategy finetune or drop "
+                              "--devices/--num-nodes")
+        super().setup(trainer, pl_module, stage)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # after a checkpoint's restore: the epoch the run is in (mid-epoch, no epoch start follows)
+        self.finetune_function(pl_module, trainer.current_epoch, trainer.optimizers[0])
 
     def finetune_function(self, pl_module, epoch: int, optimizer) -> None:
         groups = self._modules_params(pl_module)
@@ -61,6 +77,12 @@ class MetricsRecorder(Callback):
         self._start = 0.0
         self._images = 0
         self._train_end: float | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.world_size > 1:  # the options' check refuses it first; this guards the Python API's own use
+            raise ConfigError("--strategy progressive trains in one process: use --strategy finetune or drop "
+                              "--devices/--num-nodes")
+        super().setup(trainer, pl_module, stage)
 
     def on_train_start(self, trainer, pl_module) -> None:
         # Runs after a resume has restored the loop state; a mid-epoch resume gets no epoch start.
@@ -93,7 +115,7 @@ class MetricsRecorder(Callback):
 
         self.metrics_log.append(EpochRow(
             epoch=self.epoch_offset + trainer.current_epoch + 1,
-            train_loss=value("train_loss_epoch") if "train_loss_epoch" in m else value("train_loss"),
+            train_loss=value("train_loss"),
             train_accuracy=value("train_accuracy"), val_loss=value("val_loss"), val_accuracy=value("val_accuracy"),
             lr=trainer.optimizers[0].param_groups[0]["lr"], epoch_seconds=now - self._start,
             images_per_second=self._images * trainer.world_size / max(train_seconds, 1e-9)))

@@ -178,6 +178,13 @@ class FolderModelCheckpoint(ModelCheckpoint):
     Paths that resolve elsewhere, or that are not ``.ckpt`` files, are dropped and logged.
     """
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # no step checkpoint at an epoch's last batch: its own checkpoint follows the validation, which
+        # Lightning would skip when resuming from a checkpoint of that batch (no metrics row, no best)
+        if self._every_n_train_steps and batch_idx + 1 >= trainer.num_training_batches:
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         folder = Path(self.dirpath).resolve() if self.dirpath else None
 

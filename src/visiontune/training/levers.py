@@ -111,8 +111,11 @@ LEVERS = (
     Lever("max_steps", IMAGES, "ends the training on images after that many steps", lambda v: v is not None),
     Lever("early_size", IMAGES, "trains the first steps on images at a smaller input side", lambda v: v is not None),
     Lever("auto_batch_size", IMAGES, "sizes the batches of images to the device's memory"),
-    Lever("devices", IMAGES, "trains copies of the network in several processes", lambda v: v > 1),
-    Lever("num_nodes", IMAGES, "trains copies of the network on several machines", lambda v: v > 1),
+    # progressive changes which layers train after DDP has wrapped the network, which would leave a
+    # group unfrozen later unsynchronised between the copies
+    Lever("devices", IMAGES - {"progressive"}, "trains copies of the network in several processes", lambda v: v > 1),
+    Lever("num_nodes", IMAGES - {"progressive"}, "trains copies of the network on several machines",
+          lambda v: v > 1),
     Lever("freeze_bottom", frozenset({"finetune"}), "keeps the body's bottom layer groups frozen",
           lambda v: v > 0),
     Lever("unfreeze_every", frozenset({"progressive"}), "sets when progressive unfreezes the next layer group",

@@ -14,6 +14,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -76,12 +77,14 @@ class ImageDataModule(L.LightningDataModule):
         # order and augmentation from (seed, epoch, index) only: a resumed run repeats them exactly;
         # every sample once per epoch across ranks (padded to equal shards)
         trainer = getattr(self, "trainer", None)
+        trainer = trainer if isinstance(trainer, L.Trainer) else None
         # the epoch Lightning itself passes to set_epoch (restored from the checkpoint on resume)
-        epoch_fn = ((lambda: trainer.fit_loop.epoch_progress.current.processed) if isinstance(trainer, L.Trainer)
-                    else None)
+        epoch_fn = (lambda: trainer.fit_loop.epoch_progress.current.processed) if trainer is not None else None
         sampler = EpochSampler(len(self.train_set), self.seed, rank, world, self.sample_weights, epoch_fn=epoch_fn)
+        # its position is checkpointed: a run resumed mid-epoch goes on after the batches it trained on
         return make_loader(self.train_set, self.batch_size, self.workers, self.seed, sampler=sampler,
-                           collate_fn=getattr(self.train_set, "collate", None))
+                           collate_fn=getattr(self.train_set, "collate", None),
+                           loader=partial(ResumableLoader, trainer_fn=lambda: trainer))
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._world()
@@ -159,7 +162,7 @@ class PassBatches(Sampler[list[int]]):
         self.epoch = int(epoch)
 
     def resume_at(self, epoch: int, batches: int) -> None:
-        """Start epoch ``epoch``'s next iteration after its first ``batches`` batches."""
+        """Make the next iteration epoch ``epoch``'s, after its first ``batches`` batches."""
         self._resume = (int(epoch), int(batches))
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -167,8 +170,8 @@ class PassBatches(Sampler[list[int]]):
         if current is not None:  # Lightning's own epoch (set_epoch comes too late on resume)
             self.epoch = int(current)
         skip = 0
-        if self._resume is not None:
-            skip = self._resume[1] if self._resume[0] == self.epoch else 0
+        if self._resume is not None:  # the checkpoint's epoch: Lightning's counter may not have moved on yet
+            self.epoch, skip = self._resume
             self._resume = None
         return iter(list(self._batches())[skip:])
 
@@ -184,16 +187,18 @@ class PassBatches(Sampler[list[int]]):
 
 
 class ResumableLoader(DataLoader):
-    """A loader whose position Lightning checkpoints (it has ``state_dict``/``load_state_dict``).
+    """A training loader whose position Lightning checkpoints (it has ``state_dict``/``load_state_dict``).
 
-    A run resumed from a mid-epoch checkpoint (``--checkpoint-every-steps``, or a kill after one)
-    continues that epoch after the batches already trained on, instead of replaying its first
-    ones. The position is Lightning's own count of the epoch's processed batches.
+    A run resumed from a mid-epoch checkpoint (``--checkpoint-every-steps``, SIGTERM, or a kill
+    after one) continues that epoch after the batches already trained on, instead of replaying its
+    first ones. The position is Lightning's own count of the epoch's processed batches; the order
+    is a :class:`PassBatches` (cached features) or an
+    :class:`~visiontune.data.sampling.EpochSampler` (images, batched by ``batch_size``), each
+    told where to start (``resume_at``).
     """
 
-    def __init__(self, dataset: Dataset, batch_sampler: PassBatches, trainer_fn: Callable[[], L.Trainer | None],
-                 **kwargs):
-        super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
+    def __init__(self, dataset: Dataset, trainer_fn: Callable[[], L.Trainer | None], **kwargs):
+        super().__init__(dataset, **kwargs)
         self.trainer_fn = trainer_fn
 
     def state_dict(self) -> dict[str, int]:
@@ -202,11 +207,21 @@ class ResumableLoader(DataLoader):
             return {"epoch": 0, "batches": 0}
         done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
         if done >= trainer.num_training_batches:  # the epoch is complete: the next starts at its first batch
-            done = 0
+            return {"epoch": int(trainer.current_epoch) + 1, "batches": 0}
         return {"epoch": int(trainer.current_epoch), "batches": done}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.batch_sampler.resume_at(state.get("epoch", 0), state.get("batches", 0))
+        # read from a checkpoint, not trusted: whole numbers within this loader's epoch, else the
+        # epoch restarts from its first batch (said) rather than skip what it cannot know
+        epoch, batches = (state.get("epoch"), state.get("batches")) if isinstance(state, dict) else (None, None)
+        if not (type(epoch) is int and type(batches) is int and epoch >= 0 and 0 <= batches < len(self)):
+            print(f"warning: the checkpoint's position in its epoch is not valid ({str(state)[:80]}): the epoch "
+                  "resumes from its first batch", file=sys.stderr)
+            return
+        if isinstance(self.batch_sampler, PassBatches):
+            self.batch_sampler.resume_at(epoch, batches)
+        else:  # a sampler of samples, batched by the loader
+            self.sampler.resume_at(epoch, batches * int(self.batch_size))
 
 
 class FeatureDataModule(L.LightningDataModule):
@@ -240,7 +255,7 @@ class FeatureDataModule(L.LightningDataModule):
         epoch_fn = (lambda: trainer.fit_loop.epoch_progress.current.processed) if trainer is not None else None
         batches = PassBatches(self.train_set.size, self.features.train_x.shape[1], self.batch_size, self.passes,
                               self.seed, self.weights, epoch_fn)
-        return ResumableLoader(self.train_set, batches, lambda: trainer, collate_fn=_whole_batch)
+        return ResumableLoader(self.train_set, lambda: trainer, batch_sampler=batches, collate_fn=_whole_batch)
 
     def val_dataloader(self) -> DataLoader:
         # one batch: the features are in memory already, and a single validation step leaves no point

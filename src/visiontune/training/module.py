@@ -22,6 +22,34 @@ from .checkpoint_io import BODY_PHASE, HEAD_PHASE, PHASE_KEY, restore_rng, rng_s
 from .distill import Teacher, distill_loss
 from .optim import OptimizerSettings, ScheduleSettings, make_optimizer, make_scheduler, schedule_fn
 
+NO_SUMS = {"loss": 0.0, "correct": 0.0, "rows": 0}
+
+
+def valid_sums(sums: object) -> dict[str, float | torch.Tensor]:
+    """An epoch's training sums read from a checkpoint (not trusted): three finite, consistent numbers
+    (a loss >= 0, 0 <= correct <= rows), else none, said.
+
+    Example:
+        >>> valid_sums({"loss": 1.5, "correct": 2.0, "rows": 3})
+        {'loss': 1.5, 'correct': 2.0, 'rows': 3}
+        >>> valid_sums({"loss": float("nan"), "correct": 2.0, "rows": 3})
+        warning: invalid running loss and accuracy in the checkpoint: the epoch's figures count from here
+        {'loss': 0.0, 'correct': 0.0, 'rows': 0}
+    """
+    if sums is None:  # a checkpoint written before the sums were kept
+        return dict(NO_SUMS)
+    try:
+        if not isinstance(sums, dict) or set(sums) != set(NO_SUMS):
+            raise ValueError("not the sums' keys")
+        values = {k: float(v) for k, v in sums.items() if not isinstance(v, (bool, str))}
+        loss, correct, rows = values["loss"], values["correct"], values["rows"]
+        if not (math.isfinite(loss) and loss >= 0 and rows == int(rows) and 0 <= correct <= rows):
+            raise ValueError("out of range")
+        return {"loss": loss, "correct": correct, "rows": int(rows)}
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError):
+        print("warning: invalid running loss and accuracy in the checkpoint: the epoch's figures count from here")
+        return dict(NO_SUMS)
+
 
 class ClassifierModule(L.LightningModule):
     """Trains ``model`` (backbone + classifier) with per-group learning rates.
@@ -77,7 +105,10 @@ class ClassifierModule(L.LightningModule):
 
             self.mixup_fn = Mixup(mixup_alpha=mixup[0], cutmix_alpha=mixup[1], num_classes=num_classes,
                                   **self.task.mixup_options(label_smoothing))
-        self.train_acc = self.task.metrics(num_classes)["accuracy"]
+        # the epoch's training loss and accuracy, summed from its first batch and logged after its last
+        # (or the batch a stop came after); kept in checkpoints with the loader's position, so a run
+        # stopped mid-epoch resumes to the same figures as well as the same weights
+        self.epoch_sums: dict[str, float | torch.Tensor] = dict(NO_SUMS)
         val_metrics = self.task.metrics(num_classes)
         self.val_acc = val_metrics.pop("accuracy")
         # model selection metrics (--select-metric), each a submodule val_<name> (moved with the model)
@@ -115,11 +146,38 @@ class ClassifierModule(L.LightningModule):
         # Lightning does not store RNG state; without it dropout/drop-path differ after --resume
         checkpoint["visiontune_rng"] = rng_state()
         checkpoint[PHASE_KEY] = self.phase
+        checkpoint["visiontune_epoch_sums"] = {k: int(v) if k == "rows" else float(v)
+                                               for k, v in self.epoch_sums.items()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         restore_rng(checkpoint.get("visiontune_rng"))
+        self.epoch_sums = valid_sums(checkpoint.get("visiontune_epoch_sums"))
 
-    def _step(self, batch, metric: Metric, prefix: str) -> torch.Tensor:
+    def count(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """Add one training batch to the epoch's sums (``epoch_sums``), as tensors on the device
+        (in float64): the step does not wait for them."""
+        with torch.no_grad():
+            self.epoch_sums["loss"] = self.epoch_sums["loss"] + loss.detach().double() * len(y)
+            self.epoch_sums["correct"] = self.epoch_sums["correct"] + self.task.accuracy(logits, y).double() * len(y)
+            self.epoch_sums["rows"] = self.epoch_sums["rows"] + len(y)
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        # Lightning counts a resumed epoch's batches on from where its checkpoint was: 0 is a new epoch
+        if batch_idx == 0:
+            self.epoch_sums = dict(NO_SUMS)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # after the callbacks' hook: a deadline's stop after this batch is already known
+        if batch_idx + 1 < self.trainer.num_training_batches and not self.trainer.should_stop:
+            return
+        rows = max(1, int(self.epoch_sums["rows"]))
+        # every process's own mean, averaged across processes (their shards are padded to one length)
+        self.log("train_loss", float(self.epoch_sums["loss"]) / rows, on_step=False, on_epoch=True, prog_bar=True,
+                 batch_size=1, sync_dist=True)
+        self.log("train_accuracy", float(self.epoch_sums["correct"]) / rows, on_step=False, on_epoch=True,
+                 prog_bar=True, batch_size=1, sync_dist=True)
+
+    def _step(self, batch, metric: Metric | None, prefix: str) -> torch.Tensor:
         x, y = batch
         if prefix == "train" and x.dim() == 4 and len(y) == 1:
             # an epoch's last batch of one image (41 images in batches of 8): BatchNorm in training
@@ -136,20 +194,23 @@ class ClassifierModule(L.LightningModule):
         else:
             logits = forward_logits(self, x, tta=self.tta if prefix == "val" else None)
             loss = self.loss_fn(logits.float(), y)
-        if prefix == "train" and self.teacher is not None:
-            loss = distill_loss(loss, logits, self.teacher(x), *self.distill)
+        if prefix == "train":
+            if self.teacher is not None:
+                loss = distill_loss(loss, logits, self.teacher(x), *self.distill)
+            self.count(loss, logits, y)
+            # the bar's running figure; the epoch's are logged from the sums (on_train_batch_end)
+            self.log("train_loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(y))
+            return loss
         scores, y_metric = self.task.metric_inputs(logits, y)
         metric(scores, y_metric)
-        if prefix == "val":
-            self._extra_val_metrics(scores, y_metric)
-        on_step = prefix == "train"
-        self.log(f"{prefix}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y),
+        self._extra_val_metrics(scores, y_metric)
+        self.log(f"{prefix}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y),
                  sync_dist=True)
         self.log(f"{prefix}_accuracy", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss
 
     def training_step(self, batch, batch_idx):
-        return self._step(batch, self.train_acc, "train")
+        return self._step(batch, None, "train")
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, self.val_acc, "val")
@@ -216,11 +277,11 @@ class HeadModule(ClassifierModule):
     metrics) trains it. Batches are ``(features [B, d], targets)``; there is no image to mix or
     mirror.
 
-    A linear layer's step costs less than logging it: the epoch's training loss and accuracy are
-    summed here and logged once, after its last batch (or the batch a stop came after). The sums
-    are kept in the checkpoint and the loader's position too
-    (:class:`~visiontune.training.lightning_fit.ResumableLoader`), so a run stopped mid-epoch (SIGTERM,
-    or a kill after a ``--checkpoint-every-steps`` checkpoint) resumes bit-exactly.
+    A linear layer's step costs less than logging it, so it logs nothing per step: the epoch's
+    training loss and accuracy are :meth:`~ClassifierModule.count`'s sums, as every fit's. Like
+    any fit, a run stopped mid-epoch (SIGTERM, or a kill after a ``--checkpoint-every-steps``
+    checkpoint) resumes bit-exactly (the loader's position:
+    :class:`~visiontune.training.lightning_fit.ResumableLoader`).
 
     Args:
         head: the model's classifier layer (a submodule of the run's model, trained in place).
@@ -233,36 +294,13 @@ class HeadModule(ClassifierModule):
                  label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None,
                  task: str | Task = "single"):
         super().__init__(head, "", [], [], optimizer, schedule, label_smoothing, class_weights, task=task)
-        self.epoch_sums = {"loss": 0.0, "correct": 0.0, "rows": 0}
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         logits = self(x)
         loss = self.loss_fn(logits.float(), y)
-        with torch.no_grad():
-            self.epoch_sums["loss"] += float(loss) * len(y)
-            self.epoch_sums["correct"] += self.task.accuracy(logits, y) * len(y)
-            self.epoch_sums["rows"] += len(y)
+        self.count(loss, logits, y)
         return loss
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        # after the callbacks' hook: a deadline's stop after this batch is already known
-        if batch_idx + 1 < self.trainer.num_training_batches and not self.trainer.should_stop:
-            return
-        rows = max(1, self.epoch_sums["rows"])
-        self.log("train_loss", self.epoch_sums["loss"] / rows, on_step=False, on_epoch=True, prog_bar=True,
-                 batch_size=1)
-        self.log("train_accuracy", self.epoch_sums["correct"] / rows, on_step=False, on_epoch=True, prog_bar=True,
-                 batch_size=1)
-        self.epoch_sums = {"loss": 0.0, "correct": 0.0, "rows": 0}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["visiontune_epoch_sums"] = dict(self.epoch_sums)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self.epoch_sums = dict(checkpoint.get("visiontune_epoch_sums") or self.epoch_sums)
 
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.model.parameters()), "lr": self.optimizer_settings.peak_lr, "name": "head"}]
