@@ -204,7 +204,8 @@ class RuntimeOptions:
     run_dir: str | None = option(None, "where to write the run (default: runs/train-N, never overwriting)",
                                  metavar="PATH")
     resume: str | None = option(None, "continue an interrupted run from its last checkpoint", metavar="RUN_DIR")
-    checkpoint_every_steps: int | None = option(None, "also checkpoint every N optimizer steps (resume mid-epoch)")
+    checkpoint_every_steps: int | None = option(
+        None, "also checkpoint every N optimizer steps, not at an epoch's last (resume mid-epoch)")
     compile: bool = option(False, "torch.compile the model for training (opt-in: compiling takes minutes)")
     cache_dir: str | None = option(None, "feature cache folder (default: $VISIONTUNE_CACHE or ~/.cache/visiontune)",
                                    metavar="PATH")
