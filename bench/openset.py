@@ -128,7 +128,7 @@ def candidate_table(run: Path, files: dict[str, Path], far: list[str]) -> list[d
     rows = []
     for kind in candidates(False):
         for layer in layers if kind in FEATURE_SCORES else (None,):
-            score = fit_score(kind, tr_f[layer], tr_y, len(names), clf.temperature, layer=layer)
+            score = fit_score(kind, tr_f[layer], tr_y, len(names), clf.temperature, layer=layer, reference=va[0][layer])
             with torch.no_grad():
                 s = {k: score(v[0][layer], v[1]).numpy() for k, v in (("val", va), ("test", te), ("near", nr),
                                                                       ("far", fr))}

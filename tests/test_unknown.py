@@ -15,9 +15,17 @@ from conftest import FAST, make_folder, vt, vt_main
 from PIL import Image
 
 import visiontune
-from visiontune.core.errors import ArtifactError
+from visiontune.core.errors import ArtifactError, DataError
 from visiontune.models.card import ModelCard
-from visiontune.models.unknown import UNKNOWN_FILE, UNKNOWN_SCORES, UnknownScore, load_score, save_score
+from visiontune.models.unknown import (
+    FEATURE_SCORES,
+    FUSED,
+    UNKNOWN_FILE,
+    UNKNOWN_SCORES,
+    UnknownScore,
+    load_score,
+    save_score,
+)
 from visiontune.training.unknown import class_folds, fit_score, select, threshold_at
 
 
@@ -30,15 +38,32 @@ def clusters(n_per_class: int = 40, classes: int = 5, dim: int = 8, seed: int = 
     return f, -torch.cdist(f, centres), y, centres
 
 
-@pytest.mark.parametrize("kind", ["mahalanobis", "knn"])
+@pytest.mark.parametrize("kind", ["mahalanobis", "knn", FUSED])
 def test_feature_scores_rank_training_like_images_above_strangers(kind):
     f, z, y, centres = clusters()
-    score = fit_score(kind, f, y, logits_width=5)
+    score = fit_score(kind, f, y, logits_width=5, reference=clusters(n_per_class=10, seed=2)[0])
     far = centres.mean(0, keepdim=True) + torch.randn(20, 8) * 0.5  # between the classes, near none
     with torch.no_grad():
         inside, outside = score(f, z), score(far, -torch.cdist(far, centres))
     assert inside.shape == (len(f),) and outside.shape == (20,)
     assert inside.min() > outside.max()
+
+
+def test_the_fused_score_is_its_parts_standardised_on_the_reference():
+    """mahalanobis+knn is the sum of the two scores fitted on the same images, each standardised by
+    its mean and spread on the reference (known images not fitted on), so both weigh alike there."""
+    f, z, y, _ = clusters()
+    reference = clusters(n_per_class=10, seed=2)[0]
+    both = fit_score(FUSED, f, y, logits_width=5, reference=reference)
+    maha, knn = (fit_score(kind, f, y, logits_width=5) for kind in ("mahalanobis", "knn"))
+    with torch.no_grad():
+        parts = [part(reference, z[:len(reference)]).double() for part in (maha, knn)]
+        expected = sum((p - p.mean()) / p.std() for p in parts)
+        fused = both(reference, z[:len(reference)]).double()
+    assert torch.allclose(fused, expected, atol=1e-4)
+    assert abs(float(fused.mean())) < 1e-4 and float(fused.std()) > 1.0  # each part: mean 0, spread 1 there
+    with pytest.raises(DataError, match="val split"):
+        fit_score(FUSED, f, y, logits_width=5)  # nothing to standardise on
 
 
 def test_logit_scores_follow_their_definitions():
@@ -81,7 +106,7 @@ def test_the_selection_measures_the_feature_scores_on_each_source():
     table = select((wide, z, y), ({None: val[0], "blocks.6": torch.cat([val[0], val[0].flip(1)], 1)},) + val[1:3],
                    temperature=1.0)
     assert sorted((row["score"], row["layer"] or "") for row in table) == sorted(
-        [(k, "") for k in UNKNOWN_SCORES.names()] + [("knn", "blocks.6"), ("mahalanobis", "blocks.6")])
+        [(k, "") for k in UNKNOWN_SCORES.names()] + [(k, "blocks.6") for k in FEATURE_SCORES])
 
 
 def test_the_last_stage_is_preferred_only_within_the_margin():
@@ -101,13 +126,32 @@ def test_the_last_stage_is_preferred_only_within_the_margin():
     assert sorted(map(str, prefer_stage(table))) == sorted(map(str, table))  # reordered, nothing lost
 
 
+def test_the_sum_of_the_feature_scores_is_preferred_only_within_the_margin():
+    """mahalanobis+knn on the leading feature score's source goes first when that score leads it by at
+    most FUSED_MARGIN; a larger lead, the sum on another source, or a logit score in front keep the order."""
+    from visiontune.training.unknown import FUSED_MARGIN, prefer_fused
+
+    def rows(first_kind, lead, layer="blocks.6"):
+        return [{"score": first_kind, "layer": "blocks.6", "auroc": 0.99},
+                {"score": FUSED, "layer": layer, "auroc": 0.99 - lead},
+                {"score": "knn", "layer": "blocks.6", "auroc": 0.9}]
+
+    assert prefer_fused(rows("mahalanobis", FUSED_MARGIN / 2))[0]["score"] == FUSED
+    assert prefer_fused(rows("knn", FUSED_MARGIN / 2)[:2])[0]["score"] == FUSED
+    assert prefer_fused(rows("mahalanobis", FUSED_MARGIN * 2))[0]["score"] == "mahalanobis"
+    assert prefer_fused(rows("mahalanobis", 0.0, layer=None))[0]["score"] == "mahalanobis"
+    assert prefer_fused(rows("energy", 0.0))[0]["score"] == "energy"
+    table = rows("mahalanobis", 0.0)
+    assert sorted(map(str, prefer_fused(table))) == sorted(map(str, table))  # reordered, nothing lost
+
+
 def test_a_two_class_selection_measures_the_feature_scores():
     """Holding one of two classes out leaves one: no head to refit, so only the feature scores are
     measured (the logit scores of one class say nothing)."""
     f, z, y, _ = clusters(classes=2)
     val = clusters(n_per_class=15, classes=2, seed=1)
     table = select((f, z, y), val[:3], temperature=1.0)
-    assert {row["score"] for row in table} == {"mahalanobis", "knn"}
+    assert {row["score"] for row in table} == set(FEATURE_SCORES)
     assert all(row["folds"] == 2 for row in table)
 
 
@@ -154,6 +198,16 @@ def test_statistics_files_are_checked_before_use(tmp_path):
     save_score(tmp_path, fit_score("knn", f * float("nan"), None, 5))
     with pytest.raises(ArtifactError, match="non-finite"):
         load_score(tmp_path, {**section, "score": "knn"}, 5, 8)
+    both = fit_score(FUSED, f, y, logits_width=5, reference=f[::3])
+    save_score(tmp_path, both)
+    loaded = load_score(tmp_path, {**section, "score": FUSED}, 5, 8)
+    assert torch.allclose(loaded(f, z), both(f, z))
+    with pytest.raises(ArtifactError, match="do not belong together"):
+        load_score(tmp_path, section, 5, 8)  # the sum's file read as Mahalanobis alone
+    both.scale[3] = -1.0  # a spread that is not positive would flip the part's sign
+    save_score(tmp_path, both)
+    with pytest.raises(ArtifactError, match="not positive"):
+        load_score(tmp_path, {**section, "score": FUSED}, 5, 8)
 
 
 @pytest.mark.parametrize("section, message", [
@@ -241,8 +295,9 @@ def test_training_fits_a_score_and_every_surface_decides_alike(trained_run, tmp_
 
 def test_a_score_of_the_last_stage_decides_alike_everywhere(trained_run, tmp_path):
     """A score fitted on the pooled output of the network's last feature stage (the card's
-    ``layer``): the card names it, the Python API and the ONNX graph give the same scores and
-    decisions, and the score is the one its statistics give on that layer's features."""
+    ``layer``; the sum of Mahalanobis and kNN, the widest graph): the card names it, the Python API
+    and the ONNX graph give the same scores and decisions, and the score is the one its statistics
+    give on that layer's features."""
     from visiontune.data.scan import read_split_csv
     from visiontune.export.exporter import export_model
     from visiontune.models.unknown import feature_layer, tapped_forward
@@ -256,9 +311,9 @@ def test_a_score_of_the_last_stage_decides_alike_everywhere(trained_run, tmp_pat
     assert layer == "blocks.6"  # EfficientNet-Lite0's last block, before the 1x1 head convolution
     names = clf.class_names
     fitted = fit_unknown(clf, read_split_csv(copy / "splits" / "train.csv", names),
-                         read_split_csv(copy / "splits" / "val.csv", names), kind="mahalanobis", layer=layer)
+                         read_split_csv(copy / "splits" / "val.csv", names), kind=FUSED, layer=layer)
     assert fitted.score.layer == layer and fitted.section["layer"] == layer
-    assert fitted.section["selection"]["method"] == f"none (asked for mahalanobis@{layer})"
+    assert fitted.section["selection"]["method"] == f"none (asked for {FUSED}@{layer})"
     store_unknown(copy / "model", fitted)
     assert json.loads((copy / "model" / "model.json").read_text())["unknown"]["layer"] == layer
 

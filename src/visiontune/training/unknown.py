@@ -41,6 +41,7 @@ from ..models.artifact import read_card, write_card
 from ..models.unknown import (
     DEFAULT_TPR,
     FEATURE_SCORES,
+    FUSED,
     MAX_BANK,
     UNKNOWN_SCORES,
     UnknownScore,
@@ -62,6 +63,11 @@ SHRINKAGE = 1e-3          # share of the mean variance added to the covariance's
 # estimate (0.951 / 0.950) while the last stage's was far ahead on the real unknowns: near AUROC
 # 0.829 against 0.752, far 0.994 against 0.975.
 STAGE_MARGIN = 0.01
+# The sum of the two feature scores is kept over either alone unless that one leads it by more than
+# this in the estimate. On bench/openset.py --splits the estimate saturates near 0.99 where the real
+# unknowns tell the scores apart: split 0 read Mahalanobis@blocks.6 0.9911, the sum 0.9908, and the
+# held-out classes gave near AUROC 0.897 and 0.924 (kNN 0.919); split 2 read the sum first (0.957)
+FUSED_MARGIN = 0.01
 
 
 @dataclass
@@ -78,9 +84,19 @@ def candidates(multi_label: bool) -> tuple[str, ...]:
 
 
 def fit_score(kind: str, features: torch.Tensor, targets: torch.Tensor | None, logits_width: int,
-              temperature: float = 1.0, seed: int = 0, layer: str | None = None) -> UnknownScore:
+              temperature: float = 1.0, seed: int = 0, layer: str | None = None,
+              reference: torch.Tensor | None = None) -> UnknownScore:
     """``kind`` fitted on training ``features [N, D]`` (of ``layer``; None: the classifier's input)
-    with class ``targets [N]`` (None: one Gaussian of all of them, for multi-label models)."""
+    with class ``targets [N]`` (None: one Gaussian of all of them, for multi-label models).
+
+    ``reference``: features of known images the statistics are not fitted on (the val split's),
+    which :data:`~visiontune.models.unknown.FUSED` standardises its two parts on (required there)."""
+    if kind == FUSED:
+        if reference is None or len(reference) < 2:
+            raise DataError(f"the {FUSED} score standardises its parts on known images it was not fitted on: "
+                            "give at least 2 (the val split's)")
+        return fused(*(fit_score(k, features, targets, logits_width, temperature, seed, layer)
+                       for k in ("mahalanobis", "knn")), reference)
     features = features.double()
     dim = features.shape[1]
     if kind == "mahalanobis":
@@ -103,6 +119,21 @@ def fit_score(kind: str, features: torch.Tensor, targets: torch.Tensor | None, l
         score.bank.copy_(torch.nn.functional.normalize(rows, dim=-1).float())
         return score
     return UnknownScore(kind, logits_width, dim, temperature)
+
+
+def fused(mahalanobis: UnknownScore, knn: UnknownScore, reference: torch.Tensor) -> UnknownScore:
+    """The :data:`~visiontune.models.unknown.FUSED` score of two fitted parts on the same features,
+    each part standardised by its mean and spread on ``reference`` (known images' features)."""
+    score = UnknownScore(FUSED, 1, knn.bank.shape[1], mahalanobis.temperature, bank=knn.bank.shape[0],
+                         centres=mahalanobis.means.shape[0], layer=knn.layer)
+    score.means.copy_(mahalanobis.means)
+    score.whitening.copy_(mahalanobis.whitening)
+    score.bank.copy_(knn.bank)
+    with torch.no_grad():
+        known = [part(reference.float(), reference.float()).double() for part in (mahalanobis, knn)]  # no logits
+    spread = [float(k.std()) if float(k.std()) > 1e-6 else 1.0 for k in known]  # a constant part counts as 1
+    score.scale.copy_(torch.tensor([float(known[0].mean()), spread[0], float(known[1].mean()), spread[1]]))
+    return score
 
 
 def auroc(known: np.ndarray, unknown: np.ndarray) -> float:
@@ -183,16 +214,21 @@ def select(train: tuple[Features, torch.Tensor, torch.Tensor], val: tuple[Featur
         targets = remap[train[2][keep_train]]
         # one kept class (a 2-class model's folds) has no head to refit: only the feature scores are measured
         logits = refit_head(train_f[None][keep_train], targets, val_f[None], seed) if len(kept) > 1 else None
+        fitted: dict[tuple[str, str | None], UnknownScore] = {}
         for kind, layer in results:
             if logits is None and kind not in FEATURE_SCORES:
                 continue
-            score = fit_score(kind, train_f[layer][keep_train], targets, len(kept), temperature, seed, layer)
+            if kind == FUSED:  # its parts, fitted just before in this fold (the registry lists them first)
+                score = fused(fitted[("mahalanobis", layer)], fitted[("knn", layer)], val_f[layer][known_val])
+            else:
+                score = fit_score(kind, train_f[layer][keep_train], targets, len(kept), temperature, seed, layer)
+            fitted[(kind, layer)] = score
             with torch.no_grad():
                 s = score(val_f[layer], logits if logits is not None else val[1][:, kept]).numpy()
             results[(kind, layer)].append(auroc(s[known_val.numpy()], s[~known_val.numpy()]))
     table = [{"score": kind, "layer": layer, "auroc": round(float(np.mean(v)), 4), "std": round(float(np.std(v)), 4),
               "folds": len(v)} for (kind, layer), v in results.items() if v]
-    return prefer_stage(sorted(table, key=lambda row: -row["auroc"]))
+    return prefer_fused(prefer_stage(sorted(table, key=lambda row: -row["auroc"])))
 
 
 def prefer_stage(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -211,6 +247,24 @@ def prefer_stage(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if stage is None or table[0]["auroc"] - stage["auroc"] > STAGE_MARGIN:
         return table
     return [stage] + [row for row in table if row is not stage]
+
+
+def prefer_fused(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``table`` (best first) with the :data:`~visiontune.models.unknown.FUSED` row of the leading
+    feature score's source moved to the front when it trails that score by at most :data:`FUSED_MARGIN`.
+
+    Example:
+        >>> rows = [{"score": "mahalanobis", "layer": "blocks.6", "auroc": 0.9911},
+        ...         {"score": "mahalanobis+knn", "layer": "blocks.6", "auroc": 0.9908}]
+        >>> prefer_fused(rows)[0]["score"]
+        'mahalanobis+knn'
+    """
+    if not table or table[0]["score"] not in FEATURE_SCORES or table[0]["score"] == FUSED:
+        return table
+    both = next((row for row in table if row["score"] == FUSED and row["layer"] == table[0]["layer"]), None)
+    if both is None or table[0]["auroc"] - both["auroc"] > FUSED_MARGIN:
+        return table
+    return [both] + [row for row in table if row is not both]
 
 
 def refit_head(features: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -291,7 +345,8 @@ def fit_unknown(clf: Classifier, train: list[Sample], val: list[Sample], tpr: fl
     table = [] if multi or forced else select((tr_f, tr_z, tr_y), (va_f, va_z, va_y), clf.temperature, seed)
     if not forced:
         kind, layer = (table[0]["score"], table[0]["layer"]) if table else ("knn", None)
-    score = fit_score(kind, tr_f[layer], None if multi else tr_y, clf.card.num_classes, clf.temperature, seed, layer)
+    score = fit_score(kind, tr_f[layer], None if multi else tr_y, clf.card.num_classes, clf.temperature, seed, layer,
+                      reference=va_f[layer])
     with torch.no_grad():
         known = score(va_f[layer], va_z).numpy()
     threshold = threshold_at(known, tpr)
