@@ -66,6 +66,35 @@ def test_the_fused_score_is_its_parts_standardised_on_the_reference():
         fit_score(FUSED, f, y, logits_width=5)  # nothing to standardise on
 
 
+def test_a_part_that_barely_varies_on_known_images_is_divided_by_the_least_spread():
+    """Near-duplicates of training images give kNN similarities a spread of ~1e-5: the part is divided
+    by min_spread of its mean instead, so float32 rounding cannot decide (and the file still loads)."""
+    from visiontune.models.unknown import min_spread
+
+    f, z, y, _ = clusters()
+    both = fit_score(FUSED, f, y, logits_width=5, reference=f[:10] + 1e-7)  # training images again: kNN ~1
+    assert float(both.scale[3]) == pytest.approx(min_spread(float(both.scale[2])))
+    assert float(both.scale[1]) > min_spread(float(both.scale[0]))  # the Mahalanobis part varies
+
+
+def test_the_selections_sum_is_the_fused_score_standardised_on_the_folds_known_images(monkeypatch):
+    """In a fold the sum's row is the AUROC of fit_score(FUSED) fitted on the kept classes and
+    standardised on the kept classes' val images only (never the held-out ones)."""
+    import visiontune.training.unknown as unknown
+
+    monkeypatch.setattr(unknown, "class_folds", lambda n, seed=0: [[1, 4]])
+    f, z, y, _ = clusters(classes=6)
+    vf, vz, vy, _ = clusters(n_per_class=15, classes=6, seed=1)
+    row = next(r for r in select((f, z, y), (vf, vz, vy), 1.0) if r["score"] == FUSED)
+    kept = torch.isin(y, torch.tensor([0, 2, 3, 5]))
+    known = torch.isin(vy, torch.tensor([0, 2, 3, 5]))
+    remap = torch.tensor([0, -1, 1, 2, -1, 3])
+    score = fit_score(FUSED, f[kept], remap[y[kept]], 4, reference=vf[known])
+    with torch.no_grad():
+        s = score(vf, vz).numpy()
+    assert row["auroc"] == pytest.approx(unknown.auroc(s[known.numpy()], s[~known.numpy()]), abs=1e-4)
+
+
 def test_logit_scores_follow_their_definitions():
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.4, 0.3]])
     features = torch.zeros(2, 4)
@@ -145,6 +174,17 @@ def test_the_sum_of_the_feature_scores_is_preferred_only_within_the_margin():
     assert sorted(map(str, prefer_fused(table))) == sorted(map(str, table))  # reordered, nothing lost
 
 
+def test_the_tie_breaks_end_on_the_last_stage():
+    """The sum on the classifier's input moved first by prefer_fused gives way to the sum on the last
+    stage within STAGE_MARGIN (prefer runs prefer_stage again)."""
+    from visiontune.training.unknown import prefer
+
+    rows = [{"score": "knn", "layer": None, "auroc": 0.970}, {"score": FUSED, "layer": None, "auroc": 0.965},
+            {"score": FUSED, "layer": "blocks.6", "auroc": 0.962}, {"score": "knn", "layer": "blocks.6", "auroc": 0.95}]
+    assert (prefer(rows)[0]["score"], prefer(rows)[0]["layer"]) == (FUSED, "blocks.6")
+    assert sorted(map(str, prefer(rows))) == sorted(map(str, rows))
+
+
 def test_a_two_class_selection_measures_the_feature_scores():
     """Holding one of two classes out leaves one: no head to refit, so only the feature scores are
     measured (the logit scores of one class say nothing)."""
@@ -204,10 +244,11 @@ def test_statistics_files_are_checked_before_use(tmp_path):
     assert torch.allclose(loaded(f, z), both(f, z))
     with pytest.raises(ArtifactError, match="do not belong together"):
         load_score(tmp_path, section, 5, 8)  # the sum's file read as Mahalanobis alone
-    both.scale[3] = -1.0  # a spread that is not positive would flip the part's sign
-    save_score(tmp_path, both)
-    with pytest.raises(ArtifactError, match="not positive"):
-        load_score(tmp_path, {**section, "score": FUSED}, 5, 8)
+    for bad in (-1.0, 1e-9):  # a negative spread flips the part's sign; a tiny one scales rounding into the decision
+        both.scale[3] = bad
+        save_score(tmp_path, both)
+        with pytest.raises(ArtifactError, match="spread under the least"):
+            load_score(tmp_path, {**section, "score": FUSED}, 5, 8)
 
 
 @pytest.mark.parametrize("section, message", [

@@ -57,6 +57,16 @@ DEFAULT_TPR = 0.95         # share of known images the threshold accepts
 # kNN 0.919 / 0.967 on split 0, their standardised sum 0.924 / 0.988 (0.884, 0.900 -> 0.918 on split 2)
 FUSED = "mahalanobis+knn"
 
+def min_spread(mean: float) -> float:
+    """The least spread a part of :data:`FUSED` is divided by: 1e-4 of its mean's size (at least 1e-4).
+
+    Example:
+        >>> min_spread(0.95), round(min_spread(-3000.0), 6)
+        (0.0001, 0.3)
+    """
+    return 1e-4 * max(1.0, abs(mean))
+
+
 UNKNOWN_SCORES = Registry.choices("unknown score", {
     "msp": "the largest calibrated class probability",
     "max_logit": "the largest logit (Vaze et al. 2022: a good closed-set classifier is all you need)",
@@ -79,7 +89,8 @@ class UnknownScore(nn.Module):
         dim: the classifier's input features (``D``).
         temperature: the calibration temperature (``msp``).
         bank: rows of the kNN bank; ``centres``: Gaussians of the Mahalanobis score (the classes,
-            or 1 for a multi-label model, whose images have no single class).
+            or 1 for a multi-label model, whose images have no single class). :data:`FUSED` holds
+            both, and ``scale``: the mean and spread of each part on known images (4 numbers).
         layer: the module whose pooled output are the ``features`` (None: the classifier's input).
     """
 
@@ -228,8 +239,10 @@ def load_score(directory: str | Path, section: dict[str, Any], num_classes: int,
     score.load_state_dict(state, strict=True)
     if not all(torch.isfinite(t).all() for t in state.values()):
         raise ArtifactError(f"{path} holds non-finite statistics; retrain the model")
-    if "scale" in state and not (state["scale"][[1, 3]] > 0).all():
-        raise ArtifactError(f"{path} holds a spread of a score part that is not positive; retrain the model")
+    scale = state.get("scale")
+    if scale is not None and any(float(scale[i + 1]) < min_spread(float(scale[i])) * (1 - 1e-6) for i in (0, 2)):
+        raise ArtifactError(f"{path} divides a part of the score by a spread under the least visiontune writes "
+                            f"({scale.tolist()}); retrain the model")
     return score.eval()
 
 

@@ -12,11 +12,13 @@ best mean AUROC is fitted on every class, and its threshold is the score that ac
 
 One bias is stated, not removed: the network was trained on all classes, so its features know
 the classes a fold holds out; the estimate is optimistic for every candidate, and the held-out
-classes of ``bench/openset.py`` measure the real figure.
+classes of ``bench/openset.py`` measure the real figure. The sum of the two feature scores is
+standardised on the fold's known val images, the known side of its own AUROC: one ratio fitted on
+the images it is measured on (a slight advantage, on top of :data:`FUSED_MARGIN`).
 
 A multi-label model's images may carry no label at all, so an image is unknown by being unlike
 the training images, not by lacking a class: its candidates are the feature scores, a single
-Gaussian of all training features (``mahalanobis``) and ``knn``. With no classes to hold out
+Gaussian of all training features (``mahalanobis``), ``knn`` and their sum. With no classes to hold out
 there is nothing to select on, so ``knn`` (the better of the two on far unknowns in OpenOOD v1.5)
 is fitted without a selection.
 
@@ -47,6 +49,7 @@ from ..models.unknown import (
     UnknownScore,
     card_section,
     feature_layer,
+    min_spread,
     save_score,
 )
 
@@ -92,9 +95,9 @@ def fit_score(kind: str, features: torch.Tensor, targets: torch.Tensor | None, l
     ``reference``: features of known images the statistics are not fitted on (the val split's),
     which :data:`~visiontune.models.unknown.FUSED` standardises its two parts on (required there)."""
     if kind == FUSED:
-        if reference is None or len(reference) < 2:
+        if reference is None:
             raise DataError(f"the {FUSED} score standardises its parts on known images it was not fitted on: "
-                            "give at least 2 (the val split's)")
+                            "give them (the val split's)")
         return fused(*(fit_score(k, features, targets, logits_width, temperature, seed, layer)
                        for k in ("mahalanobis", "knn")), reference)
     features = features.double()
@@ -121,9 +124,21 @@ def fit_score(kind: str, features: torch.Tensor, targets: torch.Tensor | None, l
     return UnknownScore(kind, logits_width, dim, temperature)
 
 
+def spread(known: np.ndarray | torch.Tensor) -> float:
+    """The standard deviation a part of the :data:`~visiontune.models.unknown.FUSED` score is
+    divided by: its scores' on known images, at least :func:`~visiontune.models.unknown.min_spread`
+    of their mean (near-duplicate images give kNN similarities a spread of 1e-5, which would scale
+    the runtimes' float32 rounding into the decision)."""
+    known = torch.as_tensor(np.asarray(known, dtype=np.float64))
+    return max(float(known.std()), min_spread(float(known.mean())))
+
+
 def fused(mahalanobis: UnknownScore, knn: UnknownScore, reference: torch.Tensor) -> UnknownScore:
     """The :data:`~visiontune.models.unknown.FUSED` score of two fitted parts on the same features,
-    each part standardised by its mean and spread on ``reference`` (known images' features)."""
+    each part standardised by its mean and :func:`spread` on ``reference`` (2+ known images' features)."""
+    if len(reference) < 2:
+        raise DataError(f"the {FUSED} score standardises its parts on at least 2 known images it was not fitted "
+                        "on (the val split's)")
     score = UnknownScore(FUSED, 1, knn.bank.shape[1], mahalanobis.temperature, bank=knn.bank.shape[0],
                          centres=mahalanobis.means.shape[0], layer=knn.layer)
     score.means.copy_(mahalanobis.means)
@@ -131,8 +146,8 @@ def fused(mahalanobis: UnknownScore, knn: UnknownScore, reference: torch.Tensor)
     score.bank.copy_(knn.bank)
     with torch.no_grad():
         known = [part(reference.float(), reference.float()).double() for part in (mahalanobis, knn)]  # no logits
-    spread = [float(k.std()) if float(k.std()) > 1e-6 else 1.0 for k in known]  # a constant part counts as 1
-    score.scale.copy_(torch.tensor([float(known[0].mean()), spread[0], float(known[1].mean()), spread[1]]))
+    score.scale.copy_(torch.tensor([float(known[0].mean()), spread(known[0]), float(known[1].mean()),
+                                    spread(known[1])]))
     return score
 
 
@@ -214,21 +229,44 @@ def select(train: tuple[Features, torch.Tensor, torch.Tensor], val: tuple[Featur
         targets = remap[train[2][keep_train]]
         # one kept class (a 2-class model's folds) has no head to refit: only the feature scores are measured
         logits = refit_head(train_f[None][keep_train], targets, val_f[None], seed) if len(kept) > 1 else None
-        fitted: dict[tuple[str, str | None], UnknownScore] = {}
-        for kind, layer in results:
+        scored: dict[tuple[str, str | None], np.ndarray] = {}
+        known = known_val.numpy()
+        for kind, layer in sorted(results, key=lambda pair: pair[0] == FUSED):  # the sum after its parts
             if logits is None and kind not in FEATURE_SCORES:
                 continue
-            if kind == FUSED:  # its parts, fitted just before in this fold (the registry lists them first)
-                score = fused(fitted[("mahalanobis", layer)], fitted[("knn", layer)], val_f[layer][known_val])
+            if kind == FUSED:  # the parts' val scores of this fold, standardised on its known images
+                parts = [scored.get((part, layer)) for part in ("mahalanobis", "knn")]
+                if any(p is None for p in parts) or known.sum() < 2:
+                    continue
+                s = sum((p - p[known].mean()) / spread(p[known]) for p in parts)
             else:
                 score = fit_score(kind, train_f[layer][keep_train], targets, len(kept), temperature, seed, layer)
-            fitted[(kind, layer)] = score
-            with torch.no_grad():
-                s = score(val_f[layer], logits if logits is not None else val[1][:, kept]).numpy()
-            results[(kind, layer)].append(auroc(s[known_val.numpy()], s[~known_val.numpy()]))
+                with torch.no_grad():
+                    s = score(val_f[layer], logits if logits is not None else val[1][:, kept]).numpy().astype(
+                        np.float64)
+                scored[(kind, layer)] = s
+            results[(kind, layer)].append(auroc(s[known], s[~known]))
     table = [{"score": kind, "layer": layer, "auroc": round(float(np.mean(v)), 4), "std": round(float(np.std(v)), 4),
               "folds": len(v)} for (kind, layer), v in results.items() if v]
-    return prefer_fused(prefer_stage(sorted(table, key=lambda row: -row["auroc"])))
+    return prefer(sorted(table, key=lambda row: -row["auroc"]))
+
+
+def prefer(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``table`` (best first) after the selection's two tie-breaks: the last stage over the
+    classifier's input (:func:`prefer_stage`), then the sum over either of its parts on one source
+    (:func:`prefer_fused`), then the last stage again (the sum on the classifier's input may have
+    come first where the sum on the last stage trails it by the margin). The row chosen trails the
+    best by at most ``2 * STAGE_MARGIN + FUSED_MARGIN``.
+
+    Example:
+        >>> rows = [{"score": "knn", "layer": None, "auroc": 0.970},
+        ...         {"score": "mahalanobis+knn", "layer": None, "auroc": 0.965},
+        ...         {"score": "mahalanobis+knn", "layer": "blocks.6", "auroc": 0.962},
+        ...         {"score": "knn", "layer": "blocks.6", "auroc": 0.950}]
+        >>> [prefer(rows)[0][k] for k in ("score", "layer")]
+        ['mahalanobis+knn', 'blocks.6']
+    """
+    return prefer_stage(prefer_fused(prefer_stage(table)))
 
 
 def prefer_stage(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
