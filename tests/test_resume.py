@@ -239,12 +239,27 @@ def test_finetune_sigterm_in_its_warmup_resumes_bit_exact(tmp_path, capsys):
     assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
 
 
+def resume_matches(capsys, run_dir: Path, reference: Path, epochs: int) -> None:
+    """``--resume run_dir`` completes, with the metrics rows, the last epoch's checkpointed weights and
+    the saved model of the uninterrupted ``reference`` run, bit for bit."""
+    from safetensors.torch import load_file
+
+    code, _, err = vt_main(capsys, "train", "--resume", run_dir)
+    assert code == 0 and "Traceback" not in err, err
+    assert metric_columns(run_dir) == metric_columns(reference)
+    last = f"epoch{epochs - 1:03d}.ckpt"
+    weights, expected = (torch.load(r / "checkpoints" / last, map_location="cpu", weights_only=True)["state_dict"]
+                         for r in (run_dir, reference))
+    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
+    saved, best = (load_file(r / "model" / "model.safetensors") for r in (run_dir, reference))
+    assert all(torch.equal(saved[k], best[k]) for k in best)
+
+
 def test_finetune_sigterm_mid_epoch_resumes_bit_exact(tmp_path, capsys):
     """A fine-tune on images stopped by SIGTERM mid-epoch (while a step checkpoint is written, two
     loader workers running) resumes after the batches it had trained on: the same weights and the
     same metrics rows (the epoch's training loss and accuracy included) as a run never interrupted.
     Before the image loader's position was checkpointed, the resumed epoch replayed its first batches."""
-    from safetensors.torch import load_file
 
     data = make_folder(tmp_path / "my data", per_class=8)
     epochs = 2
@@ -255,15 +270,7 @@ def test_finetune_sigterm_mid_epoch_resumes_bit_exact(tmp_path, capsys):
     sigterm_while_writing(data, run_dir, epochs, options, ".step*.ckpt.tmp-*")
     assert mid_epoch(ckpts / "interrupted.ckpt")
 
-    code, _, err = vt_main(capsys, "train", "--resume", run_dir)
-    assert code == 0 and "Traceback" not in err, err
-    assert metric_columns(run_dir) == metric_columns(reference.run_dir)
-    last = f"epoch{epochs - 1:03d}.ckpt"
-    weights, expected = (torch.load(r / "checkpoints" / last, map_location="cpu", weights_only=True)["state_dict"]
-                         for r in (run_dir, reference.run_dir))
-    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
-    saved, best = (load_file(r / "model" / "model.safetensors") for r in (run_dir, reference.run_dir))
-    assert all(torch.equal(saved[k], best[k]) for k in best)
+    resume_matches(capsys, run_dir, reference.run_dir, epochs)
     assert step_checkpoints_after_an_epochs_last_batch(reference.run_dir) == []
     assert sorted(p.name for p in (reference.run_dir / "checkpoints").glob("step*.ckpt"))  # it kept some
 
@@ -280,13 +287,7 @@ def test_progressive_sigterm_mid_epoch_resumes_bit_exact(tmp_path, capsys):
     run_dir, ckpts = tmp_path / "run dir", tmp_path / "run dir" / "checkpoints"
     sigterm_while_writing(data, run_dir, epochs, options, ".step*.ckpt.tmp-*")
     assert mid_epoch(ckpts / "interrupted.ckpt")
-    code, _, err = vt_main(capsys, "train", "--resume", run_dir)
-    assert code == 0 and "Traceback" not in err, err
-    assert metric_columns(run_dir) == metric_columns(reference.run_dir)
-    last = f"epoch{epochs - 1:03d}.ckpt"
-    weights, expected = (torch.load(r / "checkpoints" / last, map_location="cpu", weights_only=True)["state_dict"]
-                         for r in (run_dir, reference.run_dir))
-    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+    resume_matches(capsys, run_dir, reference.run_dir, epochs)
 
 
 def test_freeze_bottom_holds_through_a_mid_epoch_resume(tmp_path, capsys):

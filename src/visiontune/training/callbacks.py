@@ -78,12 +78,6 @@ class MetricsRecorder(Callback):
         self._images = 0
         self._train_end: float | None = None
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if trainer.world_size > 1:  # the options' check refuses it first; this guards the Python API's own use
-            raise ConfigError("--strategy progressive trains in one process: use --strategy finetune or drop "
-                              "--devices/--num-nodes")
-        super().setup(trainer, pl_module, stage)
-
     def on_train_start(self, trainer, pl_module) -> None:
         # Runs after a resume has restored the loop state; a mid-epoch resume gets no epoch start.
         self._start, self._images, self._train_end = time.perf_counter(), 0, None
