@@ -126,18 +126,19 @@ def fit_score(kind: str, features: torch.Tensor, targets: torch.Tensor | None, l
     return UnknownScore(kind, logits_width, dim, temperature)
 
 
-def spread(known: np.ndarray | torch.Tensor) -> float:
-    """The standard deviation a part of the :data:`~visiontune.models.unknown.FUSED` score is
-    divided by: its scores' on known images, at least :func:`~visiontune.models.unknown.min_spread`
-    of their mean (near-duplicate images give kNN similarities a spread of 1e-5, which would scale
-    the runtimes' float32 rounding into the decision)."""
+def standardiser(known: np.ndarray | torch.Tensor) -> tuple[float, float]:
+    """The mean a part of the :data:`~visiontune.models.unknown.FUSED` score is moved by and the
+    spread it is divided by: its scores' on known images, the spread at least
+    :func:`~visiontune.models.unknown.min_spread` of their mean (near-duplicate images give kNN
+    similarities a spread of 1e-5, which would scale the runtimes' float32 rounding into the decision)."""
     known = torch.as_tensor(np.asarray(known, dtype=np.float64))
-    return max(float(known.std()), min_spread(float(known.mean())))
+    mean = float(known.mean())
+    return mean, max(float(known.std()), min_spread(mean))
 
 
 def fused(mahalanobis: UnknownScore, knn: UnknownScore, reference: torch.Tensor) -> UnknownScore:
     """The :data:`~visiontune.models.unknown.FUSED` score of two fitted parts on the same features,
-    each part standardised by its mean and :func:`spread` on ``reference`` (2+ known images' features)."""
+    each part standardised by :func:`standardiser` on ``reference`` (2+ known images' features)."""
     if len(reference) < 2:
         raise DataError(f"the {FUSED} score standardises its parts on at least 2 known images it was not fitted "
                         "on (the val split's)")
@@ -148,8 +149,7 @@ def fused(mahalanobis: UnknownScore, knn: UnknownScore, reference: torch.Tensor)
     score.bank.copy_(knn.bank)
     with torch.no_grad():
         known = [part(reference.float(), reference.float()).double() for part in (mahalanobis, knn)]  # no logits
-    score.scale.copy_(torch.tensor([float(known[0].mean()), spread(known[0]), float(known[1].mean()),
-                                    spread(known[1])]))
+    score.scale.copy_(torch.tensor([*standardiser(known[0]), *standardiser(known[1])]))
     return score
 
 
@@ -240,7 +240,10 @@ def select(train: tuple[Features, torch.Tensor, torch.Tensor], val: tuple[Featur
                 parts = [scored.get((part, layer)) for part in ("mahalanobis", "knn")]
                 if any(p is None for p in parts) or known.sum() < 2:
                     continue
-                s = sum((p - p[known].mean()) / spread(p[known]) for p in parts)
+                s = 0.0
+                for part in parts:
+                    mean, spread = standardiser(part[known])
+                    s = s + (part - mean) / spread
             else:
                 score = fit_score(kind, train_f[layer][keep_train], targets, len(kept), temperature, seed, layer)
                 with torch.no_grad():
