@@ -1,13 +1,16 @@
 """What this machine can do and what training uses of it: GFLOP/s achieved beside the measured peak.
 
-    python -m bench.machine [--compile] [--candidates lowres_cnn@32,efficientnet_lite0@96] [--results ...]
+    python -m bench.machine [--compile] [--step] [--candidates lowres_cnn@32,efficientnet_lite0@96] [--results ...]
 
 Peak: a 2048x2048 matmul and a 3x3 convolution (256 channels, 16x16, channels_last) in fp32 and
 bf16. Achieved: each candidate the time-budget planner weighs for 32-px images (the compact
 networks at 32 px, EfficientNet-Lite0 fine-tuned at 64-128 px), its training FLOPs per image
 counted by ``torch.utils.flop_counter`` (3x the forward pass) times the images/s the planner's own
 measurement gives (:func:`visiontune.training.budget.measure_throughput`, batch 64) in each
-precision. ``--compile`` adds ``torch.compile``'s speed and its compile time.
+precision. ``--compile`` adds ``torch.compile``'s speed and its compile time. ``--step`` adds, for
+EfficientNet-Lite0 fine-tuned as the plans do (batch 32, BatchNorm frozen, fused AdamW), the
+training step's precisions timed side by side (:func:`visiontune.training.budget.side_by_side`) and
+where the fp32 step's time goes, by kind of operation (``torch.profiler``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from bench.__main__ import machine
 from bench.budget import write_results
 from visiontune.core.hardware import cpu_supports_bf16
 from visiontune.models.factory import build_model
-from visiontune.training.budget import PRECISION_NAMES, measure_throughput
+from visiontune.training.budget import PRECISION_NAMES, _TrainStep, measure_throughput, side_by_side
+from visiontune.training.optim import OptimizerSettings, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CANDIDATES = [("lowres_cnn", 32), ("lowres_cnn_wide", 32), ("efficientnet_lite0", 64), ("efficientnet_lite0", 96),
@@ -88,9 +92,72 @@ def compiled_rate(model: torch.nn.Module, size: int, precision: str) -> tuple[fl
     return eager, rate(compiled, 64.0, 3.0) * 1e9, compile_s
 
 
+def fine_tune_step(size: int, precision: str, batch: int = 32):
+    """A step of EfficientNet-Lite0 fine-tuned as the plans do (BatchNorm frozen, fused AdamW)."""
+    model, _, _ = build_model("efficientnet_lite0", 10, "default")
+    model = model.to(memory_format=torch.channels_last)
+    step = _TrainStep(model, make_optimizer(model.parameters(), OptimizerSettings(lr=0.0)), precision, batch, size)
+
+    def run():
+        step()
+        for m in model.modules():  # _TrainStep sets train mode; the fine-tune's BatchNorm stays in eval mode
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.eval()
+    run()
+    return run
+
+
+def time_shares(step, steps: int = 5) -> dict[str, float]:
+    """Share of ``step``'s CPU time in convolutions (depthwise, dense; forward and backward), BatchNorm,
+    copies and padding, and everything else, by ``torch.profiler``'s self time of each operation."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+    shares: dict[str, float] = {}
+    for event in prof.key_averages(group_by_input_shape=True):
+        key = event.key
+        if key in ("aten::convolution_backward", "aten::mkldnn_convolution"):
+            weight = event.input_shapes[2 if "backward" in key else 1]
+            kind = "depthwise" if len(weight) == 4 and weight[1] == 1 else "dense"
+            key = f"convolution, {kind}, {'backward' if 'backward' in key else 'forward'}"
+        elif "batch_norm" in key:
+            key = "BatchNorm, forward and backward"
+        elif key in ("aten::copy_", "aten::fill_", "aten::constant_pad_nd"):
+            key = "copies, fills and padding"
+        else:
+            key = "everything else (activations, optimizer, loss)"
+        shares[key] = shares.get(key, 0.0) + event.self_cpu_time_total
+    total = sum(shares.values())
+    return {k: v / total for k, v in sorted(shares.items(), key=lambda kv: -kv[1])}
+
+
+def step_lines(sizes: list[int]) -> list[str]:
+    """The ``--step`` tables: precisions side by side, then where the fp32 step's time goes."""
+    precisions = ["32", "bf16", "bf16-dense"] if cpu_supports_bf16() else ["32"]
+    lines = ["", "EfficientNet-Lite0's fine-tuning step (batch 32, BatchNorm frozen, fused AdamW), the precisions' "
+             "steps alternated for 10 s each (`side_by_side`):", "",
+             "| size | " + " | ".join(f"{PRECISION_NAMES[p]} img/s" for p in precisions) + " | fastest against fp32 |",
+             "| ---: |" + " ---: |" * (len(precisions) + 1)]
+    for size in sizes:
+        rates = side_by_side({p: fine_tune_step(size, p) for p in precisions}, 32, 10.0)
+        best = max(rates, key=rates.__getitem__)
+        lines.append(f"| {size} | " + " | ".join(f"{rates[p]:.0f}" for p in precisions)
+                     + f" | {PRECISION_NAMES[best]} {rates[best] / rates['32']:.2f}x |")
+        print(lines[-1], flush=True)
+    shares = {size: time_shares(fine_tune_step(size, "32")) for size in sizes}
+    kinds = list(shares[sizes[0]])
+    lines += ["", "Where the fp32 step's time goes (`torch.profiler`, self CPU time of 5 steps):", "",
+              "| | " + " | ".join(f"{s} px" for s in sizes) + " |", "| --- |" + " ---: |" * len(sizes)]
+    lines += [f"| {k} | " + " | ".join(f"{100 * shares[s].get(k, 0.0):.0f}%" for s in sizes) + " |" for k in kinds]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile (minutes)")
+    ap.add_argument("--step", action="store_true", help="also time EfficientNet-Lite0's fine-tuning step's precisions "
+                                                        "side by side and profile it (about a minute per size)")
     ap.add_argument("--candidates", default=",".join(f"{n}@{s}" for n, s in CANDIDATES),
                     help="NETWORK@SIZE, comma-separated (default: every candidate the planner weighs for 32-px images)")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
@@ -100,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     precisions = ["32", "bf16"] if cpu_supports_bf16() else ["32"]
     peak = peaks(precisions)
     lines = [f"Machine: {machine()}", "", "Command: `python -m bench.machine" + (" --compile" if args.compile else "")
+             + (" --step" if args.step else "")
              + (f" --candidates {args.candidates}" if candidates != CANDIDATES else "") + "`", "",
              "| | " + " | ".join(f"{'fp32' if p == '32' else p} GFLOP/s" for p in precisions) + " |",
              "| --- |" + " ---: |" * len(precisions)]
@@ -122,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
                          f"torch.compile | {eager:.0f} img/s eager, {speed:.0f} compiled ({speed / eager:.2f}x) after "
                          f"{compile_s:.0f} s compiling |" + " |" * (len(precisions) - 1))
         print(lines[-1], flush=True)
+    if args.step:
+        lines += step_lines(sorted({size for name, size in candidates if name == "efficientnet_lite0"}) or [96])
     text = "\n".join(["## Machine: peak and achieved GFLOP/s", "", *lines, ""])
     print(text)
     write_results(args.results, "## Machine: peak and achieved GFLOP/s", text)

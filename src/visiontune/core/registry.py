@@ -96,9 +96,13 @@ class Registry:
         return len(self._entries)
 
 
-PRECISIONS = Registry("precision", {name: (name, text) for name, text in (
-    ("auto", "bf16 where the hardware makes it pay, else fp32"), ("32", "fp32"), ("bf16", "bfloat16 autocast"),
-    ("16", "fp16 autocast (CUDA only)"))})
+_PRECISIONS = (("auto", "bf16 where the hardware makes it pay, else fp32"), ("32", "fp32"),
+               ("bf16", "bfloat16 autocast"), ("16", "fp16 autocast (CUDA only)"))
+PRECISIONS = Registry("precision", {name: (name, text) for name, text in _PRECISIONS})  # of inference
+# training's: the same and bf16-dense, a training step's precision (what it computes is inferred in fp32)
+TRAIN_PRECISIONS = Registry("precision", {name: (name, text) for name, text in (*_PRECISIONS, (
+    "bf16-dense", "training steps with convolutions without groups and linear layers in bfloat16, the rest "
+                  "(depthwise convolutions, norms) and all evaluation in fp32"))})
 # where a model folder runs on the CPU (inference.accelerated picks and verifies it)
 BACKENDS = Registry("backend", {name: (name, text) for name, text in (
     ("auto", "the fastest of eager PyTorch, ONNX Runtime and OpenVINO measured on this CPU once per model, each "

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..core.hardware import autocast
 from ..core.hardware import device as best_device
 from ..core.progress import progress
 from ..data.cache import FeatureCache, default_cache_dir, file_digests, model_key
@@ -135,7 +136,7 @@ class FeatureExtractor:
                     if batch is None:
                         continue
                     pending[:] = indices
-                    with torch.autocast(dev, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                    with autocast(self.precision, dev):
                         model(batch.to(dev).contiguous(memory_format=torch.channels_last))
         finally:
             hook.remove()

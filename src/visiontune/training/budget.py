@@ -30,7 +30,7 @@ import copy
 import json
 import math
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,13 +40,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
-from ..core.hardware import autocast, cpu_supports_bf16, device, resolve_precision
+from ..core.hardware import autocast, cpu_supports_bf16, device, resolve_precision, train_autocast
 from ..core.safe_io import atomic_write_text
 from ..data.image import try_load
 from ..data.preprocess import Preprocessing, resize
 from ..models.factory import fit_input_size
 from ..models.tta import view_cost
 from .config import TrainConfig, duration_seconds, no_budget
+from .optim import OptimizerSettings, make_optimizer
 from .probe_selection import selection_seconds
 from .tta_choice import AUTO, finish_views, validation_tta, why_one_view
 from .unknown import MAX_STATS_IMAGES, MAX_VAL_IMAGES
@@ -257,7 +258,7 @@ class Facts:
         return math.ceil(math.ceil(self.n_train / self.processes) / self.batch_size)
 
 
-PRECISION_NAMES = {"32": "fp32", "bf16": "bf16", "16": "fp16"}
+PRECISION_NAMES = {"32": "fp32", "bf16": "bf16", "16": "fp16", "bf16-dense": "bf16 dense layers"}
 
 # options a plan never sets but honours: each of these needs a head trained epoch by epoch in the loop
 LOOP_OPTIONS = ("ema", "early_stopping", "checkpoint_every_steps")
@@ -385,19 +386,39 @@ def _step_images_per_second(run, batch: int, seconds: float) -> float:
 
 def precisions_to_measure(precision: str, size: int) -> list[str]:
     """The precisions worth measuring at ``size``: with ``--precision auto`` on a CPU with native bf16
-    (AVX512-BF16, AMX) both bf16 and fp32, whose order of speed depends on the network and the input
-    size (EfficientNet-Lite0: fp32 faster below ~160 px; a plain 3x3-conv CNN at 32 px: bf16 1.8x
-    faster); else the one precision ``--precision`` resolves to."""
+    (AVX512-BF16, AMX) fp32 and bf16, whose order of speed depends on the network and the input size
+    (EfficientNet-Lite0: fp32 faster below ~160 px; a plain 3x3-conv CNN at 32 px: bf16 1.8x faster),
+    then bf16-dense against the faster where that is fp32 (:func:`measure_throughput`); else the one
+    precision ``--precision`` resolves to."""
     if precision == "auto" and device() == "cpu" and cpu_supports_bf16():
-        return ["32", "bf16"]
+        return ["32", "bf16", "bf16-dense"]
     return [resolve_precision(precision, size)]
+
+
+def side_by_side(steps: dict[str, Callable[[], None]], batch: int, seconds: float) -> dict[str, float]:
+    """Images per second of each of ``steps`` (each precision's step on the same batch), their steps
+    alternated for about ``seconds`` each after a warm-up of each, so that a drift of the machine's
+    speed falls on all alike: precisions 5-10% apart (bf16-dense against fp32) are told apart."""
+    spent, steps_run = dict.fromkeys(steps, 0.0), dict.fromkeys(steps, 0)
+    for run in steps.values():
+        run()
+    _sync()
+    while min(steps_run.values()) < 2 or min(spent.values()) < seconds:
+        for name, run in steps.items():
+            start = time.perf_counter()
+            run()
+            _sync()
+            spent[name] += time.perf_counter() - start
+            steps_run[name] += 1
+    return {name: batch * steps_run[name] / spent[name] for name in steps}
 
 
 def measure_throughput(model: nn.Module, sizes: list[int], precision: str, batch_size: int, seconds: float = 1.5,
                        train: bool = True, frozen: Collection[str] = ()) -> list[Throughput]:
     """Measure training and inference images/s of ``model`` at each size (on a copy: nothing in
-    the model changes), in the faster of :func:`precisions_to_measure` (ranked by a quick probe of
-    two steps each, then measured in full). About ``3 * seconds`` per size; without ``train``,
+    the model changes), in the faster of :func:`precisions_to_measure` (fp32 and bf16 ranked by a quick
+    probe of two steps each, then measured in full; where fp32 is the faster, it and bf16-dense
+    measured :func:`side_by_side`). About ``3 * seconds`` per size (``4 * seconds`` side by side); without ``train``,
     inference only (a probe on cached features trains no network: its training speed is reported
     as 0), in the one precision ``precision`` resolves to: a probe extracts features once from at
     most a few thousand images, so ranking precisions (a second or so) would cost about what it could
@@ -407,7 +428,7 @@ def measure_throughput(model: nn.Module, sizes: list[int], precision: str, batch
     for name, p in net.named_parameters():
         if name in frozen:
             p.requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=0.0)
+    opt = make_optimizer(net.parameters(), OptimizerSettings(lr=0.0))  # as training makes it (fused AdamW)
     out: list[Throughput] = []
 
     def train_step(prec: str, size: int, batch: int = batch_size):
@@ -420,11 +441,20 @@ def measure_throughput(model: nn.Module, sizes: list[int], precision: str, batch
         fit_input_size(net, size, size)  # ViTs are built for one input size
         precisions = precisions_to_measure(precision, size) if train else [resolve_precision(precision, size)]
         quick = max(2, batch_size // 4)
-        # a few training steps of a quarter batch rank the precisions (they differ by 1.5-2x, beyond the
-        # probe's noise); the full measurement is of the faster only, so a second precision costs about a second
-        prec = (max(precisions, key=lambda p: _step_images_per_second(train_step(p, size, quick), quick, 0.0))
-                if len(precisions) > 1 else precisions[0])
-        trains = _step_images_per_second(train_step(prec, size), batch_size, seconds) if train else 0.0
+        # a few training steps of a quarter batch rank fp32 and bf16 (they differ by 1.5-2x, beyond the
+        # probe's noise); the full measurement is of the faster only, so bf16 costs about a second
+        whole = [p for p in precisions if p != "bf16-dense"] or precisions
+        prec = (max(whole, key=lambda p: _step_images_per_second(train_step(p, size, quick), quick, 0.0))
+                if len(whole) > 1 else whole[0])
+        if not train:
+            trains = 0.0
+        elif prec == "32" and "bf16-dense" in precisions:
+            # bf16-dense gains 5-10% over fp32, and only at a full batch: measured side by side there
+            rates = side_by_side({p: train_step(p, size) for p in ("32", "bf16-dense")}, batch_size, seconds)
+            prec = max(rates, key=rates.__getitem__)
+            trains = rates[prec]
+        else:
+            trains = _step_images_per_second(train_step(prec, size), batch_size, seconds)
         infer = _step_images_per_second(infer_step(prec, size), 2 * batch_size, seconds / 2)
         out.append(Throughput(size, trains, infer, prec))
     return out
@@ -439,7 +469,7 @@ class _TrainStep:
 
     def __call__(self) -> None:
         self.net.train()
-        with autocast(self.precision, device()):
+        with train_autocast(self.precision, device()):
             loss = self.net(self.x).float().logsumexp(1).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -29,7 +29,7 @@ import yaml
 
 from ..core.errors import ConfigError
 from ..core.options import CommandOptions, OptionInfo, check_keys, normalise_keys, option, options_of
-from ..core.registry import PRECISIONS
+from ..core.registry import TRAIN_PRECISIONS
 from ..core.safe_io import atomic_write_text
 from ..data.registry import AUGMENTS, RESIZE
 from ..data.scan import MAX_HELD_OUT, MIN_HELD_OUT_PER_CLASS
@@ -196,7 +196,7 @@ class RuntimeOptions:
     """Where and how the run executes: seed, precision, devices, outputs, checkpoints."""
 
     seed: int = option(0, "random seed for the split, init and data order (0)")
-    precision: str = option("auto", "numeric precision", choices=PRECISIONS)
+    precision: str = option("auto", "numeric precision", choices=TRAIN_PRECISIONS)
     devices: int = option(1, "devices (GPUs, or CPU processes) per node; >1 trains with DDP (1)")
     num_nodes: int = option(1, "machines in a multi-node run (torchrun / SLURM; see README) (1)")
     distributed: str = option("auto", "distributed strategy", choices=DISTRIBUTED)

@@ -13,6 +13,7 @@ import math
 import sys
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -20,12 +21,13 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, TQDMProgressBar
+from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..core.errors import ArtifactError, TrainingInterrupted
-from ..core.hardware import is_rank_zero
+from ..core.hardware import DenseBF16, is_rank_zero
 from ..data.dataset import ImageListDataset, default_workers, make_loader
 from ..data.memory import MemoryEvalSet, MemoryImages, MemoryTrainSet, store_side
 from ..data.sampling import EpochSampler
@@ -38,6 +40,23 @@ from .module import ClassifierModule, HeadModule
 from .tta_choice import validation_tta
 
 LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
+
+
+class DenseBF16Precision(Precision):
+    """Lightning's precision plugin for bf16-dense: training steps under
+    :class:`~visiontune.core.hardware.DenseBF16`, validation, test and prediction in fp32."""
+
+    @contextmanager
+    def train_step_context(self) -> Iterator[None]:
+        with DenseBF16():
+            yield
+
+
+def trainer_precision(precision: str) -> dict:
+    """The ``L.Trainer`` keywords of a run's resolved ``precision``."""
+    if precision == "bf16-dense":
+        return {"plugins": [DenseBF16Precision()]}
+    return {"precision": LIGHTNING_PRECISION[precision]}
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -344,7 +363,7 @@ def make_trainer(ctx: TrainContext, callbacks: list, max_epochs: int, on_feature
         kwargs.update(accelerator="cpu", devices=1, num_nodes=1, strategy="auto", precision="32-true")
     else:
         kwargs.update(accelerator="auto", devices=rt.devices, num_nodes=rt.num_nodes, strategy=rt.distributed,
-                      precision=LIGHTNING_PRECISION[ctx.precision])
+                      **trainer_precision(ctx.precision))
     return L.Trainer(
         max_epochs=max_epochs,
         max_steps=max_steps,
@@ -356,7 +375,7 @@ def make_trainer(ctx: TrainContext, callbacks: list, max_epochs: int, on_feature
         enable_progress_bar=progress,
         log_every_n_steps=10,
         default_root_dir=ctx.run_dir,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *kwargs.pop("plugins", [])],
         enable_checkpointing=bool(checkpoints),  # else Lightning would add a checkpoint of its own
         **kwargs,
     )
@@ -555,7 +574,7 @@ def tune_batch_size(ctx: TrainContext, module: ClassifierModule, data: ImageData
     start = ctx.cfg.optim.batch_size
     cap = max(start, len(ctx.splits.train) // 4)
     trials = max(0, int(math.log2(cap / start)))
-    scratch = L.Trainer(accelerator="auto", devices=1, precision=LIGHTNING_PRECISION[ctx.precision], logger=False,
+    scratch = L.Trainer(accelerator="auto", devices=1, **trainer_precision(ctx.precision), logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=ctx.run_dir / "tuner")
     if trials:

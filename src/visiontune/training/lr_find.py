@@ -10,7 +10,7 @@ import lightning as L
 from ..core.safe_io import save_figure
 from ..models.groups import body_groups
 from .config import TrainConfig
-from .lightning_fit import LIGHTNING_PRECISION, ImageDataModule, make_module
+from .lightning_fit import ImageDataModule, make_module, trainer_precision
 from .setup import setup_run
 
 # The sweep's starting body LR relative to the head's (the sweep moves every group together).
@@ -31,7 +31,7 @@ def lr_find(cfg: TrainConfig, steps: int = 100) -> tuple[float | None, Path]:
     groups = [[n for g in body_groups(ctx.model, ctx.arch.classifier) for n in g]]
     module = make_module(ctx, groups, [SWEEP_BODY_LR / cfg.strategy.lr_mult])
     data = ImageDataModule(ctx)
-    trainer = L.Trainer(accelerator="auto", devices=1, precision=LIGHTNING_PRECISION[ctx.precision], logger=False,
+    trainer = L.Trainer(accelerator="auto", devices=1, **trainer_precision(ctx.precision), logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=ctx.run_dir)
     with warnings.catch_warnings():

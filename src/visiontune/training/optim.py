@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,10 +51,34 @@ class ScheduleSettings:
 
 
 def make_optimizer(params: Iterable[Any], settings: OptimizerSettings) -> torch.optim.Optimizer:
-    """The optimizer named in ``settings`` over ``params`` (tensors or param-group dicts)."""
+    """The optimizer named in ``settings`` over ``params`` (tensors or param-group dicts).
+
+    Adam and AdamW run fused (one kernel over every parameter) where all parameters are floating
+    point on the CPU or a CUDA GPU: the same update, and 2-5% more training steps a second for
+    EfficientNet-Lite0 at 96 px on 2 CPU cores, whose per-parameter loop of small operations the
+    fused kernel replaces (bench/RESULTS.md, "The training step")."""
     cls = OPTIMIZERS.get(settings.name)
-    extra = {"momentum": settings.momentum, "nesterov": True} if settings.name == "sgd" else {}
+    params = list(params)
+    extra: dict[str, Any] = {"momentum": settings.momentum, "nesterov": True} if settings.name == "sgd" else {}
+    if settings.name in FUSABLE and all(_fusable(p) for p in _tensors(params)):
+        extra["fused"] = True
     return cls(params, lr=settings.peak_lr, weight_decay=settings.weight_decay, **extra)
+
+
+FUSABLE = ("adam", "adamw")
+
+
+def _tensors(params: list[Any]) -> Iterator[torch.Tensor]:
+    for p in params:
+        if isinstance(p, dict):
+            group = p["params"]
+            yield from [group] if isinstance(group, torch.Tensor) else group
+        else:
+            yield p
+
+
+def _fusable(p: torch.Tensor) -> bool:
+    return p.is_floating_point() and p.device.type in ("cpu", "cuda")
 
 
 def schedule_fn(settings: ScheduleSettings, total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:
