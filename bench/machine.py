@@ -96,15 +96,10 @@ def fine_tune_step(size: int, precision: str, batch: int = 32):
     """A step of EfficientNet-Lite0 fine-tuned as the plans do (BatchNorm frozen, fused AdamW)."""
     model, _, _ = build_model("efficientnet_lite0", 10, "default")
     model = model.to(memory_format=torch.channels_last)
-    step = _TrainStep(model, make_optimizer(model.parameters(), OptimizerSettings(lr=0.0)), precision, batch, size)
-
-    def run():
-        step()
-        for m in model.modules():  # _TrainStep sets train mode; the fine-tune's BatchNorm stays in eval mode
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.eval()
-    run()
-    return run
+    step = _TrainStep(model, make_optimizer(model.parameters(), OptimizerSettings(lr=0.0)), precision, batch, size,
+                      frozen_norms=True)
+    step()
+    return step
 
 
 def time_shares(step, steps: int = 5) -> dict[str, float]:

@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from visiontune.core.hardware import autocast, resolve_precision
+from visiontune.core.hardware import resolve_precision, train_autocast
+from visiontune.core.registry import TRAIN_PRECISIONS
 from visiontune.models.factory import build_model
 
 
@@ -28,13 +29,13 @@ def main() -> None:
     args = ap.parse_args()
     model, _, _ = build_model("efficientnet_lite0", 10)
     model.train().to(memory_format=torch.channels_last)
-    precision = resolve_precision(args.precision, args.size)
+    precision = resolve_precision(args.precision, args.size, TRAIN_PRECISIONS)
     opt = torch.optim.AdamW(model.parameters(), 1e-4)
     x = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.batch,))
 
     def step() -> None:
-        with autocast(precision, "cpu"):
+        with train_autocast(precision, "cpu"):
             loss = torch.nn.functional.cross_entropy(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

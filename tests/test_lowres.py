@@ -179,7 +179,7 @@ def test_an_inference_only_measurement_does_not_rank_precisions(monkeypatch):
     """A probe's measurement (inference only) takes the precision the rule resolves to: ranking two
     would cost about what a probe's feature pass could save."""
     monkeypatch.setattr(budget, "precisions_to_measure", lambda precision, size: ["32", "bf16"])
-    monkeypatch.setattr(budget, "resolve_precision", lambda precision, size: "bf16")
+    monkeypatch.setattr(budget, "resolve_precision", lambda precision, size, allowed: "bf16")
     timed = []
 
     def fake(run, batch, seconds):

@@ -12,7 +12,8 @@ from torch import nn
 from torch.nn import functional as F
 
 import visiontune
-from visiontune.core.hardware import DenseBF16, autocast, resolve_precision, train_autocast
+from visiontune.core.errors import ConfigError
+from visiontune.core.hardware import DenseBF16, autocast, inference_precision, resolve_precision, train_autocast
 from visiontune.core.registry import PRECISIONS, TRAIN_PRECISIONS
 from visiontune.models.lowres import LowResCNN
 from visiontune.training import budget
@@ -56,7 +57,10 @@ def test_gradients_and_weights_stay_fp32():
 def test_bf16_dense_is_a_training_precision_and_inference_runs_fp32():
     assert "bf16-dense" in TRAIN_PRECISIONS and "bf16-dense" not in PRECISIONS
     assert set(PRECISIONS) < set(TRAIN_PRECISIONS)
-    assert resolve_precision("bf16-dense", 96) == "bf16-dense"
+    assert resolve_precision("bf16-dense", 96, TRAIN_PRECISIONS) == "bf16-dense"
+    with pytest.raises(ConfigError, match="bf16-dense"):  # loading a model for inference refuses it by name
+        resolve_precision("bf16-dense", 96)
+    assert inference_precision("bf16-dense") == "32"  # what features and predictions of such a run compute in
     with autocast("bf16-dense", "cpu"):
         assert not torch.is_autocast_enabled("cpu")
     assert isinstance(train_autocast("bf16-dense", "cpu"), DenseBF16)
@@ -137,9 +141,26 @@ def test_an_explicit_bf16_dense_is_measured_as_given():
 
 @pytest.mark.parametrize("name,fused", [("adamw", True), ("adam", True), ("sgd", None)])
 def test_adam_and_adamw_run_fused(name, fused):
-    params = [nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))]
-    opt = make_optimizer([{"params": params[:1]}, {"params": params[1:], "lr": 1e-4}], OptimizerSettings(name))
+    params = [nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(4))]
+    opt = make_optimizer([{"params": params[:1]}, {"params": iter(params[1:2]), "lr": 1e-4}, {"params": params[2]}],
+                         OptimizerSettings(name))
     assert opt.defaults.get("fused") is fused
+    # every parameter reaches the optimizer, a group's generator and a lone tensor included
+    assert [p for g in opt.param_groups for p in g["params"]] == params
+    assert make_optimizer(nn.Linear(2, 2).parameters(), OptimizerSettings(name)).param_groups[0]["params"]
+
+
+def test_the_plan_sets_the_precision_it_measured_unless_the_user_chose_one():
+    """A plan's measured precision applies where --precision was left out or given as auto (asking for
+    it); any other given precision is kept."""
+    from visiontune.training.budget import Plan
+    from visiontune.training.config import TrainConfig
+
+    plan = Plan(900.0, "finetune", 96, 3, 1, "crop-flip", "squash", {"train": 600.0},
+                recipe={"precision": "bf16-dense"})
+    for given, expected in ((None, "bf16-dense"), ("auto", "bf16-dense"), ("32", "32"), ("bf16", "bf16")):
+        options = {"data": "d"} if given is None else {"data": "d", "precision": given}
+        assert plan.apply(TrainConfig.from_dict(options)).get("precision") == expected
 
 
 def test_fused_and_unfused_adamw_take_the_same_step():

@@ -4,6 +4,7 @@ files, and the same unknown decisions from predict, the Python API, ONNX and bot
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -337,10 +338,12 @@ def test_training_fits_a_score_and_every_surface_decides_alike(trained_run, tmp_
 def test_a_score_of_the_last_stage_decides_alike_everywhere(trained_run, tmp_path):
     """A score fitted on the pooled output of the network's last feature stage (the card's
     ``layer``; the sum of Mahalanobis and kNN, the widest graph): the card names it, the Python API
-    and the ONNX graph give the same scores and decisions, and the score is the one its statistics
-    give on that layer's features."""
+    and the ONNX, OpenVINO and TorchScript exports give the same scores (and the graphs the same
+    decisions), and the score is the one its statistics give on that layer's features."""
+    from visiontune.data.image import load_image
     from visiontune.data.scan import read_split_csv
     from visiontune.export.exporter import export_model
+    from visiontune.export.torchscript_export import load_torchscript
     from visiontune.models.unknown import feature_layer, tapped_forward
     from visiontune.training.unknown import fit_unknown, store_unknown
 
@@ -378,6 +381,19 @@ def test_a_score_of_the_last_stage_decides_alike_everywhere(trained_run, tmp_pat
     assert [r["unknown"] for r, c in zip(onnx, clear) if c] == [r["unknown"] for r, c in zip(api, clear) if c]
     graph_card = visiontune.load(exported["file"]).card.unknown
     assert graph_card["layer"] == layer  # the graph's own metadata names the source too
+    scores = [r["unknown_score"] for r in api]
+    if importlib.util.find_spec("openvino"):  # the test extra installs it
+        ov = export_model(copy, "openvino", dynamic_batch=True, out=tmp_path / "ov" / "model.xml")
+        assert ov["passed"] and ov["unknown_agreement"] >= 0.995
+        rows = visiontune.load(ov["file"]).predict(files, top_k=1)
+        assert np.allclose([r["unknown_score"] for r in rows], scores, rtol=1e-3, atol=1e-3)
+        assert [r["unknown"] for r, c in zip(rows, clear) if c] == [r["unknown"] for r, c in zip(api, clear) if c]
+    script = export_model(copy, "torchscript", out=tmp_path / "ts" / "model.pt")
+    assert script["passed"]
+    module, _ = load_torchscript(script["file"])
+    with torch.no_grad():  # its third output is the score, of the same views the Python API averages
+        traced = module(torch.stack([loaded.transform(load_image(f)) for f in files]))[2]
+    assert np.allclose(traced.numpy(), scores, rtol=1e-3, atol=1e-3)
     with torch.no_grad():  # the hook reads the same rows tapped_forward does
         x = torch.zeros(2, *loaded.preprocessing.input_size)
         (f,), _ = tapped_forward(loaded.model, clf.card.architecture.classifier, x, False, (layer,))

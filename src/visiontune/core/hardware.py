@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from .errors import ConfigError
-from .registry import TRAIN_PRECISIONS
+from .registry import PRECISIONS, Registry
 
 # Measured on this project's 2-core AVX512-BF16 CPU (bench/): bf16 autocast speeds up
 # EfficientNet-Lite0 training ~1.5x and inference ~1.9x at 224 px, but slows training below
@@ -95,14 +95,14 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
-def resolve_precision(requested: str, img_size: int) -> str:
+def resolve_precision(requested: str, img_size: int, allowed: Registry = PRECISIONS) -> str:
     """``auto``: bf16 on GPUs that have it (else fp16); on CPU bf16 where supported and it pays.
 
     Example:
         >>> resolve_precision("32", 224)
         '32'
     """
-    TRAIN_PRECISIONS.check(requested)
+    allowed.check(requested)  # inference's PRECISIONS; training passes TRAIN_PRECISIONS
     if requested == "16" and not torch.cuda.is_available():
         raise ConfigError("--precision 16 (fp16 mixed) needs a CUDA GPU; on CPU use --precision bf16 or 32")
     if requested != "auto":
@@ -121,6 +121,16 @@ def autocast(precision: str, device_type: str | None = None):
     return torch.autocast(device_type or device(), dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+def inference_precision(precision: str) -> str:
+    """The precision :func:`autocast` infers in at the run's ``precision``: bf16-dense infers in fp32.
+
+    Example:
+        >>> inference_precision("bf16-dense"), inference_precision("bf16")
+        ('32', 'bf16')
+    """
+    return precision if precision in AUTOCAST_DTYPES else "32"
+
+
 def train_autocast(precision: str, device_type: str | None = None):
     """The context a training step runs in at ``precision``: :class:`DenseBF16` for bf16-dense,
     else :func:`autocast`."""
@@ -134,7 +144,9 @@ class DenseBF16(TorchFunctionMode):
     so weights, gradients and the optimizer stay fp32, as under autocast. Why not autocast: it
     also casts depthwise convolutions, whose oneDNN kernels are slower in bf16 than in fp32 on
     AVX512-BF16 CPUs, so EfficientNet-Lite0 at 96 px trained no faster under it than in fp32, and
-    ~12% faster with only its dense layers in bf16 (bench/RESULTS.md, "The training step").
+    ~9% faster with only its dense layers in bf16 (bench/RESULTS.md, "The training step").
+    Functions that dispatch on their own (multi-head attention's internal projections) run as
+    they are: the mode sees their call, not the linear layers inside.
 
     Example:
         >>> conv = torch.nn.Conv2d(3, 4, 1)

@@ -100,7 +100,9 @@ _PRECISIONS = (("auto", "bf16 where the hardware makes it pay, else fp32"), ("32
                ("bf16", "bfloat16 autocast"), ("16", "fp16 autocast (CUDA only)"))
 PRECISIONS = Registry("precision", {name: (name, text) for name, text in _PRECISIONS})  # of inference
 # training's: the same and bf16-dense, a training step's precision (what it computes is inferred in fp32)
-TRAIN_PRECISIONS = Registry("precision", {name: (name, text) for name, text in (*_PRECISIONS, (
+TRAIN_PRECISIONS = Registry("precision", {name: (name, text) for name, text in (
+    ("auto", "with a time budget the fastest the plan measures (fp32, bf16 or bf16-dense), else bf16 where the "
+             "hardware makes it pay, else fp32"), *_PRECISIONS[1:], (
     "bf16-dense", "training steps with convolutions without groups and linear layers in bfloat16, the rest "
                   "(depthwise convolutions, norms) and all evaluation in fp32"))})
 # where a model folder runs on the CPU (inference.accelerated picks and verifies it)

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..core.hardware import autocast
+from ..core.hardware import autocast, inference_precision
 from ..core.hardware import device as best_device
 from ..core.progress import progress
 from ..data.cache import FeatureCache, default_cache_dir, file_digests, model_key
@@ -64,7 +64,8 @@ class FeatureExtractor:
         classifier: dotted name of the classifier module, whose input is the feature vector.
         arch_name: architecture name (part of the cache key).
         preprocessing: the input spec.
-        precision: ``32`` or ``bf16`` autocast for the forward passes.
+        precision: the run's precision (:func:`~visiontune.core.hardware.autocast` of the forward passes:
+            ``bf16``, ``16`` on a CUDA GPU, else fp32).
         cache_dir: cache root (default: ``$VISIONTUNE_CACHE`` or ``~/.cache/visiontune``).
         batch_size: images per forward pass.
         workers: decoding processes (default: one per core).
@@ -90,7 +91,7 @@ class FeatureExtractor:
         ids = view_ids(views)
         augment = augment if views > 1 else "none"
         key = model_key(self.model, self.arch_name, self.preprocessing.to_dict(),
-                        {"views": ids, "augment": augment, "precision": self.precision})
+                        {"views": ids, "augment": augment, "precision": inference_precision(self.precision)})
         cache = FeatureCache(self.cache_root, key)
         digests = file_digests([p for p, _ in samples])
         keys = [[f"{d}:{v}" for v in ids] for d in digests]

@@ -41,6 +41,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from ..core.hardware import autocast, cpu_supports_bf16, device, resolve_precision, train_autocast
+from ..core.registry import TRAIN_PRECISIONS
 from ..core.safe_io import atomic_write_text
 from ..data.image import try_load
 from ..data.preprocess import Preprocessing, resize
@@ -305,13 +306,15 @@ class Plan:
         return sum(self.projected.values())
 
     def apply(self, cfg: TrainConfig) -> TrainConfig:
-        """``cfg`` with the planned options, except those the user gave (:func:`fixed_options`)."""
+        """``cfg`` with the planned options, except those the user gave (:func:`fixed_options`; a given
+        ``--precision auto`` asks for the precision the plan measured fastest)."""
         planned = {"strategy": self.strategy, "img_size": self.img_size, "epochs": self.epochs,
                    "freeze_epochs": self.freeze_epochs, "augment": self.augment, "resize_mode": self.resize_mode,
                    "head": self.head, "max_steps": self.max_steps, **self.recipe}
         if "epochs" in cfg.given:  # the user's epochs run whole
             planned.pop("max_steps")
-        return cfg.replace(**{k: v for k, v in planned.items() if k not in cfg.given})
+        kept = set(cfg.given) - ({"precision"} if cfg.get("precision") == "auto" else set())
+        return cfg.replace(**{k: v for k, v in planned.items() if k not in kept})
 
     def describe(self) -> str:
         phases = ", ".join(f"{k} {format_duration(v)}" for k, v in self.projected.items() if v > 0)
@@ -392,7 +395,7 @@ def precisions_to_measure(precision: str, size: int) -> list[str]:
     precision ``--precision`` resolves to."""
     if precision == "auto" and device() == "cpu" and cpu_supports_bf16():
         return ["32", "bf16", "bf16-dense"]
-    return [resolve_precision(precision, size)]
+    return [resolve_precision(precision, size, TRAIN_PRECISIONS)]
 
 
 def side_by_side(steps: dict[str, Callable[[], None]], batch: int, seconds: float) -> dict[str, float]:
@@ -410,7 +413,7 @@ def side_by_side(steps: dict[str, Callable[[], None]], batch: int, seconds: floa
             _sync()
             spent[name] += time.perf_counter() - start
             steps_run[name] += 1
-    return {name: batch * steps_run[name] / spent[name] for name in steps}
+    return {name: batch * steps_run[name] / max(spent[name], 1e-9) for name in steps}
 
 
 def measure_throughput(model: nn.Module, sizes: list[int], precision: str, batch_size: int, seconds: float = 1.5,
@@ -439,7 +442,8 @@ def measure_throughput(model: nn.Module, sizes: list[int], precision: str, batch
 
     for size in sizes:
         fit_input_size(net, size, size)  # ViTs are built for one input size
-        precisions = precisions_to_measure(precision, size) if train else [resolve_precision(precision, size)]
+        precisions = (precisions_to_measure(precision, size) if train
+                      else [resolve_precision(precision, size, TRAIN_PRECISIONS)])
         quick = max(2, batch_size // 4)
         # a few training steps of a quarter batch rank fp32 and bf16 (they differ by 1.5-2x, beyond the
         # probe's noise); the full measurement is of the faster only, so bf16 costs about a second
@@ -461,14 +465,19 @@ def measure_throughput(model: nn.Module, sizes: list[int], precision: str, batch
 
 
 class _TrainStep:
-    """One forward, backward and optimizer step on a random batch (zero LR: weights stay)."""
+    """One forward, backward and optimizer step on a random batch (zero LR: weights stay);
+    ``frozen_norms``: BatchNorm in eval mode, as a fine-tune with ``--bn-stats frozen`` trains."""
 
-    def __init__(self, net: nn.Module, opt, precision: str, batch: int, size: int):
-        self.net, self.opt, self.precision = net, opt, precision
+    def __init__(self, net: nn.Module, opt, precision: str, batch: int, size: int, frozen_norms: bool = False):
+        self.net, self.opt, self.precision, self.frozen_norms = net, opt, precision, frozen_norms
         self.x = torch.randn(batch, 3, size, size, device=device()).contiguous(memory_format=torch.channels_last)
 
     def __call__(self) -> None:
         self.net.train()
+        if self.frozen_norms:
+            for m in self.net.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         with train_autocast(self.precision, device()):
             loss = self.net(self.x).float().logsumexp(1).mean()
         self.opt.zero_grad(set_to_none=True)
@@ -595,8 +604,9 @@ def probe_side(sizes: list[int], default_side: int) -> int:
 
 
 def measured_precision(t: Throughput, fixed: dict[str, Any]) -> dict[str, str]:
-    """The plan's precision: the faster measured at the chosen size, unless the user gave one."""
-    return {"precision": t.precision} if t.precision and "precision" not in fixed else {}
+    """The plan's precision: the fastest measured at the chosen size, unless the user gave one other
+    than ``auto`` (which asks for it: the probe ranked precisions for ``auto`` alone)."""
+    return {"precision": t.precision} if t.precision and fixed.get("precision", "auto") == "auto" else {}
 
 
 def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:

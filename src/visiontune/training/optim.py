@@ -58,7 +58,9 @@ def make_optimizer(params: Iterable[Any], settings: OptimizerSettings) -> torch.
     EfficientNet-Lite0 at 96 px on 2 CPU cores, whose per-parameter loop of small operations the
     fused kernel replaces (bench/RESULTS.md, "The training step")."""
     cls = OPTIMIZERS.get(settings.name)
-    params = list(params)
+    # read once: a generator (model.parameters(), or a group's) checked here would reach the optimizer empty
+    params = [{**p, "params": list(p["params"]) if not isinstance(p["params"], torch.Tensor) else [p["params"]]}
+              if isinstance(p, dict) else p for p in params]
     extra: dict[str, Any] = {"momentum": settings.momentum, "nesterov": True} if settings.name == "sgd" else {}
     if settings.name in FUSABLE and all(_fusable(p) for p in _tensors(params)):
         extra["fused"] = True
@@ -71,8 +73,7 @@ FUSABLE = ("adam", "adamw")
 def _tensors(params: list[Any]) -> Iterator[torch.Tensor]:
     for p in params:
         if isinstance(p, dict):
-            group = p["params"]
-            yield from [group] if isinstance(group, torch.Tensor) else group
+            yield from p["params"]
         else:
             yield p
 

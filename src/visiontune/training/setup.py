@@ -17,6 +17,7 @@ from pathlib import Path
 from ..core.errors import ArtifactError, ConfigError
 from ..core.hardware import available_memory, device, is_rank_zero, resolve_precision
 from ..core.layout import RunLayout
+from ..core.registry import TRAIN_PRECISIONS
 from ..data.labels import per_task
 from ..data.memory import should_cache, store_side
 from ..data.preprocess import Preprocessing
@@ -176,8 +177,9 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
         finetune = cfg.strategy.name != "linear-probe"
         measures = not why_one_view(get_task(splits.task).name == "single", len(splits.val))
         tta = None if cfg.model.tta == AUTO and not measures else cfg.model.tta
-        (measured,) = measure_throughput(model, [pre.height], cfg.runtime.precision, cfg.optim.batch_size, seconds=1.0,
-                                         frozen=frozen)
+        # the precision this run resolves to (without a plan nothing ranks precisions)
+        runs_in = resolve_precision(cfg.runtime.precision, pre.height, TRAIN_PRECISIONS)
+        (measured,) = measure_throughput(model, [pre.height], runs_in, cfg.optim.batch_size, seconds=1.0, frozen=frozen)
         _, line = forecast(measured, len(splits.train), len(splits.val), len(splits.test), cfg.optim.epochs,
                            min(cfg.strategy.freeze_epochs, cfg.optim.epochs) if finetune else 0, finetune,
                            time.time() - started, tta, len(splits.class_names))
@@ -189,7 +191,7 @@ def setup_run(cfg: TrainConfig, prefix: str = "train", started: float | None = N
                               f"finetune, progressive or scratch); this run is {get_task(splits.task).title}, "
                               f"--strategy {cfg.strategy.name}")
         teacher = Teacher(cfg.optim.teacher, pre, splits.class_names)
-    precision = resolve_precision(cfg.runtime.precision, pre.height)
+    precision = resolve_precision(cfg.runtime.precision, pre.height, TRAIN_PRECISIONS)
     cache, needed = should_cache(cfg.data.cache_images, [p for p, _ in splits.train],
                                  store_side(pre, cfg.data.augment), available_memory())
     if run_dir is None:
