@@ -277,8 +277,10 @@ def fine_tunes(fixed: dict[str, Any], processes: int = 1) -> bool:
 
 def fixed_options(cfg: TrainConfig) -> dict[str, Any]:
     """The planned options the user gave (on the command line, in YAML or as keywords), which a plan
-    keeps, and those of :data:`HONOURED` the user gave, which it honours."""
-    return {k: v for k, v in cfg.given_options().items() if k in PLANNED_OPTIONS or k in HONOURED}
+    keeps, and those of :data:`HONOURED` the user gave, which it honours. A given ``--precision auto``
+    is not among them: it asks for the precision the plan measures fastest, as leaving it out does."""
+    return {k: v for k, v in cfg.given_options().items()
+            if (k in PLANNED_OPTIONS or k in HONOURED) and (k, v) != ("precision", "auto")}
 
 
 @dataclass
@@ -306,15 +308,14 @@ class Plan:
         return sum(self.projected.values())
 
     def apply(self, cfg: TrainConfig) -> TrainConfig:
-        """``cfg`` with the planned options, except those the user gave (:func:`fixed_options`; a given
-        ``--precision auto`` asks for the precision the plan measured fastest)."""
+        """``cfg`` with the planned options, except those the user gave (:func:`fixed_options`)."""
         planned = {"strategy": self.strategy, "img_size": self.img_size, "epochs": self.epochs,
                    "freeze_epochs": self.freeze_epochs, "augment": self.augment, "resize_mode": self.resize_mode,
                    "head": self.head, "max_steps": self.max_steps, **self.recipe}
         if "epochs" in cfg.given:  # the user's epochs run whole
             planned.pop("max_steps")
-        kept = set(cfg.given) - ({"precision"} if cfg.get("precision") == "auto" else set())
-        return cfg.replace(**{k: v for k, v in planned.items() if k not in kept})
+        fixed = fixed_options(cfg)
+        return cfg.replace(**{k: v for k, v in planned.items() if k not in fixed})
 
     def describe(self) -> str:
         phases = ", ".join(f"{k} {format_duration(v)}" for k, v in self.projected.items() if v > 0)
@@ -377,14 +378,8 @@ def _sync() -> None:
 
 
 def _step_images_per_second(run, batch: int, seconds: float) -> float:
-    run()  # warm-up: first calls allocate and pick kernels
-    _sync()
-    start, steps = time.perf_counter(), 0
-    while steps < 2 or time.perf_counter() - start < seconds:
-        run()
-        steps += 1
-        _sync()
-    return batch * steps / (time.perf_counter() - start)
+    """Images per second of ``run``, timed as :func:`side_by_side` times one step of several."""
+    return side_by_side({"step": run}, batch, seconds)["step"]
 
 
 def precisions_to_measure(precision: str, size: int) -> list[str]:
@@ -400,11 +395,11 @@ def precisions_to_measure(precision: str, size: int) -> list[str]:
 
 def side_by_side(steps: dict[str, Callable[[], None]], batch: int, seconds: float) -> dict[str, float]:
     """Images per second of each of ``steps`` (each precision's step on the same batch), their steps
-    alternated for about ``seconds`` each after a warm-up of each, so that a drift of the machine's
-    speed falls on all alike: precisions 5-10% apart (bf16-dense against fp32) are told apart."""
+    alternated for about ``seconds`` each (at least two) after a warm-up of each, so that a drift of
+    the machine's speed falls on all alike: precisions 5-10% apart (bf16-dense against fp32) are told apart."""
     spent, steps_run = dict.fromkeys(steps, 0.0), dict.fromkeys(steps, 0)
     for run in steps.values():
-        run()
+        run()  # warm-up: first calls allocate and pick kernels
     _sync()
     while min(steps_run.values()) < 2 or min(spent.values()) < seconds:
         for name, run in steps.items():
@@ -604,9 +599,8 @@ def probe_side(sizes: list[int], default_side: int) -> int:
 
 
 def measured_precision(t: Throughput, fixed: dict[str, Any]) -> dict[str, str]:
-    """The plan's precision: the fastest measured at the chosen size, unless the user gave one other
-    than ``auto`` (which asks for it: the probe ranked precisions for ``auto`` alone)."""
-    return {"precision": t.precision} if t.precision and fixed.get("precision", "auto") == "auto" else {}
+    """The plan's precision: the fastest measured at the chosen size, unless the user fixed one."""
+    return {"precision": t.precision} if t.precision and "precision" not in fixed else {}
 
 
 def plan_run(facts: Facts, fixed: dict[str, Any] | None = None) -> Plan:
