@@ -77,8 +77,10 @@ UNKNOWN_TRAIN_IMAGES, UNKNOWN_VAL_IMAGES = MAX_STATS_IMAGES, MAX_VAL_IMAGES
 # again (at 0.001 s an image the finish was projected 24 s short, and a run trained to its deadline took 15m23s of
 # its 15 minutes; 0.004 covered it). Since the finish's val pass gives it the val features: 41-49 s, of which the
 # training images' views by the probe's inference speed 26-33 s, so 1.7 ms an image beyond them (runs M and N,
-# bench/RESULTS.md "Frozen bottom layers, and one val pass"); half as much again for the machine's moving speed
-UNKNOWN_OVERHEAD_S_PER_IMAGE = 0.0025
+# bench/RESULTS.md "Frozen bottom layers, and one val pass"). The candidate mahalanobis-normed added 5.5 s to the
+# selection on 4,096 + 4,800 cached features (7.0 -> 12.5 s, one quiet machine): 2.3 ms an image; a third as much
+# again for the machine's moving speed
+UNKNOWN_OVERHEAD_S_PER_IMAGE = 0.003
 SIZE_STEPS = (32, 48, 64, 96, 128, 160, 192, 224, 256, 288)
 # a pretrained network fine-tuned below this side sees its last stage's map shrink to one pixel (ImageNet
 # backbones stride 32): on CIFAR-10 in 15 min on an AVX2 CPU, fine-tuning at 32 px (1.5 epochs before the
