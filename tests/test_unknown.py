@@ -215,21 +215,20 @@ def test_the_sum_of_the_feature_scores_is_preferred_only_within_the_margin():
 def test_the_normed_score_is_preferred_only_within_its_margin():
     """mahalanobis-normed on the leading feature score's source goes first when that score leads it by
     at most NORMED_MARGIN; a larger lead, the normed score on another source, or a logit score in
-    front keep the order; prefer ends on it where the sum on the last stage led."""
-    from visiontune.training.unknown import NORMED_MARGIN, prefer, prefer_normed
+    front keep the order (prefer's last tie-break); split 2's estimate of bench/openset.py ends on it."""
 
     def rows(first_kind, lead, layer="blocks.6"):
         return [{"score": first_kind, "layer": "blocks.6", "auroc": 0.99},
                 {"score": NORMED, "layer": layer, "auroc": 0.99 - lead},
                 {"score": "knn", "layer": "blocks.6", "auroc": 0.9}]
 
-    assert prefer_normed(rows(FUSED, NORMED_MARGIN / 2))[0]["score"] == NORMED
-    assert prefer_normed(rows("mahalanobis", NORMED_MARGIN / 2))[0]["score"] == NORMED
-    assert prefer_normed(rows(FUSED, NORMED_MARGIN * 1.5))[0]["score"] == FUSED
-    assert prefer_normed(rows(FUSED, 0.0, layer=None))[0]["score"] == FUSED
-    assert prefer_normed(rows("energy", 0.0))[0]["score"] == "energy"
+    assert prefer(rows(FUSED, NORMED_MARGIN / 2))[0]["score"] == NORMED
+    assert prefer(rows("mahalanobis", NORMED_MARGIN / 2))[0]["score"] == NORMED
+    assert prefer(rows(FUSED, NORMED_MARGIN * 1.5))[0]["score"] == FUSED
+    assert prefer(rows(FUSED, 0.0, layer=None))[0]["score"] == FUSED
+    assert prefer(rows("energy", 0.0))[0]["score"] == "energy"
     table = rows(FUSED, 0.0)
-    assert sorted(map(str, prefer_normed(table))) == sorted(map(str, table))  # reordered, nothing lost
+    assert sorted(map(str, prefer(table))) == sorted(map(str, table))  # reordered, nothing lost
     # the selection's order on one of bench/openset.py's splits (split 2's estimate)
     split2 = [{"score": FUSED, "layer": "blocks.6", "auroc": 0.9574}, {"score": "mahalanobis", "layer": None,
               "auroc": 0.9441}, {"score": NORMED, "layer": "blocks.6", "auroc": 0.9108}]

@@ -280,8 +280,8 @@ def prefer(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     classifier's input (:func:`prefer_stage`), then the sum over either of its parts on one source
     (:func:`prefer_fused`), then the last stage again (the sum on the classifier's input may have
     come first where the sum on the last stage trails it by the margin), then Mahalanobis on moved
-    and scaled features over the other feature scores of that source (:func:`prefer_normed`). The
-    row chosen trails the best by at most ``2 * STAGE_MARGIN + FUSED_MARGIN + NORMED_MARGIN``.
+    and scaled features over the other feature scores of that source (within :data:`NORMED_MARGIN`).
+    The row chosen trails the best by at most ``2 * STAGE_MARGIN + FUSED_MARGIN + NORMED_MARGIN``.
 
     Example:
         >>> rows = [{"score": "knn", "layer": None, "auroc": 0.970},
@@ -290,8 +290,11 @@ def prefer(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ...         {"score": "knn", "layer": "blocks.6", "auroc": 0.950}]
         >>> [prefer(rows)[0][k] for k in ("score", "layer")]
         ['mahalanobis+knn', 'blocks.6']
+        >>> prefer(rows + [{"score": "mahalanobis-normed", "layer": "blocks.6", "auroc": 0.930}])[0]["score"]
+        'mahalanobis-normed'
     """
-    return prefer_normed(prefer_stage(prefer_fused(prefer_stage(table))))
+    ordered = prefer_stage(prefer_fused(prefer_stage(table)))
+    return move_first(ordered, NORMED, tuple(k for k in FEATURE_SCORES if k != NORMED), NORMED_MARGIN)
 
 
 def prefer_stage(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -322,30 +325,18 @@ def prefer_fused(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
         >>> prefer_fused(rows)[0]["score"]
         'mahalanobis+knn'
     """
-    if not table or table[0]["score"] not in FUSED_PARTS:
-        return table
-    both = next((row for row in table if row["score"] == FUSED and row["layer"] == table[0]["layer"]), None)
-    if both is None or table[0]["auroc"] - both["auroc"] > FUSED_MARGIN:
-        return table
-    return [both] + [row for row in table if row is not both]
+    return move_first(table, FUSED, FUSED_PARTS, FUSED_MARGIN)
 
 
-def prefer_normed(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``table`` (best first) with the :data:`~visiontune.models.unknown.NORMED` row of the leading
-    feature score's source moved to the front when it trails that score by at most :data:`NORMED_MARGIN`.
-
-    Example:
-        >>> rows = [{"score": "mahalanobis+knn", "layer": "blocks.6", "auroc": 0.957},
-        ...         {"score": "mahalanobis-normed", "layer": "blocks.6", "auroc": 0.911}]
-        >>> prefer_normed(rows)[0]["score"]
-        'mahalanobis-normed'
-    """
-    if not table or table[0]["score"] not in FEATURE_SCORES or table[0]["score"] == NORMED:
+def move_first(table: list[dict[str, Any]], kind: str, over: tuple[str, ...], margin: float) -> list[dict[str, Any]]:
+    """``table`` (best first) with ``kind``'s row on the leading row's source moved to the front when
+    the leader is one of ``over`` and leads it by at most ``margin``; else ``table`` as it was."""
+    if not table or table[0]["score"] not in over:
         return table
-    normed_row = next((row for row in table if row["score"] == NORMED and row["layer"] == table[0]["layer"]), None)
-    if normed_row is None or table[0]["auroc"] - normed_row["auroc"] > NORMED_MARGIN:
+    row = next((r for r in table if r["score"] == kind and r["layer"] == table[0]["layer"]), None)
+    if row is None or table[0]["auroc"] - row["auroc"] > margin:
         return table
-    return [normed_row] + [row for row in table if row is not normed_row]
+    return [row] + [r for r in table if r is not row]
 
 
 def refit_head(features: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor, seed: int = 0) -> torch.Tensor:
