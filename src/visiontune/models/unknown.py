@@ -153,8 +153,8 @@ class UnknownScore(nn.Module):
 
     def knn(self, features: torch.Tensor) -> torch.Tensor:
         """The cosine similarity of each row of ``features`` to its ``k``-th nearest bank row."""
-        normed = nn.functional.normalize(features, dim=-1)
-        sims = normed @ self.bank.T
+        unit = nn.functional.normalize(features, dim=-1)
+        sims = unit @ self.bank.T
         return sims.topk(min(self.k, self.bank.shape[0]), dim=-1).values[:, -1]
 
 

@@ -17,8 +17,9 @@ standardised on the fold's known val images, the known side of its own AUROC: on
 the images it is measured on (a slight advantage, on top of :data:`FUSED_MARGIN`).
 
 A multi-label model's images may carry no label at all, so an image is unknown by being unlike
-the training images, not by lacking a class: its candidates are the feature scores, a single
-Gaussian of all training features (``mahalanobis``), ``knn`` and their sum. With no classes to hold out
+the training images, not by lacking a class: its candidates are the feature scores of a single
+Gaussian of all training features (``mahalanobis``), ``knn`` and their sum (not ``mahalanobis-normed``,
+which needs classes: :func:`candidates`). With no classes to hold out
 there is nothing to select on, so ``knn`` (the better of the two on far unknowns in OpenOOD v1.5)
 is fitted without a selection.
 
@@ -96,7 +97,9 @@ class FittedUnknown:
 
 
 def candidates(multi_label: bool) -> tuple[str, ...]:
-    return FEATURE_SCORES if multi_label else UNKNOWN_SCORES.names()
+    """The scores a model may have: a multi-label model's feature scores of one Gaussian (the moved and
+    scaled Mahalanobis needs classes: moved by the one Gaussian's own mean, it keeps no distance)."""
+    return tuple(k for k in FEATURE_SCORES if k != NORMED) if multi_label else UNKNOWN_SCORES.names()
 
 
 def fit_score(kind: str, features: torch.Tensor, targets: torch.Tensor | None, logits_width: int,
@@ -116,6 +119,9 @@ def fit_score(kind: str, features: torch.Tensor, targets: torch.Tensor | None, l
     features = features.double()
     dim = features.shape[1]
     if kind == NORMED:  # the Gaussians of the moved and scaled features; the move is the score's own
+        if targets is None:
+            raise DataError(f"the {NORMED} score needs class targets (moved by one Gaussian's own mean, every image "
+                            "lies on the unit sphere around it and no distance is left): use mahalanobis or knn")
         origin = features.mean(0)
         plain = fit_score("mahalanobis", normed(features, origin), targets, logits_width, temperature, seed, layer)
         score = UnknownScore(kind, logits_width, dim, temperature, centres=plain.means.shape[0], layer=layer)
@@ -223,7 +229,7 @@ def sources(features: Features) -> dict[str | None, torch.Tensor]:
 def select(train: tuple[Features, torch.Tensor, torch.Tensor], val: tuple[Features, torch.Tensor, torch.Tensor],
            temperature: float, seed: int = 0) -> list[dict[str, Any]]:
     """Each single-label candidate's mean and spread of the AUROC over :func:`class_folds`, best first
-    (with the last stage's feature score first where :func:`prefer_stage` says so).
+    after :func:`prefer`'s tie-breaks.
 
     ``train`` and ``val`` are (features, logits, targets); features are the classifier's input or
     ``{layer: features}`` with the classifier's input under None. The logit scores are measured
@@ -280,8 +286,10 @@ def prefer(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     classifier's input (:func:`prefer_stage`), then the sum over either of its parts on one source
     (:func:`prefer_fused`), then the last stage again (the sum on the classifier's input may have
     come first where the sum on the last stage trails it by the margin), then Mahalanobis on moved
-    and scaled features over the other feature scores of that source (within :data:`NORMED_MARGIN`).
-    The row chosen trails the best by at most ``2 * STAGE_MARGIN + FUSED_MARGIN + NORMED_MARGIN``.
+    and scaled features over the other feature scores of that source where it is the last stage
+    (within :data:`NORMED_MARGIN`: the margin's evidence is the last stage's; on the classifier's
+    input the estimate decides). The row chosen trails the best by at most
+    ``2 * STAGE_MARGIN + FUSED_MARGIN + NORMED_MARGIN``.
 
     Example:
         >>> rows = [{"score": "knn", "layer": None, "auroc": 0.970},
@@ -294,6 +302,8 @@ def prefer(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
         'mahalanobis-normed'
     """
     ordered = prefer_stage(prefer_fused(prefer_stage(table)))
+    if not ordered or ordered[0]["layer"] is None:
+        return ordered
     return move_first(ordered, NORMED, tuple(k for k in FEATURE_SCORES if k != NORMED), NORMED_MARGIN)
 
 
