@@ -77,14 +77,15 @@ STAGE_MARGIN = 0.01
 # (split 3: 0.903 -> 0.896), far 0.990 -> 0.988 (bench/RESULTS.md, "the literature's splits")
 FUSED_MARGIN = 0.01
 FUSED_PARTS = ("mahalanobis", "knn")  # the sum is preferred over these alone, not over other scores
-# Mahalanobis on moved and scaled features is kept over any other feature score on its source unless
-# that one leads the estimate by more than this. Why so wide: the estimate cannot see what it gains.
+# Mahalanobis on moved and scaled features is kept over any other feature score on the last stage
+# unless that one leads the estimate by more than this. Why so wide: the estimate cannot see what it gains.
 # On the five networks of bench/openset.py (--splits 0, 2, 3, 4 and its own split) the held-out
 # classes' estimate put it 0.008-0.047 below the leader, while the classes never trained on put it
 # above every other candidate (near AUROC +0.1 to +5.1 points over the sum chosen before): the
 # network knows the classes a fold holds out, so the estimate cannot say how a new class's features
 # fall. The margin is wider than every gap seen, so the estimate overrules it only when far behind
 NORMED_MARGIN = 0.05
+RAW_FEATURE_SCORES = tuple(k for k in FEATURE_SCORES if k != NORMED)  # of one Gaussian; what NORMED is kept over
 
 
 @dataclass
@@ -99,7 +100,7 @@ class FittedUnknown:
 def candidates(multi_label: bool) -> tuple[str, ...]:
     """The scores a model may have: a multi-label model's feature scores of one Gaussian (the moved and
     scaled Mahalanobis needs classes: moved by the one Gaussian's own mean, it keeps no distance)."""
-    return tuple(k for k in FEATURE_SCORES if k != NORMED) if multi_label else UNKNOWN_SCORES.names()
+    return RAW_FEATURE_SCORES if multi_label else UNKNOWN_SCORES.names()
 
 
 def fit_score(kind: str, features: torch.Tensor, targets: torch.Tensor | None, logits_width: int,
@@ -304,7 +305,7 @@ def prefer(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ordered = prefer_stage(prefer_fused(prefer_stage(table)))
     if not ordered or ordered[0]["layer"] is None:
         return ordered
-    return move_first(ordered, NORMED, tuple(k for k in FEATURE_SCORES if k != NORMED), NORMED_MARGIN)
+    return move_first(ordered, NORMED, RAW_FEATURE_SCORES, NORMED_MARGIN)
 
 
 def prefer_stage(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
